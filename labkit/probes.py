@@ -1,0 +1,492 @@
+"""What this machine can do: versions, devices, SDPA backends (and why not), attention
+implementations, bitsandbytes 4-bit, NCCL and GPU topology.
+
+Every answer comes from running a tiny call, not from a capability table: the
+``torch.backends.cuda.can_use_*`` helpers say False on CPU even where a backend runs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from labkit.errors import BadParameter
+
+BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+DTYPES = ("float32", "float16", "bfloat16")
+INPUT_KINDS = ("plain", "causal", "masked")
+PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "flash-attn", "gguf", "papermill")
+
+_DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64", "double": "float64",
+}
+
+
+# --------------------------------------------------------------------------- versions, devices
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Python and the versions of the packages the workbook cares about (None = not installed)."""
+    import torch
+
+    found = {"python": platform.python_version()}
+    found.update({name: package_version(name) for name in PACKAGES})
+    found["torch"] = torch.__version__
+    found["torch built for CUDA"] = torch.version.cuda or "no (CPU build)"
+    return found
+
+
+def devices() -> dict[str, Any]:
+    """The CPU and every CUDA device: name, compute capability, memory."""
+    import torch
+
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append({
+                "device": f"cuda:{index}",
+                "name": props.name,
+                "capability": f"{props.major}.{props.minor}",
+                "memory_bytes": int(props.total_memory),
+                "multiprocessors": int(props.multi_processor_count),
+            })
+    return {
+        "cpu": {"device": "cpu", "name": cpu_name(),
+                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "cuda_available": torch.cuda.is_available(),
+        "cuda": gpus,
+    }
+
+
+def cpu_name() -> str:
+    """The CPU model name from /proc/cpuinfo where there is one, else the architecture."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_names() -> list[str]:
+    """Devices worth probing: the CPU and each CUDA device."""
+    import torch
+
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return names
+
+
+def device_label(device: str) -> str:
+    """A human name for a device ("cpu (x86_64, 2 cores)", "NVIDIA H100 80GB HBM3")."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Turn "auto"/"cpu"/"cuda"/"cuda:N" into a device this machine has, or say why not."""
+    import torch
+
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or re.fullmatch(r"cuda:\d+", device):
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise BadParameter(
+                f"device={device!r} was asked for, but this machine has no usable CUDA GPU "
+                f"(torch {torch.__version__}, {build}); use device='cpu' or 'auto'.")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise BadParameter(
+                f"device={device!r} was asked for, but this machine has only "
+                f"{torch.cuda.device_count()} CUDA device(s).")
+        return f"cuda:{index}"
+    raise BadParameter(f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+
+
+def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
+    """Turn a dtype name ("bf16", "float16", "auto", a torch.dtype) into a torch.dtype.
+
+    "auto" is bfloat16 on a GPU that supports it, float16 on an older GPU, float32 on CPU.
+    """
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype or "auto").strip().lower().removeprefix("torch.")
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.float32
+    if name not in _DTYPE_ALIASES:
+        raise BadParameter(
+            f"dtype={dtype!r} is not a dtype for model weights here; use one of 'auto', 'float32', 'float16', "
+            "'bfloat16' (8-bit and 4-bit weights come from bitsandbytes, notebook 04).")
+    return getattr(torch, _DTYPE_ALIASES[name])
+
+
+def check_dtype(device: str, dtype) -> None:
+    """Raise BadParameter when a small matrix product in ``dtype`` cannot run on ``device``."""
+    import torch
+
+    if device.startswith("cuda") and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        capability = ".".join(map(str, torch.cuda.get_device_capability(torch.device(device))))
+        raise BadParameter(
+            f"dtype bfloat16 is not native on {device} (compute capability {capability}, bf16 needs 8.0+); "
+            "use dtype='float16' or 'auto'.")
+    try:
+        a = torch.ones(8, 8, device=device).to(dtype)
+        (a @ a).float().sum().item()
+    except (RuntimeError, TypeError, NotImplementedError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadParameter(
+            f"dtype {str(dtype).removeprefix('torch.')} cannot run a matrix product on {device} "
+            f"({first_line}); use dtype='auto'.") from None
+
+
+# --------------------------------------------------------------------------- SDPA backends
+
+@dataclass
+class SdpaAttempt:
+    """The outcome of one scaled_dot_product_attention call restricted to some backends."""
+
+    device: str
+    dtype: str
+    input_kind: str
+    backend: str
+    ok: bool
+    reason: str = ""
+    error: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        """The report row: device, dtype, input kind, backend, ok, reason."""
+        return {k: v for k, v in asdict(self).items() if k not in ("warnings", "error")}
+
+
+_TRIGGERED = re.compile(r"\s*\(Triggered internally at .*\)\s*$", re.S)
+_NOT_USED_HEADER = re.compile(r"^[\w\s-]+ kernel not used because:?$", re.I)
+
+
+def _clean_reason(message: str) -> str:
+    return _TRIGGERED.sub("", message).strip()
+
+
+def sdpa_inputs(device: str, dtype, input_kind: str = "plain", *, batch: int = 1, heads: int = 2,
+                seq: int = 8, head_dim: int = 16, ndim: int = 4) -> dict[str, Any]:
+    """Tiny q, k, v (and mask or causal flag) for one kind of input: plain, causal or masked."""
+    import torch
+
+    if input_kind not in INPUT_KINDS:
+        raise BadParameter(f"input_kind={input_kind!r}; use one of {', '.join(INPUT_KINDS)}.")
+    if ndim not in (3, 4):
+        raise BadParameter(f"ndim={ndim}; SDPA inputs here are 4-D (batch, heads, seq, head_dim) or 3-D.")
+    shape = (batch, heads, seq, head_dim)[4 - ndim:]
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    kwargs: dict[str, Any] = {"query": q, "key": k, "value": v}
+    if input_kind == "causal":
+        kwargs["is_causal"] = True
+    elif input_kind == "masked":
+        kwargs["attn_mask"] = torch.ones(seq, seq, device=device, dtype=torch.bool).tril()
+    return kwargs
+
+
+def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain",
+             backends: Any = "MATH", *, dropout_p: float = 0.0, **shape: int) -> SdpaAttempt:
+    """Run one tiny SDPA call restricted to ``backends`` and report whether it ran and, if not, why."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch_dtype = resolve_dtype(dtype, device)
+    names = [backends] if isinstance(backends, str) else list(backends)
+    chosen = [getattr(SDPBackend, name) for name in names]
+    kwargs = sdpa_inputs(device, torch_dtype, input_kind, **shape)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel(chosen):
+                F.scaled_dot_product_attention(dropout_p=dropout_p, **kwargs)
+            error = ""
+        except RuntimeError as err:
+            error = str(err).strip()
+    said = [_clean_reason(str(w.message)) for w in caught if "kernel" in str(w.message).lower()
+            or "support" in str(w.message).lower() or "require" in str(w.message).lower()]
+    said = [s for s in said if s and not _NOT_USED_HEADER.match(s)]
+    reason = ""
+    if error:
+        if said:
+            reason = "; ".join(dict.fromkeys(said))
+        elif "No viable backend" in error:
+            reason = f"this torch build has no {'/'.join(names)} kernel for {device.split(':')[0]}"
+        else:
+            reason = error.splitlines()[0]
+    return SdpaAttempt(device=device, dtype=str(torch_dtype).removeprefix("torch."), input_kind=input_kind,
+                       backend="+".join(names), ok=not error, reason=reason, error=error, warnings=said)
+
+
+def cuda_helpers_say(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain") -> dict[str, bool | str]:
+    """What ``torch.backends.cuda.can_use_*`` answer for the same tiny inputs (they only know CUDA)."""
+    import torch
+    from torch.backends import cuda
+
+    kwargs = sdpa_inputs(device, resolve_dtype(dtype, device), input_kind)
+    try:
+        params = cuda.SDPAParams(kwargs["query"], kwargs["key"], kwargs["value"], kwargs.get("attn_mask"),
+                                 0.0, bool(kwargs.get("is_causal", False)), False)
+    except TypeError as err:  # the SDPAParams signature differs between torch releases
+        return {"error": f"SDPAParams could not be built on torch {torch.__version__}: {err}"}
+    answers: dict[str, bool | str] = {}
+    helpers = {"FLASH_ATTENTION": "can_use_flash_attention", "EFFICIENT_ATTENTION": "can_use_efficient_attention",
+               "CUDNN_ATTENTION": "can_use_cudnn_attention"}
+    for backend, helper in helpers.items():
+        if hasattr(cuda, helper):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                answers[backend] = bool(getattr(cuda, helper)(params, False))
+    return answers
+
+
+def sdpa_matrix(devices_to_probe: list[str] | None = None, dtypes: tuple[str, ...] = DTYPES,
+                kinds: tuple[str, ...] = INPUT_KINDS) -> list[dict[str, Any]]:
+    """Which SDPA backend runs for each device x dtype x input kind, with the reason when it does not."""
+    rows = []
+    for device in devices_to_probe or device_names():
+        for dtype in dtypes:
+            for kind in kinds:
+                for backend in BACKENDS:
+                    rows.append(try_sdpa(device, dtype, kind, backend).row())
+    return rows
+
+
+# --------------------------------------------------------------------------- attention implementations
+
+def attn_implementations(*, use_cache: bool = True) -> list[dict[str, Any]]:
+    """Every ``attn_implementation=`` value transformers accepts, and whether a model can be built with it here.
+
+    Built only (no forward): a flash_attention_2 without the flash-attn package fails at build time
+    with ImportError, which is what a learner would meet. The answer depends only on the installed
+    packages, so it is cached per set of versions (importing transformers' modeling code takes ~2 s).
+    """
+    from labkit.results import cache_dir
+
+    key = "|".join(f"{name}={package_version(name)}" for name in
+                   ("torch", "transformers", "flash-attn", "flash_attn_3", "kernels"))
+    cache = cache_dir() / "attn_implementations.json"
+    if use_cache and cache.exists():
+        try:
+            stored = json.loads(cache.read_text())
+            if stored.get("key") == key:
+                return stored["rows"]
+        except (OSError, ValueError):
+            pass
+    rows = _build_attn_implementations()
+    try:
+        cache.write_text(json.dumps({"key": key, "rows": rows}))
+    except OSError:
+        pass
+    return rows
+
+
+def _build_attn_implementations() -> list[dict[str, Any]]:
+    import torch
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+    names = ["eager"] + [n for n in AttentionInterface().valid_keys() if n != "eager"]
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=32)
+    rows = []
+    for name in names:
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                LlamaForCausalLM._from_config(config, attn_implementation=name)
+            rows.append({"attn_implementation": name, "ok": True, "reason": ""})
+        except Exception as err:  # any failure to build is the answer we report
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            rows.append({"attn_implementation": name, "ok": False, "reason": f"{type(err).__name__}: {message}"})
+    return rows
+
+
+# --------------------------------------------------------------------------- bitsandbytes, flash-attn, NCCL
+
+def import_bitsandbytes():
+    """Import bitsandbytes quietly (its CPU backend logs about optional kernels), or return None."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes
+        return bitsandbytes
+    except Exception:  # a broken install counts as not importable; the reason is reported below
+        return None
+    finally:
+        logger.setLevel(level)
+
+
+def bitsandbytes_4bit(devices_to_probe: list[str] | None = None) -> list[dict[str, Any]]:
+    """Whether a tiny NF4 and FP4 quantized matmul runs (and is close to the float one) on each device."""
+    rows = []
+    bnb = import_bitsandbytes()
+    for device in devices_to_probe or device_names():
+        for quant_type in ("nf4", "fp4"):
+            rows.append({"device": device, "quant_type": quant_type, **_bnb_matmul(bnb, device, quant_type)})
+    return rows
+
+
+def _bnb_matmul(bnb, device: str, quant_type: str) -> dict[str, Any]:
+    if bnb is None:
+        reason = "bitsandbytes is not installed" if importlib.util.find_spec("bitsandbytes") is None \
+            else "bitsandbytes is installed but fails to import"
+        return {"ok": False, "reason": reason}
+    import torch
+
+    try:
+        import bitsandbytes.functional as bnbf
+
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(64, 64, generator=generator).to(device)
+        x = torch.randn(4, 64, generator=generator).to(device)
+        packed, state = bnbf.quantize_4bit(weight, quant_type=quant_type)
+        y = bnb.matmul_4bit(x, packed.t(), quant_state=state)
+        relative_error = ((y.float() - x @ weight.t()).norm() / (x @ weight.t()).norm()).item()
+    except Exception as err:  # the failure itself is the probe's answer
+        return {"ok": False, "reason": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160]}"}
+    if not relative_error < 0.3:
+        return {"ok": False, "reason": f"runs but relative error {relative_error:.2f} is too large for 4-bit"}
+    return {"ok": True, "reason": "", "relative_error": round(relative_error, 4)}
+
+
+def flash_attn() -> dict[str, Any]:
+    """Whether the flash-attn package (used by attn_implementation='flash_attention_2') is importable."""
+    version = package_version("flash-attn") or package_version("flash_attn")
+    if importlib.util.find_spec("flash_attn") is None:
+        return {"ok": False, "version": None, "reason": "the flash-attn package is not installed"}
+    return {"ok": True, "version": version, "reason": ""}
+
+
+def nccl() -> dict[str, Any]:
+    """Whether torch.distributed can use NCCL (GPUs) and gloo (CPU) here."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return {"ok": False, "gloo": False, "version": None, "reason": "torch was built without torch.distributed"}
+    gloo = bool(dist.is_gloo_available())
+    if not dist.is_nccl_available():
+        return {"ok": False, "gloo": gloo, "version": None,
+                "reason": "this torch build has no NCCL (a CPU build, or not Linux); gloo is the CPU fallback"}
+    if not torch.cuda.is_available():
+        return {"ok": False, "gloo": gloo, "version": None,
+                "reason": "NCCL is built in but there is no CUDA GPU to use it with"}
+    version = ".".join(map(str, torch.cuda.nccl.version()))
+    return {"ok": True, "gloo": gloo, "version": version, "reason": ""}
+
+
+def topology() -> dict[str, Any]:
+    """Peer-to-peer access between every pair of GPUs (what multi-GPU transfers will use)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        return {"gpus": count, "peer_access": [], "reason": f"{count} GPU(s): no GPU-to-GPU links to probe"}
+    matrix = [[i == j or bool(torch.cuda.can_device_access_peer(i, j)) for j in range(count)] for i in range(count)]
+    return {"gpus": count, "peer_access": matrix, "reason": ""}
+
+
+# --------------------------------------------------------------------------- the whole report
+
+def probe(devices_to_probe: list[str] | None = None, *, use_cache: bool = True) -> dict[str, Any]:
+    """The machine report: ``versions``, ``devices``, ``sdpa`` rows and ``features``.
+
+    ``use_cache=False`` rebuilds the attn_implementation answers instead of reusing those found
+    earlier with the same package versions.
+    """
+    chosen = devices_to_probe or device_names()
+    return {
+        "versions": versions(),
+        "devices": devices(),
+        "sdpa": sdpa_matrix(chosen),
+        "features": {
+            "attn_implementations": attn_implementations(use_cache=use_cache),
+            "bitsandbytes_4bit": bitsandbytes_4bit(chosen),
+            "flash_attn": flash_attn(),
+            "nccl": nccl(),
+            "topology": topology(),
+        },
+    }
+
+
+def sdpa_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per device x dtype x input kind, with the backends that ran and why the others did not."""
+    grouped: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = (row["device"], row["dtype"], row["input_kind"])
+        entry = grouped.setdefault(key, {"device": key[0], "dtype": key[1], "input": key[2], "runs": [], "why_not": []})
+        if row["ok"]:
+            entry["runs"].append(row["backend"])
+        else:
+            entry["why_not"].append(f"{row['backend']}: {row['reason']}")
+    return list(grouped.values())
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The probe report as plain-text tables (what ``labkit probe`` prints)."""
+    from labkit.widgets import text_table
+
+    lines = ["Versions"]
+    lines += [f"  {name:<24} {value or 'not installed'}" for name, value in report["versions"].items()]
+    cpu = report["devices"]["cpu"]
+    lines += ["", "Devices", f"  cpu      {cpu['name']}, {cpu['cores']} cores, torch uses {cpu['torch_threads']} threads"]
+    for gpu in report["devices"]["cuda"]:
+        lines.append(f"  {gpu['device']:<8} {gpu['name']}, compute capability {gpu['capability']}, "
+                     f"{gpu['memory_bytes'] / 2**30:.1f} GiB")
+    if not report["devices"]["cuda"]:
+        lines.append("  (no CUDA GPU)")
+    lines += ["", "SDPA backends that run (forced one at a time with torch.nn.attention.sdpa_kernel)"]
+    summary = [{**r, "runs": ", ".join(r["runs"]) or "-", "why_not": " | ".join(r["why_not"])}
+               for r in sdpa_summary(report["sdpa"])]
+    lines.append(text_table(summary, ["device", "dtype", "input", "runs", "why_not"], indent=2))
+    features = report["features"]
+    lines += ["", "attn_implementation values (transformers)"]
+    lines.append(text_table(features["attn_implementations"], ["attn_implementation", "ok", "reason"], indent=2))
+    lines += ["", "bitsandbytes 4-bit matmul"]
+    lines.append(text_table(features["bitsandbytes_4bit"], ["device", "quant_type", "ok", "reason"], indent=2))
+    fa, dist = features["flash_attn"], features["nccl"]
+    lines += ["", f"flash-attn package: {'yes ' + str(fa['version']) if fa['ok'] else 'no (' + fa['reason'] + ')'}",
+              f"NCCL: {'yes ' + str(dist['version']) if dist['ok'] else 'no (' + dist['reason'] + ')'}; "
+              f"gloo: {'yes' if dist['gloo'] else 'no'}",
+              f"GPU topology: {features['topology']['reason'] or features['topology']['peer_access']}"]
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""The environment report and the results file every notebook writes.
+
+Results file schema (one JSON object):
+``{"notebook": str, "env": {...}, "metrics": {name: number}, "checks": {name: bool}, "skipped": {what: why}}``
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from labkit.errors import BadParameter
+
+_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LABKIT_CACHE")
+
+
+def cache_dir() -> Path:
+    """Where labkit keeps converted models and measured ceilings ($LABKIT_CACHE, else ~/.cache/labkit)."""
+    root = os.environ.get("LABKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "labkit"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on: versions, devices, platform, the relevant environment variables."""
+    from labkit import probes
+
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "platform": platform.platform(),
+        "versions": probes.versions(),
+        "devices": probes.devices(),
+        "environment_variables": {name: os.environ[name] for name in _ENV_VARS if name in os.environ},
+    }
+
+
+def environment_rows(env: dict[str, Any]) -> list[dict[str, str]]:
+    """The environment report as (item, value) rows for a table."""
+    rows = [{"item": "platform", "value": env["platform"]}]
+    rows += [{"item": name, "value": value or "not installed"} for name, value in env["versions"].items()]
+    cpu = env["devices"]["cpu"]
+    rows.append({"item": "cpu", "value": f"{cpu['name']}, {cpu['cores']} cores"})
+    for gpu in env["devices"]["cuda"]:
+        rows.append({"item": gpu["device"], "value": f"{gpu['name']} (compute capability {gpu['capability']}, "
+                                                     f"{gpu['memory_bytes'] / 2**30:.1f} GiB)"})
+    if not env["devices"]["cuda"]:
+        rows.append({"item": "cuda", "value": "no CUDA GPU on this machine"})
+    rows += [{"item": name, "value": value} for name, value in env["environment_variables"].items()]
+    return rows
+
+
+class Results:
+    """Collects a notebook's metrics, checks and skips, and writes them to ``path`` (when it is set)."""
+
+    def __init__(self, notebook: str, path: str | os.PathLike | None = None, env: dict[str, Any] | None = None):
+        self.notebook = notebook
+        self.path = Path(path) if path else None
+        self.env = env if env is not None else environment()
+        self.metrics: dict[str, float] = {}
+        self.checks: dict[str, bool] = {}
+        self.skipped: dict[str, str] = {}
+
+    def metric(self, name: str, value: float) -> None:
+        """Record a measured number (finite int or float)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BadParameter(f"metric {name!r} must be a finite number, got {value!r}.")
+        self.metrics[name] = value
+
+    def check(self, name: str, passed: Any, detail: str = "") -> None:
+        """Record one of the notebook's assertions about what it taught, and say it out loud."""
+        passed = bool(passed)
+        self.checks[name] = passed
+        print(f"check {name}: {'passed' if passed else 'FAILED'}{' (' + detail + ')' if detail else ''}")
+
+    def skip(self, what: str, why: str) -> None:
+        """Record and print, in one line, what this machine cannot do and why."""
+        self.skipped[what] = why
+        print(f"Skipped: {what} -- {why}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"notebook": self.notebook, "env": self.env, "metrics": self.metrics,
+                "checks": self.checks, "skipped": self.skipped}
+
+    def write(self) -> Path | None:
+        """Write the results file (when a path was given) and return its path."""
+        if self.path is None:
+            return None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.as_dict(), indent=2, default=str))
+        return self.path
+
+
+def reference_dir() -> Path:
+    """The repository's reference/ folder (results of runs on real GPUs, one folder per device)."""
+    return Path(__file__).resolve().parent.parent / "reference"
+
+
+def reference_runs(notebook: str, folder: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Stored reference results for ``notebook``, keyed by device folder name (empty when none exist)."""
+    folder = Path(folder or reference_dir())
+    runs = {}
+    for path in sorted(folder.glob(f"*/{notebook}.results.json")):
+        runs[path.parent.name] = read_results(path)
+    return runs
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a results file and check that it follows the schema."""
+    data = json.loads(Path(path).read_text())
+    missing = {"notebook", "env", "metrics", "checks", "skipped"} - set(data)
+    if missing:
+        raise ValueError(f"{path} is not a labkit results file: missing {sorted(missing)}")
+    return data

@@ -1,0 +1,146 @@
+"""FLOP and byte counts, the measured ceilings of this machine, and "fraction of the limit".
+
+The ceilings are measured, not looked up: a large matrix product gives the FLOP/s this device
+reaches in a dtype, a large copy gives the bytes/s its memory moves. Notebook 00 measures and
+saves them; later notebooks load them to put every result next to the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from labkit.errors import BadParameter, check_sizes
+
+
+def matmul_flops(m: int, n: int, k: int) -> int:
+    """FLOPs of an (m x k) @ (k x n) product: one multiply and one add per term."""
+    _positive(m=m, n=n, k=k)
+    return 2 * m * n * k
+
+
+def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, *, causal: bool = False) -> int:
+    """FLOPs of the two products in attention (Q K^T and P V); a causal mask halves the useful work."""
+    _positive(batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim)
+    flops = 2 * matmul_flops(seq_q, seq_k, head_dim) * batch * heads
+    return flops // 2 if causal else flops
+
+
+def element_size(dtype) -> int:
+    """Bytes per element of a torch dtype or dtype name."""
+    import torch
+
+    from labkit.probes import resolve_dtype
+
+    return torch.empty((), dtype=resolve_dtype(dtype)).element_size()
+
+
+def fraction_of_limit(achieved: float, limit: float) -> float:
+    """``achieved / limit``: how much of the machine's measured ceiling a run used."""
+    if not limit > 0:
+        raise BadParameter(f"limit={limit}: a ceiling must be a positive number.")
+    if achieved < 0:
+        raise BadParameter(f"achieved={achieved}: a rate cannot be negative.")
+    return achieved / limit
+
+
+def attainable_flops_per_s(intensity: float, peak_flops_per_s: float, bandwidth_bytes_per_s: float) -> float:
+    """The roofline: min(peak compute, arithmetic intensity x memory bandwidth)."""
+    if intensity < 0:
+        raise BadParameter(f"intensity={intensity}: FLOPs per byte cannot be negative.")
+    return min(peak_flops_per_s, intensity * bandwidth_bytes_per_s)
+
+
+def _positive(**sizes: int) -> None:
+    check_sizes(1, **sizes)
+
+
+# --------------------------------------------------------------------------- measured ceilings
+
+def default_sizes(device: str, quick: bool = False) -> dict[str, int]:
+    """Sizes big enough to reach the ceiling on this kind of device, small enough to finish fast."""
+    if device.startswith("cuda"):
+        return {"matmul_size": 4096 if quick else 8192, "copy_megabytes": 256 if quick else 1024}
+    return {"matmul_size": 512 if quick else 1024, "copy_megabytes": 32 if quick else 256}
+
+
+def measure_matmul_ceiling(device: str, dtype, size: int, *, warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
+    """FLOP/s of a square ``size`` matrix product in ``dtype`` on ``device`` (the compute ceiling)."""
+    import torch
+
+    from labkit.probes import resolve_dtype
+    from labkit.timing import measure
+
+    _positive(size=size)
+    torch_dtype = resolve_dtype(dtype, device)
+    a = torch.randn(size, size, device=device).to(torch_dtype)
+    b = torch.randn(size, size, device=device).to(torch_dtype)
+    timing = measure(lambda: torch.matmul(a, b), device=device, warmup=warmup, repeats=repeats)
+    flops = matmul_flops(size, size, size)
+    return {"what": "matmul", "dtype": str(torch_dtype).removeprefix("torch."), "size": size,
+            "flops": flops, "median_ms": timing.median_ms, "flops_per_s": flops / (timing.median_ms / 1e3)}
+
+
+def measure_copy_ceiling(device: str, megabytes: int, *, warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
+    """Bytes/s of copying a ``megabytes`` buffer on ``device`` (read + write both count: the bandwidth ceiling)."""
+    import torch
+
+    from labkit.timing import measure
+
+    _positive(megabytes=megabytes)
+    count = megabytes * 2**20 // 4
+    source = torch.rand(count, device=device)
+    target = torch.empty_like(source)
+    timing = measure(lambda: target.copy_(source), device=device, warmup=warmup, repeats=repeats)
+    if not torch.equal(source, target):
+        raise RuntimeError("the copy used to measure bandwidth did not copy correctly")
+    moved = 2 * source.numel() * source.element_size()
+    return {"what": "copy", "bytes": moved, "median_ms": timing.median_ms,
+            "bytes_per_s": moved / (timing.median_ms / 1e3)}
+
+
+def measure_ceilings(device: str, dtype="auto", *, matmul_size: int | None = None,
+                     copy_megabytes: int | None = None, quick: bool = False) -> dict[str, Any]:
+    """Measure both ceilings of ``device``; sizes default to :func:`default_sizes`."""
+    from labkit.probes import device_label, resolve_dtype
+
+    sizes = default_sizes(device, quick)
+    matmul = measure_matmul_ceiling(device, resolve_dtype(dtype, device), matmul_size or sizes["matmul_size"])
+    copy = measure_copy_ceiling(device, copy_megabytes or sizes["copy_megabytes"])
+    return {"device": device, "device_label": device_label(device),
+            "matmul_flops_per_s": {matmul["dtype"]: matmul["flops_per_s"]},
+            "copy_bytes_per_s": copy["bytes_per_s"], "matmul": matmul, "copy": copy,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def ceilings_path() -> Path:
+    """The file where measured ceilings are kept between notebooks."""
+    from labkit.results import cache_dir
+
+    return cache_dir() / "ceilings.json"
+
+
+def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
+    """Merge ``ceilings`` into the ceilings file, keyed by device label (several dtypes accumulate)."""
+    path = Path(path or ceilings_path())
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    key = ceilings["device_label"]
+    previous = stored.get(key, {})
+    merged = {**previous, **ceilings,
+              "matmul_flops_per_s": {**previous.get("matmul_flops_per_s", {}), **ceilings["matmul_flops_per_s"]}}
+    stored[key] = merged
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stored, indent=2))
+    return path
+
+
+def load_ceilings(device: str, path: Path | None = None) -> dict[str, Any] | None:
+    """The ceilings saved for ``device`` by notebook 00, or None when they were never measured here."""
+    from labkit.probes import device_label
+
+    path = Path(path or ceilings_path())
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get(device_label(device))

@@ -1,0 +1,30 @@
+"""Execute every notebook with papermill, quick parameters and the Hub offline; its own checks must pass."""
+
+import os
+from pathlib import Path
+
+import papermill
+import pytest
+
+from labkit.results import read_results
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    results_path = tmp_path / f"{notebook.stem}.results.json"
+    papermill.execute_notebook(str(notebook), str(tmp_path / notebook.name), kernel_name="python3",
+                               parameters={"quick": True, "results_path": str(results_path)},
+                               cwd=str(notebook.parent), progress_bar=False)
+    data = read_results(results_path)
+    assert data["notebook"] == notebook.stem
+    assert data["checks"], "a notebook must assert something about what it taught"
+    failed = [name for name, passed in data["checks"].items() if not passed]
+    assert not failed, f"checks failed: {failed}"
+    assert all(isinstance(v, (int, float)) for v in data["metrics"].values())
+    for what, why in data["skipped"].items():
+        assert why.strip() and "\n" not in why, f"skip of {what!r} needs a one-line reason"

@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from labkit import cli
+from labkit.errors import BadParameter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_notebook(path: Path, body: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('size = 1\nquick = False\nresults_path = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+WRITES_RESULTS = """
+from labkit.results import Results
+res = Results("NAME", results_path, env={})
+res.metric("size", size)
+res.check("size_positive", size > 0)
+res.write()
+"""
+
+
+def test_parse_parameters_reads_yaml_values():
+    assert cli.parse_parameters(["n=3", "quick=true", "name=tiny-opt", "sizes=[1, 2]"]) == {
+        "n": 3, "quick": True, "name": "tiny-opt", "sizes": [1, 2]}
+    with pytest.raises(BadParameter, match="name=value"):
+        cli.parse_parameters(["oops"])
+
+
+def test_find_notebooks_in_order_and_by_number():
+    found = cli.find_notebooks(None, ROOT / "notebooks")
+    assert found and found == sorted(found) and found[0].name.startswith("00_")
+    assert cli.find_notebooks("0", ROOT / "notebooks")[0].name.startswith("00_")
+    with pytest.raises(BadParameter, match="no notebook '42'"):
+        cli.find_notebooks("42", ROOT / "notebooks")
+
+
+def test_notebook_00_declares_its_parameters():
+    declared = cli.declared_parameters(ROOT / "notebooks" / "00_setup_and_probes.ipynb")
+    assert {"device", "dtype", "model_id", "quick", "results_path"} <= set(declared)
+
+
+def test_unknown_parameter_fails_before_anything_runs(tmp_path):
+    nb = write_notebook(tmp_path / "01_a.ipynb", "raise SystemExit('must not run')")
+    with pytest.raises(BadParameter, match="unknown parameter.*sise.*declare: quick, results_path, size"):
+        cli.run_notebooks([nb], tmp_path / "out", {"sise": 2}, quick=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_records_a_failure_and_runs_the_rest(tmp_path):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    write_notebook(folder / "01_fails.ipynb", "raise RuntimeError('boom')")
+    write_notebook(folder / "02_works.ipynb", WRITES_RESULTS.replace("NAME", "02_works"))
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "labkit.cli", "run", "--dir", str(folder), "--out", str(out),
+                           "--quick", "-p", "size=3"], capture_output=True, text=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0].startswith("labkit run: quick sizes")
+    summary = json.loads((out / "summary.json").read_text())["notebooks"]
+    assert summary["01_fails"]["status"] == "failed" and "boom" in summary["01_fails"]["error"]
+    assert summary["02_works"]["status"] == "ok"
+    assert summary["02_works"]["metrics"] == {"size": 3} and summary["02_works"]["checks"] == {"size_positive": True}
+    assert (out / "02_works.ipynb").exists() and (out / "02_works.results.json").exists()
+
+
+def test_a_failed_check_fails_the_notebook(tmp_path):
+    nb = write_notebook(tmp_path / "01_check.ipynb", WRITES_RESULTS.replace("NAME", "01_check"))
+    summary = cli.run_notebooks([nb], tmp_path / "out", {"size": 0}, quick=True, log=lambda *_: None)
+    entry = summary["notebooks"]["01_check"]
+    assert entry["status"] == "failed" and "size_positive" in entry["error"]
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "labkit.cli", "run", "--dir", str(ROOT / "notebooks"),
+                           "--notebooks", "77", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("labkit: no notebook '77'") and len(done.stderr.strip().splitlines()) == 1

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from labkit import models
+from labkit.errors import BadParameter, ModelNotAvailable
+
+
+def test_embedded_models_are_listed_and_installed():
+    rows = {r["name"]: r for r in models.embedded_models()}
+    assert set(rows) == {"smollm2-135m", "minilm-l6", "tiny-opt", "tiny-llama", "tiny-bert"}
+    assert all(r["available"] for r in rows.values()), rows
+
+
+def test_each_model_gets_its_own_config():
+    eager, _ = models.load_model("tiny-opt", attn_implementation="eager")
+    sdpa, _ = models.load_model("tiny-opt", attn_implementation="sdpa")
+    assert eager.config is not sdpa.config
+    assert eager.config._attn_implementation == "eager"
+    assert sdpa.config._attn_implementation == "sdpa"
+
+
+def test_build_from_config_copies_the_config():
+    config = models.random_config("tiny-llama", 64, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
+    eager = models.build_from_config(config, attn_implementation="eager")
+    sdpa = models.build_from_config(config, attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    assert eager.config is not config
+
+
+def test_random_models_are_reproducible_and_implementations_agree():
+    (a, tok), (b, _) = models.load_model("tiny-llama", attn_implementation="eager"), models.load_model("tiny-llama")
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+    ids = tok("Hello my dog is cute and", return_tensors="pt")
+    out_a = a.generate(**ids, max_new_tokens=8, do_sample=False)
+    out_b = b.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out_a, out_b)
+
+
+def test_smollm2_generates_a_real_continuation():
+    model, tokenizer = models.load_model("smollm2-135m")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (models.smollm2_folder() / "labkit-source.json").exists()
+    ids = tokenizer("Hello my dog is cute and", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len(text.split()) >= 3
+
+
+def test_minilm_is_a_bert_encoder():
+    model, tokenizer = models.load_model("minilm-l6")
+    batch = tokenizer(["a short one", "a somewhat longer sentence to pad against"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    assert hidden.shape[-1] == 384 and type(model).__name__ == "BertModel"
+
+
+def test_tiny_bert_uses_the_minilm_tokenizer():
+    model, tokenizer = models.load_model("tiny-bert")
+    assert model.config.vocab_size == len(tokenizer)
+
+
+def test_misspelt_name_gets_a_suggestion():
+    with pytest.raises(ModelNotAvailable, match="did you mean 'smollm2-135m'"):
+        models.load_model("smollm-135m")
+
+
+def test_hub_id_offline_is_one_sentence():
+    with pytest.raises(ModelNotAvailable) as caught:
+        models.load_model("facebook/opt-350m")
+    message = str(caught.value)
+    assert "offline" in message and "smollm2-135m" in message and "\n" not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_folder_without_a_model(tmp_path):
+    with pytest.raises(ModelNotAvailable, match="holds no model"):
+        models.load_model(str(tmp_path))
+    with pytest.raises(ModelNotAvailable, match="not a folder"):
+        models.load_model(str(tmp_path / "missing"))
+
+
+def test_local_folder_loads(tmp_path):
+    model, tokenizer = models.load_model("tiny-llama")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    again, _ = models.load_model(str(tmp_path))
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_bad_device_and_dtype():
+    if not torch.cuda.is_available():
+        with pytest.raises(BadParameter, match="no usable CUDA GPU"):
+            models.load_model("tiny-opt", device="cuda")
+    with pytest.raises(BadParameter, match="dtype"):
+        models.load_model("tiny-opt", dtype="fp4")
+
+
+def test_empty_name():
+    with pytest.raises(BadParameter):
+        models.load_model("")

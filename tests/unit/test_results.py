@@ -1,0 +1,73 @@
+import json
+import math
+
+import pytest
+
+from labkit import results
+from labkit.errors import BadParameter, check_sizes
+
+
+def test_results_file_follows_the_schema(tmp_path, capsys):
+    res = results.Results("99_test", tmp_path / "out" / "r.json", env={"versions": {}})
+    res.metric("tokens_per_s", 12.5)
+    res.check("outputs_agree", True, "max diff 0")
+    res.skip("flash-attn comparison", "flash-attn is not installed")
+    printed = capsys.readouterr().out
+    assert "check outputs_agree: passed (max diff 0)" in printed
+    assert "Skipped: flash-attn comparison -- flash-attn is not installed" in printed
+    data = results.read_results(res.write())
+    assert data == {"notebook": "99_test", "env": {"versions": {}}, "metrics": {"tokens_per_s": 12.5},
+                    "checks": {"outputs_agree": True}, "skipped": {"flash-attn comparison": "flash-attn is not installed"}}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, True, "12", None])
+def test_metrics_must_be_finite_numbers(bad):
+    with pytest.raises(BadParameter):
+        results.Results("99_test", env={}).metric("x", bad)
+
+
+def test_failed_check_is_recorded_false(capsys):
+    res = results.Results("99_test", env={})
+    res.check("agree", 0)
+    assert res.checks == {"agree": False} and "FAILED" in capsys.readouterr().out
+
+
+def test_no_path_writes_nothing():
+    assert results.Results("99_test", env={}).write() is None
+
+
+def test_read_results_rejects_other_json(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"notebook": "x"}))
+    with pytest.raises(ValueError, match="missing"):
+        results.read_results(path)
+
+
+def test_environment_report():
+    env = results.environment()
+    assert {"versions", "devices", "platform", "time"} <= set(env)
+    items = [row["item"] for row in results.environment_rows(env)]
+    assert "torch" in items and "cpu" in items
+
+
+def test_reference_runs(tmp_path):
+    folder = tmp_path / "nvidia-h100"
+    folder.mkdir()
+    res = results.Results("00_setup_and_probes", folder / "00_setup_and_probes.results.json", env={})
+    res.metric("copy_gb_per_s", 1.0)
+    res.write()
+    assert results.reference_runs("00_setup_and_probes", tmp_path)["nvidia-h100"]["metrics"] == {"copy_gb_per_s": 1.0}
+    assert results.reference_runs("01_flash_attention", tmp_path) == {}
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path / "c"))
+    assert results.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+
+
+def test_check_sizes_names_every_offender():
+    check_sizes(0, a=0, b=3)
+    with pytest.raises(BadParameter, match=r"a=-1, c=2\.5"):
+        check_sizes(0, a=-1, b=1, c=2.5)
+    with pytest.raises(BadParameter):
+        check_sizes(1, flag=True)
