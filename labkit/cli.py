@@ -63,6 +63,7 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
     unknown = sorted(set(parameters) - known)
     if unknown:
         raise BadParameter(f"unknown parameter(s) {', '.join(unknown)}; the notebooks declare: {', '.join(sorted(known))}.")
+    out = out.resolve()  # the kernel runs in the notebooks' folder, so paths handed to it must be absolute
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": quick, "notebooks": {}}
     for index, notebook in enumerate(notebooks, 1):
@@ -89,6 +90,9 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
             if not all(data["checks"].values()):
                 entry["status"] = "failed"
                 entry["error"] = "checks failed: " + ", ".join(k for k, v in data["checks"].items() if not v)
+        elif entry["status"] == "ok" and "results_path" in declared[notebook]:
+            entry["status"] = "failed"
+            entry["error"] = f"the notebook wrote no results file at {results_path}"
         summary["notebooks"][notebook.stem] = entry
         log(f"      {entry['status']} in {entry['duration_s']} s" + (f": {entry['error']}" if "error" in entry else ""))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

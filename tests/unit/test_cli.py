@@ -75,6 +75,20 @@ def test_run_records_a_failure_and_runs_the_rest(tmp_path):
     assert (out / "02_works.ipynb").exists() and (out / "02_works.results.json").exists()
 
 
+def test_relative_out_folder_gets_the_results(tmp_path, monkeypatch):
+    nb = write_notebook(tmp_path / "01_rel.ipynb", WRITES_RESULTS.replace("NAME", "01_rel"))
+    monkeypatch.chdir(tmp_path)
+    summary = cli.run_notebooks([nb], Path("runs") / "x", {}, quick=True, log=lambda *_: None)
+    assert summary["notebooks"]["01_rel"]["status"] == "ok"
+    assert (tmp_path / "runs" / "x" / "01_rel.results.json").exists()
+
+
+def test_a_notebook_that_writes_no_results_fails(tmp_path):
+    nb = write_notebook(tmp_path / "01_silent.ipynb", "x = 1")
+    entry = cli.run_notebooks([nb], tmp_path / "out", {}, quick=True, log=lambda *_: None)["notebooks"]["01_silent"]
+    assert entry["status"] == "failed" and "no results file" in entry["error"]
+
+
 def test_a_failed_check_fails_the_notebook(tmp_path):
     nb = write_notebook(tmp_path / "01_check.ipynb", WRITES_RESULTS.replace("NAME", "01_check"))
     summary = cli.run_notebooks([nb], tmp_path / "out", {"size": 0}, quick=True, log=lambda *_: None)
