@@ -245,7 +245,8 @@ def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None):
         return auto.from_pretrained(source, **kwargs)
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
@@ -272,7 +273,7 @@ def _resolve_folder(name: str) -> Path | str:
 def _check_hub_id(name: str) -> str:
     from transformers import AutoConfig
 
-    offline = _hub_offline()
+    offline = hub_offline()
     try:
         with _quiet_transformers():
             AutoConfig.from_pretrained(name, local_files_only=offline)

@@ -222,12 +222,14 @@ def sdpa_inputs(device: str, dtype, input_kind: str = "plain", *, batch: int = 1
 def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain",
              backends: Any = "MATH", *, dropout_p: float = 0.0, **shape: int) -> SdpaAttempt:
     """Run one tiny SDPA call restricted to ``backends`` and report whether it ran and, if not, why."""
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch_dtype = resolve_dtype(dtype, device)
     names = [backends] if isinstance(backends, str) else list(backends)
+    unknown = [name for name in names if name not in BACKENDS]
+    if unknown:
+        raise BadParameter(f"backend(s) {', '.join(map(str, unknown))} unknown; use {', '.join(BACKENDS)}.")
     chosen = [getattr(SDPBackend, name) for name in names]
     kwargs = sdpa_inputs(device, torch_dtype, input_kind, **shape)
     with warnings.catch_warnings(record=True) as caught:

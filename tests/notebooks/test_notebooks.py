@@ -1,6 +1,5 @@
 """Execute every notebook with papermill, quick parameters and the Hub offline; its own checks must pass."""
 
-import os
 from pathlib import Path
 
 import papermill

@@ -29,7 +29,7 @@ def test_build_from_config_copies_the_config():
 
 def test_random_models_are_reproducible_and_implementations_agree():
     (a, tok), (b, _) = models.load_model("tiny-llama", attn_implementation="eager"), models.load_model("tiny-llama")
-    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(p, q), name
     ids = tok("Hello my dog is cute and", return_tensors="pt")
     out_a = a.generate(**ids, max_new_tokens=8, do_sample=False)

@@ -88,6 +88,11 @@ def test_sdpa_matrix_rows():
     assert all(r["ok"] for r in rows if r["backend"] == "MATH")
 
 
+def test_unknown_backend_name():
+    with pytest.raises(BadParameter, match="FLASH unknown"):
+        probes.try_sdpa("cpu", "float32", "plain", "FLASH")
+
+
 def test_bad_input_kind():
     with pytest.raises(BadParameter, match="input_kind"):
         probes.try_sdpa("cpu", "float32", "ragged")
