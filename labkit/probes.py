@@ -144,7 +144,7 @@ def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
     name = str(dtype or "auto").strip().lower().removeprefix("torch.")
     if name == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+            return torch.bfloat16 if _native_bf16(device) else torch.float16
         return torch.float32
     if name not in _DTYPE_ALIASES:
         raise BadParameter(
@@ -153,11 +153,18 @@ def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
     return getattr(torch, _DTYPE_ALIASES[name])
 
 
+def _native_bf16(device: str) -> bool:
+    """bfloat16 arithmetic in hardware: compute capability 8.0 (Ampere) or newer, for this very device."""
+    import torch
+
+    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
+
+
 def check_dtype(device: str, dtype) -> None:
     """Raise BadParameter when a small matrix product in ``dtype`` cannot run on ``device``."""
     import torch
 
-    if device.startswith("cuda") and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if device.startswith("cuda") and dtype == torch.bfloat16 and not _native_bf16(device):
         capability = ".".join(map(str, torch.cuda.get_device_capability(torch.device(device))))
         raise BadParameter(
             f"dtype bfloat16 is not native on {device} (compute capability {capability}, bf16 needs 8.0+); "
@@ -200,6 +207,12 @@ def _clean_reason(message: str) -> str:
     return _TRIGGERED.sub("", message).strip()
 
 
+def refusal_reasons(messages: list[str]) -> list[str]:
+    """The reasons in torch's SDPA warnings: every message but the "X kernel not used because:" headers."""
+    reasons = [_clean_reason(m) for m in messages]
+    return list(dict.fromkeys(r for r in reasons if r and not _NOT_USED_HEADER.match(r)))
+
+
 def sdpa_inputs(device: str, dtype, input_kind: str = "plain", *, batch: int = 1, heads: int = 2,
                 seq: int = 8, head_dim: int = 16, ndim: int = 4) -> dict[str, Any]:
     """Tiny q, k, v (and mask or causal flag) for one kind of input: plain, causal or masked."""
@@ -237,20 +250,20 @@ def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "pla
         try:
             with sdpa_kernel(chosen):
                 F.scaled_dot_product_attention(dropout_p=dropout_p, **kwargs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(torch.device(device))  # an asynchronous kernel failure surfaces here
             error = ""
         except RuntimeError as err:
             error = str(err).strip()
-    said = [_clean_reason(str(w.message)) for w in caught if "kernel" in str(w.message).lower()
-            or "support" in str(w.message).lower() or "require" in str(w.message).lower()]
-    said = [s for s in said if s and not _NOT_USED_HEADER.match(s)]
+    said = refusal_reasons([str(w.message) for w in caught])
     reason = ""
     if error:
         if said:
-            reason = "; ".join(dict.fromkeys(said))
+            reason = "; ".join(said)
         elif "No viable backend" in error:
-            reason = f"this torch build has no {'/'.join(names)} kernel for {device.split(':')[0]}"
+            reason = f"PyTorch has no {'/'.join(names)} kernel for {device.split(':')[0]} devices"
         else:
-            reason = error.splitlines()[0]
+            reason = f"no reason given by torch; its error: {error.splitlines()[0]}"
     return SdpaAttempt(device=device, dtype=str(torch_dtype).removeprefix("torch."), input_kind=input_kind,
                        backend="+".join(names), ok=not error, reason=reason, error=error, warnings=said)
 

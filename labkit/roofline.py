@@ -109,7 +109,7 @@ def measure_ceilings(device: str, dtype="auto", *, matmul_size: int | None = Non
     sizes = default_sizes(device, quick)
     matmul = measure_matmul_ceiling(device, resolve_dtype(dtype, device), matmul_size or sizes["matmul_size"])
     copy = measure_copy_ceiling(device, copy_megabytes or sizes["copy_megabytes"])
-    return {"device": device, "device_label": device_label(device),
+    return {"device": device, "device_label": device_label(device), "quick": quick,
             "matmul_flops_per_s": {matmul["dtype"]: matmul["flops_per_s"]},
             "copy_bytes_per_s": copy["bytes_per_s"], "matmul": matmul, "copy": copy,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -123,13 +123,20 @@ def ceilings_path() -> Path:
 
 
 def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
-    """Merge ``ceilings`` into the ceilings file, keyed by device label (several dtypes accumulate)."""
+    """Merge ``ceilings`` into the ceilings file, keyed by device label (several dtypes accumulate).
+
+    Quick (small-size) measurements never replace full-size ones: small sizes underestimate a ceiling.
+    """
     path = Path(path or ceilings_path())
     stored = json.loads(path.read_text()) if path.exists() else {}
     key = ceilings["device_label"]
     previous = stored.get(key, {})
-    merged = {**previous, **ceilings,
-              "matmul_flops_per_s": {**previous.get("matmul_flops_per_s", {}), **ceilings["matmul_flops_per_s"]}}
+    if ceilings.get("quick") and previous and not previous.get("quick"):
+        extra = {k: v for k, v in ceilings["matmul_flops_per_s"].items() if k not in previous["matmul_flops_per_s"]}
+        merged = {**previous, "matmul_flops_per_s": {**previous["matmul_flops_per_s"], **extra}}
+    else:
+        merged = {**previous, **ceilings,
+                  "matmul_flops_per_s": {**previous.get("matmul_flops_per_s", {}), **ceilings["matmul_flops_per_s"]}}
     stored[key] = merged
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stored, indent=2))

@@ -86,15 +86,17 @@ def measure(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 3, repe
     if on_cuda:
         import torch
 
-        torch.cuda.reset_peak_memory_stats(torch.device(device))
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        peak = int(torch.cuda.max_memory_allocated(torch.device(device)))
+        # Events are recorded on the current device's stream: make it the device being timed.
+        with torch.cuda.device(torch.device(device)):
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            peak = int(torch.cuda.max_memory_allocated())
     else:
         for _ in range(repeats):
             start_s = time.perf_counter()
@@ -109,9 +111,12 @@ def is_out_of_memory(error: BaseException) -> bool:
 
     if isinstance(error, torch.OutOfMemoryError):
         return True
+    if isinstance(error, MemoryError):
+        return True
     message = str(error).lower()
-    return isinstance(error, (RuntimeError, MemoryError)) and (
-        "out of memory" in message or "can't allocate memory" in message or isinstance(error, MemoryError))
+    return isinstance(error, RuntimeError) and any(
+        text in message for text in ("out of memory", "can't allocate memory", "cublas_status_alloc_failed",
+                                     "cudnn_status_alloc_failed", "cudnn_status_not_enough_workspace"))
 
 
 def free_memory(device: str = "cpu") -> None:

@@ -63,6 +63,22 @@ def test_flash_with_dropout_is_the_source_pages_error_with_its_reason():
     assert "dropout" in attempt.reason
 
 
+def test_refusal_reasons_keep_what_torch_says_on_cuda():
+    # The warnings torch emits when Flash is forced on float32 CUDA inputs (sdp_utils.cpp wording).
+    messages = ["Flash attention kernel not used because: (Triggered internally at sdp_utils.cpp:123.)",
+                "Expected query, key and value to all be of dtype: {Half, BFloat16}. Got Query dtype: float, "
+                "Key dtype: float, and Value dtype: float instead. (Triggered internally at sdp_utils.cpp:98.)",
+                "Flash attention kernel not used because:"]
+    assert probes.refusal_reasons(messages) == [
+        "Expected query, key and value to all be of dtype: {Half, BFloat16}. Got Query dtype: float, "
+        "Key dtype: float, and Value dtype: float instead."]
+
+
+def test_a_refusal_reason_is_never_just_the_error():
+    attempt = probes.try_sdpa("cpu", "float32", "plain", "FLASH_ATTENTION", dropout_p=0.5)
+    assert attempt.reason and attempt.reason != attempt.error
+
+
 def test_three_dimensional_inputs_reason():
     attempt = probes.try_sdpa("cpu", "float32", "plain", "FLASH_ATTENTION", ndim=3)
     assert not attempt.ok and "4 dimensional" in attempt.reason
@@ -84,7 +100,7 @@ def test_sdpa_matrix_rows():
     assert len(rows) == len(probes.DTYPES) * len(probes.INPUT_KINDS) * len(probes.BACKENDS)
     for row in rows:
         assert set(row) == {"device", "dtype", "input_kind", "backend", "ok", "reason"}
-        assert row["ok"] or row["reason"], row
+        assert row["ok"] or (row["reason"] and "No available kernel" not in row["reason"]), row
     assert all(r["ok"] for r in rows if r["backend"] == "MATH")
 
 

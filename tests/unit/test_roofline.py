@@ -70,6 +70,18 @@ def test_ceilings_are_saved_per_device_and_dtypes_accumulate(tmp_path):
     assert list(json.loads(path.read_text())) == [first["device_label"]]
 
 
+def test_quick_ceilings_never_replace_full_ones(tmp_path):
+    path = tmp_path / "ceilings.json"
+    full = roofline.measure_ceilings("cpu", "float32", matmul_size=64, copy_megabytes=1)
+    quick = roofline.measure_ceilings("cpu", "float32", matmul_size=32, copy_megabytes=1, quick=True)
+    roofline.save_ceilings(full, path)
+    roofline.save_ceilings(quick, path)
+    stored = roofline.load_ceilings("cpu", path)
+    assert stored["matmul"]["size"] == 64 and stored["quick"] is False
+    roofline.save_ceilings(quick, tmp_path / "only-quick.json")
+    assert roofline.load_ceilings("cpu", tmp_path / "only-quick.json")["quick"] is True
+
+
 def test_no_ceilings_yet(tmp_path):
     assert roofline.load_ceilings("cpu", tmp_path / "none.json") is None
 

@@ -49,6 +49,8 @@ def test_measure_rejects_bad_counts():
 def test_out_of_memory_is_recognised():
     assert timing.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert timing.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory"))
+    assert timing.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert timing.is_out_of_memory(MemoryError())
     assert not timing.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
