@@ -235,6 +235,7 @@ def sdpa_inputs(device: str, dtype, input_kind: str = "plain", *, batch: int = 1
 def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain",
              backends: Any = "MATH", *, dropout_p: float = 0.0, **shape: int) -> SdpaAttempt:
     """Run one tiny SDPA call restricted to ``backends`` and report whether it ran and, if not, why."""
+    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
