@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,6 +232,24 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
     return model.to(device).eval(), tokenizer
 
 
+def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> dict[str, Any]:
+    """Greedy (deterministic) continuation of ``prompt``: the text, how many tokens, and the wall time.
+
+    One call, warm-up included: an illustration, not a benchmark (timing.measure is for that).
+    """
+    import torch
+
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    prompt_length = inputs["input_ids"].shape[1]
+    return {"continuation": tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True),
+            "new_tokens": int(output.shape[1] - prompt_length), "seconds": seconds}
+
+
 def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -270,20 +291,53 @@ def _resolve_folder(name: str) -> Path | str:
     return _check_hub_id(name)
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable(host: str = "huggingface.co", timeout_s: float = 2.0) -> bool:
+    """Whether a TCP connection to the Hub opens within ``timeout_s`` (asked once per process).
+
+    Without this, a machine with no network but no HF_HUB_OFFLINE waits through the Hub client's
+    retries (about half a minute) before every failed look-up.
+    """
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def check_model(name: str) -> str | None:
+    """Check ``name`` without loading weights.
+
+    Raises ModelNotAvailable (or BadParameter) when the name cannot be a model here: a mistake to fix.
+    Returns the one-line reason when it is an embedded model whose package is not installed (an
+    install problem a notebook skips over), else None.
+    """
+    spec = EMBEDDED.get(name)
+    if spec is not None:
+        needs = spec.module or EMBEDDED[spec.tokenizer_from].module
+        return None if _package_dir(needs) is not None else \
+            f"{name} needs the package for {needs!r}, which is not installed: {INSTALL_HINT}"
+    _resolve_folder(name)
+    return None
+
+
 def _check_hub_id(name: str) -> str:
     from transformers import AutoConfig
 
-    offline = hub_offline()
+    offline = hub_offline() or not hub_reachable()
     try:
         with _quiet_transformers():
             AutoConfig.from_pretrained(name, local_files_only=offline)
         return name
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError):
         close = difflib.get_close_matches(name, EMBEDDED, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        where = "in the Hugging Face cache and the Hub is offline" if offline else "on the Hub or in its cache"
-        if not offline and "is not a valid model identifier" not in str(err) and "offline" in str(err).lower():
-            where = "in the cache and the Hub could not be reached"
+        if hub_offline():
+            where = "in the Hugging Face cache and the Hub is offline"
+        elif offline:
+            where = "in the Hugging Face cache and the Hub cannot be reached from here"
+        else:
+            where = "on the Hub or in its cache"
         raise ModelNotAvailable(
             f"model {name!r} is not an embedded model{hint}, not a local folder, and not found {where}; "
             f"embedded models: {', '.join(EMBEDDED)}.") from None

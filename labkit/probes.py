@@ -465,8 +465,11 @@ def probe(devices_to_probe: list[str] | None = None, *, use_cache: bool = True) 
     }
 
 
-def sdpa_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per device x dtype x input kind, with the backends that ran and why the others did not."""
+SUMMARY_COLUMNS = ("device", "dtype", "input", "runs", "why_not")
+
+
+def sdpa_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per device x dtype x input kind: the backends that ran, and why each other one did not."""
     grouped: dict[tuple, dict[str, Any]] = {}
     for row in rows:
         key = (row["device"], row["dtype"], row["input_kind"])
@@ -475,34 +478,34 @@ def sdpa_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry["runs"].append(row["backend"])
         else:
             entry["why_not"].append(f"{row['backend']}: {row['reason']}")
-    return list(grouped.values())
+    return [{**e, "runs": ", ".join(e["runs"]) or "-", "why_not": " | ".join(e["why_not"])} for e in grouped.values()]
+
+
+def feature_rows(features: dict[str, Any]) -> list[dict[str, Any]]:
+    """flash-attn, NCCL, gloo and GPU peer access as (feature, ok, detail) rows."""
+    fa, dist, topo = features["flash_attn"], features["nccl"], features["topology"]
+    return [
+        {"feature": "flash-attn package", "ok": fa["ok"], "detail": fa["version"] if fa["ok"] else fa["reason"]},
+        {"feature": "NCCL (GPU collectives)", "ok": dist["ok"], "detail": dist["version"] if dist["ok"] else dist["reason"]},
+        {"feature": "gloo (CPU collectives)", "ok": dist["gloo"], "detail": ""},
+        {"feature": "GPU peer access", "ok": bool(topo["peer_access"]) and all(map(all, topo["peer_access"])),
+         "detail": topo["reason"] or str(topo["peer_access"])},
+    ]
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The probe report as plain-text tables (what ``labkit probe`` prints)."""
+    from labkit.results import environment_rows
     from labkit.widgets import text_table
 
-    lines = ["Versions"]
-    lines += [f"  {name:<24} {value or 'not installed'}" for name, value in report["versions"].items()]
-    cpu = report["devices"]["cpu"]
-    lines += ["", "Devices", f"  cpu      {cpu['name']}, {cpu['cores']} cores, torch uses {cpu['torch_threads']} threads"]
-    for gpu in report["devices"]["cuda"]:
-        lines.append(f"  {gpu['device']:<8} {gpu['name']}, compute capability {gpu['capability']}, "
-                     f"{gpu['memory_bytes'] / 2**30:.1f} GiB")
-    if not report["devices"]["cuda"]:
-        lines.append("  (no CUDA GPU)")
-    lines += ["", "SDPA backends that run (forced one at a time with torch.nn.attention.sdpa_kernel)"]
-    summary = [{**r, "runs": ", ".join(r["runs"]) or "-", "why_not": " | ".join(r["why_not"])}
-               for r in sdpa_summary(report["sdpa"])]
-    lines.append(text_table(summary, ["device", "dtype", "input", "runs", "why_not"], indent=2))
     features = report["features"]
-    lines += ["", "attn_implementation values (transformers)"]
-    lines.append(text_table(features["attn_implementations"], ["attn_implementation", "ok", "reason"], indent=2))
-    lines += ["", "bitsandbytes 4-bit matmul"]
-    lines.append(text_table(features["bitsandbytes_4bit"], ["device", "quant_type", "ok", "reason"], indent=2))
-    fa, dist = features["flash_attn"], features["nccl"]
-    lines += ["", f"flash-attn package: {'yes ' + str(fa['version']) if fa['ok'] else 'no (' + fa['reason'] + ')'}",
-              f"NCCL: {'yes ' + str(dist['version']) if dist['ok'] else 'no (' + dist['reason'] + ')'}; "
-              f"gloo: {'yes' if dist['gloo'] else 'no'}",
-              f"GPU topology: {features['topology']['reason'] or features['topology']['peer_access']}"]
-    return "\n".join(lines)
+    sections = [
+        ("Versions and devices", environment_rows(report), ["item", "value"]),
+        ("SDPA backends that run (forced one at a time with torch.nn.attention.sdpa_kernel)",
+         sdpa_summary(report["sdpa"]), list(SUMMARY_COLUMNS)),
+        ("attn_implementation values (transformers)", features["attn_implementations"],
+         ["attn_implementation", "ok", "reason"]),
+        ("bitsandbytes 4-bit matmul", features["bitsandbytes_4bit"], ["device", "quant_type", "ok", "reason"]),
+        ("Other features", feature_rows(features), ["feature", "ok", "detail"]),
+    ]
+    return "\n\n".join(f"{title}\n{text_table(rows, columns, indent=2)}" for title, rows, columns in sections)

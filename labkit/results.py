@@ -41,8 +41,8 @@ def environment() -> dict[str, Any]:
 
 
 def environment_rows(env: dict[str, Any]) -> list[dict[str, str]]:
-    """The environment report as (item, value) rows for a table."""
-    rows = [{"item": "platform", "value": env["platform"]}]
+    """The environment report (or a probe report: versions and devices) as (item, value) rows for a table."""
+    rows = [{"item": "platform", "value": env["platform"]}] if "platform" in env else []
     rows += [{"item": name, "value": value or "not installed"} for name, value in env["versions"].items()]
     cpu = env["devices"]["cpu"]
     rows.append({"item": "cpu", "value": f"{cpu['name']}, {cpu['cores']} cores"})
@@ -51,7 +51,7 @@ def environment_rows(env: dict[str, Any]) -> list[dict[str, str]]:
                                                      f"{gpu['memory_bytes'] / 2**30:.1f} GiB)"})
     if not env["devices"]["cuda"]:
         rows.append({"item": "cuda", "value": "no CUDA GPU on this machine"})
-    rows += [{"item": name, "value": value} for name, value in env["environment_variables"].items()]
+    rows += [{"item": name, "value": value} for name, value in env.get("environment_variables", {}).items()]
     return rows
 
 

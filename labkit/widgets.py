@@ -27,7 +27,7 @@ def text_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], *, indent
     pad = " " * indent
 
     def line(values: Sequence[str]) -> str:
-        return (pad + "  ".join(v.ljust(w) for v, w in zip(values, widths))).rstrip()
+        return (pad + "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True))).rstrip()
 
     out = [line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells]
     return "\n".join(out)
@@ -77,3 +77,32 @@ def show(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None, *
     except ImportError:
         pass
     print(repr(table))
+
+
+def short_traceback(shell, etype, value, tb, tb_offset=None) -> list[str]:
+    """IPython custom-exception handler: a labkit error shows as its one sentence, not a traceback."""
+    stb = [f"{etype.__name__}: {value}"]
+    if shell is not None:
+        # IPython discards a handler's return value; _showtraceback is what ipykernel turns into the
+        # cell's error output (ename, evalue, this one-line traceback), which papermill and nbval read.
+        shell._showtraceback(etype, value, stb)
+    return stb
+
+
+def short_errors() -> bool:
+    """In IPython/Jupyter, show labkit's own errors (bad parameters, missing models) as one line.
+
+    The cell still fails (papermill and nbval still see an error); only the display is shorter.
+    Returns False outside IPython.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+    from labkit.errors import LabkitError
+
+    shell.set_custom_exc((LabkitError,), short_traceback)
+    return True

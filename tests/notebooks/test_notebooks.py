@@ -27,3 +27,15 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch):
     assert all(isinstance(v, (int, float)) for v in data["metrics"].values())
     for what, why in data["skipped"].items():
         assert why.strip() and "\n" not in why, f"skip of {what!r} needs a one-line reason"
+
+
+@pytest.mark.notebook
+def test_a_bad_parameter_stops_notebook_00_early_in_one_sentence(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError) as caught:
+        papermill.execute_notebook(str(NOTEBOOKS[0]), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                                   parameters={"quick": True, "matmul_size": -1}, cwd=str(NOTEBOOKS[0].parent),
+                                   progress_bar=False)
+    error = caught.value
+    assert error.ename == "BadParameter" and "matmul_size=-1" in error.evalue
+    assert error.exec_count <= 3, "bad parameters must be caught in the first cells"
+    assert len(error.traceback) == 1, "one sentence, not a traceback"

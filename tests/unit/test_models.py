@@ -99,3 +99,32 @@ def test_bad_device_and_dtype():
 def test_empty_name():
     with pytest.raises(BadParameter):
         models.load_model("")
+
+
+def test_check_model_separates_mistakes_from_missing_packages(monkeypatch):
+    assert models.check_model("tiny-opt") is None
+    with pytest.raises(ModelNotAvailable, match="did you mean"):
+        models.check_model("tiny-opts")
+    monkeypatch.setattr(models, "_package_dir", lambda module: None)
+    assert "not installed" in models.check_model("smollm2-135m")
+
+
+def test_generate_greedy_counts_new_tokens():
+    model, tokenizer = models.load_model("tiny-llama")
+    first = models.generate_greedy(model, tokenizer, "Hello my dog is cute and", max_new_tokens=5)
+    again = models.generate_greedy(model, tokenizer, "Hello my dog is cute and", max_new_tokens=5)
+    assert first["new_tokens"] == 5 and first["seconds"] > 0
+    assert first["continuation"] == again["continuation"]
+
+
+def test_unreachable_hub_fails_fast_without_offline_mode(monkeypatch):
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    monkeypatch.setattr(models, "hub_offline", lambda: False)
+    start = time.perf_counter()
+    with pytest.raises(ModelNotAvailable, match="cannot be reached"):
+        models.load_model("someone/not-cached-here")
+    assert time.perf_counter() - start < 10

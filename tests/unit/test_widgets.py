@@ -18,3 +18,14 @@ def test_table_html_is_escaped_and_text_matches():
 def test_show_prints_outside_a_notebook(capsys):
     widgets.show([{"x": 1}], title="plain")
     assert "plain" in capsys.readouterr().out
+
+
+def test_short_traceback_is_the_sentence():
+    from labkit.errors import BadParameter
+
+    assert widgets.short_traceback(None, BadParameter, BadParameter("device='cuda' ... use 'cpu'."), None) == [
+        "BadParameter: device='cuda' ... use 'cpu'."]
+
+
+def test_short_errors_needs_ipython():
+    assert widgets.short_errors() is False
