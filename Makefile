@@ -50,6 +50,7 @@ run: $(STAMP)
 	$(VENV)/bin/labkit run
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check labkit tests
 	$(TEST_ENV) $(PY) -m pytest -n 2 tests
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax notebooks
 
