@@ -58,7 +58,12 @@ def test_measured_ceilings_on_cpu_are_positive():
     assert ceilings["copy"]["bytes"] == 2 * 4 * 2**20
 
 
-def test_ceilings_are_saved_per_device_and_dtypes_accumulate(tmp_path):
+def _ceilings(dtype="float32", flops=100.0, copy=10.0, quick=False, label="cpu-test", size=64):
+    return {"device": "cpu", "device_label": label, "quick": quick, "matmul_flops_per_s": {dtype: flops},
+            "copy_bytes_per_s": copy, "matmul": {"size": size}, "measured_at": "now"}
+
+
+def test_measured_ceilings_are_saved_per_device_and_dtypes_accumulate(tmp_path):
     path = tmp_path / "ceilings.json"
     first = roofline.measure_ceilings("cpu", "float32", matmul_size=64, copy_megabytes=1)
     second = roofline.measure_ceilings("cpu", "bfloat16", matmul_size=64, copy_megabytes=1)
@@ -66,20 +71,37 @@ def test_ceilings_are_saved_per_device_and_dtypes_accumulate(tmp_path):
     roofline.save_ceilings(second, path)
     stored = roofline.load_ceilings("cpu", path)
     assert set(stored["matmul_flops_per_s"]) == {"float32", "bfloat16"}
-    assert stored["copy_bytes_per_s"] == second["copy_bytes_per_s"]
+    assert stored["copy_bytes_per_s"] == max(first["copy_bytes_per_s"], second["copy_bytes_per_s"])
     assert list(json.loads(path.read_text())) == [first["device_label"]]
 
 
-def test_quick_ceilings_never_replace_full_ones(tmp_path):
+def test_a_saved_ceiling_is_the_highest_measured(tmp_path):
     path = tmp_path / "ceilings.json"
-    full = roofline.measure_ceilings("cpu", "float32", matmul_size=64, copy_megabytes=1)
-    quick = roofline.measure_ceilings("cpu", "float32", matmul_size=32, copy_megabytes=1, quick=True)
-    roofline.save_ceilings(full, path)
-    roofline.save_ceilings(quick, path)
-    stored = roofline.load_ceilings("cpu", path)
-    assert stored["matmul"]["size"] == 64 and stored["quick"] is False
-    roofline.save_ceilings(quick, tmp_path / "only-quick.json")
-    assert roofline.load_ceilings("cpu", tmp_path / "only-quick.json")["quick"] is True
+    roofline.save_ceilings(_ceilings(flops=100.0, copy=10.0), path)
+    roofline.save_ceilings(_ceilings(flops=80.0, copy=12.0), path)
+    stored = json.loads(path.read_text())["cpu-test"]
+    assert stored["matmul_flops_per_s"]["float32"] == 100.0 and stored["copy_bytes_per_s"] == 12.0
+
+
+def test_quick_sizes_raise_a_matmul_ceiling_but_never_replace_a_full_copy_ceiling(tmp_path):
+    path = tmp_path / "ceilings.json"
+    roofline.save_ceilings(_ceilings(flops=100.0, copy=10.0, size=1024), path)
+    roofline.save_ceilings(_ceilings(flops=150.0, copy=50.0, quick=True, size=512), path)
+    stored = json.loads(path.read_text())["cpu-test"]
+    assert stored["matmul_flops_per_s"]["float32"] == 150.0
+    assert stored["copy_bytes_per_s"] == 10.0 and stored["quick"] is False and stored["matmul"]["size"] == 1024
+    roofline.save_ceilings(_ceilings(quick=True), tmp_path / "only-quick.json")
+    assert json.loads((tmp_path / "only-quick.json").read_text())["cpu-test"]["quick"] is True
+
+
+def test_compute_ceiling_measures_now_and_keeps_the_best(tmp_path):
+    path = tmp_path / "ceilings.json"
+    first = roofline.compute_ceiling("cpu", "float32", quick=True, path=path)
+    assert first["flops_per_s"] > 0 and "measured now" in first["source"]
+    label = roofline.load_ceilings("cpu", path)["device_label"]
+    roofline.save_ceilings(_ceilings(flops=1e18, label=label), path)
+    second = roofline.compute_ceiling("cpu", "float32", quick=True, path=path)
+    assert second["flops_per_s"] == 1e18 and "best saved" in second["source"]
 
 
 def test_no_ceilings_yet(tmp_path):
