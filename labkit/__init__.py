@@ -10,7 +10,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"errors", "probes", "models", "timing", "roofline", "results", "widgets", "cli"}
+_SUBMODULES = {"errors", "probes", "models", "timing", "roofline", "results", "widgets", "plots", "attention", "cli"}
 
 
 def __getattr__(name: str):

@@ -246,8 +246,21 @@ def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> 
                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     prompt_length = inputs["input_ids"].shape[1]
-    return {"continuation": tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True),
+    new = output[0, prompt_length:]
+    return {"continuation": tokenizer.decode(new, skip_special_tokens=True), "token_ids": new.tolist(),
             "new_tokens": int(output.shape[1] - prompt_length), "seconds": seconds}
+
+
+def next_token_candidates(model, tokenizer, prompt: str, k: int = 3) -> list[dict[str, Any]]:
+    """The ``k`` most likely next tokens after ``prompt``, with their logits as the model's dtype holds them."""
+    import torch
+
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    with torch.inference_mode():
+        logits = model(**inputs).logits[0, -1]
+    top = logits.float().topk(k)
+    return [{"token": tokenizer.decode([int(i)]), "token_id": int(i), "logit": float(v)}
+            for v, i in zip(top.values, top.indices, strict=True)]
 
 
 def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None):

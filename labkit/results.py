@@ -65,6 +65,7 @@ class Results:
         self.metrics: dict[str, float] = {}
         self.checks: dict[str, bool] = {}
         self.skipped: dict[str, str] = {}
+        self.figures: list[str] = []
 
     def metric(self, name: str, value: float) -> None:
         """Record a measured number (finite int or float)."""
@@ -83,9 +84,20 @@ class Results:
         self.skipped[what] = why
         print(f"Skipped: {what} -- {why}")
 
+    def figure(self, name: str, fig) -> Path | None:
+        """Save a matplotlib figure as ``<results file stem>.<name>.png`` beside the results file (when set)."""
+        if self.path is None:
+            return None
+        stem = self.path.name.removesuffix(".json").removesuffix(".results")
+        target = self.path.parent / f"{stem}.{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target, dpi=110, bbox_inches="tight")
+        self.figures.append(target.name)
+        return target
+
     def as_dict(self) -> dict[str, Any]:
         return {"notebook": self.notebook, "env": self.env, "metrics": self.metrics,
-                "checks": self.checks, "skipped": self.skipped}
+                "checks": self.checks, "skipped": self.skipped, "figures": self.figures}
 
     def write(self) -> Path | None:
         """Write the results file (when a path was given) and return its path."""

@@ -106,3 +106,132 @@ def short_errors() -> bool:
 
     shell.set_custom_exc((LabkitError,), short_traceback)
     return True
+
+
+# --------------------------------------------------------------------------- live board and pickers
+
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, papermill), False in a terminal or plain Python."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def _ipywidgets():
+    """The ipywidgets module inside a Jupyter kernel, else None (then the plain-text form is used)."""
+    if not _in_kernel():
+        return None
+    try:
+        import ipywidgets
+    except ImportError:
+        return None
+    return ipywidgets
+
+
+class LiveBoard:
+    """A table that fills in row by row while a sweep runs.
+
+    In JupyterLab it is an ipywidgets HTML table updated in place, with a count of rows measured. Without
+    ipywidgets or outside a kernel each row is printed as a line of text as it arrives. When it finishes,
+    the displayed output's plain-text form becomes the whole table, which is what papermill stores.
+    Use it as a sweep's ``on_row`` callback: ``board.add(row)`` or ``board(row)``.
+    """
+
+    def __init__(self, columns: Sequence[str], *, title: str = "", headers: Sequence[str] | None = None,
+                 total: int | None = None, mode: str = "auto"):
+        if mode not in ("auto", "widget", "text"):
+            raise ValueError(f"mode={mode!r}: use 'auto', 'widget' or 'text'")
+        self.columns = list(columns)
+        self.headers = list(headers or self.columns)
+        self.title = title
+        self.total = total
+        self.rows: list[dict[str, Any]] = []
+        module = _ipywidgets() if mode in ("auto", "widget") else None
+        self.mode = "widget" if module is not None else "text"
+        self.finished = False
+        self._handle = None
+        if self.mode == "widget":
+            self.status = module.HTML(value=self._status_html())
+            self.table = module.HTML(value=Table([], self.columns, headers=self.headers)._repr_html_())
+            self.widget = module.VBox([self.status, self.table])
+            from IPython.display import display
+
+            self._handle = display(self, display_id=True)
+        elif title:
+            print(title)
+
+    def _status_html(self) -> str:
+        count = f"{len(self.rows)}/{self.total}" if self.total else str(len(self.rows))
+        state = "done" if self.finished else "measuring"
+        return f"<b>{html.escape(self.title)}</b> &nbsp; {count} rows, {state}"
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Show one more row."""
+        self.rows.append(row)
+        if self.mode == "widget":
+            self.status.value = self._status_html()
+            self.table.value = Table(self.rows, self.columns, headers=self.headers)._repr_html_()
+        else:
+            print("  " + "  ".join(f"{h}={_cell(row.get(c))}" for c, h in zip(self.columns, self.headers, strict=True)))
+
+    __call__ = add
+
+    def finish(self) -> None:
+        """Mark the board done; the stored plain-text form becomes the whole table."""
+        self.finished = True
+        if self.mode == "widget":
+            self.status.value = self._status_html()
+            if self._handle is not None:
+                self._handle.update(self)
+
+    def text(self) -> str:
+        """The board as a plain-text table."""
+        body = text_table(self.rows, self.columns, headers=self.headers)
+        return f"{self.title}\n{body}" if self.title else body
+
+    def __repr__(self) -> str:
+        return self.text()
+
+    def _repr_mimebundle_(self, **kwargs) -> dict[str, Any]:
+        if self.mode != "widget":
+            return {"text/plain": self.text()}
+        bundle = dict(self.widget._repr_mimebundle_(**kwargs))
+        bundle["text/plain"] = self.text()
+        return bundle
+
+
+class Choice:
+    """A chosen value with no widget behind it (outside JupyterLab, or without ipywidgets)."""
+
+    def __init__(self, value: Any, options: Sequence[Any], description: str = ""):
+        self.value, self.options, self.description = value, list(options), description
+
+    def __repr__(self) -> str:
+        return f"{self.description or 'choice'}: {self.value!r} (options: {', '.join(map(str, self.options))})"
+
+
+def picker(options: Sequence[Any], value: Any = None, *, description: str = ""):
+    """A dropdown whose ``.value`` the next cell reads; a plain :class:`Choice` where widgets cannot show.
+
+    Under papermill the default ``value`` is what the next cell measures.
+    """
+    options = list(options)
+    if not options:
+        raise ValueError("a picker needs at least one option")
+    value = options[0] if value is None else value
+    if value not in options:
+        raise ValueError(f"value {value!r} is not one of the options {options}")
+    module = _ipywidgets()
+    if module is None:
+        choice = Choice(value, options, description)
+        print(repr(choice))
+        return choice
+    from IPython.display import display
+
+    dropdown = module.Dropdown(options=options, value=value, description=description,
+                               style={"description_width": "initial"})
+    display(dropdown)
+    return dropdown

@@ -115,6 +115,17 @@ def test_generate_greedy_counts_new_tokens():
     again = models.generate_greedy(model, tokenizer, "Hello my dog is cute and", max_new_tokens=5)
     assert first["new_tokens"] == 5 and first["seconds"] > 0
     assert first["continuation"] == again["continuation"]
+    assert len(first["token_ids"]) == 5 and first["token_ids"] == again["token_ids"]
+    assert tokenizer.decode(first["token_ids"], skip_special_tokens=True) == first["continuation"]
+
+
+def test_next_token_candidates_are_sorted_and_lead_greedy_decoding():
+    model, tokenizer = models.load_model("tiny-llama")
+    candidates = models.next_token_candidates(model, tokenizer, "Hello my dog", k=3)
+    assert len(candidates) == 3
+    assert [c["logit"] for c in candidates] == sorted((c["logit"] for c in candidates), reverse=True)
+    greedy = models.generate_greedy(model, tokenizer, "Hello my dog", max_new_tokens=1)
+    assert greedy["token_ids"] == [candidates[0]["token_id"]]
 
 
 def test_unreachable_hub_fails_fast_without_offline_mode(monkeypatch):

@@ -17,7 +17,23 @@ def test_results_file_follows_the_schema(tmp_path, capsys):
     assert "Skipped: flash-attn comparison -- flash-attn is not installed" in printed
     data = results.read_results(res.write())
     assert data == {"notebook": "99_test", "env": {"versions": {}}, "metrics": {"tokens_per_s": 12.5},
-                    "checks": {"outputs_agree": True}, "skipped": {"flash-attn comparison": "flash-attn is not installed"}}
+                    "checks": {"outputs_agree": True}, "skipped": {"flash-attn comparison": "flash-attn is not installed"},
+                    "figures": []}
+
+
+def test_figures_are_saved_beside_the_results_file(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    res = results.Results("99_test", tmp_path / "99_test.results.json", env={})
+    saved = res.figure("latency", fig)
+    assert saved == tmp_path / "99_test.latency.png" and saved.read_bytes()[:4] == b"\x89PNG"
+    assert results.read_results(res.write())["figures"] == ["99_test.latency.png"]
+    assert results.Results("99_test", env={}).figure("latency", fig) is None
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, True, "12", None])

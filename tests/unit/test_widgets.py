@@ -29,3 +29,75 @@ def test_short_traceback_is_the_sentence():
 
 def test_short_errors_needs_ipython():
     assert widgets.short_errors() is False
+
+
+ROWS = [{"backend": "MATH", "ms": 1.5}, {"backend": "FLASH_ATTENTION", "ms": 0.25}]
+
+
+def test_live_board_prints_rows_as_they_come_outside_a_notebook(capsys):
+    board = widgets.LiveBoard(["backend", "ms"], title="sweep", total=2)
+    assert board.mode == "text"
+    board.add(ROWS[0])
+    assert capsys.readouterr().out == "sweep\n  backend=MATH  ms=1.5\n"
+    board(ROWS[1])
+    board.finish()
+    assert "backend=FLASH_ATTENTION  ms=0.25" in capsys.readouterr().out
+    assert board.rows == ROWS and board.finished
+    assert repr(board).splitlines()[0] == "sweep" and "FLASH_ATTENTION" in board.text()
+
+
+class _FakeHandle:
+    def __init__(self):
+        self.updates = []
+
+    def update(self, obj):
+        self.updates.append(obj._repr_mimebundle_())
+
+
+def _as_if_in_jupyterlab(monkeypatch):
+    import ipywidgets
+    import IPython.display
+
+    shown, handle = [], _FakeHandle()
+
+    def fake_display(obj, display_id=None):
+        shown.append(obj)
+        return handle if display_id else None
+
+    monkeypatch.setattr(widgets, "_ipywidgets", lambda: ipywidgets)
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    return shown, handle
+
+
+def test_live_board_is_a_widget_that_fills_in_and_leaves_a_text_table(monkeypatch):
+    shown, handle = _as_if_in_jupyterlab(monkeypatch)
+    board = widgets.LiveBoard(["backend", "ms"], title="sweep", total=2)
+    assert board.mode == "widget" and shown == [board]
+    assert "0/2 rows, measuring" in board.status.value
+    board.add(ROWS[0])
+    assert "MATH" in board.table.value and "1/2 rows" in board.status.value
+    board.add(ROWS[1])
+    board.finish()
+    assert "2/2 rows, done" in board.status.value and "FLASH_ATTENTION" in board.table.value
+    bundle = handle.updates[-1]
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert "FLASH_ATTENTION" in bundle["text/plain"] and bundle["text/plain"].startswith("sweep")
+
+
+def test_picker_is_a_dropdown_in_jupyterlab_whose_value_the_next_cell_reads(monkeypatch):
+    shown, _ = _as_if_in_jupyterlab(monkeypatch)
+    chosen = widgets.picker(["MATH", "FLASH_ATTENTION"], value="FLASH_ATTENTION", description="backend")
+    assert shown == [chosen] and chosen.value == "FLASH_ATTENTION"
+    chosen.value = "MATH"  # what a learner (or the browser test) does
+    assert chosen.value == "MATH"
+
+
+def test_picker_outside_a_notebook_is_a_plain_choice(capsys):
+    chosen = widgets.picker([128, 256], description="length")
+    assert chosen.value == 128 and "length: 128" in capsys.readouterr().out
+    import pytest
+
+    with pytest.raises(ValueError, match="not one of"):
+        widgets.picker([1, 2], value=3)
+    with pytest.raises(ValueError, match="at least one"):
+        widgets.picker([])

@@ -1,0 +1,85 @@
+"""The standard figures. Each function takes measured rows and returns a matplotlib Figure.
+
+pyplot is used so that JupyterLab and papermill show the figure when the cell ends; assign the
+result (``fig = plots...``) so it is not shown twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+BACKEND_COLORS = {"MATH": "#cf222e", "FLASH_ATTENTION": "#0969da", "EFFICIENT_ATTENTION": "#1a7f37",
+                  "CUDNN_ATTENTION": "#8250df"}
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str, head_dim: int | None, causal: bool | None):
+    """{backend: ([seq...], [value...])} for the rows that ran and have ``key``."""
+    out: dict[str, tuple[list, list]] = {}
+    for row in rows:
+        if row.get("status") != "ok" or row.get(key) is None:
+            continue
+        if head_dim is not None and row["head_dim"] != head_dim:
+            continue
+        if causal is not None and row["causal"] != causal:
+            continue
+        xs, ys = out.setdefault(row["backend"], ([], []))
+        xs.append(row["seq"])
+        ys.append(row[key])
+    return out
+
+
+def attention_sweep(rows: Sequence[dict[str, Any]], *, head_dim: int, causal: bool, title: str = "",
+                    score_bytes_per_token_pair: float | None = None):
+    """Three panels for one head size and mask: time vs length (log-log), peak extra memory vs length,
+    and the fraction of the measured matmul ceiling each backend reached.
+
+    ``score_bytes_per_token_pair`` (batch x heads x element size) draws the memory of one full score
+    matrix, the N^2 term that the math backend materialises and the fused backends avoid.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_memory, ax_fraction) = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [(ax_time, "median_ms", 1.0, "median time per call (ms)"),
+              (ax_memory, "peak_extra_bytes", 2**-20, "peak extra memory (MiB)"),
+              (ax_fraction, "fraction_of_ceiling", 1.0, "fraction of the matmul ceiling")]
+    lengths: set[int] = set()
+    for ax, key, scale, label in panels:
+        for backend, (xs, ys) in _series(rows, key, head_dim, causal).items():
+            lengths.update(xs)
+            ax.plot(xs, [y * scale for y in ys], marker="o", label=backend.replace("_ATTENTION", "").lower(),
+                    color=BACKEND_COLORS.get(backend))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_time.set_yscale("log")
+    ax_memory.set_yscale("log")
+    if score_bytes_per_token_pair and lengths:
+        xs = sorted(lengths)
+        ax_memory.plot(xs, [score_bytes_per_token_pair * n * n / 2**20 for n in xs], "k--", linewidth=1,
+                       label="one N x N score matrix")
+    ax_fraction.axhline(1.0, color="k", linewidth=1, linestyle=":")
+    ax_fraction.set_ylim(bottom=0)
+    for ax in (ax_time, ax_memory, ax_fraction):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title or f"SDPA forward, head size {head_dim}, {'causal' if causal else 'no mask'}")
+    fig.tight_layout()
+    return fig
+
+
+def bars(labels: Sequence[str], values: Sequence[float], *, xlabel: str, title: str = "",
+         limit: float | None = None, limit_label: str = "limit"):
+    """Horizontal bars (one per label) with an optional vertical line at the machine's limit."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2))
+    ax.barh(list(labels), list(values), color=[BACKEND_COLORS.get(label, "#57606a") for label in labels])
+    if limit:
+        ax.axvline(limit, color="k", linestyle="--", linewidth=1, label=limit_label)
+        ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.invert_yaxis()
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
