@@ -29,13 +29,22 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch):
         assert why.strip() and "\n" not in why, f"skip of {what!r} needs a one-line reason"
 
 
+BAD_PARAMETERS = {
+    "00_setup_and_probes": ({"matmul_size": -1}, "matmul_size=-1"),
+    "01_flash_attention": ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"),
+}
+
+
 @pytest.mark.notebook
-def test_a_bad_parameter_stops_notebook_00_early_in_one_sentence(tmp_path):
+@pytest.mark.parametrize("stem", sorted(BAD_PARAMETERS))
+def test_a_bad_parameter_stops_the_notebook_early_in_one_sentence(stem, tmp_path):
+    parameters, named = BAD_PARAMETERS[stem]
+    notebook = ROOT / "notebooks" / f"{stem}.ipynb"
     with pytest.raises(papermill.PapermillExecutionError) as caught:
-        papermill.execute_notebook(str(NOTEBOOKS[0]), str(tmp_path / "out.ipynb"), kernel_name="python3",
-                                   parameters={"quick": True, "matmul_size": -1}, cwd=str(NOTEBOOKS[0].parent),
+        papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                                   parameters={"quick": True, **parameters}, cwd=str(notebook.parent),
                                    progress_bar=False)
     error = caught.value
-    assert error.ename == "BadParameter" and "matmul_size=-1" in error.evalue
+    assert error.ename == "BadParameter" and named in error.evalue
     assert error.exec_count <= 3, "bad parameters must be caught in the first cells"
     assert len(error.traceback) == 1, "one sentence, not a traceback"
