@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -161,6 +162,27 @@ class Profiled:
         kernels = [k for k in self.kernels if any(w in k.lower() for w in ("flash", "fmha", "cudnn", "sdpa",
                                                                           "attention", "softmax", "gemm"))]
         return ", ".join(ops + kernels[:3]) or "no attention op recorded"
+
+
+def refusal(call: Callable[[], Any], device: str, backend: str) -> str:
+    """Run ``call`` once: '' when it ran, else torch's reason why ``backend`` refused these inputs.
+
+    Errors other than a refusal (out-of-memory, a kernel failure) are raised.
+    """
+    from labkit.probes import explain_refusal, refusal_reasons
+    from labkit.timing import synchronize
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            call()
+            synchronize(device)
+            return ""
+        except RuntimeError as err:
+            error = str(err)
+            if "No available kernel" not in error and "No viable backend" not in error:
+                raise
+    return explain_refusal(error, refusal_reasons([str(w.message) for w in caught]), [backend], device)
 
 
 def backend_from_ops(ops: Iterable[str]) -> str | None:
@@ -340,11 +362,12 @@ def sweep(device: str, dtype: Any, *, seq_lengths: Sequence[int], head_dims: Seq
           progress: bool = False) -> list[dict[str, Any]]:
     """Time every backend x head size x causal x sequence length; refusals and out-of-memory become rows.
 
-    Each row: backend, head_dim, causal, seq, status (ok / refused / oom / skipped), median/p10/p90 ms,
+    Each row: backend, head_dim, causal, seq, status (ok / refused / failed / oom / skipped), median/p10/p90 ms,
     TFLOP/s (forward FLOPs 4*B*H*N^2*d, halved when causal), fraction of ``ceiling_flops_per_s`` and
-    the peak extra memory of one call. After an out-of-memory, longer sequences of that series are skipped.
+    the peak extra memory of one call. A refusal is judged at the real shape, with torch's reason; after an
+    out-of-memory, longer sequences of that series are skipped; any other kernel error is a "failed" row.
     """
-    from labkit.probes import resolve_dtype, try_sdpa
+    from labkit.probes import resolve_dtype
     from labkit.roofline import attention_flops
     from labkit.timing import free_memory, is_out_of_memory, measure
 
@@ -364,34 +387,39 @@ def sweep(device: str, dtype: Any, *, seq_lengths: Sequence[int], head_dims: Seq
     rows: list[dict[str, Any]] = []
     for backend, head_dim, is_causal in series:
         base = {"backend": backend, "dtype": dtype_name, "head_dim": head_dim, "causal": is_causal}
-        probe = try_sdpa(device, torch_dtype, "causal" if is_causal else "plain", backend, head_dim=head_dim)
-        stop_reason = "" if probe.ok else probe.reason
-        stop_status = "refused"
+        stop_reason = ""
         for seq in lengths:
             row = {**base, "seq": seq, "status": "ok", "reason": ""}
             too_big = _math_too_big(device, batch, heads, seq) if backend == "MATH" else ""
             if stop_reason:
-                row.update(status=stop_status, reason=stop_reason)
+                row.update(status="skipped", reason=stop_reason)
             elif too_big:
                 row.update(status="skipped", reason=too_big)
             else:
                 try:
                     q, k, v = random_qkv(batch, heads, seq, head_dim, device=device, dtype=torch_dtype)
                     call = sdpa_call(q, k, v, backend, causal=is_causal)
-                    timing = measure(call, device=device, warmup=warmup, repeats=repeats)
-                    flops = attention_flops(batch, heads, seq, seq, head_dim, causal=is_causal)
-                    rate = flops / (timing.median_ms / 1e3)
-                    row.update(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
-                               flops=flops, tflops=rate / 1e12,
-                               fraction_of_ceiling=rate / ceiling_flops_per_s if ceiling_flops_per_s else None,
-                               peak_extra_bytes=peak_extra_memory(call, device) if measure_memory else None)
+                    refused = refusal(call, device, backend)  # the real shape, not a tiny stand-in
+                    if refused:
+                        row.update(status="refused", reason=refused)
+                    else:
+                        timing = measure(call, device=device, warmup=warmup, repeats=repeats)
+                        flops = attention_flops(batch, heads, seq, seq, head_dim, causal=is_causal)
+                        rate = flops / (timing.median_ms / 1e3)
+                        row.update(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
+                                   flops=flops, tflops=rate / 1e12,
+                                   fraction_of_ceiling=rate / ceiling_flops_per_s if ceiling_flops_per_s else None,
+                                   peak_extra_bytes=peak_extra_memory(call, device) if measure_memory else None)
                     del q, k, v, call
-                except Exception as err:  # only out-of-memory is turned into a row
-                    if not is_out_of_memory(err):
-                        raise
+                except Exception as err:  # out-of-memory and kernel failures become rows; the sweep goes on
                     first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-                    row.update(status="oom", reason=first_line)
-                    stop_reason, stop_status = f"a shorter sequence ({seq}) ran out of memory", "skipped"
+                    if is_out_of_memory(err):
+                        row.update(status="oom", reason=first_line)
+                        stop_reason = f"a shorter sequence ({seq}) ran out of memory"
+                    elif isinstance(err, RuntimeError):
+                        row.update(status="failed", reason=f"{type(err).__name__}: {first_line}")
+                    else:
+                        raise
                 finally:
                     free_memory(device)
             rows.append(row)
@@ -416,7 +444,7 @@ def plan_sweep(device: str, *, quick: bool = False, batch: int = 0, heads: int =
     check_sizes(1, **{f"seq_lengths[{i}]": n for i, n in enumerate(lengths)},
                 **{f"head_dims[{i}]": d for i, d in enumerate(head_dims)})
     return {"batch": batch or sizes["batch"], "heads": heads or sizes["heads"], "seq_lengths": lengths,
-            "head_dims": sorted(set(head_dims)), "warmup": 1 if quick else 2, "repeats": repeats or (3 if quick else 5)}
+            "head_dims": sorted(set(head_dims)), "warmup": 1 if quick else 2, "repeats": repeats or 5}
 
 
 def display_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -257,16 +257,19 @@ def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "pla
         except RuntimeError as err:
             error = str(err).strip()
     said = refusal_reasons([str(w.message) for w in caught])
-    reason = ""
-    if error:
-        if said:
-            reason = "; ".join(said)
-        elif "No viable backend" in error:
-            reason = f"PyTorch has no {'/'.join(names)} kernel for {device.split(':')[0]} devices"
-        else:
-            reason = f"no reason given by torch; its error: {error.splitlines()[0]}"
+    reason = explain_refusal(error, said, names, device) if error else ""
     return SdpaAttempt(device=device, dtype=str(torch_dtype).removeprefix("torch."), input_kind=input_kind,
                        backend="+".join(names), ok=not error, reason=reason, error=error, warnings=said)
+
+
+def explain_refusal(error: str, reasons: list[str], backends: list[str], device: str) -> str:
+    """One line saying why an SDPA call restricted to ``backends`` refused: torch's own warnings when it
+    gave any, else what its error means."""
+    if reasons:
+        return "; ".join(reasons)
+    if "No viable backend" in error:
+        return f"PyTorch has no {'/'.join(backends)} kernel for {device.split(':')[0]} devices"
+    return f"no reason given by torch; its error: {error.strip().splitlines()[0] if error.strip() else 'none'}"
 
 
 def cuda_helpers_say(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain") -> dict[str, bool | str]:

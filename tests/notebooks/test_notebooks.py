@@ -27,6 +27,19 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch):
     assert all(isinstance(v, (int, float)) for v in data["metrics"].values())
     for what, why in data["skipped"].items():
         assert why.strip() and "\n" not in why, f"skip of {what!r} needs a one-line reason"
+    for figure in data.get("figures", []):
+        assert (tmp_path / figure).stat().st_size > 1000, f"figure {figure} was not saved"
+    missing = [name for name in EXPECTED_METRICS.get(notebook.stem, []) if name not in data["metrics"]]
+    assert not missing, f"metrics missing: {missing}"
+
+
+# Metrics the issues ask each notebook to report (quick sizes on CPU).
+EXPECTED_METRICS = {
+    "01_flash_attention": [f"sweep_{backend}_d{d}_{mask}_n{n}_{what}" for backend in ("math", "flash_attention")
+                           for d in (64, 128) for mask in ("causal", "full") for n in (128, 256, 512)
+                           for what in ("ms", "tflops", "fraction_of_ceiling", "peak_mib")]
+                          + ["best_backend_tflops", "best_backend_fraction_of_ceiling"],
+}
 
 
 BAD_PARAMETERS = {

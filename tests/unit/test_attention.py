@@ -155,7 +155,7 @@ def test_sweep_skips_math_when_the_scores_would_not_fit(monkeypatch):
 def test_plan_sweep_fills_defaults_and_rejects_bad_sizes():
     plan = attention.plan_sweep("cpu", quick=True)
     assert plan["seq_lengths"] == attention.default_sweep_sizes("cpu", True)["seq_lengths"]
-    assert plan["repeats"] == 3 and plan["head_dims"] == [64, 128]
+    assert plan["repeats"] == 5 and plan["warmup"] == 1 and plan["head_dims"] == [64, 128]
     assert attention.plan_sweep("cpu", seq_lengths=[512, 128, 128], batch=2)["seq_lengths"] == [128, 512]
     with pytest.raises(BadParameter, match=r"seq_lengths\[0\]=-4"):
         attention.plan_sweep("cpu", seq_lengths=[-4])
@@ -189,3 +189,39 @@ def test_best_backend_with_no_candidate_that_runs():
     choice = attention.best_backend("cpu", "float32", batch=1, heads=1, seq=16, head_dim=8,
                                     candidates=["CUDNN_ATTENTION"], warmup=0, repeats=1)
     assert choice.backend is None and choice.median_ms is None and choice.tflops is None
+
+
+def test_a_kernel_failure_is_a_failed_row_and_the_sweep_goes_on(monkeypatch):
+    real = attention.sdpa_call
+
+    def flaky(q, k, v, backends=None, **kwargs):
+        if q.shape[-2] == 64:
+            def broken():
+                raise RuntimeError("cuDNN Frontend error: [cudnn_frontend] Error: No execution plans support the graph.")
+            return broken
+        return real(q, k, v, backends, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_call", flaky)
+    rows = attention.sweep("cpu", "float32", seq_lengths=[32, 64, 128], head_dims=[16], causal=[False],
+                           backends=["MATH"], heads=1, warmup=0, repeats=1, measure_memory=False)
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert rows[1]["reason"].startswith("RuntimeError: cuDNN Frontend error")
+
+
+def test_refusal_is_judged_on_the_real_inputs():
+    q, k, v = attention.random_qkv(1, 2, 16, 8)
+    assert attention.refusal(attention.sdpa_call(q, k, v, "MATH"), "cpu", "MATH") == ""
+    three_d = attention.sdpa_call(q[:, 0], k[:, 0], v[:, 0], "FLASH_ATTENTION")
+    assert "4 dimensional" in attention.refusal(three_d, "cpu", "FLASH_ATTENTION")
+    assert "no CUDNN_ATTENTION kernel for cpu" in attention.refusal(attention.sdpa_call(q, k, v, "CUDNN_ATTENTION"),
+                                                                    "cpu", "CUDNN_ATTENTION")
+
+
+def test_gpu_kernels_of_eager_attention_name_no_sdpa_backend():
+    eager_on_gpu = attention.Profiled(ops=["aten::matmul", "aten::softmax", "aten::bmm"],
+                                      kernels=["ampere_sgemm_128x64_tn", "void cunn_SoftMaxForward<4, float>"])
+    assert eager_on_gpu.backend is None
+    assert "cunn_SoftMaxForward" in eager_on_gpu.evidence
+    flash_on_gpu = attention.Profiled(ops=["aten::_scaled_dot_product_flash_attention", "aten::empty"],
+                                      kernels=["void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>"])
+    assert flash_on_gpu.backend == "FLASH_ATTENTION" and "flash_fwd_kernel" in flash_on_gpu.evidence
