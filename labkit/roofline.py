@@ -193,3 +193,78 @@ def compute_ceiling(device: str, dtype, *, quick: bool = False, path: Path | Non
         source = (f"the best saved on this machine, higher than the {measured / 1e12:.3g} TFLOP/s of a "
                   f"{size}x{size} matmul measured now")
     return {"flops_per_s": best, "source": source}
+
+
+def bandwidth_ceiling(device: str, *, path: Path | None = None) -> dict[str, Any]:
+    """The memory bandwidth ceiling of ``device``, measured now with a full-size buffer (a small one can sit
+    in a CPU cache) and merged with the saved ones. Returns ``{"bytes_per_s": ..., "source": "..."}``."""
+    from labkit.probes import device_label
+
+    megabytes = default_sizes(device)["copy_megabytes"]
+    copy = measure_copy_ceiling(device, megabytes)
+    saved = load_ceilings(device, path) or {}
+    save_ceilings({"device": device, "device_label": device_label(device), "quick": False,
+                   "matmul_flops_per_s": {}, "copy_bytes_per_s": copy["bytes_per_s"], "copy": copy,
+                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, path)
+    before = saved.get("copy_bytes_per_s", 0.0) if not saved.get("quick") else 0.0
+    if before > copy["bytes_per_s"]:
+        return {"bytes_per_s": before, "source": f"the best saved on this machine, higher than the "
+                                                 f"{copy['bytes_per_s'] / 1e9:.3g} GB/s of a {megabytes} MiB copy measured now"}
+    return {"bytes_per_s": copy["bytes_per_s"], "source": f"the best of a {megabytes} MiB copy measured now"}
+
+
+# --------------------------------------------------------------------------- decoding: bytes per generated token
+
+def parameter_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers, each shared tensor counted once (tied embeddings)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def weight_bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads: every parameter once, except that an input embedding not tied
+    to the output layer contributes only the rows of the tokens being looked up (one row per token)."""
+    total = parameter_bytes(model)
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
+    if not tied:
+        total -= embedding.numel() * embedding.element_size()
+        total += embedding.shape[1] * embedding.element_size()
+    return total
+
+
+def kv_cache_bytes(config, *, batch: int, context: int, dtype="float16") -> int:
+    """Bytes of the key and value cache for ``batch`` sequences of ``context`` tokens (every layer)."""
+    check_sizes(1, batch=batch, context=context)
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * layers * batch * context * kv_heads * head_dim * element_size(dtype)
+
+
+def decode_bound_tokens_per_s(bandwidth_bytes_per_s: float, weight_bytes: int, kv_bytes: int = 0,
+                              batch: int = 1) -> float:
+    """The bandwidth bound of decoding: each step reads the weights and the KV cache once and yields
+    ``batch`` tokens, so tokens/s <= batch x bandwidth / (weight bytes + KV cache bytes)."""
+    if not bandwidth_bytes_per_s > 0:
+        raise BadParameter(f"bandwidth={bandwidth_bytes_per_s}: a ceiling must be a positive number.")
+    _positive(batch=batch, weight_bytes=weight_bytes)
+    if kv_bytes < 0:
+        raise BadParameter(f"kv_bytes={kv_bytes}: a size cannot be negative.")
+    return batch * bandwidth_bytes_per_s / (weight_bytes + kv_bytes)
+
+
+def decoder_flops_per_token(parameters: int, *, layers: int = 0, context: int = 0, hidden: int = 0) -> int:
+    """Forward FLOPs for one new token: 2 per weight (a multiply and an add) plus attention over
+    ``context`` cached tokens (4 x hidden per cached token per layer: Q.K and P.V)."""
+    _positive(parameters=parameters)
+    check_sizes(0, layers=layers, context=context, hidden=hidden)
+    return 2 * parameters + 4 * layers * context * hidden

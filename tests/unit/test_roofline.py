@@ -111,3 +111,74 @@ def test_no_ceilings_yet(tmp_path):
 def test_default_sizes_shrink_when_quick():
     assert roofline.default_sizes("cpu", quick=True)["matmul_size"] < roofline.default_sizes("cpu")["matmul_size"]
     assert roofline.default_sizes("cuda:0")["matmul_size"] > roofline.default_sizes("cpu")["matmul_size"]
+
+
+class _Config:
+    num_hidden_layers = 2
+    num_attention_heads = 4
+    num_key_value_heads = 2
+    hidden_size = 64
+
+
+def test_kv_cache_bytes_by_hand():
+    # 2 (K and V) x 2 layers x batch 3 x 10 tokens x 2 KV heads x head size 16 x 2 bytes
+    assert roofline.kv_cache_bytes(_Config(), batch=3, context=10, dtype="float16") == 2 * 2 * 3 * 10 * 2 * 16 * 2
+    config = _Config()
+    config.num_key_value_heads = None  # no grouped-query attention: every head has its own K and V
+    config.head_dim = 32
+    assert roofline.kv_cache_bytes(config, batch=1, context=1, dtype="float32") == 2 * 2 * 1 * 1 * 4 * 32 * 4
+    with pytest.raises(BadParameter):
+        roofline.kv_cache_bytes(_Config(), batch=0, context=10)
+
+
+def test_decode_bound_by_hand():
+    # 1 TB/s over 2 GB of weights and 0.5 GB of cache: 400 steps/s; a batch of 8 gives 8 tokens per step
+    assert roofline.decode_bound_tokens_per_s(1e12, 2 * 10**9, 5 * 10**8) == pytest.approx(400.0)
+    assert roofline.decode_bound_tokens_per_s(1e12, 2 * 10**9, 5 * 10**8, batch=8) == pytest.approx(3200.0)
+    with pytest.raises(BadParameter):
+        roofline.decode_bound_tokens_per_s(0, 10)
+    with pytest.raises(BadParameter):
+        roofline.decode_bound_tokens_per_s(1e9, 10, -1)
+
+
+def test_decoder_flops_per_token_by_hand():
+    assert roofline.decoder_flops_per_token(1000) == 2000
+    assert roofline.decoder_flops_per_token(1000, layers=2, context=10, hidden=8) == 2000 + 4 * 2 * 10 * 8
+
+
+def test_weight_bytes_count_tied_embeddings_once_and_untied_input_rows_only():
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, tied):
+            super().__init__()
+            self.embed = torch.nn.Embedding(100, 8)
+            self.body = torch.nn.Linear(8, 8, bias=False)
+            self.head = torch.nn.Linear(8, 100, bias=False)
+            if tied:
+                self.head.weight = self.embed.weight
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.head
+
+    tied, untied = Tiny(True), Tiny(False)
+    assert roofline.parameter_bytes(tied) == (100 * 8 + 8 * 8) * 4
+    assert roofline.weight_bytes_per_token(tied) == (100 * 8 + 8 * 8) * 4
+    assert roofline.parameter_bytes(untied) == (100 * 8 * 2 + 8 * 8) * 4
+    assert roofline.weight_bytes_per_token(untied) == (8 + 8 * 8 + 100 * 8) * 4  # one embedding row, body, head
+
+
+def test_bandwidth_ceiling_measures_a_full_buffer_and_keeps_the_best(tmp_path, monkeypatch):
+    path = tmp_path / "ceilings.json"
+    monkeypatch.setattr(roofline, "default_sizes", lambda device, quick=False: {"matmul_size": 64, "copy_megabytes": 8})
+    first = roofline.bandwidth_ceiling("cpu", path=path)
+    assert first["bytes_per_s"] > 0 and "8 MiB copy measured now" in first["source"]
+    stored = roofline.load_ceilings("cpu", path)
+    assert stored["copy_bytes_per_s"] == first["bytes_per_s"] and stored["quick"] is False
+    stored_label = stored["device_label"]
+    roofline.save_ceilings({"device_label": stored_label, "quick": False, "matmul_flops_per_s": {},
+                            "copy_bytes_per_s": 1e18}, path)
+    assert roofline.bandwidth_ceiling("cpu", path=path)["bytes_per_s"] == 1e18
