@@ -10,7 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"errors", "probes", "models", "timing", "roofline", "results", "widgets", "plots", "attention", "cli"}
+_SUBMODULES = {"errors", "probes", "models", "timing", "roofline", "results", "widgets", "plots", "attention",
+               "generation", "cli"}
 
 
 def __getattr__(name: str):

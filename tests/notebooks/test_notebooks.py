@@ -39,12 +39,19 @@ EXPECTED_METRICS = {
                            for d in (64, 128) for mask in ("causal", "full") for n in (128, 256, 512)
                            for what in ("ms", "tflops", "fraction_of_ceiling", "peak_mib")]
                           + ["best_backend_tflops", "best_backend_fraction_of_ceiling"],
+    "02_decoders_and_generation": [f"prefill_{m}_{i}_n{n}_{what}" for m in ("smollm2_135m", "tiny_opt")
+                                   for i in ("eager", "sdpa") for n in (32, 128) for what in ("ms", "peak_mib")]
+                                  + [f"decode_{m}_{i}_{what}" for m in ("smollm2_135m", "tiny_opt") for i in ("eager", "sdpa")
+                                     for what in ("tokens_per_s", "fraction_of_bandwidth_bound")]
+                                  + ["recipe_dynamic_cache_fraction_of_bandwidth_bound",
+                                     "recipe_static_cache_fraction_of_bandwidth_bound", "batch1_tokens_per_s"],
 }
 
 
 BAD_PARAMETERS = {
     "00_setup_and_probes": ({"matmul_size": -1}, "matmul_size=-1"),
     "01_flash_attention": ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"),
+    "02_decoders_and_generation": ({"new_tokens": 1}, "new_tokens=1"),
 }
 
 

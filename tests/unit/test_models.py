@@ -7,8 +7,17 @@ from labkit.errors import BadParameter, ModelNotAvailable
 
 def test_embedded_models_are_listed_and_installed():
     rows = {r["name"]: r for r in models.embedded_models()}
-    assert set(rows) == {"smollm2-135m", "minilm-l6", "tiny-opt", "tiny-llama", "tiny-bert"}
+    assert set(rows) == {"smollm2-135m", "minilm-l6", "tiny-opt", "tiny-llama", "tiny-bert", "random-llama-1b"}
     assert all(r["available"] for r in rows.values()), rows
+
+
+def test_random_llama_1b_has_a_billion_parameters():
+    from transformers import LlamaForCausalLM
+
+    config = models.random_config("random-llama-1b", 49152, {"pad_token_id": 2, "bos_token_id": 1, "eos_token_id": 2})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert 1.0e9 < sum(p.numel() for p in model.parameters()) < 1.1e9
 
 
 def test_each_model_gets_its_own_config():

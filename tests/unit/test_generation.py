@@ -1,0 +1,46 @@
+import pytest
+
+from labkit import generation, models
+from labkit.errors import BadParameter
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.load_model("tiny-llama")
+
+
+def test_random_prompt_is_reproducible_and_in_range(tiny):
+    model, _ = tiny
+    ids = generation.random_prompt(model, batch=2, length=7, seed=3)
+    assert ids.shape == (2, 7) and int(ids.min()) >= 100
+    assert int(ids.max()) < model.get_input_embeddings().weight.shape[0]
+    assert (ids == generation.random_prompt(model, batch=2, length=7, seed=3)).all()
+    with pytest.raises(BadParameter):
+        generation.random_prompt(model, batch=0, length=7)
+
+
+def test_generate_exactly_never_stops_early(tiny):
+    model, tokenizer = tiny
+    ids = generation.random_prompt(model, batch=1, length=5)
+    out = generation.generate_exactly(model, ids, 6, tokenizer=tokenizer)
+    assert out.shape == (1, 11)
+
+
+def test_measure_prefill(tiny):
+    model, _ = tiny
+    row = generation.measure_prefill(model, generation.random_prompt(model, batch=2, length=16), repeats=2)
+    assert row["batch"] == 2 and row["prompt_tokens"] == 16
+    assert row["median_ms"] > 0 and row["tokens_per_s"] == pytest.approx(32 / (row["median_ms"] / 1e3))
+    assert row["peak_extra_bytes"] > 0
+
+
+def test_measure_decode(tiny):
+    model, tokenizer = tiny
+    ids = generation.random_prompt(model, batch=2, length=4)
+    row = generation.measure_decode(model, ids, new_tokens=5, repeats=2, tokenizer=tokenizer)
+    assert row["tokens_per_s"] > 0 and row["step_ms"] > 0
+    assert len(row["token_ids"]) == 2 and all(len(t) == 5 for t in row["token_ids"])
+    again = generation.measure_decode(model, ids, new_tokens=5, repeats=1, tokenizer=tokenizer)
+    assert again["token_ids"] == row["token_ids"]
+    with pytest.raises(BadParameter, match="at least 2"):
+        generation.measure_decode(model, ids, new_tokens=1)
