@@ -47,17 +47,24 @@ def generate_exactly(model, input_ids, new_tokens: int, *, attention_mask=None, 
 
 
 def measure_prefill(model, input_ids, *, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
-    """Time one forward pass over the prompt (building the KV cache) and its peak extra memory."""
+    """Time one forward pass over the prompt (building the KV cache) and its peak extra memory.
+
+    Only the last position's logits are computed (``logits_to_keep=1``), as ``generate`` does: logits over
+    the whole vocabulary at every prompt position would dwarf the attention memory being compared.
+    """
+    import inspect
+
     import torch
 
     from labkit.attention import peak_extra_memory
     from labkit.timing import measure
 
     device = str(model.device)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def call():
         with torch.inference_mode():
-            return model(input_ids=input_ids, use_cache=True)
+            return model(input_ids=input_ids, use_cache=True, **extra)
 
     timing = measure(call, device=device, warmup=warmup, repeats=repeats)
     tokens = input_ids.numel()
@@ -87,9 +94,11 @@ def measure_decode(model, input_ids, *, new_tokens: int = 32, warmup: int = 1, r
     one = measure(run(1), device=device, warmup=warmup, repeats=repeats)
     full = measure(run(new_tokens), device=device, warmup=warmup, repeats=repeats)
     step_ms = (full.median_ms - one.median_ms) / (new_tokens - 1)
-    if step_ms <= 0:  # timing noise larger than the decode itself: fall back to the whole call
+    fallback = step_ms <= 0
+    if fallback:  # timing noise larger than the decode itself: the whole call per token, flagged
         step_ms = full.median_ms / new_tokens
     return {"batch": batch, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
             "generate_ms": full.median_ms, "first_token_ms": one.median_ms, "step_ms": step_ms,
+            "timing_fallback": fallback,
             "tokens_per_s": batch * 1e3 / step_ms,
             "token_ids": outputs["ids"][:, input_ids.shape[1]:].tolist()}

@@ -220,9 +220,9 @@ def parameter_bytes(model) -> int:
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() in seen:
+        if id(tensor) in seen:  # by identity: data pointers are all 0 on the meta device
             continue
-        seen.add(tensor.data_ptr())
+        seen.add(id(tensor))
         total += tensor.numel() * tensor.element_size()
     return total
 
@@ -233,7 +233,7 @@ def weight_bytes_per_token(model) -> int:
     total = parameter_bytes(model)
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
-    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
+    tied = output is not None and output.weight is embedding
     if not tied:
         total -= embedding.numel() * embedding.element_size()
         total += embedding.shape[1] * embedding.element_size()

@@ -182,3 +182,18 @@ def test_bandwidth_ceiling_measures_a_full_buffer_and_keeps_the_best(tmp_path, m
     roofline.save_ceilings({"device_label": stored_label, "quick": False, "matmul_flops_per_s": {},
                             "copy_bytes_per_s": 1e18}, path)
     assert roofline.bandwidth_ceiling("cpu", path=path)["bytes_per_s"] == 1e18
+
+
+def test_byte_counts_of_a_real_tied_model_and_on_the_meta_device():
+    import torch
+
+    from labkit import models
+
+    model, _ = models.load_model("tiny-llama")
+    by_hand = sum(p.numel() for p in model.parameters()) * 4 + sum(b.numel() * b.element_size() for b in model.buffers())
+    assert roofline.parameter_bytes(model) == by_hand == roofline.weight_bytes_per_token(model)
+    # tiny-llama: 2 layers, 2 KV heads of size 16, float32: 2 x 2 x batch x context x 2 x 16 x 4 bytes
+    assert roofline.kv_cache_bytes(model.config, batch=3, context=5, dtype=model.dtype) == 2 * 2 * 3 * 5 * 2 * 16 * 4
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    assert roofline.parameter_bytes(meta) == roofline.parameter_bytes(model)
