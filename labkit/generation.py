@@ -102,3 +102,90 @@ def measure_decode(model, input_ids, *, new_tokens: int = 32, warmup: int = 1, r
             "timing_fallback": fallback,
             "tokens_per_s": batch * 1e3 / step_ms,
             "token_ids": outputs["ids"][:, input_ids.shape[1]:].tolist()}
+
+
+# --------------------------------------------------------------------------- a hand-written decode loop
+
+def _forward_keywords(model) -> dict[str, bool | str]:
+    """How this transformers release names the cache argument, and whether it wants cache positions."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": "cache" if "cache" in params else "past_key_values",
+            "cache_position": "cache_position" in params, "logits_to_keep": "logits_to_keep" in params}
+
+
+class GreedyLoop:
+    """Greedy decoding in the style of gpt-fast: a static KV cache made once, one forward per token,
+    the argmax on the device, and (optionally) the one-token step compiled, with CUDA graphs on a GPU
+    when ``mode="reduce-overhead"``. ``loop(input_ids)`` returns the new token ids (batch, new_tokens)."""
+
+    def __init__(self, model, *, batch: int, prompt_tokens: int, new_tokens: int, compile_mode: str | None = None):
+        from transformers import StaticCache
+
+        check_sizes(1, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+        self.model, self.new_tokens, self.prompt_tokens = model, new_tokens, prompt_tokens
+        self.keywords = _forward_keywords(model)
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + new_tokens)
+        self.step = self._step
+        if compile_mode is not None:
+            import torch
+
+            self.step = torch.compile(self._step, mode=compile_mode, fullgraph=True)
+
+    def _forward(self, ids, positions):
+        kwargs = {self.keywords["cache"]: self.cache, "use_cache": True,
+                  "position_ids": positions.unsqueeze(0).expand(ids.shape[0], -1)}
+        if self.keywords["cache_position"]:
+            kwargs["cache_position"] = positions
+        if self.keywords["logits_to_keep"]:
+            kwargs["logits_to_keep"] = 1
+        return self.model(input_ids=ids, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+
+    def _step(self, token, position):
+        # ``position`` is a one-element tensor, not an int: a compiled step would recompile for every new int
+        return self._forward(token, position)
+
+    def __call__(self, input_ids, new_tokens: int | None = None):
+        import torch
+
+        count = self.new_tokens if new_tokens is None else new_tokens
+        if input_ids.shape[1] != self.prompt_tokens or not 1 <= count <= self.new_tokens:
+            raise BadParameter(f"this loop was built for prompts of {self.prompt_tokens} tokens and up to "
+                               f"{self.new_tokens} new tokens; got {input_ids.shape[1]} and {count}.")
+        device = input_ids.device
+        with torch.inference_mode():
+            self.cache.reset()  # the cache tensors were made under inference mode, so reset them there
+            token = self._forward(input_ids, torch.arange(self.prompt_tokens, device=device))
+            tokens = [token]
+            for position in range(self.prompt_tokens, self.prompt_tokens + count - 1):
+                if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+                    torch.compiler.cudagraph_mark_step_begin()
+                step_position = torch.tensor([position], device=device)
+                token = self.step(token, step_position).clone()  # a CUDA-graph output is overwritten by the next replay
+                tokens.append(token)
+        return torch.cat(tokens, dim=1)
+
+
+def measure_loop(loop: GreedyLoop, input_ids, *, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
+    """Decode tokens/s of a :class:`GreedyLoop`, computed as in :func:`measure_decode`."""
+    from labkit.timing import measure
+
+    device = str(loop.model.device)
+    outputs: dict[str, Any] = {}
+
+    def run(count):
+        def call():
+            outputs["ids"] = loop(input_ids, count)
+        return call
+
+    one = measure(run(1), device=device, warmup=warmup, repeats=repeats)
+    full = measure(run(loop.new_tokens), device=device, warmup=warmup, repeats=repeats)
+    step_ms = (full.median_ms - one.median_ms) / (loop.new_tokens - 1) if loop.new_tokens > 1 else full.median_ms
+    fallback = step_ms <= 0
+    if fallback:
+        step_ms = full.median_ms / loop.new_tokens
+    batch = input_ids.shape[0]
+    return {"batch": batch, "prompt_tokens": input_ids.shape[1], "new_tokens": loop.new_tokens,
+            "generate_ms": full.median_ms, "first_token_ms": one.median_ms, "step_ms": step_ms,
+            "timing_fallback": fallback, "tokens_per_s": batch * 1e3 / step_ms, "token_ids": outputs["ids"].tolist()}

@@ -44,7 +44,8 @@ EXPECTED_METRICS = {
                                   + [f"decode_{m}_{i}_{what}" for m in ("smollm2_135m", "tiny_opt") for i in ("eager", "sdpa")
                                      for what in ("tokens_per_s", "fraction_of_bandwidth_bound")]
                                   + ["recipe_dynamic_cache_fraction_of_bandwidth_bound",
-                                     "recipe_static_cache_fraction_of_bandwidth_bound", "batch1_tokens_per_s"],
+                                     "recipe_static_cache_fraction_of_bandwidth_bound",
+                                     "recipe_hand_loop_fraction_of_bandwidth_bound", "batch1_tokens_per_s"],
 }
 
 

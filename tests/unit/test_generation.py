@@ -44,3 +44,18 @@ def test_measure_decode(tiny):
     assert again["token_ids"] == row["token_ids"]
     with pytest.raises(BadParameter, match="at least 2"):
         generation.measure_decode(model, ids, new_tokens=1)
+
+
+def test_the_hand_loop_matches_generate(tiny):
+    model, tokenizer = tiny
+    ids = generation.random_prompt(model, batch=2, length=6, seed=5)
+    loop = generation.GreedyLoop(model, batch=2, prompt_tokens=6, new_tokens=7)
+    expected = generation.generate_exactly(model, ids, 7, tokenizer=tokenizer)[:, 6:]
+    assert (loop(ids) == expected).all()
+    assert (loop(ids, 3) == expected[:, :3]).all()  # the cache is reset between calls
+    row = generation.measure_loop(loop, ids, repeats=1)
+    assert row["tokens_per_s"] > 0 and row["token_ids"] == expected.tolist()
+    with pytest.raises(BadParameter, match="built for prompts of 6 tokens"):
+        loop(ids[:, :5])
+    with pytest.raises(BadParameter):
+        loop(ids, 8)

@@ -175,7 +175,7 @@ def test_labkit_probe_json_command_is_fast():
     row = report["sdpa"][0]
     assert set(row) == {"device", "dtype", "input_kind", "backend", "ok", "reason"}
     # The target is < 5 s on a 2-core machine; the bound leaves room for a loaded CI runner.
-    assert seconds < 12, f"labkit probe took {seconds:.1f} s"
+    assert seconds < 20, f"labkit probe took {seconds:.1f} s"  # about 4 s alone; generous for a busy 2-core CI
 
 
 def test_import_labkit_is_light():
