@@ -55,6 +55,9 @@ EMBEDDED: dict[str, ModelSpec] = {
                             tokenizer_from="smollm2-135m"),
     "tiny-bert": ModelSpec("tiny-bert", "random", "encoder", "random-init BERT, 2 layers",
                            tokenizer_from="minilm-l6"),
+    "random-bert-base": ModelSpec("random-bert-base", "random", "encoder",
+                                  "random-init BERT in the bert-base shape (12 layers, hidden 768, 110M parameters), "
+                                  "for GPU encoder benchmarks", tokenizer_from="minilm-l6"),
     "random-llama-1b": ModelSpec("random-llama-1b", "random", "causal-lm",
                                  "random-init Llama-shaped model of about 1.07 billion parameters, 16 layers "
                                  "(for GPU decode benchmarks; 4.3 GB in float32)", tokenizer_from="smollm2-135m"),
@@ -174,6 +177,8 @@ def random_config(name: str, vocab_size: int, special_ids: dict[str, int | None]
     if name == "tiny-bert":
         return BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=128, max_position_embeddings=512, pad_token_id=special_ids["pad_token_id"])
+    if name == "random-bert-base":
+        return BertConfig(vocab_size=vocab_size, pad_token_id=special_ids["pad_token_id"])  # BERT's defaults are bert-base
     if name == "random-llama-1b":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,

@@ -83,3 +83,26 @@ def bars(labels: Sequence[str], values: Sequence[float], *, xlabel: str, title: 
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def panels(data: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], *, xlabel: str, ylabel: str,
+           title: str = "", logy: bool = False):
+    """One panel per key of ``data``; in each, one line per label: ``{panel: {label: (xs, ys)}}``."""
+    import matplotlib.pyplot as plt
+
+    count = max(1, len(data))
+    fig, axes = plt.subplots(1, count, figsize=(4.3 * count, 3.6), squeeze=False)
+    for ax, (panel, lines) in zip(axes[0], data.items(), strict=False):
+        for label, (xs, ys) in lines.items():
+            ax.plot(list(xs), list(ys), marker="o", label=label)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        if lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -46,6 +46,10 @@ EXPECTED_METRICS = {
                                   + ["recipe_dynamic_cache_fraction_of_bandwidth_bound",
                                      "recipe_static_cache_fraction_of_bandwidth_bound",
                                      "recipe_hand_loop_fraction_of_bandwidth_bound", "batch1_tokens_per_s"],
+    "03_encoder_fastpath": ["to_fastpath_max_abs_difference", "embedding_similarity_max_difference"]
+                           + [f"speedup_fastpath_vs_sdpa_b8_n128_pad{p}" for p in (0, 25, 50, 75)]
+                           + [f"sweep_{i}_b8_n128_pad{p}_ms" for i in ("transformers_eager", "transformers_sdpa", "fastpath")
+                              for p in (0, 25, 50, 75)],
 }
 
 
@@ -53,6 +57,7 @@ BAD_PARAMETERS = {
     "00_setup_and_probes": ({"matmul_size": -1}, "matmul_size=-1"),
     "01_flash_attention": ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"),
     "02_decoders_and_generation": ({"new_tokens": 1}, "new_tokens=1"),
+    "03_encoder_fastpath": ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]"),
 }
 
 

@@ -7,7 +7,8 @@ from labkit.errors import BadParameter, ModelNotAvailable
 
 def test_embedded_models_are_listed_and_installed():
     rows = {r["name"]: r for r in models.embedded_models()}
-    assert set(rows) == {"smollm2-135m", "minilm-l6", "tiny-opt", "tiny-llama", "tiny-bert", "random-llama-1b"}
+    assert set(rows) == {"smollm2-135m", "minilm-l6", "tiny-opt", "tiny-llama", "tiny-bert", "random-llama-1b",
+                         "random-bert-base"}
     assert all(r["available"] for r in rows.values()), rows
 
 

@@ -29,3 +29,9 @@ def test_bars_with_a_limit_line():
     fig = plots.bars(["MATH", "FLASH_ATTENTION"], [1.0, 3.0], xlabel="TFLOP/s", limit=4.0)
     ax = fig.axes[0]
     assert len(ax.patches) == 2 and ax.lines[0].get_xdata()[0] == 4.0
+
+
+def test_panels_draw_one_axis_per_panel_and_one_line_per_label():
+    fig = plots.panels({"batch 8": {"a": ([0, 0.5], [1, 2]), "b": ([0, 0.5], [2, 1])}, "batch 32": {"a": ([0], [3])}},
+                       xlabel="padding", ylabel="tokens/s")
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2 and fig.axes[1].get_title() == "batch 32"
