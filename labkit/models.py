@@ -224,8 +224,12 @@ def load_tokenizer(name: str):
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_implementation: str | None = None,
-               task: str = "auto", seed: int = 0):
-    """Load ``name`` (embedded, random-init, local folder or hub id) as ``(model, tokenizer)`` in eval mode."""
+               task: str = "auto", seed: int = 0, quantization_config=None):
+    """Load ``name`` (embedded, random-init, local folder or hub id) as ``(model, tokenizer)`` in eval mode.
+
+    ``quantization_config`` (a ``BitsAndBytesConfig``) quantizes the weights while loading; a random-init
+    model is then saved once in the cache and loaded from there, because quantization happens on load.
+    """
     from labkit import probes
 
     device = probes.resolve_device(device)
@@ -233,6 +237,13 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
     probes.check_dtype(device, torch_dtype)
     tokenizer = load_tokenizer(name)
     spec = EMBEDDED.get(name)
+    if quantization_config is not None:
+        folder = _random_folder(name, seed, torch_dtype) if spec is not None and spec.kind == "random" \
+            else _resolve_folder(name)
+        task = spec.task if spec else task
+        model = _from_pretrained(folder, task, torch_dtype, attn_implementation,
+                                 quantization_config=quantization_config, device_map={"": device})
+        return model.eval(), tokenizer  # a quantized model is placed while loading; .to() is refused for it
     if spec is not None and spec.kind == "random":
         special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                    "eos_token_id": tokenizer.eos_token_id}
@@ -279,7 +290,22 @@ def next_token_candidates(model, tokenizer, prompt: str, k: int = 3) -> list[dic
             for v, i in zip(top.values, top.indices, strict=True)]
 
 
-def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None):
+def _random_folder(name: str, seed: int, dtype) -> Path:
+    """A random-init model saved once in the cache (quantization needs weights to load from)."""
+    folder = cache_dir() / "models" / f"{name}-seed{seed}-{str(dtype).removeprefix('torch.')}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(folder.parent / f"{folder.name}.lock"):
+        if not (folder / "config.json").exists():
+            model, tokenizer = load_model(name, dtype=dtype, seed=seed)
+            partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+    return folder
+
+
+def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None, **extra: Any):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     source = str(folder)
@@ -288,7 +314,7 @@ def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None):
         causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
         task = "causal-lm" if causal else "encoder"
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, **extra}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with _quiet_transformers():
