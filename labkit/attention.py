@@ -238,12 +238,11 @@ def peak_extra_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_native_stderr():
+    with _quiet_native_stderr():  # the whole call: the CPU allocator logs about blocks made before profiling
         prof.start()
-    try:
-        fn()
-    finally:
-        with _quiet_native_stderr():
+        try:
+            fn()
+        finally:
             prof.stop()
     try:
         events = prof.profiler.kineto_results.events()

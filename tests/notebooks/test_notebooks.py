@@ -33,6 +33,7 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch):
     assert not missing, f"metrics missing: {missing}"
 
 
+FORMATS4 = ("16_bit", "fp4", "nf4", "nf4_double", "int8")
 # Metrics the issues ask each notebook to report (quick sizes on CPU).
 EXPECTED_METRICS = {
     "01_flash_attention": [f"sweep_{backend}_d{d}_{mask}_n{n}_{what}" for backend in ("math", "flash_attention")
@@ -50,6 +51,11 @@ EXPECTED_METRICS = {
                            + [f"speedup_fastpath_vs_sdpa_b8_n128_pad{p}" for p in (0, 25, 50, 75)]
                            + [f"sweep_{i}_b8_n128_pad{p}_ms" for i in ("transformers_eager", "transformers_sdpa", "fastpath")
                               for p in (0, 25, 50, 75)],
+    "04_quantization": [f"{what}_{f}" for what in ("perplexity", "kl_vs_16bit") for f in FORMATS4]
+                       + [f"prefill_{f}_ms" for f in FORMATS4]
+                       + [f"decode_{f}_batch{b}_{what}" for f in FORMATS4 for b in (1, 8)
+                          for what in ("tokens_per_s", "fraction_of_bound")]
+                       + [f"footprint_{f}_mib" for f in FORMATS4],
 }
 
 
@@ -58,6 +64,7 @@ BAD_PARAMETERS = {
     "01_flash_attention": ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"),
     "02_decoders_and_generation": ({"new_tokens": 1}, "new_tokens=1"),
     "03_encoder_fastpath": ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]"),
+    "04_quantization": ({"formats": ["nf4", "int4"]}, "format 'int4' is unknown"),
 }
 
 
