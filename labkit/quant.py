@@ -56,7 +56,8 @@ def predict_footprint(model, name: str, *, sixteen_bit_bytes: int = 2) -> dict[s
 
     Returns ``stored`` (what ``get_memory_footprint()`` counts: parameters and buffers) and
     ``constants`` (the quantization scales bitsandbytes keeps beside them: one float32 absmax per 64
-    weights for 4-bit, about one byte per 64 with double quantization; one float32 scale per row for int8).
+    weights for 4-bit; with double quantization one byte per 64, one float32 per 256 blocks and a 1 KiB code table per
+    layer; one float32 scale per row for int8).
     """
     check_format(name)
     quantized = {id(module.weight): module for _, module in _linear_weights(model)}
@@ -76,7 +77,8 @@ def predict_footprint(model, name: str, *, sixteen_bit_bytes: int = 2) -> dict[s
             stored += (count + 1) // 2
             blocks = -(-count // BLOCKSIZE)
             if name == "nf4-double":
-                constants += blocks + 4 * -(-blocks // 256)  # 8-bit absmax, one float32 per 256 of them
+                # 8-bit absmax, one float32 per 256 of them, and a 256-entry float32 code table per layer
+                constants += blocks + 4 * -(-blocks // 256) + 256 * 4
             else:
                 constants += 4 * blocks
     return {"stored": stored, "constants": constants}
@@ -133,6 +135,9 @@ def kl_divergence(reference_logits, logits) -> float:
 
     if reference_logits.shape != logits.shape:
         raise BadParameter(f"logits of shapes {tuple(reference_logits.shape)} and {tuple(logits.shape)} cannot be compared.")
-    log_p = torch.log_softmax(reference_logits.double(), dim=-1)
-    log_q = torch.log_softmax(logits.double(), dim=-1)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    total = 0.0
+    for start in range(0, reference_logits.shape[0], 256):  # in chunks: float64 over a whole vocabulary is large
+        log_p = torch.log_softmax(reference_logits[start:start + 256].double(), dim=-1)
+        log_q = torch.log_softmax(logits[start:start + 256].double(), dim=-1)
+        total += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
+    return total / reference_logits.shape[0]

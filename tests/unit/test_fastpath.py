@@ -29,7 +29,8 @@ def test_converted_minilm_matches_transformers_on_a_padded_batch(minilm):
     real = batch["attention_mask"].bool()
     assert (got[real] - expected[real]).abs().max() < 1e-4
     assert (got[~real] == 0).all(), "the nested-tensor path leaves exact zeros at padded positions"
-    assert fast.last_why_not == ""
+    with torch.inference_mode():
+        assert fast.why_not(batch["input_ids"], batch["attention_mask"]) == ""
 
 
 def test_the_profiler_sees_the_fused_layer_and_the_nested_tensor(minilm):
@@ -55,15 +56,26 @@ def test_silent_fallbacks_are_named_and_really_fall_back(minilm, case, needle):
             fast.train()
         if case == "gradients":
             seen = attention.ops_that_ran(run, "cpu")
+            reason = fast.why_not(batch["input_ids"], mask)
         else:
             with torch.inference_mode():
                 seen = attention.ops_that_ran(run, "cpu")
+                reason = fast.why_not(batch["input_ids"], mask)
     finally:
         fast.eval()
-    assert needle in fast.last_why_not
+    assert needle in reason
     assert not fastpath.padding_skipped(seen.ops)
     # left padding and a missing mask still fuse each layer; training mode and gradients do not
     assert fastpath.fastpath_ran(seen.ops) == (case in ("left padding", "no mask"))
+
+
+def test_electra_with_a_projected_embedding_is_refused():
+    from transformers import ElectraConfig, ElectraModel
+
+    config = ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64)
+    with pytest.raises(fastpath.UnsupportedModel, match="embedding_size=16"):
+        fastpath.to_fastpath(ElectraModel(config))
 
 
 def test_unsupported_models_get_a_clear_error():
@@ -79,12 +91,15 @@ def test_unsupported_models_get_a_clear_error():
     assert "hidden_act='gelu_new'" in str(caught.value) and "odd" in str(caught.value)
 
 
-def test_padded_batch_makes_the_padding_asked_for(minilm):
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_padded_batch_makes_the_padding_asked_for(minilm, size):
     _, tokenizer, _ = minilm
-    for fraction in (0.0, 0.25, 0.5, 0.75):
-        batch = fastpath.padded_batch(tokenizer, batch=8, length=64, padding_fraction=fraction)
-        assert abs(batch["padding_fraction"] - fraction) < 0.05
+    for fraction in (0.0, 0.25, 0.5):
+        batch = fastpath.padded_batch(tokenizer, batch=size, length=64, padding_fraction=fraction)
+        assert abs(batch["padding_fraction"] - fraction) < 0.01, (size, fraction, batch["padding_fraction"])
         assert batch["attention_mask"][:, 0].all() and batch["attention_mask"].sum(1).max() == 64
+    # 75% padding is reachable only when the longest sequence is a small share of the batch
+    assert abs(fastpath.padded_batch(tokenizer, batch=8, length=64, padding_fraction=0.75)["padding_fraction"] - 0.75) < 0.01
     with pytest.raises(BadParameter):
         fastpath.padded_batch(tokenizer, batch=1, length=8, padding_fraction=0.5)
     with pytest.raises(BadParameter):

@@ -27,7 +27,7 @@ def test_footprint_prediction_by_hand():
     assert quant.predict_footprint(model, "nf4") == {"stored": sixteen + body_w // 2, "constants": 4 * (body_w // 64)}
     assert quant.predict_footprint(model, "fp4") == quant.predict_footprint(model, "nf4")
     assert quant.predict_footprint(model, "nf4-double") == {"stored": sixteen + body_w // 2,
-                                                            "constants": body_w // 64 + 4 * 1}
+                                                            "constants": body_w // 64 + 4 * 1 + 1024}
     assert quant.predict_footprint(model, "int8") == {"stored": sixteen + body_w, "constants": 4 * 48}
     with pytest.raises(BadParameter, match="use one of 16-bit, fp4, nf4, nf4-double, int8"):
         quant.predict_footprint(model, "int4")
@@ -88,6 +88,16 @@ def test_prediction_matches_bitsandbytes_on_a_real_model():
     from labkit import models
 
     model, _ = models.load_model("tiny-llama", dtype="bfloat16")
-    for name in ("nf4", "int8"):
+    for name in ("nf4", "nf4-double", "int8"):
         quantized = models.load_model("tiny-llama", dtype="bfloat16", quantization_config=quant.quantization_config(name))[0]
-        assert abs(quantized.get_memory_footprint() - quant.predict_footprint(model, name)["stored"]) <= 256
+        predicted = quant.predict_footprint(model, name)
+        assert abs(quantized.get_memory_footprint() - predicted["stored"]) <= 256
+        scales = 0  # what bitsandbytes keeps beside the weights: absmax (and its own scales and code), row scales
+        for module in quantized.modules():
+            weight = getattr(module, "weight", None)
+            state = getattr(weight, "quant_state", None)
+            tensors = [getattr(weight, "SCB", None)]
+            if state is not None:
+                tensors += [state.absmax] + ([state.state2.absmax, state.state2.code] if state.nested else [])
+            scales += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        assert scales == predicted["constants"], name
