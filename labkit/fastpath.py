@@ -33,7 +33,8 @@ def why_not_fastpath(encoder, src, src_key_padding_mask=None) -> str:
     if not torch.backends.mha.get_fastpath_enabled():
         return "torch.backends.mha.get_fastpath_enabled() was not True"
     if not getattr(encoder, "use_nested_tensor", False):
-        return f"the encoder was built without the nested-tensor path ({getattr(encoder, 'why_not_sparsity_fast_path', '')})"
+        return ("the encoder was built with enable_nested_tensor=False, or with layers the nested path cannot take "
+                "(PyTorch warned why when it was built)")
     if layer.training:
         return "the model is in training mode (call model.eval())"
     if src.dim() != 3:
