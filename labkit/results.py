@@ -55,6 +55,13 @@ def environment_rows(env: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def metric_name(*parts: Any) -> str:
+    """A metric name from words and values: lower case, every run of other characters becomes one _."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "_", "_".join(map(str, parts)).lower()).strip("_")
+
+
 class Results:
     """Collects a notebook's metrics, checks and skips, and writes them to ``path`` (when it is set)."""
 

@@ -47,6 +47,17 @@ def fraction_of_limit(achieved: float, limit: float) -> float:
     return achieved / limit
 
 
+def growth_exponent(points) -> float | None:
+    """p in y ~ x^p, from the two largest x of ``(x, y)`` points with positive y (None with fewer than two)."""
+    import math
+
+    usable = sorted((x, y) for x, y in points if y and y > 0)
+    if len(usable) < 2:
+        return None
+    (x1, y1), (x2, y2) = usable[-2], usable[-1]
+    return math.log(y2 / y1) / math.log(x2 / x1)
+
+
 def attainable_flops_per_s(intensity: float, peak_flops_per_s: float, bandwidth_bytes_per_s: float) -> float:
     """The roofline: min(peak compute, arithmetic intensity x memory bandwidth)."""
     if intensity < 0:

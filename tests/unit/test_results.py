@@ -87,3 +87,8 @@ def test_check_sizes_names_every_offender():
         check_sizes(0, a=-1, b=1, c=2.5)
     with pytest.raises(BadParameter):
         check_sizes(1, flag=True)
+
+
+def test_metric_name_from_words_and_values():
+    assert results.metric_name("decode", "smollm2-135m", "sdpa", "tokens/s") == "decode_smollm2_135m_sdpa_tokens_s"
+    assert results.metric_name("recipe", "hand loop, compiled step") == "recipe_hand_loop_compiled_step"
