@@ -1,4 +1,4 @@
-"""The ``labkit`` command: ``labkit probe``, ``labkit prepare``, ``labkit run``."""
+"""The ``labkit`` command: ``labkit probe``, ``labkit prepare``, ``labkit run``, ``labkit compare``."""
 
 from __future__ import annotations
 
@@ -140,6 +140,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from labkit import results
+    from labkit.widgets import text_table
+
+    run_a, run_b = results.load_run(args.run_a), results.load_run(args.run_b)
+    rows = results.compare(run_a, run_b, only=args.only or "")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"the two runs share no metrics{' matching ' + repr(args.only) if args.only else ''} "
+              f"(notebooks: {', '.join(sorted(run_a))} and {', '.join(sorted(run_b))})")
+        return 1
+    print(f"a: {args.run_a} ({results.run_label(run_a)})")
+    print(f"b: {args.run_b} ({results.run_label(run_b)})")
+    print(text_table(rows, ["notebook", "metric", "a", "b", "b / a"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="Helpers for the efficient inference workbook.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dir", help="folder holding the notebooks (default ./notebooks)")
     run.add_argument("--cell-timeout", type=int, default=None, help="seconds a single cell may run")
     run.set_defaults(func=_cmd_run)
+    compare = commands.add_parser("compare", help="the metrics two runs share, with ratios (before/after, mine/reference)")
+    compare.add_argument("run_a", help="a run folder, a reference/<device> folder or a results file")
+    compare.add_argument("run_b", help="the same, to compare with the first")
+    compare.add_argument("--only", help="only metrics whose name contains this text")
+    compare.add_argument("--json", action="store_true", help="print the rows as JSON")
+    compare.set_defaults(func=_cmd_compare)
     return parser
 
 

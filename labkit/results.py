@@ -136,3 +136,46 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path} is not a labkit results file: missing {sorted(missing)}")
     return data
+
+
+def load_run(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The results files of a run: a run folder (``labkit run --out``), a ``reference/<device>`` folder, or one
+    results file. Returns ``{notebook: results}``; one sentence when there is nothing to read."""
+    path = Path(path)
+    if path.is_file():
+        data = read_results(path)
+        return {data["notebook"]: data}
+    if not path.is_dir():
+        raise BadParameter(f"{path} is neither a run folder nor a results file.")
+    runs = {}
+    for file in sorted(path.glob("*.results.json")):
+        data = read_results(file)
+        runs[data["notebook"]] = data
+    if not runs:
+        raise BadParameter(f"{path} holds no *.results.json files (is it a run folder from `labkit run`?).")
+    return runs
+
+
+def compare(run_a: dict[str, dict[str, Any]], run_b: dict[str, dict[str, Any]], *,
+            only: str = "") -> list[dict[str, Any]]:
+    """The metrics two runs share, notebook by notebook: both values and the ratio b / a."""
+    rows = []
+    for notebook in sorted(set(run_a) & set(run_b)):
+        metrics_a, metrics_b = run_a[notebook]["metrics"], run_b[notebook]["metrics"]
+        for name in sorted(set(metrics_a) & set(metrics_b)):
+            if only and only not in name:
+                continue
+            a, b = metrics_a[name], metrics_b[name]
+            rows.append({"notebook": notebook, "metric": name, "a": a, "b": b, "b / a": b / a if a else None})
+    return rows
+
+
+def run_label(run: dict[str, dict[str, Any]]) -> str:
+    """The device a run measured on, from its environment report ("AMD EPYC, 2 cores", "NVIDIA H100 ...")."""
+    env = next(iter(run.values())).get("env", {})
+    devices = env.get("devices", {})
+    gpus = devices.get("cuda") or []
+    if gpus:
+        return gpus[0].get("name", "GPU")
+    cpu = devices.get("cpu", {})
+    return f"{cpu.get('name', 'CPU')}, {cpu.get('cores', '?')} cores" if cpu else "unknown device"

@@ -101,3 +101,48 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
                            "--notebooks", "77", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("labkit: no notebook '77'") and len(done.stderr.strip().splitlines()) == 1
+
+
+def _run_folder(folder, device, metrics):
+    from labkit.results import Results
+
+    env = {"devices": {"cpu": {"name": device, "cores": 2}, "cuda": []}}
+    for notebook, values in metrics.items():
+        res = Results(notebook, folder / f"{notebook}.results.json", env=env)
+        for name, value in values.items():
+            res.metric(name, value)
+        res.write()
+    return folder
+
+
+def test_compare_lists_shared_metrics_with_ratios(tmp_path, capsys):
+    a = _run_folder(tmp_path / "a", "CPU A", {"01_x": {"tflops": 2.0, "only_a": 1.0}, "02_y": {"ms": 10.0}})
+    b = _run_folder(tmp_path / "b", "CPU B", {"01_x": {"tflops": 3.0}, "02_y": {"ms": 5.0}, "03_z": {"ms": 1.0}})
+    assert cli.main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "a: " in out and "(CPU A, 2 cores)" in out and "(CPU B, 2 cores)" in out
+    lines = [line.split() for line in out.splitlines() if line.startswith(("01_x", "02_y"))]
+    assert lines == [["01_x", "tflops", "2", "3", "1.5"], ["02_y", "ms", "10", "5", "0.5"]]
+    assert "only_a" not in out and "03_z" not in out
+
+
+def test_compare_filters_reads_single_files_and_prints_json(tmp_path, capsys):
+    import json
+
+    a = _run_folder(tmp_path / "a", "A", {"01_x": {"tflops": 2.0, "ms": 4.0}})
+    b = _run_folder(tmp_path / "b", "B", {"01_x": {"tflops": 1.0, "ms": 8.0}})
+    assert cli.main(["compare", str(a / "01_x.results.json"), str(b), "--only", "ms", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"notebook": "01_x", "metric": "ms", "a": 4.0, "b": 8.0, "b / a": 2.0}]
+
+
+def test_compare_explains_what_it_cannot_read(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a = _run_folder(tmp_path / "a", "A", {"01_x": {"tflops": 2.0}})
+    assert cli.main(["compare", str(empty), str(a)]) == 2
+    assert "holds no *.results.json files" in capsys.readouterr().err
+    assert cli.main(["compare", str(tmp_path / "missing"), str(a)]) == 2
+    assert "neither a run folder nor a results file" in capsys.readouterr().err
+    b = _run_folder(tmp_path / "b", "B", {"02_y": {"ms": 1.0}})
+    assert cli.main(["compare", str(a), str(b)]) == 1
+    assert "share no metrics" in capsys.readouterr().out
