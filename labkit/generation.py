@@ -77,31 +77,54 @@ def measure_decode(model, input_ids, *, new_tokens: int = 32, warmup: int = 1, r
                    attention_mask=None, tokenizer=None, **generate_kwargs) -> dict[str, Any]:
     """Decode tokens/s: the time of ``generate`` for ``new_tokens`` minus the time for 1 token (the
     prefill and set-up), divided by the ``new_tokens - 1`` decode steps. Also returns the token ids."""
+    prompt = input_ids.shape[1]
+
+    def run(count):
+        ids = generate_exactly(model, input_ids, count, attention_mask=attention_mask, tokenizer=tokenizer,
+                               **generate_kwargs)
+        return ids[:, prompt:]
+
+    return _decode_rate(run, input_ids, new_tokens=new_tokens, device=str(model.device), warmup=warmup,
+                        repeats=repeats)
+
+
+def _decode_rate(run, input_ids, *, new_tokens: int, device: str, warmup: int, repeats: int) -> dict[str, Any]:
+    """Time ``run(1)`` and ``run(new_tokens)`` (each returns the new token ids) and derive the decode rate."""
     from labkit.timing import measure
 
     if new_tokens < 2:
         raise BadParameter(f"new_tokens={new_tokens}: decoding needs at least 2 new tokens to time a step.")
-    device = str(model.device)
-    batch = input_ids.shape[0]
     outputs: dict[str, Any] = {}
 
-    def run(count):
+    def timed(count):
         def call():
-            outputs["ids"] = generate_exactly(model, input_ids, count, attention_mask=attention_mask,
-                                              tokenizer=tokenizer, **generate_kwargs)
+            outputs["ids"] = run(count)
         return call
 
-    one = measure(run(1), device=device, warmup=warmup, repeats=repeats)
-    full = measure(run(new_tokens), device=device, warmup=warmup, repeats=repeats)
+    one = measure(timed(1), device=device, warmup=warmup, repeats=repeats)
+    full = measure(timed(new_tokens), device=device, warmup=warmup, repeats=repeats)
     step_ms = (full.median_ms - one.median_ms) / (new_tokens - 1)
     fallback = step_ms <= 0
     if fallback:  # timing noise larger than the decode itself: the whole call per token, flagged
         step_ms = full.median_ms / new_tokens
+    batch = input_ids.shape[0]
     return {"batch": batch, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
             "generate_ms": full.median_ms, "first_token_ms": one.median_ms, "step_ms": step_ms,
-            "timing_fallback": fallback,
-            "tokens_per_s": batch * 1e3 / step_ms,
-            "token_ids": outputs["ids"][:, input_ids.shape[1]:].tolist()}
+            "timing_fallback": fallback, "tokens_per_s": batch * 1e3 / step_ms,
+            "token_ids": outputs["ids"].tolist()}
+
+
+def bandwidth_bound(model, row: dict[str, Any], bandwidth_bytes_per_s: float, *, extra_bytes: int = 0) -> dict[str, float]:
+    """The bandwidth bound of a decode measurement ``row`` (batch, prompt_tokens, new_tokens): weights read per
+    step (plus ``extra_bytes``, e.g. quantization scales) and the KV cache at the run's middle length."""
+    from labkit.roofline import decode_bound_tokens_per_s, kv_cache_bytes, weight_bytes_per_token
+
+    context = row["prompt_tokens"] + row["new_tokens"] // 2  # the cache grows during the run: its middle size
+    weights = weight_bytes_per_token(model) + extra_bytes
+    cache = kv_cache_bytes(model.config, batch=row["batch"], context=context, dtype=model.dtype)
+    bound = decode_bound_tokens_per_s(bandwidth_bytes_per_s, weights, cache, batch=row["batch"])
+    return {"bound_tokens_per_s": bound, "weight_bytes": weights, "kv_cache_bytes": cache,
+            "fraction_of_bound": row["tokens_per_s"] / bound if "tokens_per_s" in row else None}
 
 
 # --------------------------------------------------------------------------- a hand-written decode loop
@@ -169,23 +192,5 @@ class GreedyLoop:
 
 def measure_loop(loop: GreedyLoop, input_ids, *, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
     """Decode tokens/s of a :class:`GreedyLoop`, computed as in :func:`measure_decode`."""
-    from labkit.timing import measure
-
-    device = str(loop.model.device)
-    outputs: dict[str, Any] = {}
-
-    def run(count):
-        def call():
-            outputs["ids"] = loop(input_ids, count)
-        return call
-
-    one = measure(run(1), device=device, warmup=warmup, repeats=repeats)
-    full = measure(run(loop.new_tokens), device=device, warmup=warmup, repeats=repeats)
-    step_ms = (full.median_ms - one.median_ms) / (loop.new_tokens - 1) if loop.new_tokens > 1 else full.median_ms
-    fallback = step_ms <= 0
-    if fallback:
-        step_ms = full.median_ms / loop.new_tokens
-    batch = input_ids.shape[0]
-    return {"batch": batch, "prompt_tokens": input_ids.shape[1], "new_tokens": loop.new_tokens,
-            "generate_ms": full.median_ms, "first_token_ms": one.median_ms, "step_ms": step_ms,
-            "timing_fallback": fallback, "tokens_per_s": batch * 1e3 / step_ms, "token_ids": outputs["ids"].tolist()}
+    return _decode_rate(lambda count: loop(input_ids, count), input_ids, new_tokens=loop.new_tokens,
+                        device=str(loop.model.device), warmup=warmup, repeats=repeats)

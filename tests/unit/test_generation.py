@@ -59,3 +59,16 @@ def test_the_hand_loop_matches_generate(tiny):
         loop(ids[:, :5])
     with pytest.raises(BadParameter):
         loop(ids, 8)
+
+
+def test_bandwidth_bound_of_a_decode_row(tiny):
+    from labkit import roofline
+
+    model, _ = tiny
+    row = {"batch": 2, "prompt_tokens": 4, "new_tokens": 6, "tokens_per_s": 10.0}
+    got = generation.bandwidth_bound(model, row, 1e9, extra_bytes=100)
+    weights = roofline.weight_bytes_per_token(model) + 100
+    cache = roofline.kv_cache_bytes(model.config, batch=2, context=4 + 3, dtype=model.dtype)
+    assert got["weight_bytes"] == weights and got["kv_cache_bytes"] == cache
+    assert got["bound_tokens_per_s"] == pytest.approx(2 * 1e9 / (weights + cache))
+    assert got["fraction_of_bound"] == pytest.approx(10.0 / got["bound_tokens_per_s"])
