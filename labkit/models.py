@@ -56,7 +56,7 @@ EMBEDDED: dict[str, ModelSpec] = {
     "tiny-bert": ModelSpec("tiny-bert", "random", "encoder", "random-init BERT, 2 layers",
                            tokenizer_from="minilm-l6"),
     "random-bert-base": ModelSpec("random-bert-base", "random", "encoder",
-                                  "random-init BERT in the bert-base shape (12 layers, hidden 768, 110M parameters), "
+                                  "random-init BERT in the bert-base shape (12 layers, hidden 768, 109.5M parameters), "
                                   "for GPU encoder benchmarks", tokenizer_from="minilm-l6"),
     "random-llama-1b": ModelSpec("random-llama-1b", "random", "causal-lm",
                                  "random-init Llama-shaped model of about 1.07 billion parameters, 16 layers "
