@@ -224,11 +224,12 @@ def load_tokenizer(name: str):
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_implementation: str | None = None,
-               task: str = "auto", seed: int = 0, quantization_config=None):
+               task: str = "auto", seed: int = 0, quantization_config=None, device_map=None, max_memory=None):
     """Load ``name`` (embedded, random-init, local folder or hub id) as ``(model, tokenizer)`` in eval mode.
 
-    ``quantization_config`` (a ``BitsAndBytesConfig``) quantizes the weights while loading; a random-init
-    model is then saved once in the cache and loaded from there, because quantization happens on load.
+    ``quantization_config`` (a ``BitsAndBytesConfig``) quantizes the weights while loading; ``device_map``
+    ("auto", with an optional ``max_memory``) spreads the layers over devices while loading. A random-init
+    model is then saved once in the cache and loaded from there, because both happen on load.
     """
     from labkit import probes
 
@@ -237,13 +238,14 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
     probes.check_dtype(device, torch_dtype)
     tokenizer = load_tokenizer(name)
     spec = EMBEDDED.get(name)
-    if quantization_config is not None:
+    if quantization_config is not None or device_map is not None:
         folder = _random_folder(name, seed, torch_dtype) if spec is not None and spec.kind == "random" \
             else _resolve_folder(name)
         task = spec.task if spec else task
-        model = _from_pretrained(folder, task, torch_dtype, attn_implementation,
-                                 quantization_config=quantization_config, device_map={"": device})
-        return model.eval(), tokenizer  # a quantized model is placed while loading; .to() is refused for it
+        extra = {"max_memory": max_memory} if max_memory is not None else {}
+        model = _from_pretrained(folder, task, torch_dtype, attn_implementation, quantization_config=quantization_config,
+                                 device_map=device_map if device_map is not None else {"": device}, **extra)
+        return model.eval(), tokenizer  # placed while loading; .to() is refused for a quantized or spread model
     if spec is not None and spec.kind == "random":
         special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                    "eos_token_id": tokenizer.eos_token_id}

@@ -106,3 +106,90 @@ def panels(data: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], 
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+DEVICE_COLORS = ["#0969da", "#1a7f37", "#8250df", "#bf8700", "#cf222e", "#1b7c83", "#953800", "#d6409f"]
+
+
+def device_maps(placements: dict[str, Sequence[dict[str, Any]]], *, title: str = ""):
+    """One bar per plan: the model's blocks from embeddings to output layer, each as wide as its bytes and
+    coloured by the device a device map gives it (rows from ``labkit.parallel.placement``)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    devices: list[Any] = []
+    for rows in placements.values():
+        for row in rows:
+            if row["device"] not in devices:
+                devices.append(row["device"])
+    gpus = sorted(d for d in devices if isinstance(d, int))
+    others = [d for d in ("cpu", "disk", None) if d in devices]
+    colors = {d: DEVICE_COLORS[i % len(DEVICE_COLORS)] for i, d in enumerate(gpus)}
+    colors.update({"cpu": "#afb8c1", "disk": "#57606a", None: "#ffffff"})
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(placements) + 1.4))
+    for y, rows in enumerate(placements.values()):
+        left = 0.0
+        total = sum(r["bytes"] for r in rows) or 1
+        for row in rows:
+            width = row["bytes"] / total
+            ax.barh(y, width, left=left, color=colors[row["device"]], edgecolor="white", linewidth=0.3)
+            left += width
+    ax.set_yticks(range(len(placements)), list(placements))
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the model's bytes, embeddings on the left, output layer on the right")
+    names = {None: "nowhere"}
+    handles = [Patch(color=colors[d], label=names.get(d, f"GPU {d}" if isinstance(d, int) else str(d)))
+               for d in gpus + others]
+    ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def scaling(lines: dict[str, tuple[Sequence[int], Sequence[float]]], *, ylabel: str, title: str = ""):
+    """Speed-up against the number of processes, one line per job, beside the ideal (N processes, N times)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    counts: set[int] = set()
+    for label, (xs, ys) in lines.items():
+        counts.update(xs)
+        ax.plot(list(xs), list(ys), marker="o", label=label)
+    if counts:
+        ideal = sorted(counts | {1})
+        ax.plot(ideal, ideal, "k--", linewidth=1, label="ideal: N x")
+    ax.set_xlabel("processes N")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(sorted(counts | {1}))
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def bandwidth_sweep(rows: Sequence[dict[str, Any]], *, limit: float | None = None, limit_label: str = "limit",
+                    title: str = ""):
+    """Bus bandwidth and time per all-reduce against message size (rows from ``parallel.time_all_reduce``)."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_bw, ax_time) = plt.subplots(1, 2, figsize=(11, 3.6))
+    sizes = [r["bytes"] for r in rows]
+    ax_bw.plot(sizes, [r["busbw_bytes_per_s"] / 1e9 for r in rows], marker="o", label="bus bandwidth")
+    if limit:
+        ax_bw.axhline(limit / 1e9, color="k", linestyle="--", linewidth=1, label=limit_label)
+    ax_bw.set_ylabel("GB/s")
+    ax_time.plot(sizes, [r["median_us"] for r in rows], marker="o")
+    ax_time.set_ylabel("time per all-reduce (µs)")
+    ax_time.set_yscale("log")
+    for ax in (ax_bw, ax_time):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("message size (bytes)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_bw.set_yscale("log")
+    ax_bw.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
