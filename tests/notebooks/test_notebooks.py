@@ -56,6 +56,10 @@ EXPECTED_METRICS = {
                        + [f"decode_{f}_batch{b}_{what}" for f in FORMATS4 for b in (1, 8)
                           for what in ("tokens_per_s", "fraction_of_bound")]
                        + [f"footprint_{f}_mib" for f in FORMATS4],
+    "05_multi_gpu": [f"{job}_{n}_{what}" for job in ("tp", "dp") for n in (1, 2) for what in ("tokens_per_s", "speedup")]
+                    + ["tp_2_top_logit_gap", "allreduce_best_busbw_gb_per_s", "allreduce_fraction_of_limit",
+                       "plan_llama_70b_shape_16_bit_total_gib", "plan_llama_70b_shape_nf4_total_gib",
+                       "tp_predicted_communication_ms_per_token"],
 }
 
 
@@ -65,6 +69,7 @@ BAD_PARAMETERS = {
     "02_decoders_and_generation": ({"new_tokens": 1}, "new_tokens=1"),
     "03_encoder_fastpath": ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]"),
     "04_quantization": ({"formats": ["nf4", "int4"]}, "format 'int4' is unknown"),
+    "05_multi_gpu": ({"plan_devices": ["2 x 24 GB", "two big GPUs"]}, "devices='two big GPUs'"),
 }
 
 
