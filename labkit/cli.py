@@ -1,4 +1,4 @@
-"""The ``labkit`` command: ``labkit probe``, ``labkit prepare``, ``labkit run``, ``labkit compare``."""
+"""The ``labkit`` command: ``labkit probe``, ``labkit prepare``, ``labkit run``, ``labkit report``, ``labkit compare``."""
 
 from __future__ import annotations
 
@@ -53,10 +53,73 @@ def declared_parameters(notebook: Path) -> dict[str, Any]:
     return {name: info.get("default") for name, info in papermill.inspect_notebook(str(notebook)).items()}
 
 
+NOTEBOOK_TIMEOUT_S = 3600
+
+
+def _error_in(executed: Path) -> str | None:
+    """The first error an executed notebook shows ("In [5]: NameError: ...", as the notebook numbers it), or None."""
+    import nbformat
+
+    if not executed.exists():
+        return None
+    try:
+        nb = nbformat.read(str(executed), as_version=4)
+    except Exception:  # a half-written notebook: no error to read from it
+        return None
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                return f"In [{cell.get('execution_count')}]: {output.get('ename')}: {output.get('evalue')}".strip()
+    return None
+
+
+def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, timeout_s: float,
+                cell_timeout: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Execute one notebook with papermill in its own process group, so that a timeout stops it and its kernel."""
+    import os
+    import signal
+    import subprocess
+
+    import yaml
+
+    command = [sys.executable, "-m", "papermill", str(notebook), str(executed), "-k", "python3",
+               "--cwd", str(notebook.parent), "-y", yaml.safe_dump(parameters),
+               "--progress-bar" if progress else "--no-progress-bar", "--log-level", "ERROR"]
+    if cell_timeout:
+        command += ["--execution-timeout", str(cell_timeout)]
+    log = executed.with_suffix(".log")
+    start = time.perf_counter()
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=None if progress else stderr,
+                                   start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # papermill and the kernel it started
+            process.wait()
+            return {"status": "timed out", "duration_s": round(time.perf_counter() - start, 1),
+                    "error": f"stopped after {timeout_s:.0f} s (the per-notebook timeout); "
+                             f"the cells that ran are in {executed.name}"}
+    entry: dict[str, Any] = {"status": "ok" if code == 0 else "failed", "duration_s": round(time.perf_counter() - start, 1)}
+    if code != 0:
+        lines = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+        entry["error"] = _error_in(executed) or (lines[-1] if lines else f"papermill exited with status {code}")
+    if log.exists() and not log.read_text().strip():
+        log.unlink()
+    return entry
+
+
 def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], *, quick: bool,
-                  cell_timeout: int | None = None, log=print) -> dict[str, Any]:
-    """Execute ``notebooks`` in order with papermill; one failure is recorded and the others still run."""
-    import papermill
+                  cell_timeout: int | None = None, timeout_s: float = NOTEBOOK_TIMEOUT_S, progress: bool = False,
+                  probe: bool = True, log=print) -> dict[str, Any]:
+    """Execute ``notebooks`` in order with papermill; a failure or a timeout is recorded and the others still run.
+
+    Writes ``summary.json`` (schema in labkit.report) and ``report.html`` into ``out``.
+    """
+    from tqdm.auto import tqdm
+
+    from labkit import report
+    from labkit.results import environment, read_results
 
     declared = {nb: declared_parameters(nb) for nb in notebooks}
     known = set().union(*declared.values()) if declared else set()
@@ -65,38 +128,48 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
         raise BadParameter(f"unknown parameter(s) {', '.join(unknown)}; the notebooks declare: {', '.join(sorted(known))}.")
     out = out.resolve()  # the kernel runs in the notebooks' folder, so paths handed to it must be absolute
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": quick, "notebooks": {}}
-    for index, notebook in enumerate(notebooks, 1):
+    summary: dict[str, Any] = {"schema": report.SCHEMA, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "finished": "", "quick": quick, "machine": {"env": environment()}, "notebooks": {}}
+    if probe:
+        summary["machine"]["probe"] = _probe_quietly()
+    say = tqdm.write if progress else log  # lines that do not break the progress bar
+    bar = tqdm(notebooks, desc="notebooks", unit="notebook", disable=not progress)
+    for notebook in bar:
+        bar.set_postfix_str(notebook.stem)
         results_path = out / f"{notebook.stem}.results.json"
         given = {"quick": quick, "results_path": str(results_path), **parameters}
         applied = {k: v for k, v in given.items() if k in declared[notebook]}
-        log(f"[{index}/{len(notebooks)}] {notebook.name} ...")
-        start = time.perf_counter()
-        entry: dict[str, Any] = {"parameters": applied}
-        try:
-            papermill.execute_notebook(str(notebook), str(out / notebook.name), parameters=applied,
-                                       kernel_name="python3", cwd=str(notebook.parent), progress_bar=False,
-                                       execution_timeout=cell_timeout)
-            entry["status"] = "ok"
-        except Exception as err:  # recorded, and the next notebook still runs
-            entry["status"] = "failed"
-            entry["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-        entry["duration_s"] = round(time.perf_counter() - start, 1)
+        say(f"[{notebooks.index(notebook) + 1}/{len(notebooks)}] {notebook.name} ...")
+        entry = {"parameters": applied, **execute_one(notebook, out / notebook.name, applied, timeout_s=timeout_s,
+                                                     cell_timeout=cell_timeout, progress=progress)}
+        entry.update({"metrics": {}, "checks": {}, "skipped": {}, "figures": [], "environment": {}})
         if results_path.exists():
-            from labkit.results import read_results
-
             data = read_results(results_path)
             entry.update({k: data[k] for k in ("metrics", "checks", "skipped")})
-            if not all(data["checks"].values()):
+            entry["figures"] = data.get("figures", [])
+            entry["environment"] = data.get("env", {})
+            if entry["status"] == "ok" and not all(data["checks"].values()):
                 entry["status"] = "failed"
                 entry["error"] = "checks failed: " + ", ".join(k for k, v in data["checks"].items() if not v)
         elif entry["status"] == "ok" and "results_path" in declared[notebook]:
             entry["status"] = "failed"
             entry["error"] = f"the notebook wrote no results file at {results_path}"
         summary["notebooks"][notebook.stem] = entry
-        log(f"      {entry['status']} in {entry['duration_s']} s" + (f": {entry['error']}" if "error" in entry else ""))
+        say(f"      {entry['status']} in {entry['duration_s']} s" + (f": {entry['error']}" if "error" in entry else ""))
+    summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    report.write_report(out)
     return summary
+
+
+def _probe_quietly() -> dict[str, Any]:
+    """The machine probe for the report; a failure there must not stop the run."""
+    from labkit import probes
+
+    try:
+        return json.loads(json.dumps(probes.probe(), default=str))
+    except Exception as error:  # recorded in the report instead of the kernel matrix
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
@@ -134,10 +207,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         why = "quick sizes (asked for)" if quick else "full sizes (asked for)"
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     print(f"labkit run: {why}; {len(notebooks)} notebook(s) into {out}/")
-    summary = run_notebooks(notebooks, out, parameters, quick=quick, cell_timeout=args.cell_timeout)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    summary = run_notebooks(notebooks, out, parameters, quick=quick, cell_timeout=args.cell_timeout,
+                            timeout_s=args.timeout, progress=progress)
     failed = [name for name, entry in summary["notebooks"].items() if entry["status"] != "ok"]
-    print(f"done: {len(notebooks) - len(failed)} ok, {len(failed)} failed; summary in {out / 'summary.json'}")
+    print(f"done: {len(notebooks) - len(failed)} ok, {len(failed)} failed; {out / 'summary.json'} and {out / 'report.html'}")
     return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from labkit import report
+
+    print(report.write_report(args.run, reference_folder=args.reference))
+    return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -177,7 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default runs/<timestamp>)")
     run.add_argument("--dir", help="folder holding the notebooks (default ./notebooks)")
     run.add_argument("--cell-timeout", type=int, default=None, help="seconds a single cell may run")
+    run.add_argument("--timeout", type=float, default=NOTEBOOK_TIMEOUT_S,
+                     help=f"seconds a whole notebook may run (default {NOTEBOOK_TIMEOUT_S})")
+    bars = run.add_mutually_exclusive_group()
+    bars.add_argument("--progress", dest="progress", action="store_true", default=None,
+                      help="progress bars (the default in a terminal)")
+    bars.add_argument("--no-progress", dest="progress", action="store_false", help="plain lines only")
     run.set_defaults(func=_cmd_run)
+    write = commands.add_parser("report", help="(re)write report.html for a run folder")
+    write.add_argument("run", help="a run folder from labkit run")
+    write.add_argument("--reference", help="the folder of reference runs (default: the repository's reference/)")
+    write.set_defaults(func=_cmd_report)
     compare = commands.add_parser("compare", help="the metrics two runs share, with ratios (before/after, mine/reference)")
     compare.add_argument("run_a", help="a run folder, a reference/<device> folder or a results file")
     compare.add_argument("run_b", help="the same, to compare with the first")

@@ -1,6 +1,44 @@
 """Shared test set-up: everything runs offline, as in CI."""
 
+import json
 import os
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+RUN_ENV = {"platform": "Linux", "versions": {"torch": "2.13.0"}, "devices": {"cpu": {"name": "Test CPU", "cores": 2}, "cuda": []}}
+
+
+def _make_run(folder, *, metrics=None, status="ok"):
+    """A run folder as labkit run writes it: one notebook with metrics, a check, a skip and a figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labkit import report
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([1, 2], [1, 4])
+    fig.savefig(folder / "01_flash_attention.sweep.png")
+    plt.close(fig)
+    entry = {"status": status, "duration_s": 12.5, "parameters": {"quick": True},
+             "metrics": metrics or {"best_backend_tflops": 0.14, "sweep_math_ms": 3.0},
+             "checks": {"outputs_agree": True}, "skipped": {"cuDNN": "no GPU <here>"},
+             "figures": ["01_flash_attention.sweep.png"], "environment": RUN_ENV}
+    if status != "ok":
+        entry["error"] = "cell 3: RuntimeError: boom"
+    summary = {"schema": report.SCHEMA, "started": "2026-11-26T07:00:00+0000", "finished": "2026-11-26T07:01:00+0000",
+               "quick": True, "machine": {"env": RUN_ENV, "probe": {"error": "not probed in this test"}},
+               "notebooks": {"01_flash_attention": entry}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+@pytest.fixture
+def make_run():
+    """Builds a fake run folder (summary.json and a figure) for report tests."""
+    return _make_run

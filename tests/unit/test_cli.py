@@ -73,25 +73,52 @@ def test_run_records_a_failure_and_runs_the_rest(tmp_path):
     assert summary["02_works"]["status"] == "ok"
     assert summary["02_works"]["metrics"] == {"size": 3} and summary["02_works"]["checks"] == {"size_positive": True}
     assert (out / "02_works.ipynb").exists() and (out / "02_works.results.json").exists()
+    assert summary["01_fails"]["error"] == "In [3]: RuntimeError: boom"  # as numbered in the executed notebook
+    assert (out / "report.html").exists() and "RuntimeError: boom" in (out / "report.html").read_text()
+    assert done.stdout.strip().endswith("report.html")
+
+
+def test_summary_follows_its_schema(tmp_path):
+    from labkit import report
+
+    nb = write_notebook(tmp_path / "01_ok.ipynb", WRITES_RESULTS.replace("NAME", "01_ok"))
+    summary = cli.run_notebooks([nb], tmp_path / "out", {"size": 2}, quick=True, log=lambda *_: None)
+    assert report.summary_problems(summary) == []
+    assert report.read_summary(tmp_path / "out") == json.loads(json.dumps(summary, default=str))
+    assert set(summary["machine"]) == {"env", "probe"} and summary["machine"]["probe"]["sdpa"]
+    entry = summary["notebooks"]["01_ok"]
+    assert entry["status"] == "ok" and entry["parameters"] == {"size": 2, "quick": True,
+                                                               "results_path": str((tmp_path / "out" / "01_ok.results.json").resolve())}
+    assert entry["environment"] == {} and entry["figures"] == [] and entry["duration_s"] > 0
+
+
+def test_a_notebook_past_its_timeout_is_stopped_and_the_next_runs(tmp_path):
+    slow = write_notebook(tmp_path / "01_slow.ipynb", "import time\ntime.sleep(120)")
+    fast = write_notebook(tmp_path / "02_fast.ipynb", WRITES_RESULTS.replace("NAME", "02_fast"))
+    summary = cli.run_notebooks([slow, fast], tmp_path / "out", {}, quick=True, timeout_s=8, probe=False,
+                                log=lambda *_: None)
+    entry = summary["notebooks"]["01_slow"]
+    assert entry["status"] == "timed out" and "stopped after 8 s" in entry["error"] and entry["duration_s"] < 30
+    assert summary["notebooks"]["02_fast"]["status"] == "ok"
 
 
 def test_relative_out_folder_gets_the_results(tmp_path, monkeypatch):
     nb = write_notebook(tmp_path / "01_rel.ipynb", WRITES_RESULTS.replace("NAME", "01_rel"))
     monkeypatch.chdir(tmp_path)
-    summary = cli.run_notebooks([nb], Path("runs") / "x", {}, quick=True, log=lambda *_: None)
+    summary = cli.run_notebooks([nb], Path("runs") / "x", {}, quick=True, probe=False, log=lambda *_: None)
     assert summary["notebooks"]["01_rel"]["status"] == "ok"
     assert (tmp_path / "runs" / "x" / "01_rel.results.json").exists()
 
 
 def test_a_notebook_that_writes_no_results_fails(tmp_path):
     nb = write_notebook(tmp_path / "01_silent.ipynb", "x = 1")
-    entry = cli.run_notebooks([nb], tmp_path / "out", {}, quick=True, log=lambda *_: None)["notebooks"]["01_silent"]
+    entry = cli.run_notebooks([nb], tmp_path / "out", {}, quick=True, probe=False, log=lambda *_: None)["notebooks"]["01_silent"]
     assert entry["status"] == "failed" and "no results file" in entry["error"]
 
 
 def test_a_failed_check_fails_the_notebook(tmp_path):
     nb = write_notebook(tmp_path / "01_check.ipynb", WRITES_RESULTS.replace("NAME", "01_check"))
-    summary = cli.run_notebooks([nb], tmp_path / "out", {"size": 0}, quick=True, log=lambda *_: None)
+    summary = cli.run_notebooks([nb], tmp_path / "out", {"size": 0}, quick=True, probe=False, log=lambda *_: None)
     entry = summary["notebooks"]["01_check"]
     assert entry["status"] == "failed" and "size_positive" in entry["error"]
 

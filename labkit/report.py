@@ -1,0 +1,215 @@
+"""The run report: ``summary.json`` checked, and one self-contained HTML page (figures embedded) from a run folder."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from labkit.errors import BadParameter
+
+SCHEMA = "labkit-run/1"
+STATUSES = ("ok", "failed", "timed out")
+NOTEBOOK_KEYS = {"status": str, "duration_s": (int, float), "parameters": dict, "metrics": dict, "checks": dict,
+                 "skipped": dict, "figures": list, "environment": dict}
+
+# The metrics a reader looks for first, per notebook (name prefixes); every metric is listed below them.
+HEADLINES = {
+    "00_setup_and_probes": ("matmul_gflops_per_s", "copy_gb_per_s", "ridge_flop_per_byte", "sdpa_", "generate_tokens_per_s"),
+    "01_flash_attention": ("best_backend_",),
+    "02_decoders_and_generation": ("batch1_tokens_per_s", "best_fraction_of_bandwidth_bound", "recipe_"),
+    "03_encoder_fastpath": ("speedup_fastpath_vs_sdpa_", "to_fastpath_max_abs_difference"),
+    "04_quantization": ("footprint_", "perplexity_"),
+    "05_multi_gpu": ("tp_2_speedup", "tp_4_speedup", "tp_8_speedup", "dp_2_speedup", "dp_4_speedup", "dp_8_speedup",
+                     "pipeline_", "allreduce_best_busbw_gb_per_s", "allreduce_fraction_of_limit"),
+}
+FIRST_METRICS = 8  # shown as the headline of a notebook HEADLINES does not know
+
+
+# --------------------------------------------------------------------------- summary.json
+
+def summary_problems(summary: Any) -> list[str]:
+    """What is wrong with a ``summary.json`` object (an empty list: it follows the schema)."""
+    if not isinstance(summary, dict):
+        return ["the summary is not a JSON object"]
+    problems = []
+    if summary.get("schema") != SCHEMA:
+        problems.append(f"schema is {summary.get('schema')!r}, expected {SCHEMA!r}")
+    for key, kind in (("started", str), ("finished", str), ("quick", bool), ("machine", dict), ("notebooks", dict)):
+        if not isinstance(summary.get(key), kind):
+            problems.append(f"{key!r} is missing or not a {kind.__name__}")
+    for name, entry in (summary.get("notebooks") or {}).items():
+        if not isinstance(entry, dict):
+            problems.append(f"notebook {name!r} is not an object")
+            continue
+        for key, kind in NOTEBOOK_KEYS.items():
+            if not isinstance(entry.get(key), kind):
+                problems.append(f"notebook {name!r}: {key!r} is missing or of the wrong type")
+        if entry.get("status") not in STATUSES:
+            problems.append(f"notebook {name!r}: status {entry.get('status')!r} is not one of {', '.join(STATUSES)}")
+        elif entry["status"] != "ok" and not isinstance(entry.get("error"), str):
+            problems.append(f"notebook {name!r} did not succeed but says no error")
+        for metric, value in (entry.get("metrics") or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"notebook {name!r}: metric {metric!r} is not a number")
+        for check, value in (entry.get("checks") or {}).items():
+            if not isinstance(value, bool):
+                problems.append(f"notebook {name!r}: check {check!r} is not true or false")
+    return problems
+
+
+def read_summary(run_folder: str | Path) -> dict[str, Any]:
+    """The run's ``summary.json``, or one sentence saying why it cannot be used."""
+    path = Path(run_folder) / "summary.json"
+    if not path.exists():
+        raise BadParameter(f"{run_folder} has no summary.json: is it a run folder from `labkit run`?")
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BadParameter(f"{path} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+    problems = summary_problems(summary)
+    if problems:
+        raise BadParameter(f"{path} does not follow the run summary schema: {'; '.join(problems[:3])}.")
+    return summary
+
+
+# --------------------------------------------------------------------------- the page
+
+def headline(notebook: str, metrics: dict[str, float]) -> list[str]:
+    """The metric names shown first for ``notebook``."""
+    prefixes = HEADLINES.get(notebook)
+    if not prefixes:
+        return list(metrics)[:FIRST_METRICS]
+    return [name for name in metrics if name.startswith(prefixes)]
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return html.escape(str(value))
+    if value == 0 or not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], *, numeric: bool = False) -> str:
+    if not rows:
+        return "<p class='none'>none</p>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_number(r.get(c)) if numeric else html.escape(str(r.get(c, '')))}</td>"
+                                    for c in columns) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"<figure><img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'>" \
+           f"<figcaption>{html.escape(path.name)}</figcaption></figure>"
+
+
+def _metrics_section(notebook: str, metrics: dict[str, float], references: dict[str, dict[str, Any]]) -> str:
+    def rows(names):
+        out = []
+        for name in names:
+            row = {"metric": name, "this run": metrics[name]}
+            for device, data in references.items():
+                theirs = data["metrics"].get(name)
+                row[device] = theirs
+                row[f"this run / {device}"] = metrics[name] / theirs if theirs else None
+            out.append(row)
+        return out
+
+    columns = ["metric", "this run"] + [c for d in references for c in (d, f"this run / {d}")]
+    first = headline(notebook, metrics)
+    text = _table(rows(first), columns, numeric=True)
+    rest = [name for name in metrics if name not in first]
+    if rest:
+        text += f"<details><summary>all {len(metrics)} metrics</summary>{_table(rows(list(metrics)), columns, numeric=True)}</details>"
+    return text
+
+
+def build_report(run_folder: str | Path, *, reference_folder: str | Path | None = None) -> str:
+    """The HTML page for a run folder: environment, kernel matrix, and per notebook its status, checks, skips,
+    headline metrics (beside the reference runs of other devices) and figures. Self-contained: no links out."""
+    from labkit import probes
+    from labkit.results import environment_rows, reference_runs
+
+    run_folder = Path(run_folder)
+    summary = read_summary(run_folder)
+    machine = summary["machine"]
+    env = machine.get("env") or {}
+    device = env.get("devices", {})
+    gpus = device.get("cuda") or []
+    label = gpus[0]["name"] if gpus else f"{device.get('cpu', {}).get('name', 'CPU')}"
+    notebooks = summary["notebooks"]
+    counts = {s: sum(e["status"] == s for e in notebooks.values()) for s in STATUSES}
+    parts = [f"<h1>Workbook run on {html.escape(label)}</h1>",
+             f"<p>{html.escape(summary['started'])} to {html.escape(summary['finished'])}, "
+             f"{'quick' if summary['quick'] else 'full'} sizes. "
+             f"<b>{counts['ok']} ok</b>, {counts['failed']} failed, {counts['timed out']} timed out.</p>"]
+    parts.append("<h2>Overview</h2>" + _table([
+        {"notebook": name, "status": e["status"], "seconds": f"{e['duration_s']:.0f}",
+         "checks": f"{sum(e['checks'].values())}/{len(e['checks'])}", "skipped": str(len(e["skipped"])),
+         "error": e.get("error", "")} for name, e in notebooks.items()],
+        ["notebook", "status", "seconds", "checks", "skipped", "error"]))
+    if env:
+        parts.append("<h2>Environment</h2>" + _table(environment_rows(env), ["item", "value"]))
+    probe = machine.get("probe") or {}
+    if probe.get("sdpa"):
+        parts.append("<h2>Kernel matrix</h2><p>The SDPA backends that ran, forced one at a time, and why the others "
+                     "did not.</p>" + _table(probes.sdpa_summary(probe["sdpa"]), list(probes.SUMMARY_COLUMNS)))
+        if probe.get("features"):
+            parts.append(_table(probes.feature_rows(probe["features"]), ["feature", "ok", "detail"]))
+    elif probe.get("error"):
+        parts.append(f"<h2>Kernel matrix</h2><p>not probed: {html.escape(probe['error'])}</p>")
+    for name, entry in notebooks.items():
+        references = {device: data for device, data in reference_runs(name, reference_folder).items()}
+        section = [f"<section id='{html.escape(name)}'><h2>{html.escape(name)} "
+                   f"<span class='status {entry['status'].replace(' ', '-')}'>{html.escape(entry['status'])}</span></h2>",
+                   f"<p>{entry['duration_s']:.0f} s</p>"]
+        if entry.get("error"):
+            section.append(f"<pre class='error'>{html.escape(entry['error'])}</pre>")
+        failed = [c for c, ok in entry["checks"].items() if not ok]
+        section.append(f"<p>Checks: {sum(entry['checks'].values())} of {len(entry['checks'])} passed"
+                       + (f"; failed: {html.escape(', '.join(failed))}" if failed else "") + ".</p>")
+        if entry["skipped"]:
+            section.append("<h3>Skipped</h3>" + _table([{"what": w, "why": y} for w, y in entry["skipped"].items()],
+                                                      ["what", "why"]))
+        if entry["metrics"]:
+            if not references:
+                section.append("<p class='none'>No reference run stored for this notebook yet.</p>")
+            section.append("<h3>Metrics</h3>" + _metrics_section(name, entry["metrics"], references))
+        figures = [run_folder / f for f in entry["figures"] if (run_folder / f).is_file()]
+        if figures:
+            section.append("<h3>Figures</h3>" + "".join(_image(f) for f in figures))
+        parts.append("".join(section) + "</section>")
+    title = f"Workbook run on {label}"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}"
+            f"<footer>Written by <code>labkit run</code> from {html.escape(run_folder.name)}/summary.json.</footer>"
+            "</body></html>")
+
+
+def write_report(run_folder: str | Path, *, reference_folder: str | Path | None = None) -> Path:
+    """Write ``report.html`` into the run folder and return its path."""
+    target = Path(run_folder) / "report.html"
+    target.write_text(build_report(run_folder, reference_folder=reference_folder), encoding="utf-8")
+    return target
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #1f2328; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #d0d7de; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; }
+figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #d0d7de; }
+figcaption, .none, footer { color: #656d76; font-size: 0.85em; }
+.status { font-size: 0.6em; padding: 0.1em 0.5em; border-radius: 0.5em; color: white; vertical-align: middle; }
+.ok { background: #1a7f37; } .failed { background: #cf222e; } .timed-out { background: #bf8700; }
+pre.error { background: #fff1f0; padding: 0.5em; white-space: pre-wrap; }
+section { border-top: 1px solid #d0d7de; margin-top: 2em; }
+"""

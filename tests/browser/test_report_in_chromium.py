@@ -1,0 +1,42 @@
+"""report.html opened in headless Chromium: the page renders, every figure loads, the console stays clean."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from labkit import report
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Flags for a machine with no network: without the background-networking ones Chromium keeps trying to reach Google.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (make installs it)")
+    if not CHROMIUM:
+        pytest.skip("no Chromium on this machine: `apt-get install chromium` (make test does it where it can)")
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield chromium
+        chromium.close()
+
+
+def test_report_renders_with_its_figures_and_no_console_errors(browser, make_run, tmp_path):
+    make_run(tmp_path / "run", status="failed")
+    page_path = report.write_report(tmp_path / "run", reference_folder=tmp_path / "none")
+    page = browser.new_page()
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(Path(page_path).as_uri())
+    assert page.title() == "Workbook run on Test CPU"
+    images = page.eval_on_selector_all("img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
+    assert images == [True], "a figure did not load"
+    assert page.locator("h2", has_text="01_flash_attention").count() == 1
+    assert "RuntimeError: boom" in page.locator("pre.error").inner_text()
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    assert errors == []

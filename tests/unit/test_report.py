@@ -1,0 +1,79 @@
+"""labkit.report: the summary schema, and the HTML page built from a run folder."""
+
+import copy
+import json
+
+import pytest
+
+from labkit import report
+from labkit.errors import BadParameter
+from labkit.results import Results
+
+ENV = {"platform": "Linux", "versions": {"torch": "2.13.0"}, "devices": {"cpu": {"name": "Test CPU", "cores": 2}, "cuda": []}}
+
+
+def test_a_good_summary_has_no_problems(make_run, tmp_path):
+    assert report.summary_problems(make_run(tmp_path / "run")) == []
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda s: s.pop("schema"), "schema is None"),
+    (lambda s: s.update(quick="yes"), "'quick' is missing or not a bool"),
+    (lambda s: s["notebooks"]["01_flash_attention"].update(status="maybe"), "status 'maybe' is not one of"),
+    (lambda s: s["notebooks"]["01_flash_attention"].update(status="failed"), "did not succeed but says no error"),
+    (lambda s: s["notebooks"]["01_flash_attention"]["metrics"].update(x="fast"), "metric 'x' is not a number"),
+    (lambda s: s["notebooks"]["01_flash_attention"]["checks"].update(y=1), "check 'y' is not true or false"),
+    (lambda s: s["notebooks"]["01_flash_attention"].pop("figures"), "'figures' is missing"),
+])
+def test_summary_problems_name_what_is_wrong(make_run, tmp_path, damage, problem):
+    summary = copy.deepcopy(make_run(tmp_path / "run"))
+    damage(summary)
+    assert any(problem in p for p in report.summary_problems(summary)), report.summary_problems(summary)
+
+
+def test_a_bad_summary_file_is_refused_in_one_sentence(tmp_path):
+    with pytest.raises(BadParameter, match="has no summary.json"):
+        report.read_summary(tmp_path)
+    (tmp_path / "summary.json").write_text("{not json")
+    with pytest.raises(BadParameter, match="is not valid JSON"):
+        report.read_summary(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"schema": "other"}))
+    with pytest.raises(BadParameter, match="does not follow the run summary schema"):
+        report.read_summary(tmp_path)
+    assert report.summary_problems([1, 2]) == ["the summary is not a JSON object"]
+
+
+def test_headline_metrics():
+    metrics = {"sweep_math_ms": 1.0, "best_backend_tflops": 2.0, "best_backend_fraction_of_ceiling": 0.5}
+    assert report.headline("01_flash_attention", metrics) == ["best_backend_tflops", "best_backend_fraction_of_ceiling"]
+    many = {f"m{i}": float(i) for i in range(20)}
+    assert report.headline("99_unknown", many) == [f"m{i}" for i in range(report.FIRST_METRICS)]
+
+
+def test_the_page_is_self_contained_and_shows_everything(make_run, tmp_path):
+    make_run(tmp_path / "run", status="failed")
+    page = report.write_report(tmp_path / "run", reference_folder=tmp_path / "no-references").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "Workbook run on Test CPU" in page
+    assert "data:image/png;base64," in page and "src='http" not in page and "<script" not in page
+    assert "cell 3: RuntimeError: boom" in page and "no GPU &lt;here&gt;" in page  # escaped, not markup
+    assert "best_backend_tflops" in page and "0.14" in page and "all 2 metrics" in page
+    assert "No reference run stored" in page and "not probed in this test" in page
+
+
+def test_reference_runs_appear_beside_this_run(make_run, tmp_path):
+    make_run(tmp_path / "run")
+    ref = Results("01_flash_attention", tmp_path / "reference" / "nvidia-h100" / "01_flash_attention.results.json", env=ENV)
+    ref.metric("best_backend_tflops", 280.0)
+    ref.write()
+    page = report.build_report(tmp_path / "run", reference_folder=tmp_path / "reference")
+    assert "<th>nvidia-h100</th>" in page and "<th>this run / nvidia-h100</th>" in page
+    assert "280" in page and "0.0005" in page  # 0.14 / 280
+
+
+def test_labkit_report_command_rewrites_the_page(make_run, tmp_path, capsys):
+    from labkit import cli
+
+    make_run(tmp_path / "run")
+    assert cli.main(["report", str(tmp_path / "run"), "--reference", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("report.html")
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
