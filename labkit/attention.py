@@ -150,6 +150,7 @@ class Profiled:
 
     ops: list[str]
     kernels: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # how many times each op ran
 
     @property
     def backend(self) -> str | None:
@@ -217,7 +218,10 @@ def ops_that_ran(fn: Callable[[], Any], device: str = "cpu") -> Profiled:
     for event in prof.events():
         is_gpu = on_cuda and getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
         (kernels if is_gpu else ops).append(event.name)
-    return Profiled(ops=list(dict.fromkeys(ops)), kernels=list(dict.fromkeys(kernels)))
+    counts: dict[str, int] = {}
+    for op in ops:
+        counts[op] = counts.get(op, 0) + 1
+    return Profiled(ops=list(dict.fromkeys(ops)), kernels=list(dict.fromkeys(kernels)), counts=counts)
 
 
 def peak_extra_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:

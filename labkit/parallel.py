@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -142,6 +143,8 @@ def memory_needed(model, *, fmt: str = "16-bit", batch: int = 1, context: int = 
     from labkit.roofline import kv_cache_bytes
 
     check_sizes(1, batch=batch, context=context)
+    if element_bytes not in (1, 2, 4):
+        raise BadParameter(f"element_bytes={element_bytes!r}: use 1, 2 (16-bit) or 4 (float32).")
     weights = predict_footprint(model, fmt, sixteen_bit_bytes=element_bytes)
     kv = kv_cache_bytes(model.config, batch=batch, context=context,
                         dtype={1: "int8", 2: "float16", 4: "float32"}[element_bytes])
@@ -184,14 +187,13 @@ def _planning_dtypes(model, fmt: str):
     import torch
     from accelerate.utils import CustomDtype
 
-    from labkit.quant import SKIPPED_MODULES, _linear_weights, check_format
+    from labkit.quant import _linear_weights, check_format
 
     check_format(fmt)
     if fmt == "16-bit":
         return torch.bfloat16, {}
     low = torch.int8 if fmt == "int8" else CustomDtype.INT4
-    linear = {f"{name}.weight" for name, module in _linear_weights(model)
-              if not name.split(".")[-1] in SKIPPED_MODULES}
+    linear = {f"{name}.weight" for name, _ in _linear_weights(model)}  # the output layer stays 16-bit
     special = {name: torch.bfloat16 for name, _ in model.named_parameters() if name not in linear}
     return low, special
 
@@ -264,24 +266,30 @@ def blocks(model) -> list[str]:
     return out
 
 
-def placement(model, device_map: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per block: its name, its device, and its bytes as planned (16-bit)."""
-    from labkit.roofline import parameter_bytes
+def placement(model, device_map: dict[str, Any], *, fmt: str = "16-bit") -> list[dict[str, Any]]:
+    """One row per block: its name, its device, and its bytes in format ``fmt`` (scales included). A tensor two
+    blocks share (tied embeddings and output layer) counts once, in the first block that holds it."""
+    from labkit.quant import tensor_footprints
 
+    sizes = {id(tensor): stored + scales for tensor, stored, scales in tensor_footprints(model, fmt)}
     modules = dict(model.named_modules())
-    return [{"block": name, "device": device_of(name, device_map), "bytes": parameter_bytes(modules[name])}
-            for name in blocks(model)]
+    rows = []
+    for name in blocks(model):
+        module = modules[name]
+        held = 0
+        for tensor in [*module.parameters(), *module.buffers()]:
+            held += sizes.pop(id(tensor), 0)
+        rows.append({"block": name, "device": device_of(name, device_map), "bytes": held})
+    return rows
 
 
-def balanced_max_memory(model, count: int, *, fmt: str = "16-bit", usable: float = USABLE_FRACTION) -> dict[int, int]:
-    """A ``max_memory`` that spreads ``model`` over ``count`` devices about evenly (for the pipeline demo)."""
-    from labkit.quant import predict_footprint
-
+def balanced_max_memory(model, count: int, *, fmt: str = "16-bit") -> dict[int, int]:
+    """A ``max_memory`` that spreads ``model`` over ``count`` devices about evenly (for the pipeline demo):
+    an even share of its bytes, plus room for its largest block so that a share never ends mid-layer short."""
     check_sizes(1, count=count)
-    footprint = predict_footprint(model, fmt)
-    share = (footprint["stored"] + footprint["constants"]) / count
-    largest = max(r["bytes"] for r in placement(model, {"": 0}))
-    return {i: int(share + largest) for i in range(count)}
+    rows = placement(model, {"": 0}, fmt=fmt)
+    share = sum(r["bytes"] for r in rows) / count
+    return {i: int(share + max(r["bytes"] for r in rows)) for i in range(count)}
 
 
 # --------------------------------------------------------------------------- torchrun jobs
@@ -356,12 +364,11 @@ def launch(script: str | os.PathLike, nproc: int, args: dict[str, Any] | None = 
         if echo:
             print("$ " + torchrun_command(script, nproc, args))
         start = time.perf_counter()
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=_job_env(nproc, gpus))
-        except subprocess.TimeoutExpired:
-            raise LaunchFailed(f"{script.name} with {_processes(nproc)} ran past {timeout_s:.0f} s and was stopped.") from None
-        if done.returncode != 0 or not out.exists():
-            raise _failure(script, f"with {_processes(nproc)}", done.returncode, done.stderr or done.stdout)
+        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=_job_env(nproc, gpus), start_new_session=True)
+        output = _wait(job, timeout_s, f"{script.name} with {_processes(nproc)}")
+        if job.returncode != 0 or not out.exists():
+            raise _failure(script, f"with {_processes(nproc)}", job.returncode, output)
         result = json.loads(out.read_text())
     result["launch_s"] = time.perf_counter() - start
     return result
@@ -393,17 +400,18 @@ def launch_nodes(script: str | os.PathLike, nnodes: int, nproc: int, args: dict[
         env = _job_env(nproc * nnodes, gpus)
         launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run",
                                        *torchrun_args(script, nproc, full, nnodes=nnodes, rdzv_endpoint=endpoint)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                      start_new_session=True)
                      for _ in range(nnodes)]
         start = time.perf_counter()
         outputs = []
         try:
             for launcher in launchers:
-                outputs.append(launcher.communicate(timeout=max(1.0, timeout_s - (time.perf_counter() - start)))[0])
-        except subprocess.TimeoutExpired:
+                left = max(1.0, timeout_s - (time.perf_counter() - start))
+                outputs.append(_wait(launcher, left, f"{script.name} on {nnodes} nodes", total_s=timeout_s))
+        finally:
             for launcher in launchers:
-                launcher.kill()
-            raise LaunchFailed(f"{script.name} on {nnodes} nodes ran past {timeout_s:.0f} s and was stopped.") from None
+                _stop(launcher)
         for node, (launcher, output) in enumerate(zip(launchers, outputs, strict=True)):
             if launcher.returncode != 0:
                 raise _failure(script, f"on node {node} of {nnodes}", launcher.returncode, output)
@@ -412,6 +420,23 @@ def launch_nodes(script: str | os.PathLike, nnodes: int, nproc: int, args: dict[
         result = json.loads(out.read_text())
     result["launch_s"] = time.perf_counter() - start
     return result
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a launcher and every worker it started (they share its process group)."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _wait(process: subprocess.Popen, timeout_s: float, what: str, *, total_s: float | None = None) -> str:
+    """The output of ``process`` once it ends; past ``timeout_s`` it is stopped with its workers."""
+    try:
+        return process.communicate(timeout=timeout_s)[0] or ""
+    except subprocess.TimeoutExpired:
+        _stop(process)
+        raise LaunchFailed(f"{what} ran past {total_s or timeout_s:.0f} s and was stopped.") from None
 
 
 def _existing(script: str | os.PathLike) -> Path:
@@ -481,6 +506,13 @@ def check_tensor_parallel(config, size: int) -> None:
                                f"use a process count that divides {count}.")
 
 
+def check_job_model(name: str, config) -> None:
+    """One sentence when ``name`` cannot run the tensor-parallel job: transformers needs a plan for its architecture."""
+    if not getattr(config, "base_model_tp_plan", None):
+        raise BadParameter(f"model_id={name!r}: transformers has no tensor-parallel plan for {config.model_type} models; "
+                           "use a Llama-family causal model such as tiny-llama, smollm2-135m or random-llama-1b.")
+
+
 def load_tensor_parallel(name: str, *, dtype, attn_implementation: str = "sdpa"):
     """``name`` loaded with transformers' tensor-parallel plan across this job's ranks (run under torchrun)."""
     import torch
@@ -492,10 +524,27 @@ def load_tensor_parallel(name: str, *, dtype, attn_implementation: str = "sdpa")
     spec = models.EMBEDDED.get(name)
     folder = models._random_folder(name, 0, dtype) if spec is not None and spec.kind == "random" \
         else models._resolve_folder(name)
-    with models._quiet_transformers():
+    with models._quiet_transformers(), _cpu_accelerator_without_gpus():
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation,
                                                      distributed_config=DistributedConfig(tp_plan="auto"))
     return model.eval(), models.load_tokenizer(name), torch.distributed.get_backend()
+
+
+@contextlib.contextmanager
+def _cpu_accelerator_without_gpus():
+    """transformers picks the tensor-parallel device from ``torch._C._get_accelerator()``, which names CUDA in any
+    CUDA build of torch, even with every GPU hidden; where no GPU is usable, make it name the CPU (gloo)."""
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch._C._get_accelerator
+    torch._C._get_accelerator = lambda check=None: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch._C._get_accelerator = original
 
 
 def local_parameter_bytes(model) -> int:

@@ -59,29 +59,33 @@ def predict_footprint(model, name: str, *, sixteen_bit_bytes: int = 2) -> dict[s
     weights for 4-bit; with double quantization one byte per 64, one float32 per 256 blocks and a 1 KiB code table per
     layer; one float32 scale per row for int8).
     """
+    stored = constants = 0
+    for _, tensor_stored, tensor_constants in tensor_footprints(model, name, sixteen_bit_bytes=sixteen_bit_bytes):
+        stored += tensor_stored
+        constants += tensor_constants
+    return {"stored": stored, "constants": constants}
+
+
+def tensor_footprints(model, name: str, *, sixteen_bit_bytes: int = 2):
+    """``(tensor, stored bytes, scale bytes)`` for each distinct parameter and buffer of ``model`` in format ``name``
+    (a tensor shared by two modules, like tied embeddings, comes once)."""
     check_format(name)
     quantized = {id(module.weight): module for _, module in _linear_weights(model)}
     seen: set[int] = set()
-    stored = constants = 0
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
         count = tensor.numel()
         if name == "16-bit" or id(tensor) not in quantized:
-            stored += count * (sixteen_bit_bytes if tensor.is_floating_point() else tensor.element_size())
+            yield tensor, count * (sixteen_bit_bytes if tensor.is_floating_point() else tensor.element_size()), 0
         elif name == "int8":
-            stored += count
-            constants += quantized[id(tensor)].out_features * 4
+            yield tensor, count, quantized[id(tensor)].out_features * 4
         else:
-            stored += (count + 1) // 2
             blocks = -(-count // BLOCKSIZE)
-            if name == "nf4-double":
-                # 8-bit absmax, one float32 per 256 of them, and a 256-entry float32 code table per layer
-                constants += blocks + 4 * -(-blocks // 256) + 256 * 4
-            else:
-                constants += 4 * blocks
-    return {"stored": stored, "constants": constants}
+            # nf4-double: 8-bit absmax, one float32 per 256 of them, and a 256-entry float32 code table per layer
+            scales = blocks + 4 * -(-blocks // 256) + 256 * 4 if name == "nf4-double" else 4 * blocks
+            yield tensor, (count + 1) // 2, scales
 
 
 # --------------------------------------------------------------------------- quality

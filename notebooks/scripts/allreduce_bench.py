@@ -9,6 +9,7 @@ what one costs at each message size.
 
 import argparse
 
+import torch
 import torch.distributed as dist
 
 from labkit import parallel, probes
@@ -23,7 +24,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = parallel.local_device()
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    on_gpu = device.startswith("cuda")
+    dist.init_process_group("nccl" if on_gpu else "gloo", device_id=torch.device(device) if on_gpu else None)
     sizes = []
     size = args.min_bytes
     while size <= args.max_mib * 2**20:

@@ -5,8 +5,7 @@
 With one process the model is loaded whole, with no parallel plan: the baseline. With N processes it is loaded
 with transformers' tensor-parallel plan (``DistributedConfig(tp_plan="auto")``) over gloo (CPU) or NCCL (GPUs).
 Rank 0 writes to --out: the greedy token ids, the prompt's top-10 next-token logits, the decode rate,
-the bytes each rank holds and the attention
-backend that ran.
+the bytes each rank holds, the attention backend that ran and the collectives one forward pass called.
 """
 
 import argparse
@@ -47,6 +46,7 @@ def main() -> None:
         top = model(input_ids=prompt).logits[0, -1].float().topk(10)  # to compare with one process, value by value
     decode = generation.measure_decode(model, prompt, new_tokens=args.new_tokens, warmup=1, repeats=args.repeats,
                                        tokenizer=tokenizer)
+    collectives = {op: n for op, n in ran.counts.items() if op.startswith("c10d::")}  # one forward = one token step
     held = parallel.local_parameter_bytes(model)
     bytes_per_rank = [held]
     if ranks > 1:
@@ -56,7 +56,7 @@ def main() -> None:
         "script": "tp_generate", "model": args.model, "world_size": ranks, "backend": backend, "device": device,
         "device_label": probes.device_label(device), "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": model.config._attn_implementation, "sdpa_backend": ran.backend,
-        "threads": torch.get_num_threads(), "load_s": load_s,
+        "threads": torch.get_num_threads(), "load_s": load_s, "collectives_per_forward": collectives,
         "top_logits": top.values.tolist(), "top_token_ids": top.indices.tolist(), "parameter_bytes_per_rank": bytes_per_rank,
         **{k: decode[k] for k in ("batch", "prompt_tokens", "new_tokens", "tokens_per_s", "step_ms",
                                   "first_token_ms", "timing_fallback", "token_ids")}})

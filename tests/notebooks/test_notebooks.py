@@ -57,7 +57,7 @@ EXPECTED_METRICS = {
                           for what in ("tokens_per_s", "fraction_of_bound")]
                        + [f"footprint_{f}_mib" for f in FORMATS4],
     "05_multi_gpu": [f"{job}_{n}_{what}" for job in ("tp", "dp") for n in (1, 2) for what in ("tokens_per_s", "speedup")]
-                    + ["tp_2_top_logit_gap", "allreduce_best_busbw_gb_per_s", "allreduce_fraction_of_limit",
+                    + ["tp_2_top_logit_gap", "allreduce_best_busbw_gb_per_s", "allreduce_fraction_of_copy",
                        "plan_llama_70b_shape_16_bit_total_gib", "plan_llama_70b_shape_nf4_total_gib",
                        "tp_predicted_communication_ms_per_token"],
 }

@@ -87,3 +87,13 @@ def test_gpus_are_hidden_from_cpu_jobs(tmp_path):
     script.write_text("import os, sys\nfrom labkit import parallel\n"
                       "parallel.write_from_rank0(sys.argv[-1], {'visible': os.environ.get('CUDA_VISIBLE_DEVICES')})\n")
     assert parallel.launch(script, 1, gpus=False, echo=False)["visible"] == ""
+
+
+def test_tensor_parallel_on_cpu_processes_with_a_cuda_build_of_torch(tmp_path, monkeypatch):
+    # A CUDA build names CUDA as its accelerator even with every GPU hidden; transformers then tried NCCL and failed.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import torch\ntorch._C._get_accelerator = lambda check=None: torch.device('cuda')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    run = parallel.launch(SCRIPTS / "tp_generate.py", 2, {"model": "tiny-llama", "new_tokens": 2, "repeats": 1},
+                          gpus=False, echo=False)
+    assert run["backend"] == "gloo" and run["world_size"] == 2

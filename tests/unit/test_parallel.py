@@ -126,6 +126,7 @@ def test_device_of_takes_the_longest_prefix():
 def test_placement_rows_count_bytes(small):
     rows = parallel.placement(small, {"": 0})
     assert rows[1] == {"block": "model.layers.0", "device": 0, "bytes": 2 * (LINEAR // 2 + 128)}
+    assert rows[0] == {"block": "model.embed_tokens", "device": 0, "bytes": 2 * 64_000}
 
 
 def test_tensor_parallel_sizes(small):
@@ -166,3 +167,33 @@ def test_launch_refuses_a_missing_script(tmp_path):
 
 def test_shapes_are_the_published_sizes():
     assert sum(p.numel() for p in parallel.empty_model("llama-8b-shape").parameters()) == 8_030_261_248
+
+
+def test_job_models_need_a_tensor_parallel_plan(small):
+    parallel.check_job_model("small", small.config)
+    from transformers import BertConfig, OPTConfig
+
+    for config in (OPTConfig(), BertConfig()):
+        with pytest.raises(BadParameter, match=f"no tensor-parallel plan for {config.model_type} models"):
+            parallel.check_job_model("x", config)
+
+
+def test_placement_counts_tied_weights_once_and_in_the_format(small):
+    sixteen = parallel.placement(small, {"": 0})
+    assert sum(r["bytes"] for r in sixteen) == parallel.memory_needed(small, batch=1, context=1)["weights"]
+    assert sixteen[-1] == {"block": "lm_head", "device": 0, "bytes": 0}  # tied to the embeddings, counted there
+    nf4 = parallel.placement(small, {"": 0}, fmt="nf4")
+    assert sum(r["bytes"] for r in nf4) == parallel.memory_needed(small, fmt="nf4", batch=1, context=1)["weights"]
+
+
+def test_element_bytes_are_checked(small):
+    with pytest.raises(BadParameter, match="element_bytes=3"):
+        parallel.memory_needed(small, element_bytes=3)
+
+
+def test_gpu_hiding_makes_transformers_pick_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda check=None: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with parallel._cpu_accelerator_without_gpus():
+        assert torch._C._get_accelerator().type == "cpu"
+    assert torch._C._get_accelerator().type == "cuda"
