@@ -15,7 +15,7 @@ STAMP := $(VENV)/.labkit-installed
 # One thread per test worker: two workers with two BLAS threads each on two cores ran the notebooks 4x slower.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: install run test test-unit test-notebooks lab probe clean
+.PHONY: install run test test-unit test-notebooks lab probe clean browser
 
 install: $(STAMP)
 
@@ -50,7 +50,16 @@ $(STAMP): $(PY) pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/labkit run
 
-test: $(STAMP)
+# Debian's Chromium for the browser tests (Playwright drives it; browser downloads do not work offline).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser tests"; \
+	    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+	      || echo "make: could not install chromium; the browser tests will skip"; \
+	  else echo "make: no chromium here and no root to install it; the browser tests will skip"; fi; }
+
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check labkit tests
 	$(TEST_ENV) $(PY) -m pytest -n 2 tests
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax notebooks
