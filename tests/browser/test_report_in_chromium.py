@@ -40,3 +40,25 @@ def test_report_renders_with_its_figures_and_no_console_errors(browser, make_run
     assert "RuntimeError: boom" in page.locator("pre.error").inner_text()
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert errors == []
+
+
+def test_labkit_run_quick_from_this_checkout_writes_a_report_that_renders(browser, tmp_path):
+    """The main job end to end, offline: `labkit run --quick` on notebook 00, then its report in the browser."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "labkit.cli", "run", "--quick", "--notebooks", "00", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert report.summary_problems(summary) == []
+    page = browser.new_page()
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.goto((out / "report.html").as_uri())
+    assert page.locator("h2", has_text="Kernel matrix").count() == 1
+    assert page.locator("section#00_setup_and_probes .status").inner_text() == "ok"
+    assert errors == []
