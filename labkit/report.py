@@ -168,7 +168,7 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
         parts.append(f"<h2>Kernel matrix</h2><p>not probed: {html.escape(probe['error'])}</p>")
     for name, entry in notebooks.items():
         references = {device: data for device, data in reference_runs(name, reference_folder).items()}
-        section = [f"<section id='{html.escape(name)}'><h2>{html.escape(name)} "
+        section = [f"<section id='nb-{html.escape(name)}'><h2>{html.escape(name)} "
                    f"<span class='status {entry['status'].replace(' ', '-')}'>{html.escape(entry['status'])}</span></h2>",
                    f"<p>{entry['duration_s']:.0f} s</p>"]
         if entry.get("error"):

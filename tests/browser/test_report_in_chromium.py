@@ -60,5 +60,5 @@ def test_labkit_run_quick_from_this_checkout_writes_a_report_that_renders(browse
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.goto((out / "report.html").as_uri())
     assert page.locator("h2", has_text="Kernel matrix").count() == 1
-    assert page.locator("section#00_setup_and_probes .status").inner_text() == "ok"
+    assert page.locator("section#nb-00_setup_and_probes .status").inner_text() == "ok"
     assert errors == []
