@@ -15,7 +15,7 @@ STAMP := $(VENV)/.labkit-installed
 # One thread per test worker: two workers with two BLAS threads each on two cores ran the notebooks 4x slower.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: install run test test-unit test-notebooks lab probe clean browser
+.PHONY: install run test test-faults test-unit test-notebooks lab probe clean browser
 
 install: $(STAMP)
 
@@ -61,8 +61,13 @@ browser:
 
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check labkit tests
-	$(TEST_ENV) $(PY) -m pytest -n 2 tests
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax notebooks
+	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not faults" tests
+	@# nbval's kernels start with the deprecation canary and the network block too (tests/kernel_guard.py)
+	IPYTHONDIR=$$($(PY) tests/kernel_guard.py) $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax notebooks
+
+# The fault matrix: every notebook under each missing piece (no GPU, no bitsandbytes, offline Hub, ...).
+test-faults: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -n 2 -m faults tests/faults
 
 test-unit: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 tests/unit

@@ -175,6 +175,9 @@ def _probe_quietly() -> dict[str, Any]:
 def _cmd_probe(args: argparse.Namespace) -> int:
     from labkit import probes
 
+    if args.when_missing:
+        print(probes.when_missing_markdown())
+        return 0
     report = probes.probe()
     print(json.dumps(report, indent=2, default=str) if args.json else probes.format_report(report))
     return 0
@@ -246,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     probe = commands.add_parser("probe", help="what this machine can do (versions, devices, SDPA backends, ...)")
     probe.add_argument("--json", action="store_true", help="print the report as JSON")
+    probe.add_argument("--when-missing", action="store_true",
+                       help="print the README's table of what the notebooks do when something is missing")
     probe.set_defaults(func=_cmd_probe)
     prepare = commands.add_parser("prepare", help="make the embedded models ready to load offline")
     prepare.set_defaults(func=_cmd_prepare)

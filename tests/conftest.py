@@ -5,8 +5,17 @@ import os
 
 import pytest
 
+import kernel_guard
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+kernel_guard.install_network_block()  # the test process too: only loopback (see kernel_guard.py)
+
+
+@pytest.fixture(scope="session")
+def guarded_kernels(tmp_path_factory):
+    """IPYTHONDIR for kernels that start with the deprecation canary and the network block."""
+    return kernel_guard.make_profile(tmp_path_factory.mktemp("ipython"))
 
 RUN_ENV = {"platform": "Linux", "versions": {"torch": "2.13.0"}, "devices": {"cpu": {"name": "Test CPU", "cores": 2}, "cuda": []}}
 

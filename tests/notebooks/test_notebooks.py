@@ -13,8 +13,9 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch):
+def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch, guarded_kernels):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("IPYTHONDIR", guarded_kernels)  # deprecations are errors; no network
     results_path = tmp_path / f"{notebook.stem}.results.json"
     papermill.execute_notebook(str(notebook), str(tmp_path / notebook.name), kernel_name="python3",
                                parameters={"quick": True, "results_path": str(results_path)},
@@ -75,7 +76,8 @@ BAD_PARAMETERS = {
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("stem", sorted(BAD_PARAMETERS))
-def test_a_bad_parameter_stops_the_notebook_early_in_one_sentence(stem, tmp_path):
+def test_a_bad_parameter_stops_the_notebook_early_in_one_sentence(stem, tmp_path, monkeypatch, guarded_kernels):
+    monkeypatch.setenv("IPYTHONDIR", guarded_kernels)
     parameters, named = BAD_PARAMETERS[stem]
     notebook = ROOT / "notebooks" / f"{stem}.ipynb"
     with pytest.raises(papermill.PapermillExecutionError) as caught:
@@ -86,3 +88,21 @@ def test_a_bad_parameter_stops_the_notebook_early_in_one_sentence(stem, tmp_path
     assert error.ename == "BadParameter" and named in error.evalue
     assert error.exec_count <= 3, "bad parameters must be caught in the first cells"
     assert len(error.traceback) == 1, "one sentence, not a traceback"
+
+
+@pytest.mark.notebook
+def test_the_test_kernels_refuse_the_network_and_fail_on_deprecations(tmp_path, monkeypatch, guarded_kernels):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import socket\ntry:\n    socket.create_connection(('1.1.1.1', 443), timeout=3)\n"
+                                          "except ConnectionRefusedError as error:\n    refused = str(error)\n"
+                                          "assert 'the tests run offline' in refused"),
+                nbformat.v4.new_code_cell("import warnings\nwarnings.warn('a deprecated call', FutureWarning)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "canary.ipynb")
+    monkeypatch.setenv("IPYTHONDIR", guarded_kernels)
+    with pytest.raises(papermill.PapermillExecutionError) as caught:
+        papermill.execute_notebook(str(tmp_path / "canary.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                                   progress_bar=False)
+    assert caught.value.ename == "FutureWarning" and caught.value.exec_count == 2

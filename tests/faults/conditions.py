@@ -1,0 +1,144 @@
+"""The conditions of the fault matrix: what a learner's machine really lacks, simulated inside the kernel.
+
+Each condition names the notebooks it applies to, what it changes (parameters, and code run when the kernel starts:
+an import blocker, or a patch that makes torch fail the way a smaller machine or an older build does), and the
+outcome a notebook must reach: "completed" (affected cells skipped, reasons recorded) or "stopped" (one sentence
+in its first cells).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+ALL = ("00", "01", "02", "03", "04", "05")
+# The parameter that names the model, per notebook (02 compares a list of models).
+MODEL_PARAMETER = {"00": "model_id", "01": "model_id", "02": "model_ids", "03": "model_id", "04": "model_id",
+                   "05": "model_id"}
+DTYPE_PARAMETER = {"00": "dtype", "01": "dtype", "02": "dtype", "03": "dtype", "04": "compute_dtype"}
+# A size no notebook can honour, per notebook: (parameters, text the sentence must contain).
+BAD_SIZE = {"00": ({"matmul_size": -1}, "matmul_size=-1"), "01": ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"),
+            "02": ({"new_tokens": 1}, "new_tokens=1"), "03": ({"batch_sizes": [0]}, "batch_sizes"),
+            "04": ({"eval_tokens": -5}, "eval_tokens=-5"), "05": ({"context": 0}, "context=0")}
+
+# Hides packages as if they were not installed: importlib.util.find_spec says None and an import fails.
+BLOCKER = '''
+import importlib.abc, importlib.util, sys
+
+BLOCKED = {blocked!r}
+
+
+class _Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (hidden by the fault matrix)", name=name)
+        return None
+
+
+_find_spec = importlib.util.find_spec
+
+
+def _hidden_find_spec(name, package=None):
+    if name.split(".")[0] in BLOCKED:
+        return None
+    return _find_spec(name, package)
+
+
+sys.meta_path.insert(0, _Blocker())
+importlib.util.find_spec = _hidden_find_spec
+for _name in [n for n in sys.modules if n.split(".")[0] in BLOCKED]:
+    del sys.modules[_name]
+'''
+
+# An SDPA call over 512 tokens or more fails the way a CPU allocation does when memory runs out.
+OUT_OF_MEMORY = '''
+import torch
+import torch.nn.functional as F
+
+_sdpa = F.scaled_dot_product_attention
+
+
+def _tight_memory(query, key, value, *args, **kwargs):
+    if query.shape[-2] >= 512:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)")
+    return _sdpa(query, key, value, *args, **kwargs)
+
+
+F.scaled_dot_product_attention = _tight_memory
+'''
+
+# A torch build without the Flash kernel: forcing it alone fails as such builds do.
+NO_FLASH = '''
+import torch
+import torch.nn.functional as F
+
+_sdpa = F.scaled_dot_product_attention
+
+
+def _without_flash(*args, **kwargs):
+    b = torch.backends.cuda
+    if b.flash_sdp_enabled() and not (b.math_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.cudnn_sdp_enabled()):
+        raise RuntimeError("No available kernel. Aborting execution.")
+    return _sdpa(*args, **kwargs)
+
+
+F.scaled_dot_product_attention = _without_flash
+'''
+
+# float16 matrix products on the CPU fail, as they did before torch 2.1.
+NO_HALF_MATMUL = '''
+import torch
+
+_matmul = torch.Tensor.__matmul__
+
+
+def _no_half(a, b):
+    if a.dtype == torch.float16 and a.device.type == "cpu":
+        raise RuntimeError("\\"addmm_impl_cpu_\\" not implemented for 'Half'")
+    return _matmul(a, b)
+
+
+torch.Tensor.__matmul__ = _no_half
+'''
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    expect: str  # "completed" or "stopped"
+    notebooks: tuple[str, ...] = ALL
+    parameters: Callable[[str, Any], dict[str, Any]] = lambda notebook, tmp: {}
+    startup: str = ""
+    stop_says: Callable[[str], str] = lambda notebook: ""  # text the one sentence must contain
+    skipped_mention: dict[str, str] = field(default_factory=dict)  # notebook -> text a skip reason must contain
+
+
+def _model(value):
+    return lambda nb, tmp: {MODEL_PARAMETER[nb]: [value] if nb == "02" else value}
+
+
+CONDITIONS = [
+    Condition("CUDA asked for, none here", "stopped", parameters=lambda nb, tmp: {"device": "cuda"},
+              stop_says=lambda nb: "no usable CUDA GPU"),
+    Condition("bitsandbytes not importable", "completed", ("00", "04", "05"),
+              startup=BLOCKER.format(blocked={"bitsandbytes"}),
+              skipped_mention={"04": "bitsandbytes", "05": "bitsandbytes"}),
+    Condition("flash-attn not importable", "completed", ("00", "01", "02"),
+              startup=BLOCKER.format(blocked={"flash_attn"})),
+    Condition("ipywidgets not importable", "completed", startup=BLOCKER.format(blocked={"ipywidgets"})),
+    Condition("Hub offline, model not cached", "stopped", parameters=_model("someone/not-in-the-cache"),
+              stop_says=lambda nb: "not found in the Hugging Face cache"),
+    Condition("a model name with a typo", "stopped", parameters=_model("smollm2-135n"),
+              stop_says=lambda nb: "smollm2-135n"),
+    Condition("a local folder without a model", "stopped", parameters=lambda nb, tmp: _model(str(tmp))(nb, tmp),
+              stop_says=lambda nb: "no model"),
+    Condition("a dtype the device cannot run", "stopped", tuple(DTYPE_PARAMETER),
+              parameters=lambda nb, tmp: {DTYPE_PARAMETER[nb]: "float16"}, startup=NO_HALF_MATMUL,
+              stop_says=lambda nb: "cannot run a matrix product"),
+    Condition("out of memory from 512 tokens", "completed", ("01",), startup=OUT_OF_MEMORY,
+              skipped_mention={"01": "can't allocate memory"}),
+    Condition("a zero or negative size", "stopped", parameters=lambda nb, tmp: BAD_SIZE[nb][0],
+              stop_says=lambda nb: BAD_SIZE[nb][1]),
+    Condition("torch without the Flash kernel", "completed", ("00", "01"), startup=NO_FLASH),
+]

@@ -1,0 +1,59 @@
+"""The fault matrix (pytest -m faults): each notebook, quick, under each condition of conditions.py.
+
+Every cell of the matrix must end "completed" (checks true, the affected cells skipped with a one-line reason)
+or "stopped" (BadParameter or ModelNotAvailable in the first cells, one sentence, no traceback).
+"""
+
+from pathlib import Path
+
+import kernel_guard
+import papermill
+import pytest
+from conditions import CONDITIONS
+
+from labkit.results import read_results
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = {p.name[:2]: p for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))}
+CASES = [(c, nb) for c in CONDITIONS for nb in c.notebooks if nb in NOTEBOOKS]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("condition, number", CASES, ids=[f"{c.name}-{nb}" for c, nb in CASES])
+def test_notebook_completes_or_stops_clearly(condition, number, tmp_path, monkeypatch, record_property):
+    notebook = NOTEBOOKS[number]
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    profile = kernel_guard.make_profile(tmp_path / "ipython")  # no network, deprecations are errors
+    if condition.startup:
+        (Path(profile) / "profile_default" / "startup" / "01-fault.py").write_text(condition.startup)
+    monkeypatch.setenv("IPYTHONDIR", profile)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    results_path = tmp_path / "results.json"
+    parameters = {"quick": True, "results_path": str(results_path), **condition.parameters(number, empty)}
+    outcome = "FAILED"
+    try:
+        try:
+            papermill.execute_notebook(str(notebook), str(tmp_path / notebook.name), kernel_name="python3",
+                                       parameters=parameters, cwd=str(notebook.parent), progress_bar=False)
+        except papermill.PapermillExecutionError as error:
+            assert condition.expect == "stopped", f"{error.ename}: {error.evalue}"
+            assert error.ename in ("BadParameter", "ModelNotAvailable"), f"{error.ename}: {error.evalue}"
+            assert error.exec_count <= 3, f"stopped in cell {error.exec_count}, not in the first cells"
+            assert len(error.traceback) == 1, "one sentence, not a traceback"
+            assert condition.stop_says(number) in error.evalue, error.evalue
+            outcome = "stopped"
+        else:
+            assert condition.expect == "completed", "the notebook ran to its end instead of stopping"
+            data = read_results(results_path)
+            failed = [name for name, passed in data["checks"].items() if not passed]
+            assert not failed, f"checks failed: {failed}"
+            for what, why in data["skipped"].items():
+                assert why.strip() and "\n" not in why, f"skip of {what!r} needs a one-line reason"
+            mention = condition.skipped_mention.get(number)
+            if mention:
+                assert any(mention in why for why in data["skipped"].values()), \
+                    f"no skip reason mentions {mention!r}: {data['skipped']}"
+            outcome = "completed"
+    finally:
+        record_property("fault_outcome", (condition.name, number, outcome))

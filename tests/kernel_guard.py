@@ -1,0 +1,78 @@
+"""Run at the start of every test kernel (an IPython startup file) and imported by the test process itself.
+
+1. The deprecation canary: a FutureWarning or DeprecationWarning attributed to torch, transformers, accelerate,
+   bitsandbytes, labkit or a notebook cell is an error, so a release that deprecates what the workbook teaches fails
+   CI the day it comes out. A cell that shows an old API on purpose catches its warning itself (and carries the
+   cell tag ``old-api-on-purpose``).
+2. No network: a connection to anything but loopback is refused at once (the kernel and torchrun use loopback).
+
+``python tests/kernel_guard.py`` makes an IPYTHONDIR holding this file as a startup file and prints its path.
+"""
+
+import ipaddress
+import socket
+import warnings
+
+WATCHED = r"(torch|transformers|accelerate|bitsandbytes|labkit|__main__)(\.|$)"
+# Deprecations inside a library's own code, not caused by the workbook (each with where it comes from):
+KNOWN = [
+    ("`torch.jit.script_method` is deprecated", DeprecationWarning),  # torch/utils/mkldnn.py, on torch's own import
+]
+
+
+def install_canary() -> None:
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("error", category=category, module=WATCHED)
+    for message, category in KNOWN:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def _loopback(host) -> bool:
+    if host in ("localhost", "", None):
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def install_network_block() -> None:
+    if getattr(socket.socket.connect, "_labkit_guard", False):
+        return
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refuse(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address[0]):
+            raise ConnectionRefusedError(f"outbound connection to {address[0]}:{address[1]} refused: the tests run offline")
+
+    def guarded_connect(sock, address):
+        refuse(sock, address)
+        return connect(sock, address)
+
+    def guarded_connect_ex(sock, address):
+        refuse(sock, address)
+        return connect_ex(sock, address)
+
+    guarded_connect._labkit_guard = True
+    socket.socket.connect, socket.socket.connect_ex = guarded_connect, guarded_connect_ex
+
+
+def make_profile(base=None) -> str:
+    """An IPYTHONDIR whose default profile runs this file when a kernel starts."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    root = Path(base) if base else Path(tempfile.mkdtemp(prefix="labkit-kernel-"))
+    startup = root / "profile_default" / "startup"
+    startup.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(__file__, startup / "00-labkit-guard.py")
+    return str(root)
+
+
+if __name__ == "__main__":
+    if "get_ipython" in globals():  # running as a kernel's startup file
+        install_canary()
+        install_network_block()
+    else:
+        print(make_profile())
