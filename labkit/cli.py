@@ -46,6 +46,25 @@ def parse_parameters(pairs: Sequence[str]) -> dict[str, Any]:
     return parameters
 
 
+def read_parameters_file(path: Path) -> dict[str, Any]:
+    """Parameters from a YAML file: a mapping of names to plain values, read as data (never evaluated)."""
+    import yaml
+
+    if not path.is_file():
+        raise BadParameter(f"--parameters {path}: no such file.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise BadParameter(f"--parameters {path} is not valid YAML ({str(error).splitlines()[0]}).") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and k.isidentifier() for k in data):
+        raise BadParameter(f"--parameters {path} must map parameter names to values, like 'quick: true'.")
+    plain = (str, int, float, bool, list, type(None))
+    odd = [k for k, v in data.items() if not isinstance(v, plain)]
+    if odd:
+        raise BadParameter(f"--parameters {path}: {', '.join(odd)} must be a number, text, true/false or a list.")
+    return data
+
+
 def declared_parameters(notebook: Path) -> dict[str, Any]:
     """The names (and defaults, as text) in a notebook's ``parameters`` cell."""
     import papermill
@@ -198,9 +217,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     notebooks = find_notebooks(args.notebooks, folder)
     parameters = parse_parameters(args.parameter or [])
     if args.parameters:
-        import yaml
-
-        parameters = {**(yaml.safe_load(Path(args.parameters).read_text()) or {}), **parameters}
+        parameters = {**read_parameters_file(Path(args.parameters)), **parameters}
     if args.quick is None:
         has_gpu = bool(probes.devices()["cuda"])
         quick = not has_gpu

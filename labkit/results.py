@@ -130,12 +130,29 @@ def reference_runs(notebook: str, folder: Path | None = None) -> dict[str, dict[
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a results file and check that it follows the schema."""
-    data = json.loads(Path(path).read_text())
+    """Read a results file and check that it follows the schema (read as JSON data, never evaluated)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise BadParameter(f"{path} is not a labkit results file: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(data, dict):
+        raise BadParameter(f"{path} is not a labkit results file: not a JSON object")
     missing = {"notebook", "env", "metrics", "checks", "skipped"} - set(data)
     if missing:
-        raise ValueError(f"{path} is not a labkit results file: missing {sorted(missing)}")
+        raise BadParameter(f"{path} is not a labkit results file: missing {sorted(missing)}")
+    problems = [f"metric {k!r} is not a number" for k, v in _items(data["metrics"])
+                if isinstance(v, bool) or not isinstance(v, (int, float))]
+    problems += [f"check {k!r} is not true or false" for k, v in _items(data["checks"]) if not isinstance(v, bool)]
+    problems += [f"skip {k!r} has no one-line reason" for k, v in _items(data["skipped"]) if not isinstance(v, str)]
+    if not all(isinstance(data[k], dict) for k in ("env", "metrics", "checks", "skipped")):
+        problems.insert(0, "env, metrics, checks and skipped must be objects")
+    if problems:
+        raise BadParameter(f"{path} is not a labkit results file: {'; '.join(problems[:3])}")
     return data
+
+
+def _items(value: Any) -> list[tuple[Any, Any]]:
+    return list(value.items()) if isinstance(value, dict) else []
 
 
 def load_run(path: str | os.PathLike) -> dict[str, dict[str, Any]]:

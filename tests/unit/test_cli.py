@@ -173,3 +173,23 @@ def test_compare_explains_what_it_cannot_read(tmp_path, capsys):
     b = _run_folder(tmp_path / "b", "B", {"02_y": {"ms": 1.0}})
     assert cli.main(["compare", str(a), str(b)]) == 1
     assert "share no metrics" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("quick: [unclosed", "is not valid YAML"), ("- 1\n- 2\n", "must map parameter names to values"),
+    ("'not a name': 1\n", "must map parameter names to values"),
+    ("size: !!python/object/apply:os.system ['echo hacked']\n", "is not valid YAML"),
+    ("size: {nested: 1}\n", "size must be a number, text, true/false or a list"),
+])
+def test_a_parameters_file_is_read_as_data_and_checked(tmp_path, content, problem):
+    path = tmp_path / "params.yaml"
+    path.write_text(content)
+    with pytest.raises(BadParameter, match=problem):
+        cli.read_parameters_file(path)
+    assert cli.read_parameters_file(_write(tmp_path / "ok.yaml", "quick: true\nsizes: [1, 2]\n")) == {
+        "quick": True, "sizes": [1, 2]}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -109,3 +109,16 @@ def test_readme_when_missing_table_is_current_and_matches_the_fault_matrix():
     from conditions import CONDITIONS
 
     assert [what for what, _, _ in probes.WHEN_MISSING] == [c.name for c in CONDITIONS]
+
+
+def test_nothing_runs_downloaded_code_and_no_notebook_installs_packages():
+    sources = [p.read_text() for p in (ROOT / "labkit").glob("*.py")]
+    sources += [p.read_text() for p in (ROOT / "notebooks" / "scripts").glob("*.py")]
+    assert not any(re.search(r"trust_remote_code\s*=\s*True", s) for s in sources)
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] == "code":
+                assert "trust_remote_code" not in source, f"{path.name}: trust_remote_code in a cell"
+                assert not re.search(r"^\s*[!%]\s*(pip|conda|apt|mamba)\b", source, re.M), f"{path.name}: installs packages"
+                assert not re.search(r"-m\s+pip\b|\bpip\s+install\b", source), f"{path.name}: installs packages"

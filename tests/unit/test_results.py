@@ -92,3 +92,20 @@ def test_check_sizes_names_every_offender():
 def test_metric_name_from_words_and_values():
     assert results.metric_name("decode", "smollm2-135m", "sdpa", "tokens/s") == "decode_smollm2_135m_sdpa_tokens_s"
     assert results.metric_name("recipe", "hand loop, compiled step") == "recipe_hand_loop_compiled_step"
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("not json at all", "not valid JSON"), ("[1, 2]", "not a JSON object"),
+    ('{"notebook": "x", "env": {}, "metrics": {"a": "fast"}, "checks": {}, "skipped": {}}', "metric 'a' is not a number"),
+    ('{"notebook": "x", "env": {}, "metrics": {}, "checks": {"ok": "yes"}, "skipped": {}}', "check 'ok' is not true"),
+    ('{"notebook": "x", "env": {}, "metrics": {}, "checks": {}, "skipped": {"a": 3}}', "skip 'a' has no one-line reason"),
+    ('{"notebook": "x", "env": [], "metrics": [], "checks": {}, "skipped": {}}', "must be objects"),
+])
+def test_a_results_file_with_unexpected_content_is_rejected_clearly(tmp_path, content, problem):
+    from labkit.errors import BadParameter
+    from labkit.results import read_results
+
+    path = tmp_path / "x.results.json"
+    path.write_text(content)
+    with pytest.raises(BadParameter, match=problem):
+        read_results(path)
