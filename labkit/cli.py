@@ -42,7 +42,12 @@ def parse_parameters(pairs: Sequence[str]) -> dict[str, Any]:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip().isidentifier():
             raise BadParameter(f"-p {pair!r}: write parameters as name=value.")
-        parameters[name.strip()] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            parameters[name.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise BadParameter(f"-p {pair!r}: the value is not valid YAML (quote text, close lists).") from None
+    if "results_path" in parameters:
+        raise BadParameter("-p results_path: labkit run sets it for each notebook; use --out for the run folder.")
     return parameters
 
 
@@ -95,8 +100,6 @@ def _error_in(executed: Path) -> str | None:
 def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, timeout_s: float,
                 cell_timeout: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Execute one notebook with papermill in its own process group, so that a timeout stops it and its kernel."""
-    import os
-    import signal
     import subprocess
 
     import yaml
@@ -114,11 +117,13 @@ def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, t
         try:
             code = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # papermill and the kernel it started
-            process.wait()
+            _stop_tree(process)
             return {"status": "timed out", "duration_s": round(time.perf_counter() - start, 1),
                     "error": f"stopped after {timeout_s:.0f} s (the per-notebook timeout); "
                              f"the cells that ran are in {executed.name}"}
+        except BaseException:  # Ctrl-C: papermill runs in its own session and would not hear it
+            _stop_tree(process)
+            raise
     entry: dict[str, Any] = {"status": "ok" if code == 0 else "failed", "duration_s": round(time.perf_counter() - start, 1)}
     if code != 0:
         lines = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
@@ -126,6 +131,26 @@ def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, t
     if log.exists() and not log.read_text().strip():
         log.unlink()
     return entry
+
+
+def _stop_tree(process) -> None:
+    """Stop papermill, its kernel and whatever the kernel started (each may sit in its own session)."""
+    import os
+    import signal
+
+    try:
+        import psutil
+
+        children = psutil.Process(process.pid).children(recursive=True)
+    except Exception:  # no psutil, or papermill already gone: its own group is what can be stopped
+        children = []
+    for pid in [process.pid, *(child.pid for child in children)]:
+        for kill in (lambda p: os.killpg(os.getpgid(p), signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):
+            try:
+                kill(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+    process.wait()
 
 
 def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], *, quick: bool,
@@ -140,6 +165,11 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
     from labkit import report
     from labkit.results import environment, read_results
 
+    if "quick" in parameters:  # -p quick=... decides the sizes, and the summary says so
+        parameters = dict(parameters)
+        quick = parameters.pop("quick")
+        if not isinstance(quick, bool):
+            raise BadParameter(f"-p quick={quick!r}: use true or false (or --quick / --full).")
     declared = {nb: declared_parameters(nb) for nb in notebooks}
     known = set().union(*declared.values()) if declared else set()
     unknown = sorted(set(parameters) - known)
@@ -156,14 +186,19 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
     for notebook in bar:
         bar.set_postfix_str(notebook.stem)
         results_path = out / f"{notebook.stem}.results.json"
+        results_path.unlink(missing_ok=True)  # a file from an earlier run in the same folder is not this run's
         given = {"quick": quick, "results_path": str(results_path), **parameters}
         applied = {k: v for k, v in given.items() if k in declared[notebook]}
         say(f"[{notebooks.index(notebook) + 1}/{len(notebooks)}] {notebook.name} ...")
         entry = {"parameters": applied, **execute_one(notebook, out / notebook.name, applied, timeout_s=timeout_s,
                                                      cell_timeout=cell_timeout, progress=progress)}
         entry.update({"metrics": {}, "checks": {}, "skipped": {}, "figures": [], "environment": {}})
-        if results_path.exists():
-            data = read_results(results_path)
+        try:
+            data = read_results(results_path) if results_path.exists() else None
+        except BadParameter as error:  # recorded; the other notebooks still run
+            data = None
+            entry.update(status="failed", error=str(error))
+        if data is not None:
             entry.update({k: data[k] for k in ("metrics", "checks", "skipped")})
             entry["figures"] = data.get("figures", [])
             entry["environment"] = data.get("env", {})
@@ -218,6 +253,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     parameters = parse_parameters(args.parameter or [])
     if args.parameters:
         parameters = {**read_parameters_file(Path(args.parameters)), **parameters}
+    if args.quick is None and isinstance(parameters.get("quick"), bool):
+        args.quick = parameters.pop("quick")  # -p quick=true is --quick
     if args.quick is None:
         has_gpu = bool(probes.devices()["cuda"])
         quick = not has_gpu

@@ -41,7 +41,10 @@ def summary_problems(summary: Any) -> list[str]:
     for key, kind in (("started", str), ("finished", str), ("quick", bool), ("machine", dict), ("notebooks", dict)):
         if not isinstance(summary.get(key), kind):
             problems.append(f"{key!r} is missing or not a {kind.__name__}")
-    for name, entry in (summary.get("notebooks") or {}).items():
+    if isinstance(summary.get("machine"), dict) and not isinstance(summary["machine"].get("env", {}), dict):
+        problems.append("'machine.env' is not an object")
+    notebooks = summary.get("notebooks")
+    for name, entry in (notebooks.items() if isinstance(notebooks, dict) else []):
         if not isinstance(entry, dict):
             problems.append(f"notebook {name!r} is not an object")
             continue
@@ -52,12 +55,15 @@ def summary_problems(summary: Any) -> list[str]:
             problems.append(f"notebook {name!r}: status {entry.get('status')!r} is not one of {', '.join(STATUSES)}")
         elif entry["status"] != "ok" and not isinstance(entry.get("error"), str):
             problems.append(f"notebook {name!r} did not succeed but says no error")
-        for metric, value in (entry.get("metrics") or {}).items():
+        metrics, checks, figures = entry.get("metrics"), entry.get("checks"), entry.get("figures")
+        for metric, value in (metrics.items() if isinstance(metrics, dict) else []):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 problems.append(f"notebook {name!r}: metric {metric!r} is not a number")
-        for check, value in (entry.get("checks") or {}).items():
+        for check, value in (checks.items() if isinstance(checks, dict) else []):
             if not isinstance(value, bool):
                 problems.append(f"notebook {name!r}: check {check!r} is not true or false")
+        if isinstance(figures, list) and not all(isinstance(f, str) and f and Path(f).name == f for f in figures):
+            problems.append(f"notebook {name!r}: figures must be file names in the run folder")
     return problems
 
 
@@ -167,7 +173,11 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
     elif probe.get("error"):
         parts.append(f"<h2>Kernel matrix</h2><p>not probed: {html.escape(probe['error'])}</p>")
     for name, entry in notebooks.items():
-        references = {device: data for device, data in reference_runs(name, reference_folder).items()}
+        try:
+            references = reference_runs(name, reference_folder)
+        except BadParameter as error:  # one unreadable reference file must not hide this run's own numbers
+            references = {}
+            parts.append(f"<p class='none'>Reference runs for {html.escape(name)} not shown: {html.escape(str(error))}</p>")
         section = [f"<section id='nb-{html.escape(name)}'><h2>{html.escape(name)} "
                    f"<span class='status {entry['status'].replace(' ', '-')}'>{html.escape(entry['status'])}</span></h2>",
                    f"<p>{entry['duration_s']:.0f} s</p>"]

@@ -140,8 +140,12 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     missing = {"notebook", "env", "metrics", "checks", "skipped"} - set(data)
     if missing:
         raise BadParameter(f"{path} is not a labkit results file: missing {sorted(missing)}")
-    problems = [f"metric {k!r} is not a number" for k, v in _items(data["metrics"])
-                if isinstance(v, bool) or not isinstance(v, (int, float))]
+    problems = [f"metric {k!r} is not a number" if isinstance(v, bool) or not isinstance(v, (int, float))
+                else f"metric {k!r} is not finite" for k, v in _items(data["metrics"])
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
+    figures = data.get("figures", [])
+    if not isinstance(figures, list) or not all(isinstance(f, str) and f and Path(f).name == f for f in figures):
+        problems.append("figures must be a list of file names beside the results file")
     problems += [f"check {k!r} is not true or false" for k, v in _items(data["checks"]) if not isinstance(v, bool)]
     problems += [f"skip {k!r} has no one-line reason" for k, v in _items(data["skipped"]) if not isinstance(v, str)]
     if not all(isinstance(data[k], dict) for k in ("env", "metrics", "checks", "skipped")):

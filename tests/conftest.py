@@ -51,3 +51,37 @@ def _make_run(folder, *, metrics=None, status="ok"):
 def make_run():
     """Builds a fake run folder (summary.json and a figure) for report tests."""
     return _make_run
+
+
+# --------------------------------------------------------------------------- the fault matrix's table
+# Here rather than in tests/faults/conftest.py: with xdist, the controller loads this file whatever the arguments.
+
+OUTCOMES: dict[tuple[str, str], str] = {}
+
+
+def pytest_runtest_logreport(report):
+    for key, value in report.user_properties:
+        if key == "fault_outcome" and report.when == "call":
+            condition, notebook, outcome = value
+            OUTCOMES[(condition, notebook)] = outcome
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not OUTCOMES:
+        return
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "faults"))
+    from conditions import ALL, CONDITIONS
+
+    names = [c.name for c in CONDITIONS if any((c.name, nb) in OUTCOMES for nb in ALL)]
+    width = max(len(n) for n in names)
+    terminalreporter.write_sep("=", "fault matrix: condition x notebook")
+    terminalreporter.write_line(" " * width + "  " + "  ".join(f"{nb:^9}" for nb in ALL))
+    for name in names:
+        cells = [OUTCOMES.get((name, nb), "-") for nb in ALL]
+        terminalreporter.write_line(f"{name:<{width}}  " + "  ".join(f"{c:^9}" for c in cells))
+    terminalreporter.write_line("completed: ran to the end, the affected cells skipped with a reason; stopped: one "
+                                "sentence in the first cells; FAILED: neither (see above); -: not run here (the notebook "
+                                "does not use what is missing, or the test was deselected or skipped)")

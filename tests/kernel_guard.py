@@ -9,6 +9,7 @@
 ``python tests/kernel_guard.py`` makes an IPYTHONDIR holding this file as a startup file and prints its path.
 """
 
+import errno
 import ipaddress
 import socket
 import warnings
@@ -28,12 +29,15 @@ def install_canary() -> None:
 
 
 def _loopback(host) -> bool:
+    """127.0.0.0/8, ::1, their IPv4-mapped forms, and the unspecified address (which connects to this machine)."""
     if host in ("localhost", "", None):
         return True
     try:
-        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+        address = ipaddress.ip_address(str(host).split("%")[0])
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or address.is_unspecified or bool(mapped and (mapped.is_loopback or mapped.is_unspecified))
 
 
 def install_network_block() -> None:
@@ -41,17 +45,16 @@ def install_network_block() -> None:
         return
     connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
 
-    def refuse(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address[0]):
-            raise ConnectionRefusedError(f"outbound connection to {address[0]}:{address[1]} refused: the tests run offline")
+    def outbound(sock, address) -> bool:
+        return sock.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address[0])
 
     def guarded_connect(sock, address):
-        refuse(sock, address)
+        if outbound(sock, address):
+            raise ConnectionRefusedError(f"outbound connection to {address[0]}:{address[1]} refused: the tests run offline")
         return connect(sock, address)
 
-    def guarded_connect_ex(sock, address):
-        refuse(sock, address)
-        return connect_ex(sock, address)
+    def guarded_connect_ex(sock, address):  # callers probing a port expect an error number, not an exception
+        return errno.ECONNREFUSED if outbound(sock, address) else connect_ex(sock, address)
 
     guarded_connect._labkit_guard = True
     socket.socket.connect, socket.socket.connect_ex = guarded_connect, guarded_connect_ex

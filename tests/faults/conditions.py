@@ -112,6 +112,7 @@ class Condition:
     startup: str = ""
     stop_says: Callable[[str], str] = lambda notebook: ""  # text the one sentence must contain
     skipped_mention: dict[str, str] = field(default_factory=dict)  # notebook -> text a skip reason must contain
+    cpu_only: bool = False  # the simulated lack is real only on a machine without a CUDA GPU
 
 
 def _model(value):
@@ -120,7 +121,7 @@ def _model(value):
 
 CONDITIONS = [
     Condition("CUDA asked for, none here", "stopped", parameters=lambda nb, tmp: {"device": "cuda"},
-              stop_says=lambda nb: "no usable CUDA GPU"),
+              stop_says=lambda nb: "no usable CUDA GPU", cpu_only=True),
     Condition("bitsandbytes not importable", "completed", ("00", "04", "05"),
               startup=BLOCKER.format(blocked={"bitsandbytes"}),
               skipped_mention={"04": "bitsandbytes", "05": "bitsandbytes"}),
@@ -135,7 +136,7 @@ CONDITIONS = [
               stop_says=lambda nb: "no model"),
     Condition("a dtype the device cannot run", "stopped", tuple(DTYPE_PARAMETER),
               parameters=lambda nb, tmp: {DTYPE_PARAMETER[nb]: "float16"}, startup=NO_HALF_MATMUL,
-              stop_says=lambda nb: "cannot run a matrix product"),
+              stop_says=lambda nb: "cannot run a matrix product", cpu_only=True),
     Condition("out of memory from 512 tokens", "completed", ("01",), startup=OUT_OF_MEMORY,
               skipped_mention={"01": "can't allocate memory"}),
     Condition("a zero or negative size", "stopped", parameters=lambda nb, tmp: BAD_SIZE[nb][0],

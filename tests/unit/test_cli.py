@@ -193,3 +193,29 @@ def test_a_parameters_file_is_read_as_data_and_checked(tmp_path, content, proble
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_parameters_on_the_command_line_are_checked():
+    with pytest.raises(BadParameter, match="not valid YAML"):
+        cli.parse_parameters(["sizes=[1,"])
+    with pytest.raises(BadParameter, match="use --out for the run folder"):
+        cli.parse_parameters(["results_path=/tmp/x.json"])
+    with pytest.raises(BadParameter, match="use true or false"):
+        cli.run_notebooks([], Path("unused"), {"quick": "no"}, quick=True)
+
+
+def test_quick_given_as_a_parameter_is_what_the_summary_says(tmp_path):
+    nb = write_notebook(tmp_path / "01_q.ipynb", WRITES_RESULTS.replace("NAME", "01_q"))
+    summary = cli.run_notebooks([nb], tmp_path / "out", {"quick": False}, quick=True, probe=False, log=lambda *_: None)
+    assert summary["quick"] is False and summary["notebooks"]["01_q"]["parameters"]["quick"] is False
+
+
+def test_results_left_by_an_earlier_run_are_not_this_runs(tmp_path):
+    nb = write_notebook(tmp_path / "01_stale.ipynb", "raise RuntimeError('fails before writing')")
+    out = tmp_path / "out"
+    out.mkdir()
+    # what an earlier, successful run left in the same folder
+    (out / "01_stale.results.json").write_text(json.dumps({"notebook": "01_stale", "env": {}, "metrics": {"size": 1.0},
+                                                           "checks": {"size_positive": True}, "skipped": {}}))
+    entry = cli.run_notebooks([nb], out, {}, quick=True, probe=False, log=lambda *_: None)["notebooks"]["01_stale"]
+    assert entry["status"] == "failed" and entry["metrics"] == {} and "fails before writing" in entry["error"]

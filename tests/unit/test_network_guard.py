@@ -43,3 +43,14 @@ def test_labkit_sees_the_hub_as_unreachable():
     start = time.perf_counter()
     assert models.hub_reachable() is False
     assert time.perf_counter() - start < 3
+
+
+def test_probing_a_port_gets_an_error_number_and_mapped_loopback_is_loopback():
+    import errno
+
+    import kernel_guard
+
+    with socket.socket() as sock:
+        assert sock.connect_ex(("93.184.215.14", 443)) == errno.ECONNREFUSED
+    assert kernel_guard._loopback("::ffff:127.0.0.1") and kernel_guard._loopback("0.0.0.0")
+    assert not kernel_guard._loopback("::ffff:93.184.215.14") and not kernel_guard._loopback("huggingface.co")

@@ -77,3 +77,12 @@ def test_labkit_report_command_rewrites_the_page(make_run, tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "run"), "--reference", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip().endswith("report.html")
     assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_summary_problems_survive_lists_where_objects_belong(make_run, tmp_path):
+    summary = make_run(tmp_path / "run")
+    summary["notebooks"]["01_flash_attention"].update(metrics=[1, 2], checks=["x"], figures=["/etc/passwd"])
+    problems = report.summary_problems(summary)
+    assert any("'metrics' is missing or of the wrong type" in p for p in problems)
+    assert any("figures must be file names in the run folder" in p for p in problems)
+    assert report.summary_problems({**summary, "notebooks": [1]})  # reported, not a crash

@@ -100,6 +100,9 @@ def test_metric_name_from_words_and_values():
     ('{"notebook": "x", "env": {}, "metrics": {}, "checks": {"ok": "yes"}, "skipped": {}}', "check 'ok' is not true"),
     ('{"notebook": "x", "env": {}, "metrics": {}, "checks": {}, "skipped": {"a": 3}}', "skip 'a' has no one-line reason"),
     ('{"notebook": "x", "env": [], "metrics": [], "checks": {}, "skipped": {}}', "must be objects"),
+    ('{"notebook": "x", "env": {}, "metrics": {"a": NaN}, "checks": {}, "skipped": {}}', "metric 'a' is not finite"),
+    ('{"notebook": "x", "env": {}, "metrics": {}, "checks": {}, "skipped": {}, "figures": ["../../etc/passwd"]}',
+     "figures must be a list of file names"),
 ])
 def test_a_results_file_with_unexpected_content_is_rejected_clearly(tmp_path, content, problem):
     from labkit.errors import BadParameter
