@@ -547,19 +547,6 @@ def _cpu_accelerator_without_gpus():
         torch._C._get_accelerator = original
 
 
-def local_parameter_bytes(model) -> int:
-    """Bytes of the parameters this rank holds (its shard of each split tensor, the whole of the others)."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        total += local.numel() * local.element_size()
-    return total
-
-
 def bus_bandwidth(message_bytes: int, seconds: float, ranks: int) -> dict[str, float]:
     """All-reduce bandwidths as nccl-tests reports them: algorithm bandwidth (bytes / time) and bus bandwidth
     (x 2(n-1)/n, the traffic each link carries in a ring, comparable to the link's own speed)."""

@@ -227,14 +227,18 @@ def bandwidth_ceiling(device: str, *, path: Path | None = None) -> dict[str, Any
 # --------------------------------------------------------------------------- decoding: bytes per generated token
 
 def parameter_bytes(model) -> int:
-    """Bytes of a model's parameters and buffers, each shared tensor counted once (tied embeddings)."""
+    """Bytes of a model's parameters and buffers, each shared tensor counted once (tied embeddings).
+
+    Under tensor parallelism a split tensor counts with the shard this process holds (``to_local()``).
+    """
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) in seen:  # by identity: data pointers are all 0 on the meta device
             continue
         seen.add(id(tensor))
-        total += tensor.numel() * tensor.element_size()
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        total += local.numel() * local.element_size()
     return total
 
 

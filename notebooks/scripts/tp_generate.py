@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from labkit import attention, generation, models, parallel, probes
+from labkit import attention, generation, models, parallel, probes, roofline
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     decode = generation.measure_decode(model, prompt, new_tokens=args.new_tokens, warmup=1, repeats=args.repeats,
                                        tokenizer=tokenizer)
     collectives = {op: n for op, n in ran.counts.items() if op.startswith("c10d::")}  # one forward = one token step
-    held = parallel.local_parameter_bytes(model)
+    held = roofline.parameter_bytes(model)  # this rank's shards
     bytes_per_rank = [held]
     if ranks > 1:
         bytes_per_rank = [None] * ranks
