@@ -209,6 +209,8 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
             entry["status"] = "failed"
             entry["error"] = f"the notebook wrote no results file at {results_path}"
         summary["notebooks"][notebook.stem] = entry
+        # Written after every notebook: a run stopped midway keeps what finished ("finished" stays empty).
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         say(f"      {entry['status']} in {entry['duration_s']} s" + (f": {entry['error']}" if "error" in entry else ""))
     summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -154,7 +154,7 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
     notebooks = summary["notebooks"]
     counts = {s: sum(e["status"] == s for e in notebooks.values()) for s in STATUSES}
     parts = [f"<h1>Workbook run on {html.escape(label)}</h1>",
-             f"<p>{html.escape(summary['started'])} to {html.escape(summary['finished'])}, "
+             f"<p>{html.escape(summary['started'])} to {html.escape(summary['finished'] or 'a stop before the end')}, "
              f"{'quick' if summary['quick'] else 'full'} sizes. "
              f"<b>{counts['ok']} ok</b>, {counts['failed']} failed, {counts['timed out']} timed out.</p>"]
     parts.append("<h2>Overview</h2>" + _table([

@@ -219,3 +219,23 @@ def test_results_left_by_an_earlier_run_are_not_this_runs(tmp_path):
                                                            "checks": {"size_positive": True}, "skipped": {}}))
     entry = cli.run_notebooks([nb], out, {}, quick=True, probe=False, log=lambda *_: None)["notebooks"]["01_stale"]
     assert entry["status"] == "failed" and entry["metrics"] == {} and "fails before writing" in entry["error"]
+
+
+def test_a_run_stopped_midway_keeps_the_summary_of_what_finished(tmp_path, monkeypatch):
+    from labkit import report
+
+    done = write_notebook(tmp_path / "01_done.ipynb", WRITES_RESULTS.replace("NAME", "01_done"))
+    stopped = write_notebook(tmp_path / "02_stopped.ipynb", "x = 1")
+    real = cli.execute_one
+
+    def stop_at_the_second(notebook, *args, **kwargs):
+        if notebook == stopped:
+            raise KeyboardInterrupt  # Ctrl-C, or the machine's own time limit
+        return real(notebook, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "execute_one", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        cli.run_notebooks([done, stopped], tmp_path / "out", {}, quick=True, probe=False, log=lambda *_: None)
+    summary = report.read_summary(tmp_path / "out")
+    assert list(summary["notebooks"]) == ["01_done"] and summary["finished"] == ""
+    assert "a stop before the end" in report.build_report(tmp_path / "out")
