@@ -358,6 +358,10 @@ def _math_too_big(device: str, batch: int, heads: int, seq: int) -> str:
     return ""
 
 
+# Every sweep row has these keys; they stay None where nothing was measured (refused, skipped, out of memory).
+MEASURED_KEYS = ("median_ms", "p10_ms", "p90_ms", "flops", "tflops", "fraction_of_ceiling", "peak_extra_bytes")
+
+
 def sweep(device: str, dtype: Any, *, seq_lengths: Sequence[int], head_dims: Sequence[int] = (64, 128),
           causal: Sequence[bool] = (False, True), backends: Sequence[str] | None = None, batch: int = 1,
           heads: int = 8, ceiling_flops_per_s: float | None = None, warmup: int = 2, repeats: int = 5,
@@ -392,7 +396,7 @@ def sweep(device: str, dtype: Any, *, seq_lengths: Sequence[int], head_dims: Seq
         base = {"backend": backend, "dtype": dtype_name, "head_dim": head_dim, "causal": is_causal}
         stop_reason = ""
         for seq in lengths:
-            row = {**base, "seq": seq, "status": "ok", "reason": ""}
+            row = {**base, "seq": seq, "status": "ok", "reason": "", **dict.fromkeys(MEASURED_KEYS)}
             too_big = _math_too_big(device, batch, heads, seq) if backend == "MATH" else ""
             if stop_reason:
                 row.update(status="skipped", reason=stop_reason)

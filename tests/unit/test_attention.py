@@ -143,6 +143,9 @@ def test_sweep_turns_out_of_memory_into_rows_and_skips_longer_lengths(monkeypatc
                            backends=["MATH"], heads=1, warmup=0, repeats=1, measure_memory=False)
     assert [r["status"] for r in rows] == ["ok", "oom", "skipped"]
     assert "out of memory" in rows[1]["reason"] and "(64)" in rows[2]["reason"]
+    # Every row has every key, so a notebook can read r["peak_extra_bytes"] of any row (on an H100 it could not).
+    assert all(set(r) == set(rows[0]) for r in rows)
+    assert all(rows[i][key] is None for i in (1, 2) for key in attention.MEASURED_KEYS)
 
 
 def test_sweep_skips_math_when_the_scores_would_not_fit(monkeypatch):
@@ -150,6 +153,7 @@ def test_sweep_skips_math_when_the_scores_would_not_fit(monkeypatch):
     rows = attention.sweep("cpu", "float32", seq_lengths=[1024], head_dims=[16], causal=[False],
                            backends=["MATH"], heads=1, warmup=0, repeats=1)
     assert rows[0]["status"] == "skipped" and "quarter" in rows[0]["reason"]
+    assert rows[0]["peak_extra_bytes"] is None and rows[0]["median_ms"] is None
 
 
 def test_plan_sweep_fills_defaults_and_rejects_bad_sizes():
