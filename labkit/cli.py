@@ -19,18 +19,45 @@ def notebooks_dir() -> Path:
 
 
 def find_notebooks(selection: str | None, folder: Path) -> list[Path]:
-    """The sequenced notebooks (NN_topic.ipynb) in order, optionally only the numbers in ``selection``."""
+    """The sequenced notebooks (NN_topic.ipynb) in order, optionally only those in ``selection``: numbers, stems,
+    or ``legacy`` for the legacy track (folder/legacy/*.ipynb, each in its own kernel, never run by default)."""
     every = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
     if not selection:
         return every
+    legacy = sorted((folder / "legacy").glob("*.ipynb"))
     wanted = [s.strip() for s in selection.split(",") if s.strip()]
     chosen = []
     for item in wanted:
-        matches = [p for p in every if p.name.startswith(item.zfill(2) + "_") or p.stem == item]
+        if item == "legacy":
+            matches = legacy
+        else:
+            matches = [p for p in every + legacy if p.name.startswith(item.zfill(2) + "_") or p.stem == item]
         if not matches:
-            raise BadParameter(f"no notebook {item!r} in {folder}; there are: {', '.join(p.stem for p in every)}.")
+            names = ", ".join([p.stem for p in every] + (["legacy"] if legacy else []))
+            raise BadParameter(f"no notebook {item!r} in {folder}; there are: {names}.")
         chosen += [m for m in matches if m not in chosen]
     return chosen
+
+
+def kernel_of(notebook: Path) -> str:
+    """The kernel a notebook asks for in its metadata (python3 when it names none)."""
+    import json
+
+    try:
+        spec = json.loads(notebook.read_text()).get("metadata", {}).get("kernelspec") or {}
+    except (OSError, ValueError):
+        return "python3"
+    return spec.get("name") or "python3"
+
+
+def missing_kernels(notebooks: list[Path]) -> dict[str, str]:
+    """Notebooks whose kernel is not installed here -> one sentence saying how to get it."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    installed = set(KernelSpecManager().find_kernel_specs()) | {"python3"}
+    hints = {"labkit-legacy": "`make legacy` builds it"}
+    return {nb.stem: f"its kernel {kernel_of(nb)!r} is not installed ({hints.get(kernel_of(nb), 'install it first')})"
+            for nb in notebooks if kernel_of(nb) not in installed}
 
 
 def parse_parameters(pairs: Sequence[str]) -> dict[str, Any]:
@@ -104,7 +131,7 @@ def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, t
 
     import yaml
 
-    command = [sys.executable, "-m", "papermill", str(notebook), str(executed), "-k", "python3",
+    command = [sys.executable, "-m", "papermill", str(notebook), str(executed), "-k", kernel_of(notebook),
                "--cwd", str(notebook.parent), "-y", yaml.safe_dump(parameters),
                "--progress-bar" if progress else "--no-progress-bar", "--log-level", "ERROR"]
     if cell_timeout:
@@ -252,6 +279,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     folder = Path(args.dir) if args.dir else notebooks_dir()
     notebooks = find_notebooks(args.notebooks, folder)
+    missing = missing_kernels(notebooks)
+    if missing:
+        raise BadParameter("; ".join(f"{name}: {why}" for name, why in missing.items()) + ".")
     parameters = parse_parameters(args.parameter or [])
     if args.parameters:
         parameters = {**read_parameters_file(Path(args.parameters)), **parameters}
@@ -311,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="make the embedded models ready to load offline")
     prepare.set_defaults(func=_cmd_prepare)
     run = commands.add_parser("run", help="execute the notebooks with papermill into a run folder")
-    run.add_argument("--notebooks", help="comma-separated numbers, e.g. 00,01 (default: all)")
+    run.add_argument("--notebooks", help="comma-separated numbers, e.g. 00,01, or legacy for the legacy track (default: 00 to 05)")
     size = run.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="quick", action="store_true", default=None, help="small sizes")
     size.add_argument("--full", dest="quick", action="store_false", help="full sizes")

@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ HEADLINES = {
     "04_quantization": ("footprint_", "perplexity_"),
     "05_multi_gpu": ("tp_2_speedup", "tp_4_speedup", "tp_8_speedup", "dp_2_speedup", "dp_4_speedup", "dp_8_speedup",
                      "pipeline_", "allreduce_best_busbw_gb_per_s", "allreduce_fraction_of_copy"),
+    "bettertransformer": ("speedup_bettertransformer_vs_eager_", "decode_"),
 }
 FIRST_METRICS = 8  # shown as the headline of a notebook HEADLINES does not know
 
@@ -138,6 +140,66 @@ def _metrics_section(notebook: str, metrics: dict[str, float], references: dict[
     return text
 
 
+_LEGACY_METRIC = re.compile(r"^legacy_(?P<model>.+)_b(?P<b>\d+)_n(?P<n>\d+)_pad(?P<pad>\d+)_"
+                            r"(?P<path>eager|sdpa|bettertransformer|labkit_fastpath)_ms$")
+_SWEEP_METRIC = re.compile(r"^sweep_(?P<path>transformers_sdpa|fastpath)_b(?P<b>\d+)_n(?P<n>\d+)_pad(?P<pad>\d+)_ms$")
+LEGACY_COLUMNS = ["model", "batch x length", "padding %", "eager 4.48 ms", "sdpa 4.48 ms", "BetterTransformer ms",
+                  "labkit fastpath (4.48) ms", "today's sdpa ms", "today's fastpath ms", "BT vs eager",
+                  "BT vs today's sdpa"]
+
+
+def legacy_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per model and padding level: the legacy notebook's four paths (transformers 4.48 kernel) beside notebook 03's
+    sweep of the same run at the same batch, length and padding (today's stack), where 03 swept that model."""
+    legacy = summary["notebooks"].get("bettertransformer")
+    if not legacy or not legacy["metrics"]:
+        return []
+    today: dict[tuple, dict[str, float]] = {}
+    sweep = summary["notebooks"].get("03_encoder_fastpath")
+    if sweep:
+        # 03's sweep model, as its parameter cell decides it: minilm-l6 on a CPU, random-bert-base on a GPU
+        chosen = sweep["parameters"].get("sweep_model", "auto")
+        if chosen == "auto":
+            has_gpu = bool((summary["machine"].get("env") or {}).get("devices", {}).get("cuda"))
+            chosen = "random-bert-base" if has_gpu else "minilm-l6"
+        model = re.sub(r"[^a-z0-9]+", "_", chosen.lower()).strip("_")
+        for name, value in sweep["metrics"].items():
+            found = _SWEEP_METRIC.match(name)
+            if found:
+                today.setdefault((model, found["b"], found["n"], found["pad"]), {})[found["path"]] = value
+    rows: dict[tuple, dict[str, Any]] = {}
+    for name, value in legacy["metrics"].items():
+        found = _LEGACY_METRIC.match(name)
+        if found:
+            key = (found["model"], found["b"], found["n"], found["pad"])
+            rows.setdefault(key, {"model": key[0], "batch x length": f"{key[1]} x {key[2]}", "padding %": int(key[3]),
+                                  **dict.fromkeys(LEGACY_COLUMNS[3:7])})
+            rows[key][{"eager": "eager 4.48 ms", "sdpa": "sdpa 4.48 ms", "bettertransformer": "BetterTransformer ms",
+                       "labkit_fastpath": "labkit fastpath (4.48) ms"}[found["path"]]] = value
+    for key, row in rows.items():
+        theirs = today.get(key, {})
+        row["today's sdpa ms"] = theirs.get("transformers_sdpa")
+        row["today's fastpath ms"] = theirs.get("fastpath")
+        bt = row.get("BetterTransformer ms")
+        row["BT vs eager"] = row["eager 4.48 ms"] / bt if bt and row["eager 4.48 ms"] else None
+        row["BT vs today's sdpa"] = row["today's sdpa ms"] / bt if bt and row["today's sdpa ms"] else None
+    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], int(k[1]), int(k[2]), int(k[3])))]
+
+
+def _legacy_section(summary: dict[str, Any]) -> str:
+    rows = legacy_comparison(summary)
+    if not rows:
+        return ""
+    note = ("<p>Median milliseconds per batch. The first four columns ran in the legacy kernel (transformers 4.48, "
+            "optimum 1.27); the two \"today's\" columns come from notebook 03 in this run, on the same batches, and are "
+            "empty where 03 swept another model or size. Above 1 in a \"vs\" column: BetterTransformer is faster.</p>")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in LEGACY_COLUMNS)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c])) if c in LEGACY_COLUMNS[:3] else _number(r.get(c))}</td>"
+                                     for c in LEGACY_COLUMNS) + "</tr>" for r in rows)
+    body = f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
+    return f"<h2 id='legacy-comparison'>Legacy BetterTransformer against today's path</h2>{note}{body}"
+
+
 def build_report(run_folder: str | Path, *, reference_folder: str | Path | None = None) -> str:
     """The HTML page for a run folder: environment, kernel matrix, and per notebook its status, checks, skips,
     headline metrics (beside the reference runs of other devices) and figures. Self-contained: no links out."""
@@ -172,6 +234,7 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
             parts.append(_table(probes.feature_rows(probe["features"]), ["feature", "ok", "detail"]))
     elif probe.get("error"):
         parts.append(f"<h2>Kernel matrix</h2><p>not probed: {html.escape(probe['error'])}</p>")
+    parts.append(_legacy_section(summary))
     for name, entry in notebooks.items():
         try:
             references = reference_runs(name, reference_folder)

@@ -86,3 +86,34 @@ def test_summary_problems_survive_lists_where_objects_belong(make_run, tmp_path)
     assert any("'metrics' is missing or of the wrong type" in p for p in problems)
     assert any("figures must be file names in the run folder" in p for p in problems)
     assert report.summary_problems({**summary, "notebooks": [1]})  # reported, not a crash
+
+
+def test_legacy_comparison_joins_the_legacy_paths_with_notebook_03_at_the_same_point(make_run, tmp_path):
+    summary = make_run(tmp_path / "run")
+    legacy_metrics = {f"legacy_minilm_l6_b8_n128_pad{p}_{path}_ms": ms
+                      for p, base in ((0, 300.0), (50, 280.0)) for path, ms in
+                      (("eager", base), ("sdpa", base + 10), ("bettertransformer", base / 2), ("labkit_fastpath", base / 2.1))}
+    legacy_metrics["legacy_tiny_bert_b8_n128_pad50_bettertransformer_ms"] = 4.0
+    legacy_metrics["speedup_bettertransformer_vs_eager_minilm_l6_pad50"] = 2.0  # not a timing: left out
+    summary["notebooks"]["bettertransformer"] = {**summary["notebooks"]["01_flash_attention"], "metrics": legacy_metrics,
+                                                 "figures": []}
+    summary["notebooks"]["03_encoder_fastpath"] = {**summary["notebooks"]["01_flash_attention"], "figures": [],
+                                                   "parameters": {"sweep_model": "auto"},
+                                                   "metrics": {"sweep_transformers_sdpa_b8_n128_pad50_ms": 420.0,
+                                                               "sweep_fastpath_b8_n128_pad50_ms": 133.0,
+                                                               "sweep_transformers_sdpa_b4_n128_pad50_ms": 1.0}}
+    rows = report.legacy_comparison(summary)
+    assert [(r["model"], r["padding %"]) for r in rows] == [("minilm_l6", 0), ("minilm_l6", 50), ("tiny_bert", 50)]
+    at_50 = rows[1]
+    assert at_50["today's sdpa ms"] == 420.0 and at_50["today's fastpath ms"] == 133.0
+    assert at_50["BT vs eager"] == 2.0 and at_50["BT vs today's sdpa"] == 3.0
+    assert rows[0]["today's sdpa ms"] is None  # 03 ran no point at 0% padding here
+    assert rows[2]["eager 4.48 ms"] is None and rows[2]["BT vs eager"] is None
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    page = report.build_report(tmp_path / "run")
+    assert "legacy-comparison" in page and "420" in page
+
+
+def test_no_legacy_section_without_the_legacy_notebook(make_run, tmp_path):
+    summary = make_run(tmp_path / "run")
+    assert report.legacy_comparison(summary) == [] and "legacy-comparison" not in report.build_report(tmp_path / "run")
