@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {"errors", "probes", "models", "timing", "roofline", "results", "widgets", "plots", "attention",
-               "generation", "fastpath", "quant", "cli"}
+               "generation", "fastpath", "quant", "cli", "exercises", "parallel", "report"}
 
 
 def __getattr__(name: str):

@@ -285,6 +285,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     parameters = parse_parameters(args.parameter or [])
     if args.parameters:
         parameters = {**read_parameters_file(Path(args.parameters)), **parameters}
+    if args.solutions:
+        parameters["solutions"] = True
     if args.quick is None and isinstance(parameters.get("quick"), bool):
         args.quick = parameters.pop("quick")  # -p quick=true is --quick
     if args.quick is None:
@@ -302,6 +304,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     failed = [name for name, entry in summary["notebooks"].items() if entry["status"] != "ok"]
     print(f"done: {len(notebooks) - len(failed)} ok, {len(failed)} failed; {out / 'summary.json'} and {out / 'report.html'}")
     return 1 if failed else 0
+
+
+def _cmd_progress(args: argparse.Namespace) -> int:
+    from labkit import exercises
+    from labkit.widgets import text_table
+
+    rows = exercises.progress()
+    done = sum(bool(r["done"]) for r in rows)
+    print(text_table([{**r, "done": r["done"] or "-"} for r in rows], ["exercise", "title", "kind", "done"]))
+    print(f"{done} of {len(rows)} exercises done (kept in {exercises.progress_path()}, on this machine only)")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -356,7 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     bars.add_argument("--progress", dest="progress", action="store_true", default=None,
                       help="progress bars (the default in a terminal)")
     bars.add_argument("--no-progress", dest="progress", action="store_false", help="plain lines only")
+    run.add_argument("--solutions", action="store_true",
+                     help="fill every exercise with its solution (a teacher's run before class; nothing is recorded)")
     run.set_defaults(func=_cmd_run)
+    progress = commands.add_parser("progress", help="which exercises you have answered correctly on this machine")
+    progress.set_defaults(func=_cmd_progress)
     write = commands.add_parser("report", help="(re)write report.html for a run folder")
     write.add_argument("run", help="a run folder from labkit run")
     write.add_argument("--reference", help="the folder of reference runs (default: the repository's reference/)")

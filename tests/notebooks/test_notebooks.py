@@ -17,8 +17,10 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch, guar
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("IPYTHONDIR", guarded_kernels)  # deprecations are errors; no network
     results_path = tmp_path / f"{notebook.stem}.results.json"
+    # with the exercises filled in by their solutions (nbval runs the stored notebooks, exercises unanswered)
+    solutions = {"solutions": True} if "solutions" in papermill.inspect_notebook(str(notebook)) else {}
     papermill.execute_notebook(str(notebook), str(tmp_path / notebook.name), kernel_name="python3",
-                               parameters={"quick": True, "results_path": str(results_path)},
+                               parameters={"quick": True, "results_path": str(results_path), **solutions},
                                cwd=str(notebook.parent), progress_bar=False)
     data = read_results(results_path)
     assert data["notebook"] == notebook.stem
@@ -32,6 +34,8 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch, guar
         assert (tmp_path / figure).stat().st_size > 1000, f"figure {figure} was not saved"
     missing = [name for name in EXPECTED_METRICS.get(notebook.stem, []) if name not in data["metrics"]]
     assert not missing, f"metrics missing: {missing}"
+    if solutions:
+        assert data["checks"].get("exercise_solutions_pass") is True and data["metrics"]["exercises_correct"] >= 3
 
 
 FORMATS4 = ("16_bit", "fp4", "nf4", "nf4_double", "int8")

@@ -1,0 +1,155 @@
+"""Every exercise: its solution passes its check, no answer is "not attempted", typical wrong answers get their message."""
+
+import json
+
+import pytest
+import torch
+
+from labkit import exercises
+from labkit.errors import BadParameter
+
+ALL = list(exercises.EXERCISES.values())
+
+
+@pytest.fixture(autouse=True)
+def private_progress(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_PROGRESS", str(tmp_path / "progress.json"))
+    return tmp_path / "progress.json"
+
+
+@pytest.mark.parametrize("exercise", ALL, ids=[e.id for e in ALL])
+def test_the_solution_passes(exercise):
+    context = exercise.example_context
+    verdict = exercise.check(exercise.solved(**context), **context)
+    assert verdict.status == exercises.CORRECT, verdict.message
+
+
+@pytest.mark.parametrize("exercise", ALL, ids=[e.id for e in ALL])
+def test_no_answer_is_not_attempted_and_not_recorded(exercise, private_progress):
+    for placeholder in (None, ...):
+        verdict = exercise.check(placeholder, **exercise.example_context)
+        assert verdict.status == exercises.NOT_ATTEMPTED and not verdict
+    assert not private_progress.exists()
+
+
+CASES = [(e, answer, words) for e in ALL for answer, words in e.typical_mistakes]
+
+
+@pytest.mark.parametrize("exercise, answer, words", CASES, ids=[f"{e.id}-{i}" for i, (e, _, _) in enumerate(CASES)])
+def test_a_typical_mistake_gets_its_message(exercise, answer, words, capsys):
+    verdict = exercise.check(answer, **exercise.example_context)
+    assert verdict.status != exercises.CORRECT
+    assert words in verdict.message, verdict.message
+    assert words in capsys.readouterr().out  # printed for the learner too
+
+
+def test_every_exercise_has_hints_a_solution_and_mistakes():
+    assert {e.notebook for e in ALL} == {"01", "02", "03", "04", "05"}
+    for e in ALL:
+        assert len(e.hints) >= 2 and e.solution_code.strip() and e.kind in ("predict", "code")
+        assert e.typical_mistakes, f"{e.id} has no typical mistake under test"
+    for notebook in ("01", "02", "03", "04", "05"):
+        assert 3 <= len(exercises.for_notebook(notebook)) <= 5
+
+
+def test_hints_go_one_level_further_each_time(capsys):
+    q = exercises.get("01.1")
+    q._hints_shown = 0
+    first, second, third = q.hint(), q.hint(), q.hint()
+    assert first != second and second == third
+    assert "Hint 1 of 2" in capsys.readouterr().out
+
+
+def test_bitsandbytes_configs_that_are_not_nf4_double_bfloat16_are_told_why():
+    from transformers import BitsAndBytesConfig
+
+    q = exercises.get("04.2")
+    cases = [(BitsAndBytesConfig(load_in_8bit=True), "load_in_8bit"),
+             (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16), "FP4"),
+             (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+              "double quantization"),
+             (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32), "compute dtype")]
+    for config, words in cases:
+        verdict = q.check(config)
+        assert not verdict and words in verdict.message
+
+
+def test_a_converted_layer_with_the_wrong_norm_order_or_activation_is_told_why():
+    from labkit.fastpath import _convert_layer
+
+    q = exercises.get("03.3")
+
+    def pre_norm(layer, config):
+        converted = _convert_layer(layer, config)
+        converted.norm_first = True
+        return converted
+
+    def relu(layer, config):
+        right = _convert_layer(layer, config)
+        converted = torch.nn.TransformerEncoderLayer(config.hidden_size, config.num_attention_heads,
+                                                     dim_feedforward=config.intermediate_size, dropout=0.0,
+                                                     activation="relu", layer_norm_eps=config.layer_norm_eps,
+                                                     batch_first=True)
+        converted.load_state_dict(right.state_dict())
+        return converted
+
+    def swapped_norms(layer, config):
+        converted = _convert_layer(layer, config)
+        converted.norm1, converted.norm2 = converted.norm2, converted.norm1
+        return converted
+
+    assert "norm_first=False" in q.check(pre_norm).message
+    assert "GELU" in q.check(relu).message
+    assert "LayerNorm" in q.check(swapped_norms).message
+
+
+def test_attention_with_the_softmax_over_the_wrong_axis_is_told_why():
+    def wrong_axis(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-2) @ v
+
+    assert "wrong axis" in exercises.get("01.2").check(wrong_axis).message
+
+
+def test_a_function_that_raises_is_an_answer_to_explain_not_a_crash():
+    def broken(q, k, v):
+        raise ValueError("oops")
+
+    def unwritten(q, k, v):
+        raise NotImplementedError
+
+    assert "raised ValueError: oops" in exercises.get("01.2").check(broken).message
+    assert exercises.get("01.2").check(unwritten).status == exercises.NOT_ATTEMPTED
+
+
+def test_progress_records_correct_answers_only_and_labkit_progress_lists_them(private_progress, capsys):
+    from labkit import cli
+
+    q = exercises.get("03.1")
+    q.check(0.25, padding_fraction=0.75)
+    assert not private_progress.exists()
+    q.check(4.0, padding_fraction=0.75)
+    q.check(4.0, padding_fraction=0.75, record=False)
+    done = json.loads(private_progress.read_text())["done"]
+    assert list(done) == ["03.1"]
+    assert cli.main(["progress"]) == 0
+    out = capsys.readouterr().out
+    assert "03.1" in out and "1 of 15 exercises done" in out
+
+
+def test_an_unreadable_progress_file_counts_as_none_done(private_progress):
+    private_progress.write_text("not json")
+    assert all(row["done"] == "" for row in exercises.progress())
+
+
+def test_an_unknown_exercise_is_one_sentence():
+    with pytest.raises(BadParameter, match="no exercise '09.9'"):
+        exercises.get("09.9")
+
+
+def test_the_workshop_guide_lists_the_current_mistakes_and_messages():
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[2] / "notebooks" / "WORKSHOP.md").read_text()
+    assert exercises.mistakes_markdown() in guide
