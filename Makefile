@@ -15,7 +15,7 @@ STAMP := $(VENV)/.labkit-installed
 # One thread per test worker: two workers with two BLAS threads each on two cores ran the notebooks 4x slower.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: install run test test-faults test-oldest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy
+.PHONY: install run test test-faults test-oldest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots
 
 install: $(STAMP)
 
@@ -87,11 +87,19 @@ compare-legacy: $(LEGACY_STAMP)
 
 test: $(STAMP) browser legacy-or-skip
 	$(VENV)/bin/ruff check labkit tests
-	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not faults" tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not faults and not jupyterlab" tests
 	@# nbval's kernels start with the deprecation canary and the network block too (tests/kernel_guard.py);
 	@# the legacy notebook runs in its own kernel, in its own test (tests/notebooks/test_legacy.py)
 	IPYTHONDIR=$$($(PY) tests/kernel_guard.py) $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax \
 	  --ignore=notebooks/legacy notebooks
+
+# The learner's view: every notebook run in JupyterLab in headless Chromium, its widgets used (about 5 minutes).
+test-browser: $(STAMP) browser
+	$(TEST_ENV) $(PY) -m pytest -m browser tests/browser
+
+# The screenshots of the README, taken by the JupyterLab test.
+screenshots: $(STAMP) browser
+	LABKIT_SCREENSHOTS=$(CURDIR)/docs/screenshots $(TEST_ENV) $(PY) -m pytest -m jupyterlab tests/browser
 
 # The fault matrix: every notebook under each missing piece (no GPU, no bitsandbytes, offline Hub, ...).
 test-faults: $(STAMP)

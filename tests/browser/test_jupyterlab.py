@@ -1,0 +1,244 @@
+"""The learner's view: JupyterLab in headless Chromium runs each notebook (quick sizes) as a learner would, and the
+widgets work: tables render as HTML, the live timing board fills in while the sweep runs, a picker changes what the
+next cell measures, figures appear as images. `make test-browser` runs it (CI too); `make screenshots` keeps the
+screenshots for the README.
+
+A failure names the notebook and the widget. The server runs from this venv on a loopback port with a random token,
+on a copy of the notebooks (so nothing in the checkout is changed), with the kernels' deprecation canary and network
+block (tests/kernel_guard.py).
+"""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import kernel_guard
+
+pytestmark = [pytest.mark.browser, pytest.mark.jupyterlab]
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+RUN_LIMIT_S = 300
+PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook on show
+
+
+class Lab:
+    def __init__(self, folder: Path, port: int, token: str, browser, shots: Path):
+        self.folder, self.port, self.token, self.browser, self.shots = folder, port, token, browser, shots
+
+    def api(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}?token={self.token}", timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def kernel_state(self, notebook: str) -> str:
+        sessions = [s for s in self.api("/api/sessions") if s["path"].endswith(notebook)]
+        return self.api(f"/api/kernels/{sessions[0]['kernel']['id']}")["execution_state"] if sessions else "none"
+
+    def open(self, notebook: str):
+        page = self.browser.new_page(viewport={"width": 1400, "height": 1000})
+        # ?reset: a fresh workspace, so the notebook of the previous test is not open beside this one
+        page.goto(f"http://127.0.0.1:{self.port}/lab/tree/{notebook}?reset&token={self.token}")
+        page.wait_for_selector(f"{PANEL} .jp-Cell", timeout=60_000)
+        deadline = time.time() + 60
+        while self.kernel_state(notebook) not in ("idle", "busy") and time.time() < deadline:
+            time.sleep(0.5)
+        return page
+
+    def run_all(self, page, notebook: str, during=None):
+        """Run > Run All Cells, then wait until the kernel stays idle; ``during(page)`` is polled meanwhile."""
+        page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+        self.wait_idle(page, notebook, during)
+
+    def wait_idle(self, page, notebook: str, during=None):
+        deadline, idle_since = time.time() + RUN_LIMIT_S, None
+        time.sleep(1)
+        while time.time() < deadline:
+            if during is not None:
+                during(page)
+            state = self.kernel_state(notebook)
+            pending = page.locator(".jp-InputPrompt", has_text="[*]").count()
+            if state == "idle" and not pending:
+                idle_since = idle_since or time.time()
+                if time.time() - idle_since > 1.5:
+                    return
+            else:
+                idle_since = None
+            time.sleep(0.25)
+        pytest.fail(f"{notebook}: still running after {RUN_LIMIT_S} s in JupyterLab")
+
+    def save_and_read(self, page, notebook: str):
+        page.locator(PANEL).first.click(position={"x": 5, "y": 5})
+        page.keyboard.press("Control+s")
+        page.wait_for_timeout(1500)
+        return nbformat.read(self.folder / notebook, as_version=4)
+
+    def shut_down(self, notebook: str):
+        """Stop the notebook's kernel, so that the next notebook has the machine to itself."""
+        for session in self.api("/api/sessions"):
+            if session["path"].endswith(notebook):
+                request = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/sessions/{session['id']}"
+                                                 f"?token={self.token}", method="DELETE")
+                urllib.request.urlopen(request, timeout=30)
+
+    def shot(self, locator, name: str):
+        self.shots.mkdir(parents=True, exist_ok=True)
+        locator.scroll_into_view_if_needed()
+        locator.screenshot(path=str(self.shots / f"{name}.png"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (make installs it)")
+    if not CHROMIUM:
+        pytest.skip("no Chromium on this machine: `apt-get install chromium` (make test does it where it can)")
+    if importlib_missing("jupyterlab"):
+        pytest.skip("JupyterLab is not installed in this venv (make install does it)")
+    work = tmp_path_factory.mktemp("jupyterlab")
+    folder = work / "notebooks"
+    shutil.copytree(ROOT / "notebooks", folder, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "legacy"))
+    for name in NOTEBOOKS:  # quick sizes, as a learner on a laptop would set them in the parameters cell
+        nb = nbformat.read(folder / name, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        cell.source = re.sub(r"^quick = False", "quick = True ", cell.source, flags=re.M)
+        nbformat.write(nb, folder / name)
+    settings = work / "settings" / "@jupyterlab"
+    (settings / "notebook-extension").mkdir(parents=True)
+    # every cell in the page (JupyterLab 4 leaves cells out of the page while they are scrolled away)
+    (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    (settings / "apputils-extension").mkdir(parents=True)
+    (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "IPYTHONDIR": kernel_guard.make_profile(work / "ipython"),
+           "JUPYTERLAB_SETTINGS_DIR": str(work / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(work / "workspaces"),
+           "JUPYTER_CONFIG_DIR": str(work / "config"), "JUPYTER_RUNTIME_DIR": str(work / "runtime")}
+    log = (work / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
+                               f"--port={port}", f"--ServerApp.token={token}", f"--ServerApp.root_dir={folder}"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail("JupyterLab did not start: " + (work / "server.log").read_text()[-1500:])
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        shots = Path(os.environ.get("LABKIT_SCREENSHOTS") or work / "screenshots")
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            yield Lab(folder, port, token, browser, shots)
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
+
+
+def errors_in(nb) -> list[str]:
+    found = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                found.append(f"{output.get('ename')}: {output.get('evalue')}")
+    unrun = sum(1 for c in nb.cells if c.cell_type == "code" and c.get("execution_count") is None)
+    return found + ([f"{unrun} code cells did not run"] if unrun else [])
+
+
+def output_of(page, text: str):
+    """The output area of the code cell whose source contains ``text``."""
+    cell = page.locator(f"{PANEL} .jp-CodeCell", has=page.locator(".jp-InputArea", has_text=text)).first
+    return cell, cell.locator(".jp-OutputArea")
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n[:2] for n in NOTEBOOKS])
+def test_notebook_runs_in_jupyterlab_and_its_widgets_work(lab, notebook):
+    page = lab.open(notebook)
+    stem = notebook.removesuffix(".ipynb")
+    seen = {"filling": set()}
+
+    def watch_board(page):  # the live board's "n/total rows, measuring" while the sweep runs
+        status = page.locator(".jupyter-widgets", has_text="rows, measuring")
+        if status.count():
+            found = re.search(r"(\d+)/(\d+) rows, measuring", status.first.inner_text())
+            if found and 0 < int(found[1]) < int(found[2]):
+                seen["filling"].add(int(found[1]))
+
+    lab.run_all(page, notebook, during=watch_board if stem == "01_flash_attention" else None)
+    problems = errors_in(lab.save_and_read(page, notebook))
+    assert not problems, f"{stem}: {problems}"
+    panel = page.locator(PANEL)
+    figures = panel.locator(".jp-OutputArea-output img")
+
+    if stem == "00_setup_and_probes":
+        table = panel.locator(".jp-OutputArea-output table", has=page.locator("caption", has_text="SDPA backends that ran"))
+        assert table.count() == 1, f"{stem}: the probe table did not render as an HTML table"
+        assert table.locator("tbody tr").count() >= 3, f"{stem}: the probe table has no rows"
+        lab.shot(table, "00_probe_table")
+
+    if stem == "01_flash_attention":
+        board = panel.locator(".jupyter-widgets.widget-vbox", has_text="SDPA forward sweep")
+        assert board.count() == 1, f"{stem}: the live timing board did not render as a widget"
+        assert len(seen["filling"]) >= 2, \
+            f"{stem}: the live timing board did not fill in while the sweep ran (row counts seen: {sorted(seen['filling'])})"
+        assert "rows, done" in board.inner_text(), f"{stem}: the live timing board never said done"
+        assert board.locator("tbody tr").count() >= 4, f"{stem}: the live timing board shows no rows"
+        lab.shot(board, "01_live_board")
+        assert figures.count() >= 2, f"{stem}: the sweep figures did not appear as images"
+        lab.shot(figures.first, "01_sweep_figure")
+        # the pickers: another backend and another length, then the next cell measures exactly that
+        backend = panel.locator(".widget-dropdown", has_text="backend").locator("select")
+        length = panel.locator(".widget-dropdown", has_text="sequence length").locator("select")
+        assert backend.count() == 1 and length.count() == 1, f"{stem}: the backend and length pickers did not render"
+        backends = backend.locator("option").all_inner_texts()
+        lengths = length.locator("option").all_inner_texts()
+        new_backend = next(b for b in ["MATH", *backends] if b != backend.input_value())
+        new_length = lengths[-1] if length.input_value() != lengths[-1] else lengths[0]
+        backend.select_option(label=new_backend)
+        length.select_option(label=new_length)
+        cell, output = output_of(page, "picked_backend, picked_n = backend_picker.value")
+        cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Shift+Enter")
+        lab.wait_idle(page, notebook)
+        text = output.inner_text()
+        assert f"the profiler saw {new_backend}" in text and new_backend in text, \
+            f"{stem}: the backend picker did not change what the next cell measured: {text[:300]}"
+        assert re.search(rf"\b{new_length}\b", text), \
+            f"{stem}: the length picker did not change what the next cell measured: {text[:300]}"
+        lab.shot(cell, "01_picker")
+
+    if stem in ("02_decoders_and_generation", "03_encoder_fastpath", "04_quantization", "05_multi_gpu"):
+        assert figures.count() >= 1, f"{stem}: its figures did not appear as images"
+        assert page.evaluate("els => els.every(e => e.complete && e.naturalWidth > 0)",
+                             figures.element_handles()), f"{stem}: a figure did not load"
+        lab.shot(figures.last, f"{stem[:2]}_figure")
+    lab.shut_down(notebook)
+    page.close()
