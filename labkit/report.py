@@ -158,10 +158,12 @@ def legacy_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
     sweep = summary["notebooks"].get("03_encoder_fastpath")
     if sweep:
         # 03's sweep model, as its parameter cell decides it: minilm-l6 on a CPU, random-bert-base on a GPU
+        # (`make compare-legacy` names minilm-l6, so nothing is guessed there)
         chosen = sweep["parameters"].get("sweep_model", "auto")
         if chosen == "auto":
+            device = str(sweep["parameters"].get("device", "auto"))
             has_gpu = bool((summary["machine"].get("env") or {}).get("devices", {}).get("cuda"))
-            chosen = "random-bert-base" if has_gpu else "minilm-l6"
+            chosen = "random-bert-base" if device.startswith("cuda") or (device == "auto" and has_gpu) else "minilm-l6"
         model = re.sub(r"[^a-z0-9]+", "_", chosen.lower()).strip("_")
         for name, value in sweep["metrics"].items():
             found = _SWEEP_METRIC.match(name)

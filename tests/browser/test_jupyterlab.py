@@ -33,6 +33,16 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 RUN_LIMIT_S = 300
+# Runs in the page: every change to the DOM is scanned for the live board's status line ("3/24 rows, measuring").
+WATCH_BOARD = """() => {
+  window.labkitBoard = [];
+  new MutationObserver(() => {
+    for (const el of document.querySelectorAll('.widget-html')) {
+      const found = /(\\d+)\\/(\\d+) rows, measuring/.exec(el.textContent);
+      if (found) window.labkitBoard.push([Number(found[1]), Number(found[2])]);
+    }
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook on show
 
 
@@ -41,7 +51,8 @@ class Lab:
         self.folder, self.port, self.token, self.browser, self.shots = folder, port, token, browser, shots
 
     def api(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}?token={self.token}", timeout=10) as answer:
+        joiner = "&" if "?" in path else "?"
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}{joiner}token={self.token}", timeout=10) as answer:
             return json.loads(answer.read())
 
     def kernel_state(self, notebook: str) -> str:
@@ -58,18 +69,16 @@ class Lab:
             time.sleep(0.5)
         return page
 
-    def run_all(self, page, notebook: str, during=None):
-        """Run > Run All Cells, then wait until the kernel stays idle; ``during(page)`` is polled meanwhile."""
+    def run_all(self, page, notebook: str):
+        """Run > Run All Cells, then wait until the kernel stays idle."""
         page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
-        self.wait_idle(page, notebook, during)
+        self.wait_idle(page, notebook)
 
-    def wait_idle(self, page, notebook: str, during=None):
+    def wait_idle(self, page, notebook: str):
         deadline, idle_since = time.time() + RUN_LIMIT_S, None
         time.sleep(1)
         while time.time() < deadline:
-            if during is not None:
-                during(page)
             state = self.kernel_state(notebook)
             pending = page.locator(".jp-InputPrompt", has_text="[*]").count()
             if state == "idle" and not pending:
@@ -82,9 +91,15 @@ class Lab:
         pytest.fail(f"{notebook}: still running after {RUN_LIMIT_S} s in JupyterLab")
 
     def save_and_read(self, page, notebook: str):
+        """Ctrl+S in the page, then the file as the server wrote it (waits for the save to land)."""
+        before = self.api(f"/api/contents/{notebook}?content=0")["last_modified"]
         page.locator(PANEL).first.click(position={"x": 5, "y": 5})
         page.keyboard.press("Control+s")
-        page.wait_for_timeout(1500)
+        deadline = time.time() + 30
+        while self.api(f"/api/contents/{notebook}?content=0")["last_modified"] == before:
+            if time.time() > deadline:
+                pytest.fail(f"{notebook}: JupyterLab did not save the notebook within 30 s")
+            time.sleep(0.2)
         return nbformat.read(self.folder / notebook, as_version=4)
 
     def shut_down(self, notebook: str):
@@ -183,16 +198,9 @@ def output_of(page, text: str):
 def test_notebook_runs_in_jupyterlab_and_its_widgets_work(lab, notebook):
     page = lab.open(notebook)
     stem = notebook.removesuffix(".ipynb")
-    seen = {"filling": set()}
-
-    def watch_board(page):  # the live board's "n/total rows, measuring" while the sweep runs
-        status = page.locator(".jupyter-widgets", has_text="rows, measuring")
-        if status.count():
-            found = re.search(r"(\d+)/(\d+) rows, measuring", status.first.inner_text())
-            if found and 0 < int(found[1]) < int(found[2]):
-                seen["filling"].add(int(found[1]))
-
-    lab.run_all(page, notebook, during=watch_board if stem == "01_flash_attention" else None)
+    if stem == "01_flash_attention":  # record every "n/total rows, measuring" the live board shows, as it happens
+        page.evaluate(WATCH_BOARD)
+    lab.run_all(page, notebook)
     problems = errors_in(lab.save_and_read(page, notebook))
     assert not problems, f"{stem}: {problems}"
     panel = page.locator(PANEL)
@@ -207,8 +215,8 @@ def test_notebook_runs_in_jupyterlab_and_its_widgets_work(lab, notebook):
     if stem == "01_flash_attention":
         board = panel.locator(".jupyter-widgets.widget-vbox", has_text="SDPA forward sweep")
         assert board.count() == 1, f"{stem}: the live timing board did not render as a widget"
-        assert len(seen["filling"]) >= 2, \
-            f"{stem}: the live timing board did not fill in while the sweep ran (row counts seen: {sorted(seen['filling'])})"
+        filling = sorted({n for n, total in page.evaluate("window.labkitBoard") if 0 < n < total})
+        assert len(filling) >= 2, f"{stem}: the live timing board did not fill in while the sweep ran (counts seen: {filling})"
         assert "rows, done" in board.inner_text(), f"{stem}: the live timing board never said done"
         assert board.locator("tbody tr").count() >= 4, f"{stem}: the live timing board shows no rows"
         lab.shot(board, "01_live_board")

@@ -33,7 +33,8 @@ def test_legacy_notebook_runs_and_the_report_compares_it_with_notebook_03(tmp_pa
     assert done.returncode == 0 and all(s == "ok" for s, _ in statuses.values()), (statuses, done.stdout[-2000:])
     legacy = summary["notebooks"]["bettertransformer"]
     for check in ("bettertransformer_tokens_identical_tiny_opt", "old_sdp_kernel_warns_tiny_opt",
-                  "bettertransformer_matches_eager", "labkit_fastpath_matches_eager"):
+                  "bettertransformer_matches_eager", "labkit_fastpath_matches_eager",
+                  "sdpa_copy_runs_sdpa_attention_minilm_l6"):
         assert legacy["checks"].get(check) is True, (check, legacy["checks"], legacy["skipped"])
     assert "bettertransformer_beats_eager_with_padding" in {**legacy["checks"], **legacy["skipped"]}
     # the comparison: every padding level of minilm-l6 has the legacy paths and notebook 03's numbers beside them

@@ -35,7 +35,7 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch, guar
     missing = [name for name in EXPECTED_METRICS.get(notebook.stem, []) if name not in data["metrics"]]
     assert not missing, f"metrics missing: {missing}"
     if solutions:
-        assert data["checks"].get("exercise_solutions_pass") is True and data["metrics"]["exercises_correct"] >= 3
+        assert data["checks"].get("exercise_solutions_pass") is True
 
 
 FORMATS4 = ("16_bit", "fp4", "nf4", "nf4_double", "int8")

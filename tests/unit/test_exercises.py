@@ -153,3 +153,30 @@ def test_the_workshop_guide_lists_the_current_mistakes_and_messages():
 
     guide = (Path(__file__).resolve().parents[2] / "notebooks" / "WORKSHOP.md").read_text()
     assert exercises.mistakes_markdown() in guide
+
+
+@pytest.mark.parametrize("exercise", ALL, ids=[e.id for e in ALL])
+def test_the_solution_shown_runs_in_the_exercise_cell_and_passes(exercise):
+    """What ex.solution() prints, pasted into the exercise's cell (where `given` holds the inputs), is right."""
+    import math
+
+    import torch.nn.functional as F
+    from torch import nn
+    from transformers import BitsAndBytesConfig
+
+    cell = {"given": exercise.example_context, "torch": torch, "nn": nn, "F": F, "math": math,
+            "BitsAndBytesConfig": BitsAndBytesConfig}
+    exec(exercise.solution_code, cell)
+    answer = next((cell[n] for n in ("my_attention", "my_convert_layer", "my_config", "my_split") if n in cell),
+                  cell.get("answer"))
+    assert exercise.check(answer, **exercise.example_context), exercise.solution_code
+
+
+def test_an_answer_the_checker_did_not_foresee_is_explained_not_raised():
+    verdict = exercises.get("05.2").check(lambda items, rank, world: 5)
+    assert verdict.status == exercises.WRONG and "could not be checked" in verdict.message
+
+
+def test_a_whole_float_counts_as_a_whole_number_and_near_ties_count_as_right():
+    assert exercises.get("05.1").check(2.0, **exercises.get("05.1").example_context)
+    assert exercises.get("04.3").check("nf4", kl={"nf4": 0.248, "nf4-double": 0.247})
