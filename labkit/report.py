@@ -195,11 +195,8 @@ def _legacy_section(summary: dict[str, Any]) -> str:
     note = ("<p>Median milliseconds per batch. The first four columns ran in the legacy kernel (transformers 4.48, "
             "optimum 1.27); the two \"today's\" columns come from notebook 03 in this run, on the same batches, and are "
             "empty where 03 swept another model or size. Above 1 in a \"vs\" column: BetterTransformer is faster.</p>")
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in LEGACY_COLUMNS)
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c])) if c in LEGACY_COLUMNS[:3] else _number(r.get(c))}</td>"
-                                     for c in LEGACY_COLUMNS) + "</tr>" for r in rows)
-    body = f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
-    return f"<h2 id='legacy-comparison'>Legacy BetterTransformer against today's path</h2>{note}{body}"
+    return (f"<h2 id='legacy-comparison'>Legacy BetterTransformer against today's path</h2>{note}"
+            + _table(rows, LEGACY_COLUMNS, numeric=True))
 
 
 def build_report(run_folder: str | Path, *, reference_folder: str | Path | None = None) -> str:

@@ -8,13 +8,13 @@ on a copy of the notebooks (so nothing in the checkout is changed), with the ker
 block (tests/kernel_guard.py).
 """
 
+import importlib.util
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +25,11 @@ import nbformat
 import pytest
 
 import kernel_guard
+from chromium import CHROMIUM, FLAGS, playwright_or_skip
+from labkit import parallel
 
 pytestmark = [pytest.mark.browser, pytest.mark.jupyterlab]
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 RUN_LIMIT_S = 300
 # Runs in the page: every change to the DOM is scanned for the live board's status line ("3/24 rows, measuring").
@@ -116,18 +115,10 @@ class Lab:
         locator.screenshot(path=str(self.shots / f"{name}.png"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (make installs it)")
-    if not CHROMIUM:
-        pytest.skip("no Chromium on this machine: `apt-get install chromium` (make test does it where it can)")
-    if importlib_missing("jupyterlab"):
+    playwright = playwright_or_skip()
+    if importlib.util.find_spec("jupyterlab") is None:
         pytest.skip("JupyterLab is not installed in this venv (make install does it)")
     work = tmp_path_factory.mktemp("jupyterlab")
     folder = work / "notebooks"
@@ -144,7 +135,7 @@ def lab(tmp_path_factory):
     (settings / "apputils-extension").mkdir(parents=True)
     (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = parallel.free_port(), secrets.token_hex(16)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "IPYTHONDIR": kernel_guard.make_profile(work / "ipython"),
            "JUPYTERLAB_SETTINGS_DIR": str(work / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(work / "workspaces"),
            "JUPYTER_CONFIG_DIR": str(work / "config"), "JUPYTER_RUNTIME_DIR": str(work / "runtime")}
@@ -170,12 +161,6 @@ def lab(tmp_path_factory):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-
-
-def importlib_missing(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is None
 
 
 def errors_in(nb) -> list[str]:

@@ -1,24 +1,18 @@
 """report.html opened in headless Chromium: the page renders, every figure loads, the console stays clean."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 
+from chromium import CHROMIUM, FLAGS, playwright_or_skip
 from labkit import report
 
 pytestmark = pytest.mark.browser
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Flags for a machine with no network: without the background-networking ones Chromium keeps trying to reach Google.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
 def browser():
-    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (make installs it)")
-    if not CHROMIUM:
-        pytest.skip("no Chromium on this machine: `apt-get install chromium` (make test does it where it can)")
+    playwright = playwright_or_skip()
     with playwright.sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         yield chromium
