@@ -15,7 +15,7 @@ STAMP := $(VENV)/.labkit-installed
 # One thread per test worker: two workers with two BLAS threads each on two cores ran the notebooks 4x slower.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: install run test test-faults test-oldest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots
+.PHONY: install notebooks run test test-faults test-oldest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots
 
 install: $(STAMP)
 
@@ -88,7 +88,7 @@ compare-legacy: $(LEGACY_STAMP)
 	$(VENV)/bin/labkit run --notebooks 02,03,legacy -p sweep_model=minilm-l6 --out runs/legacy-compare
 
 test: $(STAMP) browser legacy-or-skip
-	$(VENV)/bin/ruff check labkit tests
+	$(VENV)/bin/ruff check labkit tests tools notebooks/src
 	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not faults and not jupyterlab" tests
 	@# nbval's kernels start with the deprecation canary and the network block too (tests/kernel_guard.py);
 	@# the legacy notebook runs in its own kernel, in its own test (tests/notebooks/test_legacy.py)
@@ -123,6 +123,11 @@ test-unit: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
+
+# The .ipynb files are built from their text sources in notebooks/src/ (jupytext percent format): edit those, then
+# run this. After editing a notebook in JupyterLab instead: python tools/notebooks.py from-ipynb notebooks/NN_x.ipynb
+notebooks: $(STAMP)
+	$(PY) tools/notebooks.py build
 
 probe: $(STAMP)
 	$(VENV)/bin/labkit probe

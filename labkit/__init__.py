@@ -10,8 +10,16 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"errors", "probes", "models", "timing", "roofline", "results", "widgets", "plots", "attention",
-               "generation", "fastpath", "quant", "cli", "exercises", "parallel", "report"}
+_SUBMODULES = {"errors", "paths", "compat", "metrics", "probes", "machine", "models", "timing", "roofline", "results", "widgets",
+               "plots", "attention", "generation", "fastpath", "quant", "parallel", "serving", "exercises", "lab",
+               "report", "cli"}
+
+
+def start(notebook: str, params: dict):
+    """Open a notebook: see :func:`labkit.lab.start`."""
+    from labkit.lab import start as _start
+
+    return _start(notebook, params)
 
 
 def __getattr__(name: str):

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from labkit import compat
 from labkit.errors import BadParameter, check_sizes
 from labkit.probes import BACKENDS
 
@@ -248,10 +249,8 @@ def peak_extra_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
             fn()
         finally:
             prof.stop()
-    try:
-        events = prof.profiler.kineto_results.events()
-        allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    except AttributeError:  # the profiler's raw results changed shape: say "not measured" rather than guess
+    allocations = compat.profiler_allocations(prof)
+    if allocations is None:
         return None
     current = peak = 0
     for _, nbytes in allocations:
@@ -376,7 +375,7 @@ def sweep(device: str, dtype: Any, *, seq_lengths: Sequence[int], head_dims: Seq
     """
     from labkit.probes import resolve_dtype
     from labkit.roofline import attention_flops
-    from labkit.timing import free_memory, is_out_of_memory, measure
+    from labkit.timing import attempt, measure
 
     check_sizes(1, batch=batch, heads=heads, repeats=repeats)
     check_sizes(0, warmup=warmup)
@@ -403,32 +402,27 @@ def sweep(device: str, dtype: Any, *, seq_lengths: Sequence[int], head_dims: Seq
             elif too_big:
                 row.update(status="skipped", reason=too_big)
             else:
-                try:
+                def point(seq=seq, head_dim=head_dim, backend=backend, is_causal=is_causal):
                     q, k, v = random_qkv(batch, heads, seq, head_dim, device=device, dtype=torch_dtype)
                     call = sdpa_call(q, k, v, backend, causal=is_causal)
                     refused = refusal(call, device, backend)  # the real shape, not a tiny stand-in
                     if refused:
-                        row.update(status="refused", reason=refused)
-                    else:
-                        timing = measure(call, device=device, warmup=warmup, repeats=repeats)
-                        flops = attention_flops(batch, heads, seq, seq, head_dim, causal=is_causal)
-                        rate = flops / (timing.median_ms / 1e3)
-                        row.update(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
-                                   flops=flops, tflops=rate / 1e12,
-                                   fraction_of_ceiling=rate / ceiling_flops_per_s if ceiling_flops_per_s else None,
-                                   peak_extra_bytes=peak_extra_memory(call, device) if measure_memory else None)
-                    del q, k, v, call
-                except Exception as err:  # out-of-memory and kernel failures become rows; the sweep goes on
-                    first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-                    if is_out_of_memory(err):
-                        row.update(status="oom", reason=first_line)
+                        return {"status": "refused", "reason": refused}
+                    timing = measure(call, device=device, warmup=warmup, repeats=repeats)
+                    flops = attention_flops(batch, heads, seq, seq, head_dim, causal=is_causal)
+                    rate = flops / (timing.median_ms / 1e3)
+                    return {"median_ms": timing.median_ms, "p10_ms": timing.p10_ms, "p90_ms": timing.p90_ms,
+                            "flops": flops, "tflops": rate / 1e12,
+                            "fraction_of_ceiling": rate / ceiling_flops_per_s if ceiling_flops_per_s else None,
+                            "peak_extra_bytes": peak_extra_memory(call, device) if measure_memory else None}
+
+                outcome = attempt(point, device)  # out-of-memory and kernel failures become rows; the sweep goes on
+                if outcome["status"] == "ok":
+                    row.update(outcome["value"])
+                else:
+                    row.update(status=outcome["status"], reason=outcome["reason"])
+                    if outcome["status"] == "oom":
                         stop_reason = f"a shorter sequence ({seq}) ran out of memory"
-                    elif isinstance(err, RuntimeError):
-                        row.update(status="failed", reason=f"{type(err).__name__}: {first_line}")
-                    else:
-                        raise
-                finally:
-                    free_memory(device)
             rows.append(row)
             if on_row is not None:
                 on_row(row)

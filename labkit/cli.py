@@ -190,7 +190,8 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
     from tqdm.auto import tqdm
 
     from labkit import report
-    from labkit.results import environment, read_results
+    from labkit.probes import environment
+    from labkit.results import read_results
 
     if "quick" in parameters:  # -p quick=... decides the sizes, and the summary says so
         parameters = dict(parameters)
@@ -256,13 +257,13 @@ def _probe_quietly() -> dict[str, Any]:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from labkit import probes
+    from labkit import probes, widgets
 
     if args.when_missing:
         print(probes.when_missing_markdown())
         return 0
     report = probes.probe()
-    print(json.dumps(report, indent=2, default=str) if args.json else probes.format_report(report))
+    print(json.dumps(report, indent=2, default=str) if args.json else widgets.probe_text(report))
     return 0
 
 

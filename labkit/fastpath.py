@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from labkit import compat
 from labkit.errors import BadParameter, LabkitError
 
 FASTPATH_OPS = ("aten::_transformer_encoder_layer_fwd", "aten::_nested_tensor_from_mask")
@@ -41,7 +42,7 @@ def why_not_fastpath(encoder, src, src_key_padding_mask=None) -> str:
         return f"input not batched; expected 3 dimensions, got {src.dim()}"
     if src_key_padding_mask is None:
         return "no key padding mask was given, so there is no padding to skip"
-    if not bool(torch._nested_tensor_from_mask_left_aligned(src, src_key_padding_mask.logical_not())):
+    if not compat.padding_is_right_aligned(src, src_key_padding_mask):
         return "the padding is not on the right (the fastpath needs each sequence's tokens first, then padding)"
     if torch.is_autocast_enabled():
         return "autocast is enabled"
@@ -88,7 +89,8 @@ def _check_supported(model) -> None:
         raise UnsupportedModel(f"to_fastpath cannot convert this {model_type} model: " + "; ".join(problems) + ".")
 
 
-def _convert_layer(hf_layer, config):
+def convert_layer(hf_layer, config):
+    """One BERT-family layer as an nn.TransformerEncoderLayer with the same weights (post-norm, batch first)."""
     import torch
     from torch import nn
 
@@ -161,7 +163,7 @@ def to_fastpath(model):
     base = getattr(model, "base_model", model)
     config = model.config
     parameter = next(model.parameters())
-    layers = [_convert_layer(hf_layer, config).to(device=parameter.device, dtype=parameter.dtype)
+    layers = [convert_layer(hf_layer, config).to(device=parameter.device, dtype=parameter.dtype)
               for hf_layer in base.encoder.layer]
     embeddings = copy.deepcopy(base.embeddings)
     converted = _module_class()(embeddings, layers, source=f"{config.model_type}, {len(layers)} layers")

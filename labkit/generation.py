@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from labkit import compat
 from labkit.errors import BadParameter, check_sizes
 
 
@@ -129,15 +130,6 @@ def bandwidth_bound(model, row: dict[str, Any], bandwidth_bytes_per_s: float, *,
 
 # --------------------------------------------------------------------------- a hand-written decode loop
 
-def _forward_keywords(model) -> dict[str, bool | str]:
-    """How this transformers release names the cache argument, and whether it wants cache positions."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return {"cache": "cache" if "cache" in params else "past_key_values",
-            "cache_position": "cache_position" in params, "logits_to_keep": "logits_to_keep" in params}
-
-
 class GreedyLoop:
     """Greedy decoding in the style of gpt-fast: a static KV cache made once, one forward per token,
     the argmax on the device, and (optionally) the one-token step compiled, with CUDA graphs on a GPU
@@ -148,7 +140,7 @@ class GreedyLoop:
 
         check_sizes(1, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
         self.model, self.new_tokens, self.prompt_tokens = model, new_tokens, prompt_tokens
-        self.keywords = _forward_keywords(model)
+        self.keywords = compat.forward_keywords(model)
         self.cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + new_tokens)
         self.step = self._step
         if compile_mode is not None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.errors import BadParameter, ModelNotAvailable
-from labkit.results import cache_dir
+from labkit.paths import cache_dir
 
 
 @dataclass(frozen=True)

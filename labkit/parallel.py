@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from labkit import compat
 from labkit.errors import BadParameter, LabkitError, check_sizes
 
 GIB = 2**30
@@ -154,7 +155,7 @@ def memory_needed(model, *, fmt: str = "16-bit", batch: int = 1, context: int = 
 
 def cache_bytes(output) -> int:
     """Bytes of the keys and values held in the cache a forward pass returned (``model(..., use_cache=True)``)."""
-    cache = output["cache"] if "cache" in output else output["past_key_values"]  # "cache" in newer transformers 5 releases
+    cache = compat.output_cache(output)
     total = 0
     for layer in cache.layers:
         for tensor in (layer.keys, layer.values):
@@ -524,27 +525,11 @@ def load_tensor_parallel(name: str, *, dtype, attn_implementation: str = "sdpa")
     spec = models.EMBEDDED.get(name)
     folder = models._random_folder(name, 0, dtype) if spec is not None and spec.kind == "random" \
         else models._resolve_folder(name)
-    with models._quiet_transformers(), _cpu_accelerator_without_gpus():
+    with models._quiet_transformers(), compat.cpu_accelerator_without_gpus():
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation,
                                                      distributed_config=DistributedConfig(tp_plan="auto"))
     return model.eval(), models.load_tokenizer(name), torch.distributed.get_backend()
 
-
-@contextlib.contextmanager
-def _cpu_accelerator_without_gpus():
-    """transformers picks the tensor-parallel device from ``torch._C._get_accelerator()``, which names CUDA in any
-    CUDA build of torch, even with every GPU hidden; where no GPU is usable, make it name the CPU (gloo)."""
-    import torch
-
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch._C._get_accelerator
-    torch._C._get_accelerator = lambda check=None: torch.device("cpu")
-    try:
-        yield
-    finally:
-        torch._C._get_accelerator = original
 
 
 def bus_bandwidth(message_bytes: int, seconds: float, ranks: int) -> dict[str, float]:

@@ -14,11 +14,14 @@ import logging
 import os
 import platform
 import re
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from labkit import compat
 from labkit.errors import BadParameter
+from labkit.metrics.machine import backend_cases
 
 BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -75,6 +78,35 @@ def devices() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "cuda": gpus,
     }
+
+
+_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LABKIT_CACHE")
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on: versions, devices, platform, the relevant environment variables."""
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "platform": platform.platform(),
+        "versions": versions(),
+        "devices": devices(),
+        "environment_variables": {name: os.environ[name] for name in _ENV_VARS if name in os.environ},
+    }
+
+
+def environment_rows(env: dict[str, Any]) -> list[dict[str, str]]:
+    """The environment report (or a probe report: versions and devices) as (item, value) rows for a table."""
+    rows = [{"item": "platform", "value": env["platform"]}] if "platform" in env else []
+    rows += [{"item": name, "value": value or "not installed"} for name, value in env["versions"].items()]
+    cpu = env["devices"]["cpu"]
+    rows.append({"item": "cpu", "value": f"{cpu['name']}, {cpu['cores']} cores"})
+    for gpu in env["devices"]["cuda"]:
+        rows.append({"item": gpu["device"], "value": f"{gpu['name']} (compute capability {gpu['capability']}, "
+                                                     f"{gpu['memory_bytes'] / 2**30:.1f} GiB)"})
+    if not env["devices"]["cuda"]:
+        rows.append({"item": "cuda", "value": "no CUDA GPU on this machine"})
+    rows += [{"item": name, "value": value} for name, value in env.get("environment_variables", {}).items()]
+    return rows
 
 
 def cpu_name() -> str:
@@ -144,7 +176,7 @@ def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
     name = str(dtype or "auto").strip().lower().removeprefix("torch.")
     if name == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if _native_bf16(device) else torch.float16
+            return torch.bfloat16 if native_bf16(device) else torch.float16
         return torch.float32
     if name not in _DTYPE_ALIASES:
         raise BadParameter(
@@ -153,7 +185,7 @@ def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
     return getattr(torch, _DTYPE_ALIASES[name])
 
 
-def _native_bf16(device: str) -> bool:
+def native_bf16(device: str) -> bool:
     """bfloat16 arithmetic in hardware: compute capability 8.0 (Ampere) or newer, for this very device."""
     import torch
 
@@ -164,7 +196,7 @@ def check_dtype(device: str, dtype) -> None:
     """Raise BadParameter when a small matrix product in ``dtype`` cannot run on ``device``."""
     import torch
 
-    if device.startswith("cuda") and dtype == torch.bfloat16 and not _native_bf16(device):
+    if device.startswith("cuda") and dtype == torch.bfloat16 and not native_bf16(device):
         capability = ".".join(map(str, torch.cuda.get_device_capability(torch.device(device))))
         raise BadParameter(
             f"dtype bfloat16 is not native on {device} (compute capability {capability}, bf16 needs 8.0+); "
@@ -272,6 +304,26 @@ def explain_refusal(error: str, reasons: list[str], backends: list[str], device:
     return f"no reason given by torch; its error: {error.strip().splitlines()[0] if error.strip() else 'none'}"
 
 
+def backend_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Metrics of a kernel matrix's rows for one device: how many (dtype, input) cases each backend ran."""
+    return {backend_cases(b): sum(r["ok"] for r in rows if r["backend"] == b) for b in BACKENDS}
+
+
+def no_available_kernel_findings(attempt: SdpaAttempt, fix: SdpaAttempt, fallback: SdpaAttempt, *,
+                                 refused: dict[str, Any], fixed: dict[str, Any], device: str) -> dict[str, Any]:
+    """What notebook 00's "No available kernel" demonstration showed, as checks and skips for the results."""
+    if attempt.ok:
+        return {"skipped": {"'No available kernel' demonstration":
+                            f"Flash Attention accepted {refused} on {device}: nothing to reproduce"}}
+    checks = {"no_available_kernel_reproduced": ("No available kernel" in attempt.error, attempt.error),
+              "refusal_reason_found": (bool(attempt.reason) and attempt.reason != attempt.error, attempt.reason),
+              "fallback_list_runs": fallback.ok}
+    if fix.ok:
+        return {"checks": {**checks, "flash_runs_on_an_input_it_accepts": True}}
+    return {"checks": checks, "skipped": {"fix 1 (Flash on an input it accepts)":
+                                          f"Flash Attention refuses {fixed} on {device} too: {fix.reason}"}}
+
+
 def cuda_helpers_say(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain") -> dict[str, bool | str]:
     """What ``torch.backends.cuda.can_use_*`` answer for the same tiny inputs (they only know CUDA)."""
     import torch
@@ -319,7 +371,7 @@ def attn_implementations(*, use_cache: bool = True) -> list[dict[str, Any]]:
     with ImportError, which is what a learner would meet. The answer depends only on the installed
     packages, so it is cached per set of versions (importing transformers' modeling code takes ~2 s).
     """
-    from labkit.results import cache_dir
+    from labkit.paths import cache_dir
 
     key = "|".join(f"{name}={package_version(name)}" for name in
                    ("torch", "transformers", "flash-attn", "flash_attn_3", "kernels"))
@@ -351,7 +403,7 @@ def _build_attn_implementations() -> list[dict[str, Any]]:
         try:
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                LlamaForCausalLM._from_config(config, attn_implementation=name)
+                compat.build_model_class(LlamaForCausalLM, config, name)
             rows.append({"attn_implementation": name, "ok": True, "reason": ""})
         except Exception as err:  # any failure to build is the answer we report
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -500,22 +552,6 @@ def feature_rows(features: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """The probe report as plain-text tables (what ``labkit probe`` prints)."""
-    from labkit.results import environment_rows
-    from labkit.widgets import text_table
-
-    features = report["features"]
-    sections = [
-        ("Versions and devices", environment_rows(report), ["item", "value"]),
-        ("SDPA backends that run (forced one at a time with torch.nn.attention.sdpa_kernel)",
-         sdpa_summary(report["sdpa"]), list(SUMMARY_COLUMNS)),
-        ("attn_implementation values (transformers)", features["attn_implementations"],
-         ["attn_implementation", "ok", "reason"]),
-        ("bitsandbytes 4-bit matmul", features["bitsandbytes_4bit"], ["device", "quant_type", "ok", "reason"]),
-        ("Other features", feature_rows(features), ["feature", "ok", "detail"]),
-    ]
-    return "\n\n".join(f"{title}\n{text_table(rows, columns, indent=2)}" for title, rows, columns in sections)
 
 
 # --------------------------------------------------------------------------- when something is missing

@@ -82,10 +82,21 @@ def tensor_footprints(model, name: str, *, sixteen_bit_bytes: int = 2):
         elif name == "int8":
             yield tensor, count, quantized[id(tensor)].out_features * 4
         else:
-            blocks = -(-count // BLOCKSIZE)
-            # nf4-double: 8-bit absmax, one float32 per 256 of them, and a 256-entry float32 code table per layer
-            scales = blocks + 4 * -(-blocks // 256) + 256 * 4 if name == "nf4-double" else 4 * blocks
-            yield tensor, (count + 1) // 2, scales
+            yield tensor, *four_bit_parts(count, double=name == "nf4-double")
+
+
+def four_bit_parts(count: int, *, blocksize: int = BLOCKSIZE, double: bool = False) -> tuple[int, int]:
+    """(packed weight bytes, scale bytes) of ``count`` weights in a 4-bit format: half a byte per weight, and one
+    float32 absmax per block; with double quantization an 8-bit absmax per block, one float32 per 256 of those and a
+    256-entry float32 code table."""
+    blocks = -(-count // blocksize)
+    scales = blocks + 4 * -(-blocks // 256) + 256 * 4 if double else 4 * blocks
+    return (count + 1) // 2, scales
+
+
+def four_bit_bytes(count: int, *, blocksize: int = BLOCKSIZE, double: bool = False) -> int:
+    """Bytes of ``count`` weights in a 4-bit format, scales included (:func:`four_bit_parts`)."""
+    return sum(four_bit_parts(count, blocksize=blocksize, double=double))
 
 
 # --------------------------------------------------------------------------- quality

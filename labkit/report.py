@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from labkit import metrics as names
 from labkit.errors import BadParameter
 
 SCHEMA = "labkit-run/1"
@@ -18,17 +19,6 @@ NOTEBOOK_KEYS = {"status": str, "duration_s": (int, float), "parameters": dict, 
                  "skipped": dict, "figures": list, "environment": dict}
 
 # The metrics a reader looks for first, per notebook (name prefixes); every metric is listed below them.
-HEADLINES = {
-    "00_setup_and_probes": ("matmul_gflops_per_s", "copy_gb_per_s", "ridge_flop_per_byte", "sdpa_", "generate_tokens_per_s"),
-    "01_flash_attention": ("best_backend_",),
-    "02_decoders_and_generation": ("batch1_tokens_per_s", "best_fraction_of_bandwidth_bound", "recipe_"),
-    "03_encoder_fastpath": ("speedup_fastpath_vs_sdpa_", "to_fastpath_max_abs_difference"),
-    "04_quantization": ("footprint_", "perplexity_"),
-    "05_multi_gpu": ("tp_2_speedup", "tp_4_speedup", "tp_8_speedup", "dp_2_speedup", "dp_4_speedup", "dp_8_speedup",
-                     "pipeline_", "allreduce_best_busbw_gb_per_s", "allreduce_fraction_of_copy"),
-    "bettertransformer": ("speedup_bettertransformer_vs_eager_", "decode_"),
-}
-FIRST_METRICS = 8  # shown as the headline of a notebook HEADLINES does not know
 
 
 # --------------------------------------------------------------------------- summary.json
@@ -86,12 +76,6 @@ def read_summary(run_folder: str | Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the page
 
-def headline(notebook: str, metrics: dict[str, float]) -> list[str]:
-    """The metric names shown first for ``notebook``."""
-    prefixes = HEADLINES.get(notebook)
-    if not prefixes:
-        return list(metrics)[:FIRST_METRICS]
-    return [name for name in metrics if name.startswith(prefixes)]
 
 
 def _number(value: Any) -> str:
@@ -132,7 +116,7 @@ def _metrics_section(notebook: str, metrics: dict[str, float], references: dict[
         return out
 
     columns = ["metric", "this run"] + [c for d in references for c in (d, f"this run / {d}")]
-    first = headline(notebook, metrics)
+    first = names.headline(notebook, metrics)
     text = _table(rows(first), columns, numeric=True)
     rest = [name for name in metrics if name not in first]
     if rest:
@@ -203,7 +187,8 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
     """The HTML page for a run folder: environment, kernel matrix, and per notebook its status, checks, skips,
     headline metrics (beside the reference runs of other devices) and figures. Self-contained: no links out."""
     from labkit import probes
-    from labkit.results import environment_rows, reference_runs
+    from labkit.probes import environment_rows
+    from labkit.results import reference_runs
 
     run_folder = Path(run_folder)
     summary = read_summary(run_folder)

@@ -1,7 +1,8 @@
-"""The environment report and the results file every notebook writes.
+"""The results file every notebook writes, and the reading of results files (a run, the reference runs).
 
 Results file schema (one JSON object):
-``{"notebook": str, "env": {...}, "metrics": {name: number}, "checks": {name: bool}, "skipped": {what: why}}``
+``{"notebook": str, "env": {...}, "metrics": {name: number}, "checks": {name: bool}, "skipped": {what: why},
+"figures": [file names], "summary": [lines of "What you measured"]}`` (figures and summary may be absent).
 """
 
 from __future__ import annotations
@@ -9,57 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
-import time
 from pathlib import Path
 from typing import Any
 
+from labkit import paths
 from labkit.errors import BadParameter
-
-_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LABKIT_CACHE")
-
-
-def cache_dir() -> Path:
-    """Where labkit keeps converted models and measured ceilings ($LABKIT_CACHE, else ~/.cache/labkit)."""
-    root = os.environ.get("LABKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "labkit"
-    path = Path(root).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def environment() -> dict[str, Any]:
-    """What a result depends on: versions, devices, platform, the relevant environment variables."""
-    from labkit import probes
-
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "platform": platform.platform(),
-        "versions": probes.versions(),
-        "devices": probes.devices(),
-        "environment_variables": {name: os.environ[name] for name in _ENV_VARS if name in os.environ},
-    }
-
-
-def environment_rows(env: dict[str, Any]) -> list[dict[str, str]]:
-    """The environment report (or a probe report: versions and devices) as (item, value) rows for a table."""
-    rows = [{"item": "platform", "value": env["platform"]}] if "platform" in env else []
-    rows += [{"item": name, "value": value or "not installed"} for name, value in env["versions"].items()]
-    cpu = env["devices"]["cpu"]
-    rows.append({"item": "cpu", "value": f"{cpu['name']}, {cpu['cores']} cores"})
-    for gpu in env["devices"]["cuda"]:
-        rows.append({"item": gpu["device"], "value": f"{gpu['name']} (compute capability {gpu['capability']}, "
-                                                     f"{gpu['memory_bytes'] / 2**30:.1f} GiB)"})
-    if not env["devices"]["cuda"]:
-        rows.append({"item": "cuda", "value": "no CUDA GPU on this machine"})
-    rows += [{"item": name, "value": value} for name, value in env.get("environment_variables", {}).items()]
-    return rows
-
-
-def metric_name(*parts: Any) -> str:
-    """A metric name from words and values: lower case, every run of other characters becomes one _."""
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "_", "_".join(map(str, parts)).lower()).strip("_")
 
 
 class Results:
@@ -68,11 +23,12 @@ class Results:
     def __init__(self, notebook: str, path: str | os.PathLike | None = None, env: dict[str, Any] | None = None):
         self.notebook = notebook
         self.path = Path(path) if path else None
-        self.env = env if env is not None else environment()
+        self.env = env if env is not None else {}
         self.metrics: dict[str, float] = {}
         self.checks: dict[str, bool] = {}
         self.skipped: dict[str, str] = {}
         self.figures: list[str] = []
+        self.summary: list[str] = []  # "What you measured", in words (written by Lab.finish)
 
     def metric(self, name: str, value: float) -> None:
         """Record a measured number (finite int or float)."""
@@ -80,11 +36,30 @@ class Results:
             raise BadParameter(f"metric {name!r} must be a finite number, got {value!r}.")
         self.metrics[name] = value
 
-    def check(self, name: str, passed: Any, detail: str = "") -> None:
-        """Record one of the notebook's assertions about what it taught, and say it out loud."""
+    def record(self, metrics: dict[str, float | None]) -> None:
+        """Record many metrics at once (a sweep's rows turned into names by labkit.metrics); None is skipped."""
+        for name, value in metrics.items():
+            if value is not None:
+                self.metric(name, value)
+
+    def add(self, findings: dict[str, Any]) -> None:
+        """Record what a labkit measurement found: ``{"metrics": {name: number}, "checks": {name: passed or
+        (passed, detail)}, "skipped": {what: why}}`` (each part optional)."""
+        self.record(findings.get("metrics", {}))
+        for name, outcome in findings.get("checks", {}).items():
+            passed, detail = outcome if isinstance(outcome, tuple) else (outcome, "")
+            self.check(name, passed, detail)
+        for what, why in findings.get("skipped", {}).items():
+            self.skip(what, why)
+
+    def check(self, name: str, passed: Any, detail: str = "") -> bool:
+        """Record one of the notebook's claims about what it showed. Silent when it holds (the results file and the
+        report list the checks); when it does not, one line in words says what this machine did not show."""
         passed = bool(passed)
         self.checks[name] = passed
-        print(f"check {name}: {'passed' if passed else 'FAILED'}{' (' + detail + ')' if detail else ''}")
+        if not passed:
+            print(f"Not seen on this machine: {name.replace('_', ' ')}{' (' + detail + ')' if detail else ''}.")
+        return passed
 
     def skip(self, what: str, why: str) -> None:
         """Record and print, in one line, what this machine cannot do and why."""
@@ -104,7 +79,7 @@ class Results:
 
     def as_dict(self) -> dict[str, Any]:
         return {"notebook": self.notebook, "env": self.env, "metrics": self.metrics,
-                "checks": self.checks, "skipped": self.skipped, "figures": self.figures}
+                "checks": self.checks, "skipped": self.skipped, "figures": self.figures, "summary": self.summary}
 
     def write(self) -> Path | None:
         """Write the results file (when a path was given) and return its path."""
@@ -115,14 +90,9 @@ class Results:
         return self.path
 
 
-def reference_dir() -> Path:
-    """The repository's reference/ folder (results of runs on real GPUs, one folder per device)."""
-    return Path(__file__).resolve().parent.parent / "reference"
-
-
 def reference_runs(notebook: str, folder: Path | None = None) -> dict[str, dict[str, Any]]:
     """Stored reference results for ``notebook``, keyed by device folder name (empty when none exist)."""
-    folder = Path(folder or reference_dir())
+    folder = Path(folder or paths.reference_dir())
     runs = {}
     for path in sorted(folder.glob(f"*/{notebook}.results.json")):
         runs[path.parent.name] = read_results(path)
@@ -146,6 +116,9 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     figures = data.get("figures", [])
     if not isinstance(figures, list) or not all(isinstance(f, str) and f and Path(f).name == f for f in figures):
         problems.append("figures must be a list of file names beside the results file")
+    summary = data.get("summary", [])
+    if not isinstance(summary, list) or not all(isinstance(line, str) for line in summary):
+        problems.append("summary must be a list of lines")
     problems += [f"check {k!r} is not true or false" for k, v in _items(data["checks"]) if not isinstance(v, bool)]
     problems += [f"skip {k!r} has no one-line reason" for k, v in _items(data["skipped"]) if not isinstance(v, str)]
     if not all(isinstance(data[k], dict) for k in ("env", "metrics", "checks", "skipped")):

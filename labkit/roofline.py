@@ -136,9 +136,26 @@ def measure_ceilings(device: str, dtype="auto", *, matmul_size: int | None = Non
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def ceiling_rows(ceilings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Measured ceilings (:func:`measure_ceilings`) as table rows, with the ridge point."""
+    matmul, copy = ceilings["matmul"], ceilings["copy"]
+    ridge = matmul["flops_per_s"] / copy["bytes_per_s"]
+    return [{"ceiling": f"matmul {matmul['size']}x{matmul['size']} {matmul['dtype']}", "best ms": matmul["best_ms"],
+             "rate": f"{matmul['flops_per_s'] / 1e9:,.1f} GFLOP/s"},
+            {"ceiling": f"copy of {copy['bytes'] / 2 / 2**20:.0f} MiB", "best ms": copy["best_ms"],
+             "rate": f"{copy['bytes_per_s'] / 1e9:,.1f} GB/s"},
+            {"ceiling": "ridge point", "best ms": None, "rate": f"{ridge:,.1f} FLOP per byte"}]
+
+
+def ceiling_metrics(ceilings: dict[str, Any]) -> dict[str, float]:
+    """Measured ceilings as metrics: GFLOP/s, GB/s and the ridge point in FLOP per byte."""
+    flops, bandwidth = ceilings["matmul"]["flops_per_s"], ceilings["copy"]["bytes_per_s"]
+    return {"matmul_gflops_per_s": flops / 1e9, "copy_gb_per_s": bandwidth / 1e9, "ridge_flop_per_byte": flops / bandwidth}
+
+
 def ceilings_path() -> Path:
     """The file where measured ceilings are kept between notebooks."""
-    from labkit.results import cache_dir
+    from labkit.paths import cache_dir
 
     return cache_dir() / "ceilings.json"
 
@@ -255,14 +272,28 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
+def kv_shape(config) -> dict[str, int]:
+    """What the KV cache's size depends on: layers, query heads, key/value heads (fewer than the query heads under
+    grouped-query attention, GQA; one under multi-query attention, MQA) and the head size."""
+    heads = config.num_attention_heads
+    return {"layers": config.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
+
+
+def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, element_bytes: int) -> int:
+    """Bytes one token adds to the KV cache: a key and a value vector per key/value head, in every layer."""
+    check_sizes(1, layers=layers, kv_heads=kv_heads, head_dim=head_dim, element_bytes=element_bytes)
+    return 2 * layers * kv_heads * head_dim * element_bytes
+
+
 def kv_cache_bytes(config, *, batch: int, context: int, dtype="float16") -> int:
     """Bytes of the key and value cache for ``batch`` sequences of ``context`` tokens (every layer)."""
     check_sizes(1, batch=batch, context=context)
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * layers * batch * context * kv_heads * head_dim * element_size(dtype)
+    shape = kv_shape(config)
+    per_token = kv_bytes_per_token(layers=shape["layers"], kv_heads=shape["kv_heads"], head_dim=shape["head_dim"],
+                                   element_bytes=element_size(dtype))
+    return batch * context * per_token
 
 
 def decode_bound_tokens_per_s(bandwidth_bytes_per_s: float, weight_bytes: int, kv_bytes: int = 0,

@@ -1,8 +1,19 @@
-"""Correct timings: warm-up, repeats, median and spread, CUDA events, peak memory, OOM-proof sweeps.
+"""Correct timings, by one rule for the whole workbook.
 
-On CUDA, kernels run asynchronously: a wall clock around a call measures only the launch. Each
-repeat is therefore bracketed by CUDA events and the end event is synchronised, as PyTorch's own
-benchmarking recipes do. On CPU, ``time.perf_counter`` around the call is correct.
+The rule:
+1. **warm-up** calls first, untimed: they pay for lazy initialisation, autotuning (cuDNN, torch.compile) and caches;
+2. **enough repeats**: at least ``repeats`` timed calls, and more until they fill ``min_time_s`` of measured time
+   (as ``torch.utils.benchmark.Timer.blocked_autorange`` fills its ``min_run_time``), so a fast call is not judged
+   on a handful of samples;
+3. the **median** is the result, with **p10 and p90** (the 10th and 90th percentiles) shown as its spread;
+4. a series whose trend contradicts its own cost model (time falling while the work grows) is **re-measured once**
+   at the offending points and, if still inconsistent, those points are marked ``noisy`` instead of being explained
+   (:func:`recheck_trend`).
+
+On CUDA, kernels run asynchronously: a wall clock around a call measures only the launch. Each repeat is therefore
+bracketed by CUDA events and the end event is synchronised, as PyTorch's own benchmarking recipes do. On CPU,
+``time.perf_counter`` around the call is correct. Compared implementations must be given the same inputs: build
+them once, outside the timed call.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ import gc
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Sequence
 
 from labkit.errors import BadParameter
 
@@ -72,10 +83,24 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
-def measure(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 3, repeats: int = 10) -> Timing:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones (CUDA events on GPU)."""
-    if warmup < 0 or repeats < 1:
-        raise BadParameter(f"warmup={warmup}, repeats={repeats}: warmup must be >= 0 and repeats >= 1.")
+# Measured time each point should fill (seconds): enough samples for a stable median without slowing CPU tests.
+MIN_TIME_S = {"cuda": 0.2, "cpu": 0.05}
+MAX_REPEATS = 1000
+
+
+def default_min_time_s(device: str) -> float:
+    """How much measured time one point fills by default on ``device`` (:data:`MIN_TIME_S`)."""
+    return MIN_TIME_S["cuda" if str(device).startswith("cuda") else "cpu"]
+
+
+def measure(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 3, repeats: int = 10,
+            min_time_s: float | None = None, max_repeats: int = MAX_REPEATS) -> Timing:
+    """Time ``fn()`` by the workbook's rule: ``warmup`` untimed calls, then at least ``repeats`` timed ones, and more
+    until ``min_time_s`` of measured time is filled (default :func:`default_min_time_s`; 0 for exactly ``repeats``)."""
+    if warmup < 0 or repeats < 1 or max_repeats < repeats:
+        raise BadParameter(f"warmup={warmup}, repeats={repeats}, max_repeats={max_repeats}: warmup must be >= 0 and "
+                           "1 <= repeats <= max_repeats.")
+    min_time_s = default_min_time_s(device) if min_time_s is None else min_time_s
     device = str(device)
     on_cuda = device.startswith("cuda")
     for _ in range(warmup):
@@ -89,7 +114,7 @@ def measure(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 3, repe
         # Events are recorded on the current device's stream: make it the device being timed.
         with torch.cuda.device(torch.device(device)):
             torch.cuda.reset_peak_memory_stats()
-            for _ in range(repeats):
+            while len(times) < repeats or (sum(times) < 1e3 * min_time_s and len(times) < max_repeats):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
@@ -98,11 +123,11 @@ def measure(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 3, repe
                 times.append(start.elapsed_time(end))
             peak = int(torch.cuda.max_memory_allocated())
     else:
-        for _ in range(repeats):
+        while len(times) < repeats or (sum(times) < 1e3 * min_time_s and len(times) < max_repeats):
             start_s = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start_s) * 1e3)
-    return Timing(device=device, warmup=warmup, repeats=repeats, times_ms=times, peak_memory_bytes=peak)
+    return Timing(device=device, warmup=warmup, repeats=len(times), times_ms=times, peak_memory_bytes=peak)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -128,40 +153,52 @@ def free_memory(device: str = "cpu") -> None:
         torch.cuda.empty_cache()
 
 
-def sweep(make_call: Callable[[Any], Callable[[], Any]], values: Iterable[Any], *, device: str = "cpu",
-          warmup: int = 2, repeats: int = 5, stop_after_oom: bool = True,
-          on_row: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
-          label: str = "sweep") -> list[dict[str, Any]]:
-    """Time ``make_call(value)()`` for each value; out-of-memory becomes a row, not a crash.
+def attempt(call: Callable[[], Any], device: str = "cpu") -> dict[str, Any]:
+    """Run ``call()``; an out-of-memory or a kernel failure becomes a row instead of a crash.
 
-    ``make_call(value)`` does the set-up (allocations) outside the timing and returns the call to
-    time. After an out-of-memory row, larger values are recorded as skipped when ``stop_after_oom``.
-    ``on_row`` sees each row as it is made (a live board hooks in here).
+    Returns ``{"status": "ok", "value": result}``, ``{"status": "oom", "reason": ...}`` or
+    ``{"status": "failed", "reason": ...}``; any other exception is raised (a bug, not a measurement).
+    What the call held is given back either way.
     """
-    values = list(values)
-    rows: list[dict[str, Any]] = []
-    ran_out = None
-    iterator: Iterable[Any] = values
-    if progress:
-        from tqdm.auto import tqdm
+    try:
+        return {"status": "ok", "value": call()}
+    except Exception as err:  # only out-of-memory and runtime (kernel) errors are turned into rows
+        first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        if is_out_of_memory(err):
+            return {"status": "oom", "reason": first_line}
+        if isinstance(err, RuntimeError):
+            return {"status": "failed", "reason": f"{type(err).__name__}: {first_line}"}
+        raise
+    finally:
+        free_memory(device)
 
-        iterator = tqdm(values, desc=label, leave=False)
-    for value in iterator:
-        if ran_out is not None and stop_after_oom:
-            row = {"value": value, "status": "skipped", "reason": f"a smaller value ({ran_out}) ran out of memory"}
-        else:
-            try:
-                timing = measure(make_call(value), device=device, warmup=warmup, repeats=repeats)
-                row = {"value": value, "status": "ok", **timing.summary()}
-            except Exception as err:  # only out-of-memory is turned into a row
-                if not is_out_of_memory(err):
-                    raise
-                ran_out = value
-                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                row = {"value": value, "status": "oom", "reason": first_line[:200]}
-            finally:
-                free_memory(device)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-    return rows
+
+# --------------------------------------------------------------------------- trends that contradict the cost model
+
+def against_the_trend(points: Sequence[dict[str, Any]], *, work: str, time: str = "median_ms",
+                      low: str = "p10_ms", high: str = "p90_ms") -> list[int]:
+    """Indices of points whose time fell although their work grew: this point's ``high`` (p90) is below the
+    ``low`` (p10) of a point with less work. ``points`` are one series (same implementation); the order does not
+    matter. Points without a time are ignored."""
+    timed = [i for i, p in enumerate(points) if p.get(time) is not None and p.get(work) is not None]
+    suspects = set()
+    for i in timed:
+        for j in timed:
+            if points[j][work] < points[i][work] and \
+                    (points[i].get(high) or points[i][time]) < (points[j].get(low) or points[j][time]):
+                suspects.update((i, j))
+    return sorted(suspects)
+
+
+def recheck_trend(points: list[dict[str, Any]], *, work: str, remeasure: Callable[[dict[str, Any]], dict[str, Any]],
+                  time: str = "median_ms", low: str = "p10_ms", high: str = "p90_ms") -> list[dict[str, Any]]:
+    """The timing rule's step 4 for one series: points :func:`against_the_trend` are measured again once
+    (``remeasure(point)`` returns the new timing keys); those still against it get ``noisy=True``, the others
+    ``noisy=False``. Returns the (updated) points; a notebook draws no conclusion from a noisy point."""
+    suspects = against_the_trend(points, work=work, time=time, low=low, high=high)
+    for i in suspects:
+        points[i] = {**points[i], **remeasure(points[i]), "remeasured": True}
+    still = set(against_the_trend(points, work=work, time=time, low=low, high=high))
+    for i, point in enumerate(points):
+        point["noisy"] = i in still
+    return points

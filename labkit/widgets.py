@@ -8,6 +8,8 @@ from __future__ import annotations
 import html
 from typing import Any, Iterable, Sequence
 
+from labkit import compat
+
 
 def _cell(value: Any) -> str:
     if isinstance(value, bool):
@@ -85,7 +87,7 @@ def short_traceback(shell, etype, value, tb, tb_offset=None) -> list[str]:
     if shell is not None:
         # IPython discards a handler's return value; _showtraceback is what ipykernel turns into the
         # cell's error output (ename, evalue, this one-line traceback), which papermill and nbval read.
-        shell._showtraceback(etype, value, stb)
+        compat.show_short_traceback(shell, etype, value, stb)
     return stb
 
 
@@ -235,3 +237,20 @@ def picker(options: Sequence[Any], value: Any = None, *, description: str = ""):
                                style={"description_width": "initial"})
     display(dropdown)
     return dropdown
+
+
+def probe_text(report: dict[str, Any]) -> str:
+    """A probe report (``probes.probe()``) as plain-text tables: what ``labkit probe`` prints."""
+    from labkit import probes
+
+    features = report["features"]
+    sections = [
+        ("Versions and devices", probes.environment_rows(report), ["item", "value"]),
+        ("SDPA backends that run (forced one at a time with torch.nn.attention.sdpa_kernel)",
+         probes.sdpa_summary(report["sdpa"]), list(probes.SUMMARY_COLUMNS)),
+        ("attn_implementation values (transformers)", features["attn_implementations"],
+         ["attn_implementation", "ok", "reason"]),
+        ("bitsandbytes 4-bit matmul", features["bitsandbytes_4bit"], ["device", "quant_type", "ok", "reason"]),
+        ("Other features", probes.feature_rows(features), ["feature", "ok", "detail"]),
+    ]
+    return "\n\n".join(f"{title}\n{text_table(rows, columns, indent=2)}" for title, rows, columns in sections)

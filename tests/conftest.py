@@ -3,9 +3,8 @@
 import json
 import os
 
-import pytest
-
 import kernel_guard
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

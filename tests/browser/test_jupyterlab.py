@@ -21,11 +21,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import kernel_guard
 import nbformat
 import pytest
-
-import kernel_guard
 from chromium import CHROMIUM, FLAGS, playwright_or_skip
+
 from labkit import parallel
 
 pytestmark = [pytest.mark.browser, pytest.mark.jupyterlab]

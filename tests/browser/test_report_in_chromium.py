@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-
 from chromium import CHROMIUM, FLAGS, playwright_or_skip
+
 from labkit import report
 
 pytestmark = pytest.mark.browser

@@ -5,6 +5,7 @@ from pathlib import Path
 import papermill
 import pytest
 
+from labkit import metrics
 from labkit.results import read_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,40 +33,10 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch, guar
         assert why.strip() and "\n" not in why, f"skip of {what!r} needs a one-line reason"
     for figure in data.get("figures", []):
         assert (tmp_path / figure).stat().st_size > 1000, f"figure {figure} was not saved"
-    missing = [name for name in EXPECTED_METRICS.get(notebook.stem, []) if name not in data["metrics"]]
+    missing = [name for name in metrics.expected_quick(notebook.stem) if name not in data["metrics"]]
     assert not missing, f"metrics missing: {missing}"
     if solutions:
         assert data["checks"].get("exercise_solutions_pass") is True
-
-
-FORMATS4 = ("16_bit", "fp4", "nf4", "nf4_double", "int8")
-# Metrics the issues ask each notebook to report (quick sizes on CPU).
-EXPECTED_METRICS = {
-    "01_flash_attention": [f"sweep_{backend}_d{d}_{mask}_n{n}_{what}" for backend in ("math", "flash_attention")
-                           for d in (64, 128) for mask in ("causal", "full") for n in (128, 256, 512)
-                           for what in ("ms", "tflops", "fraction_of_ceiling", "peak_mib")]
-                          + ["best_backend_tflops", "best_backend_fraction_of_ceiling"],
-    "02_decoders_and_generation": [f"prefill_{m}_{i}_n{n}_{what}" for m in ("smollm2_135m", "tiny_opt")
-                                   for i in ("eager", "sdpa") for n in (32, 128) for what in ("ms", "peak_mib")]
-                                  + [f"decode_{m}_{i}_{what}" for m in ("smollm2_135m", "tiny_opt") for i in ("eager", "sdpa")
-                                     for what in ("tokens_per_s", "fraction_of_bandwidth_bound")]
-                                  + ["recipe_dynamic_cache_fraction_of_bandwidth_bound",
-                                     "recipe_static_cache_fraction_of_bandwidth_bound",
-                                     "recipe_hand_loop_fraction_of_bandwidth_bound", "batch1_tokens_per_s"],
-    "03_encoder_fastpath": ["to_fastpath_max_abs_difference", "embedding_similarity_max_difference"]
-                           + [f"speedup_fastpath_vs_sdpa_b8_n128_pad{p}" for p in (0, 25, 50, 75)]
-                           + [f"sweep_{i}_b8_n128_pad{p}_ms" for i in ("transformers_eager", "transformers_sdpa", "fastpath")
-                              for p in (0, 25, 50, 75)],
-    "04_quantization": [f"{what}_{f}" for what in ("perplexity", "kl_vs_16bit") for f in FORMATS4]
-                       + [f"prefill_{f}_ms" for f in FORMATS4]
-                       + [f"decode_{f}_batch{b}_{what}" for f in FORMATS4 for b in (1, 8)
-                          for what in ("tokens_per_s", "fraction_of_bound")]
-                       + [f"footprint_{f}_mib" for f in FORMATS4],
-    "05_multi_gpu": [f"{job}_{n}_{what}" for job in ("tp", "dp") for n in (1, 2) for what in ("tokens_per_s", "speedup")]
-                    + ["tp_2_top_logit_gap", "allreduce_best_busbw_gb_per_s", "allreduce_fraction_of_copy",
-                       "plan_llama_70b_shape_16_bit_total_gib", "plan_llama_70b_shape_nf4_total_gib",
-                       "tp_predicted_communication_ms_per_token"],
-}
 
 
 BAD_PARAMETERS = {

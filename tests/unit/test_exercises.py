@@ -7,8 +7,14 @@ import torch
 
 from labkit import exercises
 from labkit.errors import BadParameter
+from labkit.exercises.core import CORRECT, NOT_ATTEMPTED, WRONG
 
 ALL = list(exercises.EXERCISES.values())
+
+
+def bound(exercise_id, solutions=False, **given):
+    e = exercises.get(exercise_id)
+    return exercises.Bound(e, given or dict(e.example_context), solutions=solutions)
 
 
 @pytest.fixture(autouse=True)
@@ -20,15 +26,15 @@ def private_progress(tmp_path, monkeypatch):
 @pytest.mark.parametrize("exercise", ALL, ids=[e.id for e in ALL])
 def test_the_solution_passes(exercise):
     context = exercise.example_context
-    verdict = exercise.check(exercise.solved(**context), **context)
-    assert verdict.status == exercises.CORRECT, verdict.message
+    verdict = exercise.verdict(exercise.solved(**context), context)
+    assert verdict.status == CORRECT, verdict.message
 
 
 @pytest.mark.parametrize("exercise", ALL, ids=[e.id for e in ALL])
 def test_no_answer_is_not_attempted_and_not_recorded(exercise, private_progress):
     for placeholder in (None, ...):
-        verdict = exercise.check(placeholder, **exercise.example_context)
-        assert verdict.status == exercises.NOT_ATTEMPTED and not verdict
+        verdict = bound(exercise.id).check(placeholder)
+        assert verdict.status == NOT_ATTEMPTED and not verdict
     assert not private_progress.exists()
 
 
@@ -37,8 +43,8 @@ CASES = [(e, answer, words) for e in ALL for answer, words in e.typical_mistakes
 
 @pytest.mark.parametrize("exercise, answer, words", CASES, ids=[f"{e.id}-{i}" for i, (e, _, _) in enumerate(CASES)])
 def test_a_typical_mistake_gets_its_message(exercise, answer, words, capsys):
-    verdict = exercise.check(answer, **exercise.example_context)
-    assert verdict.status != exercises.CORRECT
+    verdict = bound(exercise.id).check(answer)
+    assert verdict.status != CORRECT
     assert words in verdict.message, verdict.message
     assert words in capsys.readouterr().out  # printed for the learner too
 
@@ -46,24 +52,42 @@ def test_a_typical_mistake_gets_its_message(exercise, answer, words, capsys):
 def test_every_exercise_has_hints_a_solution_and_mistakes():
     assert {e.notebook for e in ALL} == {"01", "02", "03", "04", "05"}
     for e in ALL:
-        assert len(e.hints) >= 2 and e.solution_code.strip() and e.kind in ("predict", "code")
+        assert len(e.hints) >= 2 and e.solution_code().strip() and e.kind in ("predict", "code")
         assert e.typical_mistakes, f"{e.id} has no typical mistake under test"
     for notebook in ("01", "02", "03", "04", "05"):
         assert 3 <= len(exercises.for_notebook(notebook)) <= 5
 
 
+def test_each_exercise_module_belongs_to_one_notebook():
+    for module in exercises.MODULES:
+        assert len({e.notebook for e in module.EXERCISES}) == 1, module.__name__
+
+
 def test_hints_go_one_level_further_each_time(capsys):
-    q = exercises.get("01.1")
-    q._hints_shown = 0
+    q = bound("01.1")
     first, second, third = q.hint(), q.hint(), q.hint()
     assert first != second and second == third
     assert "Hint 1 of 2" in capsys.readouterr().out
 
 
+def test_a_workshop_run_fills_in_the_solution_and_records_nothing(private_progress):
+    q = bound("03.1", solutions=True)
+    assert q.check(None) and q.answer == 4.0
+    assert not private_progress.exists()
+
+
+def test_the_revealing_cell_compares_the_prediction_with_the_measurement(capsys):
+    q = bound("02.1")
+    q.compare(480.0, "tokens/s")
+    assert "no prediction" in capsys.readouterr().out
+    q.check(500.0)
+    q.compare(480.0, "tokens/s")
+    assert "you predicted 500 tokens/s; measured 480 tokens/s" in capsys.readouterr().out
+
+
 def test_bitsandbytes_configs_that_are_not_nf4_double_bfloat16_are_told_why():
     from transformers import BitsAndBytesConfig
 
-    q = exercises.get("04.2")
     cases = [(BitsAndBytesConfig(load_in_8bit=True), "load_in_8bit"),
              (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16), "FP4"),
@@ -72,22 +96,20 @@ def test_bitsandbytes_configs_that_are_not_nf4_double_bfloat16_are_told_why():
              (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.float32), "compute dtype")]
     for config, words in cases:
-        verdict = q.check(config)
+        verdict = bound("04.2").check(config)
         assert not verdict and words in verdict.message
 
 
 def test_a_converted_layer_with_the_wrong_norm_order_or_activation_is_told_why():
-    from labkit.fastpath import _convert_layer
-
-    q = exercises.get("03.3")
+    from labkit.fastpath import convert_layer
 
     def pre_norm(layer, config):
-        converted = _convert_layer(layer, config)
+        converted = convert_layer(layer, config)
         converted.norm_first = True
         return converted
 
     def relu(layer, config):
-        right = _convert_layer(layer, config)
+        right = convert_layer(layer, config)
         converted = torch.nn.TransformerEncoderLayer(config.hidden_size, config.num_attention_heads,
                                                      dim_feedforward=config.intermediate_size, dropout=0.0,
                                                      activation="relu", layer_norm_eps=config.layer_norm_eps,
@@ -96,20 +118,20 @@ def test_a_converted_layer_with_the_wrong_norm_order_or_activation_is_told_why()
         return converted
 
     def swapped_norms(layer, config):
-        converted = _convert_layer(layer, config)
+        converted = convert_layer(layer, config)
         converted.norm1, converted.norm2 = converted.norm2, converted.norm1
         return converted
 
-    assert "norm_first=False" in q.check(pre_norm).message
-    assert "GELU" in q.check(relu).message
-    assert "LayerNorm" in q.check(swapped_norms).message
+    assert "norm_first=False" in bound("03.3").check(pre_norm).message
+    assert "GELU" in bound("03.3").check(relu).message
+    assert "LayerNorm" in bound("03.3").check(swapped_norms).message
 
 
 def test_attention_with_the_softmax_over_the_wrong_axis_is_told_why():
     def wrong_axis(q, k, v):
         return torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-2) @ v
 
-    assert "wrong axis" in exercises.get("01.2").check(wrong_axis).message
+    assert "wrong axis" in bound("01.2").check(wrong_axis).message
 
 
 def test_a_function_that_raises_is_an_answer_to_explain_not_a_crash():
@@ -119,23 +141,21 @@ def test_a_function_that_raises_is_an_answer_to_explain_not_a_crash():
     def unwritten(q, k, v):
         raise NotImplementedError
 
-    assert "raised ValueError: oops" in exercises.get("01.2").check(broken).message
-    assert exercises.get("01.2").check(unwritten).status == exercises.NOT_ATTEMPTED
+    assert "raised ValueError: oops" in bound("01.2").check(broken).message
+    assert bound("01.2").check(unwritten).status == NOT_ATTEMPTED
 
 
 def test_progress_records_correct_answers_only_and_labkit_progress_lists_them(private_progress, capsys):
     from labkit import cli
 
-    q = exercises.get("03.1")
-    q.check(0.25, padding_fraction=0.75)
+    bound("03.1", padding_fraction=0.75).check(0.25)
     assert not private_progress.exists()
-    q.check(4.0, padding_fraction=0.75)
-    q.check(4.0, padding_fraction=0.75, record=False)
+    bound("03.1", padding_fraction=0.75).check(4.0)
     done = json.loads(private_progress.read_text())["done"]
     assert list(done) == ["03.1"]
     assert cli.main(["progress"]) == 0
     out = capsys.readouterr().out
-    assert "03.1" in out and "1 of 15 exercises done" in out
+    assert "03.1" in out and f"1 of {len(ALL)} exercises done" in out
 
 
 def test_an_unreadable_progress_file_counts_as_none_done(private_progress):
@@ -157,26 +177,25 @@ def test_the_workshop_guide_lists_the_current_mistakes_and_messages():
 
 @pytest.mark.parametrize("exercise", ALL, ids=[e.id for e in ALL])
 def test_the_solution_shown_runs_in_the_exercise_cell_and_passes(exercise):
-    """What ex.solution() prints, pasted into the exercise's cell (where `given` holds the inputs), is right."""
-    import math
+    """What ex.solution() prints, pasted into the exercise's cell (where `ex` is the bound exercise), is right."""
+    ex = bound(exercise.id)
+    cell = {"ex": ex}
+    exec(exercise.solution_code(), cell)
+    assert ex.check(cell["answer"]), exercise.solution_code()
 
-    import torch.nn.functional as F
-    from torch import nn
-    from transformers import BitsAndBytesConfig
 
-    cell = {"given": exercise.example_context, "torch": torch, "nn": nn, "F": F, "math": math,
-            "BitsAndBytesConfig": BitsAndBytesConfig}
-    exec(exercise.solution_code, cell)
-    answer = next((cell[n] for n in ("my_attention", "my_convert_layer", "my_config", "my_split") if n in cell),
-                  cell.get("answer"))
-    assert exercise.check(answer, **exercise.example_context), exercise.solution_code
+def test_a_solution_is_the_function_the_checks_use_not_a_copy():
+    import inspect
+
+    for e in ALL:
+        assert inspect.getsource(e.solution) in e.solution_code()
 
 
 def test_an_answer_the_checker_did_not_foresee_is_explained_not_raised():
-    verdict = exercises.get("05.2").check(lambda items, rank, world: 5)
-    assert verdict.status == exercises.WRONG and "could not be checked" in verdict.message
+    verdict = bound("05.2").check(lambda items, rank, world: 5)
+    assert verdict.status == WRONG and "could not be checked" in verdict.message
 
 
 def test_a_whole_float_counts_as_a_whole_number_and_near_ties_count_as_right():
-    assert exercises.get("05.1").check(2.0, **exercises.get("05.1").example_context)
-    assert exercises.get("04.3").check("nf4", kl={"nf4": 0.248, "nf4-double": 0.247})
+    assert bound("05.1").check(2.0)
+    assert bound("04.3", kl={"nf4": 0.248, "nf4-double": 0.247}).check("nf4")

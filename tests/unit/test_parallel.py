@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from labkit import parallel
+from labkit import compat, parallel
 from labkit.errors import BadParameter
 
 GIB = 2**30
@@ -194,6 +194,6 @@ def test_element_bytes_are_checked(small):
 def test_gpu_hiding_makes_transformers_pick_the_cpu(monkeypatch):
     monkeypatch.setattr(torch._C, "_get_accelerator", lambda check=None: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with parallel._cpu_accelerator_without_gpus():
+    with compat.cpu_accelerator_without_gpus():
         assert torch._C._get_accelerator().type == "cpu"
     assert torch._C._get_accelerator().type == "cuda"

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from labkit import probes
+from labkit import probes, widgets
 from labkit.errors import BadParameter
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer; this machine has a GPU")
@@ -173,7 +173,7 @@ def test_probe_report_and_text():
     report = probes.probe(["cpu"])
     assert set(report) == {"versions", "devices", "sdpa", "features"}
     assert report["versions"]["torch"] == torch.__version__
-    text = probes.format_report(report)
+    text = widgets.probe_text(report)
     assert "SDPA backends" in text and "attn_implementation" in text
 
 

@@ -13,12 +13,21 @@ def test_results_file_follows_the_schema(tmp_path, capsys):
     res.check("outputs_agree", True, "max diff 0")
     res.skip("flash-attn comparison", "flash-attn is not installed")
     printed = capsys.readouterr().out
-    assert "check outputs_agree: passed (max diff 0)" in printed
+    assert "outputs_agree" not in printed, "a claim that holds is recorded silently"
     assert "Skipped: flash-attn comparison -- flash-attn is not installed" in printed
     data = results.read_results(res.write())
     assert data == {"notebook": "99_test", "env": {"versions": {}}, "metrics": {"tokens_per_s": 12.5},
                     "checks": {"outputs_agree": True}, "skipped": {"flash-attn comparison": "flash-attn is not installed"},
-                    "figures": []}
+                    "figures": [], "summary": []}
+
+
+def test_findings_record_metrics_checks_and_skips_at_once(capsys):
+    res = results.Results("99_test", env={})
+    res.add({"metrics": {"a": 1.0, "b": None}, "checks": {"holds": True, "fails": (False, "3 > 2")},
+             "skipped": {"gpu part": "no GPU here"}})
+    assert res.metrics == {"a": 1.0} and res.checks == {"holds": True, "fails": False}
+    printed = capsys.readouterr().out
+    assert "Not seen on this machine: fails (3 > 2)." in printed and "Skipped: gpu part -- no GPU here" in printed
 
 
 def test_figures_are_saved_beside_the_results_file(tmp_path):
@@ -45,7 +54,7 @@ def test_metrics_must_be_finite_numbers(bad):
 def test_failed_check_is_recorded_false(capsys):
     res = results.Results("99_test", env={})
     res.check("agree", 0)
-    assert res.checks == {"agree": False} and "FAILED" in capsys.readouterr().out
+    assert res.checks == {"agree": False} and "Not seen on this machine: agree." in capsys.readouterr().out
 
 
 def test_no_path_writes_nothing():
@@ -60,9 +69,11 @@ def test_read_results_rejects_other_json(tmp_path):
 
 
 def test_environment_report():
-    env = results.environment()
+    from labkit import probes
+
+    env = probes.environment()
     assert {"versions", "devices", "platform", "time"} <= set(env)
-    items = [row["item"] for row in results.environment_rows(env)]
+    items = [row["item"] for row in probes.environment_rows(env)]
     assert "torch" in items and "cpu" in items
 
 
@@ -78,7 +89,9 @@ def test_reference_runs(tmp_path):
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_CACHE", str(tmp_path / "c"))
-    assert results.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+    from labkit import paths
+
+    assert paths.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
 
 
 def test_check_sizes_names_every_offender():
@@ -90,8 +103,10 @@ def test_check_sizes_names_every_offender():
 
 
 def test_metric_name_from_words_and_values():
-    assert results.metric_name("decode", "smollm2-135m", "sdpa", "tokens/s") == "decode_smollm2_135m_sdpa_tokens_s"
-    assert results.metric_name("recipe", "hand loop, compiled step") == "recipe_hand_loop_compiled_step"
+    from labkit import metrics
+
+    assert metrics.name("decode", "smollm2-135m", "sdpa", "tokens/s") == "decode_smollm2_135m_sdpa_tokens_s"
+    assert metrics.name("recipe", "hand loop, compiled step") == "recipe_hand_loop_compiled_step"
 
 
 @pytest.mark.parametrize("content, problem", [

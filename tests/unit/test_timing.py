@@ -25,7 +25,7 @@ def test_spread_is_ordered(values):
 @given(st.integers(min_value=0, max_value=5), st.integers(min_value=1, max_value=8))
 def test_measure_calls_warmup_plus_repeats(warmup, repeats):
     calls = []
-    result = timing.measure(lambda: calls.append(1), warmup=warmup, repeats=repeats)
+    result = timing.measure(lambda: calls.append(1), warmup=warmup, repeats=repeats, min_time_s=0)
     assert len(calls) == warmup + repeats
     assert len(result.times_ms) == repeats and all(t >= 0 for t in result.times_ms)
     assert result.peak_memory_bytes is None  # CPU: no allocator statistics
@@ -54,35 +54,62 @@ def test_out_of_memory_is_recognised():
     assert not timing.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
-def test_sweep_records_out_of_memory_and_skips_larger_sizes():
-    seen = []
+def test_measure_repeats_until_the_minimum_time_is_filled():
+    import time
 
-    def make_call(n):
-        if n >= 3:
-            raise torch.OutOfMemoryError(f"CUDA out of memory while allocating for n={n}")
-        x = torch.ones(n, n)
-        return lambda: x @ x
-
-    rows = timing.sweep(make_call, [1, 2, 3, 4], warmup=0, repeats=2, on_row=seen.append)
-    assert [r["status"] for r in rows] == ["ok", "ok", "oom", "skipped"]
-    assert "n=3" in rows[2]["reason"] and "ran out of memory" in rows[3]["reason"]
-    assert seen == rows
+    result = timing.measure(lambda: time.sleep(0.002), warmup=0, repeats=2, min_time_s=0.03)
+    assert result.repeats == len(result.times_ms) >= 10  # 2 repeats would fill 4 ms, not 30
+    assert sum(result.times_ms) >= 30
+    capped = timing.measure(lambda: None, warmup=0, repeats=1, min_time_s=10, max_repeats=50)
+    assert capped.repeats == 50
 
 
-def test_sweep_can_keep_going_after_out_of_memory():
-    def make_call(n):
-        def call():
-            if n == 2:
-                raise torch.OutOfMemoryError("out of memory")
-        return call
+def test_attempt_turns_out_of_memory_and_kernel_failures_into_rows():
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
-    rows = timing.sweep(make_call, [1, 2, 3], warmup=0, repeats=1, stop_after_oom=False)
-    assert [r["status"] for r in rows] == ["ok", "oom", "ok"]
+    def kernel_failure():
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    assert timing.attempt(lambda: 42) == {"status": "ok", "value": 42}
+    assert timing.attempt(out_of_memory)["status"] == "oom"
+    failed = timing.attempt(kernel_failure)
+    assert failed["status"] == "failed" and "illegal memory access" in failed["reason"]
 
 
-def test_sweep_does_not_hide_real_errors():
-    def make_call(n):
+def test_attempt_does_not_hide_real_errors():
+    def bug():
         raise ValueError("a bug, not a memory problem")
 
     with pytest.raises(ValueError):
-        timing.sweep(make_call, [1])
+        timing.attempt(bug)
+
+
+def point(work, median, spread=0.05):
+    return {"work": work, "median_ms": median, "p10_ms": median * (1 - spread), "p90_ms": median * (1 + spread)}
+
+
+def test_a_time_that_falls_as_the_work_grows_is_against_the_trend():
+    rising = [point(1, 1.0), point(2, 2.1), point(4, 3.9)]
+    assert timing.against_the_trend(rising, work="work") == []
+    within_spread = [point(1, 1.0, 0.2), point(2, 0.95, 0.2)]  # flat within its own spread: launch-bound, not noise
+    assert timing.against_the_trend(within_spread, work="work") == []
+    falling = [point(256, 44.0), point(1024, 30.0), point(2048, 20.0)]  # 02's prefill on the H100, shape only
+    assert timing.against_the_trend(falling, work="work") == [0, 1, 2]
+
+
+def test_recheck_remeasures_once_and_marks_what_stays_inconsistent():
+    calls = []
+
+    def remeasure_fixed(p):
+        calls.append(p["work"])
+        return point(p["work"], p["work"] * 1.0)  # measured again: now time grows with the work
+
+    fixed = timing.recheck_trend([point(1, 5.0), point(2, 2.0)], work="work", remeasure=remeasure_fixed)
+    assert calls == [1, 2] and not any(p["noisy"] for p in fixed) and all(p["remeasured"] for p in fixed)
+
+    def remeasure_same(p):
+        return {k: p[k] for k in ("median_ms", "p10_ms", "p90_ms")}
+
+    still = timing.recheck_trend([point(1, 1.0), point(2, 5.0), point(4, 2.0)], work="work", remeasure=remeasure_same)
+    assert [p["noisy"] for p in still] == [False, True, True]

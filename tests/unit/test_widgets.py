@@ -55,8 +55,8 @@ class _FakeHandle:
 
 
 def _as_if_in_jupyterlab(monkeypatch):
-    import ipywidgets
     import IPython.display
+    import ipywidgets
 
     shown, handle = [], _FakeHandle()
 

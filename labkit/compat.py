@@ -1,0 +1,86 @@
+"""Every version shim and every private torch, transformers or IPython name labkit uses, in one place.
+
+Each entry says which versions it serves and why, so that the day the oldest admitted version moves (pyproject.toml:
+torch>=2.11, transformers>=5.17) it can be deleted in one edit. Notebooks never touch a private name: they call
+the topic modules, which call these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any
+
+
+# torch 2.11-2.13: the profiler's public API has no per-allocation records on CPU; its kineto results do
+# (``[memory]`` events with a size). labkit.attention.peak_extra_memory reads them; None means "not measured".
+def profiler_allocations(prof) -> list[tuple[int, int]] | None:
+    """(start_ns, nbytes) of every allocation and free a finished CPU profile recorded, or None if unreadable."""
+    try:
+        events = prof.profiler.kineto_results.events()
+        return sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except AttributeError:  # the raw results changed shape: "not measured" rather than a guess
+        return None
+
+
+# torch 2.11-2.13: nn.TransformerEncoder takes its nested-tensor fastpath only when the padding is on the right,
+# which it tests with this private op; labkit.fastpath.why_not_fastpath asks the same question the same way.
+def padding_is_right_aligned(src, src_key_padding_mask) -> bool:
+    """True when every sequence's tokens come first and its padding after (``mask`` True at padding)."""
+    import torch
+
+    return bool(torch._nested_tensor_from_mask_left_aligned(src, src_key_padding_mask.logical_not()))
+
+
+# transformers 5.17-5.24 picks the tensor-parallel device from ``torch._C._get_accelerator()``, which names CUDA in
+# any CUDA build of torch even with every GPU hidden; where no GPU is usable, make it name the CPU (gloo).
+@contextlib.contextmanager
+def cpu_accelerator_without_gpus():
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch._C._get_accelerator
+    torch._C._get_accelerator = lambda check=None: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch._C._get_accelerator = original
+
+
+# transformers 5.x renamed the forward argument ``past_key_values`` to ``cache`` in newer releases, and the output
+# key with it; 5.17 has the old names, 5.24 the new ones.
+def forward_keywords(model) -> dict[str, Any]:
+    """How this release names the cache argument, and whether forward takes cache positions and logits_to_keep."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": "cache" if "cache" in params else "past_key_values",
+            "cache_position": "cache_position" in params, "logits_to_keep": "logits_to_keep" in params}
+
+
+def output_cache(output):
+    """The KV cache a forward pass with ``use_cache=True`` returned, under either name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+# transformers 5.17-5.24: the public ``from_config`` of an Auto class needs a model type; building one
+# architecture class with a given attention implementation from a config is the private ``_from_config``.
+def build_model_class(model_class, config, attn_implementation: str):
+    return model_class._from_config(config, attn_implementation=attn_implementation)
+
+
+# transformers 5.17-5.24: a bare layer (BertLayer) built outside a model reads the attention implementation from
+# the config's private field; ``from_pretrained``/``from_config`` set it for whole models.
+def set_layer_attention(config, name: str) -> None:
+    config._attn_implementation = name
+
+
+def attn_implementation(model) -> str:
+    """The attention implementation a loaded model runs (transformers keeps it in a private config field)."""
+    return model.config._attn_implementation
+
+
+# IPython 8-9: a custom exception handler's return value is discarded; ``_showtraceback`` is what ipykernel turns
+# into the cell's error output (ename, evalue, traceback), which papermill and nbval read.
+def show_short_traceback(shell, etype, value, lines: list[str]) -> None:
+    shell._showtraceback(etype, value, lines)

@@ -1,0 +1,157 @@
+"""Exercises with checkers: predict-then-measure questions and small code tasks, one module per notebook.
+
+In a notebook: ``ex = lab.exercise("01.1", batch=..., ...)``, then ``ex.check(answer)`` says whether the answer is
+right and, when it is not, which mistake it looks like; ``ex.hint()`` gives the next hint, ``ex.solution()`` shows
+one (the source of a real function in the notebook's module below). A predict exercise sits just before the cell
+that reveals its answer (the cell tagged ``reveals-<id>``); that cell compares the prediction with the measurement.
+
+Progress: an answer that passes is recorded in a small JSON file on this machine (``progress_path()``), never sent
+anywhere; ``labkit progress`` lists it. Solutions filled in by a workshop run (``labkit run --solutions``) are not
+recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from labkit.errors import BadParameter
+from labkit.exercises import decoders, encoder, flash_attention, multi_gpu, quantization
+from labkit.exercises.core import CORRECT, NOT_ATTEMPTED, WRONG, Exercise, Verdict
+
+MODULES = (flash_attention, decoders, encoder, quantization, multi_gpu)
+EXERCISES: dict[str, Exercise] = {e.id: e for module in MODULES for e in module.EXERCISES}
+
+__all__ = ["EXERCISES", "Bound", "Exercise", "Verdict", "get", "for_notebook", "progress", "progress_path",
+           "mistakes_markdown", "summary"]
+
+
+def get(exercise_id: str) -> Exercise:
+    """The exercise ``exercise_id`` ("01.1"), or one sentence listing them."""
+    if exercise_id not in EXERCISES:
+        raise BadParameter(f"no exercise {exercise_id!r}; there are {', '.join(EXERCISES)}.")
+    return EXERCISES[exercise_id]
+
+
+def for_notebook(notebook: str) -> list[Exercise]:
+    """The exercises of a notebook ("01" or "01_flash_attention")."""
+    return [e for e in EXERCISES.values() if e.notebook == notebook[:2]]
+
+
+class Bound:
+    """An exercise with the notebook's own numbers (``given``): what a notebook cell holds.
+
+    ``check(answer)`` prints and keeps the verdict; in a workshop run (``solutions=True``) a missing answer is
+    filled in by the solution. ``compare(measured)`` is for the cell that reveals a predict exercise's answer.
+    """
+
+    def __init__(self, exercise: Exercise, given: dict[str, Any], *, solutions: bool = False):
+        self.exercise, self.given, self.solutions = exercise, given, solutions
+        self.answer: Any = None
+        self.verdicts: list[Verdict] = []
+        self._hints_shown = 0
+
+    def check(self, answer: Any = None) -> Verdict:
+        """Check ``answer``; prints the verdict and returns it (truthy when correct). Never raises."""
+        if self.solutions and answer is None:
+            answer = self.exercise.solved(**self.given)
+        self.answer = answer
+        verdict = self.exercise.verdict(answer, self.given)
+        if verdict and not self.solutions:
+            _record(self.exercise.id)
+        self.verdicts.append(verdict)
+        print(verdict)
+        return verdict
+
+    def compare(self, measured: Any, unit: str = "") -> None:
+        """After the measurement: the prediction beside what this machine showed (nothing when none was given)."""
+        unit = f" {unit}" if unit else ""
+        if self.answer is None:
+            print(f"{self.exercise.id}: measured {_shown(measured)}{unit} (no prediction was given above).")
+        else:
+            print(f"{self.exercise.id}: you predicted {_shown(self.answer)}{unit}; measured {_shown(measured)}{unit}.")
+
+    def hint(self) -> str:
+        """The next hint (each call goes one level further, then repeats the last)."""
+        hints = self.exercise.hints
+        level = min(self._hints_shown, len(hints) - 1)
+        self._hints_shown += 1
+        print(f"Hint {level + 1} of {len(hints)}: {hints[level]}")
+        return hints[level]
+
+    def solution(self) -> str:
+        """One solution, as code (the source of the function the checks use)."""
+        code = self.exercise.solution_code()
+        print(code)
+        return code
+
+    def __repr__(self) -> str:
+        given = ", ".join(f"{k}={v!r}" for k, v in self.given.items())
+        return f"Exercise {self.exercise.id} · {self.exercise.title}" + (f" (given: {given})" if given else "")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (set, frozenset)):
+        return repr(sorted(value))
+    return str(value)
+
+
+def summary(verdicts: list[Verdict]) -> dict[str, int]:
+    """Counts of a notebook's verdicts: correct, wrong, not attempted."""
+    return {status: sum(v.status == status for v in verdicts) for status in (CORRECT, WRONG, NOT_ATTEMPTED)}
+
+
+# --------------------------------------------------------------------------- progress, kept on this machine
+
+def progress_path() -> Path:
+    """$LABKIT_PROGRESS, else progress.json in the user's data folder ($XDG_DATA_HOME/labkit or ~/.local/share/labkit)."""
+    if os.environ.get("LABKIT_PROGRESS"):
+        return Path(os.environ["LABKIT_PROGRESS"])
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "labkit" / "progress.json"
+
+
+def _load() -> dict[str, str]:
+    try:
+        data = json.loads(progress_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.get("done", {}).items() if isinstance(k, str) and isinstance(v, str)} \
+        if isinstance(data, dict) else {}
+
+
+def _record(exercise_id: str) -> None:
+    done = _load()
+    done.setdefault(exercise_id, time.strftime("%Y-%m-%d %H:%M"))
+    path = progress_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"done": done}, indent=2))
+    except OSError:  # a read-only home must not break a notebook
+        pass
+
+
+def progress() -> list[dict[str, str]]:
+    """Every exercise, with when it was first answered correctly on this machine."""
+    done = _load()
+    return [{"exercise": e.id, "title": e.title, "kind": e.kind, "done": done.get(e.id, "")} for e in EXERCISES.values()]
+
+
+def mistakes_markdown() -> str:
+    """The typical mistakes of every exercise with the message its checker gives (WORKSHOP.md lists them)."""
+    lines = []
+    for e in EXERCISES.values():
+        for answer, _ in e.typical_mistakes:
+            with contextlib.redirect_stdout(io.StringIO()):
+                verdict = e.verdict(answer, e.example_context)
+            shown = (answer.__doc__ or "a function") if callable(answer) else repr(answer)
+            message = verdict.message.removesuffix(" (.hint() gives a hint)")
+            lines.append(f"- **{e.id}** {e.title}, answer {shown}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Exercises of notebook 04 (4-bit and 8-bit weights)."""
+
+from __future__ import annotations
+
+import torch
+
+from labkit import quant
+from labkit.exercises.core import Exercise, NotAttempted, Wrong, predicted
+
+# --------------------------------------------------------------------------- 04.1 NF4's footprint
+
+def nf4_mib(rows, cols, blocksize):
+    # half a byte per weight, plus one float32 absmax scale per block of `blocksize` weights
+    return quant.four_bit_bytes(rows * cols, blocksize=blocksize) / 2**20
+
+
+def _nf4_footprint(answer, c):
+    rows, cols, block = c["rows"], c["cols"], c["blocksize"]
+    expected = nf4_mib(rows, cols, block)
+    weights = rows * cols / 2
+    scales = rows * cols / block * 4
+    return predicted(answer, expected, "MiB", {
+        f"the scales count too: one float32 absmax per block of {block} weights": weights / 2**20,
+        "4 bits is half a byte per weight, not a byte": (rows * cols + scales) / 2**20,
+        "that is the 16-bit size: 2 bytes per weight": rows * cols * 2 / 2**20,
+        "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20,
+    }, rel=0.03)
+
+
+# --------------------------------------------------------------------------- 04.2 an NF4 config
+
+def my_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _bnb_config(answer, c):
+    if not hasattr(answer, "load_in_4bit") or not hasattr(answer, "bnb_4bit_quant_type"):
+        raise Wrong(f"give a transformers BitsAndBytesConfig, not {type(answer).__name__}")
+    if getattr(answer, "load_in_8bit", False):
+        raise Wrong("load_in_8bit asks for int8 weights; NF4 is a 4-bit format: load_in_4bit=True")
+    if not answer.load_in_4bit:
+        raise Wrong("NF4 is a 4-bit format: load_in_4bit=True")
+    if answer.bnb_4bit_quant_type != "nf4":
+        raise Wrong(f"bnb_4bit_quant_type={answer.bnb_4bit_quant_type!r} is FP4's layout; NF4 is 'nf4'")
+    if not answer.bnb_4bit_use_double_quant:
+        raise Wrong("double quantization (bnb_4bit_use_double_quant=True) also quantizes the scales")
+    if answer.bnb_4bit_compute_dtype != torch.bfloat16:
+        raise Wrong(f"the compute dtype is {answer.bnb_4bit_compute_dtype}: bnb_4bit_compute_dtype=torch.bfloat16 "
+                    "dequantizes each block to bfloat16 for the matrix products")
+    return "NF4 weights, scales quantized again, matrix products in bfloat16."
+
+
+# --------------------------------------------------------------------------- 04.3 the closest format
+
+def closest_format(kl):
+    # the format whose next-token distributions moved least from 16-bit: the smallest measured KL divergence
+    return min(kl, key=kl.get) if kl else ""
+
+
+def _closest_format(answer, c):
+    kl = c["kl"]  # format -> measured KL divergence against 16-bit
+    if not kl:
+        raise NotAttempted("no 4-bit or 8-bit format ran here, so there is nothing to compare (see the skips above).")
+    name = str(answer).strip().lower()
+    if name not in kl:
+        raise Wrong(f"{answer!r} is not a format measured here; use one of {', '.join(kl)}")
+    best = closest_format(kl)
+    if kl[name] > kl[best] * 1.05:  # within 5% of the smallest is a tie at this measurement's precision
+        raise Wrong(f"measured here, {best} stayed closest (KL {kl[best]:.3g} nats) and {name} moved {kl[name]:.3g}")
+    tie = f" (a tie with {best}, {kl[best]:.3g})" if name != best else ""
+    return f"{name} moved the next-token distributions least, {kl[name]:.3g} nats{tie}."
+
+
+EXERCISES = [
+    Exercise("04.1", "NF4's footprint, predicted", "predict", _nf4_footprint, nf4_mib,
+             ("Each weight takes 4 bits; each block of weights also stores one scale.",
+              "rows x cols / 2 bytes of weights, plus rows x cols / blocksize float32 scales (4 bytes each)."),
+             {"rows": 4096, "cols": 4096, "blocksize": 64},
+             ((8.0, "scales count"), (17.0, "half a byte"), (32.0, "16-bit size"))),
+    Exercise("04.2", "An NF4 config, written", "code", _bnb_config, my_config,
+             ("transformers' BitsAndBytesConfig takes the format at load time: "
+              "from_pretrained(..., quantization_config=...).",
+              "Four arguments: load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype."),
+             {}, (("nf4", "BitsAndBytesConfig"),)),
+    Exercise("04.3", "Which format stays closest to 16-bit?", "predict", _closest_format, closest_format,
+             ("KL divergence measures how far each format moved the next-token distributions from 16-bit.",
+              "More bits per weight keep more of each weight: compare int8 with the 4-bit formats."),
+             {"kl": {"fp4": 0.44, "nf4": 0.25, "nf4-double": 0.25, "int8": 0.017}},
+             (("nf4", "stayed closest"), ("q4", "not a format"))),
+]

@@ -1,0 +1,154 @@
+"""A notebook's opening and closing, so that its cells can hold the lesson.
+
+``lab = labkit.start("01_flash_attention", globals())`` is the opening cell's one labkit call: it resolves the
+parameters the parameters cell set (``device="auto"`` becomes this machine's device, sizes left at 0 are sized for
+it), stops the notebook with one sentence when one is wrong, loads what the notebook needs, and opens the results
+record. Each notebook's topic module says how (its ``notebook_plan``). The cells then read ``lab.device``,
+``lab.dtype`` and the planned sizes (``lab.seq_lengths``), record with ``lab.metric``/``lab.record``/``lab.check``
+/``lab.skip``/``lab.figure``, bind exercises with ``lab.exercise``, and the last cell calls ``lab.finish()``, which
+prints "What you measured" (from the topic module's ``what_you_measured``) and writes the results file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from labkit import exercises, probes, widgets
+from labkit.errors import BadParameter
+from labkit.results import Results, reference_runs
+
+# notebook -> the topic module that plans it and summarises it (notebook_plan, what_you_measured)
+NOTEBOOKS = {
+    "00_setup_and_probes": "machine",
+    "01_flash_attention": "attention",
+    "02_decoders_and_generation": "generation",
+    "03_encoder_fastpath": "fastpath",
+    "04_quantization": "quant",
+    "05_multi_gpu": "parallel",
+    "06_serving": "serving",
+}
+
+
+def topic(notebook: str):
+    """The topic module of ``notebook`` (``labkit.attention`` for 01, ...)."""
+    if notebook not in NOTEBOOKS:
+        raise BadParameter(f"no notebook {notebook!r}; there are {', '.join(NOTEBOOKS)}.")
+    return importlib.import_module(f"labkit.{NOTEBOOKS[notebook]}")
+
+
+@dataclass
+class Lab:
+    """What a notebook's cells share: the resolved parameters and plan, the results record, the exercises."""
+
+    notebook: str
+    device: str
+    dtype: Any
+    quick: bool
+    solutions: bool
+    results: Results
+    plan: dict[str, Any] = field(default_factory=dict)
+    bound: list[exercises.Bound] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        plan = self.__dict__.get("plan", {})
+        if name in plan:
+            return plan[name]
+        raise AttributeError(f"lab has no {name!r}; the plan holds {', '.join(plan) or 'nothing'}")
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.") if self.dtype is not None else ""
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def device_label(self) -> str:
+        return probes.device_label(self.device)
+
+    # the results record
+    def metric(self, name: str, value: float) -> None:
+        self.results.metric(name, value)
+
+    def record(self, metrics: dict[str, float | None]) -> None:
+        self.results.record(metrics)
+
+    def add(self, findings: dict[str, Any]) -> None:
+        self.results.add(findings)
+
+    def check(self, name: str, passed: Any, detail: str = "") -> None:
+        """Record a claim the notebook makes (silent when it holds; one line in words when it does not)."""
+        self.results.check(name, passed, detail)
+
+    def skip(self, what: str, why: str) -> None:
+        self.results.skip(what, why)
+
+    def figure(self, name: str, fig) -> None:
+        self.results.figure(name, fig)
+
+    def environment_rows(self) -> list[dict[str, str]]:
+        return probes.environment_rows(self.results.env)
+
+    def beside_references(self, shown: dict[str, str]) -> list[dict[str, Any]]:
+        """Rows of this run's metrics beside the stored reference runs of other devices (``reference/<device>/``);
+        ``shown`` maps the words a row shows to the metric's name."""
+        references = reference_runs(self.notebook)
+        if not references:
+            print("No reference runs are stored under reference/ yet: only this machine's numbers are shown.")
+        return [{"measured": words, "this machine": self.results.metrics.get(name),
+                 **{device: run["metrics"].get(name) for device, run in references.items()}}
+                for words, name in shown.items()]
+
+    # exercises
+    def exercise(self, exercise_id: str, **given: Any) -> exercises.Bound:
+        """The exercise ``exercise_id`` with this notebook's numbers; a workshop run fills in its solution."""
+        bound = exercises.Bound(exercises.get(exercise_id), given, solutions=self.solutions)
+        self.bound.append(bound)
+        return bound
+
+    # the end
+    def what_you_measured(self) -> list[str]:
+        return topic(self.notebook).what_you_measured(self.results.as_dict())
+
+    def finish(self) -> None:
+        """Print "What you measured" and write the results file (when the notebook was given a path)."""
+        verdicts = [b.verdicts[-1] for b in self.bound if b.verdicts]
+        if self.bound:
+            counts = exercises.summary(verdicts)
+            if self.solutions:
+                self.check("exercise_solutions_pass", counts["correct"] == len(self.bound), str(counts))
+            else:
+                print(f"Exercises: {counts['correct']} of {len(self.bound)} correct.")
+        lines = self.what_you_measured()
+        self.results.summary = lines
+        print(f"What you measured on {self.device_label}:")
+        for line in lines:
+            print(f"- {line}")
+        skipped = len(self.results.skipped)
+        if skipped:
+            print(f"({skipped} part{'s' * (skipped != 1)} skipped on this machine; each 'Skipped:' line above says why.)")
+        self.results.write()
+
+
+def start(notebook: str, params: dict[str, Any]) -> Lab:
+    """Open ``notebook``: resolve and check the parameters in ``params`` (the notebook's ``globals()``), plan and
+    load what it needs, open the results record, and say in one line where it runs."""
+    widgets.short_errors()  # a bad parameter stops the notebook with one sentence, not a traceback
+    planner = topic(notebook).notebook_plan
+    device = probes.resolve_device(params.get("device", "auto"))
+    quick = bool(params.get("quick", False))
+    wanted = inspect.signature(planner).parameters
+    given = {name: params[name] for name in wanted if name in params and name not in ("device", "quick")}
+    plan = planner(device=device, quick=quick, **given)
+    lab = Lab(notebook=notebook, device=device, dtype=plan.pop("dtype", None), quick=quick,
+              solutions=bool(params.get("solutions", False)),
+              results=Results(notebook, params.get("results_path") or None, env=probes.environment()), plan=plan)
+    line = plan.pop("line", "")
+    dtype = f" in {lab.dtype_name}" if lab.dtype is not None else ""
+    print(f"Working on {device} ({lab.device_label}){dtype}{', quick sizes' if quick else ''}."
+          + (f" {line}" if line else ""))
+    return lab

