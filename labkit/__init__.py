@@ -1,7 +1,7 @@
 """labkit: the helper package of the efficient transformer inference workbook.
 
-Submodules load on first use (``labkit.probes``, ``labkit.models``, ...), so ``import labkit``
-stays fast and pulls in neither torch nor transformers.
+Submodules load on first use (``labkit.probes``, ``labkit.models``, ...): the ``labkit`` command imports this package
+first, and ``labkit --help`` should not wait for torch and transformers, which most submodules import at their top.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"errors", "paths", "compat", "metrics", "probes", "machine", "models", "timing", "roofline", "results", "widgets",
-               "plots", "attention", "generation", "fastpath", "quant", "parallel", "serving", "exercises", "lab",
-               "report", "cli"}
+_SUBMODULES = {"errors", "paths", "compat", "metrics", "probes", "machine", "models", "timing", "roofline", "results",
+               "widgets", "plots", "attention", "attention_today", "generation", "fastpath", "quant", "parallel",
+               "serving", "exercises", "lab", "report", "cli"}
 
 
 def start(notebook: str, params: dict):
     """Open a notebook: see :func:`labkit.lab.start`."""
-    from labkit.lab import start as _start
+    from labkit.lab import start as _start  # on first use, as the submodules below
 
     return _start(notebook, params)
 

@@ -1,15 +1,25 @@
-"""The ``labkit`` command: ``labkit probe``, ``labkit prepare``, ``labkit run``, ``labkit report``, ``labkit compare``."""
+"""The ``labkit`` command: ``labkit probe``, ``prepare``, ``run``, ``progress``, ``report`` and ``compare``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
+from labkit import results
 from labkit.errors import BadParameter, LabkitError
+
+# Each command imports the rest of what it needs when it runs: papermill, nbformat and jupyter_client take about a
+# second to import, and torch (under labkit's probes, report, models and exercises) a few more, which
+# `labkit --help` and a mistyped command should not wait for.
 
 
 def notebooks_dir() -> Path:
@@ -41,8 +51,6 @@ def find_notebooks(selection: str | None, folder: Path) -> list[Path]:
 
 def kernel_of(notebook: Path) -> str:
     """The kernel a notebook asks for in its metadata (python3 when it names none)."""
-    import json
-
     try:
         spec = json.loads(notebook.read_text()).get("metadata", {}).get("kernelspec") or {}
     except (OSError, ValueError):
@@ -62,8 +70,6 @@ def missing_kernels(notebooks: list[Path]) -> dict[str, str]:
 
 def parse_parameters(pairs: Sequence[str]) -> dict[str, Any]:
     """``name=value`` pairs; values are read as YAML (numbers, true/false, lists), else kept as text."""
-    import yaml
-
     parameters = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -80,8 +86,6 @@ def parse_parameters(pairs: Sequence[str]) -> dict[str, Any]:
 
 def read_parameters_file(path: Path) -> dict[str, Any]:
     """Parameters from a YAML file: a mapping of names to plain values, read as data (never evaluated)."""
-    import yaml
-
     if not path.is_file():
         raise BadParameter(f"--parameters {path}: no such file.")
     try:
@@ -127,10 +131,6 @@ def _error_in(executed: Path) -> str | None:
 def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, timeout_s: float,
                 cell_timeout: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Execute one notebook with papermill in its own process group, so that a timeout stops it and its kernel."""
-    import subprocess
-
-    import yaml
-
     command = [sys.executable, "-m", "papermill", str(notebook), str(executed), "-k", kernel_of(notebook),
                "--cwd", str(notebook.parent), "-y", yaml.safe_dump(parameters),
                "--progress-bar" if progress else "--no-progress-bar", "--log-level", "ERROR"]
@@ -151,7 +151,8 @@ def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, t
         except BaseException:  # Ctrl-C: papermill runs in its own session and would not hear it
             _stop_tree(process)
             raise
-    entry: dict[str, Any] = {"status": "ok" if code == 0 else "failed", "duration_s": round(time.perf_counter() - start, 1)}
+    entry: dict[str, Any] = {"status": "ok" if code == 0 else "failed",
+                             "duration_s": round(time.perf_counter() - start, 1)}
     if code != 0:
         lines = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
         entry["error"] = _error_in(executed) or (lines[-1] if lines else f"papermill exited with status {code}")
@@ -162,11 +163,8 @@ def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, t
 
 def _stop_tree(process) -> None:
     """Stop papermill, its kernel and whatever the kernel started (each may sit in its own session)."""
-    import os
-    import signal
-
     try:
-        import psutil
+        import psutil  # not a dependency of labkit: without it, papermill's own process group is stopped
 
         children = psutil.Process(process.pid).children(recursive=True)
     except Exception:  # no psutil, or papermill already gone: its own group is what can be stopped
@@ -191,7 +189,6 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
 
     from labkit import report
     from labkit.probes import environment
-    from labkit.results import read_results
 
     if "quick" in parameters:  # -p quick=... decides the sizes, and the summary says so
         parameters = dict(parameters)
@@ -202,7 +199,8 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
     known = set().union(*declared.values()) if declared else set()
     unknown = sorted(set(parameters) - known)
     if unknown:
-        raise BadParameter(f"unknown parameter(s) {', '.join(unknown)}; the notebooks declare: {', '.join(sorted(known))}.")
+        raise BadParameter(f"unknown parameter(s) {', '.join(unknown)}; "
+                           f"the notebooks declare: {', '.join(sorted(known))}.")
     out = out.resolve()  # the kernel runs in the notebooks' folder, so paths handed to it must be absolute
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"schema": report.SCHEMA, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -220,16 +218,16 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
         say(f"[{notebooks.index(notebook) + 1}/{len(notebooks)}] {notebook.name} ...")
         entry = {"parameters": applied, **execute_one(notebook, out / notebook.name, applied, timeout_s=timeout_s,
                                                      cell_timeout=cell_timeout, progress=progress)}
-        entry.update({"metrics": {}, "checks": {}, "skipped": {}, "figures": [], "environment": {}})
+        entry.update({"metrics": {}, "checks": {}, "skipped": {}, "figures": [], "environment": {}, "summary": []})
         try:
-            data = read_results(results_path) if results_path.exists() else None
+            data = results.read_results(results_path) if results_path.exists() else None
         except BadParameter as error:  # recorded; the other notebooks still run
             data = None
             entry.update(status="failed", error=str(error))
         if data is not None:
             entry.update({k: data[k] for k in ("metrics", "checks", "skipped")})
-            entry["figures"] = data.get("figures", [])
-            entry["environment"] = data.get("env", {})
+            entry.update(figures=data.get("figures", []), environment=data.get("env", {}),
+                         summary=data.get("summary", []))  # the notebook's "What you measured" sentences
             if entry["status"] == "ok" and not all(data["checks"].values()):
                 entry["status"] = "failed"
                 entry["error"] = "checks failed: " + ", ".join(k for k, v in data["checks"].items() if not v)
@@ -295,7 +293,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.quick is None:
         has_gpu = bool(probes.devices()["cuda"])
         quick = not has_gpu
-        why = "a CUDA GPU was found, so full sizes" if has_gpu else "no CUDA GPU found, so quick sizes (--full for full sizes)"
+        why = ("a CUDA GPU was found, so full sizes" if has_gpu
+               else "no CUDA GPU found, so quick sizes (--full for full sizes)")
     else:
         quick = args.quick
         why = "quick sizes (asked for)" if quick else "full sizes (asked for)"
@@ -305,7 +304,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = run_notebooks(notebooks, out, parameters, quick=quick, cell_timeout=args.cell_timeout,
                             timeout_s=args.timeout, progress=progress)
     failed = [name for name, entry in summary["notebooks"].items() if entry["status"] != "ok"]
-    print(f"done: {len(notebooks) - len(failed)} ok, {len(failed)} failed; {out / 'summary.json'} and {out / 'report.html'}")
+    print(f"done: {len(notebooks) - len(failed)} ok, {len(failed)} failed; "
+          f"{out / 'summary.json'} and {out / 'report.html'}")
     return 1 if failed else 0
 
 
@@ -328,7 +328,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from labkit import results
     from labkit.widgets import text_table
 
     run_a, run_b = results.load_run(args.run_a), results.load_run(args.run_b)
@@ -349,15 +348,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="Helpers for the efficient inference workbook.")
     commands = parser.add_subparsers(dest="command", required=True)
-    probe = commands.add_parser("probe", help="what this machine can do (versions, devices, SDPA backends, ...)")
+
+    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.set_defaults(func=func)
+        return sub
+
+    probe = command("probe", _cmd_probe, "what this machine can do (versions, devices, SDPA backends, ...)")
     probe.add_argument("--json", action="store_true", help="print the report as JSON")
     probe.add_argument("--when-missing", action="store_true",
                        help="print the README's table of what the notebooks do when something is missing")
-    probe.set_defaults(func=_cmd_probe)
-    prepare = commands.add_parser("prepare", help="make the embedded models ready to load offline")
-    prepare.set_defaults(func=_cmd_prepare)
-    run = commands.add_parser("run", help="execute the notebooks with papermill into a run folder")
-    run.add_argument("--notebooks", help="comma-separated numbers, e.g. 00,01, or legacy for the legacy track (default: 00 to 05)")
+    command("prepare", _cmd_prepare, "make the embedded models ready to load offline")
+    run = command("run", _cmd_run, "execute the notebooks with papermill into a run folder")
+    run.add_argument("--notebooks",
+                     help="comma-separated numbers, e.g. 00,01, or legacy for the legacy track (default: all)")
     size = run.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="quick", action="store_true", default=None, help="small sizes")
     size.add_argument("--full", dest="quick", action="store_false", help="full sizes")
@@ -374,19 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     bars.add_argument("--no-progress", dest="progress", action="store_false", help="plain lines only")
     run.add_argument("--solutions", action="store_true",
                      help="fill every exercise with its solution (a teacher's run before class; nothing is recorded)")
-    run.set_defaults(func=_cmd_run)
-    progress = commands.add_parser("progress", help="which exercises you have answered correctly on this machine")
-    progress.set_defaults(func=_cmd_progress)
-    write = commands.add_parser("report", help="(re)write report.html for a run folder")
+    command("progress", _cmd_progress, "which exercises you have answered correctly on this machine")
+    write = command("report", _cmd_report, "(re)write report.html for a run folder")
     write.add_argument("run", help="a run folder from labkit run")
     write.add_argument("--reference", help="the folder of reference runs (default: the repository's reference/)")
-    write.set_defaults(func=_cmd_report)
-    compare = commands.add_parser("compare", help="the metrics two runs share, with ratios (before/after, mine/reference)")
+    compare = command("compare", _cmd_compare, "the metrics two runs share, with ratios (before/after, mine/reference)")
     compare.add_argument("run_a", help="a run folder, a reference/<device> folder or a results file")
     compare.add_argument("run_b", help="the same, to compare with the first")
     compare.add_argument("--only", help="only metrics whose name contains this text")
     compare.add_argument("--json", action="store_true", help="print the rows as JSON")
-    compare.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -11,6 +11,8 @@ import contextlib
 import inspect
 from typing import Any
 
+import torch
+
 
 # torch 2.11-2.13: the profiler's public API has no per-allocation records on CPU; its kineto results do
 # (``[memory]`` events with a size). labkit.attention.peak_extra_memory reads them; None means "not measured".
@@ -27,8 +29,6 @@ def profiler_allocations(prof) -> list[tuple[int, int]] | None:
 # which it tests with this private op; labkit.fastpath.why_not_fastpath asks the same question the same way.
 def padding_is_right_aligned(src, src_key_padding_mask) -> bool:
     """True when every sequence's tokens come first and its padding after (``mask`` True at padding)."""
-    import torch
-
     return bool(torch._nested_tensor_from_mask_left_aligned(src, src_key_padding_mask.logical_not()))
 
 
@@ -36,8 +36,6 @@ def padding_is_right_aligned(src, src_key_padding_mask) -> bool:
 # any CUDA build of torch even with every GPU hidden; where no GPU is usable, make it name the CPU (gloo).
 @contextlib.contextmanager
 def cpu_accelerator_without_gpus():
-    import torch
-
     if torch.cuda.is_available():
         yield
         return
@@ -84,3 +82,33 @@ def attn_implementation(model) -> str:
 # into the cell's error output (ename, evalue, traceback), which papermill and nbval read.
 def show_short_traceback(shell, etype, value, lines: list[str]) -> None:
     shell._showtraceback(etype, value, lines)
+
+
+# transformers 5.24: DistributedConfig(tp_size=..., pp_size=...) fails while loading with
+# KeyError: 'model.layers.N.self_attn.q_proj.weight'. Its tensor-parallel plan is expanded over every layer before
+# the pipeline replaces the layers other stages own with placeholders (PipelineIdentityLayer), and
+# apply_tensor_parallelism then looks those names up (transformers/distributed/mixin.py, maybe_distribute_model).
+# This drops the plan's entries for what this stage does not hold.
+@contextlib.contextmanager
+def tp_plan_skips_other_stages():
+    """Within this block, loading with tensor and pipeline parallelism together works (see the comment above)."""
+    from transformers.distributed import mixin
+    from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
+
+    original = mixin.apply_tensor_parallelism
+
+    def apply(model, tp_mesh, tp_plan):
+        modules = dict(model.named_modules())
+
+        def held(name):
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            return name in modules and not isinstance(modules[name], PipelineIdentityLayer)
+
+        return original(model, tp_mesh, {name: style for name, style in tp_plan.items() if held(name)})
+
+    mixin.apply_tensor_parallelism = apply
+    try:
+        yield
+    finally:
+        mixin.apply_tensor_parallelism = original

@@ -130,8 +130,18 @@ class Lab:
             print(f"- {line}")
         skipped = len(self.results.skipped)
         if skipped:
-            print(f"({skipped} part{'s' * (skipped != 1)} skipped on this machine; each 'Skipped:' line above says why.)")
+            print(f"({skipped} part{'s' * (skipped != 1)} skipped on this machine; "
+                  "each 'Skipped:' line above says why.)")
         self.results.write()
+
+
+def resolve_quick(quick: Any, device: str) -> bool:
+    """``quick="auto"`` means small sizes on a machine without a GPU (as ``labkit run`` picks); True or False force."""
+    if quick == "auto":
+        return not device.startswith("cuda")
+    if not isinstance(quick, bool):
+        raise BadParameter(f"quick={quick!r}: use 'auto' (small sizes without a GPU), True or False.")
+    return quick
 
 
 def start(notebook: str, params: dict[str, Any]) -> Lab:
@@ -140,7 +150,7 @@ def start(notebook: str, params: dict[str, Any]) -> Lab:
     widgets.short_errors()  # a bad parameter stops the notebook with one sentence, not a traceback
     planner = topic(notebook).notebook_plan
     device = probes.resolve_device(params.get("device", "auto"))
-    quick = bool(params.get("quick", False))
+    quick = resolve_quick(params.get("quick", "auto"), device)
     wanted = inspect.signature(planner).parameters
     given = {name: params[name] for name in wanted if name in params and name not in ("device", "quick")}
     plan = planner(device=device, quick=quick, **given)

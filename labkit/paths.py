@@ -14,6 +14,16 @@ def cache_dir() -> Path:
     return path
 
 
+def write_atomically(path: Path, text: str) -> Path:
+    """Write ``text`` aside, then rename it over ``path``: a process reading beside this one never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(text)
+    os.replace(partial, path)
+    return path
+
+
 def reference_dir() -> Path:
     """The repository's reference/ folder (results of runs on real GPUs, one folder per device)."""
     return Path(__file__).resolve().parent.parent / "reference"

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+# matplotlib is optional (the lab extra, like ipywidgets): each figure function imports pyplot itself, so that
+# labkit, and a notebook that only prints its tables, work where it is not installed.
+
 BACKEND_COLORS = {"MATH": "#cf222e", "FLASH_ATTENTION": "#0969da", "EFFICIENT_ATTENTION": "#1a7f37",
                   "CUDNN_ATTENTION": "#8250df"}
 
@@ -34,7 +37,8 @@ def attention_sweep(rows: Sequence[dict[str, Any]], *, head_dim: int, causal: bo
     and the fraction of the measured matmul ceiling each backend reached.
 
     ``score_bytes_per_token_pair`` (batch x heads x element size) draws the memory of one full score
-    matrix, the N^2 term that the math backend materialises and the fused backends avoid.
+    matrix, the N^2 term that the math backend materialises and the fused backends avoid. Rows marked ``noisy``
+    (:func:`labkit.timing.recheck_trend`) get a black cross on the time and fraction panels.
     """
     import matplotlib.pyplot as plt
 
@@ -48,6 +52,11 @@ def attention_sweep(rows: Sequence[dict[str, Any]], *, head_dim: int, causal: bo
             lengths.update(xs)
             ax.plot(xs, [y * scale for y in ys], marker="o", label=backend.replace("_ATTENTION", "").lower(),
                     color=BACKEND_COLORS.get(backend))
+        # timings still against the trend after a re-measurement (labkit.timing.recheck_trend): shown, not trusted
+        noisy = [(r["seq"], r[key] * scale) for r in rows if r.get("noisy") and r.get(key) is not None
+                 and r["head_dim"] == head_dim and r["causal"] == causal and key != "peak_extra_bytes"]
+        if noisy:
+            ax.scatter(*zip(*noisy, strict=True), marker="x", s=70, color="k", zorder=3, label="noisy (not used)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length N")
         ax.set_ylabel(label)
@@ -87,14 +96,20 @@ def bars(labels: Sequence[str], values: Sequence[float], *, xlabel: str, title: 
 
 def panels(data: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], *, xlabel: str, ylabel: str,
            title: str = "", logy: bool = False):
-    """One panel per key of ``data``; in each, one line per label: ``{panel: {label: (xs, ys)}}``."""
+    """One panel per key of ``data``; in each, one line per label: ``{panel: {label: (xs, ys)}}``. A third element,
+    ``(xs, ys, noisy)``, puts a black cross on the points whose flag is true (re-measured, still against the trend:
+    :func:`labkit.timing.recheck_trend`), as :func:`attention_sweep` does."""
     import matplotlib.pyplot as plt
 
     count = max(1, len(data))
     fig, axes = plt.subplots(1, count, figsize=(4.3 * count, 3.6), squeeze=False)
     for ax, (panel, lines) in zip(axes[0], data.items(), strict=False):
-        for label, (xs, ys) in lines.items():
+        noisy = []
+        for label, (xs, ys, *flags) in lines.items():
             ax.plot(list(xs), list(ys), marker="o", label=label)
+            noisy += [(x, y) for x, y, flag in zip(xs, ys, flags[0] if flags else [], strict=False) if flag]
+        if noisy:
+            ax.scatter(*zip(*noisy, strict=True), marker="x", s=70, color="k", zorder=3, label="noisy (not used)")
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -191,5 +206,87 @@ def bandwidth_sweep(rows: Sequence[dict[str, Any]], *, limit: float | None = Non
     ax_bw.set_yscale("log")
     ax_bw.legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def prefill_sweep(rows: Sequence[dict[str, Any]], *, title: str = ""):
+    """Prefill time against prompt tokens, one panel per model and one line per attention implementation (rows from
+    ``generation.prefill_sweep``): the median with its p10-p90 spread; a point the trend recheck left ``noisy`` is
+    drawn hollow and labelled, because no conclusion is drawn from it."""
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(r["model"] for r in rows)) or ["(nothing measured)"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], panels, strict=True):
+        mine = [r for r in rows if r["model"] == model]
+        for implementation in dict.fromkeys(r["attn_implementation"] for r in mine):
+            series = sorted((r for r in mine if r["attn_implementation"] == implementation),
+                            key=lambda r: r["prompt_tokens"])
+            xs, ys = [r["prompt_tokens"] for r in series], [r["median_ms"] for r in series]
+            spread = [[max(y - r["p10_ms"], 0) for y, r in zip(ys, series, strict=True)],
+                      [max(r["p90_ms"] - y, 0) for y, r in zip(ys, series, strict=True)]]
+            line = ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=implementation)
+            noisy = [(x, y) for x, y, r in zip(xs, ys, series, strict=True) if r.get("noisy")]
+            if noisy:
+                ax.plot([x for x, _ in noisy], [y for _, y in noisy], "o", markersize=11, markerfacecolor="none",
+                        color=line[0].get_color(), label=f"{implementation}: noisy, no conclusion")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("prefill time (ms)")
+        ax.set_title(model, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def quantized_formats(rows: Sequence[dict[str, Any]], *, title: str = ""):
+    """Notebook 04's summary: one bar per format in three panels, footprint (MiB), batch-1 decode as a fraction of the
+    format's own bandwidth bound, and perplexity change against 16-bit (%). ``rows`` hold ``format``, ``MiB``,
+    ``fraction of bound`` and ``perplexity change``; a value left None is drawn as no bar."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.4 * len(rows) + 1.8))
+    names = [r["format"] for r in rows]
+    for ax, key, scale, label in ((axes[0], "MiB", 1.0, "footprint (MiB)"),
+                                  (axes[1], "fraction of bound", 1.0, "batch-1 decode, fraction of its bound"),
+                                  (axes[2], "perplexity change", 100.0, "perplexity change vs 16-bit (%)")):
+        ax.barh(names, [(r.get(key) or 0.0) * scale for r in rows],
+                color=["#0969da" if n.startswith("torchao") else "#57606a" if n == "16-bit" else "#bf8700"
+                       for n in names])
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def weight_only_sweep(rows: Sequence[dict[str, Any]], *, roofline_batch: float | None = None, title: str = ""):
+    """int4 weight-only against 16-bit for one layer, by batch (rows of ``labkit.quant.sweep_rows``): the measured
+    speed-up beside the roofline's, a line at 1x, and the roofline's break-even batch. Noisy points get a cross."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    xs = [r["batch"] for r in rows]
+    ax.plot(xs, [r["int4 speed-up"] for r in rows], marker="o", label="measured")
+    ax.plot(xs, [r["roofline speed-up"] for r in rows], linestyle="--", color="k", label="roofline")
+    noisy = [(r["batch"], r["int4 speed-up"]) for r in rows if r.get("noisy")]
+    if noisy:
+        ax.scatter(*zip(*noisy, strict=True), marker="x", s=70, color="k", zorder=3, label="noisy (not used)")
+    ax.axhline(1.0, color="#cf222e", linewidth=1, label="no gain")
+    if roofline_batch:
+        ax.axvline(roofline_batch, color="k", linewidth=1, linestyle=":", label=f"roofline: batch {roofline_batch:.0f}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("batch (one token per sequence)")
+    ax.set_ylabel("int4 speed-up over 16-bit")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -17,11 +17,17 @@ import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labkit import compat
 from labkit.errors import BadParameter
 from labkit.metrics.machine import backend_cases
+from labkit.paths import cache_dir, write_atomically
 
 BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -48,8 +54,6 @@ def package_version(name: str) -> str | None:
 
 def versions() -> dict[str, str | None]:
     """Python and the versions of the packages the workbook cares about (None = not installed)."""
-    import torch
-
     found = {"python": platform.python_version()}
     found.update({name: package_version(name) for name in PACKAGES})
     found["torch"] = torch.__version__
@@ -59,8 +63,6 @@ def versions() -> dict[str, str | None]:
 
 def devices() -> dict[str, Any]:
     """The CPU and every CUDA device: name, compute capability, memory."""
-    import torch
-
     gpus = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -123,8 +125,6 @@ def cpu_name() -> str:
 
 def device_names() -> list[str]:
     """Devices worth probing: the CPU and each CUDA device."""
-    import torch
-
     names = ["cpu"]
     if torch.cuda.is_available():
         names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -133,8 +133,6 @@ def device_names() -> list[str]:
 
 def device_label(device: str) -> str:
     """A human name for a device ("cpu (x86_64, 2 cores)", "NVIDIA H100 80GB HBM3")."""
-    import torch
-
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"{cpu_name()} ({os.cpu_count()} cores)"
@@ -142,8 +140,6 @@ def device_label(device: str) -> str:
 
 def resolve_device(device: str = "auto") -> str:
     """Turn "auto"/"cpu"/"cuda"/"cuda:N" into a device this machine has, or say why not."""
-    import torch
-
     device = (device or "auto").strip().lower()
     if device == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -169,8 +165,6 @@ def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
 
     "auto" is bfloat16 on a GPU that supports it, float16 on an older GPU, float32 on CPU.
     """
-    import torch
-
     if isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype or "auto").strip().lower().removeprefix("torch.")
@@ -187,15 +181,11 @@ def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
 
 def native_bf16(device: str) -> bool:
     """bfloat16 arithmetic in hardware: compute capability 8.0 (Ampere) or newer, for this very device."""
-    import torch
-
     return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
 
 
 def check_dtype(device: str, dtype) -> None:
     """Raise BadParameter when a small matrix product in ``dtype`` cannot run on ``device``."""
-    import torch
-
     if device.startswith("cuda") and dtype == torch.bfloat16 and not native_bf16(device):
         capability = ".".join(map(str, torch.cuda.get_device_capability(torch.device(device))))
         raise BadParameter(
@@ -248,8 +238,6 @@ def refusal_reasons(messages: list[str]) -> list[str]:
 def sdpa_inputs(device: str, dtype, input_kind: str = "plain", *, batch: int = 1, heads: int = 2,
                 seq: int = 8, head_dim: int = 16, ndim: int = 4) -> dict[str, Any]:
     """Tiny q, k, v (and mask or causal flag) for one kind of input: plain, causal or masked."""
-    import torch
-
     if input_kind not in INPUT_KINDS:
         raise BadParameter(f"input_kind={input_kind!r}; use one of {', '.join(INPUT_KINDS)}.")
     if ndim not in (3, 4):
@@ -267,10 +255,6 @@ def sdpa_inputs(device: str, dtype, input_kind: str = "plain", *, batch: int = 1
 def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain",
              backends: Any = "MATH", *, dropout_p: float = 0.0, **shape: int) -> SdpaAttempt:
     """Run one tiny SDPA call restricted to ``backends`` and report whether it ran and, if not, why."""
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     torch_dtype = resolve_dtype(dtype, device)
     names = [backends] if isinstance(backends, str) else list(backends)
     unknown = [name for name in names if name not in BACKENDS]
@@ -326,9 +310,7 @@ def no_available_kernel_findings(attempt: SdpaAttempt, fix: SdpaAttempt, fallbac
 
 def cuda_helpers_say(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain") -> dict[str, bool | str]:
     """What ``torch.backends.cuda.can_use_*`` answer for the same tiny inputs (they only know CUDA)."""
-    import torch
-    from torch.backends import cuda
-
+    cuda = torch.backends.cuda  # the module whose can_use_* helpers are asked
     kwargs = sdpa_inputs(device, resolve_dtype(dtype, device), input_kind)
     try:
         params = cuda.SDPAParams(kwargs["query"], kwargs["key"], kwargs["value"], kwargs.get("attn_mask"),
@@ -362,6 +344,36 @@ def sdpa_matrix(devices_to_probe: list[str] | None = None, dtypes: tuple[str, ..
     return rows
 
 
+# --------------------------------------------------------------------------- answers that depend only on versions
+
+def cache_key(distributions: tuple[str, ...], *, modules: tuple[str, ...] = (), devices: list[str] = ()) -> str:
+    """What a probe's answer depends on: installed versions, which modules can be imported (a missing or hidden
+    package), and the devices probed."""
+    parts = [f"{name}={package_version(name)}" for name in distributions]
+    parts += [f"{module} {'found' if importlib.util.find_spec(module) else 'missing'}" for module in modules]
+    parts += [f"{device}={device_label(device)}" for device in devices]
+    return "|".join(parts)
+
+
+def cached(name: str, key: str, build: Callable[[], list[dict[str, Any]]], *,
+           use_cache: bool = True) -> list[dict[str, Any]]:
+    """``build()``'s rows, or those it gave before under the same ``key`` (kept in labkit's cache as ``name``.json)."""
+    path = cache_dir() / f"{name}.json"
+    if use_cache:
+        try:
+            stored = json.loads(path.read_text())
+            if stored["key"] == key:
+                return stored["rows"]
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: build the answer again
+            pass
+    rows = build()
+    try:
+        write_atomically(path, json.dumps({"key": key, "rows": rows}))
+    except OSError:  # a read-only cache only costs the time of building the answer again
+        pass
+    return rows
+
+
 # --------------------------------------------------------------------------- attention implementations
 
 def attn_implementations(*, use_cache: bool = True) -> list[dict[str, Any]]:
@@ -371,28 +383,14 @@ def attn_implementations(*, use_cache: bool = True) -> list[dict[str, Any]]:
     with ImportError, which is what a learner would meet. The answer depends only on the installed
     packages, so it is cached per set of versions (importing transformers' modeling code takes ~2 s).
     """
-    from labkit.paths import cache_dir
-
-    key = "|".join(f"{name}={package_version(name)}" for name in
-                   ("torch", "transformers", "flash-attn", "flash_attn_3", "kernels"))
-    cache = cache_dir() / "attn_implementations.json"
-    if use_cache and cache.exists():
-        try:
-            stored = json.loads(cache.read_text())
-            if stored.get("key") == key:
-                return stored["rows"]
-        except (OSError, ValueError):
-            pass
-    rows = _build_attn_implementations()
-    try:
-        cache.write_text(json.dumps({"key": key, "rows": rows}))
-    except OSError:
-        pass
-    return rows
+    key = cache_key(("torch", "transformers", "flash-attn", "flash_attn_3", "kernels"),
+                    modules=("flash_attn", "flash_attn_3", "kernels"))
+    return cached("attn_implementations", key, _build_attn_implementations, use_cache=use_cache)
 
 
 def _build_attn_implementations() -> list[dict[str, Any]]:
-    import torch
+    # Imported here, only when no cached answer fits: transformers' modeling code takes seconds to import, which
+    # `labkit probe` would otherwise pay on every call.
     from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
     names = ["eager"] + [n for n in AttentionInterface().valid_keys() if n != "eager"]
@@ -423,7 +421,7 @@ def import_bitsandbytes():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import bitsandbytes
+            import bitsandbytes  # optional (the quant extra), and hidden by the fault matrix: imported on demand
         return bitsandbytes
     except Exception:  # a broken install counts as not importable; the reason is reported below
         return None
@@ -431,14 +429,22 @@ def import_bitsandbytes():
         logger.setLevel(level)
 
 
-def bitsandbytes_4bit(devices_to_probe: list[str] | None = None) -> list[dict[str, Any]]:
-    """Whether a tiny NF4 and FP4 quantized matmul runs (and is close to the float one) on each device."""
-    rows = []
-    bnb = import_bitsandbytes()
-    for device in devices_to_probe or device_names():
-        for quant_type in ("nf4", "fp4"):
-            rows.append({"device": device, "quant_type": quant_type, **_bnb_matmul(bnb, device, quant_type)})
-    return rows
+def bitsandbytes_4bit(devices_to_probe: list[str] | None = None, *, use_cache: bool = False) -> list[dict[str, Any]]:
+    """Whether a tiny NF4 and FP4 quantized matmul runs (and is close to the float one) on each device.
+
+    ``use_cache=True`` reuses the answer found earlier with the same torch and bitsandbytes versions on the same
+    devices, without importing bitsandbytes (seconds, most of them in the torch compiler modules it pulls in):
+    what ``labkit probe`` does.
+    """
+    chosen = devices_to_probe or device_names()
+
+    def build() -> list[dict[str, Any]]:
+        bnb = import_bitsandbytes()
+        return [{"device": device, "quant_type": quant_type, **_bnb_matmul(bnb, device, quant_type)}
+                for device in chosen for quant_type in ("nf4", "fp4")]
+
+    key = cache_key(("torch", "bitsandbytes"), modules=("bitsandbytes",), devices=chosen)
+    return cached("bitsandbytes_4bit", key, build, use_cache=use_cache)
 
 
 def _bnb_matmul(bnb, device: str, quant_type: str) -> dict[str, Any]:
@@ -446,10 +452,8 @@ def _bnb_matmul(bnb, device: str, quant_type: str) -> dict[str, Any]:
         reason = "bitsandbytes is not installed" if importlib.util.find_spec("bitsandbytes") is None \
             else "bitsandbytes is installed but fails to import"
         return {"ok": False, "reason": reason}
-    import torch
-
     try:
-        import bitsandbytes.functional as bnbf
+        import bitsandbytes.functional as bnbf  # optional (the quant extra): imported only when it is there
 
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(64, 64, generator=generator).to(device)
@@ -474,9 +478,6 @@ def flash_attn() -> dict[str, Any]:
 
 def nccl() -> dict[str, Any]:
     """Whether torch.distributed can use NCCL (GPUs) and gloo (CPU) here."""
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_available():
         return {"ok": False, "gloo": False, "version": None, "reason": "torch was built without torch.distributed"}
     gloo = bool(dist.is_gloo_available())
@@ -492,8 +493,6 @@ def nccl() -> dict[str, Any]:
 
 def topology() -> dict[str, Any]:
     """Peer-to-peer access between every pair of GPUs (what multi-GPU transfers will use)."""
-    import torch
-
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count < 2:
         return {"gpus": count, "peer_access": [], "reason": f"{count} GPU(s): no GPU-to-GPU links to probe"}
@@ -506,8 +505,8 @@ def topology() -> dict[str, Any]:
 def probe(devices_to_probe: list[str] | None = None, *, use_cache: bool = True) -> dict[str, Any]:
     """The machine report: ``versions``, ``devices``, ``sdpa`` rows and ``features``.
 
-    ``use_cache=False`` rebuilds the attn_implementation answers instead of reusing those found
-    earlier with the same package versions.
+    ``use_cache=False`` rebuilds the attn_implementation and bitsandbytes answers instead of reusing those found
+    earlier with the same package versions (and devices).
     """
     chosen = devices_to_probe or device_names()
     return {
@@ -516,7 +515,7 @@ def probe(devices_to_probe: list[str] | None = None, *, use_cache: bool = True) 
         "sdpa": sdpa_matrix(chosen),
         "features": {
             "attn_implementations": attn_implementations(use_cache=use_cache),
-            "bitsandbytes_4bit": bitsandbytes_4bit(chosen),
+            "bitsandbytes_4bit": bitsandbytes_4bit(chosen, use_cache=use_cache),
             "flash_attn": flash_attn(),
             "nccl": nccl(),
             "topology": topology(),
@@ -542,16 +541,15 @@ def sdpa_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 def feature_rows(features: dict[str, Any]) -> list[dict[str, Any]]:
     """flash-attn, NCCL, gloo and GPU peer access as (feature, ok, detail) rows."""
-    fa, dist, topo = features["flash_attn"], features["nccl"], features["topology"]
+    fa, collectives, topo = features["flash_attn"], features["nccl"], features["topology"]
     return [
         {"feature": "flash-attn package", "ok": fa["ok"], "detail": fa["version"] if fa["ok"] else fa["reason"]},
-        {"feature": "NCCL (GPU collectives)", "ok": dist["ok"], "detail": dist["version"] if dist["ok"] else dist["reason"]},
-        {"feature": "gloo (CPU collectives)", "ok": dist["gloo"], "detail": ""},
+        {"feature": "NCCL (GPU collectives)", "ok": collectives["ok"],
+         "detail": collectives["version"] if collectives["ok"] else collectives["reason"]},
+        {"feature": "gloo (CPU collectives)", "ok": collectives["gloo"], "detail": ""},
         {"feature": "GPU peer access", "ok": bool(topo["peer_access"]) and all(map(all, topo["peer_access"])),
          "detail": topo["reason"] or str(topo["peer_access"])},
     ]
-
-
 
 
 # --------------------------------------------------------------------------- when something is missing
@@ -563,8 +561,8 @@ WHEN_MISSING: list[tuple[str, str, str]] = [
      "machine has no usable CUDA GPU", "use device='auto' or 'cpu'; on a GPU machine check `nvidia-smi` and that "
      "`torch.version.cuda` is not None (a CPU build of torch sees no GPU)"),
     ("bitsandbytes not importable", "00 reports it in the probe table; 04 measures the 16-bit model only, every "
-     "4-bit and 8-bit cell skipped with the reason; 05 skips 4-bit with device_map", "`pip install 'bitsandbytes>=0.50.2'` "
-     "(`make install` does)"),
+     "4-bit and 8-bit cell skipped with the reason; 05 skips 4-bit with device_map",
+     "`pip install 'bitsandbytes>=0.50.2'` (`make install` does)"),
     ("flash-attn not importable", "attn_implementation='flash_attention_2' is skipped with the reason; SDPA's own "
      "Flash backend does not need the package and still runs", "nothing, unless you want flash_attention_2 on a "
      "GPU: `pip install flash-attn` (it compiles against your CUDA)"),

@@ -5,21 +5,21 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from labkit import metrics as names
+from labkit import probes
 from labkit.errors import BadParameter
+from labkit.results import reference_runs
+from labkit.widgets import html_table
 
 SCHEMA = "labkit-run/1"
 STATUSES = ("ok", "failed", "timed out")
 NOTEBOOK_KEYS = {"status": str, "duration_s": (int, float), "parameters": dict, "metrics": dict, "checks": dict,
                  "skipped": dict, "figures": list, "environment": dict}
-
-# The metrics a reader looks for first, per notebook (name prefixes); every metric is listed below them.
-
+# An entry may lack "summary" (its "What you measured" sentences): summaries written before it stay readable.
 
 # --------------------------------------------------------------------------- summary.json
 
@@ -56,6 +56,9 @@ def summary_problems(summary: Any) -> list[str]:
                 problems.append(f"notebook {name!r}: check {check!r} is not true or false")
         if isinstance(figures, list) and not all(isinstance(f, str) and f and Path(f).name == f for f in figures):
             problems.append(f"notebook {name!r}: figures must be file names in the run folder")
+        lines = entry.get("summary", [])
+        if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+            problems.append(f"notebook {name!r}: summary must be a list of sentences")
     return problems
 
 
@@ -76,25 +79,9 @@ def read_summary(run_folder: str | Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the page
 
-
-
-def _number(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return html.escape(str(value))
-    if value == 0 or not math.isfinite(value):
-        return str(value)
-    return f"{value:.4g}"
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str], *, numeric: bool = False) -> str:
-    if not rows:
-        return "<p class='none'>none</p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_number(r.get(c)) if numeric else html.escape(str(r.get(c, '')))}</td>"
-                                    for c in columns) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """widgets' HTML table (a dash where a value is missing), or "none" for no rows."""
+    return html_table(rows, columns, missing="\u2013") if rows else "<p class='none'>none</p>"
 
 
 def _image(path: Path) -> str:
@@ -104,9 +91,9 @@ def _image(path: Path) -> str:
 
 
 def _metrics_section(notebook: str, metrics: dict[str, float], references: dict[str, dict[str, Any]]) -> str:
-    def rows(names):
+    def rows(chosen):
         out = []
-        for name in names:
+        for name in chosen:
             row = {"metric": name, "this run": metrics[name]}
             for device, data in references.items():
                 theirs = data["metrics"].get(name)
@@ -117,10 +104,11 @@ def _metrics_section(notebook: str, metrics: dict[str, float], references: dict[
 
     columns = ["metric", "this run"] + [c for d in references for c in (d, f"this run / {d}")]
     first = names.headline(notebook, metrics)
-    text = _table(rows(first), columns, numeric=True)
+    text = _table(rows(first), columns)
     rest = [name for name in metrics if name not in first]
     if rest:
-        text += f"<details><summary>all {len(metrics)} metrics</summary>{_table(rows(list(metrics)), columns, numeric=True)}</details>"
+        every = _table(rows(list(metrics)), columns)
+        text += f"<details><summary>all {len(metrics)} metrics</summary>{every}</details>"
     return text
 
 
@@ -177,19 +165,16 @@ def _legacy_section(summary: dict[str, Any]) -> str:
     if not rows:
         return ""
     note = ("<p>Median milliseconds per batch. The first four columns ran in the legacy kernel (transformers 4.48, "
-            "optimum 1.27); the two \"today's\" columns come from notebook 03 in this run, on the same batches, and are "
-            "empty where 03 swept another model or size. Above 1 in a \"vs\" column: BetterTransformer is faster.</p>")
+            "optimum 1.27); the two \"today's\" columns come from notebook 03 in this run, on the same batches, and "
+            "are empty where 03 swept another model or size. Above 1 in a \"vs\" column: BetterTransformer is "
+            "faster.</p>")
     return (f"<h2 id='legacy-comparison'>Legacy BetterTransformer against today's path</h2>{note}"
-            + _table(rows, LEGACY_COLUMNS, numeric=True))
+            + _table(rows, LEGACY_COLUMNS))
 
 
 def build_report(run_folder: str | Path, *, reference_folder: str | Path | None = None) -> str:
     """The HTML page for a run folder: environment, kernel matrix, and per notebook its status, checks, skips,
     headline metrics (beside the reference runs of other devices) and figures. Self-contained: no links out."""
-    from labkit import probes
-    from labkit.probes import environment_rows
-    from labkit.results import reference_runs
-
     run_folder = Path(run_folder)
     summary = read_summary(run_folder)
     machine = summary["machine"]
@@ -209,7 +194,7 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
          "error": e.get("error", "")} for name, e in notebooks.items()],
         ["notebook", "status", "seconds", "checks", "skipped", "error"]))
     if env:
-        parts.append("<h2>Environment</h2>" + _table(environment_rows(env), ["item", "value"]))
+        parts.append("<h2>Environment</h2>" + _table(probes.environment_rows(env), ["item", "value"]))
     probe = machine.get("probe") or {}
     if probe.get("sdpa"):
         parts.append("<h2>Kernel matrix</h2><p>The SDPA backends that ran, forced one at a time, and why the others "
@@ -224,12 +209,17 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
             references = reference_runs(name, reference_folder)
         except BadParameter as error:  # one unreadable reference file must not hide this run's own numbers
             references = {}
-            parts.append(f"<p class='none'>Reference runs for {html.escape(name)} not shown: {html.escape(str(error))}</p>")
+            parts.append(f"<p class='none'>Reference runs for {html.escape(name)} not shown: "
+                         f"{html.escape(str(error))}</p>")
+        status = html.escape(entry["status"])
         section = [f"<section id='nb-{html.escape(name)}'><h2>{html.escape(name)} "
-                   f"<span class='status {entry['status'].replace(' ', '-')}'>{html.escape(entry['status'])}</span></h2>",
+                   f"<span class='status {status.replace(' ', '-')}'>{status}</span></h2>",
                    f"<p>{entry['duration_s']:.0f} s</p>"]
         if entry.get("error"):
             section.append(f"<pre class='error'>{html.escape(entry['error'])}</pre>")
+        if entry.get("summary"):  # the notebook's own closing sentences, before its numbers
+            section.append("<h3>What you measured</h3><ul class='measured'>"
+                           + "".join(f"<li>{html.escape(line)}</li>" for line in entry["summary"]) + "</ul>")
         failed = [c for c, ok in entry["checks"].items() if not ok]
         section.append(f"<p>Checks: {sum(entry['checks'].values())} of {len(entry['checks'])} passed"
                        + (f"; failed: {html.escape(', '.join(failed))}" if failed else "") + ".</p>")

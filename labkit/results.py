@@ -104,7 +104,8 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as error:
-        raise BadParameter(f"{path} is not a labkit results file: not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise BadParameter(f"{path} is not a labkit results file: not valid JSON "
+                           f"({error.msg} at line {error.lineno})") from None
     if not isinstance(data, dict):
         raise BadParameter(f"{path} is not a labkit results file: not a JSON object")
     missing = {"notebook", "env", "metrics", "checks", "skipped"} - set(data)

@@ -8,12 +8,17 @@ saves them; later notebooks load them to put every result next to the limit.
 from __future__ import annotations
 
 import json
-import os
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from labkit.errors import BadParameter, check_sizes
+from labkit.paths import cache_dir, write_atomically
+from labkit.probes import device_label, resolve_dtype
+from labkit.timing import measure
 
 
 def matmul_flops(m: int, n: int, k: int) -> int:
@@ -31,10 +36,6 @@ def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: in
 
 def element_size(dtype) -> int:
     """Bytes per element of a torch dtype or dtype name."""
-    import torch
-
-    from labkit.probes import resolve_dtype
-
     return torch.empty((), dtype=resolve_dtype(dtype)).element_size()
 
 
@@ -49,8 +50,6 @@ def fraction_of_limit(achieved: float, limit: float) -> float:
 
 def growth_exponent(points) -> float | None:
     """p in y ~ x^p, from the two largest x of ``(x, y)`` points with positive y (None with fewer than two)."""
-    import math
-
     usable = sorted((x, y) for x, y in points if y and y > 0)
     if len(usable) < 2:
         return None
@@ -84,11 +83,6 @@ def measure_matmul_ceiling(device: str, dtype, size: int, *, warmup: int = 2, re
     The rate comes from the fastest repeat: a ceiling is what the machine can do, and on a shared
     machine the slower repeats measure the neighbours too.
     """
-    import torch
-
-    from labkit.probes import resolve_dtype
-    from labkit.timing import measure
-
     _positive(size=size)
     torch_dtype = resolve_dtype(dtype, device)
     a = torch.randn(size, size, device=device).to(torch_dtype)
@@ -105,10 +99,6 @@ def measure_copy_ceiling(device: str, megabytes: int, *, warmup: int = 2, repeat
 
     From the fastest repeat, as for the matmul ceiling.
     """
-    import torch
-
-    from labkit.timing import measure
-
     _positive(megabytes=megabytes)
     count = megabytes * 2**20 // 4
     source = torch.rand(count, device=device)
@@ -125,8 +115,6 @@ def measure_copy_ceiling(device: str, megabytes: int, *, warmup: int = 2, repeat
 def measure_ceilings(device: str, dtype="auto", *, matmul_size: int | None = None,
                      copy_megabytes: int | None = None, quick: bool = False) -> dict[str, Any]:
     """Measure both ceilings of ``device``; sizes default to :func:`default_sizes`."""
-    from labkit.probes import device_label, resolve_dtype
-
     sizes = default_sizes(device, quick)
     matmul = measure_matmul_ceiling(device, resolve_dtype(dtype, device), matmul_size or sizes["matmul_size"])
     copy = measure_copy_ceiling(device, copy_megabytes or sizes["copy_megabytes"])
@@ -150,13 +138,12 @@ def ceiling_rows(ceilings: dict[str, Any]) -> list[dict[str, Any]]:
 def ceiling_metrics(ceilings: dict[str, Any]) -> dict[str, float]:
     """Measured ceilings as metrics: GFLOP/s, GB/s and the ridge point in FLOP per byte."""
     flops, bandwidth = ceilings["matmul"]["flops_per_s"], ceilings["copy"]["bytes_per_s"]
-    return {"matmul_gflops_per_s": flops / 1e9, "copy_gb_per_s": bandwidth / 1e9, "ridge_flop_per_byte": flops / bandwidth}
+    return {"matmul_gflops_per_s": flops / 1e9, "copy_gb_per_s": bandwidth / 1e9,
+            "ridge_flop_per_byte": flops / bandwidth}
 
 
 def ceilings_path() -> Path:
     """The file where measured ceilings are kept between notebooks."""
-    from labkit.paths import cache_dir
-
     return cache_dir() / "ceilings.json"
 
 
@@ -184,17 +171,11 @@ def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
             copy = max(copy, previous.get("copy_bytes_per_s", 0.0))
         merged = {**previous, **ceilings, "matmul_flops_per_s": matmul, "copy_bytes_per_s": copy}
     stored[key] = merged
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(stored, indent=2))
-    os.replace(partial, path)  # atomic: a notebook running beside this one never reads half a file
-    return path
+    return write_atomically(path, json.dumps(stored, indent=2))  # a notebook beside this one never reads half a file
 
 
 def load_ceilings(device: str, path: Path | None = None) -> dict[str, Any] | None:
     """The ceilings saved for ``device`` by notebook 00, or None when they were never measured here."""
-    from labkit.probes import device_label
-
     path = Path(path or ceilings_path())
     if not path.exists():
         return None
@@ -207,8 +188,6 @@ def compute_ceiling(device: str, dtype, *, quick: bool = False, path: Path | Non
     Measuring again here (about a second) keeps a ceiling saved under other conditions from making a
     kernel look faster than the machine. Returns ``{"flops_per_s": ..., "source": "where it comes from"}``.
     """
-    from labkit.probes import resolve_dtype
-
     name = str(resolve_dtype(dtype, device)).removeprefix("torch.")
     now = measure_ceilings(device, name, quick=quick)
     save_ceilings(now, path)
@@ -226,8 +205,6 @@ def compute_ceiling(device: str, dtype, *, quick: bool = False, path: Path | Non
 def bandwidth_ceiling(device: str, *, path: Path | None = None) -> dict[str, Any]:
     """The memory bandwidth ceiling of ``device``, measured now with a full-size buffer (a small one can sit
     in a CPU cache) and merged with the saved ones. Returns ``{"bytes_per_s": ..., "source": "..."}``."""
-    from labkit.probes import device_label
-
     megabytes = default_sizes(device)["copy_megabytes"]
     copy = measure_copy_ceiling(device, megabytes)
     saved = load_ceilings(device, path) or {}
@@ -237,7 +214,7 @@ def bandwidth_ceiling(device: str, *, path: Path | None = None) -> dict[str, Any
     before = saved.get("copy_bytes_per_s", 0.0) if not saved.get("quick") else 0.0
     if before > copy["bytes_per_s"]:
         return {"bytes_per_s": before, "source": f"the best saved on this machine, higher than the "
-                                                 f"{copy['bytes_per_s'] / 1e9:.3g} GB/s of a {megabytes} MiB copy measured now"}
+                f"{copy['bytes_per_s'] / 1e9:.3g} GB/s of a {megabytes} MiB copy measured now"}
     return {"bytes_per_s": copy["bytes_per_s"], "source": f"the best of a {megabytes} MiB copy measured now"}
 
 

@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
+
 from labkit.errors import BadParameter
 
 
@@ -78,8 +80,6 @@ class Timing:
 def synchronize(device: str) -> None:
     """Wait for every queued kernel on ``device`` (a no-op on CPU)."""
     if str(device).startswith("cuda"):
-        import torch
-
         torch.cuda.synchronize(torch.device(device))
 
 
@@ -109,8 +109,6 @@ def measure(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 3, repe
     times: list[float] = []
     peak = None
     if on_cuda:
-        import torch
-
         # Events are recorded on the current device's stream: make it the device being timed.
         with torch.cuda.device(torch.device(device)):
             torch.cuda.reset_peak_memory_stats()
@@ -132,8 +130,6 @@ def measure(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 3, repe
 
 def is_out_of_memory(error: BaseException) -> bool:
     """True for CUDA out-of-memory errors and for CPU allocations that failed."""
-    import torch
-
     if isinstance(error, torch.OutOfMemoryError):
         return True
     if isinstance(error, MemoryError):
@@ -148,8 +144,6 @@ def free_memory(device: str = "cpu") -> None:
     """Give back what a failed or finished measurement held (Python garbage and the CUDA cache)."""
     gc.collect()
     if str(device).startswith("cuda"):
-        import torch
-
         torch.cuda.empty_cache()
 
 

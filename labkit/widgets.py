@@ -8,7 +8,8 @@ from __future__ import annotations
 import html
 from typing import Any, Iterable, Sequence
 
-from labkit import compat
+from labkit import compat, probes
+from labkit.errors import LabkitError
 
 
 def _cell(value: Any) -> str:
@@ -35,6 +36,23 @@ def text_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], *, indent
     return "\n".join(out)
 
 
+def html_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], *, headers: Sequence[str] | None = None,
+               title: str = "", missing: str = "") -> str:
+    """Rows of dicts as an HTML table (every value escaped, yes/no in colour, ``missing`` where a value is None):
+    the one HTML table of labkit, for notebooks and the run report alike."""
+    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in headers or columns)
+    body = []
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            colour = f" style='color:{'#1a7f37' if value else '#cf222e'}'" if isinstance(value, bool) else ""
+            cells.append(f"<td{colour}>{html.escape(missing if value is None else _cell(value))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    caption = f"<caption style='text-align:left'><b>{html.escape(title)}</b></caption>" if title else ""
+    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
 class Table:
     """A table that JupyterLab shows as HTML and papermill/terminals show as aligned text."""
 
@@ -50,35 +68,28 @@ class Table:
         return f"{self.title}\n{body}" if self.title else body
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in self.headers)
-        body = []
-        for row in self.rows:
-            tds = []
-            for col in self.columns:
-                value = row.get(col)
-                style = ""
-                if isinstance(value, bool):
-                    style = " style='color:#1a7f37'" if value else " style='color:#cf222e'"
-                tds.append(f"<td{style}>{html.escape(_cell(value))}</td>")
-            body.append("<tr>" + "".join(tds) + "</tr>")
-        caption = f"<caption style='text-align:left'><b>{html.escape(self.title)}</b></caption>" if self.title else ""
-        return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        return html_table(self.rows, self.columns, headers=self.headers, title=self.title)
 
 
 def show(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None, *, title: str = "",
          headers: Sequence[str] | None = None) -> None:
     """Display a table in a notebook, or print it outside one."""
     table = Table(rows, columns, title=title, headers=headers)
-    try:
-        from IPython import get_ipython
-        from IPython.display import display
+    if _shell() is None:
+        print(repr(table))
+        return
+    from IPython.display import display  # there is a shell, so IPython is installed
 
-        if get_ipython() is not None:
-            display(table)
-            return
+    display(table)
+
+
+def _shell():
+    """The running IPython shell, or None in plain Python."""
+    try:
+        from IPython import get_ipython  # optional (the lab extra): labkit runs in plain Python without it
     except ImportError:
-        pass
-    print(repr(table))
+        return None
+    return get_ipython()
 
 
 def short_traceback(shell, etype, value, tb, tb_offset=None) -> list[str]:
@@ -97,15 +108,9 @@ def short_errors() -> bool:
     The cell still fails (papermill and nbval still see an error); only the display is shorter.
     Returns False outside IPython.
     """
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
+    shell = _shell()
     if shell is None:
         return False
-    from labkit.errors import LabkitError
-
     shell.set_custom_exc((LabkitError,), short_traceback)
     return True
 
@@ -114,11 +119,7 @@ def short_errors() -> bool:
 
 def _in_kernel() -> bool:
     """True inside a Jupyter kernel (JupyterLab, papermill), False in a terminal or plain Python."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
+    shell = _shell()
     return shell is not None and hasattr(shell, "kernel")
 
 
@@ -127,7 +128,7 @@ def _ipywidgets():
     if not _in_kernel():
         return None
     try:
-        import ipywidgets
+        import ipywidgets  # optional (the lab extra), and hidden by the fault matrix: text tables without it
     except ImportError:
         return None
     return ipywidgets
@@ -157,9 +158,9 @@ class LiveBoard:
         self._handle = None
         if self.mode == "widget":
             self.status = module.HTML(value=self._status_html())
-            self.table = module.HTML(value=Table([], self.columns, headers=self.headers)._repr_html_())
+            self.table = module.HTML(value=html_table([], self.columns, headers=self.headers))
             self.widget = module.VBox([self.status, self.table])
-            from IPython.display import display
+            from IPython.display import display  # in a kernel, so IPython is there (it is optional elsewhere)
 
             self._handle = display(self, display_id=True)
         elif title:
@@ -175,7 +176,7 @@ class LiveBoard:
         self.rows.append(row)
         if self.mode == "widget":
             self.status.value = self._status_html()
-            self.table.value = Table(self.rows, self.columns, headers=self.headers)._repr_html_()
+            self.table.value = html_table(self.rows, self.columns, headers=self.headers)
         else:
             print("  " + "  ".join(f"{h}={_cell(row.get(c))}" for c, h in zip(self.columns, self.headers, strict=True)))
 
@@ -231,7 +232,7 @@ def picker(options: Sequence[Any], value: Any = None, *, description: str = ""):
         choice = Choice(value, options, description)
         print(repr(choice))
         return choice
-    from IPython.display import display
+    from IPython.display import display  # in a kernel, so IPython is there (it is optional elsewhere)
 
     dropdown = module.Dropdown(options=options, value=value, description=description,
                                style={"description_width": "initial"})
@@ -241,8 +242,6 @@ def picker(options: Sequence[Any], value: Any = None, *, description: str = ""):
 
 def probe_text(report: dict[str, Any]) -> str:
     """A probe report (``probes.probe()``) as plain-text tables: what ``labkit probe`` prints."""
-    from labkit import probes
-
     features = report["features"]
     sections = [
         ("Versions and devices", probes.environment_rows(report), ["item", "value"]),

@@ -8,6 +8,7 @@ with cell ids that depend only on the text, so that building twice gives the sam
     python tools/notebooks.py build              # notebooks/src/**.py -> notebooks/**.ipynb   (make notebooks)
     python tools/notebooks.py check              # exit 1, naming the files, when a .ipynb differs from its source
     python tools/notebooks.py from-ipynb NB...   # after editing a notebook in JupyterLab: write its text back
+    python tools/notebooks.py workshop           # notebooks/WORKSHOP.md's list of the checkers' messages, rewritten
 
 Why percent-format Python and not MyST Markdown: ruff lints it like any module (undefined names matter here, because
 the GPU branches never run on the CPU tests), editors and diffs treat it as code, and jupytext keeps cell tags.
@@ -99,11 +100,26 @@ def drift() -> list[str]:
     return problems
 
 
+WORKSHOP = NOTEBOOKS / "WORKSHOP.md"
+MISTAKES_START = "<!-- mistakes: written by `python tools/notebooks.py workshop` -->\n"
+MISTAKES_END = "<!-- end of mistakes -->\n"
+
+
+def workshop_text() -> str:
+    """WORKSHOP.md with its list of typical mistakes and their messages taken from the exercise checkers."""
+    from labkit import exercises
+
+    text = WORKSHOP.read_text()
+    start, end = text.index(MISTAKES_START) + len(MISTAKES_START), text.index(MISTAKES_END)
+    return text[:start] + exercises.mistakes_markdown() + "\n" + text[end:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("build", help="write every notebooks/**.ipynb from its text source")
     sub.add_parser("check", help="fail when a .ipynb differs from what its source builds")
+    sub.add_parser("workshop", help="rewrite WORKSHOP.md's list of the checkers' messages")
     back = sub.add_parser("from-ipynb", help="write the text source of notebooks edited in JupyterLab")
     back.add_argument("notebooks", nargs="+", type=Path)
     args = parser.parse_args(argv)
@@ -123,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             print("Edit the text under notebooks/src/ and run `make notebooks` (or, after editing an .ipynb in "
                   "JupyterLab, `python tools/notebooks.py from-ipynb NOTEBOOK` first).")
         return 1 if problems else 0
+    if args.command == "workshop":
+        WORKSHOP.write_text(workshop_text())
+        print(f"wrote {WORKSHOP.relative_to(ROOT)}")
+        return 0
     for notebook in args.notebooks:
         source = source_of(notebook)
         source.parent.mkdir(parents=True, exist_ok=True)

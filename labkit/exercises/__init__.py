@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from labkit.errors import BadParameter
-from labkit.exercises import decoders, encoder, flash_attention, multi_gpu, quantization
+from labkit.exercises import decoders, encoder, flash_attention, multi_gpu, quantization, serving
 from labkit.exercises.core import CORRECT, NOT_ATTEMPTED, WRONG, Exercise, Verdict
 
-MODULES = (flash_attention, decoders, encoder, quantization, multi_gpu)
+MODULES = (flash_attention, decoders, encoder, quantization, multi_gpu, serving)
 EXERCISES: dict[str, Exercise] = {e.id: e for module in MODULES for e in module.EXERCISES}
 
 __all__ = ["EXERCISES", "Bound", "Exercise", "Verdict", "get", "for_notebook", "progress", "progress_path",
@@ -111,7 +111,8 @@ def summary(verdicts: list[Verdict]) -> dict[str, int]:
 # --------------------------------------------------------------------------- progress, kept on this machine
 
 def progress_path() -> Path:
-    """$LABKIT_PROGRESS, else progress.json in the user's data folder ($XDG_DATA_HOME/labkit or ~/.local/share/labkit)."""
+    """$LABKIT_PROGRESS, else progress.json in the user's data folder ($XDG_DATA_HOME/labkit or
+    ~/.local/share/labkit)."""
     if os.environ.get("LABKIT_PROGRESS"):
         return Path(os.environ["LABKIT_PROGRESS"])
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
@@ -141,7 +142,8 @@ def _record(exercise_id: str) -> None:
 def progress() -> list[dict[str, str]]:
     """Every exercise, with when it was first answered correctly on this machine."""
     done = _load()
-    return [{"exercise": e.id, "title": e.title, "kind": e.kind, "done": done.get(e.id, "")} for e in EXERCISES.values()]
+    return [{"exercise": e.id, "title": e.title, "kind": e.kind, "done": done.get(e.id, "")}
+            for e in EXERCISES.values()]
 
 
 def mistakes_markdown() -> str:

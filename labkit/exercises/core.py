@@ -39,6 +39,9 @@ class Verdict:
         mark = {CORRECT: "Correct", WRONG: "Not yet", NOT_ATTEMPTED: "Not attempted yet"}[self.status]
         return f"{self.exercise} · {mark}: {self.message}"
 
+    def _ipython_display_(self) -> None:
+        """A cell ending in ``ex.check(answer)`` shows the verdict once: ``check`` has printed it already."""
+
 
 @dataclass
 class Exercise:
@@ -134,7 +137,8 @@ def predicted(answer: Any, expected: float, unit: str, mistakes: dict[str, float
     for message, wrong in mistakes.items():
         if wrong and close(value, wrong, min(rel, 0.05)):
             raise Wrong(message)
-    raise Wrong(f"{value:.4g} {unit} is {value / expected:.3g}x the right value" if expected else f"{value:.4g} is not it")
+    raise Wrong(f"{value:.4g} {unit} is {value / expected:.3g}x the right value" if expected
+                else f"{value:.4g} is not it")
 
 
 def function_answer(answer: Any, what: str) -> Callable:
@@ -147,7 +151,8 @@ def call(function: Callable, *args: Any) -> Any:
     try:
         return function(*args)
     except NotImplementedError:
-        raise NotAttempted("your function still raises NotImplementedError: write its body, then check again.") from None
+        raise NotAttempted(
+            "your function still raises NotImplementedError: write its body, then check again.") from None
     except Exception as error:  # the learner's code: any error is an answer to explain, not a crash
         raise Wrong(f"your function raised {type(error).__name__}: {error}") from None
 

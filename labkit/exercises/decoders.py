@@ -15,7 +15,8 @@ def decode_bound_tokens_per_s(parameters, bytes_per_parameter, bandwidth_gb_per_
 def _decode_bound(answer, c):
     expected = decode_bound_tokens_per_s(c["parameters"], c["bytes_per_parameter"], c["bandwidth_gb_per_s"])
     return predicted(answer, expected, "tokens/s", {
-        "that counts one byte per parameter: 16-bit weights take 2 bytes each": expected * c["bytes_per_parameter"],
+        f"that counts one byte per parameter: each weight takes {c['bytes_per_parameter']} bytes here":
+            expected * c["bytes_per_parameter"],
         "that counts bits, not bytes, per parameter": expected / 8,
     })
 

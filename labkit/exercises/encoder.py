@@ -30,25 +30,30 @@ def _ideal_speedup(answer, c):
 # --------------------------------------------------------------------------- 03.2 which calls skip the padding
 
 def cases_that_skip_padding(cases):
-    # the cases with no reason to fall back (labkit.fastpath.why_not_fastpath gave "")
+    # the situations with no reason not to pack the batch (labkit.fastpath.why_not_fastpath gave "")
     return {case for case, why in cases.items() if not why}
 
 
 def _fastpath_cases(answer, c):
-    reasons = c["cases"]  # case -> labkit's reason it does not take the fastpath ("" when it does)
+    reasons = c["cases"]  # situation -> labkit's reason it does not skip the padding ("" when it does)
+    unfused = c.get("unfused", {})  # situation -> labkit's reason a layer does not run fused ("" when all do)
     if isinstance(answer, str) or not hasattr(answer, "__iter__"):
-        raise Wrong("give a list or set of case names")
+        raise Wrong("give a list or set of situation names")
     chosen = {str(a) for a in answer}
     unknown = chosen - set(reasons)
     if unknown:
-        raise Wrong(f"{sorted(unknown)} are not among the cases: {sorted(reasons)}")
+        raise Wrong(f"{sorted(unknown)} are not among the situations: {sorted(reasons)}")
     expected = cases_that_skip_padding(reasons)
     extra = chosen - expected
     if extra:
         case = sorted(extra)[0]
         raise Wrong(f"{case!r} does not skip the padding: {reasons[case]}")
     if expected - chosen:
-        raise Wrong(f"{sorted(expected - chosen)[0]!r} does skip the padding too")
+        case = sorted(expected - chosen)[0]
+        if unfused.get(case):
+            raise Wrong(f"{case!r} does skip the padding too: {unfused[case]} turns off the fused layer only; the "
+                        "encoder packed the batch before any layer ran")
+        raise Wrong(f"{case!r} does skip the padding too")
     return f"only {sorted(expected)} skip the padding."
 
 
@@ -118,12 +123,16 @@ EXERCISES = [
               "With a fraction p of padding the fastpath does (1 - p) of the work: the time ratio is (1 - p)."),
              {"padding_fraction": 0.75}, ((0.25, "inverse"), (1.75, "1 / (1 - p)"), (3.0, "share"))),
     Exercise("03.2", "Which calls skip the padding?", "predict", _fastpath_cases, cases_that_skip_padding,
-             ("The fastpath has conditions on the mode, the grad state and the mask.",
-              "Eval mode, gradients off (no_grad or inference mode), and a key padding mask with the padding on the "
-              "right."),
-             {"cases": {"eval, inference mode, right padding": "", "training mode": "the model is in training mode",
-                        "left padding": "the padding is not on the right"}},
-             ((["training mode"], "training mode"), ([], "does skip"), ("left padding", "list or set"))),
+             ("The encoder decides whether to pack the batch before any layer runs: the mode, gradient tracking, the "
+              "mask and how the encoder was built count; what happens inside a layer does not.",
+              "Eval mode; no gradient tracking of a weight (torch.no_grad(), torch.inference_mode() or frozen weights "
+              "all do); a key padding mask with the padding on the right; layers the nested path accepts (post-norm, "
+              "with biases); and no torch.compile. A hook on a layer stops that layer's fused op, not the packing."),
+             {"cases": {"eval, torch.no_grad(), right padding": "", "training mode": "the model is in training mode",
+                        "left padding": "the padding is not on the right", "a forward hook on layer 0": ""},
+              "unfused": {"a forward hook on layer 0": "layer 0: a forward hook or pre-hook is registered on it"}},
+             ((["training mode"], "training mode"), (["eval, torch.no_grad(), right padding"], "fused layer only"),
+              ([], "does skip"), ("left padding", "list or set"))),
     Exercise("03.3", "Convert one more encoder layer", "code", _convert_layer, my_convert_layer,
              ("Build nn.TransformerEncoderLayer with BERT's sizes (batch_first=True, dropout=0, GELU, post-norm), then "
               "copy the weights in.",

@@ -49,7 +49,8 @@ def _attention_by_hand(answer, c):
         raise Wrong(f"return a tensor, not {type(out).__name__}")
     expected = F.scaled_dot_product_attention(q, k, v)
     if out.shape != expected.shape:
-        raise Wrong(f"the output has shape {tuple(out.shape)}; it must be {tuple(expected.shape)}, one vector per query")
+        raise Wrong(f"the output has shape {tuple(out.shape)}; it must be {tuple(expected.shape)}, "
+                    "one vector per query")
     out = out.to(torch.float64)
     if torch.allclose(out, expected, atol=1e-6):
         return "it matches scaled_dot_product_attention on fresh random inputs."
@@ -57,7 +58,8 @@ def _attention_by_hand(answer, c):
         raise Wrong("the scores need dividing by sqrt(d), the head size, before the softmax")
     wrong_axis = torch.softmax(q @ k.transpose(-2, -1) / 16 ** 0.5, dim=-2) @ v
     if torch.allclose(out, wrong_axis, atol=1e-6):
-        raise Wrong("the softmax runs over the wrong axis: each query's weights over the keys (the last axis) must sum to 1")
+        raise Wrong("the softmax runs over the wrong axis: each query's weights over the keys (the last axis) "
+                    "must sum to 1")
     raise Wrong(f"the output differs from scaled_dot_product_attention by {float((out - expected).abs().max()):.3g}")
 
 
@@ -75,7 +77,7 @@ def _one_column(q, k, v):
 
 def backend_pytorch_picks(device, dtype):
     # only a measurement tells: run the call under the profiler and read which backend's op ran
-    q, k, v = attention.random_qkv(1, 8, 1024, 64, device=device, dtype=dtype)
+    q, k, v = attention.random_qkv(1, 8, 256, 64, device=device, dtype=dtype)  # the notebook's section 2 inputs
     seen = attention.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
     return attention.backend_from_ops(seen.ops) or "none found"
 
@@ -96,7 +98,8 @@ def _pick_backend(answer, c):
 EXERCISES = [
     Exercise("01.1", "The score matrix, predicted", "predict", _score_matrix, score_matrix_mib,
              ("The math backend holds one score per (query, key) pair, for every head of every sequence.",
-              "Count batch x heads x N x N elements, times the bytes of one element in this dtype, then divide by 2**20."),
+              "Count batch x heads x N x N elements, times the bytes of one element in this dtype, then divide by "
+              "2**20."),
              {"batch": 4, "heads": 16, "seq": 4096, "dtype": "float32"},
              ((4096.0 * 2**20, "bytes"), (256.0, "one head"), (1024.0, "one sequence"), (1.0, "N x N"),
               (2048.0, "bytes per element"))),
@@ -104,10 +107,12 @@ EXERCISES = [
              ("Three steps: scores from queries and keys, a softmax, then a weighted sum of the values.",
               "scores = q @ k.transpose(-2, -1), scaled by 1 / sqrt(head size); softmax over the last axis; then @ v."),
              {},
-             ((_unscaled_attention, "sqrt(d)"), (_one_column, "shape"), (returns_none, "returns None"), (3, "a function")),
+             ((_unscaled_attention, "sqrt(d)"), (_one_column, "shape"), (returns_none, "returns None"),
+              (3, "a function")),
              answer_is_function=True),
     Exercise("01.3", "Which backend does PyTorch pick?", "predict", _pick_backend, backend_pytorch_picks,
-             ("The fused backends come first when the inputs allow them: 4-D, no mask, a supported dtype and head size.",
+             ("The fused backends come first when the inputs allow them: 4-D, no mask, a supported dtype and head "
+              "size.",
               "Each backend has conditions (dtype, head size, masks); PyTorch runs the first in its own order whose "
               "conditions these inputs meet."),
              {"device": "cpu", "dtype": "float32"},

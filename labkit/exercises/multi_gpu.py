@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from labkit import parallel
+from labkit import parallel, roofline
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
 
 # --------------------------------------------------------------------------- 05.1 how many GPUs
@@ -21,7 +21,7 @@ def _gpus_needed(answer, c):
     need, device = c["total_bytes"], c["device_bytes"]
     expected = gpus_needed(need, device)
     if answer == expected:
-        return f"{expected} GPUs of {device / 1e9:.0f} GB for {need / 2**30:.1f} GiB."
+        return f"{expected} GPUs of {device / 2**30:.0f} GiB for {need / 2**30:.1f} GiB."
     if answer == math.ceil(need / device):
         raise Wrong(f"a GPU cannot give all its memory to the model: plan with {parallel.USABLE_FRACTION:.0%} of each")
     if answer == math.ceil(c["weight_bytes"] / (device * parallel.USABLE_FRACTION)):
@@ -88,11 +88,77 @@ def _bus_bandwidth(answer, c):
     }, rel=0.02)
 
 
+# --------------------------------------------------------------------------- 05.4 the layout for a machine
+
+def layout_for(model, machine, fmt, batch, context):
+    # the planner's rule: the smallest TP inside a node that divides the key/value heads and holds the model;
+    # if no TP inside a node holds it, TP over the whole node and as few pipeline stages as hold it
+    plan = parallel.plan_layout(parallel.empty_model(model), parallel.parse_machine(machine), fmt=fmt,
+                                batch=batch, context=context)
+    return (plan["tp"], plan["pp"])
+
+
+def _layout(answer, c):
+    if not isinstance(answer, (tuple, list)) or len(answer) != 2 or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in answer):
+        raise Wrong("give the layout as (tp, pp): two whole numbers of at least 1")
+    tp, pp = answer
+    expected = layout_for(**c)
+    model, machine = parallel.empty_model(c["model"]), parallel.parse_machine(c["machine"])
+    plan = parallel.plan_layout(model, machine, fmt=c["fmt"], batch=c["batch"], context=c["context"])
+    if (tp, pp) == expected:
+        return f"TP {tp} x PP {pp}. " + " ".join(plan["reasons"][1:])
+    kv_heads = model.config.num_key_value_heads
+    gpu = min(d["bytes"] for d in machine["devices"]) * parallel.USABLE_FRACTION
+    if tp > machine["per_node"]:
+        raise Wrong(f"TP {tp} spans more than one node of {machine['per_node']} GPUs: its two all-reduces per layer "
+                    "would cross the network at every token; keep TP inside a node, stages across nodes")
+    if kv_heads % tp:
+        raise Wrong(f"TP {tp} does not divide the {kv_heads} key/value heads: each process must hold whole heads")
+    if tp * pp > len(machine["devices"]):
+        raise Wrong(f"that is {tp * pp} GPUs; the machine has {len(machine['devices'])}")
+    if plan["need"]["total"] / (tp * pp) > gpu:
+        raise Wrong(f"each GPU would hold {plan['need']['total'] / (tp * pp) / 2**30:,.0f} GiB, more than the "
+                    f"{gpu / 2**30:,.0f} GiB one GPU can give at {parallel.USABLE_FRACTION:.0%}: it does not fit")
+    if pp > expected[1]:
+        raise Wrong("that holds the model, with more pipeline stages than needed: each stage adds a hop per step "
+                    "and idles while the others work; give TP the whole node first")
+    raise Wrong("that holds the model, but not with the smallest TP inside a node: the GPUs it leaves free would "
+                "serve more copies of the model")
+
+
+# --------------------------------------------------------------------------- 05.5 the KV cache of one rank
+
+def kv_cache_kib_per_rank(layers, kv_heads, head_dim, tp, batch, tokens, element_bytes):
+    # GQA: the cache holds the key/value heads only, and tensor parallelism gives each rank kv_heads / tp of them
+    per_token = roofline.kv_bytes_per_token(layers=layers, kv_heads=kv_heads // tp, head_dim=head_dim,
+                                            element_bytes=element_bytes)
+    return batch * tokens * per_token / 1024
+
+
+def _kv_per_rank(answer, c):
+    wanted = {k: c[k] for k in ("layers", "kv_heads", "head_dim", "tp", "batch", "tokens", "element_bytes")}
+    expected = kv_cache_kib_per_rank(**wanted)
+    mistakes: dict[float, str] = {}
+    for value, message in (
+            (expected * c["tp"], f"that is the whole cache: each of the {c['tp']} ranks holds only its share of "
+                                 "the key/value heads"),
+            (expected * c["heads"] / c["kv_heads"], f"that counts the {c['heads']} query heads: under GQA the cache "
+                                                    f"holds only the {c['kv_heads']} key/value heads"),
+            (expected / 2, "the cache holds a key AND a value per head and token: twice that"),
+            (expected * 1024, "that looks like bytes: the question asks for KiB (divide by 1024)")):
+        if value not in mistakes:
+            mistakes[value] = message
+        elif message not in mistakes[value]:  # two mistakes give the same number here: name both
+            mistakes[value] += f"; or {message}"
+    return predicted(answer, expected, "KiB", {message: value for value, message in mistakes.items()}, rel=0.02)
+
+
 EXERCISES = [
     Exercise("05.1", "How many GPUs?", "predict", _gpus_needed, gpus_needed,
              ("Weights and the KV cache must both fit, and each GPU keeps some memory for itself.",
               "Divide the total by 90% of one GPU's memory and round up."),
-             {"total_bytes": 22.5e9, "weight_bytes": 20.5e9, "device_bytes": 24e9},
+             {"total_bytes": 23.5e9, "weight_bytes": 20.5e9, "device_bytes": 24 * 2**30},
              ((1, "90%"), (1.5, "whole number"), (5, "is not it"))),
     Exercise("05.2", "The data-parallel split", "code", _split, my_split,
              ("Each process takes one contiguous block of the prompts, as accelerate's split_between_processes does.",
@@ -106,4 +172,21 @@ EXERCISES = [
               "For all-reduce, bus bandwidth = algorithm bandwidth x 2(n-1)/n: what each link carries."),
              {"message_bytes": 256 * 2**20, "seconds": 2e-3, "ranks": 8},
              ((134.217728, "algorithm bandwidth"), (1879.048192, "not 2(n-1)"))),
+    Exercise("05.4", "TP and PP for a machine", "predict", _layout, layout_for,
+             ("Tensor parallelism stays inside one node and must divide the key/value heads; pipeline stages go "
+              "across nodes.",
+              "Compare the GiB the model needs with 90% of one GPU: the GPUs it takes is the TP size times the "
+              "stages. If one node's GPUs cannot hold it, TP fills the node and the stages are nodes."),
+             {"model": "llama-405b-shape", "machine": "2 nodes x 8 x 80 GB", "fmt": "16-bit", "batch": 1,
+              "context": 4096},
+             (((16, 1), "inside a node"), ((8, 1), "does not fit"), ((6, 2), "key/value heads"),
+              ((4, 4), "pipeline stages"), (16, "(tp, pp)"))),
+    Exercise("05.5", "The KV cache of one rank", "predict", _kv_per_rank, kv_cache_kib_per_rank,
+             ("Under grouped-query attention the cache keeps one key and one value vector per key/value head, not "
+              "per query head.",
+              "Per token: 2 x layers x (key/value heads / TP) x head size x bytes per number; times batch and tokens."),
+             {"layers": 32, "heads": 32, "kv_heads": 8, "head_dim": 128, "tp": 2, "batch": 1, "tokens": 1024,
+              "element_bytes": 2},
+             ((131072.0, "whole cache"), (262144.0, "query heads"), (32768.0, "AND a value"),
+              (65536.0 * 1024, "bytes"))),
 ]

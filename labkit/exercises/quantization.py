@@ -1,4 +1,4 @@
-"""Exercises of notebook 04 (4-bit and 8-bit weights)."""
+"""Exercises of notebook 04 (4-bit and 8-bit weights: bitsandbytes for memory, torchao for speed)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def _bnb_config(answer, c):
     if not answer.load_in_4bit:
         raise Wrong("NF4 is a 4-bit format: load_in_4bit=True")
     if answer.bnb_4bit_quant_type != "nf4":
-        raise Wrong(f"bnb_4bit_quant_type={answer.bnb_4bit_quant_type!r} is FP4's layout; NF4 is 'nf4'")
+        raise Wrong(f"bnb_4bit_quant_type={answer.bnb_4bit_quant_type!r} is FP4's layout (the default when the "
+                    "argument is left out); NF4 is 'nf4'")
     if not answer.bnb_4bit_use_double_quant:
         raise Wrong("double quantization (bnb_4bit_use_double_quant=True) also quantizes the scales")
     if answer.bnb_4bit_compute_dtype != torch.bfloat16:
@@ -74,6 +75,48 @@ def _closest_format(answer, c):
     return f"{name} moved the next-token distributions least, {kl[name]:.3g} nats{tie}."
 
 
+# --------------------------------------------------------------------------- 04.4 int4 with group-wise scales
+
+def int4_mib(rows, cols, group_size):
+    # half a byte per weight, plus a bfloat16 scale and a bfloat16 zero point per group of `group_size` weights
+    return sum(quant.int4_weight_only_parts(rows, cols, group_size=group_size)) / 2**20
+
+
+def _int4_footprint(answer, c):
+    rows, cols, group = c["rows"], c["cols"], c["group_size"]
+    expected = int4_mib(rows, cols, group)
+    weights, groups = rows * cols / 2, rows * cols / group
+    return predicted(answer, expected, "MiB", {
+        f"the groups count too: each group of {group} weights keeps a scale and a zero point": weights / 2**20,
+        "torchao's int4 keeps a zero point beside each scale (the levels are 0..15, shifted)":
+            (weights + 2 * groups) / 2**20,
+        f"the scale and the zero point are bfloat16, 2 bytes each, per group of {group}":
+            (weights + 8 * groups) / 2**20,
+        "4 bits is half a byte per weight, not a byte": (2 * weights + 4 * groups) / 2**20,
+        "that is the 16-bit size: 2 bytes per weight": rows * cols * 2 / 2**20,
+        "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20,
+    }, rel=0.02)
+
+
+# --------------------------------------------------------------------------- 04.5 where int4 weight-only stops helping
+
+def break_even(flops_per_s, bytes_per_s):
+    # a 16-bit weight is 2 bytes, read once per step, and costs 2 FLOPs per sequence of the batch
+    return quant.break_even_batch(flops_per_s, bytes_per_s, weight_bytes=2)
+
+
+def _break_even(answer, c):
+    flops, bandwidth = c["flops_per_s"], c["bytes_per_s"]
+    expected = break_even(flops, bandwidth)
+    return predicted(answer, expected, "sequences", {
+        "that is where the int4 step itself turns compute-bound (4x fewer bytes): its advantage starts shrinking "
+        "there, and is gone only once the 16-bit step is compute-bound too": expected / 4,
+        "each weight costs 2 FLOPs per sequence (a multiply and an add), not 1": 2 * expected,
+        "a 16-bit weight is 2 bytes": expected / 2,
+        "at batch 1 a step reads every weight for a single token: as memory-bound as decoding gets": 1.0,
+    }, rel=0.1)
+
+
 EXERCISES = [
     Exercise("04.1", "NF4's footprint, predicted", "predict", _nf4_footprint, nf4_mib,
              ("Each weight takes 4 bits; each block of weights also stores one scale.",
@@ -87,7 +130,20 @@ EXERCISES = [
              {}, (("nf4", "BitsAndBytesConfig"),)),
     Exercise("04.3", "Which format stays closest to 16-bit?", "predict", _closest_format, closest_format,
              ("KL divergence measures how far each format moved the next-token distributions from 16-bit.",
-              "More bits per weight keep more of each weight: compare int8 with the 4-bit formats."),
+              "More bits per weight keep more of each weight: compare the 8-bit formats with the 4-bit ones."),
              {"kl": {"fp4": 0.44, "nf4": 0.25, "nf4-double": 0.25, "int8": 0.017}},
              (("nf4", "stayed closest"), ("q4", "not a format"))),
+    Exercise("04.4", "int4 weight-only with group-wise scales, predicted", "predict", _int4_footprint, int4_mib,
+             ("Each weight takes 4 bits; each group of weights along a row also keeps a scale and a zero point.",
+              "rows x cols / 2 bytes of weights, plus rows x cols / group_size groups of 2 + 2 bytes (bfloat16)."),
+             {"rows": 4096, "cols": 4096, "group_size": 128},
+             ((8.0, "groups count"), (8.25, "zero point"), (9.0, "2 bytes each"), (16.5, "half a byte"))),
+    Exercise("04.5", "Where int4 weight-only stops helping, predicted", "predict", _break_even, break_even,
+             ("A decode step takes max(bytes read / bandwidth, FLOPs / FLOP/s). Fewer weight bytes help only while "
+              "the first term is the larger one.",
+              "With 16-bit weights a batch of b sequences does 2 x b FLOPs per 2 bytes of weight: the step turns "
+              "compute-bound when b = FLOP/s / (bytes/s)."),
+             # the ceilings measured on an H100 in reference/nvidia-h100 (notebook 00)
+             {"flops_per_s": 7.777e14, "bytes_per_s": 2.984e12},
+             ((65.0, "starts shrinking"), (521.0, "2 FLOPs"), (1.0, "memory-bound"))),
 ]

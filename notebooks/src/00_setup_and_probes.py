@@ -31,7 +31,7 @@ prompt = "Hello my dog is cute and"
 max_new_tokens = 20
 matmul_size = 0            # side of the square matrices for the FLOP/s ceiling
 copy_megabytes = 0         # size of the buffer for the bandwidth ceiling
-quick = False              # smaller sizes, for tests and CPU-only machines
+quick = "auto"             # small sizes: "auto" means on a machine without a GPU; True or False to force
 results_path = ""          # where to write the results JSON (empty: do not write)
 
 # %%

@@ -7,20 +7,22 @@
 # ---
 
 # %% [markdown]
-# # 03 · The encoder fastpath: nested tensors, and a modern BetterTransformer for BERT-family encoders
+# # 03 · The encoder fastpath: skipping padding, then and now
 #
 # The source page says BetterTransformer sent encoder layers to an equivalent of `torch.nn.TransformerEncoderLayer`'s
 # *fastpath*, which skips padding with nested tensors. The converter is gone from today's libraries, and transformers'
-# BERT uses SDPA but neither fuses the layer nor skips padding. This notebook shows, on your machine:
+# BERT uses SDPA but computes every padded position. This notebook shows, on your machine:
 #
-# 1. **the fastpath itself**: its conditions, how to *prove* it ran (profiler op names, exact zeros at padded
-#    positions), and the cases that silently fall back, with the reason;
-# 2. **`labkit.fastpath.to_fastpath(model)`**: BetterTransformer's encoder conversion rebuilt, checked against the
-#    transformers model on padded batches;
+# 1. **the fastpath itself**: its conditions as PyTorch checks them, how to *prove* it ran (profiler op names, exact
+#    zeros at padded positions), the situations that silently turn part of it off, and what accelerate's dispatch does
+#    to it;
+# 2. **`labkit.fastpath.to_fastpath(model)`**: BetterTransformer's encoder conversion rebuilt (you convert one layer
+#    yourself first), checked against the transformers model on padded batches;
 # 3. **real use**: sentence embeddings with the embedded MiniLM, identical similarities, and the speed of each;
 # 4. **the sweep**: padding fraction × batch × length, transformers eager and sdpa against the fastpath, in real
-#    (non-padding) tokens per second: where the fastpath wins and where it loses;
-# 5. **where PyTorch is going**: nested *jagged* tensors straight into SDPA.
+#    (non-padding) tokens per second, with the points that contradict their own cost model measured again;
+# 5. **skipping padding today**: packed sequences in transformers, PyTorch's `varlen_attn`, FlexAttention document
+#    masks, and where jagged nested tensors stand.
 #
 # Nothing here downloads anything.
 
@@ -29,163 +31,189 @@
 device = "auto"                                  # auto, cpu, cuda or cuda:N
 dtype = "auto"                                   # auto picks float16 on a GPU, float32 on CPU
 model_id = "minilm-l6"                           # a BERT-family encoder for sections 2 and 3
-sweep_model = "auto"                             # encoder of the sweep; auto means minilm-l6 on CPU, random-bert-base on GPU
+sweep_model = "auto"                             # sections 4-5; auto: minilm-l6 on CPU, random-bert-base on GPU
 padding_fractions = [0.0, 0.25, 0.5, 0.75]       # share of padded positions in a batch
 batch_sizes = []                                 # batch sizes of the sweep
 lengths = []                                     # padded sequence lengths of the sweep
-quick = False                                    # smaller sizes, for tests and CPU-only machines
+quick = "auto"                                   # small sizes: "auto" means on a machine without a GPU; True or False
 solutions = False                                # fill every exercise with its solution (a teacher's run)
 results_path = ""                                # where to write the results JSON (empty: do not write)
 
 # %%
-import warnings
-
 import torch
-import torch.nn.functional as F
+from transformers import DataCollatorWithFlattening
 
-from labkit import attention, fastpath, models, plots, probes, results, timing, widgets
-from labkit.errors import BadParameter, check_sizes
+import labkit
+from labkit import fastpath, models, plots
+from labkit.widgets import LiveBoard, show
 
-widgets.short_errors()  # a bad parameter below stops the notebook with one sentence, not a traceback
-device = probes.resolve_device(device)
-on_gpu = device.startswith("cuda")
-dtype = probes.resolve_dtype("float16" if dtype == "auto" and on_gpu else dtype, device)
-probes.check_dtype(device, dtype)
-bad = [p for p in padding_fractions if not 0 <= p < 1]
-if not padding_fractions or bad:
-    raise BadParameter(f"padding_fractions={padding_fractions!r}: give fractions in [0, 1), for example [0.0, 0.5, 0.75].")
-check_sizes(1, **{f"batch_sizes[{i}]": b for i, b in enumerate(batch_sizes)}, **{f"lengths[{i}]": n for i, n in enumerate(lengths)})
-sweep_model = sweep_model if sweep_model != "auto" else ("random-bert-base" if on_gpu else "minilm-l6")
-if on_gpu:
-    sizes = {"batch_sizes": [16, 64] if quick else [16, 64, 128], "lengths": [128, 256] if quick else [128, 256, 512]}
-else:
-    sizes = {"batch_sizes": [8] if quick else [4, 8], "lengths": [128]}
-batch_sizes = sorted(set(batch_sizes or sizes["batch_sizes"]))
-lengths = sorted(set(lengths or sizes["lengths"]))
-padding_fractions = sorted(set(padding_fractions))
-problems = {name: models.check_model(name) for name in (model_id, sweep_model)}  # a wrong name stops here
-repeats = 5
-res = results.Results("03_encoder_fastpath", results_path)
-dtype_name = str(dtype).removeprefix("torch.")
-tolerance = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}[dtype_name]  # relative error, and similarities
-warnings.filterwarnings("once", message="The PyTorch API of nested tensors")
-print(f"Working on {device} ({probes.device_label(device)}) in {dtype_name}; sweep on {sweep_model}: "
-      f"batches {batch_sizes}, lengths {lengths}, padding {padding_fractions}")
+lab = labkit.start("03_encoder_fastpath", globals())
+
+# %% [markdown]
+# Every results file carries the environment report, so that a number can be traced to the versions and the device
+# that produced it:
 
 # %%
-widgets.show(results.environment_rows(res.env), ["item", "value"], title="Environment")
+show(lab.environment_rows(), ["item", "value"], title="Environment")
 
 # %% [markdown]
 # ## 1. The fastpath, and how to prove it ran
 #
-# `nn.TransformerEncoder` has two shortcuts in inference. When its conditions hold, **each layer runs as one fused op**
-# (`aten::_transformer_encoder_layer_fwd`), and when a key padding mask is given too, **the batch is first packed
-# into a nested tensor** (`aten::_nested_tensor_from_mask`): the padding is dropped, so no work is spent on it, and
-# the output comes back with exact zeros where the padding was.
+# `nn.TransformerEncoder` has two shortcuts in inference, and PyTorch decides them separately:
 #
-# The conditions: eval mode; no gradients (`torch.inference_mode()`); `batch_first=True`; a relu or gelu activation; an
-# even number of heads; equal layer-norm epsilons; no autocast; and for the nested tensor, a key padding mask with the
-# padding on the **right** of each sequence. PyTorch checks them silently: when one fails it takes the slow path and
-# says nothing. `labkit.fastpath.why_not_fastpath` names the failing condition, and the profiler proves what ran.
+# * **packing**: the encoder turns a padded batch into a *nested tensor* (`aten::_nested_tensor_from_mask`), a batch
+#   of sequences of different lengths stored without their padding. No work is spent on padded positions, and the
+#   output comes back with exact zeros there.
+# * **the fused layer**: each `nn.TransformerEncoderLayer` runs as one op (`aten::_transformer_encoder_layer_fwd`)
+#   instead of a dozen.
+#
+# The conditions, as torch 2.13 checks them in `torch/nn/modules/transformer.py`:
+#
+# * eval mode (`model.eval()`);
+# * no gradient to track. PyTorch tests "gradient tracking is on *and* the input or a weight requires grad", so
+#   `torch.no_grad()` is enough, `torch.inference_mode()` works too, and so do frozen weights
+#   (`model.requires_grad_(False)`);
+# * `batch_first=True`, a relu or gelu activation, an even number of heads, equal layer-norm epsilons, biases
+#   (`bias=False` turns both shortcuts off), no autocast, and the tensors on a CPU or a GPU;
+# * for packing: a key padding mask with the padding on the **right** of each sequence, post-norm layers
+#   (`norm_first=True` turns packing off when the encoder is built), and no `torch.compile` (compiling skips the
+#   packing);
+# * for the fused layer: no forward hooks or pre-hooks registered on the layer or inside it (`register_forward_hook`,
+#   `register_forward_pre_hook`).
+#
+# PyTorch checks them at each call, silently: when one fails it takes the slower path and says nothing (only what is
+# decided when the encoder is built gives a warning, once). `labkit.fastpath.why_not_fastpath` (packing) and
+# `why_not_fused` (the layers) name the condition that failed; the profiler proves what ran.
+#
+# First, the fastpath's own case: a two-layer encoder and four sequences of 48, 30, 17 and 5 tokens, padded on the
+# right to 48.
 
 # %%
 torch.manual_seed(0)
 layer = torch.nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=256, dropout=0.0, batch_first=True)
-encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).to(device, dtype).eval()
-src = torch.randn(4, 48, 128, device=device, dtype=dtype)
-real_tokens = torch.tensor([48, 30, 17, 5], device=device)
-right_padding = torch.arange(48, device=device)[None, :] >= real_tokens[:, None]  # True marks padding
-left_padding = right_padding.flip(1)
-
-def attempt(label, mask=right_padding, training=False, grad=False):
-    encoder.train(training)
-    context = torch.enable_grad() if grad else torch.inference_mode()
-    try:
-        with context, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            reason = fastpath.why_not_fastpath(encoder, src, mask)
-            seen = attention.ops_that_ran(lambda: encoder(src, src_key_padding_mask=mask), device)
-            out = encoder(src, src_key_padding_mask=mask)
-    finally:
-        encoder.eval()
-    said = sorted({w.category.__name__ for w in caught})
-    zeros = bool((out[right_padding] == 0).all()) if mask is right_padding else None
-    return {"case": label, "why not (labkit)": reason or "-", "fused layer op": fastpath.fastpath_ran(seen.ops),
-            "padding skipped (nested tensor)": fastpath.padding_skipped(seen.ops), "exact zeros at padding": zeros,
-            "warnings": ", ".join(said) or "none"}
-
-cases = [attempt("eval, inference mode, right padding"), attempt("training mode", training=True),
-         attempt("left padding", mask=left_padding), attempt("no padding mask", mask=None),
-         attempt("gradients enabled", grad=True)]
-widgets.show(cases, title="nn.TransformerEncoder: what ran, from the profiler")
-res.check("fastpath_proven_by_profiler_and_zeros", cases[0]["fused layer op"] and cases[0]["padding skipped (nested tensor)"]
-          and cases[0]["exact zeros at padding"])
-res.check("labkit_names_every_fallback", all((c["why not (labkit)"] == "-") == c["padding skipped (nested tensor)"] for c in cases),
-          "a reason is given exactly when the profiler shows no nested tensor")
-print(f"warnings raised by the {len(cases) - 1} fallback cases: {[c['warnings'] for c in cases[1:]]}")
+encoder = torch.nn.TransformerEncoder(layer, num_layers=2).to(lab.device, lab.dtype).eval()
+src = torch.randn(4, 48, 128, device=lab.device, dtype=lab.dtype)
+real_tokens = torch.tensor([48, 30, 17, 5], device=lab.device)
+padding = torch.arange(48, device=lab.device)[None, :] >= real_tokens[:, None]  # True marks padding
+with torch.no_grad():
+    out = encoder(src, src_key_padding_mask=padding)
+print(f"output {tuple(out.shape)}; exact zeros at all {int(padding.sum())} padded positions: "
+      f"{bool((out[padding] == 0).all())}")
 
 # %% [markdown]
-# Read the table: only the first case skips the padding. Left padding and a missing mask still fuse each layer but
-# compute on every padded position; training mode and gradients turn the fused layer off as well. None of them raises,
-# and the line above lists what they warned (the warnings column: only the nested-tensor path itself says anything,
-# about its prototype status): without the profiler you would not know.
+# The zeros are the nested tensor's signature: the padded positions were never computed, only filled in when the
+# result was turned back into a padded tensor. (The first time a batch is packed, PyTorch prints a warning that its
+# nested-tensor API is a prototype; section 5 comes back to it.)
 #
-# ## 2. `to_fastpath`: BetterTransformer's encoder conversion, rebuilt
+# Now ten situations, each one condition away from that case: training mode, gradients tracked (with the weights
+# requiring grad, then frozen), padding on the left, no padding mask, a forward hook on the first layer (as a tool
+# that captures activations registers one), an encoder built with `norm_first=True`, one built with `bias=False`,
+# and the encoder under `torch.compile`.
 #
-# `labkit.fastpath.to_fastpath(model)` takes a transformers BERT-family encoder and returns a module whose layers are
-# `nn.TransformerEncoderLayer`s with the original weights copied in (query, key and value stacked into one input
-# projection; BERT's post-norm order is the layer's `norm_first=False`). The embeddings are reused as they are. Its
-# output is compared with the transformers model in eager mode on a padded batch, at the real (non-padded) positions. The
-# original BetterTransformer conversion still runs in the legacy notebook
+# **03.2 · Predict.** In which of these situations does the encoder still pack the batch and skip the padding? Give a
+# set of the situation names printed below.
+
+# %%
+situations = fastpath.situations(encoder, src, padding)  # copies and ways of calling it; nothing runs yet
+print("The situations:", *situations, sep="\n- ")
+ex = lab.exercise("03.2", **fastpath.situation_reasons(situations))
+answer = None  # a set of situation names, e.g. {"training mode", "left padding"}
+ex.check(answer)
+
+# %% [markdown]
+# Each situation runs once (the compiled one traces its graph first), then once more under the profiler. Beside what
+# the profiler saw, labkit's reason for each part that did not run:
+
+# %% tags=["reveals-03.2"]
+rows = fastpath.try_situations(situations, lab.device)
+show(rows, fastpath.SITUATION_COLUMNS, title=f"nn.TransformerEncoder ({len(encoder.layers)} layers): what ran")
+lab.add(fastpath.situation_findings(rows))
+ex.compare({r["situation"] for r in rows if r["padding skipped"]})
+
+# %% [markdown]
+# Read the table by its two parts. Packing is decided once, by the encoder, before any layer runs: training mode,
+# tracked gradients, left padding, a missing mask, pre-norm or bias-free layers, and compilation each stop it. Frozen
+# weights do not: the gradient condition needs a weight that requires grad. The fused layer is decided by each layer:
+# a hook stops it for the hooked layer only, while the batch stays packed; pre-norm layers and compilation still fuse.
+# Only the two encoders built with `norm_first=True` or `bias=False` warned, when they were built; every other
+# situation changed the path without a word.
+#
+# **accelerate and the hooks.** A model loaded with `device_map=` (one layer per GPU, say) is dispatched by
+# accelerate, which puts a hook on each layer to move its inputs to the layer's device. A common claim is that these
+# hooks turn the fastpath off. accelerate 1.15 attaches them by replacing the module's `forward`
+# (`add_hook_to_module`), not with `register_forward_hook`, so the hook condition above never sees them. Below, the
+# encoder is dispatched the way a `device_map` load dispatches it (a hook on each layer; `force_hooks=True` attaches
+# them even though every layer is on one device here), and once more with its last layer offloaded to disk.
+
+# %%
+dispatched = fastpath.under_accelerate(encoder, src, padding, lab.device)
+show(dispatched, title="The encoder dispatched by accelerate: its hooks, and what the profiler saw")
+lab.add(fastpath.accelerate_findings(dispatched, layers=len(encoder.layers)))
+
+# %% [markdown]
+# With accelerate's hooks the encoder still packs and fuses, and there is no torch hook to count. What this machine
+# cannot show is two GPUs (the packed batch then moves between devices at a layer boundary): that stays untested
+# here. Offloading is a different matter: an offloaded layer's weights stay on the `meta` device (a device that holds
+# no data) until each submodule's own `forward` runs, and `MultiheadAttention` reads its `out_proj` weights without
+# calling `out_proj`, so the call fails with the error in the table instead of falling back.
+#
+# ## 2. BetterTransformer's encoder conversion, rebuilt
+#
+# A BERT layer is self-attention (query, key and value projections, an output projection, a residual sum and a
+# LayerNorm) followed by a feed-forward block (a GELU between two linear layers, a residual sum and a LayerNorm),
+# with each LayerNorm *after* its residual sum ("post-norm"). `nn.TransformerEncoderLayer` computes the same thing, so
+# converting a model means building one such layer per BERT layer and copying the weights in. Try it yourself first.
+#
+# **03.3 · Code.** Write `my_convert_layer(bert_layer, config)`: it returns an `nn.TransformerEncoderLayer` that
+# computes what the BERT layer computes (the config gives the sizes). The check builds a small random BERT layer,
+# converts it with your function and compares the two outputs; `ex.hint()` gives a hint.
+
+# %%
+ex = lab.exercise("03.3")
+
+
+def my_convert_layer(bert_layer, config):
+    ...  # your code: build the nn.TransformerEncoderLayer, copy bert_layer's weights into it, return it
+
+
+answer = None  # once my_convert_layer is written: answer = my_convert_layer
+ex.check(answer)
+
+# %% [markdown]
+# `labkit.fastpath.to_fastpath(model)` does this for every layer (`fastpath.convert_layer`, which `ex.solution()`
+# shows) and reuses the model's embeddings as they are. Query, key and value are stacked, in that order, into the
+# layer's one input projection; BERT's post-norm order is the layer's `norm_first=False`. The converted model is
+# compared with the transformers model in eager mode on a padded batch, at the real (non-padded) positions; what to
+# expect: the same numbers up to rounding, and the profiler showing the packing and the fused layers only on the
+# converted side. The original BetterTransformer conversion still runs in the legacy notebook
 # [legacy/bettertransformer.ipynb](legacy/bettertransformer.ipynb) (transformers 4.48 and optimum 1.27, in a kernel of
 # its own), which times it beside this converter on the same batches; `make compare-legacy` puts both in one report.
 
 # %%
-if problems[model_id]:
-    res.skip(f"to_fastpath on {model_id}", problems[model_id])
-    fast = None
+if lab.model_problem:
+    lab.skip(f"to_fastpath on {model_id}", lab.model_problem)
 else:
-    model, tokenizer = models.load_model(model_id, device=device, dtype=dtype, attn_implementation="eager")
+    model, tokenizer = models.load_model(model_id, device=lab.device, dtype=lab.dtype, attn_implementation="eager")
     fast = fastpath.to_fastpath(model)
-    batch = fastpath.padded_batch(tokenizer, batch=8, length=64, padding_fraction=0.5, device=device)
-    with torch.inference_mode():
-        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        got = fast(batch["input_ids"], batch["attention_mask"]).last_hidden_state
-        seen = attention.ops_that_ran(lambda: fast(batch["input_ids"], batch["attention_mask"]), device)
-        seen_hf = attention.ops_that_ran(lambda: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), device)
-    real = batch["attention_mask"].bool()
-    difference = float((got[real].float() - expected[real].float()).abs().max())
-    relative = attention.relative_error(got[real], expected[real])
-    print(f"{model_id} ({fast.source}), {100 * batch['padding_fraction']:.0f}% padding: relative error {relative:.2e} "
-          f"(tolerance for {dtype_name}: {tolerance:.0e}), max abs difference {difference:.2e}")
-    widgets.show([{"model": "transformers (eager)", "fused layer op": fastpath.fastpath_ran(seen_hf.ops),
-                   "padding skipped": fastpath.padding_skipped(seen_hf.ops)},
-                  {"model": "to_fastpath", "fused layer op": fastpath.fastpath_ran(seen.ops),
-                   "padding skipped": fastpath.padding_skipped(seen.ops)}], title="What the profiler saw")
-    res.metric("to_fastpath_max_abs_difference", difference)
-    res.metric("to_fastpath_relative_error", relative)
-    res.check("to_fastpath_matches_transformers", relative <= tolerance, f"{relative:.2e}")
-    res.check("to_fastpath_skips_padding", fastpath.padding_skipped(seen.ops) and bool((got[~real] == 0).all()))
-    res.check("transformers_bert_neither_fuses_nor_skips_padding",
-              not fastpath.fastpath_ran(seen_hf.ops) and not fastpath.padding_skipped(seen_hf.ops))
+    batch = fastpath.padded_batch(tokenizer, batch=8, length=64, padding_fraction=0.5, device=lab.device)
+    compared = fastpath.compare_with_transformers(model, fast, batch, lab.device, lab.tolerance)
+    print(f"{model_id} ({fast.source}), {batch['padding_fraction']:.0%} padding: relative error "
+          f"{compared['relative_error']:.2e} (tolerance for {lab.dtype_name}: {lab.tolerance:.0e}), "
+          f"largest absolute difference {compared['max_abs_difference']:.2e}")
+    show(compared["rows"], title="What the profiler saw")
+    lab.add(compared["findings"])
 
 # %% [markdown]
 # A model the converter cannot carry over exactly gets one sentence naming what is unsupported, not a wrong answer:
 
 # %%
-unsupported_problem = models.check_model("tiny-llama")  # random weights, but the tokenizer comes from smollm2-135m
-if unsupported_problem:
-    res.skip("to_fastpath on a Llama model", unsupported_problem)
+llama_problem = models.check_model("tiny-llama")  # random weights; its tokenizer comes from smollm2-135m
+if llama_problem:
+    lab.skip("to_fastpath on a Llama model", llama_problem)
 else:
-    llama, _ = models.load_model("tiny-llama", device=device)
-    try:
-        fastpath.to_fastpath(llama)
-        refused = ""
-    except fastpath.UnsupportedModel as err:
-        refused = str(err)
+    refused = fastpath.refusal("tiny-llama", lab.device)
     print(refused or "(converted)")
-    res.check("unsupported_model_gets_a_clear_error", "llama" in refused)
-    del llama
+    lab.check("unsupported_model_gets_a_clear_error", "llama" in refused)
 
 # %% [markdown]
 # ## 3. Real use: sentence embeddings
@@ -202,15 +230,16 @@ sentences = [
     "My dog is cute and loves to play fetch in the park every morning before breakfast.",
     "Flash Attention computes exact attention without ever holding the full matrix of scores in memory.",
     "Rain.",
-    "Nested tensors let a batch of sequences of different lengths be stored without padding, so no work is wasted on it.",
+    "Nested tensors let a batch of sequences of different lengths be stored without padding, so no work is wasted.",
     "GPUs are fast.",
     "The quick brown fox jumps over the lazy dog while the farmer watches from the porch, drinking his morning coffee.",
 ]
-if fast is not None:
+
+# %%
+if not lab.model_problem:
     model.set_attn_implementation("sdpa")
     tokenizer.padding_side = "right"
-    inputs = tokenizer(sentences, padding=True, return_tensors="pt").to(device)
-    padding_share = 1 - inputs["attention_mask"].float().mean().item()
+    inputs = tokenizer(sentences, padding=True, return_tensors="pt").to(lab.device)
 
     def embed_transformers():
         with torch.inference_mode():
@@ -218,31 +247,22 @@ if fast is not None:
 
     def embed_fastpath():
         with torch.inference_mode():
-            return fastpath.masked_mean(fast(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state,
-                                        inputs["attention_mask"])
+            hidden = fast(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state
+            return fastpath.masked_mean(hidden, inputs["attention_mask"])
 
-    similarities = {}
-    for label, embed in (("transformers sdpa", embed_transformers), ("fastpath", embed_fastpath)):
-        vectors = F.normalize(embed().float(), dim=-1)
-        similarities[label] = vectors @ vectors.T
-    gap = float((similarities["fastpath"] - similarities["transformers sdpa"]).abs().max())
-    speed = {label: timing.measure(embed, device=device, warmup=1, repeats=repeats)
-             for label, embed in (("transformers sdpa", embed_transformers), ("fastpath", embed_fastpath))}
-    closest = similarities["fastpath"].fill_diagonal_(-1).argmax(1).tolist()
-    widgets.show([{"sentence": s[:60], "closest other sentence": sentences[j][:60]} for s, j in zip(sentences, closest)],
-                 title="Nearest neighbour by embedding")
-    widgets.show([{"model": label, "median ms": t.median_ms, "sentences/s": len(sentences) / (t.median_ms / 1e3)}
-                  for label, t in speed.items()], title=f"{len(sentences)} sentences, {100 * padding_share:.0f}% padding")
-    print(f"largest difference between the two similarity matrices: {gap:.2e}")
-    res.metric("embedding_similarity_max_difference", gap)
-    res.metric("embedding_fastpath_speedup", speed["transformers sdpa"].median_ms / speed["fastpath"].median_ms)
-    res.check("similarities_identical", gap <= tolerance, f"{gap:.2e}")
+    found = fastpath.embedding_findings({"transformers sdpa": embed_transformers, "fastpath": embed_fastpath},
+                                        sentences, inputs["attention_mask"], lab.device, lab.repeats, lab.tolerance)
+    show(found["neighbours"], title="Nearest neighbour by embedding")
+    show(found["rows"], title=f"{len(sentences)} sentences, {found['padding_share']:.0%} padding; the two similarity "
+         f"matrices differ by at most {found['gap']:.2e}")
+    lab.add(found["findings"])
 
 # %% [markdown]
 # ## 4. The sweep: when does skipping padding pay?
 #
-# For each padding fraction × batch × length: transformers eager, transformers sdpa and the fastpath, median time and
-# **real tokens per second** (padding does not count: it is work nobody asked for). What to expect: with no padding the
+# For each padding fraction × batch × length: transformers sdpa and the fastpath (and transformers eager, at full
+# sizes) on the same batch, median time (with p10-p90, the 10th and 90th percentiles of the repeats) and **real
+# tokens per second** (padding does not count: it is work nobody asked for). What to expect: with no padding the
 # fastpath has nothing to skip and pays for packing the batch, so it can be slower; as the padding grows, the
 # transformers model keeps computing on padded positions while the fastpath does not.
 #
@@ -250,213 +270,145 @@ if fast is not None:
 # work, so its time is the **floor**: the cost of issuing the model's kernels, which no amount of skipped padding can
 # remove. Where a batch takes not much more than the floor (on a fast GPU, small batches do), padding barely changes
 # the time, for any implementation.
+#
+# Each series (one implementation at one batch and length) has a cost model: the fastpath's time must not rise as the
+# padding grows, since its work (the real tokens) shrinks; a padded model's time must stay flat, since it computes
+# every position (its point without padding aside: transformers then passes no mask, and SDPA may pick another
+# kernel). Two points contradict the model when their p10-p90 ranges do not overlap the way it allows (say, a
+# padded model clearly faster at 75% padding than at 25%). Such points are measured once more, and those that still
+# contradict it are marked **noisy** in the speed-up table and the figure: shown, but not read.
+#
+# **03.1 · Predict.** With the largest padding fraction of this run (printed below), what is the best speed-up that
+# skipping padding can give over a model that computes on every position?
 
 # %%
-sweep_rows = []
-if problems[sweep_model]:
-    res.skip(f"the sweep on {sweep_model}", problems[sweep_model])
+ex = lab.exercise("03.1", padding_fraction=max(lab.padding_fractions))
+print(f"the largest padding fraction of this run: {max(lab.padding_fractions)}")
+answer = None  # your prediction: how many times faster, at best
+ex.check(answer)
+
+# %% tags=["reveals-03.1"]
+sweep = None
+if lab.sweep_problem:
+    lab.skip(f"the sweep on {lab.sweep_model}", lab.sweep_problem)
 else:
-    sweeping, sweep_tokenizer = models.load_model(sweep_model, device=device, dtype=dtype, attn_implementation="eager")
-    sweep_fast = fastpath.to_fastpath(sweeping)
-    total = len(padding_fractions) * len(batch_sizes) * len(lengths) * 3
-    board = widgets.LiveBoard(["implementation", "batch", "length", "padding", "median_ms", "real tokens/s", "status"],
-                              title=f"{sweep_model}, {dtype_name}", total=total)
-
-    def run_hf(batch):
-        with torch.inference_mode():
-            return sweeping(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-
-    def run_fast(batch):
-        with torch.inference_mode():
-            return sweep_fast(batch["input_ids"], batch["attention_mask"])
-
-    tiny = fastpath.padded_batch(sweep_tokenizer, batch=1, length=8, padding_fraction=0.0, device=device)
-    floor = timing.measure(lambda: run_fast(tiny), device=device, warmup=2, repeats=repeats)
-    print(f"The floor: the fastpath on 1 sequence of 8 tokens takes {floor.p10_ms:.2f} ms (fastest 10% of {repeats} calls)")
-    res.metric("fastpath_floor_ms", floor.p10_ms)
-    for b in batch_sizes:
-        for n in lengths:
-            for p in padding_fractions:
-                batch = fastpath.padded_batch(sweep_tokenizer, batch=b, length=n, padding_fraction=p, device=device)
-                real = int(batch["attention_mask"].sum())
-                for label in ("transformers eager", "transformers sdpa", "fastpath"):
-                    if label != "fastpath":
-                        sweeping.set_attn_implementation(label.split()[1])
-                    call = (lambda: run_fast(batch)) if label == "fastpath" else (lambda: run_hf(batch))
-                    row = {"implementation": label, "batch": b, "length": n, "padding": round(batch["padding_fraction"], 3)}
-                    try:
-                        t = timing.measure(call, device=device, warmup=1, repeats=repeats)
-                        row.update(median_ms=t.median_ms, p10_ms=t.p10_ms, **{"real tokens/s": real / (t.median_ms / 1e3)},
-                                   status="ok")
-                    except Exception as err:
-                        if not timing.is_out_of_memory(err):
-                            raise
-                        row.update(status="oom")
-                    finally:
-                        timing.free_memory(device)
-                    sweep_rows.append(row)
-                    board.add(row)
+    sweeping, sweep_tokenizer = models.load_model(lab.sweep_model, device=lab.device, dtype=lab.dtype,
+                                                  attn_implementation="eager")
+    points = len(lab.implementations) * len(lab.padding_fractions) * len(lab.batch_sizes) * len(lab.lengths)
+    board = LiveBoard(fastpath.SWEEP_COLUMNS, title=f"{lab.sweep_model}, {lab.dtype_name}", total=points)
+    sweep = fastpath.padding_sweep(sweeping, sweep_tokenizer, batch_sizes=lab.batch_sizes, lengths=lab.lengths,
+                                   padding_fractions=lab.padding_fractions, device=lab.device, repeats=lab.repeats,
+                                   implementations=lab.implementations, on_row=board)
     board.finish()
+    best = fastpath.headline_speedup(sweep["rows"])
+    if best:
+        print(f"batch {best['batch']}, length {best['length']}, {best['padding']:.0%} padding: the fastpath against "
+              f"transformers sdpa{' (noisy: not to be read)' if best['noisy'] else ''}")
+        ex.compare(best["fastpath vs sdpa"], "x")
 
 # %%
-if sweep_rows:
-    ok = [r for r in sweep_rows if r["status"] == "ok"]
-    data = {}
-    for b in batch_sizes:
-        for n in lengths:
-            panel = {}
-            for label in ("transformers eager", "transformers sdpa", "fastpath"):
-                points = sorted((r["padding"], r["real tokens/s"]) for r in ok
-                                if r["implementation"] == label and r["batch"] == b and r["length"] == n)
-                if points:
-                    panel[label] = ([x for x, _ in points], [y for _, y in points])
-            data[f"batch {b}, length {n}"] = panel
-    fig = plots.panels(data, xlabel="padding fraction", ylabel="real tokens/s",
-                       title=f"{sweep_model} on {probes.device_label(device)}, {dtype_name}")
-    res.figure("real_tokens_per_s_vs_padding", fig)
-    speedups = []
-    for r in ok:
-        res.metric(results.metric_name("sweep", r["implementation"], f"b{r['batch']}", f"n{r['length']}",
-                              f"pad{round(100 * r['padding'])}", "ms"), r["median_ms"])
-        if r["implementation"] == "fastpath":
-            sdpa = next((x for x in ok if x["implementation"] == "transformers sdpa" and x["batch"] == r["batch"]
-                         and x["length"] == r["length"] and x["padding"] == r["padding"]), None)
-            if sdpa:
-                ratio = sdpa["median_ms"] / r["median_ms"]
-                speedups.append({"batch": r["batch"], "length": r["length"], "padding": r["padding"], "fastpath vs sdpa": ratio,
-                                 "fastest 10% ratio": sdpa["p10_ms"] / r["p10_ms"]})
-                res.metric(results.metric_name("speedup_fastpath_vs_sdpa", f"b{r['batch']}", f"n{r['length']}",
-                                      f"pad{round(100 * r['padding'])}"), ratio)
-    widgets.show(speedups, title="Speed-up of the fastpath over transformers sdpa (above 1: the fastpath is faster)")
-    for s in speedups:
-        if s["padding"] == 0:
-            print(f"batch {s['batch']}, length {s['length']}, no padding: the fastpath is "
-                  f"{'faster' if s['fastpath vs sdpa'] > 1 else 'slower'} ({s['fastpath vs sdpa']:.2f}x)")
-    most = max(padding_fractions)
-    # The fastpath's own time should fall as padding grows (less real work); transformers' should not. That holds
-    # only where the work outweighs the floor, so it is checked where the work is largest: the longest batch.
-    # Compared on the fastest 10% of the calls: a busy machine slows some calls, rarely all of them.
-    if most >= 0.5 and 0 in padding_fractions:
-        def p10(label, b, n, fraction):
-            return next((r["p10_ms"] for r in ok if r["implementation"] == label and r["batch"] == b
-                         and r["length"] == n and abs(r["padding"] - fraction) < 0.05), None)
-
-        for b in batch_sizes:
-            for n in lengths:
-                fast_0, fast_most = p10("fastpath", b, n, 0), p10("fastpath", b, n, most)
-                hf_0, hf_most = p10("transformers sdpa", b, n, 0), p10("transformers sdpa", b, n, most)
-                if fast_0 and fast_most and hf_0 and hf_most:
-                    print(f"batch {b}, length {n}: no padding takes {fast_0 / floor.p10_ms:.1f}x the floor; from no padding "
-                          f"to {most:.0%}, the fastpath's time x{fast_most / fast_0:.2f}, transformers sdpa's x{hf_most / hf_0:.2f}")
-                    if fast_0 >= 2 * floor.p10_ms and fast_most >= fast_0:
-                        print("    unexpected: the work outweighs the floor here, yet skipping padding did not shorten the time")
-        b, n = max(batch_sizes), max(lengths)
-        fast_0, fast_most = p10("fastpath", b, n, 0), p10("fastpath", b, n, most)
-        if not (fast_0 and fast_most):
-            res.skip("fastpath_time_falls_with_padding", f"batch {b} x length {n} did not run at 0 and {most:.0%} padding")
-        elif fast_0 < 2 * floor.p10_ms:
-            res.skip("fastpath_time_falls_with_padding",
-                     f"even batch {b} x length {n} takes only {fast_0 / floor.p10_ms:.1f}x the floor ({fast_0:.2f} vs "
-                     f"{floor.p10_ms:.2f} ms): the time is issuing kernels, which skipping padding cannot shorten")
-        else:
-            res.check("fastpath_time_falls_with_padding", fast_most / fast_0 < 0.9,
-                      f"batch {b}, length {n}: x{fast_most / fast_0:.2f}")
-    for target, fraction in ((1.3, 0.5), (1.8, 0.75)):
-        measured = [s["fastpath vs sdpa"] for s in speedups if abs(s["padding"] - fraction) < 0.05]
-        if measured:
-            print(f"issue target {target}x at {fraction:.0%} padding (set for float16 on an H100/H200): "
-                  f"measured up to {max(measured):.2f}x here ({dtype_name} on {device})")
+if sweep:
+    title = f"{lab.sweep_model} on {lab.device_label}, {lab.dtype_name}"
+    show(fastpath.speedup_rows(sweep["rows"]), title="The fastpath's speed-up over transformers sdpa (above 1: "
+         "faster; ideal: 1 / (1 - padding), all padded work skipped for free)")
+    fig = plots.panels(fastpath.sweep_panels(sweep["rows"]), xlabel="padding fraction", ylabel="real tokens/s",
+                       title=title)
+    lab.figure("real_tokens_per_s_vs_padding", fig)
+    print(f"The floor: the fastpath on 1 sequence of 8 tokens takes {sweep['floor_ms']:.2f} ms (fastest 10% of calls)")
+    print(*fastpath.sweep_lines(sweep), sep="\n")
+    lab.add(fastpath.sweep_findings(sweep))
 
 # %% [markdown]
 # The figure and the printed lines answer the question for your machine: how many real tokens per second each
-# implementation delivers as padding grows, and whether the fastpath is faster or slower when there is nothing to
-# skip. Where a batch takes close to the floor, the lines barely move with padding: the work is done faster than the
-# kernels can be issued (on a GPU, the CPU issues them).
+# implementation delivers as padding grows, how close the fastpath comes to the ideal, and whether it is faster or
+# slower when there is nothing to skip. Where a batch takes close to the floor, the lines barely move with padding:
+# the work is done faster than the kernels can be issued (on a GPU, the CPU launches them). A point marked noisy
+# contradicted its cost model twice; nothing above is concluded from it.
 #
-# ## 5. Where this is going: nested jagged tensors into SDPA
+# ## 5. Skipping padding today
 #
-# The fastpath's nested tensors are an older layout; PyTorch now develops *jagged* nested tensors
-# (`layout=torch.jagged`), which `F.scaled_dot_product_attention` accepts directly: attention over sequences of
-# different lengths with no padding and no mask. Checked against SDPA run on each sequence alone:
+# **Nested tensors.** torch 2.13 still calls its whole nested-tensor API a prototype: that is the warning it printed
+# in section 1 the first time it packed a batch, and it recommends the *jagged* layout (`layout=torch.jagged`), the
+# one under active development, which works with `torch.compile`. `F.scaled_dot_product_attention` accepts jagged
+# nested tensors directly: attention over sequences of different lengths with no padding and no mask. Checked against
+# SDPA run on each sequence alone:
 
 # %%
-seq_lengths = [5, 17, 32]
-per_sequence = [torch.randn(4, n, 64, device=device, dtype=dtype) for n in seq_lengths]  # (heads, length, head size)
+lengths_demo = [5, 17, 32]
+per_sequence = [torch.randn(n, 4, 64, device=lab.device, dtype=lab.dtype) for n in lengths_demo]  # tokens, heads, dim
 try:
-    jagged = torch.nested.nested_tensor([t.transpose(0, 1) for t in per_sequence], layout=torch.jagged).transpose(1, 2)
-    out = F.scaled_dot_product_attention(jagged, jagged, jagged)
-    alone = [F.scaled_dot_product_attention(t, t, t) for t in per_sequence]
-    worst = max(float((o.float() - a.float()).abs().max()) for o, a in zip(out.transpose(1, 2).unbind(), [a.transpose(0, 1) for a in alone]))
-    print(f"SDPA on a jagged batch of lengths {seq_lengths}: shape {tuple(out.shape[:2])} x ragged x {out.shape[-1]}, "
-          f"max difference from each sequence alone {worst:.1e}")
-    res.check("jagged_sdpa_matches_each_sequence_alone", worst <= tolerance, f"{worst:.1e}")
+    jagged = torch.nested.nested_tensor(per_sequence, layout=torch.jagged).transpose(1, 2)  # batch, heads, ragged, dim
+    out = torch.nn.functional.scaled_dot_product_attention(jagged, jagged, jagged)
+    alone = [torch.nn.functional.scaled_dot_product_attention(*[t.transpose(0, 1)] * 3) for t in per_sequence]
+    worst = max(float((o.float() - a.float()).abs().max()) for o, a in zip(out.unbind(), alone, strict=True))
+    print(f"SDPA on a jagged batch of lengths {lengths_demo}: max difference from each sequence alone {worst:.1e}")
+    lab.check("jagged_sdpa_matches_each_sequence_alone", worst <= lab.tolerance, f"{worst:.1e}")
 except (RuntimeError, NotImplementedError, TypeError) as err:
-    res.skip("SDPA on jagged nested tensors", f"torch {torch.__version__} on {device}: {str(err).strip().splitlines()[0][:160]}")
+    lab.skip("SDPA on jagged nested tensors", f"torch {torch.__version__} on {lab.device}: "
+             f"{str(err).strip().splitlines()[0][:160]}")
 
 # %% [markdown]
-# ## Results
-
-# %% [markdown]
-# ## Exercises
+# **Packed sequences.** What models are run with today keeps no padding at all: the real tokens of a batch go into
+# one row, and attention is told where each sequence ends. transformers builds such a row with
+# `DataCollatorWithFlattening`: `position_ids` restart at 0 for each sequence, and with `return_flash_attn_kwargs=True`
+# it also returns the boundaries `cu_seq_lens_q`/`cu_seq_lens_k` (cumulative lengths). Three ways keep the sequences
+# apart inside attention:
 #
-# Predict, then check; or write a few lines, then check. Each check says whether the answer is right and, when it is
-# not, which mistake it looks like; `ex.hint()` gives a hint (call it again for the next one), `ex.solution()` shows one.
-# Answers that pass are remembered on this machine only (`labkit progress` in a terminal lists them). An answer left
-# as `None` is "not attempted": the notebook still runs to its end.
+# * **a block-diagonal mask** for SDPA, True where two tokens belong to the same sequence. transformers builds it from
+#   the restarting `position_ids` for a causal (decoder) model; for a bidirectional encoder such as BERT its mask
+#   ignores packing, so you pass the mask yourself (measured below: without it the sequences attend to each other).
+#   The mask has T × T entries for T packed tokens, so it only suits modest rows.
+# * **`torch.nn.attention.varlen.varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k)`**, PyTorch's FlashAttention
+#   kernel for packed sequences (a GPU kernel: on a CPU the call fails, as the line below says), plugged into
+#   transformers with `AttentionInterface.register` (labkit's `fastpath.varlen_attention` is that function). With
+#   `attn_implementation="flash_attention_2"` (the flash-attn package), transformers reads the boundaries from
+#   `position_ids` itself.
+# * **FlexAttention with a document mask**: `create_block_mask(same_sequence, ...)` tells the compiled kernel which
+#   128 × 128 blocks of the score matrix hold two different sequences, and it skips them. Its kernel is compiled for
+#   each shape on its first call (the "first call s" column below), so it is measured at the most padding only.
+#
+# A small packed example first:
+
+# %%
+if not lab.sweep_problem:
+    example = fastpath.padded_batch(sweep_tokenizer, batch=4, length=8, padding_fraction=0.5, device=lab.device)
+    pairs = zip(example["input_ids"], example["attention_mask"], strict=True)
+    sequences = [{"input_ids": ids[mask.bool()].tolist()} for ids, mask in pairs]
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(sequences)
+    print(f"padded batch {tuple(example['input_ids'].shape)}, {example['padding_fraction']:.0%} padding -> "
+          f"packed row {tuple(packed['input_ids'].shape)}")
+    print("position_ids:", packed["position_ids"][0].tolist())
+    print("cu_seq_lens_q:", packed["cu_seq_lens_q"].tolist())
+    print("block-diagonal mask (1: same sequence):")
+    print(fastpath.block_diagonal_mask(packed["cu_seq_lens_q"])[0, 0].int())
 
 # %% [markdown]
-# **03.1 · Predict.** With the largest padding fraction of this run (printed below), what is the best speed-up skipping padding can give over a model that computes on every position?
+# Now the sweep's model on its largest batch and length, at the least and the most padding of this run: the padded
+# batch through transformers sdpa, then the same sequences packed, each way checked against the padded batch's output
+# at the real tokens. What to expect: without padding, a packed row only adds work (the block-diagonal mask makes
+# attention cover the whole row); with much padding, every linear layer now computes only real tokens. A way that
+# cannot run on this machine says why in one line.
 
 # %%
-from labkit import exercises
-
-verdicts = []
-ex = exercises.get("03.1")
-given = {"padding_fraction": max(padding_fractions)}
-print("given:", given)
-answer = None  # your prediction: how many times faster, at best
-if solutions:  # a workshop run fills in the solution
-    answer = ex.solved(**given)
-verdicts.append(ex.check(answer, record=not solutions, **given))
+if not lab.sweep_problem:
+    b, n = max(lab.batch_sizes), max(lab.lengths)
+    extremes = sorted({min(lab.padding_fractions), max(lab.padding_fractions)})
+    free = fastpath.padding_free(sweeping, sweep_tokenizer, batch=b, length=n, padding_fractions=extremes,
+                                 device=lab.device, dtype=lab.dtype, quick=lab.quick, repeats=lab.repeats,
+                                 tolerance=lab.tolerance)
+    show(free["rows"], fastpath.PADDING_FREE_COLUMNS,
+         title=f"{lab.sweep_model}, batch {b} x length {n}: the padded batch, then packed rows")
+    if free["mixing"] is not None:
+        print(f"a packed row on sdpa with no mask: relative error {free['mixing']:.2e} from the padded batch")
+    lab.add(fastpath.padding_free_findings(free))
 
 # %% [markdown]
-# **03.2 · Predict.** Section 1 ran `nn.TransformerEncoder` in five situations. Which of them skip the padding with a nested tensor? Give a set of the case names printed below.
-
-# %%
-ex = exercises.get("03.2")
-given = {"cases": {c["case"]: "" if c["why not (labkit)"] == "-" else c["why not (labkit)"] for c in cases}}
-print("cases:", list(given["cases"]))
-answer = None  # a set of case names
-if solutions:  # a workshop run fills in the solution
-    answer = ex.solved(**given)
-verdicts.append(ex.check(answer, record=not solutions, **given))
+# The "speed-up over padded" column is the answer for this machine, on the same sequences; "tokens computed" is the
+# work each way's linear layers did. The row without a mask is the trap: a packed row gives a bidirectional encoder
+# on sdpa no way to see where sequences end, and its output is wrong without any error.
 
 # %% [markdown]
-# **03.3 · Code.** Convert one BERT layer yourself: `my_convert_layer(bert_layer, config)` returns an `nn.TransformerEncoderLayer` that computes what the BERT layer computes. The check builds a small random BERT layer and compares the two outputs.
+# ## What you measured
 
 # %%
-ex = exercises.get("03.3")
-given = {}
-
-
-def my_convert_layer(bert_layer, config):
-    return None  # your code
-
-
-answer = my_convert_layer
-if solutions:  # a workshop run fills in the solution
-    answer = ex.solved(**given)
-verdicts.append(ex.check(answer, record=not solutions, **given))
-
-# %%
-counts = exercises.summary(verdicts)
-print(f"Exercises: {counts['correct']} correct, {counts['wrong']} not yet, "
-      f"{counts['not attempted']} not attempted")
-if solutions:
-    res.check("exercise_solutions_pass", counts["correct"] == len(verdicts), str(counts))
-
-# %%
-res.write()
-widgets.show([{"check": name, "passed": passed} for name, passed in res.checks.items()], title="Checks")
-for what, why in res.skipped.items():
-    print(f"Skipped: {what} -- {why}")
+lab.finish()

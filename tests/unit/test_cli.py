@@ -6,8 +6,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit import cli
+from labkit import cli, report
 from labkit.errors import BadParameter
+from labkit.results import Results
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,6 +25,7 @@ def write_notebook(path: Path, body: str) -> Path:
 
 WRITES_RESULTS = """
 from labkit.results import Results
+import json
 res = Results("NAME", results_path, env={})
 res.metric("size", size)
 res.check("size_positive", size > 0)
@@ -68,7 +70,7 @@ def test_run_records_a_failure_and_runs_the_rest(tmp_path):
                            "--quick", "-p", "size=3"], capture_output=True, text=True)
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stdout.splitlines()[0].startswith("labkit run: quick sizes")
-    summary = json.loads((out / "summary.json").read_text())["notebooks"]
+    summary = report.read_summary(out)["notebooks"]  # the one reader of summary.json
     assert summary["01_fails"]["status"] == "failed" and "boom" in summary["01_fails"]["error"]
     assert summary["02_works"]["status"] == "ok"
     assert summary["02_works"]["metrics"] == {"size": 3} and summary["02_works"]["checks"] == {"size_positive": True}
@@ -79,8 +81,6 @@ def test_run_records_a_failure_and_runs_the_rest(tmp_path):
 
 
 def test_summary_follows_its_schema(tmp_path):
-    from labkit import report
-
     nb = write_notebook(tmp_path / "01_ok.ipynb", WRITES_RESULTS.replace("NAME", "01_ok"))
     summary = cli.run_notebooks([nb], tmp_path / "out", {"size": 2}, quick=True, log=lambda *_: None)
     assert report.summary_problems(summary) == []
@@ -131,8 +131,6 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
 
 
 def _run_folder(folder, device, metrics):
-    from labkit.results import Results
-
     env = {"devices": {"cpu": {"name": device, "cores": 2}, "cuda": []}}
     for notebook, values in metrics.items():
         res = Results(notebook, folder / f"{notebook}.results.json", env=env)
@@ -154,8 +152,6 @@ def test_compare_lists_shared_metrics_with_ratios(tmp_path, capsys):
 
 
 def test_compare_filters_reads_single_files_and_prints_json(tmp_path, capsys):
-    import json
-
     a = _run_folder(tmp_path / "a", "A", {"01_x": {"tflops": 2.0, "ms": 4.0}})
     b = _run_folder(tmp_path / "b", "B", {"01_x": {"tflops": 1.0, "ms": 8.0}})
     assert cli.main(["compare", str(a / "01_x.results.json"), str(b), "--only", "ms", "--json"]) == 0
@@ -222,8 +218,6 @@ def test_results_left_by_an_earlier_run_are_not_this_runs(tmp_path):
 
 
 def test_a_run_stopped_midway_keeps_the_summary_of_what_finished(tmp_path, monkeypatch):
-    from labkit import report
-
     done = write_notebook(tmp_path / "01_done.ipynb", WRITES_RESULTS.replace("NAME", "01_done"))
     stopped = write_notebook(tmp_path / "02_stopped.ipynb", "x = 1")
     real = cli.execute_one
@@ -239,3 +233,27 @@ def test_a_run_stopped_midway_keeps_the_summary_of_what_finished(tmp_path, monke
     summary = report.read_summary(tmp_path / "out")
     assert list(summary["notebooks"]) == ["01_done"] and summary["finished"] == ""
     assert "a stop before the end" in report.build_report(tmp_path / "out")
+
+
+def test_what_you_measured_goes_from_each_results_file_into_the_summary_and_the_report(tmp_path, monkeypatch):
+    said = ["Matrix products ran at 1.5 GFLOP/s here.", "Copies moved 2.5 GB/s."]
+    new = write_notebook(tmp_path / "01_says.ipynb", "")
+    old = write_notebook(tmp_path / "02_old.ipynb", "")
+
+    def executes(notebook, executed, parameters, **kwargs):  # what the notebooks would write, without a kernel
+        if notebook == new:
+            res = Results("01_says", parameters["results_path"], env={})
+            res.summary = said
+            res.write()
+        else:  # a results file from before "What you measured" existed
+            Path(parameters["results_path"]).write_text(json.dumps(
+                {"notebook": "02_old", "env": {}, "metrics": {}, "checks": {}, "skipped": {}}))
+        return {"status": "ok", "duration_s": 0.1}
+
+    monkeypatch.setattr(cli, "execute_one", executes)
+    cli.run_notebooks([new, old], tmp_path / "out", {}, quick=True, probe=False, log=lambda *_: None)
+    summary = report.read_summary(tmp_path / "out")
+    assert summary["notebooks"]["01_says"]["summary"] == said and summary["notebooks"]["02_old"]["summary"] == []
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<li>Matrix products ran at 1.5 GFLOP/s here.</li><li>Copies moved 2.5 GB/s.</li>" in page
+    assert page.count("What you measured") == 1  # not for the notebook that said nothing

@@ -1,14 +1,25 @@
+import re
+
 import pytest
 import torch
+from torch import nn
 
 from labkit import attention, fastpath, models
-from labkit.errors import BadParameter
+from labkit.errors import BadParameter, ModelNotAvailable
+from labkit.metrics import encoder as names
+from labkit.report import _SWEEP_METRIC
 
 
 @pytest.fixture(scope="module")
 def minilm():
     model, tokenizer = models.load_model("minilm-l6", attn_implementation="eager")
     return model, tokenizer, fastpath.to_fastpath(model)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    model, tokenizer = models.load_model("tiny-bert", attn_implementation="sdpa")
+    return model, tokenizer
 
 
 def _batch(tokenizer, padding=0.5, side="right"):
@@ -19,6 +30,68 @@ def _batch(tokenizer, padding=0.5, side="right"):
         batch = {**batch, "input_ids": ids.gather(1, order), "attention_mask": mask.gather(1, order)}
     return batch
 
+
+def _encoder(**changes):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True, **changes)
+    with pytest.warns(UserWarning) if changes else _nothing():
+        encoder = nn.TransformerEncoder(layer, num_layers=2)
+    src = torch.randn(3, 12, 32)
+    padding = torch.arange(12)[None, :] >= torch.tensor([12, 7, 3])[:, None]
+    return encoder.eval(), src, padding
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- the plan
+
+def plan(**parameters):
+    return fastpath.notebook_plan(device="cpu", quick=True, **parameters)
+
+
+def test_the_plan_sizes_a_quick_cpu_run():
+    p = plan()
+    assert p["dtype"] is torch.float32 and p["tolerance"] == 1e-4 and p["sweep_model"] == "minilm-l6"
+    assert p["batch_sizes"] == [8] and p["lengths"] == [128] and p["padding_fractions"] == [0.0, 0.25, 0.5, 0.75]
+    assert p["implementations"] == names.QUICK_IMPLEMENTATIONS and "minilm-l6" in p["line"]
+    full = fastpath.notebook_plan(device="cpu", quick=False, batch_sizes=[16, 4, 4], padding_fractions=[0.5, 0.0])
+    assert full["batch_sizes"] == [4, 16] and full["padding_fractions"] == [0.0, 0.5]
+    assert full["implementations"] == names.IMPLEMENTATIONS
+
+
+@pytest.mark.parametrize("parameters, named", [
+    ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]"),
+    ({"padding_fractions": []}, "padding_fractions=[]"),
+    ({"padding_fractions": ["half"]}, "padding_fractions=['half']"),
+    ({"padding_fractions": 0.5}, "padding_fractions=0.5"),
+    ({"batch_sizes": [0]}, "batch_sizes[0]=0"),
+    ({"lengths": [128, -1]}, "lengths[1]=-1"),
+    ({"batch_sizes": 8}, "batch_sizes=8"),
+    ({"batch_sizes": [1, 8]}, "batch_sizes=[1, 8]"),
+    ({"dtype": "int4"}, "int4"),
+])
+def test_a_bad_parameter_gets_one_sentence_naming_it(parameters, named):
+    with pytest.raises(BadParameter) as caught:
+        plan(**parameters)
+    assert named in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_misspelt_model_stops_the_plan():
+    with pytest.raises(ModelNotAvailable):
+        plan(model_id="minilm-l7")
+
+
+def test_one_sequence_per_batch_is_fine_without_padding():
+    assert plan(batch_sizes=[1], padding_fractions=[0.0])["batch_sizes"] == [1]
+
+
+# --------------------------------------------------------------------------- the converter
 
 def test_converted_minilm_matches_transformers_on_a_padded_batch(minilm):
     model, tokenizer, fast = minilm
@@ -33,6 +106,13 @@ def test_converted_minilm_matches_transformers_on_a_padded_batch(minilm):
         assert fast.why_not(batch["input_ids"], batch["attention_mask"]) == ""
 
 
+def test_compare_with_transformers_records_the_claims(minilm):
+    model, tokenizer, fast = minilm
+    compared = fastpath.compare_with_transformers(model, fast, _batch(tokenizer), "cpu", 1e-4)
+    assert all(v is True or v[0] is True for v in compared["findings"]["checks"].values())
+    assert compared["rows"][1] == {"model": "to_fastpath", "fused layer op": True, "padding skipped": True}
+
+
 def test_the_profiler_sees_the_fused_layer_and_the_nested_tensor(minilm):
     _, tokenizer, fast = minilm
     batch = _batch(tokenizer)
@@ -42,7 +122,7 @@ def test_the_profiler_sees_the_fused_layer_and_the_nested_tensor(minilm):
 
 
 @pytest.mark.parametrize("case, needle", [("training", "training mode"), ("left padding", "not on the right"),
-                                          ("no mask", "no key padding mask"), ("gradients", "gradients are enabled")])
+                                          ("no mask", "no key padding mask"), ("gradients", "gradients are tracked")])
 def test_silent_fallbacks_are_named_and_really_fall_back(minilm, case, needle):
     _, tokenizer, fast = minilm
     batch = _batch(tokenizer, side="left" if case == "left padding" else "right")
@@ -79,9 +159,7 @@ def test_electra_with_a_projected_embedding_is_refused():
 
 
 def test_unsupported_models_get_a_clear_error():
-    llama, _ = models.load_model("tiny-llama")
-    with pytest.raises(fastpath.UnsupportedModel, match="type is 'llama'"):
-        fastpath.to_fastpath(llama)
+    assert "type is 'llama'" in fastpath.refusal("tiny-llama", "cpu")
     from transformers import BertConfig, BertModel
 
     config = BertConfig(hidden_size=36, num_hidden_layers=1, num_attention_heads=3, intermediate_size=64,
@@ -109,3 +187,279 @@ def test_padded_batch_makes_the_padding_asked_for(minilm, size):
 def test_masked_mean_ignores_padding():
     hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
     assert torch.equal(fastpath.masked_mean(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+
+
+# --------------------------------------------------------------------------- the conditions torch 2.13 checks
+
+def test_no_grad_and_frozen_weights_are_enough():
+    encoder, src, padding = _encoder()
+    with torch.no_grad():
+        assert fastpath.why_not_fastpath(encoder, src, padding) == "" == fastpath.why_not_fused(encoder, src, padding)
+    with torch.enable_grad():
+        assert "gradients are tracked" in fastpath.why_not_fastpath(encoder, src, padding)
+        encoder.requires_grad_(False)
+        assert fastpath.why_not_fastpath(encoder, src, padding) == ""
+
+
+def test_norm_first_stops_the_packing_but_not_the_fused_layer():
+    encoder, src, padding = _encoder(norm_first=True)
+    with torch.no_grad():
+        assert "norm_first=True" in fastpath.why_not_fastpath(encoder, src, padding)
+        assert fastpath.why_not_fused(encoder, src, padding) == ""
+
+
+def test_bias_false_stops_both():
+    encoder, src, padding = _encoder(bias=False)
+    with torch.no_grad():
+        assert "bias=False" in fastpath.why_not_fastpath(encoder, src, padding)
+        assert "layers 0, 1: it was built with bias=False" == fastpath.why_not_fused(encoder, src, padding)
+
+
+def test_a_hook_stops_the_fused_layer_it_sits_on_only():
+    encoder, src, padding = _encoder()
+    handle = encoder.layers[1].linear1.register_forward_pre_hook(lambda module, args: None)
+    with torch.no_grad():
+        assert fastpath.why_not_fastpath(encoder, src, padding) == ""
+        assert fastpath.why_not_fused(encoder, src, padding).startswith("layer 1: a forward hook")
+    handle.remove()
+    with torch.no_grad():
+        assert fastpath.why_not_fused(encoder, src, padding) == ""
+
+
+def test_compilation_and_a_second_mask_stop_the_packing():
+    encoder, src, padding = _encoder()
+    compiled = torch.compile(encoder, backend="eager")  # not run: the reason comes from the wrapper
+    with torch.no_grad():
+        assert "torch.compile" in fastpath.why_not_fastpath(compiled, src, padding)
+        assert fastpath.why_not_fused(compiled, src, padding) == ""
+        assert "attention mask" in fastpath.why_not_fastpath(encoder, src, padding, mask=torch.zeros(12, 12))
+
+
+def test_every_situation_is_named_as_the_profiler_sees_it():
+    encoder, src, padding = _encoder()
+    cases = fastpath.situations(encoder, src, padding)
+    given = fastpath.situation_reasons(cases)
+    rows = fastpath.try_situations(cases, "cpu")
+    findings = fastpath.situation_findings(rows)
+    assert all(v is True or v[0] is True for v in findings["checks"].values()), findings["checks"]
+    skipped = {r["situation"] for r in rows if r["padding skipped"]}
+    assert skipped == {name for name, why in given["cases"].items() if not why} == {
+        "eval, torch.no_grad(), right padding", "gradients tracked, weights frozen", "a forward hook on layer 0"}
+    by = {r["situation"]: r for r in rows}
+    assert by["torch.compile"]["fused layers"] == 2 and by["bias=False"]["fused layers"] == 0
+    assert "norm_first" in by["norm_first=True"]["warned"] and by["training mode"]["warned"] == "no"
+    assert findings["metrics"] == {"fastpath_situations": 10, "fastpath_situations_skipping_padding": 3}
+
+
+def test_accelerate_dispatch_registers_no_torch_hook_and_keeps_the_fastpath():
+    encoder, src, padding = _encoder()
+    rows = fastpath.under_accelerate(encoder, src, padding, "cpu")
+    dispatched, offloaded = rows
+    assert dispatched["modules with an accelerate hook"] > 0 and dispatched["torch forward hooks"] is False
+    assert dispatched["padding skipped"] and dispatched["fused layers"] == 2
+    assert offloaded["error"] != "-"  # an offloaded MultiheadAttention cannot take the packed batch
+    assert fastpath.accelerate_findings(rows, layers=2)["checks"]["accelerate_dispatch_keeps_the_fastpath"][0]
+
+
+# --------------------------------------------------------------------------- the sweep
+
+def _row(implementation, padding, median, spread=0.05, batch=8, length=128, real=None):
+    real = real if real is not None else round(batch * length * (1 - padding))
+    return {"implementation": implementation, "batch": batch, "length": length, "asked": padding,
+            "padding": padding, "real_tokens": real, "status": "ok", "median_ms": median,
+            "p10_ms": median * (1 - spread), "p90_ms": median * (1 + spread), "real tokens/s": real / median * 1e3}
+
+
+def test_recheck_marks_a_point_noisy_only_when_the_remeasure_agrees():
+    rows = [_row("fastpath", 0.0, 10), _row("fastpath", 0.5, 6), _row("fastpath", 0.75, 20)]  # 75% is too slow
+    seen = []
+
+    def stubborn(point):
+        seen.append(point["padding"])
+        return {"median_ms": point["median_ms"], "p10_ms": point["p10_ms"], "p90_ms": point["p90_ms"]}
+
+    checked = fastpath.recheck(rows, stubborn)
+    assert sorted(seen) == [0.0, 0.5, 0.75] and [r["noisy"] for r in checked] == [True, True, True]
+
+    def settles(point):
+        return {"median_ms": 4.0, "p10_ms": 3.9, "p90_ms": 4.1} if point["padding"] == 0.75 else \
+            {k: point[k] for k in ("median_ms", "p10_ms", "p90_ms")}
+
+    checked = fastpath.recheck(rows, settles)
+    assert [r["noisy"] for r in checked] == [False, False, False] and checked[2]["remeasured"]
+
+
+def test_recheck_leaves_out_a_padded_models_point_without_padding():
+    # transformers without padding passes no mask (another kernel): a faster no-padding point is no contradiction
+    rows = [_row("transformers sdpa", 0.0, 5), _row("transformers sdpa", 0.5, 10), _row("transformers sdpa", 0.75, 10)]
+    checked = fastpath.recheck(rows, lambda point: pytest.fail("nothing to re-measure"))
+    assert not any(r["noisy"] for r in checked)
+
+
+def test_a_padded_models_time_must_stay_flat_both_ways():
+    rows = [_row("transformers sdpa", 0.25, 10), _row("transformers sdpa", 0.5, 10), _row("transformers sdpa", 0.75, 5)]
+    seen = []
+
+    def stubborn(point):
+        seen.append(point["padding"])
+        return {k: point[k] for k in ("median_ms", "p10_ms", "p90_ms")}
+
+    checked = fastpath.recheck(rows, stubborn)  # faster with more padding: impossible for a padded model
+    assert sorted(set(seen)) == [0.25, 0.5, 0.75] and all(r["noisy"] for r in checked)
+    fast = [_row("fastpath", 0.25, 10), _row("fastpath", 0.5, 10), _row("fastpath", 0.75, 5)]
+    assert not any(r["noisy"] for r in fastpath.recheck(fast, lambda point: pytest.fail("less work, less time")))
+
+
+def _sweep(fast_most=4.0, noisy=False, floor=1.0):
+    rows = [_row("transformers sdpa", p, 10) for p in (0.0, 0.5, 0.75)] + \
+           [_row("fastpath", 0.0, 11), _row("fastpath", 0.5, 7), _row("fastpath", 0.75, fast_most)]
+    rows = [{**r, "noisy": noisy and r["implementation"] == "fastpath" and r["padding"] == 0.75} for r in rows]
+    return {"rows": rows, "floor_ms": floor}
+
+
+def test_speedups_the_headline_and_the_figure_data():
+    sweep = _sweep(noisy=True)
+    speedups = fastpath.speedup_rows(sweep["rows"])
+    assert [round(s["fastpath vs sdpa"], 2) for s in speedups] == [0.91, 1.43, 2.5]
+    assert [s["noisy"] for s in speedups] == ["", "", "noisy"] and speedups[2]["ideal"] == 4
+    assert fastpath.headline_speedup(sweep["rows"])["padding"] == 0.75
+    panel = fastpath.sweep_panels(sweep["rows"])["batch 8, length 128"]
+    assert panel["fastpath"][0] == [0.0, 0.5, 0.75] and panel["fastpath"][2] == [False, False, True]
+
+
+def test_sweep_findings_check_skip_and_name_metrics_as_the_report_reads_them():
+    good = fastpath.sweep_findings(_sweep())
+    assert good["checks"]["fastpath_time_falls_with_padding"][0] and not good["skipped"]
+    assert good["metrics"]["sweep_noisy_points"] == 0 and good["metrics"]["fastpath_floor_ms"] == 1.0
+    assert good["metrics"][names.speedup(8, 128, 0.75)] == 2.5
+    read = [n for n in good["metrics"] if _SWEEP_METRIC.match(n)]
+    assert sorted(read) == sorted(names.sweep(i, 8, 128, p) for i in ("transformers sdpa", "fastpath")
+                                  for p in (0, 0.5, 0.75))
+    slower = fastpath.sweep_findings(_sweep(fast_most=12.0))
+    assert slower["checks"]["fastpath_time_falls_with_padding"][0] is False
+    noisy = fastpath.sweep_findings(_sweep(noisy=True))
+    assert not noisy["checks"] and "noisy" in noisy["skipped"]["fastpath time falls with padding"]
+    assert noisy["metrics"][names.sweep("fastpath", 8, 128, 0.75, "noisy")] == 1
+    floor_bound = fastpath.sweep_findings(_sweep(floor=8.0))
+    assert "floor" in floor_bound["skipped"]["fastpath time falls with padding"]
+    assert any("noisy" in line for line in fastpath.sweep_lines(_sweep(noisy=True)))
+    assert "x0.36" in fastpath.sweep_lines(_sweep())[0]
+
+
+def test_the_sweep_runs_rechecks_and_reports_each_row(tiny_bert):
+    model, tokenizer = tiny_bert
+    seen = []
+    sweep = fastpath.padding_sweep(model, tokenizer, batch_sizes=[4], lengths=[16], padding_fractions=[0.0, 0.5],
+                                   device="cpu", repeats=1, implementations=names.QUICK_IMPLEMENTATIONS,
+                                   on_row=seen.append)
+    assert len(sweep["rows"]) == 4 and len(seen) >= 4 and sweep["floor_ms"] > 0
+    assert all(r["status"] == "ok" and "noisy" in r and r["real tokens/s"] > 0 for r in sweep["rows"])
+    assert {r["implementation"] for r in sweep["rows"]} == {"transformers sdpa", "fastpath"}
+
+
+# --------------------------------------------------------------------------- skipping padding today
+
+def test_pack_gives_transformers_flattened_layout(tiny_bert):
+    _, tokenizer = tiny_bert
+    batch = fastpath.padded_batch(tokenizer, batch=3, length=6, padding_fraction=0.4)
+    packed = fastpath.pack(batch)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "labels" not in packed
+    assert packed["cu_seq_lens_q"].tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert packed["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
+    mask = fastpath.block_diagonal_mask(packed["cu_seq_lens_q"])[0, 0]
+    assert mask.sum() == sum(n * n for n in lengths) and mask.diagonal().all()
+
+
+def test_packed_rows_match_the_padded_batch_and_need_their_mask(tiny_bert):
+    model, tokenizer = tiny_bert
+    free = fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.0, 0.5], device="cpu",
+                                 dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
+    ways = {(r["way"], r["padding"]) for r in free["rows"]}
+    assert ways == {(w, p) for w in names.WAYS[:2] for p in (0.0, 0.5)}
+    assert all(r["status"] == "ok" and r["relative error"] < 1e-4 for r in free["rows"])
+    assert set(free["skipped"]) == {"packed varlen", "packed flex document mask"}  # CUDA only; compiled, not quick
+    assert "CPU" in free["skipped"]["packed varlen"]
+    findings = fastpath.padding_free_findings(free)
+    assert all(v[0] for v in findings["checks"].values()), findings["checks"]
+    assert names.padding_free_speedup("packed sdpa block mask", 4, 16, 0.5) in findings["metrics"]
+    assert compat_attn(model) == "sdpa"  # left as it was found
+
+
+def compat_attn(model):
+    from labkit import compat
+
+    return compat.attn_implementation(model)
+
+
+def test_varlen_attention_reads_the_boundaries_transformers_passes(tiny_bert, monkeypatch):
+    """The GPU-only way's plumbing, on a CPU: varlen_attn replaced by SDPA run on each sequence alone."""
+    import torch.nn.attention.varlen as varlen
+
+    model, tokenizer = tiny_bert
+    calls = []
+
+    def per_sequence(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        calls.append((tuple(q.shape), cu_q.tolist(), max_q))
+        bounds = cu_q.tolist()
+        outs = [torch.nn.functional.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)),
+                                                                 scale=scale).transpose(0, 1)
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return torch.cat(outs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", per_sequence)
+    monkeypatch.setattr(fastpath, "varlen_problem", lambda device, dtype: "")
+    free = fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.5], device="cpu",
+                                 dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
+    row = next(r for r in free["rows"] if r["way"] == "packed varlen")
+    assert row["status"] == "ok" and row["relative error"] < 1e-5
+    assert calls and calls[0][1][0] == 0 and len(calls[0][0]) == 3  # (tokens, heads, head size) and boundaries
+
+
+def test_a_way_that_breaks_is_a_row_not_a_crash(tiny_bert, monkeypatch):
+    model, tokenizer = tiny_bert
+    monkeypatch.setattr(fastpath, "varlen_problem", lambda device, dtype: "")  # let it try on the CPU
+    free = fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.5], device="cpu",
+                                 dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
+    row = next(r for r in free["rows"] if r["way"] == "packed varlen")
+    assert row["status"] == "failed" and "NotImplementedError" in row["why"]
+    assert "packed varlen at 50% padding" in fastpath.padding_free_findings(free)["skipped"]
+
+
+def test_a_compiled_way_is_measured_at_the_most_padding_only(tiny_bert, monkeypatch):
+    model, tokenizer = tiny_bert
+    measured = []
+
+    def stub(model, way, padded, packed, device, repeats):
+        measured.append((way, round(padded["padding_fraction"], 2)))
+        return {"status": "ok", "median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0}, None
+
+    monkeypatch.setattr(fastpath, "_measure_way", stub)
+    monkeypatch.setattr(fastpath, "ways_available", lambda *args: dict.fromkeys(names.WAYS, ""))
+    fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.0, 0.5], device="cpu",
+                          dtype=torch.float32, quick=False, repeats=1, tolerance=1e-4)
+    assert [w for w, p in measured if w in fastpath.COMPILED_WAYS] == ["packed flex document mask"]
+    assert ("packed flex document mask", 0.5) in measured and len(measured) == 7
+
+
+def test_a_dense_mask_is_refused_for_a_long_packed_row():
+    assert fastpath.ways_available("cpu", torch.float32, False, 2**14)["packed sdpa block mask"]
+    assert fastpath.ways_available("cpu", torch.float32, False, 2**12)["packed sdpa block mask"] == ""
+
+
+# --------------------------------------------------------------------------- what you measured
+
+def test_what_you_measured_reads_this_runs_numbers_and_survives_skips():
+    metrics = {"fastpath_situations": 10, "fastpath_situations_skipping_padding": 3,
+               "to_fastpath_relative_error": 1.2e-6, "embedding_fastpath_speedup": 1.4, "embedding_padding_percent": 47,
+               names.speedup(8, 128, 0.0): 0.9, names.speedup(8, 128, 0.75): 1.5, "sweep_noisy_points": 1,
+               "fastpath_floor_ms": 17.0, names.padding_free_speedup("packed sdpa block mask", 8, 128, 0.75): 2.3,
+               names.padding_free_speedup("packed sdpa block mask", 8, 128, 0.0): 0.7}
+    lines = fastpath.what_you_measured({"metrics": metrics, "checks": {}, "skipped": {}})
+    text = "\n".join(lines)
+    assert len(lines) == 6 and "3 packed" in text and "1.50x" in text and "4.00x" in text and "1 sweep point" in text
+    assert "packed sdpa block mask) ran 2.30x the padded batch at 75% padding" in text
+    assert not re.search(r"\b(issue|target)s?\b", text, re.I) and "_" not in text.replace("norm_first", "")
+    assert fastpath.what_you_measured({"metrics": {}, "checks": {}, "skipped": {"x": "y"}}) == []
+    metrics[names.sweep("transformers sdpa", 8, 128, 0.75, "noisy")] = 1
+    assert "(a noisy point: not to be read)" in fastpath.what_you_measured({"metrics": metrics})[3]

@@ -69,3 +69,15 @@ def test_only_compat_touches_private_torch_transformers_or_ipython_names():
             continue
         found = sorted({m.group(0) for m in PRIVATE.finditer(path.read_text())})
         assert not found, f"{path.relative_to(root)} uses {found}: go through labkit/compat.py"
+
+
+def test_one_html_table_builder_and_one_reader_per_schema():
+    """widgets.html_table builds every HTML table; results.read_results reads results files, report.read_summary
+    reads summary.json: no second copy elsewhere in labkit."""
+    builders = sorted(str(p.relative_to(LABKIT)) for p in LABKIT.rglob("*.py")
+                      if "<table" in p.read_text() and p.name != "widgets.py")
+    assert not builders, f"{builders} build HTML tables: use labkit.widgets.html_table"
+    readers = sorted(str(p.relative_to(LABKIT)) for p in LABKIT.rglob("*.py")
+                     if re.search(r"json\.loads?\(.*(results|summary)", p.read_text())
+                     and p.name not in ("results.py", "report.py"))
+    assert not readers, f"{readers} parse results or summary files: use results.read_results / report.read_summary"

@@ -1,5 +1,8 @@
+import time
+
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from labkit import models
 from labkit.errors import BadParameter, ModelNotAvailable
@@ -13,8 +16,6 @@ def test_embedded_models_are_listed_and_installed():
 
 
 def test_random_llama_1b_has_a_billion_parameters():
-    from transformers import LlamaForCausalLM
-
     config = models.random_config("random-llama-1b", 49152, {"pad_token_id": 2, "bos_token_id": 1, "eos_token_id": 2})
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -139,8 +140,6 @@ def test_next_token_candidates_are_sorted_and_lead_greedy_decoding():
 
 
 def test_unreachable_hub_fails_fast_without_offline_mode(monkeypatch):
-    import time
-
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(models, "hub_reachable", lambda: False)

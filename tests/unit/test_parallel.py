@@ -22,10 +22,11 @@ def small():
 
 # By hand: embeddings 1000 x 64 = 64,000 (tied to the output layer); per layer q 64x64, k and v 64x32 each, o 64x64,
 # gate/up/down 3 x 64x128 = 36,864 linear weights, plus 2 norms of 64; a final norm of 64; the rotary embedding
-# keeps two buffers (inv_freq and original_inv_freq) of head_dim / 2 = 8 numbers each.
+# keeps two float32 buffers (inv_freq and original_inv_freq) of head_dim / 2 = 8 numbers each.
 LINEAR = 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)
 OTHER = 64_000 + 2 * 128 + 64
 BUFFER = 16
+LINEAR_LAYERS = 2 * 7
 
 
 def test_parameter_count_by_hand(small):
@@ -34,7 +35,7 @@ def test_parameter_count_by_hand(small):
 
 def test_memory_needed_16_bit_by_hand(small):
     need = parallel.memory_needed(small, fmt="16-bit", batch=3, context=100)
-    assert need["weights"] == 2 * (LINEAR + OTHER + BUFFER)
+    assert need["weights"] == 2 * (LINEAR + OTHER) + 4 * BUFFER
     # keys and values x 2 layers x batch 3 x 100 tokens x 2 kv heads x head size 16 x 2 bytes
     assert need["kv_cache"] == 2 * 2 * 3 * 100 * 2 * 16 * 2 == 76_800
     assert need["total"] == need["weights"] + need["kv_cache"]
@@ -42,9 +43,15 @@ def test_memory_needed_16_bit_by_hand(small):
 
 def test_memory_needed_nf4_and_float32_by_hand(small):
     nf4 = parallel.memory_needed(small, fmt="nf4", batch=1, context=1)
-    # half a byte per linear weight, one float32 scale per 64 of them; embeddings, norms, buffer in 16-bit
-    assert nf4["weights"] == LINEAR // 2 + 4 * (LINEAR // 64) + 2 * (OTHER + BUFFER) == 170_144
-    fp32 = parallel.memory_needed(small, batch=1, context=10, element_bytes=4)
+    # half a byte per linear weight, one float32 absmax per 64 of them and a 16-entry float32 code table per layer;
+    # embeddings and norms in 16-bit, the buffers in float32
+    assert nf4["weights"] == LINEAR // 2 + 4 * (LINEAR // 64) + LINEAR_LAYERS * 16 * 4 + 2 * OTHER + 4 * BUFFER \
+        == 171_072
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        wide = AutoModelForCausalLM.from_config(small.config, dtype=torch.float32)
+    fp32 = parallel.memory_needed(wide, batch=1, context=10, element_bytes=4)
     assert fp32["weights"] == 4 * (LINEAR + OTHER + BUFFER)
     assert fp32["kv_cache"] == 2 * 2 * 10 * 2 * 16 * 4
     with pytest.raises(BadParameter):
@@ -197,3 +204,129 @@ def test_gpu_hiding_makes_transformers_pick_the_cpu(monkeypatch):
     with compat.cpu_accelerator_without_gpus():
         assert torch._C._get_accelerator().type == "cpu"
     assert torch._C._get_accelerator().type == "cuda"
+
+
+def test_torchrun_commands_pass_lists_as_several_values():
+    assert parallel.torchrun_command("layouts.py", 2, {"layouts": ["tp", "pp"], "new_tokens": 4}) == \
+        "torchrun --standalone --nproc-per-node 2 layouts.py --layouts tp pp --new-tokens 4"
+
+
+# --------------------------------------------------------------------------- machines typed in, and the planner
+
+def test_parse_machine_with_nodes():
+    machine = parallel.parse_machine("2 nodes x 8 x 80 GB")
+    assert (machine["nodes"], machine["per_node"], len(machine["devices"])) == (2, 8, 16)
+    assert machine["devices"][-1] == {"name": "gpu15", "bytes": 80 * GIB}
+    one = parallel.parse_machine("8x80GB")
+    assert (one["nodes"], one["per_node"]) == (1, 8)
+    assert parallel.parse_machine("1 node x 24 GB + 12 GB")["per_node"] == 2
+
+
+@pytest.mark.parametrize("text, named", [("two big GPUs", "devices='two big GPUs'"),
+                                         ("2 nodes x lots", "devices='lots'")])
+def test_parse_machine_refuses_in_one_sentence(text, named):
+    with pytest.raises(BadParameter, match=named):
+        parallel.parse_machine(text)
+
+
+def test_planner_one_gpu_when_it_holds_the_model():
+    plan = parallel.plan_layout(parallel.empty_model("llama-8b-shape"), parallel.parse_machine("8 x 80 GB"))
+    assert (plan["tp"], plan["pp"], plan["replicas"], plan["fits"]) == (1, 1, 8, True)
+    four_bit = parallel.plan_layout(parallel.empty_model("llama-70b-shape"), parallel.parse_machine("8 x 80 GB"),
+                                    fmt="nf4")
+    assert (four_bit["tp"], four_bit["pp"]) == (1, 1)  # 4-bit makes one 80 GB GPU enough for the 70B shape
+
+
+def test_planner_tp_divides_the_key_value_heads():
+    # 16-bit llama-70b-shape needs 132.7 GiB; 45 GiB usable per 50 GB GPU: TP 3 would hold it but cannot divide
+    # its 8 key/value heads, so the planner takes TP 4
+    plan = parallel.plan_layout(parallel.empty_model("llama-70b-shape"), parallel.parse_machine("6 x 50 GB"))
+    assert plan["need"]["total"] / 3 <= 50 * GIB * parallel.USABLE_FRACTION
+    assert (plan["tp"], plan["pp"], plan["replicas"]) == (4, 1, 1)
+    assert "(3 would not)" in plan["reasons"][1]
+
+
+def test_planner_keeps_tp_inside_a_node_and_adds_stages_across_nodes():
+    model = parallel.empty_model("llama-405b-shape")
+    two_nodes = parallel.plan_layout(model, parallel.parse_machine("2 nodes x 8 x 80 GB"))
+    assert (two_nodes["tp"], two_nodes["pp"], two_nodes["fits"]) == (8, 2, True)
+    one_node = parallel.plan_layout(model, parallel.parse_machine("8 x 80 GB"))
+    assert one_node["tp"] == 8 and not one_node["fits"] and "does not fit" in one_node["reasons"][-1]
+    small_nodes = parallel.plan_layout(model, parallel.parse_machine("8 nodes x 2 x 80 GB"))
+    assert small_nodes["tp"] == 2 and small_nodes["tp"] * small_nodes["pp"] <= 16 and small_nodes["fits"]
+    for machine in ("2 nodes x 8 x 80 GB", "8 nodes x 2 x 80 GB", "4 x 24 GB"):
+        for name in ("llama-8b-shape", "llama-70b-shape", "llama-405b-shape"):
+            plan = parallel.plan_layout(parallel.empty_model(name), parallel.parse_machine(machine))
+            assert plan["tp"] <= parallel.parse_machine(machine)["per_node"] and 8 % plan["tp"] == 0
+
+
+def test_layout_rows_name_every_model_machine_and_format():
+    rows = parallel.layout_rows(["llama-8b-shape"], {"8 x 80 GB": parallel.parse_machine("8 x 80 GB")},
+                                ["16-bit", "nf4"], batch=1, context=1024)
+    assert [(r["format"], r["TP"], r["PP"]) for r in rows] == [("16-bit", 1, 1), ("nf4", 1, 1)]
+
+
+def test_layouts_that_fit_a_process_count():
+    assert parallel.layouts_for(2, "tiny-llama")["run"] == ["tp", "pp", "ep", "dp"]
+    three = parallel.layouts_for(3, "tiny-llama")
+    assert three["run"] == ["pp", "dp"] and len(three["skipped"]) == 2
+    assert parallel.layouts_for(8, "tiny-llama")["run"] == ["dp"]
+
+
+# --------------------------------------------------------------------------- communication, predicted
+
+def test_tp_traffic_and_link_time_by_hand():
+    config = parallel.model_config("llama-70b-shape")
+    assert parallel.tp_traffic(config, tokens=1) == {"all_reduces": 160, "bytes_each": 8192 * 2}
+    assert parallel.link_seconds(16384, 8, 450e9) == pytest.approx(16384 * 2 * 7 / 8 / 450e9)
+    rows = [{"bytes": 1024, "median_us": 10.0, "algbw_bytes_per_s": 1024 / 10e-6},
+            {"bytes": 4096, "median_us": 20.0, "algbw_bytes_per_s": 4096 / 20e-6}]
+    assert parallel.all_reduce_seconds(rows, 2000) == pytest.approx(20e-6)
+    assert parallel.all_reduce_seconds(rows, 8192) == pytest.approx(40e-6)  # beyond the table: its last bandwidth
+    links = parallel.link_prediction(config, tp=8, tokens_by_phase={"decode": 1}, bench_rows=rows)
+    assert links[0]["all-reduces"] == 160 and links[0]["this machine ms"] == pytest.approx(160 * 80e-3)
+
+
+# --------------------------------------------------------------------------- pieces of the jobs, in one process
+
+def test_the_tp_and_pp_keyerror_and_its_workaround():
+    """transformers 5.24's bug without any process group: applying a tensor-parallel plan to a pipeline stage looks up
+    the weights of layers the stage replaced with placeholders."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.distributed import mixin
+    from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
+
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.model.layers[1] = PipelineIdentityLayer()  # what stage 0 of 2 holds
+    plan = {"model.layers.1.self_attn.q_proj.weight": "colwise", "model.layers.1.self_attn.q_proj": "colwise"}
+    with pytest.raises(KeyError, match="model.layers.1.self_attn.q_proj.weight"):
+        mixin.apply_tensor_parallelism(model, None, plan)
+    with compat.tp_plan_skips_other_stages():
+        assert mixin.apply_tensor_parallelism(model, None, plan) is model
+    assert parallel.owned_layers(model) == [0]
+
+
+def test_decode_rate_makes_exactly_the_calls_asked_and_busy_time_counts_layers():
+    from labkit import generation, models
+
+    model, _ = models.load_model("tiny-llama", dtype="float32")
+    prompt = generation.random_prompt(model, batch=1, length=8)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with parallel.busy_time(list(model.model.layers), "cpu") as busy:
+        rate = parallel.decode_rate(model, prompt, new_tokens=3, repeats=2, warmup=1)
+    handle.remove()
+    assert len(calls) == 3 * 1 + 3 * 3  # 3 generate calls of 1 token, 3 of 3 tokens: one forward per token
+    assert rate["token_ids"] == generation.generate_exactly(model, prompt, 3)[:, 8:].tolist()
+    assert rate["step_ms"] > 0 and busy["s"] > 0
+
+
+def test_what_you_measured_reads_right_with_parts_skipped():
+    assert parallel.what_you_measured({"metrics": {}, "checks": {}, "skipped": {}}) == []
+    lines = parallel.what_you_measured({"metrics": {"tp_2_speedup": 0.5, "tp_1_speedup": 1.0,
+                                                    "plan_llama_70b_shape_16_bit_total_gib": 132.7},
+                                        "checks": {"tp_tokens_equal_single_process": True}, "skipped": {}})
+    assert len(lines) == 2 and "132.7 GiB" in lines[0] and "0.50x" in lines[1] and "same greedy tokens" in lines[1]

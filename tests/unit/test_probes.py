@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import subprocess
 import sys
@@ -5,6 +6,7 @@ import time
 
 import pytest
 import torch
+import torch.backends.cuda
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -123,7 +125,6 @@ def test_cuda_helpers_say_no_on_cpu_even_where_flash_runs():
 
 def test_a_helper_that_raises_becomes_its_answer(monkeypatch):
     # torch 2.11's CUDA build raised "CUDA driver version is insufficient" from can_use_cudnn_attention on a CPU box
-    import torch.backends.cuda
 
     def no_driver(params, debug):
         raise RuntimeError("CUDA error: CUDA driver version is insufficient for CUDA runtime version\nmore")
@@ -146,6 +147,50 @@ def test_attn_implementations_cache_is_reused(tmp_path, monkeypatch):
     first = probes.attn_implementations()
     assert (tmp_path / "attn_implementations.json").exists()
     assert probes.attn_implementations() == first
+
+
+def test_a_cached_answer_is_rebuilt_when_what_it_depends_on_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    built = []
+
+    def build():
+        built.append(len(built) + 1)
+        return [{"build": built[-1]}]
+
+    def key():
+        return probes.cache_key(("torch", "bitsandbytes"), modules=("bitsandbytes",), devices=["cpu"])
+
+    first = key()
+    assert probes.cached("answer", first, build) == [{"build": 1}]
+    assert probes.cached("answer", key(), build) == [{"build": 1}]  # same versions: reused, not rebuilt
+    real_version, real_find_spec = probes.package_version, importlib.util.find_spec
+    monkeypatch.setattr(probes, "package_version", lambda name: "0.0.1" if name == "bitsandbytes" else real_version(name))
+    assert key() != first and probes.cached("answer", key(), build) == [{"build": 2}]  # another version
+    monkeypatch.setattr(probes, "package_version", real_version)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, package=None: None if name == "bitsandbytes" else real_find_spec(name, package))
+    assert key() != first and probes.cached("answer", key(), build) == [{"build": 3}]  # hidden (the fault matrix)
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    assert probes.cached("answer", first, build) == [{"build": 4}]  # one answer is kept: the last one
+    assert probes.cached("answer", first, build, use_cache=False) == [{"build": 5}]
+    (tmp_path / "answer.json").write_text("{half a fi")
+    assert probes.cached("answer", first, build) == [{"build": 6}]  # unreadable: rebuilt
+    assert "cpu=" + probes.device_label("cpu") in key()  # another machine sharing the cache folder: rebuilt
+
+
+def test_labkit_probe_reuses_the_version_dependent_answers_without_importing_bitsandbytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    fresh = probes.probe(["cpu"], use_cache=False)
+
+    def must_not_run():
+        raise AssertionError("rebuilt although a cached answer fits")
+
+    monkeypatch.setattr(probes, "import_bitsandbytes", must_not_run)
+    monkeypatch.setattr(probes, "_build_attn_implementations", must_not_run)
+    assert probes.probe(["cpu"]) == fresh  # the same report, from the cache
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["attn_implementations.json", "bitsandbytes_4bit.json"]
+    with pytest.raises(AssertionError, match="rebuilt"):
+        probes.bitsandbytes_4bit(["cpu"])  # a notebook's own call measures (use_cache=False by default)
 
 
 def test_bitsandbytes_missing_is_reported(monkeypatch):
@@ -187,7 +232,7 @@ def test_labkit_probe_json_command_is_fast():
     row = report["sdpa"][0]
     assert set(row) == {"device", "dtype", "input_kind", "backend", "ok", "reason"}
     # The target is < 5 s on a 2-core machine; the bound leaves room for a loaded CI runner.
-    assert seconds < 20, f"labkit probe took {seconds:.1f} s"  # about 4 s alone; generous for a busy 2-core CI
+    assert seconds < 20, f"labkit probe took {seconds:.1f} s"  # generous for a busy 2-core CI
 
 
 def test_import_labkit_is_light():

@@ -5,41 +5,196 @@ import pytest
 import torch
 
 from labkit import quant
-from labkit.errors import BadParameter
+from labkit.errors import BadParameter, ModelNotAvailable
+from labkit.metrics import quantization as names
+
+TORCHAO = quant.torchao_problem() == ""
+needs_torchao = pytest.mark.skipif(not TORCHAO, reason="torchao is not importable here")
 
 
 class TinyLM(torch.nn.Module):
-    """An embedding, one hidden linear layer with bias, a norm and a tied output layer."""
+    """An embedding, one hidden linear layer with bias, a norm and an output layer (tied when asked)."""
 
-    def __init__(self, vocab=50, hidden=16):
+    def __init__(self, vocab=50, hidden=64, tied=False):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, hidden)
         self.body = torch.nn.Linear(hidden, 3 * hidden)
         self.norm = torch.nn.LayerNorm(3 * hidden)
         self.lm_head = torch.nn.Linear(3 * hidden, vocab, bias=False)
+        if tied:
+            self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.lm_head
 
 
 def test_footprint_prediction_by_hand():
-    model = TinyLM()
-    embed, body_w, body_b, norm, head = 50 * 16, 48 * 16, 48, 2 * 48, 50 * 48
-    assert quant.predict_footprint(model, "16-bit") == {"stored": 2 * (embed + body_w + body_b + norm + head), "constants": 0}
-    sixteen = 2 * (embed + body_b + norm + head)  # everything but the body's weight (the output layer is skipped)
-    assert quant.predict_footprint(model, "nf4") == {"stored": sixteen + body_w // 2, "constants": 4 * (body_w // 64)}
+    model = TinyLM().to(torch.bfloat16)
+    embed, body_w, body_b, norm, head = 50 * 64, 192 * 64, 192, 2 * 192, 50 * 192
+    kept = 2 * (embed + body_b + norm + head)  # everything but the body's weight: the output layer is not quantized
+    assert quant.predict_footprint(model, "16-bit") == {"kept": kept + 2 * body_w, "weights": 0, "scales": 0}
+    # 4 bits a weight; a float32 absmax per 64 weights and the format's 16-entry float32 table
+    assert quant.predict_footprint(model, "nf4") == {"kept": kept, "weights": body_w // 2,
+                                                     "scales": 4 * (body_w // 64) + 64}
     assert quant.predict_footprint(model, "fp4") == quant.predict_footprint(model, "nf4")
-    assert quant.predict_footprint(model, "nf4-double") == {"stored": sixteen + body_w // 2,
-                                                            "constants": body_w // 64 + 4 * 1 + 1024}
-    assert quant.predict_footprint(model, "int8") == {"stored": sixteen + body_w, "constants": 4 * 48}
-    with pytest.raises(BadParameter, match="use one of 16-bit, fp4, nf4, nf4-double, int8"):
+    # double: an 8-bit absmax per block, a float32 per 256 blocks, a 256-entry table, the offset, the 16-entry table
+    assert quant.predict_footprint(model, "nf4-double")["scales"] == body_w // 64 + 4 + 1024 + 4 + 64
+    assert quant.predict_footprint(model, "int8") == {"kept": kept, "weights": body_w, "scales": 4 * 192}
+    assert quant.predict_footprint(model, "torchao-int8") == {"kept": kept, "weights": body_w, "scales": 5 * 192}
+    # int4: a bfloat16 scale and zero point per group of 64 along each row
+    assert quant.predict_footprint(model, "torchao-int4") == {"kept": kept, "weights": body_w // 2,
+                                                              "scales": 192 * (64 // 64) * 2 * 2}
+    assert quant.predict_footprint(model, "torchao-float8")["scales"] == 4 * 192
+    with pytest.raises(BadParameter, match="format 'int4' is unknown"):
         quant.predict_footprint(model, "int4")
 
 
-def test_quantization_configs():
+def test_a_tied_output_layer_is_counted_once_and_never_quantized():
+    model = TinyLM(tied=True).to(torch.bfloat16)
+    assert model.lm_head not in quant.quantized_linears(model)
+    assert quant.predict_footprint(model, "nf4")["kept"] == 2 * (50 * 64 + 192 + 2 * 192)
+
+
+def test_int4_layouts_and_group_sizes():
+    assert quant.int4_weight_only_parts(4096, 4096, group_size=128) == (8 * 2**20, 4096 * 32 * 4)
+    # the GPU's tile-packed layout pads the columns to 1024 and the rows to 8
+    assert quant.int4_weight_only_parts(576, 576, group_size=64, device="cuda") == (576 * 1024 // 2, 576 * 16 * 4)
+    assert quant.weight_parts("torchao-int4", 576, 576, group_size=128) is None  # left in 16-bit: 576 % 128 != 0
+    assert quant.four_bit_bytes(4096 * 4096) == 8 * 2**20 + 2**20 + 64
+
+
+def test_formats_and_configs():
+    assert quant.library("nf4") == "bitsandbytes" and quant.library("torchao-int4") == "torchao"
     assert quant.quantization_config("16-bit") is None
     nf4 = quant.quantization_config("nf4-double", "bfloat16")
     assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_use_double_quant
     assert nf4.bnb_4bit_compute_dtype == torch.bfloat16
     assert quant.quantization_config("int8").load_in_8bit
+    with pytest.raises(BadParameter, match="not a bitsandbytes format"):
+        quant.quantization_config("torchao-int8")
 
+
+def test_bitsandbytes_4bit_defaults_to_fp4_and_float32():
+    from transformers import BitsAndBytesConfig
+
+    bare = BitsAndBytesConfig(load_in_4bit=True)  # what the source page's config leaves out
+    assert bare.bnb_4bit_quant_type == "fp4" and bare.bnb_4bit_compute_dtype == torch.float32
+
+
+@needs_torchao
+def test_torchao_configs_pick_the_layout_of_the_device():
+    cpu = quant.torchao_config("torchao-int4", "cpu")
+    gpu = quant.torchao_config("torchao-int4", "cuda")
+    assert type(cpu).__name__ == "PrototypeInt4WeightOnlyConfig" and cpu.group_size == quant.INT4_GROUP_SIZE
+    assert type(gpu).__name__ == "Int4WeightOnlyConfig" and gpu.int4_packing_format == "tile_packed_to_4d"
+    assert type(quant.torchao_config("torchao-int8")).__name__ == "Int8WeightOnlyConfig"
+    with pytest.raises(BadParameter, match="not a torchao format"):
+        quant.torchao_config("nf4")
+
+
+# --------------------------------------------------------------------------- the plan
+
+def plan(**given):
+    return quant.notebook_plan(device="cpu", quick=True, **given)
+
+
+@pytest.mark.parametrize("given, words", [
+    ({"formats": ["nf4", "int4"]}, "format 'int4' is unknown"),
+    ({"formats": "nf4"}, "give a list"),
+    ({"eval_tokens": -5}, "eval_tokens=-5"),
+    ({"new_tokens": 1}, "new_tokens=1"),
+    ({"batch_sizes": [1, 0]}, "batch_sizes[1]=0"),
+    ({"batch_sizes": 8}, "give a list of batch sizes"),
+])
+def test_a_bad_parameter_is_one_sentence(given, words):
+    with pytest.raises(BadParameter) as caught:
+        plan(**given)
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_missing_model_stops_the_plan(monkeypatch):
+    monkeypatch.setattr(quant.models, "check_model", lambda name: f"{name} is not installed: pip install it")
+    with pytest.raises(ModelNotAvailable, match="is not installed"):
+        plan()
+
+
+def test_the_plan_sizes_a_quick_cpu_run_and_says_what_it_leaves_out(monkeypatch):
+    monkeypatch.setattr(quant.probes, "bitsandbytes_4bit", lambda devices: [{"ok": True, "reason": ""}])
+    found = plan(formats=["nf4", "16-bit", "torchao-float8", "torchao-int4"])
+    assert found["formats"][0] == "16-bit" and "torchao-float8" not in found["formats"]
+    assert "torchao-float8" in found["left_out"]["skipped"]
+    assert found["dtype"] == torch.bfloat16 and found["bnb_formats"] == ["nf4"]
+    assert found["eval_tokens"] == 128 and found["new_tokens"] == 8 and found["batch_sizes"] == [1, 8]
+    assert "quick sizes on a CPU" in found["compile_problem"]
+    assert quant.notebook_plan(device="cpu", quick=False)["compile_problem"] == ""
+
+
+def test_without_torchao_or_bitsandbytes_the_plan_keeps_the_rest(monkeypatch):
+    monkeypatch.setattr(quant, "torchao_problem", lambda: "torchao is not installed (pip install torchao==0.18.0)")
+    monkeypatch.setattr(quant.probes, "bitsandbytes_4bit",
+                        lambda devices: [{"ok": False, "reason": "bitsandbytes is not installed"}])
+    found = plan()
+    assert found["formats"] == ["16-bit"] and found["torchao_formats"] == [] and found["bnb_formats"] == []
+    skipped = found["left_out"]["skipped"]
+    assert len(skipped) == 2 and all("\n" not in why for why in skipped.values())
+    assert any("torchao" in what and "not installed" in why for what, why in skipped.items())
+    assert any("bitsandbytes" in why for why in skipped.values())
+
+
+# --------------------------------------------------------------------------- footprints counted
+
+def test_prediction_matches_the_bytes_counted_on_a_real_model():
+    from labkit import models, probes
+
+    model, _ = models.load_model("tiny-llama", dtype="bfloat16")
+    formats = ["16-bit"]
+    if probes.import_bitsandbytes() is not None:
+        formats += ["fp4", "nf4", "nf4-double", "int8"]
+    if TORCHAO:
+        formats += ["torchao-int8", "torchao-int4"]
+    for name in formats:
+        if quant.library(name) == "bitsandbytes":
+            quantized = models.load_model("tiny-llama", dtype="bfloat16",
+                                          quantization_config=quant.quantization_config(name))[0]
+        elif quant.library(name) == "torchao":
+            quantized = quant.torchao_quantized(model, name, "cpu")
+        else:
+            quantized = model
+        counted = quant.count_footprint(quantized)
+        assert counted == quant.predict_footprint(model, name), name
+        if name.startswith("torchao"):  # a tensor subclass presents its 16-bit dtype: get_memory_footprint is wrong
+            assert quantized.get_memory_footprint() == model.get_memory_footprint() > sum(counted.values())
+        if name in ("nf4", "int8"):  # ... and bitsandbytes' scales live beside the parameters
+            assert quantized.get_memory_footprint() == counted["kept"] + counted["weights"]
+
+
+@needs_torchao
+def test_a_real_layer_counts_as_the_exercise_formulas_say():
+    from labkit.exercises import quantization as ex
+
+    assert quant.layer_footprint_mib("torchao-int4", 4096, 1024, group_size=128) == ex.int4_mib(4096, 1024, 128)
+    if quant.probes.import_bitsandbytes() is not None:
+        assert quant.layer_footprint_mib("nf4", 1024, 1024) == ex.nf4_mib(1024, 1024, 64)
+
+
+def test_footprint_findings_state_the_ordering():
+    counted = {"16-bit": {"kept": 100, "weights": 0, "scales": 0}, "int8": {"kept": 10, "weights": 45, "scales": 1},
+               "nf4": {"kept": 10, "weights": 23, "scales": 3}, "torchao-int8": {"kept": 10, "weights": 45, "scales": 2},
+               "torchao-int4": {"kept": 10, "weights": 23, "scales": 3}}
+    found = quant.footprint_findings(counted, counted)
+    assert all(found["checks"].values()) and set(found["checks"]) == {
+        "prediction_matches_counted_footprint", "footprint_ordering_16bit_int8_4bit",
+        "torchao_footprints_below_16bit_int8_above_int4"}
+    assert found["metrics"][names.per_format("footprint", "nf4")] == 36 / 2**20
+    rows = quant.footprint_rows(counted, counted, {name: 1 for name in counted})
+    assert rows[2]["x smaller"] == 100 / 36
+
+
+# --------------------------------------------------------------------------- quality
 
 class Uniform(torch.nn.Module):
     """A 'model' whose next-token distribution is uniform over its vocabulary."""
@@ -75,29 +230,97 @@ def test_kl_divergence():
         quant.kl_divergence(torch.zeros(2, 3), torch.zeros(3, 3))
 
 
+def test_a_score_against_itself_moved_nothing_and_one_pass_gives_both():
+    from labkit import models
+
+    model, tokenizer = models.load_model("tiny-llama", dtype="float32")
+    ids = tokenizer(quant.sample_text(), return_tensors="pt").input_ids[:, :40]
+    reference = quant.score(model, ids, window=16)
+    assert reference["log_probs"].shape == (40, model.config.vocab_size) and reference["kl"] == 0.0
+    again = quant.score(model, ids, reference=reference, window=16)
+    assert abs(again["kl"]) < 1e-6 and math.isclose(again["perplexity"], reference["perplexity"], rel_tol=1e-5)
+    assert again["perplexity"] == pytest.approx(quant.perplexity(model, ids, window=16)["perplexity"])
+    assert quant.closest_to_16bit({"16-bit": reference, "a": {"kl": 0.3}, "b": {"kl": 0.1}}) == "b"
+
+
 def test_sample_text_is_shipped_and_long_enough():
     text = quant.sample_text()
     assert "public domain" in text and len(text.split()) > 1200
 
 
-def test_prediction_matches_bitsandbytes_on_a_real_model():
-    from labkit import probes
+# --------------------------------------------------------------------------- speed
 
-    if probes.import_bitsandbytes() is None:
-        pytest.skip("bitsandbytes is not importable here, so nothing can be quantized")
+def test_one_generate_call_times_each_step():
     from labkit import models
 
-    model, _ = models.load_model("tiny-llama", dtype="bfloat16")
-    for name in ("nf4", "nf4-double", "int8"):
-        quantized = models.load_model("tiny-llama", dtype="bfloat16", quantization_config=quant.quantization_config(name))[0]
-        predicted = quant.predict_footprint(model, name)
-        assert abs(quantized.get_memory_footprint() - predicted["stored"]) <= 256
-        scales = 0  # what bitsandbytes keeps beside the weights: absmax (and its own scales and code), row scales
-        for module in quantized.modules():
-            weight = getattr(module, "weight", None)
-            state = getattr(weight, "quant_state", None)
-            tensors = [getattr(weight, "SCB", None)]
-            if state is not None:
-                tensors += [state.absmax] + ([state.state2.absmax, state.state2.code] if state.nested else [])
-            scales += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        assert scales == predicted["constants"], name
+    model, _ = models.load_model("tiny-llama", dtype="float32")
+    ids = torch.randint(100, 1000, (2, 5))
+    row = quant.decode_rate(model, ids, new_tokens=6)
+    assert row["steps_timed"] == 4 and len(row["token_ids"][0]) == 6  # 5 steps after the prefill, the first a warm-up
+    assert row["step_p10_ms"] <= row["step_ms"] <= row["step_p90_ms"] and row["tokens_per_s"] > 0
+    speed = quant.measure_speed(model, ids[:1], batch_sizes=[1, 2], new_tokens=3, prefill_tokens=8, warmup=0,
+                                repeats=1, bandwidth_bytes_per_s=1e12, dtype=torch.float32)
+    assert [d["batch"] for d in speed["decode"]] == [1, 2] and len(speed["token_ids"]) == 3
+    assert speed["decode"][0]["step_bytes"] > sum(quant.count_footprint(model).values()) // 2
+    assert 0 < speed["decode"][0]["fraction_of_bound"] < 1
+
+
+def test_the_roofline_break_even_batch():
+    assert quant.break_even_batch(1e12, 1e10) == 100.0  # 16-bit weights: FLOP/s / (bytes/s)
+    assert quant.break_even_batch(1e12, 1e10, weight_bytes=1) == 50.0
+    assert quant.roofline_step_s(1, weights=100, weight_bytes=2, flops_per_s=1e3, bytes_per_s=1e3) == 0.2
+    with pytest.raises(BadParameter):
+        quant.break_even_batch(0, 1e10)
+
+
+def test_the_measured_break_even_ignores_noisy_points():
+    def point(fmt, batch, ms, noisy=False):
+        return {"format": fmt, "batch": batch, "median_ms": ms, "noisy": noisy}
+
+    rows = [point("16-bit", 1, 4.0), point("16-bit", 4, 4.0), point("16-bit", 16, 8.0),
+            point("torchao-int4", 1, 1.0), point("torchao-int4", 4, 5.0, noisy=True), point("torchao-int4", 16, 9.0)]
+    assert quant.measured_break_even(rows) == 16.0
+    assert quant.measured_break_even(rows[:2] + rows[3:5]) is None
+    table = quant.sweep_rows(rows, size=64, flops_per_s=1e9, bytes_per_s=1e9)
+    assert table[0]["int4 speed-up"] == 4.0 and table[1]["noisy"] == "noisy"
+    assert quant.break_even_findings(2.5, None) == {"metrics": {names.BREAK_EVEN_ROOFLINE: 2.5}}
+
+
+@needs_torchao
+def test_the_layer_sweep_times_both_layers_at_every_batch():
+    rows = quant.layer_sweep(256, [1, 8], device="cpu", dtype=torch.bfloat16, warmup=0, repeats=1)
+    assert sorted((r["format"], r["batch"]) for r in rows) == [
+        ("16-bit", 1), ("16-bit", 8), ("torchao-int4", 1), ("torchao-int4", 8)]
+    assert all(r["median_ms"] > 0 and "noisy" in r for r in rows)
+
+
+# --------------------------------------------------------------------------- what you measured
+
+def test_what_you_measured_reads_right_whole_and_in_parts():
+    metrics = {names.per_format("footprint", "16-bit"): 256.0, names.per_format("footprint", "nf4"): 111.0,
+               names.per_format("footprint", "torchao-int4"): 111.0,
+               names.per_format("kl_vs_16bit", "fp4"): 0.45, names.per_format("kl_vs_16bit", "nf4"): 0.29,
+               names.per_format("kl_vs_16bit", "int8"): 0.02,
+               names.decode("16-bit", 1, "tokens_per_s"): 10.0, names.decode("nf4", 1, "tokens_per_s"): 5.0,
+               names.decode("torchao-int4", 1, "tokens_per_s"): 20.0,
+               names.BREAK_EVEN_ROOFLINE: 39.0, names.BREAK_EVEN_MEASURED: 16.0,
+               names.step("compiled", "torchao-int4", "fraction_of_bound"): 0.41, names.STEP_MODEL_BILLIONS: 1.07}
+    lines = quant.what_you_measured({"metrics": metrics, "checks": {}, "skipped": {}})
+    text = " ".join(lines)
+    assert len(lines) == 5
+    assert "nf4 111 MiB (2.31x smaller)" in text and "int8 (KL 0.02 nats)" in text and "0.450 nats" in text
+    assert "torchao-int4 2.00x; faster: torchao-int4." in text and "batch 39" in text and "batch 16" in text
+    assert "torchao-int4 41%" in text and "1.1-billion" in text
+    only_16bit = {names.per_format("footprint", "16-bit"): 256.0, names.decode("16-bit", 1, "tokens_per_s"): 10.0}
+    assert quant.what_you_measured({"metrics": only_16bit, "checks": {}, "skipped": {}}) == [
+        "No format ran on this machine: the 'Skipped:' lines above say why."]
+
+
+def test_the_quick_metrics_are_built_by_the_builders():
+    expected = names.expected_quick()
+    assert names.per_format("footprint", "torchao-int4") == "footprint_torchao_int4_mib" and \
+        "footprint_torchao_int4_mib" in expected
+    assert names.decode("nf4-double", 8, "tokens_per_s") == "decode_nf4_double_batch8_tokens_per_s" in expected
+    assert names.step("compiled", "torchao-int4", "fraction_of_bound") == \
+        "step_compiled_torchao_int4_batch1_fraction_of_bound"
+    assert len(expected) == len(set(expected))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from labkit import metrics, report
+from labkit import cli, metrics, report, widgets
 from labkit.errors import BadParameter
 from labkit.results import Results
 
@@ -24,6 +24,8 @@ def test_a_good_summary_has_no_problems(make_run, tmp_path):
     (lambda s: s["notebooks"]["01_flash_attention"]["metrics"].update(x="fast"), "metric 'x' is not a number"),
     (lambda s: s["notebooks"]["01_flash_attention"]["checks"].update(y=1), "check 'y' is not true or false"),
     (lambda s: s["notebooks"]["01_flash_attention"].pop("figures"), "'figures' is missing"),
+    (lambda s: s["notebooks"]["01_flash_attention"].update(summary="one line"), "summary must be a list of sentences"),
+    (lambda s: s["notebooks"]["01_flash_attention"].update(summary=[1]), "summary must be a list of sentences"),
 ])
 def test_summary_problems_name_what_is_wrong(make_run, tmp_path, damage, problem):
     summary = copy.deepcopy(make_run(tmp_path / "run"))
@@ -66,13 +68,11 @@ def test_reference_runs_appear_beside_this_run(make_run, tmp_path):
     ref.metric("best_backend_tflops", 280.0)
     ref.write()
     page = report.build_report(tmp_path / "run", reference_folder=tmp_path / "reference")
-    assert "<th>nvidia-h100</th>" in page and "<th>this run / nvidia-h100</th>" in page
+    assert ">nvidia-h100</th>" in page and ">this run / nvidia-h100</th>" in page
     assert "280" in page and "0.0005" in page  # 0.14 / 280
 
 
 def test_labkit_report_command_rewrites_the_page(make_run, tmp_path, capsys):
-    from labkit import cli
-
     make_run(tmp_path / "run")
     assert cli.main(["report", str(tmp_path / "run"), "--reference", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip().endswith("report.html")
@@ -117,3 +117,28 @@ def test_legacy_comparison_joins_the_legacy_paths_with_notebook_03_at_the_same_p
 def test_no_legacy_section_without_the_legacy_notebook(make_run, tmp_path):
     summary = make_run(tmp_path / "run")
     assert report.legacy_comparison(summary) == [] and "legacy-comparison" not in report.build_report(tmp_path / "run")
+
+
+def test_what_you_measured_shows_under_the_heading_before_the_metrics(make_run, tmp_path):
+    summary = make_run(tmp_path / "run")
+    summary["notebooks"]["01_flash_attention"]["summary"] = ["Flash ran at 0.14 TFLOP/s <here>.", "Second line."]
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    page = report.build_report(tmp_path / "run", reference_folder=tmp_path)
+    section = page[page.index("<section id='nb-01_flash_attention'>"):]
+    assert "<li>Flash ran at 0.14 TFLOP/s &lt;here&gt;.</li><li>Second line.</li>" in section
+    assert section.index("What you measured") < section.index("<h3>Metrics</h3>")
+
+
+def test_a_summary_written_before_what_you_measured_existed_still_reads(make_run, tmp_path):
+    summary = make_run(tmp_path / "run")
+    assert "summary" not in summary["notebooks"]["01_flash_attention"]
+    assert report.read_summary(tmp_path / "run") == summary
+    assert "What you measured" not in report.build_report(tmp_path / "run", reference_folder=tmp_path)
+
+
+def test_the_report_uses_the_one_html_table_of_widgets(make_run, tmp_path):
+    make_run(tmp_path / "run")
+    page = report.build_report(tmp_path / "run", reference_folder=tmp_path)
+    skipped = widgets.html_table([{"what": "cuDNN", "why": "no GPU <here>"}], ["what", "why"], missing="\u2013")
+    assert skipped in page
+    assert not hasattr(report, "_number")  # no second formatter of cells

@@ -3,8 +3,9 @@ import math
 
 import pytest
 
-from labkit import results
+from labkit import metrics, paths, probes, results
 from labkit.errors import BadParameter, check_sizes
+from labkit.results import read_results
 
 
 def test_results_file_follows_the_schema(tmp_path, capsys):
@@ -69,8 +70,6 @@ def test_read_results_rejects_other_json(tmp_path):
 
 
 def test_environment_report():
-    from labkit import probes
-
     env = probes.environment()
     assert {"versions", "devices", "platform", "time"} <= set(env)
     items = [row["item"] for row in probes.environment_rows(env)]
@@ -89,8 +88,6 @@ def test_reference_runs(tmp_path):
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_CACHE", str(tmp_path / "c"))
-    from labkit import paths
-
     assert paths.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
 
 
@@ -103,8 +100,6 @@ def test_check_sizes_names_every_offender():
 
 
 def test_metric_name_from_words_and_values():
-    from labkit import metrics
-
     assert metrics.name("decode", "smollm2-135m", "sdpa", "tokens/s") == "decode_smollm2_135m_sdpa_tokens_s"
     assert metrics.name("recipe", "hand loop, compiled step") == "recipe_hand_loop_compiled_step"
 
@@ -120,9 +115,6 @@ def test_metric_name_from_words_and_values():
      "figures must be a list of file names"),
 ])
 def test_a_results_file_with_unexpected_content_is_rejected_clearly(tmp_path, content, problem):
-    from labkit.errors import BadParameter
-    from labkit.results import read_results
-
     path = tmp_path / "x.results.json"
     path.write_text(content)
     with pytest.raises(BadParameter, match=problem):

@@ -1,10 +1,11 @@
 import json
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from labkit import roofline
+from labkit import models, roofline
 from labkit.errors import BadParameter
 
 dims = st.integers(min_value=1, max_value=10_000)
@@ -147,8 +148,6 @@ def test_decoder_flops_per_token_by_hand():
 
 
 def test_weight_bytes_count_tied_embeddings_once_and_untied_input_rows_only():
-    import torch
-
     class Tiny(torch.nn.Module):
         def __init__(self, tied):
             super().__init__()
@@ -185,10 +184,6 @@ def test_bandwidth_ceiling_measures_a_full_buffer_and_keeps_the_best(tmp_path, m
 
 
 def test_byte_counts_of_a_real_tied_model_and_on_the_meta_device():
-    import torch
-
-    from labkit import models
-
     model, _ = models.load_model("tiny-llama")
     by_hand = sum(p.numel() for p in model.parameters()) * 4 + sum(b.numel() * b.element_size() for b in model.buffers())
     assert roofline.parameter_bytes(model) == by_hand == roofline.weight_bytes_per_token(model)

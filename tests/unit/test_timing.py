@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -32,8 +34,6 @@ def test_measure_calls_warmup_plus_repeats(warmup, repeats):
 
 
 def test_measure_sees_real_time():
-    import time
-
     result = timing.measure(lambda: time.sleep(0.01), warmup=0, repeats=3)
     assert 9 <= result.median_ms < 200
     assert "ms median" in str(result)
@@ -55,8 +55,6 @@ def test_out_of_memory_is_recognised():
 
 
 def test_measure_repeats_until_the_minimum_time_is_filled():
-    import time
-
     result = timing.measure(lambda: time.sleep(0.002), warmup=0, repeats=2, min_time_s=0.03)
     assert result.repeats == len(result.times_ms) >= 10  # 2 repeats would fill 4 ms, not 30
     assert sum(result.times_ms) >= 30

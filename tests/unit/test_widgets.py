@@ -1,4 +1,7 @@
+import pytest
+
 from labkit import widgets
+from labkit.errors import BadParameter
 
 
 def test_text_table_aligns_columns():
@@ -15,14 +18,20 @@ def test_table_html_is_escaped_and_text_matches():
     assert repr(table).startswith("T\n") and "no" in repr(table)
 
 
+def test_html_table_is_the_one_builder_behind_table():
+    rows = [{"name": "a", "ok": True, "ms": 1.23456, "ref": None}]
+    page = widgets.html_table(rows, ["name", "ok", "ms", "ref"], missing="-")
+    assert "<td style='color:#1a7f37'>yes</td>" in page and "<td>1.235</td>" in page and "<td>-</td>" in page
+    assert widgets.Table(rows, title="T")._repr_html_() == widgets.html_table(rows, list(rows[0]), title="T")
+    assert ">A</th>" in widgets.html_table([], ["a"], headers=["A"])  # an empty board still has its header
+
+
 def test_show_prints_outside_a_notebook(capsys):
     widgets.show([{"x": 1}], title="plain")
     assert "plain" in capsys.readouterr().out
 
 
 def test_short_traceback_is_the_sentence():
-    from labkit.errors import BadParameter
-
     assert widgets.short_traceback(None, BadParameter, BadParameter("device='cuda' ... use 'cpu'."), None) == [
         "BadParameter: device='cuda' ... use 'cpu'."]
 
@@ -95,7 +104,6 @@ def test_picker_is_a_dropdown_in_jupyterlab_whose_value_the_next_cell_reads(monk
 def test_picker_outside_a_notebook_is_a_plain_choice(capsys):
     chosen = widgets.picker([128, 256], description="length")
     assert chosen.value == 128 and "length: 128" in capsys.readouterr().out
-    import pytest
 
     with pytest.raises(ValueError, match="not one of"):
         widgets.picker([1, 2], value=3)

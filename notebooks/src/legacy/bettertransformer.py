@@ -50,14 +50,16 @@ import torch
 import transformers
 
 from labkit import fastpath, metrics, models, probes, results, timing, widgets
-from labkit.paths import cache_dir
 from labkit.errors import BadParameter, check_sizes
+from labkit.paths import cache_dir
 
 widgets.short_errors()  # a bad parameter below stops the notebook with one sentence, not a traceback
-if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 49) or importlib.util.find_spec("optimum") is None:
-    raise BadParameter(f"this notebook runs in the kernel 'Python (legacy BetterTransformer)' that `make legacy` builds: "
-                       f"BetterTransformer needs optimum 1.x and transformers < 4.49, and this kernel has transformers "
-                       f"{transformers.__version__}{'' if importlib.util.find_spec('optimum') else ' and no optimum'}.")
+too_new = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 49)
+no_optimum = importlib.util.find_spec("optimum") is None
+if too_new or no_optimum:
+    raise BadParameter("this notebook runs in the kernel 'Python (legacy BetterTransformer)' that `make legacy` "
+                       "builds: BetterTransformer needs optimum 1.x and transformers < 4.49, and this kernel has "
+                       f"transformers {transformers.__version__}{' and no optimum' if no_optimum else ''}.")
 if device == "auto":
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
 if device.startswith("cuda") and not torch.cuda.is_available():
@@ -66,7 +68,8 @@ on_gpu = device.startswith("cuda")
 dtype = torch.float16 if on_gpu else torch.float32
 bad = [p for p in padding_fractions if not 0 <= p < 1]
 if not padding_fractions or bad or 0 not in padding_fractions:
-    raise BadParameter(f"padding_fractions={padding_fractions!r}: give fractions in [0, 1), 0 among them, for example [0.0, 0.5, 0.75].")
+    raise BadParameter(f"padding_fractions={padding_fractions!r}: give fractions in [0, 1), 0 among them, "
+                       "for example [0.0, 0.5, 0.75].")
 check_sizes(0, batch=batch, length=length)
 check_sizes(1, max_new_tokens=max_new_tokens)
 batch = batch or (64 if on_gpu else 8)   # points of notebook 03's sweep, so a run of both can be compared
@@ -77,7 +80,8 @@ tolerance = 1e-2 if on_gpu else 1e-4    # relative, float16 on a GPU and float32
 res = results.Results("bettertransformer", results_path, env=probes.environment())
 versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "optimum", "accelerate")}
 widgets.show([{"package": k, "version": v} for k, v in versions.items()], title="This kernel")
-print(f"Working on {device} in {str(dtype).removeprefix('torch.')}; encoder batches {batch} x {length}, padding {padding_fractions}")
+print(f"Working on {device} in {str(dtype).removeprefix('torch.')}; encoder batches {batch} x {length}, "
+      f"padding {padding_fractions}")
 
 # %% [markdown]
 # ## 1. The models, built for transformers 4.48
@@ -96,7 +100,8 @@ def tokenizer_folder(name):
     if name == "smollm2-135m":
         folder = cache_dir() / "models" / "smollm2-135m"
         return (folder, "") if (folder / "labkit-source.json").exists() else \
-            (None, f"smollm2-135m is not converted yet in {folder.parent}: run `make install` (labkit prepare) in the main venv")
+            (None, f"smollm2-135m is not converted yet in {folder.parent}: run `make install` (labkit prepare) "
+                   "in the main venv")
     try:
         return models.minilm_folder(), ""
     except Exception as err:  # ModelNotAvailable: the package is not installed in this venv
@@ -106,13 +111,15 @@ def tokenizer_folder(name):
 def build(name, task):
     """(model, tokenizer, reason): a model for transformers 4.48 in eager attention, or the reason it cannot be had.
 
-    Decoders are built in float32 on every device, so that greedy tokens can be compared exactly (as notebook 02 does)."""
+    Decoders are built in float32 on every device, so that greedy tokens can be compared exactly (as notebook 02
+    does)."""
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     dtype_here = torch.float32 if task == "causal-lm" else dtype
     spec = models.EMBEDDED.get(name)
     if spec is None:  # a Hub id: only from the local cache, the Hub is not reachable here
         try:
-            model = auto.from_pretrained(name, attn_implementation="eager", torch_dtype=dtype_here, local_files_only=True)
+            model = auto.from_pretrained(name, attn_implementation="eager", torch_dtype=dtype_here,
+                                         local_files_only=True)
             return model.to(device).eval(), AutoTokenizer.from_pretrained(name, local_files_only=True), ""
         except OSError as err:
             return None, None, f"{name} is not in the Hugging Face cache ({str(err).splitlines()[0][:120]})"
@@ -153,11 +160,13 @@ widgets.show(rows, title="Models")
 #
 # ```python
 # model = AutoModelForCausalLM.from_pretrained("facebook/opt-350m")
-# model = model.to_bettertransformer()
+# model.to_bettertransformer()
 # ```
 #
-# Then `generate` as usual. We convert a copy, so that the eager model stays for the comparison: the greedy tokens of
-# both must be identical, and the time per generated token shows what the conversion bought on this machine.
+# The call needs no assignment: optimum's `BetterTransformer.transform(model, keep_original_model=False)` swaps the
+# layers of `model` itself (and returns it too). Then `generate` as usual. We convert a copy, so that the eager model
+# stays for the comparison: the greedy tokens of both must be identical, and the time per generated token shows what
+# the conversion bought on this machine.
 
 # %%
 decoder_rows, converted = [], {}
@@ -172,10 +181,10 @@ for name in decoder_ids:
     inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False).to(device)
     tokens, rates = {}, {}
     for label, m in (("eager", model), ("BetterTransformer", bt_model)):
-        def generate(m=m):
+        def generate(m=m, inputs=inputs, pad=tokenizer.pad_token_id):
             with torch.inference_mode():
-                return m.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=tokenizer.pad_token_id)
+                return m.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=pad)
         tokens[label] = generate()[0, inputs.input_ids.shape[1]:].tolist()
         t = timing.measure(generate, device=device, warmup=1, repeats=repeats)
         rates[label] = max_new_tokens / (t.median_ms / 1e3)
@@ -184,7 +193,8 @@ for name in decoder_ids:
         res.metric(metrics.name("decode", name, label, "tokens_per_s"), rates[label])
     layer = type(bt_model.model.decoder.layers[0].self_attn).__name__
     print(f"{name}: after to_bettertransformer() the attention layers are {layer}; "
-          f"warnings while converting: {sorted({type(w.message).__name__ + ': ' + str(w.message)[:80] for w in said}) or 'none'}")
+          f"warnings while converting: "
+          f"{sorted({type(w.message).__name__ + ': ' + str(w.message)[:80] for w in said}) or 'none'}")
     res.check(metrics.name("bettertransformer_tokens_identical", name), tokens["eager"] == tokens["BetterTransformer"])
 widgets.show(decoder_rows, title=f"Greedy generation, {max_new_tokens} new tokens")
 
@@ -192,6 +202,13 @@ widgets.show(decoder_rows, title=f"Greedy generation, {max_new_tokens} new token
 # The source page then forced Flash Attention around `generate` with `torch.backends.cuda.sdp_kernel`. That context
 # manager is deprecated in today's torch (notebook 01 shows its replacement, `torch.nn.attention.sdpa_kernel`); here
 # it runs as written, and its `FutureWarning` is caught and shown.
+#
+# Look at the page's snippet once more: `from_pretrained("facebook/opt-350m")` with no `torch_dtype` loads the weights
+# in float32 in transformers 4.x (its docstring: "If not specified, the model will get loaded in torch.float (fp32)"),
+# and on a GPU PyTorch's Flash kernel takes only float16 and bfloat16. Forcing Flash around a float32 model on a GPU is
+# therefore exactly the page's own `RuntimeError: No available kernel.` (notebook 00 reproduces it). On a CPU, whose
+# Flash kernel takes float32, the same code runs. The cell below runs the page's context on this machine and says which
+# of the two you got.
 
 # %% tags=["old-api-on-purpose"]
 flash_rows = []
@@ -249,14 +266,15 @@ for name in encoder_ids:
         with torch.inference_mode():
             return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
 
-    def run_fast(b):
+    def run_fast(b, fast=fast):
         with torch.inference_mode():
             return fast(b["input_ids"], b["attention_mask"]).last_hidden_state
 
-    paths = {"eager": lambda b: run_hf(eager, b), "sdpa": lambda b: run_hf(sdpa, b),
-             "BetterTransformer": lambda b: run_hf(bt, b), "labkit fastpath": run_fast}
+    paths = {"eager": lambda b, m=eager: run_hf(m, b), "sdpa": lambda b, m=sdpa: run_hf(m, b),
+             "BetterTransformer": lambda b, m=bt: run_hf(m, b), "labkit fastpath": run_fast}
     tiny = fastpath.padded_batch(tokenizer, batch=1, length=8, padding_fraction=0.0, device=device)
-    floors[name] = timing.measure(lambda: paths["BetterTransformer"](tiny), device=device, warmup=1, repeats=repeats).p10_ms
+    floors[name] = timing.measure(lambda run=paths["BetterTransformer"], tiny=tiny: run(tiny), device=device, warmup=1,
+                                  repeats=repeats).p10_ms
     for p in padding_fractions:
         b = fastpath.padded_batch(tokenizer, batch=batch, length=length, padding_fraction=p, device=device)
         real = b["attention_mask"].bool()
@@ -266,13 +284,12 @@ for name in encoder_ids:
             out = call(b).float()
             error = float((out[real] - reference[real]).norm() / reference[real].norm())
             agreement.append({"model": name, "padding": row["padding"], "path": label, "relative error": error})
-            t = timing.measure(lambda: call(b), device=device, warmup=1, repeats=repeats)
+            t = timing.measure(lambda call=call, b=b: call(b), device=device, warmup=1, repeats=repeats)
             row[f"{label} ms"] = t.median_ms
             row[f"{label} p10"] = t.p10_ms
             res.metric(metrics.name("legacy", name, f"b{batch}", f"n{length}", f"pad{round(100 * p)}", label, "ms"),
                        t.median_ms)
         encoder_rows.append(row)
-    del sdpa, bt, fast
 widgets.show([{k: v for k, v in r.items() if not k.endswith("p10")} for r in encoder_rows],
              title=f"Median ms per batch of {batch} x {length}")
 
@@ -280,10 +297,12 @@ widgets.show([{k: v for k, v in r.items() if not k.endswith("p10")} for r in enc
 worst = {}
 for r in agreement:
     worst[r["path"]] = max(worst.get(r["path"], 0.0), r["relative error"])
-widgets.show([{"path": k, "largest relative error at real tokens": v, "tolerance": tolerance} for k, v in worst.items()],
+widgets.show([{"path": k, "largest relative error at real tokens": v, "tolerance": tolerance}
+              for k, v in worst.items()],
              title="Against eager, every model and padding level")
 if agreement:
-    res.check("bettertransformer_matches_eager", worst["BetterTransformer"] <= tolerance, f"{worst['BetterTransformer']:.1e}")
+    res.check("bettertransformer_matches_eager", worst["BetterTransformer"] <= tolerance,
+              f"{worst['BetterTransformer']:.1e}")
     res.check("labkit_fastpath_matches_eager", worst["labkit fastpath"] <= tolerance, f"{worst['labkit fastpath']:.1e}")
 else:
     res.skip("encoder outputs against eager", "no encoder of encoder_ids could be built")
@@ -301,7 +320,8 @@ for r in encoder_rows:
     r["labkit fastpath vs BT"] = r["BetterTransformer ms"] / r["labkit fastpath ms"]
     res.metric(metrics.name("speedup_bettertransformer_vs_eager", r["model"], f"pad{round(100 * r['padding'])}"),
                r["BT vs eager"])
-widgets.show([{k: r[k] for k in ("model", "padding", "BT vs eager", "BT vs sdpa", "labkit fastpath vs BT")} for r in encoder_rows],
+widgets.show([{k: r[k] for k in ("model", "padding", "BT vs eager", "BT vs sdpa", "labkit fastpath vs BT")}
+              for r in encoder_rows],
              title="Speed-ups (above 1: the first is faster)")
 if encoder_rows:
     from labkit import plots
@@ -322,7 +342,8 @@ if encoder_rows:
     print(f"{name}: at {most:.0%} padding BetterTransformer takes {top['BetterTransformer p10']:.2f} ms, eager "
           f"{top['eager p10']:.2f} ms (fastest 10%); the floor, one 8-token call, takes {floors[name]:.2f} ms")
     if most < 0.5:
-        res.skip("bettertransformer_beats_eager_with_padding", f"the largest padding fraction is {most:.0%}; the claim is for 50% or more")
+        res.skip("BetterTransformer against eager with padding",
+                 f"the largest padding fraction is {most:.0%}; the claim is for 50% or more")
     elif top["eager p10"] < 2 * floors[name]:
         res.skip("bettertransformer_beats_eager_with_padding",
                  f"eager takes only {top['eager p10'] / floors[name]:.1f}x the floor here: the time is issuing kernels")
@@ -335,7 +356,8 @@ if encoder_rows:
 # the comparison from a terminal in the repository:
 #
 # ```bash
-# make compare-legacy        # labkit run --notebooks 02,03,legacy: one report, with the table "Legacy BetterTransformer against today's path"
+# make compare-legacy   # labkit run --notebooks 02,03,legacy: one report, with the table
+#                       # "Legacy BetterTransformer against today's path"
 # ```
 #
 # The report joins this notebook's numbers with notebook 03's sweep at the same batch, length and padding (transformers
@@ -345,4 +367,5 @@ if encoder_rows:
 # %%
 res.write()
 held = sum(res.checks.values())
-print(f"{held} of {len(res.checks)} claims held on this machine; {len(res.skipped)} parts skipped (each said why above).")
+print(f"{held} of {len(res.checks)} claims held on this machine; "
+      f"{len(res.skipped)} parts skipped (each said why above).")

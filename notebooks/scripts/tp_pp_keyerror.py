@@ -1,0 +1,21 @@
+"""The smallest reproduction: transformers 5.24 cannot load a model with tensor and pipeline parallelism together.
+
+    torchrun --standalone --nproc-per-node 4 scripts/tp_pp_keyerror.py
+
+Every rank stops with ``KeyError: 'model.layers.N.self_attn.q_proj.weight'``, N a layer that another pipeline stage
+holds: the tensor-parallel plan is expanded over every layer before the pipeline replaces the layers of the other
+stages with placeholders, and applying the plan then looks their weights up. (labkit.compat.tp_plan_skips_other_stages
+is the workaround notebook 05 uses.)
+"""
+
+import tempfile
+
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.distributed import DistributedConfig
+
+config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+with tempfile.TemporaryDirectory() as folder:
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoModelForCausalLM.from_pretrained(folder, distributed_config=DistributedConfig(tp_size=2, pp_size=2))
+print("loaded: this transformers combines TP and PP")

@@ -1,0 +1,140 @@
+"""labkit.lab: a notebook's opening (parameters, plan, results record) and closing ("What you measured")."""
+
+import types
+
+import pytest
+import torch
+
+from labkit import exercises, lab, paths
+from labkit.errors import BadParameter
+from labkit.exercises.core import Exercise, predicted
+from labkit.results import Results, read_results
+
+
+def double(x):
+    return 2 * x
+
+
+DOUBLE = Exercise(id="99.1", title="twice x", kind="predict", checker=lambda answer, given: predicted(
+    answer, double(given["x"]), "units", {"you gave x itself": given["x"]}), solution=double, hints=("twice",))
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """A topic module for notebook 99_fake, whose plan records what it was given."""
+    module = types.SimpleNamespace(given=[])
+
+    def notebook_plan(*, device: str, quick: bool, size: int = 4, name: str = "tiny"):
+        module.given.append({"device": device, "quick": quick, "size": size, "name": name})
+        if size < 1:
+            raise BadParameter(f"size={size}: give a whole number >= 1.")
+        return {"dtype": torch.float32, "line": "One more sentence.", "sizes": [size, 2 * size]}
+
+    def what_you_measured(results):
+        return [f"Measured {len(results['metrics'])} numbers; m was {results['metrics'].get('m')}."]
+
+    module.notebook_plan, module.what_you_measured = notebook_plan, what_you_measured
+    monkeypatch.setattr(lab, "topic", lambda notebook: module)
+    monkeypatch.setattr(exercises, "get", lambda exercise_id: DOUBLE)
+    monkeypatch.setenv("LABKIT_PROGRESS", str(tmp_path / "progress.json"))
+    return module
+
+
+def test_start_passes_the_parameters_the_plan_names_and_says_where_it_runs(fake, capsys):
+    params = {"device": "auto", "quick": True, "size": 8, "unrelated": object(), "results_path": ""}
+    opened = lab.start("99_fake", params)
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert fake.given == [{"device": device, "quick": True, "size": 8, "name": "tiny"}]  # defaults stay defaults
+    said = capsys.readouterr().out
+    assert said.startswith(f"Working on {device} (") and "in float32, quick sizes. One more sentence." in said
+    assert opened.dtype is torch.float32 and opened.dtype_name == "float32" and opened.quick and not opened.solutions
+    assert opened.results.path is None and opened.results.env["versions"]["torch"] == torch.__version__
+
+
+def test_a_bad_parameter_stops_the_notebook_in_one_sentence(fake):
+    with pytest.raises(BadParameter) as caught:
+        lab.start("99_fake", {"size": 0})
+    assert str(caught.value) == "size=0: give a whole number >= 1." and "\n" not in str(caught.value)
+
+
+def test_an_unknown_notebook_lists_the_notebooks():
+    with pytest.raises(BadParameter, match="no notebook '42_nothing'; there are 00_setup_and_probes, "):
+        lab.topic("42_nothing")
+
+
+def test_the_plan_is_read_as_attributes_and_an_unknown_name_says_what_it_holds(fake):
+    opened = lab.start("99_fake", {"size": 3})
+    assert opened.sizes == [3, 6]
+    assert opened.quick is not torch.cuda.is_available()  # quick left out: small sizes where there is no GPU
+    assert "dtype" not in opened.plan and "line" not in opened.plan  # taken out: lab.dtype, and the printed line
+    with pytest.raises(AttributeError, match="lab has no 'seq_lengths'; the plan holds sizes"):
+        opened.seq_lengths  # noqa: B018
+
+
+def test_checks_skips_metrics_and_findings_go_to_the_results(fake, capsys):
+    opened = lab.start("99_fake", {})
+    capsys.readouterr()
+    opened.check("holds", True)
+    opened.check("does_not_hold", False, "2 > 1")
+    opened.skip("the GPU part", "no GPU here")
+    opened.metric("m", 1.5)
+    opened.record({"n": 2, "not_measured": None})
+    opened.add({"metrics": {"k": 3.0}, "checks": {"found": (True, "yes"), "plain": True},
+                "skipped": {"flash": "not installed"}})
+    said = capsys.readouterr().out
+    assert "Not seen on this machine: does not hold (2 > 1)." in said and "machine: holds" not in said  # silent
+    assert "Skipped: the GPU part -- no GPU here" in said
+    data = opened.results.as_dict()
+    assert data["metrics"] == {"m": 1.5, "n": 2, "k": 3.0}
+    assert data["checks"] == {"holds": True, "does_not_hold": False, "found": True, "plain": True}
+    assert data["skipped"] == {"the GPU part": "no GPU here", "flash": "not installed"}
+
+
+def test_finish_prints_what_you_measured_and_writes_the_results_with_it(fake, tmp_path, capsys):
+    path = tmp_path / "99_fake.results.json"
+    opened = lab.start("99_fake", {"results_path": str(path)})
+    opened.metric("m", 1.5)
+    opened.skip("one part", "why")
+    capsys.readouterr()
+    opened.finish()
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == f"What you measured on {opened.device_label}:"
+    assert said[1] == "- Measured 1 numbers; m was 1.5."
+    assert said[2].startswith("(1 part skipped on this machine")
+    written = read_results(path)
+    assert written["summary"] == ["Measured 1 numbers; m was 1.5."] and written["metrics"] == {"m": 1.5}
+
+
+def test_a_workshop_run_fills_in_the_solutions_and_records_that_they_pass(fake, tmp_path, capsys):
+    path = tmp_path / "99_fake.results.json"
+    opened = lab.start("99_fake", {"solutions": True, "results_path": str(path)})
+    ex = opened.exercise("99.1", x=3)
+    assert ex.check(None)  # the solution, filled in
+    opened.finish()
+    assert read_results(path)["checks"] == {"exercise_solutions_pass": True}
+    assert not (tmp_path / "progress.json").exists()  # a workshop run records no progress
+
+
+def test_a_learners_run_counts_the_exercises_instead(fake, tmp_path, capsys):
+    opened = lab.start("99_fake", {})
+    opened.exercise("99.1", x=3).check(3)  # a typical mistake
+    opened.exercise("99.1", x=5).check(10)
+    opened.finish()
+    said = capsys.readouterr().out
+    assert "you gave x itself" in said and "Exercises: 1 of 2 correct." in said
+    assert "exercise_solutions_pass" not in opened.results.checks
+
+
+def test_beside_references_puts_the_stored_runs_next_to_this_machine(fake, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(paths, "reference_dir", lambda: tmp_path / "reference")
+    opened = lab.start("99_fake", {})
+    opened.metric("m", 2.0)
+    assert opened.beside_references({"the speed": "m"}) == [{"measured": "the speed", "this machine": 2.0}]
+    assert "No reference runs are stored" in capsys.readouterr().out
+    stored = Results("99_fake", tmp_path / "reference" / "nvidia-h100" / "99_fake.results.json", env={})
+    stored.metric("m", 8.0)
+    stored.write()
+    rows = opened.beside_references({"the speed": "m", "not measured here": "other"})
+    assert rows == [{"measured": "the speed", "this machine": 2.0, "nvidia-h100": 8.0},
+                    {"measured": "not measured here", "this machine": None, "nvidia-h100": None}]
+    assert "No reference runs" not in capsys.readouterr().out
