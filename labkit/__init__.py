@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from labkit import compat
+
 __version__ = "0.1.0"
+compat.drop_import_chatter()
 
 _SUBMODULES = {"errors", "paths", "compat", "metrics", "probes", "machine", "models", "timing", "roofline", "results",
                "widgets", "plots", "attention", "attention_today", "generation", "fastpath", "quant", "parallel",

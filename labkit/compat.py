@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -112,3 +113,43 @@ def tp_plan_skips_other_stages():
         yield
     finally:
         mixin.apply_tensor_parallelism = original
+
+
+# torch 2.11-2.13: nn.TransformerEncoderLayer leaves its fused path when the module has forward hooks or pre-hooks,
+# which it counts in private dictionaries; labkit.fastpath.why_not_fused asks the same question the same way.
+def has_forward_hooks(module) -> bool:
+    """True when ``module`` or a module inside it has a forward hook or pre-hook."""
+    return any(len(getattr(m, "_forward_hooks", {})) + len(getattr(m, "_forward_pre_hooks", {}))
+               for m in module.modules())
+
+
+# torch 2.11-2.13: the module a torch.compile wrapper (OptimizedModule) holds, in a private attribute.
+def compiled_original(module):
+    """The module ``torch.compile`` wrapped, or None for a plain module."""
+    return getattr(module, "_orig_mod", None)
+
+
+# accelerate 1.15: add_hook_to_module replaces ``forward`` and keeps its hook in a private attribute (no torch hook).
+def accelerate_hooks(module) -> int:
+    """How many modules inside ``module`` carry an accelerate hook (device_map dispatch, offloading)."""
+    return sum(hasattr(m, "_hf_hook") for m in module.modules())
+
+
+# torchao 0.18 on a machine without its CUDA libraries: transformers imports torchao in every from_pretrained once it
+# is installed, and that import logs each CUDA-only library of its wheel it cannot load, and torch a note on the
+# enums torchao registers with its compiler. Log records, not warnings: nothing the deprecation canary watches is
+# hidden. Installed when labkit is imported.
+class _DropImportChatter(logging.Filter):
+    CHATTER = ("Failed to load ", "is an Enum subclass and is now natively supported")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in self.CHATTER)
+
+
+def drop_import_chatter() -> None:
+    """Keep torchao's import chatter out of the notebooks (idempotent)."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropImportChatter) for f in logger.filters):
+            logger.addFilter(_DropImportChatter())
+

@@ -81,23 +81,6 @@ def notebook_plan(*, device: str, quick: bool, dtype: Any = "auto", model_id: st
 
 # --------------------------------------------------------------------------- the conditions, in torch's order
 
-# torch 2.11-2.13, private attributes: a module's own forward hooks and pre-hooks (what TransformerEncoderLayer
-# counts), and the module a torch.compile wrapper holds. To move into labkit.compat.
-def _has_forward_hooks(module: nn.Module) -> bool:
-    return any(len(getattr(m, "_forward_hooks", {})) + len(getattr(m, "_forward_pre_hooks", {}))
-               for m in module.modules())
-
-
-def _compiled_original(module: nn.Module) -> nn.Module | None:
-    return getattr(module, "_orig_mod", None)
-
-
-# accelerate 1.15, private attribute: the hook add_hook_to_module attached (it replaces forward, it registers no torch
-# hook). To move into labkit.compat.
-def _accelerate_hooks(module: nn.Module) -> int:
-    return sum(hasattr(m, "_hf_hook") for m in module.modules())
-
-
 def _unsupported_layer(layer: nn.Module) -> str:
     """Why PyTorch's encoder turns its nested-tensor path off for ``layer`` when it is built ('' when it does not)."""
     if not isinstance(layer, nn.TransformerEncoderLayer):
@@ -146,7 +129,7 @@ def why_not_fastpath(encoder, src, src_key_padding_mask=None, mask=None) -> str:
     Whether each layer also runs as one fused op is :func:`why_not_fused`'s question (a hook, say, stops the fused
     layer but not the packing). The profiler tells what ran: :func:`fastpath_ran`, :func:`padding_skipped`.
     """
-    original = _compiled_original(encoder)
+    original = compat.compiled_original(encoder)
     module = original if original is not None else encoder
     layer = module.layers[0]
     if not torch.backends.mha.get_fastpath_enabled():
@@ -200,7 +183,7 @@ def _why_layer_not_fused(layer: nn.Module, src) -> str:
         return f"it has an odd number of heads ({attn.num_heads})"
     if torch.is_autocast_enabled():
         return "autocast is enabled"
-    if _has_forward_hooks(layer):
+    if compat.has_forward_hooks(layer):
         return "a forward hook or pre-hook is registered on it or inside it (register_forward_hook)"
     return _device_and_grad([src, *_weights(layer)])
 
@@ -208,7 +191,7 @@ def _why_layer_not_fused(layer: nn.Module, src) -> str:
 def why_not_fused(encoder, src, src_key_padding_mask=None) -> str:
     """Why some layer of ``encoder`` would NOT run as one fused op ('' when every layer would): each layer's
     reason, with the layers it applies to ("layer 0: a forward hook ...")."""
-    original = _compiled_original(encoder)
+    original = compat.compiled_original(encoder)
     module = original if original is not None else encoder
     reasons: dict[str, list[int]] = {}
     for i, layer in enumerate(module.layers):
@@ -318,7 +301,7 @@ def try_situations(cases: dict[str, Situation], device: str) -> list[dict[str, A
         why_padding, why_fused = case.reasons()
         out = case()
         seen = attention.ops_that_ran(case, device)
-        original = _compiled_original(case.encoder)
+        original = compat.compiled_original(case.encoder)
         layers = len((case.encoder if original is None else original).layers)
         right = case.mask is not None and compat.padding_is_right_aligned(case.src, case.mask)
         zeros = bool((out[case.mask] == 0).all()) if right else None
@@ -368,8 +351,8 @@ def under_accelerate(encoder: nn.TransformerEncoder, src: torch.Tensor, padding:
         for label, device_map in maps.items():
             dispatched = dispatch_model(copy.deepcopy(encoder), device_map=device_map, offload_dir=folder,
                                         force_hooks=True)
-            row = {"accelerate": label, "modules with an accelerate hook": _accelerate_hooks(dispatched),
-                   "torch forward hooks": _has_forward_hooks(dispatched)}
+            row = {"accelerate": label, "modules with an accelerate hook": compat.accelerate_hooks(dispatched),
+                   "torch forward hooks": compat.has_forward_hooks(dispatched)}
             try:
                 with torch.no_grad():
                     seen = attention.ops_that_ran(functools.partial(dispatched, src, src_key_padding_mask=padding),
@@ -685,14 +668,28 @@ def recheck(rows: list[dict[str, Any]], remeasure: Callable[[dict[str, Any]], di
         if r.get("status") == "ok" and (r["implementation"] == "fastpath" or r["padding"] > 0):
             series.setdefault((r["implementation"], r["batch"], r["length"]), []).append(i)
     for (implementation, _, _), indices in series.items():
-        works = ["real_tokens"] if implementation == "fastpath" else ["real_tokens", "padding_tokens"]
-        points, noisy = [rows[i] for i in indices], [False] * len(indices)
-        for work in works:
-            points = timing.recheck_trend(points, work=work, remeasure=remeasure)
-            noisy = [before or point["noisy"] for before, point in zip(noisy, points, strict=True)]
-        for i, point, flag in zip(indices, points, noisy, strict=True):
-            rows[i] = {**point, "noisy": flag}
+        points = [rows[i] for i in indices]
+        if implementation == "fastpath":
+            points = timing.recheck_trend(points, work="real_tokens", remeasure=remeasure)
+        else:
+            points = _recheck_flat(points, remeasure)
+        for i, point in zip(indices, points, strict=True):
+            rows[i] = point
     return rows
+
+
+def _recheck_flat(points: list[dict[str, Any]], remeasure: Callable[[dict[str, Any]], dict[str, Any]]):
+    """:func:`labkit.timing.recheck_trend` for a series whose time must not change with the padding: the points
+    against the trend either way (time rising with the padding, or falling) are measured again once; those still
+    against it get ``noisy=True``."""
+    def against() -> set[int]:
+        return {*timing.against_the_trend(points, work="real_tokens"),
+                *timing.against_the_trend(points, work="padding_tokens")}
+
+    for i in sorted(against()):
+        points[i] = {**points[i], **remeasure(points[i]), "remeasured": True}
+    still = against()
+    return [{**point, "noisy": i in still} for i, point in enumerate(points)]
 
 
 def _point(rows: list[dict[str, Any]], implementation: str, b: int, n: int, padding: float) -> dict[str, Any] | None:

@@ -266,15 +266,18 @@ def quantized_formats(rows: Sequence[dict[str, Any]], *, title: str = ""):
     return fig
 
 
-def weight_only_sweep(rows: Sequence[dict[str, Any]], *, roofline_batch: float | None = None, title: str = ""):
+def weight_only_sweep(rows: Sequence[dict[str, Any]], *, curve: Sequence[tuple[float, float]] = (),
+                      roofline_batch: float | None = None, title: str = ""):
     """int4 weight-only against 16-bit for one layer, by batch (rows of ``labkit.quant.sweep_rows``): the measured
-    speed-up beside the roofline's, a line at 1x, and the roofline's break-even batch. Noisy points get a cross."""
+    speed-up beside the roofline's (``curve``: (batch, speed-up) points, else the rows' own), a line at 1x, and the
+    roofline's break-even batch. Noisy points get a cross."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     xs = [r["batch"] for r in rows]
     ax.plot(xs, [r["int4 speed-up"] for r in rows], marker="o", label="measured")
-    ax.plot(xs, [r["roofline speed-up"] for r in rows], linestyle="--", color="k", label="roofline")
+    roof = list(curve) or [(r["batch"], r["roofline speed-up"]) for r in rows]
+    ax.plot([b for b, _ in roof], [g for _, g in roof], linestyle="--", color="k", label="roofline")
     noisy = [(r["batch"], r["int4 speed-up"]) for r in rows if r.get("noisy")]
     if noisy:
         ax.scatter(*zip(*noisy, strict=True), marker="x", s=70, color="k", zorder=3, label="noisy (not used)")
@@ -288,5 +291,60 @@ def weight_only_sweep(rows: Sequence[dict[str, Any]], *, roofline_batch: float |
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- 06 · serving
+
+def serving_curve(rows: list[dict[str, Any]], *, knee: float, title: str = ""):
+    """Tokens/s against per-token latency for each batch size, with the two bounds drawn against the batch."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    batch = [r["batch"] for r in rows]
+    left.plot([r["step_ms"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", color="#0969da")
+    for r in rows:
+        left.annotate(f"b{r['batch']}", (r["step_ms"], r["tokens_per_s"]), textcoords="offset points", xytext=(4, 4))
+    left.set_xlabel("per-token latency (ms per step)")
+    left.set_ylabel("tokens/s (all sequences)")
+    left.set_title("throughput against latency")
+    right.plot(batch, [r["tokens_per_s"] for r in rows], "o-", color="#0969da", label="measured")
+    right.plot(batch, [r["bandwidth_bound_tokens_per_s"] for r in rows], "--", color="#cf222e",
+               label="bandwidth bound")
+    right.plot(batch, [r["compute_bound_tokens_per_s"] for r in rows], ":", color="#1a7f37", label="compute bound")
+    right.axvline(knee, color="grey", lw=0.8)
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("batch")
+    right.set_ylabel("tokens/s")
+    right.set_title(f"against the roofline (the bounds meet near batch {knee:.0f})")
+    right.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def server_load(levels: Sequence[dict[str, Any]], *, title: str = ""):
+    """Requests/s and tokens/s, and TTFT and latency percentiles, per number of concurrent clients."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    clients = [lv["concurrency"] for lv in levels]
+    left.plot(clients, [lv["tokens_per_s"] for lv in levels], "o-", label="tokens/s")
+    left.plot(clients, [lv["requests_per_s"] for lv in levels], "s-", label="requests/s")
+    left.set_xlabel("concurrent clients")
+    left.set_title("throughput")
+    left.legend()
+    for key, style in (("ttft_p50_ms", "o-"), ("ttft_p99_ms", "o--"), ("latency_p50_ms", "s-"),
+                       ("latency_p99_ms", "s--")):
+        right.plot(clients, [lv.get(key) for lv in levels], style, label=key.replace("_ms", "").replace("_", " "))
+    right.set_xlabel("concurrent clients")
+    right.set_ylabel("ms")
+    right.set_title("time to first token and latency")
+    right.legend()
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

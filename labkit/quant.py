@@ -115,8 +115,7 @@ def notebook_plan(*, device: str, quick: bool, compute_dtype: Any = "auto", mode
             "eval_tokens": eval_tokens or sizes["eval_tokens"], "new_tokens": new_tokens or sizes["new_tokens"],
             "batch_sizes": sorted(set(batch_sizes)), **{k: sizes[k] for k in
                                                         ("prefill_tokens", "warmup", "repeats", "sweep_batches")},
-            "layer_size": sizes["layer"], "group_size": INT4_GROUP_SIZE,
-            "compile_problem": compile_problem(device, quick),
+            "layer_size": sizes["layer"], "compile_problem": compile_problem(device, quick),
             "speed_model_id": "random-llama-1b" if on_gpu else model_id}
     versions = ", ".join(f"{p} {probes.package_version(p) or 'missing'}" for p in ("bitsandbytes", "torchao"))
     plan["line"] = f"{versions}; formats: {', '.join(runs)}."
@@ -170,29 +169,6 @@ def compile_problem(device: str, quick: bool) -> str:
         return ("quick sizes on a CPU: compiling the one-token step (torch.compile) costs more time than this quick "
                 "run has; run with quick=False to measure it")
     return ""
-
-
-class _DropImportChatter(logging.Filter):
-    """Drops the log records torchao's import writes on every machine: the CUDA-only libraries of its wheel that a
-    CPU machine cannot load, and torch's note about the enums torchao registers with its compiler (log records, not
-    warnings: nothing a deprecation canary watches is hidden)."""
-
-    CHATTER = ("Failed to load ", "is an Enum subclass and is now natively supported")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in str(record.msg) for text in self.CHATTER)
-
-
-def drop_import_chatter() -> None:
-    """transformers imports torchao as soon as it is installed (its quantizers module does, in every
-    ``from_pretrained``): keep that import's chatter out of the notebook (done when this module is imported)."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropImportChatter) for f in logger.filters):
-            logger.addFilter(_DropImportChatter())
-
-
-drop_import_chatter()
 
 
 def quiet_libraries() -> None:
@@ -724,6 +700,21 @@ def roofline_step_s(batch: int, *, weights: int, weight_bytes: float, flops_per_
     return max(weights * weight_bytes / bytes_per_s, 2 * weights * batch / flops_per_s)
 
 
+def roofline_speedup(batch: float, flops_per_s: float, bytes_per_s: float) -> float:
+    """The roofline's speed-up of int4 weights (half a byte each) over 16-bit ones for a step of ``batch`` rows."""
+    def step(weight_bytes):
+        return roofline_step_s(batch, weights=1, weight_bytes=weight_bytes, flops_per_s=flops_per_s,
+                               bytes_per_s=bytes_per_s)
+    return step(2.0) / step(0.5)
+
+
+def roofline_curve(flops_per_s: float, bytes_per_s: float, batches: list[int], points: int = 64) -> list[tuple]:
+    """(batch, roofline speed-up) on a geometric grid over the batches of a sweep, for a figure."""
+    low, high = math.log(min(batches)), math.log(max(batches))
+    grid = [math.exp(low + (high - low) * i / (points - 1)) for i in range(points)]
+    return [(b, roofline_speedup(b, flops_per_s, bytes_per_s)) for b in grid]
+
+
 def layer_sweep(size: int, batches: list[int], *, device: str, dtype, group_size: int = INT4_GROUP_SIZE,
                 warmup: int = 1, repeats: int = 3) -> list[dict[str, Any]]:
     """One ``size`` x ``size`` linear layer in 16-bit and in torchao int4 weight-only, timed with ``batch`` one-token
@@ -757,13 +748,22 @@ def layer_sweep(size: int, batches: list[int], *, device: str, dtype, group_size
 
 
 def measured_break_even(rows: list[dict[str, Any]]) -> float | None:
-    """The smallest batch of the sweep at which int4 weight-only was no faster than 16-bit (noisy points left out);
-    None when int4 stayed faster at every batch measured."""
+    """The batch at which int4 weight-only stopped being faster than 16-bit in a :func:`layer_sweep` (noisy points
+    left out): between the last batch where it was faster and the first where it was not, where the speed-up,
+    interpolated on log scales, crosses 1; the first batch when int4 was never faster; None when it stayed faster."""
     times = {(r["format"], r["batch"]): r for r in rows}
+    gains = []
     for batch in sorted({r["batch"] for r in rows}):
         a, b = times.get(("torchao-int4", batch)), times.get(("16-bit", batch))
-        if a and b and not (a["noisy"] or b["noisy"]) and a["median_ms"] >= b["median_ms"]:
-            return float(batch)
+        if a and b and not (a["noisy"] or b["noisy"]):
+            gains.append((batch, b["median_ms"] / a["median_ms"]))
+    for i, (batch, gain) in enumerate(gains):
+        if gain <= 1.0:
+            if i == 0:
+                return float(batch)
+            before, ahead = gains[i - 1]
+            share = math.log(ahead) / (math.log(ahead) - math.log(gain))
+            return float(before * (batch / before) ** share)
     return None
 
 
@@ -781,24 +781,20 @@ def break_even_line(roofline_batch: float, measured: float | None, rows: list[di
     if measured is None:
         return (f"{gain}, and still faster at batch {rows[-1]['batch']}; the roofline puts the end of its gain at "
                 f"batch {roofline_batch:.0f}.")
-    return f"{gain}; it stopped gaining at batch {measured:.0f}, where the roofline says {roofline_batch:.0f}."
+    return (f"{gain}; its gain ended at about batch {measured:.0f} (between the batches measured), where the roofline "
+            f"says {roofline_batch:.0f}.")
 
 
-def sweep_rows(rows: list[dict[str, Any]], *, size: int, flops_per_s: float, bytes_per_s: float) -> list[dict]:
+def sweep_rows(rows: list[dict[str, Any]], *, flops_per_s: float, bytes_per_s: float) -> list[dict]:
     """The sweep by batch: both measured times, the int4 speed-up, and the speed-up the roofline allows."""
     times = {(r["format"], r["batch"]): r for r in rows}
-    weights = size * size
     out = []
     for batch in sorted({r["batch"] for r in rows}):
         sixteen, four = times[("16-bit", batch)], times[("torchao-int4", batch)]
-        ideal = roofline_step_s(batch, weights=weights, weight_bytes=2, flops_per_s=flops_per_s,
-                                bytes_per_s=bytes_per_s) / roofline_step_s(batch, weights=weights, weight_bytes=0.5,
-                                                                           flops_per_s=flops_per_s,
-                                                                           bytes_per_s=bytes_per_s)
-        noisy = sixteen["noisy"] or four["noisy"]
         out.append({"batch": batch, "16-bit ms": sixteen["median_ms"], "int4 ms": four["median_ms"],
-                    "int4 speed-up": sixteen["median_ms"] / four["median_ms"], "roofline speed-up": ideal,
-                    "noisy": "noisy" if noisy else ""})
+                    "int4 speed-up": sixteen["median_ms"] / four["median_ms"],
+                    "roofline speed-up": roofline_speedup(batch, flops_per_s, bytes_per_s),
+                    "noisy": "noisy" if sixteen["noisy"] or four["noisy"] else ""})
     return out
 
 

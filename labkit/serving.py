@@ -6,8 +6,8 @@
   and end-to-end latency, and the KV memory each holds;
 - the **throughput-latency curve** of decoding against the roofline (bandwidth bound at batch 1, compute bound at a
   large batch) and its knee;
-- **speculative decoding** (prompt lookup, a draft model): acceptance rate, tokens per step of the main model, speed-up, and
-  the acceptance rate at which a draft breaks even;
+- **speculative decoding** (prompt lookup, a draft model): acceptance rate, tokens per step of the main model,
+  speed-up, and the acceptance rate at which a draft breaks even;
 - **KV-cache size** (one formula: :func:`labkit.roofline.kv_bytes_per_token`) and ``QuantizedCache``;
 - a **real server**: ``transformers serve --continuous-batching`` in a subprocess that labkit starts, waits for and
   always stops (:class:`Server`), and a bounded load of concurrent streaming clients (:func:`load`).
@@ -58,7 +58,7 @@ def default_sizes(on_gpu: bool, quick: bool) -> dict[str, Any]:
     if on_gpu and not quick:
         return {"requests": 128, "length_scale": 1, "static_batch": 32, "page_size": 256, "repeats": 3,
                 "batch_sizes": [1, 4, 16, 64, 256], "curve_prompt": 128, "curve_new_tokens": 32,
-                "spec_new_tokens": 128, "quote_words": 240, "kv_context": 4096, "kv_read": 256,
+                "spec_new_tokens": 128, "quote_words": 240, "kv_context": 2048, "kv_read": 256,
                 "server_concurrency": [1, 4, 16, 64], "server_requests": 64}
     if quick:
         return {"requests": 8, "length_scale": 16, "static_batch": 4, "page_size": 16, "repeats": 1,
@@ -94,6 +94,10 @@ def notebook_plan(*, device: str, quick: bool, dtype: Any = "auto", model_id: st
     model, tokenizer = models.load_model(model_id, device=device, dtype=dtype)
     workload = load_workload(tokenizer, requests=requests or sizes["requests"], length_scale=sizes["length_scale"])
     static = static_batch or sizes["static_batch"]
+    text_tokens = len(tokenizer(QUOTED_TEXT.read_text(encoding="utf-8"))["input_ids"])
+    if (kv_context or sizes["kv_context"]) + sizes["kv_read"] + 1 > text_tokens:
+        raise BadParameter(f"kv_context={kv_context}: the shipped text has {text_tokens} tokens, and the quantized "
+                           f"caches read {sizes['kv_read']} more after the context.")
     plan = {"dtype": dtype, "model_id": model_id, "model": model, "tokenizer": tokenizer, "workload": workload,
             "static_batch": static, "page_size": sizes["page_size"], "repeats": sizes["repeats"],
             "batch_sizes": sorted(set(batch_sizes or sizes["batch_sizes"])), "curve_prompt": sizes["curve_prompt"],
@@ -784,6 +788,8 @@ def prepare_quanto() -> bool:
 
 
 def cache_table(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    if "dynamic" not in runs:  # nothing to compare with
+        return []
     base = runs["dynamic"]
     return [{"cache": "model's own (DynamicCache)" if kind == "dynamic" else f"QuantizedCache({kind})",
              "tokens held": run["tokens_held"], "MiB held": run["held_bytes"] / 2**20,
@@ -794,6 +800,8 @@ def cache_table(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def cache_findings(runs: dict[str, dict[str, Any]], model) -> dict[str, Any]:
+    if "dynamic" not in runs:
+        return {}
     base = runs["dynamic"]
     metrics: dict[str, float] = {}
     for kind, run in runs.items():
@@ -834,7 +842,7 @@ def fits_table(caches: dict[str, dict[str, Any]], model, *, devices: str = "8 x 
     """Notebook 05's calculator for each cache: sequences of ``context`` tokens that fit beside ``model_name``'s
     16-bit weights on ``devices``, the quantized caches at the share of a 16-bit cache they held here."""
     rows = []
-    for kind, run in caches.items():
+    for kind, run in {"dynamic": None, **caches}.items():
         share = 1.0 if kind == "dynamic" else share_of_16bit(run, model)
         fit = sequences_that_fit(model_name=model_name, devices=devices, context=context, kv_fraction=share)
         rows.append({"KV cache": "16-bit" if kind == "dynamic" else f"QuantizedCache({kind})",
@@ -1189,61 +1197,6 @@ def stop_findings(server: Server, pids: Sequence[int | None]) -> dict[str, Any]:
     return {"checks": {"nothing_left_running_after_stop": (not left and not server.port_in_use(),
                                                            f"still running: {left}, port open: "
                                                            f"{server.port_in_use()}")}}
-
-
-# --------------------------------------------------------------------------- figures
-
-def curve_figure(rows: list[dict[str, Any]], *, knee: float, title: str = ""):
-    """Tokens/s against per-token latency for each batch size, with the two bounds drawn against the batch."""
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    batch = [r["batch"] for r in rows]
-    left.plot([r["step_ms"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", color="#0969da")
-    for r in rows:
-        left.annotate(f"b{r['batch']}", (r["step_ms"], r["tokens_per_s"]), textcoords="offset points", xytext=(4, 4))
-    left.set_xlabel("per-token latency (ms per step)")
-    left.set_ylabel("tokens/s (all sequences)")
-    left.set_title("throughput against latency")
-    right.plot(batch, [r["tokens_per_s"] for r in rows], "o-", color="#0969da", label="measured")
-    right.plot(batch, [r["bandwidth_bound_tokens_per_s"] for r in rows], "--", color="#cf222e",
-               label="bandwidth bound")
-    right.plot(batch, [r["compute_bound_tokens_per_s"] for r in rows], ":", color="#1a7f37", label="compute bound")
-    right.axvline(knee, color="grey", lw=0.8)
-    right.set_xscale("log", base=2)
-    right.set_yscale("log")
-    right.set_xlabel("batch")
-    right.set_ylabel("tokens/s")
-    right.set_title(f"against the roofline (the bounds meet near batch {knee:.0f})")
-    right.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def load_figure(levels: Sequence[dict[str, Any]], *, title: str = ""):
-    """Requests/s and tokens/s, and TTFT and latency percentiles, per number of concurrent clients."""
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    clients = [lv["concurrency"] for lv in levels]
-    left.plot(clients, [lv["tokens_per_s"] for lv in levels], "o-", label="tokens/s")
-    left.plot(clients, [lv["requests_per_s"] for lv in levels], "s-", label="requests/s")
-    left.set_xlabel("concurrent clients")
-    left.set_title("throughput")
-    left.legend()
-    for key, style in (("ttft_p50_ms", "o-"), ("ttft_p99_ms", "o--"), ("latency_p50_ms", "s-"),
-                       ("latency_p99_ms", "s--")):
-        right.plot(clients, [lv.get(key) for lv in levels], style, label=key.replace("_ms", "").replace("_", " "))
-    right.set_xlabel("concurrent clients")
-    right.set_ylabel("ms")
-    right.set_title("time to first token and latency")
-    right.legend()
-    for axis in (left, right):
-        axis.set_xscale("log", base=2)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
 
 
 # --------------------------------------------------------------------------- what you measured

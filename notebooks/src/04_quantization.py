@@ -225,7 +225,7 @@ print(quant.default_cost_line(quality))
 
 # %% [markdown]
 # On an H100, over the whole shipped text (the partial run in `reference/nvidia-h100/`), FP4 moved the distributions
-# 0.438 nats and NF4 0.247, with perplexities 52.4 and 45.3 against 36.5 in 16-bit, and int8 0.017 nats: asking for
+# 0.438 nats and NF4 0.2465, with perplexities 52.4 and 45.3 against 36.5 in 16-bit, and int8 0.017 nats: asking for
 # `bnb_4bit_quant_type="nf4"` costs one argument and no memory. Where weights keep more bits, they keep more of the
 # model.
 #
@@ -268,7 +268,8 @@ lab.add(quant.speed_findings(speed, tokenizer))
 
 # %% [markdown]
 # Read the `x 16-bit` column against the bound: every low-bit format had a higher bound, so a format that is not
-# faster lost its gain in the work of turning stored weights back into numbers. On an H100 (the partial run in
+# faster lost its gain elsewhere: in turning stored weights back into numbers, or in the part of a step that is not
+# reading weights at all (the line under the tables says how large that part is here). On an H100 (the partial run in
 # `reference/nvidia-h100/`, bitsandbytes 0.50.2), the 4-bit formats decoded at 0.67-0.76x the 16-bit tokens/s at batch
 # 1 and LLM.int8 at 0.21x, each under 0.5% of its bound: **bitsandbytes saves memory, not time**. Its use is to make a
 # model fit.
@@ -306,10 +307,11 @@ if "torchao-int4" not in loaded:  # the first lines of the notebook say why
     print(f"No layer measured: torchao-int4 does not run here. The roofline puts the end of its gain at {limit:.0f}.")
 else:
     sweep = quant.layer_sweep(lab.layer_size, lab.sweep_batches, device=lab.device, dtype=lab.dtype)
-    rows = quant.sweep_rows(sweep, size=lab.layer_size, flops_per_s=ceiling["flops_per_s"],
-                            bytes_per_s=bandwidth["bytes_per_s"])
+    rows = quant.sweep_rows(sweep, flops_per_s=ceiling["flops_per_s"], bytes_per_s=bandwidth["bytes_per_s"])
     show(rows, title=f"One {lab.layer_size} x {lab.layer_size} layer: int4 weight-only against 16-bit")
-    lab.figure("int4_break_even", plots.weight_only_sweep(rows, roofline_batch=limit, title=lab.device_label))
+    curve = quant.roofline_curve(ceiling["flops_per_s"], bandwidth["bytes_per_s"], lab.sweep_batches)
+    lab.figure("int4_break_even", plots.weight_only_sweep(rows, curve=curve, roofline_batch=limit,
+                                                          title=lab.device_label))
     seen = quant.measured_break_even(sweep)
     lab.add(quant.break_even_findings(limit, seen))
     crossover.compare(seen or f"still faster at batch {max(lab.sweep_batches)}", "sequences")

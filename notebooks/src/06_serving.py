@@ -48,7 +48,7 @@ import time
 from transformers import ContinuousBatchingConfig, GenerationConfig, StoppingCriteriaList
 
 import labkit
-from labkit import models, parallel, quant, roofline, serving
+from labkit import models, parallel, plots, quant, roofline, serving
 from labkit.widgets import show
 
 lab = labkit.start("06_serving", globals())
@@ -126,7 +126,8 @@ print(f"over the whole workload: {100 * waste:.0f}% of the positions held no rea
 
 # %% [markdown]
 # Continuous batching with the same model: `continuous_batching_context_manager` starts transformers' scheduler in a
-# background thread and switches the model to paged attention for as long as it runs. Each request is added with its
+# background thread, and the model's attention reads and writes the paged cache while it runs (on a GPU where flash
+# attention is installed, transformers switches the model to it for the run). Each request is added with its
 # own `max_new_tokens`; `eos_token_id=-1` switches the end-of-text token off, so that every request makes exactly its
 # tokens, as in the static batches. `ContinuousBatchingConfig` gets the page size and how many pages to keep, enough
 # for this workload (left to itself it sizes the pool from the device's free memory: on a CPU, most of the RAM); on a
@@ -199,7 +200,7 @@ curve = serving.curve_bounds(model, curve, bandwidth_bytes_per_s=bandwidth, flop
 knee = serving.knee_batch(model, bandwidth_bytes_per_s=bandwidth, flops_per_s=flops)
 show(serving.curve_table(curve), title=f"Decode, {lab.model_id}, prompts of {lab.curve_prompt} tokens")
 print(f"the bounds meet near batch {knee:.0f} on {lab.device_label}")
-fig = serving.curve_figure(curve, knee=knee, title=f"{lab.model_id} on {lab.device_label}")
+fig = plots.serving_curve(curve, knee=knee, title=f"{lab.model_id} on {lab.device_label}")
 lab.figure("throughput_latency", fig)
 lab.add(serving.curve_findings(curve, knee))
 
@@ -351,6 +352,8 @@ text_ids = tokenizer(quant.sample_text(), return_tensors="pt")["input_ids"][:, :
 kinds, left_out = serving.usable_caches(quick=lab.quick)
 for what, why in left_out.items():
     lab.skip(what, why)
+if "quanto" in kinds and not serving.quanto_extension_built():
+    print("optimum-quanto compiles its extension now, once: this takes minutes the first time")
 caches = {}
 for kind in kinds:
     try:
@@ -430,7 +433,7 @@ if server:
     levels = [await serving.load(one_request, lab.server_workload, concurrency=c, timeout_s=600)  # noqa: F704
               for c in lab.server_concurrency]
     show(serving.load_table(levels), title=f"transformers serve --continuous-batching, {lab.model_id}")
-    fig = serving.load_figure(levels, title=f"{len(lab.server_workload)} requests per level, {lab.device_label}")
+    fig = plots.server_load(levels, title=f"{len(lab.server_workload)} requests per level, {lab.device_label}")
     lab.figure("server_load", fig)
     lab.add(serving.load_findings(levels, server))
 

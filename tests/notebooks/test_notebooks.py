@@ -46,6 +46,7 @@ BAD_PARAMETERS = {
     "03_encoder_fastpath": ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]"),
     "04_quantization": ({"formats": ["nf4", "int4"]}, "format 'int4' is unknown"),
     "05_multi_gpu": ({"plan_devices": ["2 x 24 GB", "two big GPUs"]}, "devices='two big GPUs'"),
+    "06_serving": ({"server_concurrency": [4, 0]}, "server_concurrency[1]=0"),
 }
 
 

@@ -50,11 +50,11 @@ def test_a_typical_mistake_gets_its_message(exercise, answer, words, capsys):
 
 
 def test_every_exercise_has_hints_a_solution_and_mistakes():
-    assert {e.notebook for e in ALL} == {"01", "02", "03", "04", "05"}
+    assert {e.notebook for e in ALL} == {"01", "02", "03", "04", "05", "06"}
     for e in ALL:
         assert len(e.hints) >= 2 and e.solution_code().strip() and e.kind in ("predict", "code")
         assert e.typical_mistakes, f"{e.id} has no typical mistake under test"
-    for notebook in ("01", "02", "03", "04", "05"):
+    for notebook in ("01", "02", "03", "04", "05", "06"):
         assert 3 <= len(exercises.for_notebook(notebook)) <= 5
 
 

@@ -73,7 +73,9 @@ def test_every_notebook_opens_with_markdown_then_parameters():
             assert re.search(rf"^{name} = ", source, re.M), f"{path.name}: parameter {name} missing"
 
 
-OLD_APIS = ["sdp_kernel(", "to_bettertransformer(", "load_in_4bit=True", "load_in_8bit=True", "torch_dtype="]
+# Old APIs as they appear in code: load_in_4bit/8bit are today's API inside BitsAndBytesConfig(...), old only as
+# keywords of from_pretrained itself.
+OLD_APIS = [r"sdp_kernel\(", r"to_bettertransformer\(", r"from_pretrained\([^)]*\bload_in_[48]bit=", r"torch_dtype="]
 
 
 def test_executed_code_uses_todays_apis():
@@ -86,11 +88,11 @@ def test_executed_code_uses_todays_apis():
                 continue
             if "old-api-on-purpose" in cell["metadata"].get("tags", []):
                 tagged += 1
-                assert any(o in source for o in OLD_APIS), f"{path.name}: a tagged cell with no old API in it"
+                assert any(re.search(o, source) for o in OLD_APIS), f"{path.name}: a tagged cell with no old API in it"
             else:
-                found = [o for o in OLD_APIS if o in source]
+                found = [o for o in OLD_APIS if re.search(o, source)]
                 assert not found, f"{path.name}: {found} in a cell not tagged old-api-on-purpose"
-    assert tagged >= 3
+    assert tagged >= 2  # 01's sdp_kernel, 02's to_bettertransformer
 
 
 def test_ci_runs_the_readme_test_command():

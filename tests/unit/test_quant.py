@@ -145,6 +145,20 @@ def test_without_torchao_or_bitsandbytes_the_plan_keeps_the_rest(monkeypatch):
     assert any("bitsandbytes" in why for why in skipped.values())
 
 
+@needs_torchao
+@pytest.mark.parametrize("capability, dtype, dropped", [
+    ((9, 0), torch.bfloat16, set()),
+    ((8, 0), torch.bfloat16, {"torchao-float8"}),
+    ((8, 9), torch.float16, {"torchao-int4"}),
+    ((7, 5), torch.float16, {"torchao-int4", "torchao-float8"}),
+])
+def test_which_torchao_formats_a_gpu_runs(monkeypatch, capability, dtype, dropped):
+    monkeypatch.setattr(quant.torch.cuda, "get_device_capability", lambda device=None: capability)
+    skipped, found = quant.unavailable_formats(list(quant.TORCHAO_FORMATS), "cuda:0", dtype)
+    assert found == dropped and set(skipped) == dropped
+    assert all(f"{capability[0]}.{capability[1]}" in why for why in skipped.values())
+
+
 # --------------------------------------------------------------------------- footprints counted
 
 def test_prediction_matches_the_bytes_counted_on_a_real_model():
@@ -269,6 +283,11 @@ def test_the_roofline_break_even_batch():
     assert quant.break_even_batch(1e12, 1e10) == 100.0  # 16-bit weights: FLOP/s / (bytes/s)
     assert quant.break_even_batch(1e12, 1e10, weight_bytes=1) == 50.0
     assert quant.roofline_step_s(1, weights=100, weight_bytes=2, flops_per_s=1e3, bytes_per_s=1e3) == 0.2
+    # 4x while both steps wait for memory, shrinking from a quarter of the break-even batch, 1x from it on
+    assert quant.roofline_speedup(1, 1e12, 1e10) == 4.0 and quant.roofline_speedup(50, 1e12, 1e10) == 2.0
+    assert quant.roofline_speedup(100, 1e12, 1e10) == 1.0 == quant.roofline_speedup(400, 1e12, 1e10)
+    curve = quant.roofline_curve(1e12, 1e10, [1, 4, 256])
+    assert curve[0] == (1.0, 4.0) and curve[-1][0] == pytest.approx(256) and len(curve) == 64
     with pytest.raises(BadParameter):
         quant.break_even_batch(0, 1e10)
 
@@ -279,9 +298,12 @@ def test_the_measured_break_even_ignores_noisy_points():
 
     rows = [point("16-bit", 1, 4.0), point("16-bit", 4, 4.0), point("16-bit", 16, 8.0),
             point("torchao-int4", 1, 1.0), point("torchao-int4", 4, 5.0, noisy=True), point("torchao-int4", 16, 9.0)]
-    assert quant.measured_break_even(rows) == 16.0
+    # faster 4x at batch 1, 8/9 as fast at 16 (batch 4 is noisy): the speed-up crosses 1 between, on log scales
+    crossing = quant.measured_break_even(rows)
+    assert 1 < crossing < 16 and crossing == pytest.approx(16 ** (math.log(4) / math.log(4.5)))
     assert quant.measured_break_even(rows[:2] + rows[3:5]) is None
-    table = quant.sweep_rows(rows, size=64, flops_per_s=1e9, bytes_per_s=1e9)
+    assert quant.measured_break_even([point("16-bit", 2, 1.0), point("torchao-int4", 2, 1.5)]) == 2.0
+    table = quant.sweep_rows(rows, flops_per_s=1e9, bytes_per_s=1e9)
     assert table[0]["int4 speed-up"] == 4.0 and table[1]["noisy"] == "noisy"
     assert quant.break_even_findings(2.5, None) == {"metrics": {names.BREAK_EVEN_ROOFLINE: 2.5}}
 

@@ -190,6 +190,11 @@ def test_bad_parameters_get_one_sentence(given, named):
         serving.notebook_plan(device="cpu", quick=True, **given)
 
 
+def test_a_kv_context_longer_than_the_shipped_text_is_refused():
+    with pytest.raises(BadParameter, match="kv_context=5000: the shipped text has"):
+        serving.notebook_plan(device="cpu", quick=True, kv_context=5000)
+
+
 def test_a_random_init_model_has_no_folder_to_serve():
     with pytest.raises(BadParameter, match="random weights"):
         serving.model_folder("tiny-llama")
