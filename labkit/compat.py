@@ -12,7 +12,8 @@ import inspect
 import logging
 from typing import Any
 
-import torch
+# torch is imported inside the two shims that need it: `import labkit` (and with it this module) stays free of torch,
+# so that the `labkit` command answers --help at once.
 
 
 # torch 2.11-2.13: the profiler's public API has no per-allocation records on CPU; its kineto results do
@@ -30,6 +31,8 @@ def profiler_allocations(prof) -> list[tuple[int, int]] | None:
 # which it tests with this private op; labkit.fastpath.why_not_fastpath asks the same question the same way.
 def padding_is_right_aligned(src, src_key_padding_mask) -> bool:
     """True when every sequence's tokens come first and its padding after (``mask`` True at padding)."""
+    import torch
+
     return bool(torch._nested_tensor_from_mask_left_aligned(src, src_key_padding_mask.logical_not()))
 
 
@@ -37,6 +40,8 @@ def padding_is_right_aligned(src, src_key_padding_mask) -> bool:
 # any CUDA build of torch even with every GPU hidden; where no GPU is usable, make it name the CPU (gloo).
 @contextlib.contextmanager
 def cpu_accelerator_without_gpus():
+    import torch
+
     if torch.cuda.is_available():
         yield
         return

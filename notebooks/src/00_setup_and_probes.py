@@ -15,7 +15,8 @@
 # 1. the **environment report** (versions, devices) that every results file carries;
 # 2. the **kernel matrix**: which scaled-dot-product-attention (SDPA) backend actually runs for each dtype and kind of
 #    input, and for each one that does not, the reason PyTorch gives;
-# 3. the source page's `RuntimeError: No available kernel.  Aborting execution.` reproduced on purpose, its cause, and its fix;
+# 3. the source page's `RuntimeError: No available kernel.  Aborting execution.` reproduced on purpose, its cause,
+#    and its fix;
 # 4. the **measured ceilings**: the FLOP/s of a large matrix product and the bytes/s of a large copy, saved for the
 #    rooflines of later notebooks;
 # 5. the **embedded models** that work offline, and one of them generating text.
@@ -60,10 +61,10 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # in its own kernel (none on a CPU or an NVIDIA GPU). Normally PyTorch picks one for you;
 # `torch.nn.attention.sdpa_kernel(SDPBackend.X)` forces a choice.
 #
-# labkit forces each backend in turn on a tiny input (float32, float16, bfloat16; plain, causal, and with a boolean mask)
-# and records whether the call ran. When it does not, PyTorch emits warnings that explain why; labkit keeps them as the
-# reason. What to expect: MATH always runs. On a CPU, the fused kernels that exist are CPU kernels; on a GPU, the dtype,
-# the mask and the head size decide.
+# labkit forces each backend in turn on a tiny input (float32, float16, bfloat16; plain, causal, and with a boolean
+# mask) and records whether the call ran. When it does not, PyTorch emits warnings that explain why; labkit keeps them
+# as the reason. What to expect: MATH always runs. On a CPU, the fused kernels that exist are CPU kernels; on a GPU,
+# the dtype, the mask and the head size decide.
 
 # %%
 report = probes.probe()
@@ -161,7 +162,8 @@ lab.record(roofline.ceiling_metrics(ceilings))
 saved = roofline.load_ceilings(lab.device)
 lab.check("ceilings_saved_for_later_notebooks", saved and ceilings["matmul"]["dtype"] in saved["matmul_flops_per_s"])
 if lab.quick and saved.get("quick") is False:
-    print(f"Quick sizes underestimate a ceiling: later notebooks keep the full-size ceilings measured {saved['measured_at']}.")
+    print("Quick sizes underestimate a ceiling: later notebooks keep the full-size ceilings measured "
+          f"{saved['measured_at']}.")
 
 # %% [markdown]
 # Your numbers beside the reference runs on real GPUs stored in the `reference/` folder (one folder per device), when

@@ -46,7 +46,7 @@ processes = []                                    # process counts of the one-ma
 new_tokens = 0                                    # tokens generated per job
 dp_prompts = 0                                    # prompts shared out by the data-parallel job
 allreduce_max_mib = 0                             # largest all-reduce message
-quick = False                                     # smaller sizes, for tests and CPU-only machines
+quick = "auto"                                    # small sizes: "auto" means without a GPU; True or False to force
 solutions = False                                 # fill every exercise with its solution (a teacher's run)
 results_path = ""                                 # where to write the results JSON (empty: do not write)
 

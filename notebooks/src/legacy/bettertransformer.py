@@ -37,7 +37,7 @@ max_new_tokens = 20
 padding_fractions = [0.0, 0.25, 0.5, 0.75]  # share of padded positions in an encoder batch
 batch = 0                             # sentences per encoder batch (0: as notebook 03's sweep, 8 on CPU, 64 on a GPU)
 length = 0                            # padded length of an encoder batch (0: 128 on CPU, 256 on a GPU)
-quick = False                         # smaller sizes, for tests and CPU-only machines
+quick = "auto"                        # small sizes: "auto" means without a GPU; True or False to force
 results_path = ""                     # where to write the results JSON (empty: do not write)
 
 # %%
@@ -65,6 +65,7 @@ if device == "auto":
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise BadParameter(f"device={device!r}, but this machine has no usable CUDA GPU; use device='auto' or 'cpu'.")
 on_gpu = device.startswith("cuda")
+quick = (not on_gpu) if quick == "auto" else bool(quick)
 dtype = torch.float16 if on_gpu else torch.float32
 bad = [p for p in padding_fractions if not 0 <= p < 1]
 if not padding_fractions or bad or 0 not in padding_fractions:
