@@ -158,3 +158,16 @@ def drop_import_chatter() -> None:
         if not any(isinstance(f, _DropImportChatter) for f in logger.filters):
             logger.addFilter(_DropImportChatter())
 
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """Within the block, the library logger ``name`` reports errors only (accelerate's placement notes, torchao's and
+    bitsandbytes' notes on optional kernels): what a cell prints stays the lesson."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import logging
 import re
 import tempfile
 import time
@@ -81,26 +80,38 @@ def notebook_plan(*, device: str, quick: bool, dtype: Any = "auto", model_id: st
 
 # --------------------------------------------------------------------------- the conditions, in torch's order
 
+# What both of torch's checks read from a layer's build, as (test, what the layer was built with when the test is
+# true). The encoder's check when it is built and the layer's check at each forward read them in different orders.
+_LAYER_BUILD = {
+    "batch_first": (lambda layer: not layer.self_attn.batch_first, lambda layer: "batch_first=False"),
+    "kdim": (lambda layer: layer.self_attn.kdim != layer.self_attn.embed_dim
+             or layer.self_attn.vdim != layer.self_attn.embed_dim, lambda layer: "kdim/vdim different from d_model"),
+    "bias": (lambda layer: layer.self_attn.in_proj_bias is None, lambda layer: "bias=False"),
+    "activation": (lambda layer: not layer.activation_relu_or_gelu,
+                   lambda layer: "an activation other than relu or gelu"),
+    "eps": (lambda layer: layer.norm1.eps != layer.norm2.eps, lambda layer: "two layer norms of different eps"),
+    "heads": (lambda layer: layer.self_attn.num_heads % 2,
+              lambda layer: f"an odd number of heads ({layer.self_attn.num_heads})"),
+}
+
+
+def _built_with(layer: nn.Module, order: tuple[str, ...]) -> str:
+    """What ``layer`` was built with that fails the first of ``order``'s conditions ('' when none fails)."""
+    for key in order:
+        test, says = _LAYER_BUILD[key]
+        if test(layer):
+            return says(layer)
+    return ""
+
+
 def _unsupported_layer(layer: nn.Module) -> str:
     """Why PyTorch's encoder turns its nested-tensor path off for ``layer`` when it is built ('' when it does not)."""
     if not isinstance(layer, nn.TransformerEncoderLayer):
         return "its layers are not nn.TransformerEncoderLayer"
-    attn = layer.self_attn
     if layer.norm_first:
         return "its layers are pre-norm (norm_first=True)"
-    if not attn.batch_first:
-        return "its layers were built with batch_first=False"
-    if attn.kdim != attn.embed_dim or attn.vdim != attn.embed_dim:
-        return "its attention has kdim/vdim different from d_model"
-    if attn.in_proj_bias is None:
-        return "its layers were built with bias=False"
-    if not layer.activation_relu_or_gelu:
-        return "its activation is neither relu nor gelu"
-    if layer.norm1.eps != layer.norm2.eps:
-        return "its two layer norms have different eps"
-    if attn.num_heads % 2:
-        return f"its layers have an odd number of heads ({attn.num_heads})"
-    return ""
+    built = _built_with(layer, ("batch_first", "kdim", "bias", "activation", "eps", "heads"))
+    return f"its layers were built with {built}" if built else ""
 
 
 def _weights(layer: nn.Module) -> list[torch.Tensor]:
@@ -162,25 +173,15 @@ def _why_layer_not_fused(layer: nn.Module, src) -> str:
     """``nn.TransformerEncoderLayer.forward``'s conditions for its fused op, in its order ('' when they hold)."""
     if not isinstance(layer, nn.TransformerEncoderLayer):
         return "it is not an nn.TransformerEncoderLayer"
-    attn = layer.self_attn
     if not torch.backends.mha.get_fastpath_enabled():
         return "torch.backends.mha.get_fastpath_enabled() is False"
     if src.dim() != 3:
         return f"the input has {src.dim()} dimensions, not 3"
     if layer.training:
         return "the model is in training mode (call model.eval())"
-    if not attn.batch_first:
-        return "it was built with batch_first=False"
-    if attn.in_proj_bias is None:
-        return "it was built with bias=False"
-    if attn.kdim != attn.embed_dim or attn.vdim != attn.embed_dim:
-        return "its attention has kdim/vdim different from d_model"
-    if not layer.activation_relu_or_gelu:
-        return "its activation is neither relu nor gelu"
-    if layer.norm1.eps != layer.norm2.eps:
-        return "its two layer norms have different eps"
-    if attn.num_heads % 2:
-        return f"it has an odd number of heads ({attn.num_heads})"
+    built = _built_with(layer, ("batch_first", "bias", "kdim", "activation", "eps", "heads"))
+    if built:
+        return f"it was built with {built}"
     if torch.is_autocast_enabled():
         return "autocast is enabled"
     if compat.has_forward_hooks(layer):
@@ -344,7 +345,8 @@ def under_accelerate(encoder: nn.TransformerEncoder, src: torch.Tensor, padding:
 
     rows = []
     last = f"layers.{len(encoder.layers) - 1}"
-    with tempfile.TemporaryDirectory() as folder, _quiet_logger("accelerate"):
+    # accelerate says "offloaded to the cpu" for any cpu entry, offloaded or not
+    with tempfile.TemporaryDirectory() as folder, compat.quiet_logger("accelerate"):
         maps = {"every layer dispatched to its device": {f"layers.{i}": device for i in range(len(encoder.layers))},
                 "the last layer offloaded to disk": {**{f"layers.{i}": device for i in range(len(encoder.layers) - 1)},
                                                      last: "disk"}}
@@ -364,17 +366,6 @@ def under_accelerate(encoder: nn.TransformerEncoder, src: torch.Tensor, padding:
                             "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:150]}"})
             rows.append(row)
     return rows
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # accelerate says "offloaded to the cpu" for any "cpu" entry, offloaded or not
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def accelerate_findings(rows: list[dict[str, Any]], layers: int) -> dict[str, Any]:

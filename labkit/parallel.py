@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import math
 import os
 import re
@@ -31,11 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import infer_auto_device_map
+from accelerate.utils import CustomDtype, get_balanced_memory
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
-from labkit import compat, models, probes, roofline
+from labkit import compat, generation, models, probes, quant, roofline
 from labkit.errors import BadParameter, LabkitError, ModelNotAvailable, check_sizes
 from labkit.metrics import multi_gpu as names
 from labkit.paths import cache_dir
+from labkit.timing import measure, synchronize
 
 GIB = 2**30
 # Share of each device's memory a plan may fill. The rest is a planning margin (our choice, not a measurement)
@@ -244,7 +247,6 @@ def describe_devices(devices: list[dict[str, Any]]) -> str:
 def model_config(name: str):
     """The config of ``name``: a shape of :data:`SHAPES`, a labkit random-init model, a local folder or a cached hub
     id."""
-    from transformers import AutoConfig, LlamaConfig
 
     if name in SHAPES:
         return LlamaConfig(**SHAPES[name])
@@ -264,7 +266,6 @@ def model_config(name: str):
 def empty_model(name: str):
     """A causal LM with the architecture of ``name`` on the meta device: its shapes, without memory (kept for reuse:
     read it, do not change it)."""
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config(name), dtype=torch.bfloat16)
@@ -276,7 +277,6 @@ def memory_needed(model, *, fmt: str = "16-bit", batch: int = 1, context: int = 
     quantized keeps the model's own dtype, so build a plan's model in 16-bit) and the KV cache of ``batch`` sequences
     of ``context`` tokens with ``element_bytes`` per number (2: 16-bit). Activations are small beside these at decode
     time and are left to the planning margin."""
-    from labkit import quant
 
     check_sizes(1, batch=batch, context=context)
     if element_bytes not in (1, 2, 4):
@@ -410,9 +410,7 @@ def layout_rows(model_names: list[str], machines: dict[str, dict], formats: list
 
 def _planning_dtypes(model, fmt: str):
     """accelerate's size arguments for a format: linear weights in ``fmt``, everything else 16-bit."""
-    from accelerate.utils import CustomDtype
 
-    from labkit import quant
 
     quant.check_format(fmt)
     if fmt == "16-bit":
@@ -432,8 +430,6 @@ def plan_device_map(model, devices: list[dict[str, Any]], *, fmt: str = "16-bit"
     "sequential" fills GPU 0, then GPU 1, ... What does not fit on the GPUs goes to "cpu" (``cpu_bytes``, default:
     unlimited) and then "disk". Decoder layers are never split.
     """
-    from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
 
     if strategy not in ("auto", "balanced", "sequential"):
         raise BadParameter(f"strategy={strategy!r}: use 'auto', 'balanced' or 'sequential'.")
@@ -442,24 +438,12 @@ def plan_device_map(model, devices: list[dict[str, Any]], *, fmt: str = "16-bit"
     max_memory: dict[int | str, int] = {i: int(d["bytes"] * usable) for i, d in enumerate(devices)}
     max_memory["cpu"] = cpu_bytes if cpu_bytes is not None else 2**62
     # accelerate warns that typed-in devices are "not available": planning for them is the point here
-    with quiet_logger("accelerate.utils.modeling"):
+    with compat.quiet_logger("accelerate.utils.modeling"):
         if strategy != "sequential" and len(devices) > 1:
             max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
                                              dtype=dtype, special_dtypes=special)
         return dict(infer_auto_device_map(model, max_memory=max_memory, dtype=dtype, special_dtypes=special,
                                           no_split_module_classes=no_split))
-
-
-@contextlib.contextmanager
-def quiet_logger(name: str):
-    """Within the block, the logger ``name`` reports errors only."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def device_of(name: str, device_map: dict[str, Any]) -> Any:
@@ -497,7 +481,6 @@ def blocks(model) -> list[str]:
 def tensor_bytes(model, fmt: str = "16-bit") -> dict[int, int]:
     """The bytes of each distinct parameter and buffer of ``model`` (by ``id``) stored in format ``fmt``: a quantized
     weight as labkit.quant's ``weight_parts`` counts it, scales included; any other tensor in its own dtype."""
-    from labkit import quant
 
     quant.check_format(fmt)
     layers = {id(m.weight): m for m in quant.quantized_linears(model)}
@@ -556,7 +539,6 @@ def balanced_max_memory(model, count: int, *, fmt: str = "16-bit") -> dict[int, 
 def calculator_check(model, *, probe_tokens: int = 64) -> dict[str, Any]:
     """The calculator against a model loaded for real: weights from ``get_memory_footprint()``, the KV cache measured
     after a forward pass over ``probe_tokens`` tokens of 2 sequences."""
-    from labkit import generation
 
     predicted = memory_needed(model, batch=2, context=probe_tokens, element_bytes=roofline.element_size(model.dtype))
     with torch.inference_mode():
@@ -578,7 +560,6 @@ def measure_device_map(name: str, gpus: list[dict[str, Any]], *, dtype: str, new
     """Decode speed of ``name`` placed with ``device_map="auto"``: over two GPUs against one GPU; with one GPU, half
     of it offloaded to the CPU against none. Each row's bound is its slowest path's bandwidth over the bytes that
     cross it per token. Returns rows and findings (skips where there is no GPU)."""
-    from labkit import generation
 
     if not gpus:
         return {"rows": [], "skipped": {"pipeline placement": "no GPU here: a device_map places layers on GPUs "
@@ -786,7 +767,6 @@ def _existing(script: str | os.PathLike) -> Path:
 def copy_bandwidth(source: str, target: str, *, megabytes: int = 256, repeats: int = 5) -> dict[str, Any]:
     """Bytes per second of one copy from ``source`` to ``target`` (pinned host memory when the source is the
     CPU): the physical limit of a link (host to GPU over PCIe, GPU to GPU over NVLink or PCIe)."""
-    from labkit.timing import measure
 
     check_sizes(1, megabytes=megabytes)
     data = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=source)
@@ -822,7 +802,6 @@ def check_job_model(name: str, config) -> None:
 
 def layout_config(name: str):
     """The config of one of :data:`LAYOUT_MODELS` (a new object every call)."""
-    from transformers import LlamaConfig, Qwen3MoeConfig
 
     if name == "layers-llama":
         return LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
@@ -869,7 +848,6 @@ def owned_layers(model) -> list[int]:
 def busy_time(modules, device: str):
     """Seconds spent inside ``modules``' forward passes within the block: ``with busy_time(...) as busy:`` then
     ``busy["s"]`` (the time a pipeline stage computes; the rest of a step it waits or does bookkeeping)."""
-    from labkit.timing import synchronize
 
     busy = {"s": 0.0}
     starts: list[float] = []
@@ -893,8 +871,6 @@ def busy_time(modules, device: str):
 def decode_rate(model, prompt, *, new_tokens: int, repeats: int, warmup: int = 1) -> dict[str, Any]:
     """Decode tokens/s as ``generation.measure_decode`` defines it, with exactly ``warmup + repeats`` calls of each
     length: in a distributed job every rank must make the same calls, so no minimum measured time."""
-    from labkit import generation
-    from labkit.timing import measure
 
     if new_tokens < 2:
         raise BadParameter(f"new_tokens={new_tokens}: decoding needs at least 2 new tokens to time a step.")

@@ -11,7 +11,6 @@ cache).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import logging
@@ -127,7 +126,7 @@ def torchao_problem() -> str:
     if importlib.util.find_spec("torchao") is None:
         return "torchao is not installed (pip install torchao==0.18.0, part of the quant extra)"
     try:
-        with quiet_torchao():
+        with compat.quiet_logger("torchao"):
             import torchao.quantization  # noqa: F401  (optional: the quant extra, hidden by the fault matrix)
     except Exception as err:  # a broken install counts as missing, with its reason
         return f"torchao is installed but fails to import ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
@@ -177,18 +176,6 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-@contextlib.contextmanager
-def quiet_torchao() -> Iterator[None]:
-    """For the torchao imports and calls of this module: torchao's own log lines are kept to errors."""
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 # --------------------------------------------------------------------------- configs and quantized models
 
 def quantization_config(name: str, compute_dtype: Any = "bfloat16"):
@@ -210,7 +197,7 @@ def torchao_config(name: str, device: str = "cpu", *, group_size: int = INT4_GRO
     device has a kernel for (a CPU: the prototype opaque layout for ``_weight_int4pack_mm_for_cpu``; a GPU: the
     tinygemm tile-packed layout); float8 weights and activations, one scale per row."""
     check_format(name)
-    with quiet_torchao():
+    with compat.quiet_logger("torchao"):
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,
@@ -240,7 +227,7 @@ def torchao_quantized(model, name: str, device: str, *, group_size: int = INT4_G
     from torchao.quantization import quantize_
 
     quantized = copy.deepcopy(model)
-    with quiet_torchao():
+    with compat.quiet_logger("torchao"):
         quantize_(quantized, torchao_config(name, device, group_size=group_size),
                   filter_fn=all_linear_but_output(quantized))
     return quantized
@@ -393,7 +380,7 @@ def layer_footprint_mib(name: str, rows: int, cols: int, *, device: str = "cpu",
     else:
         from torchao.quantization import quantize_
 
-        with quiet_torchao():
+        with compat.quiet_logger("torchao"):
             quantize_(layer, torchao_config(name, device, group_size=group_size))
         parts = count_footprint(layer)
     return sum(parts.values()) / 2**20
@@ -726,7 +713,7 @@ def layer_sweep(size: int, batches: list[int], *, device: str, dtype, group_size
     layers["torchao-int4"] = copy.deepcopy(layers["16-bit"])
     from torchao.quantization import quantize_
 
-    with quiet_torchao():
+    with compat.quiet_logger("torchao"):
         quantize_(layers["torchao-int4"], torchao_config("torchao-int4", device, group_size=group_size))
     inputs = {b: torch.randn(b, size, generator=generator).to(device=device, dtype=dtype) for b in batches}
 

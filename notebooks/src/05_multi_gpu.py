@@ -52,7 +52,7 @@ results_path = ""                                 # where to write the results J
 
 # %%
 import labkit
-from labkit import models, parallel, plots, probes, quant
+from labkit import compat, models, parallel, plots, probes, quant
 from labkit.widgets import show
 
 lab = labkit.start("05_multi_gpu", globals())
@@ -403,7 +403,7 @@ lab.skip("the two-node rehearsal over NCCL", "it ran on CPU processes: " + (
 bnb_probe = probes.bitsandbytes_4bit([lab.device])
 if all(r["ok"] for r in bnb_probe):
     compute = "bfloat16" if not lab.on_gpu or probes.native_bf16(lab.device) else "float16"
-    with parallel.quiet_logger("bitsandbytes"):  # its CPU backend logs about optional kernels
+    with compat.quiet_logger("bitsandbytes"):  # its CPU backend logs about optional kernels
         nf4 = quant.quantization_config("nf4", compute)  # a BitsAndBytesConfig
         four_bit, _ = models.load_model(lab.model_id, device=lab.device, dtype=compute, attn_implementation="sdpa",
                                         device_map="auto", quantization_config=nf4)

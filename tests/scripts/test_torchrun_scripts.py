@@ -89,7 +89,7 @@ def test_tp_inside_two_nodes_and_pp_across_them():
 
 
 def test_the_smallest_reproduction_of_the_tp_pp_error():
-    with pytest.raises(parallel.LaunchFailed, match=r"KeyError: 'model.layers.1.self_attn.q_proj.weight'"):
+    with pytest.raises(parallel.LaunchFailed, match=r"KeyError: 'model\.layers\.\d+\.self_attn\.q_proj\.weight'"):  # whichever rank fails first
         parallel.launch(SCRIPTS / "tp_pp_keyerror.py", 4, gpus=False, echo=False)
 
 
