@@ -15,7 +15,7 @@ STAMP := $(VENV)/.labkit-installed
 # One thread per test worker: two workers with two BLAS threads each on two cores ran the notebooks 4x slower.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: install notebooks run test test-faults test-oldest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots
+.PHONY: install notebooks run test test-nbval test-faults test-oldest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots
 
 install: $(STAMP)
 
@@ -87,11 +87,16 @@ compare-legacy: $(LEGACY_STAMP)
 	@# 03 sweeps minilm-l6 here on any machine, the encoder the legacy notebook converts, so the two can be joined
 	$(VENV)/bin/labkit run --notebooks 02,03,legacy -p sweep_model=minilm-l6 --out runs/legacy-compare
 
+# Every notebook runs here once, through papermill with its exercises' solutions and its checks asserted
+# (tests/notebooks); nbval runs the stored notebooks as a learner gets them in `make test-nbval`, which CI runs too.
 test: $(STAMP) browser legacy-or-skip
 	$(VENV)/bin/ruff check labkit tests tools notebooks/src
 	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not faults and not jupyterlab" tests
-	@# nbval's kernels start with the deprecation canary and the network block too (tests/kernel_guard.py);
-	@# the legacy notebook runs in its own kernel, in its own test (tests/notebooks/test_legacy.py)
+
+# The stored notebooks, unanswered and with their default parameters (quick sizes without a GPU), through nbval.
+# nbval's kernels start with the deprecation canary and the network block too (tests/kernel_guard.py); the legacy
+# notebook runs in its own kernel, in its own test (tests/notebooks/test_legacy.py).
+test-nbval: $(STAMP)
 	IPYTHONDIR=$$($(PY) tests/kernel_guard.py) $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax \
 	  --ignore=notebooks/legacy notebooks
 
