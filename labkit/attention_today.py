@@ -22,13 +22,14 @@ from labkit.timing import attempt, measure, synchronize
 
 
 def flash_implementations() -> list[dict[str, Any]]:
-    """The FlashAttention implementations torch's FLASH_ATTENTION backend can use: its built-in one (the default)
-    and those ``torch.nn.attention.list_flash_attention_impls`` registers (FA3, FA4), each activated once to see
-    whether this stack has what it needs, then the default restored."""
+    """The FlashAttention implementations torch's FLASH_ATTENTION backend can use on a GPU: its built-in one (the
+    default; available where this torch has it compiled in, ``torch.backends.cuda.is_flash_attention_available()``)
+    and those ``torch.nn.attention.list_flash_attention_impls`` registers (FA3, FA4; available where activating one
+    works), each activated once to see whether this stack has what it needs, then the default restored."""
     attn = torch.nn.attention
     default = (attn.restore_flash_attention_impl.__doc__ or "").strip().splitlines()[0].strip()
     compiled_in = torch.backends.cuda.is_flash_attention_available()
-    rows = [{"implementation": "built in (the default)", "activates here": attn.current_flash_attention_impl() is None,
+    rows = [{"implementation": "built in (the default)", "available here": compiled_in,
              "what torch says": f"restore_flash_attention_impl: {default!r}; "
                                 f"torch.backends.cuda.is_flash_attention_available() = {compiled_in}"}]
     for impl in attn.list_flash_attention_impls():
@@ -40,7 +41,7 @@ def flash_implementations() -> list[dict[str, Any]]:
         finally:
             if attn.current_flash_attention_impl() is not None:
                 attn.restore_flash_attention_impl()
-        rows.append({"implementation": impl, "activates here": active, "what torch says": said})
+        rows.append({"implementation": impl, "available here": active, "what torch says": said})
     return rows
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from labkit import attention, compat, models, probes, timing
 from labkit.errors import BadParameter, LabkitError, check_sizes
 from labkit.metrics import encoder as names
+from labkit.results import reference_runs
 
 FASTPATH_OPS = ("aten::_transformer_encoder_layer_fwd", "aten::_nested_tensor_from_mask")
 SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
@@ -288,7 +289,7 @@ def situations(encoder: nn.TransformerEncoder, src: torch.Tensor, padding: torch
 
 
 def situation_reasons(cases: dict[str, Situation]) -> dict[str, dict[str, str]]:
-    """What exercise 03.2 is given: each situation's reason not to skip the padding, and not to fuse a layer."""
+    """What exercise 03.1 is given: each situation's reason not to skip the padding, and not to fuse a layer."""
     reasons = {name: case.reasons() for name, case in cases.items()}
     return {"cases": {name: why[0] for name, why in reasons.items()},
             "unfused": {name: why[1] for name, why in reasons.items()}}
@@ -621,9 +622,10 @@ def padding_sweep(model, tokenizer, *, batch_sizes: Sequence[int], lengths: Sequ
             for p in padding_fractions:
                 batch = batches[b, n, p] = padded_batch(tokenizer, batch=b, length=n, padding_fraction=p, device=device)
                 real = int(batch["attention_mask"].sum())
+                pairs = int((batch["attention_mask"].sum(1) ** 2).sum())  # (query, key) pairs of real tokens
                 for implementation in implementations:
                     row = {"implementation": implementation, "batch": b, "length": n, "asked": p,
-                           "padding": round(batch["padding_fraction"], 3), "real_tokens": real,
+                           "padding": round(batch["padding_fraction"], 3), "real_tokens": real, "real_pairs": pairs,
                            **_timed(_caller(model, fast, implementation, batch), device, repeats)}
                     _rate(row)
                     rows.append(row)
@@ -704,7 +706,7 @@ def speedup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def headline_speedup(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The speed-up at the largest batch, length and padding of the sweep (what exercise 03.1 predicts)."""
+    """The speed-up at the largest batch, length and padding of the sweep (what exercise 03.3 predicts)."""
     speedups = speedup_rows(rows)
     return max(speedups, key=lambda s: (s["batch"] * s["length"], s["padding"]), default=None)
 
@@ -778,6 +780,68 @@ def sweep_lines(sweep: dict[str, Any]) -> list[str]:
                      f"{fractions[0]:.0%} to {fractions[-1]:.0%} padding the fastpath's time "
                      f"x{f1['p10_ms'] / f0['p10_ms']:.2f}, transformers sdpa's x{s1['p10_ms'] / s0['p10_ms']:.2f}")
     return lines
+
+
+def encoder_flops(config, *, tokens: int, pairs: int) -> dict[str, int]:
+    """Forward FLOPs of a BERT-family encoder's layers over ``tokens`` tokens whose sequences hold ``pairs`` (query,
+    key) pairs in all: 2 per weight per token in the linear layers (query, key, value and output projections, the
+    two feed-forward layers), and 4 x hidden per pair in attention (Q.K and P.V), in every layer. The embeddings
+    are look-ups, not arithmetic."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    weights = 4 * h * h + 2 * h * config.intermediate_size  # one layer's linear weights
+    return {"linear": 2 * weights * layers * tokens, "attention": 4 * h * layers * pairs}
+
+
+def ceiling_findings(sweep: dict[str, Any], config, *, flops_per_s: float, dtype: Any) -> dict[str, Any]:
+    """The sweep's headline point (:func:`headline_speedup`) against the machine's limit: the real work of its
+    sequences (:func:`encoder_flops` over the real tokens) over each implementation's time, as a fraction of the
+    matmul ceiling ``flops_per_s``. Work on padding does not count: nobody asked for it."""
+    found: dict[str, Any] = {"lines": [], "metrics": {}}
+    best = headline_speedup(sweep["rows"])
+    if best is None:
+        return found
+    b, n, p = best["batch"], best["length"], best["padding"]
+    rates = []
+    for implementation in ("fastpath", "transformers sdpa"):
+        row = _point(sweep["rows"], implementation, b, n, p)
+        flops = encoder_flops(config, tokens=row["real_tokens"], pairs=row["real_pairs"])
+        total = flops["linear"] + flops["attention"]
+        rate = total / (row["median_ms"] / 1e3)
+        rates.append(f"{implementation} {rate / 1e9:.3g} GFLOP/s ({100 * rate / flops_per_s:.0f}%)")
+        if implementation == "fastpath":
+            found["metrics"][names.FASTPATH_FRACTION_OF_CEILING] = rate / flops_per_s
+            work = (f"At batch {b} x length {n}, {p:.0%} padding, the real tokens need {total / 1e9:.3g} GFLOP "
+                    f"(attention {100 * flops['attention'] / total:.0f}% of it, the linear layers the rest)")
+    found["lines"].append(f"{work}; in real work per second: {', '.join(rates)} of this machine's matmul ceiling in "
+                          f"{str(dtype).removeprefix('torch.')}, {flops_per_s / 1e9:.3g} GFLOP/s"
+                          + (" (a noisy point: not to be read)" if best["noisy"] else ""))
+    return found
+
+
+def _largest(metrics: dict[str, float], padding: int) -> tuple[float, str] | None:
+    """The fastpath's speed-up at the largest batch x length of a run, at ``padding`` percent, and its sizes."""
+    found = [(_sizes(k), v) for k, v in metrics.items() if k.startswith("speedup_fastpath_vs_sdpa_")]
+    found = [((b, n), v) for (b, n, pad), v in found if pad == padding]
+    if not found:
+        return None
+    (b, n), value = max(found, key=lambda item: item[0][0] * item[0][1])
+    return value, f"batch {b} x length {n}"
+
+
+def beside_reference_runs(metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """This run's speed-ups beside the stored reference runs' (``reference/<device>/``). Each run is read at its own
+    largest batch x length (a GPU's sizes are not a CPU's), named in the table."""
+    runs = {"this machine": metrics, **{d: run["metrics"] for d, run in reference_runs("03_encoder_fastpath").items()}}
+    paddings = sorted({_sizes(k)[2] for k in metrics if k.startswith("speedup_fastpath_vs_sdpa_")})
+    rows = [{"measured": "sentence embeddings: the fastpath's speed-up over transformers sdpa",
+             **{who: m.get("embedding_fastpath_speedup") for who, m in runs.items()}}]
+    for pad in paddings:
+        cells = {who: _largest(m, pad) for who, m in runs.items()}
+        rows.append({"measured": f"the fastpath's speed-up at {pad}% padding, largest batch x length",
+                     **{who: f"{c[0]:.2f} ({c[1]})" if c else None for who, c in cells.items()}})
+    rows.append({"measured": "the fastpath's real work as a fraction of the matmul ceiling (headline point)",
+                 **{who: m.get(names.FASTPATH_FRACTION_OF_CEILING) for who, m in runs.items()}})
+    return rows
 
 
 # --------------------------------------------------------------------------- section 5: skipping padding today
@@ -1011,9 +1075,12 @@ def what_you_measured(results: dict[str, Any]) -> list[str]:
         doubtful = any(names.sweep(i, b, n, p / 100, "noisy") in m for i in ("fastpath", "transformers sdpa"))
         lines.append(f"At batch {b} x length {n} with {p}% padding the fastpath ran {value:.2f}x transformers sdpa"
                      + (" (a noisy point: not to be read)" if doubtful else "")
-                     + f", where skipping all padded work would give at most {1 / (1 - p / 100):.2f}x"
+                     + f", where a time proportional to the tokens computed would give {1 / (1 - p / 100):.2f}x"
                      + (f"; {noisy:.0f} sweep point{'s' * (noisy != 1)} stayed noisy after a re-measurement and "
                         "support no conclusion." if noisy else "."))
+    if names.FASTPATH_FRACTION_OF_CEILING in m:
+        lines.append(f"At the sweep's headline point the fastpath did the real tokens' work at "
+                     f"{100 * m[names.FASTPATH_FRACTION_OF_CEILING]:.0f}% of this machine's matmul ceiling.")
     if "fastpath_floor_ms" in m:
         lines.append(f"The floor, one 8-token sequence through the fastpath, took {m['fastpath_floor_ms']:.2f} ms: "
                      "a batch that takes little more than that is bound by issuing kernels, not by padding.")

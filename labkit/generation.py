@@ -293,13 +293,13 @@ def step_verdict(step_ms: float, bound_step_ms: float, device: str, *, products_
                      if products_ms > bound_step_ms else "")
             return (f"{said}; the matrix-vector products alone take {products_ms:.3g} ms of it ({share:.0%}), so "
                     f"they set the pace{speed}.")
-        rest = ("launch-bound: the GPU waits while the CPU launches the step's many small kernels one by one"
-                if on_gpu else "Python, the dispatch of every small op, and generate's own work where it runs")
+        rest = ("on a GPU, usually the launching of the step's many small kernels one by one" if on_gpu
+                else "Python, the dispatch of every small op, and generate's own work where it runs")
         return (f"{said}; the matrix-vector products alone take only {products_ms:.3g} ms of it ({share:.0%}), so "
                 f"the rest of the step sets the pace: {rest}.")
     if ratio >= FAR_ABOVE_THE_BOUND and on_gpu:
-        return (f"{said}: far above the bound, so memory does not set the pace; the step is launch-bound: the GPU "
-                "waits while the CPU launches its many small kernels one by one.")
+        return (f"{said}: far above the bound: memory does not set the pace (on a GPU, usually the launching of many "
+                "small kernels); section 4 times the matrix-vector products alone to show where the time goes.")
     return (f"{said}: reading the bytes at this machine's best bandwidth would take {100 / ratio:.2g}% of the step; "
             "section 4 times the matrix-vector products alone to show where the rest goes.")
 
@@ -502,23 +502,32 @@ def kv_cache_findings(model, measured_bytes: int, *, context: int, batch: int = 
 
 # --------------------------------------------------------------------------- batching
 
+def compute_bound(model, row: dict[str, Any], flops_per_s: float) -> float:
+    """The compute bound on the tokens/s of all the sequences of a decode measurement ``row`` (batch, prompt_tokens,
+    new_tokens): every token costs the same FLOPs (about 2 per weight, plus attention over the cache at the run's
+    middle length), so FLOP/s / FLOPs per token, the same at every batch (a batch of b sequences does b tokens' work
+    in a step, and yields b tokens)."""
+    flops = roofline.decoder_flops_per_token(sum(p.numel() for p in model.parameters()),
+                                             layers=model.config.num_hidden_layers,
+                                             context=row["prompt_tokens"] + row["new_tokens"] // 2,
+                                             hidden=model.config.hidden_size)
+    return flops_per_s / flops
+
+
 def batch_sweep(model, tokenizer, *, batch_sizes: list[int], new_tokens: int, repeats: int, prompt_tokens: int,
                 bandwidth_bytes_per_s: float, flops_per_s: float, batch1: dict[str, Any] | None = None) -> list[dict]:
     """Decode at each batch size (``batch1``: an existing batch-1 row of the same prompt, reused), each against
-    its bandwidth bound and its compute bound (the matmul ceiling / about 2 FLOPs per weight per token)."""
-    parameters = sum(p.numel() for p in model.parameters())
+    its bandwidth bound (which grows with the batch) and its compute bound (:func:`compute_bound`, the same at
+    every batch)."""
     rows = []
     for b in batch_sizes:
         row = batch1 if b == 1 and batch1 is not None else measure_decode(
             model, random_prompt(model, batch=b, length=prompt_tokens), new_tokens=new_tokens, repeats=repeats,
             tokenizer=tokenizer)
         bound = bandwidth_bound(model, row, bandwidth_bytes_per_s)
-        flops = roofline.decoder_flops_per_token(parameters, layers=model.config.num_hidden_layers,
-                                                 context=row["prompt_tokens"] + new_tokens // 2,
-                                                 hidden=model.config.hidden_size)
         rows.append({"batch": b, "step ms": row["step_ms"], "tokens/s (all sequences)": row["tokens_per_s"],
                      "bound tokens/s": bound["bound_tokens_per_s"], "fraction of bound": bound["fraction_of_bound"],
-                     "compute bound tokens/s": b * flops_per_s / flops})
+                     "compute bound tokens/s": compute_bound(model, row, flops_per_s)})
     return rows
 
 

@@ -98,7 +98,8 @@ class Lab:
         ``shown`` maps the words a row shows to the metric's name."""
         references = reference_runs(self.notebook)
         if not references:
-            print("No reference runs are stored under reference/ yet: only this machine's numbers are shown.")
+            print("No results file of this notebook is stored under reference/ yet (reference/README.md lists the "
+                  "partial runs): only this machine's numbers are shown.")
         return [{"measured": words, "this machine": self.results.metrics.get(name),
                  **{device: run["metrics"].get(name) for device, run in references.items()}}
                 for words, name in shown.items()]

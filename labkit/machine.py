@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from labkit import models, probes
+from labkit import models, probes, results
 from labkit.errors import check_sizes
 
 
@@ -18,6 +18,25 @@ def notebook_plan(*, device: str, quick: bool, dtype: Any = "auto", model_id: st
     probes.check_dtype(device, dtype)
     return {"dtype": dtype, "model_problem": models.check_model(model_id),  # a wrong name stops here
             "matmul_size": matmul_size or None, "copy_megabytes": copy_megabytes or None}
+
+
+def default_dtype(env: dict[str, Any]) -> str:
+    """The compute dtype ``dtype="auto"`` gives on the device an environment report recorded: bfloat16 on a GPU of
+    compute capability 8.0 or newer, float16 on an older GPU, float32 on a CPU (the rule of
+    :func:`labkit.probes.resolve_dtype`)."""
+    gpus = env.get("devices", {}).get("cuda") or []
+    if not gpus:
+        return "float32"
+    major = int(str(gpus[0].get("capability", "0.0")).split(".")[0])
+    return "bfloat16" if major >= 8 else "float16"
+
+
+def matmul_label(dtype_name: str) -> str:
+    """The words of the matmul ceiling's row beside the reference runs, with the dtype of each: the reference runs
+    were made with ``dtype="auto"``, so each in its device's default dtype."""
+    others = [f"{default_dtype(run['env'])} on {device}"
+              for device, run in results.reference_runs("00_setup_and_probes").items()]
+    return f"matmul GFLOP/s ({', '.join([f'{dtype_name} here', *others])})"
 
 
 def what_you_measured(results: dict[str, Any]) -> list[str]:

@@ -376,16 +376,30 @@ def cached(name: str, key: str, build: Callable[[], list[dict[str, Any]]], *,
 
 # --------------------------------------------------------------------------- attention implementations
 
+# The answer's layout: bump it when :func:`_build_attn_implementations` changes what it lists, so that an answer
+# cached by an older labkit is rebuilt.
+_ATTN_IMPLEMENTATIONS_LAYOUT = "2: labkit's own registrations left out; flash_attention_* not built beside kernels"
+
+
 def attn_implementations(*, use_cache: bool = True) -> list[dict[str, Any]]:
     """Every ``attn_implementation=`` value transformers accepts, and whether a model can be built with it here.
 
     Built only (no forward): a flash_attention_2 without the flash-attn package fails at build time
-    with ImportError, which is what a learner would meet. The answer depends only on the installed
-    packages, so it is cached per set of versions (importing transformers' modeling code takes ~2 s).
+    with ImportError, which is what a learner would meet. Where the ``kernels`` package is installed,
+    transformers 5 replaces a missing flash-attn package with a Hub kernel, downloading it, so those values
+    are not built (nothing here downloads). Names labkit registers itself (``labkit_*``, notebook 03's
+    varlen function) are left out. The answer depends only on the installed packages, so it is cached per
+    set of versions (importing transformers' modeling code takes ~2 s).
     """
-    key = cache_key(("torch", "transformers", "flash-attn", "flash_attn_3", "kernels"),
-                    modules=("flash_attn", "flash_attn_3", "kernels"))
+    versions = cache_key(("torch", "transformers", "flash-attn", "flash_attn_3", "kernels"),
+                         modules=("flash_attn", "flash_attn_3", "kernels"))
+    key = f"{_ATTN_IMPLEMENTATIONS_LAYOUT}|{versions}"
     return cached("attn_implementations", key, _build_attn_implementations, use_cache=use_cache)
+
+
+def kernels_installed() -> bool:
+    """Whether the ``kernels`` package (Hub kernels, which transformers downloads on demand) can be imported."""
+    return importlib.util.find_spec("kernels") is not None
 
 
 def _build_attn_implementations() -> list[dict[str, Any]]:
@@ -393,11 +407,16 @@ def _build_attn_implementations() -> list[dict[str, Any]]:
     # `labkit probe` would otherwise pay on every call.
     from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
-    names = ["eager"] + [n for n in AttentionInterface().valid_keys() if n != "eager"]
+    names = ["eager"] + [n for n in AttentionInterface().valid_keys() if n != "eager" and not n.startswith("labkit_")]
     config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=32)
     rows = []
     for name in names:
+        if name.startswith("flash_attention_") and kernels_installed():
+            rows.append({"attn_implementation": name, "ok": None,
+                         "reason": "not tried: the kernels package is installed, so transformers would download the "
+                                   "kernels-community Hub kernel in place of a missing flash-attn package"})
+            continue
         try:
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -329,14 +329,18 @@ def _plain_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _tensor_parts(tensor, seen: set[int]) -> Iterator[tuple[str, int]]:
-    """(part, bytes) of what one parameter really holds; bitsandbytes' scales live beside the parameter."""
+def _tensor_parts(tensor, seen: set[int], moved_scales: dict[int, Any]) -> Iterator[tuple[str, int]]:
+    """(part, bytes) of what one parameter really holds; bitsandbytes' scales live beside the parameter (or, for
+    LLM.int8 after its first forward pass, in its layer's ``state``: ``moved_scales``)."""
     if hasattr(tensor, "__tensor_flatten__"):  # torchao: the packed weights ("qdata") and their scales inside
         inner, _ = tensor.__tensor_flatten__()
         for n in inner:
             yield ("weights" if n == "qdata" else "scales"), _plain_bytes(getattr(tensor, n))
         return
-    state, row_scales = getattr(tensor, "quant_state", None), getattr(tensor, "SCB", None)
+    state = getattr(tensor, "quant_state", None)
+    row_scales = getattr(tensor, "SCB", None)
+    if row_scales is None:
+        row_scales = moved_scales.get(id(tensor))
     if state is None and row_scales is None:
         yield "kept", tensor.numel() * tensor.element_size()
         return
@@ -356,13 +360,26 @@ def count_footprint(model) -> dict[str, int]:
     presents: right for plain tensors, blind to bitsandbytes' scales (kept beside the parameter) and wrong for
     torchao's tensor subclasses (each presents its 16-bit dtype while holding int8 or packed int4 inside)."""
     parts, seen = {"kept": 0, "weights": 0, "scales": 0}, set()
+    moved_scales = _int8_scales_in_state(model)
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        for part, size in _tensor_parts(tensor, seen):
+        for part, size in _tensor_parts(tensor, seen, moved_scales):
             parts[part] += size
     return parts
+
+
+def _int8_scales_in_state(model) -> dict[int, Any]:
+    """LLM.int8's row scales that moved off their weight: bitsandbytes' ``Linear8bitLt`` moves ``weight.SCB`` into
+    its ``state.SCB`` at the first forward pass (``init_8bit_state``), so they are found by the weight's id."""
+    moved = {}
+    for module in model.modules():
+        state, weight = getattr(module, "state", None), getattr(module, "weight", None)
+        scales = getattr(state, "SCB", None)
+        if weight is not None and scales is not None and getattr(weight, "SCB", None) is None:
+            moved[id(weight)] = scales
+    return moved
 
 
 def layer_footprint_mib(name: str, rows: int, cols: int, *, device: str = "cpu", dtype=torch.bfloat16,

@@ -128,7 +128,9 @@ def paged_cache_size(workload: Sequence[Request], *, page_size: int, concurrent:
     return {"kv_pages": pages, "max_batch_tokens": max(256, max(r.prompt_tokens for r in workload) + len(workload))}
 
 
-SERVER_PAGE_SIZE = 256  # transformers serve has no flag for the page size in 5.24: its default
+# the page size transformers serve 5.24 runs with: its default. Its --cb-block-size flag would set it, through
+# ContinuousBatchingConfig(block_size=...), which 5.17 deprecated in favour of page_size and which logs a warning
+SERVER_PAGE_SIZE = 256
 
 
 def server_sizes(workload: Sequence[Request], concurrency: Sequence[int], requests: int, *,

@@ -11,23 +11,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 from labkit import compat, fastpath
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
 
-# --------------------------------------------------------------------------- 03.1 the ideal speed-up
-
-def ideal_speedup(padding_fraction):
-    # the fastpath computes only the real tokens, (1 - p) of the padded work: the time ratio is its inverse
-    return 1 / (1 - padding_fraction)
-
-
-def _ideal_speedup(answer, c):
-    p = c["padding_fraction"]
-    return predicted(answer, ideal_speedup(p), "x", {
-        "that is the fraction of the work left, a time ratio: the speed-up is its inverse": 1 - p,
-        "the fastpath does only the real tokens' work, (1 - p) of it: the speed-up is 1 / (1 - p)": 1 + p,
-        "that is the padding's share relative to the real tokens, not the speed-up": p / (1 - p),
-    }, rel=0.02)
-
-
-# --------------------------------------------------------------------------- 03.2 which calls skip the padding
+# --------------------------------------------------------------------------- 03.1 which calls skip the padding
 
 def cases_that_skip_padding(cases):
     # the situations with no reason not to pack the batch (labkit.fastpath.why_not_fastpath gave "")
@@ -57,7 +41,7 @@ def _fastpath_cases(answer, c):
     return f"only {sorted(expected)} skip the padding."
 
 
-# --------------------------------------------------------------------------- 03.3 one encoder layer converted
+# --------------------------------------------------------------------------- 03.2 one encoder layer converted
 
 my_convert_layer = fastpath.convert_layer
 
@@ -117,12 +101,25 @@ def _the_bert_layer_itself(layer, config):
     return layer
 
 
+# --------------------------------------------------------------------------- 03.3 the ideal speed-up
+
+def ideal_speedup(padding_fraction):
+    # if the time is proportional to the tokens computed: the fastpath computes only the real ones, (1 - p) of the
+    # padded positions, so its time is (1 - p) of the padded model's, and the speed-up the inverse
+    return 1 / (1 - padding_fraction)
+
+
+def _ideal_speedup(answer, c):
+    p = c["padding_fraction"]
+    return predicted(answer, ideal_speedup(p), "x", {
+        "that is the fraction of the work left, a time ratio: the speed-up is its inverse": 1 - p,
+        "the fastpath computes only the real tokens, (1 - p) of the positions: the speed-up is 1 / (1 - p)": 1 + p,
+        "that is the padding's share relative to the real tokens, not the speed-up": p / (1 - p),
+    }, rel=0.02)
+
+
 EXERCISES = [
-    Exercise("03.1", "The best the fastpath can do", "predict", _ideal_speedup, ideal_speedup,
-             ("The padded model computes on every position; the fastpath only on the real tokens.",
-              "With a fraction p of padding the fastpath does (1 - p) of the work: the time ratio is (1 - p)."),
-             {"padding_fraction": 0.75}, ((0.25, "inverse"), (1.75, "1 / (1 - p)"), (3.0, "share"))),
-    Exercise("03.2", "Which calls skip the padding?", "predict", _fastpath_cases, cases_that_skip_padding,
+    Exercise("03.1", "Which calls skip the padding?", "predict", _fastpath_cases, cases_that_skip_padding,
              ("The encoder decides whether to pack the batch before any layer runs: the mode, gradient tracking, the "
               "mask and how the encoder was built count; what happens inside a layer does not.",
               "Eval mode; no gradient tracking of a weight (torch.no_grad(), torch.inference_mode() or frozen weights "
@@ -133,11 +130,17 @@ EXERCISES = [
               "unfused": {"a forward hook on layer 0": "layer 0: a forward hook or pre-hook is registered on it"}},
              ((["training mode"], "training mode"), (["eval, torch.no_grad(), right padding"], "fused layer only"),
               ([], "does skip"), ("left padding", "list or set"))),
-    Exercise("03.3", "Convert one more encoder layer", "code", _convert_layer, my_convert_layer,
+    Exercise("03.2", "Convert one more encoder layer", "code", _convert_layer, my_convert_layer,
              ("Build nn.TransformerEncoderLayer with BERT's sizes (batch_first=True, dropout=0, GELU, post-norm), then "
               "copy the weights in.",
               "The layer's in_proj_weight stacks query, key and value: torch.cat([q.weight, k.weight, v.weight]); "
               "norm1 is the attention output's LayerNorm, norm2 the feed-forward's."),
              {}, ((returns_none, "returns None"), (_the_bert_layer_itself, "TransformerEncoderLayer")),
              answer_is_function=True),
+    Exercise("03.3", "The ideal speed-up, if time follows the tokens", "predict", _ideal_speedup, ideal_speedup,
+             ("The padded model computes on every position; the fastpath only on the real tokens. Suppose the time "
+              "is proportional to the tokens computed.",
+              "With a fraction p of padding the fastpath computes (1 - p) of the positions, so its time is (1 - p) "
+              "of the padded model's; the speed-up is the padded time over the fastpath's."),
+             {"padding_fraction": 0.75}, ((0.25, "inverse"), (1.75, "1 / (1 - p)"), (3.0, "share"))),
 ]

@@ -11,27 +11,7 @@ from labkit import attention, roofline
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
 from labkit.probes import BACKENDS
 
-# --------------------------------------------------------------------------- 01.1 the score matrix
-
-def score_matrix_mib(batch, heads, seq, dtype):
-    # one score per (query, key) pair, for every head of every sequence: batch x heads x N x N elements
-    return attention.score_matrix_bytes(batch, heads, seq, seq, dtype) / 2**20
-
-
-def _score_matrix(answer, c):
-    b, h, n, dtype = c["batch"], c["heads"], c["seq"], c["dtype"]
-    mib = score_matrix_mib(b, h, n, dtype)
-    size = roofline.element_size(dtype)
-    return predicted(answer, mib, "MiB", {
-        "that looks like bytes: the question asks for MiB (divide by 2**20)": mib * 2**20,
-        f"that is one head's matrix: each of the {h} heads holds its own": mib / h if h > 1 else 0,
-        f"that is one sequence's: each of the {b} sequences in the batch holds its own": mib / b if b > 1 else 0,
-        "a score for every query and every key: N x N per head, not N": mib / n,
-        f"{str(dtype).removeprefix('torch.')} takes {size} bytes per element": mib * (4 if size == 2 else 2) / size,
-    })
-
-
-# --------------------------------------------------------------------------- 01.2 attention by hand
+# --------------------------------------------------------------------------- 01.1 attention by hand
 
 def my_attention(q, k, v):
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
@@ -73,6 +53,26 @@ def _one_column(q, k, v):
     return q[..., :1]
 
 
+# --------------------------------------------------------------------------- 01.2 the score matrix
+
+def score_matrix_mib(batch, heads, seq, dtype):
+    # one score per (query, key) pair, for every head of every sequence: batch x heads x N x N elements
+    return attention.score_matrix_bytes(batch, heads, seq, seq, dtype) / 2**20
+
+
+def _score_matrix(answer, c):
+    b, h, n, dtype = c["batch"], c["heads"], c["seq"], c["dtype"]
+    mib = score_matrix_mib(b, h, n, dtype)
+    size = roofline.element_size(dtype)
+    return predicted(answer, mib, "MiB", {
+        "that looks like bytes: the question asks for MiB (divide by 2**20)": mib * 2**20,
+        f"that is one head's matrix: each of the {h} heads holds its own": mib / h if h > 1 else 0,
+        f"that is one sequence's: each of the {b} sequences in the batch holds its own": mib / b if b > 1 else 0,
+        "a score for every query and every key: N x N per head, not N": mib / n,
+        f"{str(dtype).removeprefix('torch.')} takes {size} bytes per element": mib * (4 if size == 2 else 2) / size,
+    })
+
+
 # --------------------------------------------------------------------------- 01.3 PyTorch's own choice
 
 def backend_pytorch_picks(device, dtype):
@@ -96,20 +96,20 @@ def _pick_backend(answer, c):
 
 
 EXERCISES = [
-    Exercise("01.1", "The score matrix, predicted", "predict", _score_matrix, score_matrix_mib,
-             ("The math backend holds one score per (query, key) pair, for every head of every sequence.",
-              "Count batch x heads x N x N elements, times the bytes of one element in this dtype, then divide by "
-              "2**20."),
-             {"batch": 4, "heads": 16, "seq": 4096, "dtype": "float32"},
-             ((4096.0 * 2**20, "bytes"), (256.0, "one head"), (1024.0, "one sequence"), (1.0, "N x N"),
-              (2048.0, "bytes per element"))),
-    Exercise("01.2", "Attention by hand", "code", _attention_by_hand, my_attention,
+    Exercise("01.1", "Attention by hand", "code", _attention_by_hand, my_attention,
              ("Three steps: scores from queries and keys, a softmax, then a weighted sum of the values.",
               "scores = q @ k.transpose(-2, -1), scaled by 1 / sqrt(head size); softmax over the last axis; then @ v."),
              {},
              ((_unscaled_attention, "sqrt(d)"), (_one_column, "shape"), (returns_none, "returns None"),
               (3, "a function")),
              answer_is_function=True),
+    Exercise("01.2", "The score matrix, predicted", "predict", _score_matrix, score_matrix_mib,
+             ("The math backend holds one score per (query, key) pair, for every head of every sequence.",
+              "Count batch x heads x N x N elements, times the bytes of one element in this dtype, then divide by "
+              "2**20."),
+             {"batch": 4, "heads": 16, "seq": 4096, "dtype": "float32"},
+             ((4096.0 * 2**20, "bytes"), (256.0, "one head"), (1024.0, "one sequence"), (1.0, "N x N"),
+              (2048.0, "bytes per element"))),
     Exercise("01.3", "Which backend does PyTorch pick?", "predict", _pick_backend, backend_pytorch_picks,
              ("The fused backends come first when the inputs allow them: 4-D, no mask, a supported dtype and head "
               "size.",

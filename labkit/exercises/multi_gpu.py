@@ -29,7 +29,34 @@ def _gpus_needed(answer, c):
     raise Wrong(f"{answer} GPUs is not it")
 
 
-# --------------------------------------------------------------------------- 05.2 the data-parallel split
+# --------------------------------------------------------------------------- 05.2 the KV cache of one rank
+
+def kv_cache_kib_per_rank(layers, kv_heads, head_dim, tp, batch, tokens, element_bytes):
+    # GQA: the cache holds the key/value heads only, and tensor parallelism gives each rank kv_heads / tp of them
+    per_token = roofline.kv_bytes_per_token(layers=layers, kv_heads=kv_heads // tp, head_dim=head_dim,
+                                            element_bytes=element_bytes)
+    return batch * tokens * per_token / 1024
+
+
+def _kv_per_rank(answer, c):
+    wanted = {k: c[k] for k in ("layers", "kv_heads", "head_dim", "tp", "batch", "tokens", "element_bytes")}
+    expected = kv_cache_kib_per_rank(**wanted)
+    mistakes: dict[float, str] = {}
+    for value, message in (
+            (expected * c["tp"], f"that is the whole cache: each of the {c['tp']} ranks holds only its share of "
+                                 "the key/value heads"),
+            (expected * c["heads"] / c["kv_heads"], f"that counts the {c['heads']} query heads: under GQA the cache "
+                                                    f"holds only the {c['kv_heads']} key/value heads"),
+            (expected / 2, "the cache holds a key AND a value per head and token: twice that"),
+            (expected * 1024, "that looks like bytes: the question asks for KiB (divide by 1024)")):
+        if value not in mistakes:
+            mistakes[value] = message
+        elif message not in mistakes[value]:  # two mistakes give the same number here: name both
+            mistakes[value] += f"; or {message}"
+    return predicted(answer, expected, "KiB", {message: value for value, message in mistakes.items()}, rel=0.02)
+
+
+# --------------------------------------------------------------------------- 05.3 the data-parallel split
 
 def my_split(items, rank, world_size):
     per, extra = divmod(len(items), world_size)
@@ -68,24 +95,6 @@ def _floor_split(items, rank, world_size):
 def _everything_to_everyone(items, rank, world_size):
     """a split that gives every process every item"""
     return items
-
-
-# --------------------------------------------------------------------------- 05.3 bus bandwidth
-
-def bus_bandwidth_gb_per_s(message_bytes, seconds, ranks):
-    # nccl-tests' bus bandwidth: the algorithm bandwidth (size / time) times 2(n-1)/n for all-reduce
-    return parallel.bus_bandwidth(message_bytes, seconds, ranks)["busbw_bytes_per_s"] / 1e9
-
-
-def _bus_bandwidth(answer, c):
-    size, seconds, n = c["message_bytes"], c["seconds"], c["ranks"]
-    algbw = size / seconds / 1e9
-    expected = bus_bandwidth_gb_per_s(size, seconds, n)
-    return predicted(answer, expected, "GB/s", {
-        "that is the algorithm bandwidth (bytes / time): bus bandwidth scales it by 2(n-1)/n": algbw,
-        "the factor is 2(n-1)/n, not 2(n-1)": algbw * 2 * (n - 1),
-        "that looks like bytes per second: the question asks for GB/s": expected * 1e9,
-    }, rel=0.02)
 
 
 # --------------------------------------------------------------------------- 05.4 the layout for a machine
@@ -127,31 +136,22 @@ def _layout(answer, c):
                 "serve more copies of the model")
 
 
-# --------------------------------------------------------------------------- 05.5 the KV cache of one rank
+# --------------------------------------------------------------------------- 05.5 bus bandwidth
 
-def kv_cache_kib_per_rank(layers, kv_heads, head_dim, tp, batch, tokens, element_bytes):
-    # GQA: the cache holds the key/value heads only, and tensor parallelism gives each rank kv_heads / tp of them
-    per_token = roofline.kv_bytes_per_token(layers=layers, kv_heads=kv_heads // tp, head_dim=head_dim,
-                                            element_bytes=element_bytes)
-    return batch * tokens * per_token / 1024
+def bus_bandwidth_gb_per_s(message_bytes, seconds, ranks):
+    # nccl-tests' bus bandwidth: the algorithm bandwidth (size / time) times 2(n-1)/n for all-reduce
+    return parallel.bus_bandwidth(message_bytes, seconds, ranks)["busbw_bytes_per_s"] / 1e9
 
 
-def _kv_per_rank(answer, c):
-    wanted = {k: c[k] for k in ("layers", "kv_heads", "head_dim", "tp", "batch", "tokens", "element_bytes")}
-    expected = kv_cache_kib_per_rank(**wanted)
-    mistakes: dict[float, str] = {}
-    for value, message in (
-            (expected * c["tp"], f"that is the whole cache: each of the {c['tp']} ranks holds only its share of "
-                                 "the key/value heads"),
-            (expected * c["heads"] / c["kv_heads"], f"that counts the {c['heads']} query heads: under GQA the cache "
-                                                    f"holds only the {c['kv_heads']} key/value heads"),
-            (expected / 2, "the cache holds a key AND a value per head and token: twice that"),
-            (expected * 1024, "that looks like bytes: the question asks for KiB (divide by 1024)")):
-        if value not in mistakes:
-            mistakes[value] = message
-        elif message not in mistakes[value]:  # two mistakes give the same number here: name both
-            mistakes[value] += f"; or {message}"
-    return predicted(answer, expected, "KiB", {message: value for value, message in mistakes.items()}, rel=0.02)
+def _bus_bandwidth(answer, c):
+    size, seconds, n = c["message_bytes"], c["seconds"], c["ranks"]
+    algbw = size / seconds / 1e9
+    expected = bus_bandwidth_gb_per_s(size, seconds, n)
+    return predicted(answer, expected, "GB/s", {
+        "that is the algorithm bandwidth (bytes / time): bus bandwidth scales it by 2(n-1)/n": algbw,
+        "the factor is 2(n-1)/n, not 2(n-1)": algbw * 2 * (n - 1),
+        "that looks like bytes per second: the question asks for GB/s": expected * 1e9,
+    }, rel=0.02)
 
 
 EXERCISES = [
@@ -160,18 +160,21 @@ EXERCISES = [
               "Divide the total by 90% of one GPU's memory and round up."),
              {"total_bytes": 23.5e9, "weight_bytes": 20.5e9, "device_bytes": 24 * 2**30},
              ((1, "90%"), (1.5, "whole number"), (5, "is not it"))),
-    Exercise("05.2", "The data-parallel split", "code", _split, my_split,
+    Exercise("05.2", "The KV cache of one rank", "predict", _kv_per_rank, kv_cache_kib_per_rank,
+             ("Under grouped-query attention the cache keeps one key and one value vector per key/value head, not "
+              "per query head.",
+              "Per token: 2 x layers x (key/value heads / TP) x head size x bytes per number; times batch and tokens."),
+             {"layers": 32, "heads": 32, "kv_heads": 8, "head_dim": 128, "tp": 2, "batch": 1, "tokens": 1024,
+              "element_bytes": 2},
+             ((131072.0, "whole cache"), (262144.0, "query heads"), (32768.0, "AND a value"),
+              (65536.0 * 1024, "bytes"))),
+    Exercise("05.3", "The data-parallel split", "code", _split, my_split,
              ("Each process takes one contiguous block of the prompts, as accelerate's split_between_processes does.",
               "divmod(len(items), world_size) gives the share and the remainder; the first `remainder` ranks take "
               "one more."),
              {}, ((_floor_split, "go to no process"), (_everything_to_everyone, "two processes"),
                   (returns_none, "returns None")),
              answer_is_function=True),
-    Exercise("05.3", "Bus bandwidth", "predict", _bus_bandwidth, bus_bandwidth_gb_per_s,
-             ("nccl-tests reports two numbers: algorithm bandwidth (size / time) and bus bandwidth.",
-              "For all-reduce, bus bandwidth = algorithm bandwidth x 2(n-1)/n: what each link carries."),
-             {"message_bytes": 256 * 2**20, "seconds": 2e-3, "ranks": 8},
-             ((134.217728, "algorithm bandwidth"), (1879.048192, "not 2(n-1)"))),
     Exercise("05.4", "TP and PP for a machine", "predict", _layout, layout_for,
              ("Tensor parallelism stays inside one node and must divide the key/value heads; pipeline stages go "
               "across nodes.",
@@ -181,12 +184,9 @@ EXERCISES = [
               "context": 4096},
              (((16, 1), "inside a node"), ((8, 1), "does not fit"), ((6, 2), "key/value heads"),
               ((4, 4), "pipeline stages"), (16, "(tp, pp)"))),
-    Exercise("05.5", "The KV cache of one rank", "predict", _kv_per_rank, kv_cache_kib_per_rank,
-             ("Under grouped-query attention the cache keeps one key and one value vector per key/value head, not "
-              "per query head.",
-              "Per token: 2 x layers x (key/value heads / TP) x head size x bytes per number; times batch and tokens."),
-             {"layers": 32, "heads": 32, "kv_heads": 8, "head_dim": 128, "tp": 2, "batch": 1, "tokens": 1024,
-              "element_bytes": 2},
-             ((131072.0, "whole cache"), (262144.0, "query heads"), (32768.0, "AND a value"),
-              (65536.0 * 1024, "bytes"))),
+    Exercise("05.5", "Bus bandwidth", "predict", _bus_bandwidth, bus_bandwidth_gb_per_s,
+             ("nccl-tests reports two numbers: algorithm bandwidth (size / time) and bus bandwidth.",
+              "For all-reduce, bus bandwidth = algorithm bandwidth x 2(n-1)/n: what each link carries."),
+             {"message_bytes": 256 * 2**20, "seconds": 2e-3, "ranks": 8},
+             ((134.217728, "algorithm bandwidth"), (1879.048192, "not 2(n-1)"))),
 ]

@@ -27,7 +27,30 @@ def _nf4_footprint(answer, c):
     }, rel=0.03)
 
 
-# --------------------------------------------------------------------------- 04.2 an NF4 config
+# --------------------------------------------------------------------------- 04.2 int4 with group-wise scales
+
+def int4_mib(rows, cols, group_size):
+    # half a byte per weight, plus a bfloat16 scale and a bfloat16 zero point per group of `group_size` weights
+    return sum(quant.int4_weight_only_parts(rows, cols, group_size=group_size)) / 2**20
+
+
+def _int4_footprint(answer, c):
+    rows, cols, group = c["rows"], c["cols"], c["group_size"]
+    expected = int4_mib(rows, cols, group)
+    weights, groups = rows * cols / 2, rows * cols / group
+    return predicted(answer, expected, "MiB", {
+        f"the groups count too: each group of {group} weights keeps a scale and a zero point": weights / 2**20,
+        "torchao's int4 keeps a zero point beside each scale (the levels are 0..15, shifted)":
+            (weights + 2 * groups) / 2**20,
+        f"the scale and the zero point are bfloat16, 2 bytes each, per group of {group}":
+            (weights + 8 * groups) / 2**20,
+        "4 bits is half a byte per weight, not a byte": (2 * weights + 4 * groups) / 2**20,
+        "that is the 16-bit size: 2 bytes per weight": rows * cols * 2 / 2**20,
+        "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20,
+    }, rel=0.02)
+
+
+# --------------------------------------------------------------------------- 04.3 an NF4 config
 
 def my_config():
     from transformers import BitsAndBytesConfig
@@ -54,7 +77,7 @@ def _bnb_config(answer, c):
     return "NF4 weights, scales quantized again, matrix products in bfloat16."
 
 
-# --------------------------------------------------------------------------- 04.3 the closest format
+# --------------------------------------------------------------------------- 04.4 the closest format
 
 def closest_format(kl):
     # the format whose next-token distributions moved least from 16-bit: the smallest measured KL divergence
@@ -73,29 +96,6 @@ def _closest_format(answer, c):
         raise Wrong(f"measured here, {best} stayed closest (KL {kl[best]:.3g} nats) and {name} moved {kl[name]:.3g}")
     tie = f" (a tie with {best}, {kl[best]:.3g})" if name != best else ""
     return f"{name} moved the next-token distributions least, {kl[name]:.3g} nats{tie}."
-
-
-# --------------------------------------------------------------------------- 04.4 int4 with group-wise scales
-
-def int4_mib(rows, cols, group_size):
-    # half a byte per weight, plus a bfloat16 scale and a bfloat16 zero point per group of `group_size` weights
-    return sum(quant.int4_weight_only_parts(rows, cols, group_size=group_size)) / 2**20
-
-
-def _int4_footprint(answer, c):
-    rows, cols, group = c["rows"], c["cols"], c["group_size"]
-    expected = int4_mib(rows, cols, group)
-    weights, groups = rows * cols / 2, rows * cols / group
-    return predicted(answer, expected, "MiB", {
-        f"the groups count too: each group of {group} weights keeps a scale and a zero point": weights / 2**20,
-        "torchao's int4 keeps a zero point beside each scale (the levels are 0..15, shifted)":
-            (weights + 2 * groups) / 2**20,
-        f"the scale and the zero point are bfloat16, 2 bytes each, per group of {group}":
-            (weights + 8 * groups) / 2**20,
-        "4 bits is half a byte per weight, not a byte": (2 * weights + 4 * groups) / 2**20,
-        "that is the 16-bit size: 2 bytes per weight": rows * cols * 2 / 2**20,
-        "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20,
-    }, rel=0.02)
 
 
 # --------------------------------------------------------------------------- 04.5 where int4 weight-only stops helping
@@ -123,21 +123,21 @@ EXERCISES = [
               "rows x cols / 2 bytes of weights, plus rows x cols / blocksize float32 scales (4 bytes each)."),
              {"rows": 4096, "cols": 4096, "blocksize": 64},
              ((8.0, "scales count"), (17.0, "half a byte"), (32.0, "16-bit size"))),
-    Exercise("04.2", "An NF4 config, written", "code", _bnb_config, my_config,
-             ("transformers' BitsAndBytesConfig takes the format at load time: "
-              "from_pretrained(..., quantization_config=...).",
-              "Four arguments: load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype."),
-             {}, (("nf4", "BitsAndBytesConfig"),)),
-    Exercise("04.3", "Which format stays closest to 16-bit?", "predict", _closest_format, closest_format,
-             ("KL divergence measures how far each format moved the next-token distributions from 16-bit.",
-              "More bits per weight keep more of each weight: compare the 8-bit formats with the 4-bit ones."),
-             {"kl": {"fp4": 0.44, "nf4": 0.25, "nf4-double": 0.25, "int8": 0.017}},
-             (("nf4", "stayed closest"), ("q4", "not a format"))),
-    Exercise("04.4", "int4 weight-only with group-wise scales, predicted", "predict", _int4_footprint, int4_mib,
+    Exercise("04.2", "int4 weight-only with group-wise scales, predicted", "predict", _int4_footprint, int4_mib,
              ("Each weight takes 4 bits; each group of weights along a row also keeps a scale and a zero point.",
               "rows x cols / 2 bytes of weights, plus rows x cols / group_size groups of 2 + 2 bytes (bfloat16)."),
              {"rows": 4096, "cols": 4096, "group_size": 128},
              ((8.0, "groups count"), (8.25, "zero point"), (9.0, "2 bytes each"), (16.5, "half a byte"))),
+    Exercise("04.3", "An NF4 config, written", "code", _bnb_config, my_config,
+             ("transformers' BitsAndBytesConfig takes the format at load time: "
+              "from_pretrained(..., quantization_config=...).",
+              "Four arguments: load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype."),
+             {}, (("nf4", "BitsAndBytesConfig"),)),
+    Exercise("04.4", "Which format stays closest to 16-bit?", "predict", _closest_format, closest_format,
+             ("KL divergence measures how far each format moved the next-token distributions from 16-bit.",
+              "More bits per weight keep more of each weight: compare the 8-bit formats with the 4-bit ones."),
+             {"kl": {"fp4": 0.44, "nf4": 0.25, "nf4-double": 0.25, "int8": 0.017}},
+             (("nf4", "stayed closest"), ("q4", "not a format"))),
     Exercise("04.5", "Where int4 weight-only stops helping, predicted", "predict", _break_even, break_even,
              ("A decode step takes max(bytes read / bandwidth, FLOPs / FLOP/s). Fewer weight bytes help only while "
               "the first term is the larger one.",

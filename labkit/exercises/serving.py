@@ -26,7 +26,26 @@ def _padding_waste(answer, c):
     }, rel=0.05)
 
 
-# --------------------------------------------------------------------------- 06.2 KV bytes per token with GQA
+# --------------------------------------------------------------------------- 06.2 the acceptance rate that breaks even
+
+def break_even_acceptance(proposals, verify_cost, draft_cost):
+    # one step costs verify_cost + proposals x draft_cost greedy steps and yields 1 + rate x proposals tokens:
+    # it breaks even when the tokens equal the cost
+    return (verify_cost + proposals * draft_cost - 1) / proposals
+
+
+def _break_even(answer, c):
+    k, v, d = c["proposals"], c["verify_cost"], c["draft_cost"]
+    expected = break_even_acceptance(k, v, d)
+    return predicted(answer, expected, "of the proposals", {
+        "that leaves out the cost of proposing: the draft runs once per proposed token": (v - 1) / k,
+        "that leaves out verifying: the main model's forward over all the proposals costs more than one step": d,
+        "that forgets the token the main model adds at every step, accepted proposals or not": (v + k * d) / k,
+        "that looks like a percentage: give the rate as a fraction of the proposals (0 to 1)": expected * 100,
+    })
+
+
+# --------------------------------------------------------------------------- 06.3 KV bytes per token with GQA
 
 def kv_kib_per_token(layers, kv_heads, head_dim, bytes_per_element):
     # a key and a value vector per key/value head (GQA: fewer than the query heads), in every layer
@@ -47,25 +66,6 @@ def _kv_per_token(answer, c):
     })
 
 
-# --------------------------------------------------------------------------- 06.3 the acceptance rate that breaks even
-
-def break_even_acceptance(proposals, verify_cost, draft_cost):
-    # one step costs verify_cost + proposals x draft_cost greedy steps and yields 1 + rate x proposals tokens:
-    # it breaks even when the tokens equal the cost
-    return (verify_cost + proposals * draft_cost - 1) / proposals
-
-
-def _break_even(answer, c):
-    k, v, d = c["proposals"], c["verify_cost"], c["draft_cost"]
-    expected = break_even_acceptance(k, v, d)
-    return predicted(answer, expected, "of the proposals", {
-        "that leaves out the cost of proposing: the draft runs once per proposed token": (v - 1) / k,
-        "that leaves out verifying: the target's forward over all the proposals costs more than one step": d,
-        "that forgets the token the target model adds at every step, accepted proposals or not": (v + k * d) / k,
-        "that looks like a percentage: give the rate as a fraction of the proposals (0 to 1)": expected * 100,
-    })
-
-
 EXERCISES = [
     Exercise("06.1", "How much does a static batch waste?", "predict", _padding_waste, padding_waste_percent,
              ("A static batch pads every prompt to its longest prompt, and runs until its longest output is done.",
@@ -74,17 +74,17 @@ EXERCISES = [
              {"prompt_tokens": [12, 30, 8, 20], "new_tokens": [40, 6, 10, 4]},
              ((41.67, "padded prompts only"), (62.5, "outputs only"), (46.43, "share of useful"),
               (0.5357, "fraction"))),
-    Exercise("06.2", "KV bytes per token with grouped-query attention", "predict", _kv_per_token, kv_kib_per_token,
-             ("Every layer caches a key and a value vector for each key/value head, for every token.",
-              "2 (K and V) x layers x key/value heads x head size x bytes per element; then / 1024 for KiB."),
-             {"layers": 32, "heads": 32, "kv_heads": 8, "head_dim": 128, "bytes_per_element": 2},
-             ((512.0, "query heads"), (64.0, "key AND a value"), (4.0, "every one of the 32 layers"),
-              (131072.0, "looks like bytes"))),
-    Exercise("06.3", "The acceptance rate at which a draft breaks even", "predict", _break_even,
+    Exercise("06.2", "The acceptance rate at which a draft breaks even", "predict", _break_even,
              break_even_acceptance,
              ("Count what one speculative step costs and what it yields, both in steps of plain greedy decoding.",
               "cost = verify_cost + proposals x draft_cost; tokens = 1 + rate x proposals; solve tokens = cost."),
              {"proposals": 4, "verify_cost": 1.5, "draft_cost": 0.05},
              ((0.125, "cost of proposing"), (0.05, "leaves out verifying"), (0.425, "forgets the token"),
               (17.5, "percentage"))),
+    Exercise("06.3", "KV bytes per token with grouped-query attention", "predict", _kv_per_token, kv_kib_per_token,
+             ("Every layer caches a key and a value vector for each key/value head, for every token.",
+              "2 (K and V) x layers x key/value heads x head size x bytes per element; then / 1024 for KiB."),
+             {"layers": 32, "heads": 32, "kv_heads": 8, "head_dim": 128, "bytes_per_element": 2},
+             ((512.0, "query heads"), (64.0, "key AND a value"), (4.0, "every one of the 32 layers"),
+              (131072.0, "looks like bytes"))),
 ]

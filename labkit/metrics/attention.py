@@ -10,7 +10,7 @@ HEADLINES = ("best_backend_", "masked_")
 MASKS = ("causal", "document")
 IMPLEMENTATIONS = ("sdpa", "flex_eager", "flex_compiled")
 
-MATH_PEAK = "math_peak_in_score_matrices"  # MATH's peak extra memory at the longest length, in score matrices
+MATH_PEAK = "math_peak_in_score_matrices"  # MATH's peak extra memory at the longest length it ran, in score matrices
 BEST_TFLOPS = "best_backend_tflops"
 BEST_FRACTION = "best_backend_fraction_of_ceiling"
 PYTORCH_CHOICE_VS_BEST = "best_backend_pytorch_choice_time_ratio"  # PyTorch's own choice's time / the best's

@@ -12,6 +12,8 @@ QUICK_IMPLEMENTATIONS = IMPLEMENTATIONS[1:]  # a quick run compares the two that
 # today's ways to skip padding (section 5), the padded batch they are compared with first
 WAYS = ("padded sdpa", "packed sdpa block mask", "packed varlen", "packed flex document mask")
 QUICK_PADDING = (0, 0.25, 0.5, 0.75)
+# the fastpath's real work per second at the sweep's headline point, as a fraction of the matmul ceiling
+FASTPATH_FRACTION_OF_CEILING = "fastpath_fraction_of_matmul_ceiling"
 
 
 def sweep(implementation: str, batch: int, length: int, padding: float, what: str = "ms") -> str:
@@ -37,7 +39,8 @@ def padding_free_speedup(way: str, batch: int, length: int, padding: float) -> s
 def expected_quick() -> list[str]:
     """What a quick CPU run records (batch 8, length 128 on minilm-l6)."""
     return ["to_fastpath_max_abs_difference", "embedding_similarity_max_difference", "fastpath_floor_ms",
-            "sweep_noisy_points", "fastpath_situations", "fastpath_situations_skipping_padding"] \
+            "sweep_noisy_points", "fastpath_situations", "fastpath_situations_skipping_padding",
+            FASTPATH_FRACTION_OF_CEILING] \
         + [speedup(8, 128, p) for p in QUICK_PADDING] \
         + [sweep(i, 8, 128, p) for i in QUICK_IMPLEMENTATIONS for p in QUICK_PADDING] \
         + [padding_free(w, 8, 128, p) for w in WAYS[:2] for p in (0, 0.75)] \

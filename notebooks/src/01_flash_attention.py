@@ -20,7 +20,7 @@
 # 3. **eligibility**: which inputs each backend refuses, with PyTorch's own reason, and the source page's
 #    `No available kernel.  Aborting execution.` with its fix;
 # 4. **transformers models**: `attn_implementation="eager" | "sdpa" | "flash_attention_2"` and
-#    `model.set_attn_implementation`, with identical greedy tokens;
+#    `model.set_attn_implementation`, with identical greedy tokens in float32, and how many agree in 16-bit;
 # 5. **correctness** of every backend against a float64 reference;
 # 6. **the sweep**: time, TFLOP/s, fraction of the measured matmul ceiling and memory, as the sequence grows, on a
 #    live board, then as figures;
@@ -71,12 +71,12 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # divided by `√d`), a softmax over the keys turns those scores into weights that sum to 1, and the output is the
 # weighted sum of the values.
 #
-# **01.2 · Code.** Write it yourself: `my_attention(q, k, v)` returns `softmax(q kᵀ / √d) v`. Then set
+# **01.1 · Code.** Write it yourself: `my_attention(q, k, v)` returns `softmax(q kᵀ / √d) v`. Then set
 # `answer = my_attention` and run the cell: the check calls your function on fresh random inputs and compares it
 # with `F.scaled_dot_product_attention`. `ex.hint()` gives a hint (again for the next one), `ex.solution()` shows one.
 
 # %%
-ex = lab.exercise("01.2")
+ex = lab.exercise("01.1")
 
 
 def my_attention(q, k, v):
@@ -109,12 +109,12 @@ lab.check("sdpa_equals_attention_by_hand", error <= tolerance)
 # `(batch, heads, N, d)`. So the MATH backend's extra memory should grow like N² (doubling N multiplies it by about
 # 4), a fused backend's only like N (it grows like its output).
 #
-# **01.1 · Predict.** How many MiB does one score matrix take for the sizes printed below (one forward call, every head
+# **01.2 · Predict.** How many MiB does one score matrix take for the sizes printed below (one forward call, every head
 # of every sequence, in this notebook's dtype)? The cell after it measures the MATH backend's peak extra memory, which
-# holds at least one such matrix.
+# holds at least one such matrix. (`seq` is the longest length of the sweep at which the MATH backend is tried.)
 
 # %%
-ex = lab.exercise("01.1", batch=lab.batch, heads=lab.heads, seq=lab.seq_lengths[-1], dtype=lab.dtype_name)
+ex = lab.exercise("01.2", batch=lab.batch, heads=lab.heads, seq=lab.math_seq, dtype=lab.dtype_name)
 print("sizes:", ex.given)
 answer = None  # your prediction, in MiB
 ex.check(answer)
@@ -126,13 +126,13 @@ ex.check(answer)
 # (`labkit.timing.measure`): warm-up calls, then enough repeats to fill a minimum measured time, and the median, with
 # the 10th and 90th percentiles of the repeats (p10, p90) as its spread where a table shows them.
 
-# %% tags=["reveals-01.1"]
+# %% tags=["reveals-01.2"]
 picture = attention.sweep(lab.device, lab.dtype, seq_lengths=lab.seq_lengths, head_dims=[64], causal=[False],
                           backends=lab.runnable, batch=lab.batch, heads=lab.heads, warmup=lab.warmup,
                           repeats=lab.repeats)
 show([attention.display_row(r) for r in picture], ["backend", "N", "ms", "peak MiB", "status", "why"],
      title="Measured: time and peak extra memory per call, head size 64, no mask")
-math_peak = attention.peak_bytes(picture, "MATH", lab.seq_lengths[-1])
+math_peak = attention.peak_bytes(picture, "MATH", lab.math_seq)
 ex.compare(None if math_peak is None else math_peak / 2**20, "MiB")  # the MATH backend's peak extra memory
 
 # %%
@@ -180,8 +180,9 @@ ex.check(answer)
 
 # %% [markdown]
 # The same call under each single backend, under two lists in both orders, with and without `set_priority=True`, and
-# with no `sdpa_kernel` at all. What to expect: a single backend either runs or is refused (section 3 says why); both
-# orders of a list run the same backend.
+# with no `sdpa_kernel` at all. What to expect: a single backend either runs or is refused (section 3 says why);
+# without `set_priority=True`, both orders of a list run the same backend; with it, the table shows whether the order
+# changed anything here.
 
 # %% tags=["reveals-01.3"]
 proofs = attention.what_ran(causal_call, lab.device)
@@ -250,10 +251,11 @@ lab.add(attention.eligibility_findings(eligible, lab.runnable))
 # %% [markdown]
 # ### "No available kernel.  Aborting execution." and its fix
 #
-# The source page meets this error and suggests installing a PyTorch nightly. The cause is the input (and, on a GPU,
-# the GPU's generation), not the build: every backend you allowed refused it. A common way to get there is passing
-# 3-D tensors `(batch, N, d)`, for example from an older model or a hand-written layer. Forcing Flash Attention on
-# them:
+# The source page meets this error and suggests installing a PyTorch nightly. The cause is usually the input (and, on
+# a GPU, the GPU's generation): every backend you allowed refused it. A different build helps only when yours lacks the
+# kernel altogether (`torch.backends.cuda.is_flash_attention_available()` says so). A common way to get there is
+# passing 3-D tensors `(batch, N, d)`, for example from an older model or a hand-written layer. Forcing Flash
+# Attention on them:
 
 # %%
 q3, k3, v3 = (t[:, 0] for t in (q, k, v))  # (batch, N, d): the heads dimension is missing
@@ -390,7 +392,8 @@ lab.add({**attention.accuracy_findings(accurate), "skipped": not_here})
 # length. For each point: the median time (CUDA events on a GPU), the achieved TFLOP/s (forward FLOPs `4·B·H·N²·d`,
 # halved when causal because half the scores are masked), that rate as a **fraction of the matmul ceiling** measured
 # on this machine, and the peak extra memory. An out-of-memory is recorded as a row, and longer sequences of that
-# series are skipped.
+# series are skipped. The MATH backend is not even tried at a length where its float32 scores and their softmax would
+# take more than a quarter of the free memory; the table says so.
 #
 # A series whose time *falls* while its work grows contradicts its own cost model: those points are measured again
 # once, and the ones still against the trend are marked **noisy** (in the table, and with a cross in the figures) and
@@ -431,9 +434,11 @@ lab.add(found)
 # %% [markdown]
 # Read the figures: on the left, time against N; attention does N² work, so at long N the lines approach a slope of 2
 # (the cell above printed the measured exponents; at short N fixed costs flatten them). In the middle, the memory of
-# MATH follows the dashed N² line while the fused backends stay near the size of their output. On the right, the
-# fraction of the matmul ceiling. Causal attention does half the work, and the printed numbers show whether it ran in
-# half the time.
+# MATH runs parallel to, and a few times above, the dashed line of one N × N score matrix, while the fused backends
+# stay near the size of their output. On the right, the fraction of the matmul ceiling. Causal attention needs half
+# the work; the cell above printed its time against no mask (0.50x would be half the time). Whether a backend saves
+# that time depends on its kernel: MATH computes every score and adds the mask afterwards (under the profiler its
+# matrix product is the full N × N one), so it saves nothing.
 #
 # A fraction near or above 1 means "at the limit", not "faster than the machine": the ceiling is one matrix product
 # measured in this session, and on a shared machine the neighbours slow some measurements more than others.
@@ -509,7 +514,9 @@ show(attention.beside_reference_runs(rows, headline_d), title="TFLOP/s: this mac
 # (FA3 the `flash_attn_interface` module, FA4 `flash_attn.cute`) and a recent GPU (FA4 checks for compute capability
 # 9.0 or 10.0: Hopper or Blackwell). On a CPU, FLASH_ATTENTION is a different kernel altogether, PyTorch's own CPU
 # implementation of the same tiling idea (`aten::_scaled_dot_product_flash_attention_for_cpu` in section 2's table).
-# The cell tries to activate each one (and restores the default).
+# The cell tries to activate each one (and restores the default). Its column "available here" says, for the built-in
+# one, whether this torch has it compiled in (`is_flash_attention_available()`: False on a build without CUDA, whose
+# FLASH_ATTENTION is the CPU kernel), and for each other one whether activating it worked.
 
 # %%
 show(attention_today.flash_implementations(), title="FlashAttention implementations behind FLASH_ATTENTION")
@@ -518,9 +525,9 @@ show(attention_today.flash_implementations(), title="FlashAttention implementati
 # ### Flash is not always the fastest
 #
 # The source page means to run Flash Attention and nothing else: `sdpa_kernel(SDPBackend.FLASH_ATTENTION)` today.
-# On a Hopper GPU that is not the fastest choice: in the H100 run stored in `reference/nvidia-h100/` (torch 2.11,
-# bfloat16, N=16384, head size 128, causal), cuDNN attention ran at 628 TFLOP/s and Flash at 344, and PyTorch's own
-# choice there was cuDNN. So on that GPU a Flash-only context makes attention about 1.8x *slower* than PyTorch's
+# On the H100 measured in `reference/nvidia-h100/` (torch 2.11) it was not the fastest choice: in that run (bfloat16,
+# N=16384, head size 128, causal), cuDNN attention ran at 628 TFLOP/s and Flash at 344, and PyTorch's own choice there
+# was cuDNN. So on that GPU a Flash-only context makes attention about 1.8x *slower* than PyTorch's
 # default. (The page's old `sdp_kernel(...)` call, which leaves cuDNN switched on, would by that order have run cuDNN
 # after all.) The cell reads those numbers from the stored runs:
 
@@ -536,13 +543,14 @@ for r in faster:
 #
 # `torch.nn.attention.flex_attention` takes two small Python functions instead of a mask tensor: a **`mask_mod(b, h,
 # q_idx, kv_idx)`** that says whether a query may see a key, and a **`score_mod(score, b, h, q_idx, kv_idx)`** that
-# changes a score before the softmax. `create_block_mask` evaluates the mask once per block of 128 × 128 positions
-# and records which blocks are empty, full or partial, so the kernel skips the empty ones entirely. A **document mask**
+# changes a score before the softmax. `create_block_mask` evaluates the mask at every position once, when the block
+# mask is built, and records for each block of 128 × 128 positions whether it is empty, full or partial, so the kernel
+# skips the empty ones entirely. A **document mask**
 # is the case it was made for: several documents packed into one sequence (no padding), each attending only to
 # itself, causally. SDPA can only take such a mask as a dense `N × N` tensor.
 #
 # What to expect: `flex_attention` is meant to run under `torch.compile`, which writes a fused kernel for your mask
-# (a CPU kernel here, a Triton kernel on a GPU). The first call pays for the compilation. Called without
+# (a C++ kernel on a CPU, a Triton kernel on a GPU). The first call pays for the compilation. Called without
 # `torch.compile`, it falls back to an unfused path that materialises the whole score matrix, and should be slower
 # than SDPA. Compiled, it should beat SDPA given a dense document mask, because it skips the blocks between documents;
 # for a plain causal mask, SDPA's own fused kernels are the ones to beat.
@@ -624,7 +632,8 @@ lab.add(found)
 # `kernels-community/flash-attn2`, loaded through the `kernels` package.
 # When a `flash_attention_*` package is missing but `kernels` is installed, transformers loads the Hub kernel in the
 # last column instead. The table builds a tiny model with each value on the `meta` device (no weights, nothing
-# downloaded); a Hub id is only tried where `kernels` is absent, so that it fails before any download.
+# downloaded); the `flash_attention_*` values and a Hub id are only tried where `kernels` is absent, so that nothing
+# is downloaded.
 
 # %%
 show(attention_today.attn_implementation_rows(), ["attn_implementation", "ok", "reason", "kernels fallback"],

@@ -99,7 +99,7 @@ else:
 # What to expect: at long prompts sdpa's prefill should be faster than eager's and need less memory, because eager
 # attention holds each layer's N² scores; at short prompts other tensors and fixed costs dominate and the two are
 # close. Prefill here computes the logits of the last position only, as `generate` does. Decode speed should barely
-# differ, for a reason section 3 measures. Every time is the median of several runs, shown with its **p10-p90**
+# differ, for a reason section 3 measures. Prefill times are the median of several runs, shown with their **p10-p90**
 # spread (the 10th and 90th percentiles: the middle 80% of the runs fall between them). Prefill time must grow with
 # the prompt; a point where it fell instead is measured again, and if it still contradicts the trend it is marked
 # **noisy** and nothing is concluded from it.
@@ -137,7 +137,8 @@ lab.add(generation.longest_prompt_findings(longest))
 # %% [markdown]
 # Read the memory column first: it does not depend on timing noise. Where eager needs more memory than sdpa, compare
 # the excess with the size of one layer's scores beside it. The time ratio is shown only where both times held up
-# against the trend. At the quick sizes on a CPU a layer's scores take less than a MiB (last column); at 2048 tokens
+# against the trend. At the quick sizes on a CPU a layer's scores take less than a MiB (the "one layer's scores MiB"
+# column); at 2048 tokens
 # and batch 4, eager needed 5.92x the prefill memory of sdpa for smollm2-135m (measured on an H100 in
 # `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb`). That run's time ratio is not quoted: its sdpa
 # times fell as the prompts grew (43.96 ms at 256 tokens, 20.07 ms at 2048), the contradiction now marked noisy.
@@ -210,12 +211,12 @@ if mine:
 # %% [markdown]
 # Compare eager's and sdpa's steps in the table: at batch 1 a decode step attends from one token to a short cache,
 # little work next to the matrix-vector products, so a faster attention kernel has little to speed up; the table shows
-# how much the implementation moved each step on this machine. On a GPU a small model is **launch-bound**:
-# its step is hundreds of small kernels, each launched from Python by the CPU, and the GPU idles between them
-# (measured on an H100 in `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb`: smollm2-135m, sdpa,
-# 22.8 ms a step where its 269 MB need 0.09 ms at 2993 GB/s, 250 times longer). A model as small as tiny-opt (13 MB
-# in float32) can stay in a CPU's caches between steps, so its bound is only nominal there. Section 4 measures where
-# a step's time goes.
+# how much the implementation moved each step on this machine. On a GPU a small model's step can sit far above its
+# bound (measured on an H100 and stored in `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb`:
+# smollm2-135m, sdpa, 22.8 ms a step where its bytes need 0.09 ms). The usual reading is that it is **launch-bound**:
+# its step is hundreds of small kernels, each launched from Python by the CPU, and the GPU idles between them. A model
+# as small as tiny-opt (13 MB in float32) can stay in a CPU's caches between steps, so its bound is only nominal
+# there. Section 4 measures where a step's time goes.
 #
 # ## 4. Closing the gap
 #
@@ -314,8 +315,8 @@ if main is not None and lab.compile_step:
         lab.skip("static cache + compile", "generate compiles its step by itself only on an accelerator (cuda, xpu, "
                  "...), not on a CPU")
 elif main is not None:
-    lab.skip("compiled decode steps", "compilation is off on a CPU by default (the first call compiles, which takes "
-             "about a minute there); set compile=True to measure it")
+    lab.skip("compiled decode steps", "compilation is off on a CPU by default (the first call compiles, which is "
+             "slow there); set compile=True to measure it")
 
 # %% [markdown]
 # Where a step's time goes: the matrix-vector products of one step are timed alone (every weight matrix times one
@@ -335,21 +336,23 @@ if recipes:
 
 # %% [markdown]
 # The lines under the table say it from this run's numbers: how much of a step the products take here, and whether
-# each recipe changed the step by more than the spread of its own measurements. No recipe can go below the products'
-# time; one that moved by less than the spread did nothing measurable. On a GPU, where section 3 finds a small model's
-# step launch-bound, the rest is where the compiled step (one CUDA graph launch per step) can make its difference,
-# and the table says how much it did.
+# each recipe changed the step by more than the spread of its own measurements. The products alone are timed eagerly,
+# one launch each: on a CPU no recipe can go much below that time; on a GPU a step replayed as a CUDA graph can. A
+# recipe that moved by less than the spread did nothing measurable. On a GPU, where a small model's step sits far above
+# its bound, the rest is where the compiled step (one CUDA graph launch per step) can make its difference, and the
+# table says how much it did.
 #
-# The last line counts the recipes that generated exactly the same tokens. In float32 they must all agree (a check of
-# this notebook). In 16-bit it is a count, not a claim: a compiled step may add up a sum in another order, and where two
-# candidate tokens' logits nearly tie, greedy decoding may then pick the other one and continue differently.
+# The last line counts the recipes that generated exactly the same tokens. In float32 they must all agree (this
+# notebook checks it). In 16-bit it is a count, not a claim: a compiled step may add up a sum in another order, and
+# where two candidate tokens' logits nearly tie, greedy decoding may then pick the other one and continue differently.
 #
 # ### Batching: throughput against latency
 #
 # A step reads the weights once whatever the batch, so decoding several sequences together should multiply tokens/s,
-# while each sequence's step gets a little slower. The bandwidth bound grows with the batch (the KV cache grows too);
-# the compute bound (the matmul ceiling ÷ about 2 FLOPs per weight per token) does not depend on the batch per token,
-# so at some batch it becomes the lower of the two. The table shows both (batch 1 is the dynamic-cache recipe above).
+# while each sequence's step gets a little slower. The bandwidth bound on the tokens/s of all sequences grows with the
+# batch (the KV cache grows too); the compute bound (the matmul ceiling ÷ about 2 FLOPs per weight per token) is the
+# same at every batch, since every token costs the same arithmetic, so at some batch it becomes the lower of the two.
+# The table shows both (batch 1 is the dynamic-cache recipe above).
 
 # %%
 batch_rows = []
@@ -371,8 +374,8 @@ if recipes:
 #
 # A batch of prompts of different lengths must be padded to one length, with pad tokens that the attention mask hides.
 #
-# **02.3 · Predict.** To generate from a batch of prompts of different lengths with a decoder, does the tokenizer pad on
-# the `"left"` or on the `"right"`? (The next cell shows what each side does.)
+# **02.3 · Predict.** To generate from a batch of prompts of different lengths with a decoder, on which side must the
+# tokenizer pad, `"left"` or `"right"`? (The cell after your answer shows what each side does.)
 
 # %%
 ex = lab.exercise("02.3")
@@ -380,8 +383,8 @@ answer = None  # "left" or "right"
 ex.check(answer)
 
 # %% [markdown]
-# The check, in float32: the short prompt's greedy continuation alone, then inside a right-padded and a left-padded
-# batch. transformers warns about one of them (its warning is captured and printed below).
+# The demonstration, in float32: the short prompt's greedy continuation alone, then inside a right-padded and a
+# left-padded batch. transformers warns about one of them (its warning is captured and printed below).
 
 # %% tags=["reveals-02.3"]
 pad_name = next(iter(fp32_models), None)  # smollm2-135m by default: a real model, so real text
@@ -439,7 +442,8 @@ if pad_name is not None:
 # %% [markdown]
 # ## 5. The whole story in one figure
 #
-# Every decode run of this notebook as a fraction of its own bandwidth bound (1.0 = the memory system never waits):
+# Every decode run of this notebook as a fraction of its own bandwidth bound (1.0 = a step takes no longer than reading
+# its bytes at the measured copy speed):
 # section 3's runs, the recipes, then the batch sweep.
 
 # %%
@@ -451,14 +455,15 @@ else:
                      limit_label="bandwidth bound", title=f"Decode on {lab.device_label}, {lab.dtype_name}")
     lab.figure("fraction_of_bandwidth_bound", fig)
     lab.check("every_decode_run_stays_under_its_bandwidth_bound", max(values) < 1.05,
-              f"largest fraction {max(values):.2f}; above 1 would mean a wrong byte count or bandwidth")
+              f"largest fraction {max(values):.2f}; above 1: a wrong byte count or bandwidth, or weights small "
+              "enough to stay in a CPU cache")
     print(f"Best: {labels[values.index(max(values))]} at {100 * max(values):.0f}% of its bandwidth bound")
 if recipes and lab.on_gpu and parameters >= 1e9:
     best = max(r["fraction_of_bound"] for r in recipes)
     lab.check("best_batch1_recipe_reaches_half_the_bandwidth_bound", best >= 0.5, f"best {100 * best:.0f}%")
 else:
-    lab.skip("half the bandwidth bound at batch 1", "that is asked of a compiled step on a GPU, with a model of 1B "
-             "parameters or more")
+    lab.skip("half the bandwidth bound at batch 1", "reaching half the bandwidth bound at batch 1 is expected only on "
+             "a GPU with a model of 1B parameters or more")
 
 # %% [markdown]
 # ## Your numbers beside the reference runs

@@ -20,9 +20,10 @@
 #    yourself first), checked against the transformers model on padded batches;
 # 3. **real use**: sentence embeddings with the embedded MiniLM, identical similarities, and the speed of each;
 # 4. **the sweep**: padding fraction × batch × length, transformers eager and sdpa against the fastpath, in real
-#    (non-padding) tokens per second, with the points that contradict their own cost model measured again;
-# 5. **skipping padding today**: packed sequences in transformers, PyTorch's `varlen_attn`, FlexAttention document
-#    masks, and where jagged nested tensors stand.
+#    (non-padding) tokens per second, with the points that contradict their own cost model measured again, and the
+#    fastpath's real work against the machine's matmul ceiling;
+# 5. **skipping padding today**: jagged nested tensors, then packed sequences in transformers, PyTorch's `varlen_attn`
+#    and FlexAttention document masks.
 #
 # Nothing here downloads anything.
 
@@ -44,7 +45,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 import labkit
-from labkit import fastpath, models, plots
+from labkit import fastpath, models, plots, roofline
 from labkit.widgets import LiveBoard, show
 
 lab = labkit.start("03_encoder_fastpath", globals())
@@ -76,8 +77,8 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # * `batch_first=True`, a relu or gelu activation, an even number of heads, equal layer-norm epsilons, biases
 #   (`bias=False` turns both shortcuts off), no autocast, and the tensors on a CPU or a GPU;
 # * for packing: a key padding mask with the padding on the **right** of each sequence, post-norm layers
-#   (`norm_first=True` turns packing off when the encoder is built), and no `torch.compile` (compiling skips the
-#   packing);
+#   (`norm_first=True` turns packing off when the encoder is built), and no `torch.compile` (while dynamo traces the
+#   forward, `torch.compiler.is_compiling()` is true and the encoder skips the packing);
 # * for the fused layer: no forward hooks or pre-hooks registered on the layer or inside it (`register_forward_hook`,
 #   `register_forward_pre_hook`).
 #
@@ -105,18 +106,19 @@ print(f"output {tuple(out.shape)}; exact zeros at all {int(padding.sum())} padde
 # result was turned back into a padded tensor. (The first time a batch is packed, PyTorch prints a warning that its
 # nested-tensor API is a prototype; section 5 comes back to it.)
 #
-# Now ten situations, each one condition away from that case: training mode, gradients tracked (with the weights
-# requiring grad, then frozen), padding on the left, no padding mask, a forward hook on the first layer (as a tool
-# that captures activations registers one), an encoder built with `norm_first=True`, one built with `bias=False`,
-# and the encoder under `torch.compile`.
+# Now the same case again and nine situations, each one condition away from it: training mode, gradients tracked
+# (with the weights requiring grad, then frozen), padding on the left, no padding mask, a forward hook on the first
+# layer (as a tool that captures activations registers one), an encoder built with `norm_first=True`, one built with
+# `bias=False`, and the encoder under `torch.compile` (with `backend="eager"`: dynamo traces the forward and decides
+# the path, and no kernels are generated).
 #
-# **03.2 · Predict.** In which of these situations does the encoder still pack the batch and skip the padding? Give a
+# **03.1 · Predict.** In which of these situations does the encoder still pack the batch and skip the padding? Give a
 # set of the situation names printed below.
 
 # %%
 situations = fastpath.situations(encoder, src, padding)  # copies and ways of calling it; nothing runs yet
 print("The situations:", *situations, sep="\n- ")
-ex = lab.exercise("03.2", **fastpath.situation_reasons(situations))
+ex = lab.exercise("03.1", **fastpath.situation_reasons(situations))
 answer = None  # a set of situation names, e.g. {"training mode", "left padding"}
 ex.check(answer)
 
@@ -124,7 +126,7 @@ ex.check(answer)
 # Each situation runs once (the compiled one traces its graph first), then once more under the profiler. Beside what
 # the profiler saw, labkit's reason for each part that did not run:
 
-# %% tags=["reveals-03.2"]
+# %% tags=["reveals-03.1"]
 rows = fastpath.try_situations(situations, lab.device)
 show(rows, fastpath.SITUATION_COLUMNS, title=f"nn.TransformerEncoder ({len(encoder.layers)} layers): what ran")
 lab.add(fastpath.situation_findings(rows))
@@ -134,7 +136,8 @@ ex.compare({r["situation"] for r in rows if r["padding skipped"]})
 # Read the table by its two parts. Packing is decided once, by the encoder, before any layer runs: training mode,
 # tracked gradients, left padding, a missing mask, pre-norm or bias-free layers, and compilation each stop it. Frozen
 # weights do not: the gradient condition needs a weight that requires grad. The fused layer is decided by each layer:
-# a hook stops it for the hooked layer only, while the batch stays packed; pre-norm layers and compilation still fuse.
+# a hook stops it for the hooked layer only, while the batch stays packed; pre-norm layers and the dynamo-traced
+# encoder still fuse.
 # Only the two encoders built with `norm_first=True` or `bias=False` warned, when they were built; every other
 # situation changed the path without a word.
 #
@@ -151,11 +154,11 @@ show(dispatched, title="The encoder dispatched by accelerate: its hooks, and wha
 lab.add(fastpath.accelerate_findings(dispatched, layers=len(encoder.layers)))
 
 # %% [markdown]
-# With accelerate's hooks the encoder still packs and fuses, and there is no torch hook to count. What this machine
-# cannot show is two GPUs (the packed batch then moves between devices at a layer boundary): that stays untested
-# here. Offloading is a different matter: an offloaded layer's weights stay on the `meta` device (a device that holds
-# no data) until each submodule's own `forward` runs, and `MultiheadAttention` reads its `out_proj` weights without
-# calling `out_proj`, so the call fails with the error in the table instead of falling back.
+# With accelerate's hooks the encoder still packs and fuses, and there is no torch hook to count. What this notebook
+# does not show is a model split over two GPUs (the packed batch then moves between devices at a layer boundary): that
+# stays untested here. Offloading is a different matter: an offloaded layer's weights stay on the `meta` device (a
+# device that holds no data) until each submodule's own `forward` runs, and `MultiheadAttention` reads its `out_proj`
+# weights without calling `out_proj`, so the call fails with the error in the table instead of falling back.
 #
 # ## 2. BetterTransformer's encoder conversion, rebuilt
 #
@@ -164,12 +167,12 @@ lab.add(fastpath.accelerate_findings(dispatched, layers=len(encoder.layers)))
 # with each LayerNorm *after* its residual sum ("post-norm"). `nn.TransformerEncoderLayer` computes the same thing, so
 # converting a model means building one such layer per BERT layer and copying the weights in. Try it yourself first.
 #
-# **03.3 · Code.** Write `my_convert_layer(bert_layer, config)`: it returns an `nn.TransformerEncoderLayer` that
+# **03.2 · Code.** Write `my_convert_layer(bert_layer, config)`: it returns an `nn.TransformerEncoderLayer` that
 # computes what the BERT layer computes (the config gives the sizes). The check builds a small random BERT layer,
 # converts it with your function and compares the two outputs; `ex.hint()` gives a hint.
 
 # %%
-ex = lab.exercise("03.3")
+ex = lab.exercise("03.2")
 
 
 def my_convert_layer(bert_layer, config):
@@ -278,16 +281,18 @@ if not lab.model_problem:
 # padded model clearly faster at 75% padding than at 25%). Such points are measured once more, and those that still
 # contradict it are marked **noisy** in the speed-up table and the figure: shown, but not read.
 #
-# **03.1 · Predict.** With the largest padding fraction of this run (printed below), what is the best speed-up that
-# skipping padding can give over a model that computes on every position?
+# **03.3 · Predict.** With the largest padding fraction of this run (printed below), what speed-up would skipping
+# padding give over a model that computes on every position, if the time were proportional to the tokens computed?
+# (That is true of the linear layers, which dominate at these lengths; attention's work grows with the square of each
+# sequence's length, so it does not follow the tokens, and the measured speed-up can land on either side.)
 
 # %%
-ex = lab.exercise("03.1", padding_fraction=max(lab.padding_fractions))
+ex = lab.exercise("03.3", padding_fraction=max(lab.padding_fractions))
 print(f"the largest padding fraction of this run: {max(lab.padding_fractions)}")
-answer = None  # your prediction: how many times faster, at best
+answer = None  # your prediction: how many times faster
 ex.check(answer)
 
-# %% tags=["reveals-03.1"]
+# %% tags=["reveals-03.3"]
 sweep = None
 if lab.sweep_problem:
     lab.skip(f"the sweep on {lab.sweep_model}", lab.sweep_problem)
@@ -310,7 +315,7 @@ else:
 if sweep:
     title = f"{lab.sweep_model} on {lab.device_label}, {lab.dtype_name}"
     show(fastpath.speedup_rows(sweep["rows"]), title="The fastpath's speed-up over transformers sdpa (above 1: "
-         "faster; ideal: 1 / (1 - padding), all padded work skipped for free)")
+         "faster; ideal if time ∝ tokens: 1 / (1 - padding))")
     fig = plots.panels(fastpath.sweep_panels(sweep["rows"]), xlabel="padding fraction", ylabel="real tokens/s",
                        title=title)
     lab.figure("real_tokens_per_s_vs_padding", fig)
@@ -325,6 +330,27 @@ if sweep:
 # the work is done faster than the kernels can be issued (on a GPU, the CPU launches them). A point marked noisy
 # contradicted its cost model twice; nothing above is concluded from it.
 #
+# How close does that come to the machine's limit? At the sweep's headline point (its largest batch and length, at the
+# most padding), the real tokens' work is counted as FLOPs: 2 per weight per token in the linear layers, and attention
+# over each sequence's own tokens. Divided by each implementation's time, it is put against the matmul ceiling
+# measured now. What to expect: below the ceiling, since a layer is more than its matrix products (softmax,
+# LayerNorm, GELU, and packing the batch), and lower for transformers sdpa, whose time also pays for the padding.
+
+# %%
+if sweep:
+    ceiling = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)
+    found = fastpath.ceiling_findings(sweep, sweeping.config, flops_per_s=ceiling["flops_per_s"], dtype=lab.dtype)
+    print(*found["lines"], sep="\n")
+    lab.add(found)
+
+# %% [markdown]
+# Your numbers beside the reference runs stored in `reference/<device>/`, when there are any. Each run is read at its
+# own largest batch × length, named in the table: a GPU run uses larger sizes than a CPU one.
+
+# %%
+show(fastpath.beside_reference_runs(lab.results.metrics), title="This machine and the reference runs")
+
+# %% [markdown]
 # ## 5. Skipping padding today
 #
 # **Nested tensors.** torch 2.13 still calls its whole nested-tensor API a prototype: that is the warning it printed
@@ -348,8 +374,8 @@ except (RuntimeError, NotImplementedError, TypeError) as err:
              f"{str(err).strip().splitlines()[0][:160]}")
 
 # %% [markdown]
-# **Packed sequences.** What models are run with today keeps no padding at all: the real tokens of a batch go into
-# one row, and attention is told where each sequence ends. transformers builds such a row with
+# **Packed sequences.** Training and serving stacks today often keep no padding at all: the real tokens of a batch go
+# into one row, and attention is told where each sequence ends. transformers builds such a row with
 # `DataCollatorWithFlattening`: `position_ids` restart at 0 for each sequence, and with `return_flash_attn_kwargs=True`
 # it also returns the boundaries `cu_seq_lens_q`/`cu_seq_lens_k` (cumulative lengths). Three ways keep the sequences
 # apart inside attention:
@@ -359,7 +385,8 @@ except (RuntimeError, NotImplementedError, TypeError) as err:
 #   ignores packing, so you pass the mask yourself (measured below: without it the sequences attend to each other).
 #   The mask has T × T entries for T packed tokens, so it only suits modest rows.
 # * **`torch.nn.attention.varlen.varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k)`**, PyTorch's FlashAttention
-#   kernel for packed sequences (a GPU kernel: on a CPU the call fails, as the line below says), plugged into
+#   kernel for packed sequences (a GPU kernel: on a CPU the call fails, as the "Skipped:" line under the table below
+#   says), plugged into
 #   transformers with `AttentionInterface.register` (labkit's `fastpath.varlen_attention` is that function). With
 #   `attn_implementation="flash_attention_2"` (the flash-attn package), transformers reads the boundaries from
 #   `position_ids` itself.

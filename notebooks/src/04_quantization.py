@@ -67,7 +67,8 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # * **LLM.int8** (bitsandbytes) stores 8 bits per weight with one float32 scale per row; at run time it multiplies the
 #   few large "outlier" input features in 16-bit (and it casts bfloat16 inputs to float16 for its own quantization).
 # * **int8 weight-only** (torchao) stores 8 bits per weight with a scale and a zero point per row; **int4
-#   weight-only** stores 4 bits per weight with a scale and a zero point per group of 64 weights along a row. Both
+#   weight-only** stores 4 bits per weight with a scale and a zero point per group of 64 weights along a row (torchao's
+#   default group is 128; 64 here because SmolLM2's rows of 576 weights are not a multiple of 128). Both
 #   keep the activations in 16-bit and have kernels that read the packed weights directly. **float8** (torchao, on a
 #   GPU with float8 units) stores the weights in 8-bit floating point and also turns the activations into float8, so
 #   that the matrix product itself runs on the float8 units.
@@ -75,9 +76,9 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 #   or not it is tied to the embeddings, and the torchao copies below get the same rule), the **norms**, the
 #   **biases**, and everything computed at run time (activations, the **KV cache**).
 #
-# So a model shrinks by less than 4x, and the smaller the model, the larger the share of its embeddings. **Predict**:
-# labkit counts the 16-bit model's own tensors for each format, and does the same for a 1B-parameter Llama built on
-# the meta device (its shapes only, no memory used).
+# So a model shrinks by less than 4x, and the smaller the model, the larger the share of its embeddings. **The
+# prediction**: labkit counts the 16-bit model's own tensors for each format, and does the same for a 1B-parameter
+# Llama built on the meta device (its shapes only, no memory used).
 
 # %%
 model, tokenizer = models.load_model(model_id, device=lab.device, dtype=lab.dtype, attn_implementation="sdpa")
@@ -99,11 +100,11 @@ answer = None  # your prediction, in MiB
 nf4_layer.check(answer)
 
 # %% [markdown]
-# **04.4 · Predict.** The same layer in torchao's int4 weight-only format with groups of 128 weights along each row
+# **04.2 · Predict.** The same layer in torchao's int4 weight-only format with groups of 128 weights along each row
 # (torchao's default group size), each group keeping a bfloat16 scale and a bfloat16 zero point: how many MiB?
 
 # %%
-int4_layer = lab.exercise("04.4", rows=4096, cols=4096, group_size=128)
+int4_layer = lab.exercise("04.2", rows=4096, cols=4096, group_size=128)
 answer = None  # your prediction, in MiB
 int4_layer.check(answer)
 
@@ -112,10 +113,10 @@ int4_layer.check(answer)
 # quantization_config=BitsAndBytesConfig(...))`. torchao quantizes a model already loaded, in place:
 # `quantize_(model, config, filter_fn=...)` (here on a copy, so that the 16-bit model stays as the reference;
 # transformers' `TorchAoConfig(config)` does the same inside `from_pretrained`). Then the bytes each model holds are
-# counted from its tensors, beside what `get_memory_footprint()` reports, and the layer of 04.1 and 04.4 is quantized
+# counted from its tensors, beside what `get_memory_footprint()` reports, and the layer of 04.1 and 04.2 is quantized
 # for real and counted too.
 
-# %% tags=["reveals-04.1", "reveals-04.4"]
+# %% tags=["reveals-04.1", "reveals-04.2"]
 loaded = {"16-bit": model}
 for name in lab.bnb_formats:  # bitsandbytes: quantized while loading
     config = quant.quantization_config(name, lab.dtype)  # a BitsAndBytesConfig
@@ -133,7 +134,8 @@ if "torchao-int4" in loaded:
     int4_layer.compare(quant.layer_footprint_mib("torchao-int4", 4096, 4096, device=lab.device, group_size=128), "MiB")
 
 # %% [markdown]
-# What you see: the counted totals match the predictions, and `get_memory_footprint()` is right only for plain
+# What to look for: the counted totals should match the predictions (a "Not seen on this machine" line says so when
+# they do not), and `get_memory_footprint()` is right only for plain
 # tensors. It multiplies each parameter's element count by the size of the dtype the parameter *presents*, so it
 # misses bitsandbytes' scales (kept beside the parameter, in its `quant_state`) and counts every torchao weight as
 # 16-bit: a torchao tensor subclass presents its 16-bit dtype while holding int8 or packed int4 values (and its
@@ -161,7 +163,8 @@ lab.check("bitsandbytes_4bit_defaults_to_fp4", page_config.bnb_4bit_quant_type =
 # notebook's `fp4` row measures, and section 3 shows what that costs in quality. `bnb_4bit_compute_dtype` is the
 # dtype each 4-bit block is dequantized to for its matrix product (float32 when left out); what comes out of a layer,
 # and so what attention and the KV cache see, stays in the `dtype=` the model was loaded in (the H100 run stored in
-# `reference/nvidia-h100/` saw bfloat16 activations with a float32 compute dtype too). Notebook 01's rules apply to
+# `reference/nvidia-h100/partial-04_quantization.ipynb` loaded NF4 with a float32 compute dtype and still saw bfloat16
+# activations). Notebook 01's rules apply to
 # that dtype. The page's Flash-only context around one forward pass of the FP4 model, the profiler watching:
 
 # %%
@@ -183,11 +186,11 @@ else:
         lab.skip("the Flash-only context on the FP4 model", str(err).strip().splitlines()[0])
 
 # %% [markdown]
-# **04.2 · Code.** Write the `BitsAndBytesConfig` for NF4 weights with double quantization and matrix products in
+# **04.3 · Code.** Write the `BitsAndBytesConfig` for NF4 weights with double quantization and matrix products in
 # bfloat16 (what `from_pretrained(..., quantization_config=my_config)` takes).
 
 # %%
-config_exercise = lab.exercise("04.2")
+config_exercise = lab.exercise("04.3")
 my_config = None  # your BitsAndBytesConfig(...)
 config_exercise.check(my_config)
 
@@ -202,15 +205,15 @@ config_exercise.check(my_config)
 # aware that the embedded SmolLM2's weights went through a 4-bit GGUF format once already (notebook 00), so the
 # "16-bit" reference is itself a dequantized model.
 #
-# **04.3 · Predict.** Of the formats this run measures, which one will move the next-token distributions least from
+# **04.4 · Predict.** Of the formats this run measures, which one will move the next-token distributions least from
 # 16-bit (the smallest KL divergence)? The next cell measures and then checks your answer.
 
 # %%
-closest = lab.exercise("04.3", kl={})  # the next cell fills in the KL divergences it measures
+closest = lab.exercise("04.4", kl={})  # the next cell fills in the KL divergences it measures
 print("formats:", ", ".join(name for name in lab.formats if name != "16-bit"))
 answer = None  # a format name, for example "nf4"
 
-# %% tags=["reveals-04.3"]
+# %% tags=["reveals-04.4"]
 text_ids = tokenizer(quant.sample_text(), return_tensors="pt").input_ids[:, :lab.eval_tokens]
 reference = quant.score(model, text_ids)  # the 16-bit model: perplexity, and its next-token distributions
 quality = {name: reference if m is model else quant.score(m, text_ids, reference=reference)
@@ -224,8 +227,9 @@ if closest.given["kl"]:
 print(quant.default_cost_line(quality))
 
 # %% [markdown]
-# On an H100, over the whole shipped text (the partial run in `reference/nvidia-h100/`), FP4 moved the distributions
-# 0.438 nats and NF4 0.2465, with perplexities 52.4 and 45.3 against 36.5 in 16-bit, and int8 0.017 nats: asking for
+# Measured on an H100 and stored in `reference/nvidia-h100/partial-04_quantization.ipynb` (a partial run with torch
+# 2.11 and transformers 5.17, over the whole shipped text): FP4 moved the distributions 0.438 nats and NF4 0.247,
+# with perplexities 52.4 and 45.3 against 36.5 in 16-bit; LLM.int8 (`int8`) moved them 0.017 nats. Asking for
 # `bnb_4bit_quant_type="nf4"` costs one argument and no memory. Where weights keep more bits, they keep more of the
 # model.
 #
@@ -246,7 +250,8 @@ else:
 # %% [markdown]
 # What the profiler shows is one op name whatever the batch: bitsandbytes 0.50.2 sends every 4-bit matrix product
 # through a single op (`bitsandbytes::gemm_4bit`; on a CPU with AVX-512 bfloat16 it repacks the weights at the first
-# forward pass and runs `bitsandbytes::gemv_4bit` for every shape). The H100 run in `reference/` saw `gemm_4bit` at
+# forward pass and runs `bitsandbytes::gemv_4bit` for every shape). The H100 run stored in
+# `reference/nvidia-h100/partial-04_quantization.ipynb` saw `gemm_4bit` at
 # batch 1 and at batch 8 alike. Inside that op, on a CUDA GPU, bitsandbytes chooses between its own 4-bit kernel and
 # "dequantize, then an ordinary matrix product" from the number of rows, the weight's shape and the GPU's architecture
 # (`_gemm_4bit_use_custom_cuda` in `bitsandbytes/backends/cuda/ops.py`); on a GPU the kernels column above names what
@@ -267,18 +272,24 @@ print("\n".join(quant.gain_lines(speed)))
 lab.add(quant.speed_findings(speed, tokenizer))
 
 # %% [markdown]
-# Read the `x 16-bit` column against the bound: every low-bit format had a higher bound, so a format that is not
-# faster lost its gain elsewhere: in turning stored weights back into numbers, or in the part of a step that is not
-# reading weights at all (the line under the tables says how large that part is here). On an H100 (the partial run in
-# `reference/nvidia-h100/`, bitsandbytes 0.50.2), the 4-bit formats decoded at 0.67-0.76x the 16-bit tokens/s at batch
-# 1 and LLM.int8 at 0.21x, each under 0.5% of its bound: **bitsandbytes saves memory, not time**. Its use is to make a
-# model fit.
+# Read the `x 16-bit` column against the bound: every low-bit format had a higher bound, so a format that is not faster
+# lost its gain elsewhere: in turning stored weights back into numbers, or in the part of a step that is not reading
+# weights at all (the line under the tables says how large that part is here). On an H100 (the partial run in
+# `reference/nvidia-h100/`, bitsandbytes 0.50.2), the 4-bit formats decoded at 0.67-0.76x the 16-bit tokens/s at batch 1
+# and LLM.int8 at 0.21x, each under 0.5% of its bound: **on that GPU, bitsandbytes saved memory, not time**; its use
+# there is to make a model fit. Mind what that run could show: a 135M-parameter model on an H100 is set by launching
+# kernels, not by reading weights, so fewer bytes had nothing to win. bitsandbytes' 0.40.0 release added batch-1 4-bit
+# kernels whose release notes report speed-ups over 16-bit on large models
+# (https://github.com/bitsandbytes-foundation/bitsandbytes/releases/tag/0.40.0), while users on its GitHub tracker
+# report 4-bit decoding slower than 16-bit on 7B models too (report #611). Whether it saved time here is in the
+# `x 16-bit` column above.
 #
 # ## 5. Quantization for speed
 #
 # The formats built for speed keep the activations in 16-bit and use kernels that read the packed weights and
 # dequantize them in registers, next to the multiply: torchao's int4 weight-only runs tinygemm
-# (`_weight_int4pack_mm` on a GPU, `_weight_int4pack_mm_for_cpu` on a CPU), gpt-fast's int4 does the same. They can
+# (`_weight_int4pack_mm` on a GPU, `_weight_int4pack_mm_for_cpu` on a CPU), as gpt-fast's int4 does
+# (https://github.com/pytorch-labs/gpt-fast, `quantize.py`). They can
 # only win while reading weights is what limits a step. A step takes at least max(bytes read ÷ bandwidth, FLOPs ÷
 # FLOP/s) (the roofline of notebook 00): each sequence of the batch costs 2 FLOPs per weight (a multiply and an add)
 # whatever the format, while the bytes do not grow with the batch. As the batch grows, the step becomes
@@ -304,7 +315,7 @@ crossover.check(answer)
 limit = quant.break_even_batch(ceiling["flops_per_s"], bandwidth["bytes_per_s"])
 if "torchao-int4" not in loaded:  # the first lines of the notebook say why
     lab.add(quant.break_even_findings(limit, None))
-    print(f"No layer measured: torchao-int4 does not run here. The roofline puts the end of its gain at {limit:.0f}.")
+    print(f"No layer measured: torchao-int4 does not run here. By the roofline its gain ends at batch {limit:.0f}.")
 else:
     sweep = quant.layer_sweep(lab.layer_size, lab.sweep_batches, device=lab.device, dtype=lab.dtype)
     rows = quant.sweep_rows(sweep, flops_per_s=ceiling["flops_per_s"], bytes_per_s=bandwidth["bytes_per_s"])
@@ -326,8 +337,8 @@ else:
 # Finally, the decode step itself with int4 weights, eager and compiled: notebook 02's hand loop (a static KV cache,
 # one forward pass per token) with `torch.compile` on the one-token step. On a GPU it also uses CUDA graphs: the GPU
 # records the step's kernels once and replays them, instead of waiting for the CPU to launch each one. On a GPU the
-# model is one of about 1B parameters (`random-llama-1b`, random weights: speed only); each run is put against its
-# own bandwidth bound.
+# model is one of about 1B parameters (`random-llama-1b`, random weights: speed only); on a CPU it is the notebook's
+# own model. Each run is put against its own bandwidth bound.
 
 # %%
 if lab.compile_problem:
@@ -345,6 +356,11 @@ else:
     lab.add(quant.compiled_findings(runs, fast))
 
 # %% [markdown]
+# What to look for, where the step was measured: the `fraction of bound` of each compiled row against its eager row
+# (compiling cuts the Python work of a step and, on a GPU, the launching of each kernel, so a step whose time went
+# there moves towards its bound); int4's rows against 16-bit's (its bound is higher, since it reads fewer bytes); and
+# `first call extra s`, the compiling that the first call pays once.
+#
 # ## 6. Summary
 #
 # One row per format: its footprint, its batch-1 decode as a fraction of its own bound, its perplexity change.
@@ -358,9 +374,10 @@ show(lab.beside_references(quant.REFERENCE_METRICS), title="This machine and the
 # %% [markdown]
 # Which formats saved memory and which saved time on this machine is in the table above: every format saves memory
 # (less on a small model, whose embeddings stay 16-bit); time is saved only by a kernel that turns the stored weights
-# back into numbers faster than reading the bytes it saved would take, and only at small batches. bitsandbytes is the
-# tool to make a model fit; torchao's weight-only formats, with a compiled step, are the tools to try when batch-1
-# decode is too slow; float8 also quantizes the activations, so that the product itself runs on a GPU's float8 units.
+# back into numbers faster than reading the bytes it saved would take, and only at small batches. bitsandbytes is first
+# the tool to make a model fit (the table's speed column says whether it also saved time here); torchao's weight-only
+# formats, with a compiled step, are the tools to try when batch-1 decode is too slow; float8 also quantizes the
+# activations, so that the product itself runs on a GPU's float8 units.
 #
 # ## What you measured
 

@@ -19,7 +19,7 @@
 # 2. **placement with `device_map`**: consecutive layers on consecutive GPUs, one GPU working at a time (measured
 #    where there are GPUs);
 # 3. **tensor parallelism** (TP): every layer's matrices split across processes with transformers'
-#    `DistributedConfig(tp_size=N)`, launched with `torchrun`; the tokens must equal one process's;
+#    `DistributedConfig(tp_size=N)`, launched with `torchrun`; in float32 the tokens must equal one process's;
 # 4. **data parallelism** (DP): one whole copy of the model per process, the prompts shared out;
 # 5. **pipeline parallelism** (PP, `pp_size`): consecutive layers on consecutive processes, and the *bubble*;
 # 6. **expert parallelism** (EP, `ep_size`): the experts of a mixture-of-experts model shared out;
@@ -98,7 +98,8 @@ ex.check(answer)
 
 # %% [markdown]
 # The machines you listed (and this machine's GPUs, if any): how many of their GPUs the model needs, and whether they
-# have that many. GB here are GiB (2**30 bytes), as GPU makers count them.
+# have that many. GB here are GiB (2**30 bytes). A GPU sold as 80 GB shows a little less to programs (the H100 in
+# `reference/nvidia-h100/` showed 79.2 GiB to torch); the 10% margin covers that.
 
 # %% tags=["reveals-05.1"]
 machines = {**lab.machines, **({"GPUs here": {"devices": lab.gpus}} if lab.gpus else {})}
@@ -160,7 +161,11 @@ lab.add(placed)
 # %% [markdown]
 # The bound of each row is the physical limit of its slowest path: for weights in GPU memory, the GPU's memory
 # bandwidth over the weight bytes read per token; for offloaded weights, the measured host-to-GPU copy bandwidth over
-# the offloaded bytes, which must cross at every step.
+# the offloaded bytes, which must cross at every step. What was seen, where the cell ran: with two GPUs, the line under
+# the table gives the split model's tokens/s as a multiple of one GPU's, and near 1 (a little under, for the hop
+# between the GPUs) is the "speed of one GPU" expected above; with one GPU, the offloaded row is the slower one, and a
+# fraction of its copy bound near 1 says that copying the offloaded weights is what sets its pace. Without a GPU the
+# cell says it skipped, and section 5 shows the same effect between CPU processes.
 #
 # ## 3. The layouts as torchrun jobs
 #
@@ -195,10 +200,11 @@ if not lab.jobs_on_gpus:
 # **all-reduce** adds the partial sums up. That happens after the attention block and after the MLP of every layer,
 # for every token. So each process holds about 1/N of the weights and reads 1/N per token (faster), and pays for
 # collectives at every layer of every token (slower): the script counts them with the profiler during one forward
-# pass. Expect identical greedy tokens; expect a speed-up only where an all-reduce costs less than the work it splits.
-# Between CPU processes that is measured here; between GPUs it is an expectation, from transformers' documentation:
-# tensor parallelism "works best on hardware with fast intra-node links such as NVLink"
-# (https://huggingface.co/docs/transformers/v5.17.0/tensor_parallelism).
+# pass. Expect identical greedy tokens in float32 (in 16-bit the partial sums are added in another order, so a
+# near-tie can flip); expect a speed-up only where an all-reduce costs less than the work it splits. Here it is
+# measured between this machine's GPUs over NCCL where there are two or more, else between CPU processes; for GPUs in
+# general, transformers' documentation says that tensor parallelism "works best on hardware with fast intra-node links
+# such as NVLink" (https://huggingface.co/docs/transformers/main/en/tensor_parallelism).
 
 # %%
 tp = parallel.tp_findings(parallel.with_layout(jobs, "tp"))
@@ -213,14 +219,14 @@ lab.add(tp)
 # and their partial lookups summed), and an all-gather of each process's slice of the logits. Whether N
 # processes were faster depends on what one collective costs on this machine's links, measured in section 9.
 #
-# **05.5 · Predict.** Under GQA the KV cache holds the key/value heads only, and tensor parallelism gives each process
+# **05.2 · Predict.** Under GQA the KV cache holds the key/value heads only, and tensor parallelism gives each process
 # its share of them (that is why TP must divide the key/value heads). After the job's prompt, how many KiB of KV cache
 # does each tensor-parallel process hold? The model's shape and the job's sizes are printed with the question.
 
 # %%
 tp_job = max(parallel.with_layout(jobs, "tp").items(), default=(0, None))[1]
 if tp_job is not None:
-    ex = lab.exercise("05.5", **parallel.kv_exercise(tp_job, lab.job_model.config))
+    ex = lab.exercise("05.2", **parallel.kv_exercise(tp_job, lab.job_model.config))
     print(ex)
     answer = None  # your prediction, in KiB
     ex.check(answer)
@@ -228,7 +234,7 @@ if tp_job is not None:
 # %% [markdown]
 # The job measured each process's cache after the prompt, beside one process's:
 
-# %% tags=["reveals-05.5"]
+# %% tags=["reveals-05.2"]
 if tp_job is not None:
     kv = parallel.kv_per_rank(tp_job)
     show(kv["rows"], title=f"KV cache after a {tp_job['tp']['prompt_tokens']}-token prompt, {lab.model_id}")
@@ -256,12 +262,12 @@ lab.figure("scaling", plots.scaling(lines, ylabel="speed-up over 1 process", tit
 # each process gets a share of the threads, and one process alone gets them all (unless `OMP_NUM_THREADS` sets them),
 # so the comparison is fair to one process using the whole machine.
 #
-# **05.2 · Code.** Write the data-parallel split: `my_split(items, rank, world_size)` returns the items that process
+# **05.3 · Code.** Write the data-parallel split: `my_split(items, rank, world_size)` returns the items that process
 # `rank` of `world_size` works on. Every item must go to exactly one process, and the shares may differ by at most
 # one.
 
 # %%
-ex = lab.exercise("05.2")
+ex = lab.exercise("05.3")
 
 
 def my_split(items, rank, world_size):
@@ -295,20 +301,22 @@ if pp["stages"]:
 lab.add(pp)
 
 # %% [markdown]
-# What was seen: each stage holds about half of the bytes (the capacity a pipeline buys), and its greedy tokens equal
-# one process's. The step time of the pipeline is compared with one process's, and the busy share of each stage with
-# that of one process running all the layers: the difference is the bubble, plus the time of the transfers.
+# What was seen: each of the N stages holds about 1/N of the bytes (the `share of 1 process` column: the capacity a
+# pipeline buys), and the step table says whether its greedy tokens equal one process's. The step time of the pipeline
+# is compared with one process's, and the busy share of each stage with that of one process running all the layers:
+# the difference is the bubble, plus the time of the transfers.
 #
 # ## 6. Expert parallelism: a mixture of experts, shared out
 #
 # A mixture-of-experts (MoE) layer replaces the MLP with several MLPs, the *experts*, and a small *router* that picks a
 # few of them for each token. The job runs `tiny-moe`, a random Qwen3-MoE model built from a config: 4 experts per
 # layer, 2 per token. `DistributedConfig(tp_size=N, ep_size=N)` gives each process 1/N of the experts (transformers
-# 5.24 requires `ep_size` to divide `tp_size x fsdp_size`, so attention is split by TP as well). The experts get their
-# tokens in one of two ways (`ep_implementation`): `"all_reduce"`, every process runs its own experts on the whole
-# batch and an all-reduce sums the outputs (transformers' choice at inference when the processes hold the same batch,
-# as here), or `"all_to_all"`, each token travels to the process that holds its expert and back. Expect the same
-# tokens as one process either way, and the profiler to show which collective each one called.
+# 5.24 requires `ep_size` to be a multiple of `tp_size` and to divide `tp_size x fsdp_size`, so attention is split by
+# TP as well). The experts get their tokens in one of two ways (`ep_implementation`): `"all_reduce"`, every process
+# runs its own experts on the whole batch and an all-reduce sums the outputs (the job asks for `"auto"`, which picks
+# `"all_reduce"` at inference when the processes hold the same batch, as here), or `"all_to_all"`, each token travels
+# to the process that holds its expert and back. Expect the same tokens as one process either way, and the profiler to
+# show which collective each one called.
 
 # %%
 ep = parallel.ep_findings(parallel.with_layout(jobs, "ep"))
@@ -322,11 +330,11 @@ lab.add(ep)
 # The rule people deploy with: tensor parallelism inside a node, where GPUs talk over NVLink or PCIe, and pipeline
 # (or data) parallelism across nodes, where they talk over the network. TP pays two all-reduces per layer for every
 # token, so it wants the fastest link; PP sends one hidden state per stage per step; DP sends nothing while generating.
-# transformers' documentation: "Tensor parallelism is very communication intensive, therefore it is reccomended [sic] to
-# use it on a single machine with multiple GPUs [...] For multi-node training, methods as pipeline or data parallelism
-# are more efficient" (https://huggingface.co/docs/transformers/v4.53.3/perf_infer_gpu_multi); vLLM's: "The tensor
-# parallel size should be the number of GPUs in each node, and the pipeline parallel size is the number of nodes"
-# (https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html). Section 9 puts numbers on the difference.
+# transformers 4.53's documentation: "Tensor parallelism is very communication intensive, therefore it is reccomended
+# [sic] to use it on a single machine with multiple GPUs [...] For multi-node training, methods as pipeline or data
+# parallelism are more efficient" (https://huggingface.co/docs/transformers/v4.53.3/perf_infer_gpu_multi); vLLM's:
+# "The tensor parallel size should be the number of GPUs in each node, and the pipeline parallel size is the number of
+# nodes" (https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html). Section 9 puts numbers on the difference.
 #
 # The planner applies that rule to a model and a machine: one GPU if it holds the model; else the smallest TP size
 # that divides the key/value heads (each process holds whole heads), stays inside a node and holds the model; if no
@@ -380,16 +388,20 @@ found = parallel.tp_pp_findings(rehearsal)
 print(f"{rehearsal['world_size']} processes on {rehearsal['nodes']} nodes met over {rehearsal['backend']}.")
 print("The plain call:", found["error"] or "it loaded: this transformers combines TP and PP without the workaround")
 show(found["rows"], title="TP inside each node, PP across: what each process held and called in one forward pass")
+print(found["line"])
 lab.add(found)
 lab.skip("the two-node rehearsal over NCCL", "it ran on CPU processes: " + (
     "on one machine both rehearsed nodes would use GPUs 0 and 1" if lab.gpus else "no GPU here"))
 
 # %% [markdown]
-# What was seen: the tokens equal one process's; the all-reduces (and the all-gather of the logits) run inside each
-# node, the TP group; the pipeline's send and receive and the broadcast of the logits (its shape, then its values) are
-# what crosses between the nodes, the PP group. In this tiny model the embedding table, tied to the output layer,
-# holds most of the bytes and sits on both the first and the last stage, so each process holds about half, not a
-# quarter.
+# What was seen: the line under the table says whether the tokens equal one process's (in float32 they should; in
+# bfloat16 a near-tie may flip); the all-reduces (and the all-gather of the logits) run inside each node, the TP group;
+# the pipeline's send and receive and the broadcast of the logits (its shape, then its values) are what crosses
+# between the nodes, the PP group. With TP 2 and PP 2, a process would hold a quarter of the bytes if every tensor were
+# shared out. In tiny-llama, the job model without GPUs, the embedding table holds most of the bytes and is tied to the
+# output layer, so the first stage holds it for the lookup and the last for the logits (each split over its TP pair):
+# the `share of 1 process` column is about half there, and nearer a quarter in a model whose layers outweigh its
+# embeddings.
 #
 # ## 8. Combining them, and the engines that do it for you
 #
@@ -423,15 +435,17 @@ else:
 #   `--enable-expert-parallel` for the experts of a MoE model
 #   (https://docs.vllm.ai/en/latest/serving/data_parallel_deployment/).
 # * **SGLang**: `python -m sglang.launch_server --model-path MODEL --tp 8` (also `--tp-size`), `--dp` for copies,
-#   `--ep-size` for experts; on several nodes `--nnodes 2 --node-rank 0 --dist-init-addr HOST:PORT`
-#   (https://docs.sglang.io/advanced_features/server_arguments.html).
+#   `--ep-size` for experts (https://docs.sglang.io/advanced_features/server_arguments.html). Its `--tp` counts the
+#   GPUs of all nodes: `--tp 16 --nnodes 2 --node-rank 0 --dist-init-addr HOST:PORT` splits every layer over both
+#   nodes (its multi-node example, https://docs.sglang.io/references/multi_node_deployment/multi_node.html); TP inside
+#   each node and PP across is `--tp 8 --pp-size 2` with the same node flags.
 # * **`transformers serve`** (in transformers itself): `transformers serve --device auto` loads with
 #   `device_map="auto"`, the placement of section 2; `--continuous-batching` batches requests. Its 5.24 command line
 #   has no tensor-parallel flag (checked in `transformers/cli/serve.py`).
 #
-# Text Generation Inference (`text-generation-launcher`), which older guides show, is in maintenance mode: its README
-# says so since release 3.3.7 (December 2025) and recommends vLLM and SGLang instead
-# (https://github.com/huggingface/text-generation-inference).
+# Text Generation Inference (`text-generation-launcher`), which older guides show, is in maintenance mode: its
+# documentation says so and recommends vLLM and SGLang instead
+# (https://huggingface.co/docs/text-generation-inference/en/index).
 #
 # ## 9. The communication: what one all-reduce costs
 #
@@ -442,15 +456,15 @@ else:
 # measured copy of the message: between CPU processes the memory copy rate (no all-reduce can beat one copy of its
 # data, so it is a true limit); between two GPUs one GPU 0 to GPU 1 copy, a reference rather than a hard limit.
 #
-# **05.3 · Predict.** Suppose an all-reduce of 256 MiB over 8 ranks takes 2 ms. What bus bandwidth, in GB/s, does
+# **05.5 · Predict.** Suppose an all-reduce of 256 MiB over 8 ranks takes 2 ms. What bus bandwidth, in GB/s, does
 # nccl-tests report for it?
 
 # %%
-ex = lab.exercise("05.3", message_bytes=256 * 2**20, seconds=2e-3, ranks=8)
+ex = lab.exercise("05.5", message_bytes=256 * 2**20, seconds=2e-3, ranks=8)
 answer = None  # your prediction, in GB/s
 ex.check(answer)
 
-# %% tags=["reveals-05.3"]
+# %% tags=["reveals-05.5"]
 bench = parallel.launch(lab.scripts / "allreduce_bench.py", max(lab.processes), {"max_mib": lab.allreduce_max_mib},
                         gpus=lab.jobs_on_gpus)
 found = parallel.allreduce_findings(bench, on_gpus=lab.jobs_on_gpus)
@@ -464,10 +478,11 @@ busbw = parallel.bus_bandwidth(ex.given["message_bytes"], ex.given["seconds"], e
 ex.compare(busbw / 1e9, "GB/s, the busbw column's formula on the question's numbers")
 
 # %% [markdown]
-# Back to tensor parallelism: at batch 1 each all-reduce carries one token's hidden state, a few KiB at most, where
+# Back to tensor parallelism: at batch 1 each all-reduce of a decode step carries one token's hidden state (hidden
+# size x bytes per number: the `message bytes` column below for the job's model, 16 KiB for llama-70b-shape), where
 # the latency dominates; the all-gather at the end collects each process's slice of the logits. The collectives the
-# profiler counted in one forward pass, each timed at its message size from the benchmark above, predict what N
-# processes add to each step:
+# profiler counted in one forward pass (a decode step makes the same calls), each timed at a one-token message from
+# the benchmark above, predict what N processes add to each step:
 
 # %%
 if tp_job is not None:
@@ -496,10 +511,11 @@ show(links, title=f"{lab.plan_model}, TP 8: all-reduce time per forward pass, pr
 print(f"Sources of the link speeds: {parallel.LINKS_SOURCE}")
 
 # %% [markdown]
-# What the table says: in a decode step the messages are small and the bandwidth part is tiny on either link, so the
-# latency of some hundred calls per token decides, and a network's latency is paid at every layer; in a prefill the
-# bytes decide, in proportion to the link speeds. Either way TP across nodes puts the network inside every layer,
-# which is why the planner keeps TP inside a node and sends only one hidden state per step between pipeline stages.
+# What the table says: in a decode step the bandwidth part is tiny on either published link, so what remains is each
+# call's latency, 2 x layers calls per token (160 for llama-70b-shape), which the published columns leave out and this
+# machine's column includes; a network's latency is paid at every layer. In a prefill the bytes decide, in proportion
+# to the link speeds. Either way TP across nodes puts the network inside every layer, which is why the planner keeps
+# TP inside a node and sends only one hidden state per step between pipeline stages.
 #
 # ## Your numbers beside the reference runs
 

@@ -272,6 +272,7 @@ def test_notebook_plan_fills_sizes_for_this_device():
     plan = attention.notebook_plan(device="cpu", quick=True)
     assert plan["dtype"] == torch.float32 and plan["runnable"] == ["MATH", "FLASH_ATTENTION"]
     assert plan["seq_lengths"] == [128, 256, 512] and plan["flex_seq"] == 512 and plan["model_problem"] is None
+    assert plan["math_seq"] == 512  # the MATH backend's scores fit at every quick length
     assert plan["compile_flex"] is False and "quick" in plan["compile_flex_why"]
     assert "MATH, FLASH_ATTENTION" in plan["line"]
     full = attention.notebook_plan(device="cpu", quick=False, seq_lengths=[512, 64], compile_flex="auto")
@@ -334,6 +335,28 @@ def test_what_you_measured_reads_right_when_parts_were_skipped():
 
 
 # --------------------------------------------------------------------------- findings the cells print and record
+
+def test_math_seq_is_the_longest_length_the_sweep_tries_math_at(monkeypatch):
+    assert attention.math_seq("cpu", 1, 2, [128, 256]) == 256
+    free = 2 * attention.score_matrix_bytes(4, 16, 8192, 8192, "float32") * 4 - 1  # 8192's scores just too big
+    monkeypatch.setattr(attention, "free_memory_bytes", lambda device: free)
+    assert attention.math_seq("cuda:0", 4, 16, [4096, 8192, 16384]) == 4096
+    monkeypatch.setattr(attention, "free_memory_bytes", lambda device: 1)
+    assert attention.math_seq("cuda:0", 4, 16, [4096, 8192]) == 4096  # none fits: the shortest
+
+
+def test_memory_findings_count_score_matrices_where_math_ran():
+    rows = [_row("MATH", 128, 1.0, causal=False, peak=2 * attention.score_matrix_bytes(1, 2, 128, 128)),
+            _row("MATH", 256, 2.0, causal=False, peak=2 * attention.score_matrix_bytes(1, 2, 256, 256)),
+            {**_row("MATH", 512, None, causal=False), "status": "skipped", "peak_extra_bytes": None},
+            _row("FLASH_ATTENTION", 128, 1.0, causal=False, peak=1000),
+            _row("FLASH_ATTENTION", 256, 1.0, causal=False, peak=2000),
+            _row("FLASH_ATTENTION", 512, 1.0, causal=False, peak=4000)]
+    found = attention.memory_findings(rows, batch=1, heads=2, dtype="float32")
+    assert found["metrics"][names.MATH_PEAK] == pytest.approx(2.0)  # at N=256, the longest MATH ran
+    assert any(line.startswith("At N=256 the MATH backend's peak is 2.0 score matrices") for line in found["lines"])
+    assert found["checks"]["fused_backends_never_hold_a_score_matrix"][0]
+
 
 def test_memory_findings_from_a_measured_picture():
     picture = attention.sweep("cpu", "float32", seq_lengths=[128, 256], head_dims=[32], causal=[False],
@@ -398,6 +421,9 @@ def test_sweep_findings_leave_noisy_points_out_of_every_conclusion():
     shown = attention.display_row(rows[2])
     assert shown["status"] == "noisy" and "not used" in shown["why"]
     assert attention.usable(rows) == rows[:2]
+    with_full = rows + [_row("MATH", 128, 1.6, causal=False), _row("MATH", 256, 5.0, causal=False)]
+    halves = attention.sweep_findings(with_full, head_dim=64, runnable=["MATH"])["lines"]
+    assert "Causal against no mask (d=64), the time ratio: MATH 0.60x at N=256" in "\n".join(halves)
 
 
 def test_a_time_that_falls_as_the_work_grows_is_measured_again_and_marked_noisy(monkeypatch):
@@ -497,9 +523,11 @@ def test_varlen_attn_needs_a_cuda_gpu_and_says_so_on_cpu():
 
 def test_the_flash_implementations_torch_knows_and_why_they_do_not_activate_here():
     rows = attention_today.flash_implementations()
-    assert rows[0]["activates here"] and "FA2" in rows[0]["what torch says"]
+    # the built-in one is available only where this torch has it compiled in (not in a build without CUDA)
+    assert rows[0]["available here"] is torch.backends.cuda.is_flash_attention_available()
+    assert "FA2" in rows[0]["what torch says"]
     assert {r["implementation"] for r in rows[1:]} == {"FA3", "FA4"}
-    assert all(not r["activates here"] and "ModuleNotFoundError" in r["what torch says"] for r in rows[1:])
+    assert all(not r["available here"] and "ModuleNotFoundError" in r["what torch says"] for r in rows[1:])
     assert torch.nn.attention.current_flash_attention_impl() is None  # the default is left in place
 
 

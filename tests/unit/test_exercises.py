@@ -64,14 +64,14 @@ def test_each_exercise_module_belongs_to_one_notebook():
 
 
 def test_hints_go_one_level_further_each_time(capsys):
-    q = bound("01.1")
+    q = bound("01.2")
     first, second, third = q.hint(), q.hint(), q.hint()
     assert first != second and second == third
     assert "Hint 1 of 2" in capsys.readouterr().out
 
 
 def test_a_workshop_run_fills_in_the_solution_and_records_nothing(private_progress):
-    q = bound("03.1", solutions=True)
+    q = bound("03.3", solutions=True)
     assert q.check(None) and q.answer == 4.0
     assert not private_progress.exists()
 
@@ -96,7 +96,7 @@ def test_bitsandbytes_configs_that_are_not_nf4_double_bfloat16_are_told_why():
              (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.float32), "compute dtype")]
     for config, words in cases:
-        verdict = bound("04.2").check(config)
+        verdict = bound("04.3").check(config)
         assert not verdict and words in verdict.message
 
 
@@ -122,16 +122,16 @@ def test_a_converted_layer_with_the_wrong_norm_order_or_activation_is_told_why()
         converted.norm1, converted.norm2 = converted.norm2, converted.norm1
         return converted
 
-    assert "norm_first=False" in bound("03.3").check(pre_norm).message
-    assert "GELU" in bound("03.3").check(relu).message
-    assert "LayerNorm" in bound("03.3").check(swapped_norms).message
+    assert "norm_first=False" in bound("03.2").check(pre_norm).message
+    assert "GELU" in bound("03.2").check(relu).message
+    assert "LayerNorm" in bound("03.2").check(swapped_norms).message
 
 
 def test_attention_with_the_softmax_over_the_wrong_axis_is_told_why():
     def wrong_axis(q, k, v):
         return torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-2) @ v
 
-    assert "wrong axis" in bound("01.2").check(wrong_axis).message
+    assert "wrong axis" in bound("01.1").check(wrong_axis).message
 
 
 def test_a_function_that_raises_is_an_answer_to_explain_not_a_crash():
@@ -141,21 +141,21 @@ def test_a_function_that_raises_is_an_answer_to_explain_not_a_crash():
     def unwritten(q, k, v):
         raise NotImplementedError
 
-    assert "raised ValueError: oops" in bound("01.2").check(broken).message
-    assert bound("01.2").check(unwritten).status == NOT_ATTEMPTED
+    assert "raised ValueError: oops" in bound("01.1").check(broken).message
+    assert bound("01.1").check(unwritten).status == NOT_ATTEMPTED
 
 
 def test_progress_records_correct_answers_only_and_labkit_progress_lists_them(private_progress, capsys):
     from labkit import cli
 
-    bound("03.1", padding_fraction=0.75).check(0.25)
+    bound("03.3", padding_fraction=0.75).check(0.25)
     assert not private_progress.exists()
-    bound("03.1", padding_fraction=0.75).check(4.0)
+    bound("03.3", padding_fraction=0.75).check(4.0)
     done = json.loads(private_progress.read_text())["done"]
-    assert list(done) == ["03.1"]
+    assert list(done) == ["03.3"]
     assert cli.main(["progress"]) == 0
     out = capsys.readouterr().out
-    assert "03.1" in out and f"1 of {len(ALL)} exercises done" in out
+    assert "03.3" in out and f"1 of {len(ALL)} exercises done" in out
 
 
 def test_an_unreadable_progress_file_counts_as_none_done(private_progress):
@@ -192,10 +192,10 @@ def test_a_solution_is_the_function_the_checks_use_not_a_copy():
 
 
 def test_an_answer_the_checker_did_not_foresee_is_explained_not_raised():
-    verdict = bound("05.2").check(lambda items, rank, world: 5)
+    verdict = bound("05.3").check(lambda items, rank, world: 5)
     assert verdict.status == WRONG and "could not be checked" in verdict.message
 
 
 def test_a_whole_float_counts_as_a_whole_number_and_near_ties_count_as_right():
     assert bound("05.1").check(2.0)
-    assert bound("04.3", kl={"nf4": 0.248, "nf4-double": 0.247}).check("nf4")
+    assert bound("04.4", kl={"nf4": 0.248, "nf4-double": 0.247}).check("nf4")

@@ -346,6 +346,40 @@ def test_sweep_findings_check_skip_and_name_metrics_as_the_report_reads_them():
     assert "x0.36" in fastpath.sweep_lines(_sweep())[0]
 
 
+def test_encoder_flops_count_the_linear_layers_and_attention_of_the_real_tokens():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
+    # per token per layer: q, k, v, o (4 x 4 x 4) and the feed-forward (2 x 4 x 8) weights, 2 FLOPs each
+    assert fastpath.encoder_flops(config, tokens=3, pairs=5) == {"linear": 2 * (64 + 64) * 2 * 3,
+                                                                 "attention": 4 * 4 * 2 * 5}
+
+
+def test_ceiling_findings_put_the_headline_point_against_the_matmul_ceiling():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(hidden_size=384, intermediate_size=1536, num_hidden_layers=6)
+    sweep = _sweep()
+    sweep["rows"] = [{**r, "real_pairs": 100_000} for r in sweep["rows"]]
+    found = fastpath.ceiling_findings(sweep, config, flops_per_s=1e12, dtype=torch.float32)
+    fast = next(r for r in sweep["rows"] if r["implementation"] == "fastpath" and r["padding"] == 0.75)
+    flops = fastpath.encoder_flops(config, tokens=fast["real_tokens"], pairs=100_000)
+    rate = (flops["linear"] + flops["attention"]) / (fast["median_ms"] / 1e3)
+    assert found["metrics"][names.FASTPATH_FRACTION_OF_CEILING] == pytest.approx(rate / 1e12)
+    assert "batch 8 x length 128, 75% padding" in found["lines"][0] and "float32" in found["lines"][0]
+    assert fastpath.ceiling_findings({"rows": [], "floor_ms": 1.0}, config, flops_per_s=1e12, dtype="float32") == \
+        {"lines": [], "metrics": {}}
+
+
+def test_beside_the_reference_runs_each_at_its_own_largest_sizes():
+    metrics = {names.speedup(8, 128, 0.75): 1.5, names.speedup(4, 128, 0.75): 9.0, "embedding_fastpath_speedup": 1.2}
+    rows = {r["measured"]: r for r in fastpath.beside_reference_runs(metrics)}
+    at_75 = rows["the fastpath's speed-up at 75% padding, largest batch x length"]
+    assert at_75["this machine"] == "1.50 (batch 8 x length 128)"
+    assert at_75["nvidia-h100"].endswith("(batch 128 x length 512)")  # the stored H100 run's own sizes
+    assert rows["sentence embeddings: the fastpath's speed-up over transformers sdpa"]["this machine"] == 1.2
+
+
 def test_the_sweep_runs_rechecks_and_reports_each_row(tiny_bert):
     model, tokenizer = tiny_bert
     seen = []
@@ -354,6 +388,7 @@ def test_the_sweep_runs_rechecks_and_reports_each_row(tiny_bert):
                                    on_row=seen.append)
     assert len(sweep["rows"]) == 4 and len(seen) >= 4 and sweep["floor_ms"] > 0
     assert all(r["status"] == "ok" and "noisy" in r and r["real tokens/s"] > 0 for r in sweep["rows"])
+    assert all(r["real_pairs"] == 4 * 16**2 for r in sweep["rows"] if r["padding"] == 0)  # 4 full sequences
     assert {r["implementation"] for r in sweep["rows"]} == {"transformers sdpa", "fastpath"}
 
 
@@ -454,10 +489,12 @@ def test_what_you_measured_reads_this_runs_numbers_and_survives_skips():
                "to_fastpath_relative_error": 1.2e-6, "embedding_fastpath_speedup": 1.4, "embedding_padding_percent": 47,
                names.speedup(8, 128, 0.0): 0.9, names.speedup(8, 128, 0.75): 1.5, "sweep_noisy_points": 1,
                "fastpath_floor_ms": 17.0, names.padding_free_speedup("packed sdpa block mask", 8, 128, 0.75): 2.3,
-               names.padding_free_speedup("packed sdpa block mask", 8, 128, 0.0): 0.7}
+               names.padding_free_speedup("packed sdpa block mask", 8, 128, 0.0): 0.7,
+               names.FASTPATH_FRACTION_OF_CEILING: 0.12}
     lines = fastpath.what_you_measured({"metrics": metrics, "checks": {}, "skipped": {}})
     text = "\n".join(lines)
-    assert len(lines) == 6 and "3 packed" in text and "1.50x" in text and "4.00x" in text and "1 sweep point" in text
+    assert "the fastpath did the real tokens' work at 12% of this machine's matmul ceiling" in text
+    assert len(lines) == 7 and "3 packed" in text and "1.50x" in text and "4.00x" in text and "1 sweep point" in text
     assert "packed sdpa block mask) ran 2.30x the padded batch at 75% padding" in text
     assert not re.search(r"\b(issue|target)s?\b", text, re.I) and "_" not in text.replace("norm_first", "")
     assert fastpath.what_you_measured({"metrics": {}, "checks": {}, "skipped": {"x": "y"}}) == []

@@ -130,7 +130,7 @@ def test_beside_references_puts_the_stored_runs_next_to_this_machine(fake, tmp_p
     opened = lab.start("99_fake", {})
     opened.metric("m", 2.0)
     assert opened.beside_references({"the speed": "m"}) == [{"measured": "the speed", "this machine": 2.0}]
-    assert "No reference runs are stored" in capsys.readouterr().out
+    assert "No results file of this notebook is stored under reference/" in capsys.readouterr().out
     stored = Results("99_fake", tmp_path / "reference" / "nvidia-h100" / "99_fake.results.json", env={})
     stored.metric("m", 8.0)
     stored.write()

@@ -330,3 +330,22 @@ def test_what_you_measured_reads_right_with_parts_skipped():
                                                     "plan_llama_70b_shape_16_bit_total_gib": 132.7},
                                         "checks": {"tp_tokens_equal_single_process": True}, "skipped": {}})
     assert len(lines) == 2 and "132.7 GiB" in lines[0] and "0.50x" in lines[1] and "same greedy tokens" in lines[1]
+
+
+def _tp_pp_run(dtype, tokens, alone):
+    return {"nodes": 2, "world_size": 4, "dtype": dtype, "tp_pp": {
+        "per_node": 2, "plain_error": None, "stage_per_rank": [0, 0, 1, 1],
+        "collectives_per_rank": [{"allreduce_": 3, "send": 1}, {"allreduce_": 3, "send": 1},
+                                 {"allreduce_": 2, "recv_": 1}, {"allreduce_": 2, "recv_": 1}],
+        "parameter_bytes_per_rank": [50, 50, 60, 60], "one_process_parameter_bytes": 100,
+        "token_ids": [tokens], "one_process_token_ids": [alone]}}
+
+
+def test_tp_and_pp_asserts_equal_tokens_in_float32_only_and_says_how_many_matched():
+    exact = parallel.tp_pp_findings(_tp_pp_run("float32", [1, 2, 3], [1, 2, 3]))
+    assert exact["checks"] == {"tp_pp_rendezvous_of_two_nodes": True, "tp_pp_tokens_equal_single_process": True}
+    assert [r["share of 1 process"] for r in exact["rows"]] == [0.5, 0.5, 0.6, 0.6]
+    assert exact["line"].startswith("3 of 3 greedy tokens (float32) equal one process's")
+    flipped = parallel.tp_pp_findings(_tp_pp_run("bfloat16", [1, 2, 4], [1, 2, 3]))
+    assert "tp_pp_tokens_equal_single_process" not in flipped["checks"]  # a near-tie may flip in 16-bit
+    assert flipped["line"].startswith("2 of 3 greedy tokens (bfloat16)")

@@ -142,6 +142,21 @@ def test_attn_implementations_report_without_crashing():
         assert rows["flash_attention_2"]["reason"].startswith("ImportError")
 
 
+def test_attn_implementations_leave_out_labkits_own_and_never_download(tmp_path, monkeypatch):
+    from transformers import AttentionInterface
+
+    from labkit import fastpath
+
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))  # the answers built here must not be kept for later runs
+    AttentionInterface.register("labkit_varlen", fastpath.varlen_attention)  # what notebook 03 registers
+    names = [r["attn_implementation"] for r in probes.attn_implementations(use_cache=False)]
+    assert "labkit_varlen" not in names and "sdpa" in names
+    monkeypatch.setattr(probes, "kernels_installed", lambda: True)  # transformers would fetch a Hub kernel
+    rows = {r["attn_implementation"]: r for r in probes.attn_implementations(use_cache=False)}
+    assert rows["flash_attention_2"]["ok"] is None and "download" in rows["flash_attention_2"]["reason"]
+    assert rows["sdpa"]["ok"]
+
+
 def test_attn_implementations_cache_is_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
     first = probes.attn_implementations()

@@ -186,6 +186,18 @@ def test_prediction_matches_the_bytes_counted_on_a_real_model():
             assert quantized.get_memory_footprint() == counted["kept"] + counted["weights"]
 
 
+def test_int8_scales_are_still_counted_after_the_first_forward_pass():
+    from labkit import models, probes
+
+    if probes.import_bitsandbytes() is None:
+        pytest.skip("bitsandbytes is not importable here")
+    int8 = models.load_model("tiny-llama", dtype="bfloat16", quantization_config=quant.quantization_config("int8"))[0]
+    before = quant.count_footprint(int8)
+    with torch.inference_mode():
+        int8(input_ids=torch.tensor([[1, 2, 3]]))  # LLM.int8 moves each weight's row scales into its layer's state
+    assert quant.count_footprint(int8) == before and before["scales"] > 0
+
+
 @needs_torchao
 def test_a_real_layer_counts_as_the_exercise_formulas_say():
     from labkit.exercises import quantization as ex

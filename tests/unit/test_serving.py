@@ -120,7 +120,7 @@ def test_measured_break_even_and_the_exercise_agree_on_the_model():
     run = {"ms": 150.0, "model_forwards": 10}
     greedy = {"ms_per_token": 10.0}
     assert serving.measured_break_even(run, greedy, 4) == pytest.approx(0.125)
-    solve = exercises.get("06.3").solution
+    solve = exercises.get("06.2").solution
     assert solve(proposals=4, verify_cost=1.3, draft_cost=0.05) == pytest.approx(0.125)
 
 

@@ -205,11 +205,11 @@ widgets.show(decoder_rows, title=f"Greedy generation, {max_new_tokens} new token
 # it runs as written, and its `FutureWarning` is caught and shown.
 #
 # Look at the page's snippet once more: `from_pretrained("facebook/opt-350m")` with no `torch_dtype` loads the weights
-# in float32 in transformers 4.x (its docstring: "If not specified, the model will get loaded in torch.float (fp32)"),
-# and on a GPU PyTorch's Flash kernel takes only float16 and bfloat16. Forcing Flash around a float32 model on a GPU is
-# therefore exactly the page's own `RuntimeError: No available kernel.` (notebook 00 reproduces it). On a CPU, whose
-# Flash kernel takes float32, the same code runs. The cell below runs the page's context on this machine and says which
-# of the two you got.
+# in float32 in transformers 4.x (its docstring: "If not specified - the model will get loaded in `torch.float`
+# (fp32)"), and on a GPU PyTorch's Flash kernel takes only float16 and bfloat16. Forcing Flash around a float32 model on
+# a GPU is therefore exactly the page's own `RuntimeError: No available kernel.` (notebook 00 reproduces it). On a CPU,
+# whose Flash kernel takes float32, the same code runs. The cell below runs the page's context on this machine and says
+# which of the two you got.
 
 # %% tags=["old-api-on-purpose"]
 flash_rows = []
@@ -346,19 +346,23 @@ if encoder_rows:
         res.skip("BetterTransformer against eager with padding",
                  f"the largest padding fraction is {most:.0%}; the claim is for 50% or more")
     elif top["eager p10"] < 2 * floors[name]:
-        res.skip("bettertransformer_beats_eager_with_padding",
-                 f"eager takes only {top['eager p10'] / floors[name]:.1f}x the floor here: the time is issuing kernels")
+        res.skip("BetterTransformer against eager with padding",
+                 f"eager takes only {top['eager p10'] / floors[name]:.1f}x the floor here: the time is each call's "
+                 "fixed cost, not the work")
     else:
         res.check("bettertransformer_beats_eager_with_padding", top["BetterTransformer p10"] < top["eager p10"],
                   f"{name}, {most:.0%} padding: x{top['eager p10'] / top['BetterTransformer p10']:.2f}")
 
 # %% [markdown]
-# What the numbers say on this machine is in the tables above. To put them beside today's stack in one report, run
-# the comparison from a terminal in the repository:
+# In the speed-up table, a 'BT vs eager' that rises above 1 as padding grows means the nested-tensor fastpath skipped
+# the padding; 'labkit fastpath vs BT' near 1 means today's converter kept that gain. A 'Skipped:' or 'Not seen on this
+# machine' line above says where this machine did not show it. To put the numbers beside today's stack in one report,
+# run the comparison from a terminal in the repository:
 #
 # ```bash
-# make compare-legacy   # labkit run --notebooks 02,03,legacy: one report, with the table
-#                       # "Legacy BetterTransformer against today's path"
+# make compare-legacy
+# # labkit run --notebooks 02,03,legacy -p sweep_model=minilm-l6 --out runs/legacy-compare: one report with the table
+# # "Legacy BetterTransformer against today's path"
 # ```
 #
 # The report joins this notebook's numbers with notebook 03's sweep at the same batch, length and padding (transformers
