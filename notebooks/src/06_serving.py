@@ -434,11 +434,13 @@ if server:
 # last one is answered (never more than `N` in flight), with a time limit per request and per level. One request first
 # warms the server up (its first request builds the paged cache). Prediction: requests/s and tokens/s rise with the
 # clients while the server's batches fill, and each request's TTFT and latency rise as it shares each step with more.
+# (The cell `await`s at its top level, which Jupyter allows because it runs each cell in an event loop; in a script
+# you would wrap the same code in a function and call `asyncio.run(...)`.)
 
 # %%
 if server:
-    await one_request(lab.server_workload[0])  # noqa: F704 (warm-up; a cell may await: Jupyter runs it in a loop)
-    levels = [await serving.load(one_request, lab.server_workload, concurrency=c, timeout_s=600)  # noqa: F704
+    await one_request(lab.server_workload[0])  # a warm-up request
+    levels = [await serving.load(one_request, lab.server_workload, concurrency=c, timeout_s=600)
               for c in lab.server_concurrency]
     show(serving.load_table(levels), title=f"transformers serve --continuous-batching, {lab.model_id}")
     fig = plots.server_load(levels, title=f"{len(lab.server_workload)} requests per level, {lab.device_label}")
@@ -457,7 +459,7 @@ if server:
                                       ("over-long prompt", server.model,
                                        serving.too_long_prompt(tokenizer, 2 * lab.server_capacity))):
         try:
-            await client.completions.create(model=model_name, prompt=prompt, max_tokens=4)  # noqa: F704
+            await client.completions.create(model=model_name, prompt=prompt, max_tokens=4)
             answers[label] = {"status": 200, "message": "(answered)"}
         except APIStatusError as error:
             answers[label] = serving.error_answer(error)
