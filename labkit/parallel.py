@@ -113,6 +113,8 @@ def notebook_plan(*, device: str, quick: bool, model_id: str = "", plan_model: s
             raise ModelNotAvailable(problem)
     check_job_model(model_id, model_config(model_id))
     job_dtype = "bfloat16" if jobs_on_gpus else "float32"
+    for name in (model_id, *LAYOUT_MODELS):  # what the torchrun jobs load, saved once before any of them starts
+        model_folder(name, job_dtype)
     dtype = probes.resolve_dtype(job_dtype, device)
     job_model, tokenizer = models.load_model(model_id, device=device, dtype=dtype, attn_implementation="sdpa")
     where = "the GPUs, over NCCL" if jobs_on_gpus else "CPU processes, over gloo"
@@ -820,22 +822,19 @@ def layout_config(name: str):
 def model_folder(name: str, dtype: Any = "float32") -> Path:
     """A folder ``from_pretrained`` can load ``name`` from (``DistributedConfig`` splits a model while loading it):
     a layout model or a labkit random-init model saved once in labkit's cache with a fixed seed, or the model's own
-    folder. Call it before launching, so that the processes only read it."""
+    folder. The launching process calls it before any job starts (notebook_plan does), so the jobs only read it."""
     dtype = probes.resolve_dtype(dtype)
     if name not in LAYOUT_MODELS:
         spec = models.EMBEDDED.get(name)
-        return models._random_folder(name, 0, dtype) if spec is not None and spec.kind == "random" \
+        return models.random_folder(name, 0, dtype) if spec is not None and spec.kind == "random" \
             else Path(models._resolve_folder(name))
     folder = cache_dir() / "models" / f"{name}-seed0-{str(dtype).removeprefix('torch.')}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with models._locked(folder.parent / f"{folder.name}.lock"):
-        if not (folder / "config.json").exists():
-            model = models.build_from_config(layout_config(name), dtype=dtype)
-            partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-            with models._quiet_transformers():
-                model.save_pretrained(partial)
-            partial.rename(folder)
-    return folder
+
+    def build(work: Path) -> None:
+        with models._quiet_transformers():
+            models.build_from_config(layout_config(name), dtype=dtype).save_pretrained(work)
+
+    return models.saved_folder(folder, build, tokenizer=False)
 
 
 def owned_layers(model) -> list[int]:
@@ -900,7 +899,7 @@ def collectives(counts: dict[str, int]) -> dict[str, int]:
     return {op.removeprefix("c10d::"): n for op, n in counts.items() if op.startswith("c10d::")}
 
 
-# which dimension of a layout each collective serves (transformers 5.24: the tensor-parallel styles all-reduce and
+# which dimension of a layout each collective serves (transformers 5.25: the tensor-parallel styles all-reduce and
 # all-gather over the TP group; a pipeline stage sends and receives activations and broadcasts the logits over the
 # PP group; expert parallelism all-reduces, or exchanges tokens all-to-all, over the EP group)
 DIMENSION_OF = {"allreduce_": "TP", "allgather_into_tensor_coalesced_": "TP", "send": "PP", "recv_": "PP",

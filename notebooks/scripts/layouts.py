@@ -187,7 +187,7 @@ def tensor_and_pipeline_parallel(job):
     folder = parallel.model_folder(job.model, job.dtype)
     whole = load(folder, job.dtype, job.device)
     config = DistributedConfig(tp_size=per_node, pp_size=nodes)
-    try:  # transformers 5.24 fails here: see compat.tp_plan_skips_other_stages
+    try:  # transformers 5.25 (and 5.24) fails here: see compat.tp_plan_skips_other_stages
         split, plain_error = load(folder, job.dtype, job.device, config), None
     except Exception as error:  # every rank fails the same way, before any collective
         plain_error = f"{type(error).__name__}: {error}"
@@ -199,6 +199,8 @@ def tensor_and_pipeline_parallel(job):
             "plain_error": plain_error, "stage_per_rank": [r // per_node for r in range(job.world)], **result}
 
 
+# The model each layout loads (None: the --model one).
+MODEL_OF = {"tp": None, "pp": "layers-llama", "ep": "tiny-moe", "dp": None, "tp_pp": None}
 RUN = {"tp": tensor_parallel, "pp": pipeline_parallel, "ep": expert_parallel, "dp": data_parallel,
        "tp_pp": tensor_and_pipeline_parallel}
 
@@ -218,11 +220,15 @@ def main() -> None:
     job = parser.parse_args()
 
     job.device = parallel.local_device()
+    job.dtype = probes.resolve_dtype(job.dtype, job.device)
+    # The models' folders, saved once before the process group exists (inside it only rank 0 would write files): the
+    # launching notebook has saved them already; run from a terminal, one rank saves them while the others wait.
+    for name in sorted({MODEL_OF[layout] or job.model for layout in job.layouts}):
+        parallel.model_folder(name, job.dtype)
     on_gpu = job.device.startswith("cuda")
     dist.init_process_group("nccl" if on_gpu else "gloo", device_id=torch.device(job.device) if on_gpu else None)
     job.rank, job.world = dist.get_rank(), dist.get_world_size()
     job.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", job.world))
-    job.dtype = probes.resolve_dtype(job.dtype, job.device)
     job.one_process_threads = job.one_process_threads or torch.get_num_threads()
     results = {}
     for name in job.layouts:

@@ -7,17 +7,29 @@ combination runs alone.
 
 import pytest
 
-from labkit import parallel
+from labkit import models, parallel
 from labkit.errors import BadParameter
+from labkit.paths import cache_dir
 
 SCRIPTS = parallel.scripts_dir()
 
 
 @pytest.fixture(scope="module")
-def layouts():
+def layouts(tmp_path_factory):
+    """The job as a terminal launches it on a first run: nothing in labkit's cache, so its ranks save the model
+    folders (smollm2's tokenizer for tiny-llama, the layout models) before the process group starts."""
     args = {"layouts": ["tp", "pp", "ep", "dp"], "model": "tiny-llama", "dtype": "float32", "new_tokens": 4,
             "repeats": 1, "prompts": 5, "batch_in_flight": 3}
-    return parallel.launch(SCRIPTS / "layouts.py", 2, args, gpus=False, echo=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LABKIT_CACHE", str(tmp_path_factory.mktemp("empty-cache")))
+        run = parallel.launch(SCRIPTS / "layouts.py", 2, args, gpus=False, echo=False)
+        run["models"] = {p.name for p in cache_dir().joinpath("models").iterdir() if models.complete(p)}
+    return run
+
+
+def test_a_first_launch_saves_complete_model_folders_before_the_process_group(layouts):
+    assert {"smollm2-135m", "tiny-llama-seed0-float32", "layers-llama-seed0-float32",
+            "tiny-moe-seed0-float32"} <= layouts["models"]
 
 
 def test_one_launch_runs_every_layout_over_gloo(layouts):
@@ -84,7 +96,7 @@ def test_tp_inside_two_nodes_and_pp_across_them():
     stage_0, stage_1 = result["collectives_per_rank"][0], result["collectives_per_rank"][2]
     assert stage_0["send"] == 1 and stage_1["recv_"] == 1  # the pipeline: across the nodes
     assert stage_0["allreduce_"] == 3 and stage_1["allreduce_"] == 2  # TP: embedding + one layer; one layer
-    # transformers 5.24's error on the plain call; when a release fixes it, drop compat.tp_plan_skips_other_stages
+    # transformers 5.24's and 5.25's error on the plain call; when a release fixes it, drop compat.tp_plan_skips_other_stages
     assert result["plain_error"] == "KeyError: 'model.layers.1.self_attn.q_proj.weight'"
 
 

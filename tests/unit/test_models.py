@@ -51,7 +51,7 @@ def test_random_models_are_reproducible_and_implementations_agree():
 def test_smollm2_generates_a_real_continuation():
     model, tokenizer = models.load_model("smollm2-135m")
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert (models.smollm2_folder() / "labkit-source.json").exists()
+    assert models.complete(models.smollm2_folder())
     ids = tokenizer("Hello my dog is cute and", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -148,3 +148,46 @@ def test_unreachable_hub_fails_fast_without_offline_mode(monkeypatch):
     with pytest.raises(ModelNotAvailable, match="cannot be reached"):
         models.load_model("someone/not-cached-here")
     assert time.perf_counter() - start < 10
+
+
+# --------------------------------------------------------------------------- folders in the cache, written once
+
+def _tiny(work):
+    models.build_from_config(models.random_config("tiny-llama", 64, {"pad_token_id": 0, "bos_token_id": 1,
+                                                                      "eos_token_id": 2})).save_pretrained(work)
+
+
+def test_a_saved_folder_is_complete_or_absent(tmp_path):
+    folder = models.saved_folder(tmp_path / "m", _tiny, tokenizer=False)
+    assert models.complete(folder) and {"config.json", "model.safetensors", models.COMPLETE} <= \
+        {p.name for p in folder.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m-")], "the work folder was left behind"
+
+
+def test_a_build_that_writes_no_weights_leaves_nothing(tmp_path):
+    """What a torchrun rank other than 0 wrote before the fix: save_pretrained skipped, only the tokenizer saved."""
+    with pytest.raises(models.LabkitError, match="no model.safetensors"):
+        models.saved_folder(tmp_path / "m", lambda work: (work / "config.json").write_text("{}"), tokenizer=False)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(models.LabkitError, match="tokenizer_config.json"):
+        models.saved_folder(tmp_path / "m", _tiny)  # a random model's folder needs its tokenizer too
+
+
+def test_an_incomplete_folder_in_the_cache_is_built_again(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text("{}")  # what the cache held after the failed first run
+    assert not models.complete(folder)
+    models.saved_folder(folder, _tiny, tokenizer=False)
+    assert models.complete(folder) and not (folder / "tokenizer_config.json").exists()
+
+
+def test_no_folder_is_built_inside_a_distributed_job(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(models.LabkitError, match="before launching"):
+        models.saved_folder(tmp_path / "m", _tiny, tokenizer=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    assert models.complete(models.saved_folder(tmp_path / "m", _tiny, tokenizer=False))
