@@ -739,7 +739,7 @@ def sweep_findings(sweep: dict[str, Any]) -> dict[str, Any]:
             metrics[names.sweep(r["implementation"], r["batch"], r["length"], r["padding"], "noisy")] = 1
     for s in speedup_rows(rows):
         metrics[names.speedup(s["batch"], s["length"], s["padding"])] = s["fastpath vs sdpa"]
-    findings: dict[str, Any] = {"metrics": metrics, "checks": {}, "skipped": {}}
+    findings: dict[str, Any] = {"metrics": metrics, "timing": {}, "skipped": {}}
     ok = [r for r in rows if r.get("status") == "ok" and r["implementation"] == "fastpath"]
     if not ok:
         return findings
@@ -758,7 +758,7 @@ def sweep_findings(sweep: dict[str, Any]) -> dict[str, Any]:
                                      "which skipping padding cannot shorten")
     else:
         ratio = fast_most["p10_ms"] / fast_0["p10_ms"]
-        findings["checks"]["fastpath_time_falls_with_padding"] = (ratio < 0.9, f"batch {b}, length {n}: x{ratio:.2f}")
+        findings["timing"]["fastpath_time_falls_with_padding"] = (ratio < 0.9, f"batch {b}, length {n}: x{ratio:.2f}")
     return findings
 
 
@@ -937,9 +937,12 @@ def _way_call(model, way: str, padded: dict[str, Any], packed: dict[str, Any]) -
     elif way == "packed flex document mask":
         model.set_attn_implementation("flex_attention")
         inputs = {**row, "attention_mask": document_block_mask(packed["cu_seq_lens_q"])}
-    elif way == "packed sdpa, no mask":
+    elif way == "packed sdpa, no mask":  # only the restarting position_ids say where sequences end
         model.set_attn_implementation("sdpa")
         inputs = row
+    elif way == "packed sdpa, no mask, no position_ids":  # nothing says where sequences end
+        model.set_attn_implementation("sdpa")
+        inputs = {"input_ids": packed["input_ids"]}
     else:
         raise BadParameter(f"no way {way!r}; there are {', '.join(names.WAYS)}.")
 
@@ -970,7 +973,8 @@ def padding_free(model, tokenizer, *, batch: int, length: int, padding_fractions
     the most padding only: :data:`COMPILED_WAYS`).
     Returns ``{"rows", "skipped", "mixing", "tolerance"}``: one row per way and padding (time, speed-up over the
     padded batch, difference from its output at the real tokens), one line per way that cannot run here, and how
-    far a packed row drifts on sdpa when nothing keeps its sequences apart."""
+    far a packed row drifts from the padded batch on sdpa without a mask (``mixing``: way -> relative error, for
+    each of :data:`UNMASKED_WAYS`)."""
     batches = {p: padded_batch(tokenizer, batch=batch, length=length, padding_fraction=p, device=device)
                for p in padding_fractions}
     packed = {p: pack(b) for p, b in batches.items()}
@@ -996,12 +1000,23 @@ def padding_free(model, tokenizer, *, batch: int, length: int, padding_fractions
                     measured["speed-up over padded"] = baseline / measured["median_ms"]
                 rows.append({**row, **measured})
             if mixing is None and p > 0 and reference is not None:
-                mixed = _way_call(model, "packed sdpa, no mask", padded, packed[p])()
-                mixing = attention.relative_error(mixed, reference)
+                mixing = {way: attention.relative_error(_way_call(model, way, padded, packed[p])(), reference)
+                          for way in UNMASKED_WAYS}
     finally:
         model.set_attn_implementation("sdpa")
     return {"rows": rows, "skipped": {w: why for w, why in available.items() if why}, "mixing": mixing,
             "tolerance": tolerance}
+
+
+def transformers_masks_packed_encoder_rows() -> bool:
+    """Whether the installed transformers builds an encoder's block-diagonal mask from restarting ``position_ids``
+    when it is given no attention mask (5.25 and newer; read from its source by :mod:`labkit.compat`)."""
+    return compat.encoder_mask_from_position_ids()
+
+
+# A packed row on sdpa with no mask: with position_ids restarting at each sequence (transformers 5.25 and newer build
+# the block-diagonal mask from them, compat.encoder_mask_from_position_ids), and with none at all.
+UNMASKED_WAYS = ("packed sdpa, no mask", "packed sdpa, no mask, no position_ids")
 
 
 def _measure_way(model, way: str, padded, packed, device: str, repeats: int) -> tuple[dict[str, Any], Any]:
@@ -1028,8 +1043,9 @@ PADDING_FREE_COLUMNS = ["way", "padding", "tokens computed", "median_ms", "p10_m
 
 
 def padding_free_findings(result: dict[str, Any]) -> dict[str, Any]:
-    """Section 5's metrics and claims: every way that ran matches the padded batch, and a packed row on sdpa
-    without a mask does not (transformers keeps packed sequences apart only for a causal model's mask)."""
+    """Section 5's metrics and claims: every way that ran matches the padded batch; a packed row with neither a mask
+    nor restarting position_ids does not; with position_ids alone it does where transformers builds the mask from
+    them (5.25 and newer), and does not before."""
     metrics, ok = {}, [r for r in result["rows"] if r["status"] == "ok"]
     for r in ok:
         metrics[names.padding_free(r["way"], r["batch"], r["length"], r["padding"])] = r["median_ms"]
@@ -1044,9 +1060,17 @@ def padding_free_findings(result: dict[str, Any]) -> dict[str, Any]:
     if result["mixing"] is not None:
         # far beyond rounding: five times the worst error of the ways that keep the sequences apart
         floor = 5 * max(worst, result["tolerance"] / 100)
-        metrics["packed_sdpa_without_mask_relative_error"] = result["mixing"]
-        checks["packed_rows_need_a_mask_on_bidirectional_sdpa"] = (
-            result["mixing"] > floor, f"{result['mixing']:.2e} without a mask, {worst:.2e} with one")
+        positions, nothing = (result["mixing"][w] for w in UNMASKED_WAYS)
+        metrics["packed_sdpa_without_mask_relative_error"] = positions
+        metrics["packed_sdpa_without_position_ids_relative_error"] = nothing
+        checks["packed_row_without_position_ids_mixes_its_sequences"] = (
+            nothing > floor, f"{nothing:.2e} without position_ids or a mask, {worst:.2e} with a mask")
+        if transformers_masks_packed_encoder_rows():
+            checks["restarting_position_ids_keep_packed_sequences_apart"] = (
+                positions <= result["tolerance"], f"{positions:.2e} with position_ids and no mask")
+        else:
+            checks["packed_rows_need_a_mask_on_bidirectional_sdpa"] = (
+                positions > floor, f"{positions:.2e} with position_ids and no mask, {worst:.2e} with a mask")
     failed = {f"{r['way']} at {r['padding']:.0%} padding": r["why"] for r in result["rows"] if r["status"] != "ok"}
     return {"metrics": metrics, "checks": checks, "skipped": {**result["skipped"], **failed}}
 

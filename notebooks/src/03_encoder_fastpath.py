@@ -42,7 +42,9 @@ results_path = ""                                # where to write the results JS
 
 # %%
 import torch
+import transformers
 from transformers import DataCollatorWithFlattening
+from transformers.masking_utils import create_bidirectional_mask
 
 import labkit
 from labkit import fastpath, models, plots, roofline
@@ -380,10 +382,11 @@ except (RuntimeError, NotImplementedError, TypeError) as err:
 # it also returns the boundaries `cu_seq_lens_q`/`cu_seq_lens_k` (cumulative lengths). Three ways keep the sequences
 # apart inside attention:
 #
-# * **a block-diagonal mask** for SDPA, True where two tokens belong to the same sequence. transformers builds it from
-#   the restarting `position_ids` for a causal (decoder) model; for a bidirectional encoder such as BERT its mask
-#   ignores packing, so you pass the mask yourself (measured below: without it the sequences attend to each other).
-#   The mask has T × T entries for T packed tokens, so it only suits modest rows.
+# * **a block-diagonal mask** for SDPA, True where two tokens belong to the same sequence. Given no attention mask,
+#   transformers builds it itself from `position_ids` that restart at 0: for causal (decoder) models, and since
+#   transformers 5.25 for bidirectional encoders such as BERT too (`create_bidirectional_mask` in `masking_utils.py`;
+#   before 5.25 an encoder's mask ignored packing and you passed the mask yourself). The row's `position_ids` are then
+#   all that keeps the sequences apart. The mask has T × T entries for T packed tokens, so it only suits modest rows.
 # * **`torch.nn.attention.varlen.varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k)`**, PyTorch's FlashAttention
 #   kernel for packed sequences (a GPU kernel: on a CPU the call fails, as the "Skipped:" line under the table below
 #   says), plugged into
@@ -394,7 +397,8 @@ except (RuntimeError, NotImplementedError, TypeError) as err:
 #   128 × 128 blocks of the score matrix hold two different sequences, and it skips them. Its kernel is compiled for
 #   each shape on its first call (the "first call s" column below), so it is measured at the most padding only.
 #
-# A small packed example first:
+# A small packed example first, with the mask that the installed transformers builds for the sweep's model from the
+# row's `position_ids` alone (no attention mask given):
 
 # %%
 if not lab.sweep_problem:
@@ -404,10 +408,24 @@ if not lab.sweep_problem:
     packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(sequences)
     print(f"padded batch {tuple(example['input_ids'].shape)}, {example['padding_fraction']:.0%} padding -> "
           f"packed row {tuple(packed['input_ids'].shape)}")
-    print("position_ids:", packed["position_ids"][0].tolist())
-    print("cu_seq_lens_q:", packed["cu_seq_lens_q"].tolist())
+    print("position_ids:", packed["position_ids"][0].tolist(), " cu_seq_lens_q:", packed["cu_seq_lens_q"].tolist())
+    block = fastpath.block_diagonal_mask(packed["cu_seq_lens_q"])
     print("block-diagonal mask (1: same sequence):")
-    print(fastpath.block_diagonal_mask(packed["cu_seq_lens_q"])[0, 0].int())
+    print(block[0, 0].int())
+
+# %%
+if not lab.sweep_problem:
+    sweeping.set_attn_implementation("sdpa")  # the sweep ran it eager; from here on it runs transformers' sdpa
+    row = torch.zeros(1, packed["input_ids"].shape[1], 1)  # only its shape, dtype and device are read
+    built = create_bidirectional_mask(config=sweeping.config, inputs_embeds=row, attention_mask=None,
+                                      position_ids=packed["position_ids"])
+    same = built is not None and torch.equal(built.cpu(), block)
+    print(f"transformers {transformers.__version__}, sdpa, a packed row and no mask: " + (
+        "it builds the same block-diagonal mask" if same else
+        "no mask (every token attends to every other)" if built is None else "another mask"))
+    expected = fastpath.transformers_masks_packed_encoder_rows()  # what the installed source does (labkit.compat)
+    lab.check("transformers_builds_the_packed_mask_as_its_source_says", same == expected,
+              f"transformers {transformers.__version__}")
 
 # %% [markdown]
 # Now the sweep's model on its largest batch and length, at the least and the most padding of this run: the padded
@@ -425,14 +443,16 @@ if not lab.sweep_problem:
                                  tolerance=lab.tolerance)
     show(free["rows"], fastpath.PADDING_FREE_COLUMNS,
          title=f"{lab.sweep_model}, batch {b} x length {n}: the padded batch, then packed rows")
-    if free["mixing"] is not None:
-        print(f"a packed row on sdpa with no mask: relative error {free['mixing']:.2e} from the padded batch")
+    for way, error in (free["mixing"] or {}).items():
+        print(f"{way}: relative error {error:.2e} from the padded batch")
     lab.add(fastpath.padding_free_findings(free))
 
 # %% [markdown]
 # The "speed-up over padded" column is the answer for this machine, on the same sequences; "tokens computed" is the
-# work each way's linear layers did. The row without a mask is the trap: a packed row gives a bidirectional encoder
-# on sdpa no way to see where sequences end, and its output is wrong without any error.
+# work each way's linear layers did. The two lines under the table are the trap. A packed row without `position_ids`
+# gives the encoder no way to see where sequences end (and numbers its positions straight through), and its output is
+# wrong without any error. With the restarting `position_ids` and no mask, the output matches the padded batch where
+# transformers builds the mask from them (5.25 and newer), and is wrong in the same silent way before.
 
 # %% [markdown]
 # ## What you measured
