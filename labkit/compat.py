@@ -36,7 +36,7 @@ def padding_is_right_aligned(src, src_key_padding_mask) -> bool:
     return bool(torch._nested_tensor_from_mask_left_aligned(src, src_key_padding_mask.logical_not()))
 
 
-# transformers 5.17-5.24 picks the tensor-parallel device from ``torch._C._get_accelerator()``, which names CUDA in
+# transformers 5.17-5.25 picks the tensor-parallel device from ``torch._C._get_accelerator()``, which names CUDA in
 # any CUDA build of torch even with every GPU hidden; where no GPU is usable, make it name the CPU (gloo).
 @contextlib.contextmanager
 def cpu_accelerator_without_gpus():
@@ -54,7 +54,7 @@ def cpu_accelerator_without_gpus():
 
 
 # transformers 5.x renamed the forward argument ``past_key_values`` to ``cache`` in newer releases, and the output
-# key with it; 5.17 has the old names, 5.24 the new ones.
+# key with it; 5.17 has the old names, 5.24 and newer the new ones.
 def forward_keywords(model) -> dict[str, Any]:
     """How this release names the cache argument, and whether forward takes cache positions and logits_to_keep."""
     params = inspect.signature(model.forward).parameters
@@ -67,16 +67,37 @@ def output_cache(output):
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
-# transformers 5.17-5.24: the public ``from_config`` of an Auto class needs a model type; building one
+# transformers 5.17-5.25: the public ``from_config`` of an Auto class needs a model type; building one
 # architecture class with a given attention implementation from a config is the private ``_from_config``.
 def build_model_class(model_class, config, attn_implementation: str):
     return model_class._from_config(config, attn_implementation=attn_implementation)
 
 
-# transformers 5.17-5.24: a bare layer (BertLayer) built outside a model reads the attention implementation from
+# transformers 5.17-5.25: a bare layer (BertLayer) built outside a model reads the attention implementation from
 # the config's private field; ``from_pretrained``/``from_config`` set it for whole models.
 def set_layer_attention(config, name: str) -> None:
     config._attn_implementation = name
+
+
+# transformers 5.25 and newer: ``create_bidirectional_mask`` takes ``position_ids`` and, with no attention mask, finds
+# packed sequences where they restart at 0 (masking_utils.find_packed_sequence_indices), so a packed encoder row keeps
+# its sequences apart by itself; 5.17-5.24 build no mask there (the argument lands in **kwargs), and a packed BERT row
+# without a mask lets its sequences attend to each other. Notebook 03 measures which; this says which to expect.
+def encoder_mask_from_position_ids() -> bool:
+    """Whether this transformers builds an encoder's packed-sequence mask from restarting ``position_ids``."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return "position_ids" in inspect.signature(create_bidirectional_mask).parameters
+
+
+# transformers 5.25 and newer: ``transformers serve --max-model-len N`` refuses (HTTP 400) a request whose prompt
+# leaves no room for an answer in N tokens, and without the flag N is the model's context (cli/serving/utils.py,
+# ``_check_prompt_length``); 5.17-5.24 check no length, and a prompt the KV cache cannot hold reaches the scheduler.
+def serve_takes_max_model_len() -> bool:
+    """Whether this ``transformers serve`` has ``--max-model-len`` (read from its command's signature)."""
+    from transformers.cli.serve import Serve
+
+    return "max_model_len" in inspect.signature(Serve.__init__).parameters
 
 
 def attn_implementation(model) -> str:
@@ -90,7 +111,7 @@ def show_short_traceback(shell, etype, value, lines: list[str]) -> None:
     shell._showtraceback(etype, value, lines)
 
 
-# transformers 5.24: DistributedConfig(tp_size=..., pp_size=...) fails while loading with
+# transformers 5.25 (and 5.24): DistributedConfig(tp_size=..., pp_size=...) fails while loading with
 # KeyError: 'model.layers.N.self_attn.q_proj.weight'. Its tensor-parallel plan is expanded over every layer before
 # the pipeline replaces the layers other stages own with placeholders (PipelineIdentityLayer), and
 # apply_tensor_parallelism then looks those names up (transformers/distributed/mixin.py, maybe_distribute_model).

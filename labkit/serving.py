@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import torch
 from transformers import QuantizedCache, StoppingCriteria
 
-from labkit import models, parallel, probes, roofline
+from labkit import compat, models, parallel, probes, roofline
 from labkit.errors import BadParameter, LabkitError, check_sizes
 from labkit.metrics import serving as names
 from labkit.paths import cache_dir
@@ -112,6 +112,7 @@ def notebook_plan(*, device: str, quick: bool, dtype: Any = "auto", model_id: st
     if on_gpu:
         plan["max_batch_tokens"] = None  # transformers' own choice on a GPU
     plan.update(server_sizes(workload, plan["server_concurrency"], plan["server_requests"], on_gpu=on_gpu))
+    plan["server_door"] = server_door(plan["server_capacity"], getattr(model.config, "max_position_embeddings", None))
     plan["line"] = (f"Model {model_id}; a workload of {len(workload)} requests (prompts "
                     f"{min(r.prompt_tokens for r in workload)}-{max(r.prompt_tokens for r in workload)} tokens, "
                     f"outputs {min(r.new_tokens for r in workload)}-{max(r.new_tokens for r in workload)}); static "
@@ -128,7 +129,7 @@ def paged_cache_size(workload: Sequence[Request], *, page_size: int, concurrent:
     return {"kv_pages": pages, "max_batch_tokens": max(256, max(r.prompt_tokens for r in workload) + len(workload))}
 
 
-# the page size transformers serve 5.24 runs with: its default. Its --cb-block-size flag would set it, through
+# the page size transformers serve 5.25 runs with: its default. Its --cb-block-size flag would set it, through
 # ContinuousBatchingConfig(block_size=...), which 5.17 deprecated in favour of page_size and which logs a warning
 SERVER_PAGE_SIZE = 256
 
@@ -144,6 +145,15 @@ def server_sizes(workload: Sequence[Request], concurrency: Sequence[int], reques
     capacity = pages * SERVER_PAGE_SIZE
     return {"server_workload": chosen, "server_pages": pages, "server_capacity": capacity,
             "server_max_batch_tokens": None if on_gpu else capacity + SERVER_PAGE_SIZE}
+
+
+def server_door(capacity: int, context: int | None) -> int | None:
+    """The ``--max-model-len`` the notebook's server gets, or None where ``transformers serve`` has no such flag
+    (before 5.25): twice the tokens its KV cache holds, within the model's context. On purpose above the cache, so that
+    section 5 can show both a prompt refused at the door and one admitted that the cache can never hold."""
+    if not compat.serve_takes_max_model_len():
+        return None
+    return min(2 * capacity, context) if context else 2 * capacity
 
 
 # --------------------------------------------------------------------------- the shipped workload
@@ -461,7 +471,7 @@ def curve_findings(rows: list[dict[str, Any]], knee: float) -> dict[str, Any]:
                for key in ("tokens_per_s", "step_ms", "fraction_of_bound")}
     metrics[names.KNEE_BATCH] = knee
     first, last = rows[0], rows[-1]
-    return {"metrics": metrics, "checks": {
+    return {"metrics": metrics, "timing": {
         "batching_raises_tokens_per_s": (last["tokens_per_s"] > first["tokens_per_s"],
                                          f"batch {last['batch']}: {last['tokens_per_s']:.1f} tokens/s, batch "
                                          f"{first['batch']}: {first['tokens_per_s']:.1f}"),
@@ -611,9 +621,9 @@ def lookup_findings(runs: dict[str, dict[str, Any]], greedy: dict[str, dict[str,
         "prompt_lookup_gives_the_greedy_tokens": same,
         "a_repeating_prompt_accepts_more_proposals": (repeating["acceptance_rate"] > fresh["acceptance_rate"],
                                                       f"{repeating['acceptance_rate']:.2f} vs "
-                                                      f"{fresh['acceptance_rate']:.2f}"),
-        "prompt_lookup_speeds_up_a_repeating_prompt": (greedy["repeating"]["ms"] > repeating["ms"],
-                                                       f"{greedy['repeating']['ms'] / repeating['ms']:.2f}x")}}
+                                                      f"{fresh['acceptance_rate']:.2f}")},
+        "timing": {"prompt_lookup_speeds_up_a_repeating_prompt": (
+            greedy["repeating"]["ms"] > repeating["ms"], f"{greedy['repeating']['ms'] / repeating['ms']:.2f}x")}}
 
 
 def draft_findings(run: dict[str, Any], greedy: dict[str, Any], *, break_even: float, predicted: float,
@@ -975,12 +985,13 @@ class Server:
     """
 
     def __init__(self, model: str, *, device: str = "cpu", dtype: str = "float32", port: int | None = None,
-                 kv_pages: int | None = None, max_batch_tokens: int | None = None,
+                 kv_pages: int | None = None, max_batch_tokens: int | None = None, max_model_len: int | None = None,
                  continuous_batching: bool = True, log_path: str | os.PathLike | None = None):
-        self.model, self.port = model, port or parallel.free_port()
+        self.model, self.port, self.max_model_len = model, port or parallel.free_port(), max_model_len
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path else cache_dir() / "serving" / f"transformers-serve-{self.port}.log"
         flags = ["--host", "127.0.0.1", "--port", str(self.port), "--device", device, "--dtype", dtype]
+        flags += ["--max-model-len", str(max_model_len)] if max_model_len else []  # transformers 5.25 and newer
         if continuous_batching:
             flags.append("--continuous-batching")
             if kv_pages:
@@ -1170,11 +1181,12 @@ def load_findings(levels: Sequence[dict[str, Any]], server: Server) -> dict[str,
     return {"metrics": metrics, "checks": {"server_answered_every_request": (failed == 0, f"{failed} failed")}}
 
 
-def too_long_prompt(tokenizer, tokens: int) -> str:
-    """A prompt of about ``tokens`` tokens (the shipped text, repeated)."""
+def prompt_of(tokenizer, tokens: int) -> str:
+    """A prompt of about ``tokens`` tokens: the shipped text, repeated and cut to that many tokens."""
     text = QUOTED_TEXT.read_text(encoding="utf-8")
     per_copy = max(1, len(tokenizer(text)["input_ids"]))
-    return text * (tokens // per_copy + 1)
+    ids = tokenizer(text * (tokens // per_copy + 1), add_special_tokens=False)["input_ids"][:tokens]
+    return tokenizer.decode(ids)
 
 
 def error_answer(error: BaseException) -> dict[str, Any]:
@@ -1185,13 +1197,23 @@ def error_answer(error: BaseException) -> dict[str, Any]:
     return {"status": status, "message": str(message if message is not None else error)}
 
 
-def bad_input_findings(unknown: dict[str, Any], too_long: dict[str, Any], health: tuple[int, str]) -> dict[str, Any]:
-    return {"checks": {
-        "unknown_model_gets_a_client_error": (unknown.get("status") is not None and 400 <= unknown["status"] < 500,
-                                              str(unknown)),
-        "over_long_prompt_gets_an_error": (too_long.get("status") is not None and too_long["status"] >= 400,
-                                           str(too_long))},
-        "metrics": {names.HEALTH_AFTER_OVER_LONG: health[0]}}
+def bad_input_findings(answers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Section 5's bad input, from the server's answers (label -> status and message; each "GET /health after: X"
+    is the health check after request X)."""
+    status = {label: answer.get("status") for label, answer in answers.items()}
+    checks = {
+        "unknown_model_gets_a_client_error": (status["unknown model"] is not None and
+                                              400 <= status["unknown model"] < 500, str(answers["unknown model"])),
+        "over_long_prompt_gets_an_error": (status["longer than the KV cache"] is not None and
+                                           status["longer than the KV cache"] >= 400,
+                                           str(answers["longer than the KV cache"]))}
+    if "longer than --max-model-len" in answers:
+        checks["a_prompt_past_max_model_len_is_refused_at_the_door"] = (
+            status["longer than --max-model-len"] == 400 and status["GET /health after: longer than --max-model-len"]
+            == 200, f"{answers['longer than --max-model-len']}, then /health "
+                    f"{status['GET /health after: longer than --max-model-len']}")
+    return {"checks": checks, "metrics": {names.HEALTH_AFTER_OVER_LONG:
+                                          status["GET /health after: longer than the KV cache"]}}
 
 
 def stop_findings(server: Server, pids: Sequence[int | None]) -> dict[str, Any]:

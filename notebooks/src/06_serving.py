@@ -399,7 +399,8 @@ if problem:
     lab.skip("the server (section 5)", problem)
 else:
     server = serving.Server(serving.model_folder(lab.model_id), device=lab.device, dtype=lab.dtype_name,
-                            kv_pages=lab.server_pages, max_batch_tokens=lab.server_max_batch_tokens)
+                            kv_pages=lab.server_pages, max_batch_tokens=lab.server_max_batch_tokens,
+                            max_model_len=lab.server_door)
     print(f"$ {server.command_line}\nlog: {server.log_path}")
     server.start()
     print(f"answering on {server.url} after {server.started_s:.1f} s "
@@ -448,35 +449,44 @@ if server:
     lab.add(serving.load_findings(levels, server))
 
 # %% [markdown]
-# **Bad input.** A request for a model the server does not serve, and a prompt longer than its KV cache can ever hold
-# (`--cb-num-blocks` pages of 256 tokens). What the server answers is its own: the status code, its message, and the
-# last error line of its log.
+# **Bad input.** A request for a model the server does not serve, and prompts too long. A server has two limits on a
+# prompt's length. At the door: since transformers 5.25, `transformers serve` refuses a prompt that leaves no room for
+# an answer within `--max-model-len` tokens (without the flag, the model's context), before any work. Inside: its KV
+# cache holds `--cb-num-blocks` pages of 256 tokens, and a prompt longer than that can never be placed. Here the door
+# is set on purpose at twice what the cache holds (within the model's context), the server's command above shows
+# it, so that one prompt is longer than the door and one passes the door but not the cache. (Before 5.25 there is no
+# door, and only the second one is sent.) What the server answers is its own: each status code and message, `/health`
+# after each, and the last error line of its log. Predict each status before you run the cell.
 
 # %%
 if server:
+    door, cache = server.max_model_len, lab.server_capacity
+    asks = [("unknown model", "no-such-model", "Hello")]
+    asks += [("longer than --max-model-len", server.model, serving.prompt_of(tokenizer, door + 64))] if door else []
+    between = (cache + (door or 2 * cache)) // 2  # past the cache, within the door
+    asks += [("longer than the KV cache", server.model, serving.prompt_of(tokenizer, between))]
     answers = {}
-    for label, model_name, prompt in (("unknown model", "no-such-model", "Hello"),
-                                      ("over-long prompt", server.model,
-                                       serving.too_long_prompt(tokenizer, 2 * lab.server_capacity))):
+    for label, model_name, prompt in asks:
         try:
             await client.completions.create(model=model_name, prompt=prompt, max_tokens=4)
             answers[label] = {"status": 200, "message": "(answered)"}
         except APIStatusError as error:
             answers[label] = serving.error_answer(error)
-    health = server.health()
-    show([{"request": k, **v} for k, v in answers.items()] + [{"request": "GET /health after", "status": health[0],
-                                                               "message": health[1]}], title="What the server said")
+        status, message = server.health()
+        answers[f"GET /health after: {label}"] = {"status": status, "message": message}
+    print(f"the door: {door or 'none'} tokens; the KV cache: {cache} tokens")
+    show([{"request": k, **v} for k, v in answers.items()], title="What the server said")
     print(f"last error in the log: {server.last_error()}")
-    lab.add(serving.bad_input_findings(answers["unknown model"], answers["over-long prompt"], health))
+    lab.add(serving.bad_input_findings(answers))
 
 # %% [markdown]
-# The unknown model should get a 4xx (the table shows what it got). For the over-long prompt, `transformers serve` 5.24
-# does not check a prompt's length when the request arrives: the prompt reaches the continuous batching scheduler, which
-# can never place it in the cache. If the table shows a 5xx for it and `/health` answers 503 afterwards, the scheduler's
-# worker has stopped (the last error of its log, printed above, says why) and the server fails every request until
-# restarted. A production server checks lengths at the door: vLLM, for one, refuses a prompt longer than the model's
-# context (`--max-model-len`) with an error naming both lengths. The lesson for your own service: validate lengths
-# before they reach the model, and watch `/health`.
+# The unknown model should get a 4xx. The prompt longer than the door gets a 400 that names both lengths, and
+# `/health` still answers 200: nothing reached the model. The prompt that passed the door reaches the continuous
+# batching scheduler, which can never place it in the cache: if the table shows a 5xx for it and `/health` answers 503
+# afterwards, the scheduler's worker has stopped (the last error of its log, printed above, says why) and the server
+# fails every request until restarted. The lesson for your own service: the door's limit must not admit what the cache
+# cannot hold (`--max-model-len` at most the cache's tokens; vLLM refuses to start when its `--max-model-len` is more
+# than its KV cache can store, https://github.com/vllm-project/vllm/pull/2163), and watch `/health`.
 #
 # Stopping the server, and checking that nothing is left:
 
@@ -497,7 +507,7 @@ if server:
 # GPU as `device_map="auto"` does, notebook 05's section 2; it has no tensor-parallel flag), and `--quantization
 # bnb-4bit` loads NF4 weights with double quantization. Its continuous batching can also share KV pages between
 # requests that start with the same tokens (**prefix caching**: `ContinuousBatchingConfig(allow_block_sharing=True)`,
-# the default in 5.24). The dedicated servers add what a busy service needs; check each one's documentation for the
+# the default in 5.25). The dedicated servers add what a busy service needs; check each one's documentation for the
 # version you install:
 #
 # * **vLLM** (`vllm serve <model>`): PagedAttention and continuous batching, **prefix caching** (requests that start
