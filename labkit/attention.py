@@ -862,7 +862,7 @@ def best_backend_findings(choice: BackendChoice, rows: list[dict[str, Any]], *, 
         at_n = [r for r in series if r["seq"] == both[-1]]
         math_row = next(r for r in at_n if r["backend"] == "MATH")
         fastest = min((r for r in at_n if r["backend"] != "MATH"), key=lambda r: r["p10_ms"])
-        found["checks"]["a_fused_backend_beats_math_at_long_n"] = (
+        found.setdefault("timing", {})["a_fused_backend_beats_math_at_long_n"] = (
             fastest["p10_ms"] < math_row["p10_ms"], f"N={both[-1]}: {fastest['backend']} {fastest['p10_ms']:.3g} ms "
                                                     f"vs MATH {math_row['p10_ms']:.3g} ms (fastest 10%)")
     else:

@@ -532,13 +532,13 @@ def batch_sweep(model, tokenizer, *, batch_sizes: list[int], new_tokens: int, re
 
 
 def batch_findings(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    found: dict[str, Any] = {"metrics": {}, "checks": {}}
+    found: dict[str, Any] = {"metrics": {}, "timing": {}}
     for r in rows:
         found["metrics"][names.batch(r["batch"], "tokens_per_s")] = r["tokens/s (all sequences)"]
         found["metrics"][names.batch(r["batch"], "step_ms")] = r["step ms"]
     if len(rows) >= 2:
         gain = rows[-1]["tokens/s (all sequences)"] / rows[0]["tokens/s (all sequences)"]
-        found["checks"]["batching_raises_throughput"] = (gain > 1.0, f"batch {rows[-1]['batch']}: {gain:.2f}x")
+        found["timing"]["batching_raises_throughput"] = (gain > 1.0, f"batch {rows[-1]['batch']}: {gain:.2f}x")
     return found
 
 

@@ -80,9 +80,10 @@ class Lab:
     def add(self, findings: dict[str, Any]) -> None:
         self.results.add(findings)
 
-    def check(self, name: str, passed: Any, detail: str = "") -> None:
-        """Record a claim the notebook makes (silent when it holds; one line in words when it does not)."""
-        self.results.check(name, passed, detail)
+    def check(self, name: str, passed: Any, detail: str = "", *, timing: bool = False) -> None:
+        """Record a claim the notebook makes (silent when it holds; one line in words when it does not);
+        ``timing=True`` for a claim about timings, which is an observation on a CPU (labkit.results)."""
+        self.results.check(name, passed, detail, timing=timing)
 
     def skip(self, what: str, why: str) -> None:
         self.results.skip(what, why)
@@ -157,7 +158,8 @@ def start(notebook: str, params: dict[str, Any]) -> Lab:
     plan = planner(device=device, quick=quick, **given)
     lab = Lab(notebook=notebook, device=device, dtype=plan.pop("dtype", None), quick=quick,
               solutions=bool(params.get("solutions", False)),
-              results=Results(notebook, params.get("results_path") or None, env=probes.environment()), plan=plan)
+              results=Results(notebook, params.get("results_path") or None, env=probes.environment(),
+                              timing_checks=device.startswith("cuda")), plan=plan)
     line = plan.pop("line", "")
     dtype = f" in {lab.dtype_name}" if lab.dtype is not None else ""
     print(f"Working on {device} ({lab.device_label}){dtype}{', quick sizes' if quick else ''}."

@@ -223,6 +223,10 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
         failed = [c for c, ok in entry["checks"].items() if not ok]
         section.append(f"<p>Checks: {sum(entry['checks'].values())} of {len(entry['checks'])} passed"
                        + (f"; failed: {html.escape(', '.join(failed))}" if failed else "") + ".</p>")
+        unseen = [o for o, seen in entry.get("observations", {}).items() if not seen]
+        if unseen:  # timing claims on a CPU (labkit.results): said, never a failure
+            section.append(f"<p>Not seen this time (timings on a CPU shared with other work): "
+                           f"{html.escape(', '.join(unseen))}.</p>")
         if entry["skipped"]:
             section.append("<h3>Skipped</h3>" + _table([{"what": w, "why": y} for w, y in entry["skipped"].items()],
                                                       ["what", "why"]))

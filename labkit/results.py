@@ -2,7 +2,13 @@
 
 Results file schema (one JSON object):
 ``{"notebook": str, "env": {...}, "metrics": {name: number}, "checks": {name: bool}, "skipped": {what: why},
-"figures": [file names], "summary": [lines of "What you measured"]}`` (figures and summary may be absent).
+"figures": [file names], "summary": [lines of "What you measured"], "observations": {name: bool}}`` (figures, summary
+and observations may be absent).
+
+Checks are what the notebook showed, and the tests require each to be true. A claim about timings (one way faster than
+another, a point under its bound) is a check on a GPU, which a run has to itself; on a CPU, shared with whatever else
+runs (two notebooks side by side in the tests, a browser, a learner's other work), it is recorded as an observation:
+printed when this run did not show it, kept in the results file, never asserted.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ from labkit.errors import BadParameter
 class Results:
     """Collects a notebook's metrics, checks and skips, and writes them to ``path`` (when it is set)."""
 
-    def __init__(self, notebook: str, path: str | os.PathLike | None = None, env: dict[str, Any] | None = None):
+    def __init__(self, notebook: str, path: str | os.PathLike | None = None, env: dict[str, Any] | None = None, *,
+                 timing_checks: bool = True):
         self.notebook = notebook
         self.path = Path(path) if path else None
         self.env = env if env is not None else {}
+        self.timing_checks = timing_checks  # False on a CPU: timing claims are observations (module docstring)
         self.metrics: dict[str, float] = {}
         self.checks: dict[str, bool] = {}
+        self.observations: dict[str, bool] = {}
         self.skipped: dict[str, str] = {}
         self.figures: list[str] = []
         self.summary: list[str] = []  # "What you measured", in words (written by Lab.finish)
@@ -44,21 +53,31 @@ class Results:
 
     def add(self, findings: dict[str, Any]) -> None:
         """Record what a labkit measurement found: ``{"metrics": {name: number}, "checks": {name: passed or
-        (passed, detail)}, "skipped": {what: why}}`` (each part optional)."""
+        (passed, detail)}, "timing": {the same, for claims about timings}, "skipped": {what: why}}`` (each part
+        optional)."""
         self.record(findings.get("metrics", {}))
-        for name, outcome in findings.get("checks", {}).items():
-            passed, detail = outcome if isinstance(outcome, tuple) else (outcome, "")
-            self.check(name, passed, detail)
+        for part, timing in (("checks", False), ("timing", True)):
+            for name, outcome in findings.get(part, {}).items():
+                passed, detail = outcome if isinstance(outcome, tuple) else (outcome, "")
+                self.check(name, passed, detail, timing=timing)
         for what, why in findings.get("skipped", {}).items():
             self.skip(what, why)
 
-    def check(self, name: str, passed: Any, detail: str = "") -> bool:
+    def check(self, name: str, passed: Any, detail: str = "", *, timing: bool = False) -> bool:
         """Record one of the notebook's claims about what it showed. Silent when it holds (the results file and the
-        report list the checks); when it does not, one line in words says what this machine did not show."""
+        report list the checks); when it does not, one line in words says what this machine did not show.
+        ``timing=True``: a claim about timings, an observation where ``timing_checks`` is False (on a CPU)."""
         passed = bool(passed)
+        said = f"{name.replace('_', ' ')}{' (' + detail + ')' if detail else ''}"
+        if timing and not self.timing_checks:
+            self.observations[name] = passed
+            if not passed:
+                print(f"Not seen this time: {said}. A timing on a CPU shared with other work; run the cell again "
+                      "when the machine is idle (on a GPU this is a check).")
+            return passed
         self.checks[name] = passed
         if not passed:
-            print(f"Not seen on this machine: {name.replace('_', ' ')}{' (' + detail + ')' if detail else ''}.")
+            print(f"Not seen on this machine: {said}.")
         return passed
 
     def skip(self, what: str, why: str) -> None:
@@ -78,8 +97,9 @@ class Results:
         return target
 
     def as_dict(self) -> dict[str, Any]:
-        return {"notebook": self.notebook, "env": self.env, "metrics": self.metrics,
-                "checks": self.checks, "skipped": self.skipped, "figures": self.figures, "summary": self.summary}
+        return {"notebook": self.notebook, "env": self.env, "metrics": self.metrics, "checks": self.checks,
+                "observations": self.observations, "skipped": self.skipped, "figures": self.figures,
+                "summary": self.summary}
 
     def write(self) -> Path | None:
         """Write the results file (when a path was given) and return its path."""
@@ -121,6 +141,9 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(summary, list) or not all(isinstance(line, str) for line in summary):
         problems.append("summary must be a list of lines")
     problems += [f"check {k!r} is not true or false" for k, v in _items(data["checks"]) if not isinstance(v, bool)]
+    observations = data.get("observations", {})
+    if not isinstance(observations, dict) or not all(isinstance(v, bool) for v in observations.values()):
+        problems.append("observations must map names to true or false")
     problems += [f"skip {k!r} has no one-line reason" for k, v in _items(data["skipped"]) if not isinstance(v, str)]
     if not all(isinstance(data[k], dict) for k in ("env", "metrics", "checks", "skipped")):
         problems.insert(0, "env, metrics, checks and skipped must be objects")

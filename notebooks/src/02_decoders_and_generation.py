@@ -60,8 +60,8 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # For decoders, `model.to_bettertransformer()` (from the optimum package) swapped each attention module for one that
 # called `torch.nn.functional.scaled_dot_product_attention`, so that the fused kernels of notebook 01 could run. Since
 # then transformers has grown its own SDPA attention for almost every architecture, made it the default, and removed
-# the `to_bettertransformer` method (and, by its release notes, optimum 2.0 dropped BetterTransformer itself). Calling
-# it on today's stack, on purpose:
+# the `to_bettertransformer` method (and optimum dropped BetterTransformer itself in its 2.0 release, by its release
+# notes). Calling it on today's stack, on purpose:
 
 # %% tags=["old-api-on-purpose"]
 opt_problem = models.check_model("tiny-opt")  # random weights, but the tokenizer comes from smollm2-135m
@@ -456,7 +456,7 @@ else:
     lab.figure("fraction_of_bandwidth_bound", fig)
     lab.check("every_decode_run_stays_under_its_bandwidth_bound", max(values) < 1.05,
               f"largest fraction {max(values):.2f}; above 1: a wrong byte count or bandwidth, or weights small "
-              "enough to stay in a CPU cache")
+              "enough to stay in a CPU cache", timing=True)
     print(f"Best: {labels[values.index(max(values))]} at {100 * max(values):.0f}% of its bandwidth bound")
 if recipes and lab.on_gpu and parameters >= 1e9:
     best = max(r["fraction_of_bound"] for r in recipes)

@@ -329,16 +329,16 @@ def test_speedups_the_headline_and_the_figure_data():
 
 def test_sweep_findings_check_skip_and_name_metrics_as_the_report_reads_them():
     good = fastpath.sweep_findings(_sweep())
-    assert good["checks"]["fastpath_time_falls_with_padding"][0] and not good["skipped"]
+    assert good["timing"]["fastpath_time_falls_with_padding"][0] and not good["skipped"]
     assert good["metrics"]["sweep_noisy_points"] == 0 and good["metrics"]["fastpath_floor_ms"] == 1.0
     assert good["metrics"][names.speedup(8, 128, 0.75)] == 2.5
     read = [n for n in good["metrics"] if _SWEEP_METRIC.match(n)]
     assert sorted(read) == sorted(names.sweep(i, 8, 128, p) for i in ("transformers sdpa", "fastpath")
                                   for p in (0, 0.5, 0.75))
     slower = fastpath.sweep_findings(_sweep(fast_most=12.0))
-    assert slower["checks"]["fastpath_time_falls_with_padding"][0] is False
+    assert slower["timing"]["fastpath_time_falls_with_padding"][0] is False
     noisy = fastpath.sweep_findings(_sweep(noisy=True))
-    assert not noisy["checks"] and "noisy" in noisy["skipped"]["fastpath time falls with padding"]
+    assert not noisy["timing"] and "noisy" in noisy["skipped"]["fastpath time falls with padding"]
     assert noisy["metrics"][names.sweep("fastpath", 8, 128, 0.75, "noisy")] == 1
     floor_bound = fastpath.sweep_findings(_sweep(floor=8.0))
     assert "floor" in floor_bound["skipped"]["fastpath time falls with padding"]

@@ -329,7 +329,7 @@ def test_decode_and_batch_findings():
                {"batch": 4, "step ms": 12.0, "tokens/s (all sequences)": 330.0}]
     found = generation.batch_findings(batches)
     assert found["metrics"][names.batch(4, "tokens_per_s")] == 330.0 and found["metrics"]["batch1_step_ms"] == 10.0
-    assert found["checks"]["batching_raises_throughput"][0] is True
+    assert found["timing"]["batching_raises_throughput"][0] is True
 
 
 def test_expected_quick_metrics_are_built_by_the_same_builders():

@@ -5,7 +5,7 @@ import pytest
 
 from labkit import metrics, paths, probes, results
 from labkit.errors import BadParameter, check_sizes
-from labkit.results import read_results
+from labkit.results import Results, read_results
 
 
 def test_results_file_follows_the_schema(tmp_path, capsys):
@@ -18,8 +18,8 @@ def test_results_file_follows_the_schema(tmp_path, capsys):
     assert "Skipped: flash-attn comparison -- flash-attn is not installed" in printed
     data = results.read_results(res.write())
     assert data == {"notebook": "99_test", "env": {"versions": {}}, "metrics": {"tokens_per_s": 12.5},
-                    "checks": {"outputs_agree": True}, "skipped": {"flash-attn comparison": "flash-attn is not installed"},
-                    "figures": [], "summary": []}
+                    "checks": {"outputs_agree": True}, "observations": {},
+                    "skipped": {"flash-attn comparison": "flash-attn is not installed"}, "figures": [], "summary": []}
 
 
 def test_findings_record_metrics_checks_and_skips_at_once(capsys):
@@ -119,3 +119,16 @@ def test_a_results_file_with_unexpected_content_is_rejected_clearly(tmp_path, co
     path.write_text(content)
     with pytest.raises(BadParameter, match=problem):
         read_results(path)
+
+
+def test_a_timing_claim_is_a_check_on_a_gpu_and_an_observation_on_a_cpu(tmp_path, capsys):
+    found = {"checks": {"tokens_equal": True}, "timing": {"batching_raises_tokens_per_s": (False, "1.0 vs 1.1")}}
+    gpu = Results("06_serving", tmp_path / "gpu.json", timing_checks=True)
+    gpu.add(found)
+    assert gpu.checks == {"tokens_equal": True, "batching_raises_tokens_per_s": False} and not gpu.observations
+    cpu = Results("06_serving", tmp_path / "cpu.json", timing_checks=False)
+    cpu.add(found)
+    assert cpu.checks == {"tokens_equal": True} and cpu.observations == {"batching_raises_tokens_per_s": False}
+    assert "Not seen this time: batching raises tokens per s (1.0 vs 1.1)" in capsys.readouterr().out
+    cpu.write()
+    assert read_results(tmp_path / "cpu.json")["observations"] == {"batching_raises_tokens_per_s": False}
