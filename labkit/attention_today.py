@@ -1,5 +1,5 @@
 """Notebook 01, section 8: attention beyond SDPA's backends, as the installed stack offers it (checked against
-torch 2.13 and transformers 5.24): the FlashAttention versions behind torch's FLASH_ATTENTION backend, the stored
+torch 2.13 and transformers 5.25): the FlashAttention versions behind torch's FLASH_ATTENTION backend, the stored
 reference runs' fastest backend against Flash, FlexAttention measured against SDPA for a causal and a document
 (packed sequences) mask, ``torch.nn.attention.varlen.varlen_attn``, and transformers' ``attn_implementation`` values.
 """

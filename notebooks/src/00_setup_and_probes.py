@@ -131,10 +131,11 @@ lab.add(probes.no_available_kernel_findings(attempt, fix, fallback, refused=refu
 # ## 4. What else the installed stack offers
 #
 # The `attn_implementation=` values transformers accepts (a model is built with each one, on the `meta` device, so
-# with no weights; `flash_attention_2` fails with ImportError when neither flash-attn nor the `kernels` package is
-# installed, exactly what you would meet; where `kernels` is installed, transformers would download a Hub kernel in
-# place of a missing flash-attn package, so those values are not tried), bitsandbytes 4-bit (a tiny NF4 and FP4
-# matrix product), NCCL for multi-GPU work, and the links between GPUs.
+# with no weights). transformers requires the `kernels` package since 5.25, so it comes with it: in place of a missing
+# flash-attn package transformers would download a Hub kernel, and the `flash_attention_*` values are not tried here
+# (nothing is downloaded; without `kernels`, `flash_attention_2` fails with ImportError, exactly what you would
+# meet). Then bitsandbytes 4-bit (a tiny NF4 and FP4 matrix product), NCCL for multi-GPU work, and the links between
+# GPUs.
 
 # %%
 features = report["features"]

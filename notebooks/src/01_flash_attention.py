@@ -630,10 +630,10 @@ lab.add(found)
 # flash-attn package and a GPU), `flex_attention` (FlexAttention, compiled by transformers), `paged|eager` (eager
 # attention over a paged cache, for continuous batching), and a **Hub kernel id** such as
 # `kernels-community/flash-attn2`, loaded through the `kernels` package.
-# When a `flash_attention_*` package is missing but `kernels` is installed, transformers loads the Hub kernel in the
-# last column instead. The table builds a tiny model with each value on the `meta` device (no weights, nothing
-# downloaded); the `flash_attention_*` values and a Hub id are only tried where `kernels` is absent, so that nothing
-# is downloaded.
+# When a `flash_attention_*` package is missing but `kernels` is installed (transformers requires it since 5.25),
+# transformers loads the Hub kernel in the last column instead. The table builds a tiny model with each value on the
+# `meta` device (no weights, nothing downloaded); the `flash_attention_*` values and a Hub id are only tried where
+# `kernels` is absent, so that nothing is downloaded.
 
 # %%
 show(attention_today.attn_implementation_rows(), ["attn_implementation", "ok", "reason", "kernels fallback"],

@@ -280,7 +280,7 @@ ex.check(answer)
 # %% [markdown]
 # ## 5. Pipeline parallelism: stages in turn, and the bubble
 #
-# `DistributedConfig(pp_size=N)` gives each process consecutive layers (transformers 5.24 splits them by count); the
+# `DistributedConfig(pp_size=N)` gives each process consecutive layers (transformers 5.25 splits them by count); the
 # embeddings go to the first stage, the final norm and the output layer to the last. In a decode step stage 0 runs its
 # layers and sends the hidden states to stage 1, which runs its layers, computes the logits and broadcasts them to
 # every stage (so that `generate()` works unchanged). While one stage computes, the others wait: that idle time is the
@@ -288,7 +288,7 @@ ex.check(answer)
 # time, so expect a step to take about as long as in one process (plus the transfers), and each stage to be busy
 # about 1/N of the time that one process is. Pipelines fill the bubble by keeping several micro-batches in flight, one
 # per stage: with m micro-batches over p stages the idle share falls to (p - 1) / (m + p - 1) (GPipe,
-# https://arxiv.org/abs/1811.06965). transformers 5.24 runs the plain schedule only (its source leaves the others as a
+# https://arxiv.org/abs/1811.06965). transformers 5.25 runs the plain schedule only (its source leaves the others as a
 # TODO, `transformers/distributed/pipeline_parallel.py`). The job runs `layers-llama`, a random model shaped so that
 # its layers, not Python, take most of a step on a CPU (4 layers of width 512, a 512-token vocabulary), with 1
 # sequence and with several.
@@ -311,7 +311,7 @@ lab.add(pp)
 # A mixture-of-experts (MoE) layer replaces the MLP with several MLPs, the *experts*, and a small *router* that picks a
 # few of them for each token. The job runs `tiny-moe`, a random Qwen3-MoE model built from a config: 4 experts per
 # layer, 2 per token. `DistributedConfig(tp_size=N, ep_size=N)` gives each process 1/N of the experts (transformers
-# 5.24 requires `ep_size` to be a multiple of `tp_size` and to divide `tp_size x fsdp_size`, so attention is split by
+# 5.25 requires `ep_size` to be a multiple of `tp_size` and to divide `tp_size x fsdp_size`, so attention is split by
 # TP as well). The experts get their tokens in one of two ways (`ep_implementation`): `"all_reduce"`, every process
 # runs its own experts on the whole batch and an all-reduce sums the outputs (the job asks for `"auto"`, which picks
 # `"all_reduce"` at inference when the processes hold the same batch, as here), or `"all_to_all"`, each token travels
@@ -372,7 +372,8 @@ ex.compare((chosen["tp"], chosen["pp"]), "(tp, pp) by the planner")
 # rehearsal: two "nodes" of two processes each, both on this machine, meeting at 127.0.0.1: TP 2 inside each, PP 2
 # across.
 #
-# One thing to know first: in transformers 5.24, `DistributedConfig(tp_size=2, pp_size=2)` stops while loading with
+# One thing to know first: in transformers 5.25 (as in 5.24), `DistributedConfig(tp_size=2, pp_size=2)` stops while
+# loading with
 # `KeyError: 'model.layers.N.self_attn.q_proj.weight'`. The call is right (the config's own error messages suggest
 # combining TP and PP); the bug is in transformers: it expands the tensor-parallel plan over every layer, then the
 # pipeline replaces the layers of the other stages with placeholders, then applying the plan looks their weights up
@@ -440,7 +441,7 @@ else:
 #   nodes (its multi-node example, https://docs.sglang.io/references/multi_node_deployment/multi_node.html); TP inside
 #   each node and PP across is `--tp 8 --pp-size 2` with the same node flags.
 # * **`transformers serve`** (in transformers itself): `transformers serve --device auto` loads with
-#   `device_map="auto"`, the placement of section 2; `--continuous-batching` batches requests. Its 5.24 command line
+#   `device_map="auto"`, the placement of section 2; `--continuous-batching` batches requests. Its 5.25 command line
 #   has no tensor-parallel flag (checked in `transformers/cli/serve.py`).
 #
 # Text Generation Inference (`text-generation-launcher`), which older guides show, is in maintenance mode: its

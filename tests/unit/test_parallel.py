@@ -290,7 +290,7 @@ def test_tp_traffic_and_link_time_by_hand():
 # --------------------------------------------------------------------------- pieces of the jobs, in one process
 
 def test_the_tp_and_pp_keyerror_and_its_workaround():
-    """transformers 5.24's bug without any process group: applying a tensor-parallel plan to a pipeline stage looks up
+    """transformers 5.24's and 5.25's bug without any process group: applying a tensor-parallel plan to a pipeline stage looks up
     the weights of layers the stage replaced with placeholders."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.distributed import mixin
