@@ -156,6 +156,12 @@ CONDITIONS = [
               env=lambda tmp: {"LABKIT_CACHE": str(tmp / "fresh-cache")},
               stop_says=lambda nb: "is not installed",
               skipped_mention={nb: "is not installed" for nb in ("00", "01", "02", "03")}),
+    # A learner's first run: nothing in labkit's cache (no converted SmolLM2, no random-init folders for 05's torchrun
+    # jobs, no measured ceilings), nor in Hugging Face's, matplotlib's or torch's compile caches.
+    Condition("a first run on empty caches", "completed", env=lambda tmp: {
+        "LABKIT_CACHE": str(tmp / "fresh-cache" / "labkit"), "HF_HOME": str(tmp / "fresh-cache" / "huggingface"),
+        "MPLCONFIGDIR": str(tmp / "fresh-cache" / "matplotlib"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp / "fresh-cache" / "inductor")}),
     # Notebook 06's server and quantized KV cache: transformers' serving extra and optimum-quanto, all hidden.
     Condition("serving packages not importable", "completed", ("06",),
               startup=BLOCKER.format(blocked={"fastapi", "uvicorn", "openai", "optimum"}),
