@@ -42,9 +42,9 @@ $(STAMP): $(PY) pyproject.toml $(LOCK) $(KEEP_TORCH)
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  $(PIP) install torch; \
+	  $(PIP) install -c $(LOCK) torch; \
 	else \
-	  $(PIP) install $(TORCH_CPU) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	  $(PIP) install $(TORCH_CPU) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),-c $(LOCK)); \
 	fi
 	@$(PY) -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 11))" || { \
 	  echo "make: the importable torch $$($(PY) -c 'import torch; print(torch.__version__)') is older than 2.11, which labkit needs; upgrade it yourself (make never replaces a torch it finds)"; exit 1; }
