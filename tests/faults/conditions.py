@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 ALL = ("00", "01", "02", "03", "04", "05", "06")
+WIDGET_NOTEBOOKS = ("01", "03")  # the notebooks whose cells build ipywidgets (LiveBoard, picker)
 # The parameter that names the model, per notebook (02 compares a list of models).
 MODEL_PARAMETER = {"00": "model_id", "01": "model_id", "02": "model_ids", "03": "model_id", "04": "model_id",
                    "05": "model_id", "06": "model_id"}
@@ -115,6 +116,8 @@ class Condition:
     skipped_mention: dict[str, str] = field(default_factory=dict)  # notebook -> text a skip reason must contain
     cpu_only: bool = False  # the simulated lack is real only on a machine without a CUDA GPU
     env: Callable[[Any], dict[str, str]] = lambda tmp: {}  # environment of the kernel (tmp: an empty folder)
+    hides: str = ""  # a module the condition hides: where it is not installed, the condition is the plain run
+
 
     def expected(self, notebook: str) -> str:
         return self.expect if isinstance(self.expect, str) else self.expect[notebook]
@@ -133,8 +136,10 @@ CONDITIONS = [
     Condition("torchao not importable", "completed", ("04",), startup=BLOCKER.format(blocked={"torchao"}),
               skipped_mention={"04": "torchao"}),
     Condition("flash-attn not importable", "completed", ("00", "01", "02"),
-              startup=BLOCKER.format(blocked={"flash_attn"})),
-    Condition("ipywidgets not importable", "completed", startup=BLOCKER.format(blocked={"ipywidgets"})),
+              startup=BLOCKER.format(blocked={"flash_attn"}), hides="flash_attn"),
+    # Only 01 and 03 build widgets (a LiveBoard, pickers); the others' tables go through show(), which needs none
+    # (tests/unit/test_notebook_sources.py keeps this list equal to the notebooks that use them).
+    Condition("ipywidgets not importable", "completed", WIDGET_NOTEBOOKS, startup=BLOCKER.format(blocked={"ipywidgets"})),
     Condition("Hub offline, model not cached", "stopped", parameters=_model("someone/not-in-the-cache"),
               stop_says=lambda nb: "not found in the Hugging Face cache"),
     Condition("a model name with a typo", "stopped", parameters=_model("smollm2-135n"),
@@ -156,12 +161,6 @@ CONDITIONS = [
               env=lambda tmp: {"LABKIT_CACHE": str(tmp / "fresh-cache")},
               stop_says=lambda nb: "is not installed",
               skipped_mention={nb: "is not installed" for nb in ("00", "01", "02", "03")}),
-    # A learner's first run: nothing in labkit's cache (no converted SmolLM2, no random-init folders for 05's torchrun
-    # jobs, no measured ceilings), nor in Hugging Face's, matplotlib's or torch's compile caches.
-    Condition("a first run on empty caches", "completed", env=lambda tmp: {
-        "LABKIT_CACHE": str(tmp / "fresh-cache" / "labkit"), "HF_HOME": str(tmp / "fresh-cache" / "huggingface"),
-        "MPLCONFIGDIR": str(tmp / "fresh-cache" / "matplotlib"),
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp / "fresh-cache" / "inductor")}),
     # Notebook 06's server and quantized KV cache: transformers' serving extra and optimum-quanto, all hidden.
     Condition("serving packages not importable", "completed", ("06",),
               startup=BLOCKER.format(blocked={"fastapi", "uvicorn", "openai", "optimum"}),
