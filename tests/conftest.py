@@ -11,6 +11,31 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 kernel_guard.install_network_block()  # the test process too: only loopback (see kernel_guard.py)
 
 
+def first_run_cache(folder):
+    """``folder`` as labkit's cache on a new machine after `make install`: only what `labkit prepare` makes (the
+    converted SmolLM2, hard-linked from this session's cache, which it converts first if need be)."""
+    import shutil
+    from pathlib import Path
+
+    from labkit import models
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        prepared = models.smollm2_folder()
+    except models.ModelNotAvailable:  # not installed: nothing to prepare
+        return folder
+
+    def link_or_copy(source, target):
+        try:
+            os.link(source, target)
+        except OSError:  # another file system
+            shutil.copy2(source, target)
+
+    shutil.copytree(prepared, folder / "models" / prepared.name, copy_function=link_or_copy)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def guarded_kernels(tmp_path_factory):
     """IPYTHONDIR for kernels that start with the deprecation canary and the network block."""

@@ -1,23 +1,30 @@
 """Execute every notebook with papermill, quick parameters and the Hub offline; its own checks must pass.
 
-Each run is a learner's first run: labkit's cache (no converted SmolLM2, no random-init folders for 05's torchrun jobs,
-no measured ceilings), Hugging Face's, matplotlib's and torch's compile caches are empty folders of its own. A warm
-cache once hid two first-run failures; running each notebook once more on empty caches (in the fault matrix) cost CI
-about five minutes, this costs each notebook the conversion it needs.
+Each run is a learner's first run after `make install`: labkit's cache holds only what `labkit prepare` makes (the
+converted SmolLM2; no random-init folders for 05's torchrun jobs, no measured ceilings, no cached probes), and Hugging
+Face's and matplotlib's caches are empty, in folders of the run's own. A warm cache once hid two first-run failures.
+(torch's compile cache stays shared: a cold one costs minutes of compiling and hides no bug of the workbook's.)
 """
 
 from pathlib import Path
 
 import papermill
 import pytest
+from conftest import first_run_cache
 
 from labkit import metrics
 from labkit.results import read_results
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-FRESH_CACHES = {"LABKIT_CACHE": "labkit", "HF_HOME": "huggingface", "MPLCONFIGDIR": "matplotlib",
-                "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+
+
+def first_run(tmp_path: Path, monkeypatch) -> None:
+    """Point the kernel at empty caches, but for the models `labkit prepare` made (conftest.first_run_cache)."""
+    fresh = tmp_path / "fresh-cache"
+    monkeypatch.setenv("LABKIT_CACHE", str(first_run_cache(fresh / "labkit")))
+    monkeypatch.setenv("HF_HOME", str(fresh / "huggingface"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(fresh / "matplotlib"))
 
 
 @pytest.mark.notebook
@@ -25,8 +32,7 @@ FRESH_CACHES = {"LABKIT_CACHE": "labkit", "HF_HOME": "huggingface", "MPLCONFIGDI
 def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch, guarded_kernels):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("IPYTHONDIR", guarded_kernels)  # deprecations are errors; no network
-    for variable, folder in FRESH_CACHES.items():  # a first run (module docstring)
-        monkeypatch.setenv(variable, str(tmp_path / "fresh-cache" / folder))
+    first_run(tmp_path, monkeypatch)  # module docstring
     results_path = tmp_path / f"{notebook.stem}.results.json"
     # with the exercises filled in by their solutions (nbval runs the stored notebooks, exercises unanswered)
     solutions = {"solutions": True} if "solutions" in papermill.inspect_notebook(str(notebook)) else {}

@@ -6,6 +6,7 @@ combination runs alone.
 """
 
 import pytest
+from conftest import first_run_cache
 
 from labkit import models, parallel
 from labkit.errors import BadParameter
@@ -16,12 +17,12 @@ SCRIPTS = parallel.scripts_dir()
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
-    """The job as a terminal launches it on a first run: nothing in labkit's cache, so its ranks save the model
-    folders (smollm2's tokenizer for tiny-llama, the layout models) before the process group starts."""
+    """The job as a terminal launches it on a first run after `make install`: labkit's cache holds only SmolLM2, so its
+    ranks save the model folders (tiny-llama, the layout models) before the process group starts."""
     args = {"layouts": ["tp", "pp", "ep", "dp"], "model": "tiny-llama", "dtype": "float32", "new_tokens": 4,
             "repeats": 1, "prompts": 5, "batch_in_flight": 3}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LABKIT_CACHE", str(tmp_path_factory.mktemp("empty-cache")))
+        patch.setenv("LABKIT_CACHE", str(first_run_cache(tmp_path_factory.mktemp("first-run") / "labkit")))
         run = parallel.launch(SCRIPTS / "layouts.py", 2, args, gpus=False, echo=False)
         run["models"] = {p.name for p in cache_dir().joinpath("models").iterdir() if models.complete(p)}
     return run
