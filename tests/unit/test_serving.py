@@ -304,3 +304,26 @@ def test_what_you_measured_reads_right_when_parts_were_skipped():
                serving.names.server(4, "requests_per_s"): 1.5, serving.names.server(4, "tokens_per_s"): 12.0}
     lines = serving.what_you_measured({"metrics": metrics, "checks": {}, "skipped": {}})
     assert len(lines) == 2 and "2.00x" in lines[0] and "4 concurrent clients" in lines[1]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _answers(*labels_and_statuses):
+    return {label: {"status": status, "message": "m"} for label, status in labels_and_statuses}
+
+
+def test_bad_input_findings_check_the_prompt_past_the_cache_only_where_it_was_sent():
+    sent = serving.bad_input_findings(_answers(
+        ("unknown model", 404), ("GET /health after: unknown model", 200),
+        ("longer than --max-model-len", 400), ("GET /health after: longer than --max-model-len", 200),
+        ("longer than the KV cache", 500), ("GET /health after: longer than the KV cache", 503)))
+    assert all(ok for ok, _ in sent["checks"].values()) and len(sent["checks"]) == 3
+    assert list(sent["metrics"].values()) == [503]
+    not_sent = serving.bad_input_findings(_answers(
+        ("unknown model", 404), ("GET /health after: unknown model", 200),
+        ("longer than --max-model-len", 400), ("GET /health after: longer than --max-model-len", 503)))
+    assert set(not_sent["checks"]) == {"unknown_model_gets_a_client_error",
+                                       "a_prompt_past_max_model_len_is_refused_at_the_door"}
+    assert not not_sent["checks"]["a_prompt_past_max_model_len_is_refused_at_the_door"][0], "unhealthy after the door"
+    assert not_sent["metrics"] == {}
