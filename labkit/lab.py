@@ -2,41 +2,30 @@
 
 ``lab = labkit.start("01_flash_attention", globals())`` is the opening cell's one labkit call: it resolves the
 parameters the parameters cell set (``device="auto"`` becomes this machine's device, sizes left at 0 are sized for
-it), stops the notebook with one sentence when one is wrong, loads what the notebook needs, and opens the results
-record. Each notebook's topic module says how (its ``notebook_plan``). The cells then read ``lab.device``,
-``lab.dtype`` and the planned sizes (``lab.seq_lengths``), record with ``lab.metric``/``lab.record``/``lab.check``
-/``lab.skip``/``lab.figure``, bind exercises with ``lab.exercise``, and the last cell calls ``lab.finish()``, which
-prints "What you measured" (from the topic module's ``what_you_measured``) and writes the results file.
+it), stops the notebook with one sentence when one is wrong, and opens the results record. The notebook's topic
+module (``labkit.registry`` names it) says how: its ``Parameters`` dataclass (defaults equal to the parameters cell's,
+``resolve`` sizes and checks them; the cells read ``lab.p.seq_lengths``), or, in a notebook not yet moved to typed
+parameters, its ``notebook_plan`` (read as ``lab.seq_lengths``). The cells record tables with ``lab.table(name,
+frame)`` and claims with ``lab.check``, skip with ``lab.skip``, save figures with ``lab.figure``, bind exercises with
+``lab.exercise``; the last cell calls ``lab.finish(lines)`` with "What you measured", built in the notebook from its
+own tables, and the results file is written.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from labkit import exercises, probes, widgets
+from labkit import exercises, probes, registry, widgets
 from labkit.errors import BadParameter
 from labkit.results import Results, reference_runs
 
-# notebook -> the topic module that plans it and summarises it (notebook_plan, what_you_measured)
-NOTEBOOKS = {
-    "00_setup_and_probes": "machine",
-    "01_flash_attention": "attention",
-    "02_decoders_and_generation": "generation",
-    "03_encoder_fastpath": "fastpath",
-    "04_quantization": "quant",
-    "05_multi_gpu": "parallel",
-    "06_serving": "serving",
-}
-
 
 def topic(notebook: str):
-    """The topic module of ``notebook`` (``labkit.attention`` for 01, ...)."""
-    if notebook not in NOTEBOOKS:
-        raise BadParameter(f"no notebook {notebook!r}; there are {', '.join(NOTEBOOKS)}.")
-    return importlib.import_module(f"labkit.{NOTEBOOKS[notebook]}")
+    """The topic module of ``notebook`` (``labkit.attention`` for 01, ...): labkit.registry names it."""
+    return registry.get(notebook).topic_module()
 
 
 @dataclass
@@ -50,6 +39,7 @@ class Lab:
     solutions: bool
     results: Results
     plan: dict[str, Any] = field(default_factory=dict)
+    p: Any = None  # the notebook's parameters, typed and resolved for this machine (the topic module's Parameters)
     bound: list[exercises.Bound] = field(default_factory=list)
 
     def __getattr__(self, name: str) -> Any:
@@ -76,6 +66,12 @@ class Lab:
 
     def record(self, metrics: dict[str, float | None]) -> None:
         self.results.record(metrics)
+
+    def table(self, name: str, table, *, title: str = "", show: bool = True) -> None:
+        """Record a measurement table (a pandas DataFrame) under ``name`` in the results file, and show it."""
+        self.results.table(name, table)
+        if show:
+            widgets.show(table, title=title)
 
     def add(self, findings: dict[str, Any]) -> None:
         self.results.add(findings)
@@ -116,8 +112,9 @@ class Lab:
     def what_you_measured(self) -> list[str]:
         return topic(self.notebook).what_you_measured(self.results.as_dict())
 
-    def finish(self) -> None:
-        """Print "What you measured" and write the results file (when the notebook was given a path)."""
+    def finish(self, measured: list[str] | None = None) -> None:
+        """Print "What you measured" (``measured``: the notebook's own lines, built from its tables) and write the
+        results file (when the notebook was given a path)."""
         verdicts = [b.verdicts[-1] for b in self.bound if b.verdicts]
         if self.bound:
             counts = exercises.summary(verdicts)
@@ -125,7 +122,7 @@ class Lab:
                 self.check("exercise_solutions_pass", counts["correct"] == len(self.bound), str(counts))
             else:
                 print(f"Exercises: {counts['correct']} of {len(self.bound)} correct.")
-        lines = self.what_you_measured()
+        lines = list(measured) if measured is not None else self.what_you_measured()
         self.results.summary = lines
         print(f"What you measured on {self.device_label}:")
         for line in lines:
@@ -150,18 +147,25 @@ def start(notebook: str, params: dict[str, Any]) -> Lab:
     """Open ``notebook``: resolve and check the parameters in ``params`` (the notebook's ``globals()``), plan and
     load what it needs, open the results record, and say in one line where it runs."""
     widgets.short_errors()  # a bad parameter stops the notebook with one sentence, not a traceback
-    planner = topic(notebook).notebook_plan
+    module = topic(notebook)
     device = probes.resolve_device(params.get("device", "auto"))
     quick = resolve_quick(params.get("quick", "auto"), device)
-    wanted = inspect.signature(planner).parameters
-    given = {name: params[name] for name in wanted if name in params and name not in ("device", "quick")}
-    plan = planner(device=device, quick=quick, **given)
-    lab = Lab(notebook=notebook, device=device, dtype=plan.pop("dtype", None), quick=quick,
-              solutions=bool(params.get("solutions", False)),
-              results=Results(notebook, params.get("results_path") or None, env=probes.environment(),
-                              timing_checks=device.startswith("cuda")), plan=plan)
-    line = plan.pop("line", "")
-    dtype = f" in {lab.dtype_name}" if lab.dtype is not None else ""
-    print(f"Working on {device} ({lab.device_label}){dtype}{', quick sizes' if quick else ''}."
+    typed, plan = getattr(module, "Parameters", None), {}
+    if typed is not None:
+        p = typed(**{f.name: params[f.name] for f in dataclasses.fields(typed) if f.init and f.name in params})
+        line = p.resolve(device=device, quick=quick)
+        dtype = getattr(p, "dtype", None)
+    else:
+        p, planner = None, module.notebook_plan
+        wanted = inspect.signature(planner).parameters
+        given = {name: params[name] for name in wanted if name in params and name not in ("device", "quick")}
+        plan = planner(device=device, quick=quick, **given)
+        line, dtype = plan.pop("line", ""), plan.pop("dtype", None)
+    results = Results(notebook, params.get("results_path") or None, env=probes.environment(),
+                      timing_checks=device.startswith("cuda"))
+    lab = Lab(notebook=notebook, device=device, dtype=dtype, quick=quick,
+              solutions=bool(params.get("solutions", False)), results=results, plan=plan, p=p)
+    dtype_words = f" in {lab.dtype_name}" if lab.dtype is not None else ""
+    print(f"Working on {device} ({lab.device_label}){dtype_words}{', quick sizes' if quick else ''}."
           + (f" {line}" if line else ""))
     return lab

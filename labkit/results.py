@@ -2,8 +2,11 @@
 
 Results file schema (one JSON object):
 ``{"notebook": str, "env": {...}, "metrics": {name: number}, "checks": {name: bool}, "skipped": {what: why},
-"figures": [file names], "summary": [lines of "What you measured"], "observations": {name: bool}}`` (figures, summary
-and observations may be absent).
+"tables": {name: {"columns": [names], "data": [[row values]]}}, "figures": [file names], "summary": [lines of "What you
+measured"], "observations": {name: bool}}`` (tables, figures, summary and observations may be absent). A table is a
+measurement as the notebook made it (a pandas DataFrame, stored as pandas' "split" orientation without the index);
+``table(data, name)`` reads it back. ``metrics`` holds the few named numbers that ``labkit compare`` and the report
+headline.
 
 Checks are what the notebook showed, and the tests require each to be true. A claim about timings (one way faster than
 another, a point under its bound) is a check on a GPU, which a run has to itself; on a CPU, shared with whatever else
@@ -36,6 +39,7 @@ class Results:
         self.checks: dict[str, bool] = {}
         self.observations: dict[str, bool] = {}
         self.skipped: dict[str, str] = {}
+        self.tables: dict[str, dict[str, list]] = {}
         self.figures: list[str] = []
         self.summary: list[str] = []  # "What you measured", in words (written by Lab.finish)
 
@@ -50,6 +54,13 @@ class Results:
         for name, value in metrics.items():
             if value is not None:
                 self.metric(name, value)
+
+    def table(self, name: str, frame) -> None:
+        """Record a measurement table (a pandas DataFrame; its index is not kept) under ``name``."""
+        if not hasattr(frame, "to_json"):
+            raise BadParameter(f"table {name!r} must be a pandas DataFrame, got {type(frame).__name__}.")
+        split = json.loads(frame.to_json(orient="split", index=False, double_precision=15))  # numbers as JSON's
+        self.tables[name] = {"columns": [str(c) for c in split["columns"]], "data": split["data"]}
 
     def add(self, findings: dict[str, Any]) -> None:
         """Record what a labkit measurement found: ``{"metrics": {name: number}, "checks": {name: passed or
@@ -98,8 +109,8 @@ class Results:
 
     def as_dict(self) -> dict[str, Any]:
         return {"notebook": self.notebook, "env": self.env, "metrics": self.metrics, "checks": self.checks,
-                "observations": self.observations, "skipped": self.skipped, "figures": self.figures,
-                "summary": self.summary}
+                "observations": self.observations, "skipped": self.skipped, "tables": self.tables,
+                "figures": self.figures, "summary": self.summary}
 
     def write(self) -> Path | None:
         """Write the results file (when a path was given) and return its path."""
@@ -144,12 +155,29 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     observations = data.get("observations", {})
     if not isinstance(observations, dict) or not all(isinstance(v, bool) for v in observations.values()):
         problems.append("observations must map names to true or false")
+    tables = data.get("tables", {})
+    if not isinstance(tables, dict) or not all(
+            isinstance(t, dict) and isinstance(t.get("columns"), list) and isinstance(t.get("data"), list)
+            and all(isinstance(row, list) and len(row) == len(t["columns"]) for row in t["data"])
+            for t in tables.values()):
+        problems.append("tables must map names to {columns, data} with a value per column in every row")
     problems += [f"skip {k!r} has no one-line reason" for k, v in _items(data["skipped"]) if not isinstance(v, str)]
     if not all(isinstance(data[k], dict) for k in ("env", "metrics", "checks", "skipped")):
         problems.insert(0, "env, metrics, checks and skipped must be objects")
     if problems:
         raise BadParameter(f"{path} is not a labkit results file: {'; '.join(problems[:3])}")
     return data
+
+
+def table(data: dict[str, Any], name: str):
+    """The table ``name`` of a results file's data (``read_results``) as a pandas DataFrame."""
+    import pandas as pd  # here: reading a results file's numbers needs no pandas
+
+    stored = data.get("tables", {}).get(name)
+    if stored is None:
+        raise BadParameter(f"the results of {data.get('notebook', '?')} hold no table {name!r}; they hold "
+                           f"{', '.join(data.get('tables', {})) or 'none'}.")
+    return pd.DataFrame(stored["data"], columns=stored["columns"])
 
 
 def _items(value: Any) -> list[tuple[Any, Any]]:

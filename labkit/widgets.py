@@ -58,6 +58,10 @@ class Table:
 
     def __init__(self, rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None, *,
                  title: str = "", headers: Sequence[str] | None = None):
+        if hasattr(rows, "to_dict"):  # a pandas DataFrame: its columns, in order; NaN shown as empty
+            columns = columns or [str(c) for c in rows.columns]
+            rows = [{str(k): (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+                    for r in rows.to_dict(orient="records")]
         self.rows = list(rows)
         self.columns = list(columns or (self.rows[0].keys() if self.rows else []))
         self.headers = list(headers or self.columns)
@@ -73,7 +77,7 @@ class Table:
 
 def show(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None, *, title: str = "",
          headers: Sequence[str] | None = None) -> None:
-    """Display a table in a notebook, or print it outside one."""
+    """Display a table (rows of dicts, or a pandas DataFrame) in a notebook, or print it outside one."""
     table = Table(rows, columns, title=title, headers=headers)
     if _shell() is None:
         print(repr(table))

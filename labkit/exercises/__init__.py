@@ -13,6 +13,7 @@ recorded.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -20,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from labkit import registry
 from labkit.errors import BadParameter
-from labkit.exercises import decoders, encoder, flash_attention, multi_gpu, quantization, serving
 from labkit.exercises.core import CORRECT, NOT_ATTEMPTED, WRONG, Exercise, Verdict
 
-MODULES = (flash_attention, decoders, encoder, quantization, multi_gpu, serving)
+MODULES = tuple(importlib.import_module(f"labkit.exercises.{n.exercises}") for n in registry.NOTEBOOKS if n.exercises)
 EXERCISES: dict[str, Exercise] = {e.id: e for module in MODULES for e in module.EXERCISES}
 
 __all__ = ["EXERCISES", "Bound", "Exercise", "Verdict", "get", "for_notebook", "progress", "progress_path",

@@ -11,17 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-ALL = ("00", "01", "02", "03", "04", "05", "06")
-WIDGET_NOTEBOOKS = ("01", "03")  # the notebooks whose cells build ipywidgets (LiveBoard, picker)
-# The parameter that names the model, per notebook (02 compares a list of models).
-MODEL_PARAMETER = {"00": "model_id", "01": "model_id", "02": "model_ids", "03": "model_id", "04": "model_id",
-                   "05": "model_id", "06": "model_id"}
-DTYPE_PARAMETER = {"00": "dtype", "01": "dtype", "02": "dtype", "03": "dtype", "04": "compute_dtype", "06": "dtype"}
+from labkit import registry
+
+ALL = tuple(n.number for n in registry.NOTEBOOKS)
+WIDGET_NOTEBOOKS = tuple(n.number for n in registry.NOTEBOOKS if n.widgets)  # cells that build ipywidgets
+# The parameter that names the model, per notebook (02 compares a list of models), and the compute dtype's.
+MODEL_PARAMETER = {n.number: n.model_parameter for n in registry.NOTEBOOKS}
+DTYPE_PARAMETER = {n.number: n.dtype_parameter for n in registry.NOTEBOOKS if n.dtype_parameter}
 # A size no notebook can honour, per notebook: (parameters, text the sentence must contain).
-BAD_SIZE = {"00": ({"matmul_size": -1}, "matmul_size=-1"), "01": ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"),
-            "02": ({"new_tokens": 1}, "new_tokens=1"), "03": ({"batch_sizes": [0]}, "batch_sizes"),
-            "04": ({"eval_tokens": -5}, "eval_tokens=-5"), "05": ({"context": 0}, "context=0"),
-            "06": ({"server_concurrency": [4, 0]}, "server_concurrency[1]=0")}
+BAD_SIZE = {n.number: n.bad_size for n in registry.NOTEBOOKS}
 
 # Hides packages as if they were not installed: importlib.util.find_spec says None and an import fails.
 BLOCKER = '''

@@ -12,7 +12,7 @@ import papermill
 import pytest
 from conftest import first_run_cache
 
-from labkit import metrics
+from labkit import metrics, registry
 from labkit.results import read_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,16 +51,15 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch, guar
         assert (tmp_path / figure).stat().st_size > 1000, f"figure {figure} was not saved"
     missing = [name for name in metrics.expected_quick(notebook.stem) if name not in data["metrics"]]
     assert not missing, f"metrics missing: {missing}"
+    tables = data.get("tables", {})
+    missing = [name for name in registry.get(notebook.stem).tables if not tables.get(name, {}).get("data")]
+    assert not missing, f"tables missing or empty: {missing}"
     if solutions:
         assert data["checks"].get("exercise_solutions_pass") is True
 
 
 # Values of the wrong kind (the fault matrix's "a zero or negative size" stops every notebook on a bad size).
-BAD_PARAMETERS = {
-    "03_encoder_fastpath": ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]"),
-    "04_quantization": ({"formats": ["nf4", "int4"]}, "format 'int4' is unknown"),
-    "05_multi_gpu": ({"plan_devices": ["2 x 24 GB", "two big GPUs"]}, "devices='two big GPUs'"),
-}
+BAD_PARAMETERS = {n.stem: n.bad_value for n in registry.NOTEBOOKS if n.bad_value}
 
 
 @pytest.mark.notebook

@@ -138,3 +138,55 @@ def test_beside_references_puts_the_stored_runs_next_to_this_machine(fake, tmp_p
     assert rows == [{"measured": "the speed", "this machine": 2.0, "nvidia-h100": 8.0},
                     {"measured": "not measured here", "this machine": None, "nvidia-h100": None}]
     assert "No reference runs" not in capsys.readouterr().out
+
+
+@pytest.fixture
+def typed(monkeypatch, tmp_path):
+    """A topic module for notebook 98_typed with typed parameters (a dataclass with defaults and resolve)."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Parameters:
+        dtype: object = "auto"
+        sizes: list = field(default_factory=list)  # empty: sized for the machine
+        name: str = "tiny"
+
+        def resolve(self, *, device: str, quick: bool) -> str:
+            if any(s < 1 for s in self.sizes):
+                raise BadParameter(f"sizes={self.sizes}: give whole numbers >= 1.")
+            self.sizes = self.sizes or ([2, 4] if quick else [8, 16])
+            self.dtype = torch.float32
+            return f"Sizes {self.sizes}."
+
+    module = types.SimpleNamespace(Parameters=Parameters)
+    monkeypatch.setattr(lab, "topic", lambda notebook: module)
+    return module
+
+
+def test_typed_parameters_take_the_cells_values_and_are_resolved_for_the_machine(typed, capsys):
+    opened = lab.start("98_typed", {"quick": True, "name": "other", "unrelated": 1, "results_path": ""})
+    assert opened.p.sizes == [2, 4] and opened.p.name == "other" and opened.dtype is torch.float32
+    assert "in float32, quick sizes. Sizes [2, 4]." in capsys.readouterr().out
+    assert lab.start("98_typed", {"quick": False, "sizes": [3]}).p.sizes == [3]
+    with pytest.raises(BadParameter, match=r"sizes=\[0\]: give whole numbers >= 1\."):
+        lab.start("98_typed", {"sizes": [0]})
+
+
+def test_a_table_is_shown_recorded_and_read_back_and_finish_prints_the_notebooks_lines(typed, tmp_path, capsys):
+    import pandas as pd
+
+    from labkit.results import table
+
+    path = tmp_path / "98_typed.results.json"
+    opened = lab.start("98_typed", {"results_path": str(path)})
+    decode = pd.DataFrame({"model": ["a", "b"], "step ms": [2.0, 4.0]})
+    decode["tokens/s"] = 1e3 / decode["step ms"]
+    opened.table("decode", decode, title="Decode")
+    opened.finish([f"{decode['tokens/s'].max():.0f} tokens/s at best."])
+    said = capsys.readouterr().out
+    assert "Decode\nmodel  step ms  tokens/s" in said and "- 500 tokens/s at best." in said
+    written = read_results(path)
+    assert written["summary"] == ["500 tokens/s at best."]
+    pd.testing.assert_frame_equal(table(written, "decode"), decode)
+    with pytest.raises(BadParameter, match="hold no table 'prefill'; they hold decode"):
+        table(written, "prefill")

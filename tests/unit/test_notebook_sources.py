@@ -87,4 +87,4 @@ def test_the_fault_matrix_hides_ipywidgets_from_every_notebook_that_builds_widge
 
     building = {path.name[:2] for path in sorted((ROOT / "notebooks" / "src").glob("[0-9][0-9]_*.py"))
                 if re.search(r"\bLiveBoard\(|\bpicker\(", path.read_text())}
-    assert building == set(WIDGET_NOTEBOOKS), "update WIDGET_NOTEBOOKS in tests/faults/conditions.py"
+    assert building == set(WIDGET_NOTEBOOKS), "update widgets= in labkit/registry.py"

@@ -19,7 +19,8 @@ def test_results_file_follows_the_schema(tmp_path, capsys):
     data = results.read_results(res.write())
     assert data == {"notebook": "99_test", "env": {"versions": {}}, "metrics": {"tokens_per_s": 12.5},
                     "checks": {"outputs_agree": True}, "observations": {},
-                    "skipped": {"flash-attn comparison": "flash-attn is not installed"}, "figures": [], "summary": []}
+                    "skipped": {"flash-attn comparison": "flash-attn is not installed"}, "tables": {}, "figures": [],
+                    "summary": []}
 
 
 def test_findings_record_metrics_checks_and_skips_at_once(capsys):
@@ -113,6 +114,8 @@ def test_metric_name_from_words_and_values():
     ('{"notebook": "x", "env": {}, "metrics": {"a": NaN}, "checks": {}, "skipped": {}}', "metric 'a' is not finite"),
     ('{"notebook": "x", "env": {}, "metrics": {}, "checks": {}, "skipped": {}, "figures": ["../../etc/passwd"]}',
      "figures must be a list of file names"),
+    ('{"notebook": "x", "env": {}, "metrics": {}, "checks": {}, "skipped": {}, "tables": {"t": {"columns": ["a"], '
+     '"data": [[1, 2]]}}}', "tables must map names to {columns, data} with a value per column"),
 ])
 def test_a_results_file_with_unexpected_content_is_rejected_clearly(tmp_path, content, problem):
     path = tmp_path / "x.results.json"
