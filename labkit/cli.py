@@ -228,7 +228,8 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
             entry.update({k: data[k] for k in ("metrics", "checks", "skipped")})
             entry.update(figures=data.get("figures", []), environment=data.get("env", {}),
                          summary=data.get("summary", []),  # the notebook's "What you measured" sentences
-                         observations=data.get("observations", {}))  # timing claims on a CPU, never a failure
+                         observations=data.get("observations", {}),  # timing claims on a CPU, never a failure
+                         tables=data.get("tables", {}))  # the notebook's measurement tables
             if entry["status"] == "ok" and not all(data["checks"].values()):
                 entry["status"] = "failed"
                 entry["error"] = "checks failed: " + ", ".join(k for k, v in data["checks"].items() if not v)

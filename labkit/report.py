@@ -19,7 +19,8 @@ SCHEMA = "labkit-run/1"
 STATUSES = ("ok", "failed", "timed out")
 NOTEBOOK_KEYS = {"status": str, "duration_s": (int, float), "parameters": dict, "metrics": dict, "checks": dict,
                  "skipped": dict, "figures": list, "environment": dict}
-# An entry may lack "summary" (its "What you measured" sentences): summaries written before it stay readable.
+# An entry may lack "summary" (its "What you measured" sentences) and "tables" (its measurement tables, as in the
+# results file): summaries written before them stay readable.
 
 # --------------------------------------------------------------------------- summary.json
 
@@ -234,6 +235,10 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
             if not references:
                 section.append("<p class='none'>No reference run stored for this notebook yet.</p>")
             section.append("<h3>Metrics</h3>" + _metrics_section(name, entry["metrics"], references))
+        for table_name, stored in entry.get("tables", {}).items():  # summaries written before tables have none
+            rows = [dict(zip(stored["columns"], row, strict=True)) for row in stored["data"]]
+            section.append(f"<details><summary>table: {html.escape(table_name)} ({len(rows)} rows)</summary>"
+                           f"{_table(rows, stored['columns'])}</details>")
         figures = [run_folder / f for f in entry["figures"] if (run_folder / f).is_file()]
         if figures:
             section.append("<h3>Figures</h3>" + "".join(_image(f) for f in figures))

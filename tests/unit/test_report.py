@@ -142,3 +142,13 @@ def test_the_report_uses_the_one_html_table_of_widgets(make_run, tmp_path):
     skipped = widgets.html_table([{"what": "cuDNN", "why": "no GPU <here>"}], ["what", "why"], missing="\u2013")
     assert skipped in page
     assert not hasattr(report, "_number")  # no second formatter of cells
+
+
+def test_the_report_shows_each_measurement_table_of_a_notebook(make_run, tmp_path):
+    summary = make_run(tmp_path / "run")
+    summary["notebooks"]["01_flash_attention"]["tables"] = {
+        "sweep": {"columns": ["backend", "n", "ms"], "data": [["MATH", 128, 0.5], ["FLASH", 128, None]]}}
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    page = report.build_report(tmp_path / "run", reference_folder=tmp_path)
+    rows = [{"backend": "MATH", "n": 128, "ms": 0.5}, {"backend": "FLASH", "n": 128, "ms": None}]
+    assert "table: sweep (2 rows)" in page and widgets.html_table(rows, ["backend", "n", "ms"], missing="\u2013") in page
