@@ -3,21 +3,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from labkit import models, probes, results
 from labkit.errors import check_sizes
 
 
-def notebook_plan(*, device: str, quick: bool, dtype: Any = "auto", model_id: str = "smollm2-135m",
-                  max_new_tokens: int = 20, matmul_size: int = 0, copy_megabytes: int = 0) -> dict[str, Any]:
-    """Notebook 00's parameters, checked: one sentence for a bad one."""
-    check_sizes(0, matmul_size=matmul_size, copy_megabytes=copy_megabytes)
-    check_sizes(1, max_new_tokens=max_new_tokens)
-    dtype = probes.resolve_dtype(dtype, device)
-    probes.check_dtype(device, dtype)
-    return {"dtype": dtype, "model_problem": models.check_model(model_id),  # a wrong name stops here
-            "matmul_size": matmul_size or None, "copy_megabytes": copy_megabytes or None}
+@dataclass
+class Parameters:
+    """Notebook 00's parameters (its parameters cell, with the same defaults); sizes left at 0 are sized by
+    :func:`labkit.roofline.default_sizes` for the device."""
+
+    dtype: Any = "auto"
+    model_id: str = "smollm2-135m"
+    prompt: str = "Hello my dog is cute and"
+    max_new_tokens: int = 20
+    matmul_size: int = 0
+    copy_megabytes: int = 0
+    model_problem: str | None = field(init=False, default=None)  # why model_id cannot load here, or None
+
+    def resolve(self, *, device: str, quick: bool) -> str:
+        check_sizes(0, matmul_size=self.matmul_size, copy_megabytes=self.copy_megabytes)
+        check_sizes(1, max_new_tokens=self.max_new_tokens)
+        self.dtype = probes.resolve_dtype(self.dtype, device)
+        probes.check_dtype(device, self.dtype)
+        self.model_problem = models.check_model(self.model_id)  # a wrong name stops here
+        return ""
 
 
 def default_dtype(env: dict[str, Any]) -> str:
@@ -37,22 +49,3 @@ def matmul_label(dtype_name: str) -> str:
     others = [f"{default_dtype(run['env'])} on {device}"
               for device, run in results.reference_runs("00_setup_and_probes").items()]
     return f"matmul GFLOP/s ({', '.join([f'{dtype_name} here', *others])})"
-
-
-def what_you_measured(results: dict[str, Any]) -> list[str]:
-    """Notebook 00's results in a few sentences."""
-    m, lines = results["metrics"], []
-    ran = [b for b in probes.BACKENDS if m.get(f"sdpa_{b.lower()}_cases_that_run")]
-    if ran:
-        lines.append(f"SDPA backends that ran here for at least one dtype and input: {', '.join(ran)}.")
-    if "matmul_gflops_per_s" in m and "copy_gb_per_s" in m:
-        lines.append(f"Ceilings: a matrix product at {m['matmul_gflops_per_s']:,.1f} GFLOP/s and a copy at "
-                     f"{m['copy_gb_per_s']:,.1f} GB/s. Below {m['ridge_flop_per_byte']:,.1f} FLOP per byte moved "
-                     "(the ridge point), a kernel here waits for memory, not for arithmetic.")
-    if "generate_tokens_per_s" in m:
-        lines.append(f"The embedded model generated {m['generate_tokens_per_s']:.1f} tokens/s after one warm-up call: "
-                     "a first look, not a benchmark (notebook 02 measures decoding against the bandwidth bound).")
-    if results["checks"].get("no_available_kernel_reproduced"):
-        lines.append("'No available kernel' came from forcing one backend on an input it refuses; the warning "
-                     "PyTorch prints just before it names the reason.")
-    return lines

@@ -26,7 +26,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labkit import compat
 from labkit.errors import BadParameter
-from labkit.metrics.machine import backend_cases
 from labkit.paths import cache_dir, write_atomically
 
 BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
@@ -286,26 +285,6 @@ def explain_refusal(error: str, reasons: list[str], backends: list[str], device:
     if "No viable backend" in error:
         return f"PyTorch has no {'/'.join(backends)} kernel for {device.split(':')[0]} devices"
     return f"no reason given by torch; its error: {error.strip().splitlines()[0] if error.strip() else 'none'}"
-
-
-def backend_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """Metrics of a kernel matrix's rows for one device: how many (dtype, input) cases each backend ran."""
-    return {backend_cases(b): sum(r["ok"] for r in rows if r["backend"] == b) for b in BACKENDS}
-
-
-def no_available_kernel_findings(attempt: SdpaAttempt, fix: SdpaAttempt, fallback: SdpaAttempt, *,
-                                 refused: dict[str, Any], fixed: dict[str, Any], device: str) -> dict[str, Any]:
-    """What notebook 00's "No available kernel" demonstration showed, as checks and skips for the results."""
-    if attempt.ok:
-        return {"skipped": {"'No available kernel' demonstration":
-                            f"Flash Attention accepted {refused} on {device}: nothing to reproduce"}}
-    checks = {"no_available_kernel_reproduced": ("No available kernel" in attempt.error, attempt.error),
-              "refusal_reason_found": (bool(attempt.reason) and attempt.reason != attempt.error, attempt.reason),
-              "fallback_list_runs": fallback.ok}
-    if fix.ok:
-        return {"checks": {**checks, "flash_runs_on_an_input_it_accepts": True}}
-    return {"checks": checks, "skipped": {"fix 1 (Flash on an input it accepts)":
-                                          f"Flash Attention refuses {fixed} on {device} too: {fix.reason}"}}
 
 
 def cuda_helpers_say(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain") -> dict[str, bool | str]:

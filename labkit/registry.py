@@ -35,7 +35,8 @@ class Notebook:
 
 
 NOTEBOOKS: tuple[Notebook, ...] = (
-    Notebook("00_setup_and_probes", "machine", None, "model_id", "dtype", ({"matmul_size": -1}, "matmul_size=-1")),
+    Notebook("00_setup_and_probes", "machine", None, "model_id", "dtype", ({"matmul_size": -1}, "matmul_size=-1"),
+             tables=("sdpa_backends", "ceilings")),
     Notebook("01_flash_attention", "attention", "flash_attention", "model_id", "dtype",
              ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"), widgets=True),
     Notebook("02_decoders_and_generation", "generation", "decoders", "model_ids", "dtype",

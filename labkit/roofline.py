@@ -124,24 +124,6 @@ def measure_ceilings(device: str, dtype="auto", *, matmul_size: int | None = Non
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def ceiling_rows(ceilings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Measured ceilings (:func:`measure_ceilings`) as table rows, with the ridge point."""
-    matmul, copy = ceilings["matmul"], ceilings["copy"]
-    ridge = matmul["flops_per_s"] / copy["bytes_per_s"]
-    return [{"ceiling": f"matmul {matmul['size']}x{matmul['size']} {matmul['dtype']}", "best ms": matmul["best_ms"],
-             "rate": f"{matmul['flops_per_s'] / 1e9:,.1f} GFLOP/s"},
-            {"ceiling": f"copy of {copy['bytes'] / 2 / 2**20:.0f} MiB", "best ms": copy["best_ms"],
-             "rate": f"{copy['bytes_per_s'] / 1e9:,.1f} GB/s"},
-            {"ceiling": "ridge point", "best ms": None, "rate": f"{ridge:,.1f} FLOP per byte"}]
-
-
-def ceiling_metrics(ceilings: dict[str, Any]) -> dict[str, float]:
-    """Measured ceilings as metrics: GFLOP/s, GB/s and the ridge point in FLOP per byte."""
-    flops, bandwidth = ceilings["matmul"]["flops_per_s"], ceilings["copy"]["bytes_per_s"]
-    return {"matmul_gflops_per_s": flops / 1e9, "copy_gb_per_s": bandwidth / 1e9,
-            "ridge_flop_per_byte": flops / bandwidth}
-
-
 def ceilings_path() -> Path:
     """The file where measured ceilings are kept between notebooks."""
     return cache_dir() / "ceilings.json"

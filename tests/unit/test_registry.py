@@ -39,3 +39,34 @@ def test_a_notebook_is_found_by_stem_or_number_and_a_wrong_name_lists_them():
     assert lab.topic("00").__name__ == "labkit.machine"
     with pytest.raises(BadParameter, match="no notebook '42'; there are 00_setup_and_probes, 01_flash_attention"):
         registry.get("42")
+
+
+NOT_TYPED = {"device", "quick", "results_path", "solutions"}  # labkit.start reads these itself
+
+
+def parameters_cell(stem: str) -> dict:
+    import ast
+
+    source = (ROOT / "notebooks" / "src" / f"{stem}.py").read_text()
+    cell = source.split('# %% tags=["parameters"]', 1)[1].split("# %%", 1)[0]
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell).body
+            if isinstance(node, ast.Assign)}
+
+
+TYPED = [n for n in registry.NOTEBOOKS if hasattr(n.topic_module(), "Parameters")]
+
+
+@pytest.mark.parametrize("entry", TYPED, ids=[n.number for n in TYPED])
+def test_typed_parameters_are_the_parameters_cell_with_its_defaults(entry):
+    import dataclasses
+
+    cell = {k: v for k, v in parameters_cell(entry.stem).items() if k not in NOT_TYPED}
+    fields = {f.name: f for f in dataclasses.fields(entry.topic_module().Parameters) if f.init}
+    assert set(fields) == set(cell), "the Parameters dataclass and the parameters cell name different parameters"
+    for name, f in fields.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        assert default == cell[name], f"{name}: {default!r} in Parameters, {cell[name]!r} in the cell"
+
+
+def test_at_least_one_notebook_has_typed_parameters():
+    assert TYPED, "labkit.start's typed path is exercised by a real notebook"
