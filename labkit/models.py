@@ -27,10 +27,19 @@ from typing import Any
 
 import torch
 from huggingface_hub import constants
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaConfig, OPTConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    LlamaConfig,
+    OPTConfig,
+    StoppingCriteria,
+)
 from transformers.utils import logging as hf_logging
 
-from labkit import probes
+from labkit import probes, timing
 from labkit.errors import BadParameter, LabkitError, ModelNotAvailable
 from labkit.paths import cache_dir
 
@@ -451,3 +460,16 @@ def _quiet_transformers():
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+class StepClock(StoppingCriteria):
+    """A stopping criterion that never stops: ``generate`` calls it once per step, right after each new token, so it
+    records when every token was ready (notebook 06's static batches, notebook 04's decode steps)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device, self.times = str(device), []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        timing.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

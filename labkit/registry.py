@@ -23,7 +23,6 @@ class Notebook:
     dtype_parameter: str | None  # the parameter that names the compute dtype, if any
     bad_size: tuple[dict[str, Any], str]  # a size no machine can honour, and what the sentence that stops it names
     bad_value: tuple[dict[str, Any], str] | None = None  # a value of the wrong kind, and what the sentence names
-    widgets: bool = False  # its cells build ipywidgets (a live board, a picker)
     tables: tuple[str, ...] = ()  # the tables a quick run on a CPU records (the notebook tests assert each)
 
     @property
@@ -38,11 +37,11 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("00_setup_and_probes", "machine", None, "model_id", "dtype", ({"matmul_size": -1}, "matmul_size=-1"),
              tables=("sdpa_backends", "ceilings")),
     Notebook("01_flash_attention", "attention", "flash_attention", "model_id", "dtype",
-             ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"), widgets=True),
+             ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0")),
     Notebook("02_decoders_and_generation", "generation", "decoders", "model_ids", "dtype",
              ({"new_tokens": 1}, "new_tokens=1")),
     Notebook("03_encoder_fastpath", "fastpath", "encoder", "model_id", "dtype", ({"batch_sizes": [0]}, "batch_sizes"),
-             ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]"), widgets=True),
+             ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]")),
     Notebook("04_quantization", "quant", "quantization", "model_id", "compute_dtype",
              ({"eval_tokens": -5}, "eval_tokens=-5"), ({"formats": ["nf4", "int4"]}, "format 'int4' is unknown")),
     Notebook("05_multi_gpu", "parallel", "multi_gpu", "model_id", None, ({"context": 0}, "context=0"),

@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
 import torch
-from transformers import QuantizedCache, StoppingCriteria
+from transformers import QuantizedCache
 
 from labkit import compat, models, parallel, probes, roofline
 from labkit.errors import BadParameter, LabkitError, check_sizes
 from labkit.metrics import serving as names
 from labkit.paths import cache_dir
-from labkit.timing import measure, percentile, recheck_trend, synchronize
+from labkit.timing import measure, percentile, recheck_trend
 
 WORKLOAD_FILE = Path(__file__).parent / "data" / "serving_workload.txt"
 WORKLOAD_SEED = 6
@@ -245,20 +245,8 @@ def kv_bytes_per_token(model) -> int:
 
 # --------------------------------------------------------------------------- static and continuous batching
 
-class StepClock(StoppingCriteria):
-    """A stopping criterion that never stops: ``generate`` calls it once per step, right after each new token, so it
-    records when every token of a static batch was ready."""
-
-    def __init__(self, device: str = "cpu"):
-        self.device, self.times = str(device), []
-
-    def __call__(self, input_ids, scores, **kwargs):
-        synchronize(self.device)
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def static_rows(batch: Sequence[Request], output, padded, clock: StepClock, start: float) -> list[dict[str, Any]]:
+def static_rows(batch: Sequence[Request], output, padded, clock: models.StepClock,
+                start: float) -> list[dict[str, Any]]:
     """One row per request of a static batch that ``generate`` ran: its token ids, TTFT, per-token latency, and when
     it was returned (with its whole batch, at the batch's end)."""
     width = padded["input_ids"].shape[1]

