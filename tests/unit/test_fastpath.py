@@ -1,13 +1,11 @@
-import re
-
 import pytest
 import torch
 from torch import nn
 
-from labkit import attention, fastpath, models
+from labkit import attention, compat, fastpath, models
 from labkit.errors import BadParameter, ModelNotAvailable
 from labkit.metrics import encoder as names
-from labkit.report import _SWEEP_METRIC
+from labkit.results import reference_runs
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +47,33 @@ class _nothing:
         return False
 
 
-# --------------------------------------------------------------------------- the plan
+# --------------------------------------------------------------------------- the parameters
 
-def plan(**parameters):
-    return fastpath.notebook_plan(device="cpu", quick=True, **parameters)
+def resolved(quick=True, **parameters):
+    p = fastpath.Parameters(**parameters)
+    line = p.resolve(device="cpu", quick=quick)
+    return p, line
 
 
-def test_the_plan_sizes_a_quick_cpu_run():
-    p = plan()
-    assert p["dtype"] is torch.float32 and p["tolerance"] == 1e-4 and p["sweep_model"] == "minilm-l6"
-    assert p["batch_sizes"] == [8] and p["lengths"] == [128] and p["padding_fractions"] == [0.0, 0.25, 0.5, 0.75]
-    assert p["implementations"] == names.QUICK_IMPLEMENTATIONS and "minilm-l6" in p["line"]
-    full = fastpath.notebook_plan(device="cpu", quick=False, batch_sizes=[16, 4, 4], padding_fractions=[0.5, 0.0])
-    assert full["batch_sizes"] == [4, 16] and full["padding_fractions"] == [0.0, 0.5]
-    assert full["implementations"] == names.IMPLEMENTATIONS
+def test_the_parameters_are_sized_for_a_quick_cpu_run():
+    p, line = resolved()
+    assert p.dtype is torch.float32 and p.tolerance == 1e-4 and p.sweep_model == "minilm-l6" and p.repeats == 3
+    assert p.batch_sizes == [8] and p.lengths == [128] and p.padding_fractions == [0.0, 0.25, 0.5, 0.75]
+    assert p.implementations == fastpath.QUICK_IMPLEMENTATIONS and "minilm-l6" in line and p.model_problem == ""
+    full, _ = resolved(quick=False, batch_sizes=[16, 4, 4], padding_fractions=[0.5, 0.0])
+    assert full.batch_sizes == [4, 16] and full.padding_fractions == [0.0, 0.5]
+    assert full.implementations == fastpath.IMPLEMENTATIONS and full.repeats == 5
+
+
+def test_the_parameters_defaults_are_the_notebooks():
+    from pathlib import Path
+
+    cell = (Path(__file__).parents[2] / "notebooks/src/03_encoder_fastpath.py").read_text().split("# %%")[2]
+    given = {}
+    exec(cell.split("\n", 1)[1], {}, given)  # the parameters cell: plain assignments
+    defaults = fastpath.Parameters()
+    for name in ("dtype", "model_id", "sweep_model", "padding_fractions", "batch_sizes", "lengths"):
+        assert given[name] == getattr(defaults, name), name
 
 
 @pytest.mark.parametrize("parameters, named", [
@@ -78,17 +89,17 @@ def test_the_plan_sizes_a_quick_cpu_run():
 ])
 def test_a_bad_parameter_gets_one_sentence_naming_it(parameters, named):
     with pytest.raises(BadParameter) as caught:
-        plan(**parameters)
+        resolved(**parameters)
     assert named in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_misspelt_model_stops_the_plan():
+def test_a_misspelt_model_stops_the_notebook():
     with pytest.raises(ModelNotAvailable):
-        plan(model_id="minilm-l7")
+        resolved(model_id="minilm-l7")
 
 
 def test_one_sequence_per_batch_is_fine_without_padding():
-    assert plan(batch_sizes=[1], padding_fractions=[0.0])["batch_sizes"] == [1]
+    assert resolved(batch_sizes=[1], padding_fractions=[0.0])[0].batch_sizes == [1]
 
 
 # --------------------------------------------------------------------------- the converter
@@ -106,11 +117,11 @@ def test_converted_minilm_matches_transformers_on_a_padded_batch(minilm):
         assert fast.why_not(batch["input_ids"], batch["attention_mask"]) == ""
 
 
-def test_compare_with_transformers_records_the_claims(minilm):
+def test_what_ran_tells_the_converted_model_from_transformers(minilm):
     model, tokenizer, fast = minilm
-    compared = fastpath.compare_with_transformers(model, fast, _batch(tokenizer), "cpu", 1e-4)
-    assert all(v is True or v[0] is True for v in compared["findings"]["checks"].values())
-    assert compared["rows"][1] == {"model": "to_fastpath", "fused layer op": True, "padding skipped": True}
+    batch = _batch(tokenizer)
+    assert fastpath.what_ran(fastpath.forward(fast, batch), "cpu") == {"padding skipped": True, "fused layers": 6}
+    assert fastpath.what_ran(fastpath.forward(model, batch), "cpu") == {"padding skipped": False, "fused layers": 0}
 
 
 def test_the_profiler_sees_the_fused_layer_and_the_nested_tensor(minilm):
@@ -159,7 +170,9 @@ def test_electra_with_a_projected_embedding_is_refused():
 
 
 def test_unsupported_models_get_a_clear_error():
-    assert "type is 'llama'" in fastpath.refusal("tiny-llama", "cpu")
+    llama, _ = models.load_model("tiny-llama")
+    with pytest.raises(fastpath.UnsupportedModel, match="type is 'llama'"):
+        fastpath.to_fastpath(llama)
     from transformers import BertConfig, BertModel
 
     config = BertConfig(hidden_size=36, num_hidden_layers=1, num_attention_heads=3, intermediate_size=64,
@@ -182,11 +195,6 @@ def test_padded_batch_makes_the_padding_asked_for(minilm, size):
         fastpath.padded_batch(tokenizer, batch=1, length=8, padding_fraction=0.5)
     with pytest.raises(BadParameter):
         fastpath.padded_batch(tokenizer, batch=4, length=8, padding_fraction=1.0)
-
-
-def test_masked_mean_ignores_padding():
-    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
-    assert torch.equal(fastpath.masked_mean(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
 
 
 # --------------------------------------------------------------------------- the conditions torch 2.13 checks
@@ -239,26 +247,16 @@ def test_every_situation_is_named_as_the_profiler_sees_it():
     encoder, src, padding = _encoder()
     cases = fastpath.situations(encoder, src, padding)
     given = fastpath.situation_reasons(cases)
-    rows = fastpath.try_situations(cases, "cpu")
-    findings = fastpath.situation_findings(rows)
-    assert all(v is True or v[0] is True for v in findings["checks"].values()), findings["checks"]
+    rows = [{"situation": name, **fastpath.what_ran(case, "cpu"), "warned": case.warned or "no"}
+            for name, case in cases.items() if case() is not None]  # a first call, then under the profiler
     skipped = {r["situation"] for r in rows if r["padding skipped"]}
     assert skipped == {name for name, why in given["cases"].items() if not why} == {
         "eval, torch.no_grad(), right padding", "gradients tracked, weights frozen", "a forward hook on layer 0"}
     by = {r["situation"]: r for r in rows}
     assert by["torch.compile"]["fused layers"] == 2 and by["bias=False"]["fused layers"] == 0
     assert "norm_first" in by["norm_first=True"]["warned"] and by["training mode"]["warned"] == "no"
-    assert findings["metrics"] == {"fastpath_situations": 10, "fastpath_situations_skipping_padding": 3}
-
-
-def test_accelerate_dispatch_registers_no_torch_hook_and_keeps_the_fastpath():
-    encoder, src, padding = _encoder()
-    rows = fastpath.under_accelerate(encoder, src, padding, "cpu")
-    dispatched, offloaded = rows
-    assert dispatched["modules with an accelerate hook"] > 0 and dispatched["torch forward hooks"] is False
-    assert dispatched["padding skipped"] and dispatched["fused layers"] == 2
-    assert offloaded["error"] != "-"  # an offloaded MultiheadAttention cannot take the packed batch
-    assert fastpath.accelerate_findings(rows, layers=2)["checks"]["accelerate_dispatch_keeps_the_fastpath"][0]
+    fused = {r["situation"] for r in rows if r["fused layers"] == 2}
+    assert fused == {name for name, why in given["unfused"].items() if not why}
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -310,86 +308,23 @@ def test_a_padded_models_time_must_stay_flat_both_ways():
     assert not any(r["noisy"] for r in fastpath.recheck(fast, lambda point: pytest.fail("less work, less time")))
 
 
-def _sweep(fast_most=4.0, noisy=False, floor=1.0):
-    rows = [_row("transformers sdpa", p, 10) for p in (0.0, 0.5, 0.75)] + \
-           [_row("fastpath", 0.0, 11), _row("fastpath", 0.5, 7), _row("fastpath", 0.75, fast_most)]
-    rows = [{**r, "noisy": noisy and r["implementation"] == "fastpath" and r["padding"] == 0.75} for r in rows]
-    return {"rows": rows, "floor_ms": floor}
-
-
-def test_speedups_the_headline_and_the_figure_data():
-    sweep = _sweep(noisy=True)
-    speedups = fastpath.speedup_rows(sweep["rows"])
-    assert [round(s["fastpath vs sdpa"], 2) for s in speedups] == [0.91, 1.43, 2.5]
-    assert [s["noisy"] for s in speedups] == ["", "", "noisy"] and speedups[2]["ideal"] == 4
-    assert fastpath.headline_speedup(sweep["rows"])["padding"] == 0.75
-    panel = fastpath.sweep_panels(sweep["rows"])["batch 8, length 128"]
-    assert panel["fastpath"][0] == [0.0, 0.5, 0.75] and panel["fastpath"][2] == [False, False, True]
-
-
-def test_sweep_findings_check_skip_and_name_metrics_as_the_report_reads_them():
-    good = fastpath.sweep_findings(_sweep())
-    assert good["timing"]["fastpath_time_falls_with_padding"][0] and not good["skipped"]
-    assert good["metrics"]["sweep_noisy_points"] == 0 and good["metrics"]["fastpath_floor_ms"] == 1.0
-    assert good["metrics"][names.speedup(8, 128, 0.75)] == 2.5
-    read = [n for n in good["metrics"] if _SWEEP_METRIC.match(n)]
-    assert sorted(read) == sorted(names.sweep(i, 8, 128, p) for i in ("transformers sdpa", "fastpath")
-                                  for p in (0, 0.5, 0.75))
-    slower = fastpath.sweep_findings(_sweep(fast_most=12.0))
-    assert slower["timing"]["fastpath_time_falls_with_padding"][0] is False
-    noisy = fastpath.sweep_findings(_sweep(noisy=True))
-    assert not noisy["timing"] and "noisy" in noisy["skipped"]["fastpath time falls with padding"]
-    assert noisy["metrics"][names.sweep("fastpath", 8, 128, 0.75, "noisy")] == 1
-    floor_bound = fastpath.sweep_findings(_sweep(floor=8.0))
-    assert "floor" in floor_bound["skipped"]["fastpath time falls with padding"]
-    assert any("noisy" in line for line in fastpath.sweep_lines(_sweep(noisy=True)))
-    assert "x0.36" in fastpath.sweep_lines(_sweep())[0]
-
-
-def test_encoder_flops_count_the_linear_layers_and_attention_of_the_real_tokens():
-    from types import SimpleNamespace
-
-    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
-    # per token per layer: q, k, v, o (4 x 4 x 4) and the feed-forward (2 x 4 x 8) weights, 2 FLOPs each
-    assert fastpath.encoder_flops(config, tokens=3, pairs=5) == {"linear": 2 * (64 + 64) * 2 * 3,
-                                                                 "attention": 4 * 4 * 2 * 5}
-
-
-def test_ceiling_findings_put_the_headline_point_against_the_matmul_ceiling():
-    from types import SimpleNamespace
-
-    config = SimpleNamespace(hidden_size=384, intermediate_size=1536, num_hidden_layers=6)
-    sweep = _sweep()
-    sweep["rows"] = [{**r, "real_pairs": 100_000} for r in sweep["rows"]]
-    found = fastpath.ceiling_findings(sweep, config, flops_per_s=1e12, dtype=torch.float32)
-    fast = next(r for r in sweep["rows"] if r["implementation"] == "fastpath" and r["padding"] == 0.75)
-    flops = fastpath.encoder_flops(config, tokens=fast["real_tokens"], pairs=100_000)
-    rate = (flops["linear"] + flops["attention"]) / (fast["median_ms"] / 1e3)
-    assert found["metrics"][names.FASTPATH_FRACTION_OF_CEILING] == pytest.approx(rate / 1e12)
-    assert "batch 8 x length 128, 75% padding" in found["lines"][0] and "float32" in found["lines"][0]
-    assert fastpath.ceiling_findings({"rows": [], "floor_ms": 1.0}, config, flops_per_s=1e12, dtype="float32") == \
-        {"lines": [], "metrics": {}}
-
-
-def test_beside_the_reference_runs_each_at_its_own_largest_sizes():
-    metrics = {names.speedup(8, 128, 0.75): 1.5, names.speedup(4, 128, 0.75): 9.0, "embedding_fastpath_speedup": 1.2}
-    rows = {r["measured"]: r for r in fastpath.beside_reference_runs(metrics)}
-    at_75 = rows["the fastpath's speed-up at 75% padding, largest batch x length"]
-    assert at_75["this machine"] == "1.50 (batch 8 x length 128)"
-    assert at_75["nvidia-h100"].endswith("(batch 128 x length 512)")  # the stored H100 run's own sizes
-    assert rows["sentence embeddings: the fastpath's speed-up over transformers sdpa"]["this machine"] == 1.2
-
-
-def test_the_sweep_runs_rechecks_and_reports_each_row(tiny_bert):
+def test_each_implementation_is_timed_on_the_same_batch(tiny_bert):
     model, tokenizer = tiny_bert
-    seen = []
-    sweep = fastpath.padding_sweep(model, tokenizer, batch_sizes=[4], lengths=[16], padding_fractions=[0.0, 0.5],
-                                   device="cpu", repeats=1, implementations=names.QUICK_IMPLEMENTATIONS,
-                                   on_row=seen.append)
-    assert len(sweep["rows"]) == 4 and len(seen) >= 4 and sweep["floor_ms"] > 0
-    assert all(r["status"] == "ok" and "noisy" in r and r["real tokens/s"] > 0 for r in sweep["rows"])
-    assert all(r["real_pairs"] == 4 * 16**2 for r in sweep["rows"] if r["padding"] == 0)  # 4 full sequences
-    assert {r["implementation"] for r in sweep["rows"]} == {"transformers sdpa", "fastpath"}
+    fast = fastpath.to_fastpath(model)
+    batch = fastpath.padded_batch(tokenizer, batch=4, length=16, padding_fraction=0.5)
+    out = {i: fastpath.forward(fast if i == "fastpath" else model, batch, i)() for i in fastpath.IMPLEMENTATIONS}
+    real = batch["attention_mask"].bool()
+    assert all(torch.allclose(o.last_hidden_state[real], out["fastpath"].last_hidden_state[real], atol=1e-4)
+               for o in out.values())
+    assert compat_attn(model) == "sdpa"  # the last transformers implementation asked for
+    timed = fastpath.timed(fastpath.forward(fast, batch), "cpu", repeats=2)
+    assert timed["status"] == "ok" and 0 < timed["p10_ms"] <= timed["median_ms"] <= timed["p90_ms"]
+
+
+def test_the_headline_names_are_the_reference_runs():
+    stored = reference_runs("03_encoder_fastpath")["nvidia-h100"]["metrics"]
+    assert names.speedup(128, 512, 0.75) in stored and names.speedup(128, 512, 0.749) == names.speedup(128, 512, 0.75)
+    assert max(fastpath.GPU_SIZES["batch_sizes"]) == 128 and max(fastpath.GPU_SIZES["lengths"]) == 512
 
 
 # --------------------------------------------------------------------------- skipping padding today
@@ -411,13 +346,14 @@ def test_packed_rows_match_the_padded_batch_and_need_their_mask(tiny_bert):
     free = fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.0, 0.5], device="cpu",
                                  dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
     ways = {(r["way"], r["padding"]) for r in free["rows"]}
-    assert ways == {(w, p) for w in names.WAYS[:2] for p in (0.0, 0.5)}
+    assert ways == {(w, p) for w in fastpath.WAYS[:2] for p in (0.0, 0.5)}
     assert all(r["status"] == "ok" and r["relative error"] < 1e-4 for r in free["rows"])
     assert set(free["skipped"]) == {"packed varlen", "packed flex document mask"}  # CUDA only; compiled, not quick
     assert "CPU" in free["skipped"]["packed varlen"]
-    findings = fastpath.padding_free_findings(free)
-    assert all(v[0] for v in findings["checks"].values()), findings["checks"]
-    assert names.padding_free_speedup("packed sdpa block mask", 4, 16, 0.5) in findings["metrics"]
+    assert all(r["speed-up over padded"] > 0 for r in free["rows"] if r["way"] != "padded sdpa")
+    positions, nothing = (free["mixing"][way] for way in fastpath.UNMASKED_WAYS)
+    assert nothing > 1e-2  # nothing says where a sequence ends: the row's sequences attend to each other
+    assert (positions <= 1e-4) == compat.encoder_mask_from_position_ids()  # transformers 5.25 reads position_ids
     assert compat_attn(model) == "sdpa"  # left as it was found
 
 
@@ -458,7 +394,6 @@ def test_a_way_that_breaks_is_a_row_not_a_crash(tiny_bert, monkeypatch):
                                  dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
     row = next(r for r in free["rows"] if r["way"] == "packed varlen")
     assert row["status"] == "failed" and "NotImplementedError" in row["why"]
-    assert "packed varlen at 50% padding" in fastpath.padding_free_findings(free)["skipped"]
 
 
 def test_a_compiled_way_is_measured_at_the_most_padding_only(tiny_bert, monkeypatch):
@@ -470,7 +405,7 @@ def test_a_compiled_way_is_measured_at_the_most_padding_only(tiny_bert, monkeypa
         return {"status": "ok", "median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0}, None
 
     monkeypatch.setattr(fastpath, "_measure_way", stub)
-    monkeypatch.setattr(fastpath, "ways_available", lambda *args: dict.fromkeys(names.WAYS, ""))
+    monkeypatch.setattr(fastpath, "ways_available", lambda *args: dict.fromkeys(fastpath.WAYS, ""))
     fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.0, 0.5], device="cpu",
                           dtype=torch.float32, quick=False, repeats=1, tolerance=1e-4)
     assert [w for w, p in measured if w in fastpath.COMPILED_WAYS] == ["packed flex document mask"]
@@ -480,23 +415,3 @@ def test_a_compiled_way_is_measured_at_the_most_padding_only(tiny_bert, monkeypa
 def test_a_dense_mask_is_refused_for_a_long_packed_row():
     assert fastpath.ways_available("cpu", torch.float32, False, 2**14)["packed sdpa block mask"]
     assert fastpath.ways_available("cpu", torch.float32, False, 2**12)["packed sdpa block mask"] == ""
-
-
-# --------------------------------------------------------------------------- what you measured
-
-def test_what_you_measured_reads_this_runs_numbers_and_survives_skips():
-    metrics = {"fastpath_situations": 10, "fastpath_situations_skipping_padding": 3,
-               "to_fastpath_relative_error": 1.2e-6, "embedding_fastpath_speedup": 1.4, "embedding_padding_percent": 47,
-               names.speedup(8, 128, 0.0): 0.9, names.speedup(8, 128, 0.75): 1.5, "sweep_noisy_points": 1,
-               "fastpath_floor_ms": 17.0, names.padding_free_speedup("packed sdpa block mask", 8, 128, 0.75): 2.3,
-               names.padding_free_speedup("packed sdpa block mask", 8, 128, 0.0): 0.7,
-               names.FASTPATH_FRACTION_OF_CEILING: 0.12}
-    lines = fastpath.what_you_measured({"metrics": metrics, "checks": {}, "skipped": {}})
-    text = "\n".join(lines)
-    assert "the fastpath did the real tokens' work at 12% of this machine's matmul ceiling" in text
-    assert len(lines) == 7 and "3 packed" in text and "1.50x" in text and "4.00x" in text and "1 sweep point" in text
-    assert "packed sdpa block mask) ran 2.30x the padded batch at 75% padding" in text
-    assert not re.search(r"\b(issue|target)s?\b", text, re.I) and "_" not in text.replace("norm_first", "")
-    assert fastpath.what_you_measured({"metrics": {}, "checks": {}, "skipped": {"x": "y"}}) == []
-    metrics[names.sweep("transformers sdpa", 8, 128, 0.75, "noisy")] = 1
-    assert "(a noisy point: not to be read)" in fastpath.what_you_measured({"metrics": metrics})[3]
