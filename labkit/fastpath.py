@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -267,7 +267,7 @@ class Situation:
             return why_not_fastpath(self.encoder, self.src, self.mask), why_not_fused(self.encoder, self.src, self.mask)
 
 
-def _variant(encoder: nn.TransformerEncoder, **changes: Any) -> tuple[nn.TransformerEncoder, str]:
+def rebuilt(encoder: nn.TransformerEncoder, **changes: Any) -> tuple[nn.TransformerEncoder, str]:
     """An encoder of the same sizes as ``encoder`` built with ``changes`` (norm_first=True, bias=False), and the
     warning PyTorch gave while building it."""
     layer = encoder.layers[0]
@@ -283,35 +283,11 @@ def _variant(encoder: nn.TransformerEncoder, **changes: Any) -> tuple[nn.Transfo
     return variant.to(parameter.device, parameter.dtype).eval(), warned
 
 
-def situations(encoder: nn.TransformerEncoder, src: torch.Tensor, padding: torch.Tensor) -> dict[str, Situation]:
-    """The situations section 1 tries: the fastpath's own case, and each condition that turns a part of it off.
-    ``padding`` is the key padding mask (True at padding, on the right); the variants are copies."""
-    frozen = copy.deepcopy(encoder).requires_grad_(False)
-    hooked = copy.deepcopy(encoder)
-    hooked.layers[0].register_forward_hook(lambda module, args, output: None)  # as a tool capturing activations does
-    pre_norm, pre_norm_warned = _variant(encoder, norm_first=True)
-    no_bias, no_bias_warned = _variant(encoder, bias=False)
-    compiled = torch.compile(copy.deepcopy(encoder), backend="eager")  # dynamo decides the path; no kernels built
-    cases = [Situation("eval, torch.no_grad(), right padding", encoder, src, padding),
-             Situation("training mode", encoder, src, padding, training=True),
-             Situation("gradients tracked", encoder, src, padding, grad=True),
-             Situation("gradients tracked, weights frozen", frozen, src, padding, grad=True),
-             Situation("left padding", encoder, src, padding.flip(1)),
-             Situation("no padding mask", encoder, src, None),
-             Situation("a forward hook on layer 0", hooked, src, padding),
-             Situation("norm_first=True", pre_norm, src, padding, warned=pre_norm_warned),
-             Situation("bias=False", no_bias, src, padding, warned=no_bias_warned),
-             Situation("torch.compile", compiled, src, padding)]
-    return {case.name: case for case in cases}
-
-
 def situation_reasons(cases: dict[str, Situation]) -> dict[str, dict[str, str]]:
     """What exercise 03.1 is given: each situation's reason not to skip the padding, and not to fuse a layer."""
     reasons = {name: case.reasons() for name, case in cases.items()}
     return {"cases": {name: why[0] for name, why in reasons.items()},
             "unfused": {name: why[1] for name, why in reasons.items()}}
-
-
 
 
 def what_ran(call: Callable[[], Any], device: str) -> dict[str, Any]:
@@ -604,41 +580,6 @@ def varlen_problem(device: str, dtype) -> str:
     return ""
 
 
-def _way_call(model, way: str, padded: dict[str, Any], packed: dict[str, Any]) -> Callable[[], torch.Tensor]:
-    """The call of one way, returning the hidden states of the real tokens in packed order, (T, hidden)."""
-    real = padded["attention_mask"].bool()
-    row = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
-    if way == "padded sdpa":
-        model.set_attn_implementation("sdpa")
-        inputs = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
-    elif way == "packed sdpa block mask":
-        model.set_attn_implementation("sdpa")
-        inputs = {**row, "attention_mask": block_diagonal_mask(packed["cu_seq_lens_q"])}
-    elif way == "packed varlen":
-        from transformers import AttentionInterface
-
-        AttentionInterface.register("labkit_varlen", varlen_attention)
-        model.set_attn_implementation("labkit_varlen")
-        inputs = {**row, **{k: packed[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}}
-    elif way == "packed flex document mask":
-        model.set_attn_implementation("flex_attention")
-        inputs = {**row, "attention_mask": document_block_mask(packed["cu_seq_lens_q"])}
-    elif way == "packed sdpa, no mask":  # only the restarting position_ids say where sequences end
-        model.set_attn_implementation("sdpa")
-        inputs = row
-    elif way == "packed sdpa, no mask, no position_ids":  # nothing says where sequences end
-        model.set_attn_implementation("sdpa")
-        inputs = {"input_ids": packed["input_ids"]}
-    else:
-        raise BadParameter(f"no way {way!r}; there are {', '.join(WAYS)}.")
-
-    def call():
-        with torch.inference_mode():
-            hidden = model(**inputs).last_hidden_state
-        return hidden[real] if way == "padded sdpa" else hidden[0]
-    return call
-
-
 def ways_available(device: str, dtype, quick: bool, tokens: int) -> dict[str, str]:
     """Each way of section 5 with '' where it can run here, else one line saying why not (``tokens``: the longest
     packed row)."""
@@ -652,58 +593,18 @@ def ways_available(device: str, dtype, quick: bool, tokens: int) -> dict[str, st
             "packed flex document mask": flex}
 
 
-def padding_free(model, tokenizer, *, batch: int, length: int, padding_fractions: Sequence[float], device: str,
-                 dtype, quick: bool, repeats: int, tolerance: float) -> dict[str, Any]:
-    """Today's ways to skip padding, on the same sequences: the padded batch (transformers sdpa) against the
-    packed row with a block-diagonal mask (sdpa), PyTorch's varlen kernel and a FlexAttention document mask (at
-    the most padding only: :data:`COMPILED_WAYS`).
-    Returns ``{"rows", "skipped", "mixing", "tolerance"}``: one row per way and padding (time, speed-up over the
-    padded batch, difference from its output at the real tokens), one line per way that cannot run here, and how
-    far a packed row drifts from the padded batch on sdpa without a mask (``mixing``: way -> relative error, for
-    each of :data:`UNMASKED_WAYS`)."""
-    batches = {p: padded_batch(tokenizer, batch=batch, length=length, padding_fraction=p, device=device)
-               for p in padding_fractions}
-    packed = {p: pack(b) for p, b in batches.items()}
-    longest = max(int(x["input_ids"].shape[1]) for x in packed.values())
-    available = ways_available(device, dtype, quick, longest)
-    rows, mixing = [], None
-    try:
-        for p, padded in batches.items():
-            reference, baseline = None, None
-            for way in WAYS:
-                if available[way] or (way in COMPILED_WAYS and p != max(padding_fractions)):
-                    continue
-                row = {"way": way, "batch": batch, "length": length, "padding": round(padded["padding_fraction"], 3),
-                       "tokens computed": int(padded["input_ids"].numel() if way == "padded sdpa"
-                                              else packed[p]["input_ids"].shape[1])}
-                measured, out = _measure_way(model, way, padded, packed[p], device, repeats)
-                if way == "padded sdpa":
-                    reference, baseline = out, measured.get("median_ms")
-                if out is not None and reference is not None:
-                    measured["relative error"] = attention.relative_error(out, reference)
-                    measured["max abs difference"] = float((out.float() - reference.float()).abs().max())
-                if measured["status"] == "ok" and baseline:
-                    measured["speed-up over padded"] = baseline / measured["median_ms"]
-                rows.append({**row, **measured})
-            if mixing is None and p > 0 and reference is not None:
-                mixing = {way: attention.relative_error(_way_call(model, way, padded, packed[p])(), reference)
-                          for way in UNMASKED_WAYS}
-    finally:
-        model.set_attn_implementation("sdpa")
-    return {"rows": rows, "skipped": {w: why for w, why in available.items() if why}, "mixing": mixing,
-            "tolerance": tolerance}
-
-
-
-
+# A packed row on sdpa with no mask: with position_ids restarting at each sequence (transformers 5.25 and newer build
+# the block-diagonal mask from them, compat.encoder_mask_from_position_ids), and with none at all.
 UNMASKED_WAYS = ("packed sdpa, no mask", "packed sdpa, no mask, no position_ids")
 
 
-def _measure_way(model, way: str, padded, packed, device: str, repeats: int) -> tuple[dict[str, Any], Any]:
-    """One way timed: its first call (which compiles, where it compiles) is the warm-up, and its output is returned
-    beside the timing. A way whose kernels are missing here gives a failed row instead of stopping the notebook."""
+def measure_way(make_call: Callable[[], Callable[[], torch.Tensor]], device: str,
+                repeats: int) -> tuple[dict[str, Any], Any]:
+    """One way of section 5 timed: ``make_call()`` builds its call (masks, attention implementation), whose first
+    call (which compiles, where it compiles) is the warm-up; its output is returned beside the timing. A way whose
+    kernels are missing here gives a failed row (``status``, ``why``) instead of stopping the notebook."""
     try:
-        call = _way_call(model, way, padded, packed)
+        call = make_call()
         start = time.perf_counter()
         out = call()
         timing.synchronize(device)

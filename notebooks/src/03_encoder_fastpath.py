@@ -118,7 +118,28 @@ print(f"output {tuple(out.shape)}; exact zeros at all {int(padding.sum())} padde
 # set of the situation names printed below.
 
 # %%
-situations = fastpath.situations(encoder, src, padding)  # copies and ways of calling it; nothing runs yet
+import copy
+
+frozen = copy.deepcopy(encoder).requires_grad_(False)
+hooked = copy.deepcopy(encoder)
+hooked.layers[0].register_forward_hook(lambda module, args, output: None)  # as a tool capturing activations does
+pre_norm, pre_norm_warned = fastpath.rebuilt(encoder, norm_first=True)  # the same sizes, and what torch warned
+no_bias, no_bias_warned = fastpath.rebuilt(encoder, bias=False)
+compiled = torch.compile(copy.deepcopy(encoder), backend="eager")  # dynamo decides the path; no kernels built
+Situation = fastpath.Situation  # an encoder, its input and padding mask, its mode and gradient state; nothing runs yet
+situations = {s.name: s for s in [
+    Situation("eval, torch.no_grad(), right padding", encoder, src, padding),
+    Situation("training mode", encoder, src, padding, training=True),
+    Situation("gradients tracked", encoder, src, padding, grad=True),
+    Situation("gradients tracked, weights frozen", frozen, src, padding, grad=True),
+    Situation("left padding", encoder, src, padding.flip(1)),
+    Situation("no padding mask", encoder, src, None),
+    Situation("a forward hook on layer 0", hooked, src, padding),
+    Situation("norm_first=True", pre_norm, src, padding, warned=pre_norm_warned),
+    Situation("bias=False", no_bias, src, padding, warned=no_bias_warned),
+    Situation("torch.compile", compiled, src, padding)]}
+
+# %%
 print("The situations:", *situations, sep="\n- ")
 ex = lab.exercise("03.1", **fastpath.situation_reasons(situations))
 answer = None  # a set of situation names, e.g. {"training mode", "left padding"}
@@ -178,7 +199,6 @@ print(f"{by['padding skipped'].sum()} of {len(by)} situations packed the batch; 
 # them even though every layer is on one device here), and once more with its last layer offloaded to disk.
 
 # %%
-import copy
 import functools
 import tempfile
 
@@ -631,20 +651,78 @@ if not lab.p.sweep_problem:
 # cannot run on this machine says why in one line.
 
 # %%
+def way_call(way, padded, packed):  # one way's call: the real tokens' hidden states, in packed order
+    row, cu = {k: packed[k] for k in ("input_ids", "position_ids")}, packed["cu_seq_lens_q"]  # boundaries: cu
+    implementation, inputs = "sdpa", row  # "packed sdpa, no mask": only the position_ids say where sequences end
+    if way == "padded sdpa":
+        inputs = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+    elif way == "packed sdpa block mask":
+        inputs = {**row, "attention_mask": fastpath.block_diagonal_mask(cu)}
+    elif way == "packed varlen":  # the row with its boundaries, as DataCollatorWithFlattening returns them
+        implementation, inputs = "labkit_varlen", packed
+    elif way == "packed flex document mask":  # the compiled kernel skips the blocks that hold two sequences
+        implementation, inputs = "flex_attention", {**row, "attention_mask": fastpath.document_block_mask(cu)}
+    elif way == "packed sdpa, no mask, no position_ids":  # nothing says where sequences end
+        inputs = {"input_ids": packed["input_ids"]}
+    sweeping.set_attn_implementation(implementation)
+
+    def call():
+        with torch.inference_mode():
+            hidden = sweeping(**inputs).last_hidden_state
+        return hidden[padded["attention_mask"].bool()] if way == "padded sdpa" else hidden[0]
+    return call
+
+
+# %%
+from transformers import AttentionInterface
+
+AttentionInterface.register("labkit_varlen", fastpath.varlen_attention)  # PyTorch's varlen kernel, for transformers
 if not lab.p.sweep_problem:
     b, n = max(lab.p.batch_sizes), max(lab.p.lengths)
     extremes = sorted({min(lab.p.padding_fractions), max(lab.p.padding_fractions)})
-    free = fastpath.padding_free(sweeping, sweep_tokenizer, batch=b, length=n, padding_fractions=extremes,
-                                 device=lab.device, dtype=lab.dtype, quick=lab.quick, repeats=lab.p.repeats,
-                                 tolerance=lab.p.tolerance)
-    ways = pd.DataFrame(free["rows"])
-    lab.table("padding_free", ways, show=False)
+    padded = {p: fastpath.padded_batch(sweep_tokenizer, batch=b, length=n, padding_fraction=p, device=lab.device)
+              for p in extremes}
+    packed = {p: fastpath.pack(batch) for p, batch in padded.items()}  # the same sequences, their real tokens in a row
+    cannot = fastpath.ways_available(lab.device, lab.dtype, lab.quick,  # way -> why it cannot run here ('' if it can)
+                                     tokens=max(row["input_ids"].shape[1] for row in packed.values()))
+    rows, outputs = [], {}
+    for p, way in [(p, way) for p in extremes for way in fastpath.WAYS]:
+        if cannot[way] or (way in fastpath.COMPILED_WAYS and p != max(extremes)):  # compiled: at the most padding only
+            continue
+        measured, outputs[way, p] = fastpath.measure_way(functools.partial(way_call, way, padded[p], packed[p]),
+                                                         lab.device, lab.p.repeats)
+        tokens = padded[p]["input_ids"].numel() if way == "padded sdpa" else packed[p]["input_ids"].shape[1]
+        rows.append({"way": way, "asked": p, "padding": round(padded[p]["padding_fraction"], 3),
+                     "tokens computed": tokens, **measured})
+
+# %%
+def relative_error(out, reference):  # ||out - reference|| / ||reference||, at the real tokens
+    return float((out.double() - reference.double()).norm() / reference.double().norm())
+
+
+if not lab.p.sweep_problem:
+    ways = pd.DataFrame(rows)
+    ways["relative error"] = [relative_error(outputs[w, p], outputs["padded sdpa", p])
+                              if outputs[w, p] is not None and outputs.get(("padded sdpa", p)) is not None else None
+                              for w, p in zip(ways["way"], ways["asked"], strict=True)]
+    padded_ms = ways[ways.way == "padded sdpa"].set_index("asked")["median_ms"]
+    ways["speed-up over padded"] = ways["asked"].map(padded_ms) / ways["median_ms"]
+    lab.table("padding_free", ways.drop(columns="asked"), show=False)
     show(ways, [c for c in fastpath.PADDING_FREE_COLUMNS if c in ways],
          title=f"{lab.p.sweep_model}, batch {b} x length {n}: the padded batch, then packed rows")
-    for way, error in (free["mixing"] or {}).items():
+
+# %%
+if not lab.p.sweep_problem:
+    most, mixing = max(extremes), {}
+    if most > 0 and outputs.get(("padded sdpa", most)) is not None:  # the trap: a packed row with less to go on
+        mixing = {way: relative_error(way_call(way, padded[most], packed[most])(), outputs["padded sdpa", most])
+                  for way in fastpath.UNMASKED_WAYS}
+        sweeping.set_attn_implementation("sdpa")
+    for way, error in mixing.items():
         print(f"{way}: relative error {error:.2e} from the padded batch")
-    for way, why in free["skipped"].items():
-        lab.skip(way, why)
+    for way, why in cannot.items():
+        if why:
+            lab.skip(way, why)
     for r in ways[ways["status"] != "ok"].to_dict("records"):
         lab.skip(f"{r['way']} at {r['padding']:.0%} padding", r["why"])
 
@@ -656,9 +734,9 @@ if not lab.p.sweep_problem:
               f"largest relative error {worst:.2e}")
     for r in ran_here[ran_here.way != "padded sdpa"].to_dict("records"):
         lab.metric(names.padding_free_speedup(r["way"], b, n, r["padding"]), r["speed-up over padded"])
-    if free["mixing"] is not None:
+    if mixing:
         floor = 5 * max(worst, lab.p.tolerance / 100)  # far beyond rounding: 5x the worst error of a kept-apart way
-        positions, nothing = (free["mixing"][way] for way in fastpath.UNMASKED_WAYS)
+        positions, nothing = (mixing[way] for way in fastpath.UNMASKED_WAYS)
         lab.check("packed_row_without_position_ids_mixes_its_sequences", nothing > floor,
                   f"{nothing:.2e} without position_ids or a mask, {worst:.2e} with a mask")
         if compat.encoder_mask_from_position_ids():  # transformers 5.25 and newer build the mask from position_ids

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -245,7 +247,22 @@ def test_compilation_and_a_second_mask_stop_the_packing():
 
 def test_every_situation_is_named_as_the_profiler_sees_it():
     encoder, src, padding = _encoder()
-    cases = fastpath.situations(encoder, src, padding)
+    frozen = copy.deepcopy(encoder).requires_grad_(False)
+    hooked = copy.deepcopy(encoder)
+    hooked.layers[0].register_forward_hook(lambda module, args, output: None)
+    (pre_norm, pre_norm_warned), (no_bias, _) = (fastpath.rebuilt(encoder, norm_first=True),
+                                                 fastpath.rebuilt(encoder, bias=False))
+    compiled = torch.compile(copy.deepcopy(encoder), backend="eager")
+    Situation = fastpath.Situation
+    cases = {c.name: c for c in [
+        Situation("eval, torch.no_grad(), right padding", encoder, src, padding),
+        Situation("training mode", encoder, src, padding, training=True),
+        Situation("gradients tracked", encoder, src, padding, grad=True),
+        Situation("gradients tracked, weights frozen", frozen, src, padding, grad=True),
+        Situation("left padding", encoder, src, padding.flip(1)), Situation("no padding mask", encoder, src, None),
+        Situation("a forward hook on layer 0", hooked, src, padding),
+        Situation("norm_first=True", pre_norm, src, padding, warned=pre_norm_warned),
+        Situation("bias=False", no_bias, src, padding), Situation("torch.compile", compiled, src, padding)]}
     given = fastpath.situation_reasons(cases)
     rows = [{"situation": name, **fastpath.what_ran(case, "cpu"), "warned": case.warned or "no"}
             for name, case in cases.items() if case() is not None]  # a first call, then under the profiler
@@ -316,7 +333,7 @@ def test_each_implementation_is_timed_on_the_same_batch(tiny_bert):
     real = batch["attention_mask"].bool()
     assert all(torch.allclose(o.last_hidden_state[real], out["fastpath"].last_hidden_state[real], atol=1e-4)
                for o in out.values())
-    assert compat_attn(model) == "sdpa"  # the last transformers implementation asked for
+    assert compat.attn_implementation(model) == "sdpa"  # the last transformers implementation asked for
     timed = fastpath.timed(fastpath.forward(fast, batch), "cpu", repeats=2)
     assert timed["status"] == "ok" and 0 < timed["p10_ms"] <= timed["median_ms"] <= timed["p90_ms"]
 
@@ -341,31 +358,29 @@ def test_pack_gives_transformers_flattened_layout(tiny_bert):
     assert mask.sum() == sum(n * n for n in lengths) and mask.diagonal().all()
 
 
-def test_packed_rows_match_the_padded_batch_and_need_their_mask(tiny_bert):
+def _hidden(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs).last_hidden_state
+
+
+def test_a_packed_row_matches_the_padded_batch_with_its_mask_and_mixes_without(tiny_bert):
     model, tokenizer = tiny_bert
-    free = fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.0, 0.5], device="cpu",
-                                 dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
-    ways = {(r["way"], r["padding"]) for r in free["rows"]}
-    assert ways == {(w, p) for w in fastpath.WAYS[:2] for p in (0.0, 0.5)}
-    assert all(r["status"] == "ok" and r["relative error"] < 1e-4 for r in free["rows"])
-    assert set(free["skipped"]) == {"packed varlen", "packed flex document mask"}  # CUDA only; compiled, not quick
-    assert "CPU" in free["skipped"]["packed varlen"]
-    assert all(r["speed-up over padded"] > 0 for r in free["rows"] if r["way"] != "padded sdpa")
-    positions, nothing = (free["mixing"][way] for way in fastpath.UNMASKED_WAYS)
-    assert nothing > 1e-2  # nothing says where a sequence ends: the row's sequences attend to each other
-    assert (positions <= 1e-4) == compat.encoder_mask_from_position_ids()  # transformers 5.25 reads position_ids
-    assert compat_attn(model) == "sdpa"  # left as it was found
-
-
-def compat_attn(model):
-    from labkit import compat
-
-    return compat.attn_implementation(model)
+    batch = fastpath.padded_batch(tokenizer, batch=4, length=16, padding_fraction=0.5)
+    packed = fastpath.pack(batch)
+    expected = _hidden(model, {k: batch[k] for k in ("input_ids", "attention_mask")})[batch["attention_mask"].bool()]
+    row = {k: packed[k] for k in ("input_ids", "position_ids")}
+    masked = _hidden(model, {**row, "attention_mask": fastpath.block_diagonal_mask(packed["cu_seq_lens_q"])})[0]
+    assert torch.allclose(masked, expected, atol=1e-4)
+    nothing = _hidden(model, {"input_ids": packed["input_ids"]})[0]  # nothing says where a sequence ends
+    assert not torch.allclose(nothing, expected, atol=1e-2)
+    positions = _hidden(model, row)[0]  # transformers 5.25 builds the mask from the restarting position_ids
+    assert torch.allclose(positions, expected, atol=1e-4) == compat.encoder_mask_from_position_ids()
 
 
 def test_varlen_attention_reads_the_boundaries_transformers_passes(tiny_bert, monkeypatch):
     """The GPU-only way's plumbing, on a CPU: varlen_attn replaced by SDPA run on each sequence alone."""
     import torch.nn.attention.varlen as varlen
+    from transformers import AttentionInterface
 
     model, tokenizer = tiny_bert
     calls = []
@@ -379,37 +394,31 @@ def test_varlen_attention_reads_the_boundaries_transformers_passes(tiny_bert, mo
         return torch.cat(outs)
 
     monkeypatch.setattr(varlen, "varlen_attn", per_sequence)
-    monkeypatch.setattr(fastpath, "varlen_problem", lambda device, dtype: "")
-    free = fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.5], device="cpu",
-                                 dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
-    row = next(r for r in free["rows"] if r["way"] == "packed varlen")
-    assert row["status"] == "ok" and row["relative error"] < 1e-5
+    batch = fastpath.padded_batch(tokenizer, batch=4, length=16, padding_fraction=0.5)
+    expected = _hidden(model, {k: batch[k] for k in ("input_ids", "attention_mask")})[batch["attention_mask"].bool()]
+    AttentionInterface.register("labkit_varlen", fastpath.varlen_attention)  # as notebook 03 registers it
+    model.set_attn_implementation("labkit_varlen")
+    try:
+        got = _hidden(model, fastpath.pack(batch))[0]  # the row with its boundaries
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert attention.relative_error(got, expected) < 1e-5
     assert calls and calls[0][1][0] == 0 and len(calls[0][0]) == 3  # (tokens, heads, head size) and boundaries
 
 
-def test_a_way_that_breaks_is_a_row_not_a_crash(tiny_bert, monkeypatch):
-    model, tokenizer = tiny_bert
-    monkeypatch.setattr(fastpath, "varlen_problem", lambda device, dtype: "")  # let it try on the CPU
-    free = fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.5], device="cpu",
-                                 dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
-    row = next(r for r in free["rows"] if r["way"] == "packed varlen")
-    assert row["status"] == "failed" and "NotImplementedError" in row["why"]
+def test_a_way_is_timed_beside_its_output_and_one_that_breaks_is_a_row_not_a_crash():
+    x = torch.ones(3)
+    measured, out = fastpath.measure_way(lambda: (lambda: x * 2), "cpu", repeats=2)
+    assert measured["status"] == "ok" and measured["first call s"] >= 0 and torch.equal(out, x * 2)
 
+    def missing_kernel():
+        raise NotImplementedError("Could not run 'aten::_flash_attention_forward' with arguments from the 'CPU' "
+                                  "backend.\nmore lines")
 
-def test_a_compiled_way_is_measured_at_the_most_padding_only(tiny_bert, monkeypatch):
-    model, tokenizer = tiny_bert
-    measured = []
-
-    def stub(model, way, padded, packed, device, repeats):
-        measured.append((way, round(padded["padding_fraction"], 2)))
-        return {"status": "ok", "median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0}, None
-
-    monkeypatch.setattr(fastpath, "_measure_way", stub)
-    monkeypatch.setattr(fastpath, "ways_available", lambda *args: dict.fromkeys(fastpath.WAYS, ""))
-    fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.0, 0.5], device="cpu",
-                          dtype=torch.float32, quick=False, repeats=1, tolerance=1e-4)
-    assert [w for w, p in measured if w in fastpath.COMPILED_WAYS] == ["packed flex document mask"]
-    assert ("packed flex document mask", 0.5) in measured and len(measured) == 7
+    measured, out = fastpath.measure_way(lambda: missing_kernel, "cpu", repeats=2)
+    assert out is None and measured == {"status": "failed", "why": "NotImplementedError: Could not run "
+                                        "'aten::_flash_attention_forward' with arguments from the 'CPU' backend."}
+    assert "CPU" in fastpath.varlen_problem("cpu", torch.float32)  # the real kernel: a GPU one
 
 
 def test_a_dense_mask_is_refused_for_a_long_packed_row():
