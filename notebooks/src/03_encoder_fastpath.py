@@ -460,6 +460,8 @@ if sweep is not None:
     ok = sweep[sweep["status"] == "ok"]
     speedups = ok[ok.implementation == "fastpath"].merge(ok[ok.implementation == "transformers sdpa"],
                                                          on=["batch", "length", "padding"], suffixes=("", " sdpa"))
+    sweep = sweep if len(speedups) else None  # no point where both ran (out of memory, say): nothing to compare
+if sweep is not None:
     speedups["fastpath vs sdpa"] = speedups["median_ms sdpa"] / speedups["median_ms"]  # above 1: the fastpath wins
     speedups["fastest 10% ratio"] = speedups["p10_ms sdpa"] / speedups["p10_ms"]
     speedups["ideal"] = 1 / (1 - speedups["padding"])  # if time were proportional to the tokens computed
