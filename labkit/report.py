@@ -12,7 +12,7 @@ from typing import Any
 from labkit import metrics as names
 from labkit import probes
 from labkit.errors import BadParameter
-from labkit.results import reference_runs
+from labkit.results import reference_runs, table
 from labkit.widgets import html_table
 
 SCHEMA = "labkit-run/1"
@@ -115,7 +115,6 @@ def _metrics_section(notebook: str, metrics: dict[str, float], references: dict[
 
 _LEGACY_METRIC = re.compile(r"^legacy_(?P<model>.+)_b(?P<b>\d+)_n(?P<n>\d+)_pad(?P<pad>\d+)_"
                             r"(?P<path>eager|sdpa|bettertransformer|labkit_fastpath)_ms$")
-_SWEEP_METRIC = re.compile(r"^sweep_(?P<path>transformers_sdpa|fastpath)_b(?P<b>\d+)_n(?P<n>\d+)_pad(?P<pad>\d+)_ms$")
 LEGACY_COLUMNS = ["model", "batch x length", "padding %", "eager 4.48 ms", "sdpa 4.48 ms", "BetterTransformer ms",
                   "labkit fastpath (4.48) ms", "today's sdpa ms", "today's fastpath ms", "BT vs eager",
                   "BT vs today's sdpa"]
@@ -123,13 +122,14 @@ LEGACY_COLUMNS = ["model", "batch x length", "padding %", "eager 4.48 ms", "sdpa
 
 def legacy_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Per model and padding level: the legacy notebook's four paths (transformers 4.48 kernel) beside notebook 03's
-    sweep of the same run at the same batch, length and padding (today's stack), where 03 swept that model."""
+    sweep of the same run at the same batch, length and padding (today's stack; its table "sweep"), where 03 swept
+    that model."""
     legacy = summary["notebooks"].get("bettertransformer")
     if not legacy or not legacy["metrics"]:
         return []
     today: dict[tuple, dict[str, float]] = {}
     sweep = summary["notebooks"].get("03_encoder_fastpath")
-    if sweep:
+    if sweep and "sweep" in (sweep.get("tables") or {}):
         # 03's sweep model, as its parameter cell decides it: minilm-l6 on a CPU, random-bert-base on a GPU
         # (`make compare-legacy` names minilm-l6, so nothing is guessed there)
         chosen = sweep["parameters"].get("sweep_model", "auto")
@@ -138,10 +138,11 @@ def legacy_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
             has_gpu = bool((summary["machine"].get("env") or {}).get("devices", {}).get("cuda"))
             chosen = "random-bert-base" if device.startswith("cuda") or (device == "auto" and has_gpu) else "minilm-l6"
         model = re.sub(r"[^a-z0-9]+", "_", chosen.lower()).strip("_")
-        for name, value in sweep["metrics"].items():
-            found = _SWEEP_METRIC.match(name)
-            if found:
-                today.setdefault((model, found["b"], found["n"], found["pad"]), {})[found["path"]] = value
+        points = table(sweep, "sweep")
+        for r in points[(points["status"] == "ok") & points["implementation"].isin(("transformers sdpa", "fastpath"))
+                        ].to_dict("records"):
+            key = (model, str(r["batch"]), str(r["length"]), str(round(100 * r["padding"])))
+            today.setdefault(key, {})[r["implementation"]] = r["median_ms"]
     rows: dict[tuple, dict[str, Any]] = {}
     for name, value in legacy["metrics"].items():
         found = _LEGACY_METRIC.match(name)
@@ -153,7 +154,7 @@ def legacy_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
                        "labkit_fastpath": "labkit fastpath (4.48) ms"}[found["path"]]] = value
     for key, row in rows.items():
         theirs = today.get(key, {})
-        row["today's sdpa ms"] = theirs.get("transformers_sdpa")
+        row["today's sdpa ms"] = theirs.get("transformers sdpa")
         row["today's fastpath ms"] = theirs.get("fastpath")
         bt = row.get("BetterTransformer ms")
         row["BT vs eager"] = row["eager 4.48 ms"] / bt if bt and row["eager 4.48 ms"] else None

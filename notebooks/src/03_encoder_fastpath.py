@@ -41,13 +41,13 @@ solutions = False                                # fill every exercise with its 
 results_path = ""                                # where to write the results JSON (empty: do not write)
 
 # %%
+import pandas as pd
 import torch
 import transformers
-from transformers import DataCollatorWithFlattening
-from transformers.masking_utils import create_bidirectional_mask
 
 import labkit
-from labkit import fastpath, models, plots, roofline
+from labkit import compat, fastpath, models, plots, roofline, timing
+from labkit.metrics import encoder as names
 from labkit.widgets import LiveBoard, show
 
 lab = labkit.start("03_encoder_fastpath", globals())
@@ -118,21 +118,69 @@ print(f"output {tuple(out.shape)}; exact zeros at all {int(padding.sum())} padde
 # set of the situation names printed below.
 
 # %%
-situations = fastpath.situations(encoder, src, padding)  # copies and ways of calling it; nothing runs yet
+import copy
+
+frozen = copy.deepcopy(encoder).requires_grad_(False)
+hooked = copy.deepcopy(encoder)
+hooked.layers[0].register_forward_hook(lambda module, args, output: None)  # as a tool capturing activations does
+pre_norm, pre_norm_warned = fastpath.rebuilt(encoder, norm_first=True)  # the same sizes, and what torch warned
+no_bias, no_bias_warned = fastpath.rebuilt(encoder, bias=False)
+compiled = torch.compile(copy.deepcopy(encoder), backend="eager")  # dynamo decides the path; no kernels built
+Situation = fastpath.Situation  # an encoder, its input and padding mask, its mode and gradient state; nothing runs yet
+situations = {s.name: s for s in [
+    Situation("eval, torch.no_grad(), right padding", encoder, src, padding),
+    Situation("training mode", encoder, src, padding, training=True),
+    Situation("gradients tracked", encoder, src, padding, grad=True),
+    Situation("gradients tracked, weights frozen", frozen, src, padding, grad=True),
+    Situation("left padding", encoder, src, padding.flip(1)),
+    Situation("no padding mask", encoder, src, None),
+    Situation("a forward hook on layer 0", hooked, src, padding),
+    Situation("norm_first=True", pre_norm, src, padding, warned=pre_norm_warned),
+    Situation("bias=False", no_bias, src, padding, warned=no_bias_warned),
+    Situation("torch.compile", compiled, src, padding)]}
+
+# %%
 print("The situations:", *situations, sep="\n- ")
 ex = lab.exercise("03.1", **fastpath.situation_reasons(situations))
 answer = None  # a set of situation names, e.g. {"training mode", "left padding"}
 ex.check(answer)
 
 # %% [markdown]
-# Each situation runs once (the compiled one traces its graph first), then once more under the profiler. Beside what
-# the profiler saw, labkit's reason for each part that did not run:
+# Each situation runs once (the compiled one traces its graph first), then once more under the profiler
+# (`fastpath.what_ran` reads two op names from it: the packing and the fused layer). Beside what the profiler saw,
+# labkit's reason for each part that did not run:
 
 # %% tags=["reveals-03.1"]
-rows = fastpath.try_situations(situations, lab.device)
-show(rows, fastpath.SITUATION_COLUMNS, title=f"nn.TransformerEncoder ({len(encoder.layers)} layers): what ran")
-lab.add(fastpath.situation_findings(rows))
-ex.compare({r["situation"] for r in rows if r["padding skipped"]})
+rows = []
+for name, case in situations.items():
+    why_padding, why_fused = case.reasons()  # labkit's reading of torch's conditions, in this situation's mode
+    out = case()  # a first call (torch.compile traces its graph here)
+    ran = fastpath.what_ran(case, lab.device)  # once more, under the profiler
+    zeros = bool((out[case.mask] == 0).all()) if case.mask is not None else None
+    rows.append({"situation": name, **ran, "exact zeros at padding": zeros,
+                 "why the padding is not skipped": why_padding or "-", "why a layer is not fused": why_fused or "-",
+                 "warned": f"when built: {case.warned}" if case.warned else "no"})
+ran = pd.DataFrame(rows)
+lab.table("situations", ran, show=False)
+show(ran.drop(columns="exact zeros at padding"),
+     title=f"nn.TransformerEncoder ({len(encoder.layers)} layers): what ran")
+ex.compare(set(ran.loc[ran["padding skipped"], "situation"]))
+
+# %%
+layers = len(encoder.layers)
+by = ran.set_index("situation")
+first = by.iloc[0]  # the fastpath's own case
+lab.check("fastpath_proven_by_profiler_and_zeros",
+          first["padding skipped"] and first["exact zeros at padding"] and first["fused layers"] == layers)
+named = (((by["why the padding is not skipped"] == "-") == by["padding skipped"])
+         & ((by["why a layer is not fused"] == "-") == (by["fused layers"] == layers)))
+lab.check("labkit_names_every_fallback", named.all(),
+          "a reason is given exactly when the profiler shows no nested tensor, or fewer fused layers")
+lab.check("no_grad_or_frozen_weights_suffice", by.loc["gradients tracked, weights frozen", "padding skipped"])
+hooked = by.loc["a forward hook on layer 0"]
+lab.check("a_hook_turns_off_the_fused_layer_only", hooked["padding skipped"] and hooked["fused layers"] < layers)
+print(f"{by['padding skipped'].sum()} of {len(by)} situations packed the batch; "
+      f"{(by['fused layers'] == layers).sum()} ran every layer fused.")
 
 # %% [markdown]
 # Read the table by its two parts. Packing is decided once, by the encoder, before any layer runs: training mode,
@@ -151,9 +199,38 @@ ex.compare({r["situation"] for r in rows if r["padding skipped"]})
 # them even though every layer is on one device here), and once more with its last layer offloaded to disk.
 
 # %%
-dispatched = fastpath.under_accelerate(encoder, src, padding, lab.device)
-show(dispatched, title="The encoder dispatched by accelerate: its hooks, and what the profiler saw")
-lab.add(fastpath.accelerate_findings(dispatched, layers=len(encoder.layers)))
+import functools
+import tempfile
+
+from accelerate import dispatch_model
+
+names_of_layers = [f"layers.{i}" for i in range(len(encoder.layers))]
+device_maps = {"every layer dispatched to its device": dict.fromkeys(names_of_layers, lab.device),
+               "the last layer offloaded to disk": {**dict.fromkeys(names_of_layers, lab.device),
+                                                    names_of_layers[-1]: "disk"}}
+
+# %%
+rows = []
+with tempfile.TemporaryDirectory() as folder, compat.quiet_logger("accelerate"):  # it calls any cpu entry "offloaded"
+    for label, device_map in device_maps.items():
+        dispatched = dispatch_model(copy.deepcopy(encoder), device_map=device_map, offload_dir=folder, force_hooks=True)
+        row = {"accelerate": label, "modules with an accelerate hook": compat.accelerate_hooks(dispatched),
+               "torch forward hooks": compat.has_forward_hooks(dispatched)}
+        try:
+            with torch.no_grad():
+                row |= fastpath.what_ran(functools.partial(dispatched, src, src_key_padding_mask=padding), lab.device)
+        except (RuntimeError, AssertionError) as err:
+            row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:150]}"
+        rows.append(row)
+accelerated = pd.DataFrame(rows)
+lab.table("accelerate", accelerated, title="The encoder dispatched by accelerate: its hooks, and what the profiler saw")
+
+# %%
+dispatched_only = accelerated.iloc[0]
+lab.check("accelerate_dispatch_keeps_the_fastpath",
+          not dispatched_only["torch forward hooks"] and dispatched_only["modules with an accelerate hook"] > 0
+          and dispatched_only["padding skipped"] and dispatched_only["fused layers"] == len(encoder.layers),
+          str(dispatched_only.to_dict()))
 
 # %% [markdown]
 # With accelerate's hooks the encoder still packs and fuses, and there is no torch hook to count. What this notebook
@@ -195,18 +272,33 @@ ex.check(answer)
 # its own), which times it beside this converter on the same batches; `make compare-legacy` puts both in one report.
 
 # %%
-if lab.model_problem:
-    lab.skip(f"to_fastpath on {model_id}", lab.model_problem)
+if lab.p.model_problem:
+    lab.skip(f"to_fastpath on {model_id}", lab.p.model_problem)
 else:
     model, tokenizer = models.load_model(model_id, device=lab.device, dtype=lab.dtype, attn_implementation="eager")
     fast = fastpath.to_fastpath(model)
     batch = fastpath.padded_batch(tokenizer, batch=8, length=64, padding_fraction=0.5, device=lab.device)
-    compared = fastpath.compare_with_transformers(model, fast, batch, lab.device, lab.tolerance)
-    print(f"{model_id} ({fast.source}), {batch['padding_fraction']:.0%} padding: relative error "
-          f"{compared['relative_error']:.2e} (tolerance for {lab.dtype_name}: {lab.tolerance:.0e}), "
-          f"largest absolute difference {compared['max_abs_difference']:.2e}")
-    show(compared["rows"], title="What the profiler saw")
-    lab.add(compared["findings"])
+    with torch.inference_mode():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        got = fast(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+    real = batch["attention_mask"].bool()  # compared at the real (non-padded) positions only
+    relative = float((got[real].double() - expected[real].double()).norm() / expected[real].double().norm())
+    difference = float((got[real] - expected[real]).abs().max())
+    print(f"{model_id} ({fast.source}), {batch['padding_fraction']:.0%} padding: relative error {relative:.2e} "
+          f"(tolerance for {lab.dtype_name}: {lab.p.tolerance:.0e}), largest absolute difference {difference:.2e}")
+    seen = pd.DataFrame([{"model": f"transformers ({compat.attn_implementation(model)})",
+                          **fastpath.what_ran(fastpath.forward(model, batch), lab.device)},
+                         {"model": "to_fastpath", **fastpath.what_ran(fastpath.forward(fast, batch), lab.device)}])
+    lab.table("conversion", seen, title="What the profiler saw")
+
+# %%
+if not lab.p.model_problem:
+    theirs, ours = seen.iloc[0], seen.iloc[1]
+    lab.metric("to_fastpath_max_abs_difference", difference)
+    lab.check("to_fastpath_matches_transformers", relative <= lab.p.tolerance, f"{relative:.2e}")
+    lab.check("to_fastpath_skips_padding", ours["padding skipped"] and bool((got[~real] == 0).all()))
+    lab.check("transformers_bert_neither_fuses_nor_skips_padding",
+              theirs["fused layers"] == 0 and not theirs["padding skipped"])
 
 # %% [markdown]
 # A model the converter cannot carry over exactly gets one sentence naming what is unsupported, not a wrong answer:
@@ -216,7 +308,12 @@ llama_problem = models.check_model("tiny-llama")  # random weights; its tokenize
 if llama_problem:
     lab.skip("to_fastpath on a Llama model", llama_problem)
 else:
-    refused = fastpath.refusal("tiny-llama", lab.device)
+    llama, _ = models.load_model("tiny-llama", device=lab.device)
+    try:
+        fastpath.to_fastpath(llama)
+        refused = ""
+    except fastpath.UnsupportedModel as err:
+        refused = str(err)
     print(refused or "(converted)")
     lab.check("unsupported_model_gets_a_clear_error", "llama" in refused)
 
@@ -241,26 +338,44 @@ sentences = [
 ]
 
 # %%
-if not lab.model_problem:
+if not lab.p.model_problem:
     model.set_attn_implementation("sdpa")
     tokenizer.padding_side = "right"
     inputs = tokenizer(sentences, padding=True, return_tensors="pt").to(lab.device)
+    mask = inputs["attention_mask"].unsqueeze(-1)
+
+    def embedding(hidden):  # the mean of the real tokens' vectors, made unit length: a dot product is the cosine
+        return torch.nn.functional.normalize(((hidden * mask).sum(1) / mask.sum(1)).float(), dim=-1)
 
     def embed_transformers():
         with torch.inference_mode():
-            return fastpath.masked_mean(model(**inputs).last_hidden_state, inputs["attention_mask"])
+            return embedding(model(**inputs).last_hidden_state)
 
     def embed_fastpath():
         with torch.inference_mode():
-            hidden = fast(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state
-            return fastpath.masked_mean(hidden, inputs["attention_mask"])
+            return embedding(fast(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state)
 
-    found = fastpath.embedding_findings({"transformers sdpa": embed_transformers, "fastpath": embed_fastpath},
-                                        sentences, inputs["attention_mask"], lab.device, lab.repeats, lab.tolerance)
-    show(found["neighbours"], title="Nearest neighbour by embedding")
-    show(found["rows"], title=f"{len(sentences)} sentences, {found['padding_share']:.0%} padding; the two similarity "
-         f"matrices differ by at most {found['gap']:.2e}")
-    lab.add(found["findings"])
+    embed = {"transformers sdpa": embed_transformers, "fastpath": embed_fastpath}
+
+# %%
+if not lab.p.model_problem:
+    similarity = {label: e @ e.T for label, e in ((label, fn()) for label, fn in embed.items())}
+    gap = float((similarity["fastpath"] - similarity["transformers sdpa"]).abs().max())
+    closest = similarity["fastpath"].fill_diagonal_(-1).argmax(1).tolist()  # each sentence's nearest other one
+    show(pd.DataFrame({"sentence": [s[:60] for s in sentences],
+                       "closest other sentence": [sentences[j][:60] for j in closest]}),
+         title="Nearest neighbour by embedding")
+    speed = {label: timing.measure(fn, device=lab.device, warmup=1, repeats=lab.p.repeats)
+             for label, fn in embed.items()}
+    embeddings = pd.DataFrame([{"model": label, "median ms": t.median_ms, "p10 ms": t.p10_ms, "p90 ms": t.p90_ms}
+                               for label, t in speed.items()])
+    embeddings["sentences/s"] = len(sentences) / (embeddings["median ms"] / 1e3)
+    padding_share = 1 - inputs["attention_mask"].float().mean().item()
+    lab.table("embeddings", embeddings, title=f"{len(sentences)} sentences, {padding_share:.0%} padding; the two "
+              f"similarity matrices differ by at most {gap:.2e}")
+    embedding_speedup = speed["transformers sdpa"].median_ms / speed["fastpath"].median_ms
+    lab.metric("embedding_fastpath_speedup", embedding_speedup)
+    lab.check("similarities_identical", gap <= lab.p.tolerance, f"{gap:.2e}")
 
 # %% [markdown]
 # ## 4. The sweep: when does skipping padding pay?
@@ -289,41 +404,118 @@ if not lab.model_problem:
 # sequence's length, so it does not follow the tokens, and the measured speed-up can land on either side.)
 
 # %%
-ex = lab.exercise("03.3", padding_fraction=max(lab.padding_fractions))
-print(f"the largest padding fraction of this run: {max(lab.padding_fractions)}")
+ex = lab.exercise("03.3", padding_fraction=max(lab.p.padding_fractions))
+print(f"the largest padding fraction of this run: {max(lab.p.padding_fractions)}")
 answer = None  # your prediction: how many times faster
 ex.check(answer)
 
-# %% tags=["reveals-03.3"]
-sweep = None
-if lab.sweep_problem:
-    lab.skip(f"the sweep on {lab.sweep_model}", lab.sweep_problem)
+# %%
+if lab.p.sweep_problem:
+    lab.skip(f"the sweep on {lab.p.sweep_model}", lab.p.sweep_problem)
 else:
-    sweeping, sweep_tokenizer = models.load_model(lab.sweep_model, device=lab.device, dtype=lab.dtype,
+    sweeping, sweep_tokenizer = models.load_model(lab.p.sweep_model, device=lab.device, dtype=lab.dtype,
                                                   attn_implementation="eager")
-    points = len(lab.implementations) * len(lab.padding_fractions) * len(lab.batch_sizes) * len(lab.lengths)
-    board = LiveBoard(fastpath.SWEEP_COLUMNS, title=f"{lab.sweep_model}, {lab.dtype_name}", total=points)
-    sweep = fastpath.padding_sweep(sweeping, sweep_tokenizer, batch_sizes=lab.batch_sizes, lengths=lab.lengths,
-                                   padding_fractions=lab.padding_fractions, device=lab.device, repeats=lab.repeats,
-                                   implementations=lab.implementations, on_row=board)
-    board.finish()
-    best = fastpath.headline_speedup(sweep["rows"])
-    if best:
-        print(f"batch {best['batch']}, length {best['length']}, {best['padding']:.0%} padding: the fastpath against "
-              f"transformers sdpa{' (noisy: not to be read)' if best['noisy'] else ''}")
-        ex.compare(best["fastpath vs sdpa"], "x")
+    fast_sweep = fastpath.to_fastpath(sweeping)
+    runs = {"transformers eager": sweeping, "transformers sdpa": sweeping, "fastpath": fast_sweep}
+    tiny = fastpath.padded_batch(sweep_tokenizer, batch=1, length=8, padding_fraction=0.0, device=lab.device)
+    floor_ms = timing.measure(fastpath.forward(fast_sweep, tiny), device=lab.device, warmup=2,
+                              repeats=lab.p.repeats).p10_ms  # the fastest 10% of calls
+    print(f"The floor: the fastpath on 1 sequence of 8 tokens takes {floor_ms:.2f} ms (fastest 10% of calls)")
 
 # %%
-if sweep:
-    title = f"{lab.sweep_model} on {lab.device_label}, {lab.dtype_name}"
-    show(fastpath.speedup_rows(sweep["rows"]), title="The fastpath's speed-up over transformers sdpa (above 1: "
-         "faster; ideal if time ∝ tokens: 1 / (1 - padding))")
-    fig = plots.panels(fastpath.sweep_panels(sweep["rows"]), xlabel="padding fraction", ylabel="real tokens/s",
-                       title=title)
+if not lab.p.sweep_problem:
+    sizes = [(b, n, p) for b in lab.p.batch_sizes for n in lab.p.lengths for p in lab.p.padding_fractions]
+    board = LiveBoard(["implementation", "batch", "length", "padding", "median_ms", "p10_ms", "p90_ms", "status"],
+                      title=f"{lab.p.sweep_model}, {lab.dtype_name}", total=len(sizes) * len(lab.p.implementations))
+    batches, rows = {}, []
+    for b, n, p in sizes:
+        batch = batches[b, n, p] = fastpath.padded_batch(sweep_tokenizer, batch=b, length=n, padding_fraction=p,
+                                                         device=lab.device)
+        real = batch["attention_mask"].sum(1)  # each sequence's real tokens
+        for implementation in lab.p.implementations:
+            call = fastpath.forward(runs[implementation], batch, implementation)
+            rows.append({"implementation": implementation, "batch": b, "length": n, "asked": p,
+                         "padding": round(batch["padding_fraction"], 3), "real_tokens": int(real.sum()),
+                         "real_pairs": int((real**2).sum()),  # (query, key) pairs within each sequence
+                         **fastpath.timed(call, lab.device, lab.p.repeats)})
+            board(rows[-1])
+
+# %%
+sweep = None
+if not lab.p.sweep_problem:
+    def remeasure(point):  # a point against its series' cost model is measured once more (the timing rule)
+        batch = batches[point["batch"], point["length"], point["asked"]]
+        again = fastpath.timed(fastpath.forward(runs[point["implementation"]], batch, point["implementation"]),
+                               lab.device, lab.p.repeats)
+        board({**point, **again, "status": "re-measured"})
+        return again
+
+    sweep = pd.DataFrame(fastpath.recheck(rows, remeasure))
+    board.finish()
+    sweep["real tokens/s"] = sweep["real_tokens"] / (sweep["median_ms"] / 1e3)  # padding is work nobody asked for
+    lab.table("sweep", sweep.drop(columns="asked"), show=False)
+
+# %% tags=["reveals-03.3"]
+if sweep is not None:
+    ok = sweep[sweep["status"] == "ok"]
+    speedups = ok[ok.implementation == "fastpath"].merge(ok[ok.implementation == "transformers sdpa"],
+                                                         on=["batch", "length", "padding"], suffixes=("", " sdpa"))
+    sweep = sweep if len(speedups) else None  # no point where both ran (out of memory, say): nothing to compare
+if sweep is not None:
+    speedups["fastpath vs sdpa"] = speedups["median_ms sdpa"] / speedups["median_ms"]  # above 1: the fastpath wins
+    speedups["fastest 10% ratio"] = speedups["p10_ms sdpa"] / speedups["p10_ms"]
+    speedups["ideal"] = 1 / (1 - speedups["padding"])  # if time were proportional to the tokens computed
+    speedups["noisy"] = speedups["noisy"] | speedups["noisy sdpa"]
+    speedups["size"] = speedups["batch"] * speedups["length"]
+    best = speedups.sort_values(["size", "padding"]).iloc[-1]  # the largest batch x length, at the most padding
+    print(f"batch {best.batch}, length {best.length}, {best.padding:.0%} padding: the fastpath against transformers "
+          f"sdpa{' (noisy: not to be read)' if best.noisy else ''}")
+    ex.compare(best["fastpath vs sdpa"], "x")
+
+# %%
+if sweep is not None:
+    speedups = speedups[["batch", "length", "padding", "fastpath vs sdpa", "fastest 10% ratio", "ideal", "noisy"]]
+    lab.table("speedups", speedups, title="The fastpath's speed-up over transformers sdpa (above 1: faster; ideal if "
+              "time ∝ tokens: 1 / (1 - padding))")
+    for r in speedups.to_dict("records"):
+        lab.metric(names.speedup(r["batch"], r["length"], r["padding"]), r["fastpath vs sdpa"])
+    panels = {f"batch {b}, length {n}": {i: (s["padding"], s["real tokens/s"], s["noisy"])
+                                         for i, s in group.groupby("implementation")}
+              for (b, n), group in ok.groupby(["batch", "length"])}
+    fig = plots.panels(panels, xlabel="padding fraction", ylabel="real tokens/s",
+                       title=f"{lab.p.sweep_model} on {lab.device_label}, {lab.dtype_name}")
     lab.figure("real_tokens_per_s_vs_padding", fig)
-    print(f"The floor: the fastpath on 1 sequence of 8 tokens takes {sweep['floor_ms']:.2f} ms (fastest 10% of calls)")
-    print(*fastpath.sweep_lines(sweep), sep="\n")
-    lab.add(fastpath.sweep_findings(sweep))
+
+# %%
+if sweep is not None:
+    for (b, n), group in ok[ok.implementation != "transformers eager"].groupby(["batch", "length"]):
+        least = group[group.padding == group.padding.min()].set_index("implementation")
+        most = group[group.padding == group.padding.max()].set_index("implementation")
+        if group.padding.nunique() < 2 or len(least) < 2 or len(most) < 2:
+            continue
+        if least.noisy.any() or most.noisy.any():
+            print(f"batch {b}, length {n}: noisy (re-measured, still against the trend): no conclusion")
+            continue
+        change = most.p10_ms / least.p10_ms  # each implementation's time, from the least to the most padding
+        print(f"batch {b}, length {n}: {least.p10_ms['fastpath'] / floor_ms:.1f}x the floor without padding; from "
+              f"{group.padding.min():.0%} to {group.padding.max():.0%} padding the fastpath's time "
+              f"x{change['fastpath']:.2f}, transformers sdpa's x{change['transformers sdpa']:.2f}")
+
+# %%
+if sweep is not None:
+    fast_series = ok[(ok.implementation == "fastpath") & (ok.batch == best.batch) & (ok.length == best.length)]
+    first, last = fast_series.sort_values("padding").iloc[[0, -1]].itertuples()
+    what, at = "fastpath time falls with padding", f"batch {best.batch} x length {best.length}"
+    if last.padding < 0.5 or first.padding > 0:
+        lab.skip(what, f"{at} did not run at no padding and at 50% or more")
+    elif first.noisy or last.noisy:
+        lab.skip(what, f"{at}: its points stayed noisy after a re-measurement, so they support no conclusion")
+    elif first.p10_ms < 2 * floor_ms:
+        lab.skip(what, f"even {at} takes only {first.p10_ms / floor_ms:.1f}x the floor ({first.p10_ms:.2f} vs "
+                 f"{floor_ms:.2f} ms): the time is issuing kernels, which skipping padding cannot shorten")
+    else:
+        lab.check("fastpath_time_falls_with_padding", last.p10_ms / first.p10_ms < 0.9,
+                  f"batch {best.batch}, length {best.length}: x{last.p10_ms / first.p10_ms:.2f}", timing=True)
 
 # %% [markdown]
 # The figure and the printed lines answer the question for your machine: how many real tokens per second each
@@ -339,18 +531,40 @@ if sweep:
 # LayerNorm, GELU, and packing the batch), and lower for transformers sdpa, whose time also pays for the padding.
 
 # %%
-if sweep:
-    ceiling = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)
-    found = fastpath.ceiling_findings(sweep, sweeping.config, flops_per_s=ceiling["flops_per_s"], dtype=lab.dtype)
-    print(*found["lines"], sep="\n")
-    lab.add(found)
+if sweep is not None:
+    flops_per_s = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)["flops_per_s"]
+    c = sweeping.config
+    weights = 4 * c.hidden_size**2 + 2 * c.hidden_size * c.intermediate_size  # Q, K, V, output; two feed-forward
+    point = ok[(ok.batch == best.batch) & (ok.length == best.length) & (ok.padding == best.padding)]
+    point = point.set_index("implementation").loc[["fastpath", "transformers sdpa"]]
+    linear = 2 * weights * c.num_hidden_layers * point["real_tokens"]  # 2 FLOPs per weight per real token
+    attention = 4 * c.hidden_size * c.num_hidden_layers * point["real_pairs"]  # Q.K and P.V, within each sequence
+    work = (linear + attention).iloc[0]  # the same real tokens for both: FLOPs nobody asked for are not counted
+    point["GFLOP/s"] = work / (point["median_ms"] / 1e3) / 1e9
+    point["fraction of ceiling"] = point["GFLOP/s"] * 1e9 / flops_per_s
+    rates = ", ".join(f"{i} {r['GFLOP/s']:.3g} GFLOP/s ({r['fraction of ceiling']:.0%})" for i, r in point.iterrows())
+    print(f"At batch {best.batch} x length {best.length}, {best.padding:.0%} padding, the real tokens need "
+          f"{work / 1e9:.3g} GFLOP (attention {attention.iloc[0] / work:.0%} of it, the linear layers the rest); "
+          f"in real work per second: {rates} of this machine's matmul ceiling in {lab.dtype_name}, "
+          f"{flops_per_s / 1e9:.3g} GFLOP/s" + (" (a noisy point: not to be read)" if best.noisy else ""))
+    lab.metric("fastpath_fraction_of_matmul_ceiling", point.loc["fastpath", "fraction of ceiling"])
 
 # %% [markdown]
-# Your numbers beside the reference runs stored in `reference/<device>/`, when there are any. Each run is read at its
-# own largest batch × length, named in the table: a GPU run uses larger sizes than a CPU one.
+# Your numbers beside the reference runs stored in `reference/<device>/`, when there are any, at this run's largest
+# batch × length and at a full GPU run's (batch 128 × length 512, the reference runs' sizes): a GPU run uses larger
+# sizes than a CPU one, so a row is empty where a run did not measure that size.
 
 # %%
-show(fastpath.beside_reference_runs(lab.results.metrics), title="This machine and the reference runs")
+shown = {"sentence embeddings: the fastpath's speed-up over transformers sdpa": "embedding_fastpath_speedup"}
+largest = {(max(lab.p.batch_sizes), max(lab.p.lengths)): "this run's",
+           (max(fastpath.GPU_SIZES["batch_sizes"]), max(fastpath.GPU_SIZES["lengths"])): "a full GPU run's"}
+for (b, n), whose in largest.items():
+    for p in lab.p.padding_fractions:
+        shown[f"the fastpath's speed-up at {p:.0%} padding, batch {b} x length {n} ({whose} largest)"] = \
+            names.speedup(b, n, p)
+shown["the fastpath's real work as a fraction of the matmul ceiling (headline point)"] = \
+    "fastpath_fraction_of_matmul_ceiling"
+show(lab.beside_references(shown), title="This machine and the reference runs")
 
 # %% [markdown]
 # ## 5. Skipping padding today
@@ -370,7 +584,7 @@ try:
     alone = [torch.nn.functional.scaled_dot_product_attention(*[t.transpose(0, 1)] * 3) for t in per_sequence]
     worst = max(float((o.float() - a.float()).abs().max()) for o, a in zip(out.unbind(), alone, strict=True))
     print(f"SDPA on a jagged batch of lengths {lengths_demo}: max difference from each sequence alone {worst:.1e}")
-    lab.check("jagged_sdpa_matches_each_sequence_alone", worst <= lab.tolerance, f"{worst:.1e}")
+    lab.check("jagged_sdpa_matches_each_sequence_alone", worst <= lab.p.tolerance, f"{worst:.1e}")
 except (RuntimeError, NotImplementedError, TypeError) as err:
     lab.skip("SDPA on jagged nested tensors", f"torch {torch.__version__} on {lab.device}: "
              f"{str(err).strip().splitlines()[0][:160]}")
@@ -401,7 +615,9 @@ except (RuntimeError, NotImplementedError, TypeError) as err:
 # row's `position_ids` alone (no attention mask given):
 
 # %%
-if not lab.sweep_problem:
+from transformers import DataCollatorWithFlattening
+
+if not lab.p.sweep_problem:
     example = fastpath.padded_batch(sweep_tokenizer, batch=4, length=8, padding_fraction=0.5, device=lab.device)
     pairs = zip(example["input_ids"], example["attention_mask"], strict=True)
     sequences = [{"input_ids": ids[mask.bool()].tolist()} for ids, mask in pairs]
@@ -414,7 +630,9 @@ if not lab.sweep_problem:
     print(block[0, 0].int())
 
 # %%
-if not lab.sweep_problem:
+from transformers.masking_utils import create_bidirectional_mask
+
+if not lab.p.sweep_problem:
     sweeping.set_attn_implementation("sdpa")  # the sweep ran it eager; from here on it runs transformers' sdpa
     row = torch.zeros(1, packed["input_ids"].shape[1], 1)  # only its shape, dtype and device are read
     built = create_bidirectional_mask(config=sweeping.config, inputs_embeds=row, attention_mask=None,
@@ -423,7 +641,7 @@ if not lab.sweep_problem:
     print(f"transformers {transformers.__version__}, sdpa, a packed row and no mask: " + (
         "it builds the same block-diagonal mask" if same else
         "no mask (every token attends to every other)" if built is None else "another mask"))
-    expected = fastpath.transformers_masks_packed_encoder_rows()  # what the installed source does (labkit.compat)
+    expected = compat.encoder_mask_from_position_ids()  # what the installed source does (read by labkit.compat)
     lab.check("transformers_builds_the_packed_mask_as_its_source_says", same == expected,
               f"transformers {transformers.__version__}")
 
@@ -435,17 +653,100 @@ if not lab.sweep_problem:
 # cannot run on this machine says why in one line.
 
 # %%
-if not lab.sweep_problem:
-    b, n = max(lab.batch_sizes), max(lab.lengths)
-    extremes = sorted({min(lab.padding_fractions), max(lab.padding_fractions)})
-    free = fastpath.padding_free(sweeping, sweep_tokenizer, batch=b, length=n, padding_fractions=extremes,
-                                 device=lab.device, dtype=lab.dtype, quick=lab.quick, repeats=lab.repeats,
-                                 tolerance=lab.tolerance)
-    show(free["rows"], fastpath.PADDING_FREE_COLUMNS,
-         title=f"{lab.sweep_model}, batch {b} x length {n}: the padded batch, then packed rows")
-    for way, error in (free["mixing"] or {}).items():
+def way_call(way, padded, packed):  # one way's call: the real tokens' hidden states, in packed order
+    row, cu = {k: packed[k] for k in ("input_ids", "position_ids")}, packed["cu_seq_lens_q"]  # boundaries: cu
+    implementation, inputs = "sdpa", row  # "packed sdpa, no mask": only the position_ids say where sequences end
+    if way == "padded sdpa":
+        inputs = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+    elif way == "packed sdpa block mask":
+        inputs = {**row, "attention_mask": fastpath.block_diagonal_mask(cu)}
+    elif way == "packed varlen":  # the row with its boundaries, as DataCollatorWithFlattening returns them
+        implementation, inputs = "labkit_varlen", packed
+    elif way == "packed flex document mask":  # the compiled kernel skips the blocks that hold two sequences
+        implementation, inputs = "flex_attention", {**row, "attention_mask": fastpath.document_block_mask(cu)}
+    elif way == "packed sdpa, no mask, no position_ids":  # nothing says where sequences end
+        inputs = {"input_ids": packed["input_ids"]}
+    sweeping.set_attn_implementation(implementation)
+
+    def call():
+        with torch.inference_mode():
+            hidden = sweeping(**inputs).last_hidden_state
+        return hidden[padded["attention_mask"].bool()] if way == "padded sdpa" else hidden[0]
+    return call
+
+
+# %%
+from transformers import AttentionInterface
+
+AttentionInterface.register("labkit_varlen", fastpath.varlen_attention)  # PyTorch's varlen kernel, for transformers
+if not lab.p.sweep_problem:
+    b, n = max(lab.p.batch_sizes), max(lab.p.lengths)
+    extremes = sorted({min(lab.p.padding_fractions), max(lab.p.padding_fractions)})
+    padded = {p: fastpath.padded_batch(sweep_tokenizer, batch=b, length=n, padding_fraction=p, device=lab.device)
+              for p in extremes}
+    packed = {p: fastpath.pack(batch) for p, batch in padded.items()}  # the same sequences, their real tokens in a row
+    cannot = fastpath.ways_available(lab.device, lab.dtype, lab.quick,  # way -> why it cannot run here ('' if it can)
+                                     tokens=max(row["input_ids"].shape[1] for row in packed.values()))
+    rows, outputs = [], {}
+    for p, way in [(p, way) for p in extremes for way in fastpath.WAYS]:
+        if cannot[way] or (way in fastpath.COMPILED_WAYS and p != max(extremes)):  # compiled: at the most padding only
+            continue
+        measured, outputs[way, p] = fastpath.measure_way(functools.partial(way_call, way, padded[p], packed[p]),
+                                                         lab.device, lab.p.repeats)
+        tokens = padded[p]["input_ids"].numel() if way == "padded sdpa" else packed[p]["input_ids"].shape[1]
+        rows.append({"way": way, "asked": p, "padding": round(padded[p]["padding_fraction"], 3),
+                     "tokens computed": tokens, **measured})
+
+# %%
+def relative_error(out, reference):  # ||out - reference|| / ||reference||, at the real tokens
+    return float((out.double() - reference.double()).norm() / reference.double().norm())
+
+
+if not lab.p.sweep_problem:
+    ways = pd.DataFrame(rows)
+    ways["relative error"] = [relative_error(outputs[w, p], outputs["padded sdpa", p])
+                              if outputs[w, p] is not None and outputs.get(("padded sdpa", p)) is not None else None
+                              for w, p in zip(ways["way"], ways["asked"], strict=True)]
+    padded_ms = ways[ways.way == "padded sdpa"].set_index("asked")["median_ms"]
+    ways["speed-up over padded"] = ways["asked"].map(padded_ms) / ways["median_ms"]
+    lab.table("padding_free", ways.drop(columns="asked"), show=False)
+    show(ways, [c for c in fastpath.PADDING_FREE_COLUMNS if c in ways],
+         title=f"{lab.p.sweep_model}, batch {b} x length {n}: the padded batch, then packed rows")
+
+# %%
+if not lab.p.sweep_problem:
+    most, mixing = max(extremes), {}
+    if most > 0 and outputs.get(("padded sdpa", most)) is not None:  # the trap: a packed row with less to go on
+        mixing = {way: relative_error(way_call(way, padded[most], packed[most])(), outputs["padded sdpa", most])
+                  for way in fastpath.UNMASKED_WAYS}
+        sweeping.set_attn_implementation("sdpa")
+    for way, error in mixing.items():
         print(f"{way}: relative error {error:.2e} from the padded batch")
-    lab.add(fastpath.padding_free_findings(free))
+    for way, why in cannot.items():
+        if why:
+            lab.skip(way, why)
+    for r in ways[ways["status"] != "ok"].to_dict("records"):
+        lab.skip(f"{r['way']} at {r['padding']:.0%} padding", r["why"])
+
+# %%
+if not lab.p.sweep_problem:
+    ran_here = ways[ways["status"] == "ok"]
+    worst = ran_here["relative error"].max() if len(ran_here) else 0.0
+    lab.check("padding_free_ways_match_the_padded_batch", len(ran_here) and worst <= lab.p.tolerance,
+              f"largest relative error {worst:.2e}")
+    for r in ran_here[ran_here.way != "padded sdpa"].to_dict("records"):
+        lab.metric(names.padding_free_speedup(r["way"], b, n, r["padding"]), r["speed-up over padded"])
+    if mixing:
+        floor = 5 * max(worst, lab.p.tolerance / 100)  # far beyond rounding: 5x the worst error of a kept-apart way
+        positions, nothing = (mixing[way] for way in fastpath.UNMASKED_WAYS)
+        lab.check("packed_row_without_position_ids_mixes_its_sequences", nothing > floor,
+                  f"{nothing:.2e} without position_ids or a mask, {worst:.2e} with a mask")
+        if compat.encoder_mask_from_position_ids():  # transformers 5.25 and newer build the mask from position_ids
+            lab.check("restarting_position_ids_keep_packed_sequences_apart", positions <= lab.p.tolerance,
+                      f"{positions:.2e} with position_ids and no mask")
+        else:
+            lab.check("packed_rows_need_a_mask_on_bidirectional_sdpa", positions > floor,
+                      f"{positions:.2e} with position_ids and no mask, {worst:.2e} with a mask")
 
 # %% [markdown]
 # The "speed-up over padded" column is the answer for this machine, on the same sequences; "tokens computed" is the
@@ -458,4 +759,30 @@ if not lab.sweep_problem:
 # ## What you measured
 
 # %%
-lab.finish()
+measured = [f"Of {len(ran)} ways of calling nn.TransformerEncoder, {ran['padding skipped'].sum()} packed the batch and "
+            "skipped the padding; PyTorch said nothing when a call fell back, the profiler showed it."]
+if not lab.p.model_problem:
+    measured.append(f"The converted encoder matched transformers to a relative error of {relative:.1e}, with exact "
+                    "zeros at the padding.")
+    measured.append(f"Sentence embeddings ({padding_share:.0%} padding): the fastpath ran {embedding_speedup:.2f}x the "
+                    "speed of transformers sdpa, with the same similarities.")
+if sweep is not None:
+    noisy = int(sweep["noisy"].sum())
+    measured.append(f"At batch {best.batch} x length {best.length} with {best.padding:.0%} padding the fastpath ran "
+                    f"{best['fastpath vs sdpa']:.2f}x transformers sdpa" + (" (a noisy point: not to be read)"
+                                                                           if best.noisy else "")
+                    + f", where a time proportional to the tokens computed would give {best.ideal:.2f}x"
+                    + (f"; {noisy} sweep point{'s' * (noisy != 1)} stayed noisy after a re-measurement and support "
+                       "no conclusion." if noisy else "."))
+    measured.append(f"At the sweep's headline point the fastpath did the real tokens' work at "
+                    f"{point.loc['fastpath', 'fraction of ceiling']:.0%} of this machine's matmul ceiling.")
+    measured.append(f"The floor, one 8-token sequence through the fastpath, took {floor_ms:.2f} ms: a batch that takes "
+                    "little more than that is bound by issuing kernels, not by padding.")
+
+# %%
+if not lab.p.sweep_problem and (ran_here.way != "padded sdpa").any():
+    packed_ways = ran_here[ran_here.way != "padded sdpa"]
+    top = packed_ways.sort_values(["padding", "speed-up over padded"]).iloc[-1]  # the most padding, the fastest way
+    measured.append(f"Packing the same sequences into one row without padding ({top.way}) ran "
+                    f"{top['speed-up over padded']:.2f}x the padded batch at {top.padding:.0%} padding.")
+lab.finish(measured)

@@ -1,13 +1,13 @@
-import re
+import copy
 
 import pytest
 import torch
 from torch import nn
 
-from labkit import attention, fastpath, models
+from labkit import attention, compat, fastpath, models
 from labkit.errors import BadParameter, ModelNotAvailable
 from labkit.metrics import encoder as names
-from labkit.report import _SWEEP_METRIC
+from labkit.results import reference_runs
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +49,33 @@ class _nothing:
         return False
 
 
-# --------------------------------------------------------------------------- the plan
+# --------------------------------------------------------------------------- the parameters
 
-def plan(**parameters):
-    return fastpath.notebook_plan(device="cpu", quick=True, **parameters)
+def resolved(quick=True, **parameters):
+    p = fastpath.Parameters(**parameters)
+    line = p.resolve(device="cpu", quick=quick)
+    return p, line
 
 
-def test_the_plan_sizes_a_quick_cpu_run():
-    p = plan()
-    assert p["dtype"] is torch.float32 and p["tolerance"] == 1e-4 and p["sweep_model"] == "minilm-l6"
-    assert p["batch_sizes"] == [8] and p["lengths"] == [128] and p["padding_fractions"] == [0.0, 0.25, 0.5, 0.75]
-    assert p["implementations"] == names.QUICK_IMPLEMENTATIONS and "minilm-l6" in p["line"]
-    full = fastpath.notebook_plan(device="cpu", quick=False, batch_sizes=[16, 4, 4], padding_fractions=[0.5, 0.0])
-    assert full["batch_sizes"] == [4, 16] and full["padding_fractions"] == [0.0, 0.5]
-    assert full["implementations"] == names.IMPLEMENTATIONS
+def test_the_parameters_are_sized_for_a_quick_cpu_run():
+    p, line = resolved()
+    assert p.dtype is torch.float32 and p.tolerance == 1e-4 and p.sweep_model == "minilm-l6" and p.repeats == 3
+    assert p.batch_sizes == [8] and p.lengths == [128] and p.padding_fractions == [0.0, 0.25, 0.5, 0.75]
+    assert p.implementations == fastpath.QUICK_IMPLEMENTATIONS and "minilm-l6" in line and p.model_problem == ""
+    full, _ = resolved(quick=False, batch_sizes=[16, 4, 4], padding_fractions=[0.5, 0.0])
+    assert full.batch_sizes == [4, 16] and full.padding_fractions == [0.0, 0.5]
+    assert full.implementations == fastpath.IMPLEMENTATIONS and full.repeats == 5
+
+
+def test_the_parameters_defaults_are_the_notebooks():
+    from pathlib import Path
+
+    cell = (Path(__file__).parents[2] / "notebooks/src/03_encoder_fastpath.py").read_text().split("# %%")[2]
+    given = {}
+    exec(cell.split("\n", 1)[1], {}, given)  # the parameters cell: plain assignments
+    defaults = fastpath.Parameters()
+    for name in ("dtype", "model_id", "sweep_model", "padding_fractions", "batch_sizes", "lengths"):
+        assert given[name] == getattr(defaults, name), name
 
 
 @pytest.mark.parametrize("parameters, named", [
@@ -78,17 +91,17 @@ def test_the_plan_sizes_a_quick_cpu_run():
 ])
 def test_a_bad_parameter_gets_one_sentence_naming_it(parameters, named):
     with pytest.raises(BadParameter) as caught:
-        plan(**parameters)
+        resolved(**parameters)
     assert named in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_misspelt_model_stops_the_plan():
+def test_a_misspelt_model_stops_the_notebook():
     with pytest.raises(ModelNotAvailable):
-        plan(model_id="minilm-l7")
+        resolved(model_id="minilm-l7")
 
 
 def test_one_sequence_per_batch_is_fine_without_padding():
-    assert plan(batch_sizes=[1], padding_fractions=[0.0])["batch_sizes"] == [1]
+    assert resolved(batch_sizes=[1], padding_fractions=[0.0])[0].batch_sizes == [1]
 
 
 # --------------------------------------------------------------------------- the converter
@@ -106,11 +119,11 @@ def test_converted_minilm_matches_transformers_on_a_padded_batch(minilm):
         assert fast.why_not(batch["input_ids"], batch["attention_mask"]) == ""
 
 
-def test_compare_with_transformers_records_the_claims(minilm):
+def test_what_ran_tells_the_converted_model_from_transformers(minilm):
     model, tokenizer, fast = minilm
-    compared = fastpath.compare_with_transformers(model, fast, _batch(tokenizer), "cpu", 1e-4)
-    assert all(v is True or v[0] is True for v in compared["findings"]["checks"].values())
-    assert compared["rows"][1] == {"model": "to_fastpath", "fused layer op": True, "padding skipped": True}
+    batch = _batch(tokenizer)
+    assert fastpath.what_ran(fastpath.forward(fast, batch), "cpu") == {"padding skipped": True, "fused layers": 6}
+    assert fastpath.what_ran(fastpath.forward(model, batch), "cpu") == {"padding skipped": False, "fused layers": 0}
 
 
 def test_the_profiler_sees_the_fused_layer_and_the_nested_tensor(minilm):
@@ -159,7 +172,9 @@ def test_electra_with_a_projected_embedding_is_refused():
 
 
 def test_unsupported_models_get_a_clear_error():
-    assert "type is 'llama'" in fastpath.refusal("tiny-llama", "cpu")
+    llama, _ = models.load_model("tiny-llama")
+    with pytest.raises(fastpath.UnsupportedModel, match="type is 'llama'"):
+        fastpath.to_fastpath(llama)
     from transformers import BertConfig, BertModel
 
     config = BertConfig(hidden_size=36, num_hidden_layers=1, num_attention_heads=3, intermediate_size=64,
@@ -182,11 +197,6 @@ def test_padded_batch_makes_the_padding_asked_for(minilm, size):
         fastpath.padded_batch(tokenizer, batch=1, length=8, padding_fraction=0.5)
     with pytest.raises(BadParameter):
         fastpath.padded_batch(tokenizer, batch=4, length=8, padding_fraction=1.0)
-
-
-def test_masked_mean_ignores_padding():
-    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
-    assert torch.equal(fastpath.masked_mean(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
 
 
 # --------------------------------------------------------------------------- the conditions torch 2.13 checks
@@ -237,28 +247,33 @@ def test_compilation_and_a_second_mask_stop_the_packing():
 
 def test_every_situation_is_named_as_the_profiler_sees_it():
     encoder, src, padding = _encoder()
-    cases = fastpath.situations(encoder, src, padding)
+    frozen = copy.deepcopy(encoder).requires_grad_(False)
+    hooked = copy.deepcopy(encoder)
+    hooked.layers[0].register_forward_hook(lambda module, args, output: None)
+    (pre_norm, pre_norm_warned), (no_bias, _) = (fastpath.rebuilt(encoder, norm_first=True),
+                                                 fastpath.rebuilt(encoder, bias=False))
+    compiled = torch.compile(copy.deepcopy(encoder), backend="eager")
+    Situation = fastpath.Situation
+    cases = {c.name: c for c in [
+        Situation("eval, torch.no_grad(), right padding", encoder, src, padding),
+        Situation("training mode", encoder, src, padding, training=True),
+        Situation("gradients tracked", encoder, src, padding, grad=True),
+        Situation("gradients tracked, weights frozen", frozen, src, padding, grad=True),
+        Situation("left padding", encoder, src, padding.flip(1)), Situation("no padding mask", encoder, src, None),
+        Situation("a forward hook on layer 0", hooked, src, padding),
+        Situation("norm_first=True", pre_norm, src, padding, warned=pre_norm_warned),
+        Situation("bias=False", no_bias, src, padding), Situation("torch.compile", compiled, src, padding)]}
     given = fastpath.situation_reasons(cases)
-    rows = fastpath.try_situations(cases, "cpu")
-    findings = fastpath.situation_findings(rows)
-    assert all(v is True or v[0] is True for v in findings["checks"].values()), findings["checks"]
+    rows = [{"situation": name, **fastpath.what_ran(case, "cpu"), "warned": case.warned or "no"}
+            for name, case in cases.items() if case() is not None]  # a first call, then under the profiler
     skipped = {r["situation"] for r in rows if r["padding skipped"]}
     assert skipped == {name for name, why in given["cases"].items() if not why} == {
         "eval, torch.no_grad(), right padding", "gradients tracked, weights frozen", "a forward hook on layer 0"}
     by = {r["situation"]: r for r in rows}
     assert by["torch.compile"]["fused layers"] == 2 and by["bias=False"]["fused layers"] == 0
     assert "norm_first" in by["norm_first=True"]["warned"] and by["training mode"]["warned"] == "no"
-    assert findings["metrics"] == {"fastpath_situations": 10, "fastpath_situations_skipping_padding": 3}
-
-
-def test_accelerate_dispatch_registers_no_torch_hook_and_keeps_the_fastpath():
-    encoder, src, padding = _encoder()
-    rows = fastpath.under_accelerate(encoder, src, padding, "cpu")
-    dispatched, offloaded = rows
-    assert dispatched["modules with an accelerate hook"] > 0 and dispatched["torch forward hooks"] is False
-    assert dispatched["padding skipped"] and dispatched["fused layers"] == 2
-    assert offloaded["error"] != "-"  # an offloaded MultiheadAttention cannot take the packed batch
-    assert fastpath.accelerate_findings(rows, layers=2)["checks"]["accelerate_dispatch_keeps_the_fastpath"][0]
+    fused = {r["situation"] for r in rows if r["fused layers"] == 2}
+    assert fused == {name for name, why in given["unfused"].items() if not why}
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -310,86 +325,23 @@ def test_a_padded_models_time_must_stay_flat_both_ways():
     assert not any(r["noisy"] for r in fastpath.recheck(fast, lambda point: pytest.fail("less work, less time")))
 
 
-def _sweep(fast_most=4.0, noisy=False, floor=1.0):
-    rows = [_row("transformers sdpa", p, 10) for p in (0.0, 0.5, 0.75)] + \
-           [_row("fastpath", 0.0, 11), _row("fastpath", 0.5, 7), _row("fastpath", 0.75, fast_most)]
-    rows = [{**r, "noisy": noisy and r["implementation"] == "fastpath" and r["padding"] == 0.75} for r in rows]
-    return {"rows": rows, "floor_ms": floor}
-
-
-def test_speedups_the_headline_and_the_figure_data():
-    sweep = _sweep(noisy=True)
-    speedups = fastpath.speedup_rows(sweep["rows"])
-    assert [round(s["fastpath vs sdpa"], 2) for s in speedups] == [0.91, 1.43, 2.5]
-    assert [s["noisy"] for s in speedups] == ["", "", "noisy"] and speedups[2]["ideal"] == 4
-    assert fastpath.headline_speedup(sweep["rows"])["padding"] == 0.75
-    panel = fastpath.sweep_panels(sweep["rows"])["batch 8, length 128"]
-    assert panel["fastpath"][0] == [0.0, 0.5, 0.75] and panel["fastpath"][2] == [False, False, True]
-
-
-def test_sweep_findings_check_skip_and_name_metrics_as_the_report_reads_them():
-    good = fastpath.sweep_findings(_sweep())
-    assert good["timing"]["fastpath_time_falls_with_padding"][0] and not good["skipped"]
-    assert good["metrics"]["sweep_noisy_points"] == 0 and good["metrics"]["fastpath_floor_ms"] == 1.0
-    assert good["metrics"][names.speedup(8, 128, 0.75)] == 2.5
-    read = [n for n in good["metrics"] if _SWEEP_METRIC.match(n)]
-    assert sorted(read) == sorted(names.sweep(i, 8, 128, p) for i in ("transformers sdpa", "fastpath")
-                                  for p in (0, 0.5, 0.75))
-    slower = fastpath.sweep_findings(_sweep(fast_most=12.0))
-    assert slower["timing"]["fastpath_time_falls_with_padding"][0] is False
-    noisy = fastpath.sweep_findings(_sweep(noisy=True))
-    assert not noisy["timing"] and "noisy" in noisy["skipped"]["fastpath time falls with padding"]
-    assert noisy["metrics"][names.sweep("fastpath", 8, 128, 0.75, "noisy")] == 1
-    floor_bound = fastpath.sweep_findings(_sweep(floor=8.0))
-    assert "floor" in floor_bound["skipped"]["fastpath time falls with padding"]
-    assert any("noisy" in line for line in fastpath.sweep_lines(_sweep(noisy=True)))
-    assert "x0.36" in fastpath.sweep_lines(_sweep())[0]
-
-
-def test_encoder_flops_count_the_linear_layers_and_attention_of_the_real_tokens():
-    from types import SimpleNamespace
-
-    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
-    # per token per layer: q, k, v, o (4 x 4 x 4) and the feed-forward (2 x 4 x 8) weights, 2 FLOPs each
-    assert fastpath.encoder_flops(config, tokens=3, pairs=5) == {"linear": 2 * (64 + 64) * 2 * 3,
-                                                                 "attention": 4 * 4 * 2 * 5}
-
-
-def test_ceiling_findings_put_the_headline_point_against_the_matmul_ceiling():
-    from types import SimpleNamespace
-
-    config = SimpleNamespace(hidden_size=384, intermediate_size=1536, num_hidden_layers=6)
-    sweep = _sweep()
-    sweep["rows"] = [{**r, "real_pairs": 100_000} for r in sweep["rows"]]
-    found = fastpath.ceiling_findings(sweep, config, flops_per_s=1e12, dtype=torch.float32)
-    fast = next(r for r in sweep["rows"] if r["implementation"] == "fastpath" and r["padding"] == 0.75)
-    flops = fastpath.encoder_flops(config, tokens=fast["real_tokens"], pairs=100_000)
-    rate = (flops["linear"] + flops["attention"]) / (fast["median_ms"] / 1e3)
-    assert found["metrics"][names.FASTPATH_FRACTION_OF_CEILING] == pytest.approx(rate / 1e12)
-    assert "batch 8 x length 128, 75% padding" in found["lines"][0] and "float32" in found["lines"][0]
-    assert fastpath.ceiling_findings({"rows": [], "floor_ms": 1.0}, config, flops_per_s=1e12, dtype="float32") == \
-        {"lines": [], "metrics": {}}
-
-
-def test_beside_the_reference_runs_each_at_its_own_largest_sizes():
-    metrics = {names.speedup(8, 128, 0.75): 1.5, names.speedup(4, 128, 0.75): 9.0, "embedding_fastpath_speedup": 1.2}
-    rows = {r["measured"]: r for r in fastpath.beside_reference_runs(metrics)}
-    at_75 = rows["the fastpath's speed-up at 75% padding, largest batch x length"]
-    assert at_75["this machine"] == "1.50 (batch 8 x length 128)"
-    assert at_75["nvidia-h100"].endswith("(batch 128 x length 512)")  # the stored H100 run's own sizes
-    assert rows["sentence embeddings: the fastpath's speed-up over transformers sdpa"]["this machine"] == 1.2
-
-
-def test_the_sweep_runs_rechecks_and_reports_each_row(tiny_bert):
+def test_each_implementation_is_timed_on_the_same_batch(tiny_bert):
     model, tokenizer = tiny_bert
-    seen = []
-    sweep = fastpath.padding_sweep(model, tokenizer, batch_sizes=[4], lengths=[16], padding_fractions=[0.0, 0.5],
-                                   device="cpu", repeats=1, implementations=names.QUICK_IMPLEMENTATIONS,
-                                   on_row=seen.append)
-    assert len(sweep["rows"]) == 4 and len(seen) >= 4 and sweep["floor_ms"] > 0
-    assert all(r["status"] == "ok" and "noisy" in r and r["real tokens/s"] > 0 for r in sweep["rows"])
-    assert all(r["real_pairs"] == 4 * 16**2 for r in sweep["rows"] if r["padding"] == 0)  # 4 full sequences
-    assert {r["implementation"] for r in sweep["rows"]} == {"transformers sdpa", "fastpath"}
+    fast = fastpath.to_fastpath(model)
+    batch = fastpath.padded_batch(tokenizer, batch=4, length=16, padding_fraction=0.5)
+    out = {i: fastpath.forward(fast if i == "fastpath" else model, batch, i)() for i in fastpath.IMPLEMENTATIONS}
+    real = batch["attention_mask"].bool()
+    assert all(torch.allclose(o.last_hidden_state[real], out["fastpath"].last_hidden_state[real], atol=1e-4)
+               for o in out.values())
+    assert compat.attn_implementation(model) == "sdpa"  # the last transformers implementation asked for
+    timed = fastpath.timed(fastpath.forward(fast, batch), "cpu", repeats=2)
+    assert timed["status"] == "ok" and 0 < timed["p10_ms"] <= timed["median_ms"] <= timed["p90_ms"]
+
+
+def test_the_headline_names_are_the_reference_runs():
+    stored = reference_runs("03_encoder_fastpath")["nvidia-h100"]["metrics"]
+    assert names.speedup(128, 512, 0.75) in stored and names.speedup(128, 512, 0.749) == names.speedup(128, 512, 0.75)
+    assert max(fastpath.GPU_SIZES["batch_sizes"]) == 128 and max(fastpath.GPU_SIZES["lengths"]) == 512
 
 
 # --------------------------------------------------------------------------- skipping padding today
@@ -406,30 +358,29 @@ def test_pack_gives_transformers_flattened_layout(tiny_bert):
     assert mask.sum() == sum(n * n for n in lengths) and mask.diagonal().all()
 
 
-def test_packed_rows_match_the_padded_batch_and_need_their_mask(tiny_bert):
+def _hidden(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs).last_hidden_state
+
+
+def test_a_packed_row_matches_the_padded_batch_with_its_mask_and_mixes_without(tiny_bert):
     model, tokenizer = tiny_bert
-    free = fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.0, 0.5], device="cpu",
-                                 dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
-    ways = {(r["way"], r["padding"]) for r in free["rows"]}
-    assert ways == {(w, p) for w in names.WAYS[:2] for p in (0.0, 0.5)}
-    assert all(r["status"] == "ok" and r["relative error"] < 1e-4 for r in free["rows"])
-    assert set(free["skipped"]) == {"packed varlen", "packed flex document mask"}  # CUDA only; compiled, not quick
-    assert "CPU" in free["skipped"]["packed varlen"]
-    findings = fastpath.padding_free_findings(free)
-    assert all(v[0] for v in findings["checks"].values()), findings["checks"]
-    assert names.padding_free_speedup("packed sdpa block mask", 4, 16, 0.5) in findings["metrics"]
-    assert compat_attn(model) == "sdpa"  # left as it was found
-
-
-def compat_attn(model):
-    from labkit import compat
-
-    return compat.attn_implementation(model)
+    batch = fastpath.padded_batch(tokenizer, batch=4, length=16, padding_fraction=0.5)
+    packed = fastpath.pack(batch)
+    expected = _hidden(model, {k: batch[k] for k in ("input_ids", "attention_mask")})[batch["attention_mask"].bool()]
+    row = {k: packed[k] for k in ("input_ids", "position_ids")}
+    masked = _hidden(model, {**row, "attention_mask": fastpath.block_diagonal_mask(packed["cu_seq_lens_q"])})[0]
+    assert torch.allclose(masked, expected, atol=1e-4)
+    nothing = _hidden(model, {"input_ids": packed["input_ids"]})[0]  # nothing says where a sequence ends
+    assert not torch.allclose(nothing, expected, atol=1e-2)
+    positions = _hidden(model, row)[0]  # transformers 5.25 builds the mask from the restarting position_ids
+    assert torch.allclose(positions, expected, atol=1e-4) == compat.encoder_mask_from_position_ids()
 
 
 def test_varlen_attention_reads_the_boundaries_transformers_passes(tiny_bert, monkeypatch):
     """The GPU-only way's plumbing, on a CPU: varlen_attn replaced by SDPA run on each sequence alone."""
     import torch.nn.attention.varlen as varlen
+    from transformers import AttentionInterface
 
     model, tokenizer = tiny_bert
     calls = []
@@ -443,60 +394,33 @@ def test_varlen_attention_reads_the_boundaries_transformers_passes(tiny_bert, mo
         return torch.cat(outs)
 
     monkeypatch.setattr(varlen, "varlen_attn", per_sequence)
-    monkeypatch.setattr(fastpath, "varlen_problem", lambda device, dtype: "")
-    free = fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.5], device="cpu",
-                                 dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
-    row = next(r for r in free["rows"] if r["way"] == "packed varlen")
-    assert row["status"] == "ok" and row["relative error"] < 1e-5
+    batch = fastpath.padded_batch(tokenizer, batch=4, length=16, padding_fraction=0.5)
+    expected = _hidden(model, {k: batch[k] for k in ("input_ids", "attention_mask")})[batch["attention_mask"].bool()]
+    AttentionInterface.register("labkit_varlen", fastpath.varlen_attention)  # as notebook 03 registers it
+    model.set_attn_implementation("labkit_varlen")
+    try:
+        got = _hidden(model, fastpath.pack(batch))[0]  # the row with its boundaries
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert attention.relative_error(got, expected) < 1e-5
     assert calls and calls[0][1][0] == 0 and len(calls[0][0]) == 3  # (tokens, heads, head size) and boundaries
 
 
-def test_a_way_that_breaks_is_a_row_not_a_crash(tiny_bert, monkeypatch):
-    model, tokenizer = tiny_bert
-    monkeypatch.setattr(fastpath, "varlen_problem", lambda device, dtype: "")  # let it try on the CPU
-    free = fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.5], device="cpu",
-                                 dtype=torch.float32, quick=True, repeats=1, tolerance=1e-4)
-    row = next(r for r in free["rows"] if r["way"] == "packed varlen")
-    assert row["status"] == "failed" and "NotImplementedError" in row["why"]
-    assert "packed varlen at 50% padding" in fastpath.padding_free_findings(free)["skipped"]
+def test_a_way_is_timed_beside_its_output_and_one_that_breaks_is_a_row_not_a_crash():
+    x = torch.ones(3)
+    measured, out = fastpath.measure_way(lambda: (lambda: x * 2), "cpu", repeats=2)
+    assert measured["status"] == "ok" and measured["first call s"] >= 0 and torch.equal(out, x * 2)
 
+    def missing_kernel():
+        raise NotImplementedError("Could not run 'aten::_flash_attention_forward' with arguments from the 'CPU' "
+                                  "backend.\nmore lines")
 
-def test_a_compiled_way_is_measured_at_the_most_padding_only(tiny_bert, monkeypatch):
-    model, tokenizer = tiny_bert
-    measured = []
-
-    def stub(model, way, padded, packed, device, repeats):
-        measured.append((way, round(padded["padding_fraction"], 2)))
-        return {"status": "ok", "median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0}, None
-
-    monkeypatch.setattr(fastpath, "_measure_way", stub)
-    monkeypatch.setattr(fastpath, "ways_available", lambda *args: dict.fromkeys(names.WAYS, ""))
-    fastpath.padding_free(model, tokenizer, batch=4, length=16, padding_fractions=[0.0, 0.5], device="cpu",
-                          dtype=torch.float32, quick=False, repeats=1, tolerance=1e-4)
-    assert [w for w, p in measured if w in fastpath.COMPILED_WAYS] == ["packed flex document mask"]
-    assert ("packed flex document mask", 0.5) in measured and len(measured) == 7
+    measured, out = fastpath.measure_way(lambda: missing_kernel, "cpu", repeats=2)
+    assert out is None and measured == {"status": "failed", "why": "NotImplementedError: Could not run "
+                                        "'aten::_flash_attention_forward' with arguments from the 'CPU' backend."}
+    assert "CPU" in fastpath.varlen_problem("cpu", torch.float32)  # the real kernel: a GPU one
 
 
 def test_a_dense_mask_is_refused_for_a_long_packed_row():
     assert fastpath.ways_available("cpu", torch.float32, False, 2**14)["packed sdpa block mask"]
     assert fastpath.ways_available("cpu", torch.float32, False, 2**12)["packed sdpa block mask"] == ""
-
-
-# --------------------------------------------------------------------------- what you measured
-
-def test_what_you_measured_reads_this_runs_numbers_and_survives_skips():
-    metrics = {"fastpath_situations": 10, "fastpath_situations_skipping_padding": 3,
-               "to_fastpath_relative_error": 1.2e-6, "embedding_fastpath_speedup": 1.4, "embedding_padding_percent": 47,
-               names.speedup(8, 128, 0.0): 0.9, names.speedup(8, 128, 0.75): 1.5, "sweep_noisy_points": 1,
-               "fastpath_floor_ms": 17.0, names.padding_free_speedup("packed sdpa block mask", 8, 128, 0.75): 2.3,
-               names.padding_free_speedup("packed sdpa block mask", 8, 128, 0.0): 0.7,
-               names.FASTPATH_FRACTION_OF_CEILING: 0.12}
-    lines = fastpath.what_you_measured({"metrics": metrics, "checks": {}, "skipped": {}})
-    text = "\n".join(lines)
-    assert "the fastpath did the real tokens' work at 12% of this machine's matmul ceiling" in text
-    assert len(lines) == 7 and "3 packed" in text and "1.50x" in text and "4.00x" in text and "1 sweep point" in text
-    assert "packed sdpa block mask) ran 2.30x the padded batch at 75% padding" in text
-    assert not re.search(r"\b(issue|target)s?\b", text, re.I) and "_" not in text.replace("norm_first", "")
-    assert fastpath.what_you_measured({"metrics": {}, "checks": {}, "skipped": {"x": "y"}}) == []
-    metrics[names.sweep("transformers sdpa", 8, 128, 0.75, "noisy")] = 1
-    assert "(a noisy point: not to be read)" in fastpath.what_you_measured({"metrics": metrics})[3]

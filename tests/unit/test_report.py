@@ -99,9 +99,14 @@ def test_legacy_comparison_joins_the_legacy_paths_with_notebook_03_at_the_same_p
                                                  "figures": []}
     summary["notebooks"]["03_encoder_fastpath"] = {**summary["notebooks"]["01_flash_attention"], "figures": [],
                                                    "parameters": {"sweep_model": "auto"},
-                                                   "metrics": {"sweep_transformers_sdpa_b8_n128_pad50_ms": 420.0,
-                                                               "sweep_fastpath_b8_n128_pad50_ms": 133.0,
-                                                               "sweep_transformers_sdpa_b4_n128_pad50_ms": 1.0}}
+                                                   "tables": {"sweep": {  # as notebook 03 records it (lab.table)
+                                                       "columns": ["implementation", "batch", "length", "padding",
+                                                                   "median_ms", "status"],
+                                                       "data": [["transformers sdpa", 8, 128, 0.498, 420.0, "ok"],
+                                                                ["fastpath", 8, 128, 0.498, 133.0, "ok"],
+                                                                ["transformers eager", 8, 128, 0.498, 9.0, "ok"],
+                                                                ["transformers sdpa", 4, 128, 0.5, 1.0, "ok"],
+                                                                ["fastpath", 8, 128, 0.0, None, "oom"]]}}}
     rows = report.legacy_comparison(summary)
     assert [(r["model"], r["padding %"]) for r in rows] == [("minilm_l6", 0), ("minilm_l6", 50), ("tiny_bert", 50)]
     at_50 = rows[1]
