@@ -460,11 +460,11 @@ if recipes:
 # %% [markdown]
 # The table and the lines under it say it from this run's numbers: how much of a step the products take here, and
 # whether each recipe changed the step by more than the spread of the measurements (the larger p10-p90 range of the
-# recipe and of the dynamic cache: "beyond the spread"). The products alone are timed eagerly,
-# one launch each: on a CPU no recipe can go much below that time; on a GPU a step replayed as a CUDA graph can. A
-# recipe that moved by less than the spread did nothing measurable. On a GPU, where a small model's step sits far above
-# its bound, the rest is where the compiled step (one CUDA graph launch per step) can make its difference, and the
-# table says how much it did. A compiled recipe's first call compiles: the "first call extra s" column.
+# recipe and of the dynamic cache: "beyond the spread"). The products alone are timed eagerly, one launch each: on a CPU
+# no recipe can go much below that time; on a GPU a step replayed as a CUDA graph can. A recipe that moved by less than
+# the spread did nothing measurable. On a GPU, where a small model's step sits far above its bound, the rest is where
+# the compiled step (one CUDA graph launch per step) can make its difference, and the table says how much it did. A
+# compiled recipe's first call compiles: the "first call extra s" column.
 #
 # The "same tokens" column says which recipes generated exactly the dynamic cache's tokens. In float32 they must all
 # agree (this notebook checks it). In 16-bit it is a count, not a claim: a compiled step may add up a sum in another
