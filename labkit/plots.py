@@ -210,26 +210,26 @@ def bandwidth_sweep(rows: Sequence[dict[str, Any]], *, limit: float | None = Non
     return fig
 
 
-def prefill_sweep(rows: Sequence[dict[str, Any]], *, title: str = ""):
-    """Prefill time against prompt tokens, one panel per model and one line per attention implementation (rows from
-    ``generation.prefill_sweep``): the median with its p10-p90 spread; a point the trend recheck left ``noisy`` is
-    drawn hollow and labelled, because no conclusion is drawn from it."""
+def prefill_sweep(table, *, title: str = ""):
+    """Prefill time against prompt tokens, one panel per model and one line per attention implementation (notebook 02's
+    prefill table: ``model``, ``attention``, ``prompt tokens``, ``median ms``, ``p10 ms``, ``p90 ms``, ``noisy``): the
+    median with its p10-p90 spread; a point the trend recheck left noisy is drawn hollow and labelled, because no
+    conclusion is drawn from it."""
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys(r["model"] for r in rows)) or ["(nothing measured)"]
+    panels = list(dict.fromkeys(table.get("model", []))) or ["(nothing measured)"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for ax, model in zip(axes[0], panels, strict=True):
-        mine = [r for r in rows if r["model"] == model]
-        for implementation in dict.fromkeys(r["attn_implementation"] for r in mine):
-            series = sorted((r for r in mine if r["attn_implementation"] == implementation),
-                            key=lambda r: r["prompt_tokens"])
-            xs, ys = [r["prompt_tokens"] for r in series], [r["median_ms"] for r in series]
-            spread = [[max(y - r["p10_ms"], 0) for y, r in zip(ys, series, strict=True)],
-                      [max(r["p90_ms"] - y, 0) for y, r in zip(ys, series, strict=True)]]
-            line = ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=implementation)
-            noisy = [(x, y) for x, y, r in zip(xs, ys, series, strict=True) if r.get("noisy")]
-            if noisy:
-                ax.plot([x for x, _ in noisy], [y for _, y in noisy], "o", markersize=11, markerfacecolor="none",
+        mine = table[table["model"] == model] if len(table) else table
+        for implementation, series in (mine.groupby("attention", sort=False) if len(mine) else []):
+            series = series.sort_values("prompt tokens")
+            spread = [(series["median ms"] - series["p10 ms"]).clip(lower=0),
+                      (series["p90 ms"] - series["median ms"]).clip(lower=0)]
+            line = ax.errorbar(series["prompt tokens"], series["median ms"], yerr=spread, marker="o", capsize=3,
+                               label=implementation)
+            noisy = series[series["noisy"]]
+            if len(noisy):
+                ax.plot(noisy["prompt tokens"], noisy["median ms"], "o", markersize=11, markerfacecolor="none",
                         color=line[0].get_color(), label=f"{implementation}: noisy, no conclusion")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -42,11 +42,13 @@ solutions = False                         # fill every exercise with its solutio
 results_path = ""                         # where to write the results JSON (empty: do not write)
 
 # %%
+import pandas as pd
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import StaticCache
 
 import labkit
-from labkit import compat, generation, models, plots, probes, roofline, timing
+from labkit import attention, compat, generation, models, plots, probes, roofline, timing
 from labkit.widgets import show
 
 lab = labkit.start("02_decoders_and_generation", globals())
@@ -100,66 +102,130 @@ else:
 # attention holds each layer's N² scores; at short prompts other tensors and fixed costs dominate and the two are
 # close. Prefill here computes the logits of the last position only, as `generate` does. Decode speed should barely
 # differ, for a reason section 3 measures. Prefill times are the median of several runs, shown with their **p10-p90**
-# spread (the 10th and 90th percentiles: the middle 80% of the runs fall between them). Prefill time must grow with
+# spread (the 10th and 90th percentiles: the middle 80% of the runs fall between them); the TFLOP/s column counts
+# about 2 FLOPs per weight per token, the arithmetic that each weight read serves. Prefill time must grow with
 # the prompt; a point where it fell instead is measured again, and if it still contradicts the trend it is marked
 # **noisy** and nothing is concluded from it.
 
 # %%
-prefill_rows, decode_rows, loaded = [], [], {}
-for name in lab.model_ids:
-    if lab.problems[name]:
-        lab.skip(f"prefill and decode of {name}", lab.problems[name])
+def prefill(model, ids):  # the whole prompt in one forward pass, filling the KV cache; logits of the last position only
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+
+def prefill_point(model, tokens, repeats):  # one prompt length: its time, and the memory it needs beyond the weights
+    ids = generation.random_prompt(model, batch=lab.p.prefill_batch, length=tokens)
+    took = timing.measure(lambda: prefill(model, ids), device=lab.device, warmup=1, repeats=repeats)
+    peak = attention.peak_extra_memory(lambda: prefill(model, ids), lab.device)  # None where it cannot be measured
+    return {"prompt tokens": tokens, "batch": ids.shape[0], "median ms": took.median_ms, "p10 ms": took.p10_ms,
+            "p90 ms": took.p90_ms, "tokens per s": ids.numel() / took.median_ms * 1e3,
+            "peak MiB": None if peak is None else peak / 2**20}
+
+# %%
+prefill_rows, loaded = [], {}
+for name in lab.p.model_ids:
+    if lab.p.problems[name]:
+        lab.skip(f"prefill and decode of {name}", lab.p.problems[name])
         continue
     model, tokenizer = loaded[name] = models.load_model(name, device=lab.device, dtype=lab.dtype)
-    lengths = generation.usable_lengths(model, lab.prompt_lengths)  # what fits the model's position table
-    if len(lengths) < len(lab.prompt_lengths):
-        print(f"{name}: prompts longer than {model.config.max_position_embeddings - 1} tokens are left out")
-    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(lab.device)
-    for implementation in lab.implementations:
+    positions = model.config.max_position_embeddings  # a prompt must leave a position for the next token
+    lengths = [n for n in lab.p.prompt_lengths if n < positions]
+    left_out = [n for n in lab.p.prompt_lengths if n >= positions]
+    if left_out:
+        print(f"{name}: prompts of {left_out} tokens are left out (at most {positions - 1} fit)")
+    for implementation in lab.p.implementations:
         model.set_attn_implementation(implementation)  # the same weights, another attention
-        which = {"model": name, "attn_implementation": implementation}
-        for row in generation.prefill_sweep(model, lengths, batch=lab.prefill_batch, repeats=lab.repeats):
-            prefill_rows.append({**which, **row})
-        decode = generation.measure_decode(model, prompt_ids, new_tokens=lab.new_tokens, repeats=lab.repeats,
-                                           tokenizer=tokenizer)
-        decode_rows.append({**which, **decode})
+        points = [prefill_point(model, n, lab.p.repeats) for n in lengths]
+        points = timing.recheck_trend(  # the timing rule: a time that fell as the prompt grew is measured again
+            points, work="prompt tokens", time="median ms", low="p10 ms", high="p90 ms",
+            remeasure=lambda p, m=model: prefill_point(m, p["prompt tokens"], lab.p.repeats + 2))
+        prefill_rows += [{"model": name, "attention": implementation, **point} for point in points]
     model.set_attn_implementation("sdpa")
 
 # %%
-show(generation.prefill_table(prefill_rows), title=f"Prefill ({lab.dtype_name})")
-lab.add(generation.prefill_findings(prefill_rows))
-fig = plots.prefill_sweep(prefill_rows, title=f"Prefill on {lab.device_label}, {lab.dtype_name}")
-lab.figure("prefill", fig)
-longest = generation.longest_prompt(prefill_rows, {n: m.config for n, (m, _) in loaded.items()}, lab.dtype)
-show(longest, title="Eager against sdpa at the longest prompt (a noisy time gives no ratio)")
-lab.add(generation.longest_prompt_findings(longest))
+sweep = pd.DataFrame(prefill_rows)
+counts = {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in loaded.items()}  # parameters
+if not sweep.empty:  # 2 FLOPs a weight a token (a multiply and an add), the attention scores left out
+    tokens = sweep["batch"] * sweep["prompt tokens"]
+    sweep["TFLOP/s"] = 2 * sweep["model"].map(counts) * tokens / sweep["median ms"] / 1e9
+    shown = ["model", "attention", "batch", "prompt tokens", "median ms", "p10 ms", "p90 ms", "tokens per s",
+             "TFLOP/s", "peak MiB", "noisy"]
+    lab.table("prefill", sweep[shown], title=f"Prefill ({lab.dtype_name})")
+    fig = plots.prefill_sweep(sweep, title=f"Prefill on {lab.device_label}, {lab.dtype_name}")
+    lab.figure("prefill", fig)
+
+# %%
+longest = pd.DataFrame()
+if not sweep.empty:
+    at = sweep[sweep["prompt tokens"] == sweep.groupby("model")["prompt tokens"].transform("max")]
+    eager, sdpa = (at[at["attention"] == which].set_index("model") for which in ("eager", "sdpa"))
+    heads = pd.Series({name: m.config.num_attention_heads for name, (m, _) in loaded.items()})
+    scores = sdpa["batch"] * heads * sdpa["prompt tokens"] ** 2 * lab.dtype.itemsize  # one layer's N x N, every head
+    longest = pd.DataFrame({
+        "prompt tokens": sdpa["prompt tokens"],
+        "eager / sdpa memory": eager["peak MiB"] / sdpa["peak MiB"],
+        "eager / sdpa time": (eager["median ms"] / sdpa["median ms"]).where(~(eager["noisy"] | sdpa["noisy"])),
+        "one layer's scores MiB": scores / 2**20,
+    }).dropna(subset=["eager / sdpa memory"]).rename_axis("model").reset_index()
+    lab.table("longest_prompt", longest, title="Eager against sdpa at the longest prompt (a noisy time gives no ratio)")
 
 # %% [markdown]
 # Read the memory column first: it does not depend on timing noise. Where eager needs more memory than sdpa, compare
 # the excess with the size of one layer's scores beside it. The time ratio is shown only where both times held up
 # against the trend. At the quick sizes on a CPU a layer's scores take less than a MiB (the "one layer's scores MiB"
-# column); at 2048 tokens
-# and batch 4, eager needed 5.92x the prefill memory of sdpa for smollm2-135m (measured on an H100 in
-# `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb`). That run's time ratio is not quoted: its sdpa
-# times fell as the prompts grew (43.96 ms at 256 tokens, 20.07 ms at 2048), the contradiction now marked noisy.
+# column); at 2048 tokens and batch 4, eager needed 5.92x the prefill memory of sdpa for smollm2-135m (measured on an
+# H100 in `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb`). That run's time ratio is not quoted: its
+# sdpa times fell as the prompts grew (43.96 ms at 256 tokens, 20.07 ms at 2048), the contradiction now marked noisy.
 #
+# Then decode, with each implementation: the prompt, then `new_tokens` tokens generated greedily. A step's time is the
+# difference of two `generate` calls, one for `new_tokens` tokens and one for a single token (the prefill and the
+# set-up), divided by the `new_tokens - 1` steps between them.
+
+# %%
+decode_rows = []
+for name, (model, tokenizer) in loaded.items():
+    prompt_ids = tokenizer(lab.p.prompt, return_tensors="pt").input_ids.to(lab.device)
+    for implementation in lab.p.implementations:
+        model.set_attn_implementation(implementation)
+        decode = generation.measure_decode(model, prompt_ids, new_tokens=lab.p.new_tokens, repeats=lab.p.repeats,
+                                           tokenizer=tokenizer)
+        decode_rows.append({"model": name, "attention": implementation, **decode})
+    model.set_attn_implementation("sdpa")
+
+# %% [markdown]
 # Are the results the same? In float32, with each implementation: the logits of two random prompts (a random-weight
 # model's greedy text is repetitive, so the logits are the sharper test) and the greedy tokens of the prompt.
 # flash_attention_2 runs only in 16-bit, where rounding differs, so it is not part of this comparison.
 
 # %%
-agree, fp32_models = {}, {}
+agree, fp32_models = [], {}
 for name, (model, tokenizer) in loaded.items():
     fp32 = model if lab.dtype == torch.float32 else models.load_model(name, device=lab.device, dtype="float32")[0]
     fp32_models[name] = fp32
-    agree[name] = generation.implementations_agree(fp32, tokenizer, prompt, ["eager", "sdpa"],
-                                                   new_tokens=lab.new_tokens)
-    print(f"{name}: logits differ by {agree[name]['logit_error']:.1e} (relative, 2 random prompts of 48 tokens); "
-          f"greedy {' | '.join(f'{k}: {v!r}' for k, v in agree[name]['text'].items())}")
-if agree:
-    lab.add(generation.agreement_findings(agree))
-else:
+    ids = tokenizer(lab.p.prompt, return_tensors="pt").input_ids.to(lab.device)
+    two_random = generation.random_prompt(fp32, batch=2, length=48, seed=1)
+    tokens, logits = {}, {}
+    for implementation in ("eager", "sdpa"):
+        fp32.set_attn_implementation(implementation)
+        out = generation.generate_exactly(fp32, ids, lab.p.new_tokens, tokenizer=tokenizer)
+        tokens[implementation] = out[0, ids.shape[1]:].tolist()
+        with torch.inference_mode():
+            logits[implementation] = fp32(input_ids=two_random).logits.double()
+    fp32.set_attn_implementation("sdpa")
+    error = (logits["eager"] - logits["sdpa"]).norm() / logits["sdpa"].norm()
+    agree.append({"model": name, "logits relative difference": float(error),
+                  "same greedy tokens": tokens["eager"] == tokens["sdpa"],
+                  **{f"{k} greedy text": tokenizer.decode(v) for k, v in tokens.items()}})
+agree = pd.DataFrame(agree)
+
+# %%
+if agree.empty:
     lab.skip("eager against sdpa, tokens and logits", "no model of model_ids could be loaded")
+else:
+    lab.table("agreement", agree, title="Eager against sdpa in float32 (logits of 2 random prompts of 48 tokens)")
+    lab.check("greedy_tokens_identical_across_implementations", agree["same greedy tokens"].all())  # the table: which
+    worst = agree["logits relative difference"].max()
+    lab.check("logits_agree_across_implementations", worst < 1e-4, f"largest relative difference {worst:.1e}")
 
 # %% [markdown]
 # ## 3. Why decode barely speeds up: the bandwidth bound
@@ -170,12 +236,15 @@ else:
 #
 # `tokens/s ≤ batch × bandwidth ÷ (weight bytes + KV cache bytes)`.
 #
-# labkit counts the bytes from the model itself (tied embeddings once; an untied input embedding contributes only the
-# rows it looks up) and measures the bandwidth now with a large copy (a small buffer could sit in a CPU cache).
+# The cell below counts the bytes from the model itself: every parameter once (an output layer tied to the input
+# embedding is one parameter, as in every model here; an untied input embedding would be read only at the rows of the
+# tokens looked up, so for such a model the count is an upper bound). labkit measures the bandwidth now, with a large
+# copy (a small buffer could sit in a CPU cache).
 
 # %%
-bandwidth = roofline.bandwidth_ceiling(lab.device)
-print(f"Memory bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s, {bandwidth['source']}")
+measured = roofline.bandwidth_ceiling(lab.device)  # a large copy, timed now
+bandwidth = measured["bytes_per_s"]
+print(f"Memory bandwidth: {bandwidth / 1e9:.1f} GB/s, {measured['source']}")
 
 # %% [markdown]
 # **02.1 · Predict.** The first model of section 2 (smollm2-135m unless you changed `model_ids`) has the number of
@@ -184,9 +253,8 @@ print(f"Memory bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s, {bandwidth[
 
 # %%
 first = next(iter(loaded), None)
-ex = lab.exercise("02.1", parameters=sum(p.numel() for p in loaded[first][0].parameters()) if first else 1.0e9,
-                  bytes_per_parameter=roofline.element_size(lab.dtype),
-                  bandwidth_gb_per_s=round(bandwidth["bytes_per_s"] / 1e9, 1))
+ex = lab.exercise("02.1", parameters=counts.get(first, 1.0e9), bytes_per_parameter=lab.dtype.itemsize,
+                  bandwidth_gb_per_s=round(bandwidth / 1e9, 1))
 print(ex)
 answer = None  # your prediction, in tokens/s
 ex.check(answer)
@@ -196,27 +264,44 @@ ex.check(answer)
 # only then the rates. The further a step is above its bound, the less of it goes to reading the weights at the
 # machine's best speed.
 
+# %%
+def weight_bytes(model):  # every parameter once (a tied embedding and output layer are one parameter)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def bound_ms(model, batch, context):  # a step reads every weight once and the whole KV cache, at the copy's speed
+    cache = roofline.kv_cache_bytes(model.config, batch=batch, context=context, dtype=model.dtype)
+    return (weight_bytes(model) + cache) / bandwidth * 1e3
+
 # %% tags=["reveals-02.1"]
-for r in decode_rows:
-    r.update(generation.bandwidth_bound(loaded[r["model"]][0], r, bandwidth["bytes_per_s"]))
-    if r["attn_implementation"] == "sdpa":
-        print(f"{r['model']}: {generation.step_verdict(r['step_ms'], r['bound_step_ms'], lab.device)}")
-show(generation.decode_table(decode_rows), title=f"Decode, batch 1, against the bandwidth bound ({lab.dtype_name})")
-lab.add(generation.decode_findings(decode_rows, bandwidth["bytes_per_s"]))
-mine = [r for r in decode_rows if r["model"] == first and r["attn_implementation"] == "sdpa"]
-if mine:
-    print(f"{first}: the bound is {mine[0]['bound_tokens_per_s']:.4g} tokens/s; it generated:")
-    ex.compare(mine[0]["tokens_per_s"], "tokens/s")
+decode = pd.DataFrame(decode_rows).rename(columns=lambda c: c.replace("_", " "))
+if not decode.empty:
+    decode["weights MB"] = decode["model"].map({n: weight_bytes(m) / 1e6 for n, (m, _) in loaded.items()})
+    decode["context"] = decode["prompt tokens"] + decode["new tokens"] // 2  # the cache grows: its middle size
+    decode["bound ms"] = [bound_ms(loaded[m][0], 1, c) for m, c in zip(decode["model"], decode["context"], strict=True)]
+    decode["fraction of bound"] = decode["bound ms"] / decode["step ms"]
+    decode["weights GB/s"] = decode["weights MB"] / decode["step ms"]  # the speed a step reads its weights at
+    decode["TFLOP/s"] = 2 * decode["model"].map(counts) / decode["step ms"] / 1e9  # one token a step
+    shown = ["model", "attention", "weights MB", "step ms", "bound ms", "fraction of bound", "weights GB/s",
+             "TFLOP/s", "tokens per s"]
+    lab.table("decode", decode[shown], title=f"Decode, batch 1, against the bandwidth bound ({lab.dtype_name})")
+    slowest = decode.loc[decode["fraction of bound"].idxmin()]
+    print(f"{slowest['model']} ({slowest['attention']}) spends {slowest['step ms'] / slowest['bound ms']:.1f}x the "
+          "time its bytes need")
+    mine = decode[(decode["model"] == first) & (decode["attention"] == "sdpa")].iloc[0]
+    print(f"{first}: the bound is {1e3 / mine['bound ms']:.4g} tokens/s; it generated:")
+    ex.compare(mine["tokens per s"], "tokens/s")
 
 # %% [markdown]
 # Compare eager's and sdpa's steps in the table: at batch 1 a decode step attends from one token to a short cache,
 # little work next to the matrix-vector products, so a faster attention kernel has little to speed up; the table shows
-# how much the implementation moved each step on this machine. On a GPU a small model's step can sit far above its
-# bound (measured on an H100 and stored in `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb`:
-# smollm2-135m, sdpa, 22.8 ms a step where its bytes need 0.09 ms). The usual reading is that it is **launch-bound**:
-# its step is hundreds of small kernels, each launched from Python by the CPU, and the GPU idles between them. A model
-# as small as tiny-opt (13 MB in float32) can stay in a CPU's caches between steps, so its bound is only nominal
-# there. Section 4 measures where a step's time goes.
+# how much the implementation moved each step on this machine. Its TFLOP/s column beside the prefill table's shows the
+# other half of the story: the same weights, read once for one token here instead of once for a whole prompt. On a GPU a
+# small model's step can sit far above its bound (measured on an H100 and stored in
+# `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb`: smollm2-135m, sdpa, 22.8 ms a step where its bytes
+# need 0.09 ms). The usual reading is that it is **launch-bound**: its step is hundreds of small kernels, each launched
+# from Python by the CPU, and the GPU idles between them. A model as small as tiny-opt (13 MB in float32) can stay in a
+# CPU's caches between steps, so its bound is only nominal there. Section 4 measures where a step's time goes.
 #
 # ## 4. Closing the gap
 #
@@ -237,16 +322,16 @@ if mine:
 
 # %%
 main = None
-if lab.problems[lab.decode_model]:
-    lab.skip(f"recipes on {lab.decode_model}", lab.problems[lab.decode_model])
+if lab.p.problems[lab.p.decode_model]:
+    lab.skip(f"recipes on {lab.p.decode_model}", lab.p.problems[lab.p.decode_model])
 else:
-    main, main_tokenizer = loaded.get(lab.decode_model) or models.load_model(lab.decode_model, device=lab.device,
-                                                                              dtype=lab.dtype)
+    main, main_tokenizer = loaded.get(lab.p.decode_model) or models.load_model(lab.p.decode_model, device=lab.device,
+                                                                                dtype=lab.dtype)
     main.set_attn_implementation("sdpa")
     parameters = sum(p.numel() for p in main.parameters())
     ids = generation.random_prompt(main, batch=1, length=16)
-    print(f"{lab.decode_model}: {parameters / 1e9:.3f} billion parameters, "
-          f"{roofline.weight_bytes_per_token(main) / 1e9:.3f} GB read per step")
+    print(f"{lab.p.decode_model}: {parameters / 1e9:.3f} billion parameters, {weight_bytes(main) / 1e9:.3f} GB read "
+          "per step")
 
 # %% [markdown]
 # **02.2 · Predict.** A static cache is allocated in full before the first step. How many MiB does it take for the
@@ -272,11 +357,19 @@ ex.check(answer)
 
 # %% tags=["reveals-02.2"]
 if main is not None:
-    cache_bytes = generation.kv_cache_measured(main, context=context)
+    cache = StaticCache(config=main.config, max_cache_len=context)  # made in full before the first step
+    with torch.inference_mode():  # one token through it allocates its tensors (the argument's name changed in 5.24)
+        main(input_ids=ids[:, :1], use_cache=True, **{compat.forward_keywords(main)["cache"]: cache})
+    cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     ex.compare(cache_bytes / 2**20, "MiB")
+    # a key and a value vector of head_dim numbers per key/value head, in every layer, for every token
+    formula = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * context * main.dtype.itemsize
     print(f"GQA: {shape['kv_heads']} key/value heads per layer instead of {shape['heads']}, a cache "
-          f"{shape['heads'] / shape['kv_heads']:g}x smaller than one key and value per query head would need")
-    lab.add(generation.kv_cache_findings(main, cache_bytes, context=context))
+          f"{shape['heads'] / shape['kv_heads']:g}x smaller than one key and value per query head needs")
+    kv = pd.DataFrame([{**shape, "context": context, "measured MiB": cache_bytes / 2**20,
+                        "formula MiB": formula / 2**20}])
+    lab.table("kv_cache", kv, title="A static KV cache, measured")
+    lab.check("kv_cache_size_is_the_formula", cache_bytes == formula, f"measured {cache_bytes} B, formula {formula} B")
 
 # %% [markdown]
 # Now the recipes. What to expect: every recipe does the same matrix-vector products, so a recipe can only remove
@@ -286,37 +379,33 @@ if main is not None:
 # %%
 recipes = []
 if main is not None:
-    def add(label, row):
-        recipes.append({"recipe": label, **row, **generation.bandwidth_bound(main, row, bandwidth["bytes_per_s"])})
-
     def try_recipe(label, call):
         outcome = timing.attempt(call, lab.device)  # a failed compile becomes a skipped recipe, with its reason
         if outcome["status"] == "ok":
-            add(label, outcome["value"])
+            recipes.append({"recipe": label, **outcome["value"]})
         else:
             lab.skip(label, outcome["reason"])
 
-    n, repeats = lab.new_tokens, lab.repeats
-    add("dynamic cache", generation.measure_decode(main, ids, new_tokens=n, repeats=repeats, tokenizer=main_tokenizer))
-    add("static cache", generation.measure_decode(main, ids, new_tokens=n, repeats=repeats, tokenizer=main_tokenizer,
-                                                  cache_implementation="static", disable_compile=True))
+    n, repeats = lab.p.new_tokens, lab.p.repeats
+    same = {"new_tokens": n, "repeats": repeats, "tokenizer": main_tokenizer}  # n tokens, the same prompt
+    recipes.append({"recipe": "dynamic cache", **generation.measure_decode(main, ids, **same)})
+    recipes.append({"recipe": "static cache", **generation.measure_decode(main, ids, cache_implementation="static",
+                                                                          disable_compile=True, **same)})
     loop = generation.GreedyLoop(main, batch=1, prompt_tokens=ids.shape[1], new_tokens=n)
-    add("hand loop", generation.measure_loop(loop, ids, repeats=repeats))
+    recipes.append({"recipe": "hand loop", **generation.measure_loop(loop, ids, repeats=repeats)})
 
 # %%
-if main is not None and lab.compile_step:
+if main is not None and lab.p.compile_step:
     mode = "reduce-overhead" if lab.on_gpu else "default"  # reduce-overhead: the step replays as a CUDA graph
     compiled = generation.GreedyLoop(main, batch=1, prompt_tokens=ids.shape[1], new_tokens=n, compile_mode=mode)
     try_recipe("hand loop, compiled step", lambda: generation.measure_loop(compiled, ids, repeats=repeats))
     if lab.on_gpu:
-        try_recipe("static cache + compile", lambda: generation.measure_decode(
-            main, ids, new_tokens=n, repeats=repeats, tokenizer=main_tokenizer, cache_implementation="static"))
+        try_recipe("static cache + compile", lambda: generation.measure_decode(main, ids, cache_implementation="static",
+                                                                              **same))
     else:
-        lab.skip("static cache + compile", "generate compiles its step by itself only on an accelerator (cuda, xpu, "
-                 "...), not on a CPU")
+        lab.skip("static cache + compile", "generate compiles its own step only on an accelerator, not on a CPU")
 elif main is not None:
-    lab.skip("compiled decode steps", "compilation is off on a CPU by default (the first call compiles, which is "
-             "slow there); set compile=True to measure it")
+    lab.skip("compiled decode steps", "off on a CPU unless compile=True: the first call compiles, slowly there")
 
 # %% [markdown]
 # Where a step's time goes: the matrix-vector products of one step are timed alone (every weight matrix times one
@@ -324,27 +413,63 @@ elif main is not None:
 
 # %%
 if recipes:
-    alone = generation.weights_alone(main)
-    show(generation.step_budget(recipes, alone), title=f"Decode recipes, {lab.decode_model}, batch 1, {lab.dtype_name}")
-    for line in generation.budget_lines(recipes, alone, bandwidth["bytes_per_s"]):
-        print(line)
-    best = max(recipes, key=lambda r: r["fraction_of_bound"])
-    verdict = generation.step_verdict(best["step_ms"], best["bound_step_ms"], lab.device,
-                                      products_ms=alone["median_ms"])
-    print(f"fastest, {best['recipe']}: {verdict}")
-    lab.add(generation.recipe_findings(recipes, alone, dtype=lab.dtype))
+    weights = {id(m.weight): m.weight for m in main.modules() if isinstance(m, torch.nn.Linear)}  # shared ones once
+    vectors = [(torch.randn(1, w.shape[1], device=w.device, dtype=w.dtype), w) for w in weights.values()]
+
+    def products():  # the matrix-vector products of one decode step, back to back, and nothing else
+        with torch.inference_mode():
+            for x, w in vectors:
+                torch.nn.functional.linear(x, w)
+
+    alone = timing.measure(products, device=lab.device, warmup=2, repeats=5)
+    read = sum(w.numel() * w.element_size() for w in weights.values())
+    print(f"The matrix-vector products alone: {len(vectors)} of them, {read / 1e6:.0f} MB in {alone.median_ms:.3g} ms, "
+          f"{read / alone.median_ms / 1e6:.3g} GB/s (a copy: {bandwidth / 1e9:.3g} GB/s)")
+
+# %%
+if recipes:
+    budget = pd.DataFrame(recipes).rename(columns=lambda c: c.replace("_", " "))
+    budget["products ms"] = alone.median_ms
+    budget["the rest ms"] = budget["step ms"] - alone.median_ms
+    budget["bound ms"] = bound_ms(main, 1, ids.shape[1] + n // 2)  # the cache's middle size, as in section 3
+    budget["fraction of bound"] = budget["bound ms"] / budget["step ms"]
+    base, spread = budget.iloc[0], budget["step p90 ms"] - budget["step p10 ms"]
+    budget["change ms"] = budget["step ms"] - base["step ms"]  # against the dynamic cache
+    budget["beyond the spread"] = budget["change ms"].abs() > spread.clip(lower=spread.iloc[0])  # either one's p10-p90
+    budget["same tokens"] = [tokens == base["token ids"] for tokens in budget["token ids"]]
+    shown = ["recipe", "step ms", "step p10 ms", "step p90 ms", "products ms", "the rest ms", "bound ms",
+             "fraction of bound", "change ms", "beyond the spread", "same tokens", "first call extra s"]
+    lab.table("recipes", budget[shown], title=f"Decode recipes, {lab.p.decode_model}, batch 1, {lab.dtype_name}")
+
+# %%
+if recipes:
+    lab.check("recipes_decode_the_same_number_of_tokens", budget[["prompt tokens", "new tokens"]].nunique().max() == 1)
+    if lab.dtype == torch.float32:  # in 16-bit a compiled sum may round otherwise and flip a near-tie
+        lab.check("recipes_generate_the_same_tokens", budget["same tokens"].all(),
+                  f"{budget['same tokens'].sum()} of {len(budget)} agree")
+    moved = budget[budget["beyond the spread"]]
+    print(f"The products take {min(alone.median_ms / base['step ms'], 1):.0%} of a dynamic-cache step; moved by more "
+          f"than the spread: {', '.join(moved['recipe']) or 'no recipe'} (same products: only the rest can move)")
+    best = budget.loc[budget["fraction of bound"].idxmax()]
+    share = min(alone.median_ms / best["step ms"], 1)
+    pace = "the products set the pace" if share >= 0.5 else "the rest sets the pace: " + (
+        "launching the step's many small kernels" if lab.on_gpu else "Python and the dispatch of every small op")
+    print(f"Fastest, {best['recipe']}: {best['fraction of bound']:.0%} of the bandwidth bound; the products take "
+          f"{share:.0%} of its step, so {pace}.")
 
 # %% [markdown]
-# The lines under the table say it from this run's numbers: how much of a step the products take here, and whether
-# each recipe changed the step by more than the spread of its own measurements. The products alone are timed eagerly,
-# one launch each: on a CPU no recipe can go much below that time; on a GPU a step replayed as a CUDA graph can. A
-# recipe that moved by less than the spread did nothing measurable. On a GPU, where a small model's step sits far above
-# its bound, the rest is where the compiled step (one CUDA graph launch per step) can make its difference, and the
-# table says how much it did.
+# The table and the lines under it say it from this run's numbers: how much of a step the products take here, and
+# whether each recipe changed the step by more than the spread of the measurements (the larger p10-p90 range of the
+# recipe and of the dynamic cache: "beyond the spread"). The products alone are timed eagerly, one launch each: on a CPU
+# no recipe can go much below that time; on a GPU a step replayed as a CUDA graph can. A recipe that moved by less than
+# the spread did nothing measurable. On a GPU, where a small model's step sits far above its bound, the rest is where
+# the compiled step (one CUDA graph launch per step) can make its difference, and the table says how much it did. A
+# compiled recipe's first call compiles: the "first call extra s" column.
 #
-# The last line counts the recipes that generated exactly the same tokens. In float32 they must all agree (this
-# notebook checks it). In 16-bit it is a count, not a claim: a compiled step may add up a sum in another order, and
-# where two candidate tokens' logits nearly tie, greedy decoding may then pick the other one and continue differently.
+# The "same tokens" column says which recipes generated exactly the dynamic cache's tokens. In float32 they must all
+# agree (this notebook checks it). In 16-bit it is a count, not a claim: a compiled step may add up a sum in another
+# order, and where two candidate tokens' logits nearly tie, greedy decoding may then pick the other one and continue
+# differently.
 #
 # ### Batching: throughput against latency
 #
@@ -355,19 +480,32 @@ if recipes:
 # The table shows both (batch 1 is the dynamic-cache recipe above).
 
 # %%
-batch_rows = []
+batches = pd.DataFrame()
 if recipes:
+    rows = [recipes[0] if b == 1 else generation.measure_decode(  # batch 1: the dynamic-cache recipe
+        main, generation.random_prompt(main, batch=b, length=ids.shape[1]), **same) for b in lab.p.batch_sizes]
+    batches = pd.DataFrame(rows)[["batch", "step_ms", "tokens_per_s"]].rename(columns=lambda c: c.replace("_", " "))
+
+# %%
+if recipes:
+    middle = ids.shape[1] + n // 2  # the cache's middle size
+    batches["bound tokens per s"] = [b * 1e3 / bound_ms(main, b, middle) for b in batches["batch"]]
+    batches["fraction of bound"] = batches["tokens per s"] / batches["bound tokens per s"]
     flops = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)["flops_per_s"]
-    batch_rows = generation.batch_sweep(main, main_tokenizer, batch_sizes=lab.batch_sizes, new_tokens=n,
-                                        repeats=repeats, prompt_tokens=ids.shape[1], batch1=recipes[0],
-                                        bandwidth_bytes_per_s=bandwidth["bytes_per_s"], flops_per_s=flops)
-    show(batch_rows, title=f"Decode batch sweep, {lab.decode_model}, dynamic cache")
-    lab.add(generation.batch_findings(batch_rows))
-    if len(batch_rows) >= 2:
-        first_row, last_row = batch_rows[0], batch_rows[-1]
-        print(f"batch {last_row['batch']} vs {first_row['batch']}: "
-              f"{last_row['tokens/s (all sequences)'] / first_row['tokens/s (all sequences)']:.1f}x the tokens/s, "
-              f"each step {last_row['step ms'] / first_row['step ms']:.1f}x as long")
+    # FLOPs a token: 2 a weight (a multiply and an add), and attention's Q.K and P.V over the cache in every layer
+    per_token = 2 * parameters + 4 * main.config.num_hidden_layers * middle * main.config.hidden_size
+    batches["compute bound tokens per s"] = flops / per_token  # every token costs the same: the same at every batch
+    lower = batches["compute bound tokens per s"] < batches["bound tokens per s"]
+    batches["the lower bound"] = lower.map({True: "compute", False: "bandwidth"})
+    knee = flops / per_token * weight_bytes(main) / bandwidth  # the batch where the two meet (the cache left out)
+    lab.table("batches", batches, title=f"Decode batch sweep, {lab.p.decode_model}, dynamic cache")
+    print(f"The compute bound is the lower one from about batch {knee:.0f} on this machine.")
+    if len(batches) >= 2:
+        one, last = batches.iloc[0], batches.iloc[-1]
+        gain = last["tokens per s"] / one["tokens per s"]
+        print(f"batch {last['batch']:.0f} vs {one['batch']:.0f}: {gain:.1f}x the tokens/s, each step "
+              f"{last['step ms'] / one['step ms']:.1f}x as long")
+        lab.check("batching_raises_throughput", gain > 1.0, f"batch {last['batch']:.0f}: {gain:.2f}x", timing=True)
 
 # %% [markdown]
 # ### Padding pitfalls
@@ -386,27 +524,32 @@ ex.check(answer)
 # The demonstration, in float32: the short prompt's greedy continuation alone, then inside a right-padded and a
 # left-padded batch. transformers warns about one of them (its warning is captured and printed below).
 
-# %% tags=["reveals-02.3"]
+# %%
 pad_name = next(iter(fp32_models), None)  # smollm2-135m by default: a real model, so real text
 if pad_name is None:
     lab.skip("padding pitfalls", "no model of model_ids could be loaded")
 else:
     pad_model, pad_tokenizer = fp32_models[pad_name], loaded[pad_name][1]
     pad_tokenizer.pad_token = pad_tokenizer.pad_token or pad_tokenizer.eos_token
-    texts, count = [prompt, "Hi"], 8
+    texts, count = [lab.p.prompt, "Hi"], 8
     short = pad_tokenizer(texts[1], return_tensors="pt").input_ids.to(lab.device)
     seen = {"alone": generation.generate_exactly(pad_model, short, count, tokenizer=pad_tokenizer)[0, -count:].tolist()}
-    with generation.transformers_warnings() as said:
+    with generation.transformers_warnings() as said:  # transformers logs its warnings; they are kept here
         for side in ("right", "left"):
             pad_tokenizer.padding_side = side
             batch = pad_tokenizer(texts, return_tensors="pt", padding=True).to(lab.device)
             out = generation.generate_exactly(pad_model, batch.input_ids, count, attention_mask=batch.attention_mask,
                                               tokenizer=pad_tokenizer)
             seen[side] = out[1, -count:].tolist()
-    show([{"prompt 'Hi'": k, "continuation": pad_tokenizer.decode(v)} for k, v in seen.items()], title="Continuations")
+
+# %% tags=["reveals-02.3"]
+if pad_name is not None:
+    padding = pd.DataFrame({"prompt 'Hi'": list(seen), "continuation": map(pad_tokenizer.decode, seen.values())})
+    lab.table("padding", padding, title="Continuations")
     print(*[f"transformers said: {m}" for m in dict.fromkeys(said) if "padding" in m], sep="\n")
     ex.compare(next((side for side in ("left", "right") if seen[side] == seen["alone"]), "neither side"), "padding")
-    lab.add(generation.padding_findings(seen, said))
+    lab.check("left_padding_matches_the_prompt_alone", seen["left"] == seen["alone"])
+    lab.check("right_padding_is_warned_about", any("right-padding" in m for m in said))
 
 # %% [markdown]
 # A padded batch also carries an attention mask, and a mask is one of the conditions of notebook 01. PyTorch's CUDA
@@ -420,7 +563,7 @@ else:
 # %%
 if pad_name is not None:
     model = loaded[pad_name][0]  # in the notebook's dtype: on a GPU, Flash takes only 16-bit inputs
-    batch = pad_tokenizer([prompt, "Hi"], return_tensors="pt", padding=True).to(lab.device)
+    batch = pad_tokenizer([lab.p.prompt, "Hi"], return_tensors="pt", padding=True).to(lab.device)
 
     def forward_under(backends):
         with sdpa_kernel(backends), torch.inference_mode():
@@ -428,8 +571,7 @@ if pad_name is not None:
 
     flash_only = generation.attempt_with_reasons(lambda: forward_under([SDPBackend.FLASH_ATTENTION]))
     if flash_only["ok"]:
-        lab.skip("'No available kernel' with a padded batch", f"the Flash kernel on {lab.device} accepts the padding "
-                 "mask, so nothing fails here")
+        lab.skip("'No available kernel' with a padded batch", f"the Flash kernel on {lab.device} takes the mask")
     else:
         print(f"Flash only, padded batch: {flash_only['error']}\nwhy: {'; '.join(flash_only['reasons']) or '-'}")
         both = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
@@ -447,32 +589,85 @@ if pad_name is not None:
 # section 3's runs, the recipes, then the batch sweep.
 
 # %%
-labels, values = generation.fractions(decode_rows, recipes, batch_rows, lab.decode_model)
-if not values:
+runs = [decode.assign(run=decode["model"] + ", " + decode["attention"])] if not decode.empty else []
+if recipes:
+    wide = batches[batches["batch"] != 1]  # batch 1 is the dynamic-cache recipe, shown once
+    runs += [budget.assign(run=f"{lab.p.decode_model}, " + budget["recipe"]),
+             wide.assign(run=f"{lab.p.decode_model}, batch " + wide["batch"].astype(str))]
+fractions = pd.concat(runs, ignore_index=True)[["run", "fraction of bound"]] if runs else pd.DataFrame()
+if fractions.empty:
     lab.skip("decode against the bandwidth bound", "no decode ran: no model of this run could be loaded")
 else:
-    fig = plots.bars(labels, values, xlabel="fraction of the bandwidth bound", limit=1.0,
-                     limit_label="bandwidth bound", title=f"Decode on {lab.device_label}, {lab.dtype_name}")
+    fig = plots.bars(fractions["run"], fractions["fraction of bound"], xlabel="fraction of the bandwidth bound",
+                     limit=1.0, limit_label="bandwidth bound", title=f"Decode on {lab.device_label}, {lab.dtype_name}")
     lab.figure("fraction_of_bandwidth_bound", fig)
-    lab.check("every_decode_run_stays_under_its_bandwidth_bound", max(values) < 1.05,
-              f"largest fraction {max(values):.2f}; above 1: a wrong byte count or bandwidth, or weights small "
-              "enough to stay in a CPU cache", timing=True)
-    print(f"Best: {labels[values.index(max(values))]} at {100 * max(values):.0f}% of its bandwidth bound")
+    top = fractions.loc[fractions["fraction of bound"].idxmax()]
+    lab.check("every_decode_run_stays_under_its_bandwidth_bound", top["fraction of bound"] < 1.05,
+              f"{top['run']}: {top['fraction of bound']:.2f}; weights that stay in a CPU cache?", timing=True)
+    print(f"Best: {top['run']} at {top['fraction of bound']:.0%} of its bandwidth bound")
+
+# %%
 if recipes and lab.on_gpu and parameters >= 1e9:
-    best = max(r["fraction_of_bound"] for r in recipes)
-    lab.check("best_batch1_recipe_reaches_half_the_bandwidth_bound", best >= 0.5, f"best {100 * best:.0f}%")
+    highest = budget["fraction of bound"].max()
+    lab.check("best_batch1_recipe_reaches_half_the_bandwidth_bound", highest >= 0.5, f"best {highest:.0%}")
 else:
-    lab.skip("half the bandwidth bound at batch 1", "reaching half the bandwidth bound at batch 1 is expected only on "
-             "a GPU with a model of 1B parameters or more")
+    lab.skip("half the bandwidth bound at batch 1", "expected only on a GPU, with a model of 1B parameters or more")
 
 # %% [markdown]
 # ## Your numbers beside the reference runs
 
 # %%
-show(lab.beside_references(generation.REFERENCE_METRICS), title="This machine and the reference runs")
+steps = budget.set_index("recipe")["step ms"] if recipes else pd.Series(dtype=float)
+headlines = {  # words: (the name labkit compare and the report know it by, this run's value)
+    "memory bandwidth GB/s": ("bandwidth_gb_per_s", bandwidth / 1e9),
+    "best batch-1 fraction of the bandwidth bound": ("best_fraction_of_bandwidth_bound_batch1",
+                                                     budget["fraction of bound"].max() if recipes else None),
+    "dynamic cache, ms a step": ("recipe_dynamic_cache_step_ms", steps.get("dynamic cache")),
+    "hand loop, compiled step, ms a step": ("recipe_hand_loop_compiled_step_step_ms",
+                                            steps.get("hand loop, compiled step")),
+    "matrix products alone, ms a step": ("matrix_products_alone_ms", alone.median_ms if recipes else None),
+    "batch 1 tokens/s": ("batch1_tokens_per_s", budget["tokens per s"].iloc[0] if 1 in lab.p.batch_sizes and recipes
+                         else None),
+}
+lab.record(dict(headlines.values()))  # a number not measured in this run (None) is left out
+show(lab.beside_references({words: name for words, (name, _) in headlines.items()}), title="Beside the reference runs")
 
 # %% [markdown]
 # ## What you measured
 
 # %%
-lab.finish()
+measured = []
+if not decode.empty:
+    r = decode[decode["attention"] == "sdpa"].iloc[0]
+    measured.append(f"Decode of {r['model']} (sdpa, batch 1): {r['step ms']:.3g} ms a step, where reading its bytes "
+                    f"at this machine's bandwidth needs {r['bound ms']:.3g} ms: {r['step ms'] / r['bound ms']:.1f}x.")
+if recipes:
+    measured.append(f"The best batch-1 recipe, {best['recipe']}, reached {best['fraction of bound']:.0%} of the "
+                    f"bandwidth bound; the matrix-vector products alone took {alone.median_ms:.3g} ms of the dynamic "
+                    f"cache's {base['step ms']:.3g} ms step.")
+if not longest.empty:
+    measured.append("Prefill at the longest prompt, eager's peak memory over sdpa's: " + ", ".join(
+        f"{m} {x:.2f}x" for m, x in zip(longest["model"], longest["eager / sdpa memory"], strict=True))
+        + " (eager holds each layer's N x N scores).")
+if not agree.empty:
+    measured.append(f"eager and sdpa in float32: {'the same' if agree['same greedy tokens'].all() else 'different'} "
+                    f"greedy tokens, logits within {agree['logits relative difference'].max():.1e} (relative).")
+if not sweep.empty and sweep["noisy"].any():
+    measured.append(f"{sweep['noisy'].sum()} prefill times stayed against the trend after a second measurement "
+                    "(marked noisy): nothing is concluded from them.")
+
+# %%
+if not sweep.empty and not decode.empty:
+    measured.append(f"Prefill reached up to {sweep['TFLOP/s'].max():.3g} TFLOP/s, decode {decode['TFLOP/s'].max():.2g}:"
+                    " a weight read serves a whole prompt in prefill, one token in decode.")
+if main is not None:
+    measured.append(f"A static KV cache of {lab.p.decode_model} for {context} tokens took {cache_bytes / 2**20:.4g} "
+                    f"MiB: a key and a value for each of {shape['kv_heads']} key/value heads, in every layer.")
+if len(batches) >= 2:
+    measured.append(f"Batch {last['batch']:.0f} produced {gain:.1f}x the tokens/s of batch {one['batch']:.0f}: a step "
+                    "reads the weights once for all the sequences of its batch.")
+if pad_name is not None:
+    measured.append("A short prompt in a left-padded batch continued exactly as it does alone."
+                    if seen["left"] == seen["alone"] else
+                    "A short prompt in a left-padded batch did not continue as it does alone here.")
+lab.finish(measured or ["No decode ran on this machine: the 'Skipped:' lines above say why."])

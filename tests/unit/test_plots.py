@@ -56,16 +56,18 @@ def test_panels_cross_the_noisy_points_only():
 
 
 def test_prefill_sweep_draws_a_panel_per_model_and_marks_noisy_points():
-    rows = [{"model": m, "attn_implementation": i, "prompt_tokens": n, "median_ms": t, "p10_ms": t * 0.9,
-             "p90_ms": t * 1.1, "noisy": noisy}
-            for m, i, n, t, noisy in (("a", "eager", 32, 2.0, False), ("a", "eager", 128, 1.0, True),
-                                      ("a", "sdpa", 32, 1.5, False), ("a", "sdpa", 128, 3.0, False),
-                                      ("b", "sdpa", 32, 0.5, False))]
-    fig = plots.prefill_sweep(rows)
+    import pandas as pd
+
+    table = pd.DataFrame([{"model": m, "attention": i, "prompt tokens": n, "median ms": t, "p10 ms": t * 0.9,
+                           "p90 ms": t * 1.1, "noisy": noisy}
+                          for m, i, n, t, noisy in (("a", "eager", 32, 2.0, False), ("a", "eager", 128, 1.0, True),
+                                                    ("a", "sdpa", 32, 1.5, False), ("a", "sdpa", 128, 3.0, False),
+                                                    ("b", "sdpa", 32, 0.5, False))])
+    fig = plots.prefill_sweep(table)
     assert [ax.get_title() for ax in fig.axes] == ["a", "b"]
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "eager: noisy, no conclusion" in labels and "sdpa: noisy, no conclusion" not in labels
-    assert plots.prefill_sweep([]).axes[0].get_title() == "(nothing measured)"
+    assert plots.prefill_sweep(pd.DataFrame()).axes[0].get_title() == "(nothing measured)"
 
 
 def test_quantized_formats_draws_three_panels_of_one_bar_per_format():
