@@ -247,8 +247,10 @@ def prefill_sweep(table, *, title: str = ""):
 def quantized_formats(rows: Sequence[dict[str, Any]], *, title: str = ""):
     """Notebook 04's summary: one bar per format in three panels, footprint (MiB), batch-1 decode as a fraction of the
     format's own bandwidth bound, and perplexity change against 16-bit (%). ``rows`` hold ``format``, ``MiB``,
-    ``fraction of bound`` and ``perplexity change``; a value left None is drawn as no bar."""
+    ``fraction of bound`` and ``perplexity change``; a value left None is drawn as no bar. A DataFrame works too."""
     import matplotlib.pyplot as plt
+
+    rows = rows.to_dict("records") if hasattr(rows, "to_dict") else rows
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 0.4 * len(rows) + 1.8))
     names = [r["format"] for r in rows]
@@ -268,10 +270,13 @@ def quantized_formats(rows: Sequence[dict[str, Any]], *, title: str = ""):
 
 def weight_only_sweep(rows: Sequence[dict[str, Any]], *, curve: Sequence[tuple[float, float]] = (),
                       roofline_batch: float | None = None, title: str = ""):
-    """int4 weight-only against 16-bit for one layer, by batch (rows of ``labkit.quant.sweep_rows``): the measured
-    speed-up beside the roofline's (``curve``: (batch, speed-up) points, else the rows' own), a line at 1x, and the
-    roofline's break-even batch. Noisy points get a cross."""
+    """int4 weight-only against 16-bit for one layer, by batch (notebook 04's sweep table, a DataFrame or rows with
+    ``batch``, ``int4 speed-up``, ``roofline speed-up`` and ``noisy``): the measured speed-up beside the roofline's
+    (``curve``: (batch, speed-up) points, else the rows' own), a line at 1x, and the roofline's break-even batch. Noisy
+    points get a cross."""
     import matplotlib.pyplot as plt
+
+    rows = rows.to_dict("records") if hasattr(rows, "to_dict") else rows
 
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     xs = [r["batch"] for r in rows]

@@ -17,15 +17,15 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from labkit import attention, compat, generation, models, probes, roofline
+from labkit import attention, compat, generation, models, probes
 from labkit.errors import BadParameter, ModelNotAvailable, check_sizes
-from labkit.metrics import quantization as names
 from labkit.timing import measure, percentile, recheck_trend, synchronize
 
 # name -> BitsAndBytesConfig keyword arguments (None: the 16-bit model itself)
@@ -45,7 +45,6 @@ CODE_ENTRIES = 16  # a 4-bit format's 16 levels, kept as a float32 table beside 
 NESTED_BLOCK = 256  # double quantization: one float32 scale per 256 of the 8-bit absmax values
 TILE_PACKED_COLUMNS, TILE_PACKED_ROWS = 1024, 8  # torchao's GPU int4 layout pads columns and rows to these multiples
 FP8_CAPABILITY = (8, 9)  # float8 matrix units: Ada and Hopper (8.9, 9.0) and newer
-LAUNCH_BOUND = 5.0  # a GPU step this many times slower than its bytes need is set by kernel launches, not memory
 
 
 def check_format(name: str) -> str:
@@ -63,62 +62,72 @@ def library(name: str) -> str:
 
 # --------------------------------------------------------------------------- the plan
 
-def compute_dtype_for(compute_dtype: Any, device: str) -> torch.dtype:
-    """``compute_dtype="auto"``: bfloat16 where it is native (and on a CPU), float16 on an older GPU."""
-    if compute_dtype == "auto":
-        compute_dtype = "bfloat16" if not device.startswith("cuda") or probes.native_bf16(device) else "float16"
-    dtype = probes.resolve_dtype(compute_dtype, device)
-    probes.check_dtype(device, dtype)
-    return dtype
+@dataclass
+class Parameters:
+    """Notebook 04's parameters (the parameters cell's names and defaults), checked and sized for this machine by
+    :meth:`resolve`; the formats this machine cannot run are left out of ``formats`` and kept in ``skipped``, each with
+    its reason."""
 
+    compute_dtype: Any = "auto"
+    model_id: str = "smollm2-135m"
+    formats: list = field(default_factory=lambda: list(ALL_FORMATS))
+    prompt: str = "Hello my dog is cute and"
+    eval_tokens: int = 0  # tokens of the shipped text scored for perplexity (0: sized for the machine)
+    batch_sizes: list = field(default_factory=lambda: [1, 8])
+    new_tokens: int = 0  # tokens generated per decode measurement (0: sized for the machine)
+    dtype: Any = field(init=False, default=None)
+    skipped: dict = field(init=False, default_factory=dict)  # what this machine cannot run: why
+    bnb_formats: list = field(init=False, default_factory=list)
+    torchao_formats: list = field(init=False, default_factory=list)
+    prefill_tokens: int = field(init=False, default=0)  # the prompt of the prefill timing
+    warmup: int = field(init=False, default=1)
+    repeats: int = field(init=False, default=1)
+    sweep_batches: list = field(init=False, default_factory=list)  # the weight-only sweep's batches ...
+    layer_size: int = field(init=False, default=0)  # ... through one square layer of this size
+    compile_problem: str = field(init=False, default="")  # why the compiled one-token step is not measured here
+    speed_model_id: str = field(init=False, default="")  # the model of the compiled one-token step
 
-def default_sizes(on_gpu: bool, quick: bool) -> dict[str, Any]:
-    """Sizes for this device: tokens scored, tokens generated, prompt of the prefill timing, timing repeats, and the
-    batches and layer of the weight-only sweep."""
-    if on_gpu:  # the whole shipped text (about 2,400 tokens); a 8192 x 8192 layer is read in tens of microseconds
-        return {"eval_tokens": 4096, "new_tokens": 32, "prefill_tokens": 128, "warmup": 1, "repeats": 2,
-                "sweep_batches": [1, 4, 16, 64, 256, 1024], "layer": 8192}
-    if quick:
-        return {"eval_tokens": 128, "new_tokens": 8, "prefill_tokens": 32, "warmup": 1, "repeats": 1,
-                "sweep_batches": [1, 4, 16, 64], "layer": 4096}
-    return {"eval_tokens": 512, "new_tokens": 16, "prefill_tokens": 128, "warmup": 1, "repeats": 2,
-            "sweep_batches": [1, 4, 16, 64, 256], "layer": 4096}
-
-
-def notebook_plan(*, device: str, quick: bool, compute_dtype: Any = "auto", model_id: str = "smollm2-135m",
-                  formats: Any = ALL_FORMATS, eval_tokens: int = 0, batch_sizes: Any = (1, 8),
-                  new_tokens: int = 0) -> dict[str, Any]:
-    """Notebook 04's parameters, checked (one sentence for a bad one), the formats this machine can run (the others
-    are returned as skips, each with its reason) and the sizes for this device."""
-    if isinstance(formats, str) or not formats:
-        raise BadParameter(f"formats={formats!r}: give a list, for example ['16-bit', 'nf4', 'torchao-int4'].")
-    wanted = [check_format(f) for f in dict.fromkeys(["16-bit", *formats])]  # 16-bit is the reference
-    check_sizes(0, eval_tokens=eval_tokens, new_tokens=new_tokens)
-    if isinstance(batch_sizes, (str, int)) or not batch_sizes:
-        raise BadParameter(f"batch_sizes={batch_sizes!r}: give a list of batch sizes, for example [1, 8].")
-    check_sizes(1, **{f"batch_sizes[{i}]": b for i, b in enumerate(batch_sizes)})
-    if new_tokens == 1:
-        raise BadParameter("new_tokens=1: decoding needs at least 2 new tokens to time a step.")
-    quiet_libraries()
-    dtype = compute_dtype_for(compute_dtype, device)
-    problem = models.check_model(model_id)  # a wrong name stops here
-    if problem:  # every section measures this model: without it there is nothing to do
-        raise ModelNotAvailable(problem)
-    on_gpu = device.startswith("cuda")
-    skipped, dropped = unavailable_formats(wanted, device, dtype)
-    runs = [f for f in wanted if f not in dropped]
-    sizes = default_sizes(on_gpu, quick)
-    plan = {"dtype": dtype, "formats": runs, "left_out": {"skipped": skipped},
-            "bnb_formats": [f for f in runs if library(f) == "bitsandbytes"],
-            "torchao_formats": [f for f in runs if library(f) == "torchao"],
-            "eval_tokens": eval_tokens or sizes["eval_tokens"], "new_tokens": new_tokens or sizes["new_tokens"],
-            "batch_sizes": sorted(set(batch_sizes)), **{k: sizes[k] for k in
-                                                        ("prefill_tokens", "warmup", "repeats", "sweep_batches")},
-            "layer_size": sizes["layer"], "compile_problem": compile_problem(device, quick),
-            "speed_model_id": "random-llama-1b" if on_gpu else model_id}
-    versions = ", ".join(f"{p} {probes.package_version(p) or 'missing'}" for p in ("bitsandbytes", "torchao"))
-    plan["line"] = f"{versions}; formats: {', '.join(runs)}."
-    return plan
+    def resolve(self, *, device: str, quick: bool) -> str:
+        if isinstance(self.formats, str) or not self.formats:
+            raise BadParameter(f"formats={self.formats!r}: give a list, for example ['16-bit', 'nf4', 'torchao-int4'].")
+        wanted = [check_format(f) for f in dict.fromkeys(["16-bit", *self.formats])]  # 16-bit is the reference
+        check_sizes(0, eval_tokens=self.eval_tokens, new_tokens=self.new_tokens)
+        if isinstance(self.batch_sizes, (str, int)) or not self.batch_sizes:
+            raise BadParameter(f"batch_sizes={self.batch_sizes!r}: give a list of batch sizes, for example [1, 8].")
+        check_sizes(1, **{f"batch_sizes[{i}]": b for i, b in enumerate(self.batch_sizes)})
+        if self.new_tokens == 1:
+            raise BadParameter("new_tokens=1: decoding needs at least 2 new tokens to time a step.")
+        # bitsandbytes' log lines (its CPU backend on optional kernels; LLM.int8 on casting bfloat16 inputs to
+        # float16, at every matrix product) kept to errors for the rest of the notebook
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        on_gpu = device.startswith("cuda")
+        if self.compute_dtype == "auto":  # bfloat16 where it is native (and on a CPU), float16 on an older GPU
+            self.compute_dtype = "bfloat16" if not on_gpu or probes.native_bf16(device) else "float16"
+        self.dtype = probes.resolve_dtype(self.compute_dtype, device)
+        probes.check_dtype(device, self.dtype)
+        problem = models.check_model(self.model_id)  # a wrong name stops here
+        if problem:  # every section measures this model: without it there is nothing to do
+            raise ModelNotAvailable(problem)
+        self.skipped, dropped = unavailable_formats(wanted, device, self.dtype)
+        self.formats = [f for f in wanted if f not in dropped]
+        self.bnb_formats = [f for f in self.formats if library(f) == "bitsandbytes"]
+        self.torchao_formats = [f for f in self.formats if library(f) == "torchao"]
+        # sizes: tokens scored, tokens generated, the prefill's prompt, timing repeats, the weight-only sweep
+        if on_gpu:  # the whole shipped text (about 2,400 tokens); a 8192 x 8192 layer is read in tens of microseconds
+            sizes = (4096, 32, 128, 2, [1, 4, 16, 64, 256, 1024], 8192)
+        elif quick:
+            sizes = (128, 8, 32, 1, [1, 4, 16, 64], 4096)
+        else:
+            sizes = (512, 16, 128, 2, [1, 4, 16, 64, 256], 4096)
+        self.eval_tokens, self.new_tokens = self.eval_tokens or sizes[0], self.new_tokens or sizes[1]
+        self.prefill_tokens, self.repeats, self.sweep_batches, self.layer_size = sizes[2:]
+        self.batch_sizes = sorted(set(self.batch_sizes))
+        if quick and not on_gpu:
+            self.compile_problem = ("quick sizes on a CPU: compiling the one-token step (torch.compile) costs more "
+                                    "time than this quick run has; run with quick=False to measure it")
+        self.speed_model_id = "random-llama-1b" if on_gpu else self.model_id
+        versions = ", ".join(f"{p} {probes.package_version(p) or 'missing'}" for p in ("bitsandbytes", "torchao"))
+        return f"{versions}; formats: {', '.join(self.formats)}."
 
 
 def torchao_problem() -> str:
@@ -162,20 +171,6 @@ def unavailable_formats(formats: list[str], device: str, dtype) -> tuple[dict[st
     return skipped, dropped
 
 
-def compile_problem(device: str, quick: bool) -> str:
-    """Why the compiled one-token step is not measured here ("" when it is)."""
-    if quick and not device.startswith("cuda"):
-        return ("quick sizes on a CPU: compiling the one-token step (torch.compile) costs more time than this quick "
-                "run has; run with quick=False to measure it")
-    return ""
-
-
-def quiet_libraries() -> None:
-    """bitsandbytes' log lines (its CPU backend on optional kernels; LLM.int8 on casting bfloat16 inputs to float16,
-    at every matrix product) kept to errors for the rest of the notebook."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
 # --------------------------------------------------------------------------- configs and quantized models
 
 def quantization_config(name: str, compute_dtype: Any = "bfloat16"):
@@ -216,20 +211,15 @@ def torchao_config(name: str, device: str = "cpu", *, group_size: int = INT4_GRO
     raise BadParameter(f"format {name!r} is not a torchao format; use one of {', '.join(TORCHAO_FORMATS)}.")
 
 
-def all_linear_but_output(model) -> Callable[[torch.nn.Module, str], bool]:
-    """A ``filter_fn`` for torchao's ``quantize_``: every linear layer except the output layer, as transformers does."""
-    output = model.get_output_embeddings()
-    return lambda module, fqn: isinstance(module, torch.nn.Linear) and module is not output
-
-
 def torchao_quantized(model, name: str, device: str, *, group_size: int = INT4_GROUP_SIZE):
     """A copy of ``model`` quantized in format ``name`` with torchao's ``quantize_`` (the 16-bit model is kept)."""
     from torchao.quantization import quantize_
 
     quantized = copy.deepcopy(model)
+    layers = {id(m) for m in quantized_linears(quantized)}  # every linear layer but the output, as transformers does
     with compat.quiet_logger("torchao"):
         quantize_(quantized, torchao_config(name, device, group_size=group_size),
-                  filter_fn=all_linear_but_output(quantized))
+                  filter_fn=lambda module, fqn: id(module) in layers)
     return quantized
 
 
@@ -403,54 +393,6 @@ def layer_footprint_mib(name: str, rows: int, cols: int, *, device: str = "cpu",
     return sum(parts.values()) / 2**20
 
 
-def footprint_rows(counted: dict[str, dict[str, int]], predicted: dict[str, dict[str, int]],
-                   reported: dict[str, int]) -> list[dict[str, Any]]:
-    """One row per format: the parts counted, the total against the prediction and against what
-    ``get_memory_footprint()`` reports, and how many times smaller than 16-bit."""
-    base = sum(counted["16-bit"].values())
-    rows = []
-    for name, parts in counted.items():
-        total = sum(parts.values())
-        rows.append({"format": name, "16-bit part MiB": parts["kept"] / 2**20,
-                     "quantized weights MiB": parts["weights"] / 2**20, "scales MiB": parts["scales"] / 2**20,
-                     "total MiB": total / 2**20, "predicted MiB": sum(predicted[name].values()) / 2**20,
-                     "get_memory_footprint() MiB": reported[name] / 2**20, "x smaller": base / total})
-    return rows
-
-
-def footprint_findings(counted: dict[str, dict[str, int]], predicted: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """The footprint metrics, and the claims: the prediction holds, and the formats order as their bits do."""
-    total = {name: sum(parts.values()) for name, parts in counted.items()}
-    metrics = {names.per_format("footprint", name): size / 2**20 for name, size in total.items()}
-    checks: dict[str, Any] = {"prediction_matches_counted_footprint": all(
-        abs(total[n] - sum(predicted[n].values())) <= 0.01 * total[n] for n in total)}
-    four_bit = [total[n] for n in ("fp4", "nf4", "nf4-double") if n in total]
-    if "int8" in total and four_bit:
-        checks["footprint_ordering_16bit_int8_4bit"] = total["16-bit"] > total["int8"] > max(four_bit)
-    if "torchao-int8" in total and "torchao-int4" in total:
-        checks["torchao_footprints_below_16bit_int8_above_int4"] = \
-            total["16-bit"] > total["torchao-int8"] > total["torchao-int4"]
-    return {"metrics": metrics, "checks": checks}
-
-
-def prediction_rows(predicted: dict[str, dict[str, int]], big: dict[str, dict[str, int]], model_id: str,
-                    big_id: str = "random-llama-1b") -> list[dict[str, Any]]:
-    """Predicted footprints of the notebook's model and of a 1B-parameter model, per format."""
-    def total(parts):
-        return sum(parts.values())
-
-    return [{"format": name, f"{model_id} MiB": total(predicted[name]) / 2**20,
-             "of which scales MiB": predicted[name]["scales"] / 2**20,
-             "x smaller": total(predicted["16-bit"]) / total(predicted[name]),
-             f"{big_id} GiB": total(big[name]) / 2**30, f"{big_id} x smaller": total(big["16-bit"]) / total(big[name])}
-            for name in predicted]
-
-
-def embedding_share(model) -> float:
-    """The share of a model's parameters held by its input embeddings."""
-    return model.get_input_embeddings().weight.numel() / sum(p.numel() for p in model.parameters())
-
-
 # --------------------------------------------------------------------------- quality
 
 def sample_text() -> str:
@@ -501,43 +443,6 @@ def score(model, input_ids, *, reference: dict[str, Any] | None = None, window: 
     return {**found, "kl": kl / ids.shape[1]}
 
 
-def perplexity(model, input_ids, *, window: int = 512) -> dict[str, float]:
-    """Perplexity of ``input_ids`` (1, N) in consecutive windows (:func:`score` without the distributions)."""
-    found = score(model, input_ids, window=window)
-    return {k: found[k] for k in ("perplexity", "mean_nll", "tokens")}
-
-
-def quality_rows(quality: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    base = quality["16-bit"]["perplexity"]
-    return [{"format": name, "perplexity": q["perplexity"], "change": q["perplexity"] / base - 1,
-             "KL vs 16-bit (nats)": q["kl"]} for name, q in quality.items()]
-
-
-def quality_findings(quality: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    metrics = {}
-    for name, q in quality.items():
-        metrics[names.per_format("perplexity", name)] = q["perplexity"]
-        metrics[names.per_format("kl_vs_16bit", name)] = q["kl"]
-    return {"metrics": metrics,
-            "checks": {"perplexities_finite": all(math.isfinite(q["perplexity"]) for q in quality.values())}}
-
-
-def closest_to_16bit(quality: dict[str, dict[str, Any]]) -> str:
-    """The format with the smallest measured KL divergence from the 16-bit model."""
-    kl = {name: q["kl"] for name, q in quality.items() if name != "16-bit"}
-    return min(kl, key=kl.get) if kl else ""
-
-
-def default_cost_line(quality: dict[str, dict[str, Any]]) -> str:
-    """What leaving ``bnb_4bit_quant_type`` out cost on this run: FP4 against NF4."""
-    if "fp4" not in quality or "nf4" not in quality:
-        return "FP4 and NF4 did not both run here, so the cost of the default is not measured on this machine."
-    fp4, nf4 = quality["fp4"], quality["nf4"]
-    return (f"FP4, the default when bnb_4bit_quant_type is left out, moved the distributions {fp4['kl']:.3f} nats "
-            f"(perplexity {fp4['perplexity']:.1f}); NF4, at the same size, {nf4['kl']:.3f} nats "
-            f"(perplexity {nf4['perplexity']:.1f}).")
-
-
 # --------------------------------------------------------------------------- speed
 
 def step_bytes(model) -> int:
@@ -549,17 +454,6 @@ def step_bytes(model) -> int:
     if output is None or output.weight is not embedding:
         total += (embedding.shape[1] - embedding.numel()) * embedding.element_size()
     return total
-
-
-def bound(model, row: dict[str, Any], bandwidth_bytes_per_s: float, dtype) -> dict[str, float]:
-    """The bandwidth bound of a decode ``row`` (batch, prompt_tokens, new_tokens) for this format: its own bytes read
-    per step (:func:`step_bytes`) and the KV cache at the run's middle length."""
-    context = row["prompt_tokens"] + row["new_tokens"] // 2
-    weights = step_bytes(model)
-    cache = roofline.kv_cache_bytes(model.config, batch=row["batch"], context=context, dtype=dtype)
-    tokens_per_s = roofline.decode_bound_tokens_per_s(bandwidth_bytes_per_s, weights, cache, batch=row["batch"])
-    return {"bound_tokens_per_s": tokens_per_s, "bound_step_ms": 1e3 * row["batch"] / tokens_per_s,
-            "step_bytes": weights + cache}
 
 
 def prefill_ms(model, input_ids, *, warmup: int, repeats: int) -> float:
@@ -604,76 +498,6 @@ def decode_rate(model, input_ids, *, new_tokens: int) -> dict[str, Any]:
             "tokens_per_s": batch * 1e3 / step_ms, "token_ids": ids[:, input_ids.shape[1]:].tolist()}
 
 
-def measure_speed(model, prompt_ids, *, batch_sizes: list[int], new_tokens: int, prefill_tokens: int, warmup: int,
-                  repeats: int, bandwidth_bytes_per_s: float, dtype) -> dict[str, Any]:
-    """Prefill time, and decode at each batch size (the prompt repeated) against this format's bandwidth bound. The
-    batch-1 decode's tokens are the prompt's continuation."""
-    prompt = generation.random_prompt(model, batch=1, length=prefill_tokens)
-    found: dict[str, Any] = {"prefill_ms": prefill_ms(model, prompt, warmup=warmup, repeats=repeats), "decode": []}
-    for batch in batch_sizes:
-        row = decode_rate(model, prompt_ids.repeat(batch, 1), new_tokens=new_tokens)
-        limit = bound(model, row, bandwidth_bytes_per_s, dtype)
-        found["decode"].append({"batch": batch, "tokens_per_s": row["tokens_per_s"], "step_ms": row["step_ms"],
-                                "step_p10_ms": row["step_p10_ms"], "step_p90_ms": row["step_p90_ms"], **limit,
-                                "fraction_of_bound": row["tokens_per_s"] / limit["bound_tokens_per_s"]})
-        if batch == batch_sizes[0]:
-            found["token_ids"] = row["token_ids"][0]
-    return found
-
-
-def speed_rows(speed: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per format and batch: tokens/s, its bound, the fraction, and the gain over 16-bit at that batch."""
-    base = {d["batch"]: d["tokens_per_s"] for d in speed["16-bit"]["decode"]}
-    return [{"format": name, "batch": d["batch"], "tokens/s": d["tokens_per_s"],
-             "x 16-bit": d["tokens_per_s"] / base[d["batch"]], "bound tokens/s": d["bound_tokens_per_s"],
-             "fraction of bound": d["fraction_of_bound"], "prefill ms": s["prefill_ms"]}
-            for name, s in speed.items() for d in s["decode"]]
-
-
-def continuation_rows(speed: dict[str, dict[str, Any]], tokenizer) -> list[dict[str, str]]:
-    """What each format wrote after the prompt: the batch-1 decode's tokens."""
-    return [{"format": name, "continuation": tokenizer.decode(s["token_ids"], skip_special_tokens=True)}
-            for name, s in speed.items()]
-
-
-def speed_findings(speed: dict[str, dict[str, Any]], tokenizer) -> dict[str, Any]:
-    metrics = {}
-    for name, s in speed.items():
-        metrics[names.per_format("prefill", name)] = s["prefill_ms"]
-        for d in s["decode"]:
-            metrics[names.decode(name, d["batch"], "tokens_per_s")] = d["tokens_per_s"]
-            metrics[names.decode(name, d["batch"], "fraction_of_bound")] = d["fraction_of_bound"]
-    texts = [row["continuation"] for row in continuation_rows(speed, tokenizer)]
-    return {"metrics": metrics, "checks": {
-        "every_format_produced_tokens": all(len(s["token_ids"]) > 0 and all(d["tokens_per_s"] > 0 for d in s["decode"])
-                                            for s in speed.values()),
-        "continuations_are_text": all(any(c.isalpha() for c in text) for text in texts)}}
-
-
-def pace_line(speed: dict[str, dict[str, Any]], device: str) -> str:
-    """The 16-bit batch-1 step against the time its bytes need: what sets the pace, before formats are compared."""
-    d = speed["16-bit"]["decode"][0]
-    ratio = d["step_ms"] / d["bound_step_ms"]
-    said = (f"16-bit at batch {d['batch']}: a step took {d['step_ms']:.3g} ms where reading its bytes at this "
-            f"machine's bandwidth needs {d['bound_step_ms']:.3g} ms ({ratio:.1f}x)")
-    if ratio < 1.5:
-        return f"{said}: close to the bound, so reading the weights sets the pace."
-    if device.startswith("cuda") and ratio >= LAUNCH_BOUND:
-        return (f"{said}: the step is launch-bound (the GPU waits while the CPU launches its many small kernels), so "
-                "fewer weight bytes can shorten only the small part of the step spent reading them.")
-    return (f"{said}: most of the step is not reading weights (it is the dispatch of every small op, and generate's "
-            "own work), so fewer weight bytes can shorten only a part of it.")
-
-
-def gain_lines(speed: dict[str, dict[str, Any]]) -> list[str]:
-    """Per format: its batch-1 rate over 16-bit's, beside how much higher its bound is (what fewer bytes promised)."""
-    first = {name: s["decode"][0] for name, s in speed.items()}
-    base = first["16-bit"]
-    return [f"{name}: {d['tokens_per_s'] / base['tokens_per_s']:.2f}x the 16-bit tokens/s at batch {d['batch']}; "
-            f"its bound is {d['bound_tokens_per_s'] / base['bound_tokens_per_s']:.2f}x higher"
-            for name, d in first.items() if name != "16-bit"]
-
-
 def bnb_ops(model, device: str, batches: tuple[int, ...] = (1, 8)) -> list[dict[str, Any]]:
     """The bitsandbytes ops (and, on a GPU, the kernels) that one one-token forward pass runs at each batch size."""
     rows = []
@@ -699,24 +523,12 @@ def break_even_batch(flops_per_s: float, bytes_per_s: float, *, weight_bytes: fl
     return flops_per_s * weight_bytes / (2 * bytes_per_s)
 
 
-def roofline_step_s(batch: int, *, weights: int, weight_bytes: float, flops_per_s: float, bytes_per_s: float) -> float:
-    """The roofline time of ``batch`` one-token rows through ``weights`` weights of ``weight_bytes`` bytes each."""
-    return max(weights * weight_bytes / bytes_per_s, 2 * weights * batch / flops_per_s)
-
-
-def roofline_speedup(batch: float, flops_per_s: float, bytes_per_s: float) -> float:
-    """The roofline's speed-up of int4 weights (half a byte each) over 16-bit ones for a step of ``batch`` rows."""
-    def step(weight_bytes):
-        return roofline_step_s(batch, weights=1, weight_bytes=weight_bytes, flops_per_s=flops_per_s,
-                               bytes_per_s=bytes_per_s)
-    return step(2.0) / step(0.5)
-
-
 def roofline_curve(flops_per_s: float, bytes_per_s: float, batches: list[int], points: int = 64) -> list[tuple]:
-    """(batch, roofline speed-up) on a geometric grid over the batches of a sweep, for a figure."""
+    """(batch, the roofline's speed-up of int4 weights over 16-bit ones) on a geometric grid over the batches of a
+    sweep, for a figure: per weight, a step takes max(its bytes / bandwidth, 2 FLOPs per sequence / FLOP/s)."""
     low, high = math.log(min(batches)), math.log(max(batches))
     grid = [math.exp(low + (high - low) * i / (points - 1)) for i in range(points)]
-    return [(b, roofline_speedup(b, flops_per_s, bytes_per_s)) for b in grid]
+    return [(b, max(2 / bytes_per_s, 2 * b / flops_per_s) / max(0.5 / bytes_per_s, 2 * b / flops_per_s)) for b in grid]
 
 
 def layer_sweep(size: int, batches: list[int], *, device: str, dtype, group_size: int = INT4_GROUP_SIZE,
@@ -771,152 +583,27 @@ def measured_break_even(rows: list[dict[str, Any]]) -> float | None:
     return None
 
 
-def break_even_findings(roofline_batch: float, measured: float | None) -> dict[str, Any]:
-    metrics = {names.BREAK_EVEN_ROOFLINE: roofline_batch}
-    if measured is not None:
-        metrics[names.BREAK_EVEN_MEASURED] = measured
-    return {"metrics": metrics}
-
-
-def break_even_line(roofline_batch: float, measured: float | None, rows: list[dict[str, Any]]) -> str:
-    """The roofline's break-even batch beside the measured one, and the int4 speed-up at the smallest batch."""
-    first = rows[0]
-    gain = f"At batch {first['batch']} int4 was {first['int4 speed-up']:.2f}x as fast as 16-bit"
-    if measured is None:
-        return (f"{gain}, and still faster at batch {rows[-1]['batch']}; the roofline puts the end of its gain at "
-                f"batch {roofline_batch:.0f}.")
-    return (f"{gain}; its gain ended at about batch {measured:.0f} (between the batches measured), where the roofline "
-            f"says {roofline_batch:.0f}.")
-
-
-def sweep_rows(rows: list[dict[str, Any]], *, flops_per_s: float, bytes_per_s: float) -> list[dict]:
-    """The sweep by batch: both measured times, the int4 speed-up, and the speed-up the roofline allows."""
-    times = {(r["format"], r["batch"]): r for r in rows}
-    out = []
-    for batch in sorted({r["batch"] for r in rows}):
-        sixteen, four = times[("16-bit", batch)], times[("torchao-int4", batch)]
-        out.append({"batch": batch, "16-bit ms": sixteen["median_ms"], "int4 ms": four["median_ms"],
-                    "int4 speed-up": sixteen["median_ms"] / four["median_ms"],
-                    "roofline speed-up": roofline_speedup(batch, flops_per_s, bytes_per_s),
-                    "noisy": "noisy" if sixteen["noisy"] or four["noisy"] else ""})
-    return out
-
-
 # --------------------------------------------------------------------------- the compiled one-token step
 
-def compiled_decode(model, prompt_ids, *, new_tokens: int, device: str, bandwidth_bytes_per_s: float, dtype,
-                    repeats: int) -> dict[str, Any]:
+def compiled_decode(model, prompt_ids, *, new_tokens: int, device: str, repeats: int) -> list[dict[str, Any]]:
     """Batch-1 decode with notebook 02's hand loop (static cache), eager and with the one-token step compiled (CUDA
-    graphs on a GPU), each against this format's bandwidth bound; the compile time is the first call's extra."""
-    found: dict[str, Any] = {}
+    graphs on a GPU): one row each, with the compile time as the first call's extra."""
+    rows = []
     for label, mode in (("eager", None), ("compiled", "reduce-overhead" if device.startswith("cuda") else "default")):
         loop = generation.GreedyLoop(model, batch=1, prompt_tokens=prompt_ids.shape[1], new_tokens=new_tokens,
                                      compile_mode=mode)
         with warnings.catch_warnings():  # torchao's tensors lack a hash for the compiler's cache: a note, not an error
             warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
             row = generation.measure_loop(loop, prompt_ids, warmup=1, repeats=repeats)
-        limit = bound(model, row, bandwidth_bytes_per_s, dtype)
-        found[label] = {"tokens_per_s": row["tokens_per_s"], "step_ms": row["step_ms"], **limit,
-                        "fraction_of_bound": row["tokens_per_s"] / limit["bound_tokens_per_s"],
-                        "first_call_extra_s": row["first_call_extra_s"], "tokens": len(row["token_ids"][0])}
-    return found
-
-
-def compiled_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"format": name, "step": label, "tokens/s": r["tokens_per_s"], "step ms": r["step_ms"],
-             "bound step ms": r["bound_step_ms"], "fraction of bound": r["fraction_of_bound"],
-             "first call extra s": r["first_call_extra_s"]}
-            for name, run in runs.items() for label, r in run.items()]
-
-
-def compiled_findings(runs: dict[str, dict[str, Any]], model) -> dict[str, Any]:
-    """The batch-1 step of each format, eager and compiled, as metrics (with the size of the model they ran)."""
-    metrics = {names.step(label, name, what): r[key] for name, run in runs.items() for label, r in run.items()
-               for what, key in (("fraction_of_bound", "fraction_of_bound"), ("tokens_per_s", "tokens_per_s"))}
-    metrics[names.STEP_MODEL_BILLIONS] = sum(p.numel() for p in model.parameters()) / 1e9
-    return {"metrics": metrics, "checks": {"compiled_steps_produced_tokens": all(
-        r["tokens"] > 0 for run in runs.values() for r in run.values())}}
-
-
-# --------------------------------------------------------------------------- summary
-
-# what the notebook shows beside the reference runs (words: metric name)
-REFERENCE_METRICS = {"NF4 footprint MiB": names.per_format("footprint", "nf4"),
-                     "16-bit perplexity": names.per_format("perplexity", "16-bit"),
-                     "NF4 perplexity": names.per_format("perplexity", "nf4"),
-                     "FP4 KL vs 16-bit (nats)": names.per_format("kl_vs_16bit", "fp4"),
-                     "NF4 KL vs 16-bit (nats)": names.per_format("kl_vs_16bit", "nf4"),
-                     "16-bit batch-1 tokens/s": names.decode("16-bit", 1, "tokens_per_s"),
-                     "NF4 batch-1 tokens/s": names.decode("nf4", 1, "tokens_per_s"),
-                     "torchao int4 batch-1 tokens/s": names.decode("torchao-int4", 1, "tokens_per_s")}
-
-
-def prediction_findings(predicted_big: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """How many times smaller NF4 makes a 1B-parameter model, predicted."""
-    if "nf4" not in predicted_big:
-        return {}
-    ratio = sum(predicted_big["16-bit"].values()) / sum(predicted_big["nf4"].values())
-    return {"metrics": {names.PREDICTED_1B_NF4_TIMES_SMALLER: ratio}}
-
-
-def summary_rows(counted: dict[str, dict[str, int]], quality: dict[str, dict[str, Any]],
-                 speed: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per format: footprint, how many times smaller, batch-1 decode against 16-bit and its bound,
-    perplexity change."""
-    base_size, base_ppl = sum(counted["16-bit"].values()), quality["16-bit"]["perplexity"]
-    base_rate = speed["16-bit"]["decode"][0]["tokens_per_s"]
-    rows = []
-    for name, parts in counted.items():
-        first = speed[name]["decode"][0]
-        rows.append({"format": name, "library": library(name), "MiB": sum(parts.values()) / 2**20,
-                     "x smaller": base_size / sum(parts.values()),
-                     f"x 16-bit tokens/s (batch {first['batch']})": first["tokens_per_s"] / base_rate,
-                     "fraction of bound": first["fraction_of_bound"],
-                     "perplexity change": quality[name]["perplexity"] / base_ppl - 1})
+        rows.append({"step": label, "tokens/s": row["tokens_per_s"], "step ms": row["step_ms"],
+                     "first call extra s": row["first_call_extra_s"], "tokens": len(row["token_ids"][0])})
     return rows
 
 
-# --------------------------------------------------------------------------- what you measured
-
-def _mib(m: dict[str, float], name: str) -> float | None:
-    return m.get(names.per_format("footprint", name))
-
-
-def what_you_measured(results: dict[str, Any]) -> list[str]:
-    """Notebook 04's results in a few sentences (each only when its part ran)."""
-    m, lines = results["metrics"], []
-    sizes = {f: _mib(m, f) for f in ALL_FORMATS if _mib(m, f)}
-    if len(sizes) > 1:
-        shown = ", ".join(f"{f} {v:.0f} MiB ({sizes['16-bit'] / v:.2f}x smaller)" for f, v in sizes.items()
-                          if f != "16-bit")
-        lines.append(f"Footprints counted from the tensors, against {sizes['16-bit']:.0f} MiB in 16-bit: {shown}.")
-    kl = {f: m[names.per_format("kl_vs_16bit", f)] for f in ALL_FORMATS[1:] if names.per_format("kl_vs_16bit", f) in m}
-    if kl:
-        closest = min(kl, key=kl.get)
-        page = (f" FP4, what BitsAndBytesConfig(load_in_4bit=True) gives by default, moved {kl['fp4']:.3f} nats "
-                f"against NF4's {kl['nf4']:.3f}." if "fp4" in kl and "nf4" in kl else "")
-        lines.append(f"Closest to the 16-bit model's next-token distributions: {closest} (KL {kl[closest]:.3g} "
-                     f"nats).{page}")
-    base = m.get(names.decode("16-bit", 1, "tokens_per_s"))
-    gains = {f: m[names.decode(f, 1, "tokens_per_s")] / base for f in ALL_FORMATS[1:]
-             if base and names.decode(f, 1, "tokens_per_s") in m}
-    if gains:
-        faster = [f for f, g in gains.items() if g > 1.05]
-        shown = ", ".join(f"{f} {g:.2f}x" for f, g in gains.items())
-        lines.append(f"Batch-1 decode against 16-bit here: {shown}; "
-                     + (f"faster: {', '.join(faster)}." if faster else "none was faster: these formats saved memory, "
-                        "not time, on this machine."))
-    roof, seen = m.get(names.BREAK_EVEN_ROOFLINE), m.get(names.BREAK_EVEN_MEASURED)
-    if roof:
-        measured = (f"; one layer measured here stopped gaining at batch {seen:.0f}" if seen
-                    else "; one layer measured here was still faster with int4 at the largest batch tried")
-        lines.append(f"By this machine's roofline, int4 weight-only stops making a decode step faster from about "
-                     f"batch {roof:.0f}{measured}.")
-    compiled = {f: m[names.step("compiled", f, "fraction_of_bound")] for f in ALL_FORMATS
-                if names.step("compiled", f, "fraction_of_bound") in m}
-    if compiled:
-        shown = ", ".join(f"{f} {100 * v:.0f}%" for f, v in compiled.items())
-        size = m.get(names.STEP_MODEL_BILLIONS, 0.0)
-        lines.append(f"With the one-token step compiled, batch-1 decode of a {size:.2g}-billion-parameter model "
-                     f"reached these fractions of each format's own bandwidth bound: {shown}.")
-    return lines or ["No format ran on this machine: the 'Skipped:' lines above say why."]
+# what the notebook shows beside the reference runs (words: metric name, as the notebook records it)
+REFERENCE_METRICS = {"NF4 footprint MiB": "footprint_nf4_mib", "16-bit perplexity": "perplexity_16_bit",
+                     "NF4 perplexity": "perplexity_nf4", "FP4 KL vs 16-bit (nats)": "kl_vs_16bit_fp4",
+                     "NF4 KL vs 16-bit (nats)": "kl_vs_16bit_nf4",
+                     "16-bit batch-1 tokens/s": "decode_16_bit_batch1_tokens_per_s",
+                     "NF4 batch-1 tokens/s": "decode_nf4_batch1_tokens_per_s",
+                     "torchao int4 batch-1 tokens/s": "decode_torchao_int4_batch1_tokens_per_s"}

@@ -42,15 +42,16 @@ solutions = False          # fill every exercise with its solution (a teacher's 
 results_path = ""          # where to write the results JSON (empty: do not write)
 
 # %%
+import pandas as pd
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import labkit
-from labkit import attention, generation, models, plots, quant, roofline
+from labkit import attention, models, plots, quant, roofline
 from labkit.widgets import show
 
 lab = labkit.start("04_quantization", globals())
-lab.add(lab.left_out)  # the formats this machine cannot run, each with its reason
+for what, why in lab.p.skipped.items():  # the formats this machine cannot run, each with its reason
+    lab.skip(what, why)
 
 # %%
 show(lab.environment_rows(), ["item", "value"], title="Environment")
@@ -77,18 +78,24 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 #   **biases**, and everything computed at run time (activations, the **KV cache**).
 #
 # So a model shrinks by less than 4x, and the smaller the model, the larger the share of its embeddings. **The
-# prediction**: labkit counts the 16-bit model's own tensors for each format, and does the same for a 1B-parameter
-# Llama built on the meta device (its shapes only, no memory used).
+# prediction**: `quant.predict_footprint` walks the 16-bit model's own tensors and prices each linear weight in each
+# format (the bytes above: weights, then scales); it does the same for a 1B-parameter Llama built on the meta device
+# (its shapes only, no memory used).
 
 # %%
 model, tokenizer = models.load_model(model_id, device=lab.device, dtype=lab.dtype, attn_implementation="sdpa")
 big = quant.meta_model("random-llama-1b", tokenizer, lab.dtype)
-predicted = {name: quant.predict_footprint(model, name, device=lab.device) for name in lab.formats}
-predicted_big = {name: quant.predict_footprint(big, name, device=lab.device) for name in lab.formats}
-show(quant.prediction_rows(predicted, predicted_big, model_id), title="Predicted footprints")
-print(f"The input embeddings hold {quant.embedding_share(model):.0%} of {model_id}'s parameters and "
-      f"{quant.embedding_share(big):.0%} of random-llama-1b's.")
-lab.add(quant.prediction_findings(predicted_big))
+rows = []
+for name in lab.p.formats:
+    small, large = (quant.predict_footprint(m, name, device=lab.device) for m in (model, big))
+    rows.append({"format": name, f"{model_id} MiB": sum(small.values()) / 2**20,
+                 "of which scales MiB": small["scales"] / 2**20, "random-llama-1b GiB": sum(large.values()) / 2**30})
+predicted = pd.DataFrame(rows)
+predicted.insert(3, "x smaller", predicted[f"{model_id} MiB"][0] / predicted[f"{model_id} MiB"])
+predicted["random-llama-1b x smaller"] = predicted["random-llama-1b GiB"][0] / predicted["random-llama-1b GiB"]
+lab.table("predicted", predicted, title="Predicted footprints")
+share = [m.get_input_embeddings().weight.numel() / sum(p.numel() for p in m.parameters()) for m in (model, big)]
+print(f"The input embeddings hold {share[0]:.0%} of {model_id}'s parameters and {share[1]:.0%} of random-llama-1b's.")
 
 # %% [markdown]
 # **04.1 · Predict.** A 4096 × 4096 linear layer stored in NF4 with blocks of 64 weights and a float32 scale per
@@ -116,19 +123,37 @@ int4_layer.check(answer)
 # counted from its tensors, beside what `get_memory_footprint()` reports, and the layer of 04.1 and 04.2 is quantized
 # for real and counted too.
 
-# %% tags=["reveals-04.1", "reveals-04.2"]
+# %%
 loaded = {"16-bit": model}
-for name in lab.bnb_formats:  # bitsandbytes: quantized while loading
+for name in lab.p.bnb_formats:  # bitsandbytes: quantized while loading
     config = quant.quantization_config(name, lab.dtype)  # a BitsAndBytesConfig
     loaded[name] = models.load_model(model_id, device=lab.device, dtype=lab.dtype, attn_implementation="sdpa",
                                      quantization_config=config)[0]
-for name in lab.torchao_formats:  # torchao: quantize_(a copy of the 16-bit model, config, filter_fn)
+for name in lab.p.torchao_formats:  # torchao: quantize_(a copy of the 16-bit model, config, filter_fn)
     loaded[name] = quant.torchao_quantized(model, name, lab.device)
-counted = {name: quant.count_footprint(m) for name, m in loaded.items()}
-reported = {name: m.get_memory_footprint() for name, m in loaded.items()}
-show(quant.footprint_rows(counted, predicted, reported), title=f"{model_id}: footprints counted from the tensors")
-lab.add(quant.footprint_findings(counted, predicted))
-if "nf4" in loaded:
+parts = {"kept": "16-bit part MiB", "weights": "quantized weights MiB", "scales": "scales MiB"}
+rows = []
+for name, m in loaded.items():
+    counted = quant.count_footprint(m)  # the bytes each tensor really holds, bitsandbytes' scales and torchao's inside
+    rows.append({"format": name, **{parts[k]: b / 2**20 for k, b in counted.items()}, "total MiB": sum(
+        counted.values()) / 2**20, "get_memory_footprint() MiB": m.get_memory_footprint() / 2**20})
+footprint = pd.DataFrame(rows)
+footprint["predicted MiB"] = footprint["format"].map(predicted.set_index("format")[f"{model_id} MiB"])
+footprint["x smaller"] = footprint["total MiB"][0] / footprint["total MiB"]
+lab.table("footprint", footprint, title=f"{model_id}: footprints counted from the tensors")
+
+# %% tags=["reveals-04.1", "reveals-04.2"]
+total, off = footprint.set_index("format")["total MiB"], footprint["total MiB"] - footprint["predicted MiB"]
+lab.check("prediction_matches_counted_footprint", (off.abs() <= 0.01 * footprint["total MiB"]).all())
+four_bit = total.reindex(["fp4", "nf4", "nf4-double"]).max()  # NaN when no 4-bit format ran
+if "int8" in total and four_bit > 0:
+    lab.check("footprint_ordering_16bit_int8_4bit", total["16-bit"] > total["int8"] > four_bit)
+if "torchao-int8" in total and "torchao-int4" in total:
+    lab.check("torchao_footprints_below_16bit_int8_above_int4",
+              total["16-bit"] > total["torchao-int8"] > total["torchao-int4"])
+for name, mib in total.items():
+    lab.metric(f"footprint_{name.replace('-', '_')}_mib", mib)
+if "nf4" in loaded:  # the layer of 04.1 and 04.2, quantized for real and counted
     nf4_layer.compare(quant.layer_footprint_mib("nf4", 4096, 4096, device=lab.device), "MiB")
 if "torchao-int4" in loaded:
     int4_layer.compare(quant.layer_footprint_mib("torchao-int4", 4096, 4096, device=lab.device, group_size=128), "MiB")
@@ -168,6 +193,8 @@ lab.check("bitsandbytes_4bit_defaults_to_fp4", page_config.bnb_4bit_quant_type =
 # that dtype. The page's Flash-only context around one forward pass of the FP4 model, the profiler watching:
 
 # %%
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 if "fp4" not in loaded:
     lab.skip("the Flash-only context on the FP4 model", "fp4 is not among the formats that run here")
 else:
@@ -206,25 +233,43 @@ config_exercise.check(my_config)
 # "16-bit" reference is itself a dequantized model.
 #
 # **04.4 · Predict.** Of the formats this run measures, which one will move the next-token distributions least from
-# 16-bit (the smallest KL divergence)? The next cell measures and then checks your answer.
+# 16-bit (the smallest KL divergence)? The next two cells measure and then check your answer.
 
 # %%
-closest = lab.exercise("04.4", kl={})  # the next cell fills in the KL divergences it measures
-print("formats:", ", ".join(name for name in lab.formats if name != "16-bit"))
+closest = lab.exercise("04.4", kl={})  # the cell after the next fills in the KL divergences measured
+print("formats:", ", ".join(lab.p.formats[1:]))
 answer = None  # a format name, for example "nf4"
 
+# %%
+import math
+
+text_ids = tokenizer(quant.sample_text(), return_tensors="pt").input_ids[:, :lab.p.eval_tokens]
+reference = quant.score(model, text_ids)  # the 16-bit model: its log-likelihoods and next-token distributions
+rows = []
+for name, m in loaded.items():
+    scored = reference if m is model else quant.score(m, text_ids, reference=reference)  # KL(P_16-bit || P_format)
+    rows.append({"format": name, "mean NLL": scored["mean_nll"], "KL vs 16-bit (nats)": scored["kl"]})
+quality = pd.DataFrame(rows)
+quality.insert(1, "perplexity", quality["mean NLL"].map(math.exp))  # exp(mean negative log-likelihood)
+quality.insert(2, "change", quality["perplexity"] / quality["perplexity"][0] - 1)
+lab.table("quality", quality, title=f"Quality on {reference['tokens']} tokens of the shipped text")
+lab.check("perplexities_finite", quality["perplexity"].map(math.isfinite).all())
+for name, r in quality.set_index("format").iterrows():
+    lab.metric(f"perplexity_{name.replace('-', '_')}", r["perplexity"])
+    lab.metric(f"kl_vs_16bit_{name.replace('-', '_')}", r["KL vs 16-bit (nats)"])
+
 # %% tags=["reveals-04.4"]
-text_ids = tokenizer(quant.sample_text(), return_tensors="pt").input_ids[:, :lab.eval_tokens]
-reference = quant.score(model, text_ids)  # the 16-bit model: perplexity, and its next-token distributions
-quality = {name: reference if m is model else quant.score(m, text_ids, reference=reference)
-           for name, m in loaded.items()}
-show(quant.quality_rows(quality), title=f"Quality on {reference['tokens']} tokens of the shipped text")
-lab.add(quant.quality_findings(quality))
-closest.given["kl"] = {name: q["kl"] for name, q in quality.items() if name != "16-bit"}
+kl = quality.set_index("format")["KL vs 16-bit (nats)"].drop("16-bit")
+closest.given["kl"] = kl.to_dict()
 closest.check(answer)
 if closest.given["kl"]:
-    closest.compare(quant.closest_to_16bit(quality))
-print(quant.default_cost_line(quality))
+    closest.compare(kl.idxmin())
+if "fp4" in kl and "nf4" in kl:
+    fp4, nf4 = quality.set_index("format").loc[["fp4", "nf4"], "perplexity"]
+    print(f"FP4, the default when bnb_4bit_quant_type is left out, moved the distributions {kl['fp4']:.3f} nats "
+          f"(perplexity {fp4:.1f}); NF4, at the same size, {kl['nf4']:.3f} nats (perplexity {nf4:.1f}).")
+else:
+    print("FP4 and NF4 did not both run here, so the cost of the default is not measured on this machine.")
 
 # %% [markdown]
 # Measured on an H100 and stored in `reference/nvidia-h100/partial-04_quantization.ipynb` (a partial run with torch
@@ -259,17 +304,51 @@ else:
 
 # %%
 bandwidth = roofline.bandwidth_ceiling(lab.device)
-prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(lab.device)
-speed = {name: quant.measure_speed(m, prompt_ids, batch_sizes=lab.batch_sizes, new_tokens=lab.new_tokens,
-                                   prefill_tokens=lab.prefill_tokens, warmup=lab.warmup, repeats=lab.repeats,
-                                   bandwidth_bytes_per_s=bandwidth["bytes_per_s"], dtype=lab.dtype)
-         for name, m in loaded.items()}
 print(f"Memory bandwidth {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['source']}).")
-show(quant.speed_rows(speed), title=f"Decode ({lab.new_tokens} new tokens) and prefill ({lab.prefill_tokens} tokens)")
-show(quant.continuation_rows(speed, tokenizer), title=f"{prompt!r}, continued by each format (greedy)")
-print(quant.pace_line(speed, lab.device))
-print("\n".join(quant.gain_lines(speed)))
-lab.add(quant.speed_findings(speed, tokenizer))
+prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(lab.device)
+prefill_ids = torch.randint(100, len(tokenizer), (1, lab.p.prefill_tokens), device=lab.device)  # random tokens
+shape = roofline.kv_shape(model.config)  # each token adds a key and a value per layer and key/value head
+kv_per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * lab.dtype.itemsize
+context = prompt_ids.shape[1] + lab.p.new_tokens // 2  # the KV cache at the run's middle length
+rows, continuations = [], {}
+for name, m in loaded.items():
+    prefill = quant.prefill_ms(m, prefill_ids, warmup=lab.p.warmup, repeats=lab.p.repeats)
+    weights = quant.step_bytes(m)  # what this format holds, scales included: each step reads it once
+    for batch in lab.p.batch_sizes:
+        run = quant.decode_rate(m, prompt_ids.repeat(batch, 1), new_tokens=lab.p.new_tokens)  # each step timed
+        rows.append({"format": name, "batch": batch, "tokens/s": run["tokens_per_s"], "step ms": run["step_ms"],
+                     "bytes per step": weights + batch * context * kv_per_token, "prefill ms": prefill,
+                     "tokens": len(run["token_ids"][0])})
+        continuations.setdefault(name, tokenizer.decode(run["token_ids"][0], skip_special_tokens=True))
+speed = pd.DataFrame(rows)
+
+# %%
+speed["bound tokens/s"] = speed["batch"] * bandwidth["bytes_per_s"] / speed["bytes per step"]
+speed["fraction of bound"] = speed["tokens/s"] / speed["bound tokens/s"]
+sixteen = speed[speed["format"] == "16-bit"].set_index("batch")
+speed.insert(3, "x 16-bit", speed["tokens/s"] / speed["batch"].map(sixteen["tokens/s"]))
+lab.table("speed", speed, title=f"Decode ({lab.p.new_tokens} new tokens) and prefill ({lab.p.prefill_tokens} tokens)")
+texts = pd.DataFrame(continuations.items(), columns=["format", "continuation"])
+lab.table("continuations", texts, title=f"{prompt!r}, continued by each format (greedy)")
+lab.check("every_format_produced_tokens", (speed["tokens"] > 0).all() and (speed["tokens/s"] > 0).all())
+lab.check("continuations_are_text", texts["continuation"].map(lambda text: any(c.isalpha() for c in text)).all())
+smallest = lab.p.batch_sizes[0]
+first = speed[speed["batch"] == smallest].set_index("format")
+for name, rate in first["tokens/s"].items():
+    lab.metric(f"decode_{name.replace('-', '_')}_batch{smallest}_tokens_per_s", rate)
+
+# %%
+base, slow = first.loc["16-bit"], 1 / first.loc["16-bit", "fraction of bound"]  # the step against what its bytes need
+pace = ("close to the bound, so reading the weights sets the pace" if slow < 1.5 else
+        "the step is launch-bound (the GPU waits while the CPU launches its many small kernels), so fewer weight "
+        "bytes can shorten only the small part of the step spent reading them" if lab.on_gpu and slow >= 5 else
+        "most of the step is not reading weights (it is the dispatch of every small op, and generate's own work), "
+        "so fewer weight bytes can shorten only a part of it")
+print(f"16-bit at batch {smallest}: a step took {base['step ms']:.3g} ms where reading its bytes at this machine's "
+      f"bandwidth needs {base['step ms'] / slow:.3g} ms ({slow:.1f}x): {pace}.")
+for name, r in first.drop("16-bit").iterrows():
+    print(f"{name}: {r['x 16-bit']:.2f}x the 16-bit tokens/s at batch {smallest}; "
+          f"its bound is {r['bound tokens/s'] / base['bound tokens/s']:.2f}x higher")
 
 # %% [markdown]
 # Read the `x 16-bit` column against the bound: every low-bit format had a higher bound, so a format that is not faster
@@ -311,22 +390,34 @@ crossover.check(answer)
 # rows at each batch size; its speed-up beside the roofline's. A point whose time fell while the batch grew is
 # measured again, and marked noisy if it stays so (no conclusion is drawn from it).
 
+# %%
+flops, bytes_per_s = ceiling["flops_per_s"], bandwidth["bytes_per_s"]
+limit = flops * 2 / (2 * bytes_per_s)  # 2 FLOPs per weight and sequence against a 16-bit weight's 2 bytes read once
+if "torchao-int4" in loaded:  # else the first lines of the notebook say why
+    points = quant.layer_sweep(lab.p.layer_size, lab.p.sweep_batches, device=lab.device, dtype=lab.dtype)
+    wide = pd.DataFrame(points).pivot(index="batch", columns="format")  # a row per batch, a column per (what, format)
+    sweep = pd.DataFrame({"batch": wide.index, "16-bit ms": wide["median_ms", "16-bit"].values,
+                          "int4 ms": wide["median_ms", "torchao-int4"].values})
+    sweep["int4 speed-up"] = sweep["16-bit ms"] / sweep["int4 ms"]
+    computing = 2 * sweep["batch"] / flops  # seconds per weight: 2 FLOPs per sequence, whatever the format
+    sweep["roofline speed-up"] = computing.clip(lower=2 / bytes_per_s) / computing.clip(lower=0.5 / bytes_per_s)
+    sweep["noisy"] = wide["noisy"].any(axis=1).values  # rechecked, and still out of its trend
+    lab.table("int4_sweep", sweep, title=f"One {lab.p.layer_size}-square layer: int4 weight-only against 16-bit")
+
 # %% tags=["reveals-04.5"]
-limit = quant.break_even_batch(ceiling["flops_per_s"], bandwidth["bytes_per_s"])
-if "torchao-int4" not in loaded:  # the first lines of the notebook say why
-    lab.add(quant.break_even_findings(limit, None))
+seen = quant.measured_break_even(points) if "torchao-int4" in loaded else None  # speed-up 1, between two batches
+lab.table("break_even", pd.DataFrame({"batch by the roofline": [limit], "batch measured": [seen]}), show=False)
+if "torchao-int4" not in loaded:
     print(f"No layer measured: torchao-int4 does not run here. By the roofline its gain ends at batch {limit:.0f}.")
 else:
-    sweep = quant.layer_sweep(lab.layer_size, lab.sweep_batches, device=lab.device, dtype=lab.dtype)
-    rows = quant.sweep_rows(sweep, flops_per_s=ceiling["flops_per_s"], bytes_per_s=bandwidth["bytes_per_s"])
-    show(rows, title=f"One {lab.layer_size} x {lab.layer_size} layer: int4 weight-only against 16-bit")
-    curve = quant.roofline_curve(ceiling["flops_per_s"], bandwidth["bytes_per_s"], lab.sweep_batches)
-    lab.figure("int4_break_even", plots.weight_only_sweep(rows, curve=curve, roofline_batch=limit,
+    curve = quant.roofline_curve(flops, bytes_per_s, lab.p.sweep_batches)
+    lab.figure("int4_break_even", plots.weight_only_sweep(sweep, curve=curve, roofline_batch=limit,
                                                           title=lab.device_label))
-    seen = quant.measured_break_even(sweep)
-    lab.add(quant.break_even_findings(limit, seen))
-    crossover.compare(seen or f"still faster at batch {max(lab.sweep_batches)}", "sequences")
-    print(quant.break_even_line(limit, seen, rows))
+    crossover.compare(seen or f"still faster at batch {max(lab.p.sweep_batches)}", "sequences")
+    ended = (f", and still faster at batch {sweep['batch'].iloc[-1]}; the roofline puts the end of its gain at batch "
+             f"{limit:.0f}" if seen is None else f"; its gain ended at about batch {seen:.0f} (between the batches "
+             f"measured), where the roofline says {limit:.0f}")
+    print(f"At batch {sweep['batch'][0]} int4 was {sweep['int4 speed-up'][0]:.2f}x as fast as 16-bit{ended}.")
 
 # %% [markdown]
 # The roofline assumes a kernel that reaches the machine's FLOP/s ceiling while it dequantizes. Where the measured
@@ -341,19 +432,26 @@ else:
 # own model. Each run is put against its own bandwidth bound.
 
 # %%
-if lab.compile_problem:
-    lab.skip("the compiled one-token step", lab.compile_problem)
+if lab.p.compile_problem:
+    lab.skip("the compiled one-token step", lab.p.compile_problem)
 else:
-    fast, _ = models.load_model(lab.speed_model_id, device=lab.device, dtype=lab.dtype, attn_implementation="sdpa")
+    fast, _ = models.load_model(lab.p.speed_model_id, device=lab.device, dtype=lab.dtype, attn_implementation="sdpa")
     step_models = {"16-bit": fast}
     if "torchao-int4" in loaded:  # else only 16-bit: the first lines of the notebook say why
         step_models["torchao-int4"] = quant.torchao_quantized(fast, "torchao-int4", lab.device)
-    ids = generation.random_prompt(fast, batch=1, length=16)
-    runs = {name: quant.compiled_decode(m, ids, new_tokens=lab.new_tokens, device=lab.device, dtype=lab.dtype,
-                                        bandwidth_bytes_per_s=bandwidth["bytes_per_s"], repeats=lab.repeats)
-            for name, m in step_models.items()}
-    show(quant.compiled_rows(runs), title=f"{lab.speed_model_id}, batch 1: the one-token step eager and compiled")
-    lab.add(quant.compiled_findings(runs, fast))
+    ids = torch.randint(100, fast.config.vocab_size, (1, 16), device=lab.device)  # a prompt of 16 random tokens
+    shape = roofline.kv_shape(fast.config)  # its KV cache at the run's middle length, as above
+    kv_per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * lab.dtype.itemsize
+    cache = kv_per_token * (16 + lab.p.new_tokens // 2)
+    compiled = pd.DataFrame([{"format": name, **run, "bound step ms": 1e3 * (quant.step_bytes(m) + cache) / bytes_per_s}
+                             for name, m in step_models.items() for run in quant.compiled_decode(
+                                 m, ids, new_tokens=lab.p.new_tokens, device=lab.device, repeats=lab.p.repeats)])
+    compiled["fraction of bound"] = compiled["bound step ms"] / compiled["step ms"]
+    lab.table("compiled_step", compiled, title=f"{lab.p.speed_model_id}, batch 1: the one-token step, eager, compiled")
+    lab.check("compiled_steps_produced_tokens", (compiled["tokens"] > 0).all())
+    for name, r in compiled[compiled["step"] == "compiled"].set_index("format").iterrows():
+        lab.metric(f"step_compiled_{name.replace('-', '_')}_batch1_fraction_of_bound", r["fraction of bound"])
+        lab.metric(f"step_compiled_{name.replace('-', '_')}_batch1_tokens_per_s", r["tokens/s"])
 
 # %% [markdown]
 # What to look for, where the step was measured: the `fraction of bound` of each compiled row against its eager row
@@ -366,8 +464,12 @@ else:
 # One row per format: its footprint, its batch-1 decode as a fraction of its own bound, its perplexity change.
 
 # %%
-summary = quant.summary_rows(counted, quality, speed)
-show(summary, title=f"{model_id} on {lab.device_label}, compute dtype {lab.dtype_name}")
+summary = footprint[["format", "total MiB", "x smaller"]].rename(columns={"total MiB": "MiB"})
+summary.insert(1, "library", summary["format"].map(quant.library))
+summary[f"x 16-bit tokens/s (batch {smallest})"] = summary["format"].map(first["x 16-bit"])
+summary["fraction of bound"] = summary["format"].map(first["fraction of bound"])
+summary["perplexity change"] = summary["format"].map(quality.set_index("format")["change"])
+lab.table("summary", summary, title=f"{model_id} on {lab.device_label}, compute dtype {lab.dtype_name}")
 lab.figure("summary", plots.quantized_formats(summary, title=f"{model_id}: size, speed and quality per format"))
 show(lab.beside_references(quant.REFERENCE_METRICS), title="This machine and the reference runs")
 
@@ -382,4 +484,33 @@ show(lab.beside_references(quant.REFERENCE_METRICS), title="This machine and the
 # ## What you measured
 
 # %%
-lab.finish()
+measured = []
+if len(total) > 1:
+    smaller = ", ".join(f"{name} {mib:.0f} MiB ({total['16-bit'] / mib:.2f}x smaller)"
+                        for name, mib in total.iloc[1:].items())
+    measured.append(f"Footprints counted from the tensors, against {total['16-bit']:.0f} MiB in 16-bit: {smaller}.")
+if len(kl):
+    page = (f" FP4, what BitsAndBytesConfig(load_in_4bit=True) gives by default, moved {kl['fp4']:.3f} nats against "
+            f"NF4's {kl['nf4']:.3f}." if "fp4" in kl and "nf4" in kl else "")
+    measured.append(f"Closest to the 16-bit model's next-token distributions: {kl.idxmin()} (KL {kl.min():.3g} "
+                    f"nats).{page}")
+gains = first["x 16-bit"].drop("16-bit")
+if len(gains):
+    faster = ", ".join(gains[gains > 1.05].index)
+    measured.append(f"Batch-{smallest} decode against 16-bit here: "
+                    f"{', '.join(f'{name} {gain:.2f}x' for name, gain in gains.items())}; " + (
+                        f"faster: {faster}." if faster else "none was faster: these formats saved memory, not time, "
+                        "on this machine."))
+
+# %%
+layer = ("" if "torchao-int4" not in loaded else f"; one layer measured here stopped gaining at batch {seen:.0f}"
+         if seen else "; one layer measured here was still faster with int4 at the largest batch tried")
+measured.append(f"By this machine's roofline, int4 weight-only stops making a decode step faster from about batch "
+                f"{limit:.0f}{layer}.")
+if not lab.p.compile_problem:
+    billions = sum(p.numel() for p in fast.parameters()) / 1e9
+    fractions = compiled[compiled["step"] == "compiled"].set_index("format")["fraction of bound"]
+    measured.append(f"With the one-token step compiled, batch-1 decode of a {billions:.2g}-billion-parameter model "
+                    "reached these fractions of each format's own bandwidth bound: "
+                    f"{', '.join(f'{name} {100 * v:.0f}%' for name, v in fractions.items())}.")
+lab.finish(measured)

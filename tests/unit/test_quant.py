@@ -6,7 +6,6 @@ import torch
 
 from labkit import quant
 from labkit.errors import BadParameter, ModelNotAvailable
-from labkit.metrics import quantization as names
 
 TORCHAO = quant.torchao_problem() == ""
 needs_torchao = pytest.mark.skipif(not TORCHAO, reason="torchao is not importable here")
@@ -98,8 +97,10 @@ def test_torchao_configs_pick_the_layout_of_the_device():
 
 # --------------------------------------------------------------------------- the plan
 
-def plan(**given):
-    return quant.notebook_plan(device="cpu", quick=True, **given)
+def plan(quick=True, **given):
+    parameters = quant.Parameters(**given)
+    parameters.resolve(device="cpu", quick=quick)
+    return parameters
 
 
 @pytest.mark.parametrize("given, words", [
@@ -122,15 +123,16 @@ def test_a_missing_model_stops_the_plan(monkeypatch):
         plan()
 
 
-def test_the_plan_sizes_a_quick_cpu_run_and_says_what_it_leaves_out(monkeypatch):
+def test_the_parameters_are_sized_for_a_quick_cpu_run_and_say_what_they_leave_out(monkeypatch):
     monkeypatch.setattr(quant.probes, "bitsandbytes_4bit", lambda devices: [{"ok": True, "reason": ""}])
-    found = plan(formats=["nf4", "16-bit", "torchao-float8", "torchao-int4"])
-    assert found["formats"][0] == "16-bit" and "torchao-float8" not in found["formats"]
-    assert "torchao-float8" in found["left_out"]["skipped"]
-    assert found["dtype"] == torch.bfloat16 and found["bnb_formats"] == ["nf4"]
-    assert found["eval_tokens"] == 128 and found["new_tokens"] == 8 and found["batch_sizes"] == [1, 8]
-    assert "quick sizes on a CPU" in found["compile_problem"]
-    assert quant.notebook_plan(device="cpu", quick=False)["compile_problem"] == ""
+    found = plan(formats=["nf4", "16-bit", "torchao-float8", "torchao-int4"], batch_sizes=[8, 1, 8])
+    assert found.formats[0] == "16-bit" and "torchao-float8" not in found.formats
+    assert "torchao-float8" in found.skipped
+    assert found.dtype == torch.bfloat16 and found.bnb_formats == ["nf4"]
+    assert found.eval_tokens == 128 and found.new_tokens == 8 and found.batch_sizes == [1, 8]
+    assert "quick sizes on a CPU" in found.compile_problem
+    assert plan(quick=False).compile_problem == "" and plan(quick=False, eval_tokens=7).eval_tokens == 7
+    assert quant.Parameters().formats == list(quant.ALL_FORMATS)  # the parameters cell's defaults
 
 
 def test_without_torchao_or_bitsandbytes_the_plan_keeps_the_rest(monkeypatch):
@@ -138,8 +140,8 @@ def test_without_torchao_or_bitsandbytes_the_plan_keeps_the_rest(monkeypatch):
     monkeypatch.setattr(quant.probes, "bitsandbytes_4bit",
                         lambda devices: [{"ok": False, "reason": "bitsandbytes is not installed"}])
     found = plan()
-    assert found["formats"] == ["16-bit"] and found["torchao_formats"] == [] and found["bnb_formats"] == []
-    skipped = found["left_out"]["skipped"]
+    assert found.formats == ["16-bit"] and found.torchao_formats == [] and found.bnb_formats == []
+    skipped = found.skipped
     assert len(skipped) == 2 and all("\n" not in why for why in skipped.values())
     assert any("torchao" in what and "not installed" in why for what, why in skipped.items())
     assert any("bitsandbytes" in why for why in skipped.values())
@@ -207,19 +209,6 @@ def test_a_real_layer_counts_as_the_exercise_formulas_say():
         assert quant.layer_footprint_mib("nf4", 1024, 1024) == ex.nf4_mib(1024, 1024, 64)
 
 
-def test_footprint_findings_state_the_ordering():
-    counted = {"16-bit": {"kept": 100, "weights": 0, "scales": 0}, "int8": {"kept": 10, "weights": 45, "scales": 1},
-               "nf4": {"kept": 10, "weights": 23, "scales": 3}, "torchao-int8": {"kept": 10, "weights": 45, "scales": 2},
-               "torchao-int4": {"kept": 10, "weights": 23, "scales": 3}}
-    found = quant.footprint_findings(counted, counted)
-    assert all(found["checks"].values()) and set(found["checks"]) == {
-        "prediction_matches_counted_footprint", "footprint_ordering_16bit_int8_4bit",
-        "torchao_footprints_below_16bit_int8_above_int4"}
-    assert found["metrics"][names.per_format("footprint", "nf4")] == 36 / 2**20
-    rows = quant.footprint_rows(counted, counted, {name: 1 for name in counted})
-    assert rows[2]["x smaller"] == 100 / 36
-
-
 # --------------------------------------------------------------------------- quality
 
 class Uniform(torch.nn.Module):
@@ -239,11 +228,11 @@ class Uniform(torch.nn.Module):
 
 
 def test_perplexity_of_a_uniform_model_is_its_vocabulary_size():
-    result = quant.perplexity(Uniform(37), torch.randint(0, 37, (1, 100)), window=30)
-    assert math.isclose(result["perplexity"], 37, rel_tol=1e-6)
+    result = quant.score(Uniform(37), torch.randint(0, 37, (1, 100)), window=30)
+    assert math.isclose(result["perplexity"], 37, rel_tol=1e-6) and math.isclose(result["mean_nll"], math.log(37), rel_tol=1e-6)
     assert result["tokens"] == 29 * 3 + 9  # each window predicts all but its first token
     with pytest.raises(BadParameter):
-        quant.perplexity(Uniform(5), torch.tensor([[1]]))
+        quant.score(Uniform(5), torch.tensor([[1]]))
 
 
 def test_kl_divergence():
@@ -265,8 +254,7 @@ def test_a_score_against_itself_moved_nothing_and_one_pass_gives_both():
     assert reference["log_probs"].shape == (40, model.config.vocab_size) and reference["kl"] == 0.0
     again = quant.score(model, ids, reference=reference, window=16)
     assert abs(again["kl"]) < 1e-6 and math.isclose(again["perplexity"], reference["perplexity"], rel_tol=1e-5)
-    assert again["perplexity"] == pytest.approx(quant.perplexity(model, ids, window=16)["perplexity"])
-    assert quant.closest_to_16bit({"16-bit": reference, "a": {"kl": 0.3}, "b": {"kl": 0.1}}) == "b"
+    assert again["mean_nll"] == pytest.approx(reference["mean_nll"], rel=1e-5)
 
 
 def test_sample_text_is_shipped_and_long_enough():
@@ -284,22 +272,24 @@ def test_one_generate_call_times_each_step():
     row = quant.decode_rate(model, ids, new_tokens=6)
     assert row["steps_timed"] == 4 and len(row["token_ids"][0]) == 6  # 5 steps after the prefill, the first a warm-up
     assert row["step_p10_ms"] <= row["step_ms"] <= row["step_p90_ms"] and row["tokens_per_s"] > 0
-    speed = quant.measure_speed(model, ids[:1], batch_sizes=[1, 2], new_tokens=3, prefill_tokens=8, warmup=0,
-                                repeats=1, bandwidth_bytes_per_s=1e12, dtype=torch.float32)
-    assert [d["batch"] for d in speed["decode"]] == [1, 2] and len(speed["token_ids"]) == 3
-    assert speed["decode"][0]["step_bytes"] > sum(quant.count_footprint(model).values()) // 2
-    assert 0 < speed["decode"][0]["fraction_of_bound"] < 1
+    assert quant.prefill_ms(model, ids[:1], warmup=0, repeats=1) > 0
+
+
+def test_a_step_reads_everything_but_the_untied_input_embeddings_rows_it_does_not_need():
+    untied, tied = TinyLM(), TinyLM(tied=True)
+    row_bytes = 64 * 4  # one float32 row of the input embeddings per token
+    assert quant.step_bytes(untied) == sum(quant.count_footprint(untied).values()) - 50 * 64 * 4 + row_bytes
+    assert quant.step_bytes(tied) == sum(quant.count_footprint(tied).values())  # the output layer reads all of it
 
 
 def test_the_roofline_break_even_batch():
     assert quant.break_even_batch(1e12, 1e10) == 100.0  # 16-bit weights: FLOP/s / (bytes/s)
     assert quant.break_even_batch(1e12, 1e10, weight_bytes=1) == 50.0
-    assert quant.roofline_step_s(1, weights=100, weight_bytes=2, flops_per_s=1e3, bytes_per_s=1e3) == 0.2
     # 4x while both steps wait for memory, shrinking from a quarter of the break-even batch, 1x from it on
-    assert quant.roofline_speedup(1, 1e12, 1e10) == 4.0 and quant.roofline_speedup(50, 1e12, 1e10) == 2.0
-    assert quant.roofline_speedup(100, 1e12, 1e10) == 1.0 == quant.roofline_speedup(400, 1e12, 1e10)
-    curve = quant.roofline_curve(1e12, 1e10, [1, 4, 256])
-    assert curve[0] == (1.0, 4.0) and curve[-1][0] == pytest.approx(256) and len(curve) == 64
+    curve = quant.roofline_curve(1e12, 1e10, [1, 400], points=3)  # batches 1, 20 and 400
+    assert [b for b, _ in curve] == pytest.approx([1, 20, 400]) and [g for _, g in curve] == pytest.approx([4, 4, 1])
+    assert [g for _, g in quant.roofline_curve(1e12, 1e10, [50, 100], points=2)] == pytest.approx([2.0, 1.0])
+    assert len(quant.roofline_curve(1e12, 1e10, [1, 4, 256])) == 64
     with pytest.raises(BadParameter):
         quant.break_even_batch(0, 1e10)
 
@@ -315,9 +305,6 @@ def test_the_measured_break_even_ignores_noisy_points():
     assert 1 < crossing < 16 and crossing == pytest.approx(16 ** (math.log(4) / math.log(4.5)))
     assert quant.measured_break_even(rows[:2] + rows[3:5]) is None
     assert quant.measured_break_even([point("16-bit", 2, 1.0), point("torchao-int4", 2, 1.5)]) == 2.0
-    table = quant.sweep_rows(rows, flops_per_s=1e9, bytes_per_s=1e9)
-    assert table[0]["int4 speed-up"] == 4.0 and table[1]["noisy"] == "noisy"
-    assert quant.break_even_findings(2.5, None) == {"metrics": {names.BREAK_EVEN_ROOFLINE: 2.5}}
 
 
 @needs_torchao
@@ -326,35 +313,3 @@ def test_the_layer_sweep_times_both_layers_at_every_batch():
     assert sorted((r["format"], r["batch"]) for r in rows) == [
         ("16-bit", 1), ("16-bit", 8), ("torchao-int4", 1), ("torchao-int4", 8)]
     assert all(r["median_ms"] > 0 and "noisy" in r for r in rows)
-
-
-# --------------------------------------------------------------------------- what you measured
-
-def test_what_you_measured_reads_right_whole_and_in_parts():
-    metrics = {names.per_format("footprint", "16-bit"): 256.0, names.per_format("footprint", "nf4"): 111.0,
-               names.per_format("footprint", "torchao-int4"): 111.0,
-               names.per_format("kl_vs_16bit", "fp4"): 0.45, names.per_format("kl_vs_16bit", "nf4"): 0.29,
-               names.per_format("kl_vs_16bit", "int8"): 0.02,
-               names.decode("16-bit", 1, "tokens_per_s"): 10.0, names.decode("nf4", 1, "tokens_per_s"): 5.0,
-               names.decode("torchao-int4", 1, "tokens_per_s"): 20.0,
-               names.BREAK_EVEN_ROOFLINE: 39.0, names.BREAK_EVEN_MEASURED: 16.0,
-               names.step("compiled", "torchao-int4", "fraction_of_bound"): 0.41, names.STEP_MODEL_BILLIONS: 1.07}
-    lines = quant.what_you_measured({"metrics": metrics, "checks": {}, "skipped": {}})
-    text = " ".join(lines)
-    assert len(lines) == 5
-    assert "nf4 111 MiB (2.31x smaller)" in text and "int8 (KL 0.02 nats)" in text and "0.450 nats" in text
-    assert "torchao-int4 2.00x; faster: torchao-int4." in text and "batch 39" in text and "batch 16" in text
-    assert "torchao-int4 41%" in text and "1.1-billion" in text
-    only_16bit = {names.per_format("footprint", "16-bit"): 256.0, names.decode("16-bit", 1, "tokens_per_s"): 10.0}
-    assert quant.what_you_measured({"metrics": only_16bit, "checks": {}, "skipped": {}}) == [
-        "No format ran on this machine: the 'Skipped:' lines above say why."]
-
-
-def test_the_quick_metrics_are_built_by_the_builders():
-    expected = names.expected_quick()
-    assert names.per_format("footprint", "torchao-int4") == "footprint_torchao_int4_mib" and \
-        "footprint_torchao_int4_mib" in expected
-    assert names.decode("nf4-double", 8, "tokens_per_s") == "decode_nf4_double_batch8_tokens_per_s" in expected
-    assert names.step("compiled", "torchao-int4", "fraction_of_bound") == \
-        "step_compiled_torchao_int4_batch1_fraction_of_bound"
-    assert len(expected) == len(set(expected))
