@@ -114,6 +114,7 @@ class Condition:
     cpu_only: bool = False  # the simulated lack is real only on a machine without a CUDA GPU
     env: Callable[[Any], dict[str, str]] = lambda tmp: {}  # environment of the kernel (tmp: an empty folder)
     hides: str = ""  # a module the condition hides: where it is not installed, the condition is the plain run
+    covers: tuple[str, ...] = ()  # the rows of the README's "when something is missing" table it runs (default: its name)
 
 
     def expected(self, notebook: str) -> str:
@@ -132,6 +133,7 @@ CONDITIONS = [
     # ipywidgets forms of 01 and 03), unit tests hide the package instead (tests/unit/test_probes.py,
     # tests/unit/test_widgets.py).
     Condition("optional packages not importable", "completed", ("04", "05", "06"),
+              covers=("bitsandbytes not importable", "torchao not importable", "serving packages not importable"),
               startup=BLOCKER.format(blocked={"bitsandbytes", "torchao", "fastapi", "uvicorn", "openai", "optimum"}),
               skipped_mention={"04": ("bitsandbytes", "torchao"), "05": ("bitsandbytes",),
                                "06": ("transformers[serving]",)}),
@@ -148,7 +150,10 @@ CONDITIONS = [
               stop_says=lambda nb: "cannot run a matrix product", cpu_only=True),
     # 01's sweep on a small, older machine: SDPA over 512 tokens runs out of memory and torch has no Flash kernel.
     Condition("out of memory from 512 tokens, torch without the Flash kernel", "completed", ("01",),
+              covers=("out of memory from 512 tokens", "torch without the Flash kernel"),
               startup=OUT_OF_MEMORY + NO_FLASH, skipped_mention={"01": ("can't allocate memory",)}),
+    Condition("a zero or negative size", "stopped", parameters=lambda nb, tmp: BAD_SIZE[nb][0],
+              stop_says=lambda nb: BAD_SIZE[nb][1]),
     # A fresh machine without the model packages: nothing converted in the cache either (the lent GPU run found this).
     Condition("embedded models not installed",
               {**dict.fromkeys(ALL, "completed"), "04": "stopped", "05": "stopped", "06": "stopped"},
@@ -157,3 +162,6 @@ CONDITIONS = [
               stop_says=lambda nb: "is not installed",
               skipped_mention={nb: ("is not installed",) for nb in ("00", "01", "02", "03")}),
 ]
+
+# The README's rows that a unit test covers instead of a whole notebook run (only a labkit function notices them).
+UNIT_TESTED = {"ipywidgets not importable": "tests/unit/test_widgets.py"}
