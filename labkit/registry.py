@@ -37,7 +37,9 @@ class Notebook:
 NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("00_setup_and_probes", "machine", None, "model_id", "dtype", ({"matmul_size": -1}, "matmul_size=-1")),
     Notebook("01_flash_attention", "attention", "flash_attention", "model_id", "dtype",
-             ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"), widgets=True),
+             ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"), widgets=True,
+             tables=("memory", "what_ran", "eligibility", "why_not", "greedy_agreement", "accuracy", "sweep",
+                     "best_backend", "flex_vs_sdpa")),
     Notebook("02_decoders_and_generation", "generation", "decoders", "model_ids", "dtype",
              ({"new_tokens": 1}, "new_tokens=1")),
     Notebook("03_encoder_fastpath", "fastpath", "encoder", "model_id", "dtype", ({"batch_sizes": [0]}, "batch_sizes"),
