@@ -150,7 +150,7 @@ import functools
 timing_rule = {"warmup": lab.p.warmup, "repeats": lab.p.repeats}  # the workbook's timing rule: warm-up, repeats
 
 
-def forced(q, k, v, backend, causal):  # only this backend may run
+def forced_sdpa(q, k, v, backend, causal):  # only this backend may run
     with sdpa_kernel(getattr(SDPBackend, backend)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
@@ -161,7 +161,7 @@ def measure_points(backends, head_dims, causals, lengths, memory=True, on_row=No
         series, calls, stop = [], {}, ""  # stop: why longer lengths are skipped (a shorter one ran out of memory)
         for n in lengths:
             q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, n, d, device=lab.device, dtype=lab.dtype)
-            calls[n] = functools.partial(forced, q, k, v, backend, causal)
+            calls[n] = functools.partial(forced_sdpa, q, k, v, backend, causal)
             skip = stop or (backend == "MATH" and attention.math_too_big(lab.device, lab.p.batch, lab.p.heads, n))
             point = ({"status": "skipped", "why": skip} if skip else
                      attention.time_call(calls[n], lab.device, backend, memory=memory, **timing_rule))
