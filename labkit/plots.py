@@ -16,45 +16,48 @@ BACKEND_COLORS = {"MATH": "#cf222e", "FLASH_ATTENTION": "#0969da", "EFFICIENT_AT
 
 
 def _series(rows: Sequence[dict[str, Any]], key: str, head_dim: int | None, causal: bool | None):
-    """{backend: ([seq...], [value...])} for the rows that ran and have ``key``."""
+    """{backend: ([n...], [value...])} for the rows that ran and have ``key``."""
     out: dict[str, tuple[list, list]] = {}
     for row in rows:
-        if row.get("status") != "ok" or row.get(key) is None:
+        if row.get("status") != "ok" or row.get(key) is None or row.get(key) != row.get(key):  # None or NaN
             continue
         if head_dim is not None and row["head_dim"] != head_dim:
             continue
         if causal is not None and row["causal"] != causal:
             continue
         xs, ys = out.setdefault(row["backend"], ([], []))
-        xs.append(row["seq"])
+        xs.append(row["n"])
         ys.append(row[key])
     return out
 
 
-def attention_sweep(rows: Sequence[dict[str, Any]], *, head_dim: int, causal: bool, title: str = "",
+def attention_sweep(rows, *, head_dim: int, causal: bool, title: str = "",
                     score_bytes_per_token_pair: float | None = None):
     """Three panels for one head size and mask: time vs length (log-log), peak extra memory vs length,
     and the fraction of the measured matmul ceiling each backend reached.
 
-    ``score_bytes_per_token_pair`` (batch x heads x element size) draws the memory of one full score
-    matrix, the N^2 term that the math backend materialises and the fused backends avoid. Rows marked ``noisy``
-    (:func:`labkit.timing.recheck_trend`) get a black cross on the time and fraction panels.
+    ``rows``: notebook 01's sweep table (a pandas DataFrame, or its rows as dicts) with columns backend, head_dim,
+    causal, n, status, ms, peak MiB, fraction of ceiling and noisy. ``score_bytes_per_token_pair`` (batch x heads x
+    element size) draws the memory of one full score matrix, the N^2 term that the math backend materialises and the
+    fused backends avoid. Rows marked ``noisy`` (:func:`labkit.attention.mark_noisy`) get a black cross on the time and
+    fraction panels.
     """
     import matplotlib.pyplot as plt
 
+    rows = rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
     fig, (ax_time, ax_memory, ax_fraction) = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = [(ax_time, "median_ms", 1.0, "median time per call (ms)"),
-              (ax_memory, "peak_extra_bytes", 2**-20, "peak extra memory (MiB)"),
-              (ax_fraction, "fraction_of_ceiling", 1.0, "fraction of the matmul ceiling")]
+    panels = [(ax_time, "ms", "median time per call (ms)"),
+              (ax_memory, "peak MiB", "peak extra memory (MiB)"),
+              (ax_fraction, "fraction of ceiling", "fraction of the matmul ceiling")]
     lengths: set[int] = set()
-    for ax, key, scale, label in panels:
+    for ax, key, label in panels:
         for backend, (xs, ys) in _series(rows, key, head_dim, causal).items():
             lengths.update(xs)
-            ax.plot(xs, [y * scale for y in ys], marker="o", label=backend.replace("_ATTENTION", "").lower(),
+            ax.plot(xs, ys, marker="o", label=backend.replace("_ATTENTION", "").lower(),
                     color=BACKEND_COLORS.get(backend))
-        # timings still against the trend after a re-measurement (labkit.timing.recheck_trend): shown, not trusted
-        noisy = [(r["seq"], r[key] * scale) for r in rows if r.get("noisy") and r.get(key) is not None
-                 and r["head_dim"] == head_dim and r["causal"] == causal and key != "peak_extra_bytes"]
+        # timings still against the trend after a re-measurement (labkit.attention.mark_noisy): shown, not trusted
+        noisy = [(r["n"], r[key]) for r in rows if r.get("noisy") and r.get(key) is not None
+                 and r["head_dim"] == head_dim and r["causal"] == causal and key != "peak MiB"]
         if noisy:
             ax.scatter(*zip(*noisy, strict=True), marker="x", s=70, color="k", zorder=3, label="noisy (not used)")
         ax.set_xscale("log", base=2)

@@ -24,7 +24,7 @@
 # 5. **correctness** of every backend against a float64 reference;
 # 6. **the sweep**: time, TFLOP/s, fraction of the measured matmul ceiling and memory, as the sequence grows, on a
 #    live board, then as figures;
-# 7. **`labkit.attention.best_backend`**: the fastest backend for your shape, measured;
+# 7. **the fastest backend for your shape**, measured, against PyTorch's own choice;
 # 8. **attention today**: which FlashAttention PyTorch runs, when Flash is not the fastest, FlexAttention measured
 #    against SDPA for a causal and a document (packed sequences) mask, variable-length attention, and the
 #    `attn_implementation` values transformers 5 accepts.
@@ -50,12 +50,13 @@ solutions = False          # fill every exercise with its solution (a teacher's 
 results_path = ""          # where to write the results JSON (empty: do not write)
 
 # %%
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import labkit
-from labkit import attention, attention_today, models, plots, probes, roofline, widgets
+from labkit import attention, attention_today, models, plots, probes, roofline, timing, widgets
 from labkit.widgets import show
 
 lab = labkit.start("01_flash_attention", globals())
@@ -87,18 +88,28 @@ answer = None  # once my_attention is written: answer = my_attention
 ex.check(answer)
 
 # %% [markdown]
-# One way to write it, checked against SDPA. The middle line builds `scores`, a `(batch, heads, N, N)` tensor: every
-# query against every key. This is what the **MATH** backend does.
+# One way to write it, checked against SDPA. The first line builds `scores`, a `(batch, heads, N, N)` tensor: every
+# query against every key. This is what the **MATH** backend does. (A causal mask, used from section 2 on, sets the
+# scores of the keys after each query to -inf, so that the softmax gives them no weight.) The error of one output
+# against another is the relative (Frobenius) error, `‖output − reference‖ / ‖reference‖`, computed in float64.
 
 # %%
-def attention_by_hand(q, k, v):
+def attention_by_hand(q, k, v, causal=False):
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (batch, heads, N, N): the whole score matrix
+    if causal:  # query i may not see the keys after it
+        later = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(later, float("-inf"))
     weights = torch.softmax(scores, dim=-1)  # each query's weights over the keys sum to 1
     return weights @ v
 
 
-q, k, v = attention.random_qkv(1, lab.heads, 256, 64, device=lab.device, dtype=lab.dtype)
-error = attention.relative_error(F.scaled_dot_product_attention(q, k, v), attention_by_hand(q, k, v))
+def relative_error(output, reference):
+    output, reference = output.double(), reference.double()
+    return float((output - reference).norm() / reference.norm())
+
+
+q, k, v = torch.randn(3, 1, lab.p.heads, 256, 64, device=lab.device, dtype=lab.dtype)  # query, key, value
+error = relative_error(F.scaled_dot_product_attention(q, k, v), attention_by_hand(q, k, v))
 tolerance = attention.TOLERANCES[lab.dtype_name]
 print(f"SDPA vs attention by hand: relative error {error:.2e} (tolerance for {lab.dtype_name}: {tolerance:.0e})")
 lab.check("sdpa_equals_attention_by_hand", error <= tolerance)
@@ -114,7 +125,7 @@ lab.check("sdpa_equals_attention_by_hand", error <= tolerance)
 # holds at least one such matrix. (`seq` is the longest length of the sweep at which the MATH backend is tried.)
 
 # %%
-ex = lab.exercise("01.2", batch=lab.batch, heads=lab.heads, seq=lab.math_seq, dtype=lab.dtype_name)
+ex = lab.exercise("01.2", batch=lab.p.batch, heads=lab.p.heads, seq=lab.p.math_seq, dtype=lab.dtype_name)
 print("sizes:", ex.given)
 answer = None  # your prediction, in MiB
 ex.check(answer)
@@ -125,20 +136,85 @@ ex.check(answer)
 # a CPU from the profiler's allocation records). Every time in this notebook follows the workbook's one timing rule
 # (`labkit.timing.measure`): warm-up calls, then enough repeats to fill a minimum measured time, and the median, with
 # the 10th and 90th percentiles of the repeats (p10, p90) as its spread where a table shows them.
-
-# %% tags=["reveals-01.2"]
-picture = attention.sweep(lab.device, lab.dtype, seq_lengths=lab.seq_lengths, head_dims=[64], causal=[False],
-                          backends=lab.runnable, batch=lab.batch, heads=lab.heads, warmup=lab.warmup,
-                          repeats=lab.repeats)
-show([attention.display_row(r) for r in picture], ["backend", "N", "ms", "peak MiB", "status", "why"],
-     title="Measured: time and peak extra memory per call, head size 64, no mask")
-math_peak = attention.peak_bytes(picture, "MATH", lab.math_seq)
-ex.compare(None if math_peak is None else math_peak / 2**20, "MiB")  # the MATH backend's peak extra memory
+#
+# The loop below is this notebook's measurement, used again in sections 6 and 7: for each backend, head size and mask,
+# a series of growing lengths, each call forced to that one backend. `attention.time_call` times one call and does the
+# bookkeeping: a refusal or an out-of-memory becomes the row's status, with its reason. After an out-of-memory, longer
+# lengths of the series are skipped; MATH is not even tried where its float32 scores and their softmax would take more
+# than a quarter of the free memory (`attention.math_too_big` says so). `attention.mark_noisy` is the timing rule's
+# last step, explained in section 6.
 
 # %%
-memory = attention.memory_findings(picture, batch=lab.batch, heads=lab.heads, dtype=lab.dtype)
-print("\n".join(memory["lines"]))
-lab.add(memory)
+import functools
+
+timing_rule = {"warmup": lab.p.warmup, "repeats": lab.p.repeats}  # the workbook's timing rule: warm-up, repeats
+
+
+def forced_sdpa(q, k, v, backend, causal):  # only this backend may run
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+# %%
+def measure_points(backends, head_dims, causals, lengths, memory=True, on_row=None):
+    rows = []
+    for backend, d, causal in [(b, d, c) for b in backends for d in head_dims for c in causals]:  # N grows in each
+        series, calls, stop = [], {}, ""  # stop: why longer lengths are skipped (a shorter one ran out of memory)
+        for n in lengths:
+            q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, n, d, device=lab.device, dtype=lab.dtype)
+            calls[n] = functools.partial(forced_sdpa, q, k, v, backend, causal)
+            skip = stop or (backend == "MATH" and attention.math_too_big(lab.device, lab.p.batch, lab.p.heads, n))
+            point = ({"status": "skipped", "why": skip} if skip else
+                     attention.time_call(calls[n], lab.device, backend, memory=memory, **timing_rule))
+            stop = stop or (f"a shorter sequence ({n}) ran out of memory" if point["status"] == "oom" else "")
+            series.append({"backend": backend, "head_dim": d, "causal": causal, "n": n, **point})
+        attention.mark_noisy(series, lambda r, calls=calls: attention.time_call(calls[r["n"]], lab.device,
+                                                                                memory=False, **timing_rule))
+        rows += series
+        for row in series if on_row else []:  # show each row as its series is done
+            on_row(row)
+    return rows
+
+# %% [markdown]
+# The memory picture: head size 64, no mask. The last column counts the peak in score matrices: the peak divided by
+# one matrix's `batch · heads · N² · bytes per element`.
+
+# %% tags=["reveals-01.2"]
+picture = pd.DataFrame(measure_points(lab.p.runnable, [64], [False], lab.p.seq_lengths))
+score_matrix_mib = lab.p.batch * lab.p.heads * picture["n"] ** 2 * roofline.element_size(lab.dtype) / 2**20
+picture["score matrices"] = picture["peak MiB"] / score_matrix_mib  # the peak, counted in N x N score matrices
+lab.table("memory", picture, title="Measured: time and peak extra memory per call, head size 64, no mask")
+math_peak = picture.loc[(picture["backend"] == "MATH") & (picture["n"] == lab.p.math_seq), "peak MiB"].dropna()
+ex.compare(math_peak.iloc[0] if len(math_peak) else None, "MiB")  # the MATH backend's peak extra memory
+
+# %%
+import math
+
+
+def growth_exponent(points):  # p in y ~ N^p, between the two longest lengths
+    (n1, y1), (n2, y2) = sorted(points)[-2:]
+    return math.log(y2 / y1) / math.log(n2 / n1)
+
+
+measured = picture[(picture["status"] == "ok") & (picture["peak MiB"] > 0)]
+growth = {b: growth_exponent(zip(s["n"], s["peak MiB"], strict=True))
+          for b, s in measured.groupby("backend", sort=False) if s["n"].nunique() > 1}
+for backend, p in growth.items():
+    print(f"{backend:20s} extra memory grows like N^{p:.2f}")
+if "MATH" in growth:
+    lab.check("math_memory_grows_like_n_squared", growth["MATH"] > 1.5, f"N^{growth['MATH']:.2f}")
+
+# %%
+math_rows = measured[measured["backend"] == "MATH"]
+if len(math_rows):  # on a big GPU MATH is not tried at the longest lengths: its longest is used
+    at = math_rows.loc[math_rows["n"].idxmax()]
+    print(f"At N={at['n']} the MATH backend's peak is {at['score matrices']:.1f} score matrices in {lab.dtype_name} "
+          f"(one is {at['peak MiB'] / at['score matrices']:.2f} MiB)")
+fused = measured[(measured["backend"] != "MATH") & (measured["n"] == measured["n"].max())]
+if len(fused):
+    lab.check("fused_backends_never_hold_a_score_matrix", (fused["score matrices"] < 1).all(),
+              ", ".join(f"{b} {m:.1f} MiB" for b, m in zip(fused["backend"], fused["peak MiB"], strict=True)))
+else:
+    lab.skip("fused-backend memory", f"no fused backend ran for {lab.dtype_name} at N={measured['n'].max()}")
 
 # %% [markdown]
 # What you saw: the MATH backend's extra memory grows close to N², and the line above says how many score matrices it
@@ -157,7 +233,7 @@ lab.add(memory)
 # one forced call, proven:
 
 # %%
-q, k, v = attention.random_qkv(1, 8, 256, 64, device=lab.device, dtype=lab.dtype)
+q, k, v = torch.randn(3, 1, 8, 256, 64, device=lab.device, dtype=lab.dtype)
 
 
 def causal_call():
@@ -185,12 +261,43 @@ ex.check(answer)
 # changed anything here.
 
 # %% tags=["reveals-01.3"]
-proofs = attention.what_ran(causal_call, lab.device)
-show(proofs, title=f"What ran, {lab.dtype_name}, causal, (1, 8, 256, 64), on {lab.device}")
-ex.compare(proofs[0]["ran (profiler)"])  # the first row: no sdpa_kernel, PyTorch chose
-found = attention.what_ran_findings(proofs, lab.device)
-print("\n".join(found["lines"]))
-lab.add(found)
+import contextlib
+import warnings
+
+requests = [("no sdpa_kernel: PyTorch chooses", [], False)]  # (what is asked, the backends allowed, set_priority)
+requests += [(f"sdpa_kernel(SDPBackend.{b})", [b], False) for b in probes.BACKENDS]
+requests += [(f"sdpa_kernel([{', '.join(order)}]{', set_priority=True' * priority})", order, priority)
+             for priority in (False, True) for order in (["MATH", "FLASH_ATTENTION"], ["FLASH_ATTENTION", "MATH"])]
+proofs = []
+for asked, allowed, priority in requests:
+    only = (sdpa_kernel([getattr(SDPBackend, b) for b in allowed], set_priority=priority) if allowed
+            else contextlib.nullcontext())
+    try:
+        with only, warnings.catch_warnings(action="ignore"):  # refused: section 3 says why
+            seen = attention.ops_that_ran(causal_call, lab.device)
+        proofs.append({"asked for": asked, "ran (profiler)": seen.backend, "evidence": seen.evidence})
+    except RuntimeError as err:
+        proofs.append({"asked for": asked, "ran (profiler)": None, "evidence": f"refused: {str(err).splitlines()[0]}"})
+proofs = pd.DataFrame(proofs)
+lab.table("what_ran", proofs, title=f"What ran, {lab.dtype_name}, causal, (1, 8, 256, 64), on {lab.device}")
+ex.compare(proofs["ran (profiler)"][0])  # the first row: no sdpa_kernel, PyTorch chose
+
+# %% [markdown]
+# Reading the table: a forced backend must be the one the profiler saw, and the two orders of one list, without
+# `set_priority`, must run the same backend.
+
+# %%
+ran = dict(zip(proofs["asked for"], proofs["ran (profiler)"], strict=True))
+forced = [(asked, allowed[0]) for asked, allowed, _ in requests if len(allowed) == 1 and pd.notna(ran[asked])]
+lab.check("a_forced_backend_is_the_one_that_ran", forced and all(ran[a] == b for a, b in forced), str(forced))
+plain, reverse = ran["sdpa_kernel([MATH, FLASH_ATTENTION])"], ran["sdpa_kernel([FLASH_ATTENTION, MATH])"]
+lab.check("a_list_runs_in_pytorchs_order_without_set_priority", plain == reverse, f"{plain} vs {reverse}")
+ordered = ran["sdpa_kernel([MATH, FLASH_ATTENTION], set_priority=True)"]
+said = "made no difference" if plain == reverse else "changed which backend ran"
+said_priority = "became the order tried" if ordered == "MATH" else "changed nothing" + (
+    "" if lab.on_gpu else " (on a CPU, PyTorch tries FLASH_ATTENTION, then MATH, whatever the priority says)")
+print(f"Without set_priority the order of the list {said}: [MATH, FLASH_ATTENTION] ran {plain}, [FLASH_ATTENTION, "
+      f"MATH] ran {reverse}. With set_priority=True, [MATH, FLASH_ATTENTION] ran {ordered}: the order {said_priority}.")
 
 # %% [markdown]
 # ### The source page's `torch.backends.cuda.sdp_kernel(...)`
@@ -204,8 +311,6 @@ lab.add(found)
 
 # %% tags=["old-api-on-purpose"]
 # The source page's old API, run on purpose: its FutureWarning is captured and shown.
-import warnings
-
 if not hasattr(torch.backends.cuda, "sdp_kernel"):
     lab.skip("the old sdp_kernel context manager", f"torch {torch.__version__} no longer has it")
 else:
@@ -242,11 +347,29 @@ print("Switches after the context manager:", attention.enabled_backends())
 # why, then raises `No available kernel`. labkit forces each backend on each case and keeps those reasons.
 
 # %%
-eligible = attention.eligibility(lab.device, lab.dtype)
-show(attention.eligibility_grid(eligible), ["case", *probes.BACKENDS],
-     title=f"Does it run? (forced, one backend at a time, on {lab.device})")
-show(attention.why_not(eligible), title="Why not")
-lab.add(attention.eligibility_findings(eligible, lab.runnable))
+cases = {"4-D, no mask (the easy case)": {}, "float32 inputs": {"dtype": "float32"},
+         "3-D inputs (no heads dimension)": {"ndim": 3}, "boolean attention mask": {"input_kind": "masked"},
+         "is_causal=True": {"input_kind": "causal"}, "dropout_p=0.1": {"dropout_p": 0.1},
+         "head size 72 (not a power of two)": {"head_dim": 72}, "head size 36 (not a multiple of 8)": {"head_dim": 36},
+         "head size 512": {"head_dim": 512}}
+eligible = []
+for case, inputs in cases.items():  # one tiny call per case, forced to one backend at a time
+    for backend in probes.BACKENDS:
+        tried = probes.try_sdpa(lab.device, **{"dtype": lab.dtype_name, **inputs}, backends=backend)
+        eligible.append({"case": case, "backend": backend, "runs": tried.ok, "why not (PyTorch's words)": tried.reason})
+eligible = pd.DataFrame(eligible)
+grid = eligible.pivot(index="case", columns="backend", values="runs").loc[list(cases), probes.BACKENDS].reset_index()
+lab.table("eligibility", grid, title=f"Does it run? ({lab.dtype_name} unless the case says otherwise, on {lab.device})")
+
+# %%
+refused = eligible[~eligible["runs"]]
+one_reason = refused.groupby("backend")["why not (PyTorch's words)"].transform("nunique").eq(1)
+every_case = refused.groupby("backend")["case"].transform("size").eq(len(cases))  # refused everything, for one reason
+why_not = pd.concat([refused[~(one_reason & every_case)],
+                     refused[one_reason & every_case].drop_duplicates("backend").assign(case="every case")])
+lab.table("why_not", why_not[["backend", "case", "why not (PyTorch's words)"]], title="Why not")
+own = refused.loc[refused["backend"].isin(lab.p.runnable), "why not (PyTorch's words)"]  # backends that exist here
+lab.check("refusals_carry_torchs_own_reason", not own.str.startswith("no reason given").any(), f"{len(own)} refusals")
 
 # %% [markdown]
 # ### "No available kernel.  Aborting execution." and its fix
@@ -271,7 +394,7 @@ print("error :", no_kernel or "(none: it ran)")
 print("reason:", "; ".join(probes.refusal_reasons([str(w.message) for w in caught])) or "-")
 
 # %%
-if "FLASH_ATTENTION" in lab.runnable:
+if "FLASH_ATTENTION" in lab.p.runnable:
     def fixed():  # the fix: give the tensors their heads dimension back
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q3.unsqueeze(1), k3.unsqueeze(1), v3.unsqueeze(1))
@@ -300,8 +423,8 @@ else:
 # `model.set_attn_implementation(...)` switches a loaded model. The greedy tokens must not depend on the choice.
 
 # %%
-if lab.model_problem:
-    lab.skip(f"attn_implementation with {model_id}", lab.model_problem)
+if lab.p.model_problem:
+    lab.skip(f"attn_implementation with {model_id}", lab.p.model_problem)
 else:
     model, tokenizer = models.load_model(model_id, device=lab.device, dtype="float32", attn_implementation="eager")
     greedy = {"eager": models.generate_greedy(model, tokenizer, prompt, max_new_tokens)}
@@ -318,7 +441,7 @@ else:
 # of the conditions of section 3).
 
 # %%
-if not lab.model_problem:
+if not lab.p.model_problem:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     inside = []
     for implementation in ("eager", "sdpa"):
@@ -345,7 +468,7 @@ if not lab.model_problem:
 # either way, and neither answer is wrong.
 
 # %%
-if not lab.model_problem:
+if not lab.p.model_problem:
     half = lab.dtype if lab.dtype != torch.float32 else torch.bfloat16
     half_name = str(half).removeprefix("torch.")
     model_16, tokenizer_16 = models.load_model(model_id, device=lab.device, dtype=half, attn_implementation="sdpa")
@@ -358,12 +481,19 @@ if not lab.model_problem:
         others["flash_attention_2"] = models.generate_greedy(model_16, tokenizer_16, prompt, max_new_tokens)
     else:
         lab.skip("attn_implementation='flash_attention_2'", flash["reason"] or "flash-attn needs a CUDA GPU")
-    agreement = attention.greedy_agreement(others, sdpa_16, half_name)
-    show(agreement["rows"], title=f"{model_id} in {half_name}: sdpa says {sdpa_16['continuation']!r}")
-    lab.record(agreement["metrics"])
 
 # %%
-if not lab.model_problem:
+if not lab.p.model_problem:
+    agreement = []
+    for implementation, g in others.items():  # greedy tokens agree until the first one that differs
+        pairs = list(zip(g["token_ids"], sdpa_16["token_ids"], strict=False))
+        agree = next((i for i, (a, b) in enumerate(pairs) if a != b), len(g["token_ids"]))
+        agreement.append({"attn_implementation": implementation, "dtype": half_name, "tokens agreeing with sdpa": agree,
+                          "of": len(g["token_ids"]), "continuation": g["continuation"]})
+    lab.table("greedy_agreement", pd.DataFrame(agreement), title=f"sdpa says {sdpa_16['continuation']!r}")
+
+# %%
+if not lab.p.model_problem:
     for implementation in ("eager", "sdpa"):
         model_16.set_attn_implementation(implementation)
         first_step[f"{half_name}, {implementation}"] = models.next_token_candidates(model_16, tokenizer_16, prompt)
@@ -379,25 +509,47 @@ if not lab.model_problem:
 # (float16 keeps 11 significant bits, bfloat16 only 8, so its tolerance is wider).
 
 # %%
-dtypes, not_here = attention.dtypes_that_run(lab.device)
-accurate = attention.accuracy(lab.device, dtypes, causal=True, heads=lab.heads)
-show(accurate, ["dtype", "backend", "ran", "relative_error", "tolerance", "within_tolerance", "reason"],
-     title="Relative error against float64")
-lab.add({**attention.accuracy_findings(accurate), "skipped": not_here})
+dtypes = []
+for dtype_name in ("float32", "float16", "bfloat16"):
+    try:
+        probes.check_dtype(lab.device, probes.resolve_dtype(dtype_name))  # can this device multiply in it at all?
+        dtypes.append(dtype_name)
+    except labkit.errors.BadParameter as err:
+        lab.skip(f"accuracy in {dtype_name}", str(err))
+
+# %%
+accuracy = []
+for dtype_name in dtypes:
+    q, k, v = torch.randn(3, 2, lab.p.heads, 128, 64, device=lab.device, dtype=getattr(torch, dtype_name))
+    reference = attention_by_hand(q.double(), k.double(), v.double(), causal=True)  # the answer, in float64
+    for backend in probes.BACKENDS:
+        tried = probes.try_sdpa(lab.device, dtype_name, "causal", backend, head_dim=64)  # does it run at all?
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            output = F.scaled_dot_product_attention(q, k, v, is_causal=True) if tried.ok else None
+        error = None if output is None else relative_error(output, reference)
+        accuracy.append({"dtype": dtype_name, "backend": backend, "relative error": error, "why not": tried.reason})
+accuracy = pd.DataFrame(accuracy)
+accuracy["tolerance"] = accuracy["dtype"].map(attention.TOLERANCES)
+accuracy["within tolerance"] = accuracy["relative error"] <= accuracy["tolerance"]
+lab.table("accuracy", accuracy, title="Relative error against float64")
+compared = accuracy[accuracy["relative error"].notna()]
+lab.check("every_backend_within_tolerance", len(compared) and compared["within tolerance"].all())
 
 # %% [markdown]
 # ## 6. The sweep: time, TFLOP/s and memory against the machine's limit
 #
 # Every backend that runs here (section 3 showed the others refuse) × head size × (causal or not) × sequence
-# length. For each point: the median time (CUDA events on a GPU), the achieved TFLOP/s (forward FLOPs `4·B·H·N²·d`,
-# halved when causal because half the scores are masked), that rate as a **fraction of the matmul ceiling** measured
-# on this machine, and the peak extra memory. An out-of-memory is recorded as a row, and longer sequences of that
-# series are skipped. The MATH backend is not even tried at a length where its float32 scores and their softmax would
-# take more than a quarter of the free memory; the table says so.
+# length, measured by section 1's `measure_points`. For each point: the median time (CUDA events on a GPU), the
+# achieved TFLOP/s (forward FLOPs `4·B·H·N²·d`, halved when causal because half the scores are masked, divided by the
+# time), that rate as a **fraction of the matmul ceiling** measured on this machine (`with_rate` below: the formula),
+# and the peak extra memory. An out-of-memory is recorded as a row, and longer sequences of that series are skipped.
+# The MATH backend is not even tried at a length where its float32 scores and their softmax would take more than a
+# quarter of the free memory; the table says so.
 #
 # A series whose time *falls* while its work grows contradicts its own cost model: those points are measured again
 # once, and the ones still against the trend are marked **noisy** (in the table, and with a cross in the figures) and
-# left out of every conclusion below. On a shared machine, a neighbour's burst of work is the usual cause.
+# left out of every conclusion below (`attention.mark_noisy` in `measure_points`). On a shared machine, a neighbour's
+# burst of work is the usual cause.
 #
 # What to expect: at short lengths every call is dominated by fixed costs (launching kernels, threads), so the rate is
 # low; as N grows a fused backend does more work for every byte it reads and should get closer to the ceiling. The MATH
@@ -405,35 +557,77 @@ lab.add({**attention.accuracy_findings(accurate), "skipped": not_here})
 # depends on how fast this machine computes compared with how fast it moves memory.
 
 # %%
-ceiling = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)
-print(f"Matmul ceiling in {lab.dtype_name}: {ceiling['flops_per_s'] / 1e12:.3f} TFLOP/s, {ceiling['source']}")
-board = widgets.LiveBoard(attention.DISPLAY_COLUMNS, total=attention.sweep_size(lab.runnable, lab.head_dims,
-                                                                                lab.seq_lengths),
-                          title=f"SDPA forward sweep, {lab.dtype_name}, batch {lab.batch}, heads {lab.heads}")
-rows = attention.sweep(lab.device, lab.dtype, seq_lengths=lab.seq_lengths, head_dims=lab.head_dims,
-                       backends=lab.runnable, batch=lab.batch, heads=lab.heads,
-                       ceiling_flops_per_s=ceiling["flops_per_s"], warmup=lab.warmup, repeats=lab.repeats,
-                       on_row=lambda row: board.add(attention.display_row(row)))
+ceiling = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)["flops_per_s"]  # one big matmul, measured
+print(f"Matmul ceiling in {lab.dtype_name}: {ceiling / 1e12:.3f} TFLOP/s")
+
+
+def with_rate(row):  # Q Kᵀ and P V: 2·N·N·d FLOPs each, per head and sequence; a causal mask needs half of them
+    flops = 4 * lab.p.batch * lab.p.heads * row["n"] ** 2 * row["head_dim"] / (2 if row["causal"] else 1)
+    row["TFLOP/s"] = None if row["ms"] is None else flops / (row["ms"] / 1e3) / 1e12
+    row["fraction of ceiling"] = None if row["ms"] is None else row["TFLOP/s"] * 1e12 / ceiling
+    return row
+
+
+columns = ["backend", "head_dim", "causal", "n", "ms", "TFLOP/s", "fraction of ceiling", "peak MiB", "status", "why"]
+points = len(lab.p.runnable) * len(lab.p.head_dims) * 2 * len(lab.p.seq_lengths)
+board = widgets.LiveBoard(columns, total=points,
+                          title=f"SDPA forward sweep, {lab.dtype_name}, batch {lab.p.batch}, heads {lab.p.heads}")
+rows = measure_points(lab.p.runnable, lab.p.head_dims, [False, True], lab.p.seq_lengths,
+                      on_row=lambda row: board.add(with_rate(row)))
 board.finish()
-lab.record(attention.sweep_metrics(rows))
+sweep = pd.DataFrame(rows)
+lab.table("sweep", sweep, show=False)  # the board above shows it
 
 # %%
-headline_d = max(lab.head_dims)
+headline_d = max(lab.p.head_dims)
+score_bytes = lab.p.batch * lab.p.heads * roofline.element_size(lab.dtype)  # of one N x N matrix, divided by N²
 for causal in (True, False):
-    fig = plots.attention_sweep(rows, head_dim=headline_d, causal=causal,
-                                score_bytes_per_token_pair=lab.batch * lab.heads * roofline.element_size(lab.dtype),
-                                title=f"SDPA forward on {lab.device_label}, {lab.dtype_name}, head size {headline_d}, "
-                                      f"{'causal' if causal else 'no mask'}")
+    fig = plots.attention_sweep(sweep, head_dim=headline_d, causal=causal, score_bytes_per_token_pair=score_bytes,
+                                title=f"SDPA forward on {lab.device_label}, d={headline_d}, causal={causal}")
     lab.figure(f"sweep_d{headline_d}_{'causal' if causal else 'full'}", fig)
 
+# %% [markdown]
+# What the sweep shows, from the points a conclusion may use (measured, and not noisy). First what this machine could
+# not measure, and the best point:
+
 # %%
-found = attention.sweep_findings(rows, head_dim=headline_d, runnable=lab.runnable)
-print("\n".join(found["lines"]))
-lab.add(found)
+measured_backends = set(sweep.loc[sweep["status"] == "ok", "backend"])
+lab.check("sweep_measured_every_backend_that_runs", set(lab.p.runnable) <= measured_backends)
+for r in sweep[sweep["status"] != "ok"].itertuples():
+    where = f"{r.backend} at N={r.n}, d={r.head_dim}, {'causal' if r.causal else 'no mask'}"
+    if r.status in ("oom", "skipped"):  # points this machine could not hold: recorded, the sweep went on
+        lab.skip(f"sweep {where}", r.why)
+    else:
+        print(f"{r.status.capitalize()}: {where}: {r.why}")
+usable = sweep[(sweep["status"] == "ok") & ~sweep["noisy"]]
+top = usable.loc[usable["TFLOP/s"].idxmax()]
+print(f"{sweep['noisy'].sum()} noisy point(s), left out below. Best point: {top['backend']} at N={top['n']}, "
+      f"d={top['head_dim']}, causal={top['causal']}: {top['TFLOP/s']:.3g} TFLOP/s, {top['fraction of ceiling']:.0%}")
+
+# %% [markdown]
+# Then the headline series (the largest head size, causal), backend by backend: how time grows between the two longest
+# lengths (`p` in time ~ N^p), causal against no mask at the same length, and where the longest length got to.
+
+# %%
+causal_d = usable[(usable["head_dim"] == headline_d) & usable["causal"]]
+full_d = usable[(usable["head_dim"] == headline_d) & ~usable["causal"]]
+time_growth = {}
+for backend, s in causal_d.groupby("backend", sort=False):
+    if s["n"].nunique() > 1:
+        time_growth[backend] = growth_exponent(zip(s["n"], s["ms"], strict=True))
+        rate_p = growth_exponent(zip(s["n"], s["TFLOP/s"], strict=True))
+        trend = "rising" if rate_p > 0.05 else "falling" if rate_p < -0.05 else "flat"
+        print(f"{backend}: time grows like N^{time_growth[backend]:.2f} between the longest two N; TFLOP/s {trend}")
+    both = s.merge(full_d[full_d["backend"] == backend], on="n", suffixes=("", " no mask"))
+    if len(both):
+        at = both.loc[both["n"].idxmax()]
+        print(f"{backend}: causal took {at['ms'] / at['ms no mask']:.2f}x the time of no mask (N={at['n']})")
+    at = s.loc[s["n"].idxmax()]
+    print(f"{backend}: at N={at['n']}, {at['fraction of ceiling']:.0%} of the ceiling, {at['peak MiB']:.1f} MiB extra")
 
 # %% [markdown]
 # Read the figures: on the left, time against N; attention does N² work, so at long N the lines approach a slope of 2
-# (the cell above printed the measured exponents; at short N fixed costs flatten them). In the middle, the memory of
+# (the cells above printed the measured exponents; at short N fixed costs flatten them). In the middle, the memory of
 # MATH runs parallel to, and a few times above, the dashed line of one N × N score matrix, while the fused backends
 # stay near the size of their output. On the right, the fraction of the matmul ceiling. Causal attention needs half
 # the work; the cell above printed its time against no mask (0.50x would be half the time). Whether a backend saves
@@ -443,52 +637,84 @@ lab.add(found)
 # A fraction near or above 1 means "at the limit", not "faster than the machine": the ceiling is one matrix product
 # measured in this session, and on a shared machine the neighbours slow some measurements more than others.
 #
-# ## 7. `best_backend`: the fastest one for your shape
+# ## 7. The fastest backend for your shape
 #
-# `labkit.attention.best_backend` measures every backend that runs for one shape, dtype and device and returns the
-# fastest, with the table it measured. It also measures PyTorch's own choice (no `sdpa_kernel`) and names what that
-# ran. Expect the winner to depend on the machine: each backend is a different kernel library (PyTorch's own Flash
-# Attention and memory-efficient kernels, NVIDIA's cuDNN, a CPU kernel), each tuned for particular hardware
-# generations, and PyTorch's default order is fixed per release, not measured on your GPU.
+# For one shape (the longest causal length the sweep measured, the largest head size), every backend that runs here,
+# and PyTorch's own choice (no `sdpa_kernel`) with the name of what that ran. Expect the winner to depend on the
+# machine: each backend is a different kernel library (PyTorch's own Flash Attention and memory-efficient kernels,
+# NVIDIA's cuDNN, a CPU kernel), each tuned for particular hardware generations, and PyTorch's default order is fixed
+# per release, not measured on your GPU.
 
 # %%
-best_n = max((r["seq"] for r in attention.usable(rows) if r["head_dim"] == headline_d and r["causal"]),
-             default=lab.seq_lengths[0])
-choice = attention.best_backend(lab.device, lab.dtype, batch=lab.batch, heads=lab.heads, seq=best_n,
-                                head_dim=headline_d, causal=True, ceiling_flops_per_s=ceiling["flops_per_s"],
-                                warmup=lab.warmup, repeats=lab.repeats)
-show([attention.display_row(r) for r in choice.rows], ["backend", "ms", "TFLOP/s", "% of ceiling", "status", "why"],
-     title=f"best_backend: batch {lab.batch}, heads {lab.heads}, N={best_n}, d={headline_d}, causal, {lab.dtype_name}")
-measured = [r for r in choice.rows if r["status"] == "ok"]
-fig = plots.bars([r["backend"] for r in measured], [r["tflops"] for r in measured], xlabel="TFLOP/s",
-                 limit=ceiling["flops_per_s"] / 1e12, limit_label="matmul ceiling",
-                 title=f"N={best_n}, d={headline_d}, causal, {lab.dtype_name}")
+best_n = int(causal_d["n"].max()) if len(causal_d) else lab.p.seq_lengths[0]
+candidates = pd.DataFrame(measure_points(lab.p.runnable, [headline_d], [True], [best_n], memory=False))
+q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, best_n, headline_d, device=lab.device, dtype=lab.dtype)
+chosen = attention.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), lab.device).backend
+default = timing.measure(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device=lab.device,
+                         **timing_rule)
+pytorch_choice = {"backend": f"PyTorch's choice ({chosen})", "ms": default.median_ms, "status": "ok", "why": ""}
+candidates = pd.concat([candidates, pd.DataFrame([pytorch_choice])], ignore_index=True)
+flops = 4 * lab.p.batch * lab.p.heads * best_n**2 * headline_d / 2  # causal: half of 4·B·H·N²·d
+candidates["TFLOP/s"] = flops / (candidates["ms"] / 1e3) / 1e12
+candidates["fraction of ceiling"] = candidates["TFLOP/s"] * 1e12 / ceiling
+candidates = candidates[["backend", "ms", "p10 ms", "p90 ms", "TFLOP/s", "fraction of ceiling", "status", "why"]]
+lab.table("best_backend", candidates, title=f"Every backend at N={best_n}, d={headline_d}, causal, {lab.dtype_name}")
+
+# %%
+ran_here = candidates[candidates["status"] == "ok"]
+fig = plots.bars(ran_here["backend"], ran_here["TFLOP/s"], xlabel="TFLOP/s", limit=ceiling / 1e12,
+                 limit_label="matmul ceiling", title=f"N={best_n}, d={headline_d}, causal, {lab.dtype_name}")
 lab.figure("best_backend", fig)
+forced_ok = ran_here[ran_here["backend"].isin(probes.BACKENDS)]
+winner = forced_ok.loc[forced_ok["ms"].idxmin()] if len(forced_ok) else None
+pick = candidates.iloc[-1]  # PyTorch's choice
+if winner is None:
+    lab.skip("best_backend", f"no backend ran at N={best_n}, d={headline_d} on {lab.device}")
+else:
+    print(f"The fastest: {winner['backend']}, {winner['TFLOP/s']:.3g} TFLOP/s, {winner['fraction of ceiling']:.0%} of "
+          f"the matmul ceiling; {pick['backend']} took {pick['ms'] / winner['ms']:.2f}x its time.")
+    lab.metric("best_backend_tflops", winner["TFLOP/s"])
+    lab.metric("best_backend_fraction_of_ceiling", winner["fraction of ceiling"])
+    lab.metric("best_backend_pytorch_choice_time_ratio", pick["ms"] / winner["ms"])
+
+# %% [markdown]
+# A fused backend should beat MATH at the longest length where both ran (judged on the fastest 10% of the calls, p10),
+# and on a GPU in bfloat16 at N ≥ 8192, the fastest backend should reach 75% of the matmul ceiling.
 
 # %%
-found = attention.best_backend_findings(choice, rows, ceiling_flops_per_s=ceiling["flops_per_s"],
-                                        device=lab.device, dtype=lab.dtype, head_dim=headline_d, seq=best_n)
-print("\n".join(found["lines"]))
-lab.add(found)
+with_math = causal_d[causal_d["n"].isin(causal_d.loc[causal_d["backend"] == "MATH", "n"])]
+at_n = with_math[with_math["n"] == with_math.loc[with_math["backend"] != "MATH", "n"].max()]
+fastest_10 = at_n.set_index("backend")["p10 ms"]  # each backend judged on its fastest 10% of calls
+if len(fastest_10) > 1:
+    fused = fastest_10.drop("MATH").idxmin()
+    said = f"N={at_n['n'].max()}: {fused} {fastest_10[fused]:.3g} ms vs MATH {fastest_10['MATH']:.3g} ms"
+    lab.check("a_fused_backend_beats_math_at_long_n", fastest_10[fused] < fastest_10["MATH"], said, timing=True)
+else:
+    lab.skip("fused vs math at long N", f"MATH and a fused backend never ran at one length on {lab.device}")
+if lab.on_gpu and lab.dtype_name == "bfloat16" and best_n >= 8192 and winner is not None:
+    lab.check("best_backend_reaches_75_percent_of_the_matmul_ceiling", winner["fraction of ceiling"] >= 0.75)
+else:
+    lab.skip("75% of the matmul ceiling", f"expected only of bfloat16 on a GPU at N >= 8192, not {lab.dtype_name} "
+                                          f"on {lab.device} at N={best_n}")
 
 # %% [markdown]
 # ### Try it yourself
 #
 # Pick a backend and a sequence length, then run the next cell: it measures that one point and shows which kernel ran.
-# (Under papermill the defaults are used: the best backend at the shortest length.)
+# (Under papermill the defaults are used: the fastest backend at the shortest length.)
 
 # %%
-backend_picker = widgets.picker(lab.runnable, value=choice.backend or lab.runnable[0], description="backend")
-length_picker = widgets.picker(lab.seq_lengths, value=lab.seq_lengths[0], description="sequence length")
+first = winner["backend"] if winner is not None else lab.p.runnable[0]
+backend_picker = widgets.picker(lab.p.runnable, value=first, description="backend")
+length_picker = widgets.picker(lab.p.seq_lengths, value=lab.p.seq_lengths[0], description="sequence length")
 
 # %%
 picked_backend, picked_n = backend_picker.value, length_picker.value
-point = attention.sweep(lab.device, lab.dtype, seq_lengths=[picked_n], head_dims=[headline_d], causal=[True],
-                        backends=[picked_backend], batch=lab.batch, heads=lab.heads,
-                        ceiling_flops_per_s=ceiling["flops_per_s"], warmup=lab.warmup, repeats=lab.repeats)[0]
-q_p, k_p, v_p = attention.random_qkv(lab.batch, lab.heads, picked_n, headline_d, device=lab.device, dtype=lab.dtype)
-proof = attention.ops_that_ran(attention.sdpa_call(q_p, k_p, v_p, picked_backend, causal=True), lab.device)
-show([attention.display_row(point)], attention.DISPLAY_COLUMNS, title=f"Your pick; the profiler saw {proof.backend}")
+point = with_rate(measure_points([picked_backend], [headline_d], [True], [picked_n])[0])
+q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, picked_n, headline_d, device=lab.device, dtype=lab.dtype)
+with sdpa_kernel(getattr(SDPBackend, picked_backend)):
+    proof = attention.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), lab.device)
+show([point], columns, title=f"Your pick; the profiler saw {proof.backend}")
 lab.check("the_picked_backend_ran", proof.backend == picked_backend)
 
 # %% [markdown]
@@ -498,7 +724,10 @@ lab.check("the_picked_backend_ran", proof.backend == picked_backend)
 # head size, causal) of each is shown next to yours.
 
 # %%
-show(attention.beside_reference_runs(rows, headline_d), title="TFLOP/s: this machine and the reference runs")
+beside = causal_d[["backend", "n", "TFLOP/s"]].rename(columns={"TFLOP/s": "this machine TFLOP/s"})
+for device, reference in attention.reference_sweep(headline_d).items():
+    beside[f"{device} TFLOP/s"] = [reference.get((b, n)) for b, n in zip(beside["backend"], beside["n"], strict=True)]
+show(beside, title="TFLOP/s: this machine and the reference runs")
 
 # %% [markdown]
 # ## 8. Attention today: which Flash, when not Flash, and beyond SDPA
@@ -519,7 +748,22 @@ show(attention.beside_reference_runs(rows, headline_d), title="TFLOP/s: this mac
 # FLASH_ATTENTION is the CPU kernel), and for each other one whether activating it worked.
 
 # %%
-show(attention_today.flash_implementations(), title="FlashAttention implementations behind FLASH_ATTENTION")
+attn = torch.nn.attention
+compiled_in = torch.backends.cuda.is_flash_attention_available()
+default = attn.restore_flash_attention_impl.__doc__.strip().splitlines()[0]  # what torch says the default is
+flash_impls = [{"implementation": "built in (the default)", "available here": compiled_in, "what torch says":
+                f"restore_flash_attention_impl: {default!r}; is_flash_attention_available() = {compiled_in}"}]
+for impl in attn.list_flash_attention_impls():
+    try:
+        attn.activate_flash_attention_impl(impl)
+        active, said = attn.current_flash_attention_impl() == impl, "activated, then the default restored"
+    except Exception as err:  # the missing package or GPU is the answer
+        active, said = False, f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+    finally:
+        if attn.current_flash_attention_impl() is not None:
+            attn.restore_flash_attention_impl()
+    flash_impls.append({"implementation": impl, "available here": active, "what torch says": said})
+lab.table("flash_implementations", pd.DataFrame(flash_impls), title="FlashAttention implementations")
 
 # %% [markdown]
 # ### Flash is not always the fastest
@@ -532,11 +776,14 @@ show(attention_today.flash_implementations(), title="FlashAttention implementati
 # after all.) The cell reads those numbers from the stored runs:
 
 # %%
-faster = attention_today.reference_backend_rates(head_dim=128)
-show(faster, title="Stored reference runs: the fastest backend against Flash Attention alone")
-for r in faster:
-    print(f"{r['reference run']}, N={r['N']}: forcing FLASH_ATTENTION alone would run "
-          f"{r['Flash only is slower by']:.2f}x slower than {r['fastest backend']}.")
+for device, reference in attention.reference_sweep(head_dim=128).items():
+    longest = max((n for _, n in reference), default=None)
+    rates = {b: rate for (b, n), rate in reference.items() if n == longest}  # TFLOP/s at the longest causal length
+    if "FLASH_ATTENTION" in rates:
+        fastest = max(rates, key=rates.get)
+        slower = rates[fastest] / rates["FLASH_ATTENTION"]  # time under Flash alone / time of the fastest
+        print(f"{device}, N={longest}, d=128, causal: {fastest} {rates[fastest]:.0f} TFLOP/s, FLASH_ATTENTION "
+              f"{rates['FLASH_ATTENTION']:.0f}: forcing FLASH_ATTENTION alone runs {slower:.2f}x slower.")
 
 # %% [markdown]
 # ### FlexAttention: your own mask or score, compiled into one kernel
@@ -558,8 +805,9 @@ for r in faster:
 # %%
 from torch.nn.attention.flex_attention import and_masks, create_block_mask, create_mask, flex_attention
 
-n = lab.flex_seq
-docs = attention_today.document_ids(attention_today.packed_lengths(n), lab.device)
+n = lab.p.flex_seq
+lengths = [n // 2, n // 4, n // 8, n - n // 2 - n // 4 - n // 8]  # four documents packed into one sequence
+docs = torch.repeat_interleave(torch.arange(len(lengths), device=lab.device), torch.tensor(lengths, device=lab.device))
 
 
 def causal(b, h, q_idx, kv_idx):  # a mask_mod: may query q_idx see key kv_idx?
@@ -573,20 +821,53 @@ def same_document(b, h, q_idx, kv_idx):
 document = and_masks(causal, same_document)  # packed sequences: causal, and only inside each document
 blocks = {"causal": create_block_mask(causal, None, None, n, n, device=lab.device),
           "document": create_block_mask(document, None, None, n, n, device=lab.device)}
-print(f"{n} positions packed from documents of {attention_today.packed_lengths(n)} tokens")
+print(f"{n} positions packed from documents of {lengths} tokens; the first positions belong to {docs[:4].tolist()}")
 
 # %%
-flex = torch.compile(flex_attention) if lab.compile_flex else flex_attention
-q, k, v = attention.random_qkv(lab.batch, lab.heads, n, headline_d, device=lab.device, dtype=lab.dtype)
-cases = {"causal": (blocks["causal"], {"is_causal": True}),  # each mask, and the same mask as SDPA takes it
+flex = torch.compile(flex_attention) if lab.p.compile_flex else flex_attention
+implementation = "flex_compiled" if lab.p.compile_flex else "flex_eager"
+q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, n, headline_d, device=lab.device, dtype=lab.dtype)
+masks = {"causal": (blocks["causal"], {"is_causal": True}),  # each mask, and the same mask as SDPA takes it
          "document": (blocks["document"], {"attn_mask": create_mask(document, 1, 1, n, n, lab.device)})}
-flexed = attention_today.flex_vs_sdpa(flex, q, k, v, cases, device=lab.device, compiled=lab.compile_flex,
-                                      warmup=lab.warmup, repeats=lab.repeats)
-show(flexed, attention_today.FLEX_COLUMNS, title=f"FlexAttention and SDPA, batch {lab.batch}, heads {lab.heads}, "
-                                                 f"N={n}, d={headline_d}, {lab.dtype_name}")
-found = attention_today.flex_findings(flexed, compile_skipped=lab.compile_flex_why)
-print("\n".join(found["lines"]))
-lab.add(found)
+flexed, expected = [], None
+for mask, (block_mask, sdpa_mask) in masks.items():
+    calls = {"sdpa": lambda m=sdpa_mask: F.scaled_dot_product_attention(q, k, v, **m),
+             implementation: lambda m=block_mask: flex(q, k, v, block_mask=m)}
+    for name, call in calls.items():  # the first call (FlexAttention compiles in it), then the timed ones
+        outcome = timing.attempt(lambda c=call: attention_today.timed_with_first_call(
+            c, lab.device, **timing_rule), lab.device)  # an out-of-memory is a row
+        out, row = outcome.get("value") or (None, {"status": outcome["status"], "why": outcome["reason"]})
+        expected = out if name == "sdpa" else expected
+        if name != "sdpa" and out is not None and expected is not None:
+            row.update({"blocks skipped %": block_mask.sparsity(), "error vs SDPA": relative_error(out, expected)})
+        flexed.append({"mask": mask, "implementation": name, "status": "ok", "why": "", **row})
+flexed = pd.DataFrame(flexed)
+lab.table("flex_vs_sdpa", flexed.drop(columns="warning", errors="ignore"), title=f"FlexAttention and SDPA, N={n}")
+
+# %% [markdown]
+# The same output (within the dtype's tolerance), and the time of each against SDPA's:
+
+# %%
+if lab.p.compile_flex_why:
+    lab.skip("FlexAttention compiled", lab.p.compile_flex_why)
+tolerance = attention.TOLERANCES[lab.dtype_name]
+for _, r in flexed.iterrows():
+    if r["status"] != "ok":
+        lab.skip(f"{r['implementation']} with a {r['mask']} mask", r["why"])
+        continue
+    lab.metric(f"masked_{r['mask']}_{r['implementation']}_ms", r["ms"])
+    sdpa = flexed[(flexed["mask"] == r["mask"]) & (flexed["implementation"] == "sdpa") & (flexed["status"] == "ok")]
+    if r["implementation"] != "sdpa" and len(sdpa):
+        lab.metric(f"masked_{r['mask']}_{r['implementation']}_first_call_s", r["first call s"])
+        lab.metric(f"masked_{r['mask']}_{r['implementation']}_blocks_skipped_percent", r["blocks skipped %"])
+        error = r["error vs SDPA"]
+        lab.check(f"flex_attention_matches_sdpa_{r['mask']}", error <= tolerance, f"{error:.2e}")
+        ratio = r["ms"] / sdpa["ms"].iloc[0]
+        print(f"{r['mask']} mask: FlexAttention {r['ms']:.3g} ms, {ratio:.2f}x SDPA's time; it skips "
+              f"{r['blocks skipped %']:.0f}% of the blocks; its first call took {r['first call s']:.2f} s")
+warned = [w for w in flexed.get("warning", pd.Series(dtype=str)).dropna() if w]
+if warned:
+    print(f"PyTorch warned: {warned[0]}")
 
 # %% [markdown]
 # A `score_mod` changes the scores themselves, which SDPA cannot do at all. Gemma 2 caps its attention scores with
@@ -599,12 +880,13 @@ def soft_cap(score, b, h, q_idx, kv_idx):  # a score_mod
     return 5.0 * torch.tanh(score / 5.0)
 
 
-q_s, k_s, v_s = attention.random_qkv(1, 2, 128, 64, device=lab.device, dtype=lab.dtype, seed=1)
+q_s, k_s, v_s = torch.randn(3, 1, 2, 128, 64, device=lab.device, dtype=lab.dtype)
 q_s = 4 * q_s  # larger scores, so that the cap bites
-capped = attention_today.quietly(flex_attention, q_s, k_s, v_s, score_mod=soft_cap)  # uncompiled: small, run once
+with warnings.catch_warnings(action="ignore"):  # uncompiled: small, run once (the warning was shown above)
+    capped = flex_attention(q_s, k_s, v_s, score_mod=soft_cap)
 by_hand = torch.softmax(soft_cap(q_s @ k_s.transpose(-2, -1) / 64**0.5, 0, 0, 0, 0), dim=-1) @ v_s
 plain = F.scaled_dot_product_attention(q_s, k_s, v_s)
-error, changed = attention.relative_error(capped, by_hand), attention.relative_error(plain, by_hand)
+error, changed = relative_error(capped, by_hand), relative_error(plain, by_hand)
 print(f"soft-capped FlexAttention against attention by hand: {error:.1e}; plain SDPA differs by {changed:.2f}")
 lab.check("flex_score_mod_matches_attention_by_hand", error <= attention.TOLERANCES[lab.dtype_name], f"{error:.1e}")
 
@@ -617,11 +899,30 @@ lab.check("flex_score_mod_matches_attention_by_hand", error <= attention.TOLERAN
 # float16 or bfloat16 inputs. The same packed documents as above:
 
 # %%
-packed = attention_today.varlen_row(q[:1], k[:1], v[:1], attention_today.packed_lengths(n), device=lab.device,
-                                    warmup=lab.warmup, repeats=lab.repeats)
-found = attention_today.varlen_findings(packed, dtype=lab.dtype)
-print("\n".join(found["lines"]))
-lab.add(found)
+from torch.nn.attention.varlen import varlen_attn
+
+packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # (tokens, heads, head size): no padding
+starts = torch.tensor([0, *lengths], device=lab.device).cumsum(0).to(torch.int32)  # where each document starts
+
+
+def packed_call():
+    return varlen_attn(*packed, starts, starts, max(lengths), max(lengths), window_size=(-1, 0))  # causal
+
+# %%
+try:
+    out = packed_call()
+    timing.synchronize(lab.device)
+except (RuntimeError, NotImplementedError) as err:
+    lab.skip("torch.nn.attention.varlen.varlen_attn", "it runs PyTorch's CUDA Flash Attention kernel, which refused "
+             f"here ({type(err).__name__}: {str(err).strip().splitlines()[0].split('. ')[0]})")
+else:
+    expected = F.scaled_dot_product_attention(q[:1], k[:1], v[:1], **masks["document"][1])[0].transpose(0, 1)
+    error = relative_error(out, expected)
+    varlen_ms = timing.measure(packed_call, device=lab.device, **timing_rule).median_ms
+    print(f"varlen_attn on the packed documents: {varlen_ms:.3g} ms in {lab.dtype_name}, relative error {error:.1e} "
+          "against SDPA with the same mask")
+    lab.metric("masked_document_varlen_attn_ms", varlen_ms)
+    lab.check("varlen_attn_matches_sdpa_document", error <= attention.TOLERANCES[lab.dtype_name], f"{error:.2e}")
 
 # %% [markdown]
 # ### What transformers 5 accepts for `attn_implementation`
@@ -641,6 +942,34 @@ show(attention_today.attn_implementation_rows(), ["attn_implementation", "ok", "
 
 # %% [markdown]
 # ## What you measured
+#
+# Each sentence from this notebook's own tables above, and only where its part ran.
 
 # %%
-lab.finish()
+summary = []
+if "MATH" in growth:
+    peak = math_rows.loc[math_rows["n"].idxmax(), "score matrices"]
+    fused_growth = ", ".join(f"{b}'s like N^{p:.2f}" for b, p in growth.items() if b != "MATH")
+    summary.append(f"Memory: the MATH backend's extra memory grew like N^{growth['MATH']:.2f} and peaked at {peak:.1f} "
+                   "score matrices" + (f"; {fused_growth}: a fused kernel never holds the N x N scores."
+                                       if fused_growth else "."))
+if winner is not None:
+    summary.append(f"Speed: the fastest backend at N={best_n}, causal, d={headline_d} ({winner['backend']}) ran at "
+                   f"{winner['TFLOP/s']:.3g} TFLOP/s, {winner['fraction of ceiling']:.0%} of this machine's measured "
+                   f"matmul ceiling; PyTorch's own choice took {pick['ms'] / winner['ms']:.2f}x its time.")
+if time_growth:
+    summary.append("Time grew like " + ", ".join(f"N^{p:.2f} ({b})" for b, p in time_growth.items())
+                   + " between the two longest lengths. The work grows like N^2: below 2, fixed costs still weigh; "
+                     "above 2, each unit of work got slower (caches, or a busy machine).")
+if sweep["noisy"].any():
+    summary.append(f"{sweep['noisy'].sum()} sweep point(s) stayed against the trend when re-measured: marked noisy and "
+                   "left out of these conclusions.")
+
+# %%
+timed = flexed[(flexed["status"] == "ok")].pivot(index="mask", columns="implementation", values="ms")
+if implementation in timed and "sdpa" in timed:
+    summary.append("FlexAttention took " + "; ".join(f"{r[implementation]:.3g} ms against SDPA's {r['sdpa']:.3g} ms "
+                                                     f"for a {mask} mask" for mask, r in timed.iterrows()) + ".")
+if plain == reverse:
+    summary.append("A list given to sdpa_kernel only allowed backends: both orders of the same list ran the same one.")
+lab.finish(summary)

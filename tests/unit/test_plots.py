@@ -5,10 +5,10 @@ matplotlib.use("Agg")
 from labkit import plots  # noqa: E402
 
 ROWS = [
-    {"backend": b, "head_dim": 64, "causal": True, "seq": n, "status": "ok", "median_ms": t * n / 64,
-     "peak_extra_bytes": m * n, "fraction_of_ceiling": f}
+    {"backend": b, "head_dim": 64, "causal": True, "n": n, "status": "ok", "ms": t * n / 64,
+     "peak MiB": m * n / 2**20, "fraction of ceiling": f}
     for b, t, m, f in (("MATH", 2.0, 4096, 0.2), ("FLASH_ATTENTION", 1.0, 64, 0.6)) for n in (64, 128, 256)
-] + [{"backend": "CUDNN_ATTENTION", "head_dim": 64, "causal": True, "seq": 64, "status": "refused"}]
+] + [{"backend": "CUDNN_ATTENTION", "head_dim": 64, "causal": True, "n": 64, "status": "refused"}]
 
 
 def test_attention_sweep_draws_one_line_per_backend_that_ran():
