@@ -1,9 +1,10 @@
-"""Metric names: built here, and only here, for the notebooks that record them, the tests that expect them and the
-report that headlines them. One module per notebook (``labkit.metrics.attention`` for 01, ...), each with its name
-builders, its ``HEADLINES`` (the prefixes the report shows first) and ``expected_quick()`` (what a quick CPU run must
-record; the notebook tests assert each one).
+"""Headline metric names of the notebooks that still record metrics by built names (01, 03, 05, 06), for the tests
+that expect them and the report that headlines them: one module each, with its ``HEADLINES`` (the prefixes the report
+shows first) and ``expected_quick()``. A notebook moved to tables records its measurements with ``lab.table`` and a
+few plain headline names with ``lab.metric``; the report shows its first ``FIRST_METRICS`` of them. This package goes
+once 05 and 06 record tables.
 
-A metric name is lower case words joined by ``_`` (``sweep_flash_attention_d64_causal_n512_ms``).
+A metric name is lower case words joined by ``_`` (``best_backend_tflops``).
 """
 
 from __future__ import annotations
