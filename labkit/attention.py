@@ -9,10 +9,7 @@ the profiler and :func:`backend_from_ops` reads the ATen op that did the work.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -20,24 +17,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
 
-from labkit import compat, models, probes, results, roofline
+from labkit import models, probes, results, roofline
 from labkit.errors import BadParameter, check_sizes
 from labkit.probes import BACKENDS
 from labkit.timing import attempt, measure, recheck_trend, synchronize
 
 # The ATen op each backend dispatches to (a prefix: the CPU flash op is ..._flash_attention_for_cpu).
-OP_TO_BACKEND = {
-    "aten::_scaled_dot_product_flash_attention": "FLASH_ATTENTION",
-    "aten::_scaled_dot_product_efficient_attention": "EFFICIENT_ATTENTION",
-    "aten::_scaled_dot_product_cudnn_attention": "CUDNN_ATTENTION",
-    "aten::_scaled_dot_product_attention_math": "MATH",
-    "aten::_scaled_dot_product_fused_attention_overrideable": "OVERRIDEABLE",
-}
-
-# Relative (Frobenius) error allowed against a float64 reference, per input dtype. The 16-bit values
-# are a few units of each format's rounding step (fp16 ~ 5e-4, bf16 ~ 4e-3) accumulated over a softmax.
 TOLERANCES = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 
 
@@ -148,12 +134,6 @@ def naive_attention(q, k, v, *, causal: bool = False):
     return torch.softmax(scores, dim=-1) @ v
 
 
-def relative_error(output, reference) -> float:
-    """||output - reference|| / ||reference|| (Frobenius), computed in float64."""
-    output, reference = output.double(), reference.double()
-    return float((output - reference).norm() / reference.norm())
-
-
 def score_matrix_bytes(batch: int, heads: int, seq_q: int, seq_k: int, dtype: Any = "float32") -> int:
     """Bytes of one (batch, heads, seq_q, seq_k) score matrix: what the math backend materialises."""
     check_sizes(1, batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k)
@@ -183,44 +163,6 @@ def enabled_backends() -> dict[str, bool]:
 
 # --------------------------------------------------------------------------- which kernel ran
 
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """Silence C++ writes to file descriptor 2 (the profiler's start/stop log lines) for a moment."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-@dataclass
-class Profiled:
-    """What the profiler saw during one call: ATen op names, GPU kernel names, and the backend they prove."""
-
-    ops: list[str]
-    kernels: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)  # how many times each op ran
-
-    @property
-    def backend(self) -> str | None:
-        return backend_from_ops(self.ops)
-
-    @property
-    def evidence(self) -> str:
-        """The op (and GPU kernel) names that identify the backend, for a table."""
-        ops = [op for op in self.ops if any(op.startswith(prefix) for prefix in OP_TO_BACKEND)]
-        kernels = [k for k in self.kernels if any(w in k.lower() for w in ("flash", "fmha", "cudnn", "sdpa",
-                                                                          "attention", "softmax", "gemm"))]
-        return ", ".join(ops + kernels[:3]) or "no attention op recorded"
-
 
 def refusal(call: Callable[[], Any], device: str, backend: str) -> str:
     """Run ``call`` once: '' when it ran, else torch's reason why ``backend`` refused these inputs.
@@ -238,72 +180,6 @@ def refusal(call: Callable[[], Any], device: str, backend: str) -> str:
             if "No available kernel" not in error and "No viable backend" not in error:
                 raise
     return probes.explain_refusal(error, probes.refusal_reasons([str(w.message) for w in caught]), [backend], device)
-
-
-def backend_from_ops(ops: Iterable[str]) -> str | None:
-    """The SDPA backend that ran, read from profiler op names; None when no SDPA op was recorded."""
-    for op in ops:
-        for prefix, backend in OP_TO_BACKEND.items():
-            if op.startswith(prefix):
-                return backend
-    return None
-
-
-def ops_that_ran(fn: Callable[[], Any], device: str = "cpu") -> Profiled:
-    """Run ``fn`` once under ``torch.profiler`` and return the op names (and GPU kernel names) it recorded."""
-    activities = [ProfilerActivity.CPU]
-    on_cuda = str(device).startswith("cuda")
-    if on_cuda:
-        activities.append(ProfilerActivity.CUDA)
-    prof = profile(activities=activities)
-    with _quiet_native_stderr():
-        prof.start()
-    try:
-        fn()
-        if on_cuda:
-            torch.cuda.synchronize(torch.device(device))
-    finally:
-        with _quiet_native_stderr():
-            prof.stop()
-    ops, kernels = [], []
-    for event in prof.events():
-        is_gpu = on_cuda and getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
-        (kernels if is_gpu else ops).append(event.name)
-    counts: dict[str, int] = {}
-    for op in ops:
-        counts[op] = counts.get(op, 0) + 1
-    return Profiled(ops=list(dict.fromkeys(ops)), kernels=list(dict.fromkeys(kernels)), counts=counts)
-
-
-def peak_extra_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
-    """Bytes a call allocates at its peak, above what was allocated before it (None if unmeasurable).
-
-    On CUDA from the caching allocator's statistics; on CPU from the profiler's allocation records.
-    """
-    if str(device).startswith("cuda"):
-        dev = torch.device(device)
-        torch.cuda.synchronize(dev)
-        before = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        fn()
-        torch.cuda.synchronize(dev)
-        return int(torch.cuda.max_memory_allocated(dev) - before)
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_native_stderr():  # the whole call: the CPU allocator logs about blocks made before profiling
-        prof.start()
-        try:
-            fn()
-        finally:
-            prof.stop()
-    allocations = compat.profiler_allocations(prof)
-    if allocations is None:
-        return None
-    current = peak = 0
-    for _, nbytes in allocations:
-        current += nbytes
-        peak = max(peak, current)
-    return int(peak)
-
 
 
 def free_memory_bytes(device: str) -> int | None:
@@ -330,7 +206,6 @@ def math_too_big(device: str, batch: int, heads: int, seq: int) -> str:
     return ""
 
 
-
 # --------------------------------------------------------------------------- one timed call, and a series rechecked
 
 # The measured keys of :func:`time_call`; they stay None where nothing was measured (refused, skipped, oom).
@@ -351,7 +226,7 @@ def time_call(call: Callable[[], Any], device: str, backend: str | None = None, 
         if refused:
             return {"status": "refused", "why": refused}
         timing = measure(call, device=device, warmup=warmup, repeats=repeats)
-        peak = peak_extra_memory(call, device) if memory else None
+        peak = timing.peak_extra_memory(call, device) if memory else None
         return {"ms": timing.median_ms, "p10 ms": timing.p10_ms, "p90 ms": timing.p90_ms,
                 "peak MiB": None if peak is None else peak / 2**20}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 
 # torch 2.11-2.13: the profiler's public API has no per-allocation records on CPU; its kineto results do
-# (``[memory]`` events with a size). labkit.attention.peak_extra_memory reads them; None means "not measured".
+# (``[memory]`` events with a size). labkit.timing.peak_extra_memory reads them; None means "not measured".
 def profiler_allocations(prof) -> list[tuple[int, int]] | None:
     """(start_ns, nbytes) of every allocation and free a finished CPU profile recorded, or None if unreadable."""
     try:

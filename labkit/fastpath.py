@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from labkit import attention, compat, models, probes, timing
+from labkit import compat, models, probes, timing
 from labkit.errors import BadParameter, LabkitError, check_sizes
 
 FASTPATH_OPS = ("aten::_transformer_encoder_layer_fwd", "aten::_nested_tensor_from_mask")
@@ -293,7 +293,7 @@ def situation_reasons(cases: dict[str, Situation]) -> dict[str, dict[str, str]]:
 def what_ran(call: Callable[[], Any], device: str) -> dict[str, Any]:
     """Run ``call`` once under the profiler: whether the batch was packed (padding skipped) and how many layers ran
     as the fused op."""
-    seen = attention.ops_that_ran(call, device)
+    seen = timing.ops_that_ran(call, device)
     return {"padding skipped": padding_skipped(seen.ops), "fused layers": seen.counts.get(FASTPATH_OPS[0], 0)}
 
 

@@ -34,7 +34,7 @@ from accelerate import infer_auto_device_map
 from accelerate.utils import CustomDtype, get_balanced_memory
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
-from labkit import compat, generation, models, probes, quant, roofline
+from labkit import compat, models, outputs, probes, quant, roofline
 from labkit.errors import BadParameter, LabkitError, ModelNotAvailable, check_sizes
 from labkit.metrics import multi_gpu as names
 from labkit.paths import cache_dir
@@ -544,7 +544,7 @@ def calculator_check(model, *, probe_tokens: int = 64) -> dict[str, Any]:
 
     predicted = memory_needed(model, batch=2, context=probe_tokens, element_bytes=roofline.element_size(model.dtype))
     with torch.inference_mode():
-        output = model(input_ids=generation.random_prompt(model, batch=2, length=probe_tokens), use_cache=True)
+        output = model(input_ids=outputs.random_prompt(model, batch=2, length=probe_tokens), use_cache=True)
     measured = {"weights": model.get_memory_footprint(), "kv_cache": cache_bytes(output)}
     rows = [{"what": "weights", "predicted MiB": predicted["weights"] / 2**20,
              "measured MiB": measured["weights"] / 2**20},
@@ -568,8 +568,8 @@ def measure_device_map(name: str, gpus: list[dict[str, Any]], *, dtype: str, new
                                                               "(and offloads from them)"}}
 
     def decode_row(label, model, bound_bytes_per_s, bound_bytes):
-        prompt = generation.random_prompt(model, batch=1, length=16)
-        row = generation.measure_decode(model, prompt, new_tokens=new_tokens, repeats=repeats)
+        prompt = outputs.random_prompt(model, batch=1, length=16)
+        row = outputs.measure_decode(model, prompt, new_tokens=new_tokens, repeats=repeats)
         bound = bound_bytes_per_s / bound_bytes
         return {"placement": label, "tokens/s": row["tokens_per_s"], "bound tokens/s": bound,
                 "fraction of bound": row["tokens_per_s"] / bound, "token_ids": row["token_ids"]}
@@ -870,7 +870,7 @@ def busy_time(modules, device: str):
 
 
 def decode_rate(model, prompt, *, new_tokens: int, repeats: int, warmup: int = 1) -> dict[str, Any]:
-    """Decode tokens/s as ``generation.measure_decode`` defines it, with exactly ``warmup + repeats`` calls of each
+    """Decode tokens/s as ``outputs.measure_decode`` defines it, with exactly ``warmup + repeats`` calls of each
     length: in a distributed job every rank must make the same calls, so no minimum measured time."""
 
     if new_tokens < 2:
@@ -879,7 +879,7 @@ def decode_rate(model, prompt, *, new_tokens: int, repeats: int, warmup: int = 1
 
     def run(count):
         def call():
-            out["ids"] = generation.generate_exactly(model, prompt, count)[:, prompt.shape[1]:]
+            out["ids"] = outputs.generate_exactly(model, prompt, count)[:, prompt.shape[1]:]
         return call
 
     device = str(model.device)
@@ -1242,12 +1242,12 @@ def allreduce_findings(bench: dict[str, Any], *, on_gpus: bool) -> dict[str, Any
 def four_bit_findings(four_bit, name: str) -> dict[str, Any]:
     """A 4-bit (NF4) model placed with ``device_map="auto"``: where it went, its footprint against the plan, and that
     it generates."""
-    from labkit import generation, quant
+    from labkit import quant
 
     placed = getattr(four_bit, "hf_device_map", {"": str(four_bit.device)})
     planned = memory_needed(empty_model(name), fmt="nf4")["weights"]
     measured = sum(quant.count_footprint(four_bit).values())  # bitsandbytes' scales included
-    ids = generation.generate_exactly(four_bit, generation.random_prompt(four_bit, batch=1, length=8), 4)
+    ids = outputs.generate_exactly(four_bit, outputs.random_prompt(four_bit, batch=1, length=8), 4)
     return {"line": f"{name} in nf4 with device_map='auto': placed on {sorted(set(map(str, placed.values())))}; "
                     f"{measured / 2**20:.2f} MiB measured (with the scales), {planned / 2**20:.2f} MiB planned",
             "metrics": {"nf4_device_map_mib": measured / 2**20},

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from labkit import attention, compat, generation, models, probes
+from labkit import compat, models, outputs, probes, timing
 from labkit.errors import BadParameter, ModelNotAvailable, check_sizes
 from labkit.timing import measure, percentile, recheck_trend, synchronize
 
@@ -400,21 +400,6 @@ def sample_text() -> str:
     return (Path(__file__).parent / "data" / "lighthouse_keepers.txt").read_text(encoding="utf-8")
 
 
-def kl_divergence(reference_logits, logits) -> float:
-    """Mean over positions of KL(P_reference || P), in nats (natural logarithms): how far a model's next-token
-    distributions moved from the reference's. Takes logits or log-probabilities."""
-    if reference_logits.shape != logits.shape:
-        raise BadParameter(f"logits of shapes {tuple(reference_logits.shape)} and {tuple(logits.shape)} "
-                           "cannot be compared.")
-    log_p = torch.log_softmax(reference_logits.float(), dim=-1)
-    return _kl_sum(log_p, torch.log_softmax(logits.float(), dim=-1)) / reference_logits.shape[0]
-
-
-def _kl_sum(log_p, log_q) -> float:
-    """Sum over positions of KL(P || Q) from log-probabilities, in float32, each position's sum in float64."""
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).double().sum())
-
-
 def score(model, input_ids, *, reference: dict[str, Any] | None = None, window: int = 512) -> dict[str, Any]:
     """One pass over ``input_ids`` (1, N) in windows of ``window`` tokens: the perplexity, exp(mean negative
     log-likelihood of each token given the ones before it in its window); with ``reference`` (the 16-bit model's
@@ -434,7 +419,7 @@ def score(model, input_ids, *, reference: dict[str, Any] | None = None, window: 
             if reference is None:
                 kept.append(log_probs)
             else:
-                kl += _kl_sum(reference["log_probs"][start:start + chunk.shape[1]], log_probs)
+                kl += outputs.kl_sum(reference["log_probs"][start:start + chunk.shape[1]], log_probs)
     if tokens == 0:
         raise BadParameter("perplexity needs at least 2 tokens.")
     found = {"perplexity": math.exp(nll / tokens), "mean_nll": nll / tokens, "tokens": tokens}
@@ -486,7 +471,7 @@ def decode_rate(model, input_ids, *, new_tokens: int) -> dict[str, Any]:
     the first step after the prefill is the warm-up, the others are the repeats; the median step gives tokens/s,
     with the p10-p90 spread of the steps."""
     clock = StepClock(str(model.device))
-    ids = generation.generate_exactly(model, input_ids, new_tokens, stopping_criteria=StoppingCriteriaList([clock]))
+    ids = outputs.generate_exactly(model, input_ids, new_tokens, stopping_criteria=StoppingCriteriaList([clock]))
     steps = [1e3 * (after - before) for before, after in zip(clock.times, clock.times[1:], strict=False)]
     steps = steps[1:] or steps
     if not steps:
@@ -502,9 +487,9 @@ def bnb_ops(model, device: str, batches: tuple[int, ...] = (1, 8)) -> list[dict[
     """The bitsandbytes ops (and, on a GPU, the kernels) that one one-token forward pass runs at each batch size."""
     rows = []
     for batch in batches:
-        ids = generation.random_prompt(model, batch=batch, length=1)
+        ids = outputs.random_prompt(model, batch=batch, length=1)
         with torch.inference_mode():
-            seen = attention.ops_that_ran(lambda ids=ids: model(input_ids=ids), device)
+            seen = timing.ops_that_ran(lambda ids=ids: model(input_ids=ids), device)
         kernels = [k for k in seen.kernels if any(w in k.lower() for w in ("4bit", "gemv", "gemm", "dequant"))]
         rows.append({"batch": batch, "bitsandbytes ops": ", ".join(sorted({o for o in seen.ops
                                                                            if o.startswith("bitsandbytes::")})),
@@ -590,11 +575,11 @@ def compiled_decode(model, prompt_ids, *, new_tokens: int, device: str, repeats:
     graphs on a GPU): one row each, with the compile time as the first call's extra."""
     rows = []
     for label, mode in (("eager", None), ("compiled", "reduce-overhead" if device.startswith("cuda") else "default")):
-        loop = generation.GreedyLoop(model, batch=1, prompt_tokens=prompt_ids.shape[1], new_tokens=new_tokens,
+        loop = outputs.GreedyLoop(model, batch=1, prompt_tokens=prompt_ids.shape[1], new_tokens=new_tokens,
                                      compile_mode=mode)
         with warnings.catch_warnings():  # torchao's tensors lack a hash for the compiler's cache: a note, not an error
             warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
-            row = generation.measure_loop(loop, prompt_ids, warmup=1, repeats=repeats)
+            row = outputs.measure_loop(loop, prompt_ids, warmup=1, repeats=repeats)
         rows.append({"step": label, "tokens/s": row["tokens_per_s"], "step ms": row["step_ms"],
                      "first call extra s": row["first_call_extra_s"], "tokens": len(row["token_ids"][0])})
     return rows

@@ -402,9 +402,9 @@ def batching_findings(results: dict[str, dict[str, float]], *, same_tokens: int,
 
 def decode_curve(model, *, batch_sizes: Sequence[int], prompt_tokens: int, new_tokens: int,
                  repeats: int = 1) -> list[dict[str, Any]]:
-    """Decode rows (labkit.generation.measure_decode) for each batch size on random prompts, re-measured once where
+    """Decode rows (labkit.outputs.measure_decode) for each batch size on random prompts, re-measured once where
     a larger batch stepped faster than a smaller one (the timing rule's trend check; ``noisy`` where it stays so)."""
-    from labkit.generation import measure_decode, random_prompt
+    from labkit.outputs import measure_decode, random_prompt
 
     def one(batch: int) -> dict[str, Any]:
         ids = random_prompt(model, batch=batch, length=prompt_tokens)
@@ -418,7 +418,7 @@ def decode_curve(model, *, batch_sizes: Sequence[int], prompt_tokens: int, new_t
 
 def curve_bounds(model, rows: list[dict[str, Any]], *, bandwidth_bytes_per_s: float,
                  flops_per_s: float) -> list[dict[str, Any]]:
-    """Each decode row (labkit.generation.measure_decode) with its bandwidth bound (weights and KV cache read once
+    """Each decode row (labkit.outputs.measure_decode) with its bandwidth bound (weights and KV cache read once
     per step, for the whole batch) and its compute bound (FLOPs per token against the matmul ceiling)."""
     weights = roofline.weight_bytes_per_token(model)
     config = model.config
@@ -823,7 +823,7 @@ def cache_findings(runs: dict[str, dict[str, Any]], model) -> dict[str, Any]:
 
 def kl_nats(reference_logits, logits) -> float:
     """Mean KL(P_reference || P) over positions, in nats (labkit.quant's measure, the same as notebook 04's)."""
-    from labkit.quant import kl_divergence
+    from labkit.outputs import kl_divergence
 
     return kl_divergence(reference_logits, logits)
 

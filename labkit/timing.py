@@ -14,18 +14,26 @@ On CUDA, kernels run asynchronously: a wall clock around a call measures only th
 bracketed by CUDA events and the end event is synchronised, as PyTorch's own benchmarking recipes do. On CPU,
 ``time.perf_counter`` around the call is correct. Compared implementations must be given the same inputs: build
 them once, outside the timed call.
+
+What a call ran and allocated, from ``torch.profiler``: :func:`ops_that_ran` (the ATen ops and GPU kernels, and the
+SDPA backend they prove) and :func:`peak_extra_memory`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from labkit import compat
 from labkit.errors import BadParameter
 
 
@@ -196,3 +204,119 @@ def recheck_trend(points: list[dict[str, Any]], *, work: str, remeasure: Callabl
     for i, point in enumerate(points):
         point["noisy"] = i in still
     return points
+
+
+OP_TO_BACKEND = {
+    "aten::_scaled_dot_product_flash_attention": "FLASH_ATTENTION",
+    "aten::_scaled_dot_product_efficient_attention": "EFFICIENT_ATTENTION",
+    "aten::_scaled_dot_product_cudnn_attention": "CUDNN_ATTENTION",
+    "aten::_scaled_dot_product_attention_math": "MATH",
+    "aten::_scaled_dot_product_fused_attention_overrideable": "OVERRIDEABLE",
+}
+
+# Relative (Frobenius) error allowed against a float64 reference, per input dtype. The 16-bit values
+# are a few units of each format's rounding step (fp16 ~ 5e-4, bf16 ~ 4e-3) accumulated over a softmax.
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence C++ writes to file descriptor 2 (the profiler's start/stop log lines) for a moment."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@dataclass
+class Profiled:
+    """What the profiler saw during one call: ATen op names, GPU kernel names, and the backend they prove."""
+
+    ops: list[str]
+    kernels: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # how many times each op ran
+
+    @property
+    def backend(self) -> str | None:
+        return backend_from_ops(self.ops)
+
+    @property
+    def evidence(self) -> str:
+        """The op (and GPU kernel) names that identify the backend, for a table."""
+        ops = [op for op in self.ops if any(op.startswith(prefix) for prefix in OP_TO_BACKEND)]
+        kernels = [k for k in self.kernels if any(w in k.lower() for w in ("flash", "fmha", "cudnn", "sdpa",
+                                                                          "attention", "softmax", "gemm"))]
+        return ", ".join(ops + kernels[:3]) or "no attention op recorded"
+
+
+def backend_from_ops(ops: Iterable[str]) -> str | None:
+    """The SDPA backend that ran, read from profiler op names; None when no SDPA op was recorded."""
+    for op in ops:
+        for prefix, backend in OP_TO_BACKEND.items():
+            if op.startswith(prefix):
+                return backend
+    return None
+
+
+def ops_that_ran(fn: Callable[[], Any], device: str = "cpu") -> Profiled:
+    """Run ``fn`` once under ``torch.profiler`` and return the op names (and GPU kernel names) it recorded."""
+    activities = [ProfilerActivity.CPU]
+    on_cuda = str(device).startswith("cuda")
+    if on_cuda:
+        activities.append(ProfilerActivity.CUDA)
+    prof = profile(activities=activities)
+    with _quiet_native_stderr():
+        prof.start()
+    try:
+        fn()
+        if on_cuda:
+            torch.cuda.synchronize(torch.device(device))
+    finally:
+        with _quiet_native_stderr():
+            prof.stop()
+    ops, kernels = [], []
+    for event in prof.events():
+        is_gpu = on_cuda and getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+        (kernels if is_gpu else ops).append(event.name)
+    counts: dict[str, int] = {}
+    for op in ops:
+        counts[op] = counts.get(op, 0) + 1
+    return Profiled(ops=list(dict.fromkeys(ops)), kernels=list(dict.fromkeys(kernels)), counts=counts)
+
+
+def peak_extra_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
+    """Bytes a call allocates at its peak, above what was allocated before it (None if unmeasurable).
+
+    On CUDA from the caching allocator's statistics; on CPU from the profiler's allocation records.
+    """
+    if str(device).startswith("cuda"):
+        dev = torch.device(device)
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return int(torch.cuda.max_memory_allocated(dev) - before)
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_native_stderr():  # the whole call: the CPU allocator logs about blocks made before profiling
+        prof.start()
+        try:
+            fn()
+        finally:
+            prof.stop()
+    allocations = compat.profiler_allocations(prof)
+    if allocations is None:
+        return None
+    current = peak = 0
+    for _, nbytes in allocations:
+        current += nbytes
+        peak = max(peak, current)
+    return int(peak)

@@ -7,7 +7,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from labkit import attention, roofline
+from labkit import attention, roofline, timing
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
 from labkit.probes import BACKENDS
 
@@ -78,8 +78,8 @@ def _score_matrix(answer, c):
 def backend_pytorch_picks(device, dtype):
     # only a measurement tells: run the call under the profiler and read which backend's op ran
     q, k, v = attention.random_qkv(1, 8, 256, 64, device=device, dtype=dtype)  # the notebook's section 2 inputs
-    seen = attention.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
-    return attention.backend_from_ops(seen.ops) or "none found"
+    seen = timing.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
+    return timing.backend_from_ops(seen.ops) or "none found"
 
 
 def _pick_backend(answer, c):

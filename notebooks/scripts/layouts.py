@@ -27,7 +27,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-from labkit import attention, compat, generation, parallel, probes, roofline
+from labkit import compat, outputs, parallel, probes, roofline, timing
 
 LAYOUTS = ("tp", "pp", "ep", "dp", "tp_pp")
 
@@ -65,7 +65,7 @@ def every_rank(value):
 def measure(job, model, prompt, *, decode=True):
     """What one forward pass over ``prompt`` called and kept, the greedy tokens, and the decode rate."""
     with torch.inference_mode():
-        ran = attention.ops_that_ran(lambda: model(input_ids=prompt), job.device)
+        ran = timing.ops_that_ran(lambda: model(input_ids=prompt), job.device)
         output = model(input_ids=prompt, use_cache=True)
     top = output.logits[0, -1].float().topk(10)
     held = {"parameter_bytes": roofline.parameter_bytes(model), "kv_cache_bytes": parallel.cache_bytes(output),
@@ -74,7 +74,7 @@ def measure(job, model, prompt, *, decode=True):
     if decode:
         result.update(parallel.decode_rate(model, prompt, new_tokens=job.new_tokens, repeats=job.repeats))
     else:
-        result["token_ids"] = generation.generate_exactly(model, prompt, job.new_tokens)[:, prompt.shape[1]:].tolist()
+        result["token_ids"] = outputs.generate_exactly(model, prompt, job.new_tokens)[:, prompt.shape[1]:].tolist()
     return result
 
 
@@ -97,7 +97,7 @@ def tensor_parallel(job):
     folder = parallel.model_folder(job.model, job.dtype)
     whole = load(folder, job.dtype, job.device)
     split = load(folder, job.dtype, job.device, DistributedConfig(tp_size=job.world))
-    prompt = generation.random_prompt(whole, batch=1, length=job.prompt_tokens)
+    prompt = outputs.random_prompt(whole, batch=1, length=job.prompt_tokens)
     return {"model": job.model, "sizes": {"tp_size": job.world}, **against_one_process(job, split, whole, prompt)}
 
 
@@ -110,10 +110,10 @@ def pipeline_parallel(job):
     computing = [split.get_decoder().layers[i] for i in owned] + ([split.lm_head] if job.rank == job.world - 1 else [])
     batches = []
     for batch in (1, job.batch_in_flight):
-        prompt = generation.random_prompt(whole, batch=batch, length=job.prompt_tokens)
+        prompt = outputs.random_prompt(whole, batch=batch, length=job.prompt_tokens)
         with parallel.busy_time(computing, job.device) as busy:
             start = time.perf_counter()
-            generation.generate_exactly(split, prompt, job.new_tokens)
+            outputs.generate_exactly(split, prompt, job.new_tokens)
             wall = time.perf_counter() - start
         rate = parallel.decode_rate(split, prompt, new_tokens=job.new_tokens, repeats=job.repeats)
         shares = every_rank(busy["s"] / wall)
@@ -121,7 +121,7 @@ def pipeline_parallel(job):
         def alone(prompt=prompt):
             with parallel.busy_time([*whole.get_decoder().layers, whole.lm_head], job.device) as busy_whole:
                 start = time.perf_counter()
-                generation.generate_exactly(whole, prompt, job.new_tokens)
+                outputs.generate_exactly(whole, prompt, job.new_tokens)
                 share = busy_whole["s"] / (time.perf_counter() - start)
             return {"busy_share": share, **parallel.decode_rate(whole, prompt, new_tokens=job.new_tokens,
                                                                  repeats=job.repeats)}
@@ -138,7 +138,7 @@ def expert_parallel(job):
     """A mixture-of-experts model: its experts shared out, attention split as in tensor parallelism."""
     folder = parallel.model_folder("tiny-moe", job.dtype)
     whole = load(folder, job.dtype, job.device)
-    prompt = generation.random_prompt(whole, batch=1, length=job.prompt_tokens)
+    prompt = outputs.random_prompt(whole, batch=1, length=job.prompt_tokens)
     implementations = {}
     for implementation in ("auto", "all_to_all"):  # auto: all_reduce at inference when every rank holds the batch
         config = DistributedConfig(tp_size=job.world, ep_size=job.world, ep_implementation=implementation)
@@ -155,12 +155,12 @@ def data_parallel(job):
     """A whole copy of the model per process; each process takes a consecutive share of the prompts."""
     state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group torchrun set up
     whole = load(parallel.model_folder(job.model, job.dtype), job.dtype, job.device)
-    prompts = [generation.random_prompt(whole, batch=1, length=job.prompt_tokens, seed=i) for i in range(job.prompts)]
-    generation.generate_exactly(whole, prompts[0], 2)  # warm-up, outside the timed part
+    prompts = [outputs.random_prompt(whole, batch=1, length=job.prompt_tokens, seed=i) for i in range(job.prompts)]
+    outputs.generate_exactly(whole, prompts[0], 2)  # warm-up, outside the timed part
 
     def generate(indices):
         start = time.perf_counter()
-        rows = [{"prompt": i, "rank": state.process_index, "token_ids": generation.generate_exactly(
+        rows = [{"prompt": i, "rank": state.process_index, "token_ids": outputs.generate_exactly(
                     whole, prompts[i], job.new_tokens)[0, job.prompt_tokens:].tolist()} for i in indices]
         return rows, time.perf_counter() - start
 
@@ -193,7 +193,7 @@ def tensor_and_pipeline_parallel(job):
         plain_error = f"{type(error).__name__}: {error}"
         with compat.tp_plan_skips_other_stages():
             split = load(folder, job.dtype, job.device, config)
-    prompt = generation.random_prompt(whole, batch=1, length=job.prompt_tokens)
+    prompt = outputs.random_prompt(whole, batch=1, length=job.prompt_tokens)
     result = against_one_process(job, split, whole, prompt, decode=False)
     return {"model": job.model, "sizes": {"tp_size": per_node, "pp_size": nodes}, "per_node": per_node,
             "plain_error": plain_error, "stage_per_rank": [r // per_node for r in range(job.world)], **result}

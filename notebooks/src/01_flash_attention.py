@@ -241,7 +241,7 @@ def causal_call():
 
 
 with sdpa_kernel(SDPBackend.MATH):  # only the MATH backend may run
-    forced = attention.ops_that_ran(causal_call, lab.device)
+    forced = timing.ops_that_ran(causal_call, lab.device)
 print(f"sdpa_kernel(SDPBackend.MATH): the profiler saw {forced.backend} ({forced.evidence})")
 
 # %% [markdown]
@@ -274,7 +274,7 @@ for asked, allowed, priority in requests:
             else contextlib.nullcontext())
     try:
         with only, warnings.catch_warnings(action="ignore"):  # refused: section 3 says why
-            seen = attention.ops_that_ran(causal_call, lab.device)
+            seen = timing.ops_that_ran(causal_call, lab.device)
         proofs.append({"asked for": asked, "ran (profiler)": seen.backend, "evidence": seen.evidence})
     except RuntimeError as err:
         proofs.append({"asked for": asked, "ran (profiler)": None, "evidence": f"refused: {str(err).splitlines()[0]}"})
@@ -318,7 +318,7 @@ else:
         warnings.simplefilter("always")
         with torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False, enable_mem_efficient=False):
             switches = attention.enabled_backends()
-            legacy = attention.ops_that_ran(causal_call, lab.device)
+            legacy = timing.ops_that_ran(causal_call, lab.device)
     old = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     print("\n".join(f"{w.category.__name__}: {w.message}" for w in old[:1]))
     show([{"backend": b, "enabled inside sdp_kernel(...)": on} for b, on in switches.items()],
@@ -398,7 +398,7 @@ if "FLASH_ATTENTION" in lab.p.runnable:
     def fixed():  # the fix: give the tensors their heads dimension back
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q3.unsqueeze(1), k3.unsqueeze(1), v3.unsqueeze(1))
-    after_fix = attention.ops_that_ran(fixed, lab.device)
+    after_fix = timing.ops_that_ran(fixed, lab.device)
     print(f"fixed: 4-D inputs, the profiler saw {after_fix.backend} ({after_fix.evidence})")
     lab.check("no_available_kernel_reproduced", "No available kernel" in no_kernel, no_kernel[:120])
     lab.check("the_fix_runs_flash", after_fix.backend == "FLASH_ATTENTION")
@@ -449,7 +449,7 @@ if not lab.p.model_problem:
         for label, texts in {"equal lengths": [prompt, prompt], "padded": [prompt, "Hi"]}.items():
             inputs = tokenizer(texts, return_tensors="pt", padding=True).to(lab.device)
             with torch.inference_mode():
-                seen = attention.ops_that_ran(lambda inputs=inputs: model(**inputs), lab.device)
+                seen = timing.ops_that_ran(lambda inputs=inputs: model(**inputs), lab.device)
             inside.append({"attn_implementation": implementation, "batch": label,
                            "SDPA backend (profiler)": seen.backend or "none: matmul + softmax",
                            "evidence": seen.evidence})
@@ -649,7 +649,7 @@ for backend, s in causal_d.groupby("backend", sort=False):
 best_n = int(causal_d["n"].max()) if len(causal_d) else lab.p.seq_lengths[0]
 candidates = pd.DataFrame(measure_points(lab.p.runnable, [headline_d], [True], [best_n], memory=False))
 q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, best_n, headline_d, device=lab.device, dtype=lab.dtype)
-chosen = attention.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), lab.device).backend
+chosen = timing.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), lab.device).backend
 default = timing.measure(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device=lab.device,
                          **timing_rule)
 pytorch_choice = {"backend": f"PyTorch's choice ({chosen})", "ms": default.median_ms, "status": "ok", "why": ""}
@@ -713,7 +713,7 @@ picked_backend, picked_n = backend_picker.value, length_picker.value
 point = with_rate(measure_points([picked_backend], [headline_d], [True], [picked_n])[0])
 q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, picked_n, headline_d, device=lab.device, dtype=lab.dtype)
 with sdpa_kernel(getattr(SDPBackend, picked_backend)):
-    proof = attention.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), lab.device)
+    proof = timing.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), lab.device)
 show([point], columns, title=f"Your pick; the profiler saw {proof.backend}")
 lab.check("the_picked_backend_ran", proof.backend == picked_backend)
 

@@ -48,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import StaticCache
 
 import labkit
-from labkit import attention, compat, generation, models, plots, probes, roofline, timing
+from labkit import compat, generation, models, outputs, plots, probes, roofline, timing
 from labkit.widgets import show
 
 lab = labkit.start("02_decoders_and_generation", globals())
@@ -114,9 +114,9 @@ def prefill(model, ids):  # the whole prompt in one forward pass, filling the KV
 
 
 def prefill_point(model, tokens, repeats):  # one prompt length: its time, and the memory it needs beyond the weights
-    ids = generation.random_prompt(model, batch=lab.p.prefill_batch, length=tokens)
+    ids = outputs.random_prompt(model, batch=lab.p.prefill_batch, length=tokens)
     took = timing.measure(lambda: prefill(model, ids), device=lab.device, warmup=1, repeats=repeats)
-    peak = attention.peak_extra_memory(lambda: prefill(model, ids), lab.device)  # None where it cannot be measured
+    peak = timing.peak_extra_memory(lambda: prefill(model, ids), lab.device)  # None where it cannot be measured
     return {"prompt tokens": tokens, "batch": ids.shape[0], "median ms": took.median_ms, "p10 ms": took.p10_ms,
             "p90 ms": took.p90_ms, "tokens per s": ids.numel() / took.median_ms * 1e3,
             "peak MiB": None if peak is None else peak / 2**20}
@@ -187,7 +187,7 @@ for name, (model, tokenizer) in loaded.items():
     prompt_ids = tokenizer(lab.p.prompt, return_tensors="pt").input_ids.to(lab.device)
     for implementation in lab.p.implementations:
         model.set_attn_implementation(implementation)
-        decode = generation.measure_decode(model, prompt_ids, new_tokens=lab.p.new_tokens, repeats=lab.p.repeats,
+        decode = outputs.measure_decode(model, prompt_ids, new_tokens=lab.p.new_tokens, repeats=lab.p.repeats,
                                            tokenizer=tokenizer)
         decode_rows.append({"model": name, "attention": implementation, **decode})
     model.set_attn_implementation("sdpa")
@@ -203,11 +203,11 @@ for name, (model, tokenizer) in loaded.items():
     fp32 = model if lab.dtype == torch.float32 else models.load_model(name, device=lab.device, dtype="float32")[0]
     fp32_models[name] = fp32
     ids = tokenizer(lab.p.prompt, return_tensors="pt").input_ids.to(lab.device)
-    two_random = generation.random_prompt(fp32, batch=2, length=48, seed=1)
+    two_random = outputs.random_prompt(fp32, batch=2, length=48, seed=1)
     tokens, logits = {}, {}
     for implementation in ("eager", "sdpa"):
         fp32.set_attn_implementation(implementation)
-        out = generation.generate_exactly(fp32, ids, lab.p.new_tokens, tokenizer=tokenizer)
+        out = outputs.generate_exactly(fp32, ids, lab.p.new_tokens, tokenizer=tokenizer)
         tokens[implementation] = out[0, ids.shape[1]:].tolist()
         with torch.inference_mode():
             logits[implementation] = fp32(input_ids=two_random).logits.double()
@@ -310,7 +310,7 @@ if not decode.empty:
 # * **dynamic cache**: plain `generate`; the cache grows by concatenation each step;
 # * **static cache**: `cache_implementation="static"` preallocates the cache for prompt + new tokens, so every step has
 #   the same shapes (and attends over the whole preallocated length, masked);
-# * **hand loop**: decoding written out in the style of gpt-fast (`labkit.generation.GreedyLoop`): a static cache made
+# * **hand loop**: decoding written out in the style of gpt-fast (`labkit.outputs.GreedyLoop`): a static cache made
 #   once, one forward per token, the argmax and the position kept on the device, no `generate` machinery in between;
 # * **hand loop, compiled step**: the same with the one-token step compiled, gpt-fast's one rebinding
 #   `step = torch.compile(step, mode="reduce-overhead", fullgraph=True)`. On a GPU that mode records a **CUDA graph**:
@@ -329,7 +329,7 @@ else:
                                                                                 dtype=lab.dtype)
     main.set_attn_implementation("sdpa")
     parameters = sum(p.numel() for p in main.parameters())
-    ids = generation.random_prompt(main, batch=1, length=16)
+    ids = outputs.random_prompt(main, batch=1, length=16)
     print(f"{lab.p.decode_model}: {parameters / 1e9:.3f} billion parameters, {weight_bytes(main) / 1e9:.3f} GB read "
           "per step")
 
@@ -388,19 +388,19 @@ if main is not None:
 
     n, repeats = lab.p.new_tokens, lab.p.repeats
     same = {"new_tokens": n, "repeats": repeats, "tokenizer": main_tokenizer}  # n tokens, the same prompt
-    recipes.append({"recipe": "dynamic cache", **generation.measure_decode(main, ids, **same)})
-    recipes.append({"recipe": "static cache", **generation.measure_decode(main, ids, cache_implementation="static",
+    recipes.append({"recipe": "dynamic cache", **outputs.measure_decode(main, ids, **same)})
+    recipes.append({"recipe": "static cache", **outputs.measure_decode(main, ids, cache_implementation="static",
                                                                           disable_compile=True, **same)})
-    loop = generation.GreedyLoop(main, batch=1, prompt_tokens=ids.shape[1], new_tokens=n)
-    recipes.append({"recipe": "hand loop", **generation.measure_loop(loop, ids, repeats=repeats)})
+    loop = outputs.GreedyLoop(main, batch=1, prompt_tokens=ids.shape[1], new_tokens=n)
+    recipes.append({"recipe": "hand loop", **outputs.measure_loop(loop, ids, repeats=repeats)})
 
 # %%
 if main is not None and lab.p.compile_step:
     mode = "reduce-overhead" if lab.on_gpu else "default"  # reduce-overhead: the step replays as a CUDA graph
-    compiled = generation.GreedyLoop(main, batch=1, prompt_tokens=ids.shape[1], new_tokens=n, compile_mode=mode)
-    try_recipe("hand loop, compiled step", lambda: generation.measure_loop(compiled, ids, repeats=repeats))
+    compiled = outputs.GreedyLoop(main, batch=1, prompt_tokens=ids.shape[1], new_tokens=n, compile_mode=mode)
+    try_recipe("hand loop, compiled step", lambda: outputs.measure_loop(compiled, ids, repeats=repeats))
     if lab.on_gpu:
-        try_recipe("static cache + compile", lambda: generation.measure_decode(main, ids, cache_implementation="static",
+        try_recipe("static cache + compile", lambda: outputs.measure_decode(main, ids, cache_implementation="static",
                                                                               **same))
     else:
         lab.skip("static cache + compile", "generate compiles its own step only on an accelerator, not on a CPU")
@@ -482,8 +482,8 @@ if recipes:
 # %%
 batches = pd.DataFrame()
 if recipes:
-    rows = [recipes[0] if b == 1 else generation.measure_decode(  # batch 1: the dynamic-cache recipe
-        main, generation.random_prompt(main, batch=b, length=ids.shape[1]), **same) for b in lab.p.batch_sizes]
+    rows = [recipes[0] if b == 1 else outputs.measure_decode(  # batch 1: the dynamic-cache recipe
+        main, outputs.random_prompt(main, batch=b, length=ids.shape[1]), **same) for b in lab.p.batch_sizes]
     batches = pd.DataFrame(rows)[["batch", "step_ms", "tokens_per_s"]].rename(columns=lambda c: c.replace("_", " "))
 
 # %%
@@ -533,12 +533,12 @@ else:
     pad_tokenizer.pad_token = pad_tokenizer.pad_token or pad_tokenizer.eos_token
     texts, count = [lab.p.prompt, "Hi"], 8
     short = pad_tokenizer(texts[1], return_tensors="pt").input_ids.to(lab.device)
-    seen = {"alone": generation.generate_exactly(pad_model, short, count, tokenizer=pad_tokenizer)[0, -count:].tolist()}
+    seen = {"alone": outputs.generate_exactly(pad_model, short, count, tokenizer=pad_tokenizer)[0, -count:].tolist()}
     with generation.transformers_warnings() as said:  # transformers logs its warnings; they are kept here
         for side in ("right", "left"):
             pad_tokenizer.padding_side = side
             batch = pad_tokenizer(texts, return_tensors="pt", padding=True).to(lab.device)
-            out = generation.generate_exactly(pad_model, batch.input_ids, count, attention_mask=batch.attention_mask,
+            out = outputs.generate_exactly(pad_model, batch.input_ids, count, attention_mask=batch.attention_mask,
                                               tokenizer=pad_tokenizer)
             seen[side] = out[1, -count:].tolist()
 

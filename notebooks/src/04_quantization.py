@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 import labkit
-from labkit import attention, models, plots, quant, roofline
+from labkit import models, plots, quant, roofline, timing
 from labkit.widgets import show
 
 lab = labkit.start("04_quantization", globals())
@@ -205,7 +205,7 @@ else:
             return loaded["fp4"](**batch)
 
     try:
-        seen = attention.ops_that_ran(flash_only, lab.device)
+        seen = timing.ops_that_ran(flash_only, lab.device)
         print(f"Under sdpa_kernel(FLASH_ATTENTION) the FP4 model ran {seen.backend} ({seen.evidence}); "
               f"its output is {flash_only().logits.dtype}.")
         lab.check("fp4_model_runs_flash_attention", seen.backend == "FLASH_ATTENTION")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from labkit import attention, attention_today, metrics
+from labkit import attention, attention_today, metrics, outputs, timing
 from labkit.errors import BadParameter, LabkitError
 from labkit.metrics import attention as attention_names
 
@@ -26,13 +26,13 @@ def test_random_qkv_is_reproducible_and_shaped():
 def test_naive_attention_matches_sdpa(causal):
     q, k, v = attention.random_qkv(1, 2, 32, 16, dtype="float64")
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    assert attention.relative_error(attention.naive_attention(q, k, v, causal=causal), expected) < 1e-12
+    assert outputs.relative_error(attention.naive_attention(q, k, v, causal=causal), expected) < 1e-12
 
 
 def test_relative_error_and_score_matrix_bytes():
     a = torch.ones(4)
-    assert attention.relative_error(a, a) == 0.0
-    assert math.isclose(attention.relative_error(a.double() * 1.01, a), 0.01, rel_tol=1e-9)
+    assert outputs.relative_error(a, a) == 0.0
+    assert math.isclose(outputs.relative_error(a.double() * 1.01, a), 0.01, rel_tol=1e-9)
     assert attention.score_matrix_bytes(2, 4, 128, 64, "float16") == 2 * 4 * 128 * 64 * 2
     assert attention.score_matrix_bytes(1, 1, 10, 10, "float32") == 400
 
@@ -47,38 +47,38 @@ def test_backend_names_are_checked():
 
 
 def test_backend_from_ops_reads_the_aten_op():
-    assert attention.backend_from_ops(["aten::empty", "aten::_scaled_dot_product_flash_attention_for_cpu"]) == "FLASH_ATTENTION"
-    assert attention.backend_from_ops(["aten::_scaled_dot_product_cudnn_attention"]) == "CUDNN_ATTENTION"
-    assert attention.backend_from_ops(["aten::_scaled_dot_product_efficient_attention"]) == "EFFICIENT_ATTENTION"
-    assert attention.backend_from_ops(["aten::_scaled_dot_product_attention_math", "aten::bmm"]) == "MATH"
-    assert attention.backend_from_ops(["aten::bmm", "aten::softmax"]) is None
+    assert timing.backend_from_ops(["aten::empty", "aten::_scaled_dot_product_flash_attention_for_cpu"]) == "FLASH_ATTENTION"
+    assert timing.backend_from_ops(["aten::_scaled_dot_product_cudnn_attention"]) == "CUDNN_ATTENTION"
+    assert timing.backend_from_ops(["aten::_scaled_dot_product_efficient_attention"]) == "EFFICIENT_ATTENTION"
+    assert timing.backend_from_ops(["aten::_scaled_dot_product_attention_math", "aten::bmm"]) == "MATH"
+    assert timing.backend_from_ops(["aten::bmm", "aten::softmax"]) is None
 
 
 @pytest.mark.parametrize("backend", ["MATH", "FLASH_ATTENTION"])
 def test_the_profiler_sees_the_forced_backend_on_cpu(backend):
     q, k, v = attention.random_qkv(1, 2, 32, 16)
-    seen = attention.ops_that_ran(attention.sdpa_call(q, k, v, backend, causal=True), "cpu")
+    seen = timing.ops_that_ran(attention.sdpa_call(q, k, v, backend, causal=True), "cpu")
     assert seen.backend == backend
     assert "aten::_scaled_dot_product" in seen.evidence
 
 
 def test_the_profiler_sees_no_sdpa_in_attention_by_hand():
     q, k, v = attention.random_qkv(1, 2, 32, 16)
-    seen = attention.ops_that_ran(lambda: attention.naive_attention(q, k, v), "cpu")
+    seen = timing.ops_that_ran(lambda: attention.naive_attention(q, k, v), "cpu")
     assert seen.backend is None and seen.evidence == "no attention op recorded"
 
 
 def test_profiling_leaves_no_native_log_on_stderr(capfd):
     q, k, v = attention.random_qkv(1, 1, 8, 8)
-    attention.ops_that_ran(attention.sdpa_call(q, k, v), "cpu")
+    timing.ops_that_ran(attention.sdpa_call(q, k, v), "cpu")
     assert "profiler_start" not in capfd.readouterr().err
 
 
 def test_math_holds_the_score_matrix_and_flash_does_not():
     q, k, v = attention.random_qkv(1, 4, 512, 64)
     one_matrix = attention.score_matrix_bytes(1, 4, 512, 512, "float32")
-    math_peak = attention.peak_extra_memory(attention.sdpa_call(q, k, v, "MATH"), "cpu")
-    flash_peak = attention.peak_extra_memory(attention.sdpa_call(q, k, v, "FLASH_ATTENTION"), "cpu")
+    math_peak = timing.peak_extra_memory(attention.sdpa_call(q, k, v, "MATH"), "cpu")
+    flash_peak = timing.peak_extra_memory(attention.sdpa_call(q, k, v, "FLASH_ATTENTION"), "cpu")
     assert math_peak >= one_matrix
     assert flash_peak < one_matrix / 2
 
@@ -229,11 +229,11 @@ def test_refusal_is_judged_on_the_real_inputs():
 
 
 def test_gpu_kernels_of_eager_attention_name_no_sdpa_backend():
-    eager_on_gpu = attention.Profiled(ops=["aten::matmul", "aten::softmax", "aten::bmm"],
+    eager_on_gpu = timing.Profiled(ops=["aten::matmul", "aten::softmax", "aten::bmm"],
                                       kernels=["ampere_sgemm_128x64_tn", "void cunn_SoftMaxForward<4, float>"])
     assert eager_on_gpu.backend is None
     assert "cunn_SoftMaxForward" in eager_on_gpu.evidence
-    flash_on_gpu = attention.Profiled(ops=["aten::_scaled_dot_product_flash_attention", "aten::empty"],
+    flash_on_gpu = timing.Profiled(ops=["aten::_scaled_dot_product_flash_attention", "aten::empty"],
                                       kernels=["void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>"])
     assert flash_on_gpu.backend == "FLASH_ATTENTION" and "flash_fwd_kernel" in flash_on_gpu.evidence
 
@@ -250,9 +250,9 @@ def test_a_list_of_backends_runs_in_pytorchs_order_not_the_lists():
 
     for listed in ([SDPBackend.MATH, SDPBackend.FLASH_ATTENTION], [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
         with sdpa_kernel(listed):
-            assert attention.ops_that_ran(call, "cpu").backend == "FLASH_ATTENTION"
+            assert timing.ops_that_ran(call, "cpu").backend == "FLASH_ATTENTION"
     with sdpa_kernel(SDPBackend.MATH):  # and one backend alone is the one that runs
-        assert attention.ops_that_ran(call, "cpu").backend == "MATH"
+        assert timing.ops_that_ran(call, "cpu").backend == "MATH"
 
 
 def test_math_seq_is_the_longest_length_the_sweep_tries_math_at(monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from labkit import attention, compat, fastpath, models
+from labkit import compat, fastpath, models, outputs, timing
 from labkit.errors import BadParameter, ModelNotAvailable
 from labkit.metrics import encoder as names
 from labkit.results import reference_runs
@@ -130,7 +130,7 @@ def test_the_profiler_sees_the_fused_layer_and_the_nested_tensor(minilm):
     _, tokenizer, fast = minilm
     batch = _batch(tokenizer)
     with torch.inference_mode():
-        seen = attention.ops_that_ran(lambda: fast(batch["input_ids"], batch["attention_mask"]), "cpu")
+        seen = timing.ops_that_ran(lambda: fast(batch["input_ids"], batch["attention_mask"]), "cpu")
     assert fastpath.fastpath_ran(seen.ops) and fastpath.padding_skipped(seen.ops)
 
 
@@ -148,11 +148,11 @@ def test_silent_fallbacks_are_named_and_really_fall_back(minilm, case, needle):
         if case == "training":
             fast.train()
         if case == "gradients":
-            seen = attention.ops_that_ran(run, "cpu")
+            seen = timing.ops_that_ran(run, "cpu")
             reason = fast.why_not(batch["input_ids"], mask)
         else:
             with torch.inference_mode():
-                seen = attention.ops_that_ran(run, "cpu")
+                seen = timing.ops_that_ran(run, "cpu")
                 reason = fast.why_not(batch["input_ids"], mask)
     finally:
         fast.eval()
@@ -402,7 +402,7 @@ def test_varlen_attention_reads_the_boundaries_transformers_passes(tiny_bert, mo
         got = _hidden(model, fastpath.pack(batch))[0]  # the row with its boundaries
     finally:
         model.set_attn_implementation("sdpa")
-    assert attention.relative_error(got, expected) < 1e-5
+    assert outputs.relative_error(got, expected) < 1e-5
     assert calls and calls[0][1][0] == 0 and len(calls[0][0]) == 3  # (tokens, heads, head size) and boundaries
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from labkit import generation, models
+from labkit import generation, models, outputs
 from labkit.errors import BadParameter
 
 
@@ -11,41 +11,41 @@ def tiny():
 
 def test_random_prompt_is_reproducible_and_in_range(tiny):
     model, _ = tiny
-    ids = generation.random_prompt(model, batch=2, length=7, seed=3)
+    ids = outputs.random_prompt(model, batch=2, length=7, seed=3)
     assert ids.shape == (2, 7) and int(ids.min()) >= 100
     assert int(ids.max()) < model.get_input_embeddings().weight.shape[0]
-    assert (ids == generation.random_prompt(model, batch=2, length=7, seed=3)).all()
+    assert (ids == outputs.random_prompt(model, batch=2, length=7, seed=3)).all()
     with pytest.raises(BadParameter):
-        generation.random_prompt(model, batch=0, length=7)
+        outputs.random_prompt(model, batch=0, length=7)
 
 
 def test_generate_exactly_never_stops_early(tiny):
     model, tokenizer = tiny
-    ids = generation.random_prompt(model, batch=1, length=5)
-    out = generation.generate_exactly(model, ids, 6, tokenizer=tokenizer)
+    ids = outputs.random_prompt(model, batch=1, length=5)
+    out = outputs.generate_exactly(model, ids, 6, tokenizer=tokenizer)
     assert out.shape == (1, 11)
 
 
 def test_measure_decode(tiny):
     model, tokenizer = tiny
-    ids = generation.random_prompt(model, batch=2, length=4)
-    row = generation.measure_decode(model, ids, new_tokens=5, repeats=2, tokenizer=tokenizer)
+    ids = outputs.random_prompt(model, batch=2, length=4)
+    row = outputs.measure_decode(model, ids, new_tokens=5, repeats=2, tokenizer=tokenizer)
     assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["timing_fallback"] in (True, False)
     assert len(row["token_ids"]) == 2 and all(len(t) == 5 for t in row["token_ids"])
-    again = generation.measure_decode(model, ids, new_tokens=5, repeats=1, tokenizer=tokenizer)
+    again = outputs.measure_decode(model, ids, new_tokens=5, repeats=1, tokenizer=tokenizer)
     assert again["token_ids"] == row["token_ids"]
     with pytest.raises(BadParameter, match="at least 2"):
-        generation.measure_decode(model, ids, new_tokens=1)
+        outputs.measure_decode(model, ids, new_tokens=1)
 
 
 def test_the_hand_loop_matches_generate(tiny):
     model, tokenizer = tiny
-    ids = generation.random_prompt(model, batch=2, length=6, seed=5)
-    loop = generation.GreedyLoop(model, batch=2, prompt_tokens=6, new_tokens=7)
-    expected = generation.generate_exactly(model, ids, 7, tokenizer=tokenizer)[:, 6:]
+    ids = outputs.random_prompt(model, batch=2, length=6, seed=5)
+    loop = outputs.GreedyLoop(model, batch=2, prompt_tokens=6, new_tokens=7)
+    expected = outputs.generate_exactly(model, ids, 7, tokenizer=tokenizer)[:, 6:]
     assert (loop(ids) == expected).all()
     assert (loop(ids, 3) == expected[:, :3]).all()  # the cache is reset between calls
-    row = generation.measure_loop(loop, ids, repeats=1)
+    row = outputs.measure_loop(loop, ids, repeats=1)
     assert row["tokens_per_s"] > 0 and row["token_ids"] == expected.tolist()
     with pytest.raises(BadParameter, match="built for prompts of 6 tokens"):
         loop(ids[:, :5])
@@ -57,8 +57,8 @@ def test_the_hand_loop_matches_generate(tiny):
 
 def test_decode_reports_its_spread_and_first_call(tiny):
     model, tokenizer = tiny
-    ids = generation.random_prompt(model, batch=1, length=4)
-    row = generation.measure_decode(model, ids, new_tokens=4, repeats=2, tokenizer=tokenizer)
+    ids = outputs.random_prompt(model, batch=1, length=4)
+    row = outputs.measure_decode(model, ids, new_tokens=4, repeats=2, tokenizer=tokenizer)
     assert 0 <= row["step_p10_ms"] <= row["step_p90_ms"] and row["first_call_extra_s"] >= 0
 
 
@@ -68,12 +68,12 @@ def test_right_padding_is_caught_in_transformers_warnings(tiny):
     tokenizer.padding_side = "right"
     batch = tokenizer(["Hello my dog is cute", "Hi"], return_tensors="pt", padding=True)
     with generation.transformers_warnings() as said:
-        generation.generate_exactly(model, batch.input_ids, 2, attention_mask=batch.attention_mask, tokenizer=tokenizer)
+        outputs.generate_exactly(model, batch.input_ids, 2, attention_mask=batch.attention_mask, tokenizer=tokenizer)
     tokenizer.padding_side = "left"
     assert any("right-padding" in m for m in said)
     with generation.transformers_warnings() as quiet:
         batch = tokenizer(["Hello my dog is cute", "Hi"], return_tensors="pt", padding=True)
-        generation.generate_exactly(model, batch.input_ids, 2, attention_mask=batch.attention_mask, tokenizer=tokenizer)
+        outputs.generate_exactly(model, batch.input_ids, 2, attention_mask=batch.attention_mask, tokenizer=tokenizer)
     assert not any("right-padding" in m for m in quiet)
 
 

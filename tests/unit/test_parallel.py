@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from labkit import compat, parallel
+from labkit import compat, outputs, parallel
 from labkit.errors import BadParameter
 
 GIB = 2**30
@@ -310,17 +310,17 @@ def test_the_tp_and_pp_keyerror_and_its_workaround():
 
 
 def test_decode_rate_makes_exactly_the_calls_asked_and_busy_time_counts_layers():
-    from labkit import generation, models
+    from labkit import models
 
     model, _ = models.load_model("tiny-llama", dtype="float32")
-    prompt = generation.random_prompt(model, batch=1, length=8)
+    prompt = outputs.random_prompt(model, batch=1, length=8)
     calls = []
     handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
     with parallel.busy_time(list(model.model.layers), "cpu") as busy:
         rate = parallel.decode_rate(model, prompt, new_tokens=3, repeats=2, warmup=1)
     handle.remove()
     assert len(calls) == 3 * 1 + 3 * 3  # 3 generate calls of 1 token, 3 of 3 tokens: one forward per token
-    assert rate["token_ids"] == generation.generate_exactly(model, prompt, 3)[:, 8:].tolist()
+    assert rate["token_ids"] == outputs.generate_exactly(model, prompt, 3)[:, 8:].tolist()
     assert rate["step_ms"] > 0 and busy["s"] > 0
 
 
