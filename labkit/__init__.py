@@ -15,7 +15,7 @@ compat.drop_import_chatter()
 
 _SUBMODULES = {"errors", "paths", "compat", "metrics", "probes", "machine", "models", "timing", "roofline", "results",
                "widgets", "plots", "attention", "attention_today", "generation", "fastpath", "quant", "parallel",
-               "serving", "exercises", "lab", "report", "cli", "registry"}
+               "serving", "exercises", "lab", "report", "cli", "registry", "outputs"}
 
 
 def start(notebook: str, params: dict):
