@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from labkit import models, probes, results, roofline
 from labkit.errors import BadParameter, check_sizes
 from labkit.probes import BACKENDS
-from labkit.timing import attempt, measure, recheck_trend, synchronize
+from labkit.timing import attempt, measure, peak_extra_memory, recheck_trend, synchronize
 
 # The ATen op each backend dispatches to (a prefix: the CPU flash op is ..._flash_attention_for_cpu).
 TOLERANCES = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
@@ -215,7 +215,7 @@ MEASURED = ("ms", "p10 ms", "p90 ms", "peak MiB")
 def time_call(call: Callable[[], Any], device: str, backend: str | None = None, *, memory: bool = True,
               warmup: int = 2, repeats: int = 5) -> dict[str, Any]:
     """One point of a sweep: ``call`` timed by the workbook's rule (:func:`labkit.timing.measure`: median, p10, p90
-    in ms) and, with ``memory``, its peak extra memory in MiB (:func:`peak_extra_memory`).
+    in ms) and, with ``memory``, its peak extra memory in MiB (:func:`labkit.timing.peak_extra_memory`).
 
     The bookkeeping a learner should not have to write: with ``backend``, a refusal is judged on these very inputs
     and kept with torch's reason (status "refused"); an out-of-memory (status "oom") or another kernel error
@@ -225,9 +225,9 @@ def time_call(call: Callable[[], Any], device: str, backend: str | None = None, 
         refused = refusal(call, device, backend) if backend else ""
         if refused:
             return {"status": "refused", "why": refused}
-        timing = measure(call, device=device, warmup=warmup, repeats=repeats)
-        peak = timing.peak_extra_memory(call, device) if memory else None
-        return {"ms": timing.median_ms, "p10 ms": timing.p10_ms, "p90 ms": timing.p90_ms,
+        timed = measure(call, device=device, warmup=warmup, repeats=repeats)
+        peak = peak_extra_memory(call, device) if memory else None
+        return {"ms": timed.median_ms, "p10 ms": timed.p10_ms, "p90 ms": timed.p90_ms,
                 "peak MiB": None if peak is None else peak / 2**20}
 
     outcome = attempt(run, device)

@@ -726,15 +726,15 @@ def launch_nodes(script: str | os.PathLike, nnodes: int, nproc: int, args: dict[
                                       start_new_session=True)
                      for _ in range(nnodes)]
         start = time.perf_counter()
-        outputs = []
+        texts = []
         try:
             for launcher in launchers:
                 left = max(1.0, timeout_s - (time.perf_counter() - start))
-                outputs.append(_wait(launcher, left, f"{script.name} on {nnodes} nodes", total_s=timeout_s))
+                texts.append(_wait(launcher, left, f"{script.name} on {nnodes} nodes", total_s=timeout_s))
         finally:
             for launcher in launchers:
                 _stop(launcher)
-        for node, (launcher, output) in enumerate(zip(launchers, outputs, strict=True)):
+        for node, (launcher, output) in enumerate(zip(launchers, texts, strict=True)):
             if launcher.returncode != 0:
                 raise _failure(script, f"on node {node} of {nnodes}", launcher.returncode, output)
         if not out.exists():
