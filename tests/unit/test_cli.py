@@ -95,10 +95,11 @@ def test_summary_follows_its_schema(tmp_path):
 def test_a_notebook_past_its_timeout_is_stopped_and_the_next_runs(tmp_path):
     slow = write_notebook(tmp_path / "01_slow.ipynb", "import time\ntime.sleep(120)")
     fast = write_notebook(tmp_path / "02_fast.ipynb", WRITES_RESULTS.replace("NAME", "02_fast"))
-    summary = cli.run_notebooks([slow, fast], tmp_path / "out", {}, quick=True, timeout_s=8, probe=False,
+    # 20 s: the limit holds for every notebook, and a kernel's start alone took over 8 s on 2 busy cores in CI
+    summary = cli.run_notebooks([slow, fast], tmp_path / "out", {}, quick=True, timeout_s=20, probe=False,
                                 log=lambda *_: None)
     entry = summary["notebooks"]["01_slow"]
-    assert entry["status"] == "timed out" and "stopped after 8 s" in entry["error"] and entry["duration_s"] < 30
+    assert entry["status"] == "timed out" and "stopped after 20 s" in entry["error"] and entry["duration_s"] < 60
     assert summary["notebooks"]["02_fast"]["status"] == "ok"
 
 
