@@ -25,8 +25,21 @@ from labkit import registry
 from labkit.errors import BadParameter
 from labkit.exercises.core import CORRECT, NOT_ATTEMPTED, WRONG, Exercise, Verdict
 
-MODULES = tuple(importlib.import_module(f"labkit.exercises.{n.exercises}") for n in registry.NOTEBOOKS if n.exercises)
-EXERCISES: dict[str, Exercise] = {e.id: e for module in MODULES for e in module.EXERCISES}
+
+def module_of(notebook: str):
+    """The exercise module of a notebook ("01" or its stem), imported on first use: a notebook's opening cell loads
+    its own, not every topic's (each imports its topic module, and those import transformers' model code)."""
+    return importlib.import_module(f"labkit.exercises.{registry.get(notebook[:2]).exercises}")
+
+
+def __getattr__(name: str):
+    """``MODULES`` (every notebook's exercise module) and ``EXERCISES`` (every exercise by id), built on first use."""
+    if name == "MODULES":
+        return tuple(module_of(n.number) for n in registry.NOTEBOOKS if n.exercises)
+    if name == "EXERCISES":
+        return {e.id: e for module in __getattr__("MODULES") for e in module.EXERCISES}
+    raise AttributeError(f"module 'labkit.exercises' has no attribute {name!r}")
+
 
 __all__ = ["EXERCISES", "Bound", "Exercise", "Verdict", "get", "for_notebook", "progress", "progress_path",
            "mistakes_markdown", "summary"]
@@ -34,14 +47,17 @@ __all__ = ["EXERCISES", "Bound", "Exercise", "Verdict", "get", "for_notebook", "
 
 def get(exercise_id: str) -> Exercise:
     """The exercise ``exercise_id`` ("01.1"), or one sentence listing them."""
-    if exercise_id not in EXERCISES:
-        raise BadParameter(f"no exercise {exercise_id!r}; there are {', '.join(EXERCISES)}.")
-    return EXERCISES[exercise_id]
+    notebook = registry.BY_NUMBER.get(exercise_id[:2])
+    found = {e.id: e for e in module_of(notebook.number).EXERCISES} if notebook and notebook.exercises else {}
+    if exercise_id not in found:
+        raise BadParameter(f"no exercise {exercise_id!r}; there are {', '.join(__getattr__('EXERCISES'))}.")
+    return found[exercise_id]
 
 
 def for_notebook(notebook: str) -> list[Exercise]:
     """The exercises of a notebook ("01" or "01_flash_attention")."""
-    return [e for e in EXERCISES.values() if e.notebook == notebook[:2]]
+    entry = registry.get(notebook[:2])
+    return list(module_of(entry.number).EXERCISES) if entry.exercises else []
 
 
 class Bound:
@@ -144,13 +160,13 @@ def progress() -> list[dict[str, str]]:
     """Every exercise, with when it was first answered correctly on this machine."""
     done = _load()
     return [{"exercise": e.id, "title": e.title, "kind": e.kind, "done": done.get(e.id, "")}
-            for e in EXERCISES.values()]
+            for e in __getattr__("EXERCISES").values()]
 
 
 def mistakes_markdown() -> str:
     """The typical mistakes of every exercise with the message its checker gives (WORKSHOP.md lists them)."""
     lines = []
-    for e in EXERCISES.values():
+    for e in __getattr__("EXERCISES").values():
         for answer, _ in e.typical_mistakes:
             with contextlib.redirect_stdout(io.StringIO()):
                 verdict = e.verdict(answer, e.example_context)
