@@ -115,6 +115,10 @@ class Condition:
     env: Callable[[Any], dict[str, str]] = lambda tmp: {}  # environment of the kernel (tmp: an empty folder)
     hides: str = ""  # a module the condition hides: where it is not installed, the condition is the plain run
     covers: tuple[str, ...] = ()  # the rows of the README's "when something is missing" table it runs (default: its name)
+    # A condition made of parameters alone stops in the opening cell, inside ``labkit.start``: the notebooks named
+    # here run it in a kernel (the stop in the first cells, one sentence and no traceback); the others call
+    # ``labkit.start`` with the same parameters in the test's own process (the same sentence, 10 s less a notebook).
+    kernel: tuple[str, ...] | None = None  # None: every notebook in a kernel
 
 
     def expected(self, notebook: str) -> str:
@@ -127,7 +131,7 @@ def _model(value):
 
 CONDITIONS = [
     Condition("CUDA asked for, none here", "stopped", parameters=lambda nb, tmp: {"device": "cuda"},
-              stop_says=lambda nb: "no usable CUDA GPU", cpu_only=True),
+              stop_says=lambda nb: "no usable CUDA GPU", cpu_only=True, kernel=("00",)),
     # The optional packages whose absence changes a notebook's cells (skips in 04, 05 and 06), hidden together: one
     # run each instead of one per package. Where only a labkit function notices (00's bitsandbytes probe, the
     # ipywidgets forms of 01 and 03), unit tests hide the package instead (tests/unit/test_probes.py,
@@ -140,11 +144,11 @@ CONDITIONS = [
     Condition("flash-attn not importable", "completed", ("00", "01", "02"),
               startup=BLOCKER.format(blocked={"flash_attn"}), hides="flash_attn"),
     Condition("Hub offline, model not cached", "stopped", parameters=_model("someone/not-in-the-cache"),
-              stop_says=lambda nb: "not found in the Hugging Face cache"),
+              stop_says=lambda nb: "not found in the Hugging Face cache", kernel=("02",)),
     Condition("a model name with a typo", "stopped", parameters=_model("smollm2-135n"),
-              stop_says=lambda nb: "smollm2-135n"),
+              stop_says=lambda nb: "smollm2-135n", kernel=("04",)),
     Condition("a local folder without a model", "stopped", parameters=lambda nb, tmp: _model(str(tmp))(nb, tmp),
-              stop_says=lambda nb: "no model"),
+              stop_says=lambda nb: "no model", kernel=("06",)),
     Condition("a dtype the device cannot run", "stopped", tuple(DTYPE_PARAMETER),
               parameters=lambda nb, tmp: {DTYPE_PARAMETER[nb]: "float16"}, startup=NO_HALF_MATMUL,
               stop_says=lambda nb: "cannot run a matrix product", cpu_only=True),
@@ -153,7 +157,7 @@ CONDITIONS = [
               covers=("out of memory from 512 tokens", "torch without the Flash kernel"),
               startup=OUT_OF_MEMORY + NO_FLASH, skipped_mention={"01": ("can't allocate memory",)}),
     Condition("a zero or negative size", "stopped", parameters=lambda nb, tmp: BAD_SIZE[nb][0],
-              stop_says=lambda nb: BAD_SIZE[nb][1]),
+              stop_says=lambda nb: BAD_SIZE[nb][1], kernel=("05",)),
     # A fresh machine without the model packages: nothing converted in the cache either (the lent GPU run found this).
     Condition("embedded models not installed",
               {**dict.fromkeys(ALL, "completed"), "04": "stopped", "05": "stopped", "06": "stopped"},

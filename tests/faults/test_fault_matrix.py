@@ -1,22 +1,28 @@
 """The fault matrix (pytest -m faults): each notebook, quick, under each condition of conditions.py.
 
 Every cell of the matrix must end "completed" (checks true, the affected cells skipped with a one-line reason)
-or "stopped" (BadParameter or ModelNotAvailable in the first cells, one sentence, no traceback).
+or "stopped" (BadParameter or ModelNotAvailable in the first cells, one sentence, no traceback). A condition made of
+parameters alone runs in a kernel for the notebooks its ``kernel`` names and through ``labkit.start`` in this
+process for the others: the stop is in the opening cell, and the opening cell is ``labkit.start``.
 """
 
 import importlib.util
 from pathlib import Path
 
 import kernel_guard
+import nbformat
 import papermill
 import pytest
 from conditions import CONDITIONS
 
+import labkit
+from labkit.errors import BadParameter, ModelNotAvailable
 from labkit.results import read_results
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = {p.name[:2]: p for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))}
-CASES = [(c, nb) for c in CONDITIONS for nb in c.notebooks if nb in NOTEBOOKS]
+CASES = [(c, nb) for c in CONDITIONS for nb in c.notebooks if nb in NOTEBOOKS and (c.kernel is None or nb in c.kernel)]
+IN_PROCESS = [(c, nb) for c in CONDITIONS for nb in c.notebooks if nb in NOTEBOOKS and (c, nb) not in CASES]
 
 
 @pytest.mark.faults
@@ -65,5 +71,40 @@ def test_notebook_completes_or_stops_clearly(condition, number, tmp_path, monkey
                 assert any(mention in why for why in data["skipped"].values()), \
                     f"no skip reason mentions {mention!r}: {data['skipped']}"
             outcome = "completed"
+    finally:
+        record_property("fault_outcome", (condition.name, number, outcome))
+
+
+def opening(notebook: Path) -> tuple[dict, int]:
+    """The defaults of a notebook's parameters cell, and the place of its ``labkit.start`` cell among the code cells."""
+    cells = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
+    defaults: dict = {}
+    exec(next(c.source for c in cells if "parameters" in c.metadata.get("tags", [])), defaults)
+    return defaults, next(i for i, c in enumerate(cells) if "labkit.start(" in c.source)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("condition, number", IN_PROCESS, ids=[f"{c.name}-{nb}" for c, nb in IN_PROCESS])
+def test_opening_cell_stops_with_one_sentence(condition, number, tmp_path, record_property):
+    assert not condition.startup and not condition.hides, "only a condition made of parameters runs in this process"
+    if condition.cpu_only:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip(f"{condition.name!r} is simulated for machines without a CUDA GPU, and this one has one")
+    notebook = NOTEBOOKS[number]
+    defaults, place = opening(notebook)
+    assert place == 1, f"labkit.start is in code cell {place + 1}: a bad parameter must stop the first cell after them"
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    parameters = {**defaults, "quick": True, "results_path": "", **condition.parameters(number, empty)}
+    outcome = "FAILED"
+    try:
+        with pytest.raises((BadParameter, ModelNotAvailable)) as stopped:
+            labkit.start(notebook.stem, parameters)
+        sentence = str(stopped.value)
+        assert condition.stop_says(number) in sentence, sentence
+        assert "\n" not in sentence.strip(), f"one sentence, not several lines: {sentence!r}"
+        outcome = "stopped"
     finally:
         record_property("fault_outcome", (condition.name, number, outcome))
