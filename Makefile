@@ -115,8 +115,10 @@ test-nbval: $(STAMP)
 	  --ignore=notebooks/legacy notebooks
 
 # The learner's view: every notebook run in JupyterLab in headless Chromium, its widgets used (about 5 minutes).
+# Two JupyterLab servers at once (-n 2: a kernel runs on one thread, OMP_NUM_THREADS=1). The run report in Chromium
+# (tests/browser/test_report_in_chromium.py, marked browser only) runs in make test already.
 test-browser: $(STAMP) browser
-	$(TEST_ENV) $(PY) -m pytest --durations=15 -m browser tests/browser
+	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 -m jupyterlab tests/browser
 
 # The screenshots of the README, taken by the JupyterLab test.
 screenshots: $(STAMP) browser
