@@ -8,7 +8,6 @@ saves them; later notebooks load them to put every result next to the limit.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -46,15 +45,6 @@ def fraction_of_limit(achieved: float, limit: float) -> float:
     if achieved < 0:
         raise BadParameter(f"achieved={achieved}: a rate cannot be negative.")
     return achieved / limit
-
-
-def growth_exponent(points) -> float | None:
-    """p in y ~ x^p, from the two largest x of ``(x, y)`` points with positive y (None with fewer than two)."""
-    usable = sorted((x, y) for x, y in points if y and y > 0)
-    if len(usable) < 2:
-        return None
-    (x1, y1), (x2, y2) = usable[-2], usable[-1]
-    return math.log(y2 / y1) / math.log(x2 / x1)
 
 
 def attainable_flops_per_s(intensity: float, peak_flops_per_s: float, bandwidth_bytes_per_s: float) -> float:

@@ -193,8 +193,3 @@ def test_byte_counts_of_a_real_tied_model_and_on_the_meta_device():
         meta = type(model)(model.config)
     assert roofline.parameter_bytes(meta) == roofline.parameter_bytes(model)
 
-
-def test_growth_exponent_from_the_two_largest_points():
-    assert roofline.growth_exponent([(1, 5.0), (2, 4.0), (4, 16.0)]) == pytest.approx(2.0)
-    assert roofline.growth_exponent([(8, 3.0), (4, 3.0), (2, None)]) == pytest.approx(0.0)
-    assert roofline.growth_exponent([(1, 1.0)]) is None
