@@ -499,23 +499,6 @@ def bnb_ops(model, device: str, batches: tuple[int, ...] = (1, 8)) -> list[dict[
 
 # --------------------------------------------------------------------------- where weight-only stops helping
 
-def break_even_batch(flops_per_s: float, bytes_per_s: float, *, weight_bytes: float = 2.0) -> float:
-    """By the roofline, the batch above which a weight-only quantized decode step is no faster than the one with
-    ``weight_bytes``-byte weights: each sequence of the batch costs 2 FLOPs per weight, so the 16-bit step turns
-    compute-bound (and fewer weight bytes stop mattering) at batch = FLOP/s x weight bytes / (2 x bytes/s)."""
-    if not flops_per_s > 0 or not bytes_per_s > 0:
-        raise BadParameter("a ceiling must be a positive number.")
-    return flops_per_s * weight_bytes / (2 * bytes_per_s)
-
-
-def roofline_curve(flops_per_s: float, bytes_per_s: float, batches: list[int], points: int = 64) -> list[tuple]:
-    """(batch, the roofline's speed-up of int4 weights over 16-bit ones) on a geometric grid over the batches of a
-    sweep, for a figure: per weight, a step takes max(its bytes / bandwidth, 2 FLOPs per sequence / FLOP/s)."""
-    low, high = math.log(min(batches)), math.log(max(batches))
-    grid = [math.exp(low + (high - low) * i / (points - 1)) for i in range(points)]
-    return [(b, max(2 / bytes_per_s, 2 * b / flops_per_s) / max(0.5 / bytes_per_s, 2 * b / flops_per_s)) for b in grid]
-
-
 def layer_sweep(size: int, batches: list[int], *, device: str, dtype, group_size: int = INT4_GROUP_SIZE,
                 warmup: int = 1, repeats: int = 3) -> list[dict[str, Any]]:
     """One ``size`` x ``size`` linear layer in 16-bit and in torchao int4 weight-only, timed with ``batch`` one-token

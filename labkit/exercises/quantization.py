@@ -101,8 +101,9 @@ def _closest_format(answer, c):
 # --------------------------------------------------------------------------- 04.5 where int4 weight-only stops helping
 
 def break_even(flops_per_s, bytes_per_s):
-    # a 16-bit weight is 2 bytes, read once per step, and costs 2 FLOPs per sequence of the batch
-    return quant.break_even_batch(flops_per_s, bytes_per_s, weight_bytes=2)
+    # a 16-bit weight is 2 bytes, read once per step, and costs 2 FLOPs per sequence of the batch: the step turns
+    # compute-bound (fewer weight bytes stop mattering) where batch x 2 / FLOP/s = 2 bytes / (bytes/s)
+    return flops_per_s * 2 / (2 * bytes_per_s)
 
 
 def _break_even(answer, c):

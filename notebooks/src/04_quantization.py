@@ -391,16 +391,24 @@ crossover.check(answer)
 # measured again, and marked noisy if it stays so (no conclusion is drawn from it).
 
 # %%
+import numpy as np
+
 flops, bytes_per_s = ceiling["flops_per_s"], bandwidth["bytes_per_s"]
 limit = flops * 2 / (2 * bytes_per_s)  # 2 FLOPs per weight and sequence against a 16-bit weight's 2 bytes read once
+
+
+def roofline_speedup(batch):  # per weight, a step takes max(its bytes / bandwidth, 2 FLOPs per sequence / FLOP/s)
+    computing = 2 * batch / flops  # whatever the format
+    return np.maximum(2 / bytes_per_s, computing) / np.maximum(0.5 / bytes_per_s, computing)  # 16-bit over int4
+
+
 if "torchao-int4" in loaded:  # else the first lines of the notebook say why
     points = quant.layer_sweep(lab.p.layer_size, lab.p.sweep_batches, device=lab.device, dtype=lab.dtype)
     wide = pd.DataFrame(points).pivot(index="batch", columns="format")  # a row per batch, a column per (what, format)
     sweep = pd.DataFrame({"batch": wide.index, "16-bit ms": wide["median_ms", "16-bit"].values,
                           "int4 ms": wide["median_ms", "torchao-int4"].values})
     sweep["int4 speed-up"] = sweep["16-bit ms"] / sweep["int4 ms"]
-    computing = 2 * sweep["batch"] / flops  # seconds per weight: 2 FLOPs per sequence, whatever the format
-    sweep["roofline speed-up"] = computing.clip(lower=2 / bytes_per_s) / computing.clip(lower=0.5 / bytes_per_s)
+    sweep["roofline speed-up"] = roofline_speedup(sweep["batch"])
     sweep["noisy"] = wide["noisy"].any(axis=1).values  # rechecked, and still out of its trend
     lab.table("int4_sweep", sweep, title=f"One {lab.p.layer_size}-square layer: int4 weight-only against 16-bit")
 
@@ -410,7 +418,8 @@ lab.table("break_even", pd.DataFrame({"batch by the roofline": [limit], "batch m
 if "torchao-int4" not in loaded:
     print(f"No layer measured: torchao-int4 does not run here. By the roofline its gain ends at batch {limit:.0f}.")
 else:
-    curve = quant.roofline_curve(flops, bytes_per_s, lab.p.sweep_batches)
+    grid = np.geomspace(min(lab.p.sweep_batches), max(lab.p.sweep_batches), 64)
+    curve = list(zip(grid, roofline_speedup(grid), strict=True))
     lab.figure("int4_break_even", plots.weight_only_sweep(sweep, curve=curve, roofline_batch=limit,
                                                           title=lab.device_label))
     crossover.compare(seen or f"still faster at batch {max(lab.p.sweep_batches)}", "sequences")

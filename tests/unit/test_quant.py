@@ -282,18 +282,6 @@ def test_a_step_reads_everything_but_the_untied_input_embeddings_rows_it_does_no
     assert quant.step_bytes(tied) == sum(quant.count_footprint(tied).values())  # the output layer reads all of it
 
 
-def test_the_roofline_break_even_batch():
-    assert quant.break_even_batch(1e12, 1e10) == 100.0  # 16-bit weights: FLOP/s / (bytes/s)
-    assert quant.break_even_batch(1e12, 1e10, weight_bytes=1) == 50.0
-    # 4x while both steps wait for memory, shrinking from a quarter of the break-even batch, 1x from it on
-    curve = quant.roofline_curve(1e12, 1e10, [1, 400], points=3)  # batches 1, 20 and 400
-    assert [b for b, _ in curve] == pytest.approx([1, 20, 400]) and [g for _, g in curve] == pytest.approx([4, 4, 1])
-    assert [g for _, g in quant.roofline_curve(1e12, 1e10, [50, 100], points=2)] == pytest.approx([2.0, 1.0])
-    assert len(quant.roofline_curve(1e12, 1e10, [1, 4, 256])) == 64
-    with pytest.raises(BadParameter):
-        quant.break_even_batch(0, 1e10)
-
-
 def test_the_measured_break_even_ignores_noisy_points():
     def point(fmt, batch, ms, noisy=False):
         return {"format": fmt, "batch": batch, "median_ms": ms, "noisy": noisy}
