@@ -30,13 +30,9 @@ TOLERANCES = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e
 # --------------------------------------------------------------------------- the notebook's parameters
 
 @dataclass
-class Parameters:
+class Parameters(models.ModelParameters):
     """Notebook 01's parameters cell (same names, same defaults); :meth:`resolve` sizes and checks them."""
 
-    dtype: Any = "auto"
-    model_id: str = "smollm2-135m"
-    prompt: str = "Hello my dog is cute and"
-    max_new_tokens: int = 20
     batch: int = 0
     heads: int = 0
     seq_lengths: list[int] = field(default_factory=list)
@@ -45,7 +41,6 @@ class Parameters:
     compile_flex: Any = "auto"
     warmup: int = field(init=False, default=2)
     runnable: list[str] = field(init=False, default_factory=list)  # the backends that run here
-    model_problem: str = field(init=False, default="")  # why section 4's model cannot load ('' when it can)
     compile_flex_why: str = field(init=False, default="")  # why FlexAttention is not compiled ('' when it is)
     flex_seq: int = field(init=False, default=0)  # section 8's length
     math_seq: int = field(init=False, default=0)  # the longest length the MATH backend is tried at
@@ -57,7 +52,6 @@ class Parameters:
             raise BadParameter("head_dims=[]: give at least one head size, for example [64, 128].")
         check_sizes(1, **{f"seq_lengths[{i}]": n for i, n in enumerate(self.seq_lengths)},
                     **{f"head_dims[{i}]": d for i, d in enumerate(self.head_dims)})
-        check_sizes(1, max_new_tokens=self.max_new_tokens)
         if self.compile_flex not in ("auto", True, False):
             raise BadParameter(f"compile_flex={self.compile_flex!r}: use 'auto', True or False.")
         on_gpu = str(device).startswith("cuda")
@@ -68,9 +62,7 @@ class Parameters:
         self.batch, self.heads = self.batch or batch, self.heads or heads
         self.seq_lengths = sorted(set(self.seq_lengths or lengths))
         self.head_dims, self.warmup, self.repeats = sorted(set(self.head_dims)), 1 if quick else 2, self.repeats or 5
-        self.dtype = probes.resolve_dtype(self.dtype, device)
-        probes.check_dtype(device, self.dtype)
-        self.model_problem = models.check_model(self.model_id)  # a wrong name stops here; a missing package skips
+        self.resolve_model(device)  # dtype, max_new_tokens and model_id: a wrong name stops here
         self.runnable = [b for b in BACKENDS if probes.try_sdpa(device, self.dtype, "plain", b).ok]
         # Compiling FlexAttention's CPU kernel takes longer than a whole quick run the first time: quick CPU runs
         # measure the uncompiled path, and say so.

@@ -3,32 +3,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from labkit import models, probes, results
+from labkit import models, results
 from labkit.errors import check_sizes
 
 
 @dataclass
-class Parameters:
+class Parameters(models.ModelParameters):
     """Notebook 00's parameters (its parameters cell, with the same defaults); sizes left at 0 are sized by
     :func:`labkit.roofline.default_sizes` for the device."""
 
-    dtype: Any = "auto"
-    model_id: str = "smollm2-135m"
-    prompt: str = "Hello my dog is cute and"
-    max_new_tokens: int = 20
     matmul_size: int = 0
     copy_megabytes: int = 0
-    model_problem: str | None = field(init=False, default=None)  # why model_id cannot load here, or None
 
     def resolve(self, *, device: str, quick: bool) -> str:
         check_sizes(0, matmul_size=self.matmul_size, copy_megabytes=self.copy_megabytes)
-        check_sizes(1, max_new_tokens=self.max_new_tokens)
-        self.dtype = probes.resolve_dtype(self.dtype, device)
-        probes.check_dtype(device, self.dtype)
-        self.model_problem = models.check_model(self.model_id)  # a wrong name stops here
+        self.resolve_model(device)
         return ""
 
 

@@ -21,7 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from labkit import probes, timing
-from labkit.errors import BadParameter, LabkitError, ModelNotAvailable
+from labkit.errors import BadParameter, LabkitError, ModelNotAvailable, check_sizes
 from labkit.paths import cache_dir
 
 
@@ -426,6 +426,26 @@ def check_model(name: str) -> str | None:
     _resolve_folder(name)
     return None
 
+
+
+@dataclass
+class ModelParameters:
+    """The parameters of a notebook that loads one model and generates with it (00 and 01), with the names and
+    defaults of their parameters cells; a notebook's ``Parameters`` adds its own after them."""
+
+    dtype: Any = "auto"
+    model_id: str = "smollm2-135m"
+    prompt: str = "Hello my dog is cute and"
+    max_new_tokens: int = 20
+    model_problem: str | None = field(init=False, default=None)  # why model_id cannot load here, or None
+
+    def resolve_model(self, device: str) -> None:
+        """Check the generation length and the dtype on ``device`` (one sentence for a bad one) and whether the
+        model can load: a wrong name stops here, a missing package becomes ``model_problem`` (a skip)."""
+        check_sizes(1, max_new_tokens=self.max_new_tokens)
+        self.dtype = probes.resolve_dtype(self.dtype, device)
+        probes.check_dtype(device, self.dtype)
+        self.model_problem = check_model(self.model_id)
 
 def _check_hub_id(name: str) -> str:
     offline = hub_offline() or not hub_reachable()
