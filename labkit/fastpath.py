@@ -24,6 +24,7 @@ from torch import nn
 
 from labkit import compat, models, probes, timing
 from labkit.errors import BadParameter, LabkitError, check_sizes
+from labkit.results import metric_name
 
 FASTPATH_OPS = ("aten::_transformer_encoder_layer_fwd", "aten::_nested_tensor_from_mask")
 SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
@@ -37,6 +38,17 @@ QUICK_IMPLEMENTATIONS = IMPLEMENTATIONS[1:]  # a quick run compares the two that
 WAYS = ("padded sdpa", "packed sdpa block mask", "packed varlen", "packed flex document mask")
 # the sizes of a full run on a GPU (the reference runs' sizes)
 GPU_SIZES = {"batch_sizes": [16, 64, 128], "lengths": [128, 256, 512]}
+
+
+def speedup_metric(batch: int, length: int, padding: float) -> str:
+    """The headline metric of one sweep point (transformers sdpa's median time over the fastpath's), named as the
+    reference runs name it: ``speedup_fastpath_vs_sdpa_b128_n512_pad75``."""
+    return metric_name("speedup_fastpath_vs_sdpa", f"b{batch}", f"n{length}", f"pad{round(100 * padding)}")
+
+
+def padding_free_metric(way: str, batch: int, length: int, padding: float) -> str:
+    """The headline metric of one padding-free way: the padded batch's median time over the way's."""
+    return metric_name("padding_free_speedup", way, f"b{batch}", f"n{length}", f"pad{round(100 * padding)}")
 
 
 class UnsupportedModel(LabkitError, ValueError):

@@ -24,6 +24,9 @@ class Notebook:
     bad_size: tuple[dict[str, Any], str]  # a size no machine can honour, and what the sentence that stops it names
     bad_value: tuple[dict[str, Any], str] | None = None  # a value of the wrong kind, and what the sentence names
     tables: tuple[str, ...] = ()  # the tables a quick run on a CPU records (the notebook tests assert each)
+    # the headline metrics a quick run on a CPU records (the notebook tests assert each): the few named numbers that
+    # `labkit compare`, the report and the reference runs read; everything else is a table
+    metrics: tuple[str, ...] = ()
 
     @property
     def number(self) -> str:
@@ -39,13 +42,21 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("01_flash_attention", "attention", "flash_attention", "model_id", "dtype",
              ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"),
              tables=("memory", "what_ran", "eligibility", "why_not", "greedy_agreement", "accuracy", "sweep",
-                     "best_backend", "flex_vs_sdpa")),
+                     "best_backend", "flex_vs_sdpa"),
+             metrics=("best_backend_tflops", "best_backend_fraction_of_ceiling",
+                      "best_backend_pytorch_choice_time_ratio", "masked_causal_sdpa_ms", "masked_causal_flex_eager_ms",
+                      "masked_document_sdpa_ms", "masked_document_flex_eager_ms")),
     Notebook("02_decoders_and_generation", "generation", "decoders", "model_ids", "dtype",
              ({"new_tokens": 1}, "new_tokens=1"),
              tables=("prefill", "longest_prompt", "decode", "agreement", "kv_cache", "recipes", "batches", "padding")),
     Notebook("03_encoder_fastpath", "fastpath", "encoder", "model_id", "dtype", ({"batch_sizes": [0]}, "batch_sizes"),
              ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]"),
-             tables=("situations", "accelerate", "conversion", "embeddings", "sweep", "speedups", "padding_free")),
+             tables=("situations", "accelerate", "conversion", "embeddings", "sweep", "speedups", "padding_free"),
+             metrics=("to_fastpath_max_abs_difference", "embedding_fastpath_speedup",
+                      "fastpath_fraction_of_matmul_ceiling", *(f"speedup_fastpath_vs_sdpa_b8_n128_pad{p}"
+                                                               for p in (0, 25, 50, 75)),
+                      "padding_free_speedup_packed_sdpa_block_mask_b8_n128_pad0",
+                      "padding_free_speedup_packed_sdpa_block_mask_b8_n128_pad75")),
     Notebook("04_quantization", "quant", "quantization", "model_id", "compute_dtype",
              ({"eval_tokens": -5}, "eval_tokens=-5"), ({"formats": ["nf4", "int4"]}, "format 'int4' is unknown"),
              tables=("predicted", "footprint", "quality", "speed", "continuations", "int4_sweep", "break_even",

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from labkit import metrics as names
 from labkit import probes
 from labkit.errors import BadParameter
 from labkit.results import reference_runs, table
@@ -17,6 +16,7 @@ from labkit.widgets import html_table
 
 SCHEMA = "labkit-run/1"
 STATUSES = ("ok", "failed", "timed out")
+FIRST_METRICS = 8  # a notebook's headline: the first metrics it recorded (the rest fold away)
 NOTEBOOK_KEYS = {"status": str, "duration_s": (int, float), "parameters": dict, "metrics": dict, "checks": dict,
                  "skipped": dict, "figures": list, "environment": dict}
 # An entry may lack "summary" (its "What you measured" sentences) and "tables" (its measurement tables, as in the
@@ -91,7 +91,7 @@ def _image(path: Path) -> str:
            f"<figcaption>{html.escape(path.name)}</figcaption></figure>"
 
 
-def _metrics_section(notebook: str, metrics: dict[str, float], references: dict[str, dict[str, Any]]) -> str:
+def _metrics_section(metrics: dict[str, float], references: dict[str, dict[str, Any]]) -> str:
     def rows(chosen):
         out = []
         for name in chosen:
@@ -104,7 +104,7 @@ def _metrics_section(notebook: str, metrics: dict[str, float], references: dict[
         return out
 
     columns = ["metric", "this run"] + [c for d in references for c in (d, f"this run / {d}")]
-    first = names.headline(notebook, metrics)
+    first = list(metrics)[:FIRST_METRICS]  # a notebook records its headline numbers first
     text = _table(rows(first), columns)
     rest = [name for name in metrics if name not in first]
     if rest:
@@ -235,7 +235,7 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
         if entry["metrics"]:
             if not references:
                 section.append("<p class='none'>No reference run stored for this notebook yet.</p>")
-            section.append("<h3>Metrics</h3>" + _metrics_section(name, entry["metrics"], references))
+            section.append("<h3>Metrics</h3>" + _metrics_section(entry["metrics"], references))
         for table_name, stored in entry.get("tables", {}).items():  # summaries written before tables have none
             rows = [dict(zip(stored["columns"], row, strict=True)) for row in stored["data"]]
             section.append(f"<details><summary>table: {html.escape(table_name)} ({len(rows)} rows)</summary>"

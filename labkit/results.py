@@ -19,11 +19,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from labkit import paths
 from labkit.errors import BadParameter
+
+
+def metric_name(*parts: Any) -> str:
+    """A metric name from words and values: lower case, every run of other characters becomes one _
+    (``metric_name("decode", "smollm2-135m", "tokens/s") == "decode_smollm2_135m_tokens_s"``)."""
+    return re.sub(r"[^a-z0-9]+", "_", "_".join(map(str, parts)).lower()).strip("_")
 
 
 class Results:
@@ -50,7 +57,7 @@ class Results:
         self.metrics[name] = value
 
     def record(self, metrics: dict[str, float | None]) -> None:
-        """Record many metrics at once (a sweep's rows turned into names by labkit.metrics); None is skipped."""
+        """Record many metrics at once (named with :func:`metric_name`); None is skipped."""
         for name, value in metrics.items():
             if value is not None:
                 self.metric(name, value)

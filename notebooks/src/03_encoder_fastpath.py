@@ -47,7 +47,6 @@ import transformers
 
 import labkit
 from labkit import compat, fastpath, models, plots, roofline, timing
-from labkit.metrics import encoder as names
 from labkit.widgets import LiveBoard, show
 
 lab = labkit.start("03_encoder_fastpath", globals())
@@ -478,7 +477,7 @@ if sweep is not None:
     lab.table("speedups", speedups, title="The fastpath's speed-up over transformers sdpa (above 1: faster; ideal if "
               "time ∝ tokens: 1 / (1 - padding))")
     for r in speedups.to_dict("records"):
-        lab.metric(names.speedup(r["batch"], r["length"], r["padding"]), r["fastpath vs sdpa"])
+        lab.metric(fastpath.speedup_metric(r["batch"], r["length"], r["padding"]), r["fastpath vs sdpa"])
     panels = {f"batch {b}, length {n}": {i: (s["padding"], s["real tokens/s"], s["noisy"])
                                          for i, s in group.groupby("implementation")}
               for (b, n), group in ok.groupby(["batch", "length"])}
@@ -561,7 +560,7 @@ largest = {(max(lab.p.batch_sizes), max(lab.p.lengths)): "this run's",
 for (b, n), whose in largest.items():
     for p in lab.p.padding_fractions:
         shown[f"the fastpath's speed-up at {p:.0%} padding, batch {b} x length {n} ({whose} largest)"] = \
-            names.speedup(b, n, p)
+            fastpath.speedup_metric(b, n, p)
 shown["the fastpath's real work as a fraction of the matmul ceiling (headline point)"] = \
     "fastpath_fraction_of_matmul_ceiling"
 show(lab.beside_references(shown), title="This machine and the reference runs")
@@ -733,7 +732,7 @@ if not lab.p.sweep_problem:
     lab.check("padding_free_ways_match_the_padded_batch", len(ran_here) and worst <= lab.p.tolerance,
               f"largest relative error {worst:.2e}")
     for r in ran_here[ran_here.way != "padded sdpa"].to_dict("records"):
-        lab.metric(names.padding_free_speedup(r["way"], b, n, r["padding"]), r["speed-up over padded"])
+        lab.metric(fastpath.padding_free_metric(r["way"], b, n, r["padding"]), r["speed-up over padded"])
     if mixing:
         floor = 5 * max(worst, lab.p.tolerance / 100)  # far beyond rounding: 5x the worst error of a kept-apart way
         positions, nothing = (mixing[way] for way in fastpath.UNMASKED_WAYS)

@@ -49,7 +49,8 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch, guar
         assert why.strip() and "\n" not in why, f"skip of {what!r} needs a one-line reason"
     for figure in data.get("figures", []):
         assert (tmp_path / figure).stat().st_size > 1000, f"figure {figure} was not saved"
-    missing = [name for name in metrics.expected_quick(notebook.stem) if name not in data["metrics"]]
+    expected = registry.get(notebook.stem).metrics or metrics.expected_quick(notebook.stem)
+    missing = [name for name in expected if name not in data["metrics"]]
     assert not missing, f"metrics missing: {missing}"
     tables = data.get("tables", {})
     missing = [name for name in registry.get(notebook.stem).tables if not tables.get(name, {}).get("data")]

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from labkit import attention, attention_today, metrics, outputs, timing
+from labkit import attention, attention_today, outputs, timing
 from labkit.errors import BadParameter, LabkitError
-from labkit.metrics import attention as attention_names
 
 
 def test_random_qkv_is_reproducible_and_shaped():
@@ -211,12 +210,6 @@ def test_a_bad_parameter_stops_with_one_sentence(bad, named):
 def test_a_misspelt_model_stops():
     with pytest.raises(LabkitError):
         attention.Parameters(model_id="smollm-135m").resolve(device="cpu", quick=True)
-
-
-def test_the_headline_metrics_are_the_reports():
-    assert metrics.headline("01_flash_attention", {"best_backend_tflops": 1.0, "masked_causal_sdpa_ms": 2.0,
-                                                   "other": 3.0}) == ["best_backend_tflops", "masked_causal_sdpa_ms"]
-    assert all(name.startswith(attention_names.HEADLINES) for name in attention_names.expected_quick())
 
 
 def test_refusal_is_judged_on_the_real_inputs():

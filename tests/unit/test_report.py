@@ -2,10 +2,11 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
-from labkit import cli, metrics, report, widgets
+from labkit import cli, report, widgets
 from labkit.errors import BadParameter
 from labkit.results import Results
 
@@ -45,11 +46,16 @@ def test_a_bad_summary_file_is_refused_in_one_sentence(tmp_path):
     assert report.summary_problems([1, 2]) == ["the summary is not a JSON object"]
 
 
-def test_headline_metrics():
-    recorded = {"sweep_math_ms": 1.0, "best_backend_tflops": 2.0, "best_backend_fraction_of_ceiling": 0.5}
-    assert metrics.headline("01_flash_attention", recorded) == ["best_backend_tflops", "best_backend_fraction_of_ceiling"]
-    many = {f"m{i}": float(i) for i in range(20)}
-    assert metrics.headline("99_unknown", many) == [f"m{i}" for i in range(metrics.FIRST_METRICS)]
+def test_the_headline_is_the_first_metrics_recorded(make_run, tmp_path):
+    make_run(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    entry = summary["notebooks"]["01_flash_attention"]
+    entry["metrics"] = {f"m{i}": float(i) for i in range(report.FIRST_METRICS + 3)}
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    page = Path(report.write_report(tmp_path / "run", reference_folder=tmp_path / "none")).read_text()
+    headline = page[page.index("<h3>Metrics</h3>"):page.index("<details><summary>all")]
+    assert f"m{report.FIRST_METRICS - 1}<" in headline and f"m{report.FIRST_METRICS}<" not in headline
+    assert f"all {report.FIRST_METRICS + 3} metrics" in page
 
 
 def test_the_page_is_self_contained_and_shows_everything(make_run, tmp_path):
@@ -58,7 +64,7 @@ def test_the_page_is_self_contained_and_shows_everything(make_run, tmp_path):
     assert page.startswith("<!DOCTYPE html>") and "Workbook run on Test CPU" in page
     assert "data:image/png;base64," in page and "src='http" not in page and "<script" not in page
     assert "cell 3: RuntimeError: boom" in page and "no GPU &lt;here&gt;" in page  # escaped, not markup
-    assert "best_backend_tflops" in page and "0.14" in page and "all 2 metrics" in page
+    assert "best_backend_tflops" in page and "0.14" in page and "all 2 metrics" not in page  # both in the headline
     assert "No reference run stored" in page and "not probed in this test" in page
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from labkit import metrics, paths, probes, results
+from labkit import paths, probes, results
 from labkit.errors import BadParameter, check_sizes
 from labkit.results import Results, read_results
 
@@ -101,8 +101,8 @@ def test_check_sizes_names_every_offender():
 
 
 def test_metric_name_from_words_and_values():
-    assert metrics.name("decode", "smollm2-135m", "sdpa", "tokens/s") == "decode_smollm2_135m_sdpa_tokens_s"
-    assert metrics.name("recipe", "hand loop, compiled step") == "recipe_hand_loop_compiled_step"
+    assert results.metric_name("decode", "smollm2-135m", "sdpa", "tokens/s") == "decode_smollm2_135m_sdpa_tokens_s"
+    assert results.metric_name("recipe", "hand loop, compiled step") == "recipe_hand_loop_compiled_step"
 
 
 @pytest.mark.parametrize("content, problem", [

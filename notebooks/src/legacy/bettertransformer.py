@@ -49,7 +49,7 @@ import warnings
 import torch
 import transformers
 
-from labkit import fastpath, metrics, models, probes, results, timing, widgets
+from labkit import fastpath, models, probes, results, timing, widgets
 from labkit.errors import BadParameter, check_sizes
 from labkit.paths import cache_dir
 
@@ -192,12 +192,13 @@ for name in decoder_ids:
         rates[label] = max_new_tokens / (t.median_ms / 1e3)
         decoder_rows.append({"model": name, "path": label, "tokens/s": rates[label], "median ms": t.median_ms,
                              "continuation": tokenizer.decode(tokens[label])[:60]})
-        res.metric(metrics.name("decode", name, label, "tokens_per_s"), rates[label])
+        res.metric(results.metric_name("decode", name, label, "tokens_per_s"), rates[label])
     layer = type(bt_model.model.decoder.layers[0].self_attn).__name__
     print(f"{name}: after to_bettertransformer() the attention layers are {layer}; "
           f"warnings while converting: "
           f"{sorted({type(w.message).__name__ + ': ' + str(w.message)[:80] for w in said}) or 'none'}")
-    res.check(metrics.name("bettertransformer_tokens_identical", name), tokens["eager"] == tokens["BetterTransformer"])
+    res.check(results.metric_name("bettertransformer_tokens_identical", name),
+              tokens["eager"] == tokens["BetterTransformer"])
 widgets.show(decoder_rows, title=f"Greedy generation, {max_new_tokens} new tokens")
 
 # %% [markdown]
@@ -229,7 +230,7 @@ for name, bt_model in converted.items():
             outcome = "failed: " + str(err).strip().splitlines()[0][:120]
     deprecations = sorted({str(w.message).split(". ")[0] for w in said if issubclass(w.category, FutureWarning)})
     flash_rows.append({"model": name, "Flash only": outcome, "FutureWarning": "; ".join(deprecations) or "none"})
-    res.check(metrics.name("old_sdp_kernel_warns", name), bool(deprecations))
+    res.check(results.metric_name("old_sdp_kernel_warns", name), bool(deprecations))
 widgets.show(flash_rows, title="The source page's Flash-only context")
 
 # %% [markdown]
@@ -258,7 +259,7 @@ for name in encoder_ids:
     sdpa.load_state_dict(eager.state_dict())
     sdpa = sdpa.to(device).eval()
     attention_class = type(sdpa.encoder.layer[0].attention.self).__name__
-    res.check(metrics.name("sdpa_copy_runs_sdpa_attention", name), "Sdpa" in attention_class, attention_class)
+    res.check(results.metric_name("sdpa_copy_runs_sdpa_attention", name), "Sdpa" in attention_class, attention_class)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optimum's notices about the conversion
         bt = copy.deepcopy(eager).to_bettertransformer()
@@ -289,8 +290,8 @@ for name in encoder_ids:
             t = timing.measure(lambda call=call, b=b: call(b), device=device, warmup=1, repeats=repeats)
             row[f"{label} ms"] = t.median_ms
             row[f"{label} p10"] = t.p10_ms
-            res.metric(metrics.name("legacy", name, f"b{batch}", f"n{length}", f"pad{round(100 * p)}", label, "ms"),
-                       t.median_ms)
+            res.metric(results.metric_name("legacy", name, f"b{batch}", f"n{length}", f"pad{round(100 * p)}", label,
+                                           "ms"), t.median_ms)
         encoder_rows.append(row)
 widgets.show([{k: v for k, v in r.items() if not k.endswith("p10")} for r in encoder_rows],
              title=f"Median ms per batch of {batch} x {length}")
@@ -320,7 +321,7 @@ for r in encoder_rows:
     r["BT vs eager"] = r["eager ms"] / r["BetterTransformer ms"]
     r["BT vs sdpa"] = r["sdpa ms"] / r["BetterTransformer ms"]
     r["labkit fastpath vs BT"] = r["BetterTransformer ms"] / r["labkit fastpath ms"]
-    res.metric(metrics.name("speedup_bettertransformer_vs_eager", r["model"], f"pad{round(100 * r['padding'])}"),
+    res.metric(results.metric_name("speedup_bettertransformer_vs_eager", r["model"], f"pad{round(100 * r['padding'])}"),
                r["BT vs eager"])
 widgets.show([{k: r[k] for k in ("model", "padding", "BT vs eager", "BT vs sdpa", "labkit fastpath vs BT")}
               for r in encoder_rows],
