@@ -36,6 +36,17 @@ def first_run_cache(folder):
     return folder
 
 
+def notebook_opening(notebook) -> tuple[dict, int]:
+    """The defaults of a notebook's parameters cell, and the place of its ``labkit.start`` cell among its code
+    cells (papermill puts the injected parameters right after the parameters cell)."""
+    import nbformat
+
+    cells = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
+    defaults: dict = {}
+    exec(next(c.source for c in cells if "parameters" in c.metadata.get("tags", [])), defaults)
+    return defaults, next(i for i, c in enumerate(cells) if "labkit.start(" in c.source)
+
+
 @pytest.fixture(scope="session")
 def guarded_kernels(tmp_path_factory):
     """IPYTHONDIR for kernels that start with the deprecation canary and the network block."""

@@ -10,10 +10,10 @@ import importlib.util
 from pathlib import Path
 
 import kernel_guard
-import nbformat
 import papermill
 import pytest
 from conditions import CONDITIONS
+from conftest import notebook_opening
 
 import labkit
 from labkit.errors import BadParameter, ModelNotAvailable
@@ -75,14 +75,6 @@ def test_notebook_completes_or_stops_clearly(condition, number, tmp_path, monkey
         record_property("fault_outcome", (condition.name, number, outcome))
 
 
-def opening(notebook: Path) -> tuple[dict, int]:
-    """The defaults of a notebook's parameters cell, and the place of its ``labkit.start`` cell among the code cells."""
-    cells = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
-    defaults: dict = {}
-    exec(next(c.source for c in cells if "parameters" in c.metadata.get("tags", [])), defaults)
-    return defaults, next(i for i, c in enumerate(cells) if "labkit.start(" in c.source)
-
-
 @pytest.mark.faults
 @pytest.mark.parametrize("condition, number", IN_PROCESS, ids=[f"{c.name}-{nb}" for c, nb in IN_PROCESS])
 def test_opening_cell_stops_with_one_sentence(condition, number, tmp_path, record_property):
@@ -93,7 +85,7 @@ def test_opening_cell_stops_with_one_sentence(condition, number, tmp_path, recor
         if torch.cuda.is_available():
             pytest.skip(f"{condition.name!r} is simulated for machines without a CUDA GPU, and this one has one")
     notebook = NOTEBOOKS[number]
-    defaults, place = opening(notebook)
+    defaults, place = notebook_opening(notebook)
     assert place == 1, f"labkit.start is in code cell {place + 1}: a bad parameter must stop the first cell after them"
     empty = tmp_path / "empty-folder"
     empty.mkdir()

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import papermill
 import pytest
-from conftest import first_run_cache
+from conftest import first_run_cache, notebook_opening
 
+import labkit
 from labkit import metrics, registry
+from labkit.errors import BadParameter
 from labkit.results import read_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,16 +61,18 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch, guar
         assert data["checks"].get("exercise_solutions_pass") is True
 
 
-# Values of the wrong kind (the fault matrix's "a zero or negative size" stops every notebook on a bad size).
+# Values of the wrong kind (the fault matrix's "a zero or negative size" stops every notebook on a bad size). Each
+# stops the opening cell, `labkit.start`: one notebook shows it in a kernel (one sentence, in the first cells), the
+# others call `labkit.start` with the same parameters here.
 BAD_PARAMETERS = {n.stem: n.bad_value for n in registry.NOTEBOOKS if n.bad_value}
+IN_A_KERNEL = "04_quantization"
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("stem", sorted(BAD_PARAMETERS))
-def test_a_bad_parameter_stops_the_notebook_early_in_one_sentence(stem, tmp_path, monkeypatch, guarded_kernels):
+def test_a_bad_parameter_stops_the_notebook_early_in_one_sentence(tmp_path, monkeypatch, guarded_kernels):
     monkeypatch.setenv("IPYTHONDIR", guarded_kernels)
-    parameters, named = BAD_PARAMETERS[stem]
-    notebook = ROOT / "notebooks" / f"{stem}.ipynb"
+    parameters, named = BAD_PARAMETERS[IN_A_KERNEL]
+    notebook = ROOT / "notebooks" / f"{IN_A_KERNEL}.ipynb"
     with pytest.raises(papermill.PapermillExecutionError) as caught:
         papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"), kernel_name="python3",
                                    parameters={"quick": True, **parameters}, cwd=str(notebook.parent),
@@ -77,6 +81,17 @@ def test_a_bad_parameter_stops_the_notebook_early_in_one_sentence(stem, tmp_path
     assert error.ename == "BadParameter" and named in error.evalue
     assert error.exec_count <= 3, "bad parameters must be caught in the first cells"
     assert len(error.traceback) == 1, "one sentence, not a traceback"
+
+
+@pytest.mark.parametrize("stem", sorted(BAD_PARAMETERS))
+def test_a_bad_parameter_stops_the_opening_cell_in_one_sentence(stem):
+    notebook = ROOT / "notebooks" / f"{stem}.ipynb"
+    defaults, place = notebook_opening(notebook)
+    assert place == 1, "labkit.start opens the first code cell after the parameters"
+    parameters, named = BAD_PARAMETERS[stem]
+    with pytest.raises(BadParameter) as caught:
+        labkit.start(stem, {**defaults, "quick": True, "results_path": "", **parameters})
+    assert named in str(caught.value) and "\n" not in str(caught.value).strip()
 
 
 @pytest.mark.notebook
