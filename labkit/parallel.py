@@ -35,10 +35,10 @@ from accelerate import infer_auto_device_map
 from accelerate.utils import CustomDtype, get_balanced_memory
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
-from labkit import compat, models, outputs, probes, quant, roofline
+from labkit import compat, models, probes, quant, roofline
 from labkit.errors import BadParameter, LabkitError, ModelNotAvailable, check_sizes
 from labkit.paths import cache_dir
-from labkit.timing import measure, synchronize
+from labkit.timing import measure
 
 GIB = 2**30
 # Share of each device's memory a plan may fill. The rest is a planning margin (our choice, not a measurement)
@@ -706,77 +706,7 @@ def model_folder(name: str, dtype: Any = "float32") -> Path:
     return models.saved_folder(folder, build, tokenizer=False)
 
 
-def owned_layers(model) -> list[int]:
-    """The decoder layers this process runs (a pipeline stage replaces the others with placeholders)."""
-    from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
-
-    layers = model.get_decoder().layers
-    return [i for i, layer in enumerate(layers) if not isinstance(layer, PipelineIdentityLayer)]
-
-
-@contextlib.contextmanager
-def busy_time(modules, device: str):
-    """Seconds spent inside ``modules``' forward passes within the block: ``with busy_time(...) as busy:`` then
-    ``busy["s"]`` (the time a pipeline stage computes; the rest of a step it waits or does bookkeeping)."""
-
-    busy = {"s": 0.0}
-    starts: list[float] = []
-
-    def before(module, args):
-        synchronize(device)
-        starts.append(time.perf_counter())
-
-    def after(module, args, output):
-        synchronize(device)
-        busy["s"] += time.perf_counter() - starts.pop()
-
-    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    try:
-        yield busy
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def decode_rate(model, prompt, *, new_tokens: int, repeats: int, warmup: int = 1) -> dict[str, Any]:
-    """Decode tokens/s as ``outputs.measure_decode`` defines it, with exactly ``warmup + repeats`` calls of each
-    length: in a distributed job every rank must make the same calls, so no minimum measured time."""
-
-    if new_tokens < 2:
-        raise BadParameter(f"new_tokens={new_tokens}: decoding needs at least 2 new tokens to time a step.")
-    out: dict[str, Any] = {}
-
-    def run(count):
-        def call():
-            out["ids"] = outputs.generate_exactly(model, prompt, count)[:, prompt.shape[1]:]
-        return call
-
-    device = str(model.device)
-    one = measure(run(1), device=device, warmup=warmup, repeats=repeats, min_time_s=0)
-    full = measure(run(new_tokens), device=device, warmup=warmup, repeats=repeats, min_time_s=0)
-    step_ms = (full.median_ms - one.median_ms) / (new_tokens - 1)
-    fallback = step_ms <= 0
-    if fallback:  # timing noise larger than the decode itself: the whole call per token, flagged
-        step_ms = full.median_ms / new_tokens
-    return {"batch": prompt.shape[0], "new_tokens": new_tokens, "generate_ms": full.median_ms, "step_ms": step_ms,
-            "timing_fallback": fallback, "tokens_per_s": prompt.shape[0] * 1e3 / step_ms,
-            "token_ids": out["ids"].tolist()}
-
-
-def collectives(counts: dict[str, int]) -> dict[str, int]:
-    """The communication ops among a profile's op counts (``c10d::allreduce_``, ``c10d::send``, ...)."""
-    return {op.removeprefix("c10d::"): n for op, n in counts.items() if op.startswith("c10d::")}
-
-
 # --------------------------------------------------------------------------- inside a torchrun job
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
 
 def local_device() -> str:
     """This process's device: its own GPU (LOCAL_RANK) where there are GPUs, else the CPU."""
@@ -789,7 +719,7 @@ def local_device() -> str:
 
 def write_from_rank0(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Rank 0 writes ``data`` as JSON (atomically); other ranks write nothing."""
-    if rank() != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         return
     path = Path(path)
     partial = path.with_suffix(".partial")
@@ -798,44 +728,6 @@ def write_from_rank0(path: str | os.PathLike, data: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- communication
-
-def bus_bandwidth(message_bytes: int, seconds: float, ranks: int) -> dict[str, float]:
-    """All-reduce bandwidths as nccl-tests reports them: algorithm bandwidth (bytes / time) and bus bandwidth
-    (x 2(n-1)/n, the traffic each link carries in a ring, comparable to the link's own speed)."""
-    algorithm = message_bytes / seconds
-    return {"algbw_bytes_per_s": algorithm, "busbw_bytes_per_s": algorithm * 2 * (ranks - 1) / ranks}
-
-
-def time_all_reduce(sizes_bytes: list[int], *, device: str, warmup: int = 3, repeats: int = 10) -> list[dict[str, Any]]:
-    """Time ``all_reduce`` (sum, float32) for each message size on the initialised process group.
-
-    Every rank runs the same calls; a barrier starts each repeat together and the slowest rank's time
-    counts (what a collective costs the whole job).
-    """
-    import torch.distributed as dist
-
-    from labkit.timing import percentile, synchronize
-
-    rows = []
-    ranks = dist.get_world_size()
-    for size in sizes_bytes:
-        buffer = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
-        times = []
-        for i in range(warmup + repeats):
-            dist.barrier()
-            synchronize(device)
-            start = time.perf_counter()
-            dist.all_reduce(buffer)
-            synchronize(device)
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if i >= warmup:
-                times.append(float(elapsed))
-        seconds = percentile(times, 50)
-        rows.append({"bytes": buffer.numel() * 4, "median_us": seconds * 1e6,
-                     **bus_bandwidth(buffer.numel() * 4, seconds, ranks)})
-    return rows
-
 
 def all_reduce_seconds(rows: list[dict[str, Any]], size: int) -> float:
     """One all-reduce of ``size`` bytes as the benchmark measured it: the first size at least as large, or beyond the

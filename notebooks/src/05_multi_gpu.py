@@ -83,8 +83,11 @@ print(f"NCCL: {nccl['version'] or 'no'} ({nccl['reason'] or 'ready'}); gloo: {'y
 # First what the model needs:
 
 # %%
+from transformers import AutoModelForCausalLM
+
 GIB = 2**30
-model = parallel.empty_model(lab.p.plan_model)  # on the meta device: shapes, no memory
+with torch.device("meta"):  # the shapes only: no memory used, nothing downloaded
+    model = AutoModelForCausalLM.from_config(parallel.model_config(lab.p.plan_model), dtype=torch.bfloat16)
 print(f"{lab.p.plan_model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} billion parameters, "
       f"{model.config.num_hidden_layers} layers; batch {lab.p.batch} x context {lab.p.context} tokens")
 
@@ -683,7 +686,8 @@ allreduce["busbw GB/s"] = allreduce["algbw GB/s"] * 2 * (ranks - 1) / ranks  # w
 title = f"all_reduce, {ranks} processes over {bench['backend']} on {bench['device_label']}"
 lab.table("allreduce", allreduce, title=title)
 size, seconds, n = ex.given["message_bytes"], ex.given["seconds"], ex.given["ranks"]
-ex.compare(size / seconds * 2 * (n - 1) / n / 1e9, "GB/s, the busbw column's formula on the question's numbers")
+busbw = size / seconds * 2 * (n - 1) / n  # the busbw column's formula on the question's numbers
+ex.compare(busbw / 1e9, "GB/s, the busbw column's formula on the question's numbers")
 
 # %%
 if lab.p.jobs_on_gpus:
@@ -733,7 +737,8 @@ if tp_n is not None:
 # the smallest message took the microseconds of the benchmark's first row.
 
 # %%
-links = {"NVLink 4 (H100/H200 SXM)": 900e9 / 2, "400 Gbit/s network card": 400e9 / 8}  # bytes/s, each way
+nvlink, network = "NVLink 4 (H100/H200 SXM)", "400 Gbit/s network card"
+links = {nvlink: 900e9 / 2, network: 400e9 / 8}  # published, bytes per second each way
 tp_size, rows = 8, []
 for phase, tokens in {f"decode step, batch {lab.p.batch}": lab.p.batch,
                       f"prefill, {lab.p.batch} x {lab.p.context} tokens": lab.p.batch * lab.p.context}.items():
@@ -744,6 +749,7 @@ for phase, tokens in {f"decode step, batch {lab.p.batch}": lab.p.batch,
            "this machine from": "measured" if size <= bench["rows"][-1]["bytes"] else "largest message's bandwidth"}
     for link, bytes_per_s in links.items():  # a ring all-reduce: each link carries 2(n-1)/n of the message
         row[f"{link} ms"] = calls * size * 2 * (tp_size - 1) / tp_size / bytes_per_s * 1e3
+    row["network / NVLink"] = row[f"{network} ms"] / row[f"{nvlink} ms"]
     rows.append(row)
 lab.table("tp_links", pd.DataFrame(rows), title=f"{lab.p.plan_model}, TP 8: all-reduce time per forward pass")
 
@@ -751,8 +757,8 @@ lab.table("tp_links", pd.DataFrame(rows), title=f"{lab.p.plan_model}, TP 8: all-
 # What the table says: in a decode step the bandwidth part is tiny on either published link, so what remains is each
 # call's latency, 2 x layers calls per token (160 for llama-70b-shape), which the published columns leave out and this
 # machine's column includes; a network's latency is paid at every layer. In a prefill the bytes decide, in proportion
-# to the link speeds. Either way TP across nodes puts the network inside every layer, which is why the planner keeps
-# TP inside a node and sends only one hidden state per step between pipeline stages.
+# to the link speeds (the last column). Either way TP across nodes puts the network inside every layer, which is why
+# the planner keeps TP inside a node and sends only one hidden state per step between pipeline stages.
 #
 # ## Your numbers beside the reference runs
 
