@@ -1,14 +1,13 @@
-"""Notebook 05's topic, inference on several devices: how much memory a model needs, which layout to give it, where
-its layers go, and the torchrun jobs that run each layout.
+"""Notebook 05's topic, inference on several devices: the mechanisms too long for a cell.
 
-The layouts people deploy, each measured by notebook 05:
-- placement with ``device_map``: consecutive layers on consecutive devices, one device working at a time (capacity);
-- tensor parallelism (TP): every layer's matrices split across ranks, ``DistributedConfig(tp_size=N)``;
-- pipeline parallelism (PP): consecutive layers on consecutive ranks, ``DistributedConfig(pp_size=N)``;
-- expert parallelism (EP): a mixture-of-experts model's experts shared out, ``DistributedConfig(ep_size=N)``;
-- data parallelism (DP): one whole replica per rank, the prompts split between them;
-- TP inside a node and PP across nodes, the multi-node layout.
-The jobs run under ``torchrun`` (``notebooks/scripts/``), never inside a Jupyter kernel.
+- the notebook's typed :class:`Parameters`;
+- machines typed in ("2 nodes x 8 x 80 GB") and the GPUs present; the memory a model needs (weights in a format, KV
+  cache), on the meta device; the layout planner (TP inside a node dividing the key/value heads, PP across nodes);
+- ``device_map="auto"`` planned without a GPU (accelerate's own planning) and each block's device and bytes;
+- the torchrun launcher (one machine, or nodes rehearsed on one machine over a c10d rendezvous), the models the jobs
+  load (saved once before any job starts), and what a job needs of labkit (its device, writing its result).
+The jobs themselves are scripts (``notebooks/scripts/``), never run inside a Jupyter kernel; the notebook builds its
+tables from the results they write.
 """
 
 from __future__ import annotations

@@ -240,8 +240,9 @@ if len(rows) == 2:
     same = decode["token_ids"][0] == decode["token_ids"][1]
     lab.check("pipeline_tokens_equal_one_gpu" if len(lab.p.gpus) >= 2 else "offload_tokens_equal_all_on_gpu", same)
     lab.table("device_map_decode", decode.drop(columns=["key", "token_ids"]), title=f"{name}, batch 1, by device_map")
-    print(f"{decode['placement'][1]}: {decode['tokens_per_s'][1] / decode['tokens_per_s'][0]:.2f}x the tokens/s of "
-          f"one GPU; {decode['bytes per token'][1] / GIB:.2f} GiB cross {decode['over GB/s'][1]:.1f} GB/s per token")
+    second = decode.iloc[1]
+    print(f"{second['placement']}: {second['tokens_per_s'] / decode['tokens_per_s'][0]:.2f}x the tokens/s of one GPU; "
+          f"its bound: {second['bytes per token'] / GIB:.2f} GiB per token over {second['over GB/s']:.1f} GB/s")
     for key, tokens_per_s in zip(decode["key"], decode["tokens_per_s"], strict=True):
         lab.metric(f"pipeline_{key}_tokens_per_s", tokens_per_s)
 
