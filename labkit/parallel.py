@@ -1,14 +1,13 @@
-"""Notebook 05's topic, inference on several devices: how much memory a model needs, which layout to give it, where
-its layers go, and the torchrun jobs that run each layout.
+"""Notebook 05's topic, inference on several devices: the mechanisms too long for a cell.
 
-The layouts people deploy, each measured by notebook 05:
-- placement with ``device_map``: consecutive layers on consecutive devices, one device working at a time (capacity);
-- tensor parallelism (TP): every layer's matrices split across ranks, ``DistributedConfig(tp_size=N)``;
-- pipeline parallelism (PP): consecutive layers on consecutive ranks, ``DistributedConfig(pp_size=N)``;
-- expert parallelism (EP): a mixture-of-experts model's experts shared out, ``DistributedConfig(ep_size=N)``;
-- data parallelism (DP): one whole replica per rank, the prompts split between them;
-- TP inside a node and PP across nodes, the multi-node layout.
-The jobs run under ``torchrun`` (``notebooks/scripts/``), never inside a Jupyter kernel.
+- the notebook's typed :class:`Parameters`;
+- machines typed in ("2 nodes x 8 x 80 GB") and the GPUs present; the memory a model needs (weights in a format, KV
+  cache), on the meta device; the layout planner (TP inside a node dividing the key/value heads, PP across nodes);
+- ``device_map="auto"`` planned without a GPU (accelerate's own planning) and each block's device and bytes;
+- the torchrun launcher (one machine, or nodes rehearsed on one machine over a c10d rendezvous), the models the jobs
+  load (saved once before any job starts), and what a job needs of labkit (its device, writing its result).
+The jobs themselves are scripts (``notebooks/scripts/``), never run inside a Jupyter kernel; the notebook builds its
+tables from the results they write.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,10 @@ from accelerate import infer_auto_device_map
 from accelerate.utils import CustomDtype, get_balanced_memory
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
-from labkit import compat, models, outputs, probes, quant, roofline
+from labkit import compat, models, probes, quant, roofline
 from labkit.errors import BadParameter, LabkitError, ModelNotAvailable, check_sizes
-from labkit.metrics import multi_gpu as names
 from labkit.paths import cache_dir
-from labkit.timing import measure, synchronize
+from labkit.timing import measure
 
 GIB = 2**30
 # Share of each device's memory a plan may fill. The rest is a planning margin (our choice, not a measurement)
@@ -56,17 +55,6 @@ SHAPES: dict[str, dict[str, Any]] = {
                              num_attention_heads=128, num_key_value_heads=8, tie_word_embeddings=False),
 }
 
-# Published link speeds, bytes per second in each direction (nccl-tests' bus bandwidth compares with this).
-# Source: NVIDIA's MLPerf Inference v4.1 system description of an 8 x H200 SXM node, "18x 4th Gen NVLink, 900GB/s"
-# (both directions together) and "10x 400Gbe Infiniband" (400 Gbit/s per network card):
-# https://raw.githubusercontent.com/mlcommons/inference_results_v4.1/main/closed/NVIDIA/systems/H200-SXM-141GBx8_TRT_MaxQ.json
-LINKS: dict[str, dict[str, Any]] = {
-    "NVLink 4 (H100/H200 SXM)": {"bytes_per_s": 900e9 / 2, "published": "900 GB/s, both directions together"},
-    "400 Gbit/s network card (InfiniBand NDR)": {"bytes_per_s": 400e9 / 8, "published": "400 Gbit/s"},
-}
-LINKS_SOURCE = ("https://raw.githubusercontent.com/mlcommons/inference_results_v4.1/main/closed/NVIDIA/systems/"
-                "H200-SXM-141GBx8_TRT_MaxQ.json")
-
 # Random-init models the layouts run besides the learner's model (built from a config, saved once in labkit's
 # cache, no download). "layers-llama" is shaped so that its layers, not Python, take a decode step's time on a
 # CPU (4 layers of width 512, a 512-token vocabulary): the pipeline's bubble shows. "tiny-moe" is a Qwen3-MoE
@@ -78,96 +66,78 @@ class LaunchFailed(LabkitError, RuntimeError):
     """A torchrun job exited with an error; the message ends with the job's last lines of output."""
 
 
-# --------------------------------------------------------------------------- the notebook's plan and summary
+# --------------------------------------------------------------------------- the notebook's parameters
 
-def notebook_plan(*, device: str, quick: bool, model_id: str = "", plan_model: str = "llama-70b-shape",
-                  plan_devices: Any = ("1 x 24 GB", "2 x 24 GB", "8 x 80 GB", "2 nodes x 8 x 80 GB"),
-                  plan_formats: Any = ("16-bit", "nf4"), batch: int = 1, context: int = 4096, processes: Any = (),
-                  new_tokens: int = 0, dp_prompts: int = 0, allreduce_max_mib: int = 0) -> dict[str, Any]:
-    """Notebook 05's parameters, checked (one sentence for a bad one), sized for this machine, and its models loaded."""
-    for name, value in (("plan_devices", plan_devices), ("plan_formats", plan_formats), ("processes", processes)):
-        if isinstance(value, (str, int)):
-            raise BadParameter(f"{name}={value!r}: give a list, for example {name}=[{value!r}].")
-    if not plan_devices:
-        raise BadParameter("plan_devices=[]: give at least one machine, for example ['2 x 24 GB'].")
-    machines = {text: parse_machine(text) for text in plan_devices}
-    from labkit import quant  # (imported here: the torchrun jobs import this module and need none of it)
+@dataclass
+class Parameters:
+    """Notebook 05's parameters (the parameters cell's names and defaults), checked and sized for this machine by
+    :meth:`resolve`. The job model and the layout models are saved in labkit's cache here, before any torchrun job
+    starts (the jobs only read them)."""
 
-    formats = [quant.check_format(f) for f in plan_formats] or ["16-bit"]
-    check_sizes(1, batch=batch, context=context, **{f"processes[{i}]": n for i, n in enumerate(processes)})
-    check_sizes(0, new_tokens=new_tokens, dp_prompts=dp_prompts, allreduce_max_mib=allreduce_max_mib)
-    if new_tokens == 1:
-        raise BadParameter("new_tokens=1: decoding needs at least 2 new tokens to time a step.")
-    gpus = devices_present()
-    jobs_on_gpus = len(gpus) >= 2  # NCCL between GPUs; otherwise CPU processes over gloo, GPUs hidden from them
-    most = len(gpus) if jobs_on_gpus else max(2, os.cpu_count() or 1)
-    processes = sorted(set(processes or ([n for n in (2, 4, 8) if n <= most] if jobs_on_gpus else [2])))
-    if processes[0] < 2 or processes[-1] > most:
-        raise BadParameter(f"processes={processes}: each layout splits a model over at least 2 processes, and at "
-                           f"most {most} here ({'GPUs' if jobs_on_gpus else 'CPU cores'}).")
-    model_given = bool(model_id)
-    model_id = model_id or ("random-llama-1b" if jobs_on_gpus else "tiny-llama")
-    for name in (model_id, plan_model):
-        problem = None if name in SHAPES else models.check_model(name)
-        if problem:
-            raise ModelNotAvailable(problem)
-    check_job_model(model_id, model_config(model_id))
-    job_dtype = "bfloat16" if jobs_on_gpus else "float32"
-    for name in (model_id, *LAYOUT_MODELS):  # what the torchrun jobs load, saved once before any of them starts
-        model_folder(name, job_dtype)
-    dtype = probes.resolve_dtype(job_dtype, device)
-    job_model, tokenizer = models.load_model(model_id, device=device, dtype=dtype, attn_implementation="sdpa")
-    where = "the GPUs, over NCCL" if jobs_on_gpus else "CPU processes, over gloo"
-    return {
-        "dtype": dtype, "line": f"GPUs here: {describe_devices(gpus)}. The torchrun jobs run {model_id} "
-                                f"({job_dtype}) on {where}, with {processes} processes.",
-        "gpus": gpus, "jobs_on_gpus": jobs_on_gpus, "processes": processes, "machines": machines,
-        "formats": formats, "plan_model": plan_model, "planned": empty_model(plan_model), "batch": batch,
-        "context": context, "model_id": model_id, "job_dtype": job_dtype, "job_model": job_model,
-        "tokenizer": tokenizer,
+    model_id: str = ""  # the model of the TP, DP and TP x PP jobs; empty: tiny-llama (CPU) or random-llama-1b (GPUs)
+    plan_model: str = "llama-70b-shape"
+    plan_devices: list = field(default_factory=lambda: ["1 x 24 GB", "2 x 24 GB", "8 x 80 GB", "2 nodes x 8 x 80 GB"])
+    plan_formats: list = field(default_factory=lambda: ["16-bit", "nf4"])
+    batch: int = 1
+    context: int = 4096
+    processes: list = field(default_factory=list)
+    new_tokens: int = 0
+    dp_prompts: int = 0
+    allreduce_max_mib: int = 0
+    dtype: Any = field(init=False, default=None)  # the jobs' dtype, as torch's (float32 on CPU processes)
+    job_dtype: str = field(init=False, default="")
+    gpus: list = field(init=False, default_factory=list)  # this machine's GPUs, with their memory
+    jobs_on_gpus: bool = field(init=False, default=False)  # NCCL between GPUs; else CPU processes over gloo
+    machines: dict = field(init=False, default_factory=dict)  # plan_devices parsed: text -> machine
+    formats: list = field(init=False, default_factory=list)
+    pipeline_model: str = field(init=False, default="")  # the model device_map places on real GPUs
+    gpu_dtype: str = field(init=False, default="")
+    repeats: int = field(init=False, default=2)
+    scripts: Path = field(init=False, default=Path("scripts"))
+
+    def resolve(self, *, device: str, quick: bool) -> str:
+        for name in ("plan_devices", "plan_formats", "processes"):
+            value = getattr(self, name)
+            if isinstance(value, (str, int)):
+                raise BadParameter(f"{name}={value!r}: give a list, for example {name}=[{value!r}].")
+        if not self.plan_devices:
+            raise BadParameter("plan_devices=[]: give at least one machine, for example ['2 x 24 GB'].")
+        self.machines = {text: parse_machine(text) for text in self.plan_devices}
+        self.formats = [quant.check_format(f) for f in self.plan_formats] or ["16-bit"]
+        check_sizes(1, batch=self.batch, context=self.context,
+                    **{f"processes[{i}]": n for i, n in enumerate(self.processes)})
+        check_sizes(0, new_tokens=self.new_tokens, dp_prompts=self.dp_prompts,
+                    allreduce_max_mib=self.allreduce_max_mib)
+        if self.new_tokens == 1:
+            raise BadParameter("new_tokens=1: decoding needs at least 2 new tokens to time a step.")
+        self.gpus = devices_present()
+        self.jobs_on_gpus = on_gpus = len(self.gpus) >= 2
+        most = len(self.gpus) if on_gpus else max(2, os.cpu_count() or 1)
+        self.processes = sorted(set(self.processes or ([n for n in (2, 4, 8) if n <= most] if on_gpus else [2])))
+        if self.processes[0] < 2 or self.processes[-1] > most:
+            raise BadParameter(f"processes={self.processes}: each layout splits a model over at least 2 processes, "
+                               f"and at most {most} here ({'GPUs' if on_gpus else 'CPU cores'}).")
         # device_map placement needs a model bigger than the share of a GPU it is given: the 1B model unless named
-        "pipeline_model": model_id if model_given or jobs_on_gpus else "random-llama-1b",
-        "gpu_dtype": "bfloat16" if gpus and probes.native_bf16("cuda:0") else "float16",
-        "new_tokens": new_tokens or (32 if jobs_on_gpus else 6 if quick else 16),
-        "dp_prompts": dp_prompts or (8 * max(processes) if jobs_on_gpus else 4 if quick else 8),
-        "allreduce_max_mib": allreduce_max_mib or (256 if jobs_on_gpus else 1 if quick else 64),
-        "repeats": 2 if quick else 3,
-        "scripts": Path("scripts") if Path("scripts/layouts.py").exists() else scripts_dir(),
-    }
-
-
-def what_you_measured(results: dict[str, Any]) -> list[str]:
-    """Notebook 05's results in a few sentences (each one only when its part ran)."""
-    m, checks, lines = results["metrics"], results["checks"], []
-    totals = [v for k, v in m.items() if k.startswith("plan_") and k.endswith("_16_bit_total_gib")]
-    for total in totals[:1]:
-        lines.append(f"The planned model needs {total:,.1f} GiB in 16-bit (weights and KV cache); the planner "
-                     "keeps tensor parallelism inside a node and adds pipeline stages across nodes only when one "
-                     "node cannot hold it.")
-    split = sorted(int(k.split("_")[1]) for k in m if re.fullmatch(r"tp_\d+_speedup", k) and not k.startswith("tp_1"))
-    for n in split[:1]:
-        same = "the same greedy tokens as one process" if checks.get("tp_tokens_equal_single_process") else \
-            "tokens compared with one process in the table"
-        lines.append(f"Tensor parallelism over {n} processes gave {same}, each holding about 1/{n} of the weights, "
-                     f"at {m[f'tp_{n}_speedup']:.2f}x the speed of one process here: every layer pays two all-reduces.")
-    dp = sorted(int(k.split("_")[1]) for k in m if re.fullmatch(r"dp_\d+_speedup", k) and not k.startswith("dp_1"))
-    for n in dp[-1:]:
-        lines.append(f"Data parallelism over {n} processes gave {m[f'dp_{n}_speedup']:.2f}x the tokens/s of one "
-                     "process, with nothing exchanged while generating; each process holds a whole copy.")
-    if "pp_2_step_vs_one_process" in m:
-        lines.append(f"Two pipeline stages took {m['pp_2_step_vs_one_process']:.2f}x one process's time per decode "
-                     "step: a token still passes every layer in turn, so each stage waits for the other (the bubble).")
-    if "ep_2_experts_per_rank" in m:
-        lines.append(f"Expert parallelism left {m['ep_2_experts_per_rank']:.0f} experts on each of 2 processes, with "
-                     "the same tokens as one process.")
-    if checks.get("tp_pp_tokens_equal_single_process"):
-        lines.append("TP inside each of two rehearsed nodes and PP across them generated one process's tokens, "
-                     "through a workaround for transformers' error on that combination.")
-    if "allreduce_best_busbw_gb_per_s" in m:
-        lines.append(f"The best all-reduce bus bandwidth between these processes was "
-                     f"{m['allreduce_best_busbw_gb_per_s']:.3g} GB/s, {m['allreduce_fraction_of_copy']:.0%} of the "
-                     "measured limit; small messages cost latency, not bandwidth.")
-    return lines
+        given, self.model_id = bool(self.model_id), self.model_id or ("random-llama-1b" if on_gpus else "tiny-llama")
+        self.pipeline_model = self.model_id if given or on_gpus else "random-llama-1b"
+        for name in (self.model_id, self.plan_model):
+            problem = None if name in SHAPES else models.check_model(name)
+            if problem:
+                raise ModelNotAvailable(problem)
+        check_job_model(self.model_id, model_config(self.model_id))
+        self.job_dtype = "bfloat16" if on_gpus else "float32"
+        for name in (self.model_id, *LAYOUT_MODELS):  # what the torchrun jobs load, saved once before any starts
+            model_folder(name, self.job_dtype)
+        self.dtype = probes.resolve_dtype(self.job_dtype, device)
+        self.gpu_dtype = "bfloat16" if self.gpus and probes.native_bf16("cuda:0") else "float16"
+        self.new_tokens = self.new_tokens or (32 if on_gpus else 6 if quick else 16)
+        self.dp_prompts = self.dp_prompts or (8 * max(self.processes) if on_gpus else 4 if quick else 8)
+        self.allreduce_max_mib = self.allreduce_max_mib or (256 if on_gpus else 1 if quick else 64)
+        self.repeats = 2 if quick else 3
+        self.scripts = Path("scripts") if Path("scripts/layouts.py").exists() else scripts_dir()
+        where = "the GPUs, over NCCL" if on_gpus else "CPU processes, over gloo"
+        return (f"GPUs here: {describe_devices(self.gpus)}. The torchrun jobs run {self.model_id} ({self.job_dtype}) "
+                f"on {where}, with {self.processes} processes.")
 
 
 # --------------------------------------------------------------------------- devices and machines, real or typed in
@@ -319,28 +289,6 @@ def fit(need: dict[str, int], devices: list[dict[str, Any]], *, usable: float = 
             "share_per_device": need["total"] / len(devices) / smallest}
 
 
-def need_rows(model, formats: list[str], *, batch: int, context: int) -> tuple[dict[str, dict], list[dict]]:
-    """The memory needed in each format (bytes), and table rows of it in GiB."""
-    needs = {fmt: memory_needed(model, fmt=fmt, batch=batch, context=context) for fmt in formats}
-    rows = [{"format": fmt, "weights GiB": n["weights"] / GIB, "KV cache GiB": n["kv_cache"] / GIB,
-             "total GiB": n["total"] / GIB} for fmt, n in needs.items()]
-    return needs, rows
-
-
-def machine_rows(needs: dict[str, dict], machines: dict[str, dict], model_name: str) -> dict[str, Any]:
-    """For each format, how many GPUs of each machine the model needs, and the metrics of the plan."""
-    rows, metrics = [], {}
-    for fmt, need in needs.items():
-        row = {"format": fmt, "total GiB": need["total"] / GIB}
-        for text, machine in machines.items():
-            verdict = fit(need, machine["devices"])
-            row[text] = ("fits on one" if verdict["one_device"] else
-                         f"{verdict['devices_needed']} needed, " + ("enough" if verdict["all_devices"] else "too few"))
-        rows.append(row)
-        metrics[names.plan(model_name, fmt, "total_gib")] = need["total"] / GIB
-    return {"rows": rows, "metrics": metrics}
-
-
 # --------------------------------------------------------------------------- the layout planner
 
 def plan_layout(model, machine: dict[str, Any], *, fmt: str = "16-bit", batch: int = 1, context: int = 4096,
@@ -390,22 +338,6 @@ def plan_layout(model, machine: dict[str, Any], *, fmt: str = "16-bit", batch: i
         reasons.append(f"{replicas} copies over the {total} GPUs (data parallelism).")
     return {"fmt": fmt, "tp": tp, "pp": pp, "gpus_per_replica": gpus_used, "replicas": replicas, "fits": fits,
             "per_gpu_bytes": need["total"] / gpus_used, "need": need, "reasons": reasons}
-
-
-def layout_rows(model_names: list[str], machines: dict[str, dict], formats: list[str], *, batch: int,
-                context: int) -> list[dict[str, Any]]:
-    """The planner's layout for every model, machine and format, as table rows."""
-    rows = []
-    for name in model_names:
-        model = empty_model(name)
-        for text, machine in machines.items():
-            for fmt in formats:
-                plan = plan_layout(model, machine, fmt=fmt, batch=batch, context=context)
-                rows.append({"model": name, "machine": text, "format": fmt,
-                             "TP": plan["tp"] if plan["fits"] else "-", "PP": plan["pp"] if plan["fits"] else "-",
-                             "replicas": plan["replicas"], "GiB per GPU": plan["per_gpu_bytes"] / GIB,
-                             "why": " ".join(plan["reasons"][1:])})
-    return rows
 
 
 # --------------------------------------------------------------------------- placement: device maps
@@ -512,23 +444,6 @@ def placement(model, device_map: dict[str, Any], *, fmt: str = "16-bit") -> list
     return rows
 
 
-def placements(model, machines: dict[str, dict], formats: list[str]) -> dict[str, Any]:
-    """``device_map="auto"`` planned for every machine and format: the placements (for the figure), a row per device
-    (which blocks it holds) and a check per plan that every parameter goes somewhere."""
-    placed, rows, checks = {}, [], {}
-    for text, machine in machines.items():
-        for fmt in formats:
-            device_map = plan_device_map(model, machine["devices"], fmt=fmt)
-            label = f"{text}, {fmt}"
-            checks[names.plan_covers(text, fmt)] = not unplaced(model, device_map)
-            placed[label] = placement(model, device_map, fmt=fmt)
-            for where in dict.fromkeys(r["device"] for r in placed[label]):
-                mine = [r for r in placed[label] if r["device"] == where]
-                rows.append({"plan": label, "device": f"GPU {where}" if isinstance(where, int) else where,
-                             "blocks": len(mine), "from": mine[0]["block"], "to": mine[-1]["block"]})
-    return {"placements": placed, "rows": rows, "checks": checks}
-
-
 def balanced_max_memory(model, count: int, *, fmt: str = "16-bit") -> dict[int, int]:
     """A ``max_memory`` that spreads ``model`` over ``count`` devices about evenly (for the pipeline demo):
     an even share of its bytes, plus room for its largest block so that a share never ends mid-layer short."""
@@ -536,76 +451,6 @@ def balanced_max_memory(model, count: int, *, fmt: str = "16-bit") -> dict[int, 
     rows = placement(model, {"": 0}, fmt=fmt)
     share = sum(r["bytes"] for r in rows) / count
     return {i: int(share + max(r["bytes"] for r in rows)) for i in range(count)}
-
-
-def calculator_check(model, *, probe_tokens: int = 64) -> dict[str, Any]:
-    """The calculator against a model loaded for real: weights from ``get_memory_footprint()``, the KV cache measured
-    after a forward pass over ``probe_tokens`` tokens of 2 sequences."""
-
-    predicted = memory_needed(model, batch=2, context=probe_tokens, element_bytes=roofline.element_size(model.dtype))
-    with torch.inference_mode():
-        output = model(input_ids=outputs.random_prompt(model, batch=2, length=probe_tokens), use_cache=True)
-    measured = {"weights": model.get_memory_footprint(), "kv_cache": cache_bytes(output)}
-    rows = [{"what": "weights", "predicted MiB": predicted["weights"] / 2**20,
-             "measured MiB": measured["weights"] / 2**20},
-            {"what": f"KV cache, 2 x {probe_tokens} tokens", "predicted MiB": predicted["kv_cache"] / 2**20,
-             "measured MiB": measured["kv_cache"] / 2**20}]
-    return {"rows": rows, "checks": {
-        "calculator_weights_match_footprint": abs(predicted["weights"] / measured["weights"] - 1) < 0.01,
-        "calculator_kv_cache_exact": predicted["kv_cache"] == measured["kv_cache"]}}
-
-
-# --------------------------------------------------------------------------- device_map on real GPUs
-
-def measure_device_map(name: str, gpus: list[dict[str, Any]], *, dtype: str, new_tokens: int,
-                       repeats: int) -> dict[str, Any]:
-    """Decode speed of ``name`` placed with ``device_map="auto"``: over two GPUs against one GPU; with one GPU, half
-    of it offloaded to the CPU against none. Each row's bound is its slowest path's bandwidth over the bytes that
-    cross it per token. Returns rows and findings (skips where there is no GPU)."""
-
-    if not gpus:
-        return {"rows": [], "skipped": {"pipeline placement": "no GPU here: a device_map places layers on GPUs "
-                                                              "(and offloads from them)"}}
-
-    def decode_row(label, model, bound_bytes_per_s, bound_bytes):
-        prompt = outputs.random_prompt(model, batch=1, length=16)
-        row = outputs.measure_decode(model, prompt, new_tokens=new_tokens, repeats=repeats)
-        bound = bound_bytes_per_s / bound_bytes
-        return {"placement": label, "tokens/s": row["tokens_per_s"], "bound tokens/s": bound,
-                "fraction of bound": row["tokens_per_s"] / bound, "token_ids": row["token_ids"]}
-
-    one, _ = models.load_model(name, device="cuda:0", dtype=dtype, attn_implementation="sdpa")
-    weights = roofline.parameter_bytes(one)
-    bandwidth = roofline.bandwidth_ceiling("cuda:0")["bytes_per_s"]
-    rows = [decode_row("one GPU", one, bandwidth, weights)]
-    del one
-    torch.cuda.empty_cache()
-    findings: dict[str, Any] = {"checks": {}, "skipped": {}}
-    if len(gpus) >= 2:
-        spread, _ = models.load_model(name, dtype=dtype, attn_implementation="sdpa", device_map="auto",
-                                      max_memory=balanced_max_memory(empty_model(name), 2))
-        placed = getattr(spread, "hf_device_map", {"": str(spread.device)})  # transformers sets it only when spread
-        rows.append(decode_row("two GPUs, device_map='auto'", spread, bandwidth, weights))
-        findings["checks"]["pipeline_uses_two_gpus"] = len({d for d in placed.values() if isinstance(d, int)}) == 2
-        findings["checks"]["pipeline_tokens_equal_one_gpu"] = rows[0]["token_ids"] == rows[1]["token_ids"]
-        findings["line"] = (f"split over two GPUs, {name} made {rows[1]['tokens/s'] / rows[0]['tokens/s']:.2f}x the "
-                            "tokens/s of one GPU")
-    else:
-        half, _ = models.load_model(name, dtype=dtype, attn_implementation="sdpa", device_map="auto",
-                                    max_memory={0: weights // 2, "cpu": 2**62})
-        placed = getattr(half, "hf_device_map", {"": str(half.device)})
-        if {0, "cpu"} <= set(placed.values()):
-            offloaded = sum(r["bytes"] for r in placement(half, placed) if r["device"] == "cpu")
-            link = copy_bandwidth("cpu", "cuda:0")
-            rows.append(decode_row("part offloaded to the CPU", half, link["bytes_per_s"], offloaded))
-            findings["line"] = (f"{offloaded / GIB:.2f} GiB offloaded to the CPU; host-to-GPU copy "
-                                f"{link['bytes_per_s'] / 1e9:.1f} GB/s (measured)")
-            findings["checks"]["offload_tokens_equal_all_on_gpu"] = rows[0]["token_ids"] == rows[1]["token_ids"]
-        else:
-            where = sorted(set(map(str, placed.values())))
-            findings["skipped"]["CPU offload"] = f"device_map put all of {name} on {where}"
-    findings["metrics"] = {names.pipeline_placement(r["placement"]): r["tokens/s"] for r in rows}
-    return {"rows": [{k: v for k, v in r.items() if k != "token_ids"} for r in rows], **findings}
 
 
 # --------------------------------------------------------------------------- torchrun jobs
@@ -819,212 +664,6 @@ def layout_config(name: str):
     raise BadParameter(f"{name!r} is not a layout model; use one of {', '.join(LAYOUT_MODELS)}.")
 
 
-def model_folder(name: str, dtype: Any = "float32") -> Path:
-    """A folder ``from_pretrained`` can load ``name`` from (``DistributedConfig`` splits a model while loading it):
-    a layout model or a labkit random-init model saved once in labkit's cache with a fixed seed, or the model's own
-    folder. The launching process calls it before any job starts (notebook_plan does), so the jobs only read it."""
-    dtype = probes.resolve_dtype(dtype)
-    if name not in LAYOUT_MODELS:
-        spec = models.EMBEDDED.get(name)
-        return models.random_folder(name, 0, dtype) if spec is not None and spec.kind == "random" \
-            else Path(models._resolve_folder(name))
-    folder = cache_dir() / "models" / f"{name}-seed0-{str(dtype).removeprefix('torch.')}"
-
-    def build(work: Path) -> None:
-        with models._quiet_transformers():
-            models.build_from_config(layout_config(name), dtype=dtype).save_pretrained(work)
-
-    return models.saved_folder(folder, build, tokenizer=False)
-
-
-def owned_layers(model) -> list[int]:
-    """The decoder layers this process runs (a pipeline stage replaces the others with placeholders)."""
-    from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
-
-    layers = model.get_decoder().layers
-    return [i for i, layer in enumerate(layers) if not isinstance(layer, PipelineIdentityLayer)]
-
-
-@contextlib.contextmanager
-def busy_time(modules, device: str):
-    """Seconds spent inside ``modules``' forward passes within the block: ``with busy_time(...) as busy:`` then
-    ``busy["s"]`` (the time a pipeline stage computes; the rest of a step it waits or does bookkeeping)."""
-
-    busy = {"s": 0.0}
-    starts: list[float] = []
-
-    def before(module, args):
-        synchronize(device)
-        starts.append(time.perf_counter())
-
-    def after(module, args, output):
-        synchronize(device)
-        busy["s"] += time.perf_counter() - starts.pop()
-
-    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    try:
-        yield busy
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def decode_rate(model, prompt, *, new_tokens: int, repeats: int, warmup: int = 1) -> dict[str, Any]:
-    """Decode tokens/s as ``outputs.measure_decode`` defines it, with exactly ``warmup + repeats`` calls of each
-    length: in a distributed job every rank must make the same calls, so no minimum measured time."""
-
-    if new_tokens < 2:
-        raise BadParameter(f"new_tokens={new_tokens}: decoding needs at least 2 new tokens to time a step.")
-    out: dict[str, Any] = {}
-
-    def run(count):
-        def call():
-            out["ids"] = outputs.generate_exactly(model, prompt, count)[:, prompt.shape[1]:]
-        return call
-
-    device = str(model.device)
-    one = measure(run(1), device=device, warmup=warmup, repeats=repeats, min_time_s=0)
-    full = measure(run(new_tokens), device=device, warmup=warmup, repeats=repeats, min_time_s=0)
-    step_ms = (full.median_ms - one.median_ms) / (new_tokens - 1)
-    fallback = step_ms <= 0
-    if fallback:  # timing noise larger than the decode itself: the whole call per token, flagged
-        step_ms = full.median_ms / new_tokens
-    return {"batch": prompt.shape[0], "new_tokens": new_tokens, "generate_ms": full.median_ms, "step_ms": step_ms,
-            "timing_fallback": fallback, "tokens_per_s": prompt.shape[0] * 1e3 / step_ms,
-            "token_ids": out["ids"].tolist()}
-
-
-def collectives(counts: dict[str, int]) -> dict[str, int]:
-    """The communication ops among a profile's op counts (``c10d::allreduce_``, ``c10d::send``, ...)."""
-    return {op.removeprefix("c10d::"): n for op, n in counts.items() if op.startswith("c10d::")}
-
-
-# which dimension of a layout each collective serves (transformers 5.25: the tensor-parallel styles all-reduce and
-# all-gather over the TP group; a pipeline stage sends and receives activations and broadcasts the logits over the
-# PP group; expert parallelism all-reduces, or exchanges tokens all-to-all, over the EP group)
-DIMENSION_OF = {"allreduce_": "TP", "allgather_into_tensor_coalesced_": "TP", "send": "PP", "recv_": "PP",
-                "broadcast_": "PP", "alltoall_base_": "EP"}
-
-
-# --------------------------------------------------------------------------- inside a torchrun job
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def local_device() -> str:
-    """This process's device: its own GPU (LOCAL_RANK) where there are GPUs, else the CPU."""
-    if torch.cuda.is_available():
-        index = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(index)
-        return f"cuda:{index}"
-    return "cpu"
-
-
-def write_from_rank0(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Rank 0 writes ``data`` as JSON (atomically); other ranks write nothing."""
-    if rank() != 0:
-        return
-    path = Path(path)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(data, indent=1))
-    partial.replace(path)
-
-
-# --------------------------------------------------------------------------- communication
-
-def bus_bandwidth(message_bytes: int, seconds: float, ranks: int) -> dict[str, float]:
-    """All-reduce bandwidths as nccl-tests reports them: algorithm bandwidth (bytes / time) and bus bandwidth
-    (x 2(n-1)/n, the traffic each link carries in a ring, comparable to the link's own speed)."""
-    algorithm = message_bytes / seconds
-    return {"algbw_bytes_per_s": algorithm, "busbw_bytes_per_s": algorithm * 2 * (ranks - 1) / ranks}
-
-
-def time_all_reduce(sizes_bytes: list[int], *, device: str, warmup: int = 3, repeats: int = 10) -> list[dict[str, Any]]:
-    """Time ``all_reduce`` (sum, float32) for each message size on the initialised process group.
-
-    Every rank runs the same calls; a barrier starts each repeat together and the slowest rank's time
-    counts (what a collective costs the whole job).
-    """
-    import torch.distributed as dist
-
-    from labkit.timing import percentile, synchronize
-
-    rows = []
-    ranks = dist.get_world_size()
-    for size in sizes_bytes:
-        buffer = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
-        times = []
-        for i in range(warmup + repeats):
-            dist.barrier()
-            synchronize(device)
-            start = time.perf_counter()
-            dist.all_reduce(buffer)
-            synchronize(device)
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if i >= warmup:
-                times.append(float(elapsed))
-        seconds = percentile(times, 50)
-        rows.append({"bytes": buffer.numel() * 4, "median_us": seconds * 1e6,
-                     **bus_bandwidth(buffer.numel() * 4, seconds, ranks)})
-    return rows
-
-
-def all_reduce_seconds(rows: list[dict[str, Any]], size: int) -> float:
-    """One all-reduce of ``size`` bytes as the benchmark measured it: the first size at least as large, or beyond the
-    largest one measured, that one's bandwidth (an extrapolation)."""
-    nearest = next((r for r in rows if r["bytes"] >= size), None)
-    if nearest is None:
-        return size / rows[-1]["algbw_bytes_per_s"]
-    return nearest["median_us"] / 1e6
-
-
-def tp_traffic(config, *, tokens: int, element_bytes: int = 2) -> dict[str, int]:
-    """What tensor parallelism all-reduces per forward pass over ``tokens`` tokens (a decode step of a batch, or a
-    prefill): two all-reduces per decoder layer (after attention, after the MLP), each of the hidden states."""
-    check_sizes(1, tokens=tokens, element_bytes=element_bytes)
-    return {"all_reduces": 2 * config.num_hidden_layers, "bytes_each": tokens * config.hidden_size * element_bytes}
-
-
-def link_seconds(message_bytes: int, ranks: int, bytes_per_s: float) -> float:
-    """The bandwidth part of one ring all-reduce over a link of ``bytes_per_s``: each link carries 2(n-1)/n of the
-    message (nccl-tests' bus bandwidth, turned around). The latency of each call comes on top, not counted here."""
-    return message_bytes * 2 * (ranks - 1) / ranks / bytes_per_s
-
-
-def link_prediction(config, *, tp: int, tokens_by_phase: dict[str, int], bench_rows: list[dict[str, Any]],
-                    element_bytes: int = 2) -> list[dict[str, Any]]:
-    """Predicted TP communication per forward pass, for each phase (``{"decode step, batch 1": 1, ...}``): over this
-    machine's links (the measured benchmark, latency included) and over the published links of :data:`LINKS`
-    (bandwidth only)."""
-    rows = []
-    for phase, tokens in tokens_by_phase.items():
-        traffic = tp_traffic(config, tokens=tokens, element_bytes=element_bytes)
-        count, size = traffic["all_reduces"], traffic["bytes_each"]
-        row = {"phase": phase, "all-reduces": count, "MiB each": size / 2**20,
-               "this machine ms": count * all_reduce_seconds(bench_rows, size) * 1e3,
-               "this machine from": "measured" if size <= bench_rows[-1]["bytes"] else "largest message's bandwidth"}
-        for link, spec in LINKS.items():
-            row[f"{link} ms"] = count * link_seconds(size, tp, spec["bytes_per_s"]) * 1e3
-        rows.append(row)
-    return rows
-
-
-# --------------------------------------------------------------------------- what the jobs found, for the notebook
-
-def _equal(run: dict[str, Any], key: str = "token_ids") -> bool:
-    return run[key] == run[f"one_process_{key}"]
-
-
-def _listed(counts: dict[str, int]) -> str:
-    return ", ".join(f"{count} {op}" for op, count in counts.items()) or "none"
-
-
 def layouts_for(processes: int, model_id: str) -> dict[str, Any]:
     """The one-machine layouts that can split their models over ``processes`` processes, and why the others cannot."""
     run, skipped = [], {}
@@ -1048,207 +687,51 @@ def layouts_for(processes: int, model_id: str) -> dict[str, Any]:
     return {"run": [*run, "dp"], "skipped": skipped}
 
 
-def with_layout(jobs: dict[int, dict[str, Any]], layout: str) -> dict[int, dict[str, Any]]:
-    """The launches (by process count) that ran ``layout``."""
-    return {n: run for n, run in jobs.items() if layout in run}
+def model_folder(name: str, dtype: Any = "float32") -> Path:
+    """A folder ``from_pretrained`` can load ``name`` from (``DistributedConfig`` splits a model while loading it):
+    a layout model or a labkit random-init model saved once in labkit's cache with a fixed seed, or the model's own
+    folder. The launching process calls it before any job starts (notebook_plan does), so the jobs only read it."""
+    dtype = probes.resolve_dtype(dtype)
+    if name not in LAYOUT_MODELS:
+        spec = models.EMBEDDED.get(name)
+        return models.random_folder(name, 0, dtype) if spec is not None and spec.kind == "random" \
+            else Path(models._resolve_folder(name))
+    folder = cache_dir() / "models" / f"{name}-seed0-{str(dtype).removeprefix('torch.')}"
+
+    def build(work: Path) -> None:
+        with models._quiet_transformers():
+            models.build_from_config(layout_config(name), dtype=dtype).save_pretrained(work)
+
+    return models.saved_folder(folder, build, tokenizer=False)
 
 
-def tp_findings(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Rows and findings of the tensor-parallel layout, one row per process count (and one process)."""
-    if not runs:
-        return {"rows": [], "skipped": {"tensor parallelism": "no launch could split the model's heads evenly"}}
-    rows, metrics = [], {}
-    first = next(iter(runs.values()))["tp"]
-    rows.append({"processes": 1, "tokens/s": first["one_process_tokens_per_s"], "speed-up": 1.0,
-                 "step ms": first["one_process_step_ms"],
-                 "MiB per process": first["one_process_parameter_bytes"] / 2**20,
-                 "tokens equal to 1 process": "-", "collectives per forward": "none", "top logit gap": 0.0})
-    metrics[names.job("tp", 1, "tokens_per_s")] = first["one_process_tokens_per_s"]
-    metrics[names.job("tp", 1, "speedup")] = 1.0
-    checks: dict[str, Any] = {}
-    for n, run in runs.items():
-        tp = run["tp"]
-        gap = max(abs(a - b) for a, b in zip(tp["top_logits"], tp["one_process_top_logits"], strict=True))
-        same = [a == b for a, b in zip(tp["token_ids"][0], tp["one_process_token_ids"][0], strict=True)]
-        speedup = tp["tokens_per_s"] / tp["one_process_tokens_per_s"]
-        rows.append({"processes": n, "tokens/s": tp["tokens_per_s"], "speed-up": speedup, "step ms": tp["step_ms"],
-                     "MiB per process": max(tp["parameter_bytes_per_rank"]) / 2**20,
-                     "tokens equal to 1 process": f"{sum(same)}/{len(same)}",
-                     "collectives per forward": _listed(tp["collectives_per_rank"][0]),
-                     "top logit gap": gap})
-        metrics.update({names.job("tp", n, "tokens_per_s"): tp["tokens_per_s"], names.job("tp", n, "speedup"): speedup,
-                        names.job("tp", n, "top_logit_gap"): gap})
-    split = {n: run["tp"] for n, run in runs.items()}
-    whole = first["one_process_parameter_bytes"]
-    checks["tp_weights_split"] = all(max(r["parameter_bytes_per_rank"]) <= 1.1 * whole / n for n, r in split.items())
-    checks["tp_calls_collectives"] = all(r["collectives_per_rank"][0] for r in split.values())
-    checks["tp_ran_sdpa"] = all(r["sdpa_backend"] for r in split.values())
-    if runs[next(iter(runs))]["dtype"] == "float32":  # the shares are summed in another order: 16-bit may differ
-        checks["tp_tokens_equal_single_process"] = all(_equal(r) for r in split.values())
-    return {"rows": rows, "metrics": metrics, "checks": checks}
+# --------------------------------------------------------------------------- inside a torchrun job
+
+def local_device() -> str:
+    """This process's device: its own GPU (LOCAL_RANK) where there are GPUs, else the CPU."""
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return f"cuda:{index}"
+    return "cpu"
 
 
-def kv_exercise(run: dict[str, Any], config) -> dict[str, Any]:
-    """What exercise 05.2 gives: the tensor-parallel job's model shape, process count, prompt and number size."""
-    shape = roofline.kv_shape(config)
-    return {**{k: shape[k] for k in ("layers", "heads", "kv_heads", "head_dim")}, "tp": run["world_size"],
-            "batch": 1, "tokens": run["tp"]["prompt_tokens"], "element_bytes": roofline.element_size(run["dtype"])}
+def write_from_rank0(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Rank 0 writes ``data`` as JSON (atomically); other ranks write nothing."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    path = Path(path)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(data, indent=1))
+    partial.replace(path)
 
 
-def kv_per_rank(run: dict[str, Any]) -> dict[str, Any]:
-    """The KV cache each tensor-parallel process held after the prompt, against one process's."""
-    tp = run["tp"]
-    rows = [{"processes": 1, "rank": "-", "KV cache KiB": tp["one_process_kv_cache_bytes"] / 1024}]
-    rows += [{"processes": run["world_size"], "rank": r, "KV cache KiB": b / 1024}
-             for r, b in enumerate(tp["kv_cache_bytes_per_rank"])]
-    share = max(tp["kv_cache_bytes_per_rank"]) / tp["one_process_kv_cache_bytes"]
-    return {"rows": rows, "kib_per_rank": max(tp["kv_cache_bytes_per_rank"]) / 1024,
-            "metrics": {names.job("tp", run["world_size"], "kv_cache_share_per_rank"): share},
-            "checks": {"tp_kv_cache_split_by_heads": share == 1 / run["world_size"]}}
+# --------------------------------------------------------------------------- communication
 
-
-def dp_findings(runs: dict[int, dict[str, Any]], prompts: int) -> dict[str, Any]:
-    """Rows and findings of the data-parallel layout."""
-    if not runs:
-        return {"rows": [], "skipped": {"data parallelism": "no launch ran it"}}
-    first = next(iter(runs.values()))["dp"]
-    rows = [{"processes": 1, "prompts per process": str(prompts), "seconds": first["one_process_seconds"],
-             "tokens/s": first["one_process_tokens_per_s"], "speed-up": 1.0, "in order": True}]
-    metrics = {names.job("dp", 1, "tokens_per_s"): first["one_process_tokens_per_s"],
-               names.job("dp", 1, "speedup"): 1.0}
-    complete, equal = True, True
-    for n, run in runs.items():
-        dp = run["dp"]
-        order = [r["prompt"] for r in dp["results"]]
-        speedup = dp["tokens_per_s"] / dp["one_process_tokens_per_s"]
-        rows.append({"processes": n, "prompts per process": ", ".join(
-            str(sum(r["rank"] == k for r in dp["results"])) for k in range(n)), "seconds": dp["seconds"],
-            "tokens/s": dp["tokens_per_s"], "speed-up": speedup, "in order": order == list(range(prompts))})
-        metrics.update({names.job("dp", n, "tokens_per_s"): dp["tokens_per_s"], names.job("dp", n, "speedup"): speedup})
-        complete &= order == list(range(prompts))
-        equal &= [r["token_ids"] for r in dp["results"]] == dp["one_process_token_ids"]
-    return {"rows": rows, "metrics": metrics,
-            "checks": {"dp_results_complete_and_in_order": complete, "dp_tokens_equal_single_process": equal}}
-
-
-def pp_findings(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Rows and findings of the pipeline layout (the smallest launch that ran it): each stage's layers and bytes, and
-    each batch's step time and busy share against one process."""
-    if not runs:
-        return {"stages": [], "steps": [], "skipped": {"pipeline parallelism": "no launch ran it"}}
-    run = runs[min(runs)]
-    pp, n = run["pp"], run["world_size"]
-    whole = pp["one_process_parameter_bytes"]
-    stages = [{"stage (rank)": r, "layers": ", ".join(map(str, layers)),
-               "MiB": pp["parameter_bytes_per_rank"][r] / 2**20,
-               "share of 1 process": pp["parameter_bytes_per_rank"][r] / whole}
-              for r, layers in enumerate(pp["layers_per_rank"])]
-    steps, metrics, equal = [], {}, True
-    for b in pp["batches"]:
-        ratio = b["step_ms"] / b["one_process_step_ms"]
-        same = b["token_ids"] == b["one_process_token_ids"]
-        steps.append({"sequences in flight": b["batch"], "one process: step ms": b["one_process_step_ms"],
-                      "one process: busy in layers": b["one_process_busy_share"],
-                      f"{n} stages: step ms": b["step_ms"],
-                      **{f"stage {r} busy": share for r, share in enumerate(b["busy_share_per_rank"])},
-                      "step vs one process": ratio, "tokens equal to 1 process": same})
-        metrics[names.pp_step(n, b["batch"])] = ratio
-        equal &= same
-    metrics[names.pp_step(n)] = steps[0]["step vs one process"]
-    return {"stages": stages, "steps": steps, "metrics": metrics, "checks": {
-        "pp_tokens_equal_single_process": equal,
-        "pp_each_stage_holds_part": max(pp["parameter_bytes_per_rank"]) < whole}}
-
-
-def ep_findings(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Rows and findings of the expert-parallel layout (the smallest launch that ran it), one row per way of bringing
-    the experts their tokens."""
-    if not runs:
-        return {"rows": [], "skipped": {"expert parallelism": "no launch could share tiny-moe's experts evenly"}}
-    run = runs[min(runs)]
-    ep, n = run["ep"], run["world_size"]
-    rows = []
-    for implementation, result in ep["implementations"].items():
-        rows.append({"ep_implementation": implementation, "experts per rank": result["experts_per_rank"],
-                     "MiB per rank": max(result["parameter_bytes_per_rank"]) / 2**20,
-                     "tokens equal to 1 process": _equal(result),
-                     "collectives per forward": _listed(result["collectives_per_rank"][0])})
-    auto = ep["implementations"]["auto"]
-    return {"rows": rows, "metrics": {names.job("ep", n, "experts_per_rank"): auto["experts_per_rank"]},
-            "checks": {"ep_tokens_equal_single_process": all(_equal(r) for r in ep["implementations"].values()),
-                       "ep_experts_shared_out": auto["experts_per_rank"] * n == ep["num_experts"]}}
-
-
-def tp_pp_findings(run: dict[str, Any]) -> dict[str, Any]:
-    """Rows and findings of TP inside each node and PP across nodes: what each rank held and which collectives each
-    dimension called."""
-    result = run["tp_pp"]
-    whole, rows = result["one_process_parameter_bytes"], []
-    for r, (stage, counts) in enumerate(zip(result["stage_per_rank"], result["collectives_per_rank"], strict=True)):
-        by_dimension: dict[str, list[str]] = {}
-        for op, count in counts.items():
-            by_dimension.setdefault(DIMENSION_OF.get(op, "?"), []).append(f"{count} {op}")
-        rows.append({"rank": r, "node": r // result["per_node"], "pipeline stage": stage,
-                     "MiB": result["parameter_bytes_per_rank"][r] / 2**20,
-                     "share of 1 process": result["parameter_bytes_per_rank"][r] / whole,
-                     **{f"{dim} collectives": ", ".join(ops) for dim, ops in sorted(by_dimension.items())}})
-    same = [a == b for a, b in zip(result["token_ids"][0], result["one_process_token_ids"][0], strict=True)]
-    checks = {"tp_pp_rendezvous_of_two_nodes": run["nodes"] == 2 == run["world_size"] // result["per_node"]}
-    if run["dtype"] == "float32":  # TP sums the shares in another order: in 16-bit a near-tie may flip a token
-        checks["tp_pp_tokens_equal_single_process"] = _equal(result)
-    return {"rows": rows, "error": result["plain_error"], "checks": checks,
-            "line": f"{sum(same)} of {len(same)} greedy tokens ({run['dtype']}) equal one process's; one process "
-                    f"holds {whole / 2**20:.1f} MiB."}
-
-
-def tp_cost(run: dict[str, Any], config, bench_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The collectives one tensor-parallel forward pass called, each timed at its message size from the all-reduce
-    benchmark (an all-gather timed as an all-reduce of the same size, an approximation): what N processes add to
-    each decode step."""
-    n, tp = run["world_size"], run["tp"]
-    element = roofline.element_size(run["dtype"])
-    messages = {"allreduce_": config.hidden_size * element, "allgather_into_tensor_coalesced_":
-                config.vocab_size // n * element}
-    rows, predicted_ms = [], 0.0
-    for op, count in tp["collectives_per_rank"][0].items():
-        size = messages.get(op, config.hidden_size * element)
-        each = all_reduce_seconds(bench_rows, size) * 1e3
-        rows.append({"collective": op, "calls per token": count, "message bytes": size, "ms each (benchmark)": each})
-        predicted_ms += count * each
-    return {"rows": rows, "predicted_ms": predicted_ms, "step_ms": tp["step_ms"],
-            "one_process_step_ms": tp["one_process_step_ms"], "processes": n,
-            "metrics": {"tp_predicted_communication_ms_per_token": predicted_ms}}
-
-
-def allreduce_findings(bench: dict[str, Any], *, on_gpus: bool) -> dict[str, Any]:
-    """The all-reduce table, its limit (one measured copy of the message) and the headline numbers."""
-    if on_gpus:
-        limit = copy_bandwidth("cuda:0", "cuda:1")["bytes_per_s"]
-        limit_label = "one GPU 0 to GPU 1 copy (measured)"
-    else:
-        limit = roofline.bandwidth_ceiling("cpu")["bytes_per_s"] / 2  # that ceiling counts a copy's reads and writes
-        limit_label = "one memory copy of the message (measured)"
-    rows = [{"bytes": r["bytes"], "µs": r["median_us"], "algbw GB/s": r["algbw_bytes_per_s"] / 1e9,
-             "busbw GB/s": r["busbw_bytes_per_s"] / 1e9} for r in bench["rows"]]
-    best = max(r["busbw_bytes_per_s"] for r in bench["rows"])
-    return {"rows": rows, "limit": limit, "limit_label": limit_label,
-            "line": f"best bus bandwidth {best / 1e9:.3g} GB/s = {best / limit:.1%} of the {limit_label}, "
-                    f"{limit / 1e9:.3g} GB/s",
-            "metrics": {"allreduce_best_busbw_gb_per_s": best / 1e9,
-                        "allreduce_smallest_us": bench["rows"][0]["median_us"],
-                        "allreduce_fraction_of_copy": best / limit}}
-
-
-def four_bit_findings(four_bit, name: str) -> dict[str, Any]:
-    """A 4-bit (NF4) model placed with ``device_map="auto"``: where it went, its footprint against the plan, and that
-    it generates."""
-    from labkit import quant
-
-    placed = getattr(four_bit, "hf_device_map", {"": str(four_bit.device)})
-    planned = memory_needed(empty_model(name), fmt="nf4")["weights"]
-    measured = sum(quant.count_footprint(four_bit).values())  # bitsandbytes' scales included
-    ids = outputs.generate_exactly(four_bit, outputs.random_prompt(four_bit, batch=1, length=8), 4)
-    return {"line": f"{name} in nf4 with device_map='auto': placed on {sorted(set(map(str, placed.values())))}; "
-                    f"{measured / 2**20:.2f} MiB measured (with the scales), {planned / 2**20:.2f} MiB planned",
-            "metrics": {"nf4_device_map_mib": measured / 2**20},
-            "checks": {"nf4_device_map_matches_plan": abs(measured / planned - 1) < 0.01 and ids.shape[1] == 12}}
+def all_reduce_seconds(rows: list[dict[str, Any]], size: int) -> float:
+    """One all-reduce of ``size`` bytes as the benchmark measured it: the first size at least as large, or beyond the
+    largest one measured, that one's bandwidth (an extrapolation)."""
+    nearest = next((r for r in rows if r["bytes"] >= size), None)
+    if nearest is None:
+        return size / rows[-1]["algbw_bytes_per_s"]
+    return nearest["median_us"] / 1e6

@@ -190,7 +190,7 @@ def scaling(lines: dict[str, tuple[Sequence[int], Sequence[float]]], *, ylabel: 
 
 def bandwidth_sweep(rows: Sequence[dict[str, Any]], *, limit: float | None = None, limit_label: str = "limit",
                     title: str = ""):
-    """Bus bandwidth and time per all-reduce against message size (rows from ``parallel.time_all_reduce``)."""
+    """Bus bandwidth and time per all-reduce against message size (rows from ``scripts/allreduce_bench.py``)."""
     import matplotlib.pyplot as plt
 
     fig, (ax_bw, ax_time) = plt.subplots(1, 2, figsize=(11, 3.6))

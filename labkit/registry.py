@@ -62,7 +62,10 @@ NOTEBOOKS: tuple[Notebook, ...] = (
              tables=("predicted", "footprint", "quality", "speed", "continuations", "int4_sweep", "break_even",
                      "summary")),
     Notebook("05_multi_gpu", "parallel", "multi_gpu", "model_id", None, ({"context": 0}, "context=0"),
-             ({"plan_devices": ["2 x 24 GB", "two big GPUs"]}, "devices='two big GPUs'")),
+             ({"plan_devices": ["2 x 24 GB", "two big GPUs"]}, "devices='two big GPUs'"),
+             tables=("memory_needed", "gpus_needed", "calculator", "device_maps", "tensor_parallel", "kv_per_rank",
+                     "data_parallel", "pipeline_stages", "pipeline_steps", "expert_parallel", "layouts", "tp_pp",
+                     "allreduce", "tp_communication", "tp_links")),
     Notebook("06_serving", "serving", "serving", "model_id", "dtype",
              ({"server_concurrency": [4, 0]}, "server_concurrency[1]=0")),
 )

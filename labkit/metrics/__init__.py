@@ -1,20 +1,20 @@
-"""Headline metric names of the notebooks that still record metrics by built names (05, 06), for the tests
+"""Headline metric names of the notebooks that still record metrics by built names (06), for the tests
 that expect them and the report that headlines them: one module each, with its ``HEADLINES`` (the prefixes the report
 shows first) and ``expected_quick()``. A notebook moved to tables records its measurements with ``lab.table`` and a
 few plain headline names with ``lab.metric``; the report shows its first ``FIRST_METRICS`` of them. This package goes
-once 05 and 06 record tables.
+once 06 records tables.
 
 A metric name is lower case words joined by ``_`` (``best_backend_tflops``).
 """
 
 from __future__ import annotations
 
-from labkit.metrics import multi_gpu, serving
+from labkit.metrics import serving
 from labkit.metrics.base import name
 
 __all__ = ["name", "headline", "expected_quick", "HEADLINES", "FIRST_METRICS"]
 
-BY_NOTEBOOK = {"05_multi_gpu": multi_gpu, "06_serving": serving}
+BY_NOTEBOOK = {"06_serving": serving}
 
 HEADLINES: dict[str, tuple[str, ...]] = {nb: module.HEADLINES for nb, module in BY_NOTEBOOK.items()}
 HEADLINES["bettertransformer"] = ("speedup_bettertransformer_vs_eager_", "decode_")

@@ -8,11 +8,47 @@ what one costs at each message size.
 """
 
 import argparse
+import time
 
 import torch
 import torch.distributed as dist
 
 from labkit import parallel, probes
+from labkit.timing import percentile, synchronize
+
+
+def bus_bandwidth(message_bytes: int, seconds: float, ranks: int) -> dict:
+    """All-reduce bandwidths as nccl-tests reports them: algorithm bandwidth (bytes / time) and bus bandwidth
+    (x 2(n-1)/n, the traffic each link carries in a ring, comparable to the link's own speed)."""
+    algorithm = message_bytes / seconds
+    return {"algbw_bytes_per_s": algorithm, "busbw_bytes_per_s": algorithm * 2 * (ranks - 1) / ranks}
+
+
+def time_all_reduce(sizes_bytes: list[int], *, device: str, warmup: int = 3, repeats: int = 10) -> list[dict]:
+    """Time ``all_reduce`` (sum, float32) for each message size on the initialised process group.
+
+    Every rank runs the same calls; a barrier starts each repeat together and the slowest rank's time
+    counts (what a collective costs the whole job).
+    """
+    rows = []
+    ranks = dist.get_world_size()
+    for size in sizes_bytes:
+        buffer = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
+        times = []
+        for i in range(warmup + repeats):
+            dist.barrier()
+            synchronize(device)
+            start = time.perf_counter()
+            dist.all_reduce(buffer)
+            synchronize(device)
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if i >= warmup:
+                times.append(float(elapsed))
+        seconds = percentile(times, 50)
+        rows.append({"bytes": buffer.numel() * 4, "median_us": seconds * 1e6,
+                     **bus_bandwidth(buffer.numel() * 4, seconds, ranks)})
+    return rows
 
 
 def main() -> None:
@@ -31,7 +67,7 @@ def main() -> None:
     while size <= args.max_mib * 2**20:
         sizes.append(size)
         size *= 4
-    rows = parallel.time_all_reduce(sizes, device=device, repeats=args.repeats)
+    rows = time_all_reduce(sizes, device=device, repeats=args.repeats)
     parallel.write_from_rank0(args.out, {"script": "allreduce_bench", "world_size": dist.get_world_size(),
                                          "backend": dist.get_backend(), "device": device,
                                          "device_label": probes.device_label(device), "rows": rows})

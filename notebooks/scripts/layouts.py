@@ -18,6 +18,7 @@ threads one process would have, while the others wait. Rank 0 writes one JSON ob
 """
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -28,8 +29,71 @@ from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
 from labkit import compat, outputs, parallel, probes, roofline, timing
+from labkit.errors import BadParameter
 
 LAYOUTS = ("tp", "pp", "ep", "dp", "tp_pp")
+
+
+def owned_layers(model) -> list[int]:
+    """The decoder layers this process runs (a pipeline stage replaces the others with placeholders)."""
+    from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
+
+    layers = model.get_decoder().layers
+    return [i for i, layer in enumerate(layers) if not isinstance(layer, PipelineIdentityLayer)]
+
+
+@contextlib.contextmanager
+def busy_time(modules, device: str):
+    """Seconds spent inside ``modules``' forward passes within the block: ``with busy_time(...) as busy:`` then
+    ``busy["s"]`` (the time a pipeline stage computes; the rest of a step it waits or does bookkeeping)."""
+
+    busy = {"s": 0.0}
+    starts: list[float] = []
+
+    def before(module, args):
+        timing.synchronize(device)
+        starts.append(time.perf_counter())
+
+    def after(module, args, output):
+        timing.synchronize(device)
+        busy["s"] += time.perf_counter() - starts.pop()
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        yield busy
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def decode_rate(model, prompt, *, new_tokens: int, repeats: int, warmup: int = 1) -> dict:
+    """Decode tokens/s as ``outputs.measure_decode`` defines it, with exactly ``warmup + repeats`` calls of each
+    length: in a distributed job every rank must make the same calls, so no minimum measured time."""
+
+    if new_tokens < 2:
+        raise BadParameter(f"new_tokens={new_tokens}: decoding needs at least 2 new tokens to time a step.")
+    out: dict = {}
+
+    def run(count):
+        def call():
+            out["ids"] = outputs.generate_exactly(model, prompt, count)[:, prompt.shape[1]:]
+        return call
+
+    device = str(model.device)
+    one = timing.measure(run(1), device=device, warmup=warmup, repeats=repeats, min_time_s=0)
+    full = timing.measure(run(new_tokens), device=device, warmup=warmup, repeats=repeats, min_time_s=0)
+    step_ms = (full.median_ms - one.median_ms) / (new_tokens - 1)
+    fallback = step_ms <= 0
+    if fallback:  # timing noise larger than the decode itself: the whole call per token, flagged
+        step_ms = full.median_ms / new_tokens
+    return {"batch": prompt.shape[0], "new_tokens": new_tokens, "generate_ms": full.median_ms, "step_ms": step_ms,
+            "timing_fallback": fallback, "tokens_per_s": prompt.shape[0] * 1e3 / step_ms,
+            "token_ids": out["ids"].tolist()}
+
+
+def collectives(counts: dict[str, int]) -> dict[str, int]:
+    """The communication ops among a profile's op counts (``c10d::allreduce_``, ``c10d::send``, ...)."""
+    return {op.removeprefix("c10d::"): n for op, n in counts.items() if op.startswith("c10d::")}
 
 
 def load(folder, dtype, device, distributed_config=None):
@@ -69,10 +133,10 @@ def measure(job, model, prompt, *, decode=True):
         output = model(input_ids=prompt, use_cache=True)
     top = output.logits[0, -1].float().topk(10)
     held = {"parameter_bytes": roofline.parameter_bytes(model), "kv_cache_bytes": parallel.cache_bytes(output),
-            "collectives": parallel.collectives(ran.counts)}
+            "collectives": collectives(ran.counts)}
     result = {"sdpa_backend": ran.backend, "top_logits": top.values.tolist(), **held}
     if decode:
-        result.update(parallel.decode_rate(model, prompt, new_tokens=job.new_tokens, repeats=job.repeats))
+        result.update(decode_rate(model, prompt, new_tokens=job.new_tokens, repeats=job.repeats))
     else:
         result["token_ids"] = outputs.generate_exactly(model, prompt, job.new_tokens)[:, prompt.shape[1]:].tolist()
     return result
@@ -106,24 +170,24 @@ def pipeline_parallel(job):
     folder = parallel.model_folder("layers-llama", job.dtype)
     whole = load(folder, job.dtype, job.device)
     split = load(folder, job.dtype, job.device, DistributedConfig(pp_size=job.world))
-    owned = parallel.owned_layers(split)
+    owned = owned_layers(split)
     computing = [split.get_decoder().layers[i] for i in owned] + ([split.lm_head] if job.rank == job.world - 1 else [])
     batches = []
     for batch in (1, job.batch_in_flight):
         prompt = outputs.random_prompt(whole, batch=batch, length=job.prompt_tokens)
-        with parallel.busy_time(computing, job.device) as busy:
+        with busy_time(computing, job.device) as busy:
             start = time.perf_counter()
             outputs.generate_exactly(split, prompt, job.new_tokens)
             wall = time.perf_counter() - start
-        rate = parallel.decode_rate(split, prompt, new_tokens=job.new_tokens, repeats=job.repeats)
+        rate = decode_rate(split, prompt, new_tokens=job.new_tokens, repeats=job.repeats)
         shares = every_rank(busy["s"] / wall)
 
         def alone(prompt=prompt):
-            with parallel.busy_time([*whole.get_decoder().layers, whole.lm_head], job.device) as busy_whole:
+            with busy_time([*whole.get_decoder().layers, whole.lm_head], job.device) as busy_whole:
                 start = time.perf_counter()
                 outputs.generate_exactly(whole, prompt, job.new_tokens)
                 share = busy_whole["s"] / (time.perf_counter() - start)
-            return {"busy_share": share, **parallel.decode_rate(whole, prompt, new_tokens=job.new_tokens,
+            return {"busy_share": share, **decode_rate(whole, prompt, new_tokens=job.new_tokens,
                                                                  repeats=job.repeats)}
 
         one = one_process(job, alone) or {}

@@ -51,8 +51,13 @@ solutions = False                                 # fill every exercise with its
 results_path = ""                                 # where to write the results JSON (empty: do not write)
 
 # %%
+import math
+
+import pandas as pd
+import torch
+
 import labkit
-from labkit import compat, models, parallel, plots, probes, quant
+from labkit import compat, models, outputs, parallel, plots, probes, quant, roofline
 from labkit.widgets import show
 
 lab = labkit.start("05_multi_gpu", globals())
@@ -78,21 +83,39 @@ print(f"NCCL: {nccl['version'] or 'no'} ({nccl['reason'] or 'ready'}); gloo: {'y
 # First what the model needs:
 
 # %%
-model = lab.planned  # on the meta device: shapes, no memory
-parameters = sum(p.numel() for p in model.parameters())
-print(f"{lab.plan_model}: {parameters / 1e9:.2f} billion parameters, {model.config.num_hidden_layers} layers; "
-      f"batch {lab.batch} x context {lab.context} tokens")
-needs, rows = parallel.need_rows(model, lab.formats, batch=lab.batch, context=lab.context)
-show(rows, title=f"{lab.plan_model}: memory needed")
+from transformers import AutoModelForCausalLM
+
+GIB = 2**30
+with torch.device("meta"):  # the shapes only: no memory used, nothing downloaded
+    model = AutoModelForCausalLM.from_config(parallel.model_config(lab.p.plan_model), dtype=torch.bfloat16)
+print(f"{lab.p.plan_model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} billion parameters, "
+      f"{model.config.num_hidden_layers} layers; batch {lab.p.batch} x context {lab.p.context} tokens")
+
+
+def kv_cache_bytes(config, batch, tokens, element_bytes=2):
+    """Keys and values, in every layer, for every key/value head, of every token of every sequence."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * batch * tokens * element_bytes
+
+
+# %%
+need = pd.DataFrame([{"format": fmt, "weights": sum(quant.predict_footprint(model, fmt).values()),  # notebook 04's
+                      "KV cache": kv_cache_bytes(model.config, lab.p.batch, lab.p.context)} for fmt in lab.p.formats])
+need["total"] = need["weights"] + need["KV cache"]
+gib = need.set_index("format").div(GIB).add_suffix(" GiB").reset_index()
+lab.table("memory_needed", gib, title=f"{lab.p.plan_model}: memory needed")
+per_token = kv_cache_bytes(model.config, 1, 1)  # under GQA: the key/value heads only
+every_head = per_token * model.config.num_attention_heads // model.config.num_key_value_heads
+print(f"KV cache per token: {per_token / 1024:.0f} KiB; {every_head / 1024:.0f} KiB if each of the "
+      f"{model.config.num_attention_heads} query heads kept its own keys and values")
 
 # %% [markdown]
 # **05.1 · Predict.** Take the total of the table's first row (16-bit unless you changed `plan_formats`). How many
 # GPUs of 24 GB does it need, with the planning margin this notebook uses?
 
 # %%
-need = needs[lab.formats[0]]
-ex = lab.exercise("05.1", total_bytes=need["total"], weight_bytes=need["weights"],
-                  device_bytes=parallel.parse_size("24 GB"))
+first = need.iloc[0]
+ex = lab.exercise("05.1", total_bytes=int(first["total"]), weight_bytes=int(first["weights"]), device_bytes=24 * GIB)
 answer = None  # a whole number of GPUs
 ex.check(answer)
 
@@ -102,20 +125,33 @@ ex.check(answer)
 # `reference/nvidia-h100/` showed 79.2 GiB to torch); the 10% margin covers that.
 
 # %% tags=["reveals-05.1"]
-machines = {**lab.machines, **({"GPUs here": {"devices": lab.gpus}} if lab.gpus else {})}
-fits = parallel.machine_rows(needs, machines, lab.plan_model)
-show(fits["rows"], title=f"{lab.plan_model}: GPUs needed on each machine")
-lab.record(fits["metrics"])
-ex.compare(parallel.devices_needed(need["total"], parallel.parse_size("24 GB")), "GPUs")
+machines = {**lab.p.machines, **({"GPUs here": {"devices": lab.p.gpus}} if lab.p.gpus else {})}
+fits = gib[["format", "total GiB"]].copy()
+for text, machine in machines.items():
+    usable = [d["bytes"] * parallel.USABLE_FRACTION for d in machine["devices"]]  # the planning margin
+    fits[text] = ["fits on one" if total <= max(usable) else f"{math.ceil(total / min(usable))} needed, "
+                  + ("enough" if total <= sum(usable) else "too few") for total in need["total"]]
+lab.table("gpus_needed", fits, title=f"{lab.p.plan_model}: GPUs needed on each machine")
+ex.compare(math.ceil(first["total"] / (24 * GIB * parallel.USABLE_FRACTION)), "GPUs")
 
 # %% [markdown]
 # Is the calculator right? The model the jobs below run is loaded for real: its weights are counted by
 # `get_memory_footprint()` and its KV cache is measured after a forward pass over a prompt.
 
 # %%
-check = parallel.calculator_check(lab.job_model)
-show(check["rows"], title=f"{lab.model_id} ({lab.job_dtype}) on {lab.device}")
-lab.add(check)
+job_model, _ = models.load_model(lab.p.model_id, device=lab.device, dtype=lab.dtype, attn_implementation="sdpa")
+prompt = torch.randint(0, job_model.config.vocab_size, (2, 64), device=lab.device)  # 2 sequences of 64 tokens
+with torch.inference_mode():
+    output = job_model(input_ids=prompt, use_cache=True)
+predicted = {"weights": sum(quant.predict_footprint(job_model, "16-bit").values()),  # in the model's own dtype
+             "KV cache": kv_cache_bytes(job_model.config, 2, 64, element_bytes=lab.dtype.itemsize)}
+measured = {"weights": job_model.get_memory_footprint(), "KV cache": parallel.cache_bytes(output)}
+calculator = pd.DataFrame({"what": ["weights", "KV cache, 2 x 64 tokens"],
+                           "predicted MiB": [v / 2**20 for v in predicted.values()],
+                           "measured MiB": [v / 2**20 for v in measured.values()]})
+lab.table("calculator", calculator, title=f"{lab.p.model_id} ({lab.p.job_dtype}) on {lab.device}")
+lab.check("calculator_weights_match_footprint", abs(predicted["weights"] / measured["weights"] - 1) < 0.01)
+lab.check("calculator_kv_cache_exact", predicted["KV cache"] == measured["KV cache"])
 
 # %% [markdown]
 # **Where would the layers go?** `from_pretrained(..., device_map="auto")` first shares the model out evenly between
@@ -125,11 +161,21 @@ lab.add(check)
 # embeddings (left) to its output layer (right), each block as wide as its bytes in that format.
 
 # %%
-planned = parallel.placements(lab.planned, machines, lab.formats)
-title = f"{lab.plan_model}: device_map='auto' as planned"
-lab.figure("device_maps", plots.device_maps(planned["placements"], title=title))
-show(planned["rows"], title="Blocks per device")
-lab.add(planned)
+placed, rows, uncovered = {}, [], []
+for text, machine in machines.items():
+    for fmt in lab.p.formats:
+        device_map = parallel.plan_device_map(model, machine["devices"], fmt=fmt)  # accelerate, from shapes alone
+        label = f"{text}, {fmt}"
+        uncovered += [label] if parallel.unplaced(model, device_map) else []
+        placed[label] = parallel.placement(model, device_map, fmt=fmt)  # each block, its device and its bytes
+        blocks = pd.DataFrame(placed[label])
+        blocks["device"] = [d if d in ("cpu", "disk") else f"GPU {d}" for d in blocks["device"]]
+        for where, held in blocks.groupby("device", sort=False):
+            rows.append({"plan": label, "device": where, "blocks": len(held), "from": held["block"].iloc[0],
+                         "to": held["block"].iloc[-1], "GiB": held["bytes"].sum() / GIB})
+lab.check("plan_covers_every_layer", not uncovered, f"left out: {uncovered}")
+lab.figure("device_maps", plots.device_maps(placed, title=f"{lab.p.plan_model}: device_map='auto' as planned"))
+lab.table("device_maps", pd.DataFrame(rows), title="Blocks per device")
 
 # %% [markdown]
 # Every plan places every parameter somewhere (checked for each plan). A plan with a grey "cpu" part runs, but those
@@ -151,12 +197,54 @@ lab.add(planned)
 # layers on GPUs).
 
 # %%
-placed = parallel.measure_device_map(lab.pipeline_model, lab.gpus, dtype=lab.gpu_dtype, new_tokens=lab.new_tokens,
-                                     repeats=lab.repeats)
-if placed["rows"]:
-    show(placed["rows"], title=f"{lab.pipeline_model}, batch 1, placed by device_map")
-    print(placed.get("line", ""))
-lab.add(placed)
+name, rows = lab.p.pipeline_model, []
+if not lab.p.gpus:
+    lab.skip("pipeline placement", "no GPU here: a device_map places layers on GPUs (and offloads from them)")
+else:  # the model whole on one GPU, bound by the GPU's memory bandwidth
+    one, _ = models.load_model(name, device="cuda:0", dtype=lab.p.gpu_dtype, attn_implementation="sdpa")
+    weights = sum(p.numel() * p.element_size() for p in one.parameters())  # every weight read once per token
+    bandwidth = roofline.bandwidth_ceiling("cuda:0")["bytes_per_s"]
+    prompt = torch.randint(100, one.config.vocab_size, (1, 16), device="cuda:0")  # 16 tokens clear of the specials
+    rows.append({"placement": "one GPU", "key": "one_gpu", "bytes per token": weights, "over GB/s": bandwidth / 1e9,
+                 **outputs.measure_decode(one, prompt, new_tokens=lab.p.new_tokens, repeats=lab.p.repeats)})
+    del one
+    torch.cuda.empty_cache()
+
+# %%
+if len(lab.p.gpus) >= 2:  # the same weights over two GPUs, one after the other
+    spread, _ = models.load_model(name, dtype=lab.p.gpu_dtype, attn_implementation="sdpa", device_map="auto",
+                                  max_memory=parallel.balanced_max_memory(parallel.empty_model(name), 2))
+    where = getattr(spread, "hf_device_map", {"": str(spread.device)})  # transformers sets it only when spread
+    rows.append({"placement": "two GPUs, device_map='auto'", "key": "two_gpus_device_map_auto",
+                 "bytes per token": weights, "over GB/s": bandwidth / 1e9,
+                 **outputs.measure_decode(spread, prompt, new_tokens=lab.p.new_tokens, repeats=lab.p.repeats)})
+    lab.check("pipeline_uses_two_gpus", len({d for d in where.values() if isinstance(d, int)}) == 2)
+elif lab.p.gpus:  # half of it offloaded: those weights cross from the CPU at every step
+    half, _ = models.load_model(name, dtype=lab.p.gpu_dtype, attn_implementation="sdpa", device_map="auto",
+                                max_memory={0: weights // 2, "cpu": 2**62})
+    where = getattr(half, "hf_device_map", {"": str(half.device)})
+    if {0, "cpu"} <= set(where.values()):
+        offloaded = sum(r["bytes"] for r in parallel.placement(half, where) if r["device"] == "cpu")
+        link = parallel.copy_bandwidth("cpu", "cuda:0")["bytes_per_s"]  # host to GPU, measured
+        rows.append({"placement": "part offloaded to the CPU", "key": "part_offloaded_to_the_cpu",
+                     "bytes per token": offloaded, "over GB/s": link / 1e9,
+                     **outputs.measure_decode(half, prompt, new_tokens=lab.p.new_tokens, repeats=lab.p.repeats)})
+    else:
+        lab.skip("CPU offload", f"device_map put all of {name} on {sorted(set(map(str, where.values())))}")
+
+# %%
+if len(rows) == 2:
+    decode = pd.DataFrame(rows)[["placement", "key", "bytes per token", "over GB/s", "tokens_per_s", "token_ids"]]
+    decode["bound tokens/s"] = decode["over GB/s"] * 1e9 / decode["bytes per token"]  # the slowest path's limit
+    decode["fraction of bound"] = decode["tokens_per_s"] / decode["bound tokens/s"]
+    same = decode["token_ids"][0] == decode["token_ids"][1]
+    lab.check("pipeline_tokens_equal_one_gpu" if len(lab.p.gpus) >= 2 else "offload_tokens_equal_all_on_gpu", same)
+    lab.table("device_map_decode", decode.drop(columns=["key", "token_ids"]), title=f"{name}, batch 1, by device_map")
+    second = decode.iloc[1]
+    print(f"{second['placement']}: {second['tokens_per_s'] / decode['tokens_per_s'][0]:.2f}x the tokens/s of one GPU; "
+          f"its bound: {second['bytes per token'] / GIB:.2f} GiB per token over {second['over GB/s']:.1f} GB/s")
+    for key, tokens_per_s in zip(decode["key"], decode["tokens_per_s"], strict=True):
+        lab.metric(f"pipeline_{key}_tokens_per_s", tokens_per_s)
 
 # %% [markdown]
 # The bound of each row is the physical limit of its slowest path: for weights in GPU memory, the GPU's memory
@@ -178,15 +266,16 @@ lab.add(placed)
 
 # %%
 jobs = {}
-for n in lab.processes:
-    layouts = parallel.layouts_for(n, lab.model_id)  # those whose sizes divide n processes
-    lab.add(layouts)
-    jobs[n] = parallel.launch(lab.scripts / "layouts.py", n, {
-        "layouts": layouts["run"], "model": lab.model_id, "dtype": lab.job_dtype, "new_tokens": lab.new_tokens,
-        "repeats": lab.repeats, "prompts": lab.dp_prompts, "one_process_threads": parallel.threads_per_process(1)},
-        gpus=lab.jobs_on_gpus)
-if not lab.jobs_on_gpus:
-    lab.skip("the layouts over NCCL", f"GPUs here: {len(lab.gpus)}, 2 needed: they ran on CPU processes over gloo")
+for n in lab.p.processes:
+    layouts = parallel.layouts_for(n, lab.p.model_id)  # those whose sizes divide n processes
+    for what, why in layouts["skipped"].items():
+        lab.skip(what, why)
+    jobs[n] = parallel.launch(lab.p.scripts / "layouts.py", n, {
+        "layouts": layouts["run"], "model": lab.p.model_id, "dtype": lab.p.job_dtype, "new_tokens": lab.p.new_tokens,
+        "repeats": lab.p.repeats, "prompts": lab.p.dp_prompts, "one_process_threads": parallel.threads_per_process(1)},
+        gpus=lab.p.jobs_on_gpus)
+if not lab.p.jobs_on_gpus:
+    lab.skip("the layouts over NCCL", f"GPUs here: {len(lab.p.gpus)}, 2 needed: they ran on CPU processes over gloo")
 
 # %% [markdown]
 # ### Tensor parallelism: every layer split across processes
@@ -207,26 +296,60 @@ if not lab.jobs_on_gpus:
 # such as NVLink" (https://huggingface.co/docs/transformers/main/en/tensor_parallelism).
 
 # %%
-tp = parallel.tp_findings(parallel.with_layout(jobs, "tp"))
-if tp["rows"]:
-    show(tp["rows"], title=f"Tensor parallel decode, {lab.model_id} ({lab.job_dtype}), batch 1")
-lab.add(tp)
+tp_runs = {n: run["tp"] for n, run in jobs.items() if "tp" in run}
+rows = []
+for n, tp in tp_runs.items():
+    same = [a == b for a, b in zip(tp["token_ids"][0], tp["one_process_token_ids"][0], strict=True)]
+    rows.append({"processes": n, "tokens/s": tp["tokens_per_s"], "step ms": tp["step_ms"],
+                 "MiB per process": max(tp["parameter_bytes_per_rank"]) / 2**20,
+                 "tokens equal to 1 process": f"{sum(same)}/{len(same)}",
+                 "collectives per forward": ", ".join(f"{c} {op}" for op, c in tp["collectives_per_rank"][0].items()),
+                 "top logit gap": max(abs(a - b) for a, b in zip(tp["top_logits"], tp["one_process_top_logits"],
+                                                                 strict=True))})
+if rows:  # first the model whole in one process, as the first launch measured it
+    tp = next(iter(tp_runs.values()))
+    rows.insert(0, {"processes": 1, "tokens/s": tp["one_process_tokens_per_s"], "step ms": tp["one_process_step_ms"],
+                    "MiB per process": tp["one_process_parameter_bytes"] / 2**20, "tokens equal to 1 process": "-",
+                    "collectives per forward": "none", "top logit gap": 0.0})
+tp_table = pd.DataFrame(rows, columns=None if rows else ["processes", "speed-up"])
+if rows:
+    tp_table["speed-up"] = tp_table["tokens/s"] / tp_table["tokens/s"][0]
+    tp_table["share of 1 process"] = tp_table["MiB per process"] / tp_table["MiB per process"][0]
+
+# %%
+if tp_runs:
+    lab.table("tensor_parallel", tp_table, title=f"Tensor parallel decode, {lab.p.model_id} ({lab.p.job_dtype})")
+    lab.check("tp_weights_split", all(tp_table["share of 1 process"][1:] <= 1.1 / tp_table["processes"][1:]))
+    lab.check("tp_calls_collectives", all(tp["collectives_per_rank"][0] for tp in tp_runs.values()))
+    lab.check("tp_ran_sdpa", all(tp["sdpa_backend"] for tp in tp_runs.values()))
+    tp_same = all(tp["token_ids"] == tp["one_process_token_ids"] for tp in tp_runs.values())
+    if lab.p.job_dtype == "float32":  # the shares are summed in another order: 16-bit may differ
+        lab.check("tp_tokens_equal_single_process", tp_same)
+    for n, speedup in zip(tp_table["processes"][1:], tp_table["speed-up"][1:], strict=True):
+        lab.metric(f"tp_{n}_speedup", speedup)
+else:
+    lab.skip("tensor parallelism", "no launch could split the model's heads evenly")
 
 # %% [markdown]
-# What was seen: each process holds about 1/N of the bytes; the table says how many greedy tokens match one process's
-# (asserted in float32, where the sum of the shares rounds the same); the last columns the collectives one forward
-# pass called: two all-reduces per layer, one more for the embedding (its vocabulary is split across the processes
-# and their partial lookups summed), and an all-gather of each process's slice of the logits. Whether N
-# processes were faster depends on what one collective costs on this machine's links, measured in section 9.
+# What was seen: each process holds about 1/N of the bytes (the `share of 1 process` column); the table says how many
+# greedy tokens match one process's (asserted in float32, where the sum of the shares rounds the same), and the
+# `collectives per forward` column what one forward pass called: two all-reduces per layer, one more for the
+# embedding (its vocabulary is split across the processes and their partial lookups summed), and an all-gather of each
+# process's slice of the logits. Whether N processes were faster depends on what one collective costs on this
+# machine's links, measured in section 9.
 #
 # **05.2 · Predict.** Under GQA the KV cache holds the key/value heads only, and tensor parallelism gives each process
 # its share of them (that is why TP must divide the key/value heads). After the job's prompt, how many KiB of KV cache
 # does each tensor-parallel process hold? The model's shape and the job's sizes are printed with the question.
 
 # %%
-tp_job = max(parallel.with_layout(jobs, "tp").items(), default=(0, None))[1]
-if tp_job is not None:
-    ex = lab.exercise("05.2", **parallel.kv_exercise(tp_job, lab.job_model.config))
+tp_n = max(tp_runs, default=None)  # the largest tensor-parallel launch
+if tp_n is not None:
+    c = job_model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    ex = lab.exercise("05.2", layers=c.num_hidden_layers, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                      head_dim=head_dim, tp=tp_n, batch=1, tokens=tp_runs[tp_n]["prompt_tokens"],
+                      element_bytes=lab.dtype.itemsize)
     print(ex)
     answer = None  # your prediction, in KiB
     ex.check(answer)
@@ -235,11 +358,15 @@ if tp_job is not None:
 # The job measured each process's cache after the prompt, beside one process's:
 
 # %% tags=["reveals-05.2"]
-if tp_job is not None:
-    kv = parallel.kv_per_rank(tp_job)
-    show(kv["rows"], title=f"KV cache after a {tp_job['tp']['prompt_tokens']}-token prompt, {lab.model_id}")
-    lab.add(kv)
-    ex.compare(kv["kib_per_rank"], "KiB")
+if tp_n is not None:
+    tp = tp_runs[tp_n]
+    kv = pd.DataFrame({"processes": [1] + [tp_n] * tp_n, "rank": ["-", *map(str, range(tp_n))],
+                       "KV cache KiB": [b / 1024 for b in [tp["one_process_kv_cache_bytes"],
+                                                           *tp["kv_cache_bytes_per_rank"]]]})
+    lab.table("kv_per_rank", kv, title=f"KV cache after a {tp['prompt_tokens']}-token prompt, {lab.p.model_id}")
+    shares = [b / tp["one_process_kv_cache_bytes"] for b in tp["kv_cache_bytes_per_rank"]]
+    lab.check("tp_kv_cache_split_by_heads", all(share == 1 / tp_n for share in shares))
+    ex.compare(kv["KV cache KiB"][1:].max(), "KiB")
 
 # %% [markdown]
 # ## 4. Data parallelism: one whole model per process, the prompts shared out
@@ -250,12 +377,29 @@ if tp_job is not None:
 # cores): the price is a full copy of the weights per process.
 
 # %%
-dp = parallel.dp_findings(parallel.with_layout(jobs, "dp"), lab.dp_prompts)
-show(dp["rows"], title=f"Data parallel generation, {lab.dp_prompts} prompts x {lab.new_tokens} tokens, {lab.model_id}")
-lab.add(dp)
-lines = {"tensor parallel (one sequence)": ([r["processes"] for r in tp["rows"]], [r["speed-up"] for r in tp["rows"]]),
-         "data parallel (all prompts)": ([r["processes"] for r in dp["rows"]], [r["speed-up"] for r in dp["rows"]])}
-lab.figure("scaling", plots.scaling(lines, ylabel="speed-up over 1 process", title=f"{lab.model_id}"))
+dp_runs = {n: run["dp"] for n, run in jobs.items()}  # every launch runs it
+alone = next(iter(dp_runs.values()))
+rows = [{"processes": 1, "prompts per process": str(lab.p.dp_prompts), "seconds": alone["one_process_seconds"],
+         "tokens/s": alone["one_process_tokens_per_s"], "in order": True}]
+dp_same = True
+for n, dp in dp_runs.items():
+    ranks = [r["rank"] for r in dp["results"]]
+    rows.append({"processes": n, "prompts per process": ", ".join(str(ranks.count(k)) for k in range(n)),
+                 "seconds": dp["seconds"], "tokens/s": dp["tokens_per_s"],
+                 "in order": [r["prompt"] for r in dp["results"]] == list(range(lab.p.dp_prompts))})
+    dp_same &= [r["token_ids"] for r in dp["results"]] == dp["one_process_token_ids"]
+dp_table = pd.DataFrame(rows)
+dp_table["speed-up"] = dp_table["tokens/s"] / dp_table["tokens/s"][0]
+lab.table("data_parallel", dp_table, title=f"Data parallel, {lab.p.dp_prompts} prompts x {lab.p.new_tokens} tokens")
+lab.check("dp_results_complete_and_in_order", dp_table["in order"].all())
+lab.check("dp_tokens_equal_single_process", dp_same)
+
+# %%
+for n, speedup in zip(dp_table["processes"][1:], dp_table["speed-up"][1:], strict=True):
+    lab.metric(f"dp_{n}_speedup", speedup)
+lines = {"tensor parallel (one sequence)": (tp_table["processes"], tp_table["speed-up"]),
+         "data parallel (all prompts)": (dp_table["processes"], dp_table["speed-up"])}
+lab.figure("scaling", plots.scaling(lines, ylabel="speed-up over 1 process", title=lab.p.model_id))
 
 # %% [markdown]
 # What was seen: the speed-up column, and the figure against the ideal line. On a CPU the processes share its cores:
@@ -294,17 +438,42 @@ ex.check(answer)
 # sequence and with several.
 
 # %%
-pp = parallel.pp_findings(parallel.with_layout(jobs, "pp"))
-if pp["stages"]:
-    show(pp["stages"], title="Pipeline stages of layers-llama: the layers and bytes each process holds")
-    show(pp["steps"], title="Decode step: one process against the pipeline; busy = share of the time in its layers")
-lab.add(pp)
+pp_runs = {n: run for n, run in jobs.items() if "pp" in run}
+if pp_runs:
+    run = pp_runs[min(pp_runs)]  # the smallest launch that ran it
+    pp, n = run["pp"], run["world_size"]
+    stages = pd.DataFrame({"stage (rank)": range(n), "layers": [", ".join(map(str, x)) for x in pp["layers_per_rank"]],
+                           "MiB": [b / 2**20 for b in pp["parameter_bytes_per_rank"]]})
+    stages["share of 1 process"] = stages["MiB"] * 2**20 / pp["one_process_parameter_bytes"]
+    lab.table("pipeline_stages", stages, title="Pipeline stages of layers-llama: the layers and bytes each holds")
+else:
+    lab.skip("pipeline parallelism", "no launch ran it")
+
+# %%
+if pp_runs:
+    steps = pd.DataFrame([{"sequences in flight": b["batch"], "one process: step ms": b["one_process_step_ms"],
+                           "one process: busy in layers": b["one_process_busy_share"],
+                           f"{n} stages: step ms": b["step_ms"],
+                           **{f"stage {r} busy": share for r, share in enumerate(b["busy_share_per_rank"])},
+                           "tokens equal to 1 process": b["token_ids"] == b["one_process_token_ids"]}
+                          for b in pp["batches"]])
+    steps["step vs one process"] = steps[f"{n} stages: step ms"] / steps["one process: step ms"]
+    lab.table("pipeline_steps", steps, title="Decode step against one process; busy: share of the time in its layers")
+    lab.check("pp_tokens_equal_single_process", steps["tokens equal to 1 process"].all())
+    lab.check("pp_each_stage_holds_part", stages["share of 1 process"].max() < 1)
+    lab.metric(f"pp_{n}_step_vs_one_process", steps["step vs one process"][0])
+    busy = steps[[f"stage {r} busy" for r in range(n)]].mean(axis=1) / steps["one process: busy in layers"]
+    idle = {m: (n - 1) / (m + n - 1) for m in (1, 4, 16)}  # GPipe's bubble: m micro-batches in flight, n stages
+    print(f"With one sequence each stage was busy {busy[0]:.2f} of one process's share ({1 - idle[1]:.2f} expected); "
+          f"with {steps['sequences in flight'].iloc[-1]} decoded together, {busy.iloc[-1]:.2f}. A schedule with 4 or "
+          f"16 micro-batches in flight would leave each stage idle {idle[4]:.0%} or {idle[16]:.0%} of the time.")
 
 # %% [markdown]
 # What was seen: each of the N stages holds about 1/N of the bytes (the `share of 1 process` column: the capacity a
 # pipeline buys), and the step table says whether its greedy tokens equal one process's. The step time of the pipeline
 # is compared with one process's, and the busy share of each stage with that of one process running all the layers:
-# the difference is the bubble, plus the time of the transfers.
+# the difference is the bubble, plus the time of the transfers. The line under the tables puts the busy share beside
+# the 1/N expected, and gives the bubble GPipe's formula predicts for a schedule with several micro-batches in flight.
 #
 # ## 6. Expert parallelism: a mixture of experts, shared out
 #
@@ -319,10 +488,23 @@ lab.add(pp)
 # show which collective each one called.
 
 # %%
-ep = parallel.ep_findings(parallel.with_layout(jobs, "ep"))
-if ep["rows"]:
-    show(ep["rows"], title="tiny-moe with expert parallelism, one forward pass per way of dispatching")
-lab.add(ep)
+ep_runs = {n: run for n, run in jobs.items() if "ep" in run}
+if ep_runs:
+    run = ep_runs[min(ep_runs)]  # the smallest launch that ran it
+    ep, ep_n = run["ep"], run["world_size"]
+    ways = pd.DataFrame([{"ep_implementation": way, "experts per rank": r["experts_per_rank"],
+                          "MiB per rank": max(r["parameter_bytes_per_rank"]) / 2**20,
+                          "tokens equal to 1 process": r["token_ids"] == r["one_process_token_ids"],
+                          "collectives per forward": ", ".join(f"{c} {op}"
+                                                               for op, c in r["collectives_per_rank"][0].items())}
+                         for way, r in ep["implementations"].items()])
+    lab.table("expert_parallel", ways, title="tiny-moe, expert parallel: one forward pass per way of dispatching")
+    lab.check("ep_tokens_equal_single_process", ways["tokens equal to 1 process"].all())
+    experts = ep["implementations"]["auto"]["experts_per_rank"]
+    lab.check("ep_experts_shared_out", experts * ep_n == ep["num_experts"])
+    lab.metric(f"ep_{ep_n}_experts_per_rank", experts)
+else:
+    lab.skip("expert parallelism", "no launch could share tiny-moe's experts evenly")
 
 # %% [markdown]
 # ## 7. Several machines: TP inside a node, PP across nodes
@@ -345,17 +527,24 @@ lab.add(ep)
 # which TP size, and how many pipeline stages? Answer `(tp, pp)`.
 
 # %%
-ex = lab.exercise("05.4", model="llama-405b-shape", machine="2 nodes x 8 x 80 GB", fmt="16-bit", batch=lab.batch,
-                  context=lab.context)
+ex = lab.exercise("05.4", model="llama-405b-shape", machine="2 nodes x 8 x 80 GB", fmt="16-bit", batch=lab.p.batch,
+                  context=lab.p.context)
 answer = None  # (tp, pp)
 ex.check(answer)
 
 # %% tags=["reveals-05.4"]
 big = parallel.parse_machine("2 nodes x 8 x 80 GB")
-layouts = parallel.layout_rows(list(dict.fromkeys([lab.plan_model, "llama-405b-shape"])),
-                               {**lab.machines, big["text"]: big}, lab.formats, batch=lab.batch, context=lab.context)
-show(layouts, title="The planner's layouts")
-chosen = parallel.plan_layout(parallel.empty_model("llama-405b-shape"), big, batch=lab.batch, context=lab.context)
+rows = []
+for name in dict.fromkeys([lab.p.plan_model, "llama-405b-shape"]):
+    for text, machine in {**lab.p.machines, big["text"]: big}.items():
+        for fmt in lab.p.formats:
+            plan = parallel.plan_layout(parallel.empty_model(name), machine, fmt=fmt, batch=lab.p.batch,
+                                        context=lab.p.context)
+            rows.append({"model": name, "machine": text, "format": fmt, "TP": plan["tp"] if plan["fits"] else "-",
+                         "PP": plan["pp"] if plan["fits"] else "-", "replicas": plan["replicas"],
+                         "GiB per GPU": plan["per_gpu_bytes"] / GIB, "why": " ".join(plan["reasons"][1:])})
+lab.table("layouts", pd.DataFrame(rows).astype({"TP": str, "PP": str}), title="The planner's layouts")
+chosen = parallel.plan_layout(parallel.empty_model("llama-405b-shape"), big, batch=lab.p.batch, context=lab.p.context)
 ex.compare((chosen["tp"], chosen["pp"]), "(tp, pp) by the planner")
 
 # %% [markdown]
@@ -382,17 +571,34 @@ ex.compare((chosen["tp"], chosen["pp"]), "(tp, pp) by the planner")
 # (`compat.tp_plan_skips_other_stages`). `scripts/tp_pp_keyerror.py` is the plain call alone, to report it.
 
 # %%
-rehearsal = parallel.launch_nodes(lab.scripts / "layouts.py", 2, 2, {
-    "layouts": ["tp_pp"], "model": lab.model_id, "dtype": lab.job_dtype, "new_tokens": lab.new_tokens,
+rehearsal = parallel.launch_nodes(lab.p.scripts / "layouts.py", 2, 2, {
+    "layouts": ["tp_pp"], "model": lab.p.model_id, "dtype": lab.p.job_dtype, "new_tokens": lab.p.new_tokens,
     "one_process_threads": parallel.threads_per_process(1)}, gpus=False)  # see the skip below
-found = parallel.tp_pp_findings(rehearsal)
+tp_pp = rehearsal["tp_pp"]
 print(f"{rehearsal['world_size']} processes on {rehearsal['nodes']} nodes met over {rehearsal['backend']}.")
-print("The plain call:", found["error"] or "it loaded: this transformers combines TP and PP without the workaround")
-show(found["rows"], title="TP inside each node, PP across: what each process held and called in one forward pass")
-print(found["line"])
-lab.add(found)
-lab.skip("the two-node rehearsal over NCCL", "it ran on CPU processes: " + (
-    "on one machine both rehearsed nodes would use GPUs 0 and 1" if lab.gpus else "no GPU here"))
+print("The plain call:", tp_pp["plain_error"] or "it loaded: this transformers combines TP and PP unaided")
+why = "on one machine both rehearsed nodes would use GPUs 0 and 1" if lab.p.gpus else "no GPU here"
+lab.skip("the two-node rehearsal over NCCL", f"it ran on CPU processes: {why}")
+
+# %%
+# the group each collective runs in: TP all-reduces and all-gathers inside a node; PP sends, receives, broadcasts
+group = {"allreduce_": "TP", "allgather_into_tensor_coalesced_": "TP", "send": "PP", "recv_": "PP", "broadcast_": "PP"}
+whole, rows = tp_pp["one_process_parameter_bytes"], []
+for r, (stage, counts) in enumerate(zip(tp_pp["stage_per_rank"], tp_pp["collectives_per_rank"], strict=True)):
+    held = tp_pp["parameter_bytes_per_rank"][r]
+    row = {"rank": r, "node": r // tp_pp["per_node"], "pipeline stage": stage, "MiB": held / 2**20,
+           "share of 1 process": held / whole}
+    for op, count in counts.items():
+        key = f"{group.get(op, 'other')} collectives"
+        row[key] = f"{row[key]}, {count} {op}" if key in row else f"{count} {op}"
+    rows.append(row)
+lab.table("tp_pp", pd.DataFrame(rows), title="TP inside each node, PP across: held and called in one forward pass")
+tp_pp_same = [a == b for a, b in zip(tp_pp["token_ids"][0], tp_pp["one_process_token_ids"][0], strict=True)]
+print(f"{sum(tp_pp_same)} of {len(tp_pp_same)} greedy tokens ({rehearsal['dtype']}) equal one process's; one process "
+      f"holds {whole / 2**20:.1f} MiB.")
+lab.check("tp_pp_rendezvous_of_two_nodes", rehearsal["nodes"] == 2 == rehearsal["world_size"] // tp_pp["per_node"])
+if rehearsal["dtype"] == "float32":  # TP sums the shares in another order: in 16-bit a near-tie may flip a token
+    lab.check("tp_pp_tokens_equal_single_process", tp_pp["token_ids"] == tp_pp["one_process_token_ids"])
 
 # %% [markdown]
 # What was seen: the line under the table says whether the tokens equal one process's (in float32 they should; in
@@ -413,16 +619,22 @@ lab.skip("the two-node rehearsal over NCCL", "it ran on CPU processes: " + (
 # footprint should match section 1's calculator for that format.
 
 # %%
+from transformers import BitsAndBytesConfig
+
 bnb_probe = probes.bitsandbytes_4bit([lab.device])
 if all(r["ok"] for r in bnb_probe):
-    compute = "bfloat16" if not lab.on_gpu or probes.native_bf16(lab.device) else "float16"
+    compute = torch.bfloat16 if not lab.on_gpu or probes.native_bf16(lab.device) else torch.float16
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     with compat.quiet_logger("bitsandbytes"):  # its CPU backend logs about optional kernels
-        nf4 = quant.quantization_config("nf4", compute)  # a BitsAndBytesConfig
-        four_bit, _ = models.load_model(lab.model_id, device=lab.device, dtype=compute, attn_implementation="sdpa",
+        four_bit, _ = models.load_model(lab.p.model_id, device=lab.device, dtype=compute, attn_implementation="sdpa",
                                         device_map="auto", quantization_config=nf4)
-    found = parallel.four_bit_findings(four_bit, lab.model_id)
-    print(found["line"])
-    lab.add(found)
+    where = sorted(set(map(str, getattr(four_bit, "hf_device_map", {"": four_bit.device}).values())))
+    planned = sum(quant.predict_footprint(parallel.empty_model(lab.p.model_id), "nf4").values())  # section 1's way
+    held = sum(quant.count_footprint(four_bit).values())  # from its tensors, bitsandbytes' scales included
+    ids = outputs.generate_exactly(four_bit, outputs.random_prompt(four_bit, batch=1, length=8), 4)
+    print(f"{lab.p.model_id} in nf4 with device_map='auto': placed on {where}; {held / 2**20:.2f} MiB counted (with "
+          f"the scales), {planned / 2**20:.2f} MiB planned; it generated {ids.shape[1] - 8} tokens")
+    lab.check("nf4_device_map_matches_plan", abs(held / planned - 1) < 0.01 and ids.shape[1] == 12)
     del four_bit
 else:
     lab.skip("4-bit with device_map", f"bitsandbytes cannot run 4-bit on {lab.device}: {bnb_probe[0]['reason']}")
@@ -466,17 +678,28 @@ answer = None  # your prediction, in GB/s
 ex.check(answer)
 
 # %% tags=["reveals-05.5"]
-bench = parallel.launch(lab.scripts / "allreduce_bench.py", max(lab.processes), {"max_mib": lab.allreduce_max_mib},
-                        gpus=lab.jobs_on_gpus)
-found = parallel.allreduce_findings(bench, on_gpus=lab.jobs_on_gpus)
-title = f"all_reduce, {bench['world_size']} processes over {bench['backend']} on {bench['device_label']}"
-show(found["rows"], title=title)
-lab.figure("allreduce", plots.bandwidth_sweep(bench["rows"], limit=found["limit"], limit_label=found["limit_label"],
-                                              title=title))
-print(found["line"])
-lab.add(found)
-busbw = parallel.bus_bandwidth(ex.given["message_bytes"], ex.given["seconds"], ex.given["ranks"])["busbw_bytes_per_s"]
+bench = parallel.launch(lab.p.scripts / "allreduce_bench.py", max(lab.p.processes),
+                        {"max_mib": lab.p.allreduce_max_mib}, gpus=lab.p.jobs_on_gpus)
+ranks = bench["world_size"]
+allreduce = pd.DataFrame(bench["rows"])[["bytes", "median_us"]].rename(columns={"median_us": "µs"})
+allreduce["algbw GB/s"] = allreduce["bytes"] / (allreduce["µs"] / 1e6) / 1e9  # the message over the time
+allreduce["busbw GB/s"] = allreduce["algbw GB/s"] * 2 * (ranks - 1) / ranks  # what each link of a ring carries
+title = f"all_reduce, {ranks} processes over {bench['backend']} on {bench['device_label']}"
+lab.table("allreduce", allreduce, title=title)
+size, seconds, n = ex.given["message_bytes"], ex.given["seconds"], ex.given["ranks"]
+busbw = size / seconds * 2 * (n - 1) / n  # the busbw column's formula on the question's numbers
 ex.compare(busbw / 1e9, "GB/s, the busbw column's formula on the question's numbers")
+
+# %%
+if lab.p.jobs_on_gpus:
+    limit, limit_label = parallel.copy_bandwidth("cuda:0", "cuda:1")["bytes_per_s"], "GPU 0 to GPU 1 copy (measured)"
+else:  # the ceiling counts a copy's reads and writes: one copy of the message moves half of that
+    limit, limit_label = roofline.bandwidth_ceiling("cpu")["bytes_per_s"] / 2, "memory copy of the message (measured)"
+lab.figure("allreduce", plots.bandwidth_sweep(bench["rows"], limit=limit, limit_label=limit_label, title=title))
+best = allreduce["busbw GB/s"].max() * 1e9
+print(f"best bus bandwidth {best / 1e9:.3g} GB/s = {best / limit:.1%} of the {limit_label}, {limit / 1e9:.3g} GB/s")
+lab.metric("allreduce_best_busbw_gb_per_s", best / 1e9)
+lab.metric("allreduce_fraction_of_copy", best / limit)
 
 # %% [markdown]
 # Back to tensor parallelism: at batch 1 each all-reduce of a decode step carries one token's hidden state (hidden
@@ -486,46 +709,97 @@ ex.compare(busbw / 1e9, "GB/s, the busbw column's formula on the question's numb
 # the benchmark above, predict what N processes add to each step:
 
 # %%
-if tp_job is not None:
-    cost = parallel.tp_cost(tp_job, lab.job_model.config, bench["rows"])
-    show(cost["rows"], title=f"Collectives in one forward pass, {cost['processes']} processes")
-    print(f"predicted communication {cost['predicted_ms']:.2f} ms per token; measured step {cost['step_ms']:.2f} ms "
-          f"with {cost['processes']} processes, against {cost['one_process_step_ms']:.2f} ms with one")
-    lab.add(cost)
+if tp_n is not None:
+    tp, element = tp_runs[tp_n], lab.dtype.itemsize
+    message = {"allreduce_": job_model.config.hidden_size * element,  # one token's hidden state
+               "allgather_into_tensor_coalesced_": job_model.config.vocab_size // tp_n * element}  # a logits slice
+    cost = pd.DataFrame([{"collective": op, "calls per token": count,
+                          "message bytes": message.get(op, message["allreduce_"])}
+                         for op, count in tp["collectives_per_rank"][0].items()])
+    cost["ms each (benchmark)"] = [parallel.all_reduce_seconds(bench["rows"], b) * 1e3 for b in cost["message bytes"]]
+    predicted_ms = (cost["calls per token"] * cost["ms each (benchmark)"]).sum()
+    lab.table("tp_communication", cost, title=f"Collectives in one forward pass, {tp_n} processes")
+    share = predicted_ms / tp["step_ms"]  # of each decode step, the part the collectives would take
+    print(f"predicted communication {predicted_ms:.2f} ms per token, {share:.0%} of the measured step "
+          f"({tp['step_ms']:.2f} ms with {tp_n} processes, against {tp['one_process_step_ms']:.2f} ms with one)")
 
 # %% [markdown]
-# Where the prediction falls short of the measured step, the difference is time the benchmark does not see: the
-# bookkeeping of the split tensors, and each collective waiting for the slowest process.
+# The line under the table gives the share of the measured step that the collectives would take. Where N processes
+# took longer than one process's step divided by N plus that prediction, the difference is time the benchmark does not
+# see: the bookkeeping of the split tensors, and each collective waiting for the slowest process.
 #
 # **Over NVLink or over the network?** The same arithmetic for the planned model with TP 8: two all-reduces per layer,
 # each of the hidden states of every token in the forward pass. Over a published NVLink-class link (900 GB/s for both
 # directions of an H100/H200 SXM, 450 each way) against a 400 Gbit/s network card (50 GB/s), from the bandwidth alone
-# (both figures from NVIDIA's MLPerf system description, linked in `labkit.parallel.LINKS_SOURCE`), beside this
-# machine's measured table. Each call also pays a latency, not counted in the published columns: here the smallest
-# message took the microseconds of the benchmark's first row.
+# (both figures from NVIDIA's MLPerf Inference v4.1 system description of an 8 x H200 SXM node, "18x 4th Gen NVLink,
+# 900GB/s" and "10x 400Gbe Infiniband", at
+# https://raw.githubusercontent.com/mlcommons/inference_results_v4.1/main/closed/NVIDIA/systems/H200-SXM-141GBx8_TRT_MaxQ.json
+# ), beside this machine's measured table. Each call also pays a latency, not counted in the published columns: here
+# the smallest message took the microseconds of the benchmark's first row.
 
 # %%
-phases = {f"decode step, batch {lab.batch}": lab.batch,
-          f"prefill, {lab.batch} x {lab.context} tokens": lab.batch * lab.context}
-links = parallel.link_prediction(lab.planned.config, tp=8, tokens_by_phase=phases, bench_rows=bench["rows"])
-show(links, title=f"{lab.plan_model}, TP 8: all-reduce time per forward pass, predicted")
-print(f"Sources of the link speeds: {parallel.LINKS_SOURCE}")
+nvlink, network = "NVLink 4 (H100/H200 SXM)", "400 Gbit/s network card"
+links = {nvlink: 900e9 / 2, network: 400e9 / 8}  # published, bytes per second each way
+tp_size, rows = 8, []
+for phase, tokens in {f"decode step, batch {lab.p.batch}": lab.p.batch,
+                      f"prefill, {lab.p.batch} x {lab.p.context} tokens": lab.p.batch * lab.p.context}.items():
+    calls = 2 * model.config.num_hidden_layers  # after attention and after the MLP, in every layer
+    size = tokens * model.config.hidden_size * 2  # the hidden states of every token, 16-bit
+    row = {"phase": phase, "all-reduces": calls, "MiB each": size / 2**20,
+           "this machine ms": calls * parallel.all_reduce_seconds(bench["rows"], size) * 1e3,
+           "this machine from": "measured" if size <= bench["rows"][-1]["bytes"] else "largest message's bandwidth"}
+    for link, bytes_per_s in links.items():  # a ring all-reduce: each link carries 2(n-1)/n of the message
+        row[f"{link} ms"] = calls * size * 2 * (tp_size - 1) / tp_size / bytes_per_s * 1e3
+    row["network / NVLink"] = row[f"{network} ms"] / row[f"{nvlink} ms"]
+    rows.append(row)
+lab.table("tp_links", pd.DataFrame(rows), title=f"{lab.p.plan_model}, TP 8: all-reduce time per forward pass")
 
 # %% [markdown]
 # What the table says: in a decode step the bandwidth part is tiny on either published link, so what remains is each
 # call's latency, 2 x layers calls per token (160 for llama-70b-shape), which the published columns leave out and this
 # machine's column includes; a network's latency is paid at every layer. In a prefill the bytes decide, in proportion
-# to the link speeds. Either way TP across nodes puts the network inside every layer, which is why the planner keeps
-# TP inside a node and sends only one hidden state per step between pipeline stages.
+# to the link speeds (the last column). Either way TP across nodes puts the network inside every layer, which is why
+# the planner keeps TP inside a node and sends only one hidden state per step between pipeline stages.
 #
 # ## Your numbers beside the reference runs
 
 # %%
-shown = {k: k for k in lab.results.metrics if k.startswith(("tp_", "dp_", "pp_", "ep_", "allreduce_", "pipeline_"))}
-show(lab.beside_references(shown), title="This machine and the reference runs")
+show(lab.beside_references({name: name for name in lab.results.metrics}), title="This machine and the reference runs")
 
 # %% [markdown]
 # ## What you measured
 
 # %%
-lab.finish()
+measured = [f"{lab.p.plan_model} needs {gib['total GiB'][0]:,.1f} GiB in {gib['format'][0]} (weights and KV cache); "
+            "the planner keeps tensor parallelism inside a node and adds pipeline stages across nodes only when one "
+            "node cannot hold it."]
+if len(tp_table) > 1:
+    n, speedup = tp_table["processes"][1], tp_table["speed-up"][1]
+    same = "the same greedy tokens as one process" if tp_same else "tokens compared with one process in the table"
+    measured.append(f"Tensor parallelism over {n} processes gave {same}, each holding about 1/{n} of the weights, at "
+                    f"{speedup:.2f}x the speed of one process here: every layer pays two all-reduces.")
+n, speedup = dp_table["processes"].iloc[-1], dp_table["speed-up"].iloc[-1]
+measured.append(f"Data parallelism over {n} processes gave {speedup:.2f}x the tokens/s of one process, with nothing "
+                "exchanged while generating; each process holds a whole copy.")
+if pp_runs:
+    measured.append(f"{len(stages)} pipeline stages took {steps['step vs one process'][0]:.2f}x one process's time per "
+                    "decode step: a token still passes every layer in turn, so each stage waits for the others.")
+if ep_runs:
+    same = "the same tokens as" if ways["tokens equal to 1 process"].all() else "other tokens than"
+    measured.append(f"Expert parallelism left {experts} experts on each of {ep_n} processes, with {same} one process.")
+
+# %%
+if all(tp_pp_same):
+    measured.append("TP inside each of two rehearsed nodes and PP across them generated one process's tokens, "
+                    "through a workaround for transformers' error on that combination.")
+measured.append(f"The best all-reduce bus bandwidth between these processes was {best / 1e9:.3g} GB/s, "
+                f"{best / limit:.0%} of the measured limit; the smallest message ({allreduce['bytes'][0]} bytes) "
+                f"took {allreduce['µs'][0]:.0f} µs: small messages cost latency, not bandwidth.")
+offloading = [label for label, blocks in placed.items() if any(b["device"] == "cpu" for b in blocks)]
+measured.insert(1, f"device_map='auto' placed {lab.p.plan_model} in {len(placed)} plans without a GPU; "
+                   f"{len(offloading)} of them put layers on the CPU, to be copied to a GPU at every step.")
+predicted_mib, measured_mib = calculator["predicted MiB"], calculator["measured MiB"]
+measured.insert(1, f"The calculator, checked on {lab.p.model_id} loaded for real: weights {predicted_mib[0]:.1f} MiB "
+                   f"predicted, {measured_mib[0]:.1f} MiB by get_memory_footprint(); KV cache {predicted_mib[1]:.3f} "
+                   f"MiB predicted, {measured_mib[1]:.3f} MiB measured.")
+lab.finish(measured)

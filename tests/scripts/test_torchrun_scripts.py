@@ -65,8 +65,6 @@ def test_pipeline_stages_hold_their_layers_and_give_one_process_tokens(layouts):
     for b in pp["batches"]:
         assert b["token_ids"] == b["one_process_token_ids"] and len(b["token_ids"]) == b["batch"]
         assert all(0 < share < 1 for share in [*b["busy_share_per_rank"], b["one_process_busy_share"]])
-    found = parallel.pp_findings({2: layouts})
-    assert found["checks"] == {"pp_tokens_equal_single_process": True, "pp_each_stage_holds_part": True}
 
 
 def test_expert_parallel_shares_the_experts_and_names_its_collective(layouts):
@@ -76,8 +74,6 @@ def test_expert_parallel_shares_the_experts_and_names_its_collective(layouts):
     assert auto["token_ids"] == auto["one_process_token_ids"] == all_to_all["token_ids"]
     assert "alltoall_base_" not in auto["collectives_per_rank"][0]  # every rank holds the batch: an all-reduce
     assert all_to_all["collectives_per_rank"][0]["alltoall_base_"] == 6  # counts, tokens, results: per layer
-    assert parallel.ep_findings({2: layouts})["checks"] == {"ep_tokens_equal_single_process": True,
-                                                            "ep_experts_shared_out": True}
 
 
 def test_data_parallel_results_are_complete_in_order_and_equal_one_process(layouts):

@@ -1,4 +1,9 @@
-"""labkit.parallel: the memory calculator against hand-computed values, device parsing, planning, commands."""
+"""labkit.parallel: the memory calculator against hand-computed values, device parsing, planning, commands, the
+notebook's parameters."""
+
+import importlib.util
+import re
+from dataclasses import MISSING
 
 import pytest
 import torch
@@ -7,6 +12,14 @@ from labkit import compat, outputs, parallel
 from labkit.errors import BadParameter
 
 GIB = 2**30
+
+
+def script(name: str):
+    """A torchrun script of notebooks/scripts as a module (its main() does not run)."""
+    spec = importlib.util.spec_from_file_location(name, parallel.scripts_dir() / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +158,9 @@ def test_tensor_parallel_sizes(small):
 
 
 def test_bus_bandwidth_as_nccl_tests():
-    assert parallel.bus_bandwidth(1_000, 1e-6, 2) == {"algbw_bytes_per_s": 1e9, "busbw_bytes_per_s": 1e9}
-    assert parallel.bus_bandwidth(1_000, 1e-6, 8)["busbw_bytes_per_s"] == pytest.approx(1.75e9)
+    bench = script("allreduce_bench")
+    assert bench.bus_bandwidth(1_000, 1e-6, 2) == {"algbw_bytes_per_s": 1e9, "busbw_bytes_per_s": 1e9}
+    assert bench.bus_bandwidth(1_000, 1e-6, 8)["busbw_bytes_per_s"] == pytest.approx(1.75e9)
 
 
 def test_torchrun_commands():
@@ -260,12 +274,6 @@ def test_planner_keeps_tp_inside_a_node_and_adds_stages_across_nodes():
             assert plan["tp"] <= parallel.parse_machine(machine)["per_node"] and 8 % plan["tp"] == 0
 
 
-def test_layout_rows_name_every_model_machine_and_format():
-    rows = parallel.layout_rows(["llama-8b-shape"], {"8 x 80 GB": parallel.parse_machine("8 x 80 GB")},
-                                ["16-bit", "nf4"], batch=1, context=1024)
-    assert [(r["format"], r["TP"], r["PP"]) for r in rows] == [("16-bit", 1, 1), ("nf4", 1, 1)]
-
-
 def test_layouts_that_fit_a_process_count():
     assert parallel.layouts_for(2, "tiny-llama")["run"] == ["tp", "pp", "ep", "dp"]
     three = parallel.layouts_for(3, "tiny-llama")
@@ -275,16 +283,12 @@ def test_layouts_that_fit_a_process_count():
 
 # --------------------------------------------------------------------------- communication, predicted
 
-def test_tp_traffic_and_link_time_by_hand():
-    config = parallel.model_config("llama-70b-shape")
-    assert parallel.tp_traffic(config, tokens=1) == {"all_reduces": 160, "bytes_each": 8192 * 2}
-    assert parallel.link_seconds(16384, 8, 450e9) == pytest.approx(16384 * 2 * 7 / 8 / 450e9)
+def test_an_all_reduce_is_timed_from_the_benchmark_rows():
     rows = [{"bytes": 1024, "median_us": 10.0, "algbw_bytes_per_s": 1024 / 10e-6},
             {"bytes": 4096, "median_us": 20.0, "algbw_bytes_per_s": 4096 / 20e-6}]
+    assert parallel.all_reduce_seconds(rows, 512) == pytest.approx(10e-6)  # the first size at least as large
     assert parallel.all_reduce_seconds(rows, 2000) == pytest.approx(20e-6)
     assert parallel.all_reduce_seconds(rows, 8192) == pytest.approx(40e-6)  # beyond the table: its last bandwidth
-    links = parallel.link_prediction(config, tp=8, tokens_by_phase={"decode": 1}, bench_rows=rows)
-    assert links[0]["all-reduces"] == 160 and links[0]["this machine ms"] == pytest.approx(160 * 80e-3)
 
 
 # --------------------------------------------------------------------------- pieces of the jobs, in one process
@@ -306,7 +310,7 @@ def test_the_tp_and_pp_keyerror_and_its_workaround():
         mixin.apply_tensor_parallelism(model, None, plan)
     with compat.tp_plan_skips_other_stages():
         assert mixin.apply_tensor_parallelism(model, None, plan) is model
-    assert parallel.owned_layers(model) == [0]
+    assert script("layouts").owned_layers(model) == [0]
 
 
 def test_decode_rate_makes_exactly_the_calls_asked_and_busy_time_counts_layers():
@@ -316,36 +320,43 @@ def test_decode_rate_makes_exactly_the_calls_asked_and_busy_time_counts_layers()
     prompt = outputs.random_prompt(model, batch=1, length=8)
     calls = []
     handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    with parallel.busy_time(list(model.model.layers), "cpu") as busy:
-        rate = parallel.decode_rate(model, prompt, new_tokens=3, repeats=2, warmup=1)
+    layouts = script("layouts")
+    with layouts.busy_time(list(model.model.layers), "cpu") as busy:
+        rate = layouts.decode_rate(model, prompt, new_tokens=3, repeats=2, warmup=1)
     handle.remove()
     assert len(calls) == 3 * 1 + 3 * 3  # 3 generate calls of 1 token, 3 of 3 tokens: one forward per token
     assert rate["token_ids"] == outputs.generate_exactly(model, prompt, 3)[:, 8:].tolist()
     assert rate["step_ms"] > 0 and busy["s"] > 0
 
 
-def test_what_you_measured_reads_right_with_parts_skipped():
-    assert parallel.what_you_measured({"metrics": {}, "checks": {}, "skipped": {}}) == []
-    lines = parallel.what_you_measured({"metrics": {"tp_2_speedup": 0.5, "tp_1_speedup": 1.0,
-                                                    "plan_llama_70b_shape_16_bit_total_gib": 132.7},
-                                        "checks": {"tp_tokens_equal_single_process": True}, "skipped": {}})
-    assert len(lines) == 2 and "132.7 GiB" in lines[0] and "0.50x" in lines[1] and "same greedy tokens" in lines[1]
+# --------------------------------------------------------------------------- the notebook's parameters
+
+@pytest.mark.parametrize("given, named", [
+    ({"plan_devices": "2 x 24 GB"}, "plan_devices='2 x 24 GB': give a list"),
+    ({"plan_devices": []}, "plan_devices=[]"),
+    ({"plan_devices": ["2 x 24 GB", "two big GPUs"]}, "devices='two big GPUs'"),
+    ({"plan_formats": ["int4"]}, "format 'int4' is unknown"),
+    ({"context": 0}, "context=0"),
+    ({"processes": [2, 0]}, "processes[1]=0"),
+    ({"processes": [1]}, "processes=[1]: each layout splits a model over at least 2 processes"),
+    ({"new_tokens": 1}, "new_tokens=1"),
+    ({"allreduce_max_mib": -1}, "allreduce_max_mib=-1"),
+    ({"model_id": "smollm2-135n"}, "smollm2-135n")])
+def test_parameters_refuse_a_bad_value_in_one_sentence(given, named):
+    from labkit.errors import LabkitError
+
+    with pytest.raises(LabkitError, match=re.escape(named)):
+        parallel.Parameters(**given).resolve(device="cpu", quick=True)
 
 
-def _tp_pp_run(dtype, tokens, alone):
-    return {"nodes": 2, "world_size": 4, "dtype": dtype, "tp_pp": {
-        "per_node": 2, "plain_error": None, "stage_per_rank": [0, 0, 1, 1],
-        "collectives_per_rank": [{"allreduce_": 3, "send": 1}, {"allreduce_": 3, "send": 1},
-                                 {"allreduce_": 2, "recv_": 1}, {"allreduce_": 2, "recv_": 1}],
-        "parameter_bytes_per_rank": [50, 50, 60, 60], "one_process_parameter_bytes": 100,
-        "token_ids": [tokens], "one_process_token_ids": [alone]}}
+def test_parameters_defaults_are_the_notebook_cell():
+    import ast
+    from dataclasses import fields
+    from pathlib import Path
 
-
-def test_tp_and_pp_asserts_equal_tokens_in_float32_only_and_says_how_many_matched():
-    exact = parallel.tp_pp_findings(_tp_pp_run("float32", [1, 2, 3], [1, 2, 3]))
-    assert exact["checks"] == {"tp_pp_rendezvous_of_two_nodes": True, "tp_pp_tokens_equal_single_process": True}
-    assert [r["share of 1 process"] for r in exact["rows"]] == [0.5, 0.5, 0.6, 0.6]
-    assert exact["line"].startswith("3 of 3 greedy tokens (float32) equal one process's")
-    flipped = parallel.tp_pp_findings(_tp_pp_run("bfloat16", [1, 2, 4], [1, 2, 3]))
-    assert "tp_pp_tokens_equal_single_process" not in flipped["checks"]  # a near-tie may flip in 16-bit
-    assert flipped["line"].startswith("2 of 3 greedy tokens (bfloat16)")
+    source = (Path(__file__).resolve().parents[2] / "notebooks" / "src" / "05_multi_gpu.py").read_text()
+    cell = source.split('# %% tags=["parameters"]')[1].split("# %%")[0]
+    values = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell).body}
+    typed = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+             for f in fields(parallel.Parameters) if f.init}
+    assert typed == {k: v for k, v in values.items() if k not in ("device", "quick", "solutions", "results_path")}
