@@ -27,9 +27,11 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LABKIT_MODULES = ("labkit", "attention", "attention_today", "generation", "fastpath", "quant", "parallel", "serving",
-                  "machine", "probes", "roofline", "models", "timing", "widgets", "plots", "exercises", "compat",
-                  "results", "report", "registry")
+# labkit and every module of it (a cell calls them as ``quant.x`` after ``from labkit import quant``), but for
+# labkit.lab, whose object ``lab`` the cells use (its calls are told apart below)
+LABKIT_MODULES = ("labkit", *sorted(p.stem for p in (ROOT / "labkit").glob("*.py")
+                                    if p.stem not in ("__init__", "lab")),
+                  *sorted(p.parent.name for p in (ROOT / "labkit").glob("*/__init__.py")))
 CALLS_LABKIT = re.compile(rf"\b({'|'.join(LABKIT_MODULES)})\.\w+")
 DISPLAY = re.compile(r"^(show|print|display)\(|\b(plots|plt|ax|axes)\.|^fig\b|\bfig\.|lab\.figure\(")
 HARNESS = re.compile(r"^(\w+ = )?(lab\.(check|table|metric|record|add|skip|exercise|finish)\(|ex\.\w+\()")
