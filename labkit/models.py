@@ -35,11 +35,10 @@ from transformers import (
     BertConfig,
     LlamaConfig,
     OPTConfig,
-    StoppingCriteria,
 )
 from transformers.utils import logging as hf_logging
 
-from labkit import probes, timing
+from labkit import probes
 from labkit.errors import BadParameter, LabkitError, ModelNotAvailable, check_sizes
 from labkit.paths import cache_dir
 
@@ -136,7 +135,7 @@ def smollm2_folder(*, force: bool = False) -> Path:
 
 def _convert_gguf(folder: Path, gguf_file: Path, work: Path) -> None:
     """Dequantize a GGUF checkpoint into a plain bf16 safetensors folder ``work``."""
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file.name)
         # float32 is the fast path for GGUF loading; the weights come out dense either way.
         packed = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file.name, dtype=torch.float32)
@@ -277,8 +276,8 @@ def load_tokenizer(name: str):
     spec = EMBEDDED.get(name)
     if spec is not None and spec.kind == "random":
         return load_tokenizer(spec.tokenizer_from)
-    folder = _resolve_folder(name)
-    with _quiet_transformers():
+    folder = resolve_folder(name)
+    with quiet_transformers():
         return AutoTokenizer.from_pretrained(str(folder) if isinstance(folder, Path) else folder)
 
 
@@ -297,7 +296,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
     spec = EMBEDDED.get(name)
     if quantization_config is not None or device_map is not None:
         folder = random_folder(name, seed, torch_dtype) if spec is not None and spec.kind == "random" \
-            else _resolve_folder(name)
+            else resolve_folder(name)
         task = spec.task if spec else task
         extra = {"max_memory": max_memory} if max_memory is not None else {}
         model = _from_pretrained(folder, task, torch_dtype, attn_implementation,
@@ -313,7 +312,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
         model = build_from_config(config, task=spec.task, dtype=torch_dtype,
                                   attn_implementation=attn_implementation, seed=seed)
     else:
-        folder = _resolve_folder(name)
+        folder = resolve_folder(name)
         model = _from_pretrained(folder, spec.task if spec else task, torch_dtype, attn_implementation)
     return model.to(device).eval(), tokenizer
 
@@ -352,7 +351,7 @@ def random_folder(name: str, seed: int, dtype) -> Path:
 
     def build(work: Path) -> None:
         model, tokenizer = load_model(name, dtype=dtype, seed=seed)
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(work)
             tokenizer.save_pretrained(work)
 
@@ -369,7 +368,7 @@ def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None, 
     kwargs: dict[str, Any] = {"dtype": dtype, **extra}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    with _quiet_transformers():
+    with quiet_transformers():
         return auto.from_pretrained(source, **kwargs)
 
 
@@ -379,7 +378,7 @@ def hub_offline() -> bool:
         os.environ.get("TRANSFORMERS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _resolve_folder(name: str) -> Path | str:
+def resolve_folder(name: str) -> Path | str:
     """Embedded name -> its folder; local path -> the path (checked); hub id -> the id if it can be had."""
     if not isinstance(name, str) or not name.strip():
         raise BadParameter(f"model name {name!r} is empty; use one of {', '.join(EMBEDDED)} or a hub id.")
@@ -423,9 +422,8 @@ def check_model(name: str) -> str | None:
         needs = spec.module or EMBEDDED[spec.tokenizer_from].module
         return None if _package_dir(needs) is not None else \
             f"{name} needs the package for {needs!r}, which is not installed: {INSTALL_HINT}"
-    _resolve_folder(name)
+    resolve_folder(name)
     return None
-
 
 
 @dataclass
@@ -450,7 +448,7 @@ class ModelParameters:
 def _check_hub_id(name: str) -> str:
     offline = hub_offline() or not hub_reachable()
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             AutoConfig.from_pretrained(name, local_files_only=offline)
         return name
     except (OSError, ValueError):
@@ -468,7 +466,7 @@ def _check_hub_id(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' progress bars and info logs during loads (errors still raise)."""
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -482,14 +480,42 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-class StepClock(StoppingCriteria):
-    """A stopping criterion that never stops: ``generate`` calls it once per step, right after each new token, so it
-    records when every token was ready (notebook 06's static batches, notebook 04's decode steps)."""
+# --------------------------------------------------------------------------- public models' shapes, on the meta device
 
-    def __init__(self, device: str = "cpu"):
-        self.device, self.times = str(device), []
+# Architecture shapes of public models, as configs only (meta device: nothing is downloaded or allocated).
+# Numbers from the models' published config.json files (Llama 3.1 8B, 70B and 405B).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-8b-shape": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "llama-70b-shape": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                            num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+    "llama-405b-shape": dict(vocab_size=128256, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+                             num_attention_heads=128, num_key_value_heads=8, tie_word_embeddings=False),
+}
 
-    def __call__(self, input_ids, scores, **kwargs):
-        timing.synchronize(self.device)
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+def model_config(name: str):
+    """The config of ``name``: a shape of :data:`SHAPES`, a labkit random-init model, a local folder or a cached hub
+    id."""
+
+    if name in SHAPES:
+        return LlamaConfig(**SHAPES[name])
+    if name in EMBEDDED and EMBEDDED[name].kind == "random":
+        tokenizer = load_tokenizer(name)
+        special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                   "eos_token_id": tokenizer.eos_token_id}
+        return random_config(name, len(tokenizer), special)
+    problem = check_model(name)
+    if problem:
+        raise ModelNotAvailable(problem)
+    with quiet_transformers():
+        return AutoConfig.from_pretrained(str(resolve_folder(name)))
+
+
+@functools.lru_cache(maxsize=8)
+def empty_model(name: str):
+    """A causal LM with the architecture of ``name`` on the meta device: its shapes, without memory (kept for reuse:
+    read it, do not change it)."""
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config(name), dtype=torch.bfloat16)

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import torch
-from transformers import StaticCache
+from transformers import StaticCache, StoppingCriteria
 
 from labkit import compat
 from labkit.errors import BadParameter, check_sizes
@@ -161,3 +161,16 @@ def measure_loop(loop: GreedyLoop, input_ids, *, warmup: int = 1, repeats: int =
     """Decode tokens/s of a :class:`GreedyLoop`, computed as in :func:`measure_decode`."""
     return decode_rate(lambda count: loop(input_ids, count), input_ids, new_tokens=loop.new_tokens,
                         device=str(loop.model.device), warmup=warmup, repeats=repeats)
+
+
+class StepClock(StoppingCriteria):
+    """A stopping criterion that never stops: ``generate`` calls it once per step, right after each new token, so it
+    records when every token was ready (notebook 06's static batches, notebook 04's decode steps)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device, self.times = str(device), []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

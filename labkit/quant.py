@@ -15,18 +15,18 @@ import copy
 import importlib.util
 import logging
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
-from labkit import compat, models, outputs, probes, timing
+from labkit import compat, footprint, models, outputs, probes, timing
 from labkit.errors import BadParameter, ModelNotAvailable, check_sizes
-from labkit.timing import measure, percentile, recheck_trend, synchronize
+from labkit.footprint import INT4_GROUP_SIZE, count_footprint
+from labkit.timing import measure, percentile, recheck_trend
 
 # name -> BitsAndBytesConfig keyword arguments (None: the 16-bit model itself)
 FORMATS: dict[str, dict[str, Any] | None] = {
@@ -36,28 +36,7 @@ FORMATS: dict[str, dict[str, Any] | None] = {
     "nf4-double": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
     "int8": {"load_in_8bit": True},
 }
-BNB_FORMATS = ("fp4", "nf4", "nf4-double", "int8")
-TORCHAO_FORMATS = ("torchao-int8", "torchao-int4", "torchao-float8")
-ALL_FORMATS = ("16-bit", *BNB_FORMATS, *TORCHAO_FORMATS)
-BLOCKSIZE = 64  # bitsandbytes' 4-bit block: one absmax scale per 64 weights
-INT4_GROUP_SIZE = 64  # torchao int4: one scale and zero point per 64 weights (SmolLM2's 576 columns are not 128s)
-CODE_ENTRIES = 16  # a 4-bit format's 16 levels, kept as a float32 table beside every layer
-NESTED_BLOCK = 256  # double quantization: one float32 scale per 256 of the 8-bit absmax values
-TILE_PACKED_COLUMNS, TILE_PACKED_ROWS = 1024, 8  # torchao's GPU int4 layout pads columns and rows to these multiples
 FP8_CAPABILITY = (8, 9)  # float8 matrix units: Ada and Hopper (8.9, 9.0) and newer
-
-
-def check_format(name: str) -> str:
-    """A format name of :data:`ALL_FORMATS`, or one sentence listing them."""
-    if name not in ALL_FORMATS:
-        raise BadParameter(f"format {name!r} is unknown; use one of {', '.join(ALL_FORMATS)}.")
-    return name
-
-
-def library(name: str) -> str:
-    """Which library stores format ``name``: "torch" (16-bit), "bitsandbytes" or "torchao"."""
-    check_format(name)
-    return "torch" if name == "16-bit" else "torchao" if name in TORCHAO_FORMATS else "bitsandbytes"
 
 
 # --------------------------------------------------------------------------- the plan
@@ -70,7 +49,7 @@ class Parameters:
 
     compute_dtype: Any = "auto"
     model_id: str = "smollm2-135m"
-    formats: list = field(default_factory=lambda: list(ALL_FORMATS))
+    formats: list = field(default_factory=lambda: list(footprint.ALL_FORMATS))
     prompt: str = "Hello my dog is cute and"
     eval_tokens: int = 0  # tokens of the shipped text scored for perplexity (0: sized for the machine)
     batch_sizes: list = field(default_factory=lambda: [1, 8])
@@ -90,7 +69,8 @@ class Parameters:
     def resolve(self, *, device: str, quick: bool) -> str:
         if isinstance(self.formats, str) or not self.formats:
             raise BadParameter(f"formats={self.formats!r}: give a list, for example ['16-bit', 'nf4', 'torchao-int4'].")
-        wanted = [check_format(f) for f in dict.fromkeys(["16-bit", *self.formats])]  # 16-bit is the reference
+        # 16-bit is the reference
+        wanted = [footprint.check_format(f) for f in dict.fromkeys(["16-bit", *self.formats])]
         check_sizes(0, eval_tokens=self.eval_tokens, new_tokens=self.new_tokens)
         if isinstance(self.batch_sizes, (str, int)) or not self.batch_sizes:
             raise BadParameter(f"batch_sizes={self.batch_sizes!r}: give a list of batch sizes, for example [1, 8].")
@@ -110,8 +90,8 @@ class Parameters:
             raise ModelNotAvailable(problem)
         self.skipped, dropped = unavailable_formats(wanted, device, self.dtype)
         self.formats = [f for f in wanted if f not in dropped]
-        self.bnb_formats = [f for f in self.formats if library(f) == "bitsandbytes"]
-        self.torchao_formats = [f for f in self.formats if library(f) == "torchao"]
+        self.bnb_formats = [f for f in self.formats if footprint.library(f) == "bitsandbytes"]
+        self.torchao_formats = [f for f in self.formats if footprint.library(f) == "torchao"]
         # sizes: tokens scored, tokens generated, the prefill's prompt, timing repeats, the weight-only sweep
         if on_gpu:  # the whole shipped text (about 2,400 tokens); a 8192 x 8192 layer is read in tens of microseconds
             sizes = (4096, 32, 128, 2, [1, 4, 16, 64, 256, 1024], 8192)
@@ -146,14 +126,14 @@ def unavailable_formats(formats: list[str], device: str, dtype) -> tuple[dict[st
     """The formats of ``formats`` this machine cannot run: ({what is skipped: why}, the format names)."""
     skipped: dict[str, str] = {}
     dropped: set[str] = set()
-    bnb = [f for f in formats if library(f) == "bitsandbytes"]
+    bnb = [f for f in formats if footprint.library(f) == "bitsandbytes"]
     if bnb:
         probe = probes.bitsandbytes_4bit([device])  # a real 4-bit matrix product on this device, not just an import
         if not all(r["ok"] for r in probe):
             skipped[f"the bitsandbytes formats ({', '.join(bnb)})"] = \
                 f"bitsandbytes cannot run 4-bit on {device}: {probe[0]['reason']}"
             dropped.update(bnb)
-    ao = [f for f in formats if library(f) == "torchao"]
+    ao = [f for f in formats if footprint.library(f) == "torchao"]
     why = torchao_problem() if ao else ""
     if why:
         skipped[f"the torchao formats ({', '.join(ao)}), quantization for speed"] = why
@@ -176,7 +156,7 @@ def unavailable_formats(formats: list[str], device: str, dtype) -> tuple[dict[st
 def quantization_config(name: str, compute_dtype: Any = "bfloat16"):
     """The ``BitsAndBytesConfig`` for a bitsandbytes format (None for 16-bit); ``compute_dtype`` is what 4-bit
     weights are dequantized to for each matrix product."""
-    kwargs = FORMATS.get(check_format(name), ...)
+    kwargs = FORMATS.get(footprint.check_format(name), ...)
     if kwargs is ...:
         raise BadParameter(f"format {name!r} is not a bitsandbytes format; torchao formats use torchao_config().")
     if kwargs is None:
@@ -191,7 +171,7 @@ def torchao_config(name: str, device: str = "cpu", *, group_size: int = INT4_GRO
     """The torchao config of a torchao format on ``device``: int8 weight-only; int4 weight-only in the layout this
     device has a kernel for (a CPU: the prototype opaque layout for ``_weight_int4pack_mm_for_cpu``; a GPU: the
     tinygemm tile-packed layout); float8 weights and activations, one scale per row."""
-    check_format(name)
+    footprint.check_format(name)
     with compat.quiet_logger("torchao"):
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import (
@@ -208,7 +188,8 @@ def torchao_config(name: str, device: str = "cpu", *, group_size: int = INT4_GRO
         return PrototypeInt4WeightOnlyConfig(group_size=group_size)
     if name == "torchao-float8":
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    raise BadParameter(f"format {name!r} is not a torchao format; use one of {', '.join(TORCHAO_FORMATS)}.")
+    raise BadParameter(f"format {name!r} is not a torchao format; use one of "
+                       f"{', '.join(footprint.TORCHAO_FORMATS)}.")
 
 
 def torchao_quantized(model, name: str, device: str, *, group_size: int = INT4_GROUP_SIZE):
@@ -216,17 +197,12 @@ def torchao_quantized(model, name: str, device: str, *, group_size: int = INT4_G
     from torchao.quantization import quantize_
 
     quantized = copy.deepcopy(model)
-    layers = {id(m) for m in quantized_linears(quantized)}  # every linear layer but the output, as transformers does
+    # every linear layer but the output, as transformers does
+    layers = {id(m) for m in footprint.quantized_linears(quantized)}
     with compat.quiet_logger("torchao"):
         quantize_(quantized, torchao_config(name, device, group_size=group_size),
                   filter_fn=lambda module, fqn: id(module) in layers)
     return quantized
-
-
-def quantized_linears(model) -> list[torch.nn.Linear]:
-    """The linear layers a format quantizes: all of them except the output layer."""
-    output = model.get_output_embeddings()
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output]
 
 
 def meta_model(name: str, tokenizer, dtype):
@@ -239,147 +215,16 @@ def meta_model(name: str, tokenizer, dtype):
 
 # --------------------------------------------------------------------------- footprints: predicted, then counted
 
-def four_bit_parts(count: int, *, blocksize: int = BLOCKSIZE, double: bool = False) -> tuple[int, int]:
-    """(packed weight bytes, scale bytes) of ``count`` weights in bitsandbytes' 4-bit formats: half a byte per weight;
-    one float32 absmax per block of ``blocksize`` and the 16-entry float32 code table of the format. With double
-    quantization the absmax values are stored in 8 bits, with one float32 scale per 256 of them, their own 256-entry
-    float32 code table and one float32 offset."""
-    blocks = -(-count // blocksize)
-    if double:
-        scales = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 * NESTED_BLOCK + 4
-    else:
-        scales = 4 * blocks
-    return (count + 1) // 2, scales + 4 * CODE_ENTRIES
-
-
-def four_bit_bytes(count: int, *, blocksize: int = BLOCKSIZE, double: bool = False) -> int:
-    """Bytes of ``count`` weights in a bitsandbytes 4-bit format, scales included (:func:`four_bit_parts`): the one
-    formula for a 4-bit size."""
-    return sum(four_bit_parts(count, blocksize=blocksize, double=double))
-
-
-def int4_weight_only_parts(rows: int, cols: int, *, group_size: int = INT4_GROUP_SIZE, element_bytes: int = 2,
-                           device: str = "cpu") -> tuple[int, int]:
-    """(packed weight bytes, scale bytes) of a ``rows`` x ``cols`` weight in torchao's int4 weight-only formats: half a
-    byte per weight, and a scale and a zero point (each of ``element_bytes``, the weights' dtype) per group of
-    ``group_size`` weights along a row. On a GPU the tile-packed layout first pads the columns to a multiple of 1024
-    and the rows to a multiple of 8."""
-    if device.startswith("cuda"):
-        cols = -(-cols // TILE_PACKED_COLUMNS) * TILE_PACKED_COLUMNS
-        rows = -(-rows // TILE_PACKED_ROWS) * TILE_PACKED_ROWS
-    return rows * cols // 2, rows * (cols // group_size) * 2 * element_bytes
-
-
-def weight_parts(name: str, rows: int, cols: int, *, element_bytes: int = 2, device: str = "cpu",
-                 group_size: int = INT4_GROUP_SIZE) -> tuple[int, int] | None:
-    """(quantized weight bytes, scale bytes) of one ``rows`` x ``cols`` linear weight in format ``name``; None when
-    the format leaves this layer in 16-bit (torchao int4 when ``cols`` is not a multiple of the group size)."""
-    count = rows * cols
-    if name in ("fp4", "nf4", "nf4-double"):
-        return four_bit_parts(count, double=name == "nf4-double")
-    if name == "int8":  # LLM.int8: int8 weights and one float32 scale per row
-        return count, 4 * rows
-    if name == "torchao-int8":  # int8 weights, a float32 scale and an int8 zero point per row
-        return count, rows * (4 + 1)
-    if name == "torchao-int4":
-        return None if cols % group_size else int4_weight_only_parts(rows, cols, group_size=group_size,
-                                                                    element_bytes=element_bytes, device=device)
-    if name == "torchao-float8":  # float8 weights and one float32 scale per row
-        return count, 4 * rows
-    raise BadParameter(f"format {name!r} stores no quantized weights.")
-
-
-def predict_footprint(model, name: str, *, device: str = "cpu", group_size: int = INT4_GROUP_SIZE) -> dict[str, int]:
-    """Predict the bytes of ``model`` (a 16-bit model, before quantization) in format ``name`` from its own tensors:
-    ``kept`` (what stays 16-bit), ``weights`` (the quantized weight matrices) and ``scales`` (what the format keeps
-    beside them). A tensor shared by two modules (tied embeddings) counts once."""
-    check_format(name)
-    layers = {id(m.weight): m for m in quantized_linears(model)}
-    parts, seen = {"kept": 0, "weights": 0, "scales": 0}, set()
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        layer = layers.get(id(tensor))
-        stored = None if name == "16-bit" or layer is None else weight_parts(
-            name, layer.out_features, layer.in_features, element_bytes=tensor.element_size(), device=device,
-            group_size=group_size)
-        if stored is None:
-            parts["kept"] += tensor.numel() * tensor.element_size()
-        else:
-            parts["weights"] += stored[0]
-            parts["scales"] += stored[1]
-    return parts
-
-
-def _plain_bytes(tensor) -> int:
-    if hasattr(tensor, "__tensor_flatten__"):  # a tensor subclass holding other tensors
-        inner, _ = tensor.__tensor_flatten__()
-        return sum(_plain_bytes(getattr(tensor, n)) for n in inner)
-    return tensor.numel() * tensor.element_size()
-
-
-def _tensor_parts(tensor, seen: set[int], moved_scales: dict[int, Any]) -> Iterator[tuple[str, int]]:
-    """(part, bytes) of what one parameter really holds; bitsandbytes' scales live beside the parameter (or, for
-    LLM.int8 after its first forward pass, in its layer's ``state``: ``moved_scales``)."""
-    if hasattr(tensor, "__tensor_flatten__"):  # torchao: the packed weights ("qdata") and their scales inside
-        inner, _ = tensor.__tensor_flatten__()
-        for n in inner:
-            yield ("weights" if n == "qdata" else "scales"), _plain_bytes(getattr(tensor, n))
-        return
-    state = getattr(tensor, "quant_state", None)
-    row_scales = getattr(tensor, "SCB", None)
-    if row_scales is None:
-        row_scales = moved_scales.get(id(tensor))
-    if state is None and row_scales is None:
-        yield "kept", tensor.numel() * tensor.element_size()
-        return
-    yield "weights", tensor.numel() * tensor.element_size()
-    extra = [row_scales] if row_scales is not None else [state.absmax, state.code]
-    if state is not None and state.nested:
-        extra += [state.state2.absmax, state.state2.code, state.offset]
-    for t in extra:
-        if t is not None and id(t) not in seen:
-            seen.add(id(t))
-            yield "scales", t.numel() * t.element_size()
-
-
-def count_footprint(model) -> dict[str, int]:
-    """The bytes a (quantized) model really holds, counted from its tensors: ``kept`` (16-bit tensors), ``weights``
-    (quantized weights) and ``scales``. ``get_memory_footprint()`` counts elements times the dtype a parameter
-    presents: right for plain tensors, blind to bitsandbytes' scales (kept beside the parameter) and wrong for
-    torchao's tensor subclasses (each presents its 16-bit dtype while holding int8 or packed int4 inside)."""
-    parts, seen = {"kept": 0, "weights": 0, "scales": 0}, set()
-    moved_scales = _int8_scales_in_state(model)
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        for part, size in _tensor_parts(tensor, seen, moved_scales):
-            parts[part] += size
-    return parts
-
-
-def _int8_scales_in_state(model) -> dict[int, Any]:
-    """LLM.int8's row scales that moved off their weight: bitsandbytes' ``Linear8bitLt`` moves ``weight.SCB`` into
-    its ``state.SCB`` at the first forward pass (``init_8bit_state``), so they are found by the weight's id."""
-    moved = {}
-    for module in model.modules():
-        state, weight = getattr(module, "state", None), getattr(module, "weight", None)
-        scales = getattr(state, "SCB", None)
-        if weight is not None and scales is not None and getattr(weight, "SCB", None) is None:
-            moved[id(weight)] = scales
-    return moved
-
 
 def layer_footprint_mib(name: str, rows: int, cols: int, *, device: str = "cpu", dtype=torch.bfloat16,
                         group_size: int = INT4_GROUP_SIZE) -> float:
     """A real ``rows`` x ``cols`` layer quantized in format ``name`` by its library, its bytes counted (MiB)."""
     layer = torch.nn.Linear(cols, rows, bias=False, device=device, dtype=dtype)
-    if library(name) == "bitsandbytes":
+    if footprint.library(name) == "bitsandbytes":
         import bitsandbytes.functional as bnbf  # optional (the quant extra): only when a bitsandbytes format runs
 
-        packed, state = bnbf.quantize_4bit(layer.weight.data, blocksize=BLOCKSIZE, quant_type=name.split("-")[0],
+        packed, state = bnbf.quantize_4bit(layer.weight.data, blocksize=footprint.BLOCKSIZE,
+                                           quant_type=name.split("-")[0],
                                            compress_statistics=name == "nf4-double")
         holder = torch.nn.Parameter(packed, requires_grad=False)
         holder.quant_state = state
@@ -452,25 +297,11 @@ def prefill_ms(model, input_ids, *, warmup: int, repeats: int) -> float:
     return measure(call, device=str(input_ids.device), warmup=warmup, repeats=repeats).median_ms
 
 
-class StepClock(StoppingCriteria):
-    """A stopping criterion that never stops: ``generate`` calls it once at the end of every step, and it notes the
-    time (after waiting for the device), so that one ``generate`` call times each of its decode steps."""
-
-    def __init__(self, device: str):
-        super().__init__()
-        self.device, self.times = device, []
-
-    def __call__(self, input_ids, scores, **kwargs):
-        synchronize(self.device)
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
 def decode_rate(model, input_ids, *, new_tokens: int) -> dict[str, Any]:
-    """Greedy decode of exactly ``new_tokens`` tokens in one ``generate`` call, each step timed (:class:`StepClock`):
+    """Greedy decode of exactly ``new_tokens`` tokens in one ``generate`` call, each step timed (``outputs.StepClock``):
     the first step after the prefill is the warm-up, the others are the repeats; the median step gives tokens/s,
     with the p10-p90 spread of the steps."""
-    clock = StepClock(str(model.device))
+    clock = outputs.StepClock(str(model.device))
     ids = outputs.generate_exactly(model, input_ids, new_tokens, stopping_criteria=StoppingCriteriaList([clock]))
     steps = [1e3 * (after - before) for before, after in zip(clock.times, clock.times[1:], strict=False)]
     steps = steps[1:] or steps

@@ -65,7 +65,9 @@ NOTEBOOKS: tuple[Notebook, ...] = (
              ({"plan_devices": ["2 x 24 GB", "two big GPUs"]}, "devices='two big GPUs'"),
              tables=("memory_needed", "gpus_needed", "calculator", "device_maps", "tensor_parallel", "kv_per_rank",
                      "data_parallel", "pipeline_stages", "pipeline_steps", "expert_parallel", "layouts", "tp_pp",
-                     "allreduce", "tp_communication", "tp_links")),
+                     "allreduce", "tp_communication", "tp_links"),
+             metrics=("tp_2_speedup", "dp_2_speedup", "pp_2_step_vs_one_process", "ep_2_experts_per_rank",
+                      "allreduce_best_busbw_gb_per_s", "allreduce_fraction_of_copy")),
     Notebook("06_serving", "serving", "serving", "model_id", "dtype",
              ({"server_concurrency": [4, 0]}, "server_concurrency[1]=0")),
 )

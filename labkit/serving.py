@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import torch
 from transformers import QuantizedCache
 
-from labkit import compat, models, parallel, probes, roofline
+from labkit import compat, footprint, launcher, models, outputs, probes, roofline
 from labkit.errors import BadParameter, LabkitError, check_sizes
 from labkit.metrics import serving as names
 from labkit.paths import cache_dir
@@ -245,7 +245,7 @@ def kv_bytes_per_token(model) -> int:
 
 # --------------------------------------------------------------------------- static and continuous batching
 
-def static_rows(batch: Sequence[Request], output, padded, clock: models.StepClock,
+def static_rows(batch: Sequence[Request], output, padded, clock: outputs.StepClock,
                 start: float) -> list[dict[str, Any]]:
     """One row per request of a static batch that ``generate`` ran: its token ids, TTFT, per-token latency, and when
     it was returned (with its whole batch, at the batch's end)."""
@@ -667,7 +667,7 @@ def measured_kv_bytes_per_token(model, *, tokens: int = 16) -> float:
     ids = torch.zeros(1, tokens, dtype=torch.long, device=model.device)
     with torch.inference_mode():
         output = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return parallel.cache_bytes(output) / tokens
+    return footprint.cache_bytes(output) / tokens
 
 
 def held_bytes(obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> int:
@@ -857,9 +857,9 @@ def sequences_that_fit(*, model_name: str = "llama-70b-shape", devices: str = "8
     """Notebook 05's calculator fed with the KV bytes per token: how many sequences of ``context`` tokens fit in the
     memory the 16-bit weights of ``model_name`` leave on ``devices`` (each filled to labkit.parallel's usable share),
     with a KV cache of ``kv_fraction`` of the 16-bit size (a quantized cache)."""
-    model = parallel.empty_model(model_name)
-    need = parallel.memory_needed(model, fmt="16-bit", batch=1, context=context)
-    total = sum(d["bytes"] for d in parallel.parse_devices(devices)) * parallel.USABLE_FRACTION
+    model = models.empty_model(model_name)
+    need = footprint.memory_needed(model, fmt="16-bit", batch=1, context=context)
+    total = sum(d["bytes"] for d in footprint.parse_devices(devices)) * footprint.USABLE_FRACTION
     left = total - need["weights"]
     per_sequence = need["kv_cache"] * kv_fraction
     return {"model": model_name, "devices": devices, "context": context, "weights_gib": need["weights"] / 2**30,
@@ -975,7 +975,7 @@ class Server:
     def __init__(self, model: str, *, device: str = "cpu", dtype: str = "float32", port: int | None = None,
                  kv_pages: int | None = None, max_batch_tokens: int | None = None, max_model_len: int | None = None,
                  continuous_batching: bool = True, log_path: str | os.PathLike | None = None):
-        self.model, self.port, self.max_model_len = model, port or parallel.free_port(), max_model_len
+        self.model, self.port, self.max_model_len = model, port or launcher.free_port(), max_model_len
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path else cache_dir() / "serving" / f"transformers-serve-{self.port}.log"
         flags = ["--host", "127.0.0.1", "--port", str(self.port), "--device", device, "--dtype", dtype]

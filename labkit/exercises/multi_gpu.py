@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 
-from labkit import parallel, roofline
+from labkit import footprint, models, parallel, roofline
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
 
 # --------------------------------------------------------------------------- 05.1 how many GPUs
 
 def gpus_needed(total_bytes, device_bytes):
     # weights and KV cache must fit in the usable part of each GPU (labkit plans with 90%), rounded up
-    return parallel.devices_needed(total_bytes, device_bytes)
+    return footprint.devices_needed(total_bytes, device_bytes)
 
 
 def _gpus_needed(answer, c):
@@ -23,8 +23,8 @@ def _gpus_needed(answer, c):
     if answer == expected:
         return f"{expected} GPUs of {device / 2**30:.0f} GiB for {need / 2**30:.1f} GiB."
     if answer == math.ceil(need / device):
-        raise Wrong(f"a GPU cannot give all its memory to the model: plan with {parallel.USABLE_FRACTION:.0%} of each")
-    if answer == math.ceil(c["weight_bytes"] / (device * parallel.USABLE_FRACTION)):
+        raise Wrong(f"a GPU cannot give all its memory to the model: plan with {footprint.USABLE_FRACTION:.0%} of each")
+    if answer == math.ceil(c["weight_bytes"] / (device * footprint.USABLE_FRACTION)):
         raise Wrong("the KV cache needs room too, beside the weights")
     raise Wrong(f"{answer} GPUs is not it")
 
@@ -102,7 +102,7 @@ def _everything_to_everyone(items, rank, world_size):
 def layout_for(model, machine, fmt, batch, context):
     # the planner's rule: the smallest TP inside a node that divides the key/value heads and holds the model;
     # if no TP inside a node holds it, TP over the whole node and as few pipeline stages as hold it
-    plan = parallel.plan_layout(parallel.empty_model(model), parallel.parse_machine(machine), fmt=fmt,
+    plan = parallel.plan_layout(models.empty_model(model), footprint.parse_machine(machine), fmt=fmt,
                                 batch=batch, context=context)
     return (plan["tp"], plan["pp"])
 
@@ -113,12 +113,12 @@ def _layout(answer, c):
         raise Wrong("give the layout as (tp, pp): two whole numbers of at least 1")
     tp, pp = answer
     expected = layout_for(**c)
-    model, machine = parallel.empty_model(c["model"]), parallel.parse_machine(c["machine"])
+    model, machine = models.empty_model(c["model"]), footprint.parse_machine(c["machine"])
     plan = parallel.plan_layout(model, machine, fmt=c["fmt"], batch=c["batch"], context=c["context"])
     if (tp, pp) == expected:
         return f"TP {tp} x PP {pp}. " + " ".join(plan["reasons"][1:])
     kv_heads = model.config.num_key_value_heads
-    gpu = min(d["bytes"] for d in machine["devices"]) * parallel.USABLE_FRACTION
+    gpu = min(d["bytes"] for d in machine["devices"]) * footprint.USABLE_FRACTION
     if tp > machine["per_node"]:
         raise Wrong(f"TP {tp} spans more than one node of {machine['per_node']} GPUs: its two all-reduces per layer "
                     "would cross the network at every token; keep TP inside a node, stages across nodes")
@@ -128,7 +128,7 @@ def _layout(answer, c):
         raise Wrong(f"that is {tp * pp} GPUs; the machine has {len(machine['devices'])}")
     if plan["need"]["total"] / (tp * pp) > gpu:
         raise Wrong(f"each GPU would hold {plan['need']['total'] / (tp * pp) / 2**30:,.0f} GiB, more than the "
-                    f"{gpu / 2**30:,.0f} GiB one GPU can give at {parallel.USABLE_FRACTION:.0%}: it does not fit")
+                    f"{gpu / 2**30:,.0f} GiB one GPU can give at {footprint.USABLE_FRACTION:.0%}: it does not fit")
     if pp > expected[1]:
         raise Wrong("that holds the model, with more pipeline stages than needed: each stage adds a hop per step "
                     "and idles while the others work; give TP the whole node first")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from labkit import quant
+from labkit import footprint
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, predicted
 
 # --------------------------------------------------------------------------- 04.1 NF4's footprint
 
 def nf4_mib(rows, cols, blocksize):
     # half a byte per weight, plus one float32 absmax scale per block of `blocksize` weights
-    return quant.four_bit_bytes(rows * cols, blocksize=blocksize) / 2**20
+    return footprint.four_bit_bytes(rows * cols, blocksize=blocksize) / 2**20
 
 
 def _nf4_footprint(answer, c):
@@ -31,7 +31,7 @@ def _nf4_footprint(answer, c):
 
 def int4_mib(rows, cols, group_size):
     # half a byte per weight, plus a bfloat16 scale and a bfloat16 zero point per group of `group_size` weights
-    return sum(quant.int4_weight_only_parts(rows, cols, group_size=group_size)) / 2**20
+    return sum(footprint.int4_weight_only_parts(rows, cols, group_size=group_size)) / 2**20
 
 
 def _int4_footprint(answer, c):

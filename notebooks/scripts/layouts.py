@@ -28,7 +28,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-from labkit import compat, outputs, parallel, probes, roofline, timing
+from labkit import compat, footprint, outputs, parallel, probes, roofline, timing
 from labkit.errors import BadParameter
 
 LAYOUTS = ("tp", "pp", "ep", "dp", "tp_pp")
@@ -132,7 +132,7 @@ def measure(job, model, prompt, *, decode=True):
         ran = timing.ops_that_ran(lambda: model(input_ids=prompt), job.device)
         output = model(input_ids=prompt, use_cache=True)
     top = output.logits[0, -1].float().topk(10)
-    held = {"parameter_bytes": roofline.parameter_bytes(model), "kv_cache_bytes": parallel.cache_bytes(output),
+    held = {"parameter_bytes": roofline.parameter_bytes(model), "kv_cache_bytes": footprint.cache_bytes(output),
             "collectives": collectives(ran.counts)}
     result = {"sdpa_backend": ran.backend, "top_logits": top.values.tolist(), **held}
     if decode:

@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 import labkit
-from labkit import models, plots, quant, roofline, timing
+from labkit import footprint, models, plots, quant, roofline, timing
 from labkit.widgets import show
 
 lab = labkit.start("04_quantization", globals())
@@ -78,7 +78,7 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 #   **biases**, and everything computed at run time (activations, the **KV cache**).
 #
 # So a model shrinks by less than 4x, and the smaller the model, the larger the share of its embeddings. **The
-# prediction**: `quant.predict_footprint` walks the 16-bit model's own tensors and prices each linear weight in each
+# prediction**: `footprint.predict_footprint` walks the 16-bit model's own tensors and prices each linear weight in each
 # format (the bytes above: weights, then scales); it does the same for a 1B-parameter Llama built on the meta device
 # (its shapes only, no memory used).
 
@@ -87,7 +87,7 @@ model, tokenizer = models.load_model(model_id, device=lab.device, dtype=lab.dtyp
 big = quant.meta_model("random-llama-1b", tokenizer, lab.dtype)
 rows = []
 for name in lab.p.formats:
-    small, large = (quant.predict_footprint(m, name, device=lab.device) for m in (model, big))
+    small, large = (footprint.predict_footprint(m, name, device=lab.device) for m in (model, big))
     rows.append({"format": name, f"{model_id} MiB": sum(small.values()) / 2**20,
                  "of which scales MiB": small["scales"] / 2**20, "random-llama-1b GiB": sum(large.values()) / 2**30})
 predicted = pd.DataFrame(rows)
@@ -134,17 +134,17 @@ for name in lab.p.torchao_formats:  # torchao: quantize_(a copy of the 16-bit mo
 parts = {"kept": "16-bit part MiB", "weights": "quantized weights MiB", "scales": "scales MiB"}
 rows = []
 for name, m in loaded.items():
-    counted = quant.count_footprint(m)  # the bytes each tensor really holds, bitsandbytes' scales and torchao's inside
+    counted = footprint.count_footprint(m)  # what each tensor really holds, bitsandbytes' and torchao's scales too
     rows.append({"format": name, **{parts[k]: b / 2**20 for k, b in counted.items()}, "total MiB": sum(
         counted.values()) / 2**20, "get_memory_footprint() MiB": m.get_memory_footprint() / 2**20})
-footprint = pd.DataFrame(rows)
-footprint["predicted MiB"] = footprint["format"].map(predicted.set_index("format")[f"{model_id} MiB"])
-footprint["x smaller"] = footprint["total MiB"][0] / footprint["total MiB"]
-lab.table("footprint", footprint, title=f"{model_id}: footprints counted from the tensors")
+held = pd.DataFrame(rows)
+held["predicted MiB"] = held["format"].map(predicted.set_index("format")[f"{model_id} MiB"])
+held["x smaller"] = held["total MiB"][0] / held["total MiB"]
+lab.table("footprint", held, title=f"{model_id}: footprints counted from the tensors")
 
 # %% tags=["reveals-04.1", "reveals-04.2"]
-total, off = footprint.set_index("format")["total MiB"], footprint["total MiB"] - footprint["predicted MiB"]
-lab.check("prediction_matches_counted_footprint", (off.abs() <= 0.01 * footprint["total MiB"]).all())
+total, off = held.set_index("format")["total MiB"], held["total MiB"] - held["predicted MiB"]
+lab.check("prediction_matches_counted_footprint", (off.abs() <= 0.01 * held["total MiB"]).all())
 four_bit = total.reindex(["fp4", "nf4", "nf4-double"]).max()  # NaN when no 4-bit format ran
 if "int8" in total and four_bit > 0:
     lab.check("footprint_ordering_16bit_int8_4bit", total["16-bit"] > total["int8"] > four_bit)
@@ -473,8 +473,8 @@ else:
 # One row per format: its footprint, its batch-1 decode as a fraction of its own bound, its perplexity change.
 
 # %%
-summary = footprint[["format", "total MiB", "x smaller"]].rename(columns={"total MiB": "MiB"})
-summary.insert(1, "library", summary["format"].map(quant.library))
+summary = held[["format", "total MiB", "x smaller"]].rename(columns={"total MiB": "MiB"})
+summary.insert(1, "library", summary["format"].map(footprint.library))
 summary[f"x 16-bit tokens/s (batch {smallest})"] = summary["format"].map(first["x 16-bit"])
 summary["fraction of bound"] = summary["format"].map(first["fraction of bound"])
 summary["perplexity change"] = summary["format"].map(quality.set_index("format")["change"])

@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 
 import labkit
-from labkit import compat, models, outputs, parallel, plots, probes, quant, roofline
+from labkit import compat, footprint, launcher, models, outputs, parallel, plots, probes, roofline
 from labkit.widgets import show
 
 lab = labkit.start("05_multi_gpu", globals())
@@ -87,7 +87,7 @@ from transformers import AutoModelForCausalLM
 
 GIB = 2**30
 with torch.device("meta"):  # the shapes only: no memory used, nothing downloaded
-    model = AutoModelForCausalLM.from_config(parallel.model_config(lab.p.plan_model), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(models.model_config(lab.p.plan_model), dtype=torch.bfloat16)
 print(f"{lab.p.plan_model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} billion parameters, "
       f"{model.config.num_hidden_layers} layers; batch {lab.p.batch} x context {lab.p.context} tokens")
 
@@ -99,7 +99,7 @@ def kv_cache_bytes(config, batch, tokens, element_bytes=2):
 
 
 # %%
-need = pd.DataFrame([{"format": fmt, "weights": sum(quant.predict_footprint(model, fmt).values()),  # notebook 04's
+need = pd.DataFrame([{"format": fmt, "weights": sum(footprint.predict_footprint(model, fmt).values()),  # notebook 04's
                       "KV cache": kv_cache_bytes(model.config, lab.p.batch, lab.p.context)} for fmt in lab.p.formats])
 need["total"] = need["weights"] + need["KV cache"]
 gib = need.set_index("format").div(GIB).add_suffix(" GiB").reset_index()
@@ -128,11 +128,11 @@ ex.check(answer)
 machines = {**lab.p.machines, **({"GPUs here": {"devices": lab.p.gpus}} if lab.p.gpus else {})}
 fits = gib[["format", "total GiB"]].copy()
 for text, machine in machines.items():
-    usable = [d["bytes"] * parallel.USABLE_FRACTION for d in machine["devices"]]  # the planning margin
+    usable = [d["bytes"] * footprint.USABLE_FRACTION for d in machine["devices"]]  # the planning margin
     fits[text] = ["fits on one" if total <= max(usable) else f"{math.ceil(total / min(usable))} needed, "
                   + ("enough" if total <= sum(usable) else "too few") for total in need["total"]]
 lab.table("gpus_needed", fits, title=f"{lab.p.plan_model}: GPUs needed on each machine")
-ex.compare(math.ceil(first["total"] / (24 * GIB * parallel.USABLE_FRACTION)), "GPUs")
+ex.compare(math.ceil(first["total"] / (24 * GIB * footprint.USABLE_FRACTION)), "GPUs")
 
 # %% [markdown]
 # Is the calculator right? The model the jobs below run is loaded for real: its weights are counted by
@@ -143,9 +143,9 @@ job_model, _ = models.load_model(lab.p.model_id, device=lab.device, dtype=lab.dt
 prompt = torch.randint(0, job_model.config.vocab_size, (2, 64), device=lab.device)  # 2 sequences of 64 tokens
 with torch.inference_mode():
     output = job_model(input_ids=prompt, use_cache=True)
-predicted = {"weights": sum(quant.predict_footprint(job_model, "16-bit").values()),  # in the model's own dtype
+predicted = {"weights": sum(footprint.predict_footprint(job_model, "16-bit").values()),  # in the model's own dtype
              "KV cache": kv_cache_bytes(job_model.config, 2, 64, element_bytes=lab.dtype.itemsize)}
-measured = {"weights": job_model.get_memory_footprint(), "KV cache": parallel.cache_bytes(output)}
+measured = {"weights": job_model.get_memory_footprint(), "KV cache": footprint.cache_bytes(output)}
 calculator = pd.DataFrame({"what": ["weights", "KV cache, 2 x 64 tokens"],
                            "predicted MiB": [v / 2**20 for v in predicted.values()],
                            "measured MiB": [v / 2**20 for v in measured.values()]})
@@ -213,7 +213,7 @@ else:  # the model whole on one GPU, bound by the GPU's memory bandwidth
 # %%
 if len(lab.p.gpus) >= 2:  # the same weights over two GPUs, one after the other
     spread, _ = models.load_model(name, dtype=lab.p.gpu_dtype, attn_implementation="sdpa", device_map="auto",
-                                  max_memory=parallel.balanced_max_memory(parallel.empty_model(name), 2))
+                                  max_memory=parallel.balanced_max_memory(models.empty_model(name), 2))
     where = getattr(spread, "hf_device_map", {"": str(spread.device)})  # transformers sets it only when spread
     rows.append({"placement": "two GPUs, device_map='auto'", "key": "two_gpus_device_map_auto",
                  "bytes per token": weights, "over GB/s": bandwidth / 1e9,
@@ -270,9 +270,9 @@ for n in lab.p.processes:
     layouts = parallel.layouts_for(n, lab.p.model_id)  # those whose sizes divide n processes
     for what, why in layouts["skipped"].items():
         lab.skip(what, why)
-    jobs[n] = parallel.launch(lab.p.scripts / "layouts.py", n, {
+    jobs[n] = launcher.launch(lab.p.scripts / "layouts.py", n, {
         "layouts": layouts["run"], "model": lab.p.model_id, "dtype": lab.p.job_dtype, "new_tokens": lab.p.new_tokens,
-        "repeats": lab.p.repeats, "prompts": lab.p.dp_prompts, "one_process_threads": parallel.threads_per_process(1)},
+        "repeats": lab.p.repeats, "prompts": lab.p.dp_prompts, "one_process_threads": launcher.threads_per_process(1)},
         gpus=lab.p.jobs_on_gpus)
 if not lab.p.jobs_on_gpus:
     lab.skip("the layouts over NCCL", f"GPUs here: {len(lab.p.gpus)}, 2 needed: they ran on CPU processes over gloo")
@@ -533,18 +533,18 @@ answer = None  # (tp, pp)
 ex.check(answer)
 
 # %% tags=["reveals-05.4"]
-big = parallel.parse_machine("2 nodes x 8 x 80 GB")
+big = footprint.parse_machine("2 nodes x 8 x 80 GB")
 rows = []
 for name in dict.fromkeys([lab.p.plan_model, "llama-405b-shape"]):
     for text, machine in {**lab.p.machines, big["text"]: big}.items():
         for fmt in lab.p.formats:
-            plan = parallel.plan_layout(parallel.empty_model(name), machine, fmt=fmt, batch=lab.p.batch,
+            plan = parallel.plan_layout(models.empty_model(name), machine, fmt=fmt, batch=lab.p.batch,
                                         context=lab.p.context)
             rows.append({"model": name, "machine": text, "format": fmt, "TP": plan["tp"] if plan["fits"] else "-",
                          "PP": plan["pp"] if plan["fits"] else "-", "replicas": plan["replicas"],
                          "GiB per GPU": plan["per_gpu_bytes"] / GIB, "why": " ".join(plan["reasons"][1:])})
 lab.table("layouts", pd.DataFrame(rows).astype({"TP": str, "PP": str}), title="The planner's layouts")
-chosen = parallel.plan_layout(parallel.empty_model("llama-405b-shape"), big, batch=lab.p.batch, context=lab.p.context)
+chosen = parallel.plan_layout(models.empty_model("llama-405b-shape"), big, batch=lab.p.batch, context=lab.p.context)
 ex.compare((chosen["tp"], chosen["pp"]), "(tp, pp) by the planner")
 
 # %% [markdown]
@@ -571,9 +571,9 @@ ex.compare((chosen["tp"], chosen["pp"]), "(tp, pp) by the planner")
 # (`compat.tp_plan_skips_other_stages`). `scripts/tp_pp_keyerror.py` is the plain call alone, to report it.
 
 # %%
-rehearsal = parallel.launch_nodes(lab.p.scripts / "layouts.py", 2, 2, {
+rehearsal = launcher.launch_nodes(lab.p.scripts / "layouts.py", 2, 2, {
     "layouts": ["tp_pp"], "model": lab.p.model_id, "dtype": lab.p.job_dtype, "new_tokens": lab.p.new_tokens,
-    "one_process_threads": parallel.threads_per_process(1)}, gpus=False)  # see the skip below
+    "one_process_threads": launcher.threads_per_process(1)}, gpus=False)  # see the skip below
 tp_pp = rehearsal["tp_pp"]
 print(f"{rehearsal['world_size']} processes on {rehearsal['nodes']} nodes met over {rehearsal['backend']}.")
 print("The plain call:", tp_pp["plain_error"] or "it loaded: this transformers combines TP and PP unaided")
@@ -629,8 +629,8 @@ if all(r["ok"] for r in bnb_probe):
         four_bit, _ = models.load_model(lab.p.model_id, device=lab.device, dtype=compute, attn_implementation="sdpa",
                                         device_map="auto", quantization_config=nf4)
     where = sorted(set(map(str, getattr(four_bit, "hf_device_map", {"": four_bit.device}).values())))
-    planned = sum(quant.predict_footprint(parallel.empty_model(lab.p.model_id), "nf4").values())  # section 1's way
-    held = sum(quant.count_footprint(four_bit).values())  # from its tensors, bitsandbytes' scales included
+    planned = sum(footprint.predict_footprint(models.empty_model(lab.p.model_id), "nf4").values())  # section 1's way
+    held = sum(footprint.count_footprint(four_bit).values())  # from its tensors, bitsandbytes' scales included
     ids = outputs.generate_exactly(four_bit, outputs.random_prompt(four_bit, batch=1, length=8), 4)
     print(f"{lab.p.model_id} in nf4 with device_map='auto': placed on {where}; {held / 2**20:.2f} MiB counted (with "
           f"the scales), {planned / 2**20:.2f} MiB planned; it generated {ids.shape[1] - 8} tokens")
@@ -678,7 +678,7 @@ answer = None  # your prediction, in GB/s
 ex.check(answer)
 
 # %% tags=["reveals-05.5"]
-bench = parallel.launch(lab.p.scripts / "allreduce_bench.py", max(lab.p.processes),
+bench = launcher.launch(lab.p.scripts / "allreduce_bench.py", max(lab.p.processes),
                         {"max_mib": lab.p.allreduce_max_mib}, gpus=lab.p.jobs_on_gpus)
 ranks = bench["world_size"]
 allreduce = pd.DataFrame(bench["rows"])[["bytes", "median_us"]].rename(columns={"median_us": "µs"})

@@ -48,7 +48,7 @@ import time
 from transformers import ContinuousBatchingConfig, GenerationConfig, StoppingCriteriaList
 
 import labkit
-from labkit import models, parallel, plots, quant, roofline, serving
+from labkit import models, outputs, plots, quant, roofline, serving
 from labkit.widgets import show
 
 lab = labkit.start("06_serving", globals())
@@ -94,7 +94,7 @@ ex.check(answer)
 
 # %% [markdown]
 # Static batching with `generate`: greedy decoding, each batch forced to run exactly its longest output
-# (`min_new_tokens`), so that both ways make the same number of tokens. `models.StepClock` is a stopping criterion
+# (`min_new_tokens`), so that both ways make the same number of tokens. `outputs.StepClock` is a stopping criterion
 # that never stops: `generate` calls it after every step, so it notes when each step's tokens were ready. A short run
 # on two requests warms everything up first; then the whole workload is timed.
 
@@ -108,7 +108,7 @@ def static_batching(requests):
     for batch in serving.batches(requests, lab.static_batch):
         padded = tokenizer.pad({"input_ids": [list(r.prompt_ids) for r in batch]}, return_tensors="pt").to(lab.device)
         longest = max(r.new_tokens for r in batch)  # the whole batch runs until its longest request is done
-        clock = models.StepClock(lab.device)
+        clock = outputs.StepClock(lab.device)
         output = model.generate(**padded, max_new_tokens=longest, min_new_tokens=longest,
                                 stopping_criteria=StoppingCriteriaList([clock]), **greedy)
         rows += serving.static_rows(batch, output, padded, clock, start)
@@ -316,7 +316,7 @@ if draft is not None:
 # architecture: the numbers are in the call below)?
 
 # %%
-shape_8b = roofline.kv_shape(parallel.model_config("llama-8b-shape"))
+shape_8b = roofline.kv_shape(models.model_config("llama-8b-shape"))
 ex = lab.exercise("06.3", layers=shape_8b["layers"], heads=shape_8b["heads"], kv_heads=shape_8b["kv_heads"],
                   head_dim=shape_8b["head_dim"], bytes_per_element=2)
 answer = None  # your prediction, in KiB per token
@@ -328,14 +328,14 @@ ex.check(answer)
 # 16 tokens, and the cache it leaves is measured.
 
 # %% tags=["reveals-06.3"]
-config_8b = parallel.model_config("llama-8b-shape")
-configs = {name: parallel.model_config(name) for name in ("tiny-llama", "tiny-opt", "random-llama-1b",
+config_8b = models.model_config("llama-8b-shape")
+configs = {name: models.model_config(name) for name in ("tiny-llama", "tiny-opt", "random-llama-1b",
                                                           "llama-8b-shape", "llama-70b-shape")}
 configs = {lab.model_id: model.config, **configs, "llama-8b-shape as MHA": serving.with_kv_heads(config_8b, 32),
            "llama-8b-shape as MQA": serving.with_kv_heads(config_8b, 1)}
 kv_rows = serving.kv_table(configs)
 show(kv_rows, title="KV cache per token, 16-bit")
-measured = {name: serving.measured_kv_bytes_per_token(parallel.empty_model(name))
+measured = {name: serving.measured_kv_bytes_per_token(models.empty_model(name))
             for name in ("llama-8b-shape", "llama-70b-shape")}
 ex.compare(measured["llama-8b-shape"] / 2**10, "KiB per token")
 print(f"llama-70b-shape's cache on the meta device: {measured['llama-70b-shape'] / 2**10:.0f} KiB per token")

@@ -26,7 +26,7 @@ import nbformat
 import pytest
 from chromium import CHROMIUM, FLAGS, playwright_or_skip
 
-from labkit import parallel
+from labkit import launcher
 
 pytestmark = [pytest.mark.browser, pytest.mark.jupyterlab]
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,7 +135,7 @@ def lab(tmp_path_factory):
     (settings / "apputils-extension").mkdir(parents=True)
     (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    port, token = parallel.free_port(), secrets.token_hex(16)
+    port, token = launcher.free_port(), secrets.token_hex(16)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "IPYTHONDIR": kernel_guard.make_profile(work / "ipython"),
            "JUPYTERLAB_SETTINGS_DIR": str(work / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(work / "workspaces"),
            "JUPYTER_CONFIG_DIR": str(work / "config"), "JUPYTER_RUNTIME_DIR": str(work / "runtime")}

@@ -8,11 +8,11 @@ combination runs alone.
 import pytest
 from conftest import first_run_cache
 
-from labkit import models, parallel
+from labkit import launcher, models, parallel
 from labkit.errors import BadParameter
 from labkit.paths import cache_dir
 
-SCRIPTS = parallel.scripts_dir()
+SCRIPTS = launcher.scripts_dir()
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def layouts(tmp_path_factory):
             "repeats": 1, "prompts": 5, "batch_in_flight": 3}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LABKIT_CACHE", str(first_run_cache(tmp_path_factory.mktemp("first-run") / "labkit")))
-        run = parallel.launch(SCRIPTS / "layouts.py", 2, args, gpus=False, echo=False)
+        run = launcher.launch(SCRIPTS / "layouts.py", 2, args, gpus=False, echo=False)
         run["models"] = {p.name for p in cache_dir().joinpath("models").iterdir() if models.complete(p)}
     return run
 
@@ -54,7 +54,7 @@ def test_tensor_parallel_tokens_equal_one_process_with_half_the_weights_and_cach
 def test_tensor_parallel_refuses_a_split_that_does_not_divide_the_heads():
     # checked before launching, in one sentence (tiny-llama has 4 attention heads and 2 key/value heads)
     with pytest.raises(BadParameter, match="3 processes cannot split the model's 4 attention heads"):
-        parallel.check_tensor_parallel(parallel.model_config("tiny-llama"), 3)
+        parallel.check_tensor_parallel(models.model_config("tiny-llama"), 3)
 
 
 def test_pipeline_stages_hold_their_layers_and_give_one_process_tokens(layouts):
@@ -85,7 +85,7 @@ def test_data_parallel_results_are_complete_in_order_and_equal_one_process(layou
 
 
 def test_tp_inside_two_nodes_and_pp_across_them():
-    run = parallel.launch_nodes(SCRIPTS / "layouts.py", 2, 2, {"layouts": ["tp_pp"], "new_tokens": 3}, echo=False)
+    run = launcher.launch_nodes(SCRIPTS / "layouts.py", 2, 2, {"layouts": ["tp_pp"], "new_tokens": 3}, echo=False)
     result = run["tp_pp"]
     assert (run["world_size"], run["nodes"]) == (4, 2) and result["sizes"] == {"tp_size": 2, "pp_size": 2}
     assert result["token_ids"] == result["one_process_token_ids"]
@@ -98,12 +98,12 @@ def test_tp_inside_two_nodes_and_pp_across_them():
 
 
 def test_the_smallest_reproduction_of_the_tp_pp_error():
-    with pytest.raises(parallel.LaunchFailed, match=r"KeyError: 'model\.layers\.\d+\.self_attn\.q_proj\.weight'"):  # whichever rank fails first
-        parallel.launch(SCRIPTS / "tp_pp_keyerror.py", 4, gpus=False, echo=False)
+    with pytest.raises(launcher.LaunchFailed, match=r"KeyError: 'model\.layers\.\d+\.self_attn\.q_proj\.weight'"):  # whichever rank fails first
+        launcher.launch(SCRIPTS / "tp_pp_keyerror.py", 4, gpus=False, echo=False)
 
 
 def test_all_reduce_benchmark_reports_nccl_tests_bandwidths():
-    run = parallel.launch(SCRIPTS / "allreduce_bench.py", 2, {"min_bytes": 1024, "max_mib": 1, "repeats": 2},
+    run = launcher.launch(SCRIPTS / "allreduce_bench.py", 2, {"min_bytes": 1024, "max_mib": 1, "repeats": 2},
                           gpus=False, echo=False)
     assert run["world_size"] == 2 and run["backend"] == "gloo"
     assert [r["bytes"] for r in run["rows"]] == [1024 * 4**i for i in range(6)]
@@ -116,23 +116,23 @@ def test_all_reduce_benchmark_reports_nccl_tests_bandwidths():
 def test_a_failing_job_reports_its_last_lines(tmp_path):
     script = tmp_path / "broken.py"
     script.write_text("import os\nif os.environ['RANK'] == '1':\n    raise RuntimeError('rank one broke on purpose')\n")
-    with pytest.raises(parallel.LaunchFailed, match="rank one broke on purpose") as caught:
-        parallel.launch(script, 2, gpus=False, echo=False)
+    with pytest.raises(launcher.LaunchFailed, match="rank one broke on purpose") as caught:
+        launcher.launch(script, 2, gpus=False, echo=False)
     assert "broken.py with 2 processes failed" in str(caught.value)
 
 
 def test_a_job_without_results_is_a_failure(tmp_path):
     script = tmp_path / "silent.py"
     script.write_text("print('done, but nothing written')\n")
-    with pytest.raises(parallel.LaunchFailed, match="exit status 0"):
-        parallel.launch(script, 1, gpus=False, echo=False)
+    with pytest.raises(launcher.LaunchFailed, match="exit status 0"):
+        launcher.launch(script, 1, gpus=False, echo=False)
 
 
 def test_gpus_are_hidden_from_cpu_jobs(tmp_path):
     script = tmp_path / "where.py"
     script.write_text("import os, sys\nfrom labkit import parallel\n"
                       "parallel.write_from_rank0(sys.argv[-1], {'visible': os.environ.get('CUDA_VISIBLE_DEVICES')})\n")
-    assert parallel.launch(script, 1, gpus=False, echo=False)["visible"] == ""
+    assert launcher.launch(script, 1, gpus=False, echo=False)["visible"] == ""
 
 
 def test_tensor_parallel_on_cpu_processes_with_a_cuda_build_of_torch(tmp_path, monkeypatch):
@@ -140,6 +140,6 @@ def test_tensor_parallel_on_cpu_processes_with_a_cuda_build_of_torch(tmp_path, m
     (tmp_path / "sitecustomize.py").write_text(
         "import torch\ntorch._C._get_accelerator = lambda check=None: torch.device('cuda')\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    run = parallel.launch(SCRIPTS / "layouts.py", 2, {"layouts": ["tp"], "new_tokens": 2, "repeats": 1},
+    run = launcher.launch(SCRIPTS / "layouts.py", 2, {"layouts": ["tp"], "new_tokens": 2, "repeats": 1},
                           gpus=False, echo=False)
     assert run["backend"] == "gloo" and run["world_size"] == 2 and run["tp"]["token_ids"]

@@ -8,7 +8,7 @@ from dataclasses import MISSING
 import pytest
 import torch
 
-from labkit import compat, outputs, parallel
+from labkit import compat, footprint, launcher, models, outputs, parallel
 from labkit.errors import BadParameter
 
 GIB = 2**30
@@ -16,7 +16,7 @@ GIB = 2**30
 
 def script(name: str):
     """A torchrun script of notebooks/scripts as a module (its main() does not run)."""
-    spec = importlib.util.spec_from_file_location(name, parallel.scripts_dir() / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, launcher.scripts_dir() / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -47,7 +47,7 @@ def test_parameter_count_by_hand(small):
 
 
 def test_memory_needed_16_bit_by_hand(small):
-    need = parallel.memory_needed(small, fmt="16-bit", batch=3, context=100)
+    need = footprint.memory_needed(small, fmt="16-bit", batch=3, context=100)
     assert need["weights"] == 2 * (LINEAR + OTHER) + 4 * BUFFER
     # keys and values x 2 layers x batch 3 x 100 tokens x 2 kv heads x head size 16 x 2 bytes
     assert need["kv_cache"] == 2 * 2 * 3 * 100 * 2 * 16 * 2 == 76_800
@@ -55,7 +55,7 @@ def test_memory_needed_16_bit_by_hand(small):
 
 
 def test_memory_needed_nf4_and_float32_by_hand(small):
-    nf4 = parallel.memory_needed(small, fmt="nf4", batch=1, context=1)
+    nf4 = footprint.memory_needed(small, fmt="nf4", batch=1, context=1)
     # half a byte per linear weight, one float32 absmax per 64 of them and a 16-entry float32 code table per layer;
     # embeddings and norms in 16-bit, the buffers in float32
     assert nf4["weights"] == LINEAR // 2 + 4 * (LINEAR // 64) + LINEAR_LAYERS * 16 * 4 + 2 * OTHER + 4 * BUFFER \
@@ -64,11 +64,11 @@ def test_memory_needed_nf4_and_float32_by_hand(small):
 
     with torch.device("meta"):
         wide = AutoModelForCausalLM.from_config(small.config, dtype=torch.float32)
-    fp32 = parallel.memory_needed(wide, batch=1, context=10, element_bytes=4)
+    fp32 = footprint.memory_needed(wide, batch=1, context=10, element_bytes=4)
     assert fp32["weights"] == 4 * (LINEAR + OTHER + BUFFER)
     assert fp32["kv_cache"] == 2 * 2 * 10 * 2 * 16 * 4
     with pytest.raises(BadParameter):
-        parallel.memory_needed(small, context=0)
+        footprint.memory_needed(small, context=0)
 
 
 def test_measured_kv_cache_equals_the_calculator():
@@ -79,14 +79,14 @@ def test_measured_kv_cache_equals_the_calculator():
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.inference_mode():
         output = model(input_ids=torch.randint(0, 100, (2, 7)), use_cache=True)
-    assert parallel.cache_bytes(output) == parallel.memory_needed(model, batch=2, context=7, element_bytes=4)["kv_cache"]
+    assert footprint.cache_bytes(output) == footprint.memory_needed(model, batch=2, context=7, element_bytes=4)["kv_cache"]
 
 
 @pytest.mark.parametrize("text, sizes", [
     ("2 x 24 GB", [24 * GIB] * 2), ("8x80GB", [80 * GIB] * 8), ("24 GB + 12 GiB", [24 * GIB, 12 * GIB]),
     ("1 × 40 GB, 512 MB", [40 * GIB, 512 * 2**20]), ("2*1.5 TB", [int(1.5 * 2**40)] * 2)])
 def test_parse_devices(text, sizes):
-    devices = parallel.parse_devices(text)
+    devices = footprint.parse_devices(text)
     assert [d["bytes"] for d in devices] == sizes
     assert [d["name"] for d in devices] == [f"gpu{i}" for i in range(len(sizes))]
 
@@ -94,41 +94,41 @@ def test_parse_devices(text, sizes):
 @pytest.mark.parametrize("text", ["2 x", "abc", "0 x 24 GB", "24", "2 x 24 GB +", "-1 x 8 GB"])
 def test_parse_devices_refuses_in_one_sentence(text):
     with pytest.raises(BadParameter, match="write devices like '2 x 24 GB'"):
-        parallel.parse_devices(text)
+        footprint.parse_devices(text)
 
 
 def test_present_devices_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the empty list is for machines without one")
-    assert parallel.parse_devices("present") == [] == parallel.devices_present()
-    assert parallel.describe_devices([]) == "no GPU"
-    assert parallel.describe_devices(parallel.parse_devices("2 x 24 GB + 12 GB")) == "2 x 24 GiB + 1 x 12 GiB"
+    assert footprint.parse_devices("present") == [] == footprint.devices_present()
+    assert footprint.describe_devices([]) == "no GPU"
+    assert footprint.describe_devices(footprint.parse_devices("2 x 24 GB + 12 GB")) == "2 x 24 GiB + 1 x 12 GiB"
 
 
 def test_devices_needed_and_fit():
-    assert parallel.devices_needed(100 * GIB, 24 * GIB) == 5  # 100 / (0.9 x 24) = 4.6
-    assert parallel.devices_needed(100 * GIB, 24 * GIB, usable=1.0) == 5
-    assert parallel.devices_needed(GIB, 24 * GIB) == 1
+    assert footprint.devices_needed(100 * GIB, 24 * GIB) == 5  # 100 / (0.9 x 24) = 4.6
+    assert footprint.devices_needed(100 * GIB, 24 * GIB, usable=1.0) == 5
+    assert footprint.devices_needed(GIB, 24 * GIB) == 1
     need = {"weights": 40 * GIB, "kv_cache": 2 * GIB, "total": 42 * GIB}
-    verdict = parallel.fit(need, parallel.parse_devices("2 x 24 GB"))
+    verdict = footprint.fit(need, footprint.parse_devices("2 x 24 GB"))
     assert verdict == {"one_device": False, "all_devices": True, "devices_needed": 2, "share_per_device": 21 / 24}
-    assert parallel.fit(need, [])["devices_needed"] is None
+    assert footprint.fit(need, [])["devices_needed"] is None
 
 
 def test_plans_cover_every_parameter_and_balance(small):
     blocks = parallel.blocks(small)
     assert blocks == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head"]
-    one = parallel.plan_device_map(small, parallel.parse_devices("1 x 1 GB"))
+    one = parallel.plan_device_map(small, footprint.parse_devices("1 x 1 GB"))
     assert set(one.values()) == {0} and parallel.unplaced(small, one) == []
     # 16-bit: 276 kB of weights; a device of 200 kB holds only part, the rest goes to the CPU
     tight = parallel.plan_device_map(small, [{"name": "gpu0", "bytes": 200_000}], usable=1.0)
     assert "cpu" in tight.values() and parallel.unplaced(small, tight) == []
     # the same model in nf4 is small enough for that device
     assert set(parallel.plan_device_map(small, [{"name": "gpu0", "bytes": 200_000}], fmt="nf4", usable=1.0).values()) == {0}
-    two = parallel.plan_device_map(small, parallel.parse_devices("2 x 1 GB"))
+    two = parallel.plan_device_map(small, footprint.parse_devices("2 x 1 GB"))
     layers = {row["block"]: row["device"] for row in parallel.placement(small, two)}
     assert {layers["model.layers.0"], layers["model.layers.1"]} <= {0, 1}
-    sequential = parallel.plan_device_map(small, parallel.parse_devices("2 x 1 GB"), strategy="sequential")
+    sequential = parallel.plan_device_map(small, footprint.parse_devices("2 x 1 GB"), strategy="sequential")
     assert set(sequential.values()) == {0}
     with pytest.raises(BadParameter):
         parallel.plan_device_map(small, [], strategy="round-robin")
@@ -164,30 +164,30 @@ def test_bus_bandwidth_as_nccl_tests():
 
 
 def test_torchrun_commands():
-    assert parallel.torchrun_command("scripts/tp.py", 2, {"model": "tiny-llama", "new_tokens": 4, "quick": True,
+    assert launcher.torchrun_command("scripts/tp.py", 2, {"model": "tiny-llama", "new_tokens": 4, "quick": True,
                                                           "verbose": False}) == \
         "torchrun --standalone --nproc-per-node 2 scripts/tp.py --model tiny-llama --new-tokens 4 --quick"
-    assert parallel.torchrun_command("s.py", 8, nnodes=2, rdzv_endpoint="host:29500") == \
+    assert launcher.torchrun_command("s.py", 8, nnodes=2, rdzv_endpoint="host:29500") == \
         "torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint host:29500 --rdzv-id labkit --nproc-per-node 8 s.py"
     with pytest.raises(BadParameter):
-        parallel.torchrun_args("s.py", 0)
+        launcher.torchrun_args("s.py", 0)
 
 
 def test_threads_per_process(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert parallel.threads_per_process(2) == 3
+    assert launcher.threads_per_process(2) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert parallel.threads_per_process(2) == 4 and parallel.threads_per_process(16) == 1
+    assert launcher.threads_per_process(2) == 4 and launcher.threads_per_process(16) == 1
 
 
 def test_launch_refuses_a_missing_script(tmp_path):
     with pytest.raises(BadParameter, match="does not exist"):
-        parallel.launch(tmp_path / "nothing.py", 1)
+        launcher.launch(tmp_path / "nothing.py", 1)
 
 
 def test_shapes_are_the_published_sizes():
-    assert sum(p.numel() for p in parallel.empty_model("llama-8b-shape").parameters()) == 8_030_261_248
+    assert sum(p.numel() for p in models.empty_model("llama-8b-shape").parameters()) == 8_030_261_248
 
 
 def test_job_models_need_a_tensor_parallel_plan(small):
@@ -201,15 +201,15 @@ def test_job_models_need_a_tensor_parallel_plan(small):
 
 def test_placement_counts_tied_weights_once_and_in_the_format(small):
     sixteen = parallel.placement(small, {"": 0})
-    assert sum(r["bytes"] for r in sixteen) == parallel.memory_needed(small, batch=1, context=1)["weights"]
+    assert sum(r["bytes"] for r in sixteen) == footprint.memory_needed(small, batch=1, context=1)["weights"]
     assert sixteen[-1] == {"block": "lm_head", "device": 0, "bytes": 0}  # tied to the embeddings, counted there
     nf4 = parallel.placement(small, {"": 0}, fmt="nf4")
-    assert sum(r["bytes"] for r in nf4) == parallel.memory_needed(small, fmt="nf4", batch=1, context=1)["weights"]
+    assert sum(r["bytes"] for r in nf4) == footprint.memory_needed(small, fmt="nf4", batch=1, context=1)["weights"]
 
 
 def test_element_bytes_are_checked(small):
     with pytest.raises(BadParameter, match="element_bytes=3"):
-        parallel.memory_needed(small, element_bytes=3)
+        footprint.memory_needed(small, element_bytes=3)
 
 
 def test_gpu_hiding_makes_transformers_pick_the_cpu(monkeypatch):
@@ -221,32 +221,32 @@ def test_gpu_hiding_makes_transformers_pick_the_cpu(monkeypatch):
 
 
 def test_torchrun_commands_pass_lists_as_several_values():
-    assert parallel.torchrun_command("layouts.py", 2, {"layouts": ["tp", "pp"], "new_tokens": 4}) == \
+    assert launcher.torchrun_command("layouts.py", 2, {"layouts": ["tp", "pp"], "new_tokens": 4}) == \
         "torchrun --standalone --nproc-per-node 2 layouts.py --layouts tp pp --new-tokens 4"
 
 
 # --------------------------------------------------------------------------- machines typed in, and the planner
 
 def test_parse_machine_with_nodes():
-    machine = parallel.parse_machine("2 nodes x 8 x 80 GB")
+    machine = footprint.parse_machine("2 nodes x 8 x 80 GB")
     assert (machine["nodes"], machine["per_node"], len(machine["devices"])) == (2, 8, 16)
     assert machine["devices"][-1] == {"name": "gpu15", "bytes": 80 * GIB}
-    one = parallel.parse_machine("8x80GB")
+    one = footprint.parse_machine("8x80GB")
     assert (one["nodes"], one["per_node"]) == (1, 8)
-    assert parallel.parse_machine("1 node x 24 GB + 12 GB")["per_node"] == 2
+    assert footprint.parse_machine("1 node x 24 GB + 12 GB")["per_node"] == 2
 
 
 @pytest.mark.parametrize("text, named", [("two big GPUs", "devices='two big GPUs'"),
                                          ("2 nodes x lots", "devices='lots'")])
 def test_parse_machine_refuses_in_one_sentence(text, named):
     with pytest.raises(BadParameter, match=named):
-        parallel.parse_machine(text)
+        footprint.parse_machine(text)
 
 
 def test_planner_one_gpu_when_it_holds_the_model():
-    plan = parallel.plan_layout(parallel.empty_model("llama-8b-shape"), parallel.parse_machine("8 x 80 GB"))
+    plan = parallel.plan_layout(models.empty_model("llama-8b-shape"), footprint.parse_machine("8 x 80 GB"))
     assert (plan["tp"], plan["pp"], plan["replicas"], plan["fits"]) == (1, 1, 8, True)
-    four_bit = parallel.plan_layout(parallel.empty_model("llama-70b-shape"), parallel.parse_machine("8 x 80 GB"),
+    four_bit = parallel.plan_layout(models.empty_model("llama-70b-shape"), footprint.parse_machine("8 x 80 GB"),
                                     fmt="nf4")
     assert (four_bit["tp"], four_bit["pp"]) == (1, 1)  # 4-bit makes one 80 GB GPU enough for the 70B shape
 
@@ -254,24 +254,24 @@ def test_planner_one_gpu_when_it_holds_the_model():
 def test_planner_tp_divides_the_key_value_heads():
     # 16-bit llama-70b-shape needs 132.7 GiB; 45 GiB usable per 50 GB GPU: TP 3 would hold it but cannot divide
     # its 8 key/value heads, so the planner takes TP 4
-    plan = parallel.plan_layout(parallel.empty_model("llama-70b-shape"), parallel.parse_machine("6 x 50 GB"))
-    assert plan["need"]["total"] / 3 <= 50 * GIB * parallel.USABLE_FRACTION
+    plan = parallel.plan_layout(models.empty_model("llama-70b-shape"), footprint.parse_machine("6 x 50 GB"))
+    assert plan["need"]["total"] / 3 <= 50 * GIB * footprint.USABLE_FRACTION
     assert (plan["tp"], plan["pp"], plan["replicas"]) == (4, 1, 1)
     assert "(3 would not)" in plan["reasons"][1]
 
 
 def test_planner_keeps_tp_inside_a_node_and_adds_stages_across_nodes():
-    model = parallel.empty_model("llama-405b-shape")
-    two_nodes = parallel.plan_layout(model, parallel.parse_machine("2 nodes x 8 x 80 GB"))
+    model = models.empty_model("llama-405b-shape")
+    two_nodes = parallel.plan_layout(model, footprint.parse_machine("2 nodes x 8 x 80 GB"))
     assert (two_nodes["tp"], two_nodes["pp"], two_nodes["fits"]) == (8, 2, True)
-    one_node = parallel.plan_layout(model, parallel.parse_machine("8 x 80 GB"))
+    one_node = parallel.plan_layout(model, footprint.parse_machine("8 x 80 GB"))
     assert one_node["tp"] == 8 and not one_node["fits"] and "does not fit" in one_node["reasons"][-1]
-    small_nodes = parallel.plan_layout(model, parallel.parse_machine("8 nodes x 2 x 80 GB"))
+    small_nodes = parallel.plan_layout(model, footprint.parse_machine("8 nodes x 2 x 80 GB"))
     assert small_nodes["tp"] == 2 and small_nodes["tp"] * small_nodes["pp"] <= 16 and small_nodes["fits"]
     for machine in ("2 nodes x 8 x 80 GB", "8 nodes x 2 x 80 GB", "4 x 24 GB"):
         for name in ("llama-8b-shape", "llama-70b-shape", "llama-405b-shape"):
-            plan = parallel.plan_layout(parallel.empty_model(name), parallel.parse_machine(machine))
-            assert plan["tp"] <= parallel.parse_machine(machine)["per_node"] and 8 % plan["tp"] == 0
+            plan = parallel.plan_layout(models.empty_model(name), footprint.parse_machine(machine))
+            assert plan["tp"] <= footprint.parse_machine(machine)["per_node"] and 8 % plan["tp"] == 0
 
 
 def test_layouts_that_fit_a_process_count():

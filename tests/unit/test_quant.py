@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from labkit import outputs, quant
+from labkit import footprint, outputs, quant
 from labkit.errors import BadParameter, ModelNotAvailable
 
 TORCHAO = quant.torchao_problem() == ""
@@ -35,39 +35,39 @@ def test_footprint_prediction_by_hand():
     model = TinyLM().to(torch.bfloat16)
     embed, body_w, body_b, norm, head = 50 * 64, 192 * 64, 192, 2 * 192, 50 * 192
     kept = 2 * (embed + body_b + norm + head)  # everything but the body's weight: the output layer is not quantized
-    assert quant.predict_footprint(model, "16-bit") == {"kept": kept + 2 * body_w, "weights": 0, "scales": 0}
+    assert footprint.predict_footprint(model, "16-bit") == {"kept": kept + 2 * body_w, "weights": 0, "scales": 0}
     # 4 bits a weight; a float32 absmax per 64 weights and the format's 16-entry float32 table
-    assert quant.predict_footprint(model, "nf4") == {"kept": kept, "weights": body_w // 2,
+    assert footprint.predict_footprint(model, "nf4") == {"kept": kept, "weights": body_w // 2,
                                                      "scales": 4 * (body_w // 64) + 64}
-    assert quant.predict_footprint(model, "fp4") == quant.predict_footprint(model, "nf4")
+    assert footprint.predict_footprint(model, "fp4") == footprint.predict_footprint(model, "nf4")
     # double: an 8-bit absmax per block, a float32 per 256 blocks, a 256-entry table, the offset, the 16-entry table
-    assert quant.predict_footprint(model, "nf4-double")["scales"] == body_w // 64 + 4 + 1024 + 4 + 64
-    assert quant.predict_footprint(model, "int8") == {"kept": kept, "weights": body_w, "scales": 4 * 192}
-    assert quant.predict_footprint(model, "torchao-int8") == {"kept": kept, "weights": body_w, "scales": 5 * 192}
+    assert footprint.predict_footprint(model, "nf4-double")["scales"] == body_w // 64 + 4 + 1024 + 4 + 64
+    assert footprint.predict_footprint(model, "int8") == {"kept": kept, "weights": body_w, "scales": 4 * 192}
+    assert footprint.predict_footprint(model, "torchao-int8") == {"kept": kept, "weights": body_w, "scales": 5 * 192}
     # int4: a bfloat16 scale and zero point per group of 64 along each row
-    assert quant.predict_footprint(model, "torchao-int4") == {"kept": kept, "weights": body_w // 2,
+    assert footprint.predict_footprint(model, "torchao-int4") == {"kept": kept, "weights": body_w // 2,
                                                               "scales": 192 * (64 // 64) * 2 * 2}
-    assert quant.predict_footprint(model, "torchao-float8")["scales"] == 4 * 192
+    assert footprint.predict_footprint(model, "torchao-float8")["scales"] == 4 * 192
     with pytest.raises(BadParameter, match="format 'int4' is unknown"):
-        quant.predict_footprint(model, "int4")
+        footprint.predict_footprint(model, "int4")
 
 
 def test_a_tied_output_layer_is_counted_once_and_never_quantized():
     model = TinyLM(tied=True).to(torch.bfloat16)
-    assert model.lm_head not in quant.quantized_linears(model)
-    assert quant.predict_footprint(model, "nf4")["kept"] == 2 * (50 * 64 + 192 + 2 * 192)
+    assert model.lm_head not in footprint.quantized_linears(model)
+    assert footprint.predict_footprint(model, "nf4")["kept"] == 2 * (50 * 64 + 192 + 2 * 192)
 
 
 def test_int4_layouts_and_group_sizes():
-    assert quant.int4_weight_only_parts(4096, 4096, group_size=128) == (8 * 2**20, 4096 * 32 * 4)
+    assert footprint.int4_weight_only_parts(4096, 4096, group_size=128) == (8 * 2**20, 4096 * 32 * 4)
     # the GPU's tile-packed layout pads the columns to 1024 and the rows to 8
-    assert quant.int4_weight_only_parts(576, 576, group_size=64, device="cuda") == (576 * 1024 // 2, 576 * 16 * 4)
-    assert quant.weight_parts("torchao-int4", 576, 576, group_size=128) is None  # left in 16-bit: 576 % 128 != 0
-    assert quant.four_bit_bytes(4096 * 4096) == 8 * 2**20 + 2**20 + 64
+    assert footprint.int4_weight_only_parts(576, 576, group_size=64, device="cuda") == (576 * 1024 // 2, 576 * 16 * 4)
+    assert footprint.weight_parts("torchao-int4", 576, 576, group_size=128) is None  # left in 16-bit: 576 % 128 != 0
+    assert footprint.four_bit_bytes(4096 * 4096) == 8 * 2**20 + 2**20 + 64
 
 
 def test_formats_and_configs():
-    assert quant.library("nf4") == "bitsandbytes" and quant.library("torchao-int4") == "torchao"
+    assert footprint.library("nf4") == "bitsandbytes" and footprint.library("torchao-int4") == "torchao"
     assert quant.quantization_config("16-bit") is None
     nf4 = quant.quantization_config("nf4-double", "bfloat16")
     assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_use_double_quant
@@ -88,7 +88,7 @@ def test_bitsandbytes_4bit_defaults_to_fp4_and_float32():
 def test_torchao_configs_pick_the_layout_of_the_device():
     cpu = quant.torchao_config("torchao-int4", "cpu")
     gpu = quant.torchao_config("torchao-int4", "cuda")
-    assert type(cpu).__name__ == "PrototypeInt4WeightOnlyConfig" and cpu.group_size == quant.INT4_GROUP_SIZE
+    assert type(cpu).__name__ == "PrototypeInt4WeightOnlyConfig" and cpu.group_size == footprint.INT4_GROUP_SIZE
     assert type(gpu).__name__ == "Int4WeightOnlyConfig" and gpu.int4_packing_format == "tile_packed_to_4d"
     assert type(quant.torchao_config("torchao-int8")).__name__ == "Int8WeightOnlyConfig"
     with pytest.raises(BadParameter, match="not a torchao format"):
@@ -132,7 +132,7 @@ def test_the_parameters_are_sized_for_a_quick_cpu_run_and_say_what_they_leave_ou
     assert found.eval_tokens == 128 and found.new_tokens == 8 and found.batch_sizes == [1, 8]
     assert "quick sizes on a CPU" in found.compile_problem
     assert plan(quick=False).compile_problem == "" and plan(quick=False, eval_tokens=7).eval_tokens == 7
-    assert quant.Parameters().formats == list(quant.ALL_FORMATS)  # the parameters cell's defaults
+    assert quant.Parameters().formats == list(footprint.ALL_FORMATS)  # the parameters cell's defaults
 
 
 def test_without_torchao_or_bitsandbytes_the_plan_keeps_the_rest(monkeypatch):
@@ -156,7 +156,7 @@ def test_without_torchao_or_bitsandbytes_the_plan_keeps_the_rest(monkeypatch):
 ])
 def test_which_torchao_formats_a_gpu_runs(monkeypatch, capability, dtype, dropped):
     monkeypatch.setattr(quant.torch.cuda, "get_device_capability", lambda device=None: capability)
-    skipped, found = quant.unavailable_formats(list(quant.TORCHAO_FORMATS), "cuda:0", dtype)
+    skipped, found = quant.unavailable_formats(list(footprint.TORCHAO_FORMATS), "cuda:0", dtype)
     assert found == dropped and set(skipped) == dropped
     assert all(f"{capability[0]}.{capability[1]}" in why for why in skipped.values())
 
@@ -173,15 +173,15 @@ def test_prediction_matches_the_bytes_counted_on_a_real_model():
     if TORCHAO:
         formats += ["torchao-int8", "torchao-int4"]
     for name in formats:
-        if quant.library(name) == "bitsandbytes":
+        if footprint.library(name) == "bitsandbytes":
             quantized = models.load_model("tiny-llama", dtype="bfloat16",
                                           quantization_config=quant.quantization_config(name))[0]
-        elif quant.library(name) == "torchao":
+        elif footprint.library(name) == "torchao":
             quantized = quant.torchao_quantized(model, name, "cpu")
         else:
             quantized = model
-        counted = quant.count_footprint(quantized)
-        assert counted == quant.predict_footprint(model, name), name
+        counted = footprint.count_footprint(quantized)
+        assert counted == footprint.predict_footprint(model, name), name
         if name.startswith("torchao"):  # a tensor subclass presents its 16-bit dtype: get_memory_footprint is wrong
             assert quantized.get_memory_footprint() == model.get_memory_footprint() > sum(counted.values())
         if name in ("nf4", "int8"):  # ... and bitsandbytes' scales live beside the parameters
@@ -194,10 +194,10 @@ def test_int8_scales_are_still_counted_after_the_first_forward_pass():
     if probes.import_bitsandbytes() is None:
         pytest.skip("bitsandbytes is not importable here")
     int8 = models.load_model("tiny-llama", dtype="bfloat16", quantization_config=quant.quantization_config("int8"))[0]
-    before = quant.count_footprint(int8)
+    before = footprint.count_footprint(int8)
     with torch.inference_mode():
         int8(input_ids=torch.tensor([[1, 2, 3]]))  # LLM.int8 moves each weight's row scales into its layer's state
-    assert quant.count_footprint(int8) == before and before["scales"] > 0
+    assert footprint.count_footprint(int8) == before and before["scales"] > 0
 
 
 @needs_torchao
@@ -278,8 +278,8 @@ def test_one_generate_call_times_each_step():
 def test_a_step_reads_everything_but_the_untied_input_embeddings_rows_it_does_not_need():
     untied, tied = TinyLM(), TinyLM(tied=True)
     row_bytes = 64 * 4  # one float32 row of the input embeddings per token
-    assert quant.step_bytes(untied) == sum(quant.count_footprint(untied).values()) - 50 * 64 * 4 + row_bytes
-    assert quant.step_bytes(tied) == sum(quant.count_footprint(tied).values())  # the output layer reads all of it
+    assert quant.step_bytes(untied) == sum(footprint.count_footprint(untied).values()) - 50 * 64 * 4 + row_bytes
+    assert quant.step_bytes(tied) == sum(footprint.count_footprint(tied).values())  # the output layer reads all of it
 
 
 def test_the_measured_break_even_ignores_noisy_points():

@@ -164,9 +164,9 @@ def test_held_bytes_of_a_real_cache_match_the_formula_and_a_quantized_one_holds_
 
 
 def test_a_meta_device_cache_measures_the_70b_shape_without_memory():
-    from labkit import parallel, roofline
+    from labkit import models, roofline
 
-    model = parallel.empty_model("llama-70b-shape")
+    model = models.empty_model("llama-70b-shape")
     shape = roofline.kv_shape(model.config)
     assert serving.measured_kv_bytes_per_token(model, tokens=4) == roofline.kv_bytes_per_token(
         layers=shape["layers"], kv_heads=shape["kv_heads"], head_dim=shape["head_dim"], element_bytes=2)
