@@ -106,7 +106,8 @@ def load(folder, dtype, device, distributed_config=None):
 
 
 def one_process(job, fn):
-    """``fn()`` run by rank 0 alone, with the threads one process would have, while the other ranks wait."""
+    """``fn()`` run by rank 0 alone, with ``--one-process-threads`` threads (the notebook gives it one process's share
+    of the cores, as each rank has: one worker against N), while the other ranks wait."""
     result = None
     if dist.get_rank() == 0:
         threads = torch.get_num_threads()
