@@ -53,7 +53,9 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("05_multi_gpu", "parallel", "multi_gpu", "model_id", None, ({"context": 0}, "context=0"),
              ({"plan_devices": ["2 x 24 GB", "two big GPUs"]}, "devices='two big GPUs'")),
     Notebook("06_serving", "serving", "serving", "model_id", "dtype",
-             ({"server_concurrency": [4, 0]}, "server_concurrency[1]=0")),
+             ({"server_concurrency": [4, 0]}, "server_concurrency[1]=0"),
+             tables=("batching", "curve", "prompt_lookup", "draft", "kv_per_token", "kv_caches", "fits", "server_load",
+                     "bad_input")),
 )
 
 BY_STEM: dict[str, Notebook] = {n.stem: n for n in NOTEBOOKS}

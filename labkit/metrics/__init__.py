@@ -9,13 +9,12 @@ A metric name is lower case words joined by ``_`` (``best_backend_tflops``).
 
 from __future__ import annotations
 
-from labkit.metrics import attention, encoder, multi_gpu, serving
+from labkit.metrics import attention, encoder, multi_gpu
 from labkit.metrics.base import name
 
 __all__ = ["name", "headline", "expected_quick", "HEADLINES", "FIRST_METRICS"]
 
-BY_NOTEBOOK = {"01_flash_attention": attention, "03_encoder_fastpath": encoder, "05_multi_gpu": multi_gpu,
-               "06_serving": serving}
+BY_NOTEBOOK = {"01_flash_attention": attention, "03_encoder_fastpath": encoder, "05_multi_gpu": multi_gpu}
 
 HEADLINES: dict[str, tuple[str, ...]] = {nb: module.HEADLINES for nb, module in BY_NOTEBOOK.items()}
 HEADLINES["bettertransformer"] = ("speedup_bettertransformer_vs_eager_", "decode_")
