@@ -82,9 +82,9 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # %%
 model, tokenizer = models.load_model(lab.p.model_id, device=lab.device, dtype=lab.dtype)
 workload = serving.load_workload(tokenizer, requests=lab.p.requests, length_scale=lab.p.length_scale)
-requests = pd.DataFrame({"request": [r.id for r in workload], "prompt tokens": [r.prompt_tokens for r in workload],
+lengths = pd.DataFrame({"request": [r.id for r in workload], "prompt tokens": [r.prompt_tokens for r in workload],
                          "new tokens": [r.new_tokens for r in workload]})
-show(requests[:2 * lab.p.static_batch], title=f"The first requests of {len(workload)}")
+show(lengths[:2 * lab.p.static_batch], title=f"The first requests of {len(workload)}")
 
 # %% [markdown]
 # **06.1 · Predict.** The first static batch holds the first `static_batch` requests above. Every row is padded to the
@@ -92,7 +92,7 @@ show(requests[:2 * lab.p.static_batch], title=f"The first requests of {len(workl
 # `rows x (longest prompt + longest output)` positions. What percentage of them hold no real token of any request?
 
 # %%
-first_batch = requests[:lab.p.static_batch]
+first_batch = lengths[:lab.p.static_batch]
 ex = lab.exercise("06.1", prompt_tokens=list(first_batch["prompt tokens"]), new_tokens=list(first_batch["new tokens"]))
 answer = None  # your prediction, in % of the first batch's positions
 ex.check(answer)
@@ -247,9 +247,9 @@ lab.metric("continuous_over_static_tokens_per_s", ratio)
 # %%
 bandwidth = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"]
 flops = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)["flops_per_s"]
-measured = serving.decode_curve(model, batch_sizes=lab.p.batch_sizes, prompt_tokens=lab.p.curve_prompt,
-                                new_tokens=lab.p.curve_new_tokens)  # each point re-measured once if out of trend
-curve = pd.DataFrame(measured)[["batch", "tokens_per_s", "step_ms", "noisy"]]
+points = serving.decode_curve(model, batch_sizes=lab.p.batch_sizes, prompt_tokens=lab.p.curve_prompt,
+                              new_tokens=lab.p.curve_new_tokens)  # each point re-measured once if out of trend
+curve = pd.DataFrame(points)[["batch", "tokens_per_s", "step_ms", "noisy"]]
 curve.columns = ["batch", "tokens/s", "per-token latency ms", "noisy"]
 weights = roofline.weight_bytes_per_token(model)  # the weight bytes one step reads (notebook 02)
 parameters = weights / model.dtype.itemsize
@@ -417,14 +417,15 @@ if draft is not None:
 #   key/value heads);
 # * **MQA** (multi-query attention): all query heads share a single key/value head.
 #
-# The formula, `2 x layers x key/value heads x head size x bytes per element`, is `labkit.roofline.kv_bytes_per_token`,
-# the one notebook 02 used.
+# The formula, `2 x layers x key/value heads x head size x bytes per element`, is the one notebook 02 used
+# (`labkit.roofline.kv_bytes_per_token`); section 1 wrote it out, and the cells below do again.
 #
 # **06.3 · Predict.** How many KiB does one token add to the 16-bit KV cache of `llama-8b-shape` (Llama 3 8B's
-# architecture: the numbers are in the call below)?
+# architecture: the cell prints its numbers)?
 
 # %%
 shape_8b = roofline.kv_shape(parallel.model_config("llama-8b-shape"))
+print(f"llama-8b-shape: {shape_8b}")
 ex = lab.exercise("06.3", **shape_8b, bytes_per_element=2)  # layers, heads, kv_heads, head_dim
 answer = None  # your prediction, in KiB per token
 ex.check(answer)
@@ -434,15 +435,15 @@ ex.check(answer)
 # memory), run over 16 tokens, and the cache it leaves is measured (and the same for the 70B shape).
 
 # %% tags=["reveals-06.3"]
-measured = {}
+cache_bytes = {}
 for name in ("llama-8b-shape", "llama-70b-shape"):
     empty = parallel.empty_model(name)  # built on the meta device: its shapes, no memory
     with torch.inference_mode():
         out = empty(input_ids=torch.zeros(1, 16, dtype=torch.long, device=empty.device), use_cache=True,
                     logits_to_keep=1)
-    measured[name] = parallel.cache_bytes(out) / 16  # the bytes of the cache its 16 tokens left, per token
-ex.compare(measured["llama-8b-shape"] / 2**10, "KiB per token")
-print(f"llama-70b-shape's cache on the meta device: {measured['llama-70b-shape'] / 2**10:.0f} KiB per token")
+    cache_bytes[name] = parallel.cache_bytes(out) / 16  # the bytes of the cache its 16 tokens left, per token
+ex.compare(cache_bytes["llama-8b-shape"] / 2**10, "KiB per token")
+print(f"llama-70b-shape's cache on the meta device: {cache_bytes['llama-70b-shape'] / 2**10:.0f} KiB per token")
 
 # %% [markdown]
 # The formula for every decoder of the workbook, and for the same 8B shape made MHA and MQA (its 32 query heads each
@@ -465,7 +466,7 @@ for name, config in configs.items():
                  "GiB at 4096 tokens": per_token * 4096 / 2**30})
 kv_sizes = pd.DataFrame(rows)
 lab.table("kv_per_token", kv_sizes, title="KV cache per token, 16-bit")
-for name, value in measured.items():
+for name, value in cache_bytes.items():
     formula = kv_sizes.set_index("model").loc[name, "KV KiB per token"] * 2**10
     lab.check(f"kv_formula_matches_the_cache_of_{name.replace('-', '_')}", formula == value,
               f"{formula:.0f} vs {value:.0f} bytes")
