@@ -51,7 +51,6 @@ WORKLOAD_SEED = 6
 WORKLOAD_SIZE = 128
 QUOTED_TEXT = Path(__file__).parent / "data" / "lighthouse_keepers.txt"  # what the workload's prompts are cut from
 SERVING_PACKAGES = ("fastapi", "uvicorn", "openai", "pydantic")  # what `transformers serve` imports (its extra)
-CACHE_BACKENDS = ("quanto", "fp8")  # QuantizedCache backends compared with the model's own cache
 # the page size transformers serve 5.25 runs with: its default. Its --cb-block-size flag would set it, through
 # ContinuousBatchingConfig(block_size=...), which 5.17 deprecated in favour of page_size and which logs a warning
 SERVER_PAGE_SIZE = 256
