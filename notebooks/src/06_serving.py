@@ -49,7 +49,7 @@ import pandas as pd
 from transformers import ContinuousBatchingConfig, GenerationConfig, StoppingCriteriaList
 
 import labkit
-from labkit import compat, models, outputs, parallel, plots, quant, roofline, serving, timing
+from labkit import compat, models, parallel, plots, quant, roofline, serving, timing
 from labkit.widgets import show
 
 lab = labkit.start("06_serving", globals())
@@ -489,7 +489,7 @@ for name, value in cache_bytes.items():
 import math
 
 text_ids = tokenizer(quant.sample_text(), return_tensors="pt")["input_ids"][:, :lab.p.kv_context + lab.p.kv_read + 1]
-text_ids, context, end, kept = text_ids.to(lab.device), lab.p.kv_context, text_ids.shape[1] - 1, {}
+text_ids, kv_context, end, kept = text_ids.to(lab.device), lab.p.kv_context, text_ids.shape[1] - 1, {}
 kinds, left_out = serving.usable_caches(quick=lab.quick)  # "dynamic" (the model's own) first, then the backends
 for what, why in left_out.items():
     lab.skip(what, why)
@@ -498,8 +498,8 @@ for what, why in left_out.items():
 def read_through(kind):  # the context read into the cache at once, then the next tokens 16 at a time through it
     cache, logits = serving.make_cache(kind, model.config), []  # DynamicCache, or QuantizedCache(backend=kind, ...)
     with torch.inference_mode():
-        model(input_ids=text_ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
-        for start in range(context, end, 16):
+        model(input_ids=text_ids[:, :kv_context], cache=cache, use_cache=True, logits_to_keep=1)
+        for start in range(kv_context, end, 16):
             piece = text_ids[:, start:min(start + 16, end)]
             logits.append(model(input_ids=piece, cache=cache, use_cache=True).logits[0].float().cpu())
     kept[kind] = cache, torch.cat(logits)  # what the cache holds at the end, and the logits at every position read
@@ -507,7 +507,7 @@ def read_through(kind):  # the context read into the cache at once, then the nex
 # %%
 if "quanto" in kinds and not serving.quanto_extension_built():
     print("optimum-quanto compiles its extension now, once: this takes minutes the first time")
-caches, targets = {}, text_ids[0, context + 1:].cpu()  # the token that follows each position read
+caches, targets = {}, text_ids[0, kv_context + 1:].cpu()  # the token that follows each position read
 for kind in kinds:
     try:
         ms = timing.measure(lambda kind=kind: read_through(kind), device=lab.device, warmup=1, repeats=1,
@@ -518,9 +518,11 @@ for kind in kinds:
         lab.skip(f"QuantizedCache({kind})", f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
         continue
     cache, logits = kept[kind]
-    nll = torch.nn.functional.cross_entropy(logits, targets).item()  # mean -log p(the next token)
-    caches[kind] = {"ms": ms, "held_bytes": serving.held_bytes(cache), "tokens_held": context + len(logits),
-                    "logits": logits, "perplexity": math.exp(nll)}
+    log_q = torch.log_softmax(logits, dim=-1)  # the next-token distribution at every position read, as logarithms
+    log_p = caches["dynamic"]["log_q"] if caches else log_q  # the model's own cache's: the reference P
+    caches[kind] = {"ms": ms, "held_bytes": serving.held_bytes(cache), "tokens_held": kv_context + len(logits),
+                    "log_q": log_q, "perplexity": math.exp(-log_q.gather(1, targets[:, None]).mean().item()),
+                    "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()}  # KL(P || Q), mean over positions
 
 # %%
 base, read = caches["dynamic"], text_ids.shape[1] - lab.p.kv_context - 1
@@ -528,7 +530,7 @@ held = pd.DataFrame([{"cache": "DynamicCache (the model's own)" if kind == "dyna
                       "tokens held": run["tokens_held"], "MiB held": run["held_bytes"] / 2**20,
                       "share of the model's cache": run["held_bytes"] / base["held_bytes"], "ms": run["ms"],
                       "perplexity": run["perplexity"],
-                      "KL from the model's cache (nats)": outputs.kl_divergence(base["logits"], run["logits"])}
+                      "KL from the model's cache (nats)": run["kl"]}
                      for kind, run in caches.items()])
 lab.table("kv_caches", held, title=f"{lab.p.kv_context} tokens read into each cache, then {read} through it")
 formula = kv_per_token * base["tokens_held"]  # section 1's bytes per token, for every token the cache holds
@@ -536,7 +538,7 @@ lab.check("kv_formula_matches_the_cache_held", base["held_bytes"] == formula, f"
 for kind, run in list(caches.items())[1:]:
     share = run["held_bytes"] / base["held_bytes"]
     print(f"QuantizedCache({kind}) held {share:.0%} of the model's own cache, its next-token distributions "
-          f"{outputs.kl_divergence(base['logits'], run['logits']):.3g} nats away")
+          f"{run['kl']:.3g} nats away")
     lab.check(f"quantized_{kind}_cache_holds_less", share < 1)
     lab.metric(f"kv_cache_{kind}_over_model_cache", share)
 
@@ -577,8 +579,8 @@ if problem:
 else:
     # --max-model-len (transformers 5.25 and newer) set on purpose at twice what the cache holds, within the model's
     # context, so that the bad input below can send one prompt past each limit
-    context = getattr(model.config, "max_position_embeddings", None) or 2 * lab.p.server_capacity
-    door = min(2 * lab.p.server_capacity, context) if compat.serve_takes_max_model_len() else None
+    longest = getattr(model.config, "max_position_embeddings", None) or 2 * lab.p.server_capacity  # its context
+    door = min(2 * lab.p.server_capacity, longest) if compat.serve_takes_max_model_len() else None
     server = serving.Server(serving.model_folder(lab.p.model_id), device=lab.device, dtype=lab.dtype_name,
                             kv_pages=lab.p.server_pages, max_batch_tokens=lab.p.server_max_batch_tokens,
                             max_model_len=door)
