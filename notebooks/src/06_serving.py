@@ -592,7 +592,9 @@ else:
 # %% [markdown]
 # A client is a few lines with the `openai` package's asynchronous client: one streaming completion per request,
 # noting when the first piece of text arrives (TTFT) and when the answer ends. `temperature=0` asks for greedy
-# decoding; `max_retries=0` and `timeout` keep a failing request from being retried or waited on forever.
+# decoding; `stream_options={"include_usage": True}` asks for a last chunk that says how many tokens were made (without
+# it a stream carries no count); `max_retries=0` and `timeout` keep a failing request from being retried or waited on
+# forever.
 
 # %%
 if server:
@@ -605,7 +607,8 @@ if server:
     async def one_request(request):
         start, first, tokens = time.perf_counter(), None, 0
         stream = await client.completions.create(model=server.model, prompt=texts[request.id], stream=True,
-                                                 max_tokens=request.new_tokens, temperature=0)
+                                                 max_tokens=request.new_tokens, temperature=0,
+                                                 stream_options={"include_usage": True})  # a last chunk counts them
         async for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].text:
                 first = time.perf_counter()
