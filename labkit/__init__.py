@@ -13,7 +13,7 @@ from labkit import compat
 __version__ = "0.1.0"
 compat.drop_import_chatter()
 
-_SUBMODULES = {"errors", "paths", "compat", "metrics", "probes", "machine", "models", "timing", "roofline", "results",
+_SUBMODULES = {"errors", "paths", "compat", "probes", "machine", "models", "timing", "roofline", "results",
                "footprint", "launcher",
                "widgets", "plots", "attention", "attention_today", "generation", "fastpath", "quant", "parallel",
                "serving", "exercises", "lab", "report", "cli", "registry", "outputs"}

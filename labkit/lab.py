@@ -4,8 +4,7 @@
 parameters the parameters cell set (``device="auto"`` becomes this machine's device, sizes left at 0 are sized for
 it), stops the notebook with one sentence when one is wrong, and opens the results record. The notebook's topic
 module (``labkit.registry`` names it) says how: its ``Parameters`` dataclass (defaults equal to the parameters cell's,
-``resolve`` sizes and checks them; the cells read ``lab.p.seq_lengths``), or, in a notebook not yet moved to typed
-parameters, its ``notebook_plan`` (read as ``lab.seq_lengths``). The cells record tables with ``lab.table(name,
+``resolve`` sizes and checks them; the cells read ``lab.p.seq_lengths``). The cells record tables with ``lab.table(name,
 frame)`` and claims with ``lab.check``, skip with ``lab.skip``, save figures with ``lab.figure``, bind exercises with
 ``lab.exercise``; the last cell calls ``lab.finish(lines)`` with "What you measured", built in the notebook from its
 own tables, and the results file is written.
@@ -14,7 +13,6 @@ own tables, and the results file is written.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +28,7 @@ def topic(notebook: str):
 
 @dataclass
 class Lab:
-    """What a notebook's cells share: the resolved parameters and plan, the results record, the exercises."""
+    """What a notebook's cells share: the resolved parameters, the results record, the exercises."""
 
     notebook: str
     device: str
@@ -38,15 +36,8 @@ class Lab:
     quick: bool
     solutions: bool
     results: Results
-    plan: dict[str, Any] = field(default_factory=dict)
     p: Any = None  # the notebook's parameters, typed and resolved for this machine (the topic module's Parameters)
     bound: list[exercises.Bound] = field(default_factory=list)
-
-    def __getattr__(self, name: str) -> Any:
-        plan = self.__dict__.get("plan", {})
-        if name in plan:
-            return plan[name]
-        raise AttributeError(f"lab has no {name!r}; the plan holds {', '.join(plan) or 'nothing'}")
 
     @property
     def dtype_name(self) -> str:
@@ -65,6 +56,7 @@ class Lab:
         self.results.metric(name, value)
 
     def record(self, metrics: dict[str, float | None]) -> None:
+        """Record several headline metrics at once; a None (not measured in this run) is left out."""
         self.results.record(metrics)
 
     def table(self, name: str, table, *, title: str = "", show: bool = True) -> None:
@@ -72,9 +64,6 @@ class Lab:
         self.results.table(name, table)
         if show:
             widgets.show(table, title=title)
-
-    def add(self, findings: dict[str, Any]) -> None:
-        self.results.add(findings)
 
     def check(self, name: str, passed: Any, detail: str = "", *, timing: bool = False) -> None:
         """Record a claim the notebook makes (silent when it holds; one line in words when it does not);
@@ -109,10 +98,7 @@ class Lab:
         return bound
 
     # the end
-    def what_you_measured(self) -> list[str]:
-        return topic(self.notebook).what_you_measured(self.results.as_dict())
-
-    def finish(self, measured: list[str] | None = None) -> None:
+    def finish(self, measured: list[str]) -> None:
         """Print "What you measured" (``measured``: the notebook's own lines, built from its tables) and write the
         results file (when the notebook was given a path)."""
         verdicts = [b.verdicts[-1] for b in self.bound if b.verdicts]
@@ -122,7 +108,7 @@ class Lab:
                 self.check("exercise_solutions_pass", counts["correct"] == len(self.bound), str(counts))
             else:
                 print(f"Exercises: {counts['correct']} of {len(self.bound)} correct.")
-        lines = list(measured) if measured is not None else self.what_you_measured()
+        lines = list(measured)
         self.results.summary = lines
         print(f"What you measured on {self.device_label}:")
         for line in lines:
@@ -150,21 +136,14 @@ def start(notebook: str, params: dict[str, Any]) -> Lab:
     module = topic(notebook)
     device = probes.resolve_device(params.get("device", "auto"))
     quick = resolve_quick(params.get("quick", "auto"), device)
-    typed, plan = getattr(module, "Parameters", None), {}
-    if typed is not None:
-        p = typed(**{f.name: params[f.name] for f in dataclasses.fields(typed) if f.init and f.name in params})
-        line = p.resolve(device=device, quick=quick)
-        dtype = getattr(p, "dtype", None)
-    else:
-        p, planner = None, module.notebook_plan
-        wanted = inspect.signature(planner).parameters
-        given = {name: params[name] for name in wanted if name in params and name not in ("device", "quick")}
-        plan = planner(device=device, quick=quick, **given)
-        line, dtype = plan.pop("line", ""), plan.pop("dtype", None)
+    typed = module.Parameters
+    p = typed(**{f.name: params[f.name] for f in dataclasses.fields(typed) if f.init and f.name in params})
+    line = p.resolve(device=device, quick=quick)
+    dtype = getattr(p, "dtype", None)
     results = Results(notebook, params.get("results_path") or None, env=probes.environment(),
                       timing_checks=device.startswith("cuda"))
     lab = Lab(notebook=notebook, device=device, dtype=dtype, quick=quick,
-              solutions=bool(params.get("solutions", False)), results=results, plan=plan, p=p)
+              solutions=bool(params.get("solutions", False)), results=results, p=p)
     dtype_words = f" in {lab.dtype_name}" if lab.dtype is not None else ""
     print(f"Working on {device} ({lab.device_label}){dtype_words}{', quick sizes' if quick else ''}."
           + (f" {line}" if line else ""))

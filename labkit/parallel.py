@@ -362,7 +362,8 @@ def layouts_for(processes: int, model_id: str) -> dict[str, Any]:
 def model_folder(name: str, dtype: Any = "float32") -> Path:
     """A folder ``from_pretrained`` can load ``name`` from (``DistributedConfig`` splits a model while loading it):
     a layout model or a labkit random-init model saved once in labkit's cache with a fixed seed, or the model's own
-    folder. The launching process calls it before any job starts (notebook_plan does), so the jobs only read it."""
+    folder. The launching process calls it before any job starts (``Parameters.resolve`` does): the jobs only read
+    it."""
     dtype = probes.resolve_dtype(dtype)
     if name not in LAYOUT_MODELS:
         spec = models.EMBEDDED.get(name)

@@ -305,22 +305,22 @@ def weight_only_sweep(rows: Sequence[dict[str, Any]], *, curve: Sequence[tuple[f
 
 # --------------------------------------------------------------------------- 06 · serving
 
-def serving_curve(rows: list[dict[str, Any]], *, knee: float, title: str = ""):
-    """Tokens/s against per-token latency for each batch size, with the two bounds drawn against the batch."""
+def serving_curve(curve, *, knee: float, title: str = ""):
+    """Tokens/s against per-token latency for each batch size, with the two bounds drawn against the batch (``curve``:
+    notebook 06's table, columns batch, tokens/s, per-token latency ms, bandwidth and compute bound tokens/s)."""
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    batch = [r["batch"] for r in rows]
-    left.plot([r["step_ms"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", color="#0969da")
-    for r in rows:
-        left.annotate(f"b{r['batch']}", (r["step_ms"], r["tokens_per_s"]), textcoords="offset points", xytext=(4, 4))
+    batch, rate, step = curve["batch"], curve["tokens/s"], curve["per-token latency ms"]
+    left.plot(step, rate, "o-", color="#0969da")
+    for b, x, y in zip(batch, step, rate, strict=True):
+        left.annotate(f"b{b}", (x, y), textcoords="offset points", xytext=(4, 4))
     left.set_xlabel("per-token latency (ms per step)")
     left.set_ylabel("tokens/s (all sequences)")
     left.set_title("throughput against latency")
-    right.plot(batch, [r["tokens_per_s"] for r in rows], "o-", color="#0969da", label="measured")
-    right.plot(batch, [r["bandwidth_bound_tokens_per_s"] for r in rows], "--", color="#cf222e",
-               label="bandwidth bound")
-    right.plot(batch, [r["compute_bound_tokens_per_s"] for r in rows], ":", color="#1a7f37", label="compute bound")
+    right.plot(batch, rate, "o-", color="#0969da", label="measured")
+    right.plot(batch, curve["bandwidth bound tokens/s"], "--", color="#cf222e", label="bandwidth bound")
+    right.plot(batch, curve["compute bound tokens/s"], ":", color="#1a7f37", label="compute bound")
     right.axvline(knee, color="grey", lw=0.8)
     right.set_xscale("log", base=2)
     right.set_yscale("log")
@@ -333,20 +333,22 @@ def serving_curve(rows: list[dict[str, Any]], *, knee: float, title: str = ""):
     return fig
 
 
-def server_load(levels: Sequence[dict[str, Any]], *, title: str = ""):
-    """Requests/s and tokens/s, and TTFT and latency percentiles, per number of concurrent clients."""
+def server_load(levels, *, title: str = ""):
+    """Requests/s and tokens/s, and TTFT and latency percentiles, per number of concurrent clients (``levels``: a
+    DataFrame with a row per level, the keys of :func:`labkit.serving.load` as its columns)."""
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    clients = [lv["concurrency"] for lv in levels]
-    left.plot(clients, [lv["tokens_per_s"] for lv in levels], "o-", label="tokens/s")
-    left.plot(clients, [lv["requests_per_s"] for lv in levels], "s-", label="requests/s")
+    clients = levels["concurrency"]
+    left.plot(clients, levels["tokens_per_s"], "o-", label="tokens/s")
+    left.plot(clients, levels["requests_per_s"], "s-", label="requests/s")
     left.set_xlabel("concurrent clients")
     left.set_title("throughput")
     left.legend()
     for key, style in (("ttft_p50_ms", "o-"), ("ttft_p99_ms", "o--"), ("latency_p50_ms", "s-"),
                        ("latency_p99_ms", "s--")):
-        right.plot(clients, [lv.get(key) for lv in levels], style, label=key.replace("_ms", "").replace("_", " "))
+        if key in levels:
+            right.plot(clients, levels[key], style, label=key.replace("_ms", "").replace("_", " "))
     right.set_xlabel("concurrent clients")
     right.set_ylabel("ms")
     right.set_title("time to first token and latency")

@@ -69,18 +69,6 @@ class Results:
         split = json.loads(frame.to_json(orient="split", index=False, double_precision=15))  # numbers as JSON's
         self.tables[name] = {"columns": [str(c) for c in split["columns"]], "data": split["data"]}
 
-    def add(self, findings: dict[str, Any]) -> None:
-        """Record what a labkit measurement found: ``{"metrics": {name: number}, "checks": {name: passed or
-        (passed, detail)}, "timing": {the same, for claims about timings}, "skipped": {what: why}}`` (each part
-        optional)."""
-        self.record(findings.get("metrics", {}))
-        for part, timing in (("checks", False), ("timing", True)):
-            for name, outcome in findings.get(part, {}).items():
-                passed, detail = outcome if isinstance(outcome, tuple) else (outcome, "")
-                self.check(name, passed, detail, timing=timing)
-        for what, why in findings.get("skipped", {}).items():
-            self.skip(what, why)
-
     def check(self, name: str, passed: Any, detail: str = "", *, timing: bool = False) -> bool:
         """Record one of the notebook's claims about what it showed. Silent when it holds (the results file and the
         report list the checks); when it does not, one line in words says what this machine did not show.

@@ -45,10 +45,11 @@ results_path = ""              # where to write the results JSON (empty: do not 
 # %%
 import time
 
+import pandas as pd
 from transformers import ContinuousBatchingConfig, GenerationConfig, StoppingCriteriaList
 
 import labkit
-from labkit import models, outputs, plots, quant, roofline, serving
+from labkit import compat, footprint, models, outputs, plots, quant, roofline, serving, timing
 from labkit.widgets import show
 
 lab = labkit.start("06_serving", globals())
@@ -75,11 +76,15 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # What is measured per request: the **time to first token** (TTFT, from the start of the run), the **per-token
 # latency** (the time between its tokens once it runs) and its **end-to-end latency** (until it is answered). Each is
 # shown as its p50 (the median request) and p99 (the 99th percentile, the unluckiest requests; with under a hundred
-# requests, as on a CPU, p99 falls between the two slowest, so it is in effect the slowest request). The workload:
+# requests, as on a CPU, p99 falls between the two slowest, so it is in effect the slowest request). The model, and
+# the workload cut from the shipped text with its tokenizer:
 
 # %%
-model, tokenizer, workload = lab.model, lab.tokenizer, lab.workload
-show(serving.workload_table(workload[:2 * lab.static_batch]), title=f"The first requests of {len(workload)}")
+model, tokenizer = models.load_model(lab.p.model_id, device=lab.device, dtype=lab.dtype)
+workload = serving.load_workload(tokenizer, requests=lab.p.requests, length_scale=lab.p.length_scale)
+lengths = pd.DataFrame({"request": [r.id for r in workload], "prompt tokens": [r.prompt_tokens for r in workload],
+                         "new tokens": [r.new_tokens for r in workload]})
+show(lengths[:2 * lab.p.static_batch], title=f"The first requests of {len(workload)}")
 
 # %% [markdown]
 # **06.1 · Predict.** The first static batch holds the first `static_batch` requests above. Every row is padded to the
@@ -87,16 +92,16 @@ show(serving.workload_table(workload[:2 * lab.static_batch]), title=f"The first 
 # `rows x (longest prompt + longest output)` positions. What percentage of them hold no real token of any request?
 
 # %%
-first = workload[:lab.static_batch]
-ex = lab.exercise("06.1", prompt_tokens=[r.prompt_tokens for r in first], new_tokens=[r.new_tokens for r in first])
+first_batch = lengths[:lab.p.static_batch]
+ex = lab.exercise("06.1", prompt_tokens=list(first_batch["prompt tokens"]), new_tokens=list(first_batch["new tokens"]))
 answer = None  # your prediction, in % of the first batch's positions
 ex.check(answer)
 
 # %% [markdown]
 # Static batching with `generate`: greedy decoding, each batch forced to run exactly its longest output
 # (`min_new_tokens`), so that both ways make the same number of tokens. `outputs.StepClock` is a stopping criterion
-# that never stops: `generate` calls it after every step, so it notes when each step's tokens were ready. A short run
-# on two requests warms everything up first; then the whole workload is timed.
+# that never stops: `generate` calls it after every step, so it notes when each step's tokens were ready; a request's
+# tokens are the first of its row's, and it is answered when its whole batch is done.
 
 # %%
 tokenizer.padding_side = "left"  # decoders continue from each row's last real token (notebook 02)
@@ -104,27 +109,40 @@ greedy = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
 
 def static_batching(requests):
-    start, rows = time.perf_counter(), []
-    for batch in serving.batches(requests, lab.static_batch):
+    start, rows, size = time.perf_counter(), [], lab.p.static_batch
+    for batch in (requests[i:i + size] for i in range(0, len(requests), size)):  # in arrival order
         padded = tokenizer.pad({"input_ids": [list(r.prompt_ids) for r in batch]}, return_tensors="pt").to(lab.device)
         longest = max(r.new_tokens for r in batch)  # the whole batch runs until its longest request is done
         clock = outputs.StepClock(lab.device)
         output = model.generate(**padded, max_new_tokens=longest, min_new_tokens=longest,
                                 stopping_criteria=StoppingCriteriaList([clock]), **greedy)
-        rows += serving.static_rows(batch, output, padded, clock, start)
+        width = padded["input_ids"].shape[1]
+        rows += [{"request": r.id, "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens,
+                  "batch_size": len(batch), "padded_width": width, "generated": output.shape[1] - width,
+                  "token_ids": output[i, width:width + r.new_tokens].tolist(),
+                  "times_s": [t - start for t in clock.times[:r.new_tokens]], "latency_s": clock.times[-1] - start}
+                 for i, r in enumerate(batch)]
     return rows
 
+# %% [markdown]
+# A short run on two requests warms everything up first; then the whole workload is timed (the median of
+# `repeats` runs, by the workbook's timing rule).
 
+# %%
 static_batching(workload[:2])  # warm-up
-static = serving.measured_runs(lambda: static_batching(workload), device=lab.device, repeats=lab.repeats)
+static = serving.measured_runs(lambda: static_batching(workload), device=lab.device, repeats=lab.p.repeats)
 
 # %% tags=["reveals-06.1"]
-row = static[0]
-print(f"first batch: {row['batch_size']} rows padded to {row['padded_width']} prompt positions, "
-      f"then {row['generated']} steps")
-ex.compare(100 * serving.static_kv(static[:lab.static_batch], 1)["waste"], "%")
-waste = serving.static_kv(static, 1)["waste"]
-print(f"over the whole workload: {100 * waste:.0f}% of the positions held no real token")
+padded = pd.DataFrame(static)  # a row per request: its batch's padded prompt width and the steps its batch ran
+padded["positions"] = padded["padded_width"] + padded["generated"]  # what its row of the batch computes and caches
+padded["useful"] = padded["prompt_tokens"] + padded["new_tokens"]  # what its request needed
+first = padded[:lab.p.static_batch]
+waste = {"first batch": 1 - first["useful"].sum() / first["positions"].sum(),
+         "whole workload": 1 - padded["useful"].sum() / padded["positions"].sum()}
+print(f"first batch: {len(first)} rows padded to {first['padded_width'][0]} prompt positions, then "
+      f"{first['generated'][0]} steps; over the whole workload {waste['whole workload']:.0%} of the positions held "
+      "no real token")
+ex.compare(100 * waste["first batch"], "%")
 
 # %% [markdown]
 # Continuous batching with the same model: `continuous_batching_context_manager` starts transformers' scheduler in a
@@ -136,8 +154,8 @@ print(f"over the whole workload: {100 * waste:.0f}% of the positions held no rea
 # CPU it also gets the most tokens one step may hold.
 
 # %%
-config = ContinuousBatchingConfig(page_size=lab.page_size, num_blocks=lab.kv_pages,
-                                  max_batch_tokens=lab.max_batch_tokens)
+config = ContinuousBatchingConfig(page_size=lab.p.page_size, num_blocks=lab.p.kv_pages,
+                                  max_batch_tokens=lab.p.max_batch_tokens)
 no_eos = GenerationConfig(do_sample=False, eos_token_id=-1)
 
 
@@ -148,26 +166,59 @@ def continuous_batching(requests):
         for r in requests:
             manager.add_request(list(r.prompt_ids), request_id=r.id, max_new_tokens=r.new_tokens,
                                 record_timestamps=True)
-        outputs = serving.collect(manager, len(requests))  # wait until every request has finished
-    return serving.continuous_rows(requests, outputs, start)
-
-
-continuous_batching(workload[:2])  # warm-up
-continuous = serving.measured_runs(lambda: continuous_batching(workload), device=lab.device, repeats=lab.repeats)
-
-# %% [markdown]
-# Both runs side by side. The KV memory of static batching is each batch's padded cache (the largest batch is its
-# peak); that of continuous batching is, at every moment a token was made, the pages its running requests needed.
-# Both use the one formula for the bytes a token adds to the cache (section 4).
+        finished = serving.collect(manager, len(requests))  # wait until every request has finished
+    return [{"request": r.id, "prompt_tokens": r.prompt_tokens, "new_tokens": len(finished[r.id].generated_tokens),
+             "token_ids": list(finished[r.id].generated_tokens),
+             "times_s": [t - start for t in finished[r.id].timestamps or []],  # when each of its tokens was made
+             "scheduled_s": finished[r.id].lifespan[0] - start, "latency_s": finished[r.id].lifespan[1] - start}
+            for r in requests]
 
 # %%
-results = serving.batching_results(static, continuous, bytes_per_token=serving.kv_bytes_per_token(model),
-                                   page_size=lab.page_size)
-show(serving.batching_table(results), title=f"{len(workload)} requests, {lab.model_id}, {lab.dtype_name}")
+continuous_batching(workload[:2])  # warm-up
+continuous = serving.measured_runs(lambda: continuous_batching(workload), device=lab.device, repeats=lab.p.repeats)
+
+# %% [markdown]
+# Both runs side by side. Tokens/s is every token a request asked for over the time until the last answer. The KV
+# memory of static batching is each batch's padded cache (the largest batch is its peak); that of continuous
+# batching is, at every moment a token was made, the pages its running requests needed (`serving.peak_pages` replays
+# the timestamps). Both use the one formula for the bytes a token adds to the cache (section 4):
+# `2 (K and V) x layers x key/value heads x head size x bytes per number`.
+
+# %%
+shape = roofline.kv_shape(model.config)
+kv_per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * model.dtype.itemsize
+paged, page = pd.DataFrame(continuous), lab.p.page_size
+paged["useful"] = paged["prompt_tokens"] + paged["new_tokens"]
+paged["positions"] = -(-paged["useful"] // page) * page  # each request's own length, rounded up to whole pages
+peak_tokens = {"static": (padded["batch_size"] * padded["positions"]).max(),  # the largest padded batch
+               "continuous": serving.peak_pages(continuous, page) * page}  # the most pages held at once
+for run in (padded, paged):  # each request's time to first token, time between its tokens, and latency, in ms
+    run["TTFT"] = 1e3 * run["times_s"].map(lambda t: t[0])
+    run["per-token"] = 1e3 * run["times_s"].map(lambda t: (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else float("nan"))
+    run["latency"] = 1e3 * run["latency_s"]
+
+# %%
+rows = []
+for mode, run in (("static", padded), ("continuous", paged)):
+    rows.append({"batching": mode, "tokens/s": run["new_tokens"].sum() / run["latency_s"].max(),
+                 **{f"{what} p{q} ms": run[what].quantile(q / 100)
+                    for what in ("TTFT", "per-token", "latency") for q in (50, 99)},
+                 "KV peak MiB": peak_tokens[mode] * kv_per_token / 2**20,
+                 "KV slots wasted %": 100 * (1 - run["useful"].sum() / run["positions"].sum())})
+batching = pd.DataFrame(rows)
+lab.table("batching", batching, title=f"{len(workload)} requests, {lab.p.model_id}, {lab.dtype_name}")
+
+# %%
+by_mode = batching.set_index("batching")
+ratio = by_mode.loc["continuous", "tokens/s"] / by_mode.loc["static", "tokens/s"]
+wasted = by_mode["KV slots wasted %"]
 same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(static, continuous, strict=True))
-print(f"{same} of {len(workload)} requests got the same tokens both ways")
-lab.add(serving.batching_findings(results, same_tokens=same, requests=len(workload), on_gpu=lab.on_gpu,
-                                  quick=lab.quick))
+print(f"Continuous batching: {ratio:.2f}x static batching's tokens/s, the same tokens for {same} of {len(workload)} "
+      f"requests; KV positions without a real token: padded {wasted['static']:.0f}%, paged {wasted['continuous']:.0f}%")
+lab.check("paged_cache_wastes_fewer_slots_than_padding", wasted["continuous"] < wasted["static"])
+if lab.on_gpu and not lab.quick:  # the full workload on a GPU, where a step costs about the same below the knee
+    lab.check("continuous_batching_at_least_twice_static_tokens_per_s", ratio >= 2, f"{ratio:.2f}x")
+lab.metric("continuous_over_static_tokens_per_s", ratio)
 
 # %% [markdown]
 # Read the table row by row. Under static batching, a request of the second batch has its first token only after the
@@ -196,15 +247,31 @@ lab.add(serving.batching_findings(results, same_tokens=same, requests=len(worklo
 # %%
 bandwidth = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"]
 flops = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)["flops_per_s"]
-curve = serving.decode_curve(model, batch_sizes=lab.batch_sizes, prompt_tokens=lab.curve_prompt,
-                             new_tokens=lab.curve_new_tokens)
-curve = serving.curve_bounds(model, curve, bandwidth_bytes_per_s=bandwidth, flops_per_s=flops)
-knee = serving.knee_batch(model, bandwidth_bytes_per_s=bandwidth, flops_per_s=flops)
-show(serving.curve_table(curve), title=f"Decode, {lab.model_id}, prompts of {lab.curve_prompt} tokens")
-print(f"the bounds meet near batch {knee:.0f} on {lab.device_label}")
-fig = plots.serving_curve(curve, knee=knee, title=f"{lab.model_id} on {lab.device_label}")
+points = serving.decode_curve(model, batch_sizes=lab.p.batch_sizes, prompt_tokens=lab.p.curve_prompt,
+                              new_tokens=lab.p.curve_new_tokens)  # each point re-measured once if out of trend
+curve = pd.DataFrame(points)[["batch", "tokens_per_s", "step_ms", "noisy"]]
+curve.columns = ["batch", "tokens/s", "per-token latency ms", "noisy"]
+weights = roofline.weight_bytes_per_token(model)  # the weight bytes one step reads (notebook 02)
+parameters = weights / model.dtype.itemsize
+context = lab.p.curve_prompt + lab.p.curve_new_tokens // 2  # the KV cache at the run's middle length
+curve["bandwidth bound tokens/s"] = curve["batch"] * bandwidth / (weights + curve["batch"] * context * kv_per_token)
+hidden = shape["heads"] * shape["head_dim"]  # 2 FLOPs per weight, plus Q.K and P.V over the cached tokens
+curve["compute bound tokens/s"] = flops / (2 * parameters + 4 * shape["layers"] * context * hidden)
+bound = curve[["bandwidth bound tokens/s", "compute bound tokens/s"]].min(axis=1)
+curve["fraction of the bound"] = curve["tokens/s"] / bound
+knee = (flops / (2 * parameters)) * weights / bandwidth  # batch x bandwidth / weights = FLOP/s / (2 x parameters)
+lab.table("curve", curve, title=f"Decode, {lab.p.model_id}, prompts of {lab.p.curve_prompt} tokens")
+fig = plots.serving_curve(curve, knee=knee, title=f"{lab.p.model_id} on {lab.device_label}")
 lab.figure("throughput_latency", fig)
-lab.add(serving.curve_findings(curve, knee))
+
+# %%
+low, high = curve.iloc[0], curve.iloc[-1]
+longer = high["per-token latency ms"] / low["per-token latency ms"]
+print(f"Batch {high.batch:.0f} made {high['tokens/s']:.1f} tokens/s against {low['tokens/s']:.1f} at batch "
+      f"{low.batch:.0f}, each step {longer:.1f}x as long; the bounds meet near batch {knee:.0f} on {lab.device_label}.")
+closest = curve["fraction of the bound"].max()  # a point above its bound would mean a wrong bound or a bad timing
+lab.check("batching_raises_tokens_per_s", high["tokens/s"] > low["tokens/s"], timing=True)
+lab.check("every_point_under_its_roofline_bound", closest < 1.05, f"highest fraction {closest:.2f}", timing=True)
 
 # %% [markdown]
 # A point marked `noisy` in the table kept contradicting its cost model after one re-measurement: draw no conclusion
@@ -232,15 +299,27 @@ lab.add(serving.curve_findings(curve, knee))
 
 # %%
 counter = serving.ForwardCounter(model)
-prompts = {"repeating": tokenizer(serving.repeating_prompt(lab.quote_words), return_tensors="pt").to(lab.device),
+prompts = {"repeating": tokenizer(serving.repeating_prompt(lab.p.quote_words), return_tensors="pt").to(lab.device),
            "fresh": tokenizer(serving.FRESH_PROMPT, return_tensors="pt").to(lab.device)}
-n = lab.spec_new_tokens
-plain = {label: serving.speculative_run(model, ids, new_tokens=n, counter=counter) for label, ids in prompts.items()}
-lookup = {f"{label}, prompt lookup": serving.speculative_run(model, ids, new_tokens=n, counter=counter,
-                                                             prompt_lookup_num_tokens=10)
-          for label, ids in prompts.items()}
-show(serving.speculative_table(lookup, plain), title=f"Prompt lookup, {n} new tokens, {lab.model_id}")
-lab.add(serving.lookup_findings(lookup, plain))
+n = lab.p.spec_new_tokens
+plain, lookup = {}, {}
+for label, ids in prompts.items():  # greedy decoding, then greedy with prompt lookup proposing up to 10 tokens a step
+    plain[label] = serving.speculative_run(model, ids, new_tokens=n, counter=counter)
+    lookup[label] = serving.speculative_run(model, ids, new_tokens=n, counter=counter, prompt_lookup_num_tokens=10)
+looked = pd.DataFrame([{"prompt": label, **run} for label, run in lookup.items()]).drop(columns="token_ids")
+looked["speed-up vs greedy"] = looked["prompt"].map({label: run["ms"] for label, run in plain.items()}) / looked["ms"]
+looked["same tokens as greedy"] = [lookup[label]["token_ids"] == plain[label]["token_ids"] for label in lookup]
+lab.table("prompt_lookup", looked, title=f"Prompt lookup, {n} new tokens, {lab.p.model_id}")
+
+# %%
+repeating, fresh = looked.set_index("prompt").loc["repeating"], looked.set_index("prompt").loc["fresh"]
+speedup = repeating["speed-up vs greedy"]
+print(f"Prompt lookup accepted {repeating.acceptance_rate:.0%} of its proposals on the repeating prompt "
+      f"({speedup:.2f}x greedy's speed), {fresh.acceptance_rate:.0%} on the fresh one.")
+lab.check("prompt_lookup_gives_the_greedy_tokens", looked["same tokens as greedy"].all())
+lab.check("a_repeating_prompt_accepts_more_proposals", repeating.acceptance_rate > fresh.acceptance_rate)
+lab.check("prompt_lookup_speeds_up_a_repeating_prompt", speedup > 1, timing=True)
+lab.metric("speculative_prompt_lookup_repeating_speedup", speedup)
 
 # %% [markdown]
 # **A draft model.** The draft must share the model's tokenizer and be much cheaper. Of the embedded models that
@@ -252,18 +331,40 @@ lab.add(serving.lookup_findings(lookup, plain))
 
 # %%
 draft, proposals = None, 4
-if lab.draft_problem:  # the draft's package is missing here: the rest of the notebook runs without it
-    lab.skip(f"the draft model {lab.draft_model_id}", lab.draft_problem)
+if lab.p.draft_problem:  # the draft's package is missing here: the rest of the notebook runs without it
+    lab.skip(f"the draft model {lab.p.draft_model_id}", lab.p.draft_problem)
 else:
-    draft, _ = models.load_model(lab.draft_model_id, device=lab.device, dtype=lab.dtype)
+    draft, _ = models.load_model(lab.p.draft_model_id, device=lab.device, dtype=lab.dtype)
     draft.generation_config.num_assistant_tokens = proposals  # propose exactly this many tokens at every step
     draft.generation_config.num_assistant_tokens_schedule = "constant"
     draft.generation_config.assistant_confidence_threshold = 0.0  # and never stop proposing early
     draft_alone = serving.speculative_run(draft, prompts["fresh"], new_tokens=n, counter=serving.ForwardCounter(draft))
-    costs = serving.step_costs(model, prompts["fresh"], proposals=proposals, greedy=plain["fresh"],
-                               draft_greedy=draft_alone)
-    print(f"verifying {proposals} proposals costs {costs['verify_cost']:.3f} greedy steps; "
-          f"one draft step costs {costs['draft_cost']:.3f}")
+    draft_cost = draft_alone["ms_per_token"] / plain["fresh"]["ms_per_token"]  # a draft step, in greedy steps
+
+# %% [markdown]
+# Verifying is one forward of the model over the last token and the `proposals` tokens: it costs a greedy step plus
+# what the extra tokens add to that forward. Both forwards are timed after the same prompt, the cache cut back after
+# each.
+
+# %%
+import torch
+from transformers import DynamicCache
+
+ids, cache = prompts["fresh"]["input_ids"], DynamicCache(config=model.config)
+with torch.inference_mode():
+    model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)  # the prompt, read once
+
+def forward_ms(count):  # one forward over `count` more tokens, timed; the cache cut back to the prompt after each
+    def call():
+        with torch.inference_mode():
+            model(input_ids=ids[:, -1:].repeat(1, count), cache=cache, use_cache=True, logits_to_keep=count)
+        cache.crop(-count)
+    return timing.measure(call, device=lab.device, warmup=1, repeats=3).median_ms
+
+greedy_step = plain["fresh"]["ms_per_token"]
+verify_cost = (greedy_step + max(0.0, forward_ms(1 + proposals) - forward_ms(1))) / greedy_step
+if draft is not None:
+    print(f"verifying {proposals} proposals costs {verify_cost:.3f} greedy steps; a draft step {draft_cost:.3f}")
 
 # %% [markdown]
 # **06.2 · Predict.** A speculative step costs `verify_cost + proposals x draft_cost` greedy steps and yields
@@ -272,8 +373,7 @@ else:
 
 # %%
 if draft is not None:
-    ex = lab.exercise("06.2", proposals=proposals, verify_cost=round(costs["verify_cost"], 3),
-                      draft_cost=round(costs["draft_cost"], 3))
+    ex = lab.exercise("06.2", proposals=proposals, verify_cost=round(verify_cost, 3), draft_cost=round(draft_cost, 3))
     answer = None  # your prediction: an acceptance rate between 0 and 1
     ex.check(answer)
 
@@ -284,14 +384,22 @@ if draft is not None:
 # %% tags=["reveals-06.2"]
 if draft is not None:
     assisted = serving.speculative_run(model, prompts["fresh"], new_tokens=n, counter=counter, assistant_model=draft)
-    show(serving.speculative_table({f"fresh, draft {lab.draft_model_id}": assisted}, plain), title="Assisted decoding")
-    break_even = serving.measured_break_even(assisted, plain["fresh"], proposals)
+    greedy = plain["fresh"]
+    step = (assisted["ms"] / assisted["model_forwards"]) / greedy["ms_per_token"]  # one verification, in greedy steps
+    break_even = (step - 1) / proposals  # the accepted proposals must pay for all but the one token a step yields
+    drafted = pd.DataFrame([{"draft": lab.p.draft_model_id, **assisted}]).drop(columns="token_ids")
+    drafted["speed-up vs greedy"] = greedy["ms"] / assisted["ms"]
+    drafted["same tokens as greedy"] = assisted["token_ids"] == greedy["token_ids"]
+    drafted["break-even rate"], drafted["predicted break-even"] = break_even, ex.exercise.solved(**ex.given)
+    lab.table("draft", drafted, title="Assisted decoding on the fresh prompt")
     print("the acceptance rate at which this run would have matched greedy decoding:")
     ex.compare(break_even)
-    print(f"the draft's proposals were accepted at a rate of {assisted['acceptance_rate']:.2f}")
-    random_draft = lab.draft_model_id in models.EMBEDDED and models.EMBEDDED[lab.draft_model_id].kind == "random"
-    lab.add(serving.draft_findings(assisted, plain["fresh"], break_even=break_even, random_draft=random_draft,
-                                   predicted=ex.exercise.solved(**ex.given)))
+    print(f"the draft's proposals were accepted at a rate of {assisted['acceptance_rate']:.2f}: "
+          f"{greedy['ms'] / assisted['ms']:.2f}x the speed of greedy decoding")
+    lab.check("assisted_decoding_gives_the_greedy_tokens", assisted["token_ids"] == greedy["token_ids"])
+    if models.EMBEDDED.get(lab.p.draft_model_id) and models.EMBEDDED[lab.p.draft_model_id].kind == "random":
+        lab.check("a_random_draft_is_almost_never_accepted", assisted["acceptance_rate"] < 0.2)
+    lab.metric("speculative_draft_fresh_speedup", greedy["ms"] / assisted["ms"])
 
 # %% [markdown]
 # The prediction adds up the parts; the run also pays for work the sum leaves out (the draft's own generate loop, the
@@ -309,37 +417,59 @@ if draft is not None:
 #   key/value heads);
 # * **MQA** (multi-query attention): all query heads share a single key/value head.
 #
-# The formula, `2 x layers x key/value heads x head size x bytes per element`, is `labkit.roofline.kv_bytes_per_token`,
-# the one notebook 02 used.
+# The formula, `2 x layers x key/value heads x head size x bytes per element`, is the one notebook 02 used
+# (`labkit.roofline.kv_bytes_per_token`); section 1 wrote it out, and the cells below do again.
 #
 # **06.3 · Predict.** How many KiB does one token add to the 16-bit KV cache of `llama-8b-shape` (Llama 3 8B's
-# architecture: the numbers are in the call below)?
+# architecture: the cell prints its numbers)?
 
 # %%
 shape_8b = roofline.kv_shape(models.model_config("llama-8b-shape"))
-ex = lab.exercise("06.3", layers=shape_8b["layers"], heads=shape_8b["heads"], kv_heads=shape_8b["kv_heads"],
-                  head_dim=shape_8b["head_dim"], bytes_per_element=2)
+print(f"llama-8b-shape: {shape_8b}")
+ex = lab.exercise("06.3", **shape_8b, bytes_per_element=2)  # layers, heads, kv_heads, head_dim
 answer = None  # your prediction, in KiB per token
 ex.check(answer)
 
 # %% [markdown]
-# The table computes it for every decoder of the workbook and for the same 8B shape made MHA and MQA. To check the
-# formula against a real cache, `llama-8b-shape` is built on PyTorch's **meta device** (shapes, no memory), run over
-# 16 tokens, and the cache it leaves is measured.
+# To check the answer against a real cache, `llama-8b-shape` is built on PyTorch's **meta device** (shapes, no
+# memory), run over 16 tokens, and the cache it leaves is measured (and the same for the 70B shape).
 
 # %% tags=["reveals-06.3"]
-config_8b = models.model_config("llama-8b-shape")
-configs = {name: models.model_config(name) for name in ("tiny-llama", "tiny-opt", "random-llama-1b",
-                                                          "llama-8b-shape", "llama-70b-shape")}
-configs = {lab.model_id: model.config, **configs, "llama-8b-shape as MHA": serving.with_kv_heads(config_8b, 32),
-           "llama-8b-shape as MQA": serving.with_kv_heads(config_8b, 1)}
-kv_rows = serving.kv_table(configs)
-show(kv_rows, title="KV cache per token, 16-bit")
-measured = {name: serving.measured_kv_bytes_per_token(models.empty_model(name))
-            for name in ("llama-8b-shape", "llama-70b-shape")}
-ex.compare(measured["llama-8b-shape"] / 2**10, "KiB per token")
-print(f"llama-70b-shape's cache on the meta device: {measured['llama-70b-shape'] / 2**10:.0f} KiB per token")
-lab.add(serving.kv_findings(kv_rows, measured))
+cache_bytes = {}
+for name in ("llama-8b-shape", "llama-70b-shape"):
+    empty = models.empty_model(name)  # built on the meta device: its shapes, no memory
+    with torch.inference_mode():
+        out = empty(input_ids=torch.zeros(1, 16, dtype=torch.long, device=empty.device), use_cache=True,
+                    logits_to_keep=1)
+    cache_bytes[name] = footprint.cache_bytes(out) / 16  # the bytes of the cache its 16 tokens left, per token
+ex.compare(cache_bytes["llama-8b-shape"] / 2**10, "KiB per token")
+print(f"llama-70b-shape's cache on the meta device: {cache_bytes['llama-70b-shape'] / 2**10:.0f} KiB per token")
+
+# %% [markdown]
+# The formula for every decoder of the workbook, and for the same 8B shape made MHA and MQA (its 32 query heads each
+# with a key/value head of its own, then all sharing one), each checked against the caches just measured:
+
+# %%
+import copy
+
+names = ("tiny-llama", "tiny-opt", "random-llama-1b", "llama-8b-shape", "llama-70b-shape")
+configs = {lab.p.model_id: model.config, **{name: models.model_config(name) for name in names}}
+for kind, kv_heads in (("MHA", 32), ("MQA", 1)):  # the 8B shape with as many key/value heads as query heads, and one
+    configs[f"llama-8b-shape as {kind}"] = copy.deepcopy(configs["llama-8b-shape"])
+    configs[f"llama-8b-shape as {kind}"].num_key_value_heads = kv_heads
+rows = []
+for name, config in configs.items():
+    dims = roofline.kv_shape(config)
+    per_token = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * 2  # K and V, every layer, 2 bytes a number
+    kind = "MHA" if dims["kv_heads"] == dims["heads"] else "MQA" if dims["kv_heads"] == 1 else "GQA"
+    rows.append({"model": name, "attention": kind, **dims, "KV KiB per token": per_token / 2**10,
+                 "GiB at 4096 tokens": per_token * 4096 / 2**30})
+kv_sizes = pd.DataFrame(rows)
+lab.table("kv_per_token", kv_sizes, title="KV cache per token, 16-bit")
+for name, value in cache_bytes.items():
+    formula = kv_sizes.set_index("model").loc[name, "KV KiB per token"] * 2**10
+    lab.check(f"kv_formula_matches_the_cache_of_{name.replace('-', '_')}", formula == value,
+              f"{formula:.0f} vs {value:.0f} bytes")
 
 # %% [markdown]
 # **A quantized KV cache.** transformers' `QuantizedCache` stores the keys and values in fewer bits. Its `quanto`
@@ -356,21 +486,61 @@ lab.add(serving.kv_findings(kv_rows, measured))
 # 2-byte ones on a GPU.
 
 # %%
-text_ids = tokenizer(quant.sample_text(), return_tensors="pt")["input_ids"][:, :lab.kv_context + lab.kv_read + 1]
-kinds, left_out = serving.usable_caches(quick=lab.quick)
+import math
+
+text_ids = tokenizer(quant.sample_text(), return_tensors="pt")["input_ids"][:, :lab.p.kv_context + lab.p.kv_read + 1]
+text_ids, kv_context, end, kept = text_ids.to(lab.device), lab.p.kv_context, text_ids.shape[1] - 1, {}
+kinds, left_out = serving.usable_caches(quick=lab.quick)  # "dynamic" (the model's own) first, then the backends
 for what, why in left_out.items():
     lab.skip(what, why)
+
+
+def read_through(kind):  # the context read into the cache at once, then the next tokens 16 at a time through it
+    cache, logits = serving.make_cache(kind, model.config), []  # DynamicCache, or QuantizedCache(backend=kind, ...)
+    with torch.inference_mode():
+        model(input_ids=text_ids[:, :kv_context], cache=cache, use_cache=True, logits_to_keep=1)
+        for start in range(kv_context, end, 16):
+            piece = text_ids[:, start:min(start + 16, end)]
+            logits.append(model(input_ids=piece, cache=cache, use_cache=True).logits[0].float().cpu())
+    kept[kind] = cache, torch.cat(logits)  # what the cache holds at the end, and the logits at every position read
+
+# %%
 if "quanto" in kinds and not serving.quanto_extension_built():
     print("optimum-quanto compiles its extension now, once: this takes minutes the first time")
-caches = {}
+caches, targets = {}, text_ids[0, kv_context + 1:].cpu()  # the token that follows each position read
 for kind in kinds:
     try:
-        caches[kind] = serving.cache_quality(model, text_ids, context=lab.kv_context, cache=kind)
+        ms = timing.measure(lambda kind=kind: read_through(kind), device=lab.device, warmup=1, repeats=1,
+                            min_time_s=0).median_ms
     except Exception as error:  # a backend that fails here is reported, not fatal
+        if kind == "dynamic":  # the model's own cache must work: nothing to compare with otherwise
+            raise
         lab.skip(f"QuantizedCache({kind})", f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
-read = text_ids.shape[1] - lab.kv_context - 1
-show(serving.cache_table(caches), title=f"{lab.kv_context} tokens read into each cache, then {read} through it")
-lab.add(serving.cache_findings(caches, model))
+        continue
+    cache, logits = kept[kind]
+    log_q = torch.log_softmax(logits, dim=-1)  # the next-token distribution at every position read, as logarithms
+    log_p = caches["dynamic"]["log_q"] if caches else log_q  # the model's own cache's: the reference P
+    caches[kind] = {"ms": ms, "held_bytes": serving.held_bytes(cache), "tokens_held": kv_context + len(logits),
+                    "log_q": log_q, "perplexity": math.exp(-log_q.gather(1, targets[:, None]).mean().item()),
+                    "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()}  # KL(P || Q), mean over positions
+
+# %%
+base, read = caches["dynamic"], text_ids.shape[1] - lab.p.kv_context - 1
+held = pd.DataFrame([{"cache": "DynamicCache (the model's own)" if kind == "dynamic" else f"QuantizedCache({kind})",
+                      "tokens held": run["tokens_held"], "MiB held": run["held_bytes"] / 2**20,
+                      "share of the model's cache": run["held_bytes"] / base["held_bytes"], "ms": run["ms"],
+                      "perplexity": run["perplexity"],
+                      "KL from the model's cache (nats)": run["kl"]}
+                     for kind, run in caches.items()])
+lab.table("kv_caches", held, title=f"{lab.p.kv_context} tokens read into each cache, then {read} through it")
+formula = kv_per_token * base["tokens_held"]  # section 1's bytes per token, for every token the cache holds
+lab.check("kv_formula_matches_the_cache_held", base["held_bytes"] == formula, f"{base['held_bytes']} vs {formula}")
+for kind, run in list(caches.items())[1:]:
+    share = run["held_bytes"] / base["held_bytes"]
+    print(f"QuantizedCache({kind}) held {share:.0%} of the model's own cache, its next-token distributions "
+          f"{run['kl']:.3g} nats away")
+    lab.check(f"quantized_{kind}_cache_holds_less", share < 1)
+    lab.metric(f"kv_cache_{kind}_over_model_cache", share)
 
 # %% [markdown]
 # **Feeding notebook 05's calculator.** The bytes per token decide how many users a server can hold at once. On
@@ -379,7 +549,16 @@ lab.add(serving.cache_findings(caches, model))
 # window was in this machine's dtype, so on a CPU its share is a little high):
 
 # %%
-show(serving.fits_table(caches, model), title="llama-70b-shape on 8 x 80 GB (labkit.parallel's calculator)")
+sixteen_bit = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2  # this model's cache, 2 bytes a number
+rows = []
+for kind, run in caches.items():
+    share = 1.0 if kind == "dynamic" else run["held_bytes"] / (sixteen_bit * run["tokens_held"])
+    fit = serving.sequences_that_fit(model_name="llama-70b-shape", devices="8 x 80 GB", context=4096, kv_fraction=share)
+    rows.append({"KV cache": "16-bit" if kind == "dynamic" else f"QuantizedCache({kind})", "share of 16-bit": share,
+                 "weights GiB": fit["weights_gib"], "KV GiB per sequence": fit["kv_gib_per_sequence"],
+                 "sequences of 4096 tokens": fit["sequences"]})
+fits = pd.DataFrame(rows)
+lab.table("fits", fits, title="llama-70b-shape on 8 x 80 GB (notebook 05's calculator)")
 
 # %% [markdown]
 # ## 5. A real server under load
@@ -398,9 +577,13 @@ server = None
 if problem:
     lab.skip("the server (section 5)", problem)
 else:
-    server = serving.Server(serving.model_folder(lab.model_id), device=lab.device, dtype=lab.dtype_name,
-                            kv_pages=lab.server_pages, max_batch_tokens=lab.server_max_batch_tokens,
-                            max_model_len=lab.server_door)
+    # --max-model-len (transformers 5.25 and newer) set on purpose at twice what the cache holds, within the model's
+    # context, so that the bad input below can send one prompt past each limit
+    longest = getattr(model.config, "max_position_embeddings", None) or 2 * lab.p.server_capacity  # its context
+    door = min(2 * lab.p.server_capacity, longest) if compat.serve_takes_max_model_len() else None
+    server = serving.Server(serving.model_folder(lab.p.model_id), device=lab.device, dtype=lab.dtype_name,
+                            kv_pages=lab.p.server_pages, max_batch_tokens=lab.p.server_max_batch_tokens,
+                            max_model_len=door)
     print(f"$ {server.command_line}\nlog: {server.log_path}")
     server.start()
     print(f"answering on {server.url} after {server.started_s:.1f} s "
@@ -409,19 +592,23 @@ else:
 # %% [markdown]
 # A client is a few lines with the `openai` package's asynchronous client: one streaming completion per request,
 # noting when the first piece of text arrives (TTFT) and when the answer ends. `temperature=0` asks for greedy
-# decoding; `max_retries=0` and `timeout` keep a failing request from being retried or waited on forever.
+# decoding; `stream_options={"include_usage": True}` asks for a last chunk that says how many tokens were made (without
+# it a stream carries no count); `max_retries=0` and `timeout` keep a failing request from being retried or waited on
+# forever.
 
 # %%
 if server:
     from openai import APIStatusError, AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
-    texts = {r.id: tokenizer.decode(r.prompt_ids) for r in lab.server_workload}
+    server_workload = [workload[i % len(workload)] for i in range(lab.p.server_requests)]  # repeated if need be
+    texts = {r.id: tokenizer.decode(r.prompt_ids) for r in server_workload}
 
     async def one_request(request):
         start, first, tokens = time.perf_counter(), None, 0
         stream = await client.completions.create(model=server.model, prompt=texts[request.id], stream=True,
-                                                 max_tokens=request.new_tokens, temperature=0)
+                                                 max_tokens=request.new_tokens, temperature=0,
+                                                 stream_options={"include_usage": True})  # a last chunk counts them
         async for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].text:
                 first = time.perf_counter()
@@ -440,13 +627,17 @@ if server:
 
 # %%
 if server:
-    await one_request(lab.server_workload[0])  # a warm-up request
-    levels = [await serving.load(one_request, lab.server_workload, concurrency=c, timeout_s=600)
-              for c in lab.server_concurrency]
-    show(serving.load_table(levels), title=f"transformers serve --continuous-batching, {lab.model_id}")
-    fig = plots.server_load(levels, title=f"{len(lab.server_workload)} requests per level, {lab.device_label}")
-    lab.figure("server_load", fig)
-    lab.add(serving.load_findings(levels, server))
+    await one_request(server_workload[0])  # a warm-up request
+    levels = pd.DataFrame([await serving.load(one_request, server_workload, concurrency=c, timeout_s=600)
+                           for c in lab.p.server_concurrency])  # a row per level: answered, failed, rates, p50/p99
+    lab.table("server_load", levels, title=f"transformers serve --continuous-batching, {lab.p.model_id}")
+    title = f"{len(server_workload)} requests per level, {lab.device_label}"
+    lab.figure("server_load", plots.server_load(levels, title=title))
+    one, top = levels.iloc[0], levels.iloc[-1]
+    print(f"{top.concurrency} clients: {top.requests_per_s:.2f} requests/s against {one.requests_per_s:.2f} with "
+          f"{one.concurrency}, TTFT p50 {top.get('ttft_p50_ms', float('nan')):.0f} ms; up in {server.started_s:.1f} s")
+    lab.check("server_answered_every_request", levels["failed"].sum() == 0, f"{levels['failed'].sum()} failed")
+    lab.metric(f"server_c{top.concurrency}_tokens_per_s", top.tokens_per_s)
 
 # %% [markdown]
 # **Bad input.** A request for a model the server does not serve, and prompts too long. A server has two limits on a
@@ -460,25 +651,35 @@ if server:
 
 # %%
 if server:
-    door, cache = server.max_model_len, lab.server_capacity
+    door, cache = server.max_model_len, lab.p.server_capacity
     asks = [("unknown model", "no-such-model", "Hello")]
     asks += [("longer than --max-model-len", server.model, serving.prompt_of(tokenizer, door + 64))] if door else []
     mid = (cache + (door or 2 * cache)) // 2  # past the cache, within the door
     asks += [("longer than the KV cache", server.model, serving.prompt_of(tokenizer, mid))] if mid > cache else []
     if mid <= cache:
         lab.skip("a prompt past the KV cache", f"the cache holds {cache} tokens, the door admits {door}: none fits")
-    answers = {}
+    answers = []
     for label, model_name, prompt in asks:
         try:
             await client.completions.create(model=model_name, prompt=prompt, max_tokens=4)
-            answers[label] = {"status": 200, "message": "(answered)"}
+            answer = {"status": 200, "message": "(answered)"}
         except APIStatusError as error:
-            answers[label] = serving.error_answer(error)
-        status, message = server.health()
-        answers[f"GET /health after: {label}"] = {"status": status, "message": message}
-    show([{"request": k, **v} for k, v in answers.items()], title="What the server said")
+            answer = serving.error_answer(error)  # the status code and the server's own message
+        health, said = server.health()
+        answers.append({"request": label, **answer, "GET /health after": health, "/health said": said})
+    bad_input = pd.DataFrame(answers)
+    lab.table("bad_input", bad_input, title="What the server said")
     print(f"last error in the log: {server.last_error()}")
-    lab.add(serving.bad_input_findings(answers))
+
+# %%
+if server:
+    status, health = (bad_input.set_index("request")[column] for column in ("status", "GET /health after"))
+    lab.check("unknown_model_gets_a_client_error", 400 <= status["unknown model"] < 500, str(answers[0]))
+    if "longer than the KV cache" in status:  # not sent where the door admits nothing the cache cannot hold
+        lab.check("over_long_prompt_gets_an_error", status["longer than the KV cache"] >= 400, str(answers[-1]))
+    if "longer than --max-model-len" in status:  # refused before any work: the server stays healthy
+        refused = status["longer than --max-model-len"] == 400 and health["longer than --max-model-len"] == 200
+        lab.check("a_prompt_past_max_model_len_is_refused_at_the_door", refused, str(answers[1]))
 
 # %% [markdown]
 # The unknown model should get a 4xx. The prompt longer than the door gets a 400 that names both lengths, and
@@ -498,7 +699,8 @@ if server:
     left = [pid for pid in pids if serving.pid_running(pid)]
     print(f"stopped: processes {pids} running afterwards: {left or 'none'}; port {server.port} open: "
           f"{server.port_in_use()}")
-    lab.add(serving.stop_findings(server, pids))
+    lab.check("nothing_left_running_after_stop", not left and not server.port_in_use(),
+              f"still running: {left}, port open: {server.port_in_use()}")
 
 # %% [markdown]
 # ## 6. Where to go next
@@ -526,4 +728,31 @@ if server:
 # ## What you measured
 
 # %%
-lab.finish()
+measured = [f"On the mixed workload, continuous batching made {by_mode.loc['continuous', 'tokens/s']:.1f} tokens/s "
+            f"against {by_mode.loc['static', 'tokens/s']:.1f} for padded static batches ({ratio:.2f}x); static "
+            f"batching left {wasted['static']:.0f}% of its KV positions without a real token, the paged cache "
+            f"{wasted['continuous']:.0f}%.",
+            f"Decoding at batch {high.batch:.0f} gave {high['tokens/s']:.1f} tokens/s against {low['tokens/s']:.1f} "
+            f"at batch {low.batch:.0f}, each step {longer:.1f}x as long; the roofline puts the knee near batch "
+            f"{knee:.0f} on this machine.",
+            f"Prompt lookup accepted {repeating.acceptance_rate:.0%} of its proposals on a prompt that repeats itself "
+            f"({speedup:.2f}x the speed of greedy decoding) and {fresh.acceptance_rate:.0%} "
+            "on one that does not" + ("; the tokens are greedy's either way." if looked["same tokens as greedy"].all()
+                                      else ".")]
+if draft is not None:
+    measured.append(f"The draft model's proposals were accepted at a rate of {assisted['acceptance_rate']:.2f} where "
+                    f"it needed {break_even:.2f} to break even: {greedy['ms'] / assisted['ms']:.2f}x greedy's speed.")
+
+# %%
+per_token = kv_sizes.set_index("model")["KV KiB per token"]
+measured.append(f"One token adds {per_token['llama-8b-shape']:.0f} KiB to llama-8b-shape's 16-bit KV cache (GQA), "
+                f"{per_token['llama-8b-shape as MHA']:.0f} KiB as MHA and {per_token['llama-8b-shape as MQA']:.0f} KiB "
+                f"as MQA; {per_token[lab.p.model_id]:.0f} KiB to {lab.p.model_id}'s.")
+if len(caches) > 1:
+    shares = ", ".join(f"{kind} {run['held_bytes'] / base['held_bytes']:.0%}" for kind, run in list(caches.items())[1:])
+    measured.append(f"A quantized KV cache held this share of the model's own cache at the same context: {shares}.")
+if server:
+    measured.append(f"transformers serve with continuous batching answered {top.requests_per_s:.2f} requests/s "
+                    f"({top.tokens_per_s:.1f} tokens/s) with {top.concurrency} concurrent clients, time to first "
+                    f"token p50 {top.get('ttft_p50_ms', float('nan')):.0f} ms.")
+lab.finish(measured)

@@ -13,7 +13,7 @@ import pytest
 from conftest import first_run_cache, notebook_opening
 
 import labkit
-from labkit import metrics, registry
+from labkit import registry
 from labkit.errors import BadParameter
 from labkit.results import read_results
 
@@ -51,8 +51,7 @@ def test_notebook_runs_and_its_checks_pass(notebook, tmp_path, monkeypatch, guar
         assert why.strip() and "\n" not in why, f"skip of {what!r} needs a one-line reason"
     for figure in data.get("figures", []):
         assert (tmp_path / figure).stat().st_size > 1000, f"figure {figure} was not saved"
-    expected = registry.get(notebook.stem).metrics or metrics.expected_quick(notebook.stem)
-    missing = [name for name in expected if name not in data["metrics"]]
+    missing = [name for name in registry.get(notebook.stem).metrics if name not in data["metrics"]]
     assert not missing, f"metrics missing: {missing}"
     tables = data.get("tables", {})
     missing = [name for name in registry.get(notebook.stem).tables if not tables.get(name, {}).get("data")]

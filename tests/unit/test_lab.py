@@ -1,4 +1,4 @@
-"""labkit.lab: a notebook's opening (parameters, plan, results record) and closing ("What you measured")."""
+"""labkit.lab: a notebook's opening (typed parameters, results record) and closing ("What you measured")."""
 
 import types
 
@@ -21,40 +21,51 @@ DOUBLE = Exercise(id="99.1", title="twice x", kind="predict", checker=lambda ans
 
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
-    """A topic module for notebook 99_fake, whose plan records what it was given."""
-    module = types.SimpleNamespace(given=[])
+    """A topic module for notebook 99_fake with typed parameters (a dataclass with the parameters cell's defaults and
+    ``resolve``), which records what it was given."""
+    from dataclasses import dataclass, field
 
-    def notebook_plan(*, device: str, quick: bool, size: int = 4, name: str = "tiny"):
-        module.given.append({"device": device, "quick": quick, "size": size, "name": name})
-        if size < 1:
-            raise BadParameter(f"size={size}: give a whole number >= 1.")
-        return {"dtype": torch.float32, "line": "One more sentence.", "sizes": [size, 2 * size]}
+    given = []
 
-    def what_you_measured(results):
-        return [f"Measured {len(results['metrics'])} numbers; m was {results['metrics'].get('m')}."]
+    @dataclass
+    class Parameters:
+        dtype: object = "auto"
+        sizes: list = field(default_factory=list)  # empty: sized for the machine
+        name: str = "tiny"
 
-    module.notebook_plan, module.what_you_measured = notebook_plan, what_you_measured
+        def resolve(self, *, device: str, quick: bool) -> str:
+            given.append({"device": device, "quick": quick, "sizes": self.sizes, "name": self.name})
+            if any(s < 1 for s in self.sizes):
+                raise BadParameter(f"sizes={self.sizes}: give whole numbers >= 1.")
+            self.sizes = self.sizes or ([2, 4] if quick else [8, 16])
+            self.dtype = torch.float32
+            return f"Sizes {self.sizes}."
+
+    module = types.SimpleNamespace(Parameters=Parameters, given=given)
     monkeypatch.setattr(lab, "topic", lambda notebook: module)
     monkeypatch.setattr(exercises, "get", lambda exercise_id: DOUBLE)
     monkeypatch.setenv("LABKIT_PROGRESS", str(tmp_path / "progress.json"))
     return module
 
 
-def test_start_passes_the_parameters_the_plan_names_and_says_where_it_runs(fake, capsys):
-    params = {"device": "auto", "quick": True, "size": 8, "unrelated": object(), "results_path": ""}
+def test_start_passes_the_cells_values_and_says_where_it_runs(fake, capsys):
+    params = {"device": "auto", "quick": True, "name": "other", "unrelated": object(), "results_path": ""}
     opened = lab.start("99_fake", params)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    assert fake.given == [{"device": device, "quick": True, "size": 8, "name": "tiny"}]  # defaults stay defaults
+    assert fake.given == [{"device": device, "quick": True, "sizes": [], "name": "other"}]  # defaults stay defaults
     said = capsys.readouterr().out
-    assert said.startswith(f"Working on {device} (") and "in float32, quick sizes. One more sentence." in said
+    assert said.startswith(f"Working on {device} (") and "in float32, quick sizes. Sizes [2, 4]." in said
+    assert opened.p.sizes == [2, 4] and opened.p.name == "other"
     assert opened.dtype is torch.float32 and opened.dtype_name == "float32" and opened.quick and not opened.solutions
     assert opened.results.path is None and opened.results.env["versions"]["torch"] == torch.__version__
+    assert lab.start("99_fake", {"quick": False, "sizes": [3]}).p.sizes == [3]
+    assert lab.start("99_fake", {}).quick is not torch.cuda.is_available()  # quick left out: small sizes without a GPU
 
 
 def test_a_bad_parameter_stops_the_notebook_in_one_sentence(fake):
     with pytest.raises(BadParameter) as caught:
-        lab.start("99_fake", {"size": 0})
-    assert str(caught.value) == "size=0: give a whole number >= 1." and "\n" not in str(caught.value)
+        lab.start("99_fake", {"sizes": [0]})
+    assert str(caught.value) == "sizes=[0]: give whole numbers >= 1." and "\n" not in str(caught.value)
 
 
 def test_an_unknown_notebook_lists_the_notebooks():
@@ -62,16 +73,7 @@ def test_an_unknown_notebook_lists_the_notebooks():
         lab.topic("42_nothing")
 
 
-def test_the_plan_is_read_as_attributes_and_an_unknown_name_says_what_it_holds(fake):
-    opened = lab.start("99_fake", {"size": 3})
-    assert opened.sizes == [3, 6]
-    assert opened.quick is not torch.cuda.is_available()  # quick left out: small sizes where there is no GPU
-    assert "dtype" not in opened.plan and "line" not in opened.plan  # taken out: lab.dtype, and the printed line
-    with pytest.raises(AttributeError, match="lab has no 'seq_lengths'; the plan holds sizes"):
-        opened.seq_lengths  # noqa: B018
-
-
-def test_checks_skips_metrics_and_findings_go_to_the_results(fake, capsys):
+def test_checks_skips_and_metrics_go_to_the_results(fake, capsys):
     opened = lab.start("99_fake", {})
     capsys.readouterr()
     opened.check("holds", True)
@@ -79,15 +81,14 @@ def test_checks_skips_metrics_and_findings_go_to_the_results(fake, capsys):
     opened.skip("the GPU part", "no GPU here")
     opened.metric("m", 1.5)
     opened.record({"n": 2, "not_measured": None})
-    opened.add({"metrics": {"k": 3.0}, "checks": {"found": (True, "yes"), "plain": True},
-                "skipped": {"flash": "not installed"}})
+    opened.check("a_timing_claim", False, "1.0 vs 1.1", timing=True)
     said = capsys.readouterr().out
     assert "Not seen on this machine: does not hold (2 > 1)." in said and "machine: holds" not in said  # silent
     assert "Skipped: the GPU part -- no GPU here" in said
     data = opened.results.as_dict()
-    assert data["metrics"] == {"m": 1.5, "n": 2, "k": 3.0}
-    assert data["checks"] == {"holds": True, "does_not_hold": False, "found": True, "plain": True}
-    assert data["skipped"] == {"the GPU part": "no GPU here", "flash": "not installed"}
+    assert data["metrics"] == {"m": 1.5, "n": 2}
+    assert data["checks"] == {"holds": True, "does_not_hold": False, **({"a_timing_claim": False} if opened.on_gpu else {})}
+    assert data["skipped"] == {"the GPU part": "no GPU here"}
 
 
 def test_finish_prints_what_you_measured_and_writes_the_results_with_it(fake, tmp_path, capsys):
@@ -96,7 +97,7 @@ def test_finish_prints_what_you_measured_and_writes_the_results_with_it(fake, tm
     opened.metric("m", 1.5)
     opened.skip("one part", "why")
     capsys.readouterr()
-    opened.finish()
+    opened.finish([f"Measured {len(opened.results.metrics)} numbers; m was {opened.results.metrics['m']}."])
     said = capsys.readouterr().out.splitlines()
     assert said[0] == f"What you measured on {opened.device_label}:"
     assert said[1] == "- Measured 1 numbers; m was 1.5."
@@ -110,7 +111,7 @@ def test_a_workshop_run_fills_in_the_solutions_and_records_that_they_pass(fake, 
     opened = lab.start("99_fake", {"solutions": True, "results_path": str(path)})
     ex = opened.exercise("99.1", x=3)
     assert ex.check(None)  # the solution, filled in
-    opened.finish()
+    opened.finish([])
     assert read_results(path)["checks"] == {"exercise_solutions_pass": True}
     assert not (tmp_path / "progress.json").exists()  # a workshop run records no progress
 
@@ -119,7 +120,7 @@ def test_a_learners_run_counts_the_exercises_instead(fake, tmp_path, capsys):
     opened = lab.start("99_fake", {})
     opened.exercise("99.1", x=3).check(3)  # a typical mistake
     opened.exercise("99.1", x=5).check(10)
-    opened.finish()
+    opened.finish([])
     said = capsys.readouterr().out
     assert "you gave x itself" in said and "Exercises: 1 of 2 correct." in said
     assert "exercise_solutions_pass" not in opened.results.checks
@@ -140,45 +141,13 @@ def test_beside_references_puts_the_stored_runs_next_to_this_machine(fake, tmp_p
     assert "No reference runs" not in capsys.readouterr().out
 
 
-@pytest.fixture
-def typed(monkeypatch, tmp_path):
-    """A topic module for notebook 98_typed with typed parameters (a dataclass with defaults and resolve)."""
-    from dataclasses import dataclass, field
-
-    @dataclass
-    class Parameters:
-        dtype: object = "auto"
-        sizes: list = field(default_factory=list)  # empty: sized for the machine
-        name: str = "tiny"
-
-        def resolve(self, *, device: str, quick: bool) -> str:
-            if any(s < 1 for s in self.sizes):
-                raise BadParameter(f"sizes={self.sizes}: give whole numbers >= 1.")
-            self.sizes = self.sizes or ([2, 4] if quick else [8, 16])
-            self.dtype = torch.float32
-            return f"Sizes {self.sizes}."
-
-    module = types.SimpleNamespace(Parameters=Parameters)
-    monkeypatch.setattr(lab, "topic", lambda notebook: module)
-    return module
-
-
-def test_typed_parameters_take_the_cells_values_and_are_resolved_for_the_machine(typed, capsys):
-    opened = lab.start("98_typed", {"quick": True, "name": "other", "unrelated": 1, "results_path": ""})
-    assert opened.p.sizes == [2, 4] and opened.p.name == "other" and opened.dtype is torch.float32
-    assert "in float32, quick sizes. Sizes [2, 4]." in capsys.readouterr().out
-    assert lab.start("98_typed", {"quick": False, "sizes": [3]}).p.sizes == [3]
-    with pytest.raises(BadParameter, match=r"sizes=\[0\]: give whole numbers >= 1\."):
-        lab.start("98_typed", {"sizes": [0]})
-
-
-def test_a_table_is_shown_recorded_and_read_back_and_finish_prints_the_notebooks_lines(typed, tmp_path, capsys):
+def test_a_table_is_shown_recorded_and_read_back_and_finish_prints_the_notebooks_lines(fake, tmp_path, capsys):
     import pandas as pd
 
     from labkit.results import table
 
-    path = tmp_path / "98_typed.results.json"
-    opened = lab.start("98_typed", {"results_path": str(path)})
+    path = tmp_path / "99_fake.results.json"
+    opened = lab.start("99_fake", {"results_path": str(path)})
     decode = pd.DataFrame({"model": ["a", "b"], "step ms": [2.0, 4.0]})
     decode["tokens/s"] = 1e3 / decode["step ms"]
     opened.table("decode", decode, title="Decode")

@@ -1,5 +1,6 @@
 """labkit.registry: one entry per notebook, and everything that lists notebooks reads it."""
 
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def test_an_entry_names_modules_that_exist_and_parameters_its_notebook_has(entry
     source = (ROOT / "notebooks" / "src" / f"{entry.stem}.py").read_text()
     parameters = source.split('# %% tags=["parameters"]', 1)[1].split("# %%", 1)[0]
     module = entry.topic_module()
-    assert hasattr(module, "Parameters") or hasattr(module, "notebook_plan")
+    assert dataclasses.is_dataclass(module.Parameters) and callable(module.Parameters.resolve)
     for name in [entry.model_parameter, entry.dtype_parameter, *entry.bad_size[0],
                  *(entry.bad_value[0] if entry.bad_value else ())]:
         if name:

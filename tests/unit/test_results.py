@@ -23,10 +23,12 @@ def test_results_file_follows_the_schema(tmp_path, capsys):
                     "summary": []}
 
 
-def test_findings_record_metrics_checks_and_skips_at_once(capsys):
+def test_metrics_checks_and_skips_are_recorded_and_a_claim_that_fails_is_said(capsys):
     res = results.Results("99_test", env={})
-    res.add({"metrics": {"a": 1.0, "b": None}, "checks": {"holds": True, "fails": (False, "3 > 2")},
-             "skipped": {"gpu part": "no GPU here"}})
+    res.record({"a": 1.0, "b": None})
+    res.check("holds", True)
+    res.check("fails", False, "3 > 2")
+    res.skip("gpu part", "no GPU here")
     assert res.metrics == {"a": 1.0} and res.checks == {"holds": True, "fails": False}
     printed = capsys.readouterr().out
     assert "Not seen on this machine: fails (3 > 2)." in printed and "Skipped: gpu part -- no GPU here" in printed
@@ -125,12 +127,12 @@ def test_a_results_file_with_unexpected_content_is_rejected_clearly(tmp_path, co
 
 
 def test_a_timing_claim_is_a_check_on_a_gpu_and_an_observation_on_a_cpu(tmp_path, capsys):
-    found = {"checks": {"tokens_equal": True}, "timing": {"batching_raises_tokens_per_s": (False, "1.0 vs 1.1")}}
     gpu = Results("06_serving", tmp_path / "gpu.json", timing_checks=True)
-    gpu.add(found)
-    assert gpu.checks == {"tokens_equal": True, "batching_raises_tokens_per_s": False} and not gpu.observations
     cpu = Results("06_serving", tmp_path / "cpu.json", timing_checks=False)
-    cpu.add(found)
+    for run in (gpu, cpu):
+        run.check("tokens_equal", True)
+        run.check("batching_raises_tokens_per_s", False, "1.0 vs 1.1", timing=True)
+    assert gpu.checks == {"tokens_equal": True, "batching_raises_tokens_per_s": False} and not gpu.observations
     assert cpu.checks == {"tokens_equal": True} and cpu.observations == {"batching_raises_tokens_per_s": False}
     assert "Not seen this time: batching raises tokens per s (1.0 vs 1.1)" in capsys.readouterr().out
     cpu.write()

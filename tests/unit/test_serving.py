@@ -1,5 +1,6 @@
-"""labkit.serving: the workload, padding and pages, speculation counts, KV bytes, the bounded load, the server's
-process handling (with a stand-in server, so that these tests need neither transformers serve nor a model)."""
+"""labkit.serving: the parameters, the workload, padding and pages, speculation counts, KV bytes, the bounded load,
+the server's process handling (with a stand-in server, so that these tests need neither transformers serve nor a
+model)."""
 
 import asyncio
 import os
@@ -44,12 +45,6 @@ def test_load_workload_scales_the_lengths_and_keeps_a_minimum():
     assert [r.id for r in small] == ["r0", "r1", "r2", "r3"]
 
 
-def test_batches_keep_arrival_order():
-    work = serving.load_workload(WordTokenizer(), requests=10, length_scale=16)
-    cut = serving.batches(work, 4)
-    assert [len(b) for b in cut] == [4, 4, 2] and [r for b in cut for r in b] == work
-
-
 # --------------------------------------------------------------------------- padding and pages
 
 
@@ -58,49 +53,15 @@ def test_padding_waste_counts_padded_prompts_and_the_steps_after_short_outputs()
     assert serving.padded_positions(prompts, news) == 4 * (30 + 40)
     assert serving.padding_waste(prompts, news) == pytest.approx(1 - 130 / 280)
     assert serving.padding_waste([5, 5], [3, 3]) == 0
-    assert serving.paged_positions(prompts, news, 16) == 16 * (4 + 3 + 2 + 2)
 
 
-def _static_rows(batches):
-    rows = []
-    for prompts, news in batches:
-        for p, n in zip(prompts, news, strict=True):
-            rows.append({"prompt_tokens": p, "new_tokens": n, "batch_size": len(prompts),
-                         "padded_width": max(prompts), "generated": max(news)})
-    return rows
-
-
-def test_static_kv_is_the_padded_cache_of_each_batch():
-    kv = serving.static_kv(_static_rows([([12, 30, 8, 20], [40, 6, 10, 4]), ([5, 5], [3, 3])]), bytes_per_token=10)
-    assert kv["slots"] == 280 + 16 and kv["useful"] == 130 + 16
-    assert kv["peak_bytes"] == 2800 and kv["waste"] == pytest.approx(1 - 146 / 296)
-
-
-def test_paged_kv_counts_the_pages_of_running_requests():
+def test_peak_pages_counts_the_pages_of_running_requests():
     rows = [{"prompt_tokens": 10, "new_tokens": 3, "scheduled_s": 0.0, "latency_s": 3.0,
-             "token_times_s": [1.0, 2.0, 3.0]},
-            {"prompt_tokens": 20, "new_tokens": 2, "scheduled_s": 2.5, "latency_s": 5.0, "token_times_s": [4.0, 5.0]}]
-    kv = serving.paged_kv(rows, bytes_per_token=1, page_size=8)
-    # at 3.0 both run: 13 tokens -> 2 pages, 20 tokens -> 3 pages
-    assert kv["peak_bytes"] == 5 * 8
-    assert kv["slots"] == 8 * (2 + 3) and kv["useful"] == 35
-
-
-def test_summary_counts_useful_tokens_over_the_whole_run():
-    rows = [{"new_tokens": 4, "ttft_s": 0.1, "token_latency_s": 0.02, "latency_s": 1.0},
-            {"new_tokens": 6, "ttft_s": 0.3, "token_latency_s": None, "latency_s": 2.0}]
-    out = serving.summary(rows)
-    assert out["tokens_per_s"] == 5.0 and out["ttft_p50_ms"] == pytest.approx(200)
-    assert out["token_latency_p50_ms"] == pytest.approx(20) and out["latency_p99_ms"] == pytest.approx(1990)
-
-
-def test_paged_cache_size_leaves_room_for_every_request():
-    work = serving.load_workload(WordTokenizer(), requests=8, length_scale=16)
-    size = serving.paged_cache_size(work, page_size=16, concurrent=len(work))
-    assert size["kv_pages"] * 16 >= sum(r.prompt_tokens + r.new_tokens for r in work)
-    sizes = serving.server_sizes(work, [1, 4], 10, on_gpu=False)
-    assert len(sizes["server_workload"]) == 10 and sizes["server_workload"][8] == work[0]
-    assert sizes["server_max_batch_tokens"] > sizes["server_capacity"] == sizes["server_pages"] * 256
+             "times_s": [1.0, 2.0, 3.0]},
+            {"prompt_tokens": 20, "new_tokens": 2, "scheduled_s": 2.5, "latency_s": 5.0, "times_s": [4.0, 5.0]}]
+    # at 3.0 both run: 13 tokens -> 2 pages, 20 tokens -> 3 pages; later the second alone grows to 22 tokens, 3 pages
+    assert serving.peak_pages(rows, page_size=8) == 5
+    assert serving.peak_pages(rows[:1], page_size=8) == 2
 
 
 # --------------------------------------------------------------------------- speculative decoding
@@ -115,11 +76,8 @@ def test_speculation_stats_from_forward_lengths():
     assert plain["proposed"] == 0 and plain["acceptance_rate"] == 0 and plain["tokens_per_forward"] == 1
 
 
-def test_measured_break_even_and_the_exercise_agree_on_the_model():
-    # a run whose steps each cost 1.5 greedy steps, with 4 proposals: it breaks even at (1.5 - 1) / 4
-    run = {"ms": 150.0, "model_forwards": 10}
-    greedy = {"ms_per_token": 10.0}
-    assert serving.measured_break_even(run, greedy, 4) == pytest.approx(0.125)
+def test_the_break_even_exercise_shares_a_steps_extra_cost_among_the_proposals():
+    # a step that costs 1.5 greedy steps with 4 proposals breaks even at (1.5 - 1) / 4
     solve = exercises.get("06.2").solution
     assert solve(proposals=4, verify_cost=1.3, draft_cost=0.05) == pytest.approx(0.125)
 
@@ -131,21 +89,6 @@ def test_the_repeating_prompt_quotes_its_own_passage():
 
 
 # --------------------------------------------------------------------------- KV bytes
-
-
-def test_kv_table_names_mha_gqa_and_mqa():
-    from transformers import LlamaConfig
-
-    base = LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3,
-                       intermediate_size=64, vocab_size=32)
-    rows = serving.kv_table({"gqa": base, "mha": serving.with_kv_heads(base, 8), "mqa": serving.with_kv_heads(base, 1)})
-    kinds = {r["model"]: r["attention"] for r in rows}
-    assert kinds == {"gqa": "GQA", "mha": "MHA", "mqa": "MQA"}
-    per_token = {r["model"]: r["KV KiB per token"] * 1024 for r in rows}
-    assert per_token["gqa"] == 2 * 3 * 2 * 32 * 2 and per_token["mha"] == 4 * per_token["gqa"]
-    assert base.num_key_value_heads == 2, "with_kv_heads must not change the config it copies"
-    findings = serving.kv_findings(rows, {"gqa": per_token["gqa"]})
-    assert findings["checks"]["kv_formula_matches_the_cache_of_gqa"][0]
 
 
 def test_held_bytes_of_a_real_cache_match_the_formula_and_a_quantized_one_holds_less():
@@ -163,22 +106,13 @@ def test_held_bytes_of_a_real_cache_match_the_formula_and_a_quantized_one_holds_
     assert serving.held_bytes([keys, keys.view(-1)]) == keys.numel() * 4, "a storage is counted once"
 
 
-def test_a_meta_device_cache_measures_the_70b_shape_without_memory():
-    from labkit import models, roofline
-
-    model = models.empty_model("llama-70b-shape")
-    shape = roofline.kv_shape(model.config)
-    assert serving.measured_kv_bytes_per_token(model, tokens=4) == roofline.kv_bytes_per_token(
-        layers=shape["layers"], kv_heads=shape["kv_heads"], head_dim=shape["head_dim"], element_bytes=2)
-
-
 def test_notebook_05s_calculator_fits_more_sequences_with_a_smaller_cache():
     full = serving.sequences_that_fit()
     quarter = serving.sequences_that_fit(kv_fraction=0.25)
     assert full["kv_bytes_per_token"] == 327680 and quarter["sequences"] >= 4 * full["sequences"] - 4
 
 
-# --------------------------------------------------------------------------- the plan
+# --------------------------------------------------------------------------- the parameters
 
 
 @pytest.mark.parametrize("given, named", [({"server_concurrency": [4, 0]}, "server_concurrency[1]=0"),
@@ -187,12 +121,24 @@ def test_notebook_05s_calculator_fits_more_sequences_with_a_smaller_cache():
                                           ({"kv_context": -1}, "kv_context=-1")])
 def test_bad_parameters_get_one_sentence(given, named):
     with pytest.raises(BadParameter, match=named.replace("[", r"\[").replace("]", r"\]")):
-        serving.notebook_plan(device="cpu", quick=True, **given)
+        serving.Parameters(**given).resolve(device="cpu", quick=True)
 
 
 def test_a_kv_context_longer_than_the_shipped_text_is_refused():
     with pytest.raises(BadParameter, match="kv_context=5000: the shipped text has"):
-        serving.notebook_plan(device="cpu", quick=True, kv_context=5000)
+        serving.Parameters(kv_context=5000).resolve(device="cpu", quick=True)
+
+
+def test_the_parameters_are_sized_for_the_machine_and_the_caches_for_the_workload():
+    p = serving.Parameters(server_concurrency=[4, 1, 4], server_requests=10)
+    line = p.resolve(device="cpu", quick=True)
+    assert p.requests == 8 and p.length_scale == 16 and p.server_concurrency == [1, 4] and "8 requests" in line
+    lengths = serving.workload_lengths(p.requests, p.length_scale)
+    assert p.kv_pages * p.page_size >= sum(prompt + new for prompt, new in lengths), "room for every request at once"
+    longest = max(prompt + new for prompt, new in lengths)  # the server's 10 requests repeat the workload's 8
+    assert p.server_capacity == p.server_pages * 256 >= 4 * longest
+    assert p.server_max_batch_tokens > p.server_capacity, "a prompt that cannot fit is refused before any work"
+    assert p.dtype is torch.float32 and p.draft_problem is None
 
 
 def test_a_random_init_model_has_no_folder_to_serve():
@@ -255,7 +201,6 @@ def test_a_server_starts_answers_and_stops_with_its_whole_group(tmp_path):
         assert all(serving.pid_running(p) for p in pids) and server.port_in_use()
         assert server.health()[0] == 200 and server.started_s is not None
     assert not any(serving.pid_running(p) for p in pids) and not server.port_in_use()
-    assert serving.stop_findings(server, pids)["checks"]["nothing_left_running_after_stop"][0]
 
 
 def test_a_server_that_exits_early_says_so_with_its_log(tmp_path):
@@ -292,38 +237,3 @@ def test_the_watchdog_stops_the_server_when_its_parent_is_killed(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
-
-
-# --------------------------------------------------------------------------- what you measured
-
-
-def test_what_you_measured_reads_right_when_parts_were_skipped():
-    assert serving.what_you_measured({"metrics": {}, "checks": {}, "skipped": {}}) == []
-    metrics = {serving.names.batching("static", "tokens_per_s"): 5.0,
-               serving.names.batching("continuous", "tokens_per_s"): 10.0,
-               serving.names.server(4, "requests_per_s"): 1.5, serving.names.server(4, "tokens_per_s"): 12.0}
-    lines = serving.what_you_measured({"metrics": metrics, "checks": {}, "skipped": {}})
-    assert len(lines) == 2 and "2.00x" in lines[0] and "4 concurrent clients" in lines[1]
-
-
-# --------------------------------------------------------------------------- bad input
-
-
-def _answers(*labels_and_statuses):
-    return {label: {"status": status, "message": "m"} for label, status in labels_and_statuses}
-
-
-def test_bad_input_findings_check_the_prompt_past_the_cache_only_where_it_was_sent():
-    sent = serving.bad_input_findings(_answers(
-        ("unknown model", 404), ("GET /health after: unknown model", 200),
-        ("longer than --max-model-len", 400), ("GET /health after: longer than --max-model-len", 200),
-        ("longer than the KV cache", 500), ("GET /health after: longer than the KV cache", 503)))
-    assert all(ok for ok, _ in sent["checks"].values()) and len(sent["checks"]) == 3
-    assert list(sent["metrics"].values()) == [503]
-    not_sent = serving.bad_input_findings(_answers(
-        ("unknown model", 404), ("GET /health after: unknown model", 200),
-        ("longer than --max-model-len", 400), ("GET /health after: longer than --max-model-len", 503)))
-    assert set(not_sent["checks"]) == {"unknown_model_gets_a_client_error",
-                                       "a_prompt_past_max_model_len_is_refused_at_the_door"}
-    assert not not_sent["checks"]["a_prompt_past_max_model_len_is_refused_at_the_door"][0], "unhealthy after the door"
-    assert not_sent["metrics"] == {}
