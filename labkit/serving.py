@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
+import psutil
 import torch
 from transformers import QuantizedCache
 
@@ -551,19 +552,10 @@ def pid_running(pid: int | None) -> bool:
     """Whether process ``pid`` exists and is not a zombie (an ended process its parent has not reaped)."""
     if not pid:
         return False
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.parent.parent.exists() and Path("/proc/self").exists():
-        try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -616,15 +608,11 @@ class Server:
         """The server's own process id (the watchdog's child), once it runs."""
         if not self.process:
             return None
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        if children.exists():
-            found = children.read_text().split()
-            return int(found[0]) if found else None
         try:
-            out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, timeout=5)
-        except (OSError, subprocess.SubprocessError):
+            children = psutil.Process(self.process.pid).children()
+        except psutil.NoSuchProcess:
             return None
-        return int(out.stdout.split()[0]) if out.stdout.split() else None
+        return children[0].pid if children else None
 
     def start(self, *, timeout_s: float = 300.0) -> Server:
         """Launch the server and wait until it answers ``/health`` (or raise ServerFailed with its log's end)."""

@@ -36,6 +36,15 @@ def first_run_cache(folder):
     return folder
 
 
+def assert_refused(parameters_type, bad: dict, named: str) -> None:
+    """A notebook's ``Parameters(**bad)``, resolved for a CPU, stops with one sentence that names ``named``."""
+    from labkit.errors import BadParameter
+
+    with pytest.raises(BadParameter) as caught:
+        parameters_type(**bad).resolve(device="cpu", quick=True)
+    assert named in str(caught.value) and "\n" not in str(caught.value)
+
+
 def notebook_opening(notebook) -> tuple[dict, int]:
     """The defaults of a notebook's parameters cell, and the place of its ``labkit.start`` cell among its code
     cells (papermill puts the injected parameters right after the parameters cell)."""

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_refused
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labkit import attention, attention_today, outputs, timing
@@ -202,9 +203,7 @@ def test_parameters_defaults_are_the_notebooks():
     ({"dtype": "int4"}, "dtype='int4'"),
 ])
 def test_a_bad_parameter_stops_with_one_sentence(bad, named):
-    with pytest.raises(BadParameter) as caught:
-        attention.Parameters(**bad).resolve(device="cpu", quick=True)
-    assert named in str(caught.value) and "\n" not in str(caught.value)
+    assert_refused(attention.Parameters, bad, named)
 
 
 def test_a_misspelt_model_stops():
