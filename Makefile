@@ -114,7 +114,7 @@ test-nbval: $(STAMP)
 	IPYTHONDIR=$$($(PY) tests/kernel_guard.py) $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax \
 	  --ignore=notebooks/legacy notebooks
 
-# The learner's view: every notebook run in JupyterLab in headless Chromium, its widgets used (about 5 minutes).
+# The learner's view: every notebook run in JupyterLab in headless Chromium, its widgets used (about 4.5 minutes).
 # Two JupyterLab servers at once (-n 2: a kernel runs on one thread, OMP_NUM_THREADS=1). The run report in Chromium
 # (tests/browser/test_report_in_chromium.py, marked browser only) runs in make test already.
 test-browser: $(STAMP) browser
