@@ -174,3 +174,30 @@ class StepClock(StoppingCriteria):
         synchronize(self.device)
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> dict[str, Any]:
+    """Greedy (deterministic) continuation of ``prompt``: the text, how many tokens, and the wall time.
+
+    One call, warm-up included: an illustration, not a benchmark (timing.measure is for that).
+    """
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    prompt_length = inputs["input_ids"].shape[1]
+    new = output[0, prompt_length:]
+    return {"continuation": tokenizer.decode(new, skip_special_tokens=True), "token_ids": new.tolist(),
+            "new_tokens": int(output.shape[1] - prompt_length), "seconds": seconds}
+
+
+def next_token_candidates(model, tokenizer, prompt: str, k: int = 3) -> list[dict[str, Any]]:
+    """The ``k`` most likely next tokens after ``prompt``, with their logits as the model's dtype holds them."""
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    with torch.inference_mode():
+        logits = model(**inputs).logits[0, -1]
+    top = logits.float().topk(k)
+    return [{"token": tokenizer.decode([int(i)]), "token_id": int(i), "logit": float(v)}
+            for v, i in zip(top.values, top.indices, strict=True)]

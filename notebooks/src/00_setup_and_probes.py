@@ -42,7 +42,7 @@ results_path = ""          # where to write the results JSON (empty: do not writ
 import pandas as pd
 
 import labkit
-from labkit import machine, models, probes, roofline
+from labkit import machine, models, outputs, probes, roofline
 from labkit.errors import LabkitError, check_sizes
 from labkit.widgets import show
 
@@ -245,8 +245,8 @@ if lab.p.model_problem:
     lab.skip(f"generating with {model_id}", lab.p.model_problem)
 else:
     model, tokenizer = models.load_model(model_id, device=lab.device, dtype=lab.dtype)
-    first = models.generate_greedy(model, tokenizer, prompt, max_new_tokens)  # warm-up
-    generated = models.generate_greedy(model, tokenizer, prompt, max_new_tokens)
+    first = outputs.generate_greedy(model, tokenizer, prompt, max_new_tokens)  # warm-up
+    generated = outputs.generate_greedy(model, tokenizer, prompt, max_new_tokens)
     rate = generated["new_tokens"] / generated["seconds"]
     print(f"{prompt!r} -> {generated['continuation']!r}")
     print(f"first call {first['seconds']:.2f} s; second call {generated['seconds']:.2f} s, {rate:.1f} tokens/s")

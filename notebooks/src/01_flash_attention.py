@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import labkit
-from labkit import attention, attention_today, models, plots, probes, roofline, timing, widgets
+from labkit import attention, attention_today, models, outputs, plots, probes, roofline, timing, widgets
 from labkit.widgets import show
 
 lab = labkit.start("01_flash_attention", globals())
@@ -424,13 +424,13 @@ if lab.p.model_problem:
     lab.skip(f"attn_implementation with {model_id}", lab.p.model_problem)
 else:
     model, tokenizer = models.load_model(model_id, device=lab.device, dtype="float32", attn_implementation="eager")
-    greedy = {"eager": models.generate_greedy(model, tokenizer, prompt, max_new_tokens)}
+    greedy = {"eager": outputs.generate_greedy(model, tokenizer, prompt, max_new_tokens)}
     model.set_attn_implementation("sdpa")
-    greedy["sdpa"] = models.generate_greedy(model, tokenizer, prompt, max_new_tokens)
+    greedy["sdpa"] = outputs.generate_greedy(model, tokenizer, prompt, max_new_tokens)
     show([{"attn_implementation": name, "continuation": g["continuation"], "tokens": g["new_tokens"]}
           for name, g in greedy.items()], title=f"{model_id}, float32, greedy")
     lab.check("greedy_tokens_identical_eager_vs_sdpa", greedy["eager"]["token_ids"] == greedy["sdpa"]["token_ids"])
-    first_step = {"float32": models.next_token_candidates(model, tokenizer, prompt)}
+    first_step = {"float32": outputs.next_token_candidates(model, tokenizer, prompt)}
 
 # %% [markdown]
 # Which kernel runs *inside* the model? The profiler again, on one forward pass over a batch of two prompts, once with
@@ -469,13 +469,13 @@ if not lab.p.model_problem:
     half = lab.dtype if lab.dtype != torch.float32 else torch.bfloat16
     half_name = str(half).removeprefix("torch.")
     model_16, tokenizer_16 = models.load_model(model_id, device=lab.device, dtype=half, attn_implementation="sdpa")
-    sdpa_16 = models.generate_greedy(model_16, tokenizer_16, prompt, max_new_tokens)
+    sdpa_16 = outputs.generate_greedy(model_16, tokenizer_16, prompt, max_new_tokens)
     model_16.set_attn_implementation("eager")
-    others = {"eager": models.generate_greedy(model_16, tokenizer_16, prompt, max_new_tokens)}
+    others = {"eager": outputs.generate_greedy(model_16, tokenizer_16, prompt, max_new_tokens)}
     flash = probes.flash_attn()
     if flash["ok"] and lab.on_gpu:
         model_16.set_attn_implementation("flash_attention_2")
-        others["flash_attention_2"] = models.generate_greedy(model_16, tokenizer_16, prompt, max_new_tokens)
+        others["flash_attention_2"] = outputs.generate_greedy(model_16, tokenizer_16, prompt, max_new_tokens)
     else:
         lab.skip("attn_implementation='flash_attention_2'", flash["reason"] or "flash-attn needs a CUDA GPU")
 
@@ -493,7 +493,7 @@ if not lab.p.model_problem:
 if not lab.p.model_problem:
     for implementation in ("eager", "sdpa"):
         model_16.set_attn_implementation(implementation)
-        first_step[f"{half_name}, {implementation}"] = models.next_token_candidates(model_16, tokenizer_16, prompt)
+        first_step[f"{half_name}, {implementation}"] = outputs.next_token_candidates(model_16, tokenizer_16, prompt)
     show([{"precision": name, **{f"#{i + 1}": f"{c['token']!r} {c['logit']:.4g}" for i, c in enumerate(cands)}}
           for name, cands in first_step.items()], title="The first generated token: top candidates and their logits")
     del model, model_16

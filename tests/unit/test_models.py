@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from labkit import models
+from labkit import models, outputs
 from labkit.errors import BadParameter, ModelNotAvailable
 
 
@@ -122,8 +122,8 @@ def test_check_model_separates_mistakes_from_missing_packages(monkeypatch):
 
 def test_generate_greedy_counts_new_tokens():
     model, tokenizer = models.load_model("tiny-llama")
-    first = models.generate_greedy(model, tokenizer, "Hello my dog is cute and", max_new_tokens=5)
-    again = models.generate_greedy(model, tokenizer, "Hello my dog is cute and", max_new_tokens=5)
+    first = outputs.generate_greedy(model, tokenizer, "Hello my dog is cute and", max_new_tokens=5)
+    again = outputs.generate_greedy(model, tokenizer, "Hello my dog is cute and", max_new_tokens=5)
     assert first["new_tokens"] == 5 and first["seconds"] > 0
     assert first["continuation"] == again["continuation"]
     assert len(first["token_ids"]) == 5 and first["token_ids"] == again["token_ids"]
@@ -132,10 +132,10 @@ def test_generate_greedy_counts_new_tokens():
 
 def test_next_token_candidates_are_sorted_and_lead_greedy_decoding():
     model, tokenizer = models.load_model("tiny-llama")
-    candidates = models.next_token_candidates(model, tokenizer, "Hello my dog", k=3)
+    candidates = outputs.next_token_candidates(model, tokenizer, "Hello my dog", k=3)
     assert len(candidates) == 3
     assert [c["logit"] for c in candidates] == sorted((c["logit"] for c in candidates), reverse=True)
-    greedy = models.generate_greedy(model, tokenizer, "Hello my dog", max_new_tokens=1)
+    greedy = outputs.generate_greedy(model, tokenizer, "Hello my dog", max_new_tokens=1)
     assert greedy["token_ids"] == [candidates[0]["token_id"]]
 
 
