@@ -45,9 +45,11 @@ def generate_exactly(model, input_ids, new_tokens: int, *, attention_mask=None, 
 
 
 def measure_decode(model, input_ids, *, new_tokens: int = 32, warmup: int = 1, repeats: int = 3,
-                   attention_mask=None, tokenizer=None, **generate_kwargs) -> dict[str, Any]:
+                   min_time_s: float | None = None, attention_mask=None, tokenizer=None,
+                   **generate_kwargs) -> dict[str, Any]:
     """Decode tokens/s: the time of ``generate`` for ``new_tokens`` minus the time for 1 token (the
-    prefill and set-up), divided by the ``new_tokens - 1`` decode steps. Also returns the token ids."""
+    prefill and set-up), divided by the ``new_tokens - 1`` decode steps. Also returns the token ids. ``min_time_s=0``
+    makes exactly the calls asked (a torchrun job's ranks must all make the same ones)."""
     prompt = input_ids.shape[1]
 
     def run(count):
@@ -56,10 +58,11 @@ def measure_decode(model, input_ids, *, new_tokens: int = 32, warmup: int = 1, r
         return ids[:, prompt:]
 
     return decode_rate(run, input_ids, new_tokens=new_tokens, device=str(model.device), warmup=warmup,
-                        repeats=repeats)
+                        repeats=repeats, min_time_s=min_time_s)
 
 
-def decode_rate(run, input_ids, *, new_tokens: int, device: str, warmup: int, repeats: int) -> dict[str, Any]:
+def decode_rate(run, input_ids, *, new_tokens: int, device: str, warmup: int, repeats: int,
+                min_time_s: float | None = None) -> dict[str, Any]:
     """Time ``run(1)`` and ``run(new_tokens)`` (each returns the new token ids) and derive the decode rate.
 
     The first call of ``run(new_tokens)`` is timed on its own (it pays any compilation) and counts as a warm-up."""
@@ -72,12 +75,12 @@ def decode_rate(run, input_ids, *, new_tokens: int, device: str, warmup: int, re
             outputs["ids"] = run(count)
         return call
 
-    one = measure(timed(1), device=device, warmup=warmup, repeats=repeats)
+    one = measure(timed(1), device=device, warmup=warmup, repeats=repeats, min_time_s=min_time_s)
     start = time.perf_counter()
     timed(new_tokens)()
     synchronize(device)
     first_s = time.perf_counter() - start
-    full = measure(timed(new_tokens), device=device, warmup=max(warmup - 1, 0), repeats=repeats)
+    full = measure(timed(new_tokens), device=device, warmup=max(warmup - 1, 0), repeats=repeats, min_time_s=min_time_s)
     steps = new_tokens - 1
     step_ms = (full.median_ms - one.median_ms) / steps
     fallback = step_ms <= 0

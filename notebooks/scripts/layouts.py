@@ -29,7 +29,6 @@ from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
 from labkit import compat, footprint, outputs, parallel, probes, roofline, timing
-from labkit.errors import BadParameter
 
 LAYOUTS = ("tp", "pp", "ep", "dp", "tp_pp")
 
@@ -67,28 +66,9 @@ def busy_time(modules, device: str):
 
 
 def decode_rate(model, prompt, *, new_tokens: int, repeats: int, warmup: int = 1) -> dict:
-    """Decode tokens/s as ``outputs.measure_decode`` defines it, with exactly ``warmup + repeats`` calls of each
-    length: in a distributed job every rank must make the same calls, so no minimum measured time."""
-
-    if new_tokens < 2:
-        raise BadParameter(f"new_tokens={new_tokens}: decoding needs at least 2 new tokens to time a step.")
-    out: dict = {}
-
-    def run(count):
-        def call():
-            out["ids"] = outputs.generate_exactly(model, prompt, count)[:, prompt.shape[1]:]
-        return call
-
-    device = str(model.device)
-    one = timing.measure(run(1), device=device, warmup=warmup, repeats=repeats, min_time_s=0)
-    full = timing.measure(run(new_tokens), device=device, warmup=warmup, repeats=repeats, min_time_s=0)
-    step_ms = (full.median_ms - one.median_ms) / (new_tokens - 1)
-    fallback = step_ms <= 0
-    if fallback:  # timing noise larger than the decode itself: the whole call per token, flagged
-        step_ms = full.median_ms / new_tokens
-    return {"batch": prompt.shape[0], "new_tokens": new_tokens, "generate_ms": full.median_ms, "step_ms": step_ms,
-            "timing_fallback": fallback, "tokens_per_s": prompt.shape[0] * 1e3 / step_ms,
-            "token_ids": out["ids"].tolist()}
+    """Decode tokens/s by ``outputs.measure_decode``, with exactly the calls asked: in a distributed job every rank
+    must make the same calls, so no minimum measured time."""
+    return outputs.measure_decode(model, prompt, new_tokens=new_tokens, warmup=warmup, repeats=repeats, min_time_s=0)
 
 
 def collectives(counts: dict[str, int]) -> dict[str, int]:

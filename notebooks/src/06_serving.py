@@ -529,7 +529,7 @@ for kind in kinds:
     log_p = caches["dynamic"]["log_q"] if caches else log_q  # the model's own cache's: the reference P
     caches[kind] = {"ms": ms, "held_bytes": serving.held_bytes(cache), "tokens_held": kv_context + len(logits),
                     "log_q": log_q, "perplexity": math.exp(-log_q.gather(1, targets[:, None]).mean().item()),
-                    "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()}  # KL(P || Q), mean over positions
+                    "kl": outputs.kl_divergence(log_p, log_q)}  # KL(P || Q), mean over positions, in nats
 
 # %%
 base, read = caches["dynamic"], text_ids.shape[1] - lab.p.kv_context - 1
