@@ -99,7 +99,19 @@ class Lab:
             if time.time() > deadline:
                 pytest.fail(f"{notebook}: JupyterLab did not save the notebook within 30 s")
             time.sleep(0.2)
-        return nbformat.read(self.folder / notebook, as_version=4)
+        # The server's "atomic" save truncates the file and writes it in place, keeping the old one as .~<name>
+        # until the write is done (jupyter_server.services.contents.fileio.atomic_writing): last_modified changes
+        # when the write starts, so read only once that backup is gone and the file parses.
+        backup = self.folder / f".~{notebook}"
+        while True:
+            try:
+                if not backup.exists():
+                    return nbformat.read(self.folder / notebook, as_version=4)
+            except nbformat.reader.NotJSONError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"{notebook}: the saved notebook was still being written after 30 s")
+            time.sleep(0.2)
 
     def shut_down(self, notebook: str):
         """Stop the notebook's kernel, so that the next notebook has the machine to itself."""
