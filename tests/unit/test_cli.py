@@ -60,68 +60,84 @@ def test_unknown_parameter_fails_before_anything_runs(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_run_records_a_failure_and_runs_the_rest(tmp_path):
-    folder = tmp_path / "notebooks"
+# One real `labkit run` (the command line, papermill, a kernel per notebook) over a folder of small notebooks, each
+# showing one way a notebook can end; the tests below read what it left. One run instead of one per case: each kernel
+# start costs seconds on 2 busy cores.
+RUN_CASES = {
+    "01_fails": "raise RuntimeError('boom')",
+    "02_works": WRITES_RESULTS.replace("NAME", "02_works"),
+    "03_check": WRITES_RESULTS.replace("NAME", "03_check").replace("size > 0", "size > 5"),
+    "04_silent": "x = 1",
+    "05_stale": "raise RuntimeError('fails before writing')",
+    "06_slow": "import time\ntime.sleep(120)",
+    "07_after": WRITES_RESULTS.replace("NAME", "07_after"),
+}
+TIMEOUT_S = 20  # the limit holds for every notebook, and a kernel's start alone took over 8 s on 2 busy cores in CI
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """``labkit run --dir notebooks --out runs/x --quick -p size=3 --timeout 20``, from the run's own folder."""
+    work = tmp_path_factory.mktemp("cli-run")
+    folder = work / "notebooks"
     folder.mkdir()
-    write_notebook(folder / "01_fails.ipynb", "raise RuntimeError('boom')")
-    write_notebook(folder / "02_works.ipynb", WRITES_RESULTS.replace("NAME", "02_works"))
-    out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "labkit.cli", "run", "--dir", str(folder), "--out", str(out),
-                           "--quick", "-p", "size=3"], capture_output=True, text=True)
+    for name, body in RUN_CASES.items():
+        write_notebook(folder / f"{name}.ipynb", body)
+    out = work / "runs" / "x"
+    out.mkdir(parents=True)
+    # what an earlier, successful run left in the same folder
+    (out / "05_stale.results.json").write_text(json.dumps({"notebook": "05_stale", "env": {}, "metrics": {"size": 1.0},
+                                                           "checks": {"size_positive": True}, "skipped": {}}))
+    done = subprocess.run([sys.executable, "-m", "labkit.cli", "run", "--dir", "notebooks", "--out", "runs/x",
+                           "--quick", "-p", "size=3", "--timeout", str(TIMEOUT_S)],
+                          capture_output=True, text=True, cwd=work)
+    return done, out, report.read_summary(out)  # the one reader of summary.json: raises unless it follows the schema
+
+
+def test_run_records_a_failure_and_runs_the_rest(cli_run):
+    done, out, summary = cli_run
+    entries = summary["notebooks"]
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stdout.splitlines()[0].startswith("labkit run: quick sizes")
-    summary = report.read_summary(out)["notebooks"]  # the one reader of summary.json
-    assert summary["01_fails"]["status"] == "failed" and "boom" in summary["01_fails"]["error"]
-    assert summary["02_works"]["status"] == "ok"
-    assert summary["02_works"]["metrics"] == {"size": 3} and summary["02_works"]["checks"] == {"size_positive": True}
-    assert (out / "02_works.ipynb").exists() and (out / "02_works.results.json").exists()
-    assert summary["01_fails"]["error"] == "In [3]: RuntimeError: boom"  # as numbered in the executed notebook
+    assert list(entries) == list(RUN_CASES)
+    assert entries["01_fails"]["status"] == "failed"
+    assert entries["01_fails"]["error"] == "In [3]: RuntimeError: boom"  # as numbered in the executed notebook
+    assert entries["02_works"]["status"] == "ok" and entries["07_after"]["status"] == "ok"
+    assert entries["02_works"]["metrics"] == {"size": 3} and entries["02_works"]["checks"] == {"size_positive": True}
+    assert (out / "02_works.ipynb").exists() and (out / "02_works.results.json").exists()  # a relative --out
     assert (out / "report.html").exists() and "RuntimeError: boom" in (out / "report.html").read_text()
     assert done.stdout.strip().endswith("report.html")
 
 
-def test_summary_follows_its_schema(tmp_path):
-    nb = write_notebook(tmp_path / "01_ok.ipynb", WRITES_RESULTS.replace("NAME", "01_ok"))
-    summary = cli.run_notebooks([nb], tmp_path / "out", {"size": 2}, quick=True, log=lambda *_: None)
+def test_summary_follows_its_schema(cli_run):
+    _, out, summary = cli_run
     assert report.summary_problems(summary) == []
-    assert report.read_summary(tmp_path / "out") == json.loads(json.dumps(summary, default=str))
-    assert set(summary["machine"]) == {"env", "probe"} and summary["machine"]["probe"]["sdpa"]
-    entry = summary["notebooks"]["01_ok"]
-    assert entry["status"] == "ok" and entry["parameters"] == {"size": 2, "quick": True,
-                                                               "results_path": str((tmp_path / "out" / "01_ok.results.json").resolve())}
+    assert summary["quick"] is True and set(summary["machine"]) == {"env", "probe"} and summary["machine"]["probe"]["sdpa"]
+    entry = summary["notebooks"]["02_works"]
+    assert entry["parameters"] == {"size": 3, "quick": True, "results_path": str((out / "02_works.results.json").resolve())}
     assert entry["environment"] == {} and entry["figures"] == [] and entry["duration_s"] > 0
 
 
-def test_a_notebook_past_its_timeout_is_stopped_and_the_next_runs(tmp_path):
-    slow = write_notebook(tmp_path / "01_slow.ipynb", "import time\ntime.sleep(120)")
-    fast = write_notebook(tmp_path / "02_fast.ipynb", WRITES_RESULTS.replace("NAME", "02_fast"))
-    # 20 s: the limit holds for every notebook, and a kernel's start alone took over 8 s on 2 busy cores in CI
-    summary = cli.run_notebooks([slow, fast], tmp_path / "out", {}, quick=True, timeout_s=20, probe=False,
-                                log=lambda *_: None)
-    entry = summary["notebooks"]["01_slow"]
-    assert entry["status"] == "timed out" and "stopped after 20 s" in entry["error"] and entry["duration_s"] < 60
-    assert summary["notebooks"]["02_fast"]["status"] == "ok"
+def test_a_notebook_past_its_timeout_is_stopped_and_the_next_runs(cli_run):
+    entries = cli_run[2]["notebooks"]
+    slow = entries["06_slow"]
+    assert slow["status"] == "timed out" and f"stopped after {TIMEOUT_S} s" in slow["error"] and slow["duration_s"] < 60
+    assert entries["07_after"]["status"] == "ok"
 
 
-def test_relative_out_folder_gets_the_results(tmp_path, monkeypatch):
-    nb = write_notebook(tmp_path / "01_rel.ipynb", WRITES_RESULTS.replace("NAME", "01_rel"))
-    monkeypatch.chdir(tmp_path)
-    summary = cli.run_notebooks([nb], Path("runs") / "x", {}, quick=True, probe=False, log=lambda *_: None)
-    assert summary["notebooks"]["01_rel"]["status"] == "ok"
-    assert (tmp_path / "runs" / "x" / "01_rel.results.json").exists()
-
-
-def test_a_notebook_that_writes_no_results_fails(tmp_path):
-    nb = write_notebook(tmp_path / "01_silent.ipynb", "x = 1")
-    entry = cli.run_notebooks([nb], tmp_path / "out", {}, quick=True, probe=False, log=lambda *_: None)["notebooks"]["01_silent"]
+def test_a_notebook_that_writes_no_results_fails(cli_run):
+    entry = cli_run[2]["notebooks"]["04_silent"]
     assert entry["status"] == "failed" and "no results file" in entry["error"]
 
 
-def test_a_failed_check_fails_the_notebook(tmp_path):
-    nb = write_notebook(tmp_path / "01_check.ipynb", WRITES_RESULTS.replace("NAME", "01_check"))
-    summary = cli.run_notebooks([nb], tmp_path / "out", {"size": 0}, quick=True, probe=False, log=lambda *_: None)
-    entry = summary["notebooks"]["01_check"]
+def test_a_failed_check_fails_the_notebook(cli_run):
+    entry = cli_run[2]["notebooks"]["03_check"]
     assert entry["status"] == "failed" and "size_positive" in entry["error"]
+
+
+def test_results_left_by_an_earlier_run_are_not_this_runs(cli_run):
+    entry = cli_run[2]["notebooks"]["05_stale"]
+    assert entry["status"] == "failed" and entry["metrics"] == {} and "fails before writing" in entry["error"]
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
@@ -201,32 +217,21 @@ def test_parameters_on_the_command_line_are_checked():
         cli.run_notebooks([], Path("unused"), {"quick": "no"}, quick=True)
 
 
-def test_quick_given_as_a_parameter_is_what_the_summary_says(tmp_path):
+def test_quick_given_as_a_parameter_is_what_the_summary_says(tmp_path, monkeypatch):
     nb = write_notebook(tmp_path / "01_q.ipynb", WRITES_RESULTS.replace("NAME", "01_q"))
+    monkeypatch.setattr(cli, "execute_one", lambda *args, **kwargs: {"status": "ok", "duration_s": 0.1})  # no kernel
     summary = cli.run_notebooks([nb], tmp_path / "out", {"quick": False}, quick=True, probe=False, log=lambda *_: None)
     assert summary["quick"] is False and summary["notebooks"]["01_q"]["parameters"]["quick"] is False
-
-
-def test_results_left_by_an_earlier_run_are_not_this_runs(tmp_path):
-    nb = write_notebook(tmp_path / "01_stale.ipynb", "raise RuntimeError('fails before writing')")
-    out = tmp_path / "out"
-    out.mkdir()
-    # what an earlier, successful run left in the same folder
-    (out / "01_stale.results.json").write_text(json.dumps({"notebook": "01_stale", "env": {}, "metrics": {"size": 1.0},
-                                                           "checks": {"size_positive": True}, "skipped": {}}))
-    entry = cli.run_notebooks([nb], out, {}, quick=True, probe=False, log=lambda *_: None)["notebooks"]["01_stale"]
-    assert entry["status"] == "failed" and entry["metrics"] == {} and "fails before writing" in entry["error"]
 
 
 def test_a_run_stopped_midway_keeps_the_summary_of_what_finished(tmp_path, monkeypatch):
     done = write_notebook(tmp_path / "01_done.ipynb", WRITES_RESULTS.replace("NAME", "01_done"))
     stopped = write_notebook(tmp_path / "02_stopped.ipynb", "x = 1")
-    real = cli.execute_one
-
-    def stop_at_the_second(notebook, *args, **kwargs):
+    def stop_at_the_second(notebook, executed, parameters, **kwargs):  # the first one finishes, without a kernel
         if notebook == stopped:
             raise KeyboardInterrupt  # Ctrl-C, or the machine's own time limit
-        return real(notebook, *args, **kwargs)
+        Results("01_done", parameters["results_path"], env={}).write()
+        return {"status": "ok", "duration_s": 0.1}
 
     monkeypatch.setattr(cli, "execute_one", stop_at_the_second)
     with pytest.raises(KeyboardInterrupt):
