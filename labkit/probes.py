@@ -183,7 +183,6 @@ class SdpaAttempt:
     error: str = ""
 
     def row(self) -> dict[str, Any]:
-        """The report row: device, dtype, input kind, backend, ok, reason."""
         return {k: v for k, v in asdict(self).items() if k != "error"}
 
 
@@ -421,11 +420,8 @@ def topology() -> dict[str, Any]:
 # --------------------------------------------------------------------------- the whole report (`labkit probe`)
 
 def probe(devices_to_probe: list[str] | None = None, *, use_cache: bool = True) -> dict[str, Any]:
-    """The machine report: ``versions``, ``devices``, ``sdpa`` rows and ``features``.
-
-    ``use_cache=False`` rebuilds the attn_implementation and bitsandbytes answers instead of reusing those found
-    earlier with the same package versions (and devices).
-    """
+    """The machine report of ``labkit probe``; ``use_cache=False`` rebuilds the attn_implementation and bitsandbytes
+    answers instead of reusing those found earlier with the same package versions (and devices)."""
     chosen = devices_to_probe or device_names()
     return {"versions": versions(), "devices": devices(), "sdpa": sdpa_matrix(chosen),
             "features": {"attn_implementations": attn_implementations(use_cache=use_cache),
