@@ -16,7 +16,7 @@ import platform
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -33,12 +33,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 INPUT_KINDS = ("plain", "causal", "masked")
 PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "flash-attn", "gguf", "papermill")
 
-_DTYPE_ALIASES = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float64": "float64", "fp64": "float64", "double": "float64",
-}
+# torch's own names (torch.half is float16, torch.float float32, torch.double float64) and their short forms
+_DTYPE_NAMES = ("float32", "float", "float16", "half", "bfloat16", "float64", "double")
+_SHORT_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 
 
 # --------------------------------------------------------------------------- versions, devices
@@ -53,32 +50,19 @@ def package_version(name: str) -> str | None:
 
 def versions() -> dict[str, str | None]:
     """Python and the versions of the packages the workbook cares about (None = not installed)."""
-    found = {"python": platform.python_version()}
-    found.update({name: package_version(name) for name in PACKAGES})
-    found["torch"] = torch.__version__
-    found["torch built for CUDA"] = torch.version.cuda or "no (CPU build)"
-    return found
+    return {"python": platform.python_version(), **{name: package_version(name) for name in PACKAGES},
+            "torch": torch.__version__, "torch built for CUDA": torch.version.cuda or "no (CPU build)"}
 
 
 def devices() -> dict[str, Any]:
     """The CPU and every CUDA device: name, compute capability, memory."""
     gpus = []
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            gpus.append({
-                "device": f"cuda:{index}",
-                "name": props.name,
-                "capability": f"{props.major}.{props.minor}",
-                "memory_bytes": int(props.total_memory),
-                "multiprocessors": int(props.multi_processor_count),
-            })
-    return {
-        "cpu": {"device": "cpu", "name": cpu_name(),
-                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "cuda_available": torch.cuda.is_available(),
-        "cuda": gpus,
-    }
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(index)
+        gpus.append({"device": f"cuda:{index}", "name": props.name, "capability": f"{props.major}.{props.minor}",
+                     "memory_bytes": int(props.total_memory), "multiprocessors": int(props.multi_processor_count)})
+    cpu = {"device": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {"cpu": cpu, "cuda_available": torch.cuda.is_available(), "cuda": gpus}
 
 
 _ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LABKIT_CACHE")
@@ -86,13 +70,8 @@ _ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "
 
 def environment() -> dict[str, Any]:
     """What a result depends on: versions, devices, platform, the relevant environment variables."""
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "platform": platform.platform(),
-        "versions": versions(),
-        "devices": devices(),
-        "environment_variables": {name: os.environ[name] for name in _ENV_VARS if name in os.environ},
-    }
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "platform": platform.platform(), "versions": versions(),
+            "devices": devices(), "environment_variables": {n: os.environ[n] for n in _ENV_VARS if n in os.environ}}
 
 
 def environment_rows(env: dict[str, Any]) -> list[dict[str, str]]:
@@ -101,33 +80,25 @@ def environment_rows(env: dict[str, Any]) -> list[dict[str, str]]:
     rows += [{"item": name, "value": value or "not installed"} for name, value in env["versions"].items()]
     cpu = env["devices"]["cpu"]
     rows.append({"item": "cpu", "value": f"{cpu['name']}, {cpu['cores']} cores"})
-    for gpu in env["devices"]["cuda"]:
-        rows.append({"item": gpu["device"], "value": f"{gpu['name']} (compute capability {gpu['capability']}, "
-                                                     f"{gpu['memory_bytes'] / 2**30:.1f} GiB)"})
+    rows += [{"item": gpu["device"], "value": f"{gpu['name']} (compute capability {gpu['capability']}, "
+              f"{gpu['memory_bytes'] / 2**30:.1f} GiB)"} for gpu in env["devices"]["cuda"]]
     if not env["devices"]["cuda"]:
         rows.append({"item": "cuda", "value": "no CUDA GPU on this machine"})
-    rows += [{"item": name, "value": value} for name, value in env.get("environment_variables", {}).items()]
-    return rows
+    return rows + [{"item": k, "value": v} for k, v in env.get("environment_variables", {}).items()]
 
 
 def cpu_name() -> str:
     """The CPU model name from /proc/cpuinfo where there is one, else the architecture."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+            return next(line.split(":", 1)[1].strip() for line in info if line.lower().startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def device_names() -> list[str]:
     """Devices worth probing: the CPU and each CUDA device."""
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return names
+    return ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0))]
 
 
 def device_label(device: str) -> str:
@@ -140,23 +111,19 @@ def device_label(device: str) -> str:
 def resolve_device(device: str = "auto") -> str:
     """Turn "auto"/"cpu"/"cuda"/"cuda:N" into a device this machine has, or say why not."""
     device = (device or "auto").strip().lower()
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu"
-    if device == "cuda" or re.fullmatch(r"cuda:\d+", device):
-        if not torch.cuda.is_available():
-            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise BadParameter(
-                f"device={device!r} was asked for, but this machine has no usable CUDA GPU "
-                f"(torch {torch.__version__}, {build}); use device='cpu' or 'auto'.")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise BadParameter(
-                f"device={device!r} was asked for, but this machine has only "
-                f"{torch.cuda.device_count()} CUDA device(s).")
-        return f"cuda:{index}"
-    raise BadParameter(f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    if device in ("auto", "cpu"):
+        return "cuda:0" if device == "auto" and torch.cuda.is_available() else "cpu"
+    if not (device == "cuda" or re.fullmatch(r"cuda:\d+", device)):
+        raise BadParameter(f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise BadParameter(f"device={device!r} was asked for, but this machine has no usable CUDA GPU "
+                           f"(torch {torch.__version__}, {build}); use device='cpu' or 'auto'.")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise BadParameter(f"device={device!r} was asked for, but this machine has only "
+                           f"{torch.cuda.device_count()} CUDA device(s).")
+    return f"cuda:{index}"
 
 
 def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
@@ -167,15 +134,14 @@ def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
     if isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype or "auto").strip().lower().removeprefix("torch.")
-    if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if native_bf16(device) else torch.float16
-        return torch.float32
-    if name not in _DTYPE_ALIASES:
+    if name == "auto" and device.startswith("cuda"):
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    name = "float32" if name == "auto" else _SHORT_DTYPE_NAMES.get(name, name)
+    if name not in _DTYPE_NAMES:
         raise BadParameter(
             f"dtype={dtype!r} is not a dtype for model weights here; use one of 'auto', 'float32', 'float16', "
             "'bfloat16' (8-bit and 4-bit weights come from bitsandbytes, notebook 04).")
-    return getattr(torch, _DTYPE_ALIASES[name])
+    return getattr(torch, name)
 
 
 def native_bf16(device: str) -> bool:
@@ -187,17 +153,19 @@ def check_dtype(device: str, dtype) -> None:
     """Raise BadParameter when a small matrix product in ``dtype`` cannot run on ``device``."""
     if device.startswith("cuda") and dtype == torch.bfloat16 and not native_bf16(device):
         capability = ".".join(map(str, torch.cuda.get_device_capability(torch.device(device))))
-        raise BadParameter(
-            f"dtype bfloat16 is not native on {device} (compute capability {capability}, bf16 needs 8.0+); "
-            "use dtype='float16' or 'auto'.")
+        raise BadParameter(f"dtype bfloat16 is not native on {device} (compute capability {capability}, bf16 needs "
+                           "8.0+); use dtype='float16' or 'auto'.")
     try:
         a = torch.ones(8, 8, device=device).to(dtype)
         (a @ a).float().sum().item()
     except (RuntimeError, TypeError, NotImplementedError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BadParameter(
-            f"dtype {str(dtype).removeprefix('torch.')} cannot run a matrix product on {device} "
-            f"({first_line}); use dtype='auto'.") from None
+        raise BadParameter(f"dtype {str(dtype).removeprefix('torch.')} cannot run a matrix product on {device} "
+                           f"({first_line(err)}); use dtype='auto'.") from None
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line, or its type's name when it says nothing."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 # --------------------------------------------------------------------------- SDPA backends
@@ -213,68 +181,49 @@ class SdpaAttempt:
     ok: bool
     reason: str = ""
     error: str = ""
-    warnings: list[str] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
-        """The report row: device, dtype, input kind, backend, ok, reason."""
-        return {k: v for k, v in asdict(self).items() if k not in ("warnings", "error")}
+        return {k: v for k, v in asdict(self).items() if k != "error"}
 
 
 _TRIGGERED = re.compile(r"\s*\(Triggered internally at .*\)\s*$", re.S)
 _NOT_USED_HEADER = re.compile(r"^[\w\s-]+ kernel not used because:?$", re.I)
 
 
-def _clean_reason(message: str) -> str:
-    return _TRIGGERED.sub("", message).strip()
-
-
 def refusal_reasons(messages: list[str]) -> list[str]:
     """The reasons in torch's SDPA warnings: every message but the "X kernel not used because:" headers."""
-    reasons = [_clean_reason(m) for m in messages]
+    reasons = [_TRIGGERED.sub("", m).strip() for m in messages]
     return list(dict.fromkeys(r for r in reasons if r and not _NOT_USED_HEADER.match(r)))
 
 
-def sdpa_inputs(device: str, dtype, input_kind: str = "plain", *, batch: int = 1, heads: int = 2,
-                seq: int = 8, head_dim: int = 16, ndim: int = 4) -> dict[str, Any]:
-    """Tiny q, k, v (and mask or causal flag) for one kind of input: plain, causal or masked."""
-    if input_kind not in INPUT_KINDS:
-        raise BadParameter(f"input_kind={input_kind!r}; use one of {', '.join(INPUT_KINDS)}.")
-    if ndim not in (3, 4):
-        raise BadParameter(f"ndim={ndim}; SDPA inputs here are 4-D (batch, heads, seq, head_dim) or 3-D.")
-    shape = (batch, heads, seq, head_dim)[4 - ndim:]
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
-    kwargs: dict[str, Any] = {"query": q, "key": k, "value": v}
-    if input_kind == "causal":
-        kwargs["is_causal"] = True
-    elif input_kind == "masked":
-        kwargs["attn_mask"] = torch.ones(seq, seq, device=device, dtype=torch.bool).tril()
-    return kwargs
-
-
-def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain",
-             backends: Any = "MATH", *, dropout_p: float = 0.0, **shape: int) -> SdpaAttempt:
-    """Run one tiny SDPA call restricted to ``backends`` and report whether it ran and, if not, why."""
+def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain", backends: Any = "MATH", *,
+             dropout_p: float = 0.0, batch: int = 1, heads: int = 2, seq: int = 8, head_dim: int = 16,
+             ndim: int = 4) -> SdpaAttempt:
+    """Run one tiny SDPA call (inputs ``(batch, heads, seq, head_dim)``, or 3-D without the batch) restricted to
+    ``backends``: plain, causal or with a boolean mask; report whether it ran and, if not, why."""
     torch_dtype = resolve_dtype(dtype, device)
     names = [backends] if isinstance(backends, str) else list(backends)
     unknown = [name for name in names if name not in BACKENDS]
     if unknown:
         raise BadParameter(f"backend(s) {', '.join(map(str, unknown))} unknown; use {', '.join(BACKENDS)}.")
-    chosen = [getattr(SDPBackend, name) for name in names]
-    kwargs = sdpa_inputs(device, torch_dtype, input_kind, **shape)
+    if input_kind not in INPUT_KINDS:
+        raise BadParameter(f"input_kind={input_kind!r}; use one of {', '.join(INPUT_KINDS)}.")
+    q, k, v = (torch.randn((batch, heads, seq, head_dim)[4 - ndim:], device=device, dtype=torch_dtype) for _ in "qkv")
+    mask = torch.ones(seq, seq, device=device, dtype=torch.bool).tril() if input_kind == "masked" else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with sdpa_kernel(chosen):
-                F.scaled_dot_product_attention(dropout_p=dropout_p, **kwargs)
+            with sdpa_kernel([getattr(SDPBackend, name) for name in names]):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=input_kind == "causal")
             if device.startswith("cuda"):
                 torch.cuda.synchronize(torch.device(device))  # an asynchronous kernel failure surfaces here
             error = ""
         except RuntimeError as err:
             error = str(err).strip()
-    said = refusal_reasons([str(w.message) for w in caught])
-    reason = explain_refusal(error, said, names, device) if error else ""
+    reason = explain_refusal(error, refusal_reasons([str(w.message) for w in caught]), names, device) if error else ""
     return SdpaAttempt(device=device, dtype=str(torch_dtype).removeprefix("torch."), input_kind=input_kind,
-                       backend="+".join(names), ok=not error, reason=reason, error=error, warnings=said)
+                       backend="+".join(names), ok=not error, reason=reason, error=error)
 
 
 def explain_refusal(error: str, reasons: list[str], backends: list[str], device: str) -> str:
@@ -287,40 +236,10 @@ def explain_refusal(error: str, reasons: list[str], backends: list[str], device:
     return f"no reason given by torch; its error: {error.strip().splitlines()[0] if error.strip() else 'none'}"
 
 
-def cuda_helpers_say(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain") -> dict[str, bool | str]:
-    """What ``torch.backends.cuda.can_use_*`` answer for the same tiny inputs (they only know CUDA)."""
-    cuda = torch.backends.cuda  # the module whose can_use_* helpers are asked
-    kwargs = sdpa_inputs(device, resolve_dtype(dtype, device), input_kind)
-    try:
-        params = cuda.SDPAParams(kwargs["query"], kwargs["key"], kwargs["value"], kwargs.get("attn_mask"),
-                                 0.0, bool(kwargs.get("is_causal", False)), False)
-    except TypeError as err:  # the SDPAParams signature differs between torch releases
-        return {"error": f"SDPAParams could not be built on torch {torch.__version__}: {err}"}
-    answers: dict[str, bool | str] = {}
-    helpers = {"FLASH_ATTENTION": "can_use_flash_attention", "EFFICIENT_ATTENTION": "can_use_efficient_attention",
-               "CUDNN_ATTENTION": "can_use_cudnn_attention"}
-    for backend, helper in helpers.items():
-        if hasattr(cuda, helper):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    answers[backend] = bool(getattr(cuda, helper)(params, False))
-            except Exception as err:  # a CUDA build of torch without a driver raises instead of answering
-                lines = str(err).strip().splitlines()
-                answers[backend] = f"error: {lines[0] if lines else type(err).__name__}"
-    return answers
-
-
-def sdpa_matrix(devices_to_probe: list[str] | None = None, dtypes: tuple[str, ...] = DTYPES,
-                kinds: tuple[str, ...] = INPUT_KINDS) -> list[dict[str, Any]]:
+def sdpa_matrix(devices_to_probe: list[str] | None = None) -> list[dict[str, Any]]:
     """Which SDPA backend runs for each device x dtype x input kind, with the reason when it does not."""
-    rows = []
-    for device in devices_to_probe or device_names():
-        for dtype in dtypes:
-            for kind in kinds:
-                for backend in BACKENDS:
-                    rows.append(try_sdpa(device, dtype, kind, backend).row())
-    return rows
+    return [try_sdpa(device, dtype, kind, backend).row() for device in devices_to_probe or device_names()
+            for dtype in DTYPES for kind in INPUT_KINDS for backend in BACKENDS]
 
 
 # --------------------------------------------------------------------------- answers that depend only on versions
@@ -330,21 +249,19 @@ def cache_key(distributions: tuple[str, ...], *, modules: tuple[str, ...] = (), 
     package), and the devices probed."""
     parts = [f"{name}={package_version(name)}" for name in distributions]
     parts += [f"{module} {'found' if importlib.util.find_spec(module) else 'missing'}" for module in modules]
-    parts += [f"{device}={device_label(device)}" for device in devices]
-    return "|".join(parts)
+    return "|".join(parts + [f"{device}={device_label(device)}" for device in devices])
 
 
 def cached(name: str, key: str, build: Callable[[], list[dict[str, Any]]], *,
            use_cache: bool = True) -> list[dict[str, Any]]:
     """``build()``'s rows, or those it gave before under the same ``key`` (kept in labkit's cache as ``name``.json)."""
     path = cache_dir() / f"{name}.json"
-    if use_cache:
-        try:
-            stored = json.loads(path.read_text())
-            if stored["key"] == key:
-                return stored["rows"]
-        except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: build the answer again
-            pass
+    try:
+        stored = json.loads(path.read_text()) if use_cache else {}
+        if stored.get("key") == key:
+            return stored["rows"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or unreadable: build it again
+        pass
     rows = build()
     try:
         write_atomically(path, json.dumps({"key": key, "rows": rows}))
@@ -407,8 +324,8 @@ def _build_attn_implementations() -> list[dict[str, Any]]:
                 compat.build_model_class(LlamaForCausalLM, config, name)
             rows.append({"attn_implementation": name, "ok": True, "reason": ""})
         except Exception as err:  # any failure to build is the answer we report
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            rows.append({"attn_implementation": name, "ok": False, "reason": f"{type(err).__name__}: {message}"})
+            reason = f"{type(err).__name__}: {first_line(err)}"
+            rows.append({"attn_implementation": name, "ok": False, "reason": reason})
     return rows
 
 
@@ -452,9 +369,9 @@ def bitsandbytes_4bit(devices_to_probe: list[str] | None = None, *, use_cache: b
 
 def _bnb_matmul(bnb, device: str, quant_type: str) -> dict[str, Any]:
     if bnb is None:
-        reason = "bitsandbytes is not installed" if importlib.util.find_spec("bitsandbytes") is None \
-            else "bitsandbytes is installed but fails to import"
-        return {"ok": False, "reason": reason}
+        broken = importlib.util.find_spec("bitsandbytes") is not None
+        return {"ok": False, "reason": "bitsandbytes is installed but fails to import" if broken
+                else "bitsandbytes is not installed"}
     try:
         import bitsandbytes.functional as bnbf  # optional (the quant extra): imported only when it is there
 
@@ -465,7 +382,7 @@ def _bnb_matmul(bnb, device: str, quant_type: str) -> dict[str, Any]:
         y = bnb.matmul_4bit(x, packed.t(), quant_state=state)
         relative_error = ((y.float() - x @ weight.t()).norm() / (x @ weight.t()).norm()).item()
     except Exception as err:  # the failure itself is the probe's answer
-        return {"ok": False, "reason": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160]}"}
+        return {"ok": False, "reason": f"{type(err).__name__}: {first_line(err)[:160]}"}
     if not relative_error < 0.3:
         return {"ok": False, "reason": f"runs but relative error {relative_error:.2f} is too large for 4-bit"}
     return {"ok": True, "reason": "", "relative_error": round(relative_error, 4)}
@@ -473,25 +390,22 @@ def _bnb_matmul(bnb, device: str, quant_type: str) -> dict[str, Any]:
 
 def flash_attn() -> dict[str, Any]:
     """Whether the flash-attn package (used by attn_implementation='flash_attention_2') is importable."""
-    version = package_version("flash-attn") or package_version("flash_attn")
     if importlib.util.find_spec("flash_attn") is None:
         return {"ok": False, "version": None, "reason": "the flash-attn package is not installed"}
-    return {"ok": True, "version": version, "reason": ""}
+    return {"ok": True, "version": package_version("flash-attn") or package_version("flash_attn"), "reason": ""}
 
 
 def nccl() -> dict[str, Any]:
     """Whether torch.distributed can use NCCL (GPUs) and gloo (CPU) here."""
     if not dist.is_available():
         return {"ok": False, "gloo": False, "version": None, "reason": "torch was built without torch.distributed"}
-    gloo = bool(dist.is_gloo_available())
+    answer = {"ok": False, "gloo": bool(dist.is_gloo_available()), "version": None}
     if not dist.is_nccl_available():
-        return {"ok": False, "gloo": gloo, "version": None,
-                "reason": "this torch build has no NCCL (a CPU build, or not Linux); gloo is the CPU fallback"}
+        return {**answer, "reason": "this torch build has no NCCL (a CPU build, or not Linux); gloo is the CPU "
+                                    "fallback"}
     if not torch.cuda.is_available():
-        return {"ok": False, "gloo": gloo, "version": None,
-                "reason": "NCCL is built in but there is no CUDA GPU to use it with"}
-    version = ".".join(map(str, torch.cuda.nccl.version()))
-    return {"ok": True, "gloo": gloo, "version": version, "reason": ""}
+        return {**answer, "reason": "NCCL is built in but there is no CUDA GPU to use it with"}
+    return {**answer, "ok": True, "version": ".".join(map(str, torch.cuda.nccl.version())), "reason": ""}
 
 
 def topology() -> dict[str, Any]:
@@ -503,27 +417,16 @@ def topology() -> dict[str, Any]:
     return {"gpus": count, "peer_access": matrix, "reason": ""}
 
 
-# --------------------------------------------------------------------------- the whole report
+# --------------------------------------------------------------------------- the whole report (`labkit probe`)
 
 def probe(devices_to_probe: list[str] | None = None, *, use_cache: bool = True) -> dict[str, Any]:
-    """The machine report: ``versions``, ``devices``, ``sdpa`` rows and ``features``.
-
-    ``use_cache=False`` rebuilds the attn_implementation and bitsandbytes answers instead of reusing those found
-    earlier with the same package versions (and devices).
-    """
+    """The machine report of ``labkit probe``; ``use_cache=False`` rebuilds the attn_implementation and bitsandbytes
+    answers instead of reusing those found earlier with the same package versions (and devices)."""
     chosen = devices_to_probe or device_names()
-    return {
-        "versions": versions(),
-        "devices": devices(),
-        "sdpa": sdpa_matrix(chosen),
-        "features": {
-            "attn_implementations": attn_implementations(use_cache=use_cache),
-            "bitsandbytes_4bit": bitsandbytes_4bit(chosen, use_cache=use_cache),
-            "flash_attn": flash_attn(),
-            "nccl": nccl(),
-            "topology": topology(),
-        },
-    }
+    return {"versions": versions(), "devices": devices(), "sdpa": sdpa_matrix(chosen),
+            "features": {"attn_implementations": attn_implementations(use_cache=use_cache),
+                         "bitsandbytes_4bit": bitsandbytes_4bit(chosen, use_cache=use_cache),
+                         "flash_attn": flash_attn(), "nccl": nccl(), "topology": topology()}}
 
 
 SUMMARY_COLUMNS = ("device", "dtype", "input", "runs", "why_not")

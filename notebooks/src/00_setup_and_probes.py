@@ -40,9 +40,10 @@ results_path = ""          # where to write the results JSON (empty: do not writ
 
 # %%
 import pandas as pd
+import torch
 
 import labkit
-from labkit import machine, models, outputs, probes, roofline
+from labkit import models, outputs, probes, roofline
 from labkit.errors import LabkitError, check_sizes
 from labkit.widgets import show
 
@@ -51,11 +52,29 @@ lab = labkit.start("00_setup_and_probes", globals())
 # %% [markdown]
 # ## 1. The environment report
 #
-# Every results file a notebook writes carries this report, so that a number can always be traced to the versions and
-# the device that produced it. `torch built for CUDA` says whether your torch can use a GPU at all.
+# Every results file a notebook writes carries an environment report, so that a number can always be traced to the
+# versions and the device that produced it. Here is how to ask for those facts yourself: each installed package
+# knows its version (`importlib.metadata`), torch knows whether it was built for CUDA (`torch.version.cuda`) and what
+# each GPU is (`torch.cuda.get_device_properties`).
 
 # %%
-show(lab.environment_rows(), ["item", "value"], title="Environment")
+import importlib.metadata
+import os
+import platform
+
+installed = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in importlib.metadata.distributions()}
+environment = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+               "torch built for CUDA": torch.version.cuda or "no (CPU build)"}
+for package in ("transformers", "accelerate", "bitsandbytes", "flash-attn", "gguf", "papermill"):
+    environment[package] = installed.get(package, "not installed")
+environment["this device"] = lab.device_label
+environment["CPU threads torch uses"] = torch.get_num_threads()
+for name in ("HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LABKIT_CACHE"):  # they change results
+    environment[name] = os.environ.get(name, "(not set)")
+for i in range(torch.cuda.device_count()):
+    gpu = torch.cuda.get_device_properties(i)
+    environment[f"cuda:{i}"] = f"{gpu.name}, capability {gpu.major}.{gpu.minor}, {gpu.total_memory / 2**30:.0f} GiB"
+show(pd.DataFrame(environment.items(), columns=["item", "value"]), title="Environment")
 
 # %% [markdown]
 # ## 2. The kernel matrix: which SDPA backend runs, and why the others don't
@@ -66,38 +85,81 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # in its own kernel (none on a CPU or an NVIDIA GPU). Normally PyTorch picks one for you;
 # `torch.nn.attention.sdpa_kernel(SDPBackend.X)` forces a choice.
 #
-# labkit forces each backend in turn on a tiny input (float32, float16, bfloat16; plain, causal, and with a boolean
-# mask) and records whether the call ran. When it does not, PyTorch usually emits warnings that explain why; labkit
-# keeps them as the reason; where PyTorch gives none (a backend with no kernel for this device), labkit says so from
-# its error. What to expect: MATH always runs. On a CPU only FLASH_ATTENTION has a fused kernel (PyTorch's own CPU
-# one); on a GPU, the dtype, the mask and the head size decide.
+# The function below forces a list of backends and makes one call. When no backend in the list accepts the input,
+# the call raises, and just before that PyTorch emits warnings that explain why; we keep them as the reason (where
+# PyTorch gives none, for a backend with no kernel for this device, `probes.explain_refusal` says so from the error).
 
 # %%
-report = probes.probe()
-show(probes.sdpa_summary(report["sdpa"]), probes.SUMMARY_COLUMNS, title="SDPA backends that ran, forced one at a time")
-sdpa = pd.DataFrame(report["sdpa"])  # one row per device, dtype, input kind and backend: ok, and why not
+import warnings
+
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def force(backends, q, k, v, **inputs):
+    """One SDPA call with only `backends` allowed: ("", "") when it ran, else its error and the reason."""
+    with warnings.catch_warnings(record=True) as caught, sdpa_kernel([getattr(SDPBackend, b) for b in backends]):
+        warnings.simplefilter("always")  # a refused backend says why in a warning, before the error
+        try:
+            F.scaled_dot_product_attention(q, k, v, **inputs)
+            if q.is_cuda:
+                torch.cuda.synchronize(q.device)  # an asynchronous kernel failure surfaces here
+            return "", ""
+        except RuntimeError as err:
+            said = probes.refusal_reasons([str(w.message) for w in caught])
+            return str(err).strip(), probes.explain_refusal(str(err), said, backends, lab.device)
+
+# %% [markdown]
+# Now each backend in turn, on a tiny input (batch 1, 2 heads, 8 positions, head size 16) in float32, float16 and
+# bfloat16; plain, causal, and with a boolean mask. What to expect: MATH always runs. On a CPU only FLASH_ATTENTION
+# has a fused kernel (PyTorch's own CPU one); on a GPU, the dtype, the mask and the head size decide.
+
+# %%
+BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+rows = []
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=dtype, device=lab.device) for _ in range(3))
+    mask = torch.ones(8, 8, dtype=torch.bool, device=lab.device).tril()  # True: this position may be attended to
+    for kind, inputs in {"plain": {}, "causal": {"is_causal": True}, "masked": {"attn_mask": mask}}.items():
+        for backend in BACKENDS:
+            error, reason = force([backend], q, k, v, **inputs)
+            rows.append({"device": lab.device, "dtype": str(dtype).removeprefix("torch."), "input_kind": kind,
+                         "backend": backend, "ok": not error, "reason": reason})
+sdpa = pd.DataFrame(rows)  # one row per dtype, input kind and backend: ok, and why not
 lab.table("sdpa_backends", sdpa, show=False)
-mine = sdpa[sdpa["device"] == lab.device]
-cases_run = mine.groupby("backend", sort=False)["ok"].sum()
-print(f"Cases (dtype x input) each backend ran on {lab.device}, of {mine['backend'].value_counts().iloc[0]}:",
-      ", ".join(f"{backend} {n}" for backend, n in cases_run.items()))
-lab.check("math_backend_runs_everywhere", mine.loc[mine["backend"] == "MATH", "ok"].all())
+grid = sdpa.pivot_table(index=["dtype", "input_kind"], columns="backend", values="ok", aggfunc="first", sort=False)
+show(grid[list(BACKENDS)].reset_index(), title=f"Did the forced backend run on {lab.device}?")
+why_not = sdpa[~sdpa["ok"]].drop_duplicates(["backend", "reason"])[["backend", "dtype", "input_kind", "reason"]]
+show(why_not, title="Why not (the first input refused for each reason)")
+cases_run = sdpa.groupby("backend", sort=False)["ok"].sum()
+lab.check("math_backend_runs_everywhere", sdpa.loc[sdpa["backend"] == "MATH", "ok"].all())
 lab.check("every_refusal_has_a_reason", (sdpa.loc[~sdpa["ok"], "reason"] != "").all())
 
 # %% [markdown]
 # **Don't trust the `can_use_*` helpers for this.** `torch.backends.cuda.can_use_flash_attention(params)` answers only
-# for CUDA. Ask it about the same tiny input on your device and compare with what actually ran above:
+# for CUDA. Ask it about the same tiny float32 input on your device and compare with what actually ran above:
 
 # %%
-said = probes.cuda_helpers_say(lab.device, "float32")
-plain = mine[(mine["dtype"] == "float32") & (mine["input_kind"] == "plain")]
-ran = dict(zip(plain["backend"], plain["ok"], strict=True))
-show([{"backend": b, "can_use_* says": said.get(b, "n/a"), "really ran": ran[b]} for b in said if b in ran],
-     title=f"float32 on {lab.device}: the helpers vs a real call")
+cuda = torch.backends.cuda
+q, k, v = (torch.randn(1, 2, 8, 16, device=lab.device) for _ in range(3))
+params = cuda.SDPAParams(q, k, v, None, 0.0, False, False)  # attn_mask, dropout_p, is_causal, enable_gqa
+helpers = {"FLASH_ATTENTION": cuda.can_use_flash_attention, "EFFICIENT_ATTENTION": cuda.can_use_efficient_attention,
+           "CUDNN_ATTENTION": cuda.can_use_cudnn_attention}
+said = {}
+for backend, can_use in helpers.items():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # with debug=False they still warn on a CPU
+        try:
+            said[backend] = can_use(params, False)
+        except RuntimeError as err:  # a CUDA build of torch without a driver raises instead of answering
+            said[backend] = f"error: {str(err).strip().splitlines()[0]}"
+ran = sdpa[(sdpa["dtype"] == "float32") & (sdpa["input_kind"] == "plain")].set_index("backend")["ok"]
+helpers_vs_call = pd.DataFrame({"can_use_* says": said, "really ran": ran[list(said)]})
+show(helpers_vs_call.rename_axis("backend").reset_index(), title=f"float32 on {lab.device}: the helpers vs a real call")
 
 # %% [markdown]
 # On a CPU the helpers say *no* to FLASH_ATTENTION even where the forced call ran: they check the CUDA rules only.
-# That is why labkit runs the call instead of asking. On a GPU the helpers apply the same rules as the call, so the two
+# That is why we run the call instead of asking. On a GPU the helpers apply the same rules as the call, so the two
 # columns should agree.
 #
 # ## 3. "No available kernel.  Aborting execution." on purpose
@@ -110,30 +172,30 @@ show([{"backend": b, "can_use_* says": said.get(b, "n/a"), "really ran": ran[b]}
 # kernel does take float32, a non-zero dropout), read the reason, and apply the fix.
 
 # %%
-refused = dict(dtype="float32", dropout_p=0.0) if lab.on_gpu else dict(dtype="float32", dropout_p=0.1)
-attempt = probes.try_sdpa(lab.device, input_kind="plain", backends="FLASH_ATTENTION", **refused)
-print("error :", attempt.error or "(none: it ran)")
-print("reason:", attempt.reason or "-")
+dropout_p = 0.0 if lab.on_gpu else 0.1  # the float32 q, k, v above: refused on a GPU; on a CPU the dropout is
+error, reason = force(["FLASH_ATTENTION"], q, k, v, dropout_p=dropout_p)
+print("error :", error or "(none: it ran)")
+print("reason:", reason or "-")
 
 # %% [markdown]
 # Two fixes: give Flash an input it accepts, or allow a second backend, so that PyTorch falls back instead of aborting.
 
 # %%
-fixed = dict(refused, dtype="float16" if lab.on_gpu else "float32", dropout_p=0.0)
-fix = probes.try_sdpa(lab.device, input_kind="plain", backends="FLASH_ATTENTION", **fixed)
-fallback = probes.try_sdpa(lab.device, input_kind="plain", backends=["FLASH_ATTENTION", "MATH"], **refused)
-print(f"fix 1, give Flash an input it accepts ({fixed}): {'runs' if fix.ok else 'still refused: ' + fix.reason}")
-print(f"fix 2, allow a fallback, sdpa_kernel([FLASH_ATTENTION, MATH]): {'runs' if fallback.ok else 'refused'}")
-if attempt.ok:
-    lab.skip("'No available kernel' demonstration", f"Flash Attention accepted {refused} on {lab.device}")
+accepted = [t.half() for t in (q, k, v)] if lab.on_gpu else [q, k, v]  # float16 on a GPU
+fix_error, fix_reason = force(["FLASH_ATTENTION"], *accepted, dropout_p=0.0)
+fallback_error, _ = force(["FLASH_ATTENTION", "MATH"], q, k, v, dropout_p=dropout_p)
+print(f"fix 1, Flash on {accepted[0].dtype} without dropout:", f"refused, {fix_reason}" if fix_error else "runs")
+print(f"fix 2, allow a fallback, sdpa_kernel([FLASH_ATTENTION, MATH]): {'refused' if fallback_error else 'runs'}")
+if not error:
+    lab.skip("'No available kernel' demonstration", f"Flash Attention accepted float32, dropout {dropout_p} here")
 else:
-    lab.check("no_available_kernel_reproduced", "No available kernel" in attempt.error, attempt.error)
-    lab.check("refusal_reason_found", attempt.reason not in ("", attempt.error), attempt.reason)
-    lab.check("fallback_list_runs", fallback.ok)
-    if fix.ok:
-        lab.check("flash_runs_on_an_input_it_accepts", fix.ok)
+    lab.check("no_available_kernel_reproduced", "No available kernel" in error, error)
+    lab.check("refusal_reason_found", reason not in ("", error), reason)
+    lab.check("fallback_list_runs", not fallback_error)
+    if fix_error and lab.on_gpu:  # an older GPU's Flash kernel refuses float16 too
+        lab.skip("fix 1 (Flash on an input it accepts)", f"Flash refuses float16 on {lab.device} too: {fix_reason}")
     else:
-        lab.skip("fix 1 (Flash on an input it accepts)", f"Flash refuses {fixed} on {lab.device} too: {fix.reason}")
+        lab.check("flash_runs_on_an_input_it_accepts", not fix_error, fix_reason)
 
 # %% [markdown]
 # What you saw: the error message itself says nothing useful, the warnings PyTorch emits just before it do. Dropout is
@@ -145,20 +207,30 @@ else:
 #
 # ## 4. What else the installed stack offers
 #
-# The `attn_implementation=` values transformers accepts (a model is built with each one, on the `meta` device, so
-# with no weights). transformers requires the `kernels` package since 5.25, so it comes with it: in place of a missing
-# flash-attn package transformers would download a Hub kernel, and the `flash_attention_*` values are not tried here
-# (nothing is downloaded; without `kernels`, `flash_attention_2` fails with ImportError, exactly what you would
-# meet). Then bitsandbytes 4-bit (a tiny NF4 and FP4 matrix product), NCCL for multi-GPU work, and the links between
-# GPUs.
+# The `attn_implementation=` values transformers accepts (labkit builds a model with each one, on the `meta` device,
+# so with no weights). transformers requires the `kernels` package since 5.25, so it comes with it: in place of a
+# missing flash-attn package transformers would download a Hub kernel, and the `flash_attention_*` values are not
+# tried here (nothing is downloaded; without `kernels`, `flash_attention_2` fails with ImportError, exactly what you
+# would meet). Then bitsandbytes 4-bit (labkit runs a tiny NF4 and FP4 matrix product), and what multi-GPU work needs:
+# the collective backends of `torch.distributed` and the links between GPUs.
 
 # %%
-features = report["features"]
-show(features["attn_implementations"], ["attn_implementation", "ok", "reason"], title="attn_implementation=")
-show(features["bitsandbytes_4bit"], ["device", "quant_type", "ok", "reason"], title="bitsandbytes 4-bit matmul")
-show(probes.feature_rows(features), title="Other features")
-lab.check("sdpa_attn_implementation_builds",
-          any(r["ok"] for r in features["attn_implementations"] if r["attn_implementation"] == "sdpa"))
+import importlib.util
+
+import torch.distributed as dist
+
+attn = pd.DataFrame(probes.attn_implementations())
+show(attn[["attn_implementation", "ok", "reason"]], title="attn_implementation=")
+show(probes.bitsandbytes_4bit([lab.device]), ["device", "quant_type", "ok", "reason"], title="bitsandbytes 4-bit")
+gpus = torch.cuda.device_count()
+peers = [torch.cuda.can_device_access_peer(i, j) for i in range(gpus) for j in range(gpus) if i != j]
+features = {"flash-attn package importable": importlib.util.find_spec("flash_attn") is not None,
+            "NCCL built in (GPU collectives)": dist.is_available() and dist.is_nccl_available(),
+            "NCCL usable here (built in, and a GPU)": dist.is_available() and dist.is_nccl_available() and gpus > 0,
+            "gloo built in (CPU collectives)": dist.is_available() and dist.is_gloo_available(),
+            "GPU pairs that reach each other directly (peer access)": f"{sum(peers)} of {len(peers)}"}
+show(pd.DataFrame(features.items(), columns=["feature", "answer"]), title="Other features")
+lab.check("sdpa_attn_implementation_builds", bool(attn.set_index("attn_implementation").loc["sdpa", "ok"]))
 
 # %% [markdown]
 # ## 5. The machine's ceilings
@@ -185,35 +257,38 @@ matmul, copy = ceilings["matmul"], ceilings["copy"]
 flops_per_s = 2 * matmul["size"] ** 3 / (matmul["best_ms"] / 1e3)  # 2·n³ FLOPs, the fastest repeat
 bytes_per_s = copy["bytes"] / (copy["best_ms"] / 1e3)  # the buffer read once and written once
 ridge = flops_per_s / bytes_per_s  # FLOPs per byte moved at which a kernel can reach both ceilings
-lab.table("ceilings", pd.DataFrame([
+ceilings_table = pd.DataFrame([
     {"ceiling": f"matmul {matmul['size']}x{matmul['size']} {matmul['dtype']}", "best ms": matmul["best_ms"],
      "median ms": matmul["median_ms"], "rate": flops_per_s / 1e9, "unit": "GFLOP/s"},
     {"ceiling": f"copy of {copy['bytes'] / 2 / 2**20:.0f} MiB", "best ms": copy["best_ms"],
-     "median ms": copy["median_ms"], "rate": bytes_per_s / 1e9, "unit": "GB/s"}]),
-    title=f"Measured ceilings of {ceilings['device_label']} (saved to {saved_to})")
+     "median ms": copy["median_ms"], "rate": bytes_per_s / 1e9, "unit": "GB/s"}])
+lab.table("ceilings", ceilings_table, title=f"Measured ceilings of {lab.device_label} (saved to {saved_to})")
 
 # %% [markdown]
-# The ridge point divides the two: the FLOPs a kernel must do per byte it moves to keep the arithmetic busy.
+# The ridge point divides the two: the FLOPs a kernel must do per byte it moves to keep the arithmetic busy. A square
+# matrix product of side n does `2·n³` FLOPs on three `n x n` matrices, so its FLOPs per byte grow with n: expect a
+# tiny product to fall below the ridge point (it waits for memory) and the one measured above to sit well over it.
 
 # %%
 print(f"Ridge point: {ridge:,.1f} FLOP per byte. A kernel doing fewer FLOPs per byte it moves waits for memory here.")
-lab.metric("matmul_gflops_per_s", flops_per_s / 1e9)
-lab.metric("copy_gb_per_s", bytes_per_s / 1e9)
-lab.metric("ridge_flop_per_byte", ridge)
+element_size = torch.empty(0, dtype=lab.dtype).element_size()
+for n in (16, 128, matmul["size"]):  # a square product of side n: 2·n³ FLOPs on three n x n matrices
+    intensity = 2 * n**3 / (3 * n * n * element_size)
+    print(f"a {n}x{n} matmul does {intensity:,.1f} FLOP per byte: {'compute' if intensity > ridge else 'memory'}-bound")
+lab.record({"matmul_gflops_per_s": flops_per_s / 1e9, "copy_gb_per_s": bytes_per_s / 1e9, "ridge_flop_per_byte": ridge})
 
 saved = roofline.load_ceilings(lab.device)
 lab.check("ceilings_saved_for_later_notebooks", saved and matmul["dtype"] in saved["matmul_flops_per_s"])
 if lab.quick and saved.get("quick") is False:
-    print("Quick sizes can misstate a ceiling (a small product underuses the machine, a small copy can sit in a CPU "
-          f"cache): later notebooks keep the full-size copy measured {saved['measured_at']} and the highest matmul "
-          "rate seen.")
+    print("Quick sizes can misstate a ceiling (a small product underuses the machine, a small copy can sit in a cache):"
+          f" later notebooks keep the full-size copy measured {saved['measured_at']} and the highest matmul rate seen.")
 
 # %% [markdown]
 # Your numbers beside the reference runs stored in `reference/<device>/`, each measured on that device in its own
 # default dtype (bfloat16 on the H100), when there are any:
 
 # %%
-ceilings_shown = {machine.matmul_label(lab.dtype_name): "matmul_gflops_per_s", "copy GB/s": "copy_gb_per_s"}
+ceilings_shown = {f"matmul GFLOP/s ({lab.dtype_name} here)": "matmul_gflops_per_s", "copy GB/s": "copy_gb_per_s"}
 show(lab.beside_references(ceilings_shown), title="Ceilings: this machine and the reference runs")
 
 # %% [markdown]
@@ -248,14 +323,18 @@ else:
     first = outputs.generate_greedy(model, tokenizer, prompt, max_new_tokens)  # warm-up
     generated = outputs.generate_greedy(model, tokenizer, prompt, max_new_tokens)
     rate = generated["new_tokens"] / generated["seconds"]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bound = bytes_per_s / weight_bytes  # tokens/s if each new token only had to read every weight once
     print(f"{prompt!r} -> {generated['continuation']!r}")
-    print(f"first call {first['seconds']:.2f} s; second call {generated['seconds']:.2f} s, {rate:.1f} tokens/s")
+    print(f"first call {first['seconds']:.2f} s; second call {generated['seconds']:.2f} s, {rate:.1f} tokens/s "
+          f"(reading every weight once per token, the copy ceiling allows {bound:,.0f})")
     lab.metric("generate_tokens_per_s", rate)
     lab.check("model_generates_text", generated["new_tokens"] > 0 and generated["continuation"].strip() != "")
 
 # %% [markdown]
-# That rate is one call after one warm-up, not a benchmark. Notebook 02 measures generation step by step, against the
-# bandwidth ceiling of section 5.
+# That rate is one call after one warm-up, not a benchmark. The bound beside it is the copy ceiling divided by the bytes
+# of the weights: a new token needs every weight read at least once. Notebook 02 measures generation step by step,
+# against that bound.
 #
 # ## 7. Mistakes get one clear sentence
 #
@@ -273,14 +352,14 @@ def sentence(call):
 cases = {"a misspelt model name": lambda: models.load_model("smollm-135m"),
          "a dtype that is not for weights": lambda: probes.resolve_dtype("int4"),
          "a negative size": lambda: check_sizes(1, max_new_tokens=-5)}
-if not probes.devices()["cuda"]:
+if not torch.cuda.is_available():
     cases["a GPU on a machine without one"] = lambda: probes.resolve_device("cuda")
 if models.hub_offline():
     cases["a Hub id while offline"] = lambda: models.load_model("facebook/opt-350m")
-answers = {case: sentence(call) for case, call in cases.items()}
-show([{"mistake": case, "error": kind, "message": message} for case, (kind, message) in answers.items()],
-     title="Clear errors")
-lab.check("mistakes_get_clear_errors", all(kind is not None for kind, _ in answers.values()))
+answers = pd.DataFrame([(case, *sentence(call)) for case, call in cases.items()],
+                       columns=["mistake", "error", "message"])
+show(answers, title="Clear errors")
+lab.check("mistakes_get_clear_errors", answers["error"].notna().all())
 
 # %% [markdown]
 # ## What you measured
@@ -293,7 +372,7 @@ measured = [f"SDPA backends that ran here for at least one dtype and input: {ran
 if not lab.p.model_problem:
     measured.append(f"The embedded model generated {rate:.1f} tokens/s after one warm-up call: a first look, not a "
                     "benchmark (notebook 02 measures decoding against the bandwidth bound).")
-if not attempt.ok:
+if error:
     measured.append("'No available kernel' came from forcing one backend on an input it refuses; the warning PyTorch "
                     "prints just before it names the reason.")
 lab.finish(measured)
