@@ -257,10 +257,10 @@ def _probe_quietly() -> dict[str, Any]:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from labkit import probes, widgets
+    from labkit import probes, registry, widgets
 
     if args.when_missing:
-        print(probes.when_missing_markdown())
+        print(registry.when_missing_markdown())
         return 0
     report = probes.probe()
     print(json.dumps(report, indent=2, default=str) if args.json else widgets.probe_text(report))

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from labkit import probes
+from labkit import probes, widgets
 from labkit.errors import BadParameter
 from labkit.results import reference_runs, table
 from labkit.widgets import html_table
@@ -200,9 +200,9 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
     probe = machine.get("probe") or {}
     if probe.get("sdpa"):
         parts.append("<h2>Kernel matrix</h2><p>The SDPA backends that ran, forced one at a time, and why the others "
-                     "did not.</p>" + _table(probes.sdpa_summary(probe["sdpa"]), list(probes.SUMMARY_COLUMNS)))
+                     "did not.</p>" + _table(widgets.sdpa_summary(probe["sdpa"]), list(widgets.SUMMARY_COLUMNS)))
         if probe.get("features"):
-            parts.append(_table(probes.feature_rows(probe["features"]), ["feature", "ok", "detail"]))
+            parts.append(_table(widgets.feature_rows(probe["features"]), ["feature", "ok", "detail"]))
     elif probe.get("error"):
         parts.append(f"<h2>Kernel matrix</h2><p>not probed: {html.escape(probe['error'])}</p>")
     parts.append(_legacy_section(summary))

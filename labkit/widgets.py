@@ -244,16 +244,50 @@ def picker(options: Sequence[Any], value: Any = None, *, description: str = ""):
     return dropdown
 
 
+# --------------------------------------------------------------------------- a probe report, as tables
+
+SUMMARY_COLUMNS = ("device", "dtype", "input", "runs", "why_not")
+
+
+
+def sdpa_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per device x dtype x input kind: the backends that ran, and why each other one did not."""
+    grouped: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = (row["device"], row["dtype"], row["input_kind"])
+        entry = grouped.setdefault(key, {"device": key[0], "dtype": key[1], "input": key[2], "runs": [], "why_not": []})
+        if row["ok"]:
+            entry["runs"].append(row["backend"])
+        else:
+            entry["why_not"].append(f"{row['backend']}: {row['reason']}")
+    return [{**e, "runs": ", ".join(e["runs"]) or "-", "why_not": " | ".join(e["why_not"])} for e in grouped.values()]
+
+
+
+def feature_rows(features: dict[str, Any]) -> list[dict[str, Any]]:
+    """flash-attn, NCCL, gloo and GPU peer access as (feature, ok, detail) rows."""
+    fa, collectives, topo = features["flash_attn"], features["nccl"], features["topology"]
+    return [
+        {"feature": "flash-attn package", "ok": fa["ok"], "detail": fa["version"] if fa["ok"] else fa["reason"]},
+        {"feature": "NCCL (GPU collectives)", "ok": collectives["ok"],
+         "detail": collectives["version"] if collectives["ok"] else collectives["reason"]},
+        {"feature": "gloo (CPU collectives)", "ok": collectives["gloo"], "detail": ""},
+        {"feature": "GPU peer access", "ok": bool(topo["peer_access"]) and all(map(all, topo["peer_access"])),
+         "detail": topo["reason"] or str(topo["peer_access"])},
+    ]
+
+
+
 def probe_text(report: dict[str, Any]) -> str:
     """A probe report (``probes.probe()``) as plain-text tables: what ``labkit probe`` prints."""
     features = report["features"]
     sections = [
         ("Versions and devices", probes.environment_rows(report), ["item", "value"]),
         ("SDPA backends that run (forced one at a time with torch.nn.attention.sdpa_kernel)",
-         probes.sdpa_summary(report["sdpa"]), list(probes.SUMMARY_COLUMNS)),
+         sdpa_summary(report["sdpa"]), list(SUMMARY_COLUMNS)),
         ("attn_implementation values (transformers)", features["attn_implementations"],
          ["attn_implementation", "ok", "reason"]),
         ("bitsandbytes 4-bit matmul", features["bitsandbytes_4bit"], ["device", "quant_type", "ok", "reason"]),
-        ("Other features", probes.feature_rows(features), ["feature", "ok", "detail"]),
+        ("Other features", feature_rows(features), ["feature", "ok", "detail"]),
     ]
     return "\n\n".join(f"{title}\n{text_table(rows, columns, indent=2)}" for title, rows, columns in sections)

@@ -106,15 +106,15 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_when_missing_table_is_current_and_matches_the_fault_matrix():
     import sys
 
-    from labkit import probes
+    from labkit import registry
 
-    assert probes.when_missing_markdown() in (ROOT / "README.md").read_text(), \
+    assert registry.when_missing_markdown() in (ROOT / "README.md").read_text(), \
         "README's table is out of date: paste the output of `labkit probe --when-missing`"
     sys.path.insert(0, str(ROOT / "tests" / "faults"))
     from conditions import CONDITIONS, UNIT_TESTED
 
     covered = [row for c in CONDITIONS for row in (c.covers or (c.name,))]
-    assert sorted(covered + list(UNIT_TESTED)) == sorted(what for what, _, _ in probes.WHEN_MISSING)
+    assert sorted(covered + list(UNIT_TESTED)) == sorted(what for what, _, _ in registry.WHEN_MISSING)
     for row, test_file in UNIT_TESTED.items():
         assert row.split()[0] in (ROOT / test_file).read_text(), f"{test_file} does not test {row!r}"
 
