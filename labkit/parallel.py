@@ -105,8 +105,6 @@ class Parameters:
                 f"({self.job_dtype}) on {where}, with {self.processes} processes.")
 
 
-# --------------------------------------------------------------------------- device maps, planned without a GPU
-
 def plan_device_map(model, devices: list[dict[str, Any]], *, fmt: str = "16-bit") -> list[dict[str, Any]]:
     """Where ``from_pretrained(device_map="auto")`` would put each block of ``model`` on ``devices``, planned by
     accelerate from the shapes alone (no GPU needed): one row per block (embeddings, each decoder layer, norm, output

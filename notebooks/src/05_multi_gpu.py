@@ -552,10 +552,9 @@ else:
 # nodes" (https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html). Section 9 puts numbers on the difference.
 #
 # The planner (written out in the cell after your prediction) applies that rule to a model and a machine: one GPU if it
-# holds the model; else the smallest TP size
-# that divides the key/value heads (each process holds whole heads), stays inside a node and holds the model; if no
-# TP size inside a node does, TP over the whole node and as few pipeline stages as hold it. The GPUs left over serve
-# more copies (data parallelism).
+# holds the model; else the smallest TP size that divides the key/value heads (each process holds whole heads), stays
+# inside a node and holds the model; if no TP size inside a node does, TP over the whole node and as few pipeline
+# stages as hold it. The GPUs left over serve more copies (data parallelism).
 #
 # **05.4 · Predict.** llama-405b-shape (126 layers, 8 key/value heads) in 16-bit, on two nodes of 8 GPUs of 80 GB:
 # which TP size, and how many pipeline stages? Answer `(tp, pp)`.
