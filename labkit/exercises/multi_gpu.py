@@ -20,9 +20,9 @@ def _gpus_needed(answer, c):
     need, device = c["total_bytes"], c["device_bytes"]
     if answer == gpus_needed(need, device):
         return f"{int(answer)} GPUs of {device / 2**30:.0f} GiB for {need / 2**30:.1f} GiB."
-    if answer == math.ceil(need / device):
+    if answer == footprint.devices_needed(need, device, usable=1.0):
         raise Wrong(f"a GPU cannot give all its memory to the model: plan with {USABLE:.0%} of each")
-    if answer == math.ceil(c["weight_bytes"] / (device * USABLE)):
+    if answer == footprint.devices_needed(c["weight_bytes"], device):
         raise Wrong("the KV cache needs room too, beside the weights")
     raise Wrong(f"{int(answer)} GPUs is not it")
 
