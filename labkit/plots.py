@@ -131,7 +131,7 @@ DEVICE_COLORS = ["#0969da", "#1a7f37", "#8250df", "#bf8700", "#cf222e", "#1b7c83
 
 def device_maps(placements: dict[str, Sequence[dict[str, Any]]], *, title: str = ""):
     """One bar per plan: the model's blocks from embeddings to output layer, each as wide as its bytes and
-    coloured by the device a device map gives it (rows from ``labkit.parallel.placement``)."""
+    coloured by the device a device map gives it (rows from ``labkit.parallel.plan_device_map``)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 

@@ -1,13 +1,13 @@
 """Exercises of notebook 05 (inference on several GPUs)."""
 
-from __future__ import annotations
-
 import math
+from itertools import product
 
-from labkit import footprint, models, parallel, roofline
+from labkit import footprint, models, roofline
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
 
-# --------------------------------------------------------------------------- 05.1 how many GPUs
+USABLE = footprint.USABLE_FRACTION
+
 
 def gpus_needed(total_bytes, device_bytes):
     # weights and KV cache must fit in the usable part of each GPU (labkit plans with 90%), rounded up
@@ -17,19 +17,15 @@ def gpus_needed(total_bytes, device_bytes):
 def _gpus_needed(answer, c):
     if isinstance(answer, bool) or not isinstance(answer, (int, float)) or not float(answer).is_integer():
         raise Wrong("give a whole number of GPUs")
-    answer = int(answer)
     need, device = c["total_bytes"], c["device_bytes"]
-    expected = gpus_needed(need, device)
-    if answer == expected:
-        return f"{expected} GPUs of {device / 2**30:.0f} GiB for {need / 2**30:.1f} GiB."
-    if answer == math.ceil(need / device):
-        raise Wrong(f"a GPU cannot give all its memory to the model: plan with {footprint.USABLE_FRACTION:.0%} of each")
-    if answer == math.ceil(c["weight_bytes"] / (device * footprint.USABLE_FRACTION)):
+    if answer == gpus_needed(need, device):
+        return f"{int(answer)} GPUs of {device / 2**30:.0f} GiB for {need / 2**30:.1f} GiB."
+    if answer == footprint.devices_needed(need, device, usable=1.0):
+        raise Wrong(f"a GPU cannot give all its memory to the model: plan with {USABLE:.0%} of each")
+    if answer == footprint.devices_needed(c["weight_bytes"], device):
         raise Wrong("the KV cache needs room too, beside the weights")
-    raise Wrong(f"{answer} GPUs is not it")
+    raise Wrong(f"{int(answer)} GPUs is not it")
 
-
-# --------------------------------------------------------------------------- 05.2 the KV cache of one rank
 
 def kv_cache_kib_per_rank(layers, kv_heads, head_dim, tp, batch, tokens, element_bytes):
     # GQA: the cache holds the key/value heads only, and tensor parallelism gives each rank kv_heads / tp of them
@@ -39,9 +35,9 @@ def kv_cache_kib_per_rank(layers, kv_heads, head_dim, tp, batch, tokens, element
 
 
 def _kv_per_rank(answer, c):
-    wanted = {k: c[k] for k in ("layers", "kv_heads", "head_dim", "tp", "batch", "tokens", "element_bytes")}
-    expected = kv_cache_kib_per_rank(**wanted)
-    mistakes: dict[float, str] = {}
+    expected = kv_cache_kib_per_rank(**{k: c[k] for k in ("layers", "kv_heads", "head_dim", "tp", "batch", "tokens",
+                                                          "element_bytes")})
+    mistakes: dict[float, list[str]] = {}  # two mistakes can give the same number here: then both are named
     for value, message in (
             (expected * c["tp"], f"that is the whole cache: each of the {c['tp']} ranks holds only its share of "
                                  "the key/value heads"),
@@ -49,14 +45,9 @@ def _kv_per_rank(answer, c):
                                                     f"holds only the {c['kv_heads']} key/value heads"),
             (expected / 2, "the cache holds a key AND a value per head and token: twice that"),
             (expected * 1024, "that looks like bytes: the question asks for KiB (divide by 1024)")):
-        if value not in mistakes:
-            mistakes[value] = message
-        elif message not in mistakes[value]:  # two mistakes give the same number here: name both
-            mistakes[value] += f"; or {message}"
-    return predicted(answer, expected, "KiB", {message: value for value, message in mistakes.items()}, rel=0.02)
+        mistakes.setdefault(value, []).append(message)
+    return predicted(answer, expected, "KiB", {"; or ".join(m): v for v, m in mistakes.items()}, rel=0.02)
 
-
-# --------------------------------------------------------------------------- 05.3 the data-parallel split
 
 def my_split(items, rank, world_size):
     per, extra = divmod(len(items), world_size)
@@ -66,23 +57,19 @@ def my_split(items, rank, world_size):
 
 def _split(answer, c):
     function = function_answer(answer, "my_split(items, rank, world_size)")
-    for size in range(0, 10):
+    for size, world in product(range(10), (1, 2, 3, 4)):
         items = list(range(100, 100 + size))
-        for world in (1, 2, 3, 4):
-            parts = [call(function, items, rank, world) for rank in range(world)]
-            if any(p is None for p in parts):
-                raise NotAttempted("your function returns None: return the list of items for this rank.")
-            given = [x for part in parts for x in part]
-            missing = sorted(set(items) - set(given))
-            if missing:
-                raise Wrong(f"with {size} items and {world} processes, items {missing} go to no process "
-                            "(the remainder of the division must go somewhere)")
-            if len(given) != len(set(given)):
-                raise Wrong(f"with {size} items and {world} processes, some items go to two processes")
-            sizes = [len(p) for p in parts]
-            if max(sizes) - min(sizes) > 1:
-                raise Wrong(f"with {size} items and {world} processes the shares are {sizes}: they should differ "
-                            "by at most 1")
+        parts = [call(function, items, rank, world) for rank in range(world)]
+        if any(p is None for p in parts):
+            raise NotAttempted("your function returns None: return the list of items for this rank.")
+        given, sizes, case = [x for part in parts for x in part], [len(p) for p in parts], f"{size} items and {world}"
+        if set(items) - set(given):
+            raise Wrong(f"with {case} processes, items {sorted(set(items) - set(given))} go to no process "
+                        "(the remainder of the division must go somewhere)")
+        if len(given) != len(set(given)):
+            raise Wrong(f"with {case} processes, some items go to two processes")
+        if max(sizes) - min(sizes) > 1:
+            raise Wrong(f"with {case} processes the shares are {sizes}: they should differ by at most 1")
     return "every item goes to exactly one process, and the shares differ by at most one."
 
 
@@ -97,38 +84,40 @@ def _everything_to_everyone(items, rank, world_size):
     return items
 
 
-# --------------------------------------------------------------------------- 05.4 the layout for a machine
-
 def layout_for(model, machine, fmt, batch, context):
-    # the planner's rule: the smallest TP inside a node that divides the key/value heads and holds the model;
-    # if no TP inside a node holds it, TP over the whole node and as few pipeline stages as hold it
-    plan = parallel.plan_layout(models.empty_model(model), footprint.parse_machine(machine), fmt=fmt,
-                                batch=batch, context=context)
-    return (plan["tp"], plan["pp"])
+    # the smallest TP inside a node that divides the heads (each rank holds whole heads) and holds the model at 90%
+    # of each GPU; if none does, TP over the whole node and as few pipeline stages as hold it
+    model, machine = models.empty_model(model), footprint.parse_machine(machine)
+    need = footprint.memory_needed(model, fmt=fmt, batch=batch, context=context)["total"]
+    gpu = min(d["bytes"] for d in machine["devices"]) * footprint.USABLE_FRACTION
+    heads = (model.config.num_attention_heads, model.config.num_key_value_heads)
+    sizes = [t for t in range(1, machine["per_node"] + 1) if all(h % t == 0 for h in heads)]
+    tp = next((t for t in sizes if need / t <= gpu), sizes[-1])
+    return (tp, math.ceil(need / (tp * gpu)))
 
 
 def _layout(answer, c):
     if not isinstance(answer, (tuple, list)) or len(answer) != 2 or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in answer):
         raise Wrong("give the layout as (tp, pp): two whole numbers of at least 1")
-    tp, pp = answer
-    expected = layout_for(**c)
+    (tp, pp), expected = answer, layout_for(**c)
     model, machine = models.empty_model(c["model"]), footprint.parse_machine(c["machine"])
-    plan = parallel.plan_layout(model, machine, fmt=c["fmt"], batch=c["batch"], context=c["context"])
-    if (tp, pp) == expected:
-        return f"TP {tp} x PP {pp}. " + " ".join(plan["reasons"][1:])
+    need = footprint.memory_needed(model, fmt=c["fmt"], batch=c["batch"], context=c["context"])["total"]
+    gpu, node, gpus = min(d["bytes"] for d in machine["devices"]) * USABLE, machine["per_node"], len(machine["devices"])
     kv_heads = model.config.num_key_value_heads
-    gpu = min(d["bytes"] for d in machine["devices"]) * footprint.USABLE_FRACTION
-    if tp > machine["per_node"]:
-        raise Wrong(f"TP {tp} spans more than one node of {machine['per_node']} GPUs: its two all-reduces per layer "
-                    "would cross the network at every token; keep TP inside a node, stages across nodes")
+    if (tp, pp) == expected:
+        return (f"TP {tp} x PP {pp}: {tp * pp} GPUs, {gpu / 2**30:,.0f} GiB usable on each, hold its "
+                f"{need / 2**30:,.0f} GiB, with TP inside a node of {node}.")
+    if tp > node:
+        raise Wrong(f"TP {tp} spans more than one node of {node} GPUs: its two all-reduces per layer would cross the "
+                    "network at every token; keep TP inside a node, stages across nodes")
     if kv_heads % tp:
         raise Wrong(f"TP {tp} does not divide the {kv_heads} key/value heads: each process must hold whole heads")
-    if tp * pp > len(machine["devices"]):
-        raise Wrong(f"that is {tp * pp} GPUs; the machine has {len(machine['devices'])}")
-    if plan["need"]["total"] / (tp * pp) > gpu:
-        raise Wrong(f"each GPU would hold {plan['need']['total'] / (tp * pp) / 2**30:,.0f} GiB, more than the "
-                    f"{gpu / 2**30:,.0f} GiB one GPU can give at {footprint.USABLE_FRACTION:.0%}: it does not fit")
+    if tp * pp > gpus:
+        raise Wrong(f"that is {tp * pp} GPUs; the machine has {gpus}")
+    if need / (tp * pp) > gpu:
+        raise Wrong(f"each GPU would hold {need / (tp * pp) / 2**30:,.0f} GiB, more than the {gpu / 2**30:,.0f} GiB "
+                    f"one GPU can give at {USABLE:.0%}: it does not fit")
     if pp > expected[1]:
         raise Wrong("that holds the model, with more pipeline stages than needed: each stage adds a hop per step "
                     "and idles while the others work; give TP the whole node first")
@@ -136,20 +125,17 @@ def _layout(answer, c):
                 "serve more copies of the model")
 
 
-# --------------------------------------------------------------------------- 05.5 bus bandwidth
-
 def bus_bandwidth_gb_per_s(message_bytes, seconds, ranks):
     # nccl-tests' bus bandwidth: the algorithm bandwidth (size / time) times 2(n-1)/n for all-reduce
     return message_bytes / seconds * 2 * (ranks - 1) / ranks / 1e9
 
 
 def _bus_bandwidth(answer, c):
-    size, seconds, n = c["message_bytes"], c["seconds"], c["ranks"]
-    algbw = size / seconds / 1e9
-    expected = bus_bandwidth_gb_per_s(size, seconds, n)
+    algbw = c["message_bytes"] / c["seconds"] / 1e9
+    expected = bus_bandwidth_gb_per_s(c["message_bytes"], c["seconds"], c["ranks"])
     return predicted(answer, expected, "GB/s", {
         "that is the algorithm bandwidth (bytes / time): bus bandwidth scales it by 2(n-1)/n": algbw,
-        "the factor is 2(n-1)/n, not 2(n-1)": algbw * 2 * (n - 1),
+        "the factor is 2(n-1)/n, not 2(n-1)": algbw * 2 * (c["ranks"] - 1),
         "that looks like bytes per second: the question asks for GB/s": expected * 1e9,
     }, rel=0.02)
 

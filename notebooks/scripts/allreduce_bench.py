@@ -8,7 +8,9 @@ what one costs at each message size.
 """
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -68,9 +70,10 @@ def main() -> None:
         sizes.append(size)
         size *= 4
     rows = time_all_reduce(sizes, device=device, repeats=args.repeats)
-    parallel.write_from_rank0(args.out, {"script": "allreduce_bench", "world_size": dist.get_world_size(),
-                                         "backend": dist.get_backend(), "device": device,
-                                         "device_label": probes.device_label(device), "rows": rows})
+    if dist.get_rank() == 0:  # the launcher reads this file once every process has ended
+        Path(args.out).write_text(json.dumps({"script": "allreduce_bench", "world_size": dist.get_world_size(),
+                                              "backend": dist.get_backend(), "device": device,
+                                              "device_label": probes.device_label(device), "rows": rows}))
     dist.destroy_process_group()
 
 

@@ -19,8 +19,10 @@ threads one process would have, while the others wait. Rank 0 writes one JSON ob
 
 import argparse
 import contextlib
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -279,10 +281,11 @@ def main() -> None:
     for name in job.layouts:
         start = time.perf_counter()
         results[name] = {**RUN[name](job), "seconds_in_job": time.perf_counter() - start}
-    parallel.write_from_rank0(job.out, {
-        "script": "layouts", "world_size": job.world, "nodes": job.world // job.local_world,
-        "backend": dist.get_backend(), "device": job.device, "device_label": probes.device_label(job.device),
-        "dtype": str(job.dtype).removeprefix("torch."), "threads": torch.get_num_threads(), **results})
+    if job.rank == 0:  # the launcher reads this file once every process has ended
+        Path(job.out).write_text(json.dumps({
+            "script": "layouts", "world_size": job.world, "nodes": job.world // job.local_world,
+            "backend": dist.get_backend(), "device": job.device, "device_label": probes.device_label(job.device),
+            "dtype": str(job.dtype).removeprefix("torch."), "threads": torch.get_num_threads(), **results}))
     dist.destroy_process_group()
 
 

@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 
 import labkit
-from labkit import compat, footprint, launcher, models, outputs, parallel, plots, probes, roofline
+from labkit import compat, footprint, launcher, models, outputs, parallel, plots, probes, roofline, timing
 from labkit.widgets import show
 
 lab = labkit.start("05_multi_gpu", globals())
@@ -158,27 +158,27 @@ lab.check("calculator_kv_cache_exact", predicted["KV cache"] == measured["KV cac
 # the GPUs (`"sequential"` would fill GPU 0 first), then gives each GPU whole decoder layers in order; what is left
 # over goes to the CPU (offloaded: fetched to a GPU at every step) and then to disk. accelerate plans this from the
 # shapes alone, so no GPU is needed: below, each machine you listed, for each format. Each bar is the model from its
-# embeddings (left) to its output layer (right), each block as wide as its bytes in that format.
+# embeddings (left) to its output layer (right), each block as wide as accelerate counts its bytes in that format (a
+# 4-bit weight as half a byte: its scales, a few percent more, are left to the planning margin).
 
 # %%
-placed, rows, uncovered = {}, [], []
+placed, rows = {}, []
 for text, machine in machines.items():
     for fmt in lab.p.formats:
-        device_map = parallel.plan_device_map(model, machine["devices"], fmt=fmt)  # accelerate, from shapes alone
-        label = f"{text}, {fmt}"
-        uncovered += [label] if parallel.unplaced(model, device_map) else []
-        placed[label] = parallel.placement(model, device_map, fmt=fmt)  # each block, its device and its bytes
+        label = f"{text}, {fmt}"  # each block, its device and its bytes, planned by accelerate from shapes alone
+        placed[label] = parallel.plan_device_map(model, machine["devices"], fmt=fmt)
         blocks = pd.DataFrame(placed[label])
         blocks["device"] = [d if d in ("cpu", "disk") else f"GPU {d}" for d in blocks["device"]]
         for where, held in blocks.groupby("device", sort=False):
             rows.append({"plan": label, "device": where, "blocks": len(held), "from": held["block"].iloc[0],
                          "to": held["block"].iloc[-1], "GiB": held["bytes"].sum() / GIB})
+uncovered = [label for label, blocks in placed.items() if any(b["device"] is None for b in blocks)]
 lab.check("plan_covers_every_layer", not uncovered, f"left out: {uncovered}")
 lab.figure("device_maps", plots.device_maps(placed, title=f"{lab.p.plan_model}: device_map='auto' as planned"))
 lab.table("device_maps", pd.DataFrame(rows), title="Blocks per device")
 
 # %% [markdown]
-# Every plan places every parameter somewhere (checked for each plan). A plan with a grey "cpu" part runs, but those
+# Every plan places every block somewhere (checked for each plan). A plan with a grey "cpu" part runs, but those
 # layers' weights cross to the GPU at every step: section 2 measures what that costs where there is a GPU.
 #
 # ## 2. Placement with `device_map`: what it buys
@@ -197,6 +197,17 @@ lab.table("device_maps", pd.DataFrame(rows), title="Blocks per device")
 # layers on GPUs).
 
 # %%
+from accelerate.utils import compute_module_sizes  # the bytes of each module, as accelerate counts them
+
+
+def copy_bytes_per_s(source, target, size=256 * 2**20):  # a link's speed: one copy over it, from pinned host memory
+    data = torch.empty(size, dtype=torch.uint8, device=source)
+    data = data.pin_memory() if source == "cpu" else data
+    into = torch.empty_like(data, device=target)
+    return size / (min(timing.measure(lambda: into.copy_(data, non_blocking=True), device=target).times_ms) / 1e3)
+
+
+# %%
 name, rows = lab.p.pipeline_model, []
 if not lab.p.gpus:
     lab.skip("pipeline placement", "no GPU here: a device_map places layers on GPUs (and offloads from them)")
@@ -213,7 +224,7 @@ else:  # the model whole on one GPU, bound by the GPU's memory bandwidth
 # %%
 if len(lab.p.gpus) >= 2:  # the same weights over two GPUs, one after the other
     spread, _ = models.load_model(name, dtype=lab.p.gpu_dtype, attn_implementation="sdpa", device_map="auto",
-                                  max_memory=parallel.balanced_max_memory(models.empty_model(name), 2))
+                                  max_memory={0: weights, 1: weights})  # either holds it all: "auto" shares it out
     where = getattr(spread, "hf_device_map", {"": str(spread.device)})  # transformers sets it only when spread
     rows.append({"placement": "two GPUs, device_map='auto'", "key": "two_gpus_device_map_auto",
                  "bytes per token": weights, "over GB/s": bandwidth / 1e9,
@@ -224,8 +235,8 @@ elif lab.p.gpus:  # half of it offloaded: those weights cross from the CPU at ev
                                 max_memory={0: weights // 2, "cpu": 2**62})
     where = getattr(half, "hf_device_map", {"": str(half.device)})
     if {0, "cpu"} <= set(where.values()):
-        offloaded = sum(r["bytes"] for r in parallel.placement(half, where) if r["device"] == "cpu")
-        link = parallel.copy_bandwidth("cpu", "cuda:0")["bytes_per_s"]  # host to GPU, measured
+        offloaded = sum(b for block, b in compute_module_sizes(half).items() if where.get(block) == "cpu")  # bytes
+        link = copy_bytes_per_s("cpu", "cuda:0")  # host to GPU, measured
         rows.append({"placement": "part offloaded to the CPU", "key": "part_offloaded_to_the_cpu",
                      "bytes per token": offloaded, "over GB/s": link / 1e9,
                      **outputs.measure_decode(half, prompt, new_tokens=lab.p.new_tokens, repeats=lab.p.repeats)})
@@ -265,17 +276,35 @@ if len(rows) == 2:
 # runs it alone while the others wait, with the same share of the machine as each of the N processes (one GPU; on a
 # CPU, its share of the cores' threads), as one GPU is compared with N. The cost model: N equal workers are at most N
 # times as fast as one, and each layout's speed-up is checked against it.
+#
+# Not every layout splits its model over every process count: tensor parallelism needs the attention heads, the
+# key/value heads and the MLP width to divide evenly; expert parallelism the experts (and, with `ep_size` equal to
+# `tp_size`, the key/value heads); a pipeline at least one layer per stage. The first cell below picks, for each count,
+# the layouts that can run and says why it leaves any out; data parallelism always runs.
 
 # %%
-jobs = {}
+c = job_model.config  # the job model of TP and DP, loaded in section 1
+moe, deep = parallel.layout_config("tiny-moe"), parallel.layout_config("layers-llama")  # those of EP and PP
+split = {"tp": {"attention heads": c.num_attention_heads, "key/value heads": c.num_key_value_heads,
+                "MLP width": c.intermediate_size},  # TP splits the heads and the MLP's width
+         "ep": {"experts": moe.num_experts, "key/value heads": moe.num_key_value_heads}}  # EP: with ep_size = tp_size
+runs = {}  # process count -> the layouts whose model splits over that many processes
 for n in lab.p.processes:
-    layouts = parallel.layouts_for(n, lab.p.model_id)  # those whose sizes divide n processes
-    for what, why in layouts["skipped"].items():
-        lab.skip(what, why)
-    jobs[n] = launcher.launch(lab.p.scripts / "layouts.py", n, {
-        "layouts": layouts["run"], "model": lab.p.model_id, "dtype": lab.p.job_dtype, "new_tokens": lab.p.new_tokens,
-        "repeats": lab.p.repeats, "prompts": lab.p.dp_prompts, "one_process_threads": launcher.threads_per_process(n)},
-        gpus=lab.p.jobs_on_gpus)
+    uneven = {key: " and ".join(f"{k} {what}" for what, k in sizes.items() if k % n) for key, sizes in split.items()}
+    why_not = {"tp": uneven["tp"] and f"{n} processes cannot split the model's {uneven['tp']} evenly",
+               "pp": n > deep.num_hidden_layers and f"layers-llama has {deep.num_hidden_layers} layers to share out",
+               "ep": uneven["ep"] and f"{n} processes cannot split tiny-moe's {uneven['ep']} evenly (ep = tp size)"}
+    for layout, why in why_not.items():
+        if why:
+            lab.skip(f"{dict(tp='tensor', pp='pipeline', ep='expert')[layout]} parallelism with {n} processes", why)
+    runs[n] = [layout for layout, why in why_not.items() if not why] + ["dp"]
+print("layouts per launch:", runs)
+
+# %%
+jobs = {n: launcher.launch(lab.p.scripts / "layouts.py", n, {
+    "layouts": layouts, "model": lab.p.model_id, "dtype": lab.p.job_dtype, "new_tokens": lab.p.new_tokens,
+    "repeats": lab.p.repeats, "prompts": lab.p.dp_prompts, "one_process_threads": launcher.threads_per_process(n)},
+    gpus=lab.p.jobs_on_gpus) for n, layouts in runs.items()}
 if not lab.p.jobs_on_gpus:
     lab.skip("the layouts over NCCL", f"GPUs here: {len(lab.p.gpus)}, 2 needed: they ran on CPU processes over gloo")
 
@@ -522,10 +551,10 @@ else:
 # "The tensor parallel size should be the number of GPUs in each node, and the pipeline parallel size is the number of
 # nodes" (https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html). Section 9 puts numbers on the difference.
 #
-# The planner applies that rule to a model and a machine: one GPU if it holds the model; else the smallest TP size
-# that divides the key/value heads (each process holds whole heads), stays inside a node and holds the model; if no
-# TP size inside a node does, TP over the whole node and as few pipeline stages as hold it. The GPUs left over serve
-# more copies (data parallelism).
+# The planner (written out in the cell after your prediction) applies that rule to a model and a machine: one GPU if it
+# holds the model; else the smallest TP size that divides the key/value heads (each process holds whole heads), stays
+# inside a node and holds the model; if no TP size inside a node does, TP over the whole node and as few pipeline
+# stages as hold it. The GPUs left over serve more copies (data parallelism).
 #
 # **05.4 · Predict.** llama-405b-shape (126 layers, 8 key/value heads) in 16-bit, on two nodes of 8 GPUs of 80 GB:
 # which TP size, and how many pipeline stages? Answer `(tp, pp)`.
@@ -537,23 +566,30 @@ answer = None  # (tp, pp)
 ex.check(answer)
 
 # %% tags=["reveals-05.4"]
+def plan(model, machine, fmt):  # the rule above, for a model on a machine typed in
+    need = footprint.memory_needed(model, fmt=fmt, batch=lab.p.batch, context=lab.p.context)["total"]
+    gpu = min(d["bytes"] for d in machine["devices"]) * footprint.USABLE_FRACTION  # the planning margin
+    heads = (model.config.num_attention_heads, model.config.num_key_value_heads)
+    sizes = [t for t in range(1, machine["per_node"] + 1) if all(h % t == 0 for h in heads)]  # whole heads per rank
+    tp = next((t for t in sizes if need / t <= gpu), sizes[-1])  # the smallest TP that holds it, else the whole node
+    pp = math.ceil(need / (tp * gpu))  # 1 where TP holds it; else stages, across nodes
+    fits = tp * pp <= len(machine["devices"]) and pp <= model.config.num_hidden_layers
+    return {"TP": tp, "PP": pp, "fits": fits, "replicas": len(machine["devices"]) // (tp * pp) if fits else 0,
+            "GiB needed": need / GIB, "GiB per GPU": need / (tp * pp) / GIB, "GiB a GPU holds": gpu / GIB}
+
+
 big = footprint.parse_machine("2 nodes x 8 x 80 GB")
-rows = []
-for name in dict.fromkeys([lab.p.plan_model, "llama-405b-shape"]):
-    for text, machine in {**lab.p.machines, big["text"]: big}.items():
-        for fmt in lab.p.formats:
-            plan = parallel.plan_layout(models.empty_model(name), machine, fmt=fmt, batch=lab.p.batch,
-                                        context=lab.p.context)
-            rows.append({"model": name, "machine": text, "format": fmt, "TP": plan["tp"] if plan["fits"] else "-",
-                         "PP": plan["pp"] if plan["fits"] else "-", "replicas": plan["replicas"],
-                         "GiB per GPU": plan["per_gpu_bytes"] / GIB, "why": " ".join(plan["reasons"][1:])})
-lab.table("layouts", pd.DataFrame(rows).astype({"TP": str, "PP": str}), title="The planner's layouts")
-chosen = parallel.plan_layout(models.empty_model("llama-405b-shape"), big, batch=lab.p.batch, context=lab.p.context)
-ex.compare((chosen["tp"], chosen["pp"]), "(tp, pp) by the planner")
+shapes = {name: models.empty_model(name) for name in dict.fromkeys([lab.p.plan_model, "llama-405b-shape"])}  # meta
+rows = [{"model": name, "machine": text, "format": fmt, **plan(shape, machine, fmt)} for name, shape in shapes.items()
+        for text, machine in {**lab.p.machines, big["text"]: big}.items() for fmt in lab.p.formats]
+lab.table("layouts", pd.DataFrame(rows), title="The planner's layouts (replicas: copies over the GPUs left)")
+chosen = plan(shapes["llama-405b-shape"], big, "16-bit")
+ex.compare((chosen["TP"], chosen["PP"]), "(tp, pp) by the planner")
 
 # %% [markdown]
-# Where 4-bit weights make one GPU enough, the table says so in the nf4 rows, at the quality cost notebook 04 measures.
-# For llama-405b-shape on two nodes of 8 GPUs the layout is TP 8 inside each node and 2 pipeline stages, one per node.
+# Where a layout needs more GPUs than the machine has, `fits` is False: TP and PP say how many it would take. Where
+# 4-bit weights make one GPU enough, the table says so in the nf4 rows, at the quality cost notebook 04 measures. For
+# llama-405b-shape on two nodes of 8 GPUs the layout is TP 8 inside each node and 2 pipeline stages, one per node.
 # On each node:
 #
 # ```
@@ -696,7 +732,7 @@ ex.compare(busbw / 1e9, "GB/s, the busbw column's formula on the question's numb
 
 # %%
 if lab.p.jobs_on_gpus:
-    limit, limit_label = parallel.copy_bandwidth("cuda:0", "cuda:1")["bytes_per_s"], "GPU 0 to GPU 1 copy (measured)"
+    limit, limit_label = copy_bytes_per_s("cuda:0", "cuda:1"), "GPU 0 to GPU 1 copy (measured)"
 else:  # the ceiling counts a copy's reads and writes: one copy of the message moves half of that
     limit, limit_label = roofline.bandwidth_ceiling("cpu")["bytes_per_s"] / 2, "memory copy of the message (measured)"
 lab.figure("allreduce", plots.bandwidth_sweep(bench["rows"], limit=limit, limit_label=limit_label, title=title))
@@ -713,6 +749,11 @@ lab.metric("allreduce_fraction_of_copy", best / limit)
 # the benchmark above, predict what N processes add to each step:
 
 # %%
+def all_reduce_ms(size):  # the benchmark's first message at least this large; past the largest, its bandwidth
+    larger = allreduce[allreduce["bytes"] >= size]
+    return larger["µs"].iloc[0] / 1e3 if len(larger) else size / (allreduce["algbw GB/s"].iloc[-1] * 1e6)
+
+
 if tp_n is not None:
     tp, element = tp_runs[tp_n], lab.dtype.itemsize
     message = {"allreduce_": job_model.config.hidden_size * element,  # one token's hidden state
@@ -720,7 +761,7 @@ if tp_n is not None:
     cost = pd.DataFrame([{"collective": op, "calls per token": count,
                           "message bytes": message.get(op, message["allreduce_"])}
                          for op, count in tp["collectives_per_rank"][0].items()])
-    cost["ms each (benchmark)"] = [parallel.all_reduce_seconds(bench["rows"], b) * 1e3 for b in cost["message bytes"]]
+    cost["ms each (benchmark)"] = cost["message bytes"].map(all_reduce_ms)
     predicted_ms = (cost["calls per token"] * cost["ms each (benchmark)"]).sum()
     lab.table("tp_communication", cost, title=f"Collectives in one forward pass, {tp_n} processes")
     share = predicted_ms / tp["step_ms"]  # of each decode step, the part the collectives would take
@@ -750,7 +791,7 @@ for phase, tokens in {f"decode step, batch {lab.p.batch}": lab.p.batch,
     calls = 2 * model.config.num_hidden_layers  # after attention and after the MLP, in every layer
     size = tokens * model.config.hidden_size * 2  # the hidden states of every token, 16-bit
     row = {"phase": phase, "all-reduces": calls, "MiB each": size / 2**20,
-           "this machine ms": calls * parallel.all_reduce_seconds(bench["rows"], size) * 1e3,
+           "this machine ms": calls * all_reduce_ms(size),
            "this machine from": "measured" if size <= bench["rows"][-1]["bytes"] else "largest message's bandwidth"}
     for link, bytes_per_s in links.items():  # a ring all-reduce: each link carries 2(n-1)/n of the message
         row[f"{link} ms"] = calls * size * 2 * (tp_size - 1) / tp_size / bytes_per_s * 1e3

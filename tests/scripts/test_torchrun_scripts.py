@@ -8,8 +8,7 @@ combination runs alone.
 import pytest
 from conftest import first_run_cache
 
-from labkit import launcher, models, parallel
-from labkit.errors import BadParameter
+from labkit import launcher, models
 from labkit.paths import cache_dir
 
 SCRIPTS = launcher.scripts_dir()
@@ -49,12 +48,6 @@ def test_tensor_parallel_tokens_equal_one_process_with_half_the_weights_and_cach
     # two all-reduces per layer (2 layers) and one for the vocabulary-split embedding; the logits gathered once
     assert tp["collectives_per_rank"][0] == {"allreduce_": 5, "allgather_into_tensor_coalesced_": 1}
     assert tp["sdpa_backend"] and tp["step_ms"] > 0
-
-
-def test_tensor_parallel_refuses_a_split_that_does_not_divide_the_heads():
-    # checked before launching, in one sentence (tiny-llama has 4 attention heads and 2 key/value heads)
-    with pytest.raises(BadParameter, match="3 processes cannot split the model's 4 attention heads"):
-        parallel.check_tensor_parallel(models.model_config("tiny-llama"), 3)
 
 
 def test_pipeline_stages_hold_their_layers_and_give_one_process_tokens(layouts):
@@ -130,8 +123,8 @@ def test_a_job_without_results_is_a_failure(tmp_path):
 
 def test_gpus_are_hidden_from_cpu_jobs(tmp_path):
     script = tmp_path / "where.py"
-    script.write_text("import os, sys\nfrom labkit import parallel\n"
-                      "parallel.write_from_rank0(sys.argv[-1], {'visible': os.environ.get('CUDA_VISIBLE_DEVICES')})\n")
+    script.write_text("import json, os, sys\n"
+                      "open(sys.argv[-1], 'w').write(json.dumps({'visible': os.environ.get('CUDA_VISIBLE_DEVICES')}))\n")
     assert launcher.launch(script, 1, gpus=False, echo=False)["visible"] == ""
 
 
