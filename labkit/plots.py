@@ -335,7 +335,7 @@ def serving_curve(curve, *, knee: float, title: str = ""):
 
 def server_load(levels, *, title: str = ""):
     """Requests/s and tokens/s, and TTFT and latency percentiles, per number of concurrent clients (``levels``: a
-    DataFrame with a row per level, the keys of :func:`labkit.serving.load` as its columns)."""
+    DataFrame with a row per level, as notebook 06's load cell builds it)."""
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))

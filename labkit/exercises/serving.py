@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from labkit import roofline, serving
+from labkit import roofline
 from labkit.exercises.core import Exercise, predicted
 
 # --------------------------------------------------------------------------- 06.1 the padding a static batch wastes
 
 def padding_waste_percent(prompt_tokens, new_tokens):
     # a static batch pads every prompt to the longest one and runs every row until the longest output is done
-    return 100 * serving.padding_waste(prompt_tokens, new_tokens)
+    positions = len(prompt_tokens) * (max(prompt_tokens) + max(new_tokens))
+    return 100 * (1 - (sum(prompt_tokens) + sum(new_tokens)) / positions)
 
 
 def _padding_waste(answer, c):

@@ -105,7 +105,7 @@ ex.check(answer)
 
 # %%
 tokenizer.padding_side = "left"  # decoders continue from each row's last real token (notebook 02)
-greedy = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
+greedy_args = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
 
 def static_batching(requests):
@@ -115,7 +115,7 @@ def static_batching(requests):
         longest = max(r.new_tokens for r in batch)  # the whole batch runs until its longest request is done
         clock = outputs.StepClock(lab.device)
         output = model.generate(**padded, max_new_tokens=longest, min_new_tokens=longest,
-                                stopping_criteria=StoppingCriteriaList([clock]), **greedy)
+                                stopping_criteria=StoppingCriteriaList([clock]), **greedy_args)
         width = padded["input_ids"].shape[1]
         rows += [{"request": r.id, "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens,
                   "batch_size": len(batch), "padded_width": width, "generated": output.shape[1] - width,
@@ -126,11 +126,16 @@ def static_batching(requests):
 
 # %% [markdown]
 # A short run on two requests warms everything up first; then the whole workload is timed (the median of
-# `repeats` runs, by the workbook's timing rule).
+# `repeats` runs, by the workbook's timing rule: a whole workload is too long to repeat only to warm up).
 
 # %%
+def median_run(run):  # `repeats` runs of the whole workload, ordered by the time their last request was answered
+    runs = sorted((run(workload) for _ in range(lab.p.repeats)), key=lambda rows: max(r["latency_s"] for r in rows))
+    return runs[len(runs) // 2]
+
+
 static_batching(workload[:2])  # warm-up
-static = serving.measured_runs(lambda: static_batching(workload), device=lab.device, repeats=lab.p.repeats)
+static = median_run(static_batching)
 
 # %% tags=["reveals-06.1"]
 padded = pd.DataFrame(static)  # a row per request: its batch's padded prompt width and the steps its batch ran
@@ -154,11 +159,14 @@ ex.compare(100 * waste["first batch"], "%")
 # CPU it also gets the most tokens one step may hold.
 
 # %%
-config = ContinuousBatchingConfig(page_size=lab.p.page_size, num_blocks=lab.p.kv_pages,
-                                  max_batch_tokens=lab.p.max_batch_tokens)
+page = lab.p.page_size
+pages = sum(-(-(r.prompt_tokens + r.new_tokens) // page) + 1 for r in workload)  # all at once, a page to spare each
+# on a CPU, a step holds at most the longest prompt and a token of every other request (at least 256 tokens)
+step_tokens = None if lab.on_gpu else max(256, max(r.prompt_tokens for r in workload) + len(workload))
+config = ContinuousBatchingConfig(page_size=page, num_blocks=pages, max_batch_tokens=step_tokens)
 no_eos = GenerationConfig(do_sample=False, eos_token_id=-1)
 
-
+# %%
 def continuous_batching(requests):
     with model.continuous_batching_context_manager(generation_config=no_eos,
                                                    continuous_batching_config=config) as manager:
@@ -166,7 +174,13 @@ def continuous_batching(requests):
         for r in requests:
             manager.add_request(list(r.prompt_ids), request_id=r.id, max_new_tokens=r.new_tokens,
                                 record_timestamps=True)
-        finished = serving.collect(manager, len(requests))  # wait until every request has finished
+        finished = {}
+        for result in manager:  # outputs as they come, until every request has finished
+            if result.is_finished():
+                assert not result.error, f"request {result.request_id} failed: {result.error}"
+                finished[result.request_id] = result
+                if len(finished) == len(requests):
+                    break
     return [{"request": r.id, "prompt_tokens": r.prompt_tokens, "new_tokens": len(finished[r.id].generated_tokens),
              "token_ids": list(finished[r.id].generated_tokens),
              "times_s": [t - start for t in finished[r.id].timestamps or []],  # when each of its tokens was made
@@ -175,23 +189,33 @@ def continuous_batching(requests):
 
 # %%
 continuous_batching(workload[:2])  # warm-up
-continuous = serving.measured_runs(lambda: continuous_batching(workload), device=lab.device, repeats=lab.p.repeats)
+continuous = median_run(continuous_batching)
 
 # %% [markdown]
 # Both runs side by side. Tokens/s is every token a request asked for over the time until the last answer. The KV
 # memory of static batching is each batch's padded cache (the largest batch is its peak); that of continuous
-# batching is, at every moment a token was made, the pages its running requests needed (`serving.peak_pages` replays
-# the timestamps). Both use the one formula for the bytes a token adds to the cache (section 4):
+# batching is, at every moment a request started or a token was made, the pages its running requests needed (the cell
+# replays the timestamps). Both use the one formula for the bytes a token adds to the cache (section 4):
 # `2 (K and V) x layers x key/value heads x head size x bytes per number`.
 
 # %%
 shape = roofline.kv_shape(model.config)
 kv_per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * model.dtype.itemsize
-paged, page = pd.DataFrame(continuous), lab.p.page_size
+paged = pd.DataFrame(continuous)
 paged["useful"] = paged["prompt_tokens"] + paged["new_tokens"]
 paged["positions"] = -(-paged["useful"] // page) * page  # each request's own length, rounded up to whole pages
+
+
+def pages_held(moment):  # each running request's prompt and the tokens it has made so far, in whole pages
+    return sum(-(-(r["prompt_tokens"] + sum(t <= moment for t in r["times_s"])) // page)
+               for r in continuous if r["scheduled_s"] <= moment <= r["latency_s"])
+
+
+moments = {t for r in continuous for t in r["times_s"]} | {r["scheduled_s"] for r in continuous}
 peak_tokens = {"static": (padded["batch_size"] * padded["positions"]).max(),  # the largest padded batch
-               "continuous": serving.peak_pages(continuous, page) * page}  # the most pages held at once
+               "continuous": max(map(pages_held, moments)) * page}  # the most pages held at once
+
+# %%
 for run in (padded, paged):  # each request's time to first token, time between its tokens, and latency, in ms
     run["TTFT"] = 1e3 * run["times_s"].map(lambda t: t[0])
     run["per-token"] = 1e3 * run["times_s"].map(lambda t: (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else float("nan"))
@@ -245,12 +269,20 @@ lab.metric("continuous_over_static_tokens_per_s", ratio)
 # grows slowly, then the latency climbs.
 
 # %%
-bandwidth = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"]
-flops = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)["flops_per_s"]
-points = serving.decode_curve(model, batch_sizes=lab.p.batch_sizes, prompt_tokens=lab.p.curve_prompt,
-                              new_tokens=lab.p.curve_new_tokens)  # each point re-measured once if out of trend
+def decode_point(batch):  # greedy decoding of `batch` random prompts, timed (notebook 02's measurement)
+    ids = outputs.random_prompt(model, batch=batch, length=lab.p.curve_prompt)
+    return outputs.measure_decode(model, ids, new_tokens=lab.p.curve_new_tokens, repeats=1)
+
+
+points = [decode_point(batch) for batch in lab.p.batch_sizes]
+# the timing rule: a point where a bigger batch stepped faster than a smaller one is measured again, once
+points = timing.recheck_trend(points, work="batch", time="step_ms", remeasure=lambda row: decode_point(row["batch"]))
 curve = pd.DataFrame(points)[["batch", "tokens_per_s", "step_ms", "noisy"]]
 curve.columns = ["batch", "tokens/s", "per-token latency ms", "noisy"]
+
+# %%
+bandwidth = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"]
+flops = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)["flops_per_s"]
 weights = roofline.weight_bytes_per_token(model)  # the weight bytes one step reads (notebook 02)
 parameters = weights / model.dtype.itemsize
 context = lab.p.curve_prompt + lab.p.curve_new_tokens // 2  # the KV cache at the run's middle length
@@ -295,17 +327,46 @@ lab.check("every_point_under_its_roofline_bound", closest < 1.05, f"highest frac
 #
 # Prediction: on a prompt that starts quoting a passage again, prompt lookup proposes the right tokens and the large
 # model needs a few steps instead of one per token; on a story it writes fresh, it rarely finds anything to copy.
-# `serving.ForwardCounter` counts the large model's forward passes and the tokens each one checks.
+# The prompts: a passage of the shipped text, then the start of a copy of it; and the opening of a story.
 
 # %%
-counter = serving.ForwardCounter(model)
-prompts = {"repeating": tokenizer(serving.repeating_prompt(lab.p.quote_words), return_tensors="pt").to(lab.device),
-           "fresh": tokenizer(serving.FRESH_PROMPT, return_tensors="pt").to(lab.device)}
-n = lab.p.spec_new_tokens
-plain, lookup = {}, {}
+passage = " ".join(serving.QUOTED_TEXT.read_text(encoding="utf-8").split()[:lab.p.quote_words])
+copy_start = " ".join(passage.split()[:12])  # the copy's first words: the rest of the passage is in the prompt
+prompt_texts = {"repeating": f"Copy the passage exactly.\n\nPassage: {passage}\n\nCopy: {copy_start}",
+                "fresh": "Once upon a time, in a small village by the sea, there lived"}  # the model writes on for long
+prompts = {label: tokenizer(text, return_tensors="pt").to(lab.device) for label, text in prompt_texts.items()}
+
+# %% [markdown]
+# Counting is a forward pre-hook on the model: it notes how many tokens each forward pass is given. The first pass
+# carries the prompt (and, with speculation, the first proposals); each later one carries the last token and the
+# proposals it checks. Each pass yields the proposals it accepts plus one token of its own, so the accepted proposals
+# are the new tokens less the passes.
+
+# %%
+def speculative_run(inputs, **proposer):  # greedy generate, timed by the workbook's rule, its forward passes counted
+    forwards, kept, prompt = [], {}, inputs["input_ids"].shape[1]  # the tokens given to each forward of the model
+
+    def call():
+        forwards.clear()
+        kept["ids"] = model.generate(**inputs, max_new_tokens=n, **greedy_args, **proposer)[0, prompt:].tolist()
+
+    hook = model.register_forward_pre_hook(lambda _, args, kw: forwards.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    with compat.quiet_logger("transformers"):  # assisted generation logs a notice about its own arguments
+        ms = timing.measure(call, device=lab.device, warmup=1, repeats=1, min_time_s=0).median_ms
+    hook.remove()
+    ids, steps = kept["ids"], len(forwards)
+    proposed = forwards[0] - prompt + sum(k - 1 for k in forwards[1:])  # each pass's tokens past the one it starts at
+    accepted = max(0, len(ids) - steps)
+    return {"token_ids": ids, "new_tokens": len(ids), "ms": ms, "ms_per_token": ms / len(ids), "model_forwards": steps,
+            "proposed": proposed, "accepted": accepted, "acceptance_rate": accepted / proposed if proposed else 0.0,
+            "tokens_per_forward": len(ids) / steps}
+
+# %%
+n, plain, lookup = lab.p.spec_new_tokens, {}, {}
 for label, ids in prompts.items():  # greedy decoding, then greedy with prompt lookup proposing up to 10 tokens a step
-    plain[label] = serving.speculative_run(model, ids, new_tokens=n, counter=counter)
-    lookup[label] = serving.speculative_run(model, ids, new_tokens=n, counter=counter, prompt_lookup_num_tokens=10)
+    plain[label] = speculative_run(ids)
+    lookup[label] = speculative_run(ids, prompt_lookup_num_tokens=10)
 looked = pd.DataFrame([{"prompt": label, **run} for label, run in lookup.items()]).drop(columns="token_ids")
 looked["speed-up vs greedy"] = looked["prompt"].map({label: run["ms"] for label, run in plain.items()}) / looked["ms"]
 looked["same tokens as greedy"] = [lookup[label]["token_ids"] == plain[label]["token_ids"] for label in lookup]
@@ -330,16 +391,17 @@ lab.metric("speculative_prompt_lookup_repeating_speedup", speedup)
 # verifying costs more than a plain step (more tokens in one forward), and each proposal costs one draft step.
 
 # %%
-draft, proposals = None, 4
-if lab.p.draft_problem:  # the draft's package is missing here: the rest of the notebook runs without it
-    lab.skip(f"the draft model {lab.p.draft_model_id}", lab.p.draft_problem)
+draft, proposals, draft_problem = None, 4, models.check_model(lab.p.draft_model_id)
+if draft_problem:  # the draft's package is missing here: the rest of the notebook runs without it
+    lab.skip(f"the draft model {lab.p.draft_model_id}", draft_problem)
 else:
     draft, _ = models.load_model(lab.p.draft_model_id, device=lab.device, dtype=lab.dtype)
     draft.generation_config.num_assistant_tokens = proposals  # propose exactly this many tokens at every step
     draft.generation_config.num_assistant_tokens_schedule = "constant"
     draft.generation_config.assistant_confidence_threshold = 0.0  # and never stop proposing early
-    draft_alone = serving.speculative_run(draft, prompts["fresh"], new_tokens=n, counter=serving.ForwardCounter(draft))
-    draft_cost = draft_alone["ms_per_token"] / plain["fresh"]["ms_per_token"]  # a draft step, in greedy steps
+    draft_ms = timing.measure(lambda: outputs.generate_exactly(draft, prompts["fresh"]["input_ids"], n),
+                              device=lab.device, warmup=1, repeats=1, min_time_s=0).median_ms  # the draft by itself
+    draft_cost = draft_ms / n / plain["fresh"]["ms_per_token"]  # a draft step, in greedy steps
 
 # %% [markdown]
 # Verifying is one forward of the model over the last token and the `proposals` tokens: it costs a greedy step plus
@@ -348,7 +410,7 @@ else:
 
 # %%
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, QuantizedCache
 
 ids, cache = prompts["fresh"]["input_ids"], DynamicCache(config=model.config)
 with torch.inference_mode():
@@ -383,7 +445,7 @@ if draft is not None:
 
 # %% tags=["reveals-06.2"]
 if draft is not None:
-    assisted = serving.speculative_run(model, prompts["fresh"], new_tokens=n, counter=counter, assistant_model=draft)
+    assisted = speculative_run(prompts["fresh"], assistant_model=draft)
     greedy = plain["fresh"]
     step = (assisted["ms"] / assisted["model_forwards"]) / greedy["ms_per_token"]  # one verification, in greedy steps
     break_even = (step - 1) / proposals  # the accepted proposals must pay for all but the one token a step yields
@@ -497,19 +559,41 @@ import math
 
 text_ids = tokenizer(quant.sample_text(), return_tensors="pt")["input_ids"][:, :lab.p.kv_context + lab.p.kv_read + 1]
 text_ids, kv_context, end, kept = text_ids.to(lab.device), lab.p.kv_context, text_ids.shape[1] - 1, {}
-kinds, left_out = serving.usable_caches(quick=lab.quick)  # "dynamic" (the model's own) first, then the backends
-for what, why in left_out.items():
-    lab.skip(what, why)
+quanto_problem = serving.quanto_problem(quick=lab.quick)  # not installed, or its CPU extension not compiled yet
+kinds = ["dynamic", "fp8"] if quanto_problem else ["dynamic", "quanto", "fp8"]  # the model's own cache first
+if quanto_problem:
+    lab.skip("QuantizedCache(quanto)", quanto_problem)
 
-
+# %%
 def read_through(kind):  # the context read into the cache at once, then the next tokens 16 at a time through it
-    cache, logits = serving.make_cache(kind, model.config), []  # DynamicCache, or QuantizedCache(backend=kind, ...)
+    cache = (DynamicCache(config=model.config) if kind == "dynamic"
+             else QuantizedCache(backend=kind, config=model.config, nbits=4 if kind == "quanto" else None))
+    logits = []
     with torch.inference_mode():
         model(input_ids=text_ids[:, :kv_context], cache=cache, use_cache=True, logits_to_keep=1)
         for start in range(kv_context, end, 16):
             piece = text_ids[:, start:min(start + 16, end)]
             logits.append(model(input_ids=piece, cache=cache, use_cache=True).logits[0].float().cpu())
     kept[kind] = cache, torch.cat(logits)  # what the cache holds at the end, and the logits at every position read
+
+# %% [markdown]
+# What a cache holds is the memory of the tensors its layers keep: keys and values in the model's dtype, and for a
+# quantized cache the quantized numbers with their scales (fp8 keeps a pair of tensors; quanto's quantized tensor is
+# a tensor subclass that packs the tensors it is made of).
+
+# %%
+def tensor_bytes(x):  # the memory a tensor holds; a pair of tensors, both
+    if isinstance(x, tuple):
+        return sum(map(tensor_bytes, x))
+    if not isinstance(x, torch.Tensor):
+        return 0
+    if type(x) is not torch.Tensor:  # a tensor subclass (quanto's): the tensors it packs
+        return sum(tensor_bytes(getattr(x, name)) for name in x.__tensor_flatten__()[0])
+    return x.untyped_storage().nbytes()
+
+
+def held_bytes(cache):  # every tensor each layer of the cache keeps
+    return sum(tensor_bytes(value) for layer in cache.layers for value in vars(layer).values())
 
 # %%
 if "quanto" in kinds and not serving.quanto_extension_built():
@@ -527,7 +611,7 @@ for kind in kinds:
     cache, logits = kept[kind]
     log_q = torch.log_softmax(logits, dim=-1)  # the next-token distribution at every position read, as logarithms
     log_p = caches["dynamic"]["log_q"] if caches else log_q  # the model's own cache's: the reference P
-    caches[kind] = {"ms": ms, "held_bytes": serving.held_bytes(cache), "tokens_held": kv_context + len(logits),
+    caches[kind] = {"ms": ms, "held_bytes": held_bytes(cache), "tokens_held": kv_context + len(logits),
                     "log_q": log_q, "perplexity": math.exp(-log_q.gather(1, targets[:, None]).mean().item()),
                     "kl": outputs.kl_divergence(log_p, log_q)}  # KL(P || Q), mean over positions, in nats
 
@@ -551,19 +635,22 @@ for kind, run in list(caches.items())[1:]:
 
 # %% [markdown]
 # **Feeding notebook 05's calculator.** The bytes per token decide how many users a server can hold at once. On
-# 8 x 80 GB, after `llama-70b-shape`'s 16-bit weights, the memory left holds this many sequences of 4,096 tokens with
-# a 16-bit KV cache, and with each quantized cache at the share of a 16-bit cache it held above (quanto's residual
-# window was in this machine's dtype, so on a CPU its share is a little high):
+# 8 x 80 GB (each GPU filled to notebook 05's usable share), after `llama-70b-shape`'s 16-bit weights, the memory left
+# holds this many sequences of 4,096 tokens with a 16-bit KV cache, and with each quantized cache at the share of a
+# 16-bit cache it held above (quanto's residual window was in this machine's dtype, so on a CPU its share is a little
+# high):
 
 # %%
 sixteen_bit = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2  # this model's cache, 2 bytes a number
+need = footprint.memory_needed(models.empty_model("llama-70b-shape"), fmt="16-bit", context=4096)  # one sequence
+room = sum(d["bytes"] for d in footprint.parse_devices("8 x 80 GB")) * footprint.USABLE_FRACTION - need["weights"]
 rows = []
 for kind, run in caches.items():
     share = 1.0 if kind == "dynamic" else run["held_bytes"] / (sixteen_bit * run["tokens_held"])
-    fit = serving.sequences_that_fit(model_name="llama-70b-shape", devices="8 x 80 GB", context=4096, kv_fraction=share)
+    per_sequence = need["kv_cache"] * share  # a sequence's KV cache, at the share of a 16-bit one this cache held
     rows.append({"KV cache": "16-bit" if kind == "dynamic" else f"QuantizedCache({kind})", "share of 16-bit": share,
-                 "weights GiB": fit["weights_gib"], "KV GiB per sequence": fit["kv_gib_per_sequence"],
-                 "sequences of 4096 tokens": fit["sequences"]})
+                 "weights GiB": need["weights"] / 2**30, "KV GiB per sequence": per_sequence / 2**30,
+                 "sequences of 4096 tokens": max(0, int(room // per_sequence))})
 fits = pd.DataFrame(rows)
 lab.table("fits", fits, title="llama-70b-shape on 8 x 80 GB (notebook 05's calculator)")
 
@@ -577,6 +664,22 @@ lab.table("fits", fits, title="llama-70b-shape on 8 x 80 GB (notebook 05's calcu
 # its own behind a small watchdog, `server.stop()` ends the group, the same is registered to run when the kernel
 # exits, and if the kernel is killed outright the watchdog notices at once (on Linux the kernel's death is signalled
 # to it) and stops the server.
+#
+# The server's paged KV cache is sized as section 1's was, for the requests it will be sent: pages of 256 tokens (its
+# default page size) for the longest request, a page to spare, for each concurrent client.
+
+# %%
+server_workload = [workload[i % len(workload)] for i in range(lab.p.server_requests)]  # repeated if need be
+longest = max(r.prompt_tokens + r.new_tokens for r in server_workload)
+# transformers serve's page size: its default (its --cb-block-size flag would set it, through ContinuousBatchingConfig's
+# block_size, which transformers 5.17 deprecated in favour of page_size and which logs a warning)
+server_page = 256
+server_pages = max(lab.p.server_concurrency) * (-(-longest // server_page) + 1)
+capacity = server_pages * server_page  # the tokens its KV cache holds
+# --max-model-len (transformers 5.25 and newer) set on purpose at twice what the cache holds, within the model's
+# context, so that the bad input below can send one prompt past each limit
+model_context = getattr(model.config, "max_position_embeddings", None) or 2 * capacity
+door = min(2 * capacity, model_context) if compat.serve_takes_max_model_len() else None
 
 # %%
 problem = serving.serving_problem()
@@ -584,13 +687,10 @@ server = None
 if problem:
     lab.skip("the server (section 5)", problem)
 else:
-    # --max-model-len (transformers 5.25 and newer) set on purpose at twice what the cache holds, within the model's
-    # context, so that the bad input below can send one prompt past each limit
-    longest = getattr(model.config, "max_position_embeddings", None) or 2 * lab.p.server_capacity  # its context
-    door = min(2 * lab.p.server_capacity, longest) if compat.serve_takes_max_model_len() else None
+    # on a CPU, the most tokens per batch kept above the cache's, so that a prompt that cannot fit is refused at once
     server = serving.Server(serving.model_folder(lab.p.model_id), device=lab.device, dtype=lab.dtype_name,
-                            kv_pages=lab.p.server_pages, max_batch_tokens=lab.p.server_max_batch_tokens,
-                            max_model_len=door)
+                            kv_pages=server_pages, max_model_len=door,
+                            max_batch_tokens=None if lab.on_gpu else capacity + server_page)
     print(f"$ {server.command_line}\nlog: {server.log_path}")
     server.start()
     print(f"answering on {server.url} after {server.started_s:.1f} s "
@@ -605,10 +705,10 @@ else:
 
 # %%
 if server:
+    import httpx
     from openai import APIStatusError, AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
-    server_workload = [workload[i % len(workload)] for i in range(lab.p.server_requests)]  # repeated if need be
     texts = {r.id: tokenizer.decode(r.prompt_ids) for r in server_workload}
 
     async def one_request(request):
@@ -633,11 +733,43 @@ if server:
 # you would wrap the same code in a function and call `asyncio.run(...)`.)
 
 # %%
+import asyncio
+
+
+async def load(clients, timeout_s=600):  # the requests shared by `clients` clients, each sending its next when answered
+    waiting, replies = list(server_workload), []
+
+    async def user():
+        while waiting:
+            request = waiting.pop(0)
+            try:
+                replies.append({"ok": True, **await one_request(request)})
+            except Exception as error:  # a failed request is a measurement (an error row), not a crash
+                replies.append({"ok": False, "error": f"{type(error).__name__}: {error}"})
+
+    start = time.perf_counter()
+    _, late = await asyncio.wait([asyncio.create_task(user()) for _ in range(clients)], timeout=timeout_s)
+    for task in late:  # the level stops after `timeout_s`: what it has not answered counts as failed
+        task.cancel()
+    return pd.DataFrame(replies, columns=["ok", "ttft_s", "latency_s", "tokens", "error"]), time.perf_counter() - start
+
+# %%
 if server:
     await one_request(server_workload[0])  # a warm-up request
-    levels = pd.DataFrame([await serving.load(one_request, server_workload, concurrency=c, timeout_s=600)
-                           for c in lab.p.server_concurrency])  # a row per level: answered, failed, rates, p50/p99
+    rows = []
+    for clients in lab.p.server_concurrency:  # a row per level: answered, failed, rates, and p50/p99 in ms
+        replies, seconds = await load(clients)
+        ok = replies[replies["ok"]]
+        rows.append({"concurrency": clients, "requests": len(server_workload), "answered": len(ok),
+                     "failed": len(server_workload) - len(ok), "seconds": seconds, "requests_per_s": len(ok) / seconds,
+                     "tokens_per_s": ok["tokens"].sum() / seconds, "errors": sorted(set(replies["error"].dropna()))[:3],
+                     **{f"{what}_p{q}_ms": 1e3 * ok[f"{what}_s"].quantile(q / 100)
+                        for what in ("ttft", "latency") for q in (50, 99)}})
+    levels = pd.DataFrame(rows)
     lab.table("server_load", levels, title=f"transformers serve --continuous-batching, {lab.p.model_id}")
+
+# %%
+if server:
     title = f"{len(server_workload)} requests per level, {lab.device_label}"
     lab.figure("server_load", plots.server_load(levels, title=title))
     one, top = levels.iloc[0], levels.iloc[-1]
@@ -657,26 +789,39 @@ if server:
 # after each, and the last error line of its log. Predict each status before you run the cell.
 
 # %%
+def prompt_of(tokens):  # the shipped text, repeated and cut to `tokens` tokens
+    text = serving.QUOTED_TEXT.read_text(encoding="utf-8")
+    ids = tokenizer(text * (tokens // len(tokenizer(text)["input_ids"]) + 1), add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:tokens])
+
+
 if server:
-    door, cache = server.max_model_len, lab.p.server_capacity
+    door, cache = server.max_model_len, capacity
     asks = [("unknown model", "no-such-model", "Hello")]
-    asks += [("longer than --max-model-len", server.model, serving.prompt_of(tokenizer, door + 64))] if door else []
+    asks += [("longer than --max-model-len", server.model, prompt_of(door + 64))] if door else []
     mid = (cache + (door or 2 * cache)) // 2  # past the cache, within the door
-    asks += [("longer than the KV cache", server.model, serving.prompt_of(tokenizer, mid))] if mid > cache else []
+    asks += [("longer than the KV cache", server.model, prompt_of(mid))] if mid > cache else []
     if mid <= cache:
         lab.skip("a prompt past the KV cache", f"the cache holds {cache} tokens, the door admits {door}: none fits")
+
+# %%
+if server:
     answers = []
     for label, model_name, prompt in asks:
         try:
             await client.completions.create(model=model_name, prompt=prompt, max_tokens=4)
             answer = {"status": 200, "message": "(answered)"}
-        except APIStatusError as error:
-            answer = serving.error_answer(error)  # the status code and the server's own message
-        health, said = server.health()
-        answers.append({"request": label, **answer, "GET /health after": health, "/health said": said})
+        except APIStatusError as error:  # the status code and the server's own message
+            said = error.body.get("detail") or error.body.get("error") if isinstance(error.body, dict) else error.body
+            answer = {"status": error.status_code, "message": str(said if said is not None else error)}
+        health = httpx.get(f"{server.url}/health", timeout=5)  # what /health answers after each
+        answers.append({"request": label, **answer, "GET /health after": health.status_code,
+                        "/health said": health.text})
     bad_input = pd.DataFrame(answers)
     lab.table("bad_input", bad_input, title="What the server said")
-    print(f"last error in the log: {server.last_error()}")
+    log = server.log_path.read_text(errors="replace").splitlines()  # the last line of a traceback names its error
+    errors = [line.strip() for line in log if "Error" in line and not line.lstrip().startswith(("File ", "^"))]
+    print(f"last error in the log: {errors[-1] if errors else ''}")
 
 # %%
 if server:
@@ -705,9 +850,9 @@ if server:
     server.stop()
     left = [pid for pid in pids if serving.pid_running(pid)]
     print(f"stopped: processes {pids} running afterwards: {left or 'none'}; port {server.port} open: "
-          f"{server.port_in_use()}")
-    lab.check("nothing_left_running_after_stop", not left and not server.port_in_use(),
-              f"still running: {left}, port open: {server.port_in_use()}")
+          f"{serving.port_open(server.port)}")
+    lab.check("nothing_left_running_after_stop", not left and not serving.port_open(server.port),
+              f"still running: {left}, port open: {serving.port_open(server.port)}")
 
 # %% [markdown]
 # ## 6. Where to go next

@@ -1,14 +1,14 @@
-"""labkit.serving: the parameters, the workload, padding and pages, speculation counts, KV bytes, the bounded load,
-the server's process handling (with a stand-in server, so that these tests need neither transformers serve nor a
+"""labkit.serving: the parameters, the workload, padding (exercise 06.1), the quantized cache's reason to be left
+out, the server's process handling (with a stand-in server, so that these tests need neither transformers serve nor a
 model)."""
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -45,71 +45,20 @@ def test_load_workload_scales_the_lengths_and_keeps_a_minimum():
     assert [r.id for r in small] == ["r0", "r1", "r2", "r3"]
 
 
-# --------------------------------------------------------------------------- padding and pages
+# --------------------------------------------------------------------------- padding and speculation (exercises)
 
 
 def test_padding_waste_counts_padded_prompts_and_the_steps_after_short_outputs():
-    prompts, news = [12, 30, 8, 20], [40, 6, 10, 4]
-    assert serving.padded_positions(prompts, news) == 4 * (30 + 40)
-    assert serving.padding_waste(prompts, news) == pytest.approx(1 - 130 / 280)
-    assert serving.padding_waste([5, 5], [3, 3]) == 0
-
-
-def test_peak_pages_counts_the_pages_of_running_requests():
-    rows = [{"prompt_tokens": 10, "new_tokens": 3, "scheduled_s": 0.0, "latency_s": 3.0,
-             "times_s": [1.0, 2.0, 3.0]},
-            {"prompt_tokens": 20, "new_tokens": 2, "scheduled_s": 2.5, "latency_s": 5.0, "times_s": [4.0, 5.0]}]
-    # at 3.0 both run: 13 tokens -> 2 pages, 20 tokens -> 3 pages; later the second alone grows to 22 tokens, 3 pages
-    assert serving.peak_pages(rows, page_size=8) == 5
-    assert serving.peak_pages(rows[:1], page_size=8) == 2
-
-
-# --------------------------------------------------------------------------- speculative decoding
-
-
-def test_speculation_stats_from_forward_lengths():
-    # prompt of 20 tokens; first forward carries 10 proposals, then two steps with 10 proposals each
-    stats = serving.speculation_stats([30, 11, 11], prompt_tokens=20, new_tokens=24)
-    assert stats["proposed"] == 30 and stats["accepted"] == 21 and stats["acceptance_rate"] == pytest.approx(0.7)
-    assert stats["tokens_per_forward"] == 8
-    plain = serving.speculation_stats([20] + [1] * 15, prompt_tokens=20, new_tokens=16)
-    assert plain["proposed"] == 0 and plain["acceptance_rate"] == 0 and plain["tokens_per_forward"] == 1
+    solve = exercises.get("06.1").solution
+    # 4 rows x (longest prompt 30 + longest output 40) positions, 130 of them real tokens
+    assert solve([12, 30, 8, 20], [40, 6, 10, 4]) == pytest.approx(100 * (1 - 130 / 280))
+    assert solve([5, 5], [3, 3]) == 0
 
 
 def test_the_break_even_exercise_shares_a_steps_extra_cost_among_the_proposals():
     # a step that costs 1.5 greedy steps with 4 proposals breaks even at (1.5 - 1) / 4
     solve = exercises.get("06.2").solution
     assert solve(proposals=4, verify_cost=1.3, draft_cost=0.05) == pytest.approx(0.125)
-
-
-def test_the_repeating_prompt_quotes_its_own_passage():
-    prompt = serving.repeating_prompt(40)
-    passage, copy = prompt.split("Passage: ")[1].split("\n\nCopy: ")
-    assert passage.startswith(copy) and len(passage.split()) == 40
-
-
-# --------------------------------------------------------------------------- KV bytes
-
-
-def test_held_bytes_of_a_real_cache_match_the_formula_and_a_quantized_one_holds_less():
-    from transformers import DynamicCache, LlamaConfig, QuantizedCache
-
-    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                         intermediate_size=64, vocab_size=32)
-    keys = torch.randn(1, 2, 40, 32)
-    full, fp8 = DynamicCache(config=config), QuantizedCache(backend="fp8", config=config)
-    for cache in (full, fp8):
-        for layer in range(2):
-            cache.update(keys, keys, layer)
-    assert serving.held_bytes(full) == 40 * 2 * 2 * 2 * 32 * 4  # tokens x layers x K,V x heads x size x float32
-    assert serving.held_bytes(fp8) < serving.held_bytes(full) / 3
-    assert serving.held_bytes([keys, keys.view(-1)]) == keys.numel() * 4, "a storage is counted once"
-
-
-def test_notebook_05s_calculator_fits_more_sequences_with_a_smaller_cache():
-    full = serving.sequences_that_fit()
-    quarter = serving.sequences_that_fit(kv_fraction=0.25)
-    assert full["kv_bytes_per_token"] == 327680 and quarter["sequences"] >= 4 * full["sequences"] - 4
 
 
 # --------------------------------------------------------------------------- the parameters
@@ -129,51 +78,26 @@ def test_a_kv_context_longer_than_the_shipped_text_is_refused():
         serving.Parameters(kv_context=5000).resolve(device="cpu", quick=True)
 
 
-def test_the_parameters_are_sized_for_the_machine_and_the_caches_for_the_workload():
+def test_the_parameters_are_sized_for_the_machine_and_keep_what_was_given():
     p = serving.Parameters(server_concurrency=[4, 1, 4], server_requests=10)
     line = p.resolve(device="cpu", quick=True)
-    assert p.requests == 8 and p.length_scale == 16 and p.server_concurrency == [1, 4] and "8 requests" in line
-    lengths = serving.workload_lengths(p.requests, p.length_scale)
-    assert p.kv_pages * p.page_size >= sum(prompt + new for prompt, new in lengths), "room for every request at once"
-    longest = max(prompt + new for prompt, new in lengths)  # the server's 10 requests repeat the workload's 8
-    assert p.server_capacity == p.server_pages * 256 >= 4 * longest
-    assert p.server_max_batch_tokens > p.server_capacity, "a prompt that cannot fit is refused before any work"
-    assert p.dtype is torch.float32 and p.draft_problem is None
+    assert p.requests == 8 and p.length_scale == 16 and p.server_concurrency == [1, 4] and p.server_requests == 10
+    assert all(getattr(p, name) for name in serving.SIZES["quick"]), "every size is set"
+    prompts = [prompt // 16 for _, prompt, _ in serving.make_workload()[:8]]  # the shipped lengths, divided
+    assert f"8 requests (prompts {min(prompts)}-{max(prompts)} tokens" in line
+    assert p.dtype is torch.float32
+
+
+def test_quanto_is_left_out_with_its_reason(monkeypatch):
+    if serving.quanto_problem(quick=False) is None:  # installed: quick sizes leave it out until its extension is built
+        assert (serving.quanto_problem(quick=True) is None) == serving.quanto_extension_built()
+    monkeypatch.setattr(serving.importlib.util, "find_spec", lambda name: None)
+    assert serving.quanto_problem(quick=False) == "optimum-quanto is not installed (pip install optimum-quanto)"
 
 
 def test_a_random_init_model_has_no_folder_to_serve():
     with pytest.raises(BadParameter, match="random weights"):
         serving.model_folder("tiny-llama")
-
-
-# --------------------------------------------------------------------------- the bounded load
-
-
-def test_load_never_has_more_than_its_clients_in_flight_and_counts_failures():
-    work = serving.load_workload(WordTokenizer(), requests=10, length_scale=16)
-    state = {"now": 0, "most": 0}
-
-    async def one_request(request):
-        state["now"] += 1
-        state["most"] = max(state["most"], state["now"])
-        await asyncio.sleep(0.01)
-        state["now"] -= 1
-        if request.id == "r3":
-            raise RuntimeError("refused")
-        return {"ttft_s": 0.001, "latency_s": 0.01, "tokens": 5}
-
-    level = asyncio.run(serving.load(one_request, work, concurrency=3))
-    assert state["most"] == 3
-    assert level["answered"] == 9 and level["failed"] == 1 and level["errors"] == ["RuntimeError: refused"]
-    assert level["tokens_per_s"] == pytest.approx(45 / level["seconds"])
-
-
-def test_error_answer_takes_the_servers_own_message():
-    class Refused(Exception):
-        status_code, body = 400, {"detail": "Server is pinned to 'x'; requested 'y'."}
-
-    assert serving.error_answer(Refused()) == {"status": 400, "message": "Server is pinned to 'x'; requested 'y'."}
-    assert serving.error_answer(ValueError("boom"))["status"] is None
 
 
 # --------------------------------------------------------------------------- the server's processes
@@ -198,9 +122,9 @@ def _stand_in(tmp_path):
 def test_a_server_starts_answers_and_stops_with_its_whole_group(tmp_path):
     with _stand_in(tmp_path) as server:
         pids = [server.watchdog_pid, server.server_pid()]
-        assert all(serving.pid_running(p) for p in pids) and server.port_in_use()
-        assert server.health()[0] == 200 and server.started_s is not None
-    assert not any(serving.pid_running(p) for p in pids) and not server.port_in_use()
+        assert all(serving.pid_running(p) for p in pids) and serving.port_open(server.port)
+        assert urllib.request.urlopen(f"{server.url}/health").status == 200 and server.started_s is not None
+    assert not any(serving.pid_running(p) for p in pids) and not serving.port_open(server.port)
 
 
 def test_a_server_that_exits_early_says_so_with_its_log(tmp_path):
