@@ -302,8 +302,9 @@ print(f"Without set_priority the order of the list {said}: [MATH, FLASH_ATTENTIO
 # The source page forces Flash Attention with `torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False,
 # enable_mem_efficient=False)`. That function is deprecated. Worse, it has a fourth switch, `enable_cudnn`, which
 # defaults to `True`, so the source page's call does **not** switch off the cuDNN backend: on a GPU where cuDNN
-# attention is eligible and comes first in PyTorch's order, code under it runs cuDNN attention, not Flash. The cell
-# below runs it once, on purpose, captures its warning, reads the four switches inside it, and asks the profiler what
+# attention is eligible and comes first in PyTorch's order, code under it runs cuDNN attention, not Flash. The first
+# cell below reads the four switches (`torch.backends.cuda.flash_sdp_enabled()` and its three siblings); the second
+# runs the old call once, on purpose, captures its warning, reads the switches inside it, and asks the profiler what
 # ran.
 
 # %%
