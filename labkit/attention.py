@@ -3,27 +3,26 @@ long for a cell: which backend really ran (the profiler), a call's peak extra me
 turns refusals and out-of-memory into rows and re-measures points against the trend. The formulas (FLOPs, rates,
 fractions of the ceiling) and the conclusions are written in the notebook.
 
-The backend is never inferred from the context manager's name: :func:`ops_that_ran` runs the call under
-the profiler and :func:`backend_from_ops` reads the ATen op that did the work.
+The backend is never inferred from the context manager's name: :func:`labkit.timing.ops_that_ran` runs the call
+under the profiler and reads the ATen op that did the work.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
+import psutil
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labkit import models, probes, results, roofline
 from labkit.errors import BadParameter, check_sizes
 from labkit.probes import BACKENDS
 from labkit.timing import attempt, measure, peak_extra_memory, recheck_trend, synchronize
 
-# The ATen op each backend dispatches to (a prefix: the CPU flash op is ..._flash_attention_for_cpu).
+# Relative (Frobenius) error allowed against a float64 reference, per input dtype: the 16-bit values are a few units
+# of each format's rounding step (fp16 ~ 5e-4, bf16 ~ 4e-3) accumulated over a softmax.
 TOLERANCES = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 
 
@@ -73,87 +72,17 @@ class Parameters(models.ModelParameters):
             "compile_flex=True to measure it")
         self.compile_flex = compiled
         self.flex_seq = min(self.seq_lengths[-1], 8192)
-        self.math_seq = math_seq(device, self.batch, self.heads, self.seq_lengths)
+        # the longest length at which the MATH backend's scores fit (the shortest when none does)
+        fitting = [n for n in self.seq_lengths if not math_too_big(device, self.batch, self.heads, n)]
+        self.math_seq = max(fitting, default=self.seq_lengths[0])
         return (f"Backends that run here: {', '.join(self.runnable)}. Sweep: batch {self.batch}, heads {self.heads}, "
                 f"lengths {self.seq_lengths}, head sizes {self.head_dims}.")
-
-
-def math_seq(device: str, batch: int, heads: int, seq_lengths: Sequence[int]) -> int:
-    """The longest of ``seq_lengths`` at which the sweep tries the MATH backend (its scores fit, :func:`math_too_big`);
-    the shortest when none does."""
-    fitting = [n for n in seq_lengths if not math_too_big(device, batch, heads, n)]
-    return max(fitting) if fitting else min(seq_lengths)
-
-
-# --------------------------------------------------------------------------- inputs, reference, errors
-
-def backend_names(backends: str | Iterable[str] | None = None) -> list[str]:
-    """Check backend names ("MATH", "FLASH_ATTENTION", ...); None means all of them."""
-    if backends is None:
-        return list(BACKENDS)
-    listed = [backends] if isinstance(backends, str) else list(backends)
-    listed = [str(n).strip().upper() for n in listed]
-    unknown = [n for n in listed if n not in BACKENDS]
-    if unknown or not listed:
-        raise BadParameter(f"backends={backends!r}: use one or more of {', '.join(BACKENDS)}.")
-    return listed
-
-
-def sdp_backends(backend_list: str | Iterable[str]) -> list[SDPBackend]:
-    """The ``torch.nn.attention.SDPBackend`` members for some backend names."""
-    return [getattr(SDPBackend, n) for n in backend_names(backend_list)]
-
-
-def random_qkv(batch: int, heads: int, seq: int, head_dim: int, *, device: str = "cpu", dtype: Any = "float32",
-               seed: int = 0, seq_k: int | None = None):
-    """Fresh random query, key, value of shape (batch, heads, seq, head_dim), reproducible by ``seed``."""
-    seq_k = seq if seq_k is None else seq_k
-    check_sizes(1, batch=batch, heads=heads, seq=seq, seq_k=seq_k, head_dim=head_dim)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    torch_dtype = probes.resolve_dtype(dtype, device)
-    q = torch.randn(batch, heads, seq, head_dim, generator=generator, device=device, dtype=torch_dtype)
-    k = torch.randn(batch, heads, seq_k, head_dim, generator=generator, device=device, dtype=torch_dtype)
-    v = torch.randn(batch, heads, seq_k, head_dim, generator=generator, device=device, dtype=torch_dtype)
-    return q, k, v
-
-
-def naive_attention(q, k, v, *, causal: bool = False):
-    """Attention written out: softmax(Q K^T / sqrt(d)) V, with the full score matrix in memory."""
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
 
 
 def score_matrix_bytes(batch: int, heads: int, seq_q: int, seq_k: int, dtype: Any = "float32") -> int:
     """Bytes of one (batch, heads, seq_q, seq_k) score matrix: what the math backend materialises."""
     check_sizes(1, batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k)
     return batch * heads * seq_q * seq_k * roofline.element_size(dtype)
-
-
-def sdpa_call(q, k, v, backends: str | Iterable[str] | None = None, *, causal: bool = False,
-              attn_mask=None, dropout_p: float = 0.0) -> Callable[[], Any]:
-    """A call of ``F.scaled_dot_product_attention`` restricted to ``backends`` (None: PyTorch chooses)."""
-    chosen = None if backends is None else sdp_backends(backends)
-
-    def call():
-        if chosen is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
-        with sdpa_kernel(chosen):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
-
-    return call
-
-
-def enabled_backends() -> dict[str, bool]:
-    """The global on/off flags of the four backends (what the old ``torch.backends.cuda.sdp_kernel`` sets)."""
-    cuda = torch.backends.cuda
-    return {"FLASH_ATTENTION": cuda.flash_sdp_enabled(), "EFFICIENT_ATTENTION": cuda.mem_efficient_sdp_enabled(),
-            "MATH": cuda.math_sdp_enabled(), "CUDNN_ATTENTION": cuda.cudnn_sdp_enabled()}
-
-
-# --------------------------------------------------------------------------- which kernel ran
 
 
 def refusal(call: Callable[[], Any], device: str, backend: str) -> str:
@@ -174,25 +103,12 @@ def refusal(call: Callable[[], Any], device: str, backend: str) -> str:
     return probes.explain_refusal(error, probes.refusal_reasons([str(w.message) for w in caught]), [backend], device)
 
 
-def free_memory_bytes(device: str) -> int | None:
-    """Memory free for new allocations on ``device`` (CUDA: the driver's answer; CPU: MemAvailable)."""
-    if str(device).startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def math_too_big(device: str, batch: int, heads: int, seq: int) -> str:
     """Why the math backend is not even tried at this size ('' when it is): its float32 scores would not fit."""
     needed = 2 * score_matrix_bytes(batch, heads, seq, seq, "float32")  # scores and their softmax
-    free = free_memory_bytes(device)
-    if free is not None and needed > free / 4:
+    on_gpu = str(device).startswith("cuda")  # what can be allocated: the driver's answer, or the system's
+    free = torch.cuda.mem_get_info(torch.device(device))[0] if on_gpu else psutil.virtual_memory().available
+    if needed > free / 4:
         return (f"the math backend would materialise {needed / 2**30:.1f} GiB of scores, more than a quarter of "
                 f"the {free / 2**30:.1f} GiB free")
     return ""

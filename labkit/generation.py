@@ -1,27 +1,18 @@
-"""Notebook 02's topic: prefill and decode of a causal language model, the mechanisms too long for a cell.
-
-The notebook writes its experiments in its cells (the loops over models, attention implementations and recipes, the
-prefill call being timed, the bandwidth bound, the step budget, the KV cache measured, the conclusions). This module
-holds its typed parameters (:class:`Parameters`) and what a learner should not have to write: random prompts and a
-``generate`` that never stops early, the decode rate (a step's time as the difference of two ``generate`` calls), a
-hand-written decode loop in the style of gpt-fast (:class:`GreedyLoop`), and the capture of transformers' warnings and
-of SDPA's refusals.
+"""Notebook 02's topic: prefill and decode of a causal language model. The experiments are written in the notebook's
+cells; this module holds its typed parameters (:class:`Parameters`) and the capture of what transformers logs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from labkit import models, probes
 from labkit.errors import BadParameter, check_sizes
-
-# --------------------------------------------------------------------------- the parameters
 
 
 @dataclass
@@ -70,30 +61,13 @@ class Parameters:
         self.batch_sizes = sorted(set(self.batch_sizes or batches))
         self.compile_step = on_gpu if self.compile == "auto" else self.compile
         self.repeats = 3 if on_gpu and not quick else 2
-        self.implementations = implementations(device, self.dtype)
+        # the attention implementations section 2 compares: eager and sdpa, and flash_attention_2 where it runs
+        flash = probes.flash_attn()["ok"] and on_gpu and self.dtype in (torch.float16, torch.bfloat16)
+        self.implementations = ["eager", "sdpa"] + (["flash_attention_2"] if flash else [])
         return (f"Prefill: batch {self.prefill_batch}, prompts of {self.prompt_lengths} tokens; decode: "
                 f"{self.new_tokens} new tokens, batches {self.batch_sizes}, model {self.decode_model}; attention "
                 f"implementations {self.implementations}; compiled step {'on' if self.compile_step else 'off'}.")
 
-
-def implementations(device: str, dtype) -> list[str]:
-    """The attention implementations section 2 compares: eager and sdpa, and flash_attention_2 where it runs."""
-    found = ["eager", "sdpa"]
-    if probes.flash_attn()["ok"] and device.startswith("cuda") and dtype in (torch.float16, torch.bfloat16):
-        found.append("flash_attention_2")
-    return found
-
-
-# --------------------------------------------------------------------------- inputs and generate
-
-
-# --------------------------------------------------------------------------- decode
-
-
-# --------------------------------------------------------------------------- a hand-written decode loop
-
-
-# --------------------------------------------------------------------------- padding
 
 @contextlib.contextmanager
 def transformers_warnings() -> Iterator[list[str]]:
@@ -111,16 +85,3 @@ def transformers_warnings() -> Iterator[list[str]]:
         yield said
     finally:
         logger.removeHandler(handler)
-
-
-def attempt_with_reasons(call: Callable[[], Any]) -> dict[str, Any]:
-    """Run ``call()``; a RuntimeError (such as "No available kernel") becomes its first line, and the SDPA refusal
-    reasons PyTorch warned about just before it are kept."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            call()
-            error = ""
-        except RuntimeError as err:
-            error = str(err).strip().splitlines()[0]
-    return {"ok": not error, "error": error, "reasons": probes.refusal_reasons([str(w.message) for w in caught])}

@@ -1,7 +1,7 @@
-"""Notebook 04's topic: 4-bit and 8-bit weights. bitsandbytes formats (memory), torchao formats (speed), their
-footprints predicted from a model's tensors and counted from what the quantized model really holds, perplexity and
-KL divergence against 16-bit, decode against each format's own bandwidth bound, and the batch size where weight-only
-quantization stops helping (roofline).
+"""Notebook 04's topic: what of 4-bit and 8-bit weights is too long for a cell. Which formats this machine runs, their
+configs (bitsandbytes, torchao) and a quantized copy of a model, the bytes of one real quantized layer, perplexity and
+KL divergence against 16-bit in one pass, and the bytes a decode step reads. The measurements (decode against each
+format's bandwidth bound, the weight-only sweep, the compiled step) are in the notebook's cells.
 
 What is quantized: the weight matrices of the linear layers, except the output layer (transformers keeps ``lm_head``
 in 16-bit whether or not it is tied to the embeddings; torchao's ``quantize_`` gets the same rule here). What stays
@@ -15,18 +15,15 @@ import copy
 import importlib.util
 import logging
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteriaList
 
-from labkit import compat, footprint, models, outputs, probes, timing
+from labkit import compat, footprint, models, outputs, probes
 from labkit.errors import BadParameter, ModelNotAvailable, check_sizes
 from labkit.footprint import INT4_GROUP_SIZE, count_footprint
-from labkit.timing import measure, percentile, recheck_trend
 
 # name -> BitsAndBytesConfig keyword arguments (None: the 16-bit model itself)
 FORMATS: dict[str, dict[str, Any] | None] = {
@@ -193,24 +190,17 @@ def torchao_config(name: str, device: str = "cpu", *, group_size: int = INT4_GRO
 
 
 def torchao_quantized(model, name: str, device: str, *, group_size: int = INT4_GROUP_SIZE):
-    """A copy of ``model`` quantized in format ``name`` with torchao's ``quantize_`` (the 16-bit model is kept)."""
+    """A copy of ``model`` (a model or one linear layer) quantized in format ``name`` with torchao's ``quantize_``
+    (the 16-bit model is kept)."""
     from torchao.quantization import quantize_
 
     quantized = copy.deepcopy(model)
     # every linear layer but the output, as transformers does
-    layers = {id(m) for m in footprint.quantized_linears(quantized)}
+    output = quantized.get_output_embeddings() if hasattr(quantized, "get_output_embeddings") else None
     with compat.quiet_logger("torchao"):
         quantize_(quantized, torchao_config(name, device, group_size=group_size),
-                  filter_fn=lambda module, fqn: id(module) in layers)
+                  filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and module is not output)
     return quantized
-
-
-def meta_model(name: str, tokenizer, dtype):
-    """A random-init architecture (``random-llama-1b``) built on the meta device: its shapes, no memory."""
-    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-               "eos_token_id": tokenizer.eos_token_id}
-    with torch.device("meta"):
-        return models.build_from_config(models.random_config(name, len(tokenizer), special), dtype=dtype)
 
 
 # --------------------------------------------------------------------------- footprints: predicted, then counted
@@ -230,11 +220,7 @@ def layer_footprint_mib(name: str, rows: int, cols: int, *, device: str = "cpu",
         holder.quant_state = state
         parts = count_footprint(torch.nn.ParameterList([holder]))
     else:
-        from torchao.quantization import quantize_
-
-        with compat.quiet_logger("torchao"):
-            quantize_(layer, torchao_config(name, device, group_size=group_size))
-        parts = count_footprint(layer)
+        parts = count_footprint(torchao_quantized(layer, name, device, group_size=group_size))
     return sum(parts.values()) / 2**20
 
 
@@ -284,119 +270,6 @@ def step_bytes(model) -> int:
     if output is None or output.weight is not embedding:
         total += (embedding.shape[1] - embedding.numel()) * embedding.element_size()
     return total
-
-
-def prefill_ms(model, input_ids, *, warmup: int, repeats: int) -> float:
-    """Median time of one forward pass over the prompt (only the last position's logits, as ``generate`` does)."""
-    extra = {"logits_to_keep": 1} if compat.forward_keywords(model)["logits_to_keep"] else {}
-
-    def call():
-        with torch.inference_mode():
-            return model(input_ids=input_ids, use_cache=True, **extra)
-
-    return measure(call, device=str(input_ids.device), warmup=warmup, repeats=repeats).median_ms
-
-
-def decode_rate(model, input_ids, *, new_tokens: int) -> dict[str, Any]:
-    """Greedy decode of exactly ``new_tokens`` tokens in one ``generate`` call, each step timed (``outputs.StepClock``):
-    the first step after the prefill is the warm-up, the others are the repeats; the median step gives tokens/s,
-    with the p10-p90 spread of the steps."""
-    clock = outputs.StepClock(str(model.device))
-    ids = outputs.generate_exactly(model, input_ids, new_tokens, stopping_criteria=StoppingCriteriaList([clock]))
-    steps = [1e3 * (after - before) for before, after in zip(clock.times, clock.times[1:], strict=False)]
-    steps = steps[1:] or steps
-    if not steps:
-        raise BadParameter(f"new_tokens={new_tokens}: decoding needs at least 2 new tokens to time a step.")
-    step_ms = percentile(steps, 50)
-    batch = input_ids.shape[0]
-    return {"batch": batch, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens, "step_ms": step_ms,
-            "step_p10_ms": percentile(steps, 10), "step_p90_ms": percentile(steps, 90), "steps_timed": len(steps),
-            "tokens_per_s": batch * 1e3 / step_ms, "token_ids": ids[:, input_ids.shape[1]:].tolist()}
-
-
-def bnb_ops(model, device: str, batches: tuple[int, ...] = (1, 8)) -> list[dict[str, Any]]:
-    """The bitsandbytes ops (and, on a GPU, the kernels) that one one-token forward pass runs at each batch size."""
-    rows = []
-    for batch in batches:
-        ids = outputs.random_prompt(model, batch=batch, length=1)
-        with torch.inference_mode():
-            seen = timing.ops_that_ran(lambda ids=ids: model(input_ids=ids), device)
-        kernels = [k for k in seen.kernels if any(w in k.lower() for w in ("4bit", "gemv", "gemm", "dequant"))]
-        rows.append({"batch": batch, "bitsandbytes ops": ", ".join(sorted({o for o in seen.ops
-                                                                           if o.startswith("bitsandbytes::")})),
-                     "GPU kernels": ", ".join(sorted(set(kernels))[:3]) or "-"})
-    return rows
-
-
-# --------------------------------------------------------------------------- where weight-only stops helping
-
-def layer_sweep(size: int, batches: list[int], *, device: str, dtype, group_size: int = INT4_GROUP_SIZE,
-                warmup: int = 1, repeats: int = 3) -> list[dict[str, Any]]:
-    """One ``size`` x ``size`` linear layer in 16-bit and in torchao int4 weight-only, timed with ``batch`` one-token
-    rows at each batch size (the same inputs for both); each series rechecked against its trend."""
-    generator = torch.Generator().manual_seed(0)
-    weight = (torch.randn(size, size, generator=generator) / size**0.5).to(device=device, dtype=dtype)
-    layers = {"16-bit": torch.nn.Linear(size, size, bias=False, device=device, dtype=dtype)}
-    layers["16-bit"].weight.data.copy_(weight)
-    layers["torchao-int4"] = copy.deepcopy(layers["16-bit"])
-    from torchao.quantization import quantize_
-
-    with compat.quiet_logger("torchao"):
-        quantize_(layers["torchao-int4"], torchao_config("torchao-int4", device, group_size=group_size))
-    inputs = {b: torch.randn(b, size, generator=generator).to(device=device, dtype=dtype) for b in batches}
-
-    def timed(point):
-        layer, x = layers[point["format"]], inputs[point["batch"]]
-
-        def call():
-            with torch.inference_mode():
-                return layer(x)
-        t = measure(call, device=device, warmup=warmup, repeats=repeats)
-        return {"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms}
-
-    rows = []
-    for name in layers:
-        series = [{"format": name, "batch": b} for b in batches]
-        series = [{**p, **timed(p)} for p in series]
-        rows += recheck_trend(series, work="batch", remeasure=timed)
-    return rows
-
-
-def measured_break_even(rows: list[dict[str, Any]]) -> float | None:
-    """The batch at which int4 weight-only stopped being faster than 16-bit in a :func:`layer_sweep` (noisy points
-    left out): between the last batch where it was faster and the first where it was not, where the speed-up,
-    interpolated on log scales, crosses 1; the first batch when int4 was never faster; None when it stayed faster."""
-    times = {(r["format"], r["batch"]): r for r in rows}
-    gains = []
-    for batch in sorted({r["batch"] for r in rows}):
-        a, b = times.get(("torchao-int4", batch)), times.get(("16-bit", batch))
-        if a and b and not (a["noisy"] or b["noisy"]):
-            gains.append((batch, b["median_ms"] / a["median_ms"]))
-    for i, (batch, gain) in enumerate(gains):
-        if gain <= 1.0:
-            if i == 0:
-                return float(batch)
-            before, ahead = gains[i - 1]
-            share = math.log(ahead) / (math.log(ahead) - math.log(gain))
-            return float(before * (batch / before) ** share)
-    return None
-
-
-# --------------------------------------------------------------------------- the compiled one-token step
-
-def compiled_decode(model, prompt_ids, *, new_tokens: int, device: str, repeats: int) -> list[dict[str, Any]]:
-    """Batch-1 decode with notebook 02's hand loop (static cache), eager and with the one-token step compiled (CUDA
-    graphs on a GPU): one row each, with the compile time as the first call's extra."""
-    rows = []
-    for label, mode in (("eager", None), ("compiled", "reduce-overhead" if device.startswith("cuda") else "default")):
-        loop = outputs.GreedyLoop(model, batch=1, prompt_tokens=prompt_ids.shape[1], new_tokens=new_tokens,
-                                     compile_mode=mode)
-        with warnings.catch_warnings():  # torchao's tensors lack a hash for the compiler's cache: a note, not an error
-            warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
-            row = outputs.measure_loop(loop, prompt_ids, warmup=1, repeats=repeats)
-        rows.append({"step": label, "tokens/s": row["tokens_per_s"], "step ms": row["step_ms"],
-                     "first call extra s": row["first_call_extra_s"], "tokens": len(row["token_ids"][0])})
-    return rows
 
 
 # what the notebook shows beside the reference runs (words: metric name, as the notebook records it)

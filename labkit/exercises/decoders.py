@@ -5,7 +5,6 @@ from __future__ import annotations
 from labkit import roofline
 from labkit.exercises.core import Exercise, Wrong, predicted
 
-# --------------------------------------------------------------------------- 02.1 the decode bound
 
 def decode_bound_tokens_per_s(parameters, bytes_per_parameter, bandwidth_gb_per_s):
     # at batch 1 every step reads every weight once: tokens/s <= bandwidth / bytes read per step
@@ -20,8 +19,6 @@ def _decode_bound(answer, c):
         "that counts bits, not bytes, per parameter": expected / 8,
     })
 
-
-# --------------------------------------------------------------------------- 02.2 the KV cache
 
 def kv_cache_mib(layers, kv_heads, head_dim, context, batch, bytes_per_element):
     # a key and a value vector per key/value head, in every layer, for every token of every sequence
@@ -41,8 +38,6 @@ def _kv_cache(answer, c):
         "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20,
     })
 
-
-# --------------------------------------------------------------------------- 02.3 padding side
 
 def padding_side():
     # tokenizer.padding_side = "left" before tokenizing a batch of prompts: every prompt ends at the last position

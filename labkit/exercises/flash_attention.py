@@ -11,7 +11,6 @@ from labkit import attention, roofline, timing
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
 from labkit.probes import BACKENDS
 
-# --------------------------------------------------------------------------- 01.1 attention by hand
 
 def my_attention(q, k, v):
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
@@ -53,8 +52,6 @@ def _one_column(q, k, v):
     return q[..., :1]
 
 
-# --------------------------------------------------------------------------- 01.2 the score matrix
-
 def score_matrix_mib(batch, heads, seq, dtype):
     # one score per (query, key) pair, for every head of every sequence: batch x heads x N x N elements
     return attention.score_matrix_bytes(batch, heads, seq, seq, dtype) / 2**20
@@ -73,11 +70,9 @@ def _score_matrix(answer, c):
     })
 
 
-# --------------------------------------------------------------------------- 01.3 PyTorch's own choice
-
 def backend_pytorch_picks(device, dtype):
     # only a measurement tells: run the call under the profiler and read which backend's op ran
-    q, k, v = attention.random_qkv(1, 8, 256, 64, device=device, dtype=dtype)  # the notebook's section 2 inputs
+    q, k, v = torch.randn(3, 1, 8, 256, 64, device=device, dtype=getattr(torch, dtype))  # section 2's inputs
     seen = timing.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
     return timing.backend_from_ops(seen.ops) or "none found"
 

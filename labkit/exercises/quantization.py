@@ -7,7 +7,6 @@ import torch
 from labkit import footprint
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, predicted
 
-# --------------------------------------------------------------------------- 04.1 NF4's footprint
 
 def nf4_mib(rows, cols, blocksize):
     # half a byte per weight, plus one float32 absmax scale per block of `blocksize` weights
@@ -26,8 +25,6 @@ def _nf4_footprint(answer, c):
         "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20,
     }, rel=0.03)
 
-
-# --------------------------------------------------------------------------- 04.2 int4 with group-wise scales
 
 def int4_mib(rows, cols, group_size):
     # half a byte per weight, plus a bfloat16 scale and a bfloat16 zero point per group of `group_size` weights
@@ -49,8 +46,6 @@ def _int4_footprint(answer, c):
         "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20,
     }, rel=0.02)
 
-
-# --------------------------------------------------------------------------- 04.3 an NF4 config
 
 def my_config():
     from transformers import BitsAndBytesConfig
@@ -77,8 +72,6 @@ def _bnb_config(answer, c):
     return "NF4 weights, scales quantized again, matrix products in bfloat16."
 
 
-# --------------------------------------------------------------------------- 04.4 the closest format
-
 def closest_format(kl):
     # the format whose next-token distributions moved least from 16-bit: the smallest measured KL divergence
     return min(kl, key=kl.get) if kl else ""
@@ -97,8 +90,6 @@ def _closest_format(answer, c):
     tie = f" (a tie with {best}, {kl[best]:.3g})" if name != best else ""
     return f"{name} moved the next-token distributions least, {kl[name]:.3g} nats{tie}."
 
-
-# --------------------------------------------------------------------------- 04.5 where int4 weight-only stops helping
 
 def break_even(flops_per_s, bytes_per_s):
     # a 16-bit weight is 2 bytes, read once per step, and costs 2 FLOPs per sequence of the batch: the step turns

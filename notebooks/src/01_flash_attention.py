@@ -302,9 +302,17 @@ print(f"Without set_priority the order of the list {said}: [MATH, FLASH_ATTENTIO
 # The source page forces Flash Attention with `torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False,
 # enable_mem_efficient=False)`. That function is deprecated. Worse, it has a fourth switch, `enable_cudnn`, which
 # defaults to `True`, so the source page's call does **not** switch off the cuDNN backend: on a GPU where cuDNN
-# attention is eligible and comes first in PyTorch's order, code under it runs cuDNN attention, not Flash. The cell
-# below runs it once, on purpose, captures its warning, reads the four switches inside it, and asks the profiler what
+# attention is eligible and comes first in PyTorch's order, code under it runs cuDNN attention, not Flash. The first
+# cell below reads the four switches (`torch.backends.cuda.flash_sdp_enabled()` and its three siblings); the second
+# runs the old call once, on purpose, captures its warning, reads the switches inside it, and asks the profiler what
 # ran.
+
+# %%
+def enabled_backends():  # the four global on/off switches of SDPA's backends, which the old API sets
+    cuda = torch.backends.cuda
+    return {"FLASH_ATTENTION": cuda.flash_sdp_enabled(), "EFFICIENT_ATTENTION": cuda.mem_efficient_sdp_enabled(),
+            "MATH": cuda.math_sdp_enabled(), "CUDNN_ATTENTION": cuda.cudnn_sdp_enabled()}
+
 
 # %% tags=["old-api-on-purpose"]
 # The source page's old API, run on purpose: its FutureWarning is captured and shown.
@@ -314,7 +322,7 @@ else:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False, enable_mem_efficient=False):
-            switches = attention.enabled_backends()
+            switches = enabled_backends()
             legacy = timing.ops_that_ran(causal_call, lab.device)
     old = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     print("\n".join(f"{w.category.__name__}: {w.message}" for w in old[:1]))
@@ -324,7 +332,7 @@ else:
     lab.check("old_sdp_kernel_warns", bool(old))
     lab.check("old_sdp_kernel_leaves_cudnn_enabled", switches["CUDNN_ATTENTION"])
     lab.check("old_sdp_kernel_ran_an_enabled_backend", switches.get(legacy.backend, False), str(legacy.backend))
-print("Switches after the context manager:", attention.enabled_backends())
+print("Switches after the context manager:", enabled_backends())
 
 # %% [markdown]
 # The modern equivalent is `sdpa_kernel(SDPBackend.FLASH_ATTENTION)` (the table above): exactly one backend is

@@ -561,25 +561,32 @@ if pad_name is not None:
 # priority order unless `set_priority=True` is passed); or not to pad (batches of equal lengths).
 
 # %%
+import warnings
+
 if pad_name is not None:
     model = loaded[pad_name][0]  # in the notebook's dtype: on a GPU, Flash takes only 16-bit inputs
     batch = pad_tokenizer([lab.p.prompt, "Hi"], return_tensors="pt", padding=True).to(lab.device)
 
-    def forward_under(backends):
-        with sdpa_kernel(backends), torch.inference_mode():
-            return model(**batch)
+    def forward_under(backends):  # the first line of its error ("" when it ran), and why SDPA's kernels refused
+        with warnings.catch_warnings(record=True) as caught, sdpa_kernel(backends), torch.inference_mode():
+            warnings.simplefilter("always")  # SDPA warns each kernel's reason before it raises
+            try:
+                model(**batch)
+                return "", []
+            except RuntimeError as err:  # such as "No available kernel"
+                return str(err).strip().splitlines()[0], probes.refusal_reasons([str(w.message) for w in caught])
 
-    flash_only = generation.attempt_with_reasons(lambda: forward_under([SDPBackend.FLASH_ATTENTION]))
-    if flash_only["ok"]:
+# %%
+if pad_name is not None:
+    error, reasons = forward_under([SDPBackend.FLASH_ATTENTION])
+    if not error:
         lab.skip("'No available kernel' with a padded batch", f"the Flash kernel on {lab.device} takes the mask")
     else:
-        print(f"Flash only, padded batch: {flash_only['error']}\nwhy: {'; '.join(flash_only['reasons']) or '-'}")
-        both = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-        fix = generation.attempt_with_reasons(lambda: forward_under(both))
-        print(f"fix, sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION]): {'runs' if fix['ok'] else fix['error']}")
-        lab.check("padded_batch_under_flash_only_fails_with_no_available_kernel",
-                  "No available kernel" in flash_only["error"])
-        lab.check("allowing_efficient_attention_fixes_it", fix["ok"])
+        print(f"Flash only, padded batch: {error}\nwhy: {'; '.join(reasons) or '-'}")
+        fix, _ = forward_under([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+        print(f"fix, sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION]): {fix or 'runs'}")
+        lab.check("padded_batch_under_flash_only_fails_with_no_available_kernel", "No available kernel" in error)
+        lab.check("allowing_efficient_attention_fixes_it", not fix)
 
 # %% [markdown]
 # ## 5. The whole story in one figure

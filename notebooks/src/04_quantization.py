@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 import labkit
-from labkit import footprint, models, plots, quant, roofline, timing
+from labkit import footprint, models, outputs, plots, quant, roofline, timing
 from labkit.widgets import show
 
 lab = labkit.start("04_quantization", globals())
@@ -84,7 +84,10 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 
 # %%
 model, tokenizer = models.load_model(model_id, device=lab.device, dtype=lab.dtype, attn_implementation="sdpa")
-big = quant.meta_model("random-llama-1b", tokenizer, lab.dtype)
+special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}
+with torch.device("meta"):  # a 1B-parameter Llama's shapes, no memory
+    big = models.build_from_config(models.random_config("random-llama-1b", len(tokenizer), special), dtype=lab.dtype)
 rows = []
 for name in lab.p.formats:
     small, large = (footprint.predict_footprint(m, name, device=lab.device) for m in (model, big))
@@ -288,7 +291,15 @@ else:
 
 # %%
 if "nf4" in loaded:
-    show(quant.bnb_ops(loaded["nf4"], lab.device), title="bitsandbytes ops of one NF4 step (one token per sequence)")
+    rows = []
+    for batch in (1, 8):
+        ids = torch.randint(100, len(tokenizer), (batch, 1), device=lab.device)  # one token per sequence
+        with torch.inference_mode():
+            seen = timing.ops_that_ran(lambda ids=ids: loaded["nf4"](input_ids=ids), lab.device)
+        ops = sorted(o for o in seen.ops if o.startswith("bitsandbytes::"))  # the names are listed once each
+        kernels = sorted(k for k in seen.kernels if any(w in k.lower() for w in ("4bit", "gemv", "gemm", "dequant")))
+        rows.append({"batch": batch, "bitsandbytes ops": ", ".join(ops), "GPU kernels": ", ".join(kernels[:3]) or "-"})
+    show(rows, title="bitsandbytes ops of one NF4 step (one token per sequence)")
 else:
     lab.skip("the bitsandbytes ops of an NF4 step", "nf4 is not among the formats that run here")
 
@@ -310,16 +321,32 @@ prefill_ids = torch.randint(100, len(tokenizer), (1, lab.p.prefill_tokens), devi
 shape = roofline.kv_shape(model.config)  # each token adds a key and a value per layer and key/value head
 kv_per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * lab.dtype.itemsize
 context = prompt_ids.shape[1] + lab.p.new_tokens // 2  # the KV cache at the run's middle length
+
+# %% [markdown]
+# Prefill is one forward pass over a prompt of random tokens, keeping only the last position's logits as `generate`
+# does, timed by the workbook's timing rule. Decode is one `generate` call for all the new tokens, with a clock that
+# `generate` calls after each new token (a stopping criterion that never stops): the steps are the gaps between the
+# clock's times, the first of them a warm-up.
+
+# %%
+import numpy as np
+from transformers import StoppingCriteriaList
+
 rows, continuations = [], {}
 for name, m in loaded.items():
-    prefill = quant.prefill_ms(m, prefill_ids, warmup=lab.p.warmup, repeats=lab.p.repeats)
+    with torch.inference_mode():
+        prefill = timing.measure(lambda m=m: m(input_ids=prefill_ids, logits_to_keep=1), device=lab.device,
+                                 warmup=lab.p.warmup, repeats=lab.p.repeats).median_ms
     weights = quant.step_bytes(m)  # what this format holds, scales included: each step reads it once
     for batch in lab.p.batch_sizes:
-        run = quant.decode_rate(m, prompt_ids.repeat(batch, 1), new_tokens=lab.p.new_tokens)  # each step timed
-        rows.append({"format": name, "batch": batch, "tokens/s": run["tokens_per_s"], "step ms": run["step_ms"],
+        clock = outputs.StepClock(lab.device)  # the time each new token was ready
+        ids = outputs.generate_exactly(m, prompt_ids.repeat(batch, 1), lab.p.new_tokens,
+                                       stopping_criteria=StoppingCriteriaList([clock]))[:, prompt_ids.shape[1]:]
+        step_ms = 1e3 * np.median(np.diff(clock.times)[min(1, lab.p.new_tokens - 2):])  # the first step warms up
+        rows.append({"format": name, "batch": batch, "tokens/s": batch * 1e3 / step_ms, "step ms": step_ms,
                      "bytes per step": weights + batch * context * kv_per_token, "prefill ms": prefill,
-                     "tokens": len(run["token_ids"][0])})
-        continuations.setdefault(name, tokenizer.decode(run["token_ids"][0], skip_special_tokens=True))
+                     "tokens": ids.shape[1]})
+        continuations.setdefault(name, tokenizer.decode(ids[0], skip_special_tokens=True))
 speed = pd.DataFrame(rows)
 
 # %%
@@ -388,11 +415,10 @@ crossover.check(answer)
 # %% [markdown]
 # The measurement: one square linear layer, in 16-bit and in torchao int4 weight-only, fed the same `batch` one-token
 # rows at each batch size; its speed-up beside the roofline's. A point whose time fell while the batch grew is
-# measured again, and marked noisy if it stays so (no conclusion is drawn from it).
+# measured again, and marked noisy if it stays so (no conclusion is drawn from it). The batch where int4 stops being
+# faster is read between the two batches around it, where the speed-up crosses 1 on log scales.
 
 # %%
-import numpy as np
-
 flops, bytes_per_s = ceiling["flops_per_s"], bandwidth["bytes_per_s"]
 limit = flops * 2 / (2 * bytes_per_s)  # 2 FLOPs per weight and sequence against a 16-bit weight's 2 bytes read once
 
@@ -402,8 +428,27 @@ def roofline_speedup(batch):  # per weight, a step takes max(its bytes / bandwid
     return np.maximum(2 / bytes_per_s, computing) / np.maximum(0.5 / bytes_per_s, computing)  # 16-bit over int4
 
 
+# %%
 if "torchao-int4" in loaded:  # else the first lines of the notebook say why
-    points = quant.layer_sweep(lab.p.layer_size, lab.p.sweep_batches, device=lab.device, dtype=lab.dtype)
+    size = lab.p.layer_size
+    layer = torch.nn.Linear(size, size, bias=False, device=lab.device, dtype=lab.dtype)
+    layers = {"16-bit": layer, "torchao-int4": quant.torchao_quantized(layer, "torchao-int4", lab.device)}
+    inputs = {batch: torch.randn(batch, size, device=lab.device, dtype=lab.dtype) for batch in lab.p.sweep_batches}
+
+    def timed(point):  # one format's layer fed `batch` one-token rows (the same rows for both formats)
+        with torch.inference_mode():
+            t = timing.measure(lambda: layers[point["format"]](inputs[point["batch"]]), device=lab.device,
+                               warmup=1, repeats=3)
+        return {**point, **t.summary()}
+
+    points = []
+    for name in layers:  # a point whose time fell while the batch grew is timed again, and marked noisy if it stays so
+        series = [timed({"format": name, "batch": batch}) for batch in lab.p.sweep_batches]
+        points += timing.recheck_trend(series, work="batch", remeasure=timed)
+
+# %%
+seen = None  # the batch where int4 stopped being faster (None: it was faster at every batch)
+if "torchao-int4" in loaded:
     wide = pd.DataFrame(points).pivot(index="batch", columns="format")  # a row per batch, a column per (what, format)
     sweep = pd.DataFrame({"batch": wide.index, "16-bit ms": wide["median_ms", "16-bit"].values,
                           "int4 ms": wide["median_ms", "torchao-int4"].values})
@@ -411,9 +456,13 @@ if "torchao-int4" in loaded:  # else the first lines of the notebook say why
     sweep["roofline speed-up"] = roofline_speedup(sweep["batch"])
     sweep["noisy"] = wide["noisy"].any(axis=1).values  # rechecked, and still out of its trend
     lab.table("int4_sweep", sweep, title=f"One {lab.p.layer_size}-square layer: int4 weight-only against 16-bit")
+    clean = sweep[~sweep["noisy"]].reset_index(drop=True)  # no conclusion is drawn from a noisy point
+    slower = clean.index[clean["int4 speed-up"] <= 1]
+    if len(slower):  # the speed-up crosses 1 between the last batch where int4 was faster and the next, on log scales
+        pair = clean.iloc[max(slower[0] - 1, 0):slower[0] + 1][::-1]  # np.interp wants the speed-ups increasing
+        seen = float(np.exp(np.interp(0, np.log(pair["int4 speed-up"]), np.log(pair["batch"]))))
 
 # %% tags=["reveals-04.5"]
-seen = quant.measured_break_even(points) if "torchao-int4" in loaded else None  # speed-up 1, between two batches
 lab.table("break_even", pd.DataFrame({"batch by the roofline": [limit], "batch measured": [seen]}), show=False)
 if "torchao-int4" not in loaded:
     print(f"No layer measured: torchao-int4 does not run here. By the roofline its gain ends at batch {limit:.0f}.")
@@ -452,9 +501,25 @@ else:
     shape = roofline.kv_shape(fast.config)  # its KV cache at the run's middle length, as above
     kv_per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * lab.dtype.itemsize
     cache = kv_per_token * (16 + lab.p.new_tokens // 2)
-    compiled = pd.DataFrame([{"format": name, **run, "bound step ms": 1e3 * (quant.step_bytes(m) + cache) / bytes_per_s}
-                             for name, m in step_models.items() for run in quant.compiled_decode(
-                                 m, ids, new_tokens=lab.p.new_tokens, device=lab.device, repeats=lab.p.repeats)])
+
+# %%
+import warnings
+
+if not lab.p.compile_problem:  # else skipped above, with the reason
+    rows = []
+    for name, m in step_models.items():
+        for step, mode in (("eager", None), ("compiled", "reduce-overhead" if lab.on_gpu else "default")):
+            loop = outputs.GreedyLoop(m, batch=1, prompt_tokens=16, new_tokens=lab.p.new_tokens, compile_mode=mode)
+            with warnings.catch_warnings():  # torchao's tensors lack a hash for the compiler's cache: a note
+                warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+                run = outputs.measure_loop(loop, ids, warmup=1, repeats=lab.p.repeats)  # as notebook 02 times it
+            rows.append({"format": name, "step": step, "tokens/s": run["tokens_per_s"], "step ms": run["step_ms"],
+                         "first call extra s": run["first_call_extra_s"], "tokens": len(run["token_ids"][0]),
+                         "bound step ms": 1e3 * (quant.step_bytes(m) + cache) / bytes_per_s})
+    compiled = pd.DataFrame(rows)
+
+# %%
+if not lab.p.compile_problem:
     compiled["fraction of bound"] = compiled["bound step ms"] / compiled["step ms"]
     lab.table("compiled_step", compiled, title=f"{lab.p.speed_model_id}, batch 1: the one-token step, eager, compiled")
     lab.check("compiled_steps_produced_tokens", (compiled["tokens"] > 0).all())

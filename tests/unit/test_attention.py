@@ -1,5 +1,7 @@
+import contextlib
 import importlib.util
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,25 +10,20 @@ from conftest import assert_refused
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labkit import attention, attention_today, outputs, timing
-from labkit.errors import BadParameter, LabkitError
+from labkit.errors import LabkitError
+from labkit.exercises.flash_attention import my_attention
 
 
-def test_random_qkv_is_reproducible_and_shaped():
-    first = attention.random_qkv(2, 3, 16, 8, seed=1)
-    again = attention.random_qkv(2, 3, 16, 8, seed=1)
-    other = attention.random_qkv(2, 3, 16, 8, seed=2)
-    assert all(t.shape == (2, 3, 16, 8) for t in first)
-    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    assert not torch.equal(first[0], other[0])
-    with pytest.raises(BadParameter, match="seq=0"):
-        attention.random_qkv(1, 1, 0, 8)
+def qkv(batch, heads, seq, head_dim, dtype=torch.float32):
+    return torch.randn(3, batch, heads, seq, head_dim, dtype=dtype)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_naive_attention_matches_sdpa(causal):
-    q, k, v = attention.random_qkv(1, 2, 32, 16, dtype="float64")
-    expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    assert outputs.relative_error(attention.naive_attention(q, k, v, causal=causal), expected) < 1e-12
+def forced(q, k, v, backend=None, **kwargs):
+    """A call of scaled_dot_product_attention restricted to one backend (None: PyTorch chooses)."""
+    def call():
+        with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return call
 
 
 def test_relative_error_and_score_matrix_bytes():
@@ -35,15 +32,6 @@ def test_relative_error_and_score_matrix_bytes():
     assert math.isclose(outputs.relative_error(a.double() * 1.01, a), 0.01, rel_tol=1e-9)
     assert attention.score_matrix_bytes(2, 4, 128, 64, "float16") == 2 * 4 * 128 * 64 * 2
     assert attention.score_matrix_bytes(1, 1, 10, 10, "float32") == 400
-
-
-def test_backend_names_are_checked():
-    assert attention.backend_names(None) == list(attention.BACKENDS)
-    assert attention.backend_names("math") == ["MATH"]
-    with pytest.raises(BadParameter, match="use one or more of"):
-        attention.backend_names(["FLASH"])
-    with pytest.raises(BadParameter):
-        attention.backend_names([])
 
 
 def test_backend_from_ops_reads_the_aten_op():
@@ -56,56 +44,46 @@ def test_backend_from_ops_reads_the_aten_op():
 
 @pytest.mark.parametrize("backend", ["MATH", "FLASH_ATTENTION"])
 def test_the_profiler_sees_the_forced_backend_on_cpu(backend):
-    q, k, v = attention.random_qkv(1, 2, 32, 16)
-    seen = timing.ops_that_ran(attention.sdpa_call(q, k, v, backend, causal=True), "cpu")
+    q, k, v = qkv(1, 2, 32, 16)
+    seen = timing.ops_that_ran(forced(q, k, v, backend, is_causal=True), "cpu")
     assert seen.backend == backend
     assert "aten::_scaled_dot_product" in seen.evidence
 
 
 def test_the_profiler_sees_no_sdpa_in_attention_by_hand():
-    q, k, v = attention.random_qkv(1, 2, 32, 16)
-    seen = timing.ops_that_ran(lambda: attention.naive_attention(q, k, v), "cpu")
+    q, k, v = qkv(1, 2, 32, 16)
+    seen = timing.ops_that_ran(lambda: my_attention(q, k, v), "cpu")  # exercise 01.1's solution
     assert seen.backend is None and seen.evidence == "no attention op recorded"
 
 
 def test_profiling_leaves_no_native_log_on_stderr(capfd):
-    q, k, v = attention.random_qkv(1, 1, 8, 8)
-    timing.ops_that_ran(attention.sdpa_call(q, k, v), "cpu")
+    q, k, v = qkv(1, 1, 8, 8)
+    timing.ops_that_ran(forced(q, k, v), "cpu")
     assert "profiler_start" not in capfd.readouterr().err
 
 
 def test_math_holds_the_score_matrix_and_flash_does_not():
-    q, k, v = attention.random_qkv(1, 4, 512, 64)
+    q, k, v = qkv(1, 4, 512, 64)
     one_matrix = attention.score_matrix_bytes(1, 4, 512, 512, "float32")
-    math_peak = timing.peak_extra_memory(attention.sdpa_call(q, k, v, "MATH"), "cpu")
-    flash_peak = timing.peak_extra_memory(attention.sdpa_call(q, k, v, "FLASH_ATTENTION"), "cpu")
+    math_peak = timing.peak_extra_memory(forced(q, k, v, "MATH"), "cpu")
+    flash_peak = timing.peak_extra_memory(forced(q, k, v, "FLASH_ATTENTION"), "cpu")
     assert math_peak >= one_matrix
     assert flash_peak < one_matrix / 2
 
 
-def test_enabled_backends_reports_the_global_switches():
-    assert attention.enabled_backends() == {b: True for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH",
-                                                            "CUDNN_ATTENTION")}
-    with pytest.warns(FutureWarning, match="sdpa_kernel"):
-        with torch.backends.cuda.sdp_kernel(enable_math=False):  # on purpose: the old API's switches
-            assert attention.enabled_backends()["MATH"] is False
-            assert attention.enabled_backends()["CUDNN_ATTENTION"] is True
-    assert attention.enabled_backends()["MATH"] is True
-
-
 def test_time_call_times_a_call_and_measures_its_peak_memory():
-    q, k, v = attention.random_qkv(1, 2, 64, 16)
-    row = attention.time_call(attention.sdpa_call(q, k, v, "MATH"), "cpu", "MATH", warmup=0, repeats=2)
+    q, k, v = qkv(1, 2, 64, 16)
+    row = attention.time_call(forced(q, k, v, "MATH"), "cpu", "MATH", warmup=0, repeats=2)
     assert row["status"] == "ok" and row["why"] == ""
     assert 0 < row["p10 ms"] <= row["ms"] <= row["p90 ms"]
     assert row["peak MiB"] >= attention.score_matrix_bytes(1, 2, 64, 64) / 2**20  # MATH holds the scores
-    quick = attention.time_call(attention.sdpa_call(q, k, v), "cpu", memory=False, warmup=0, repeats=1)
+    quick = attention.time_call(forced(q, k, v), "cpu", memory=False, warmup=0, repeats=1)
     assert quick["status"] == "ok" and quick["peak MiB"] is None
 
 
 def test_time_call_turns_a_refusal_an_out_of_memory_and_a_kernel_failure_into_a_row():
-    q, k, v = attention.random_qkv(1, 2, 16, 8)
-    refused = attention.time_call(attention.sdpa_call(q, k, v, "CUDNN_ATTENTION"), "cpu", "CUDNN_ATTENTION")
+    q, k, v = qkv(1, 2, 16, 8)
+    refused = attention.time_call(forced(q, k, v, "CUDNN_ATTENTION"), "cpu", "CUDNN_ATTENTION")
     assert refused["status"] == "refused" and "no CUDNN_ATTENTION kernel for cpu" in refused["why"]
     assert all(refused[key] is None for key in attention.MEASURED)
 
@@ -156,7 +134,7 @@ def test_a_point_measured_again_in_line_with_the_trend_is_kept():
 
 def test_math_is_not_tried_where_its_scores_would_not_fit(monkeypatch):
     assert attention.math_too_big("cpu", 1, 2, 128) == ""
-    monkeypatch.setattr(attention, "free_memory_bytes", lambda device: 4 * 2**20)
+    monkeypatch.setattr(attention.psutil, "virtual_memory", lambda: SimpleNamespace(available=4 * 2**20))
     assert "quarter" in attention.math_too_big("cpu", 1, 1, 1024)
 
 
@@ -212,11 +190,11 @@ def test_a_misspelt_model_stops():
 
 
 def test_refusal_is_judged_on_the_real_inputs():
-    q, k, v = attention.random_qkv(1, 2, 16, 8)
-    assert attention.refusal(attention.sdpa_call(q, k, v, "MATH"), "cpu", "MATH") == ""
-    three_d = attention.sdpa_call(q[:, 0], k[:, 0], v[:, 0], "FLASH_ATTENTION")
+    q, k, v = qkv(1, 2, 16, 8)
+    assert attention.refusal(forced(q, k, v, "MATH"), "cpu", "MATH") == ""
+    three_d = forced(q[:, 0], k[:, 0], v[:, 0], "FLASH_ATTENTION")
     assert "4 dimensional" in attention.refusal(three_d, "cpu", "FLASH_ATTENTION")
-    assert "no CUDNN_ATTENTION kernel for cpu" in attention.refusal(attention.sdpa_call(q, k, v, "CUDNN_ATTENTION"),
+    assert "no CUDNN_ATTENTION kernel for cpu" in attention.refusal(forced(q, k, v, "CUDNN_ATTENTION"),
                                                                     "cpu", "CUDNN_ATTENTION")
 
 
@@ -235,7 +213,7 @@ def test_gpu_kernels_of_eager_attention_name_no_sdpa_backend():
 def test_a_list_of_backends_runs_in_pytorchs_order_not_the_lists():
     """sdpa_kernel([MATH, FLASH_ATTENTION]) without set_priority only *allows* both: PyTorch tries them in its own
     order, which on this CPU runs FLASH_ATTENTION (the profiler proves it), whichever order the list gives."""
-    q, k, v = attention.random_qkv(1, 2, 64, 16)
+    q, k, v = qkv(1, 2, 64, 16)
 
     def call():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -248,12 +226,17 @@ def test_a_list_of_backends_runs_in_pytorchs_order_not_the_lists():
 
 
 def test_math_seq_is_the_longest_length_the_sweep_tries_math_at(monkeypatch):
-    assert attention.math_seq("cpu", 1, 2, [128, 256]) == 256
+    def math_seq(lengths, available=None):
+        if available is not None:
+            monkeypatch.setattr(attention.psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
+        p = attention.Parameters(batch=4, heads=16, seq_lengths=lengths)
+        p.resolve(device="cpu", quick=True)
+        return p.math_seq
+
+    assert math_seq([128, 256]) == 256
     free = 2 * attention.score_matrix_bytes(4, 16, 8192, 8192, "float32") * 4 - 1  # 8192's scores just too big
-    monkeypatch.setattr(attention, "free_memory_bytes", lambda device: free)
-    assert attention.math_seq("cuda:0", 4, 16, [4096, 8192, 16384]) == 4096
-    monkeypatch.setattr(attention, "free_memory_bytes", lambda device: 1)
-    assert attention.math_seq("cuda:0", 4, 16, [4096, 8192]) == 4096  # none fits: the shortest
+    assert math_seq([4096, 8192, 16384], free) == 4096
+    assert math_seq([4096, 8192], 1) == 4096  # none fits: the shortest
 
 
 def test_the_reference_h100_ran_cudnn_faster_than_flash():

@@ -78,20 +78,6 @@ def test_right_padding_is_caught_in_transformers_warnings(tiny):
     assert not any("right-padding" in m for m in quiet)
 
 
-def test_attempt_with_reasons_keeps_the_first_line_and_the_warnings():
-    import warnings
-
-    def refuse():
-        warnings.warn("Flash attention kernel not used because:", stacklevel=1)
-        warnings.warn("Flash Attention does not support non-null attn_mask.", stacklevel=1)
-        raise RuntimeError("No available kernel. Aborting execution.\nmore")
-
-    got = generation.attempt_with_reasons(refuse)
-    assert got["ok"] is False and got["error"] == "No available kernel. Aborting execution."
-    assert any("attn_mask" in r for r in got["reasons"])
-    assert generation.attempt_with_reasons(lambda: None) == {"ok": True, "error": "", "reasons": []}
-
-
 # --------------------------------------------------------------------------- the parameters: one sentence per bad one
 
 @pytest.mark.parametrize("bad, named", [

@@ -264,40 +264,8 @@ def test_sample_text_is_shipped_and_long_enough():
 
 # --------------------------------------------------------------------------- speed
 
-def test_one_generate_call_times_each_step():
-    from labkit import models
-
-    model, _ = models.load_model("tiny-llama", dtype="float32")
-    ids = torch.randint(100, 1000, (2, 5))
-    row = quant.decode_rate(model, ids, new_tokens=6)
-    assert row["steps_timed"] == 4 and len(row["token_ids"][0]) == 6  # 5 steps after the prefill, the first a warm-up
-    assert row["step_p10_ms"] <= row["step_ms"] <= row["step_p90_ms"] and row["tokens_per_s"] > 0
-    assert quant.prefill_ms(model, ids[:1], warmup=0, repeats=1) > 0
-
-
 def test_a_step_reads_everything_but_the_untied_input_embeddings_rows_it_does_not_need():
     untied, tied = TinyLM(), TinyLM(tied=True)
     row_bytes = 64 * 4  # one float32 row of the input embeddings per token
     assert quant.step_bytes(untied) == sum(footprint.count_footprint(untied).values()) - 50 * 64 * 4 + row_bytes
     assert quant.step_bytes(tied) == sum(footprint.count_footprint(tied).values())  # the output layer reads all of it
-
-
-def test_the_measured_break_even_ignores_noisy_points():
-    def point(fmt, batch, ms, noisy=False):
-        return {"format": fmt, "batch": batch, "median_ms": ms, "noisy": noisy}
-
-    rows = [point("16-bit", 1, 4.0), point("16-bit", 4, 4.0), point("16-bit", 16, 8.0),
-            point("torchao-int4", 1, 1.0), point("torchao-int4", 4, 5.0, noisy=True), point("torchao-int4", 16, 9.0)]
-    # faster 4x at batch 1, 8/9 as fast at 16 (batch 4 is noisy): the speed-up crosses 1 between, on log scales
-    crossing = quant.measured_break_even(rows)
-    assert 1 < crossing < 16 and crossing == pytest.approx(16 ** (math.log(4) / math.log(4.5)))
-    assert quant.measured_break_even(rows[:2] + rows[3:5]) is None
-    assert quant.measured_break_even([point("16-bit", 2, 1.0), point("torchao-int4", 2, 1.5)]) == 2.0
-
-
-@needs_torchao
-def test_the_layer_sweep_times_both_layers_at_every_batch():
-    rows = quant.layer_sweep(256, [1, 8], device="cpu", dtype=torch.bfloat16, warmup=0, repeats=1)
-    assert sorted((r["format"], r["batch"]) for r in rows) == [
-        ("16-bit", 1), ("16-bit", 8), ("torchao-int4", 1), ("torchao-int4", 8)]
-    assert all(r["median_ms"] > 0 and "noisy" in r for r in rows)
