@@ -15,7 +15,7 @@ compat.drop_import_chatter()
 
 _SUBMODULES = {"errors", "paths", "compat", "probes", "machine", "models", "timing", "roofline", "results",
                "footprint", "launcher",
-               "widgets", "plots", "attention", "attention_today", "generation", "fastpath", "quant", "parallel",
+               "widgets", "plots", "attention", "generation", "fastpath", "quant", "parallel",
                "serving", "exercises", "lab", "report", "cli", "registry", "outputs"}
 
 

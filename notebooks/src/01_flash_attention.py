@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import labkit
-from labkit import attention, attention_today, models, outputs, plots, probes, roofline, timing, widgets
+from labkit import attention, models, outputs, plots, probes, roofline, timing, widgets
 from labkit.widgets import show
 
 lab = labkit.start("01_flash_attention", globals())
@@ -839,7 +839,7 @@ for mask, (block_mask, sdpa_mask) in masks.items():
     calls = {"sdpa": lambda m=sdpa_mask: F.scaled_dot_product_attention(q, k, v, **m),
              implementation: lambda m=block_mask: flex(q, k, v, block_mask=m)}
     for name, call in calls.items():  # the first call (FlexAttention compiles in it), then the timed ones
-        outcome = timing.attempt(lambda c=call: attention_today.timed_with_first_call(
+        outcome = timing.attempt(lambda c=call: attention.timed_with_first_call(
             c, lab.device, **timing_rule), lab.device)  # an out-of-memory is a row
         out, row = outcome.get("value") or (None, {"status": outcome["status"], "why": outcome["reason"]})
         expected = out if name == "sdpa" else expected
@@ -942,7 +942,7 @@ else:
 # `kernels` is absent, so that nothing is downloaded.
 
 # %%
-show(attention_today.attn_implementation_rows(), ["attn_implementation", "ok", "reason", "kernels fallback"],
+show(attention.attn_implementation_rows(), ["attn_implementation", "ok", "reason", "kernels fallback"],
      title="attn_implementation= values, built with this stack")
 
 # %% [markdown]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import assert_refused
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from labkit import attention, attention_today, outputs, timing
+from labkit import attention, outputs, timing
 from labkit.errors import LabkitError
 from labkit.exercises.flash_attention import my_attention
 
@@ -266,7 +266,7 @@ def test_the_first_call_is_timed_apart_and_its_warnings_kept():
         warnings.warn("not compiled: this will be slow\nmore detail", UserWarning, stacklevel=2)
         return torch.ones(2)
 
-    out, row = attention_today.timed_with_first_call(call, "cpu", warmup=0, repeats=2)
+    out, row = attention.timed_with_first_call(call, "cpu", warmup=0, repeats=2)
     assert torch.equal(out, torch.ones(2)) and row["first call s"] > 0
     assert row["warning"] == "not compiled: this will be slow"
     assert row["p10 ms"] <= row["ms"] <= row["p90 ms"]
@@ -274,7 +274,7 @@ def test_the_first_call_is_timed_apart_and_its_warnings_kept():
 
 @pytest.mark.skipif(importlib.util.find_spec("kernels") is not None, reason="with kernels a Hub id would download")
 def test_attn_implementation_rows_show_the_kernels_fallback_and_a_hub_id_without_downloading():
-    rows = {r["attn_implementation"]: r for r in attention_today.attn_implementation_rows()}
+    rows = {r["attn_implementation"]: r for r in attention.attn_implementation_rows()}
     assert rows["sdpa"]["ok"] and rows["flex_attention"]["ok"]
     assert rows["flash_attention_2"]["kernels fallback"] == "kernels-community/flash-attn2"
     hub = rows["kernels-community/flash-attn2"]
