@@ -336,7 +336,7 @@ def measure_way(make_call: Callable[[], Callable[[], torch.Tensor]], device: str
         timing.synchronize(device)
         first_s = time.perf_counter() - start
     except Exception as err:  # a GPU-only kernel, a compiler missing: said in the row, the notebook goes on
-        first = str(err).strip().splitlines()[0].split(". ")[0][:160]  # torch's first sentence says it all
+        first = (str(err).strip() or "no message").splitlines()[0].split(". ")[0][:160]  # torch's first sentence
         return {"status": "failed", "why": f"{type(err).__name__}: {first}"}, None
     measured = timed(call, device, repeats, warmup=0)
     return {**measured, "first call s": first_s}, out if measured["status"] == "ok" else None

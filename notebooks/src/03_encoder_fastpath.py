@@ -753,12 +753,14 @@ if not lab.p.sweep_problem:
               for p in extremes}
     packed = {p: pack(batch) for p, batch in padded.items()}  # the same sequences, their real tokens in one row
     tokens = max(row["input_ids"].shape[1] for row in packed.values())
-    cannot = {  # a way that cannot run here, and why (a way that fails when it runs says so in its row)
-        "packed sdpa block mask": f"a dense mask for {tokens:,} packed tokens would hold {tokens**2:,} entries: "
-        "varlen or FlexAttention keep the sequences apart without it" if tokens**2 > 2**26 else "",  # 64 MiB of bools
-        "packed flex document mask": "FlexAttention compiles its kernel for each shape before its first call; on a "
-        "CPU that takes longer than a quick run allows (quick=False runs it)" if lab.quick and lab.device == "cpu"
-        else ""}
+    cannot = {}  # a way that cannot run here, and why (a way that fails when it runs says so in its row)
+    if tokens**2 > 2**26:  # a (T, T) mask of bools over 64 MiB
+        cannot["packed sdpa block mask"] = (f"a dense mask for {tokens:,} packed tokens would hold {tokens**2:,} "
+                                            "entries: varlen or FlexAttention keep the sequences apart without it")
+    if lab.quick and lab.device == "cpu":
+        cannot["packed flex document mask"] = ("FlexAttention compiles its kernel for each shape before its first "
+                                               "call; on a CPU that takes longer than a quick run allows (quick=False "
+                                               "runs it)")
 
 # %%
 if not lab.p.sweep_problem:
