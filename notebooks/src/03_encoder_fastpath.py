@@ -46,7 +46,7 @@ import torch
 import transformers
 
 import labkit
-from labkit import compat, fastpath, models, plots, roofline, timing
+from labkit import compat, fastpath, models, outputs, plots, roofline, timing
 from labkit.widgets import LiveBoard, show
 
 lab = labkit.start("03_encoder_fastpath", globals())
@@ -118,47 +118,69 @@ print(f"output {tuple(out.shape)}; exact zeros at all {int(padding.sum())} padde
 
 # %%
 import copy
+import functools
+import warnings
+
+
+def rebuilt(**changes):  # the encoder's sizes, built with changes, and what PyTorch warned while building it
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        built = torch.nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=256, dropout=0.0,
+                                                 batch_first=True, **changes)
+        variant = torch.nn.TransformerEncoder(built, num_layers=2)
+    warned = [str(w.message).partition(" because ")[2] for w in said if "use_nested_tensor" in str(w.message)]
+    return variant.to(lab.device, lab.dtype).eval(), "; ".join(warned)
+
 
 frozen = copy.deepcopy(encoder).requires_grad_(False)
 hooked = copy.deepcopy(encoder)
 hooked.layers[0].register_forward_hook(lambda module, args, output: None)  # as a tool capturing activations does
-pre_norm, pre_norm_warned = fastpath.rebuilt(encoder, norm_first=True)  # the same sizes, and what torch warned
-no_bias, no_bias_warned = fastpath.rebuilt(encoder, bias=False)
+(pre_norm, pre_norm_warned), (no_bias, no_bias_warned) = rebuilt(norm_first=True), rebuilt(bias=False)
 compiled = torch.compile(copy.deepcopy(encoder), backend="eager")  # dynamo decides the path; no kernels built
-Situation = fastpath.Situation  # an encoder, its input and padding mask, its mode and gradient state; nothing runs yet
-situations = {s.name: s for s in [
-    Situation("eval, torch.no_grad(), right padding", encoder, src, padding),
-    Situation("training mode", encoder, src, padding, training=True),
-    Situation("gradients tracked", encoder, src, padding, grad=True),
-    Situation("gradients tracked, weights frozen", frozen, src, padding, grad=True),
-    Situation("left padding", encoder, src, padding.flip(1)),
-    Situation("no padding mask", encoder, src, None),
-    Situation("a forward hook on layer 0", hooked, src, padding),
-    Situation("norm_first=True", pre_norm, src, padding, warned=pre_norm_warned),
-    Situation("bias=False", no_bias, src, padding, warned=no_bias_warned),
-    Situation("torch.compile", compiled, src, padding)]}
 
 # %%
+situations = {  # name: (the encoder, its padding mask, training mode, gradients tracked); nothing runs yet
+    "eval, torch.no_grad(), right padding": (encoder, padding, False, False),
+    "training mode": (encoder, padding, True, False),
+    "gradients tracked": (encoder, padding, False, True),
+    "gradients tracked, weights frozen": (frozen, padding, False, True),
+    "left padding": (encoder, padding.flip(1), False, False),
+    "no padding mask": (encoder, None, False, False),
+    "a forward hook on layer 0": (hooked, padding, False, False),
+    "norm_first=True": (pre_norm, padding, False, False),
+    "bias=False": (no_bias, padding, False, False),
+    "torch.compile": (compiled, padding, False, False)}
+warned = {"norm_first=True": pre_norm_warned, "bias=False": no_bias_warned}  # when they were built
+
+# %%
+reasons = {}  # labkit's reading of torch's conditions in each situation: (why no packing, why a layer is not fused)
+for name, (module, mask, training, grad) in situations.items():
+    module.train(training)
+    with torch.enable_grad() if grad else torch.no_grad():
+        reasons[name] = fastpath.why_not_fastpath(module, src, mask), fastpath.why_not_fused(module, src, mask)
+    module.eval()
 print("The situations:", *situations, sep="\n- ")
-ex = lab.exercise("03.1", **fastpath.situation_reasons(situations))
+ex = lab.exercise("03.1", reasons=reasons)
 answer = None  # a set of situation names, e.g. {"training mode", "left padding"}
 ex.check(answer)
 
 # %% [markdown]
-# Each situation runs once (the compiled one traces its graph first), then once more under the profiler
+# Each situation runs once in its mode (the compiled one traces its graph first), then once more under the profiler
 # (`fastpath.what_ran` reads two op names from it: the packing and the fused layer). Beside what the profiler saw,
 # labkit's reason for each part that did not run:
 
 # %% tags=["reveals-03.1"]
 rows = []
-for name, case in situations.items():
-    why_padding, why_fused = case.reasons()  # labkit's reading of torch's conditions, in this situation's mode
-    out = case()  # a first call (torch.compile traces its graph here)
-    ran = fastpath.what_ran(case, lab.device)  # once more, under the profiler
-    zeros = bool((out[case.mask] == 0).all()) if case.mask is not None else None
-    rows.append({"situation": name, **ran, "exact zeros at padding": zeros,
-                 "why the padding is not skipped": why_padding or "-", "why a layer is not fused": why_fused or "-",
-                 "warned": f"when built: {case.warned}" if case.warned else "no"})
+for name, (module, mask, training, grad) in situations.items():
+    module.train(training)
+    with torch.enable_grad() if grad else torch.no_grad():
+        out = module(src, src_key_padding_mask=mask)  # a first call (torch.compile traces its graph here)
+        ran = fastpath.what_ran(functools.partial(module, src, src_key_padding_mask=mask), lab.device)  # profiled
+    module.eval()
+    zeros = None if mask is None else bool((out[mask] == 0).all())
+    rows.append({"situation": name, **ran, "exact zeros at padding": zeros, "why the padding is not skipped":
+                 reasons[name][0] or "-", "why a layer is not fused": reasons[name][1] or "-",
+                 "warned": f"when built: {warned[name]}" if warned.get(name) else "no"})
 ran = pd.DataFrame(rows)
 lab.table("situations", ran, show=False)
 show(ran.drop(columns="exact zeros at padding"),
@@ -198,7 +220,6 @@ print(f"{by['padding skipped'].sum()} of {len(by)} situations packed the batch; 
 # them even though every layer is on one device here), and once more with its last layer offloaded to disk.
 
 # %%
-import functools
 import tempfile
 
 from accelerate import dispatch_model
@@ -277,17 +298,18 @@ else:
     model, tokenizer = models.load_model(model_id, device=lab.device, dtype=lab.dtype, attn_implementation="eager")
     fast = fastpath.to_fastpath(model)
     batch = fastpath.padded_batch(tokenizer, batch=8, length=64, padding_fraction=0.5, device=lab.device)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.inference_mode():
-        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        got = fast(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+        expected = model(**inputs).last_hidden_state
+        got = fast(**inputs).last_hidden_state
+        seen = pd.DataFrame([{"model": label, **fastpath.what_ran(functools.partial(m, **inputs), lab.device)}
+                             for label, m in {f"transformers ({compat.attn_implementation(model)})": model,
+                                              "to_fastpath": fast}.items()])
     real = batch["attention_mask"].bool()  # compared at the real (non-padded) positions only
     relative = float((got[real].double() - expected[real].double()).norm() / expected[real].double().norm())
     difference = float((got[real] - expected[real]).abs().max())
     print(f"{model_id} ({fast.source}), {batch['padding_fraction']:.0%} padding: relative error {relative:.2e} "
           f"(tolerance for {lab.dtype_name}: {lab.p.tolerance:.0e}), largest absolute difference {difference:.2e}")
-    seen = pd.DataFrame([{"model": f"transformers ({compat.attn_implementation(model)})",
-                          **fastpath.what_ran(fastpath.forward(model, batch), lab.device)},
-                         {"model": "to_fastpath", **fastpath.what_ran(fastpath.forward(fast, batch), lab.device)}])
     lab.table("conversion", seen, title="What the profiler saw")
 
 # %%
@@ -414,11 +436,18 @@ if lab.p.sweep_problem:
 else:
     sweeping, sweep_tokenizer = models.load_model(lab.p.sweep_model, device=lab.device, dtype=lab.dtype,
                                                   attn_implementation="eager")
-    fast_sweep = fastpath.to_fastpath(sweeping)
-    runs = {"transformers eager": sweeping, "transformers sdpa": sweeping, "fastpath": fast_sweep}
+    runs = {"transformers eager": sweeping, "transformers sdpa": sweeping, "fastpath": fastpath.to_fastpath(sweeping)}
+
+    def forward(implementation, batch):  # the call to time: one forward pass on a padded batch
+        if implementation.startswith("transformers "):  # its attention is set first, untimed
+            sweeping.set_attn_implementation(implementation.removeprefix("transformers "))
+        return functools.partial(runs[implementation], input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"])
+
     tiny = fastpath.padded_batch(sweep_tokenizer, batch=1, length=8, padding_fraction=0.0, device=lab.device)
-    floor_ms = timing.measure(fastpath.forward(fast_sweep, tiny), device=lab.device, warmup=2,
-                              repeats=lab.p.repeats).p10_ms  # the fastest 10% of calls
+    with torch.inference_mode():
+        floor_ms = timing.measure(forward("fastpath", tiny), device=lab.device, warmup=2,
+                                  repeats=lab.p.repeats).p10_ms  # the fastest 10% of calls
     print(f"The floor: the fastpath on 1 sequence of 8 tokens takes {floor_ms:.2f} ms (fastest 10% of calls)")
 
 # %%
@@ -432,25 +461,43 @@ if not lab.p.sweep_problem:
                                                          device=lab.device)
         real = batch["attention_mask"].sum(1)  # each sequence's real tokens
         for implementation in lab.p.implementations:
-            call = fastpath.forward(runs[implementation], batch, implementation)
+            with torch.inference_mode():
+                measured = fastpath.timed(forward(implementation, batch), lab.device, lab.p.repeats)
             rows.append({"implementation": implementation, "batch": b, "length": n, "asked": p,
                          "padding": round(batch["padding_fraction"], 3), "real_tokens": int(real.sum()),
                          "real_pairs": int((real**2).sum()),  # (query, key) pairs within each sequence
-                         **fastpath.timed(call, lab.device, lab.p.repeats)})
+                         "padding_tokens": b * n - int(real.sum()), **measured, "noisy": False})
             board(rows[-1])
+
+# %% [markdown]
+# The cost model above, applied to each series: `timing.recheck_trend(points, work=...)` measures the points that go
+# against the trend of `work` once more and marks those that still do noisy. A padded model's series is checked both
+# ways: against its real tokens and against its padding tokens.
+
+# %%
+if not lab.p.sweep_problem:
+    def remeasure(point):  # a point against its series' cost model, measured once more (the timing rule)
+        call = forward(point["implementation"], batches[point["batch"], point["length"], point["asked"]])
+        with torch.inference_mode():
+            again = fastpath.timed(call, lab.device, lab.p.repeats)
+        board({**point, **again, "status": "re-measured"})
+        return again
+
+    series = {}  # (implementation, batch, length) -> the indices of its rows
+    for i, r in enumerate(rows):
+        if r["status"] == "ok" and (r["implementation"] == "fastpath" or r["padding"] > 0):
+            series.setdefault((r["implementation"], r["batch"], r["length"]), []).append(i)
 
 # %%
 sweep = None
 if not lab.p.sweep_problem:
-    def remeasure(point):  # a point against its series' cost model is measured once more (the timing rule)
-        batch = batches[point["batch"], point["length"], point["asked"]]
-        again = fastpath.timed(fastpath.forward(runs[point["implementation"]], batch, point["implementation"]),
-                               lab.device, lab.p.repeats)
-        board({**point, **again, "status": "re-measured"})
-        return again
-
-    sweep = pd.DataFrame(fastpath.recheck(rows, remeasure))
+    for (implementation, _, _), indices in series.items():
+        for work in ["real_tokens"] if implementation == "fastpath" else ["real_tokens", "padding_tokens"]:
+            points = timing.recheck_trend([dict(rows[i]) for i in indices], work=work, remeasure=remeasure)
+            for i, point in zip(indices, points, strict=True):
+                rows[i] = {**point, "noisy": point["noisy"] or rows[i]["noisy"]}  # noisy against either trend
     board.finish()
+    sweep = pd.DataFrame(rows)
     sweep["real tokens/s"] = sweep["real_tokens"] / (sweep["median_ms"] / 1e3)  # padding is work nobody asked for
     lab.table("sweep", sweep.drop(columns="asked"), show=False)
 
@@ -477,7 +524,8 @@ if sweep is not None:
     lab.table("speedups", speedups, title="The fastpath's speed-up over transformers sdpa (above 1: faster; ideal if "
               "time ∝ tokens: 1 / (1 - padding))")
     for r in speedups.to_dict("records"):
-        lab.metric(fastpath.speedup_metric(r["batch"], r["length"], r["padding"]), r["fastpath vs sdpa"])
+        lab.metric(f"speedup_fastpath_vs_sdpa_b{r['batch']}_n{r['length']}_pad{round(100 * r['padding'])}",
+                   r["fastpath vs sdpa"])  # named as the reference runs name it
     panels = {f"batch {b}, length {n}": {i: (s["padding"], s["real tokens/s"], s["noisy"])
                                          for i, s in group.groupby("implementation")}
               for (b, n), group in ok.groupby(["batch", "length"])}
@@ -560,7 +608,7 @@ largest = {(max(lab.p.batch_sizes), max(lab.p.lengths)): "this run's",
 for (b, n), whose in largest.items():
     for p in lab.p.padding_fractions:
         shown[f"the fastpath's speed-up at {p:.0%} padding, batch {b} x length {n} ({whose} largest)"] = \
-            fastpath.speedup_metric(b, n, p)
+            f"speedup_fastpath_vs_sdpa_b{b}_n{n}_pad{round(100 * p)}"
 shown["the fastpath's real work as a fraction of the matmul ceiling (headline point)"] = \
     "fastpath_fraction_of_matmul_ceiling"
 show(lab.beside_references(shown), title="This machine and the reference runs")
@@ -601,42 +649,62 @@ except (RuntimeError, NotImplementedError, TypeError) as err:
 #   before 5.25 an encoder's mask ignored packing and you passed the mask yourself). The row's `position_ids` are then
 #   all that keeps the sequences apart. The mask has T × T entries for T packed tokens, so it only suits modest rows.
 # * **`torch.nn.attention.varlen.varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k)`**, PyTorch's FlashAttention
-#   kernel for packed sequences (a GPU kernel: on a CPU the call fails, as the "Skipped:" line under the table below
-#   says), plugged into
-#   transformers with `AttentionInterface.register` (labkit's `fastpath.varlen_attention` is that function). With
-#   `attn_implementation="flash_attention_2"` (the flash-attn package), transformers reads the boundaries from
-#   `position_ids` itself.
-# * **FlexAttention with a document mask**: `create_block_mask(same_sequence, ...)` tells the compiled kernel which
-#   128 × 128 blocks of the score matrix hold two different sequences, and it skips them. Its kernel is compiled for
-#   each shape on its first call (the "first call s" column below), so it is measured at the most padding only.
+#   kernel for packed sequences (a GPU kernel: on a CPU the call fails, and its row in the table below and a "Skipped:"
+#   line under it say why), plugged into transformers with `AttentionInterface.register` (labkit's
+#   `fastpath.varlen_attention` is that function). With `attn_implementation="flash_attention_2"` (the flash-attn
+#   package), transformers reads the boundaries from `position_ids` itself.
+# * **FlexAttention with a document mask**: `create_block_mask` with the rule "same sequence" (`document_mask` below)
+#   tells the compiled kernel which 128 × 128 blocks of the score matrix hold two different sequences, and it skips
+#   them. Its kernel is compiled for each shape on its first call (the "first call s" column below), so it is measured
+#   at the most padding only.
 #
-# A small packed example first, with the mask that the installed transformers builds for the sweep's model from the
-# row's `position_ids` alone (no attention mask given):
+# First the packing itself, written out below: `pack` puts a padded batch's real tokens in one row with
+# `DataCollatorWithFlattening`, and `sequence_ids` turns the boundaries into each token's sequence number, from which
+# both masks follow. Then a small packed example, with the mask that the installed transformers builds for the sweep's
+# model from the row's `position_ids` alone (no attention mask given):
 
 # %%
+from torch.nn.attention.flex_attention import create_block_mask
 from transformers import DataCollatorWithFlattening
 
-if not lab.p.sweep_problem:
-    example = fastpath.padded_batch(sweep_tokenizer, batch=4, length=8, padding_fraction=0.5, device=lab.device)
-    pairs = zip(example["input_ids"], example["attention_mask"], strict=True)
+
+def pack(batch):  # the real tokens of a padded batch in one row, as transformers packs them, on this device
+    pairs = zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), strict=True)
     sequences = [{"input_ids": ids[mask.bool()].tolist()} for ids, mask in pairs]
     packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(sequences)
+    return {k: v.to(lab.device) if torch.is_tensor(v) else v for k, v in packed.items() if k != "labels"}
+
+
+def sequence_ids(cu_seq_lens):  # the sequence each packed token belongs to: [0, 3, 5] -> 0 0 0 1 1
+    return torch.repeat_interleave(torch.arange(len(cu_seq_lens) - 1, device=cu_seq_lens.device),
+                                   cu_seq_lens.diff().long())
+
+
+def document_mask(ids):  # FlexAttention's block mask: a token attends only to the tokens of its own sequence
+    return create_block_mask(lambda b, h, q, kv: ids[q] == ids[kv], None, None, len(ids), len(ids), device=ids.device)
+
+
+# %%
+if not lab.p.sweep_problem:
+    example = fastpath.padded_batch(sweep_tokenizer, batch=4, length=8, padding_fraction=0.5, device=lab.device)
+    packed = pack(example)
     print(f"padded batch {tuple(example['input_ids'].shape)}, {example['padding_fraction']:.0%} padding -> "
           f"packed row {tuple(packed['input_ids'].shape)}")
     print("position_ids:", packed["position_ids"][0].tolist(), " cu_seq_lens_q:", packed["cu_seq_lens_q"].tolist())
-    block = fastpath.block_diagonal_mask(packed["cu_seq_lens_q"])
+    ids = sequence_ids(packed["cu_seq_lens_q"])
+    block = (ids[:, None] == ids[None, :])[None, None]  # (1, 1, T, T), True where two tokens share a sequence
     print("block-diagonal mask (1: same sequence):")
-    print(block[0, 0].int())
+    print(block[0, 0].int().cpu())
 
 # %%
 from transformers.masking_utils import create_bidirectional_mask
 
 if not lab.p.sweep_problem:
     sweeping.set_attn_implementation("sdpa")  # the sweep ran it eager; from here on it runs transformers' sdpa
-    row = torch.zeros(1, packed["input_ids"].shape[1], 1)  # only its shape, dtype and device are read
+    row = torch.zeros(1, packed["input_ids"].shape[1], 1, device=lab.device)  # only its shape, dtype, device are read
     built = create_bidirectional_mask(config=sweeping.config, inputs_embeds=row, attention_mask=None,
                                       position_ids=packed["position_ids"])
-    same = built is not None and torch.equal(built.cpu(), block)
+    same = built is not None and torch.equal(built, block)
     print(f"transformers {transformers.__version__}, sdpa, a packed row and no mask: " + (
         "it builds the same block-diagonal mask" if same else
         "no mask (every token attends to every other)" if built is None else "another mask"))
@@ -653,16 +721,16 @@ if not lab.p.sweep_problem:
 
 # %%
 def way_call(way, padded, packed):  # one way's call: the real tokens' hidden states, in packed order
-    row, cu = {k: packed[k] for k in ("input_ids", "position_ids")}, packed["cu_seq_lens_q"]  # boundaries: cu
+    row, ids = {k: packed[k] for k in ("input_ids", "position_ids")}, sequence_ids(packed["cu_seq_lens_q"])
     implementation, inputs = "sdpa", row  # "packed sdpa, no mask": only the position_ids say where sequences end
     if way == "padded sdpa":
         inputs = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
     elif way == "packed sdpa block mask":
-        inputs = {**row, "attention_mask": fastpath.block_diagonal_mask(cu)}
+        inputs = {**row, "attention_mask": (ids[:, None] == ids[None, :])[None, None]}
     elif way == "packed varlen":  # the row with its boundaries, as DataCollatorWithFlattening returns them
         implementation, inputs = "labkit_varlen", packed
     elif way == "packed flex document mask":  # the compiled kernel skips the blocks that hold two sequences
-        implementation, inputs = "flex_attention", {**row, "attention_mask": fastpath.document_block_mask(cu)}
+        implementation, inputs = "flex_attention", {**row, "attention_mask": document_mask(ids)}
     elif way == "packed sdpa, no mask, no position_ids":  # nothing says where sequences end
         inputs = {"input_ids": packed["input_ids"]}
     sweeping.set_attn_implementation(implementation)
@@ -683,47 +751,51 @@ if not lab.p.sweep_problem:
     extremes = sorted({min(lab.p.padding_fractions), max(lab.p.padding_fractions)})
     padded = {p: fastpath.padded_batch(sweep_tokenizer, batch=b, length=n, padding_fraction=p, device=lab.device)
               for p in extremes}
-    packed = {p: fastpath.pack(batch) for p, batch in padded.items()}  # the same sequences, their real tokens in a row
-    cannot = fastpath.ways_available(lab.device, lab.dtype, lab.quick,  # way -> why it cannot run here ('' if it can)
-                                     tokens=max(row["input_ids"].shape[1] for row in packed.values()))
-    rows, outputs = [], {}
-    for p, way in [(p, way) for p in extremes for way in fastpath.WAYS]:
-        if cannot[way] or (way in fastpath.COMPILED_WAYS and p != max(extremes)):  # compiled: at the most padding only
+    packed = {p: pack(batch) for p, batch in padded.items()}  # the same sequences, their real tokens in one row
+    tokens = max(row["input_ids"].shape[1] for row in packed.values())
+    cannot = {}  # a way that cannot run here, and why (a way that fails when it runs says so in its row)
+    if tokens**2 > 2**26:  # a (T, T) mask of bools over 64 MiB
+        cannot["packed sdpa block mask"] = (f"a dense mask for {tokens:,} packed tokens would hold {tokens**2:,} "
+                                            "entries: varlen or FlexAttention keep the sequences apart without it")
+    if lab.quick and lab.device == "cpu":
+        cannot["packed flex document mask"] = ("FlexAttention compiles its kernel for each shape before its first "
+                                               "call; on a CPU that takes longer than a quick run allows (quick=False "
+                                               "runs it)")
+
+# %%
+if not lab.p.sweep_problem:
+    rows, hidden = [], {}  # (way, padding) -> the real tokens' hidden states
+    for p, way in [(p, way) for p in extremes for way in
+                   ("padded sdpa", "packed sdpa block mask", "packed varlen", "packed flex document mask")]:
+        if cannot.get(way) or (way == "packed flex document mask" and p != max(extremes)):  # compiled for each shape
             continue
-        measured, outputs[way, p] = fastpath.measure_way(functools.partial(way_call, way, padded[p], packed[p]),
+        measured, hidden[way, p] = fastpath.measure_way(functools.partial(way_call, way, padded[p], packed[p]),
                                                          lab.device, lab.p.repeats)
         tokens = padded[p]["input_ids"].numel() if way == "padded sdpa" else packed[p]["input_ids"].shape[1]
         rows.append({"way": way, "asked": p, "padding": round(padded[p]["padding_fraction"], 3),
                      "tokens computed": tokens, **measured})
-
-# %%
-from labkit.outputs import relative_error  # ||out - reference|| / ||reference||, in float64, at the real tokens
-
-if not lab.p.sweep_problem:
     ways = pd.DataFrame(rows)
-    ways["relative error"] = [relative_error(outputs[w, p], outputs["padded sdpa", p])
-                              if outputs[w, p] is not None and outputs.get(("padded sdpa", p)) is not None else None
+    ways["relative error"] = [outputs.relative_error(hidden[w, p], hidden["padded sdpa", p])
+                              if hidden[w, p] is not None and hidden.get(("padded sdpa", p)) is not None else None
                               for w, p in zip(ways["way"], ways["asked"], strict=True)]
     padded_ms = ways[ways.way == "padded sdpa"].set_index("asked")["median_ms"]
     ways["speed-up over padded"] = ways["asked"].map(padded_ms) / ways["median_ms"]
-    lab.table("padding_free", ways.drop(columns="asked"), show=False)
-    show(ways, [c for c in fastpath.PADDING_FREE_COLUMNS if c in ways],
-         title=f"{lab.p.sweep_model}, batch {b} x length {n}: the padded batch, then packed rows")
+    lab.table("padding_free", ways.drop(columns="asked"), title=f"{lab.p.sweep_model}, batch {b} x length {n}: the "
+              "padded batch, then packed rows")
 
 # %%
 if not lab.p.sweep_problem:
     most, mixing = max(extremes), {}
-    if most > 0 and outputs.get(("padded sdpa", most)) is not None:  # the trap: a packed row with less to go on
-        mixing = {way: relative_error(way_call(way, padded[most], packed[most])(), outputs["padded sdpa", most])
-                  for way in fastpath.UNMASKED_WAYS}
+    if most > 0 and hidden.get(("padded sdpa", most)) is not None:  # the trap: a packed row with less to go on
+        mixing = {way: outputs.relative_error(way_call(way, padded[most], packed[most])(), hidden["padded sdpa", most])
+                  for way in ("packed sdpa, no mask", "packed sdpa, no mask, no position_ids")}
         sweeping.set_attn_implementation("sdpa")
     for way, error in mixing.items():
         print(f"{way}: relative error {error:.2e} from the padded batch")
-    for way, why in cannot.items():
+    failed = ways[ways["status"] != "ok"]
+    for way, why in {**cannot, **dict(zip(failed["way"], failed["why"], strict=True))}.items():
         if why:
             lab.skip(way, why)
-    for r in ways[ways["status"] != "ok"].to_dict("records"):
-        lab.skip(f"{r['way']} at {r['padding']:.0%} padding", r["why"])
 
 # %%
 if not lab.p.sweep_problem:
@@ -732,10 +804,11 @@ if not lab.p.sweep_problem:
     lab.check("padding_free_ways_match_the_padded_batch", len(ran_here) and worst <= lab.p.tolerance,
               f"largest relative error {worst:.2e}")
     for r in ran_here[ran_here.way != "padded sdpa"].to_dict("records"):
-        lab.metric(fastpath.padding_free_metric(r["way"], b, n, r["padding"]), r["speed-up over padded"])
+        lab.metric(f"padding_free_speedup_{r['way'].replace(' ', '_')}_b{b}_n{n}_pad{round(100 * r['padding'])}",
+                   r["speed-up over padded"])
     if mixing:
         floor = 5 * max(worst, lab.p.tolerance / 100)  # far beyond rounding: 5x the worst error of a kept-apart way
-        positions, nothing = (mixing[way] for way in fastpath.UNMASKED_WAYS)
+        positions, nothing = mixing.values()  # with the restarting position_ids; with neither mask nor position_ids
         lab.check("packed_row_without_position_ids_mixes_its_sequences", nothing > floor,
                   f"{nothing:.2e} without position_ids or a mask, {worst:.2e} with a mask")
         if compat.encoder_mask_from_position_ids():  # transformers 5.25 and newer build the mask from position_ids

@@ -1,10 +1,8 @@
-import copy
-
 import pytest
 import torch
 from torch import nn
 
-from labkit import compat, fastpath, models, outputs, timing
+from labkit import compat, fastpath, models, outputs
 from labkit.errors import BadParameter, ModelNotAvailable
 from labkit.results import reference_runs
 
@@ -115,22 +113,17 @@ def test_converted_minilm_matches_transformers_on_a_padded_batch(minilm):
     assert (got[real] - expected[real]).abs().max() < 1e-4
     assert (got[~real] == 0).all(), "the nested-tensor path leaves exact zeros at padded positions"
     with torch.inference_mode():
-        assert fast.why_not(batch["input_ids"], batch["attention_mask"]) == ""
+        hidden = fast.embeddings(input_ids=batch["input_ids"])
+        assert fastpath.why_not_fastpath(fast.encoder, hidden, batch["attention_mask"] == 0) == ""
 
 
 def test_what_ran_tells_the_converted_model_from_transformers(minilm):
     model, tokenizer, fast = minilm
     batch = _batch(tokenizer)
-    assert fastpath.what_ran(fastpath.forward(fast, batch), "cpu") == {"padding skipped": True, "fused layers": 6}
-    assert fastpath.what_ran(fastpath.forward(model, batch), "cpu") == {"padding skipped": False, "fused layers": 0}
-
-
-def test_the_profiler_sees_the_fused_layer_and_the_nested_tensor(minilm):
-    _, tokenizer, fast = minilm
-    batch = _batch(tokenizer)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.inference_mode():
-        seen = timing.ops_that_ran(lambda: fast(batch["input_ids"], batch["attention_mask"]), "cpu")
-    assert fastpath.fastpath_ran(seen.ops) and fastpath.padding_skipped(seen.ops)
+        assert fastpath.what_ran(lambda: fast(**inputs), "cpu") == {"padding skipped": True, "fused layers": 6}
+        assert fastpath.what_ran(lambda: model(**inputs), "cpu") == {"padding skipped": False, "fused layers": 0}
 
 
 @pytest.mark.parametrize("case, needle", [("training", "training mode"), ("left padding", "not on the right"),
@@ -141,24 +134,24 @@ def test_silent_fallbacks_are_named_and_really_fall_back(minilm, case, needle):
     mask = None if case == "no mask" else batch["attention_mask"]
 
     def run():
-        return fast(batch["input_ids"], mask)
+        hidden = fast.embeddings(input_ids=batch["input_ids"])
+        reason = fastpath.why_not_fastpath(fast.encoder, hidden, None if mask is None else mask == 0)
+        return reason, fastpath.what_ran(lambda: fast(batch["input_ids"], mask), "cpu")
 
     try:
         if case == "training":
             fast.train()
         if case == "gradients":
-            seen = timing.ops_that_ran(run, "cpu")
-            reason = fast.why_not(batch["input_ids"], mask)
+            reason, ran = run()
         else:
             with torch.inference_mode():
-                seen = timing.ops_that_ran(run, "cpu")
-                reason = fast.why_not(batch["input_ids"], mask)
+                reason, ran = run()
     finally:
         fast.eval()
     assert needle in reason
-    assert not fastpath.padding_skipped(seen.ops)
+    assert not ran["padding skipped"]
     # left padding and a missing mask still fuse each layer; training mode and gradients do not
-    assert fastpath.fastpath_ran(seen.ops) == (case in ("left padding", "no mask"))
+    assert (ran["fused layers"] == 6) == (case in ("left padding", "no mask"))
 
 
 def test_electra_with_a_projected_embedding_is_refused():
@@ -244,136 +237,43 @@ def test_compilation_and_a_second_mask_stop_the_packing():
         assert "attention mask" in fastpath.why_not_fastpath(encoder, src, padding, mask=torch.zeros(12, 12))
 
 
-def test_every_situation_is_named_as_the_profiler_sees_it():
-    encoder, src, padding = _encoder()
-    frozen = copy.deepcopy(encoder).requires_grad_(False)
-    hooked = copy.deepcopy(encoder)
-    hooked.layers[0].register_forward_hook(lambda module, args, output: None)
-    (pre_norm, pre_norm_warned), (no_bias, _) = (fastpath.rebuilt(encoder, norm_first=True),
-                                                 fastpath.rebuilt(encoder, bias=False))
-    compiled = torch.compile(copy.deepcopy(encoder), backend="eager")
-    Situation = fastpath.Situation
-    cases = {c.name: c for c in [
-        Situation("eval, torch.no_grad(), right padding", encoder, src, padding),
-        Situation("training mode", encoder, src, padding, training=True),
-        Situation("gradients tracked", encoder, src, padding, grad=True),
-        Situation("gradients tracked, weights frozen", frozen, src, padding, grad=True),
-        Situation("left padding", encoder, src, padding.flip(1)), Situation("no padding mask", encoder, src, None),
-        Situation("a forward hook on layer 0", hooked, src, padding),
-        Situation("norm_first=True", pre_norm, src, padding, warned=pre_norm_warned),
-        Situation("bias=False", no_bias, src, padding), Situation("torch.compile", compiled, src, padding)]}
-    given = fastpath.situation_reasons(cases)
-    rows = [{"situation": name, **fastpath.what_ran(case, "cpu"), "warned": case.warned or "no"}
-            for name, case in cases.items() if case() is not None]  # a first call, then under the profiler
-    skipped = {r["situation"] for r in rows if r["padding skipped"]}
-    assert skipped == {name for name, why in given["cases"].items() if not why} == {
-        "eval, torch.no_grad(), right padding", "gradients tracked, weights frozen", "a forward hook on layer 0"}
-    by = {r["situation"]: r for r in rows}
-    assert by["torch.compile"]["fused layers"] == 2 and by["bias=False"]["fused layers"] == 0
-    assert "norm_first" in by["norm_first=True"]["warned"] and by["training mode"]["warned"] == "no"
-    fused = {r["situation"] for r in rows if r["fused layers"] == 2}
-    assert fused == {name for name, why in given["unfused"].items() if not why}
-
-
 # --------------------------------------------------------------------------- the sweep
-
-def _row(implementation, padding, median, spread=0.05, batch=8, length=128, real=None):
-    real = real if real is not None else round(batch * length * (1 - padding))
-    return {"implementation": implementation, "batch": batch, "length": length, "asked": padding,
-            "padding": padding, "real_tokens": real, "status": "ok", "median_ms": median,
-            "p10_ms": median * (1 - spread), "p90_ms": median * (1 + spread), "real tokens/s": real / median * 1e3}
-
-
-def test_recheck_marks_a_point_noisy_only_when_the_remeasure_agrees():
-    rows = [_row("fastpath", 0.0, 10), _row("fastpath", 0.5, 6), _row("fastpath", 0.75, 20)]  # 75% is too slow
-    seen = []
-
-    def stubborn(point):
-        seen.append(point["padding"])
-        return {"median_ms": point["median_ms"], "p10_ms": point["p10_ms"], "p90_ms": point["p90_ms"]}
-
-    checked = fastpath.recheck(rows, stubborn)
-    assert sorted(seen) == [0.0, 0.5, 0.75] and [r["noisy"] for r in checked] == [True, True, True]
-
-    def settles(point):
-        return {"median_ms": 4.0, "p10_ms": 3.9, "p90_ms": 4.1} if point["padding"] == 0.75 else \
-            {k: point[k] for k in ("median_ms", "p10_ms", "p90_ms")}
-
-    checked = fastpath.recheck(rows, settles)
-    assert [r["noisy"] for r in checked] == [False, False, False] and checked[2]["remeasured"]
-
-
-def test_recheck_leaves_out_a_padded_models_point_without_padding():
-    # transformers without padding passes no mask (another kernel): a faster no-padding point is no contradiction
-    rows = [_row("transformers sdpa", 0.0, 5), _row("transformers sdpa", 0.5, 10), _row("transformers sdpa", 0.75, 10)]
-    checked = fastpath.recheck(rows, lambda point: pytest.fail("nothing to re-measure"))
-    assert not any(r["noisy"] for r in checked)
-
-
-def test_a_padded_models_time_must_stay_flat_both_ways():
-    rows = [_row("transformers sdpa", 0.25, 10), _row("transformers sdpa", 0.5, 10), _row("transformers sdpa", 0.75, 5)]
-    seen = []
-
-    def stubborn(point):
-        seen.append(point["padding"])
-        return {k: point[k] for k in ("median_ms", "p10_ms", "p90_ms")}
-
-    checked = fastpath.recheck(rows, stubborn)  # faster with more padding: impossible for a padded model
-    assert sorted(seen) == [0.25, 0.5, 0.75] and all(r["noisy"] for r in checked)  # each re-measured once
-    fast = [_row("fastpath", 0.25, 10), _row("fastpath", 0.5, 10), _row("fastpath", 0.75, 5)]
-    assert not any(r["noisy"] for r in fastpath.recheck(fast, lambda point: pytest.fail("less work, less time")))
-
 
 def test_each_implementation_is_timed_on_the_same_batch(tiny_bert):
     model, tokenizer = tiny_bert
     fast = fastpath.to_fastpath(model)
     batch = fastpath.padded_batch(tokenizer, batch=4, length=16, padding_fraction=0.5)
-    out = {i: fastpath.forward(fast if i == "fastpath" else model, batch, i)() for i in fastpath.IMPLEMENTATIONS}
-    real = batch["attention_mask"].bool()
-    assert all(torch.allclose(o.last_hidden_state[real], out["fastpath"].last_hidden_state[real], atol=1e-4)
-               for o in out.values())
-    assert compat.attn_implementation(model) == "sdpa"  # the last transformers implementation asked for
-    timed = fastpath.timed(fastpath.forward(fast, batch), "cpu", repeats=2)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.inference_mode():
+        expected = fast(**inputs).last_hidden_state
+        for implementation in ("eager", "sdpa"):
+            model.set_attn_implementation(implementation)
+            real = batch["attention_mask"].bool()
+            assert torch.allclose(model(**inputs).last_hidden_state[real], expected[real], atol=1e-4)
+        timed = fastpath.timed(lambda: fast(**inputs), "cpu", repeats=2)
     assert timed["status"] == "ok" and 0 < timed["p10_ms"] <= timed["median_ms"] <= timed["p90_ms"]
+    assert compat.attn_implementation(model) == "sdpa"
+
+
+def test_a_timing_that_runs_out_of_memory_is_a_row_not_a_crash():
+    def too_big():
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+
+    assert fastpath.timed(too_big, "cpu", repeats=2) == {
+        "status": "oom", "why": "DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB"}
 
 
 def test_the_headline_names_are_the_reference_runs():
     stored = reference_runs("03_encoder_fastpath")["nvidia-h100"]["metrics"]
-    assert fastpath.speedup_metric(128, 512, 0.75) in stored and fastpath.speedup_metric(128, 512, 0.749) == fastpath.speedup_metric(128, 512, 0.75)
-    assert max(fastpath.GPU_SIZES["batch_sizes"]) == 128 and max(fastpath.GPU_SIZES["lengths"]) == 512
+    b, n = max(fastpath.GPU_SIZES["batch_sizes"]), max(fastpath.GPU_SIZES["lengths"])
+    assert f"speedup_fastpath_vs_sdpa_b{b}_n{n}_pad{round(100 * 0.75)}" in stored  # as the notebook names them
 
 
 # --------------------------------------------------------------------------- skipping padding today
 
-def test_pack_gives_transformers_flattened_layout(tiny_bert):
-    _, tokenizer = tiny_bert
-    batch = fastpath.padded_batch(tokenizer, batch=3, length=6, padding_fraction=0.4)
-    packed = fastpath.pack(batch)
-    lengths = batch["attention_mask"].sum(1).tolist()
-    assert packed["input_ids"].shape == (1, sum(lengths)) and "labels" not in packed
-    assert packed["cu_seq_lens_q"].tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
-    assert packed["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
-    mask = fastpath.block_diagonal_mask(packed["cu_seq_lens_q"])[0, 0]
-    assert mask.sum() == sum(n * n for n in lengths) and mask.diagonal().all()
-
-
 def _hidden(model, inputs):
     with torch.inference_mode():
         return model(**inputs).last_hidden_state
-
-
-def test_a_packed_row_matches_the_padded_batch_with_its_mask_and_mixes_without(tiny_bert):
-    model, tokenizer = tiny_bert
-    batch = fastpath.padded_batch(tokenizer, batch=4, length=16, padding_fraction=0.5)
-    packed = fastpath.pack(batch)
-    expected = _hidden(model, {k: batch[k] for k in ("input_ids", "attention_mask")})[batch["attention_mask"].bool()]
-    row = {k: packed[k] for k in ("input_ids", "position_ids")}
-    masked = _hidden(model, {**row, "attention_mask": fastpath.block_diagonal_mask(packed["cu_seq_lens_q"])})[0]
-    assert torch.allclose(masked, expected, atol=1e-4)
-    nothing = _hidden(model, {"input_ids": packed["input_ids"]})[0]  # nothing says where a sequence ends
-    assert not torch.allclose(nothing, expected, atol=1e-2)
-    positions = _hidden(model, row)[0]  # transformers 5.25 builds the mask from the restarting position_ids
-    assert torch.allclose(positions, expected, atol=1e-4) == compat.encoder_mask_from_position_ids()
 
 
 def test_varlen_attention_reads_the_boundaries_transformers_passes(tiny_bert, monkeypatch):
@@ -393,12 +293,18 @@ def test_varlen_attention_reads_the_boundaries_transformers_passes(tiny_bert, mo
         return torch.cat(outs)
 
     monkeypatch.setattr(varlen, "varlen_attn", per_sequence)
+    from transformers import DataCollatorWithFlattening
+
     batch = fastpath.padded_batch(tokenizer, batch=4, length=16, padding_fraction=0.5)
     expected = _hidden(model, {k: batch[k] for k in ("input_ids", "attention_mask")})[batch["attention_mask"].bool()]
+    pairs = zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    sequences = [{"input_ids": ids[m.bool()].tolist()} for ids, m in pairs]
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(sequences)
+    packed.pop("labels", None)  # as notebook 03 packs a batch
     AttentionInterface.register("labkit_varlen", fastpath.varlen_attention)  # as notebook 03 registers it
     model.set_attn_implementation("labkit_varlen")
     try:
-        got = _hidden(model, fastpath.pack(batch))[0]  # the row with its boundaries
+        got = _hidden(model, packed)[0]  # the row with its boundaries
     finally:
         model.set_attn_implementation("sdpa")
     assert outputs.relative_error(got, expected) < 1e-5
@@ -417,9 +323,12 @@ def test_a_way_is_timed_beside_its_output_and_one_that_breaks_is_a_row_not_a_cra
     measured, out = fastpath.measure_way(lambda: missing_kernel, "cpu", repeats=2)
     assert out is None and measured == {"status": "failed", "why": "NotImplementedError: Could not run "
                                         "'aten::_flash_attention_forward' with arguments from the 'CPU' backend."}
-    assert "CPU" in fastpath.varlen_problem("cpu", torch.float32)  # the real kernel: a GPU one
 
 
-def test_a_dense_mask_is_refused_for_a_long_packed_row():
-    assert fastpath.ways_available("cpu", torch.float32, False, 2**14)["packed sdpa block mask"]
-    assert fastpath.ways_available("cpu", torch.float32, False, 2**12)["packed sdpa block mask"] == ""
+def test_the_varlen_kernel_on_a_cpu_is_a_failed_row_in_one_sentence():
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, cu = torch.randn(6, 2, 64), torch.tensor([0, 2, 6], dtype=torch.int32)
+    measured, out = fastpath.measure_way(lambda: lambda: varlen_attn(q, q, q, cu, cu, 4, 4), "cpu", repeats=2)
+    assert out is None and measured["status"] == "failed" and "CPU" in measured["why"]  # a GPU kernel
+    assert ". " not in measured["why"] and len(measured["why"]) < 200
