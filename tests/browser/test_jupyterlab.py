@@ -204,7 +204,7 @@ def test_notebook_runs_in_jupyterlab_and_its_widgets_work(lab, notebook):
     figures = panel.locator(".jp-OutputArea-output img")
 
     if stem == "00_setup_and_probes":
-        table = panel.locator(".jp-OutputArea-output table", has=page.locator("caption", has_text="SDPA backends that ran"))
+        table = panel.locator(".jp-OutputArea-output table", has=page.locator("caption", has_text="Did the forced backend run on"))
         assert table.count() == 1, f"{stem}: the probe table did not render as an HTML table"
         assert table.locator("tbody tr").count() >= 3, f"{stem}: the probe table has no rows"
         lab.shot(table, "00_probe_table")
