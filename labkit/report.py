@@ -113,19 +113,23 @@ def _metrics_section(metrics: dict[str, float], references: dict[str, dict[str, 
     return text
 
 
-_LEGACY_METRIC = re.compile(r"^legacy_(?P<model>.+)_b(?P<b>\d+)_n(?P<n>\d+)_pad(?P<pad>\d+)_"
-                            r"(?P<path>eager|sdpa|bettertransformer|labkit_fastpath)_ms$")
 LEGACY_COLUMNS = ["model", "batch x length", "padding %", "eager 4.48 ms", "sdpa 4.48 ms", "BetterTransformer ms",
                   "labkit fastpath (4.48) ms", "today's sdpa ms", "today's fastpath ms", "BT vs eager",
                   "BT vs today's sdpa"]
+_LEGACY_PATHS = {"eager": "eager 4.48 ms", "sdpa": "sdpa 4.48 ms", "BetterTransformer": "BetterTransformer ms",
+                 "labkit fastpath": "labkit fastpath (4.48) ms"}
+
+
+def _model_key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
 
 
 def legacy_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per model and padding level: the legacy notebook's four paths (transformers 4.48 kernel) beside notebook 03's
-    sweep of the same run at the same batch, length and padding (today's stack; its table "sweep"), where 03 swept
-    that model."""
+    """Per model and padding level: the legacy notebook's four paths (transformers 4.48 kernel; its table "timings")
+    beside notebook 03's sweep of the same run at the same batch, length and padding (today's stack; its table
+    "sweep"), where 03 swept that model."""
     legacy = summary["notebooks"].get("bettertransformer")
-    if not legacy or not legacy["metrics"]:
+    if not legacy or "timings" not in (legacy.get("tables") or {}):
         return []
     today: dict[tuple, dict[str, float]] = {}
     sweep = summary["notebooks"].get("03_encoder_fastpath")
@@ -137,21 +141,17 @@ def legacy_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
             device = str(sweep["parameters"].get("device", "auto"))
             has_gpu = bool((summary["machine"].get("env") or {}).get("devices", {}).get("cuda"))
             chosen = "random-bert-base" if device.startswith("cuda") or (device == "auto" and has_gpu) else "minilm-l6"
-        model = re.sub(r"[^a-z0-9]+", "_", chosen.lower()).strip("_")
         points = table(sweep, "sweep")
         for r in points[(points["status"] == "ok") & points["implementation"].isin(("transformers sdpa", "fastpath"))
                         ].to_dict("records"):
-            key = (model, str(r["batch"]), str(r["length"]), str(round(100 * r["padding"])))
+            key = (_model_key(chosen), int(r["batch"]), int(r["length"]), round(100 * r["padding"]))
             today.setdefault(key, {})[r["implementation"]] = r["median_ms"]
     rows: dict[tuple, dict[str, Any]] = {}
-    for name, value in legacy["metrics"].items():
-        found = _LEGACY_METRIC.match(name)
-        if found:
-            key = (found["model"], found["b"], found["n"], found["pad"])
-            rows.setdefault(key, {"model": key[0], "batch x length": f"{key[1]} x {key[2]}", "padding %": int(key[3]),
-                                  **dict.fromkeys(LEGACY_COLUMNS[3:7])})
-            rows[key][{"eager": "eager 4.48 ms", "sdpa": "sdpa 4.48 ms", "bettertransformer": "BetterTransformer ms",
-                       "labkit_fastpath": "labkit fastpath (4.48) ms"}[found["path"]]] = value
+    for r in table(legacy, "timings").to_dict("records"):
+        key = (_model_key(r["model"]), int(r["batch"]), int(r["length"]), round(100 * r["padding"]))
+        row = rows.setdefault(key, {"model": key[0], "batch x length": f"{key[1]} x {key[2]}", "padding %": key[3],
+                                    **dict.fromkeys(LEGACY_COLUMNS[3:7])})
+        row[_LEGACY_PATHS[r["path"]]] = r["median_ms"]
     for key, row in rows.items():
         theirs = today.get(key, {})
         row["today's sdpa ms"] = theirs.get("transformers sdpa")
@@ -159,7 +159,7 @@ def legacy_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
         bt = row.get("BetterTransformer ms")
         row["BT vs eager"] = row["eager 4.48 ms"] / bt if bt and row["eager 4.48 ms"] else None
         row["BT vs today's sdpa"] = row["today's sdpa ms"] / bt if bt and row["today's sdpa ms"] else None
-    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], int(k[1]), int(k[2]), int(k[3])))]
+    return [rows[k] for k in sorted(rows)]
 
 
 def _legacy_section(summary: dict[str, Any]) -> str:

@@ -96,13 +96,12 @@ def test_summary_problems_survive_lists_where_objects_belong(make_run, tmp_path)
 
 def test_legacy_comparison_joins_the_legacy_paths_with_notebook_03_at_the_same_point(make_run, tmp_path):
     summary = make_run(tmp_path / "run")
-    legacy_metrics = {f"legacy_minilm_l6_b8_n128_pad{p}_{path}_ms": ms
-                      for p, base in ((0, 300.0), (50, 280.0)) for path, ms in
-                      (("eager", base), ("sdpa", base + 10), ("bettertransformer", base / 2), ("labkit_fastpath", base / 2.1))}
-    legacy_metrics["legacy_tiny_bert_b8_n128_pad50_bettertransformer_ms"] = 4.0
-    legacy_metrics["speedup_bettertransformer_vs_eager_minilm_l6_pad50"] = 2.0  # not a timing: left out
-    summary["notebooks"]["bettertransformer"] = {**summary["notebooks"]["01_flash_attention"], "metrics": legacy_metrics,
-                                                 "figures": []}
+    timings = [["minilm-l6", 8, 128, p, path, ms] for p, base in ((0.0, 300.0), (0.5, 280.0)) for path, ms in
+               (("eager", base), ("sdpa", base + 10), ("BetterTransformer", base / 2), ("labkit fastpath", base / 2.1))]
+    timings.append(["tiny-bert", 8, 128, 0.5, "BetterTransformer", 4.0])
+    summary["notebooks"]["bettertransformer"] = {  # as the legacy notebook records it (Results.table)
+        **summary["notebooks"]["01_flash_attention"], "figures": [], "metrics": {},
+        "tables": {"timings": {"columns": ["model", "batch", "length", "padding", "path", "median_ms"], "data": timings}}}
     summary["notebooks"]["03_encoder_fastpath"] = {**summary["notebooks"]["01_flash_attention"], "figures": [],
                                                    "parameters": {"sweep_model": "auto"},
                                                    "tables": {"sweep": {  # as notebook 03 records it (lab.table)
