@@ -166,25 +166,14 @@ def mark_noisy(series: list[dict[str, Any]], remeasure: Callable[[dict[str, Any]
 
 
 def reference_sweep(head_dim: int) -> dict[str, Any]:
-    """The stored reference runs' sweep points at ``head_dim``, causal: ``{device: {(backend, n): TFLOP/s}}``.
-
-    Read from a run's "sweep" table; a run stored before tables existed (reference/nvidia-h100 today) kept each
-    point as a metric ``sweep_<backend>_d<head_dim>_causal_n<n>_tflops``, read here until it is measured again.
-    """
+    """The stored reference runs' sweep points at ``head_dim``, causal, from each run's "sweep" table:
+    ``{device: {(backend, n): TFLOP/s}}``."""
     found: dict[str, Any] = {}
     for device, run in results.reference_runs("01_flash_attention").items():
         if "sweep" in run.get("tables", {}):
             t = results.table(run, "sweep")
             t = t[(t["head_dim"] == head_dim) & t["causal"] & t["TFLOP/s"].notna()]
             found[device] = {(b, int(n)): float(r) for b, n, r in zip(t["backend"], t["n"], t["TFLOP/s"], strict=True)}
-            continue
-        points = {}
-        for backend in BACKENDS:
-            prefix = f"sweep_{backend.lower()}_d{head_dim}_causal_n"
-            for name, value in run["metrics"].items():
-                if name.startswith(prefix) and name.endswith("_tflops"):
-                    points[backend, int(name.removeprefix(prefix).removesuffix("_tflops"))] = value
-        found[device] = points
     return found
 
 

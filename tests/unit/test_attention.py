@@ -240,7 +240,7 @@ def test_math_seq_is_the_longest_length_the_sweep_tries_math_at(monkeypatch):
 
 
 def test_the_reference_h100_ran_cudnn_faster_than_flash():
-    h100 = attention.reference_sweep(head_dim=128)["nvidia-h100"]  # stored before tables: read from its metrics
+    h100 = attention.reference_sweep(head_dim=128)["nvidia-h100"]  # its sweep table (reference/README.md)
     at_longest = {b: rate for (b, n), rate in h100.items() if n == 16384}
     assert max(at_longest, key=at_longest.get) == "CUDNN_ATTENTION"
     assert at_longest["CUDNN_ATTENTION"] / at_longest["FLASH_ATTENTION"] == pytest.approx(628 / 344, rel=0.01)
