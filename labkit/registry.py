@@ -89,11 +89,9 @@ def get(notebook: str) -> Notebook:
 
 
 # --------------------------------------------------------------------------- when something is missing
-# The README's table (a unit test keeps the two equal); each row is a condition the fault matrix runs or a unit test
-# covers (tests/faults/conditions.py).
-
-# One row per condition of the fault matrix (tests/faults/conditions.py, same names), which checks the middle
-# column on every notebook: "completed" (the affected cells skipped with a reason) or "stopped" (one sentence).
+# The README's table (tests/unit/test_project.py keeps the two equal). One row per condition of the fault matrix
+# (tests/faults/conditions.py, same names), which checks the middle column on every notebook: "completed" (the
+# affected cells skipped with a reason) or "stopped" (one sentence).
 WHEN_MISSING: list[tuple[str, str, str]] = [
     ("CUDA asked for, none here", "every notebook stops in its first cells: device='cuda' was asked for, but this "
      "machine has no usable CUDA GPU", "use device='auto' or 'cpu'; on a GPU machine check `nvidia-smi` and that "
@@ -131,7 +129,6 @@ WHEN_MISSING: list[tuple[str, str, str]] = [
      "reason, and runs the rest (batching, speculative decoding, the fp8 KV cache)",
      "`pip install 'transformers[serving]' optimum-quanto` (`make install` does)"),
 ]
-
 
 
 def when_missing_markdown() -> str:
