@@ -814,9 +814,12 @@ if server:
         except APIStatusError as error:  # the status code and the server's own message
             said = error.body.get("detail") or error.body.get("error") if isinstance(error.body, dict) else error.body
             answer = {"status": error.status_code, "message": str(said if said is not None else error)}
-        health = httpx.get(f"{server.url}/health", timeout=5)  # what /health answers after each
-        answers.append({"request": label, **answer, "GET /health after": health.status_code,
-                        "/health said": health.text})
+        try:  # what /health answers after each: a status, or nothing at all once the server's process has exited
+            health = httpx.get(f"{server.url}/health", timeout=5)
+            after, said = health.status_code, health.text
+        except httpx.TransportError as error:
+            after, said = None, f"no answer ({type(error).__name__}: {error}): the server is down"
+        answers.append({"request": label, **answer, "GET /health after": after, "/health said": said})
     bad_input = pd.DataFrame(answers)
     lab.table("bad_input", bad_input, title="What the server said")
     log = server.log_path.read_text(errors="replace").splitlines()  # the last line of a traceback names its error
@@ -834,13 +837,14 @@ if server:
         lab.check("a_prompt_past_max_model_len_is_refused_at_the_door", refused, str(answers[1]))
 
 # %% [markdown]
-# The unknown model should get a 4xx. The prompt longer than the door gets a 400 that names both lengths, and
-# `/health` still answers 200: nothing reached the model. The prompt that passed the door reaches the continuous
-# batching scheduler, which can never place it in the cache: if the table shows a 5xx for it and `/health` answers 503
-# afterwards, the scheduler's worker has stopped (the last error of its log, printed above, says why) and the server
-# fails every request until restarted. The lesson for your own service: the door's limit must not admit what the cache
-# cannot hold (`--max-model-len` at most the cache's tokens; vLLM refuses to start when its `--max-model-len` is more
-# than its KV cache can store, https://github.com/vllm-project/vllm/pull/2163), and watch `/health`.
+# The unknown model should get a 4xx. The prompt longer than the door gets a 400 that names both lengths, and `/health`
+# still answers 200: nothing reached the model. The prompt that passed the door reaches the continuous batching
+# scheduler, which can never place it in the cache: if the table shows a 5xx for it and `/health` answers 503 afterwards
+# (or does not answer at all), the scheduler's worker has stopped (the last error of its log, printed above, says why)
+# and the server fails every request until restarted. The lesson for your own service: the door's limit must not admit
+# what the cache cannot hold (`--max-model-len` at most the cache's tokens; vLLM refuses to start when its
+# `--max-model-len` is more than its KV cache can store, https://github.com/vllm-project/vllm/pull/2163), and watch
+# `/health`.
 #
 # Stopping the server, and checking that nothing is left:
 
