@@ -60,6 +60,48 @@ def install_network_block() -> None:
     socket.socket.connect, socket.socket.connect_ex = guarded_connect, guarded_connect_ex
 
 
+# Hides packages as if they were not installed: importlib.util.find_spec says None and an import fails.
+BLOCKER = '''
+import importlib.abc, importlib.util, sys
+
+BLOCKED = {blocked!r}
+
+
+class _Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (hidden by the tests)", name=name)
+        return None
+
+
+_find_spec = importlib.util.find_spec
+
+
+def _hidden_find_spec(name, package=None):
+    if name.split(".")[0] in BLOCKED:
+        return None
+    return _find_spec(name, package)
+
+
+sys.meta_path.insert(0, _Blocker())
+importlib.util.find_spec = _hidden_find_spec
+for _name in [n for n in sys.modules if n.split(".")[0] in BLOCKED]:
+    del sys.modules[_name]
+'''
+
+# The optional packages whose absence changes a notebook's cells (skips in 04, 05 and 06). The browser test hides them
+# all: JupyterLab runs the notebooks as a learner who installed the core packages only (make test runs them with).
+OPTIONAL = {"bitsandbytes", "torchao", "fastapi", "uvicorn", "openai", "optimum"}
+
+
+def hide_packages(profile: str, names) -> None:
+    """Make the kernels of an IPYTHONDIR from make_profile start with ``names`` hidden (BLOCKER)."""
+    from pathlib import Path
+
+    (Path(profile) / "profile_default" / "startup" / "01-hidden-packages.py").write_text(
+        BLOCKER.format(blocked=set(names)))
+
+
 def make_profile(base=None) -> str:
     """An IPYTHONDIR whose default profile runs this file when a kernel starts."""
     import shutil

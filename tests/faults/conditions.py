@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import kernel_guard
+import torch
+
 from labkit import registry
 
 ALL = tuple(n.number for n in registry.NOTEBOOKS)
@@ -20,34 +23,7 @@ DTYPE_PARAMETER = {n.number: n.dtype_parameter for n in registry.NOTEBOOKS if n.
 # A size no notebook can honour, per notebook: (parameters, text the sentence must contain).
 BAD_SIZE = {n.number: n.bad_size for n in registry.NOTEBOOKS}
 
-# Hides packages as if they were not installed: importlib.util.find_spec says None and an import fails.
-BLOCKER = '''
-import importlib.abc, importlib.util, sys
-
-BLOCKED = {blocked!r}
-
-
-class _Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (hidden by the fault matrix)", name=name)
-        return None
-
-
-_find_spec = importlib.util.find_spec
-
-
-def _hidden_find_spec(name, package=None):
-    if name.split(".")[0] in BLOCKED:
-        return None
-    return _find_spec(name, package)
-
-
-sys.meta_path.insert(0, _Blocker())
-importlib.util.find_spec = _hidden_find_spec
-for _name in [n for n in sys.modules if n.split(".")[0] in BLOCKED]:
-    del sys.modules[_name]
-'''
+BLOCKER = kernel_guard.BLOCKER
 
 # An SDPA call over 512 tokens or more fails the way a CPU allocation does when memory runs out.
 OUT_OF_MEMORY = '''
@@ -102,6 +78,15 @@ torch.Tensor.__matmul__ = _no_half
 '''
 
 
+def in_this_process(startup: str, owner, name: str) -> Callable[[Any], None]:
+    """Apply ``startup`` (which replaces ``owner.name``) in the test's own process, undone after the test."""
+    def apply(monkeypatch) -> None:
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # monkeypatch puts the original back at teardown
+        exec(startup, {})
+
+    return apply
+
+
 @dataclass(frozen=True)
 class Condition:
     name: str
@@ -115,10 +100,13 @@ class Condition:
     env: Callable[[Any], dict[str, str]] = lambda tmp: {}  # environment of the kernel (tmp: an empty folder)
     hides: str = ""  # a module the condition hides: where it is not installed, the condition is the plain run
     covers: tuple[str, ...] = ()  # the rows of the README's "when something is missing" table it runs (default: its name)
-    # A condition made of parameters alone stops in the opening cell, inside ``labkit.start``: the notebooks named
-    # here run it in a kernel (the stop in the first cells, one sentence and no traceback); the others call
-    # ``labkit.start`` with the same parameters in the test's own process (the same sentence, 10 s less a notebook).
+    # A condition made of parameters alone (or with a ``here``) stops in the opening cell, inside ``labkit.start``:
+    # the notebooks named here run it in a kernel (the stop in the first cells, one sentence and no traceback); the
+    # others call ``labkit.start`` with the same parameters in the test's own process (the same sentence, 10 s less).
     kernel: tuple[str, ...] | None = None  # None: every notebook in a kernel
+    # A condition with startup code can stop in this process too, where ``here`` applies that code for one test
+    # (in_this_process): the kernel's start and imports cost more than the stop itself.
+    here: Callable[[Any], None] | None = None
 
 
     def expected(self, notebook: str) -> str:
@@ -132,15 +120,6 @@ def _model(value):
 CONDITIONS = [
     Condition("CUDA asked for, none here", "stopped", parameters=lambda nb, tmp: {"device": "cuda"},
               stop_says=lambda nb: "no usable CUDA GPU", cpu_only=True, kernel=("00",)),
-    # The optional packages whose absence changes a notebook's cells (skips in 04, 05 and 06), hidden together: one
-    # run each instead of one per package. Where only a labkit function notices (00's bitsandbytes probe, the
-    # ipywidgets forms of 01 and 03), unit tests hide the package instead (tests/unit/test_probes.py,
-    # tests/unit/test_widgets.py).
-    Condition("optional packages not importable", "completed", ("04", "05", "06"),
-              covers=("bitsandbytes not importable", "torchao not importable", "serving packages not importable"),
-              startup=BLOCKER.format(blocked={"bitsandbytes", "torchao", "fastapi", "uvicorn", "openai", "optimum"}),
-              skipped_mention={"04": ("bitsandbytes", "torchao"), "05": ("bitsandbytes",),
-                               "06": ("transformers[serving]",)}),
     Condition("flash-attn not importable", "completed", ("00", "01", "02"),
               startup=BLOCKER.format(blocked={"flash_attn"}), hides="flash_attn"),
     Condition("Hub offline, model not cached", "stopped", parameters=_model("someone/not-in-the-cache"),
@@ -151,7 +130,8 @@ CONDITIONS = [
               stop_says=lambda nb: "no model", kernel=("06",)),
     Condition("a dtype the device cannot run", "stopped", tuple(DTYPE_PARAMETER),
               parameters=lambda nb, tmp: {DTYPE_PARAMETER[nb]: "float16"}, startup=NO_HALF_MATMUL,
-              stop_says=lambda nb: "cannot run a matrix product", cpu_only=True),
+              stop_says=lambda nb: "cannot run a matrix product", cpu_only=True, kernel=("01",),
+              here=in_this_process(NO_HALF_MATMUL, torch.Tensor, "__matmul__")),
     # 01's sweep on a small, older machine: SDPA over 512 tokens runs out of memory and torch has no Flash kernel.
     Condition("out of memory from 512 tokens, torch without the Flash kernel", "completed", ("01",),
               covers=("out of memory from 512 tokens", "torch without the Flash kernel"),
@@ -167,5 +147,10 @@ CONDITIONS = [
               skipped_mention={nb: ("is not installed",) for nb in ("00", "01", "02", "03")}),
 ]
 
-# The README's rows that a unit test covers instead of a whole notebook run (only a labkit function notices them).
-UNIT_TESTED = {"ipywidgets not importable": "tests/unit/test_widgets.py"}
+# The README's rows that another test covers instead of a run of the matrix's own. Only a labkit function notices
+# ipywidgets (and 00's bitsandbytes probe: tests/unit/test_probes.py). The optional packages whose absence changes the
+# cells of 04, 05 and 06 are hidden in every kernel of the browser test (kernel_guard.OPTIONAL), which runs those
+# notebooks in full anyway and asserts their checks and skip reasons: one run each instead of a run more here.
+ELSEWHERE = {"ipywidgets not importable": "tests/unit/test_widgets.py",
+             **dict.fromkeys(("bitsandbytes not importable", "torchao not importable", "serving packages not importable"),
+                             "tests/browser/test_jupyterlab.py")}

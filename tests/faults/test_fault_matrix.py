@@ -2,8 +2,9 @@
 
 Every cell of the matrix must end "completed" (checks true, the affected cells skipped with a one-line reason)
 or "stopped" (BadParameter or ModelNotAvailable in the first cells, one sentence, no traceback). A condition made of
-parameters alone runs in a kernel for the notebooks its ``kernel`` names and through ``labkit.start`` in this
-process for the others: the stop is in the opening cell, and the opening cell is ``labkit.start``.
+parameters alone (or with startup code that ``here`` can apply in this process) runs in a kernel for the notebooks its
+``kernel`` names and through ``labkit.start`` in this process for the others: the stop is in the opening cell, and the
+opening cell is ``labkit.start``.
 """
 
 import importlib.util
@@ -77,8 +78,9 @@ def test_notebook_completes_or_stops_clearly(condition, number, tmp_path, monkey
 
 @pytest.mark.faults
 @pytest.mark.parametrize("condition, number", IN_PROCESS, ids=[f"{c.name}-{nb}" for c, nb in IN_PROCESS])
-def test_opening_cell_stops_with_one_sentence(condition, number, tmp_path, record_property):
-    assert not condition.startup and not condition.hides, "only a condition made of parameters runs in this process"
+def test_opening_cell_stops_with_one_sentence(condition, number, tmp_path, record_property, monkeypatch):
+    assert not condition.hides and (condition.here or not condition.startup), \
+        "a condition with startup code runs in this process only with its `here`"
     if condition.cpu_only:
         import torch
 
@@ -90,6 +92,8 @@ def test_opening_cell_stops_with_one_sentence(condition, number, tmp_path, recor
     empty = tmp_path / "empty-folder"
     empty.mkdir()
     parameters = {**defaults, "quick": True, "results_path": "", **condition.parameters(number, empty)}
+    if condition.here:
+        condition.here(monkeypatch)
     outcome = "FAILED"
     try:
         with pytest.raises((BadParameter, ModelNotAvailable)) as stopped:

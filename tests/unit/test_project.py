@@ -111,11 +111,11 @@ def test_readme_when_missing_table_is_current_and_matches_the_fault_matrix():
     assert registry.when_missing_markdown() in (ROOT / "README.md").read_text(), \
         "README's table is out of date: paste the output of `labkit probe --when-missing`"
     sys.path.insert(0, str(ROOT / "tests" / "faults"))
-    from conditions import CONDITIONS, UNIT_TESTED
+    from conditions import CONDITIONS, ELSEWHERE
 
     covered = [row for c in CONDITIONS for row in (c.covers or (c.name,))]
-    assert sorted(covered + list(UNIT_TESTED)) == sorted(what for what, _, _ in registry.WHEN_MISSING)
-    for row, test_file in UNIT_TESTED.items():
+    assert sorted(covered + list(ELSEWHERE)) == sorted(what for what, _, _ in registry.WHEN_MISSING)
+    for row, test_file in ELSEWHERE.items():
         assert row.split()[0] in (ROOT / test_file).read_text(), f"{test_file} does not test {row!r}"
 
 
