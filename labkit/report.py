@@ -11,7 +11,7 @@ from typing import Any
 
 from labkit import probes, widgets
 from labkit.errors import BadParameter
-from labkit.results import reference_runs, table
+from labkit.results import record_problems, reference_runs, table
 from labkit.widgets import html_table
 
 SCHEMA = "labkit-run/1"
@@ -48,18 +48,7 @@ def summary_problems(summary: Any) -> list[str]:
             problems.append(f"notebook {name!r}: status {entry.get('status')!r} is not one of {', '.join(STATUSES)}")
         elif entry["status"] != "ok" and not isinstance(entry.get("error"), str):
             problems.append(f"notebook {name!r} did not succeed but says no error")
-        metrics, checks, figures = entry.get("metrics"), entry.get("checks"), entry.get("figures")
-        for metric, value in (metrics.items() if isinstance(metrics, dict) else []):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                problems.append(f"notebook {name!r}: metric {metric!r} is not a number")
-        for check, value in (checks.items() if isinstance(checks, dict) else []):
-            if not isinstance(value, bool):
-                problems.append(f"notebook {name!r}: check {check!r} is not true or false")
-        if isinstance(figures, list) and not all(isinstance(f, str) and f and Path(f).name == f for f in figures):
-            problems.append(f"notebook {name!r}: figures must be file names in the run folder")
-        lines = entry.get("summary", [])
-        if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
-            problems.append(f"notebook {name!r}: summary must be a list of sentences")
+        problems += [f"notebook {name!r}: {problem}" for problem in record_problems(entry)]
     return problems
 
 

@@ -137,16 +137,29 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     missing = {"notebook", "env", "metrics", "checks", "skipped"} - set(data)
     if missing:
         raise BadParameter(f"{path} is not a labkit results file: missing {sorted(missing)}")
-    problems = [f"metric {k!r} is not a number" if isinstance(v, bool) or not isinstance(v, (int, float))
-                else f"metric {k!r} is not finite" for k, v in _items(data["metrics"])
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
-    figures = data.get("figures", [])
+    problems = record_problems(data)
+    if not all(isinstance(data[k], dict) for k in ("env", "metrics", "checks", "skipped")):
+        problems.insert(0, "env, metrics, checks and skipped must be objects")
+    if problems:
+        raise BadParameter(f"{path} is not a labkit results file: {'; '.join(problems[:3])}")
+    return data
+
+
+def record_problems(data: dict[str, Any]) -> list[str]:
+    """What is wrong in the record of a results file, or of a notebook's entry in a run's summary (the same keys)."""
+    problems = []
+    for name, value in _items(data.get("metrics")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"metric {name!r} is not a number")
+        elif not math.isfinite(value):
+            problems.append(f"metric {name!r} is not finite")
+    problems += [f"check {k!r} is not true or false" for k, v in _items(data.get("checks")) if not isinstance(v, bool)]
+    problems += [f"skip {k!r} has no one-line reason" for k, v in _items(data.get("skipped")) if not isinstance(v, str)]
+    figures, summary = data.get("figures", []), data.get("summary", [])
     if not isinstance(figures, list) or not all(isinstance(f, str) and f and Path(f).name == f for f in figures):
         problems.append("figures must be a list of file names beside the results file")
-    summary = data.get("summary", [])
     if not isinstance(summary, list) or not all(isinstance(line, str) for line in summary):
-        problems.append("summary must be a list of lines")
-    problems += [f"check {k!r} is not true or false" for k, v in _items(data["checks"]) if not isinstance(v, bool)]
+        problems.append("summary must be a list of sentences")
     observations = data.get("observations", {})
     if not isinstance(observations, dict) or not all(isinstance(v, bool) for v in observations.values()):
         problems.append("observations must map names to true or false")
@@ -156,12 +169,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
             and all(isinstance(row, list) and len(row) == len(t["columns"]) for row in t["data"])
             for t in tables.values()):
         problems.append("tables must map names to {columns, data} with a value per column in every row")
-    problems += [f"skip {k!r} has no one-line reason" for k, v in _items(data["skipped"]) if not isinstance(v, str)]
-    if not all(isinstance(data[k], dict) for k in ("env", "metrics", "checks", "skipped")):
-        problems.insert(0, "env, metrics, checks and skipped must be objects")
-    if problems:
-        raise BadParameter(f"{path} is not a labkit results file: {'; '.join(problems[:3])}")
-    return data
+    return problems
 
 
 def table(data: dict[str, Any], name: str):

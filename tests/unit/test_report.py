@@ -90,7 +90,7 @@ def test_summary_problems_survive_lists_where_objects_belong(make_run, tmp_path)
     summary["notebooks"]["01_flash_attention"].update(metrics=[1, 2], checks=["x"], figures=["/etc/passwd"])
     problems = report.summary_problems(summary)
     assert any("'metrics' is missing or of the wrong type" in p for p in problems)
-    assert any("figures must be file names in the run folder" in p for p in problems)
+    assert any("figures must be a list of file names" in p for p in problems)
     assert report.summary_problems({**summary, "notebooks": [1]})  # reported, not a crash
 
 
