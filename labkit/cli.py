@@ -343,10 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cell-timeout", type=int, default=None, help="seconds a single cell may run")
     run.add_argument("--timeout", type=float, default=NOTEBOOK_TIMEOUT_S,
                      help=f"seconds a whole notebook may run (default {NOTEBOOK_TIMEOUT_S})")
-    bars = run.add_mutually_exclusive_group()
-    bars.add_argument("--progress", dest="progress", action="store_true", default=None,
-                      help="progress bars (the default in a terminal)")
-    bars.add_argument("--no-progress", dest="progress", action="store_false", help="plain lines only")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bars (the default in a terminal), or plain lines only")
     run.add_argument("--solutions", action="store_true",
                      help="fill every exercise with its solution (a teacher's run before class; nothing is recorded)")
     command("progress", _cmd_progress, "which exercises you have answered correctly on this machine")

@@ -69,38 +69,29 @@ class Results:
         split = json.loads(frame.to_json(orient="split", index=False, double_precision=15))  # numbers as JSON's
         self.tables[name] = {"columns": [str(c) for c in split["columns"]], "data": split["data"]}
 
-    def check(self, name: str, passed: Any, detail: str = "", *, timing: bool = False) -> bool:
+    def check(self, name: str, passed: Any, detail: str = "", *, timing: bool = False) -> None:
         """Record one of the notebook's claims about what it showed. Silent when it holds (the results file and the
         report list the checks); when it does not, one line in words says what this machine did not show.
         ``timing=True``: a claim about timings, an observation where ``timing_checks`` is False (on a CPU)."""
-        passed = bool(passed)
+        observed = timing and not self.timing_checks
+        (self.observations if observed else self.checks)[name] = passed = bool(passed)
         said = f"{name.replace('_', ' ')}{' (' + detail + ')' if detail else ''}"
-        if timing and not self.timing_checks:
-            self.observations[name] = passed
-            if not passed:
-                print(f"Not seen this time: {said}. A timing on a CPU shared with other work; run the cell again "
-                      "when the machine is idle (on a GPU this is a check).")
-            return passed
-        self.checks[name] = passed
         if not passed:
-            print(f"Not seen on this machine: {said}.")
-        return passed
+            print(f"Not seen this time: {said}. A timing on a CPU shared with other work; run the cell again when the "
+                  "machine is idle (on a GPU this is a check)." if observed else f"Not seen on this machine: {said}.")
 
     def skip(self, what: str, why: str) -> None:
         """Record and print, in one line, what this machine cannot do and why."""
         self.skipped[what] = why
         print(f"Skipped: {what} -- {why}")
 
-    def figure(self, name: str, fig) -> Path | None:
+    def figure(self, name: str, fig) -> None:
         """Save a matplotlib figure as ``<results file stem>.<name>.png`` beside the results file (when set)."""
-        if self.path is None:
-            return None
-        stem = self.path.name.removesuffix(".json").removesuffix(".results")
-        target = self.path.parent / f"{stem}.{name}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target, dpi=110, bbox_inches="tight")
-        self.figures.append(target.name)
-        return target
+        if self.path is not None:
+            target = self.path.parent / f"{self.path.name.removesuffix('.json').removesuffix('.results')}.{name}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(target, dpi=110, bbox_inches="tight")
+            self.figures.append(target.name)
 
     def as_dict(self) -> dict[str, Any]:
         return {"notebook": self.notebook, "env": self.env, "metrics": self.metrics, "checks": self.checks,

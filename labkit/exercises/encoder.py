@@ -60,7 +60,6 @@ def _convert_layer(answer, c):
         raise Wrong("BERT normalises after each residual sum (post-norm): norm_first=False")
     with torch.inference_mode():
         expected = bert_layer(x)
-        expected = expected[0] if isinstance(expected, tuple) else expected  # a tuple in older transformers
         got = call(layer.eval(), x)
     difference = float((got - expected).abs().max())
     if difference < 1e-4:
