@@ -100,18 +100,6 @@ def declared_parameters(notebook: Path) -> dict[str, Any]:
 NOTEBOOK_TIMEOUT_S = 3600
 
 
-def _error_in(executed: Path) -> str | None:
-    """The first error an executed notebook shows ("In [5]: NameError: ...", as the notebook numbers it), or None."""
-    import nbformat
-
-    try:
-        cells = nbformat.read(str(executed), as_version=4).cells
-    except Exception:  # no notebook, or a half-written one: no error to read from it
-        return None
-    return next((f"In [{cell.get('execution_count')}]: {output.get('ename')}: {output.get('evalue')}".strip()
-                 for cell in cells for output in cell.get("outputs", []) if output.get("output_type") == "error"), None)
-
-
 def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, timeout_s: float,
                 cell_timeout: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Execute one notebook with papermill in its own process group, so that a timeout stops it and its kernel."""
@@ -139,7 +127,16 @@ def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, t
                              "duration_s": round(time.perf_counter() - start, 1)}
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     if code != 0:
-        entry["error"] = _error_in(executed) or (lines[-1] if lines else f"papermill exited with status {code}")
+        import nbformat
+
+        try:
+            cells = nbformat.read(str(executed), as_version=4).cells
+        except Exception:  # no notebook, or a half-written one: no error to read from it
+            cells = []
+        shown = [f"In [{cell.get('execution_count')}]: {output.get('ename')}: {output.get('evalue')}".strip()
+                 for cell in cells for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+        # the first error the notebook shows, numbered as it numbers its cells ("In [5]: NameError: ...")
+        entry["error"] = shown[0] if shown else lines[-1] if lines else f"papermill exited with status {code}"
     if not lines:
         log.unlink()
     return entry

@@ -72,12 +72,6 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return html_table(rows, columns, missing="\u2013") if rows else "<p class='none'>none</p>"
 
 
-def _image(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"<figure><img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'>" \
-           f"<figcaption>{html.escape(path.name)}</figcaption></figure>"
-
-
 LEGACY_COLUMNS = ["model", "batch x length", "padding %", "eager 4.48 ms", "sdpa 4.48 ms", "BetterTransformer ms",
                   "labkit fastpath (4.48) ms", "today's sdpa ms", "today's fastpath ms", "BT vs eager",
                   "BT vs today's sdpa"]
@@ -205,7 +199,10 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
                            f"{_table(rows, stored['columns'])}</details>")
         figures = [run_folder / f for f in entry["figures"] if (run_folder / f).is_file()]
         if figures:
-            section.append("<h3>Figures</h3>" + "".join(_image(f) for f in figures))
+            section.append("<h3>Figures</h3>" + "".join(
+                f"<figure><img alt='{html.escape(f.stem)}' src='data:image/png;base64,"
+                f"{base64.b64encode(f.read_bytes()).decode('ascii')}'><figcaption>{html.escape(f.name)}</figcaption>"
+                "</figure>" for f in figures))
         parts.append("".join(section) + "</section>")
     title = f"Workbook run on {label}"
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
