@@ -109,11 +109,8 @@ class Results:
 
 def reference_runs(notebook: str, folder: Path | None = None) -> dict[str, dict[str, Any]]:
     """Stored reference results for ``notebook``, keyed by device folder name (empty when none exist)."""
-    folder = Path(folder or paths.reference_dir())
-    runs = {}
-    for path in sorted(folder.glob(f"*/{notebook}.results.json")):
-        runs[path.parent.name] = read_results(path)
-    return runs
+    return {path.parent.name: read_results(path)
+            for path in sorted(Path(folder or paths.reference_dir()).glob(f"*/{notebook}.results.json"))}
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -187,10 +184,7 @@ def load_run(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         return {data["notebook"]: data}
     if not path.is_dir():
         raise BadParameter(f"{path} is neither a run folder nor a results file.")
-    runs = {}
-    for file in sorted(path.glob("*.results.json")):
-        data = read_results(file)
-        runs[data["notebook"]] = data
+    runs = {data["notebook"]: data for data in map(read_results, sorted(path.glob("*.results.json")))}
     if not runs:
         raise BadParameter(f"{path} holds no *.results.json files (is it a run folder from `labkit run`?).")
     return runs

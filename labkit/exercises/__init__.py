@@ -70,7 +70,11 @@ class Bound:
         self.answer = answer
         verdict = self.exercise.verdict(answer, self.given)
         if verdict and not self.solutions:
-            _record(self.exercise.id)
+            done = _load()  # progress: kept in a small file on this machine
+            done.setdefault(self.exercise.id, time.strftime("%Y-%m-%d %H:%M"))
+            with contextlib.suppress(OSError):  # a read-only home must not break a notebook
+                progress_path().parent.mkdir(parents=True, exist_ok=True)
+                progress_path().write_text(json.dumps({"done": done}, indent=2))
         self.verdicts.append(verdict)
         print(verdict)
         return verdict
@@ -128,15 +132,6 @@ def _load() -> dict[str, str]:
         return {}
     return {k: v for k, v in data.get("done", {}).items() if isinstance(k, str) and isinstance(v, str)} \
         if isinstance(data, dict) else {}
-
-
-def _record(exercise_id: str) -> None:
-    done = _load()
-    done.setdefault(exercise_id, time.strftime("%Y-%m-%d %H:%M"))
-    path = progress_path()
-    with contextlib.suppress(OSError):  # a read-only home must not break a notebook
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"done": done}, indent=2))
 
 
 def progress() -> list[dict[str, str]]:
