@@ -29,9 +29,9 @@ def summary_problems(summary: Any) -> list[str]:
     problems = []
     if summary.get("schema") != SCHEMA:
         problems.append(f"schema is {summary.get('schema')!r}, expected {SCHEMA!r}")
-    for key, kind in (("started", str), ("finished", str), ("quick", bool), ("machine", dict), ("notebooks", dict)):
-        if not isinstance(summary.get(key), kind):
-            problems.append(f"{key!r} is missing or not a {kind.__name__}")
+    problems += [f"{key!r} is missing or not a {kind.__name__}" for key, kind in (
+        ("started", str), ("finished", str), ("quick", bool), ("machine", dict), ("notebooks", dict))
+        if not isinstance(summary.get(key), kind)]
     if isinstance(summary.get("machine"), dict) and not isinstance(summary["machine"].get("env", {}), dict):
         problems.append("'machine.env' is not an object")
     notebooks = summary.get("notebooks")
@@ -39,9 +39,8 @@ def summary_problems(summary: Any) -> list[str]:
         if not isinstance(entry, dict):
             problems.append(f"notebook {name!r} is not an object")
             continue
-        for key, kind in NOTEBOOK_KEYS.items():
-            if not isinstance(entry.get(key), kind):
-                problems.append(f"notebook {name!r}: {key!r} is missing or of the wrong type")
+        problems += [f"notebook {name!r}: {key!r} is missing or of the wrong type"
+                     for key, kind in NOTEBOOK_KEYS.items() if not isinstance(entry.get(key), kind)]
         if entry.get("status") not in STATUSES:
             problems.append(f"notebook {name!r}: status {entry.get('status')!r} is not one of {', '.join(STATUSES)}")
         elif entry["status"] != "ok" and not isinstance(entry.get("error"), str):

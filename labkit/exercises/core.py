@@ -52,7 +52,10 @@ class Exercise:
     hints: tuple[str, ...]
     example_context: dict[str, Any] = field(default_factory=dict)  # a context the tests (and a reader) can use
     typical_mistakes: tuple[tuple[Any, str], ...] = ()  # (answer, words its message must contain), for the tests
-    answer_is_function: bool = False  # code exercises whose answer is a function (the solution itself)
+
+    @property
+    def answer_is_function(self) -> bool:  # a code exercise's solution that takes no inputs builds the answer (04.3)
+        return self.kind == "code" and bool(inspect.signature(self.solution).parameters)
 
     @property
     def notebook(self) -> str:
