@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -22,31 +23,20 @@ from labkit.errors import BadParameter, LabkitError
 # `labkit --help` and a mistyped command should not wait for.
 
 
-def notebooks_dir() -> Path:
-    """The workbook's notebooks: ./notebooks when run from the repository, else beside the package."""
-    here = Path.cwd() / "notebooks"
-    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "notebooks"
-
-
 def find_notebooks(selection: str | None, folder: Path) -> list[Path]:
     """The sequenced notebooks (NN_topic.ipynb) in order, optionally only those in ``selection``: numbers, stems,
     or ``legacy`` for the legacy track (folder/legacy/*.ipynb, each in its own kernel, never run by default)."""
-    every = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
-    if not selection:
-        return every
+    every = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
     legacy = sorted((folder / "legacy").glob("*.ipynb"))
-    wanted = [s.strip() for s in selection.split(",") if s.strip()]
-    chosen = []
-    for item in wanted:
-        if item == "legacy":
-            matches = legacy
-        else:
-            matches = [p for p in every + legacy if p.name.startswith(item.zfill(2) + "_") or p.stem == item]
+    chosen: list[Path] = []
+    for item in filter(None, (s.strip() for s in (selection or "").split(","))):
+        matches = legacy if item == "legacy" else [
+            p for p in every + legacy if p.name.startswith(item.zfill(2) + "_") or p.stem == item]
         if not matches:
             names = ", ".join([p.stem for p in every] + (["legacy"] if legacy else []))
             raise BadParameter(f"no notebook {item!r} in {folder}; there are: {names}.")
         chosen += [m for m in matches if m not in chosen]
-    return chosen
+    return chosen if selection else every
 
 
 def kernel_of(notebook: Path) -> str:
@@ -86,16 +76,15 @@ def parse_parameters(pairs: Sequence[str]) -> dict[str, Any]:
 
 def read_parameters_file(path: Path) -> dict[str, Any]:
     """Parameters from a YAML file: a mapping of names to plain values, read as data (never evaluated)."""
-    if not path.is_file():
-        raise BadParameter(f"--parameters {path}: no such file.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except OSError:
+        raise BadParameter(f"--parameters {path}: no such file.") from None
     except yaml.YAMLError as error:
         raise BadParameter(f"--parameters {path} is not valid YAML ({str(error).splitlines()[0]}).") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and k.isidentifier() for k in data):
         raise BadParameter(f"--parameters {path} must map parameter names to values, like 'quick: true'.")
-    plain = (str, int, float, bool, list, type(None))
-    odd = [k for k, v in data.items() if not isinstance(v, plain)]
+    odd = [k for k, v in data.items() if not isinstance(v, (str, int, float, bool, list, type(None)))]
     if odd:
         raise BadParameter(f"--parameters {path}: {', '.join(odd)} must be a number, text, true/false or a list.")
     return data
@@ -109,23 +98,6 @@ def declared_parameters(notebook: Path) -> dict[str, Any]:
 
 
 NOTEBOOK_TIMEOUT_S = 3600
-
-
-def _error_in(executed: Path) -> str | None:
-    """The first error an executed notebook shows ("In [5]: NameError: ...", as the notebook numbers it), or None."""
-    import nbformat
-
-    if not executed.exists():
-        return None
-    try:
-        nb = nbformat.read(str(executed), as_version=4)
-    except Exception:  # a half-written notebook: no error to read from it
-        return None
-    for cell in nb.cells:
-        for output in cell.get("outputs", []):
-            if output.get("output_type") == "error":
-                return f"In [{cell.get('execution_count')}]: {output.get('ename')}: {output.get('evalue')}".strip()
-    return None
 
 
 def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, timeout_s: float,
@@ -153,28 +125,34 @@ def execute_one(notebook: Path, executed: Path, parameters: dict[str, Any], *, t
             raise
     entry: dict[str, Any] = {"status": "ok" if code == 0 else "failed",
                              "duration_s": round(time.perf_counter() - start, 1)}
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
     if code != 0:
-        lines = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-        entry["error"] = _error_in(executed) or (lines[-1] if lines else f"papermill exited with status {code}")
-    if log.exists() and not log.read_text().strip():
+        import nbformat
+
+        try:
+            cells = nbformat.read(str(executed), as_version=4).cells
+        except Exception:  # no notebook, or a half-written one: no error to read from it
+            cells = []
+        shown = [f"In [{cell.get('execution_count')}]: {output.get('ename')}: {output.get('evalue')}".strip()
+                 for cell in cells for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+        # the first error the notebook shows, numbered as it numbers its cells ("In [5]: NameError: ...")
+        entry["error"] = shown[0] if shown else lines[-1] if lines else f"papermill exited with status {code}"
+    if not lines:
         log.unlink()
     return entry
 
 
 def _stop_tree(process) -> None:
     """Stop papermill, its kernel and whatever the kernel started (each may sit in its own session)."""
-    try:
-        import psutil  # not a dependency of labkit: without it, papermill's own process group is stopped
+    import psutil
 
-        children = psutil.Process(process.pid).children(recursive=True)
-    except Exception:  # no psutil, or papermill already gone: its own group is what can be stopped
-        children = []
-    for pid in [process.pid, *(child.pid for child in children)]:
-        for kill in (lambda p: os.killpg(os.getpgid(p), signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):
-            try:
-                kill(pid)
-            except (ProcessLookupError, PermissionError):
-                pass
+    try:
+        tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+    except psutil.NoSuchProcess:  # papermill already gone
+        tree = []
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
     process.wait()
 
 
@@ -187,16 +165,14 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
     """
     from tqdm.auto import tqdm
 
-    from labkit import report
-    from labkit.probes import environment
+    from labkit import probes, report
 
-    if "quick" in parameters:  # -p quick=... decides the sizes, and the summary says so
-        parameters = dict(parameters)
-        quick = parameters.pop("quick")
-        if not isinstance(quick, bool):
-            raise BadParameter(f"-p quick={quick!r}: use true or false (or --quick / --full).")
+    parameters = dict(parameters)
+    quick = parameters.pop("quick", quick)  # -p quick=... decides the sizes, and the summary says so
+    if not isinstance(quick, bool):
+        raise BadParameter(f"-p quick={quick!r}: use true or false (or --quick / --full).")
     declared = {nb: declared_parameters(nb) for nb in notebooks}
-    known = set().union(*declared.values()) if declared else set()
+    known = set().union(*declared.values())
     unknown = sorted(set(parameters) - known)
     if unknown:
         raise BadParameter(f"unknown parameter(s) {', '.join(unknown)}; "
@@ -204,38 +180,38 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
     out = out.resolve()  # the kernel runs in the notebooks' folder, so paths handed to it must be absolute
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"schema": report.SCHEMA, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "finished": "", "quick": quick, "machine": {"env": environment()}, "notebooks": {}}
+                               "finished": "", "quick": quick, "machine": {"env": probes.environment()},
+                               "notebooks": {}}
     if probe:
-        summary["machine"]["probe"] = _probe_quietly()
+        try:  # the machine probe for the report; a failure there must not stop the run
+            summary["machine"]["probe"] = json.loads(json.dumps(probes.probe(), default=str))
+        except Exception as error:  # recorded in the report instead of the kernel matrix
+            summary["machine"]["probe"] = {"error": f"{type(error).__name__}: {error}"}
     say = tqdm.write if progress else log  # lines that do not break the progress bar
     bar = tqdm(notebooks, desc="notebooks", unit="notebook", disable=not progress)
-    for notebook in bar:
+    for number, notebook in enumerate(bar, 1):
         bar.set_postfix_str(notebook.stem)
         results_path = out / f"{notebook.stem}.results.json"
         results_path.unlink(missing_ok=True)  # a file from an earlier run in the same folder is not this run's
         given = {"quick": quick, "results_path": str(results_path), **parameters}
         applied = {k: v for k, v in given.items() if k in declared[notebook]}
-        say(f"[{notebooks.index(notebook) + 1}/{len(notebooks)}] {notebook.name} ...")
+        say(f"[{number}/{len(notebooks)}] {notebook.name} ...")
         entry = {"parameters": applied, **execute_one(notebook, out / notebook.name, applied, timeout_s=timeout_s,
                                                      cell_timeout=cell_timeout, progress=progress)}
-        entry.update({"metrics": {}, "checks": {}, "skipped": {}, "figures": [], "environment": {}, "summary": []})
         try:
-            data = results.read_results(results_path) if results_path.exists() else None
+            data = results.read_results(results_path) if results_path.exists() else {}
         except BadParameter as error:  # recorded; the other notebooks still run
-            data = None
+            data = {}
             entry.update(status="failed", error=str(error))
-        if data is not None:
-            entry.update({k: data[k] for k in ("metrics", "checks", "skipped")})
-            entry.update(figures=data.get("figures", []), environment=data.get("env", {}),
-                         summary=data.get("summary", []),  # the notebook's "What you measured" sentences
-                         observations=data.get("observations", {}),  # timing claims on a CPU, never a failure
-                         tables=data.get("tables", {}))  # the notebook's measurement tables
-            if entry["status"] == "ok" and not all(data["checks"].values()):
-                entry["status"] = "failed"
-                entry["error"] = "checks failed: " + ", ".join(k for k, v in data["checks"].items() if not v)
-        elif entry["status"] == "ok" and "results_path" in declared[notebook]:
-            entry["status"] = "failed"
-            entry["error"] = f"the notebook wrote no results file at {results_path}"
+        # the results file's record, with its "What you measured" lines, tables and observations (timing claims on
+        # a CPU, never a failure); empty where the notebook wrote none
+        entry.update({k: data.get(k, {}) for k in ("metrics", "checks", "skipped", "observations", "tables")},
+                     figures=data.get("figures", []), environment=data.get("env", {}), summary=data.get("summary", []))
+        failed_checks = [k for k, v in entry["checks"].items() if not v]
+        if entry["status"] == "ok" and failed_checks:
+            entry.update(status="failed", error="checks failed: " + ", ".join(failed_checks))
+        elif entry["status"] == "ok" and not data and "results_path" in declared[notebook]:
+            entry.update(status="failed", error=f"the notebook wrote no results file at {results_path}")
         summary["notebooks"][notebook.stem] = entry
         # Written after every notebook: a run stopped midway keeps what finished ("finished" stays empty).
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -246,24 +222,14 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
     return summary
 
 
-def _probe_quietly() -> dict[str, Any]:
-    """The machine probe for the report; a failure there must not stop the run."""
-    from labkit import probes
-
-    try:
-        return json.loads(json.dumps(probes.probe(), default=str))
-    except Exception as error:  # recorded in the report instead of the kernel matrix
-        return {"error": f"{type(error).__name__}: {error}"}
-
-
 def _cmd_probe(args: argparse.Namespace) -> int:
     from labkit import probes, registry, widgets
 
     if args.when_missing:
         print(registry.when_missing_markdown())
-        return 0
-    report = probes.probe()
-    print(json.dumps(report, indent=2, default=str) if args.json else widgets.probe_text(report))
+    else:
+        report = probes.probe()
+        print(json.dumps(report, indent=2, default=str) if args.json else widgets.probe_text(report))
     return 0
 
 
@@ -278,14 +244,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from labkit import probes
 
-    folder = Path(args.dir) if args.dir else notebooks_dir()
+    folder = Path(args.dir or "notebooks")  # ./notebooks when run from the repository, else beside the package
+    if not args.dir and not folder.is_dir():
+        folder = Path(__file__).resolve().parents[1] / "notebooks"
     notebooks = find_notebooks(args.notebooks, folder)
     missing = missing_kernels(notebooks)
     if missing:
         raise BadParameter("; ".join(f"{name}: {why}" for name, why in missing.items()) + ".")
-    parameters = parse_parameters(args.parameter or [])
-    if args.parameters:
-        parameters = {**read_parameters_file(Path(args.parameters)), **parameters}
+    parameters = {**(read_parameters_file(Path(args.parameters)) if args.parameters else {}),
+                  **parse_parameters(args.parameter or [])}
     if args.solutions:
         if not any("solutions" in declared_parameters(nb) for nb in notebooks):
             raise BadParameter("--solutions: none of the selected notebooks has exercises (01 to 05 do).")
@@ -293,10 +260,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.quick is None and isinstance(parameters.get("quick"), bool):
         args.quick = parameters.pop("quick")  # -p quick=true is --quick
     if args.quick is None:
-        has_gpu = bool(probes.devices()["cuda"])
-        quick = not has_gpu
-        why = ("a CUDA GPU was found, so full sizes" if has_gpu
-               else "no CUDA GPU found, so quick sizes (--full for full sizes)")
+        quick = not probes.devices()["cuda"]
+        why = "no CUDA GPU found, so quick sizes (--full for full sizes)" if quick else \
+            "a CUDA GPU was found, so full sizes"
     else:
         quick = args.quick
         why = "quick sizes (asked for)" if quick else "full sizes (asked for)"
@@ -374,10 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cell-timeout", type=int, default=None, help="seconds a single cell may run")
     run.add_argument("--timeout", type=float, default=NOTEBOOK_TIMEOUT_S,
                      help=f"seconds a whole notebook may run (default {NOTEBOOK_TIMEOUT_S})")
-    bars = run.add_mutually_exclusive_group()
-    bars.add_argument("--progress", dest="progress", action="store_true", default=None,
-                      help="progress bars (the default in a terminal)")
-    bars.add_argument("--no-progress", dest="progress", action="store_false", help="plain lines only")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bars (the default in a terminal), or plain lines only")
     run.add_argument("--solutions", action="store_true",
                      help="fill every exercise with its solution (a teacher's run before class; nothing is recorded)")
     command("progress", _cmd_progress, "which exercises you have answered correctly on this machine")

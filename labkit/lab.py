@@ -13,7 +13,6 @@ own tables, and the results file is written.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Any
 
 from labkit import exercises, probes, registry, widgets
@@ -26,18 +25,16 @@ def topic(notebook: str):
     return registry.get(notebook).topic_module()
 
 
-@dataclass
-class Lab:
-    """What a notebook's cells share: the resolved parameters, the results record, the exercises."""
+class Lab(Results):
+    """What a notebook's cells share: the resolved parameters, the exercises, and the results record that a Lab is
+    (``lab.metric``, ``lab.check``, ``lab.skip``, ``lab.figure`` are :class:`labkit.results.Results`')."""
 
-    notebook: str
-    device: str
-    dtype: Any
-    quick: bool
-    solutions: bool
-    results: Results
-    p: Any = None  # the notebook's parameters, typed and resolved for this machine (the topic module's Parameters)
-    bound: list[exercises.Bound] = field(default_factory=list)
+    def __init__(self, notebook: str, path: str | None, *, device: str, dtype: Any, quick: bool, solutions: bool,
+                 p: Any):
+        super().__init__(notebook, path, env=probes.environment(), timing_checks=device.startswith("cuda"))
+        self.device, self.dtype, self.quick, self.solutions = device, dtype, quick, solutions
+        self.p = p  # the notebook's parameters, typed and resolved for this machine (the topic module's Parameters)
+        self.bound: list[exercises.Bound] = []
 
     @property
     def dtype_name(self) -> str:
@@ -51,33 +48,14 @@ class Lab:
     def device_label(self) -> str:
         return probes.device_label(self.device)
 
-    # the results record
-    def metric(self, name: str, value: float) -> None:
-        self.results.metric(name, value)
-
-    def record(self, metrics: dict[str, float | None]) -> None:
-        """Record several headline metrics at once; a None (not measured in this run) is left out."""
-        self.results.record(metrics)
-
     def table(self, name: str, table, *, title: str = "", show: bool = True) -> None:
         """Record a measurement table (a pandas DataFrame) under ``name`` in the results file, and show it."""
-        self.results.table(name, table)
+        super().table(name, table)
         if show:
             widgets.show(table, title=title)
 
-    def check(self, name: str, passed: Any, detail: str = "", *, timing: bool = False) -> None:
-        """Record a claim the notebook makes (silent when it holds; one line in words when it does not);
-        ``timing=True`` for a claim about timings, which is an observation on a CPU (labkit.results)."""
-        self.results.check(name, passed, detail, timing=timing)
-
-    def skip(self, what: str, why: str) -> None:
-        self.results.skip(what, why)
-
-    def figure(self, name: str, fig) -> None:
-        self.results.figure(name, fig)
-
     def environment_rows(self) -> list[dict[str, str]]:
-        return probes.environment_rows(self.results.env)
+        return probes.environment_rows(self.env)
 
     def beside_references(self, shown: dict[str, str]) -> list[dict[str, Any]]:
         """Rows of this run's metrics beside the stored reference runs of other devices (``reference/<device>/``);
@@ -86,7 +64,7 @@ class Lab:
         if not references:
             print("No results file of this notebook is stored under reference/ yet (reference/README.md lists the "
                   "partial runs): only this machine's numbers are shown.")
-        return [{"measured": words, "this machine": self.results.metrics.get(name),
+        return [{"measured": words, "this machine": self.metrics.get(name),
                  **{device: run["metrics"].get(name) for device, run in references.items()}}
                 for words, name in shown.items()]
 
@@ -101,32 +79,20 @@ class Lab:
     def finish(self, measured: list[str]) -> None:
         """Print "What you measured" (``measured``: the notebook's own lines, built from its tables) and write the
         results file (when the notebook was given a path)."""
-        verdicts = [b.verdicts[-1] for b in self.bound if b.verdicts]
-        if self.bound:
-            counts = exercises.summary(verdicts)
-            if self.solutions:
-                self.check("exercise_solutions_pass", counts["correct"] == len(self.bound), str(counts))
-            else:
-                print(f"Exercises: {counts['correct']} of {len(self.bound)} correct.")
-        lines = list(measured)
-        self.results.summary = lines
+        correct = sum(bool(b.verdicts and b.verdicts[-1]) for b in self.bound)
+        if self.bound and self.solutions:
+            self.check("exercise_solutions_pass", correct == len(self.bound), f"{correct} of {len(self.bound)} correct")
+        elif self.bound:
+            print(f"Exercises: {correct} of {len(self.bound)} correct.")
+        self.summary = list(measured)
         print(f"What you measured on {self.device_label}:")
-        for line in lines:
+        for line in self.summary:
             print(f"- {line}")
-        skipped = len(self.results.skipped)
+        skipped = len(self.skipped)
         if skipped:
             print(f"({skipped} part{'s' * (skipped != 1)} skipped on this machine; "
                   "each 'Skipped:' line above says why.)")
-        self.results.write()
-
-
-def resolve_quick(quick: Any, device: str) -> bool:
-    """``quick="auto"`` means small sizes on a machine without a GPU (as ``labkit run`` picks); True or False force."""
-    if quick == "auto":
-        return not device.startswith("cuda")
-    if not isinstance(quick, bool):
-        raise BadParameter(f"quick={quick!r}: use 'auto' (small sizes without a GPU), True or False.")
-    return quick
+        self.write()
 
 
 def start(notebook: str, params: dict[str, Any]) -> Lab:
@@ -135,15 +101,16 @@ def start(notebook: str, params: dict[str, Any]) -> Lab:
     widgets.short_errors()  # a bad parameter stops the notebook with one sentence, not a traceback
     module = topic(notebook)
     device = probes.resolve_device(params.get("device", "auto"))
-    quick = resolve_quick(params.get("quick", "auto"), device)
+    quick = params.get("quick", "auto")  # "auto": small sizes on a machine without a GPU (as `labkit run` picks)
+    if quick == "auto":
+        quick = not device.startswith("cuda")
+    elif not isinstance(quick, bool):
+        raise BadParameter(f"quick={quick!r}: use 'auto' (small sizes without a GPU), True or False.")
     typed = module.Parameters
     p = typed(**{f.name: params[f.name] for f in dataclasses.fields(typed) if f.init and f.name in params})
     line = p.resolve(device=device, quick=quick)
-    dtype = getattr(p, "dtype", None)
-    results = Results(notebook, params.get("results_path") or None, env=probes.environment(),
-                      timing_checks=device.startswith("cuda"))
-    lab = Lab(notebook=notebook, device=device, dtype=dtype, quick=quick,
-              solutions=bool(params.get("solutions", False)), results=results, p=p)
+    lab = Lab(notebook, params.get("results_path") or None, device=device, dtype=getattr(p, "dtype", None),
+              quick=quick, solutions=bool(params.get("solutions", False)), p=p)
     dtype_words = f" in {lab.dtype_name}" if lab.dtype is not None else ""
     print(f"Working on {device} ({lab.device_label}){dtype_words}{', quick sizes' if quick else ''}."
           + (f" {line}" if line else ""))

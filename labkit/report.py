@@ -5,18 +5,16 @@ from __future__ import annotations
 import base64
 import html
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from labkit import probes, widgets
 from labkit.errors import BadParameter
-from labkit.results import reference_runs, table
+from labkit.results import metric_name, record_problems, reference_runs, table
 from labkit.widgets import html_table
 
 SCHEMA = "labkit-run/1"
 STATUSES = ("ok", "failed", "timed out")
-FIRST_METRICS = 8  # a notebook's headline: the first metrics it recorded (the rest fold away)
 NOTEBOOK_KEYS = {"status": str, "duration_s": (int, float), "parameters": dict, "metrics": dict, "checks": dict,
                  "skipped": dict, "figures": list, "environment": dict}
 # An entry may lack "summary" (its "What you measured" sentences) and "tables" (its measurement tables, as in the
@@ -31,9 +29,9 @@ def summary_problems(summary: Any) -> list[str]:
     problems = []
     if summary.get("schema") != SCHEMA:
         problems.append(f"schema is {summary.get('schema')!r}, expected {SCHEMA!r}")
-    for key, kind in (("started", str), ("finished", str), ("quick", bool), ("machine", dict), ("notebooks", dict)):
-        if not isinstance(summary.get(key), kind):
-            problems.append(f"{key!r} is missing or not a {kind.__name__}")
+    problems += [f"{key!r} is missing or not a {kind.__name__}" for key, kind in (
+        ("started", str), ("finished", str), ("quick", bool), ("machine", dict), ("notebooks", dict))
+        if not isinstance(summary.get(key), kind)]
     if isinstance(summary.get("machine"), dict) and not isinstance(summary["machine"].get("env", {}), dict):
         problems.append("'machine.env' is not an object")
     notebooks = summary.get("notebooks")
@@ -41,25 +39,13 @@ def summary_problems(summary: Any) -> list[str]:
         if not isinstance(entry, dict):
             problems.append(f"notebook {name!r} is not an object")
             continue
-        for key, kind in NOTEBOOK_KEYS.items():
-            if not isinstance(entry.get(key), kind):
-                problems.append(f"notebook {name!r}: {key!r} is missing or of the wrong type")
+        problems += [f"notebook {name!r}: {key!r} is missing or of the wrong type"
+                     for key, kind in NOTEBOOK_KEYS.items() if not isinstance(entry.get(key), kind)]
         if entry.get("status") not in STATUSES:
             problems.append(f"notebook {name!r}: status {entry.get('status')!r} is not one of {', '.join(STATUSES)}")
         elif entry["status"] != "ok" and not isinstance(entry.get("error"), str):
             problems.append(f"notebook {name!r} did not succeed but says no error")
-        metrics, checks, figures = entry.get("metrics"), entry.get("checks"), entry.get("figures")
-        for metric, value in (metrics.items() if isinstance(metrics, dict) else []):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                problems.append(f"notebook {name!r}: metric {metric!r} is not a number")
-        for check, value in (checks.items() if isinstance(checks, dict) else []):
-            if not isinstance(value, bool):
-                problems.append(f"notebook {name!r}: check {check!r} is not true or false")
-        if isinstance(figures, list) and not all(isinstance(f, str) and f and Path(f).name == f for f in figures):
-            problems.append(f"notebook {name!r}: figures must be file names in the run folder")
-        lines = entry.get("summary", [])
-        if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
-            problems.append(f"notebook {name!r}: summary must be a list of sentences")
+        problems += [f"notebook {name!r}: {problem}" for problem in record_problems(entry)]
     return problems
 
 
@@ -85,34 +71,6 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return html_table(rows, columns, missing="\u2013") if rows else "<p class='none'>none</p>"
 
 
-def _image(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"<figure><img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'>" \
-           f"<figcaption>{html.escape(path.name)}</figcaption></figure>"
-
-
-def _metrics_section(metrics: dict[str, float], references: dict[str, dict[str, Any]]) -> str:
-    def rows(chosen):
-        out = []
-        for name in chosen:
-            row = {"metric": name, "this run": metrics[name]}
-            for device, data in references.items():
-                theirs = data["metrics"].get(name)
-                row[device] = theirs
-                row[f"this run / {device}"] = metrics[name] / theirs if theirs else None
-            out.append(row)
-        return out
-
-    columns = ["metric", "this run"] + [c for d in references for c in (d, f"this run / {d}")]
-    first = list(metrics)[:FIRST_METRICS]  # a notebook records its headline numbers first
-    text = _table(rows(first), columns)
-    rest = [name for name in metrics if name not in first]
-    if rest:
-        every = _table(rows(list(metrics)), columns)
-        text += f"<details><summary>all {len(metrics)} metrics</summary>{every}</details>"
-    return text
-
-
 LEGACY_COLUMNS = ["model", "batch x length", "padding %", "eager 4.48 ms", "sdpa 4.48 ms", "BetterTransformer ms",
                   "labkit fastpath (4.48) ms", "today's sdpa ms", "today's fastpath ms", "BT vs eager",
                   "BT vs today's sdpa"]
@@ -120,20 +78,19 @@ _LEGACY_PATHS = {"eager": "eager 4.48 ms", "sdpa": "sdpa 4.48 ms", "BetterTransf
                  "labkit fastpath": "labkit fastpath (4.48) ms"}
 
 
-def _model_key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
-
-
 def legacy_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Per model and padding level: the legacy notebook's four paths (transformers 4.48 kernel; its table "timings")
     beside notebook 03's sweep of the same run at the same batch, length and padding (today's stack; its table
     "sweep"), where 03 swept that model."""
-    legacy = summary["notebooks"].get("bettertransformer")
-    if not legacy or "timings" not in (legacy.get("tables") or {}):
+    legacy, sweep = (summary["notebooks"].get(name) or {} for name in ("bettertransformer", "03_encoder_fastpath"))
+    if "timings" not in (legacy.get("tables") or {}):
         return []
+
+    def key(model, r):  # a model and a point, as both notebooks name them
+        return metric_name(model), int(r["batch"]), int(r["length"]), round(100 * r["padding"])
+
     today: dict[tuple, dict[str, float]] = {}
-    sweep = summary["notebooks"].get("03_encoder_fastpath")
-    if sweep and "sweep" in (sweep.get("tables") or {}):
+    if "sweep" in (sweep.get("tables") or {}):
         # 03's sweep model, as its parameter cell decides it: minilm-l6 on a CPU, random-bert-base on a GPU
         # (`make compare-legacy` names minilm-l6, so nothing is guessed there)
         chosen = sweep["parameters"].get("sweep_model", "auto")
@@ -144,34 +101,19 @@ def legacy_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
         points = table(sweep, "sweep")
         for r in points[(points["status"] == "ok") & points["implementation"].isin(("transformers sdpa", "fastpath"))
                         ].to_dict("records"):
-            key = (_model_key(chosen), int(r["batch"]), int(r["length"]), round(100 * r["padding"]))
-            today.setdefault(key, {})[r["implementation"]] = r["median_ms"]
+            today.setdefault(key(chosen, r), {})[r["implementation"]] = r["median_ms"]
     rows: dict[tuple, dict[str, Any]] = {}
     for r in table(legacy, "timings").to_dict("records"):
-        key = (_model_key(r["model"]), int(r["batch"]), int(r["length"]), round(100 * r["padding"]))
-        row = rows.setdefault(key, {"model": key[0], "batch x length": f"{key[1]} x {key[2]}", "padding %": key[3],
-                                    **dict.fromkeys(LEGACY_COLUMNS[3:7])})
-        row[_LEGACY_PATHS[r["path"]]] = r["median_ms"]
-    for key, row in rows.items():
-        theirs = today.get(key, {})
-        row["today's sdpa ms"] = theirs.get("transformers sdpa")
-        row["today's fastpath ms"] = theirs.get("fastpath")
-        bt = row.get("BetterTransformer ms")
-        row["BT vs eager"] = row["eager 4.48 ms"] / bt if bt and row["eager 4.48 ms"] else None
-        row["BT vs today's sdpa"] = row["today's sdpa ms"] / bt if bt and row["today's sdpa ms"] else None
+        k = key(r["model"], r)
+        rows.setdefault(k, {"model": k[0], "batch x length": f"{k[1]} x {k[2]}", "padding %": k[3],
+                            **dict.fromkeys(LEGACY_COLUMNS[3:])})[_LEGACY_PATHS[r["path"]]] = r["median_ms"]
+    for k, row in rows.items():
+        row["today's sdpa ms"], row["today's fastpath ms"] = (today.get(k, {}).get(path)
+                                                              for path in ("transformers sdpa", "fastpath"))
+        bt = row["BetterTransformer ms"]
+        for column, other in (("BT vs eager", "eager 4.48 ms"), ("BT vs today's sdpa", "today's sdpa ms")):
+            row[column] = row[other] / bt if bt and row[other] else None
     return [rows[k] for k in sorted(rows)]
-
-
-def _legacy_section(summary: dict[str, Any]) -> str:
-    rows = legacy_comparison(summary)
-    if not rows:
-        return ""
-    note = ("<p>Median milliseconds per batch. The first four columns ran in the legacy kernel (transformers 4.48, "
-            "optimum 1.27); the two \"today's\" columns come from notebook 03 in this run, on the same batches, and "
-            "are empty where 03 swept another model or size. Above 1 in a \"vs\" column: BetterTransformer is "
-            "faster.</p>")
-    return (f"<h2 id='legacy-comparison'>Legacy BetterTransformer against today's path</h2>{note}"
-            + _table(rows, LEGACY_COLUMNS))
 
 
 def build_report(run_folder: str | Path, *, reference_folder: str | Path | None = None) -> str:
@@ -205,7 +147,13 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
             parts.append(_table(widgets.feature_rows(probe["features"]), ["feature", "ok", "detail"]))
     elif probe.get("error"):
         parts.append(f"<h2>Kernel matrix</h2><p>not probed: {html.escape(probe['error'])}</p>")
-    parts.append(_legacy_section(summary))
+    legacy = legacy_comparison(summary)
+    if legacy:
+        parts.append("<h2 id='legacy-comparison'>Legacy BetterTransformer against today's path</h2><p>Median "
+                     "milliseconds per batch. The first four columns ran in the legacy kernel (transformers 4.48, "
+                     "optimum 1.27); the two \"today's\" columns come from notebook 03 in this run, on the same "
+                     "batches, and are empty where 03 swept another model or size. Above 1 in a \"vs\" column: "
+                     "BetterTransformer is faster.</p>" + _table(legacy, LEGACY_COLUMNS))
     for name, entry in notebooks.items():
         try:
             references = reference_runs(name, reference_folder)
@@ -235,14 +183,25 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
         if entry["metrics"]:
             if not references:
                 section.append("<p class='none'>No reference run stored for this notebook yet.</p>")
-            section.append("<h3>Metrics</h3>" + _metrics_section(entry["metrics"], references))
+            rows = []  # the notebook's few headline metrics (labkit.registry names them), beside the reference runs
+            for metric, value in entry["metrics"].items():
+                row = {"metric": metric, "this run": value}
+                for device, data in references.items():
+                    theirs = row[device] = data["metrics"].get(metric)
+                    row[f"this run / {device}"] = value / theirs if theirs else None
+                rows.append(row)
+            section.append("<h3>Metrics</h3>" + _table(rows, ["metric", "this run", *(
+                column for device in references for column in (device, f"this run / {device}"))]))
         for table_name, stored in entry.get("tables", {}).items():  # summaries written before tables have none
             rows = [dict(zip(stored["columns"], row, strict=True)) for row in stored["data"]]
             section.append(f"<details><summary>table: {html.escape(table_name)} ({len(rows)} rows)</summary>"
                            f"{_table(rows, stored['columns'])}</details>")
         figures = [run_folder / f for f in entry["figures"] if (run_folder / f).is_file()]
         if figures:
-            section.append("<h3>Figures</h3>" + "".join(_image(f) for f in figures))
+            section.append("<h3>Figures</h3>" + "".join(
+                f"<figure><img alt='{html.escape(f.stem)}' src='data:image/png;base64,"
+                f"{base64.b64encode(f.read_bytes()).decode('ascii')}'><figcaption>{html.escape(f.name)}</figcaption>"
+                "</figure>" for f in figures))
         parts.append("".join(section) + "</section>")
     title = f"Workbook run on {label}"
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

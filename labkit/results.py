@@ -69,38 +69,29 @@ class Results:
         split = json.loads(frame.to_json(orient="split", index=False, double_precision=15))  # numbers as JSON's
         self.tables[name] = {"columns": [str(c) for c in split["columns"]], "data": split["data"]}
 
-    def check(self, name: str, passed: Any, detail: str = "", *, timing: bool = False) -> bool:
+    def check(self, name: str, passed: Any, detail: str = "", *, timing: bool = False) -> None:
         """Record one of the notebook's claims about what it showed. Silent when it holds (the results file and the
         report list the checks); when it does not, one line in words says what this machine did not show.
         ``timing=True``: a claim about timings, an observation where ``timing_checks`` is False (on a CPU)."""
-        passed = bool(passed)
+        observed = timing and not self.timing_checks
+        (self.observations if observed else self.checks)[name] = passed = bool(passed)
         said = f"{name.replace('_', ' ')}{' (' + detail + ')' if detail else ''}"
-        if timing and not self.timing_checks:
-            self.observations[name] = passed
-            if not passed:
-                print(f"Not seen this time: {said}. A timing on a CPU shared with other work; run the cell again "
-                      "when the machine is idle (on a GPU this is a check).")
-            return passed
-        self.checks[name] = passed
         if not passed:
-            print(f"Not seen on this machine: {said}.")
-        return passed
+            print(f"Not seen this time: {said}. A timing on a CPU shared with other work; run the cell again when the "
+                  "machine is idle (on a GPU this is a check)." if observed else f"Not seen on this machine: {said}.")
 
     def skip(self, what: str, why: str) -> None:
         """Record and print, in one line, what this machine cannot do and why."""
         self.skipped[what] = why
         print(f"Skipped: {what} -- {why}")
 
-    def figure(self, name: str, fig) -> Path | None:
+    def figure(self, name: str, fig) -> None:
         """Save a matplotlib figure as ``<results file stem>.<name>.png`` beside the results file (when set)."""
-        if self.path is None:
-            return None
-        stem = self.path.name.removesuffix(".json").removesuffix(".results")
-        target = self.path.parent / f"{stem}.{name}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target, dpi=110, bbox_inches="tight")
-        self.figures.append(target.name)
-        return target
+        if self.path is not None:
+            target = self.path.parent / f"{self.path.name.removesuffix('.json').removesuffix('.results')}.{name}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(target, dpi=110, bbox_inches="tight")
+            self.figures.append(target.name)
 
     def as_dict(self) -> dict[str, Any]:
         return {"notebook": self.notebook, "env": self.env, "metrics": self.metrics, "checks": self.checks,
@@ -118,11 +109,8 @@ class Results:
 
 def reference_runs(notebook: str, folder: Path | None = None) -> dict[str, dict[str, Any]]:
     """Stored reference results for ``notebook``, keyed by device folder name (empty when none exist)."""
-    folder = Path(folder or paths.reference_dir())
-    runs = {}
-    for path in sorted(folder.glob(f"*/{notebook}.results.json")):
-        runs[path.parent.name] = read_results(path)
-    return runs
+    return {path.parent.name: read_results(path)
+            for path in sorted(Path(folder or paths.reference_dir()).glob(f"*/{notebook}.results.json"))}
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -137,16 +125,29 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     missing = {"notebook", "env", "metrics", "checks", "skipped"} - set(data)
     if missing:
         raise BadParameter(f"{path} is not a labkit results file: missing {sorted(missing)}")
-    problems = [f"metric {k!r} is not a number" if isinstance(v, bool) or not isinstance(v, (int, float))
-                else f"metric {k!r} is not finite" for k, v in _items(data["metrics"])
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
-    figures = data.get("figures", [])
+    problems = record_problems(data)
+    if not all(isinstance(data[k], dict) for k in ("env", "metrics", "checks", "skipped")):
+        problems.insert(0, "env, metrics, checks and skipped must be objects")
+    if problems:
+        raise BadParameter(f"{path} is not a labkit results file: {'; '.join(problems[:3])}")
+    return data
+
+
+def record_problems(data: dict[str, Any]) -> list[str]:
+    """What is wrong in the record of a results file, or of a notebook's entry in a run's summary (the same keys)."""
+    problems = []
+    for name, value in _items(data.get("metrics")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"metric {name!r} is not a number")
+        elif not math.isfinite(value):
+            problems.append(f"metric {name!r} is not finite")
+    problems += [f"check {k!r} is not true or false" for k, v in _items(data.get("checks")) if not isinstance(v, bool)]
+    problems += [f"skip {k!r} has no one-line reason" for k, v in _items(data.get("skipped")) if not isinstance(v, str)]
+    figures, summary = data.get("figures", []), data.get("summary", [])
     if not isinstance(figures, list) or not all(isinstance(f, str) and f and Path(f).name == f for f in figures):
         problems.append("figures must be a list of file names beside the results file")
-    summary = data.get("summary", [])
     if not isinstance(summary, list) or not all(isinstance(line, str) for line in summary):
-        problems.append("summary must be a list of lines")
-    problems += [f"check {k!r} is not true or false" for k, v in _items(data["checks"]) if not isinstance(v, bool)]
+        problems.append("summary must be a list of sentences")
     observations = data.get("observations", {})
     if not isinstance(observations, dict) or not all(isinstance(v, bool) for v in observations.values()):
         problems.append("observations must map names to true or false")
@@ -156,12 +157,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
             and all(isinstance(row, list) and len(row) == len(t["columns"]) for row in t["data"])
             for t in tables.values()):
         problems.append("tables must map names to {columns, data} with a value per column in every row")
-    problems += [f"skip {k!r} has no one-line reason" for k, v in _items(data["skipped"]) if not isinstance(v, str)]
-    if not all(isinstance(data[k], dict) for k in ("env", "metrics", "checks", "skipped")):
-        problems.insert(0, "env, metrics, checks and skipped must be objects")
-    if problems:
-        raise BadParameter(f"{path} is not a labkit results file: {'; '.join(problems[:3])}")
-    return data
+    return problems
 
 
 def table(data: dict[str, Any], name: str):
@@ -188,10 +184,7 @@ def load_run(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         return {data["notebook"]: data}
     if not path.is_dir():
         raise BadParameter(f"{path} is neither a run folder nor a results file.")
-    runs = {}
-    for file in sorted(path.glob("*.results.json")):
-        data = read_results(file)
-        runs[data["notebook"]] = data
+    runs = {data["notebook"]: data for data in map(read_results, sorted(path.glob("*.results.json")))}
     if not runs:
         raise BadParameter(f"{path} holds no *.results.json files (is it a run folder from `labkit run`?).")
     return runs

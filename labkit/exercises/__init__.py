@@ -23,7 +23,7 @@ from typing import Any
 
 from labkit import registry
 from labkit.errors import BadParameter
-from labkit.exercises.core import CORRECT, NOT_ATTEMPTED, WRONG, Exercise, Verdict
+from labkit.exercises.core import Exercise, Verdict
 
 
 def module_of(notebook: str):
@@ -41,10 +41,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'labkit.exercises' has no attribute {name!r}")
 
 
-__all__ = ["EXERCISES", "Bound", "Exercise", "Verdict", "get", "for_notebook", "progress", "progress_path",
-           "mistakes_markdown", "summary"]
-
-
 def get(exercise_id: str) -> Exercise:
     """The exercise ``exercise_id`` ("01.1"), or one sentence listing them."""
     notebook = registry.BY_NUMBER.get(exercise_id[:2])
@@ -52,12 +48,6 @@ def get(exercise_id: str) -> Exercise:
     if exercise_id not in found:
         raise BadParameter(f"no exercise {exercise_id!r}; there are {', '.join(__getattr__('EXERCISES'))}.")
     return found[exercise_id]
-
-
-def for_notebook(notebook: str) -> list[Exercise]:
-    """The exercises of a notebook ("01" or "01_flash_attention")."""
-    entry = registry.get(notebook[:2])
-    return list(module_of(entry.number).EXERCISES) if entry.exercises else []
 
 
 class Bound:
@@ -80,7 +70,11 @@ class Bound:
         self.answer = answer
         verdict = self.exercise.verdict(answer, self.given)
         if verdict and not self.solutions:
-            _record(self.exercise.id)
+            done = _load()  # progress: kept in a small file on this machine
+            done.setdefault(self.exercise.id, time.strftime("%Y-%m-%d %H:%M"))
+            with contextlib.suppress(OSError):  # a read-only home must not break a notebook
+                progress_path().parent.mkdir(parents=True, exist_ok=True)
+                progress_path().write_text(json.dumps({"done": done}, indent=2))
         self.verdicts.append(verdict)
         print(verdict)
         return verdict
@@ -120,11 +114,6 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def summary(verdicts: list[Verdict]) -> dict[str, int]:
-    """Counts of a notebook's verdicts: correct, wrong, not attempted."""
-    return {status: sum(v.status == status for v in verdicts) for status in (CORRECT, WRONG, NOT_ATTEMPTED)}
-
-
 # --------------------------------------------------------------------------- progress, kept on this machine
 
 def progress_path() -> Path:
@@ -143,17 +132,6 @@ def _load() -> dict[str, str]:
         return {}
     return {k: v for k, v in data.get("done", {}).items() if isinstance(k, str) and isinstance(v, str)} \
         if isinstance(data, dict) else {}
-
-
-def _record(exercise_id: str) -> None:
-    done = _load()
-    done.setdefault(exercise_id, time.strftime("%Y-%m-%d %H:%M"))
-    path = progress_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"done": done}, indent=2))
-    except OSError:  # a read-only home must not break a notebook
-        pass
 
 
 def progress() -> list[dict[str, str]]:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 CORRECT, WRONG, NOT_ATTEMPTED = "correct", "wrong", "not attempted"
-KINDS = ("predict", "code")
 
 
 class Wrong(Exception):
@@ -53,11 +52,10 @@ class Exercise:
     hints: tuple[str, ...]
     example_context: dict[str, Any] = field(default_factory=dict)  # a context the tests (and a reader) can use
     typical_mistakes: tuple[tuple[Any, str], ...] = ()  # (answer, words its message must contain), for the tests
-    answer_is_function: bool = False  # code exercises whose answer is a function (the solution itself)
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"exercise {self.id}: kind {self.kind!r} is not one of {KINDS}")
+    @property
+    def answer_is_function(self) -> bool:  # a code exercise's solution that takes no inputs builds the answer (04.3)
+        return self.kind == "code" and bool(inspect.signature(self.solution).parameters)
 
     @property
     def notebook(self) -> str:
@@ -117,28 +115,19 @@ def _imports(function: Callable) -> str:
 
 # --------------------------------------------------------------------------- helpers for checkers
 
-def number(answer: Any) -> float:
+def predicted(answer: Any, expected: float, unit: str, mistakes: dict[str, float], rel: float = 0.10) -> str:
+    """A predicted number against the true one; ``mistakes`` maps a message to the value that mistake gives."""
     if isinstance(answer, bool) or not isinstance(answer, (int, float)):
         raise Wrong(f"give a number, not {type(answer).__name__} {answer!r}")
     if not math.isfinite(answer):
         raise Wrong(f"{answer} is not a finite number")
-    return float(answer)
-
-
-def close(value: float, expected: float, rel: float = 0.10) -> bool:
-    return abs(value - expected) <= rel * abs(expected)
-
-
-def predicted(answer: Any, expected: float, unit: str, mistakes: dict[str, float], rel: float = 0.10) -> str:
-    """A predicted number against the true one; ``mistakes`` maps a message to the value that mistake gives."""
-    value = number(answer)
-    if close(value, expected, rel):
-        return f"{value:.4g} {unit}, and the exact value is {expected:.4g} {unit}."
+    if math.isclose(answer, expected, rel_tol=rel):
+        return f"{answer:.4g} {unit}, and the exact value is {expected:.4g} {unit}."
     for message, wrong in mistakes.items():
-        if wrong and close(value, wrong, min(rel, 0.05)):
+        if wrong and math.isclose(answer, wrong, rel_tol=min(rel, 0.05)):
             raise Wrong(message)
-    raise Wrong(f"{value:.4g} {unit} is {value / expected:.3g}x the right value" if expected
-                else f"{value:.4g} is not it")
+    raise Wrong(f"{answer:.4g} {unit} is {answer / expected:.3g}x the right value" if expected
+                else f"{answer:.4g} is not it")
 
 
 def function_answer(answer: Any, what: str) -> Callable:

@@ -60,7 +60,6 @@ def _convert_layer(answer, c):
         raise Wrong("BERT normalises after each residual sum (post-norm): norm_first=False")
     with torch.inference_mode():
         expected = bert_layer(x)
-        expected = expected[0] if isinstance(expected, tuple) else expected  # a tuple in older transformers
         got = call(layer.eval(), x)
     difference = float((got - expected).abs().max())
     if difference < 1e-4:
@@ -112,8 +111,7 @@ EXERCISES = [
               "copy the weights in.",
               "The layer's in_proj_weight stacks query, key and value: torch.cat([q.weight, k.weight, v.weight]); "
               "norm1 is the attention output's LayerNorm, norm2 the feed-forward's."),
-             {}, ((returns_none, "returns None"), (_the_bert_layer_itself, "TransformerEncoderLayer")),
-             answer_is_function=True),
+             {}, ((returns_none, "returns None"), (_the_bert_layer_itself, "TransformerEncoderLayer"))),
     Exercise("03.3", "The ideal speed-up, if time follows the tokens", "predict", _ideal_speedup, ideal_speedup,
              ("The padded model computes on every position; the fastpath only on the real tokens. Suppose the time "
               "is proportional to the tokens computed.",

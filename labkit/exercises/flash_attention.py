@@ -96,8 +96,7 @@ EXERCISES = [
               "scores = q @ k.transpose(-2, -1), scaled by 1 / sqrt(head size); softmax over the last axis; then @ v."),
              {},
              ((_unscaled_attention, "sqrt(d)"), (_one_column, "shape"), (returns_none, "returns None"),
-              (3, "a function")),
-             answer_is_function=True),
+              (3, "a function"))),
     Exercise("01.2", "The score matrix, predicted", "predict", _score_matrix, score_matrix_mib,
              ("The math backend holds one score per (query, key) pair, for every head of every sequence.",
               "Count batch x heads x N x N elements, times the bytes of one element in this dtype, then divide by "

@@ -159,8 +159,7 @@ EXERCISES = [
               "divmod(len(items), world_size) gives the share and the remainder; the first `remainder` ranks take "
               "one more."),
              {}, ((_floor_split, "go to no process"), (_everything_to_everyone, "two processes"),
-                  (returns_none, "returns None")),
-             answer_is_function=True),
+                  (returns_none, "returns None"))),
     Exercise("05.4", "TP and PP for a machine", "predict", _layout, layout_for,
              ("Tensor parallelism stays inside one node and must divide the key/value heads; pipeline stages go "
               "across nodes.",

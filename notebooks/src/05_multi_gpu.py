@@ -809,7 +809,7 @@ lab.table("tp_links", pd.DataFrame(rows), title=f"{lab.p.plan_model}, TP 8: all-
 # ## Your numbers beside the reference runs
 
 # %%
-show(lab.beside_references({name: name for name in lab.results.metrics}), title="This machine and the reference runs")
+show(lab.beside_references({name: name for name in lab.metrics}), title="This machine and the reference runs")
 
 # %% [markdown]
 # ## What you measured

@@ -56,7 +56,7 @@ def test_every_exercise_has_hints_a_solution_and_mistakes():
         assert len(e.hints) >= 2 and e.solution_code().strip() and e.kind in ("predict", "code")
         assert e.typical_mistakes, f"{e.id} has no typical mistake under test"
     for notebook in sorted(with_exercises):
-        assert 3 <= len(exercises.for_notebook(notebook)) <= 5
+        assert 3 <= len(exercises.module_of(notebook).EXERCISES) <= 5
 
 
 def test_each_exercise_module_belongs_to_one_notebook():

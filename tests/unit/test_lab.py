@@ -57,7 +57,7 @@ def test_start_passes_the_cells_values_and_says_where_it_runs(fake, capsys):
     assert said.startswith(f"Working on {device} (") and "in float32, quick sizes. Sizes [2, 4]." in said
     assert opened.p.sizes == [2, 4] and opened.p.name == "other"
     assert opened.dtype is torch.float32 and opened.dtype_name == "float32" and opened.quick and not opened.solutions
-    assert opened.results.path is None and opened.results.env["versions"]["torch"] == torch.__version__
+    assert opened.path is None and opened.env["versions"]["torch"] == torch.__version__
     assert lab.start("99_fake", {"quick": False, "sizes": [3]}).p.sizes == [3]
     assert lab.start("99_fake", {}).quick is not torch.cuda.is_available()  # quick left out: small sizes without a GPU
 
@@ -85,7 +85,7 @@ def test_checks_skips_and_metrics_go_to_the_results(fake, capsys):
     said = capsys.readouterr().out
     assert "Not seen on this machine: does not hold (2 > 1)." in said and "machine: holds" not in said  # silent
     assert "Skipped: the GPU part -- no GPU here" in said
-    data = opened.results.as_dict()
+    data = opened.as_dict()
     assert data["metrics"] == {"m": 1.5, "n": 2}
     assert data["checks"] == {"holds": True, "does_not_hold": False, **({"a_timing_claim": False} if opened.on_gpu else {})}
     assert data["skipped"] == {"the GPU part": "no GPU here"}
@@ -97,7 +97,7 @@ def test_finish_prints_what_you_measured_and_writes_the_results_with_it(fake, tm
     opened.metric("m", 1.5)
     opened.skip("one part", "why")
     capsys.readouterr()
-    opened.finish([f"Measured {len(opened.results.metrics)} numbers; m was {opened.results.metrics['m']}."])
+    opened.finish([f"Measured {len(opened.metrics)} numbers; m was {opened.metrics['m']}."])
     said = capsys.readouterr().out.splitlines()
     assert said[0] == f"What you measured on {opened.device_label}:"
     assert said[1] == "- Measured 1 numbers; m was 1.5."
@@ -123,7 +123,7 @@ def test_a_learners_run_counts_the_exercises_instead(fake, tmp_path, capsys):
     opened.finish([])
     said = capsys.readouterr().out
     assert "you gave x itself" in said and "Exercises: 1 of 2 correct." in said
-    assert "exercise_solutions_pass" not in opened.results.checks
+    assert "exercise_solutions_pass" not in opened.checks
 
 
 def test_beside_references_puts_the_stored_runs_next_to_this_machine(fake, tmp_path, monkeypatch, capsys):

@@ -43,10 +43,12 @@ def test_figures_are_saved_beside_the_results_file(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([1, 2], [3, 4])
     res = results.Results("99_test", tmp_path / "99_test.results.json", env={})
-    saved = res.figure("latency", fig)
-    assert saved == tmp_path / "99_test.latency.png" and saved.read_bytes()[:4] == b"\x89PNG"
+    res.figure("latency", fig)
+    assert (tmp_path / "99_test.latency.png").read_bytes()[:4] == b"\x89PNG"
     assert results.read_results(res.write())["figures"] == ["99_test.latency.png"]
-    assert results.Results("99_test", env={}).figure("latency", fig) is None
+    unsaved = results.Results("99_test", env={})
+    unsaved.figure("latency", fig)
+    assert unsaved.figures == [] and list(tmp_path.glob("*.png")) == [tmp_path / "99_test.latency.png"]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, True, "12", None])
