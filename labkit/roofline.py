@@ -1,4 +1,4 @@
-"""FLOP and byte counts, the measured ceilings of this machine, and "fraction of the limit".
+"""The measured ceilings of this machine, and the byte counts and bound of decoding.
 
 The ceilings are measured, not looked up: a large matrix product gives the FLOP/s this device
 reaches in a dtype, a large copy gives the bytes/s its memory moves. Notebook 00 measures and
@@ -20,42 +20,9 @@ from labkit.probes import device_label, resolve_dtype
 from labkit.timing import measure
 
 
-def matmul_flops(m: int, n: int, k: int) -> int:
-    """FLOPs of an (m x k) @ (k x n) product: one multiply and one add per term."""
-    _positive(m=m, n=n, k=k)
-    return 2 * m * n * k
-
-
-def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, *, causal: bool = False) -> int:
-    """FLOPs of the two products in attention (Q K^T and P V); a causal mask halves the useful work."""
-    _positive(batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim)
-    flops = 2 * matmul_flops(seq_q, seq_k, head_dim) * batch * heads
-    return flops // 2 if causal else flops
-
-
 def element_size(dtype) -> int:
     """Bytes per element of a torch dtype or dtype name."""
     return torch.empty((), dtype=resolve_dtype(dtype)).element_size()
-
-
-def fraction_of_limit(achieved: float, limit: float) -> float:
-    """``achieved / limit``: how much of the machine's measured ceiling a run used."""
-    if not limit > 0:
-        raise BadParameter(f"limit={limit}: a ceiling must be a positive number.")
-    if achieved < 0:
-        raise BadParameter(f"achieved={achieved}: a rate cannot be negative.")
-    return achieved / limit
-
-
-def attainable_flops_per_s(intensity: float, peak_flops_per_s: float, bandwidth_bytes_per_s: float) -> float:
-    """The roofline: min(peak compute, arithmetic intensity x memory bandwidth)."""
-    if intensity < 0:
-        raise BadParameter(f"intensity={intensity}: FLOPs per byte cannot be negative.")
-    return min(peak_flops_per_s, intensity * bandwidth_bytes_per_s)
-
-
-def _positive(**sizes: int) -> None:
-    check_sizes(1, **sizes)
 
 
 # --------------------------------------------------------------------------- measured ceilings
@@ -73,12 +40,12 @@ def measure_matmul_ceiling(device: str, dtype, size: int, *, warmup: int = 2, re
     The rate comes from the fastest repeat: a ceiling is what the machine can do, and on a shared
     machine the slower repeats measure the neighbours too.
     """
-    _positive(size=size)
+    check_sizes(1, size=size)
     torch_dtype = resolve_dtype(dtype, device)
     a = torch.randn(size, size, device=device).to(torch_dtype)
     b = torch.randn(size, size, device=device).to(torch_dtype)
     timing = measure(lambda: torch.matmul(a, b), device=device, warmup=warmup, repeats=repeats)
-    flops = matmul_flops(size, size, size)
+    flops = 2 * size**3  # one multiply and one add per term of a size x size x size product
     best_ms = min(timing.times_ms)  # a ceiling is the best the machine did, not its typical run
     return {"what": "matmul", "dtype": str(torch_dtype).removeprefix("torch."), "size": size, "flops": flops,
             "median_ms": timing.median_ms, "best_ms": best_ms, "flops_per_s": flops / (best_ms / 1e3)}
@@ -89,7 +56,7 @@ def measure_copy_ceiling(device: str, megabytes: int, *, warmup: int = 2, repeat
 
     From the fastest repeat, as for the matmul ceiling.
     """
-    _positive(megabytes=megabytes)
+    check_sizes(1, megabytes=megabytes)
     count = megabytes * 2**20 // 4
     source = torch.rand(count, device=device)
     target = torch.empty_like(source)
@@ -251,15 +218,7 @@ def decode_bound_tokens_per_s(bandwidth_bytes_per_s: float, weight_bytes: int, k
     ``batch`` tokens, so tokens/s <= batch x bandwidth / (weight bytes + KV cache bytes)."""
     if not bandwidth_bytes_per_s > 0:
         raise BadParameter(f"bandwidth={bandwidth_bytes_per_s}: a ceiling must be a positive number.")
-    _positive(batch=batch, weight_bytes=weight_bytes)
+    check_sizes(1, batch=batch, weight_bytes=weight_bytes)
     if kv_bytes < 0:
         raise BadParameter(f"kv_bytes={kv_bytes}: a size cannot be negative.")
     return batch * bandwidth_bytes_per_s / (weight_bytes + kv_bytes)
-
-
-def decoder_flops_per_token(parameters: int, *, layers: int = 0, context: int = 0, hidden: int = 0) -> int:
-    """Forward FLOPs for one new token: 2 per weight (a multiply and an add) plus attention over
-    ``context`` cached tokens (4 x hidden per cached token per layer: Q.K and P.V)."""
-    _positive(parameters=parameters)
-    check_sizes(0, layers=layers, context=context, hidden=hidden)
-    return 2 * parameters + 4 * layers * context * hidden

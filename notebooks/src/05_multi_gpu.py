@@ -611,9 +611,9 @@ ex.compare((chosen["TP"], chosen["PP"]), "(tp, pp) by the planner")
 # (`compat.tp_plan_skips_other_stages`). `scripts/tp_pp_keyerror.py` is the plain call alone, to report it.
 
 # %%
-rehearsal = launcher.launch_nodes(lab.p.scripts / "layouts.py", 2, 2, {
+rehearsal = launcher.launch(lab.p.scripts / "layouts.py", 2, {
     "layouts": ["tp_pp"], "model": lab.p.model_id, "dtype": lab.p.job_dtype, "new_tokens": lab.p.new_tokens,
-    "one_process_threads": launcher.threads_per_process(4)}, gpus=False)  # see the skip below
+    "one_process_threads": launcher.threads_per_process(4)}, nodes=2, gpus=False)  # see the skip below
 tp_pp = rehearsal["tp_pp"]
 print(f"{rehearsal['world_size']} processes on {rehearsal['nodes']} nodes met over {rehearsal['backend']}.")
 print("The plain call:", tp_pp["plain_error"] or "it loaded: this transformers combines TP and PP unaided")
