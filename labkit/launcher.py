@@ -40,13 +40,9 @@ def torchrun_args(script: str | os.PathLike, nproc: int, args: dict[str, Any] | 
         ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", "labkit"]
     script_args: list[str] = []
     for key, value in (args or {}).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            script_args += [flag] if value else []
-        elif isinstance(value, (list, tuple)):
-            script_args += [flag, *map(str, value)]
-        else:
-            script_args += [flag, str(value)]
+        if value is not False:  # True: the flag alone; a list: the flag and each value
+            values = [] if value is True else value if isinstance(value, (list, tuple)) else [value]
+            script_args += ["--" + key.replace("_", "-"), *map(str, values)]
     return [*launcher, "--nproc-per-node", str(nproc), str(script), *script_args]
 
 

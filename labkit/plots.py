@@ -7,6 +7,7 @@ result (``fig = plots...``) so it is not shown twice.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import pandas as pd
@@ -131,29 +132,22 @@ def device_maps(placements: dict[str, Sequence[dict[str, Any]]], *, title: str =
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    devices: list[Any] = []
-    for rows in placements.values():
-        for row in rows:
-            if row["device"] not in devices:
-                devices.append(row["device"])
+    devices = list(dict.fromkeys(row["device"] for rows in placements.values() for row in rows))
     gpus = sorted(d for d in devices if isinstance(d, int))
     others = [d for d in ("cpu", "disk", None) if d in devices]
-    colors = {d: DEVICE_COLORS[i % len(DEVICE_COLORS)] for i, d in enumerate(gpus)}
-    colors.update({"cpu": "#afb8c1", "disk": "#57606a", None: "#ffffff"})
+    colors = {**{d: DEVICE_COLORS[i % len(DEVICE_COLORS)] for i, d in enumerate(gpus)},
+              "cpu": "#afb8c1", "disk": "#57606a", None: "#ffffff"}
     fig, ax = plt.subplots(figsize=(10, 0.55 * len(placements) + 1.4))
     for y, rows in enumerate(placements.values()):
-        left = 0.0
         total = sum(r["bytes"] for r in rows) or 1
-        for row in rows:
-            width = row["bytes"] / total
-            ax.barh(y, width, left=left, color=colors[row["device"]], edgecolor="white", linewidth=0.3)
-            left += width
+        widths = [r["bytes"] / total for r in rows]
+        ax.barh([y] * len(rows), widths, left=[0.0, *itertools.accumulate(widths)][:-1],
+                color=[colors[r["device"]] for r in rows], edgecolor="white", linewidth=0.3)
     ax.set_yticks(range(len(placements)), list(placements))
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of the model's bytes, embeddings on the left, output layer on the right")
-    names = {None: "nowhere"}
-    handles = [Patch(color=colors[d], label=names.get(d, f"GPU {d}" if isinstance(d, int) else str(d)))
+    handles = [Patch(color=colors[d], label="nowhere" if d is None else f"GPU {d}" if isinstance(d, int) else d)
                for d in gpus + others]
     ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(title)
@@ -254,19 +248,14 @@ def serving_curve(curve, *, knee: float, title: str = ""):
     left.plot(step, rate, "o-", color="#0969da")
     for b, x, y in zip(batch, step, rate, strict=True):
         left.annotate(f"b{b}", (x, y), textcoords="offset points", xytext=(4, 4))
-    left.set_xlabel("per-token latency (ms per step)")
-    left.set_ylabel("tokens/s (all sequences)")
     left.set_title("throughput against latency")
+    _finish(left, "per-token latency (ms per step)", "tokens/s (all sequences)")
     right.plot(batch, rate, "o-", color="#0969da", label="measured")
     right.plot(batch, curve["bandwidth bound tokens/s"], "--", color="#cf222e", label="bandwidth bound")
     right.plot(batch, curve["compute bound tokens/s"], ":", color="#1a7f37", label="compute bound")
     right.axvline(knee, color="grey", lw=0.8)
-    right.set_xscale("log", base=2)
-    right.set_yscale("log")
-    right.set_xlabel("batch")
-    right.set_ylabel("tokens/s")
     right.set_title(f"against the roofline (the bounds meet near batch {knee:.0f})")
-    right.legend(loc="lower right")
+    _finish(right, "batch", "tokens/s", logx=True, logy=True)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -281,19 +270,14 @@ def server_load(levels, *, title: str = ""):
     clients = levels["concurrency"]
     left.plot(clients, levels["tokens_per_s"], "o-", label="tokens/s")
     left.plot(clients, levels["requests_per_s"], "s-", label="requests/s")
-    left.set_xlabel("concurrent clients")
     left.set_title("throughput")
-    left.legend()
     for key, style in (("ttft_p50_ms", "o-"), ("ttft_p99_ms", "o--"), ("latency_p50_ms", "s-"),
                        ("latency_p99_ms", "s--")):
         if key in levels:
             right.plot(clients, levels[key], style, label=key.replace("_ms", "").replace("_", " "))
-    right.set_xlabel("concurrent clients")
-    right.set_ylabel("ms")
     right.set_title("time to first token and latency")
-    right.legend()
-    for axis in (left, right):
-        axis.set_xscale("log", base=2)
+    _finish(left, "concurrent clients", "", logx=True)
+    _finish(right, "concurrent clients", "ms", logx=True)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -81,11 +81,6 @@ def measure_ceilings(device: str, dtype="auto", *, matmul_size: int | None = Non
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def ceilings_path() -> Path:
-    """The file where measured ceilings are kept between notebooks."""
-    return cache_dir() / "ceilings.json"
-
-
 def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
     """Merge ``ceilings`` into the ceilings file, keyed by device label (several dtypes accumulate).
 
@@ -94,7 +89,7 @@ def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
     measurement never replaces a full one, because a small buffer can sit in a CPU cache and overstate
     memory bandwidth; at the same size level the higher one is kept.
     """
-    path = Path(path or ceilings_path())
+    path = Path(path or cache_dir() / "ceilings.json")  # kept between notebooks
     stored = json.loads(path.read_text()) if path.exists() else {}
     key = ceilings["device_label"]
     previous = stored.get(key, {})
@@ -115,7 +110,7 @@ def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
 
 def load_ceilings(device: str, path: Path | None = None) -> dict[str, Any] | None:
     """The ceilings saved for ``device`` by notebook 00, or None when they were never measured here."""
-    path = Path(path or ceilings_path())
+    path = Path(path or cache_dir() / "ceilings.json")  # kept between notebooks
     if not path.exists():
         return None
     return json.loads(path.read_text()).get(device_label(device))
@@ -159,15 +154,9 @@ def parameter_bytes(model) -> int:
 
     Under tensor parallelism a split tensor counts with the shard this process holds (``to_local()``).
     """
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen:  # by identity: data pointers are all 0 on the meta device
-            continue
-        seen.add(id(tensor))
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        total += local.numel() * local.element_size()
-    return total
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # by identity: data pointers are 0 on meta
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in unique.values()]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def weight_bytes_per_token(model) -> int:

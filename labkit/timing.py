@@ -221,20 +221,13 @@ class Profiled:
 
 def backend_from_ops(ops: Iterable[str]) -> str | None:
     """The SDPA backend that ran, read from profiler op names; None when no SDPA op was recorded."""
-    for op in ops:
-        for prefix, backend in OP_TO_BACKEND.items():
-            if op.startswith(prefix):
-                return backend
-    return None
+    return next((backend for op in ops for prefix, backend in OP_TO_BACKEND.items() if op.startswith(prefix)), None)
 
 
 def ops_that_ran(fn: Callable[[], Any], device: str = "cpu") -> Profiled:
     """Run ``fn`` once under ``torch.profiler`` and return the op names (and GPU kernel names) it recorded."""
-    activities = [ProfilerActivity.CPU]
     on_cuda = str(device).startswith("cuda")
-    if on_cuda:
-        activities.append(ProfilerActivity.CUDA)
-    prof = profile(activities=activities)
+    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])])
     with _quiet_native_stderr():
         prof.start()
     try:

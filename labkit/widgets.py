@@ -115,15 +115,10 @@ def short_errors() -> bool:
 
 # --------------------------------------------------------------------------- live board and pickers
 
-def _in_kernel() -> bool:
-    """True inside a Jupyter kernel (JupyterLab, papermill), False in a terminal or plain Python."""
-    shell = _shell()
-    return shell is not None and hasattr(shell, "kernel")
-
-
 def _ipywidgets():
-    """The ipywidgets module inside a Jupyter kernel, else None (then the plain-text form is used)."""
-    if not _in_kernel():
+    """The ipywidgets module inside a Jupyter kernel (JupyterLab, papermill), else None: in a terminal, plain Python
+    or a kernel without ipywidgets the plain-text form is used."""
+    if not hasattr(_shell(), "kernel"):
         return None
     try:
         import ipywidgets  # optional (the lab extra), and hidden by the fault matrix: text tables without it

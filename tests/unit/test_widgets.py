@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 
 from labkit import widgets
@@ -123,7 +125,7 @@ def test_in_a_kernel_without_ipywidgets_the_board_and_picker_are_text(monkeypatc
             raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(widgets, "_in_kernel", lambda: True)
+    monkeypatch.setattr(widgets, "_shell", lambda: SimpleNamespace(kernel="a Jupyter kernel"))
     monkeypatch.setattr(builtins, "__import__", without_ipywidgets)
     assert widgets._ipywidgets() is None
     board = widgets.LiveBoard(["backend", "ms"], title="sweep", total=2)
