@@ -430,9 +430,9 @@ lab.check("dp_tokens_equal_single_process", dp_same)
 for n, speedup in zip(dp_table["processes"][1:], dp_table["speed-up"][1:], strict=True):
     lab.metric(f"dp_{n}_speedup", speedup)
 lab.check("dp_speedup_at_most_n", (dp_table["speed-up"] <= 1.1 * dp_table["processes"]).all(), timing=True)
-jobs = pd.concat([tp_table.assign(job="tensor parallel (one sequence)"),
-                  dp_table.assign(job="data parallel (all prompts)")])
-lab.figure("scaling", plots.scaling(jobs, ylabel="speed-up over 1 process", title=lab.p.model_id))
+speed_ups = pd.concat([tp_table.assign(job="tensor parallel (one sequence)"),
+                       dp_table.assign(job="data parallel (all prompts)")])
+lab.figure("scaling", plots.scaling(speed_ups, ylabel="speed-up over 1 process", title=lab.p.model_id))
 
 # %% [markdown]
 # What was seen: the speed-up column, and the figure against the ideal line. On a CPU the processes share its cores:
