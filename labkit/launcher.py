@@ -40,13 +40,9 @@ def torchrun_args(script: str | os.PathLike, nproc: int, args: dict[str, Any] | 
         ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", "labkit"]
     script_args: list[str] = []
     for key, value in (args or {}).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            script_args += [flag] if value else []
-        elif isinstance(value, (list, tuple)):
-            script_args += [flag, *map(str, value)]
-        else:
-            script_args += [flag, str(value)]
+        if value is not False:  # True: the flag alone; a list: the flag and each value
+            values = [] if value is True else value if isinstance(value, (list, tuple)) else [value]
+            script_args += ["--" + key.replace("_", "-"), *map(str, values)]
     return [*launcher, "--nproc-per-node", str(nproc), str(script), *script_args]
 
 
@@ -62,59 +58,60 @@ def threads_per_process(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
-def _job_env(nproc: int, gpus: bool) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(nproc)), "PYTHONUNBUFFERED": "1"}
-    if not gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the job's processes see no GPU: gloo on the CPU
-    return env
-
-
 def _failure(script: Path, what: str, returncode: int, output: str) -> LaunchFailed:
     """The worker's own error first, then its last lines (torchrun's summary after them says little more)."""
     lines = output.strip().splitlines()
     summary = next((i for i, line in enumerate(lines)
                     if line.startswith("=" * 20) or "torch/distributed/elastic/multiprocessing" in line), len(lines))
-    errors = [line for line in lines[:summary] if _ERROR_LINE.match(line)]
-    headline = f": {_without_rank(errors[-1])}" if errors else ""
+    errors = [match[1].strip() for line in lines[:summary] if (match := _ERROR_LINE.match(line))]
+    headline = f": {errors[-1]}" if errors else ""  # without its "[rankN]:" prefix
     tail = "\n".join(lines[:summary][-6:])
     return LaunchFailed(f"{script.name} {what} failed (exit status {returncode}){headline}\n{tail}")
 
 
-_ERROR_LINE = re.compile(r"^\s*(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|BadParameter|ModelNotAvailable|LaunchFailed): ")
+_ERROR_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?"
+                         r"([\w.]*(?:Error|Exception|BadParameter|ModelNotAvailable|LaunchFailed): .*)")
 
 
-def _without_rank(line: str) -> str:
-    return re.sub(r"^\s*\[rank\d+\]:\s*", "", line).strip()
-
-
-def launch(script: str | os.PathLike, nproc: int, args: dict[str, Any] | None = None, *, gpus: bool = True,
-           timeout_s: float = 600, echo: bool = True) -> dict[str, Any]:
-    """Run ``script`` under torchrun with ``nproc`` processes and return the JSON its rank 0 wrote.
+def launch(script: str | os.PathLike, nproc: int, args: dict[str, Any] | None = None, *, nodes: int = 1,
+           gpus: bool = True, timeout_s: float = 600, echo: bool = True) -> dict[str, Any]:
+    """Run ``script`` under torchrun with ``nproc`` processes (on each of ``nodes``) and return the JSON its rank 0
+    wrote.
 
     The job runs in its own processes (a Jupyter kernel cannot host torch.distributed workers), started by the
     caller's Python (``python -m torch.distributed.run`` is ``torchrun``). ``gpus=False`` hides the GPUs from
-    the job, so that it runs on CPU processes with gloo.
+    the job, so that it runs on CPU processes with gloo. ``nodes`` > 1 rehearses the multi-node launch: as many
+    "machines", all this one, each a torchrun of ``nproc`` processes, meeting at a c10d rendezvous on 127.0.0.1.
     """
-    script = _existing(script)
+    script = Path(script)
+    if not script.exists():
+        raise BadParameter(f"{script} does not exist; the scripts live in {scripts_dir()}.")
+    rendezvous = {} if nodes == 1 else {"nnodes": nodes, "rdzv_endpoint": f"127.0.0.1:{free_port()}"}
+    where = f"with {nproc} process{'es' if nproc > 1 else ''}" if nodes == 1 else f"on {nodes} nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(nproc * nodes)), "PYTHONUNBUFFERED": "1"}
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the job's processes see no GPU: gloo on the CPU
     with tempfile.TemporaryDirectory(prefix="labkit-job-") as folder:
         out = Path(folder) / "result.json"
+        for node in range(nodes if echo else 0):
+            print(f"{f'node {node}' if nodes > 1 else ''}$ " + torchrun_command(script, nproc, args, **rendezvous))
         command = [sys.executable, "-m", "torch.distributed.run",
-                   *torchrun_args(script, nproc, {**(args or {}), "out": str(out)})]
-        if echo:
-            print("$ " + torchrun_command(script, nproc, args))
+                   *torchrun_args(script, nproc, {**(args or {}), "out": str(out)}, **rendezvous)]
         start = time.perf_counter()
-        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=_job_env(nproc, gpus), start_new_session=True)
-        output = _wait(job, timeout_s, f"{script.name} with {_processes(nproc)}")
-        if job.returncode != 0 or not out.exists():
-            raise _failure(script, f"with {_processes(nproc)}", job.returncode, output)
+        jobs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                 start_new_session=True) for _ in range(nodes)]
+        try:
+            texts = [_wait(job, max(1.0, timeout_s - (time.perf_counter() - start)),
+                           f"{script.name} {where} ran past {timeout_s:.0f} s and was stopped.") for job in jobs]
+        finally:
+            for job in jobs:
+                _stop(job)
+        for node, (job, output) in enumerate(zip(jobs, texts, strict=True)):
+            if job.returncode != 0 or not out.exists():
+                raise _failure(script, where if nodes == 1 else f"on node {node} of {nodes}", job.returncode, output)
         result = json.loads(out.read_text())
     result["launch_s"] = time.perf_counter() - start
     return result
-
-
-def _processes(count: int) -> str:
-    return f"{count} process" if count == 1 else f"{count} processes"
 
 
 def free_port() -> int:
@@ -122,43 +119,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def launch_nodes(script: str | os.PathLike, nnodes: int, nproc: int, args: dict[str, Any] | None = None, *,
-                 gpus: bool = False, timeout_s: float = 600, echo: bool = True) -> dict[str, Any]:
-    """Run ``script`` as ``nnodes`` "machines" of ``nproc`` processes each, all on this one, meeting at a
-    c10d rendezvous on 127.0.0.1: the multi-node launch, rehearsed. Returns the JSON the global rank 0 wrote."""
-    script = _existing(script)
-    endpoint = f"127.0.0.1:{free_port()}"
-    with tempfile.TemporaryDirectory(prefix="labkit-nodes-") as folder:
-        out = Path(folder) / "result.json"
-        full = {**(args or {}), "out": str(out)}
-        if echo:
-            for node in range(nnodes):
-                print(f"node {node}$ " + torchrun_command(script, nproc, args, nnodes=nnodes, rdzv_endpoint=endpoint))
-        env = _job_env(nproc * nnodes, gpus)
-        launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run",
-                                       *torchrun_args(script, nproc, full, nnodes=nnodes, rdzv_endpoint=endpoint)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                      start_new_session=True)
-                     for _ in range(nnodes)]
-        start = time.perf_counter()
-        texts = []
-        try:
-            for launcher in launchers:
-                left = max(1.0, timeout_s - (time.perf_counter() - start))
-                texts.append(_wait(launcher, left, f"{script.name} on {nnodes} nodes", total_s=timeout_s))
-        finally:
-            for launcher in launchers:
-                _stop(launcher)
-        for node, (launcher, output) in enumerate(zip(launchers, texts, strict=True)):
-            if launcher.returncode != 0:
-                raise _failure(script, f"on node {node} of {nnodes}", launcher.returncode, output)
-        if not out.exists():
-            raise LaunchFailed(f"{script.name} on {nnodes} nodes ended without writing its results.")
-        result = json.loads(out.read_text())
-    result["launch_s"] = time.perf_counter() - start
-    return result
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -169,17 +129,10 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _wait(process: subprocess.Popen, timeout_s: float, what: str, *, total_s: float | None = None) -> str:
+def _wait(process: subprocess.Popen, timeout_s: float, too_long: str) -> str:
     """The output of ``process`` once it ends; past ``timeout_s`` it is stopped with its workers."""
     try:
         return process.communicate(timeout=timeout_s)[0] or ""
     except subprocess.TimeoutExpired:
         _stop(process)
-        raise LaunchFailed(f"{what} ran past {total_s or timeout_s:.0f} s and was stopped.") from None
-
-
-def _existing(script: str | os.PathLike) -> Path:
-    script = Path(script)
-    if not script.exists():
-        raise BadParameter(f"{script} does not exist; the scripts live in {scripts_dir()}.")
-    return script
+        raise LaunchFailed(too_long) from None

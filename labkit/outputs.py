@@ -24,13 +24,11 @@ def random_prompt(model, *, batch: int, length: int, seed: int = 0) -> torch.Ten
 
 
 def pad_id(model, tokenizer=None) -> int:
-    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
-                      model.generation_config.pad_token_id, model.generation_config.eos_token_id, 0):
-        if isinstance(candidate, list):
-            candidate = candidate[0] if candidate else None
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    """The id generate pads with: the tokenizer's pad or end-of-text token, else the model's, else 0."""
+    candidates = (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                  model.generation_config.pad_token_id, model.generation_config.eos_token_id)
+    first = next((c for c in candidates if c not in (None, [])), 0)
+    return int(first[0] if isinstance(first, list) else first)
 
 
 def generate_exactly(model, input_ids, new_tokens: int, *, attention_mask=None, tokenizer=None, **kwargs):
@@ -68,19 +66,13 @@ def decode_rate(run, input_ids, *, new_tokens: int, device: str, warmup: int, re
     The first call of ``run(new_tokens)`` is timed on its own (it pays any compilation) and counts as a warm-up."""
     if new_tokens < 2:
         raise BadParameter(f"new_tokens={new_tokens}: decoding needs at least 2 new tokens to time a step.")
-    outputs: dict[str, Any] = {}
-
-    def timed(count):
-        def call():
-            outputs["ids"] = run(count)
-        return call
-
-    one = measure(timed(1), device=device, warmup=warmup, repeats=repeats, min_time_s=min_time_s)
+    one = measure(lambda: run(1), device=device, warmup=warmup, repeats=repeats, min_time_s=min_time_s)
     start = time.perf_counter()
-    timed(new_tokens)()
+    ids = [run(new_tokens)]
     synchronize(device)
     first_s = time.perf_counter() - start
-    full = measure(timed(new_tokens), device=device, warmup=max(warmup - 1, 0), repeats=repeats, min_time_s=min_time_s)
+    full = measure(lambda: ids.append(run(new_tokens)), device=device, warmup=max(warmup - 1, 0), repeats=repeats,
+                   min_time_s=min_time_s)
     steps = new_tokens - 1
     step_ms = (full.median_ms - one.median_ms) / steps
     fallback = step_ms <= 0
@@ -93,7 +85,7 @@ def decode_rate(run, input_ids, *, new_tokens: int, device: str, warmup: int, re
             "step_p90_ms": max((full.p90_ms - one.median_ms) / steps, 0.0),
             "first_call_extra_s": max(first_s - full.median_ms / 1e3, 0.0),
             "timing_fallback": fallback, "tokens_per_s": batch * 1e3 / step_ms,
-            "token_ids": outputs["ids"].tolist()}
+            "token_ids": ids[-1].tolist()}
 
 
 def kl_divergence(reference_logits, logits) -> float:
@@ -188,12 +180,10 @@ def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> 
     start = time.perf_counter()
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    seconds = time.perf_counter() - start
-    prompt_length = inputs["input_ids"].shape[1]
-    new = output[0, prompt_length:]
+                                pad_token_id=pad_id(model, tokenizer))
+    new = output[0, inputs["input_ids"].shape[1]:]
     return {"continuation": tokenizer.decode(new, skip_special_tokens=True), "token_ids": new.tolist(),
-            "new_tokens": int(output.shape[1] - prompt_length), "seconds": seconds}
+            "new_tokens": len(new), "seconds": time.perf_counter() - start}
 
 
 def next_token_candidates(model, tokenizer, prompt: str, k: int = 3) -> list[dict[str, Any]]:

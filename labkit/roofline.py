@@ -1,4 +1,4 @@
-"""FLOP and byte counts, the measured ceilings of this machine, and "fraction of the limit".
+"""The measured ceilings of this machine, and the byte counts and bound of decoding.
 
 The ceilings are measured, not looked up: a large matrix product gives the FLOP/s this device
 reaches in a dtype, a large copy gives the bytes/s its memory moves. Notebook 00 measures and
@@ -20,42 +20,9 @@ from labkit.probes import device_label, resolve_dtype
 from labkit.timing import measure
 
 
-def matmul_flops(m: int, n: int, k: int) -> int:
-    """FLOPs of an (m x k) @ (k x n) product: one multiply and one add per term."""
-    _positive(m=m, n=n, k=k)
-    return 2 * m * n * k
-
-
-def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, *, causal: bool = False) -> int:
-    """FLOPs of the two products in attention (Q K^T and P V); a causal mask halves the useful work."""
-    _positive(batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim)
-    flops = 2 * matmul_flops(seq_q, seq_k, head_dim) * batch * heads
-    return flops // 2 if causal else flops
-
-
 def element_size(dtype) -> int:
     """Bytes per element of a torch dtype or dtype name."""
     return torch.empty((), dtype=resolve_dtype(dtype)).element_size()
-
-
-def fraction_of_limit(achieved: float, limit: float) -> float:
-    """``achieved / limit``: how much of the machine's measured ceiling a run used."""
-    if not limit > 0:
-        raise BadParameter(f"limit={limit}: a ceiling must be a positive number.")
-    if achieved < 0:
-        raise BadParameter(f"achieved={achieved}: a rate cannot be negative.")
-    return achieved / limit
-
-
-def attainable_flops_per_s(intensity: float, peak_flops_per_s: float, bandwidth_bytes_per_s: float) -> float:
-    """The roofline: min(peak compute, arithmetic intensity x memory bandwidth)."""
-    if intensity < 0:
-        raise BadParameter(f"intensity={intensity}: FLOPs per byte cannot be negative.")
-    return min(peak_flops_per_s, intensity * bandwidth_bytes_per_s)
-
-
-def _positive(**sizes: int) -> None:
-    check_sizes(1, **sizes)
 
 
 # --------------------------------------------------------------------------- measured ceilings
@@ -73,12 +40,12 @@ def measure_matmul_ceiling(device: str, dtype, size: int, *, warmup: int = 2, re
     The rate comes from the fastest repeat: a ceiling is what the machine can do, and on a shared
     machine the slower repeats measure the neighbours too.
     """
-    _positive(size=size)
+    check_sizes(1, size=size)
     torch_dtype = resolve_dtype(dtype, device)
     a = torch.randn(size, size, device=device).to(torch_dtype)
     b = torch.randn(size, size, device=device).to(torch_dtype)
     timing = measure(lambda: torch.matmul(a, b), device=device, warmup=warmup, repeats=repeats)
-    flops = matmul_flops(size, size, size)
+    flops = 2 * size**3  # one multiply and one add per term of a size x size x size product
     best_ms = min(timing.times_ms)  # a ceiling is the best the machine did, not its typical run
     return {"what": "matmul", "dtype": str(torch_dtype).removeprefix("torch."), "size": size, "flops": flops,
             "median_ms": timing.median_ms, "best_ms": best_ms, "flops_per_s": flops / (best_ms / 1e3)}
@@ -89,7 +56,7 @@ def measure_copy_ceiling(device: str, megabytes: int, *, warmup: int = 2, repeat
 
     From the fastest repeat, as for the matmul ceiling.
     """
-    _positive(megabytes=megabytes)
+    check_sizes(1, megabytes=megabytes)
     count = megabytes * 2**20 // 4
     source = torch.rand(count, device=device)
     target = torch.empty_like(source)
@@ -114,11 +81,6 @@ def measure_ceilings(device: str, dtype="auto", *, matmul_size: int | None = Non
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def ceilings_path() -> Path:
-    """The file where measured ceilings are kept between notebooks."""
-    return cache_dir() / "ceilings.json"
-
-
 def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
     """Merge ``ceilings`` into the ceilings file, keyed by device label (several dtypes accumulate).
 
@@ -127,7 +89,7 @@ def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
     measurement never replaces a full one, because a small buffer can sit in a CPU cache and overstate
     memory bandwidth; at the same size level the higher one is kept.
     """
-    path = Path(path or ceilings_path())
+    path = Path(path or cache_dir() / "ceilings.json")  # kept between notebooks
     stored = json.loads(path.read_text()) if path.exists() else {}
     key = ceilings["device_label"]
     previous = stored.get(key, {})
@@ -148,7 +110,7 @@ def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
 
 def load_ceilings(device: str, path: Path | None = None) -> dict[str, Any] | None:
     """The ceilings saved for ``device`` by notebook 00, or None when they were never measured here."""
-    path = Path(path or ceilings_path())
+    path = Path(path or cache_dir() / "ceilings.json")  # kept between notebooks
     if not path.exists():
         return None
     return json.loads(path.read_text()).get(device_label(device))
@@ -162,16 +124,12 @@ def compute_ceiling(device: str, dtype, *, quick: bool = False, path: Path | Non
     """
     name = str(resolve_dtype(dtype, device)).removeprefix("torch.")
     now = measure_ceilings(device, name, quick=quick)
-    save_ceilings(now, path)
-    saved = load_ceilings(device, path) or {}
-    measured = now["matmul_flops_per_s"][name]
-    best = max(measured, saved.get("matmul_flops_per_s", {}).get(name, 0.0))
-    size = now["matmul"]["size"]
-    source = f"the best of a {size}x{size} {name} matmul measured now"
+    measured, size = now["matmul_flops_per_s"][name], now["matmul"]["size"]
+    best = load_ceilings(device, save_ceilings(now, path))["matmul_flops_per_s"][name]  # saving keeps the higher
     if best > measured:
-        source = (f"the best saved on this machine, higher than the {measured / 1e12:.3g} TFLOP/s of a "
-                  f"{size}x{size} matmul measured now")
-    return {"flops_per_s": best, "source": source}
+        return {"flops_per_s": best, "source": f"the best saved on this machine, higher than the "
+                f"{measured / 1e12:.3g} TFLOP/s of a {size}x{size} matmul measured now"}
+    return {"flops_per_s": best, "source": f"the best of a {size}x{size} {name} matmul measured now"}
 
 
 def bandwidth_ceiling(device: str, *, path: Path | None = None) -> dict[str, Any]:
@@ -179,15 +137,14 @@ def bandwidth_ceiling(device: str, *, path: Path | None = None) -> dict[str, Any
     in a CPU cache) and merged with the saved ones. Returns ``{"bytes_per_s": ..., "source": "..."}``."""
     megabytes = default_sizes(device)["copy_megabytes"]
     copy = measure_copy_ceiling(device, megabytes)
-    saved = load_ceilings(device, path) or {}
-    save_ceilings({"device": device, "device_label": device_label(device), "quick": False,
-                   "matmul_flops_per_s": {}, "copy_bytes_per_s": copy["bytes_per_s"], "copy": copy,
-                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, path)
-    before = saved.get("copy_bytes_per_s", 0.0) if not saved.get("quick") else 0.0
-    if before > copy["bytes_per_s"]:
-        return {"bytes_per_s": before, "source": f"the best saved on this machine, higher than the "
+    saved = save_ceilings({"device": device, "device_label": device_label(device), "quick": False,
+                           "matmul_flops_per_s": {}, "copy_bytes_per_s": copy["bytes_per_s"], "copy": copy,
+                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, path)
+    best = load_ceilings(device, saved)["copy_bytes_per_s"]  # saving keeps the higher of two full-size copies
+    if best > copy["bytes_per_s"]:
+        return {"bytes_per_s": best, "source": f"the best saved on this machine, higher than the "
                 f"{copy['bytes_per_s'] / 1e9:.3g} GB/s of a {megabytes} MiB copy measured now"}
-    return {"bytes_per_s": copy["bytes_per_s"], "source": f"the best of a {megabytes} MiB copy measured now"}
+    return {"bytes_per_s": best, "source": f"the best of a {megabytes} MiB copy measured now"}
 
 
 # --------------------------------------------------------------------------- decoding: bytes per generated token
@@ -197,15 +154,9 @@ def parameter_bytes(model) -> int:
 
     Under tensor parallelism a split tensor counts with the shard this process holds (``to_local()``).
     """
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen:  # by identity: data pointers are all 0 on the meta device
-            continue
-        seen.add(id(tensor))
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        total += local.numel() * local.element_size()
-    return total
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # by identity: data pointers are 0 on meta
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in unique.values()]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def weight_bytes_per_token(model) -> int:
@@ -251,15 +202,7 @@ def decode_bound_tokens_per_s(bandwidth_bytes_per_s: float, weight_bytes: int, k
     ``batch`` tokens, so tokens/s <= batch x bandwidth / (weight bytes + KV cache bytes)."""
     if not bandwidth_bytes_per_s > 0:
         raise BadParameter(f"bandwidth={bandwidth_bytes_per_s}: a ceiling must be a positive number.")
-    _positive(batch=batch, weight_bytes=weight_bytes)
+    check_sizes(1, batch=batch, weight_bytes=weight_bytes)
     if kv_bytes < 0:
         raise BadParameter(f"kv_bytes={kv_bytes}: a size cannot be negative.")
     return batch * bandwidth_bytes_per_s / (weight_bytes + kv_bytes)
-
-
-def decoder_flops_per_token(parameters: int, *, layers: int = 0, context: int = 0, hidden: int = 0) -> int:
-    """Forward FLOPs for one new token: 2 per weight (a multiply and an add) plus attention over
-    ``context`` cached tokens (4 x hidden per cached token per layer: Q.K and P.V)."""
-    _positive(parameters=parameters)
-    check_sizes(0, layers=layers, context=context, hidden=hidden)
-    return 2 * parameters + 4 * layers * context * hidden

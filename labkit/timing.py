@@ -15,6 +15,10 @@ bracketed by CUDA events and the end event is synchronised, as PyTorch's own ben
 ``time.perf_counter`` around the call is correct. Compared implementations must be given the same inputs: build
 them once, outside the timed call.
 
+Why not ``torch.utils.benchmark.Timer``: its ``blocked_autorange`` times blocks of several calls and reports their
+means, so the p10-p90 spread of single calls is not there to show; it has no warm-up count, no minimum number of
+repeats and no peak memory, and it brackets CUDA calls with a synchronised wall clock rather than CUDA events.
+
 What a call ran and allocated, from ``torch.profiler``: :func:`ops_that_ran` (the ATen ops and GPU kernels, and the
 SDPA backend they prove) and :func:`peak_extra_memory`.
 """
@@ -23,13 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
+import itertools
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -37,52 +43,29 @@ from labkit import compat
 from labkit.errors import BadParameter
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation, as numpy's default does."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile q={q} is outside 0..100")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 @dataclass
 class Timing:
     """The result of timing one call: milliseconds per call and, on CUDA, peak memory."""
 
     device: str
-    warmup: int
-    repeats: int
     times_ms: list[float] = field(repr=False)
     peak_memory_bytes: int | None = None
 
     @property
+    def repeats(self) -> int:
+        return len(self.times_ms)
+
+    @property
     def median_ms(self) -> float:
-        return percentile(self.times_ms, 50)
+        return float(np.percentile(self.times_ms, 50))
 
     @property
     def p10_ms(self) -> float:
-        return percentile(self.times_ms, 10)
+        return float(np.percentile(self.times_ms, 10))
 
     @property
     def p90_ms(self) -> float:
-        return percentile(self.times_ms, 90)
-
-    def summary(self) -> dict[str, Any]:
-        """Median, p10, p90 (ms), repeats and peak memory, ready for a table or a results file."""
-        return {"median_ms": self.median_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms,
-                "repeats": self.repeats, "peak_memory_bytes": self.peak_memory_bytes}
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), **self.summary()}
-
-    def __str__(self) -> str:
-        memory = f", peak {self.peak_memory_bytes / 2**20:.1f} MiB" if self.peak_memory_bytes is not None else ""
-        return (f"{self.median_ms:.3f} ms median (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, "
-                f"{self.repeats} runs on {self.device}{memory})")
+        return float(np.percentile(self.times_ms, 90))
 
 
 def synchronize(device: str) -> None:
@@ -91,68 +74,48 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
-# Measured time each point should fill (seconds): enough samples for a stable median without slowing CPU tests.
-MIN_TIME_S = {"cuda": 0.2, "cpu": 0.05}
-MAX_REPEATS = 1000
-
-
-def default_min_time_s(device: str) -> float:
-    """How much measured time one point fills by default on ``device`` (:data:`MIN_TIME_S`)."""
-    return MIN_TIME_S["cuda" if str(device).startswith("cuda") else "cpu"]
-
-
 def measure(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 3, repeats: int = 10,
-            min_time_s: float | None = None, max_repeats: int = MAX_REPEATS) -> Timing:
+            min_time_s: float | None = None, max_repeats: int = 1000) -> Timing:
     """Time ``fn()`` by the workbook's rule: ``warmup`` untimed calls, then at least ``repeats`` timed ones, and more
-    until ``min_time_s`` of measured time is filled (default :func:`default_min_time_s`; 0 for exactly ``repeats``)."""
+    until ``min_time_s`` of measured time is filled (0 for exactly ``repeats``; by default 0.2 s on CUDA, 0.05 s on
+    CPU: enough samples for a stable median without slowing the CPU tests)."""
     if warmup < 0 or repeats < 1 or max_repeats < repeats:
         raise BadParameter(f"warmup={warmup}, repeats={repeats}, max_repeats={max_repeats}: warmup must be >= 0 and "
                            "1 <= repeats <= max_repeats.")
-    min_time_s = default_min_time_s(device) if min_time_s is None else min_time_s
-    device = str(device)
-    on_cuda = device.startswith("cuda")
+    on_cuda = str(device).startswith("cuda")
+    min_time_s = (0.2 if on_cuda else 0.05) if min_time_s is None else min_time_s
     for _ in range(warmup):
         fn()
     synchronize(device)
     times: list[float] = []
-    peak = None
-    if on_cuda:
-        # Events are recorded on the current device's stream: make it the device being timed.
-        with torch.cuda.device(torch.device(device)):
+    # CUDA events are recorded on the current device's stream: make it the device being timed
+    with torch.cuda.device(torch.device(device)) if on_cuda else contextlib.nullcontext():
+        if on_cuda:
             torch.cuda.reset_peak_memory_stats()
-            while len(times) < repeats or (sum(times) < 1e3 * min_time_s and len(times) < max_repeats):
+        while len(times) < repeats or (sum(times) < 1e3 * min_time_s and len(times) < max_repeats):
+            if on_cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))
-            peak = int(torch.cuda.max_memory_allocated())
-    else:
-        while len(times) < repeats or (sum(times) < 1e3 * min_time_s and len(times) < max_repeats):
-            start_s = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start_s) * 1e3)
-    return Timing(device=device, warmup=warmup, repeats=len(times), times_ms=times, peak_memory_bytes=peak)
+            else:
+                start_s = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start_s) * 1e3)
+        peak = int(torch.cuda.max_memory_allocated()) if on_cuda else None
+    return Timing(device=str(device), times_ms=times, peak_memory_bytes=peak)
+
+
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                 "cudnn_status_not_enough_workspace")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
     """True for CUDA out-of-memory errors and for CPU allocations that failed."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    if isinstance(error, MemoryError):
-        return True
-    message = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        text in message for text in ("out of memory", "can't allocate memory", "cublas_status_alloc_failed",
-                                     "cudnn_status_alloc_failed", "cudnn_status_not_enough_workspace"))
-
-
-def free_memory(device: str = "cpu") -> None:
-    """Give back what a failed or finished measurement held (Python garbage and the CUDA cache)."""
-    gc.collect()
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and any(text in str(error).lower() for text in OUT_OF_MEMORY))
 
 
 def attempt(call: Callable[[], Any], device: str = "cpu") -> dict[str, Any]:
@@ -160,7 +123,7 @@ def attempt(call: Callable[[], Any], device: str = "cpu") -> dict[str, Any]:
 
     Returns ``{"status": "ok", "value": result}``, ``{"status": "oom", "reason": ...}`` or
     ``{"status": "failed", "reason": ...}``; any other exception is raised (a bug, not a measurement).
-    What the call held is given back either way.
+    What the call held is given back either way (Python garbage and the CUDA cache).
     """
     try:
         return {"status": "ok", "value": call()}
@@ -172,7 +135,9 @@ def attempt(call: Callable[[], Any], device: str = "cpu") -> dict[str, Any]:
             return {"status": "failed", "reason": f"{type(err).__name__}: {first_line}"}
         raise
     finally:
-        free_memory(device)
+        gc.collect()
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- trends that contradict the cost model
@@ -184,11 +149,10 @@ def against_the_trend(points: Sequence[dict[str, Any]], *, work: str, time: str 
     matter. Points without a time are ignored."""
     timed = [i for i, p in enumerate(points) if p.get(time) is not None and p.get(work) is not None]
     suspects = set()
-    for i in timed:
-        for j in timed:
-            if points[j][work] < points[i][work] and \
-                    (points[i].get(high) or points[i][time]) < (points[j].get(low) or points[j][time]):
-                suspects.update((i, j))
+    for i, j in itertools.product(timed, timed):
+        if points[j][work] < points[i][work] and \
+                (points[i].get(high) or points[i][time]) < (points[j].get(low) or points[j][time]):
+            suspects.update((i, j))
     return sorted(suspects)
 
 
@@ -197,14 +161,15 @@ def recheck_trend(points: list[dict[str, Any]], *, work: str, remeasure: Callabl
     """The timing rule's step 4 for one series: points :func:`against_the_trend` are measured again once
     (``remeasure(point)`` returns the new timing keys); those still against it get ``noisy=True``, the others
     ``noisy=False``. Returns the (updated) points; a notebook draws no conclusion from a noisy point."""
-    suspects = against_the_trend(points, work=work, time=time, low=low, high=high)
-    for i in suspects:
+    for i in against_the_trend(points, work=work, time=time, low=low, high=high):
         points[i] = {**points[i], **remeasure(points[i]), "remeasured": True}
     still = set(against_the_trend(points, work=work, time=time, low=low, high=high))
     for i, point in enumerate(points):
         point["noisy"] = i in still
     return points
 
+
+# --------------------------------------------------------------------------- what ran, from the profiler
 
 OP_TO_BACKEND = {
     "aten::_scaled_dot_product_flash_attention": "FLASH_ATTENTION",
@@ -213,9 +178,6 @@ OP_TO_BACKEND = {
     "aten::_scaled_dot_product_attention_math": "MATH",
     "aten::_scaled_dot_product_fused_attention_overrideable": "OVERRIDEABLE",
 }
-
-# Relative (Frobenius) error allowed against a float64 reference, per input dtype. The 16-bit values
-# are a few units of each format's rounding step (fp16 ~ 5e-4, bf16 ~ 4e-3) accumulated over a softmax.
 
 
 @contextlib.contextmanager
@@ -259,20 +221,13 @@ class Profiled:
 
 def backend_from_ops(ops: Iterable[str]) -> str | None:
     """The SDPA backend that ran, read from profiler op names; None when no SDPA op was recorded."""
-    for op in ops:
-        for prefix, backend in OP_TO_BACKEND.items():
-            if op.startswith(prefix):
-                return backend
-    return None
+    return next((backend for op in ops for prefix, backend in OP_TO_BACKEND.items() if op.startswith(prefix)), None)
 
 
 def ops_that_ran(fn: Callable[[], Any], device: str = "cpu") -> Profiled:
     """Run ``fn`` once under ``torch.profiler`` and return the op names (and GPU kernel names) it recorded."""
-    activities = [ProfilerActivity.CPU]
     on_cuda = str(device).startswith("cuda")
-    if on_cuda:
-        activities.append(ProfilerActivity.CUDA)
-    prof = profile(activities=activities)
+    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])])
     with _quiet_native_stderr():
         prof.start()
     try:
@@ -286,10 +241,7 @@ def ops_that_ran(fn: Callable[[], Any], device: str = "cpu") -> Profiled:
     for event in prof.events():
         is_gpu = on_cuda and getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
         (kernels if is_gpu else ops).append(event.name)
-    counts: dict[str, int] = {}
-    for op in ops:
-        counts[op] = counts.get(op, 0) + 1
-    return Profiled(ops=list(dict.fromkeys(ops)), kernels=list(dict.fromkeys(kernels)), counts=counts)
+    return Profiled(ops=list(dict.fromkeys(ops)), kernels=list(dict.fromkeys(kernels)), counts=dict(Counter(ops)))
 
 
 def peak_extra_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
@@ -315,8 +267,4 @@ def peak_extra_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
     allocations = compat.profiler_allocations(prof)
     if allocations is None:
         return None
-    current = peak = 0
-    for _, nbytes in allocations:
-        current += nbytes
-        peak = max(peak, current)
-    return int(peak)
+    return int(max([0, *itertools.accumulate(nbytes for _, nbytes in allocations)]))  # the running total's peak

@@ -6,6 +6,7 @@ Functions elsewhere return data; this module only shows it.
 from __future__ import annotations
 
 import html
+from types import SimpleNamespace
 from typing import Any, Iterable, Sequence
 
 from labkit import compat, probes
@@ -20,27 +21,24 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def text_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], *, indent: int = 0,
-               headers: Sequence[str] | None = None) -> str:
+def text_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], *, indent: int = 0) -> str:
     """Rows of dicts as an aligned plain-text table with the given columns."""
-    rows = list(rows)
-    headers = list(headers or columns)
     cells = [[_cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
-    pad = " " * indent
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(columns)]
 
     def line(values: Sequence[str]) -> str:
-        return (pad + "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True))).rstrip()
+        return (" " * indent + "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True))).rstrip()
 
-    out = [line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells]
-    return "\n".join(out)
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
-def html_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], *, headers: Sequence[str] | None = None,
-               title: str = "", missing: str = "") -> str:
+def html_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], *, title: str = "", missing: str = "") -> str:
     """Rows of dicts as an HTML table (every value escaped, yes/no in colour, ``missing`` where a value is None):
-    the one HTML table of labkit, for notebooks and the run report alike."""
-    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in headers or columns)
+    the one HTML table of labkit, for notebooks and the run report alike.
+
+    Not pandas': ``DataFrame.to_html`` has no caption, and a ``Styler``'s HTML carries a random id per table and a
+    style rule per coloured cell, so that the same rows never give the same page twice."""
+    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in columns)
     body = []
     for row in rows:
         cells = []
@@ -56,29 +54,25 @@ def html_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], *, header
 class Table:
     """A table that JupyterLab shows as HTML and papermill/terminals show as aligned text."""
 
-    def __init__(self, rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None, *,
-                 title: str = "", headers: Sequence[str] | None = None):
+    def __init__(self, rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None, *, title: str = ""):
         if hasattr(rows, "to_dict"):  # a pandas DataFrame: its columns, in order; NaN shown as empty
             columns = columns or [str(c) for c in rows.columns]
             rows = [{str(k): (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
                     for r in rows.to_dict(orient="records")]
         self.rows = list(rows)
         self.columns = list(columns or (self.rows[0].keys() if self.rows else []))
-        self.headers = list(headers or self.columns)
         self.title = title
 
     def __repr__(self) -> str:
-        body = text_table(self.rows, self.columns, headers=self.headers)
-        return f"{self.title}\n{body}" if self.title else body
+        return "\n".join(filter(None, [self.title, text_table(self.rows, self.columns)]))
 
     def _repr_html_(self) -> str:
-        return html_table(self.rows, self.columns, headers=self.headers, title=self.title)
+        return html_table(self.rows, self.columns, title=self.title)
 
 
-def show(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None, *, title: str = "",
-         headers: Sequence[str] | None = None) -> None:
+def show(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None, *, title: str = "") -> None:
     """Display a table (rows of dicts, or a pandas DataFrame) in a notebook, or print it outside one."""
-    table = Table(rows, columns, title=title, headers=headers)
+    table = Table(rows, columns, title=title)
     if _shell() is None:
         print(repr(table))
         return
@@ -121,15 +115,10 @@ def short_errors() -> bool:
 
 # --------------------------------------------------------------------------- live board and pickers
 
-def _in_kernel() -> bool:
-    """True inside a Jupyter kernel (JupyterLab, papermill), False in a terminal or plain Python."""
-    shell = _shell()
-    return shell is not None and hasattr(shell, "kernel")
-
-
 def _ipywidgets():
-    """The ipywidgets module inside a Jupyter kernel, else None (then the plain-text form is used)."""
-    if not _in_kernel():
+    """The ipywidgets module inside a Jupyter kernel (JupyterLab, papermill), else None: in a terminal, plain Python
+    or a kernel without ipywidgets the plain-text form is used."""
+    if not hasattr(_shell(), "kernel"):
         return None
     try:
         import ipywidgets  # optional (the lab extra), and hidden by the fault matrix: text tables without it
@@ -147,22 +136,15 @@ class LiveBoard:
     Use it as a sweep's ``on_row`` callback: ``board.add(row)`` or ``board(row)``.
     """
 
-    def __init__(self, columns: Sequence[str], *, title: str = "", headers: Sequence[str] | None = None,
-                 total: int | None = None, mode: str = "auto"):
-        if mode not in ("auto", "widget", "text"):
-            raise ValueError(f"mode={mode!r}: use 'auto', 'widget' or 'text'")
-        self.columns = list(columns)
-        self.headers = list(headers or self.columns)
-        self.title = title
-        self.total = total
+    def __init__(self, columns: Sequence[str], *, title: str = "", total: int | None = None):
+        self.columns, self.title, self.total = list(columns), title, total
         self.rows: list[dict[str, Any]] = []
-        module = _ipywidgets() if mode in ("auto", "widget") else None
+        self.finished, self._handle = False, None
+        module = _ipywidgets()
         self.mode = "widget" if module is not None else "text"
-        self.finished = False
-        self._handle = None
         if self.mode == "widget":
             self.status = module.HTML(value=self._status_html())
-            self.table = module.HTML(value=html_table([], self.columns, headers=self.headers))
+            self.table = module.HTML(value=html_table([], self.columns))
             self.widget = module.VBox([self.status, self.table])
             from IPython.display import display  # in a kernel, so IPython is there (it is optional elsewhere)
 
@@ -172,17 +154,16 @@ class LiveBoard:
 
     def _status_html(self) -> str:
         count = f"{len(self.rows)}/{self.total}" if self.total else str(len(self.rows))
-        state = "done" if self.finished else "measuring"
-        return f"<b>{html.escape(self.title)}</b> &nbsp; {count} rows, {state}"
+        return f"<b>{html.escape(self.title)}</b> &nbsp; {count} rows, {'done' if self.finished else 'measuring'}"
 
     def add(self, row: dict[str, Any]) -> None:
         """Show one more row."""
         self.rows.append(row)
         if self.mode == "widget":
             self.status.value = self._status_html()
-            self.table.value = html_table(self.rows, self.columns, headers=self.headers)
+            self.table.value = html_table(self.rows, self.columns)
         else:
-            print("  " + "  ".join(f"{h}={_cell(row.get(c))}" for c, h in zip(self.columns, self.headers, strict=True)))
+            print("  " + "  ".join(f"{c}={_cell(row.get(c))}" for c in self.columns))
 
     __call__ = add
 
@@ -191,40 +172,21 @@ class LiveBoard:
         self.finished = True
         if self.mode == "widget":
             self.status.value = self._status_html()
-            if self._handle is not None:
-                self._handle.update(self)
-
-    def text(self) -> str:
-        """The board as a plain-text table."""
-        body = text_table(self.rows, self.columns, headers=self.headers)
-        return f"{self.title}\n{body}" if self.title else body
+            self._handle.update(self)
 
     def __repr__(self) -> str:
-        return self.text()
+        return repr(Table(self.rows, self.columns, title=self.title))
 
     def _repr_mimebundle_(self, **kwargs) -> dict[str, Any]:
         if self.mode != "widget":
-            return {"text/plain": self.text()}
-        bundle = dict(self.widget._repr_mimebundle_(**kwargs))
-        bundle["text/plain"] = self.text()
-        return bundle
-
-
-class Choice:
-    """A chosen value with no widget behind it (outside JupyterLab, or without ipywidgets)."""
-
-    def __init__(self, value: Any, options: Sequence[Any], description: str = ""):
-        self.value, self.options, self.description = value, list(options), description
-
-    def __repr__(self) -> str:
-        return f"{self.description or 'choice'}: {self.value!r} (options: {', '.join(map(str, self.options))})"
+            return {"text/plain": repr(self)}
+        return {**self.widget._repr_mimebundle_(**kwargs), "text/plain": repr(self)}
 
 
 def picker(options: Sequence[Any], value: Any = None, *, description: str = ""):
-    """A dropdown whose ``.value`` the next cell reads; a plain :class:`Choice` where widgets cannot show.
-
-    Under papermill the default ``value`` is what the next cell measures.
-    """
+    """A dropdown whose ``.value`` the next cell reads; where widgets cannot show, a plain object with the same
+    ``.value``, ``.options`` and ``.description``. Under papermill the default ``value`` is what the next cell
+    measures."""
     options = list(options)
     if not options:
         raise ValueError("a picker needs at least one option")
@@ -233,9 +195,8 @@ def picker(options: Sequence[Any], value: Any = None, *, description: str = ""):
         raise ValueError(f"value {value!r} is not one of the options {options}")
     module = _ipywidgets()
     if module is None:
-        choice = Choice(value, options, description)
-        print(repr(choice))
-        return choice
+        print(f"{description or 'choice'}: {value!r} (options: {', '.join(map(str, options))})")
+        return SimpleNamespace(value=value, options=options, description=description)
     from IPython.display import display  # in a kernel, so IPython is there (it is optional elsewhere)
 
     dropdown = module.Dropdown(options=options, value=value, description=description,
@@ -247,7 +208,6 @@ def picker(options: Sequence[Any], value: Any = None, *, description: str = ""):
 # --------------------------------------------------------------------------- a probe report, as tables
 
 SUMMARY_COLUMNS = ("device", "dtype", "input", "runs", "why_not")
-
 
 
 def sdpa_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -263,7 +223,6 @@ def sdpa_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{**e, "runs": ", ".join(e["runs"]) or "-", "why_not": " | ".join(e["why_not"])} for e in grouped.values()]
 
 
-
 def feature_rows(features: dict[str, Any]) -> list[dict[str, Any]]:
     """flash-attn, NCCL, gloo and GPU peer access as (feature, ok, detail) rows."""
     fa, collectives, topo = features["flash_attn"], features["nccl"], features["topology"]
@@ -275,7 +234,6 @@ def feature_rows(features: dict[str, Any]) -> list[dict[str, Any]]:
         {"feature": "GPU peer access", "ok": bool(topo["peer_access"]) and all(map(all, topo["peer_access"])),
          "detail": topo["reason"] or str(topo["peer_access"])},
     ]
-
 
 
 def probe_text(report: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ what one costs at each message size.
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from labkit import parallel, probes
-from labkit.timing import percentile, synchronize
+from labkit.timing import synchronize
 
 
 def bus_bandwidth(message_bytes: int, seconds: float, ranks: int) -> dict:
@@ -47,7 +48,7 @@ def time_all_reduce(sizes_bytes: list[int], *, device: str, warmup: int = 3, rep
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             if i >= warmup:
                 times.append(float(elapsed))
-        seconds = percentile(times, 50)
+        seconds = statistics.median(times)
         rows.append({"bytes": buffer.numel() * 4, "median_us": seconds * 1e6,
                      **bus_bandwidth(buffer.numel() * 4, seconds, ranks)})
     return rows

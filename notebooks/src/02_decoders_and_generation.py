@@ -151,7 +151,8 @@ if not sweep.empty:  # 2 FLOPs a weight a token (a multiply and an add), the att
     shown = ["model", "attention", "batch", "prompt tokens", "median ms", "p10 ms", "p90 ms", "tokens per s",
              "TFLOP/s", "peak MiB", "noisy"]
     lab.table("prefill", sweep[shown], title=f"Prefill ({lab.dtype_name})")
-    fig = plots.prefill_sweep(sweep, title=f"Prefill on {lab.device_label}, {lab.dtype_name}")
+    fig = plots.lines(sweep, x="prompt tokens", y="median ms", series="attention", panel="model", logx=True, logy=True,
+                      spread=("p10 ms", "p90 ms"), title=f"Prefill on {lab.device_label}, {lab.dtype_name}")
     lab.figure("prefill", fig)
 
 # %%

@@ -526,11 +526,8 @@ if sweep is not None:
     for r in speedups.to_dict("records"):
         lab.metric(f"speedup_fastpath_vs_sdpa_b{r['batch']}_n{r['length']}_pad{round(100 * r['padding'])}",
                    r["fastpath vs sdpa"])  # named as the reference runs name it
-    panels = {f"batch {b}, length {n}": {i: (s["padding"], s["real tokens/s"], s["noisy"])
-                                         for i, s in group.groupby("implementation")}
-              for (b, n), group in ok.groupby(["batch", "length"])}
-    fig = plots.panels(panels, xlabel="padding fraction", ylabel="real tokens/s",
-                       title=f"{lab.p.sweep_model} on {lab.device_label}, {lab.dtype_name}")
+    fig = plots.lines(ok, x="padding", y="real tokens/s", series="implementation", panel=["batch", "length"],
+                      xlabel="padding fraction", title=f"{lab.p.sweep_model} on {lab.device_label}, {lab.dtype_name}")
     lab.figure("real_tokens_per_s_vs_padding", fig)
 
 # %%

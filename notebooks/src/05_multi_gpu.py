@@ -430,9 +430,9 @@ lab.check("dp_tokens_equal_single_process", dp_same)
 for n, speedup in zip(dp_table["processes"][1:], dp_table["speed-up"][1:], strict=True):
     lab.metric(f"dp_{n}_speedup", speedup)
 lab.check("dp_speedup_at_most_n", (dp_table["speed-up"] <= 1.1 * dp_table["processes"]).all(), timing=True)
-lines = {"tensor parallel (one sequence)": (tp_table["processes"], tp_table["speed-up"]),
-         "data parallel (all prompts)": (dp_table["processes"], dp_table["speed-up"])}
-lab.figure("scaling", plots.scaling(lines, ylabel="speed-up over 1 process", title=lab.p.model_id))
+speed_ups = pd.concat([tp_table.assign(job="tensor parallel (one sequence)"),
+                       dp_table.assign(job="data parallel (all prompts)")])
+lab.figure("scaling", plots.scaling(speed_ups, ylabel="speed-up over 1 process", title=lab.p.model_id))
 
 # %% [markdown]
 # What was seen: the speed-up column, and the figure against the ideal line. On a CPU the processes share its cores:
@@ -611,9 +611,9 @@ ex.compare((chosen["TP"], chosen["PP"]), "(tp, pp) by the planner")
 # (`compat.tp_plan_skips_other_stages`). `scripts/tp_pp_keyerror.py` is the plain call alone, to report it.
 
 # %%
-rehearsal = launcher.launch_nodes(lab.p.scripts / "layouts.py", 2, 2, {
+rehearsal = launcher.launch(lab.p.scripts / "layouts.py", 2, {
     "layouts": ["tp_pp"], "model": lab.p.model_id, "dtype": lab.p.job_dtype, "new_tokens": lab.p.new_tokens,
-    "one_process_threads": launcher.threads_per_process(4)}, gpus=False)  # see the skip below
+    "one_process_threads": launcher.threads_per_process(4)}, nodes=2, gpus=False)  # see the skip below
 tp_pp = rehearsal["tp_pp"]
 print(f"{rehearsal['world_size']} processes on {rehearsal['nodes']} nodes met over {rehearsal['backend']}.")
 print("The plain call:", tp_pp["plain_error"] or "it loaded: this transformers combines TP and PP unaided")

@@ -78,7 +78,8 @@ def test_data_parallel_results_are_complete_in_order_and_equal_one_process(layou
 
 
 def test_tp_inside_two_nodes_and_pp_across_them():
-    run = launcher.launch_nodes(SCRIPTS / "layouts.py", 2, 2, {"layouts": ["tp_pp"], "new_tokens": 3}, echo=False)
+    run = launcher.launch(SCRIPTS / "layouts.py", 2, {"layouts": ["tp_pp"], "new_tokens": 3}, nodes=2, gpus=False,
+                          echo=False)
     result = run["tp_pp"]
     assert (run["world_size"], run["nodes"]) == (4, 2) and result["sizes"] == {"tp_size": 2, "pp_size": 2}
     assert result["token_ids"] == result["one_process_token_ids"]

@@ -41,21 +41,26 @@ def test_bars_with_a_limit_line():
     assert len(ax.patches) == 2 and ax.lines[0].get_xdata()[0] == 4.0
 
 
-def test_panels_draw_one_axis_per_panel_and_one_line_per_label():
-    fig = plots.panels({"batch 8": {"a": ([0, 0.5], [1, 2]), "b": ([0, 0.5], [2, 1])}, "batch 32": {"a": ([0], [3])}},
-                       xlabel="padding", ylabel="tokens/s")
-    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2 and fig.axes[1].get_title() == "batch 32"
+def test_lines_draw_one_axis_per_panel_and_one_line_per_series():
+    rows = [{"batch": b, "length": 64, "way": w, "padding": p, "tokens/s": t}
+            for b, w, p, t in ((8, "a", 0, 1), (8, "a", 0.5, 2), (8, "b", 0, 2), (8, "b", 0.5, 1), (32, "a", 0, 3))]
+    fig = plots.lines(rows, x="padding", y="tokens/s", series="way", panel=["batch", "length"])
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2 and fig.axes[1].get_title() == "batch 32, length 64"
+    assert plots.lines(rows, x="padding", y="tokens/s", series="way", panel="batch").axes[1].get_title() == "32"
 
 
-def test_panels_cross_the_noisy_points_only():
-    fig = plots.panels({"batch 8": {"fastpath": ([0, 0.5, 0.75], [1, 2, 3], [False, True, False]),
-                                    "sdpa": ([0, 0.5], [2, 1])}}, xlabel="padding", ylabel="tokens/s")
-    crosses = [c for c in fig.axes[0].collections if c.get_label() == "noisy (not used)"]
+def test_lines_cross_the_noisy_points_only():
+    rows = [{"way": "fastpath", "padding": p, "tokens/s": t, "noisy": n}
+            for p, t, n in ((0, 1, False), (0.5, 2, True), (0.75, 3, False))] + \
+        [{"way": "sdpa", "padding": 0, "tokens/s": 2}]
+    crosses = [c for c in plots.lines(rows, x="padding", y="tokens/s", series="way").axes[0].collections
+               if c.get_label() == "noisy (not used)"]
     assert len(crosses) == 1 and [tuple(p) for p in crosses[0].get_offsets()] == [(0.5, 2)]
-    assert not plots.panels({"b": {"a": ([0], [1], [False])}}, xlabel="x", ylabel="y").axes[0].collections
+    assert not plots.lines([{"way": "a", "padding": 0, "tokens/s": 1, "noisy": False}], x="padding", y="tokens/s",
+                           series="way").axes[0].collections
 
 
-def test_prefill_sweep_draws_a_panel_per_model_and_marks_noisy_points():
+def test_lines_with_a_spread_draw_error_bars_and_a_panel_per_model():
     import pandas as pd
 
     table = pd.DataFrame([{"model": m, "attention": i, "prompt tokens": n, "median ms": t, "p10 ms": t * 0.9,
@@ -63,11 +68,19 @@ def test_prefill_sweep_draws_a_panel_per_model_and_marks_noisy_points():
                           for m, i, n, t, noisy in (("a", "eager", 32, 2.0, False), ("a", "eager", 128, 1.0, True),
                                                     ("a", "sdpa", 32, 1.5, False), ("a", "sdpa", 128, 3.0, False),
                                                     ("b", "sdpa", 32, 0.5, False))])
-    fig = plots.prefill_sweep(table)
+    fig = plots.lines(table, x="prompt tokens", y="median ms", series="attention", panel="model",
+                      spread=("p10 ms", "p90 ms"), logx=True, logy=True)
     assert [ax.get_title() for ax in fig.axes] == ["a", "b"]
-    labels = fig.axes[0].get_legend_handles_labels()[1]
-    assert "eager: noisy, no conclusion" in labels and "sdpa: noisy, no conclusion" not in labels
-    assert plots.prefill_sweep(pd.DataFrame()).axes[0].get_title() == "(nothing measured)"
+    assert fig.axes[0].containers and fig.axes[0].get_xscale() == "log"  # the p10-p90 error bars
+    assert sorted(fig.axes[0].get_legend().get_texts()[i].get_text() for i in range(3)) == \
+        ["eager", "noisy (not used)", "sdpa"]  # the cross once, although both series could have one
+    assert plots.lines(pd.DataFrame(), x="n", y="ms", series="a", panel="m").axes[0].get_title() == "(nothing measured)"
+
+
+def test_scaling_draws_each_job_beside_the_ideal():
+    rows = [{"job": j, "processes": n, "speed-up": s} for j, n, s in (("tp", 1, 1.0), ("tp", 2, 1.6), ("dp", 2, 1.9))]
+    ax = plots.scaling(rows, ylabel="speed-up").axes[0]
+    assert [line.get_label() for line in ax.lines] == ["tp", "dp", "ideal: N x"]
 
 
 def test_quantized_formats_draws_three_panels_of_one_bar_per_format():

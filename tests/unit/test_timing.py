@@ -1,6 +1,5 @@
 import time
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,14 +11,9 @@ from labkit.errors import BadParameter
 samples = st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=50)
 
 
-@given(samples, st.floats(min_value=0, max_value=100))
-def test_percentile_matches_numpy(values, q):
-    assert timing.percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-9, abs=1e-9)
-
-
 @given(samples)
 def test_spread_is_ordered(values):
-    t = timing.Timing(device="cpu", warmup=0, repeats=len(values), times_ms=values)
+    t = timing.Timing(device="cpu", times_ms=values)
     assert min(values) <= t.p10_ms <= t.median_ms <= t.p90_ms <= max(values)
 
 
@@ -36,7 +30,6 @@ def test_measure_calls_warmup_plus_repeats(warmup, repeats):
 def test_measure_sees_real_time():
     result = timing.measure(lambda: time.sleep(0.01), warmup=0, repeats=3)
     assert 9 <= result.median_ms < 200
-    assert "ms median" in str(result)
 
 
 def test_measure_rejects_bad_counts():

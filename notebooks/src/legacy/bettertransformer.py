@@ -332,14 +332,12 @@ widgets.show([{k: r[k] for k in ("model", "padding", "BT vs eager", "BT vs sdpa"
 if encoder_rows:
     from labkit import plots
 
-    data = {}
-    for name in dict.fromkeys(r["model"] for r in encoder_rows):
-        mine = [r for r in encoder_rows if r["model"] == name]
-        data[name] = {label: ([r["padding"] for r in mine],
-                              [batch * length * (1 - r["padding"]) / (r[f"{label} ms"] / 1e3) for r in mine])
-                      for label in ("eager", "sdpa", "BetterTransformer", "labkit fastpath")}
-    fig = plots.panels(data, xlabel="padding fraction", ylabel="real tokens/s",
-                       title=f"Legacy BetterTransformer and today's paths, {batch} x {length} on {device}")
+    data = pd.DataFrame([{"model": r["model"], "padding": r["padding"], "implementation": label,
+                          "real tokens/s": batch * length * (1 - r["padding"]) / (r[f"{label} ms"] / 1e3)}
+                         for r in encoder_rows for label in ("eager", "sdpa", "BetterTransformer", "labkit fastpath")])
+    fig = plots.lines(data, x="padding", y="real tokens/s", series="implementation", panel="model",
+                      xlabel="padding fraction",
+                      title=f"Legacy BetterTransformer and today's paths, {batch} x {length} on {device}")
     res.figure("real_tokens_per_s_vs_padding", fig)
     # The claim is checked where padding leaves the most to skip, on the model with the most work, and only where
     # that work outweighs the floor (one 8-token call): below it, nothing can get faster by skipping padding.
