@@ -270,8 +270,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from labkit import models
 
-    for name, folder in models.prepare_embedded().items():
-        print(f"{name}: ready in {folder}")
+    for name, folder in {"smollm2-135m": models.smollm2_folder(), "minilm-l6": models.minilm_folder()}.items():
+        print(f"{name}: ready in {folder}")  # the one-time GGUF conversion is done: every embedded model loads offline
     return 0
 
 
@@ -293,7 +293,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.quick is None and isinstance(parameters.get("quick"), bool):
         args.quick = parameters.pop("quick")  # -p quick=true is --quick
     if args.quick is None:
-        has_gpu = bool(probes.devices()["cuda"])
+        has_gpu = len(probes.device_names()) > 1  # the CPU and a CUDA device
         quick = not has_gpu
         why = ("a CUDA GPU was found, so full sizes" if has_gpu
                else "no CUDA GPU found, so quick sizes (--full for full sizes)")
