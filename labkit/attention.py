@@ -64,7 +64,7 @@ class Parameters(models.ModelParameters):
         self.seq_lengths = sorted(set(self.seq_lengths or lengths))
         self.head_dims, self.warmup, self.repeats = sorted(set(self.head_dims)), 1 if quick else 2, self.repeats or 5
         self.resolve_model(device)  # dtype, max_new_tokens and model_id: a wrong name stops here
-        self.runnable = [b for b in BACKENDS if probes.try_sdpa(device, self.dtype, "plain", b).ok]
+        self.runnable = [b for b in BACKENDS if probes.try_sdpa(device, self.dtype, "plain", b)["ok"]]
         # Compiling FlexAttention's CPU kernel takes longer than a whole quick run the first time: quick CPU runs
         # measure the uncompiled path, and say so.
         compiled = (on_gpu or not quick) if self.compile_flex == "auto" else self.compile_flex
@@ -102,7 +102,7 @@ def refusal(call: Callable[[], Any], device: str, backend: str) -> str:
             error = str(err)
             if "No available kernel" not in error and "No viable backend" not in error:
                 raise
-    return probes.explain_refusal(error, probes.refusal_reasons([str(w.message) for w in caught]), [backend], device)
+    return probes.explain_refusal(error, caught, [backend], device)
 
 
 def math_too_big(device: str, batch: int, heads: int, seq: int) -> str:

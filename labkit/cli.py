@@ -236,8 +236,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from labkit import models
 
-    for name, folder in models.prepare_embedded().items():
-        print(f"{name}: ready in {folder}")
+    for name, folder in {"smollm2-135m": models.smollm2_folder(), "minilm-l6": models.minilm_folder()}.items():
+        print(f"{name}: ready in {folder}")  # the one-time GGUF conversion is done: every embedded model loads offline
     return 0
 
 
@@ -260,7 +260,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.quick is None and isinstance(parameters.get("quick"), bool):
         args.quick = parameters.pop("quick")  # -p quick=true is --quick
     if args.quick is None:
-        quick = not probes.devices()["cuda"]
+        quick = len(probes.device_names()) <= 1  # the CPU alone: no CUDA device
         why = "no CUDA GPU found, so quick sizes (--full for full sizes)" if quick else \
             "a CUDA GPU was found, so full sizes"
     else:

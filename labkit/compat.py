@@ -17,9 +17,9 @@ from typing import Any
 
 
 # torch 2.11-2.13: the profiler's public API has no per-allocation records on CPU; its kineto results do
-# (``[memory]`` events with a size). labkit.timing.peak_extra_memory reads them; None means "not measured".
+# (``[memory]`` events with a size): (start_ns, nbytes) of every allocation and free a finished CPU profile recorded.
+# labkit.timing.peak_extra_memory reads them; None means "not measured".
 def profiler_allocations(prof) -> list[tuple[int, int]] | None:
-    """(start_ns, nbytes) of every allocation and free a finished CPU profile recorded, or None if unreadable."""
     try:
         events = prof.profiler.kineto_results.events()
         return sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
@@ -27,10 +27,10 @@ def profiler_allocations(prof) -> list[tuple[int, int]] | None:
         return None
 
 
-# torch 2.11-2.13: nn.TransformerEncoder takes its nested-tensor fastpath only when the padding is on the right,
-# which it tests with this private op; labkit.fastpath.why_not_fastpath asks the same question the same way.
+# torch 2.11-2.13: nn.TransformerEncoder takes its nested-tensor fastpath only when the padding is on the right (every
+# sequence's tokens first, ``mask`` True at padding), which it tests with this private op;
+# labkit.fastpath.why_not_fastpath asks the same question the same way.
 def padding_is_right_aligned(src, src_key_padding_mask) -> bool:
-    """True when every sequence's tokens come first and its padding after (``mask`` True at padding)."""
     import torch
 
     return bool(torch._nested_tensor_from_mask_left_aligned(src, src_key_padding_mask.logical_not()))
@@ -54,16 +54,15 @@ def cpu_accelerator_without_gpus():
 
 
 # transformers 5.x renamed the forward argument ``past_key_values`` to ``cache`` in newer releases, and the output
-# key with it; 5.17 has the old names, 5.24 and newer the new ones.
+# key with it; 5.17 has the old names, 5.24 and newer the new ones. Also: whether forward takes cache positions and
+# logits_to_keep.
 def forward_keywords(model) -> dict[str, Any]:
-    """How this release names the cache argument, and whether forward takes cache positions and logits_to_keep."""
     params = inspect.signature(model.forward).parameters
     return {"cache": "cache" if "cache" in params else "past_key_values",
             "cache_position": "cache_position" in params, "logits_to_keep": "logits_to_keep" in params}
 
 
-def output_cache(output):
-    """The KV cache a forward pass with ``use_cache=True`` returned, under either name."""
+def output_cache(output):  # the KV cache a forward pass with ``use_cache=True`` returned, under either name
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
@@ -84,7 +83,6 @@ def set_layer_attention(config, name: str) -> None:
 # its sequences apart by itself; 5.17-5.24 build no mask there (the argument lands in **kwargs), and a packed BERT row
 # without a mask lets its sequences attend to each other. Notebook 03 measures which; this says which to expect.
 def encoder_mask_from_position_ids() -> bool:
-    """Whether this transformers builds an encoder's packed-sequence mask from restarting ``position_ids``."""
     from transformers.masking_utils import create_bidirectional_mask
 
     return "position_ids" in inspect.signature(create_bidirectional_mask).parameters
@@ -93,15 +91,13 @@ def encoder_mask_from_position_ids() -> bool:
 # transformers 5.25 and newer: ``transformers serve --max-model-len N`` refuses (HTTP 400) a request whose prompt
 # leaves no room for an answer in N tokens, and without the flag N is the model's context (cli/serving/utils.py,
 # ``_check_prompt_length``); 5.17-5.24 check no length, and a prompt the KV cache cannot hold reaches the scheduler.
-def serve_takes_max_model_len() -> bool:
-    """Whether this ``transformers serve`` has ``--max-model-len`` (read from its command's signature)."""
+def serve_takes_max_model_len() -> bool:  # read from its command's signature
     from transformers.cli.serve import Serve
 
     return "max_model_len" in inspect.signature(Serve.__init__).parameters
 
 
-def attn_implementation(model) -> str:
-    """The attention implementation a loaded model runs (transformers keeps it in a private config field)."""
+def attn_implementation(model) -> str:  # what a loaded model runs: transformers keeps it in a private config field
     return model.config._attn_implementation
 
 
@@ -118,7 +114,6 @@ def show_short_traceback(shell, etype, value, lines: list[str]) -> None:
 # This drops the plan's entries for what this stage does not hold.
 @contextlib.contextmanager
 def tp_plan_skips_other_stages():
-    """Within this block, loading with tensor and pipeline parallelism together works (see the comment above)."""
     from transformers.distributed import mixin
     from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
 
@@ -141,43 +136,35 @@ def tp_plan_skips_other_stages():
         mixin.apply_tensor_parallelism = original
 
 
-# torch 2.11-2.13: nn.TransformerEncoderLayer leaves its fused path when the module has forward hooks or pre-hooks,
-# which it counts in private dictionaries; labkit.fastpath.why_not_fused asks the same question the same way.
+# torch 2.11-2.13: nn.TransformerEncoderLayer leaves its fused path when the module (or one inside it) has forward
+# hooks or pre-hooks, which it counts in private dictionaries; labkit.fastpath.why_not_fused asks the same way.
 def has_forward_hooks(module) -> bool:
-    """True when ``module`` or a module inside it has a forward hook or pre-hook."""
     return any(len(getattr(m, "_forward_hooks", {})) + len(getattr(m, "_forward_pre_hooks", {}))
                for m in module.modules())
 
 
-# torch 2.11-2.13: the module a torch.compile wrapper (OptimizedModule) holds, in a private attribute.
+# torch 2.11-2.13: the module a torch.compile wrapper (OptimizedModule) holds, in a private attribute (None: plain).
 def compiled_original(module):
-    """The module ``torch.compile`` wrapped, or None for a plain module."""
     return getattr(module, "_orig_mod", None)
 
 
 # accelerate 1.15: add_hook_to_module replaces ``forward`` and keeps its hook in a private attribute (no torch hook).
-def accelerate_hooks(module) -> int:
-    """How many modules inside ``module`` carry an accelerate hook (device_map dispatch, offloading)."""
+def accelerate_hooks(module) -> int:  # how many modules carry one (device_map dispatch, offloading)
     return sum(hasattr(m, "_hf_hook") for m in module.modules())
 
 
 # torchao 0.18 on a machine without its CUDA libraries: transformers imports torchao in every from_pretrained once it
 # is installed, and that import logs each CUDA-only library of its wheel it cannot load, and torch a note on the
 # enums torchao registers with its compiler. Log records, not warnings: nothing the deprecation canary watches is
-# hidden. Installed when labkit is imported.
-class _DropImportChatter(logging.Filter):
-    CHATTER = ("Failed to load ", "is an Enum subclass and is now natively supported")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in str(record.msg) for text in self.CHATTER)
+# hidden. Installed when labkit is imported (once per logger).
+def _not_chatter(record: logging.LogRecord) -> bool:
+    return not any(text in str(record.msg) for text in ("Failed to load ", "is an Enum subclass and is now natively"))
 
 
 def drop_import_chatter() -> None:
-    """Keep torchao's import chatter out of the notebooks (idempotent)."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropImportChatter) for f in logger.filters):
-            logger.addFilter(_DropImportChatter())
+    for logger in map(logging.getLogger, ("torchao", "torch.utils._pytree")):
+        if _not_chatter not in logger.filters:
+            logger.addFilter(_not_chatter)
 
 
 @contextlib.contextmanager

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterator
+from collections import Counter
+from typing import Any
 
 import torch
 
 from labkit import compat, roofline
-from labkit.errors import BadParameter, check_sizes
+from labkit.errors import BadParameter
 
 BNB_FORMATS = ("fp4", "nf4", "nf4-double", "int8")
 TORCHAO_FORMATS = ("torchao-int8", "torchao-int4", "torchao-float8")
@@ -55,19 +56,10 @@ def four_bit_parts(count: int, *, blocksize: int = BLOCKSIZE, double: bool = Fal
     """(packed weight bytes, scale bytes) of ``count`` weights in bitsandbytes' 4-bit formats: half a byte per weight;
     one float32 absmax per block of ``blocksize`` and the 16-entry float32 code table of the format. With double
     quantization the absmax values are stored in 8 bits, with one float32 scale per 256 of them, their own 256-entry
-    float32 code table and one float32 offset."""
+    float32 code table and one float32 offset. Their sum is the one formula for a 4-bit size."""
     blocks = -(-count // blocksize)
-    if double:
-        scales = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 * NESTED_BLOCK + 4
-    else:
-        scales = 4 * blocks
+    scales = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 * NESTED_BLOCK + 4 if double else 4 * blocks
     return (count + 1) // 2, scales + 4 * CODE_ENTRIES
-
-
-def four_bit_bytes(count: int, *, blocksize: int = BLOCKSIZE, double: bool = False) -> int:
-    """Bytes of ``count`` weights in a bitsandbytes 4-bit format, scales included (:func:`four_bit_parts`): the one
-    formula for a 4-bit size."""
-    return sum(four_bit_parts(count, blocksize=blocksize, double=double))
 
 
 def int4_weight_only_parts(rows: int, cols: int, *, group_size: int = INT4_GROUP_SIZE, element_bytes: int = 2,
@@ -89,19 +81,17 @@ def weight_parts(name: str, rows: int, cols: int, *, element_bytes: int = 2, dev
     count = rows * cols
     if name in ("fp4", "nf4", "nf4-double"):
         return four_bit_parts(count, double=name == "nf4-double")
-    if name == "int8":  # LLM.int8: int8 weights and one float32 scale per row
+    if name in ("int8", "torchao-float8"):  # LLM.int8's int8 or torchao's float8 weights, one float32 scale per row
         return count, 4 * rows
     if name == "torchao-int8":  # int8 weights, a float32 scale and an int8 zero point per row
         return count, rows * (4 + 1)
     if name == "torchao-int4":
         return None if cols % group_size else int4_weight_only_parts(rows, cols, group_size=group_size,
                                                                     element_bytes=element_bytes, device=device)
-    if name == "torchao-float8":  # float8 weights and one float32 scale per row
-        return count, 4 * rows
     raise BadParameter(f"format {name!r} stores no quantized weights.")
 
 
-def predict_footprint(model, name: str, *, device: str = "cpu", group_size: int = INT4_GROUP_SIZE) -> dict[str, int]:
+def predict_footprint(model, name: str, *, device: str = "cpu") -> dict[str, int]:
     """Predict the bytes of ``model`` (a 16-bit model, before quantization) in format ``name`` from its own tensors:
     ``kept`` (what stays 16-bit), ``weights`` (the quantized weight matrices) and ``scales`` (what the format keeps
     beside them). A tensor shared by two modules (tied embeddings) counts once."""
@@ -114,8 +104,7 @@ def predict_footprint(model, name: str, *, device: str = "cpu", group_size: int 
         seen.add(id(tensor))
         layer = layers.get(id(tensor))
         stored = None if name == "16-bit" or layer is None else weight_parts(
-            name, layer.out_features, layer.in_features, element_bytes=tensor.element_size(), device=device,
-            group_size=group_size)
+            name, layer.out_features, layer.in_features, element_bytes=tensor.element_size(), device=device)
         if stored is None:
             parts["kept"] += tensor.numel() * tensor.element_size()
         else:
@@ -126,34 +115,8 @@ def predict_footprint(model, name: str, *, device: str = "cpu", group_size: int 
 
 def _plain_bytes(tensor) -> int:
     if hasattr(tensor, "__tensor_flatten__"):  # a tensor subclass holding other tensors
-        inner, _ = tensor.__tensor_flatten__()
-        return sum(_plain_bytes(getattr(tensor, n)) for n in inner)
+        return sum(_plain_bytes(getattr(tensor, n)) for n in tensor.__tensor_flatten__()[0])
     return tensor.numel() * tensor.element_size()
-
-
-def _tensor_parts(tensor, seen: set[int], moved_scales: dict[int, Any]) -> Iterator[tuple[str, int]]:
-    """(part, bytes) of what one parameter really holds; bitsandbytes' scales live beside the parameter (or, for
-    LLM.int8 after its first forward pass, in its layer's ``state``: ``moved_scales``)."""
-    if hasattr(tensor, "__tensor_flatten__"):  # torchao: the packed weights ("qdata") and their scales inside
-        inner, _ = tensor.__tensor_flatten__()
-        for n in inner:
-            yield ("weights" if n == "qdata" else "scales"), _plain_bytes(getattr(tensor, n))
-        return
-    state = getattr(tensor, "quant_state", None)
-    row_scales = getattr(tensor, "SCB", None)
-    if row_scales is None:
-        row_scales = moved_scales.get(id(tensor))
-    if state is None and row_scales is None:
-        yield "kept", tensor.numel() * tensor.element_size()
-        return
-    yield "weights", tensor.numel() * tensor.element_size()
-    extra = [row_scales] if row_scales is not None else [state.absmax, state.code]
-    if state is not None and state.nested:
-        extra += [state.state2.absmax, state.state2.code, state.offset]
-    for t in extra:
-        if t is not None and id(t) not in seen:
-            seen.add(id(t))
-            yield "scales", t.numel() * t.element_size()
 
 
 def count_footprint(model) -> dict[str, int]:
@@ -162,41 +125,41 @@ def count_footprint(model) -> dict[str, int]:
     presents: right for plain tensors, blind to bitsandbytes' scales (kept beside the parameter) and wrong for
     torchao's tensor subclasses (each presents its 16-bit dtype while holding int8 or packed int4 inside)."""
     parts, seen = {"kept": 0, "weights": 0, "scales": 0}, set()
-    moved_scales = _int8_scales_in_state(model)
+    # LLM.int8's row scales move from ``weight.SCB`` into the layer's ``state.SCB`` at its first forward pass
+    # (bitsandbytes' ``Linear8bitLt.init_8bit_state``): found there by the weight's id.
+    moved = {id(m.weight): m.state.SCB for m in model.modules()
+             if getattr(getattr(m, "state", None), "SCB", None) is not None and getattr(m, "weight", None) is not None}
+
+    def add(part: str, tensor) -> None:
+        if tensor is not None and id(tensor) not in seen:
+            seen.add(id(tensor))
+            parts[part] += tensor.numel() * tensor.element_size()
+
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) in seen:
             continue
-        seen.add(id(tensor))
-        for part, size in _tensor_parts(tensor, seen, moved_scales):
-            parts[part] += size
+        if hasattr(tensor, "__tensor_flatten__"):  # torchao: the packed weights ("qdata") and their scales inside
+            seen.add(id(tensor))
+            for n in tensor.__tensor_flatten__()[0]:
+                parts["weights" if n == "qdata" else "scales"] += _plain_bytes(getattr(tensor, n))
+            continue
+        state = getattr(tensor, "quant_state", None)  # bitsandbytes 4-bit: the scales live beside the parameter
+        row_scales = getattr(tensor, "SCB", None)
+        row_scales = moved.get(id(tensor)) if row_scales is None else row_scales
+        add("kept" if state is None and row_scales is None else "weights", tensor)
+        extra = [row_scales] if row_scales is not None else [] if state is None else [state.absmax, state.code]
+        if state is not None and state.nested:
+            extra += [state.state2.absmax, state.state2.code, state.offset]
+        for t in extra:
+            add("scales", t)
     return parts
-
-
-def _int8_scales_in_state(model) -> dict[int, Any]:
-    """LLM.int8's row scales that moved off their weight: bitsandbytes' ``Linear8bitLt`` moves ``weight.SCB`` into
-    its ``state.SCB`` at the first forward pass (``init_8bit_state``), so they are found by the weight's id."""
-    moved = {}
-    for module in model.modules():
-        state, weight = getattr(module, "state", None), getattr(module, "weight", None)
-        scales = getattr(state, "SCB", None)
-        if weight is not None and scales is not None and getattr(weight, "SCB", None) is None:
-            moved[id(weight)] = scales
-    return moved
 
 
 # --------------------------------------------------------------------------- devices and machines, real or typed in
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(g|gb|gib|m|mb|mib|t|tb|tib)\s*$", re.IGNORECASE)
-_UNITS = {"g": GIB, "m": 2**20, "t": 2**40}
+_DEVICES = re.compile(r"^\s*(?:(\d+)\s*[x×*]\s*)?(\d+(?:\.\d+)?)\s*([gmt])(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"g": GIB, "m": 2**20, "t": 2**40}  # as GPU makers use them, GB here are GiB (2**30 bytes)
 _NODES = re.compile(r"^\s*(\d+)\s*nodes?\s*[x×*]\s*(.+)$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes in "24 GB", "80GiB" or "512 MB". As GPU makers use them, GB here are GiB (2**30 bytes)."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise BadParameter(f"{text!r} is not a memory size; write it like '24 GB' or '80GiB'.")
-    return int(float(match.group(1)) * _UNITS[match.group(2)[0].lower()])
 
 
 def parse_devices(text: str) -> list[dict[str, Any]]:
@@ -206,20 +169,15 @@ def parse_devices(text: str) -> list[dict[str, Any]]:
     """
     if str(text).strip().lower() in ("", "present"):
         return devices_present()
-    example = "write devices like '2 x 24 GB', '8 x 80 GB', '24 GB + 12 GB' or '2 nodes x 8 x 80 GB'"
-    out: list[dict[str, Any]] = []
+    sizes: list[int] = []
     for part in re.split(r"[+,]", str(text)):
-        match = re.match(r"^\s*(?:(\d+)\s*[x×*]\s*)?(.+)$", part, re.IGNORECASE)
-        count = int(match.group(1) or 1) if match else 0
-        try:
-            size_bytes = parse_size(match.group(2)) if match else 0
-        except BadParameter:
-            size_bytes = 0
-        if count < 1 or size_bytes <= 0:
-            raise BadParameter(f"devices={text!r}: {example}.")
-        first = len(out)
-        out.extend({"name": f"gpu{first + i}", "bytes": size_bytes} for i in range(count))
-    return out
+        match = _DEVICES.match(part)
+        size = int(float(match.group(2)) * _UNITS[match.group(3).lower()]) if match else 0
+        if size <= 0 or int(match.group(1) or 1) < 1:
+            raise BadParameter(f"devices={text!r}: write devices like '2 x 24 GB', '8 x 80 GB', '24 GB + 12 GB' or "
+                               "'2 nodes x 8 x 80 GB'.")
+        sizes += [size] * int(match.group(1) or 1)
+    return [{"name": f"gpu{i}", "bytes": size} for i, size in enumerate(sizes)]
 
 
 def parse_machine(text: str) -> dict[str, Any]:
@@ -249,56 +207,28 @@ def devices_present() -> list[dict[str, Any]]:
 
 def describe_devices(devices: list[dict[str, Any]]) -> str:
     """"2 x 24.0 GiB" style text for a device list."""
-    if not devices:
-        return "no GPU"
-    groups: dict[float, int] = {}
-    for device in devices:
-        size = round(device["bytes"] / GIB, 1)
-        groups[size] = groups.get(size, 0) + 1
-    return " + ".join(f"{n} x {size:g} GiB" for size, n in groups.items())
+    sizes = Counter(round(device["bytes"] / GIB, 1) for device in devices)
+    return " + ".join(f"{n} x {size:g} GiB" for size, n in sizes.items()) or "no GPU"
 
 
 def memory_needed(model, *, fmt: str = "16-bit", batch: int = 1, context: int = 4096,
-                  element_bytes: int = 2) -> dict[str, int]:
+                  kv_dtype: Any = "float16") -> dict[str, int]:
     """Bytes to serve ``model``: its weights stored in format ``fmt`` (:func:`predict_footprint`: what is not
     quantized keeps the model's own dtype, so build a plan's model in 16-bit) and the KV cache of ``batch`` sequences
-    of ``context`` tokens with ``element_bytes`` per number (2: 16-bit). Activations are small beside these at decode
-    time and are left to the planning margin."""
-
-    check_sizes(1, batch=batch, context=context)
-    if element_bytes not in (1, 2, 4):
-        raise BadParameter(f"element_bytes={element_bytes!r}: use 1, 2 (16-bit) or 4 (float32).")
+    of ``context`` tokens in ``kv_dtype``. Activations are small beside these at decode time and are left to the
+    planning margin."""
     weights = sum(predict_footprint(model, fmt).values())
-    kv = roofline.kv_cache_bytes(model.config, batch=batch, context=context,
-                                 dtype={1: "int8", 2: "float16", 4: "float32"}[element_bytes])
+    kv = roofline.kv_cache_bytes(model.config, batch=batch, context=context, dtype=kv_dtype)
     return {"weights": weights, "kv_cache": kv, "total": weights + kv}
 
 
 def cache_bytes(output) -> int:
     """Bytes of the keys and values held in the cache a forward pass returned (``model(..., use_cache=True)``); a
     pipeline stage's cache holds only its own layers."""
-    cache = compat.output_cache(output)
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for layer in compat.output_cache(output).layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
 
 
 def devices_needed(total_bytes: int, device_bytes: int, *, usable: float = USABLE_FRACTION) -> int:
     """The fewest devices of ``device_bytes`` that hold ``total_bytes``, filling each to ``usable``."""
     return max(1, math.ceil(total_bytes / (device_bytes * usable)))
-
-
-def fit(need: dict[str, int], devices: list[dict[str, Any]], *, usable: float = USABLE_FRACTION) -> dict[str, Any]:
-    """Does ``need`` (from :func:`memory_needed`) fit on one of ``devices``, and on all of them together?"""
-    if not devices:
-        return {"one_device": False, "all_devices": False, "devices_needed": None,
-                "share_per_device": None}
-    smallest = min(d["bytes"] for d in devices)
-    total = sum(d["bytes"] for d in devices)
-    return {"one_device": need["total"] <= max(d["bytes"] for d in devices) * usable,
-            "all_devices": need["total"] <= total * usable,
-            "devices_needed": devices_needed(need["total"], smallest, usable=usable),
-            "share_per_device": need["total"] / len(devices) / smallest}

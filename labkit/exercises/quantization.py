@@ -10,7 +10,7 @@ from labkit.exercises.core import Exercise, NotAttempted, Wrong, predicted
 
 def nf4_mib(rows, cols, blocksize):
     # half a byte per weight, plus one float32 absmax scale per block of `blocksize` weights
-    return footprint.four_bit_bytes(rows * cols, blocksize=blocksize) / 2**20
+    return sum(footprint.four_bit_parts(rows * cols, blocksize=blocksize)) / 2**20
 
 
 def _nf4_footprint(answer, c):

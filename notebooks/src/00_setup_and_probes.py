@@ -106,8 +106,7 @@ def force(backends, q, k, v, **inputs):
                 torch.cuda.synchronize(q.device)  # an asynchronous kernel failure surfaces here
             return "", ""
         except RuntimeError as err:
-            said = probes.refusal_reasons([str(w.message) for w in caught])
-            return str(err).strip(), probes.explain_refusal(str(err), said, backends, lab.device)
+            return str(err).strip(), probes.explain_refusal(str(err), caught, backends, lab.device)
 
 # %% [markdown]
 # Now each backend in turn, on a tiny input (batch 1, 2 heads, 8 positions, head size 16) in float32, float16 and

@@ -361,7 +361,8 @@ eligible = []
 for case, inputs in cases.items():  # one tiny call per case, forced to one backend at a time
     for backend in probes.BACKENDS:
         tried = probes.try_sdpa(lab.device, **{"dtype": lab.dtype_name, **inputs}, backends=backend)
-        eligible.append({"case": case, "backend": backend, "runs": tried.ok, "why not (PyTorch's words)": tried.reason})
+        eligible.append({"case": case, "backend": backend, "runs": tried["ok"],
+                         "why not (PyTorch's words)": tried["reason"]})
 eligible = pd.DataFrame(eligible)
 grid = eligible.pivot(index="case", columns="backend", values="runs").loc[list(cases), probes.BACKENDS].reset_index()
 lab.table("eligibility", grid, title=f"Does it run? ({lab.dtype_name} unless the case says otherwise, on {lab.device})")
@@ -530,9 +531,9 @@ for dtype_name in dtypes:
     for backend in probes.BACKENDS:
         tried = probes.try_sdpa(lab.device, dtype_name, "causal", backend, head_dim=64)  # does it run at all?
         with sdpa_kernel(getattr(SDPBackend, backend)):
-            output = F.scaled_dot_product_attention(q, k, v, is_causal=True) if tried.ok else None
+            output = F.scaled_dot_product_attention(q, k, v, is_causal=True) if tried["ok"] else None
         error = None if output is None else relative_error(output, reference)
-        accuracy.append({"dtype": dtype_name, "backend": backend, "relative error": error, "why not": tried.reason})
+        accuracy.append({"dtype": dtype_name, "backend": backend, "relative error": error, "why not": tried["reason"]})
 accuracy = pd.DataFrame(accuracy)
 accuracy["tolerance"] = accuracy["dtype"].map(attention.TOLERANCES)
 accuracy["within tolerance"] = accuracy["relative error"] <= accuracy["tolerance"]

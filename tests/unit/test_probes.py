@@ -54,14 +54,14 @@ def test_check_dtype_rejects_a_dtype_the_device_cannot_multiply():
 
 def test_math_backend_runs():
     attempt = probes.try_sdpa("cpu", "float32", "causal", "MATH")
-    assert attempt.ok and attempt.reason == ""
+    assert attempt["ok"] and attempt["reason"] == ""
 
 
 def test_flash_with_dropout_is_the_source_pages_error_with_its_reason():
     attempt = probes.try_sdpa("cpu", "float32", "plain", "FLASH_ATTENTION", dropout_p=0.5)
-    assert not attempt.ok
-    assert "No available kernel" in attempt.error
-    assert "dropout" in attempt.reason
+    assert not attempt["ok"]
+    assert "No available kernel" in attempt["error"]
+    assert "dropout" in attempt["reason"]
 
 
 def test_refusal_reasons_keep_what_torch_says_on_cuda():
@@ -77,27 +77,27 @@ def test_refusal_reasons_keep_what_torch_says_on_cuda():
 
 def test_a_refusal_reason_is_never_just_the_error():
     attempt = probes.try_sdpa("cpu", "float32", "plain", "FLASH_ATTENTION", dropout_p=0.5)
-    assert attempt.reason and attempt.reason != attempt.error
+    assert attempt["reason"] and attempt["reason"] != attempt["error"]
 
 
 def test_three_dimensional_inputs_reason():
     attempt = probes.try_sdpa("cpu", "float32", "plain", "FLASH_ATTENTION", ndim=3)
-    assert not attempt.ok and "4 dimensional" in attempt.reason
+    assert not attempt["ok"] and "4 dimensional" in attempt["reason"]
 
 
 def test_backend_list_is_a_fallback_order():
     attempt = probes.try_sdpa("cpu", "float32", "plain", ["FLASH_ATTENTION", "MATH"], dropout_p=0.5)
-    assert attempt.ok
+    assert attempt["ok"]
 
 
 @no_cuda
 def test_cuda_only_backends_on_cpu_say_why():
     attempt = probes.try_sdpa("cpu", "float16", "masked", "EFFICIENT_ATTENTION")
-    assert not attempt.ok and "no EFFICIENT_ATTENTION kernel for cpu" in attempt.reason
+    assert not attempt["ok"] and "no EFFICIENT_ATTENTION kernel for cpu" in attempt["reason"]
 
 
 def test_sdpa_matrix_rows():
-    rows = probes.sdpa_matrix(["cpu"])
+    rows = probes.probe(["cpu"])["sdpa"]
     assert len(rows) == len(probes.DTYPES) * len(probes.INPUT_KINDS) * len(probes.BACKENDS)
     for row in rows:
         assert set(row) == {"device", "dtype", "input_kind", "backend", "ok", "reason"}

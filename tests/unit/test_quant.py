@@ -63,7 +63,7 @@ def test_int4_layouts_and_group_sizes():
     # the GPU's tile-packed layout pads the columns to 1024 and the rows to 8
     assert footprint.int4_weight_only_parts(576, 576, group_size=64, device="cuda") == (576 * 1024 // 2, 576 * 16 * 4)
     assert footprint.weight_parts("torchao-int4", 576, 576, group_size=128) is None  # left in 16-bit: 576 % 128 != 0
-    assert footprint.four_bit_bytes(4096 * 4096) == 8 * 2**20 + 2**20 + 64
+    assert sum(footprint.four_bit_parts(4096 * 4096)) == 8 * 2**20 + 2**20 + 64
 
 
 def test_formats_and_configs():
