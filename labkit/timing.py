@@ -67,6 +67,10 @@ class Timing:
     def p90_ms(self) -> float:
         return float(np.percentile(self.times_ms, 90))
 
+    def summary(self) -> dict[str, Any]:  # the keys a table's row (and recheck_trend) reads
+        return {"median_ms": self.median_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms, "repeats": self.repeats,
+                "peak_memory_bytes": self.peak_memory_bytes}
+
 
 def synchronize(device: str) -> None:
     """Wait for every queued kernel on ``device`` (a no-op on CPU)."""
