@@ -114,7 +114,8 @@ test-nbval: $(STAMP)
 	IPYTHONDIR=$$($(PY) tests/kernel_guard.py) $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --nbval-lax \
 	  --ignore=notebooks/legacy notebooks
 
-# The learner's view: every notebook run in JupyterLab in headless Chromium, its widgets used (about 4.5 minutes).
+# The learner's view: every notebook run in JupyterLab in headless Chromium, its widgets used, the optional packages
+# hidden (about 3 minutes on 2 cores).
 # Two JupyterLab servers at once (-n 2: a kernel runs on one thread, OMP_NUM_THREADS=1). The run report in Chromium
 # (tests/browser/test_report_in_chromium.py, marked browser only) runs in make test already.
 test-browser: $(STAMP) browser
@@ -124,7 +125,8 @@ test-browser: $(STAMP) browser
 screenshots: $(STAMP) browser
 	LABKIT_SCREENSHOTS=$(CURDIR)/docs/screenshots $(TEST_ENV) $(PY) -m pytest -m jupyterlab tests/browser
 
-# The fault matrix: every notebook under each missing piece (no GPU, no bitsandbytes, offline Hub, ...).
+# The fault matrix: every notebook under each missing piece (no GPU, offline Hub, no embedded models, ...); the optional
+# packages are hidden in the browser test instead (tests/faults/conditions.py, ELSEWHERE).
 test-faults: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 -m faults tests/faults
 
