@@ -67,10 +67,13 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 #   themselves in 8 bits.
 # * **LLM.int8** (bitsandbytes) stores 8 bits per weight with one float32 scale per row; at run time it multiplies the
 #   few large "outlier" input features in 16-bit (and it casts bfloat16 inputs to float16 for its own quantization).
-# * **int8 weight-only** (torchao) stores 8 bits per weight with a scale and a zero point per row; **int4
-#   weight-only** stores 4 bits per weight with a scale and a zero point per group of 64 weights along a row (torchao's
-#   default group is 128; 64 here because SmolLM2's rows of 576 weights are not a multiple of 128). Both
-#   keep the activations in 16-bit and have kernels that read the packed weights directly. **float8** (torchao, on a
+# * **int8 weight-only** (torchao) stores 8 bits per weight with one scale per row (symmetric: the zero point it also
+#   stores per row is always 0); **int4 weight-only** stores 4 bits per weight with a scale and a zero point per group
+#   of 64 weights along a row (torchao's default group is 128; 64 here because SmolLM2's rows of 576 weights are not a
+#   multiple of 128). Both keep the activations in 16-bit. Without `torch.compile`, torchao 0.18's int8 weight-only
+#   turns the whole int8 weight into a 16-bit copy on every call and multiplies by that
+#   (`torch.mm(x, qdata.t().to(dtype))` in its `int8_tensor.py`), so it reads more bytes than the 16-bit model, not
+#   fewer; only compiled does the conversion fuse into the product. **float8** (torchao, on a
 #   GPU with float8 units) stores the weights in 8-bit floating point and also turns the activations into float8, so
 #   that the matrix product itself runs on the float8 units.
 # * What stays 16-bit: the **embeddings**, the **output layer** (`lm_head`: transformers keeps it in 16-bit whether
