@@ -20,7 +20,8 @@ means, so the p10-p90 spread of single calls is not there to show; it has no war
 repeats and no peak memory, and it brackets CUDA calls with a synchronised wall clock rather than CUDA events.
 
 What a call ran and allocated, from ``torch.profiler``: :func:`ops_that_ran` (the ATen ops and GPU kernels, and the
-SDPA backend they prove) and :func:`peak_extra_memory`.
+SDPA backend they prove), :func:`time_by_op` (where the time of one call went: busy time against wall time, and the
+ops or kernels that took it) and :func:`peak_extra_memory`.
 """
 
 from __future__ import annotations
@@ -246,6 +247,61 @@ def ops_that_ran(fn: Callable[[], Any], device: str = "cpu") -> Profiled:
         is_gpu = on_cuda and getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
         (kernels if is_gpu else ops).append(event.name)
     return Profiled(ops=list(dict.fromkeys(ops)), kernels=list(dict.fromkeys(kernels)), counts=dict(Counter(ops)))
+
+
+@dataclass
+class OpTimes:
+    """Where the time of one call went, from ``torch.profiler`` (:func:`time_by_op`)."""
+
+    device: str
+    wall_ms: float  # the whole call, profiler overhead included
+    busy_ms: float  # GPU: time kernels ran on the GPU; CPU: time inside ATen ops (self times, so no double counting)
+    table: Any  # a pandas DataFrame: name, calls, ms (self time), share (of busy time), by ms descending
+
+    @property
+    def busy_share(self) -> float:
+        """busy / wall: near 1, the device (or the ATen kernels on a CPU) set the pace; far below, the host does."""
+        return self.busy_ms / self.wall_ms if self.wall_ms else 0.0
+
+    def ms_of(self, *names: str) -> float:
+        """Self time of the ops or kernels whose name contains any of ``names``."""
+        hit = self.table["name"].map(lambda n: any(part in n for part in names))
+        return float(self.table.loc[hit, "ms"].sum())
+
+
+def time_by_op(fn: Callable[[], Any], device: str = "cpu") -> OpTimes:
+    """Run ``fn`` once under ``torch.profiler``: its wall time, the device's busy time and the time of each op.
+
+    On CUDA the rows are GPU kernels and their device time; on a CPU they are ATen ops and their self CPU time (the
+    time inside the op minus the ops it called). Warm ``fn`` up before: a first call's one-off costs would show.
+    """
+    import pandas as pd
+
+    on_cuda = str(device).startswith("cuda")
+    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])])
+    with _quiet_native_stderr():
+        prof.start()
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    finally:
+        with _quiet_native_stderr():
+            prof.stop()
+    rows = []
+    for event in prof.key_averages():
+        if on_cuda:
+            ms = event.self_device_time_total / 1e3 if event.device_type == torch.autograd.DeviceType.CUDA else 0.0
+        else:
+            ms = event.self_cpu_time_total / 1e3 if event.key.startswith("aten::") else 0.0
+        if ms > 0:
+            rows.append({"name": event.key, "calls": int(event.count), "ms": ms})
+    table = pd.DataFrame(rows, columns=["name", "calls", "ms"]).sort_values("ms", ascending=False, ignore_index=True)
+    busy_ms = float(table["ms"].sum())
+    table["share"] = table["ms"] / busy_ms if busy_ms else 0.0
+    return OpTimes(device=str(device), wall_ms=wall_ms, busy_ms=busy_ms, table=table)
 
 
 def peak_extra_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:

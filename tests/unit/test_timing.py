@@ -104,3 +104,17 @@ def test_recheck_remeasures_once_and_marks_what_stays_inconsistent():
 
     still = timing.recheck_trend([point(1, 1.0), point(2, 5.0), point(4, 2.0)], work="work", remeasure=remeasure_same)
     assert [p["noisy"] for p in still] == [False, True, True]
+
+
+def test_time_by_op_finds_the_matrix_product_and_splits_busy_time_by_op():
+    weight, x = torch.randn(256, 256), torch.randn(64, 256)
+    seen = timing.time_by_op(lambda: [torch.mm(x, weight).relu() for _ in range(20)])
+    assert seen.table.loc[0, "name"] in {"aten::mm", "aten::clamp_min", "aten::relu"}
+    assert seen.ms_of("aten::mm") > 0 and seen.table["calls"][seen.table["name"] == "aten::mm"].item() == 20
+    assert abs(seen.table["share"].sum() - 1) < 1e-9
+    assert 0 < seen.busy_ms <= seen.wall_ms and 0 < seen.busy_share <= 1
+
+
+def test_time_by_op_sees_host_time_outside_the_ops():
+    seen = timing.time_by_op(lambda: (time.sleep(0.02), torch.ones(4) + 1))
+    assert seen.wall_ms >= 20 and seen.busy_share < 0.5  # the sleep is wall time with no op running
