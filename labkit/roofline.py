@@ -187,13 +187,43 @@ def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, element_byt
     return 2 * layers * kv_heads * head_dim * element_bytes
 
 
-def kv_cache_bytes(config, *, batch: int, context: int, dtype="float16") -> int:
-    """Bytes of the key and value cache for ``batch`` sequences of ``context`` tokens (every layer)."""
-    check_sizes(1, batch=batch, context=context)
+def kv_tokens_held(config, context: int) -> list[int]:
+    """How many tokens each layer's cache holds after ``context`` tokens, as transformers' cache keeps them.
+
+    A full-attention layer keeps every token. A sliding-window layer (Mistral, Gemma 2 and 3, gpt-oss; and a
+    chunked-attention layer, whose chunk transformers caches the same way) keeps the last ``window - 1`` (with the
+    token being processed they make the window). A layer that reuses another's cache, or has no attention, keeps none.
+    The layer types are ``config.layer_types``, or, as transformers infers them, sliding wherever
+    ``config.sliding_window`` is set.
+    """
+    window = getattr(config, "sliding_window", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    types = list(getattr(config, "layer_types", None) or [
+        "sliding_attention" if window else "chunked_attention" if chunk else "full_attention"
+    ] * config.num_hidden_layers)
+    for i, mode in enumerate(getattr(config, "kv_sharing_modes", None) or []):
+        types[i] = "dummy" if mode == "reuse" else types[i]
+    held = {"sliding_attention": min(context, (window or context + 1) - 1),
+            "chunked_attention": min(context, (chunk or context + 1) - 1), "dummy": 0, "moe": 0, "mlp": 0}
+    return [held.get(kind, context) for kind in types]
+
+
+def kv_elements_per_token(config) -> int:
+    """Numbers one token adds to one layer's cache: a key and a value per key/value head (MHA, GQA, MQA); under
+    multi-head latent attention (MLA: DeepSeek-V2 and V3) one compressed latent and one rotary key, shared by every
+    head (``kv_lora_rank + qk_rope_head_dim``; the DeepSeek-V2 paper, arXiv 2405.04434, table 1)."""
+    if getattr(config, "kv_lora_rank", None):
+        return config.kv_lora_rank + config.qk_rope_head_dim
     shape = kv_shape(config)
-    per_token = kv_bytes_per_token(layers=shape["layers"], kv_heads=shape["kv_heads"], head_dim=shape["head_dim"],
-                                   element_bytes=element_size(dtype))
-    return batch * context * per_token
+    return kv_bytes_per_token(layers=1, kv_heads=shape["kv_heads"], head_dim=shape["head_dim"], element_bytes=1)
+
+
+def kv_cache_bytes(config, *, batch: int, context: int, dtype="float16") -> int:
+    """Bytes of the key and value cache for ``batch`` sequences of ``context`` tokens, every layer: the one KV
+    formula, for MHA, GQA, MQA, MLA and sliding-window layers (:func:`kv_elements_per_token`,
+    :func:`kv_tokens_held`)."""
+    check_sizes(1, batch=batch, context=context)
+    return batch * sum(kv_tokens_held(config, context)) * kv_elements_per_token(config) * element_size(dtype)
 
 
 def decode_bound_tokens_per_s(bandwidth_bytes_per_s: float, weight_bytes: int, kv_bytes: int = 0,

@@ -147,3 +147,61 @@ def test_byte_counts_of_a_real_tied_model_and_on_the_meta_device():
         meta = type(model)(model.config)
     assert roofline.parameter_bytes(meta) == roofline.parameter_bytes(model)
 
+
+
+def _cache_bytes_measured(config, tokens: int) -> int:
+    """Bytes of transformers' own cache after a forward pass of ``tokens`` tokens (batch 2), every layer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.inference_mode():
+        cache = model(torch.randint(0, config.vocab_size, (2, tokens)), use_cache=True).past_key_values
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("tokens", [10, 40], ids=["inside the window", "past the window"])
+@pytest.mark.parametrize("kind", ["gemma3: 2 sliding, 1 global", "mistral: all sliding", "deepseek-v3: MLA"])
+def test_the_kv_formula_is_what_transformers_caches(kind, tokens):
+    from transformers import DeepseekV3Config, Gemma3TextConfig, MistralConfig
+
+    config = {
+        "gemma3: 2 sliding, 1 global": lambda: Gemma3TextConfig(**TINY, num_hidden_layers=6, head_dim=16,
+                                                                  sliding_window=16, sliding_window_pattern=3),
+        "mistral: all sliding": lambda: MistralConfig(**TINY, num_hidden_layers=2, sliding_window=16),
+        "deepseek-v3: MLA": lambda: DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, num_hidden_layers=2,
+                                                     moe_intermediate_size=32, kv_lora_rank=32, q_lora_rank=48,
+                                                     qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                                                     n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                                     topk_group=1, first_k_dense_replace=1),
+    }[kind]()
+    expected = roofline.kv_cache_bytes(config, batch=2, context=tokens, dtype=torch.float32)
+    assert _cache_bytes_measured(config, tokens) == expected
+
+
+def test_mla_caches_one_latent_and_one_rotary_key_per_layer_as_published():
+    """DeepSeek-V2 paper (arXiv 2405.04434), table 1: MLA caches (d_c + d_h^R) elements per token and layer;
+    DeepSeek-V3's shapes (transformers' DeepseekV3Config defaults): d_c = 512, d_h^R = 64, 61 layers."""
+    from transformers import DeepseekV3Config
+
+    config = DeepseekV3Config()
+    assert (config.kv_lora_rank, config.qk_rope_head_dim, config.num_hidden_layers) == (512, 64, 61)
+    assert roofline.kv_cache_bytes(config, batch=1, context=1, dtype=torch.bfloat16) == 61 * (512 + 64) * 2
+    as_mha = 2 * config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim) * 61 * 2
+    assert as_mha / (61 * 576 * 2) > 50  # the heads' full keys and values would be ~57x larger
+
+
+def test_a_sliding_window_cuts_the_cache_eightfold_at_32k_as_mistral_7b_reports():
+    """Mistral 7B paper (arXiv 2310.06825), section 2: with a window of 4096, "for a sequence length of 32k tokens,
+    this reduces the cache memory usage by 8x"."""
+    from transformers import MistralConfig
+
+    sliding, full = MistralConfig(sliding_window=4096), MistralConfig(sliding_window=None)
+    ratio = roofline.kv_cache_bytes(full, batch=1, context=32768) / roofline.kv_cache_bytes(sliding, batch=1,
+                                                                                             context=32768)
+    assert ratio == pytest.approx(8, rel=1e-3)
+    assert roofline.kv_cache_bytes(sliding, batch=1, context=4000) == roofline.kv_cache_bytes(full, batch=1,
+                                                                                               context=4000)
