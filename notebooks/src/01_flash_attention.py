@@ -557,10 +557,17 @@ lab.check("every_backend_within_tolerance", len(compared) and compared["within t
 # left out of every conclusion below (`attention.mark_noisy` in `measure_points`). On a shared machine, a neighbour's
 # burst of work is the usual cause.
 #
-# What to expect: at short lengths every call is dominated by fixed costs (launching kernels, threads), so the rate is
-# low; as N grows a fused backend does more work for every byte it reads and should get closer to the ceiling. The MATH
-# backend writes the score matrix to memory and reads it back, so it should stay further from the ceiling, by how much
-# depends on how fast this machine computes compared with how fast it moves memory.
+# What to expect. The work grows like N², and so does a fused backend's memory traffic: Flash Attention reads every
+# key and value once per block of queries. The FlashAttention paper puts its traffic at Θ(N²·d²/M) bytes, with M the
+# fast on-chip memory (arXiv 2205.14135, Theorem 2). So its FLOPs per byte do not grow with N.
+#
+# Its rate can still rise with N, for two other reasons. Each call has fixed costs: a launch, waking threads. And a
+# kernel splits the work into blocks of queries, one per GPU multiprocessor or CPU core at a time (FlashAttention-2
+# paper, arXiv 2307.08691, section 3.2). A short sequence makes few blocks, so some units idle. Once both are paid
+# for, the rate should flatten. The MATH backend writes the score matrix to memory and reads it back, so it should stay
+# further from the ceiling.
+#
+# Predict before you run it: from the shortest length to the next, the work quadruples. Will the time?
 
 # %%
 ceiling = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)["flops_per_s"]  # one big matmul, measured
@@ -611,8 +618,9 @@ print(f"{sweep['noisy'].sum()} noisy point(s), left out below. Best point: {top[
       f"d={top['head_dim']}, causal={top['causal']}: {top['TFLOP/s']:.3g} TFLOP/s, {top['fraction of ceiling']:.0%}")
 
 # %% [markdown]
-# Then the headline series (the largest head size, causal), backend by backend: how time grows between the two longest
-# lengths (`p` in time ~ N^p), causal against no mask at the same length, and where the longest length got to.
+# Then the headline series (the largest head size, causal), backend by backend. First how time grows (`p` in time ~
+# N^p), between the two shortest lengths and between the two longest. Then causal against no mask at one length, and
+# where the longest length got to.
 
 # %%
 causal_d = usable[(usable["head_dim"] == headline_d) & usable["causal"]]
@@ -621,9 +629,11 @@ time_growth = {}
 for backend, s in causal_d.groupby("backend", sort=False):
     if s["n"].nunique() > 1:
         time_growth[backend] = growth_exponent(zip(s["n"], s["ms"], strict=True))
+        short_p = growth_exponent(sorted(zip(s["n"], s["ms"], strict=True))[:2])  # the two shortest lengths
         rate_p = growth_exponent(zip(s["n"], s["TFLOP/s"], strict=True))
         trend = "rising" if rate_p > 0.05 else "falling" if rate_p < -0.05 else "flat"
-        print(f"{backend}: time grows like N^{time_growth[backend]:.2f} between the longest two N; TFLOP/s {trend}")
+        print(f"{backend}: time grows like N^{short_p:.2f} between the shortest two N, N^{time_growth[backend]:.2f} "
+              f"between the longest two; TFLOP/s between those two {trend}")
     both = s.merge(full_d[full_d["backend"] == backend], on="n", suffixes=("", " no mask"))
     if len(both):
         at = both.loc[both["n"].idxmax()]
@@ -632,8 +642,9 @@ for backend, s in causal_d.groupby("backend", sort=False):
     print(f"{backend}: at N={at['n']}, {at['fraction of ceiling']:.0%} of the ceiling, {at['peak MiB']:.1f} MiB extra")
 
 # %% [markdown]
-# Read the figures: on the left, time against N; attention does N² work, so at long N the lines approach a slope of 2
-# (the cells above printed the measured exponents; at short N fixed costs flatten them). In the middle, the memory of
+# Read the figures. On the left, time against N: attention does N² work, so at long N the lines approach a slope of 2.
+# The answer to the prediction is the first exponent printed above. Well below 2 means the fixed costs and the idle
+# units were still being spread over more work, not that a byte bought more work. In the middle, the memory of
 # MATH runs parallel to, and a few times above, the dashed line of one N × N score matrix, while the fused backends
 # stay near the size of their output. On the right, the fraction of the matmul ceiling. Causal attention needs half
 # the work; the cell above printed its time against no mask (0.50x would be half the time). Whether a backend saves
@@ -645,11 +656,10 @@ for backend, s in causal_d.groupby("backend", sort=False):
 #
 # ## 7. The fastest backend for your shape
 #
-# For one shape (the longest causal length the sweep measured, the largest head size), every backend that runs here,
-# and PyTorch's own choice (no `sdpa_kernel`) with the name of what that ran. Expect the winner to depend on the
-# machine: each backend is a different kernel library (PyTorch's own Flash Attention and memory-efficient kernels,
-# NVIDIA's cuDNN, a CPU kernel), each tuned for particular hardware generations, and PyTorch's default order is fixed
-# per release, not measured on your GPU.
+# One shape: the longest causal length the sweep measured, the largest head size. Every backend that runs here is
+# timed, and so is PyTorch's own choice, with the name of what it ran. Expect the winner to depend on the machine.
+# Each backend's kernels were written for some hardware generations and not others; section 8 shows what that costs on
+# an H100. PyTorch's default order is fixed per release, not measured on your GPU.
 
 # %%
 best_n = int(causal_d["n"].max()) if len(causal_d) else lab.p.seq_lengths[0]
@@ -736,22 +746,39 @@ for device, reference in attention.reference_sweep(headline_d).items():
 show(beside, title="TFLOP/s: this machine and the reference runs")
 
 # %% [markdown]
+# Section 6's question on the stored GPU runs: how did time grow between their two shortest lengths, and between their
+# two longest? A run stores TFLOP/s; within one series, time is proportional to N² / TFLOP/s. An exponent far below 2
+# at the short end is a GPU with units still idle and a launch still weighing.
+
+# %%
+for device, reference in attention.reference_sweep(headline_d).items():
+    for backend in dict.fromkeys(b for b, _ in reference):
+        series = sorted((n, n**2 / rate) for (b, n), rate in reference.items() if b == backend)  # time, up to a factor
+        if len(series) > 2:
+            print(f"{device}, {backend}: time grew like N^{growth_exponent(series[:2]):.2f} from N={series[0][0]} to "
+                  f"{series[1][0]}, like N^{growth_exponent(series):.2f} from {series[-2][0]} to {series[-1][0]}")
+
+# %% [markdown]
 # ## 8. Attention today: which Flash, when not Flash, and beyond SDPA
 #
 # ### Which FlashAttention runs behind `SDPBackend.FLASH_ATTENTION`
 #
-# On a GPU, PyTorch's FLASH_ATTENTION backend is its built-in copy of **FlashAttention-2** (SDPA's documentation cites
-# the FlashAttention-2 paper, and torch 2.13's `torch.nn.attention.restore_flash_attention_impl` says it restores "the
-# default FA2 implementation"). `torch.backends.cuda` reports whether that kernel is compiled in
-# (`is_flash_attention_available()`), not its version. torch 2.13 can swap in newer ones:
-# `torch.nn.attention.list_flash_attention_impls()` names them (FA3, FA4), `activate_flash_attention_impl("FA4")` plugs
-# one in, `current_flash_attention_impl()` says which is active (None: the built-in one). Each needs its own package
-# (FA3 the `flash_attn_interface` module, FA4 `flash_attn.cute`) and a recent GPU (FA4 checks for compute capability
-# 9.0 or 10.0: Hopper or Blackwell). On a CPU, FLASH_ATTENTION is a different kernel altogether, PyTorch's own CPU
-# implementation of the same tiling idea (`aten::_scaled_dot_product_flash_attention_for_cpu` in section 2's table).
-# The cell tries to activate each one (and restores the default). Its column "available here" says, for the built-in
-# one, whether this torch has it compiled in (`is_flash_attention_available()`: False on a build without CUDA, whose
-# FLASH_ATTENTION is the CPU kernel), and for each other one whether activating it worked.
+# On a GPU, PyTorch's FLASH_ATTENTION backend is its built-in copy of **FlashAttention-2** (FA2). The installed torch
+# says so three times. SDPA's documentation cites the FlashAttention-2 paper. `restore_flash_attention_impl` "restores
+# the default FA2 implementation". And `_get_flash_version` in `torch/nn/attention/__init__.py` returns the closest
+# FlashAttention tag, 2.5.7. `torch.backends.cuda.is_flash_attention_available()` says whether that kernel is compiled
+# in, not its version.
+#
+# torch 2.13 can swap in newer ones. `torch.nn.attention.list_flash_attention_impls()` names them (FA3, FA4);
+# `activate_flash_attention_impl("FA3")` plugs one in; `current_flash_attention_impl()` says which is active (None:
+# the built-in one). Each needs its own package and a recent GPU, checked in `torch/nn/attention/_fa3.py` and
+# `_fa4.py`. FA3 imports `flash_attn_interface` and requires compute capability 9.0, Hopper. FA4 imports
+# `flash_attn.cute.interface` and takes 9.0 or 10.0, Hopper or Blackwell.
+#
+# On a CPU, FLASH_ATTENTION is a different kernel: PyTorch's own CPU version of the same tiling idea
+# (`aten::_scaled_dot_product_flash_attention_for_cpu` in section 2's table). The cell tries to activate each
+# implementation, then restores the default. Its column "available here" says, for the built-in one, whether this
+# torch has it compiled in (False on a build without CUDA), and for each other one whether activating it worked.
 
 # %%
 attn = torch.nn.attention
@@ -774,12 +801,17 @@ lab.table("flash_implementations", pd.DataFrame(flash_impls), title="FlashAttent
 # %% [markdown]
 # ### Flash is not always the fastest
 #
-# The source page means to run Flash Attention and nothing else: `sdpa_kernel(SDPBackend.FLASH_ATTENTION)` today.
-# On the H100 measured in `reference/nvidia-h100/` (torch 2.11) it was not the fastest choice: in that run (bfloat16,
-# N=16384, head size 128, causal), cuDNN attention ran at 628 TFLOP/s and Flash at 344, and PyTorch's own choice there
-# was cuDNN. So on that GPU a Flash-only context makes attention about 1.8x *slower* than PyTorch's
-# default. (The page's old `sdp_kernel(...)` call, which leaves cuDNN switched on, would by that order have run cuDNN
-# after all.) The cell reads those numbers from the stored runs:
+# The source page means to run Flash Attention and nothing else: `sdpa_kernel(SDPBackend.FLASH_ATTENTION)` today. On
+# an H100 that is not the fastest choice, and the reason is the generation the kernel was written for. The built-in
+# Flash is FA2, written for the A100. It does not use what Hopper added: `wgmma`, matrix instructions that run
+# asynchronously; the TMA, a unit that copies tiles between memory levels on its own; and warps specialised into
+# loaders and computers that overlap. FlashAttention-3 was written to use them (FA3 paper, arXiv 2407.08608). cuDNN,
+# NVIDIA's library, has attention kernels of its own for Hopper (its SDPA support matrix lists Hopper apart).
+#
+# Predict: in the stored H100 run, at its longest causal length, how many times slower is Flash alone than the fastest
+# backend? The cell reads that run from `reference/`. The run's figure
+# `reference/nvidia-h100/01_flash_attention.best_backend.png` also names PyTorch's own choice there: cuDNN. So the
+# page's old `sdp_kernel(...)` call, which leaves cuDNN on, would have run cuDNN after all.
 
 # %%
 for device, reference in attention.reference_sweep(head_dim=128).items():
@@ -789,7 +821,7 @@ for device, reference in attention.reference_sweep(head_dim=128).items():
         fastest = max(rates, key=rates.get)
         slower = rates[fastest] / rates["FLASH_ATTENTION"]  # time under Flash alone / time of the fastest
         print(f"{device}, N={longest}, d=128, causal: {fastest} {rates[fastest]:.0f} TFLOP/s, FLASH_ATTENTION "
-              f"{rates['FLASH_ATTENTION']:.0f}: forcing FLASH_ATTENTION alone runs {slower:.2f}x slower.")
+              f"{rates['FLASH_ATTENTION']:.0f} TFLOP/s: forcing FLASH_ATTENTION alone runs {slower:.2f}x slower.")
 
 # %% [markdown]
 # ### FlexAttention: your own mask or score, compiled into one kernel
