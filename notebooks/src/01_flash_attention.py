@@ -24,7 +24,8 @@
 # 5. **correctness** of every backend against a float64 reference;
 # 6. **the sweep**: time, TFLOP/s, fraction of the measured matmul ceiling and memory, as the sequence grows, on a
 #    live board, then as figures;
-# 7. **the fastest backend for your shape**, measured, against PyTorch's own choice;
+# 7. **the fastest backend for your shape**, measured, against PyTorch's own choice, and where the time went (the
+#    profiler: busy time against wall time, and the top ops or kernels);
 # 8. **attention today**: which FlashAttention PyTorch runs, when Flash is not the fastest, FlexAttention measured
 #    against SDPA for a causal and a document (packed sequences) mask, variable-length attention, and the
 #    `attn_implementation` values transformers 5 accepts.
@@ -714,6 +715,51 @@ else:
                                           f"on {lab.device} at N={best_n}")
 
 # %% [markdown]
+# ### Where the time went: the profiler's view
+#
+# Why is one backend faster than another? `timing.time_by_op` runs one call under `torch.profiler`. It returns the
+# call's wall time, the time the device was busy, and the ops that took it. On a GPU the rows are kernels and busy time
+# is kernel time; on a CPU the rows are ATen ops and their own time. Busy close to wall means the kernels set the pace,
+# not the Python around them. Each backend is profiled at one length, the longest at which MATH ran.
+#
+# What to expect from MATH: its two matrix products are the arithmetic. Everything else passes over memory with
+# little arithmetic: the scaling, the causal mask, the softmax. The softmax reads the N × N scores once and writes them
+# once, in float32 even for 16-bit inputs. ATen keeps that reduction in float32 unless
+# `torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)` is set (its default is off, `ATen/Context.h`). Those
+# bytes divided by the softmax's time give its bandwidth, set beside this machine's copy ceiling.
+
+# %%
+ok = sweep[(sweep["status"] == "ok") & (sweep["head_dim"] == headline_d) & sweep["causal"]]
+math_lengths = ok.loc[ok["backend"] == "MATH", "n"]
+n_profiled = int(math_lengths.max() if len(math_lengths) else ok["n"].min())  # the longest length where MATH ran
+ran_there = set(ok.loc[ok["n"] == n_profiled, "backend"])
+q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, n_profiled, headline_d, device=lab.device, dtype=lab.dtype)
+views, top_ops = {}, []
+for backend in [b for b in ("MATH", "FLASH_ATTENTION", "CUDNN_ATTENTION") if b in ran_there]:
+    call = functools.partial(forced_sdpa, q, k, v, backend, True)
+    call()  # warm-up: a first call's one-off costs would show in the profile
+    views[backend] = timing.time_by_op(call, lab.device)
+    top_ops.append(views[backend].table.head(3).assign(backend=backend))
+top_ops = pd.concat(top_ops)[["backend", "name", "calls", "ms", "share"]]
+lab.table("time_by_op", top_ops, title=f"Top {'kernels' if lab.on_gpu else 'ops'} by own time, N={n_profiled}, "
+                                       f"d={headline_d}, causal, {lab.dtype_name}")
+
+# %%
+copy = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"]  # a large copy, measured now
+scores_bytes = lab.p.batch * lab.p.heads * n_profiled**2 * 4  # one N x N matrix of float32 scores
+math_view = views.get("MATH")
+softmax_ms = math_view.ms_of("softmax", "SoftMax") if math_view else 0.0
+if softmax_ms:
+    rate = 2 * scores_bytes / (softmax_ms / 1e3)  # read once, written once
+    print(f"MATH: {math_view.ms_of('bmm', 'gemm') / math_view.busy_ms:.0%} of its busy time in matrix products. Its "
+          f"softmax moved {2 * scores_bytes / 2**20:.0f} MiB in {softmax_ms:.3g} ms: {rate / 1e9:.3g} GB/s, against "
+          f"{copy / 1e9:.3g} GB/s for a large copy.")
+order, least = sorted(views, key=lambda b: views[b].busy_ms), min(v.busy_share for v in views.values())
+pace = "the kernels, not the host, set the pace" if least >= 0.8 else "the host set part of the pace"
+print(f"Busy time, fastest first: {', '.join(f'{b} {views[b].busy_ms:.3g} ms' for b in order)}. Each was busy at "
+      f"least {least:.0%} of its wall time: {pace}.")
+
+# %% [markdown]
 # ### Try it yourself
 #
 # Pick a backend and a sequence length, then run the next cell: it measures that one point and shows which kernel ran.
@@ -1010,4 +1056,6 @@ if implementation in timed and "sdpa" in timed:
                                                      f"for a {mask} mask" for mask, r in timed.iterrows()) + ".")
 if plain == reverse:
     summary.append("A list given to sdpa_kernel only allowed backends: both orders of the same list ran the same one.")
+summary.append(f"Profiler, N={n_profiled}, causal: busy time " + ", ".join(f"{b} {v.busy_ms:.3g} ms of {v.wall_ms:.3g} "
+                                                                         "ms wall" for b, v in views.items()) + ".")
 lab.finish(summary)
