@@ -14,6 +14,7 @@
 #
 # 1. **the picture**: attention written by hand (you write it first), the score matrix the MATH backend builds and
 #    the fused backends (Flash Attention, memory-efficient, cuDNN) never do; you predict its memory, then measure it;
+#    then you write the fused idea yourself, tiled attention with an online softmax, and measure its memory;
 # 2. **how to force a backend** with `torch.nn.attention.sdpa_kernel`, and how to *prove* which one ran (the profiler),
 #    including what a *list* of backends means and what the source page's old `torch.backends.cuda.sdp_kernel(...)`
 #    really does;
@@ -220,6 +221,27 @@ else:
 # backend's grows roughly like N and, once N is well above the head size, stays far below one score matrix. At long
 # sequences that difference decides whether a model fits at all.
 #
+# **01.3 · Code.** Now write the fused idea yourself. `tiled_attention(q, k, v, block)` walks over the keys in blocks of
+# `block` and never holds more than one `(N, block)` tile of scores. Per query it keeps a running maximum `m`, a
+# running sum `l` of `exp(score − m)`, and a running output. When a block raises the maximum, everything summed so far
+# is multiplied by `exp(m_old − m_new)`. That is the online softmax. The check compares your function with SDPA on
+# fresh inputs, with a last block shorter than the others. Then it measures your function's peak extra memory against
+# the MATH backend's, at a length where one score matrix dominates.
+
+# %%
+ex = lab.exercise("01.3", device=lab.device)
+
+
+def tiled_attention(q, k, v, block):
+    return None  # your code: a loop over blocks of keys, with a running maximum, sum and output per query
+
+
+answer = None  # once tiled_attention is written: answer = tiled_attention
+ex.check(answer)
+
+# %% [markdown]
+# The verdict printed both peaks. Yours should be a few tiles; MATH's, more than one whole score matrix.
+#
 # ## 2. Forcing a backend, and proving which one ran
 #
 # The modern way is the context manager `torch.nn.attention.sdpa_kernel`. Given one backend, only that one may run.
@@ -243,12 +265,12 @@ with sdpa_kernel(SDPBackend.MATH):  # only the MATH backend may run
 print(f"sdpa_kernel(SDPBackend.MATH): the profiler saw {forced.backend} ({forced.evidence})")
 
 # %% [markdown]
-# **01.3 · Predict.** With no `sdpa_kernel` around it, which backend does PyTorch run for `causal_call()` here (a
+# **01.4 · Predict.** With no `sdpa_kernel` around it, which backend does PyTorch run for `causal_call()` here (a
 # causal call on `(1, 8, 256, 64)` inputs in this notebook's dtype)? Answer with a name such as `"MATH"`; the check
 # runs the call under the profiler, and the next table shows it beside every other request.
 
 # %%
-ex = lab.exercise("01.3", device=lab.device, dtype=lab.dtype_name)
+ex = lab.exercise("01.4", device=lab.device, dtype=lab.dtype_name)
 answer = None  # a backend's name
 ex.check(answer)
 
@@ -258,7 +280,7 @@ ex.check(answer)
 # without `set_priority=True`, both orders of a list run the same backend; with it, the table shows whether the order
 # changed anything here.
 
-# %% tags=["reveals-01.3"]
+# %% tags=["reveals-01.4"]
 import contextlib
 import warnings
 
