@@ -16,8 +16,8 @@
 #    the fused backends (Flash Attention, memory-efficient, cuDNN) never do; you predict its memory, then measure it;
 #    then you write the fused idea yourself, tiled attention with an online softmax, and measure its memory;
 # 2. **how to force a backend** with `torch.nn.attention.sdpa_kernel`, and how to *prove* which one ran (the profiler),
-#    including what a *list* of backends means and what the source page's old `torch.backends.cuda.sdp_kernel(...)`
-#    really does;
+#    including what a *list* of backends means, and in one short passage the source page's old
+#    `torch.backends.cuda.sdp_kernel(...)`;
 # 3. **eligibility**: which inputs each backend refuses, with PyTorch's own reason, and the source page's
 #    `No available kernel.  Aborting execution.` with its fix;
 # 4. **transformers models**: `attn_implementation="eager" | "sdpa" | "flash_attention_2"` and
@@ -244,13 +244,13 @@ ex.check(answer)
 #
 # ## 2. Forcing a backend, and proving which one ran
 #
-# The modern way is the context manager `torch.nn.attention.sdpa_kernel`. Given one backend, only that one may run.
-# Given a list, any of them may run, **in PyTorch's own order**: the list says which backends are *allowed*, not in
-# which order to try them; `set_priority=True` asks PyTorch to try them in your list's order (the table below shows
-# whether this machine's dispatcher does). Don't trust the name of the context manager to tell you what ran: the
-# profiler records the ATen op that did the work (`aten::_scaled_dot_product_flash_attention...`,
-# `..._efficient_attention`, `..._cudnn_attention`, `..._attention_math`), and on a GPU the CUDA kernels too. Here is
-# one forced call, proven:
+# Today's way is the context manager `torch.nn.attention.sdpa_kernel`. Given one backend, only that one may run: what
+# ran is what you asked for, or you get an error. Given a list, any of them may run, **in PyTorch's own order**. The
+# list says which backends are *allowed*, not in which order to try them.
+#
+# Don't trust the name of the context manager to tell you what ran. The profiler records the ATen op that did the work
+# (`aten::_scaled_dot_product_flash_attention...`, `..._efficient_attention`, `..._cudnn_attention`,
+# `..._attention_math`), and on a GPU the CUDA kernels too. Here is one forced call, proven:
 
 # %%
 q, k, v = torch.randn(3, 1, 8, 256, 64, device=lab.device, dtype=lab.dtype)
@@ -275,10 +275,9 @@ answer = None  # a backend's name
 ex.check(answer)
 
 # %% [markdown]
-# The same call under each single backend, under two lists in both orders, with and without `set_priority=True`, and
-# with no `sdpa_kernel` at all. What to expect: a single backend either runs or is refused (section 3 says why);
-# without `set_priority=True`, both orders of a list run the same backend; with it, the table shows whether the order
-# changed anything here.
+# The same call with no `sdpa_kernel`, under each single backend, and under one list in both orders. The last two rows
+# add `set_priority=True`, which asks PyTorch to try the list in its own order. What to expect: a single backend runs
+# or is refused (section 3 says why). Without `set_priority`, both orders of a list run the same backend.
 
 # %% tags=["reveals-01.4"]
 import contextlib
@@ -320,15 +319,13 @@ print(f"Without set_priority the order of the list {said}: [MATH, FLASH_ATTENTIO
       f"MATH] ran {reverse}. With set_priority=True, [MATH, FLASH_ATTENTION] ran {ordered}: the order {said_priority}.")
 
 # %% [markdown]
-# ### The source page's `torch.backends.cuda.sdp_kernel(...)`
+# ### The old API: `torch.backends.cuda.sdp_kernel(...)`
 #
-# The source page forces Flash Attention with `torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False,
-# enable_mem_efficient=False)`. That function is deprecated. Worse, it has a fourth switch, `enable_cudnn`, which
-# defaults to `True`, so the source page's call does **not** switch off the cuDNN backend: on a GPU where cuDNN
-# attention is eligible and comes first in PyTorch's order, code under it runs cuDNN attention, not Flash. The first
-# cell below reads the four switches (`torch.backends.cuda.flash_sdp_enabled()` and its three siblings); the second
-# runs the old call once, on purpose, captures its warning, reads the switches inside it, and asks the profiler what
-# ran.
+# The source page forces Flash with `torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False,
+# enable_mem_efficient=False)`. It is deprecated. It also has a fourth switch, `enable_cudnn`, which defaults to `True`
+# (`torch/backends/cuda/__init__.py`). So the page's call leaves cuDNN on: where cuDNN comes first, cuDNN runs, not
+# Flash. The cells below run the old call once, on purpose: its warning, the four global switches inside it, and what
+# the profiler saw.
 
 # %%
 def enabled_backends():  # the four global on/off switches of SDPA's backends, which the old API sets
@@ -358,15 +355,9 @@ else:
 print("Switches after the context manager:", enabled_backends())
 
 # %% [markdown]
-# The modern equivalent is `sdpa_kernel(SDPBackend.FLASH_ATTENTION)` (the table above): exactly one backend is
-# allowed, so what ran is what you asked for, or you get an error.
-#
-# A list is not a "Flash, else cuDNN" request. `sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION])`
-# allows both and lets PyTorch try them in its own order, as both orders of `[MATH, FLASH_ATTENTION]` showed above. On
-# the H100 measured in `reference/nvidia-h100/` (torch 2.11, bfloat16), PyTorch's own order ran cuDNN attention first
-# (its `best_backend` figure names PyTorch's choice `CUDNN_ATTENTION`), so that list would have run cuDNN there. To
-# mean "Flash, else cuDNN", add `set_priority=True`, as torch's own `sdpa_kernel` documentation does for "cuDNN, then
-# Flash": `sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION], set_priority=True)`.
+# Today's equivalent is `sdpa_kernel(SDPBackend.FLASH_ATTENTION)`. To mean "Flash, else cuDNN", pass both with
+# `set_priority=True`: `sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION], set_priority=True)`.
+# Without it the list only allows both, and PyTorch's own order decides.
 #
 # ## 3. Eligibility: which inputs each backend refuses, and why
 #
