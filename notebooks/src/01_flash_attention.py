@@ -865,7 +865,8 @@ lab.table("flash_implementations", pd.DataFrame(flash_impls), title="FlashAttent
 # Flash is FA2, written for the A100. It does not use what Hopper added: `wgmma`, matrix instructions that run
 # asynchronously; the TMA, a unit that copies tiles between memory levels on its own; and warps specialised into
 # loaders and computers that overlap. FlashAttention-3 was written to use them (FA3 paper, arXiv 2407.08608). cuDNN,
-# NVIDIA's library, has attention kernels of its own for Hopper (its SDPA support matrix lists Hopper apart).
+# NVIDIA's library, has attention kernels of its own for Hopper. Its SDPA support matrix lists Hopper apart, with fp8:
+# docs.nvidia.com/deeplearning/cudnn/frontend/latest/operations/Attention.html.
 #
 # Predict: in the stored H100 run, at its longest causal length, how many times slower is Flash alone than the fastest
 # backend? The cell reads that run from `reference/`. The run's figure
