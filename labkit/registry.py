@@ -42,7 +42,7 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("01_flash_attention", "attention", "flash_attention", "model_id", "dtype",
              ({"seq_lengths": [0, 128]}, "seq_lengths[0]=0"),
              tables=("memory", "what_ran", "eligibility", "why_not", "greedy_agreement", "accuracy", "sweep",
-                     "best_backend", "flex_vs_sdpa"),
+                     "best_backend", "time_by_op", "flex_vs_sdpa"),
              metrics=("best_backend_tflops", "best_backend_fraction_of_ceiling",
                       "best_backend_pytorch_choice_time_ratio", "masked_causal_sdpa_ms", "masked_causal_flex_eager_ms",
                       "masked_document_sdpa_ms", "masked_document_flex_eager_ms")),

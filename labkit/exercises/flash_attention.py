@@ -6,6 +6,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labkit import attention, roofline, timing
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
@@ -50,6 +51,103 @@ def _unscaled_attention(q, k, v):
 def _one_column(q, k, v):
     """a function returning a tensor of the wrong shape"""
     return q[..., :1]
+
+
+def tiled_attention(q, k, v, block):
+    # walk over the keys in blocks; per query keep a running maximum m, a running sum l and an unnormalised output
+    scale = q.shape[-1] ** -0.5
+    m = torch.full(q.shape[:-1] + (1,), float("-inf"), dtype=q.dtype, device=q.device)
+    l = torch.zeros_like(m)
+    out = torch.zeros_like(q)
+    for start in range(0, k.shape[-2], block):
+        scores = q @ k[..., start:start + block, :].transpose(-2, -1) * scale  # (..., N, block): one tile only
+        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+        p = torch.exp(scores - m_new)
+        rescale = torch.exp(m - m_new)  # what was summed under the old maximum, brought to the new one
+        l = l * rescale + p.sum(dim=-1, keepdim=True)
+        out = out * rescale + p @ v[..., start:start + block, :]
+        m = m_new
+    return out / l
+
+
+def _tiled(answer, c):
+    function = function_answer(answer, "tiled_attention(q, k, v, block)")
+    fresh = torch.Generator().manual_seed(time.time_ns() % 2**31)
+    q, k, v = (torch.randn(2, 3, 50, 16, dtype=torch.float64, generator=fresh) for _ in range(3))  # 50 = 3 x 16 + 2
+    out = call(function, q, k, v, 16)
+    if out is None:
+        raise NotAttempted("your function returns None: walk over the key blocks, then return the output.")
+    if not isinstance(out, torch.Tensor) or out.shape != q.shape:
+        raise Wrong(f"return a tensor shaped like q, {tuple(q.shape)}: one output vector per query")
+    out = out.to(torch.float64)
+    if not torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-6):
+        raise Wrong(_which_tiling_mistake(out, q, k, v, 16))
+    big = call(function, 300 * q, k, v, 16)  # scores past 709: exp() of them overflows float64
+    if not torch.isfinite(big).all():
+        raise Wrong("with large scores the output holds inf or nan: subtract the running maximum before exp()")
+    if not torch.allclose(big.to(torch.float64), F.scaled_dot_product_attention(300 * q, k, v), atol=1e-6):
+        raise Wrong("with large scores the output differs from SDPA: subtract the running maximum before exp()")
+    return "it matches SDPA, with a short last block and with large scores. " + _tiled_memory(function, c["device"])
+
+
+def _which_tiling_mistake(out, q, k, v, block):
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    kept = k.shape[-2] // block * block
+    if torch.allclose(out, F.scaled_dot_product_attention(q, k[..., :kept, :], v[..., :kept, :]), atol=1e-6):
+        return f"the last {k.shape[-2] - kept} keys were left out: the last block may be shorter than the others"
+    if torch.allclose(out, _no_rescale(q, k, v, block), atol=1e-6):
+        return ("when the running maximum grows, rescale the running sum and output by exp(old max - new max) "
+                "before adding the new block")
+    return f"the output differs from scaled_dot_product_attention by {float((out - sdpa).abs().max()):.3g}"
+
+
+def _tiled_memory(function, device):
+    """Peak extra memory of the answer and of the MATH backend, where the N x N scores dominate."""
+    b, h, n, d = 1, 2, 2048, 16
+    q, k, v = torch.randn(3, b, h, n, d, device=device)
+    one_matrix = attention.score_matrix_bytes(b, h, n, n, "float32")
+    tiled = timing.peak_extra_memory(lambda: function(q, k, v, 64), device)
+    with sdpa_kernel(SDPBackend.MATH):
+        math_peak = timing.peak_extra_memory(lambda: F.scaled_dot_product_attention(q, k, v), device)
+    if tiled is None or math_peak is None:
+        return "(peak memory cannot be measured here)"
+    if tiled >= one_matrix:
+        raise Wrong(f"at N={n} your function's peak extra memory is {tiled / 2**20:.1f} MiB, at least one whole "
+                    f"N x N score matrix ({one_matrix / 2**20:.0f} MiB): compute the scores one key block at a time")
+    return (f"At N={n}, blocks of 64 keys, its peak extra memory was {tiled / 2**20:.1f} MiB; the MATH backend's "
+            f"{math_peak / 2**20:.1f} MiB; one score matrix is {one_matrix / 2**20:.0f} MiB.")
+
+
+def _no_rescale(q, k, v, block):
+    """tiled attention that never rescales what it summed when the running maximum grows"""
+    m = torch.full(q.shape[:-1] + (1,), float("-inf"), dtype=q.dtype)
+    l, out = torch.zeros_like(m), torch.zeros_like(q)
+    for start in range(0, k.shape[-2], block):
+        scores = q @ k[..., start:start + block, :].transpose(-2, -1) / q.shape[-1] ** 0.5
+        m = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+        p = torch.exp(scores - m)
+        l, out = l + p.sum(dim=-1, keepdim=True), out + p @ v[..., start:start + block, :]
+    return out / l
+
+
+def _no_maximum(q, k, v, block):
+    """tiled attention without the running maximum: exp() of the raw scores"""
+    l, out = torch.zeros(q.shape[:-1] + (1,), dtype=q.dtype), torch.zeros_like(q)
+    for start in range(0, k.shape[-2], block):
+        p = torch.exp(q @ k[..., start:start + block, :].transpose(-2, -1) / q.shape[-1] ** 0.5)
+        l, out = l + p.sum(dim=-1, keepdim=True), out + p @ v[..., start:start + block, :]
+    return out / l
+
+
+def _drops_last_block(q, k, v, block):
+    """tiled attention whose loop stops before a last, shorter block"""
+    kept = k.shape[-2] // block * block
+    return tiled_attention(q, k[..., :kept, :], v[..., :kept, :], block)
+
+
+def _whole_matrix(q, k, v, block):
+    """attention that ignores the blocks and builds the whole N x N score matrix"""
+    return torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1) @ v
 
 
 def score_matrix_mib(batch, heads, seq, dtype):
@@ -104,7 +202,16 @@ EXERCISES = [
              {"batch": 4, "heads": 16, "seq": 4096, "dtype": "float32"},
              ((4096.0 * 2**20, "bytes"), (256.0, "one head"), (1024.0, "one sequence"), (1.0, "N x N"),
               (2048.0, "bytes per element"))),
-    Exercise("01.3", "Which backend does PyTorch pick?", "predict", _pick_backend, backend_pytorch_picks,
+    Exercise("01.3", "Tiled attention with an online softmax", "code", _tiled, tiled_attention,
+             ("Loop over the keys in blocks of `block`. Per query keep three things: the largest score so far (m), "
+              "the sum of exp(score - m) so far (l), and the sum of exp(score - m) times the values so far (out).",
+              "Per block: scores = q @ k_blockᵀ / sqrt(d); m_new = max(m, the block's row maximum); p = exp(scores - "
+              "m_new); l = l · exp(m - m_new) + p.sum(-1); out = out · exp(m - m_new) + p @ v_block; m = m_new. "
+              "Return out / l."),
+             {"device": "cpu"},
+             ((_no_rescale, "rescale"), (_no_maximum, "running maximum"), (_drops_last_block, "last block"),
+              (_whole_matrix, "whole"), (returns_none, "returns None"), (3, "a function"))),
+    Exercise("01.4", "Which backend does PyTorch pick?", "predict", _pick_backend, backend_pytorch_picks,
              ("The fused backends come first when the inputs allow them: 4-D, no mask, a supported dtype and head "
               "size.",
               "Each backend has conditions (dtype, head size, masks); PyTorch runs the first in its own order whose "

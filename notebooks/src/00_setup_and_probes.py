@@ -197,12 +197,11 @@ else:
         lab.check("flash_runs_on_an_input_it_accepts", not fix_error, fix_reason)
 
 # %% [markdown]
-# What you saw: the error message itself says nothing useful, the warnings PyTorch emits just before it do. Dropout is
-# an argument of the call (`dropout_p`), not a property of the model: `model.eval()` does not change what you pass, so
-# inference code passes `dropout_p=0.0` (transformers does so in eval mode). A *list* of backends in `sdpa_kernel`
-# enables each of them, and PyTorch tries them in its own fixed order, not in the list's order
-# (`set_priority=True` asks for the list's order); either way a refused backend falls back instead of aborting.
-# Notebook 01 proves which one ran with the profiler.
+# What you saw: the error message itself says nothing useful; the warnings PyTorch emits just before it do. Dropout is
+# an argument of the call (`dropout_p`), not a property of the model. `model.eval()` does not change what you pass, so
+# inference code passes `dropout_p=0.0`; transformers does so in eval mode. A *list* in `sdpa_kernel` allows each
+# backend in it, and PyTorch tries them in its own order: a refused one falls back instead of aborting. Notebook 01
+# proves which one ran, with the profiler.
 #
 # ## 4. What else the installed stack offers
 #

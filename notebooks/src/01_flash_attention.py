@@ -14,9 +14,10 @@
 #
 # 1. **the picture**: attention written by hand (you write it first), the score matrix the MATH backend builds and
 #    the fused backends (Flash Attention, memory-efficient, cuDNN) never do; you predict its memory, then measure it;
+#    then you write the fused idea yourself, tiled attention with an online softmax, and measure its memory;
 # 2. **how to force a backend** with `torch.nn.attention.sdpa_kernel`, and how to *prove* which one ran (the profiler),
-#    including what a *list* of backends means and what the source page's old `torch.backends.cuda.sdp_kernel(...)`
-#    really does;
+#    including what a *list* of backends means, and in one short passage the source page's old
+#    `torch.backends.cuda.sdp_kernel(...)`;
 # 3. **eligibility**: which inputs each backend refuses, with PyTorch's own reason, and the source page's
 #    `No available kernel.  Aborting execution.` with its fix;
 # 4. **transformers models**: `attn_implementation="eager" | "sdpa" | "flash_attention_2"` and
@@ -24,7 +25,8 @@
 # 5. **correctness** of every backend against a float64 reference;
 # 6. **the sweep**: time, TFLOP/s, fraction of the measured matmul ceiling and memory, as the sequence grows, on a
 #    live board, then as figures;
-# 7. **the fastest backend for your shape**, measured, against PyTorch's own choice;
+# 7. **the fastest backend for your shape**, measured, against PyTorch's own choice, and where the time went (the
+#    profiler: busy time against wall time, and the top ops or kernels);
 # 8. **attention today**: which FlashAttention PyTorch runs, when Flash is not the fastest, FlexAttention measured
 #    against SDPA for a causal and a document (packed sequences) mask, variable-length attention, and the
 #    `attn_implementation` values transformers 5 accepts.
@@ -219,15 +221,36 @@ else:
 # backend's grows roughly like N and, once N is well above the head size, stays far below one score matrix. At long
 # sequences that difference decides whether a model fits at all.
 #
+# **01.3 · Code.** Now write the fused idea yourself. `tiled_attention(q, k, v, block)` walks over the keys in blocks of
+# `block` and never holds more than one `(N, block)` tile of scores. Per query it keeps a running maximum `m`, a
+# running sum `l` of `exp(score − m)`, and a running output. When a block raises the maximum, everything summed so far
+# is multiplied by `exp(m_old − m_new)`. That is the online softmax. The check compares your function with SDPA on
+# fresh inputs, with a last block shorter than the others. Then it measures your function's peak extra memory against
+# the MATH backend's, at a length where one score matrix dominates.
+
+# %%
+ex = lab.exercise("01.3", device=lab.device)
+
+
+def tiled_attention(q, k, v, block):
+    return None  # your code: a loop over blocks of keys, with a running maximum, sum and output per query
+
+
+answer = None  # once tiled_attention is written: answer = tiled_attention
+ex.check(answer)
+
+# %% [markdown]
+# The verdict printed both peaks. Yours should be a few tiles; MATH's, more than one whole score matrix.
+#
 # ## 2. Forcing a backend, and proving which one ran
 #
-# The modern way is the context manager `torch.nn.attention.sdpa_kernel`. Given one backend, only that one may run.
-# Given a list, any of them may run, **in PyTorch's own order**: the list says which backends are *allowed*, not in
-# which order to try them; `set_priority=True` asks PyTorch to try them in your list's order (the table below shows
-# whether this machine's dispatcher does). Don't trust the name of the context manager to tell you what ran: the
-# profiler records the ATen op that did the work (`aten::_scaled_dot_product_flash_attention...`,
-# `..._efficient_attention`, `..._cudnn_attention`, `..._attention_math`), and on a GPU the CUDA kernels too. Here is
-# one forced call, proven:
+# Today's way is the context manager `torch.nn.attention.sdpa_kernel`. Given one backend, only that one may run: what
+# ran is what you asked for, or you get an error. Given a list, any of them may run, **in PyTorch's own order**. The
+# list says which backends are *allowed*, not in which order to try them.
+#
+# Don't trust the name of the context manager to tell you what ran. The profiler records the ATen op that did the work
+# (`aten::_scaled_dot_product_flash_attention...`, `..._efficient_attention`, `..._cudnn_attention`,
+# `..._attention_math`), and on a GPU the CUDA kernels too. Here is one forced call, proven:
 
 # %%
 q, k, v = torch.randn(3, 1, 8, 256, 64, device=lab.device, dtype=lab.dtype)
@@ -242,22 +265,21 @@ with sdpa_kernel(SDPBackend.MATH):  # only the MATH backend may run
 print(f"sdpa_kernel(SDPBackend.MATH): the profiler saw {forced.backend} ({forced.evidence})")
 
 # %% [markdown]
-# **01.3 · Predict.** With no `sdpa_kernel` around it, which backend does PyTorch run for `causal_call()` here (a
+# **01.4 · Predict.** With no `sdpa_kernel` around it, which backend does PyTorch run for `causal_call()` here (a
 # causal call on `(1, 8, 256, 64)` inputs in this notebook's dtype)? Answer with a name such as `"MATH"`; the check
 # runs the call under the profiler, and the next table shows it beside every other request.
 
 # %%
-ex = lab.exercise("01.3", device=lab.device, dtype=lab.dtype_name)
+ex = lab.exercise("01.4", device=lab.device, dtype=lab.dtype_name)
 answer = None  # a backend's name
 ex.check(answer)
 
 # %% [markdown]
-# The same call under each single backend, under two lists in both orders, with and without `set_priority=True`, and
-# with no `sdpa_kernel` at all. What to expect: a single backend either runs or is refused (section 3 says why);
-# without `set_priority=True`, both orders of a list run the same backend; with it, the table shows whether the order
-# changed anything here.
+# The same call with no `sdpa_kernel`, under each single backend, and under one list in both orders. The last two rows
+# add `set_priority=True`, which asks PyTorch to try the list in its own order. What to expect: a single backend runs
+# or is refused (section 3 says why). Without `set_priority`, both orders of a list run the same backend.
 
-# %% tags=["reveals-01.3"]
+# %% tags=["reveals-01.4"]
 import contextlib
 import warnings
 
@@ -297,15 +319,13 @@ print(f"Without set_priority the order of the list {said}: [MATH, FLASH_ATTENTIO
       f"MATH] ran {reverse}. With set_priority=True, [MATH, FLASH_ATTENTION] ran {ordered}: the order {said_priority}.")
 
 # %% [markdown]
-# ### The source page's `torch.backends.cuda.sdp_kernel(...)`
+# ### The old API: `torch.backends.cuda.sdp_kernel(...)`
 #
-# The source page forces Flash Attention with `torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False,
-# enable_mem_efficient=False)`. That function is deprecated. Worse, it has a fourth switch, `enable_cudnn`, which
-# defaults to `True`, so the source page's call does **not** switch off the cuDNN backend: on a GPU where cuDNN
-# attention is eligible and comes first in PyTorch's order, code under it runs cuDNN attention, not Flash. The first
-# cell below reads the four switches (`torch.backends.cuda.flash_sdp_enabled()` and its three siblings); the second
-# runs the old call once, on purpose, captures its warning, reads the switches inside it, and asks the profiler what
-# ran.
+# The source page forces Flash with `torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False,
+# enable_mem_efficient=False)`. It is deprecated. It also has a fourth switch, `enable_cudnn`, which defaults to `True`
+# (`torch/backends/cuda/__init__.py`). So the page's call leaves cuDNN on: where cuDNN comes first, cuDNN runs, not
+# Flash. The cells below run the old call once, on purpose: its warning, the four global switches inside it, and what
+# the profiler saw.
 
 # %%
 def enabled_backends():  # the four global on/off switches of SDPA's backends, which the old API sets
@@ -335,15 +355,9 @@ else:
 print("Switches after the context manager:", enabled_backends())
 
 # %% [markdown]
-# The modern equivalent is `sdpa_kernel(SDPBackend.FLASH_ATTENTION)` (the table above): exactly one backend is
-# allowed, so what ran is what you asked for, or you get an error.
-#
-# A list is not a "Flash, else cuDNN" request. `sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION])`
-# allows both and lets PyTorch try them in its own order, as both orders of `[MATH, FLASH_ATTENTION]` showed above. On
-# the H100 measured in `reference/nvidia-h100/` (torch 2.11, bfloat16), PyTorch's own order ran cuDNN attention first
-# (its `best_backend` figure names PyTorch's choice `CUDNN_ATTENTION`), so that list would have run cuDNN there. To
-# mean "Flash, else cuDNN", add `set_priority=True`, as torch's own `sdpa_kernel` documentation does for "cuDNN, then
-# Flash": `sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION], set_priority=True)`.
+# Today's equivalent is `sdpa_kernel(SDPBackend.FLASH_ATTENTION)`. To mean "Flash, else cuDNN", pass both with
+# `set_priority=True`: `sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION], set_priority=True)`.
+# Without it the list only allows both, and PyTorch's own order decides.
 #
 # ## 3. Eligibility: which inputs each backend refuses, and why
 #
@@ -557,10 +571,17 @@ lab.check("every_backend_within_tolerance", len(compared) and compared["within t
 # left out of every conclusion below (`attention.mark_noisy` in `measure_points`). On a shared machine, a neighbour's
 # burst of work is the usual cause.
 #
-# What to expect: at short lengths every call is dominated by fixed costs (launching kernels, threads), so the rate is
-# low; as N grows a fused backend does more work for every byte it reads and should get closer to the ceiling. The MATH
-# backend writes the score matrix to memory and reads it back, so it should stay further from the ceiling, by how much
-# depends on how fast this machine computes compared with how fast it moves memory.
+# What to expect. The work grows like N², and so does a fused backend's memory traffic: Flash Attention reads every
+# key and value once per block of queries. The FlashAttention paper puts its traffic at Θ(N²·d²/M) bytes, with M the
+# fast on-chip memory (arXiv 2205.14135, Theorem 2). So its FLOPs per byte do not grow with N.
+#
+# Its rate can still rise with N, for two other reasons. Each call has fixed costs: a launch, waking threads. And a
+# kernel splits the work into blocks of queries, one per GPU multiprocessor or CPU core at a time (FlashAttention-2
+# paper, arXiv 2307.08691, section 3.2). A short sequence makes few blocks, so some units idle. Once both are paid
+# for, the rate should flatten. The MATH backend writes the score matrix to memory and reads it back, so it should stay
+# further from the ceiling.
+#
+# Predict before you run it: from the shortest length to the next, the work quadruples. Will the time?
 
 # %%
 ceiling = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)["flops_per_s"]  # one big matmul, measured
@@ -611,8 +632,9 @@ print(f"{sweep['noisy'].sum()} noisy point(s), left out below. Best point: {top[
       f"d={top['head_dim']}, causal={top['causal']}: {top['TFLOP/s']:.3g} TFLOP/s, {top['fraction of ceiling']:.0%}")
 
 # %% [markdown]
-# Then the headline series (the largest head size, causal), backend by backend: how time grows between the two longest
-# lengths (`p` in time ~ N^p), causal against no mask at the same length, and where the longest length got to.
+# Then the headline series (the largest head size, causal), backend by backend. First how time grows (`p` in time ~
+# N^p), between the two shortest lengths and between the two longest. Then causal against no mask at one length, and
+# where the longest length got to.
 
 # %%
 causal_d = usable[(usable["head_dim"] == headline_d) & usable["causal"]]
@@ -621,9 +643,11 @@ time_growth = {}
 for backend, s in causal_d.groupby("backend", sort=False):
     if s["n"].nunique() > 1:
         time_growth[backend] = growth_exponent(zip(s["n"], s["ms"], strict=True))
+        short_p = growth_exponent(sorted(zip(s["n"], s["ms"], strict=True))[:2])  # the two shortest lengths
         rate_p = growth_exponent(zip(s["n"], s["TFLOP/s"], strict=True))
         trend = "rising" if rate_p > 0.05 else "falling" if rate_p < -0.05 else "flat"
-        print(f"{backend}: time grows like N^{time_growth[backend]:.2f} between the longest two N; TFLOP/s {trend}")
+        print(f"{backend}: time grows like N^{short_p:.2f} between the shortest two N, N^{time_growth[backend]:.2f} "
+              f"between the longest two; TFLOP/s between those two {trend}")
     both = s.merge(full_d[full_d["backend"] == backend], on="n", suffixes=("", " no mask"))
     if len(both):
         at = both.loc[both["n"].idxmax()]
@@ -632,8 +656,9 @@ for backend, s in causal_d.groupby("backend", sort=False):
     print(f"{backend}: at N={at['n']}, {at['fraction of ceiling']:.0%} of the ceiling, {at['peak MiB']:.1f} MiB extra")
 
 # %% [markdown]
-# Read the figures: on the left, time against N; attention does N² work, so at long N the lines approach a slope of 2
-# (the cells above printed the measured exponents; at short N fixed costs flatten them). In the middle, the memory of
+# Read the figures. On the left, time against N: attention does N² work, so at long N the lines approach a slope of 2.
+# The answer to the prediction is the first exponent printed above. Well below 2 means the fixed costs and the idle
+# units were still being spread over more work, not that a byte bought more work. In the middle, the memory of
 # MATH runs parallel to, and a few times above, the dashed line of one N × N score matrix, while the fused backends
 # stay near the size of their output. On the right, the fraction of the matmul ceiling. Causal attention needs half
 # the work; the cell above printed its time against no mask (0.50x would be half the time). Whether a backend saves
@@ -645,11 +670,10 @@ for backend, s in causal_d.groupby("backend", sort=False):
 #
 # ## 7. The fastest backend for your shape
 #
-# For one shape (the longest causal length the sweep measured, the largest head size), every backend that runs here,
-# and PyTorch's own choice (no `sdpa_kernel`) with the name of what that ran. Expect the winner to depend on the
-# machine: each backend is a different kernel library (PyTorch's own Flash Attention and memory-efficient kernels,
-# NVIDIA's cuDNN, a CPU kernel), each tuned for particular hardware generations, and PyTorch's default order is fixed
-# per release, not measured on your GPU.
+# One shape: the longest causal length the sweep measured, the largest head size. Every backend that runs here is
+# timed, and so is PyTorch's own choice, with the name of what it ran. Expect the winner to depend on the machine.
+# Each backend's kernels were written for some hardware generations and not others; section 8 shows what that costs on
+# an H100. PyTorch's default order is fixed per release, not measured on your GPU.
 
 # %%
 best_n = int(causal_d["n"].max()) if len(causal_d) else lab.p.seq_lengths[0]
@@ -704,6 +728,51 @@ else:
                                           f"on {lab.device} at N={best_n}")
 
 # %% [markdown]
+# ### Where the time went: the profiler's view
+#
+# Why is one backend faster than another? `timing.time_by_op` runs one call under `torch.profiler`. It returns the
+# call's wall time, the time the device was busy, and the ops that took it. On a GPU the rows are kernels and busy time
+# is kernel time; on a CPU the rows are ATen ops and their own time. Busy close to wall means the kernels set the pace,
+# not the Python around them. Each backend is profiled at one length, the longest at which MATH ran.
+#
+# What to expect from MATH: its two matrix products are the arithmetic. Everything else passes over memory with
+# little arithmetic: the scaling, the causal mask, the softmax. The softmax reads the N × N scores once and writes them
+# once, in float32 even for 16-bit inputs. ATen keeps that reduction in float32 unless
+# `torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)` is set (its default is off, `ATen/Context.h`). Those
+# bytes divided by the softmax's time give its bandwidth, set beside this machine's copy ceiling.
+
+# %%
+ok = sweep[(sweep["status"] == "ok") & (sweep["head_dim"] == headline_d) & sweep["causal"]]
+math_lengths = ok.loc[ok["backend"] == "MATH", "n"]
+n_profiled = int(math_lengths.max() if len(math_lengths) else ok["n"].min())  # the longest length where MATH ran
+ran_there = set(ok.loc[ok["n"] == n_profiled, "backend"])
+q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, n_profiled, headline_d, device=lab.device, dtype=lab.dtype)
+views, top_ops = {}, []
+for backend in [b for b in ("MATH", "FLASH_ATTENTION", "CUDNN_ATTENTION") if b in ran_there]:
+    call = functools.partial(forced_sdpa, q, k, v, backend, True)
+    call()  # warm-up: a first call's one-off costs would show in the profile
+    views[backend] = timing.time_by_op(call, lab.device)
+    top_ops.append(views[backend].table.head(3).assign(backend=backend))
+top_ops = pd.concat(top_ops)[["backend", "name", "calls", "ms", "share"]]
+lab.table("time_by_op", top_ops, title=f"Top {'kernels' if lab.on_gpu else 'ops'} by own time, N={n_profiled}, "
+                                       f"d={headline_d}, causal, {lab.dtype_name}")
+
+# %%
+copy = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"]  # a large copy, measured now
+scores_bytes = lab.p.batch * lab.p.heads * n_profiled**2 * 4  # one N x N matrix of float32 scores
+math_view = views.get("MATH")
+softmax_ms = math_view.ms_of("softmax", "SoftMax") if math_view else 0.0
+if softmax_ms:
+    rate = 2 * scores_bytes / (softmax_ms / 1e3)  # read once, written once
+    print(f"MATH: {math_view.ms_of('bmm', 'gemm') / math_view.busy_ms:.0%} of its busy time in matrix products. Its "
+          f"softmax moved {2 * scores_bytes / 2**20:.0f} MiB in {softmax_ms:.3g} ms: {rate / 1e9:.3g} GB/s, against "
+          f"{copy / 1e9:.3g} GB/s for a large copy.")
+order, least = sorted(views, key=lambda b: views[b].busy_ms), min(v.busy_share for v in views.values())
+pace = "the kernels, not the host, set the pace" if least >= 0.8 else "the host set part of the pace"
+print(f"Busy time, fastest first: {', '.join(f'{b} {views[b].busy_ms:.3g} ms' for b in order)}. Each was busy at "
+      f"least {least:.0%} of its wall time: {pace}.")
+
+# %% [markdown]
 # ### Try it yourself
 #
 # Pick a backend and a sequence length, then run the next cell: it measures that one point and shows which kernel ran.
@@ -736,22 +805,39 @@ for device, reference in attention.reference_sweep(headline_d).items():
 show(beside, title="TFLOP/s: this machine and the reference runs")
 
 # %% [markdown]
+# Section 6's question on the stored GPU runs: how did time grow between their two shortest lengths, and between their
+# two longest? A run stores TFLOP/s; within one series, time is proportional to N² / TFLOP/s. An exponent far below 2
+# at the short end is a GPU with units still idle and a launch still weighing.
+
+# %%
+for device, reference in attention.reference_sweep(headline_d).items():
+    for backend in dict.fromkeys(b for b, _ in reference):
+        series = sorted((n, n**2 / rate) for (b, n), rate in reference.items() if b == backend)  # time, up to a factor
+        if len(series) > 2:
+            print(f"{device}, {backend}: time grew like N^{growth_exponent(series[:2]):.2f} from N={series[0][0]} to "
+                  f"{series[1][0]}, like N^{growth_exponent(series):.2f} from {series[-2][0]} to {series[-1][0]}")
+
+# %% [markdown]
 # ## 8. Attention today: which Flash, when not Flash, and beyond SDPA
 #
 # ### Which FlashAttention runs behind `SDPBackend.FLASH_ATTENTION`
 #
-# On a GPU, PyTorch's FLASH_ATTENTION backend is its built-in copy of **FlashAttention-2** (SDPA's documentation cites
-# the FlashAttention-2 paper, and torch 2.13's `torch.nn.attention.restore_flash_attention_impl` says it restores "the
-# default FA2 implementation"). `torch.backends.cuda` reports whether that kernel is compiled in
-# (`is_flash_attention_available()`), not its version. torch 2.13 can swap in newer ones:
-# `torch.nn.attention.list_flash_attention_impls()` names them (FA3, FA4), `activate_flash_attention_impl("FA4")` plugs
-# one in, `current_flash_attention_impl()` says which is active (None: the built-in one). Each needs its own package
-# (FA3 the `flash_attn_interface` module, FA4 `flash_attn.cute`) and a recent GPU (FA4 checks for compute capability
-# 9.0 or 10.0: Hopper or Blackwell). On a CPU, FLASH_ATTENTION is a different kernel altogether, PyTorch's own CPU
-# implementation of the same tiling idea (`aten::_scaled_dot_product_flash_attention_for_cpu` in section 2's table).
-# The cell tries to activate each one (and restores the default). Its column "available here" says, for the built-in
-# one, whether this torch has it compiled in (`is_flash_attention_available()`: False on a build without CUDA, whose
-# FLASH_ATTENTION is the CPU kernel), and for each other one whether activating it worked.
+# On a GPU, PyTorch's FLASH_ATTENTION backend is its built-in copy of **FlashAttention-2** (FA2). The installed torch
+# says so three times. SDPA's documentation cites the FlashAttention-2 paper. `restore_flash_attention_impl` "restores
+# the default FA2 implementation". And `_get_flash_version` in `torch/nn/attention/__init__.py` returns the closest
+# FlashAttention tag, 2.5.7. `torch.backends.cuda.is_flash_attention_available()` says whether that kernel is compiled
+# in, not its version.
+#
+# torch 2.13 can swap in newer ones. `torch.nn.attention.list_flash_attention_impls()` names them (FA3, FA4);
+# `activate_flash_attention_impl("FA3")` plugs one in; `current_flash_attention_impl()` says which is active (None:
+# the built-in one). Each needs its own package and a recent GPU, checked in `torch/nn/attention/_fa3.py` and
+# `_fa4.py`. FA3 imports `flash_attn_interface` and requires compute capability 9.0, Hopper. FA4 imports
+# `flash_attn.cute.interface` and takes 9.0 or 10.0, Hopper or Blackwell.
+#
+# On a CPU, FLASH_ATTENTION is a different kernel: PyTorch's own CPU version of the same tiling idea
+# (`aten::_scaled_dot_product_flash_attention_for_cpu` in section 2's table). The cell tries to activate each
+# implementation, then restores the default. Its column "available here" says, for the built-in one, whether this
+# torch has it compiled in (False on a build without CUDA), and for each other one whether activating it worked.
 
 # %%
 attn = torch.nn.attention
@@ -774,12 +860,18 @@ lab.table("flash_implementations", pd.DataFrame(flash_impls), title="FlashAttent
 # %% [markdown]
 # ### Flash is not always the fastest
 #
-# The source page means to run Flash Attention and nothing else: `sdpa_kernel(SDPBackend.FLASH_ATTENTION)` today.
-# On the H100 measured in `reference/nvidia-h100/` (torch 2.11) it was not the fastest choice: in that run (bfloat16,
-# N=16384, head size 128, causal), cuDNN attention ran at 628 TFLOP/s and Flash at 344, and PyTorch's own choice there
-# was cuDNN. So on that GPU a Flash-only context makes attention about 1.8x *slower* than PyTorch's
-# default. (The page's old `sdp_kernel(...)` call, which leaves cuDNN switched on, would by that order have run cuDNN
-# after all.) The cell reads those numbers from the stored runs:
+# The source page means to run Flash Attention and nothing else: `sdpa_kernel(SDPBackend.FLASH_ATTENTION)` today. On
+# an H100 that is not the fastest choice, and the reason is the generation the kernel was written for. The built-in
+# Flash is FA2, written for the A100. It does not use what Hopper added: `wgmma`, matrix instructions that run
+# asynchronously; the TMA, a unit that copies tiles between memory levels on its own; and warps specialised into
+# loaders and computers that overlap. FlashAttention-3 was written to use them (FA3 paper, arXiv 2407.08608). cuDNN,
+# NVIDIA's library, has attention kernels of its own for Hopper. Its SDPA support matrix lists Hopper apart, with fp8:
+# docs.nvidia.com/deeplearning/cudnn/frontend/latest/operations/Attention.html.
+#
+# Predict: in the stored H100 run, at its longest causal length, how many times slower is Flash alone than the fastest
+# backend? The cell reads that run from `reference/`. The run's figure
+# `reference/nvidia-h100/01_flash_attention.best_backend.png` also names PyTorch's own choice there: cuDNN. So the
+# page's old `sdp_kernel(...)` call, which leaves cuDNN on, would have run cuDNN after all.
 
 # %%
 for device, reference in attention.reference_sweep(head_dim=128).items():
@@ -789,7 +881,7 @@ for device, reference in attention.reference_sweep(head_dim=128).items():
         fastest = max(rates, key=rates.get)
         slower = rates[fastest] / rates["FLASH_ATTENTION"]  # time under Flash alone / time of the fastest
         print(f"{device}, N={longest}, d=128, causal: {fastest} {rates[fastest]:.0f} TFLOP/s, FLASH_ATTENTION "
-              f"{rates['FLASH_ATTENTION']:.0f}: forcing FLASH_ATTENTION alone runs {slower:.2f}x slower.")
+              f"{rates['FLASH_ATTENTION']:.0f} TFLOP/s: forcing FLASH_ATTENTION alone runs {slower:.2f}x slower.")
 
 # %% [markdown]
 # ### FlexAttention: your own mask or score, compiled into one kernel
@@ -978,4 +1070,6 @@ if implementation in timed and "sdpa" in timed:
                                                      f"for a {mask} mask" for mask, r in timed.iterrows()) + ".")
 if plain == reverse:
     summary.append("A list given to sdpa_kernel only allowed backends: both orders of the same list ran the same one.")
+summary.append(f"Profiler, N={n_profiled}, causal: busy time " + ", ".join(f"{b} {v.busy_ms:.3g} ms of {v.wall_ms:.3g} "
+                                                                         "ms wall" for b, v in views.items()) + ".")
 lab.finish(summary)

@@ -200,3 +200,14 @@ def test_an_answer_the_checker_did_not_foresee_is_explained_not_raised():
 def test_a_whole_float_counts_as_a_whole_number_and_near_ties_count_as_right():
     assert bound("05.1").check(2.0)
     assert bound("04.4", kl={"nf4": 0.248, "nf4-double": 0.247}).check("nf4")
+
+
+def test_tiled_attention_is_judged_on_its_memory_too():
+    """01.3's solution passes with a peak below one score matrix, and the MATH backend's is above it."""
+    import re
+
+    from labkit.exercises.flash_attention import tiled_attention
+
+    verdict = bound("01.3").check(tiled_attention)
+    yours, math_backend, one_matrix = (float(x) for x in re.findall(r"([\d.]+) MiB", verdict.message))
+    assert verdict and yours < one_matrix <= math_backend, verdict.message
