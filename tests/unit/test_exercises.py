@@ -104,6 +104,26 @@ def test_an_int8_row_passes_with_torchaos_scale_and_is_told_why_when_it_is_asymm
         assert not verdict and words in verdict.message, verdict.message
 
 
+def test_a_kv_cache_loop_that_passes_the_returned_cache_passes_and_one_that_returns_logits_is_told_why():
+    from labkit import compat
+
+    def returned_cache(model, input_ids, new_tokens):  # the cache each output returns, passed to the next step
+        name, tokens, ids, cache = compat.forward_keywords(model)["cache"], [], input_ids, None
+        with torch.inference_mode():
+            for _ in range(new_tokens):
+                out = model(input_ids=ids, use_cache=True, **({name: cache} if cache is not None else {}))
+                ids, cache = out.logits[:, -1:].argmax(-1), compat.output_cache(out)
+                tokens.append(ids)
+        return torch.cat(tokens, dim=1)
+
+    def logits(model, input_ids, new_tokens):
+        return model(input_ids=input_ids).logits
+
+    assert bound("02.4").check(returned_cache)
+    verdict = bound("02.4").check(logits)
+    assert not verdict and "shape" in verdict.message, verdict.message
+
+
 def test_a_converted_layer_with_the_wrong_norm_order_or_activation_is_told_why():
     from labkit.fastpath import convert_layer
 
