@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from labkit import roofline
-from labkit.exercises.core import Exercise, Wrong, predicted
+import time
+
+import torch
+
+from labkit import compat, roofline
+from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted
 
 
 def decode_bound_tokens_per_s(parameters, bytes_per_parameter, bandwidth_gb_per_s):
@@ -54,6 +58,95 @@ def _padding_side(answer, c):
     return "the prompts end together at the right, so every sequence continues from its own last real token."
 
 
+def my_decode(model, input_ids, new_tokens):
+    # the prompt once, keeping every layer's keys and values; then one token a step, attending to that cache
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # the forward passes fill it in place
+    name = compat.forward_keywords(model)["cache"]  # `cache=` since transformers 5.24, `past_key_values=` before
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, use_cache=True, **{name: cache}).logits
+        tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(new_tokens - 1):
+            logits = model(input_ids=tokens[-1], use_cache=True, **{name: cache}).logits  # the newest token only
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1)
+
+
+def without_cache(model, input_ids, new_tokens):
+    """Greedy decoding with use_cache=False: every step runs the whole sequence so far through the model."""
+    ids = input_ids
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            token = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, token], dim=1)
+    return ids[:, input_ids.shape[1]:]
+
+
+def _tiny_decoder():
+    """A 2-layer Llama with random weights in float64 (no download, built in milliseconds)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).to(torch.float64).eval()
+
+
+def _decode_loop(answer, c):
+    function = function_answer(answer, "my_decode(model, input_ids, new_tokens)")
+    model, new = _tiny_decoder(), 6
+    fresh = torch.Generator().manual_seed(time.time_ns() % 2**31)  # a new prompt each time: decode, not memorise
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=fresh)
+    seen = []  # how many tokens each forward pass was given
+
+    def count(module, args, kwargs):
+        given = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+        seen.append(given.shape[1] if isinstance(given, torch.Tensor) else 0)
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        out = call(function, model, ids, new)
+    finally:
+        hook.remove()
+    if out is None:
+        raise NotAttempted("your function returns None: return the new token ids, shape (batch, new_tokens).")
+    if not isinstance(out, torch.Tensor):
+        raise Wrong(f"return a tensor of token ids, not {type(out).__name__}")
+    expected = without_cache(model, ids, new)
+    if tuple(out.shape) == (2, 5 + new) and torch.equal(out[:, 5:], expected):
+        raise Wrong("return only the new tokens, shape (batch, new_tokens), not the prompt with them")
+    if tuple(out.shape) != (2, new):
+        raise Wrong(f"the output has shape {tuple(out.shape)}; it must be (batch, new_tokens) = (2, {new})")
+    if not torch.equal(out, expected):
+        raise Wrong("your tokens differ from a loop with use_cache=False. After the prompt, give the model the "
+                    "newest token AND the cache that holds the keys and values of all the tokens before it")
+    if any(n > 1 for n in seen[1:]):
+        raise Wrong(f"the tokens are right, but later steps ran up to {max(seen[1:])} tokens through the model: "
+                    "feed only the newest token; the cache holds the rest")
+    return f"the same tokens as use_cache=False, with {len(seen) - 1} one-token steps after the prompt."
+
+
+def _recomputes_everything(model, input_ids, new_tokens):
+    """right tokens, no cache: the whole sequence every step"""
+    return without_cache(model, input_ids, new_tokens)
+
+
+def _forgets_the_cache(model, input_ids, new_tokens):
+    """one token a step, but no cache passed: the model sees only that token"""
+    with torch.inference_mode():
+        tokens = [model(input_ids=input_ids).logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(new_tokens - 1):
+            tokens.append(model(input_ids=tokens[-1]).logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1)
+
+
+def _with_the_prompt(model, input_ids, new_tokens):
+    """the new tokens with the prompt in front"""
+    return torch.cat([input_ids, my_decode(model, input_ids, new_tokens)], dim=1)
+
+
 EXERCISES = [
     Exercise("02.1", "The decode bound", "predict", _decode_bound, decode_bound_tokens_per_s,
              ("At batch 1 every decode step reads every weight once.",
@@ -70,4 +163,10 @@ EXERCISES = [
              ("A decoder continues from the last position of each row.",
               "Where must each prompt's last real token sit so that the next token follows it?"),
              {}, (("right", "between a short prompt"), ("middle", "'left' or 'right'"))),
+    Exercise("02.4", "A decode loop with a KV cache", "code", _decode_loop, my_decode,
+             ("Run the prompt once with use_cache=True and a cache object; the model fills the cache in place.",
+              "Then loop: give the model only the newest token and the same cache, take the argmax of the last "
+              "logits. The cache is passed as cache= (transformers 5.24 and newer; past_key_values= before)."),
+             {}, ((_recomputes_everything, "feed only the newest token"), (_forgets_the_cache, "AND the cache"),
+                  (_with_the_prompt, "not the prompt"))),
 ]

@@ -1,11 +1,14 @@
-"""Exercises of notebook 04 (4-bit and 8-bit weights: bitsandbytes for memory, torchao for speed)."""
+"""Exercises of notebook 04 (4-bit and 8-bit weights: what they save in memory and in time)."""
 
 from __future__ import annotations
+
+import math
+import time
 
 import torch
 
 from labkit import footprint
-from labkit.exercises.core import Exercise, NotAttempted, Wrong, predicted
+from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted
 
 
 def nf4_mib(rows, cols, blocksize):
@@ -47,29 +50,63 @@ def _int4_footprint(answer, c):
     }, rel=0.02)
 
 
-def my_config():
-    from transformers import BitsAndBytesConfig
+def my_int8_row(row):
+    # symmetric: one scale for the row, no zero point; the largest magnitude maps to the top level, 127
+    scale = row.abs().max() / 127
+    q = torch.round(row / scale).clamp(-128, 127).to(torch.int8)  # round to the nearest level, never truncate
+    return q, scale
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+def _int8_row(answer, c):
+    function = function_answer(answer, "my_int8_row(row)")
+    fresh = torch.Generator().manual_seed(time.time_ns() % 2**31)  # a new row each time: compute, not memorise
+    row = torch.randn(256, generator=fresh)
+    row[int(torch.randint(256, (1,), generator=fresh))] = -4 * float(row.abs().max())  # the largest is negative
+    out = call(function, row.clone())
+    if out is None:
+        raise NotAttempted("your function returns None: return (q, scale).")
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise Wrong("return two things: q (an int8 tensor) and scale (one number)")
+    q, scale = out
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or q.shape != row.shape:
+        raise Wrong("q must be a torch.int8 tensor with one value per weight of the row: .to(torch.int8)")
+    scale = float(scale)
+    error = float((q.double() * scale - row.double()).abs().max())
+    largest = float(row.abs().max())
+    if math.isclose(scale, float(row.max()) / 127, rel_tol=1e-3):
+        raise Wrong("the scale must come from the largest magnitude, row.abs().max(): here the most negative weight "
+                    "is larger than the most positive, and it was clipped")
+    if math.isclose(scale, largest / 255, rel_tol=1e-3):
+        raise Wrong("with scale = max|w| / 255 the largest weights need levels up to 255, beyond int8's 127: a "
+                    "symmetric int8 format has 127 levels on each side of 0")
+    if error > 0.5001 * scale:
+        truncated = torch.trunc(row / scale).clamp(-128, 127).to(torch.int8)
+        if torch.equal(q, truncated):
+            raise Wrong("round to the nearest level: .to(torch.int8) alone truncates towards zero")
+        raise Wrong(f"q x scale misses a weight by {error:.3g}, more than half a level ({scale / 2:.3g}): q x scale "
+                    "must give the row back")
+    if scale > largest / 126:
+        raise Wrong(f"the scale {scale:.3g} leaves levels unused: max|w| / 127 = {largest / 127:.3g} uses them all")
+    return (f"q x scale gives the row back within half a level ({error:.2g}, a level is {scale:.3g}); the scale is "
+            f"max|w| / {largest / scale:.4g}. torchao divides by 127.5, half of int8's 255 steps.")
 
 
-def _bnb_config(answer, c):
-    if not hasattr(answer, "load_in_4bit") or not hasattr(answer, "bnb_4bit_quant_type"):
-        raise Wrong(f"give a transformers BitsAndBytesConfig, not {type(answer).__name__}")
-    if getattr(answer, "load_in_8bit", False):
-        raise Wrong("load_in_8bit asks for int8 weights; NF4 is a 4-bit format: load_in_4bit=True")
-    if not answer.load_in_4bit:
-        raise Wrong("NF4 is a 4-bit format: load_in_4bit=True")
-    if answer.bnb_4bit_quant_type != "nf4":
-        raise Wrong(f"bnb_4bit_quant_type={answer.bnb_4bit_quant_type!r} is FP4's layout (the default when the "
-                    "argument is left out); NF4 is 'nf4'")
-    if not answer.bnb_4bit_use_double_quant:
-        raise Wrong("double quantization (bnb_4bit_use_double_quant=True) also quantizes the scales")
-    if answer.bnb_4bit_compute_dtype != torch.bfloat16:
-        raise Wrong(f"the compute dtype is {answer.bnb_4bit_compute_dtype}: bnb_4bit_compute_dtype=torch.bfloat16 "
-                    "dequantizes each block to bfloat16 for the matrix products")
-    return "NF4 weights, scales quantized again, matrix products in bfloat16."
+def _int8_positive_max(row):
+    """the scale from the largest positive weight only"""
+    scale = row.max() / 127
+    return torch.round(row / scale).clamp(-128, 127).to(torch.int8), scale
+
+
+def _int8_over_255(row):
+    """the scale as if int8 had 255 levels on one side"""
+    scale = row.abs().max() / 255
+    return torch.round(row / scale).clamp(-128, 127).to(torch.int8), scale
+
+
+def _int8_truncated(row):
+    """the right scale, but truncation instead of rounding"""
+    scale = row.abs().max() / 127
+    return (row / scale).to(torch.int8), scale
 
 
 def closest_format(kl):
@@ -120,11 +157,12 @@ EXERCISES = [
               "rows x cols / 2 bytes of weights, plus rows x cols / group_size groups of 2 + 2 bytes (bfloat16)."),
              {"rows": 4096, "cols": 4096, "group_size": 128},
              ((8.0, "groups count"), (8.25, "zero point"), (9.0, "2 bytes each"), (16.5, "half a byte"))),
-    Exercise("04.3", "An NF4 config, written", "code", _bnb_config, my_config,
-             ("transformers' BitsAndBytesConfig takes the format at load time: "
-              "from_pretrained(..., quantization_config=...).",
-              "Four arguments: load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype."),
-             {}, (("nf4", "BitsAndBytesConfig"),)),
+    Exercise("04.3", "One row in int8, by hand", "code", _int8_row, my_int8_row,
+             ("Symmetric int8: q = round(w / scale), with one scale for the whole row and no zero point.",
+              "Pick the scale so that the largest magnitude, row.abs().max(), lands on the top level, 127; then "
+              "round, clamp to [-128, 127] and convert with .to(torch.int8)."),
+             {}, ((_int8_positive_max, "largest magnitude"), (_int8_over_255, "127 levels on each side"),
+                  (_int8_truncated, "round to the nearest level"))),
     Exercise("04.4", "Which format stays closest to 16-bit?", "predict", _closest_format, closest_format,
              ("KL divergence measures how far each format moved the next-token distributions from 16-bit.",
               "More bits per weight keep more of each weight: compare the 8-bit formats with the 4-bit ones."),

@@ -9,9 +9,9 @@
 # %% [markdown]
 # # 02 · Decoder models: from BetterTransformer to native attention, and generation at the bandwidth limit
 #
-# The source page makes a decoder (`facebook/opt-350m`) faster with `model.to_bettertransformer()` and generates under a
-# Flash-only context. That call is gone from today's libraries; this notebook shows what replaced it and then measures
-# what really makes generation fast, on your machine:
+# What makes generating text fast, and what sets its limit on your machine? The source page makes a decoder
+# (`facebook/opt-350m`) faster with `model.to_bettertransformer()`. That call is gone from today's libraries. This
+# notebook shows what replaced it, then measures what really makes generation fast:
 #
 # 1. **the story**: what BetterTransformer did for decoders, the call failing on today's stack, and the native
 #    `attn_implementation="sdpa"` that replaced it;
@@ -19,8 +19,9 @@
 #    source page's OPT architecture: prefill latency and memory as the prompt grows, decode speed, identical tokens;
 # 3. **why decode barely speeds up**: each decode step reads every weight once, so a step cannot take less than
 #    *bytes read ÷ memory bandwidth*; every decode run is put beside that bound;
-# 4. **closing the gap**: a static KV cache, a hand-written decode loop and a compiled step, where a step's time goes,
-#    larger batches (throughput against latency), and the padding pitfalls of decoders;
+# 4. **closing the gap**: a static KV cache, a hand-written decode loop and a compiled step; one step under the
+#    profiler; larger batches (throughput against latency); the padding pitfalls of decoders, and which attention
+#    backends take a padded batch's mask;
 # 5. **one figure**: every decode run as a fraction of the bandwidth bound.
 #
 # Nothing here downloads anything.
@@ -173,10 +174,10 @@ if not sweep.empty:
 # %% [markdown]
 # Read the memory column first: it does not depend on timing noise. Where eager needs more memory than sdpa, compare
 # the excess with the size of one layer's scores beside it. The time ratio is shown only where both times held up
-# against the trend. At the quick sizes on a CPU a layer's scores take less than a MiB (the "one layer's scores MiB"
-# column); at 2048 tokens and batch 4, eager needed 5.92x the prefill memory of sdpa for smollm2-135m (measured on an
-# H100 in `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb`). That run's time ratio is not quoted: its
-# sdpa times fell as the prompts grew (43.96 ms at 256 tokens, 20.07 ms at 2048), the contradiction now marked noisy.
+# against the trend. At the quick sizes on a CPU a layer's scores take less than a MiB. At 2048 tokens and batch 4 on
+# an H100, eager needed several times the prefill memory of sdpa. That run's memory table is stored in
+# `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb`. Its time ratio is not used: its sdpa times fell
+# as the prompts grew, a contradiction this notebook now marks noisy.
 #
 # Then decode, with each implementation: the prompt, then `new_tokens` tokens generated greedily. A step's time is the
 # difference of two `generate` calls, one for `new_tokens` tokens and one for a single token (the prefill and the
@@ -297,12 +298,13 @@ if not decode.empty:
 # Compare eager's and sdpa's steps in the table: at batch 1 a decode step attends from one token to a short cache,
 # little work next to the matrix-vector products, so a faster attention kernel has little to speed up; the table shows
 # how much the implementation moved each step on this machine. Its TFLOP/s column beside the prefill table's shows the
-# other half of the story: the same weights, read once for one token here instead of once for a whole prompt. On a GPU a
-# small model's step can sit far above its bound (measured on an H100 and stored in
-# `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb`: smollm2-135m, sdpa, 22.8 ms a step where its bytes
-# need 0.09 ms). The usual reading is that it is **launch-bound**: its step is hundreds of small kernels, each launched
-# from Python by the CPU, and the GPU idles between them. A model as small as tiny-opt (13 MB in float32) can stay in a
-# CPU's caches between steps, so its bound is only nominal there. Section 4 measures where a step's time goes.
+# other half of the story: the same weights, read once for one token here instead of once for a whole prompt.
+#
+# On a GPU a small model's step can sit far above its bound. The H100 run stored in
+# `reference/nvidia-h100/partial-02_decoders_and_generation.ipynb` shows it for smollm2-135m, in its decode table.
+# Is the GPU then waiting for the CPU? A step is hundreds of small kernels, and the CPU must launch each one. Section 4
+# profiles one step to find out. A model as small as tiny-opt can stay in a CPU's caches between steps, so its bound
+# is only nominal there.
 #
 # ## 4. Closing the gap
 #
@@ -454,7 +456,7 @@ if recipes:
     best = budget.loc[budget["fraction of bound"].idxmax()]
     share = min(alone.median_ms / best["step ms"], 1)
     pace = "the products set the pace" if share >= 0.5 else "the rest sets the pace: " + (
-        "launching the step's many small kernels" if lab.on_gpu else "Python and the dispatch of every small op")
+        "the host preparing each small kernel" if lab.on_gpu else "Python and the dispatch of every small op")
     print(f"Fastest, {best['recipe']}: {best['fraction of bound']:.0%} of the bandwidth bound; the products take "
           f"{share:.0%} of its step, so {pace}.")
 
@@ -471,6 +473,120 @@ if recipes:
 # agree (this notebook checks it). In 16-bit it is a count, not a claim: a compiled step may add up a sum in another
 # order, and where two candidate tokens' logits nearly tie, greedy decoding may then pick the other one and continue
 # differently.
+#
+# ### Your own decode loop
+#
+# **02.4 · Code.** `generate` and the hand loop both keep a KV cache. Now write such a loop yourself:
+# `my_decode(model, input_ids, new_tokens)` returns the greedy new tokens, shape `(batch, new_tokens)`. Run the prompt
+# once with `use_cache=True` and a cache, then feed one token a step with that cache. The check runs your function on
+# a small random model. It compares the tokens with a loop that uses `use_cache=False`. `ex.hint()` gives a hint,
+# `ex.solution()` shows one.
+
+# %%
+ex = lab.exercise("02.4")
+
+
+def my_decode(model, input_ids, new_tokens):
+    return None  # your code: the prompt once with a cache, then one token a step through that cache
+
+
+answer = None  # once my_decode is written: answer = my_decode
+ex.check(answer)
+
+# %% [markdown]
+# What does the cache save? Without it, every step runs the whole sequence through the model again. With it, a step
+# runs one token. Predict how many times faster the cached loop is here. The cell below times both on the decode model,
+# with your loop once it passes, else the workbook's.
+
+# %%
+def without_cache(model, input_ids, new_tokens):  # every step runs the whole sequence so far
+    seq = input_ids
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            token = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, token], dim=1)
+    return seq[:, input_ids.shape[1]:]
+
+
+# %%
+if main is not None:
+    rows, tokens = [], {}
+    for label, decode_loop in (("KV cache", ex.answer if ex.verdicts[-1] else ex.exercise.solution),
+                               ("use_cache=False", without_cache)):
+        def run(f=decode_loop, key=label):  # keeps the tokens of its last call
+            tokens[key] = f(main, ids, n)[0].tolist()
+
+        took = timing.measure(run, device=lab.device, warmup=1, repeats=1)
+        rows.append({"loop": label, "ms": took.median_ms, "ms a token": took.median_ms / n})
+    loops = pd.DataFrame(rows)
+    loops["same tokens"] = [tokens[label] == tokens["use_cache=False"] for label in loops["loop"]]
+    lab.table("cache_loop", loops, title=f"{n} tokens after a {ids.shape[1]}-token prompt")
+    speedup = loops["ms"][1] / loops["ms"][0]
+    print(f"The KV cache made this loop {speedup:.2g}x as fast as use_cache=False; same tokens: "
+          f"{loops['same tokens'][0]}")
+    lab.check("kv_cache_loop_is_faster_than_recomputing", speedup > 1, f"{speedup:.2f}x", timing=True)
+
+# %% [markdown]
+# The gap grows with the sequence. Without a cache, each step runs the prompt and every token so far again. With
+# it, each step runs one token, and reads the cache instead.
+#
+# ### One step under the profiler
+#
+# The products timed alone are an estimate from outside a step. The profiler looks inside one. It runs the hand loop's
+# one-token step once and records every operator. Two numbers matter. **Busy time** is when the device computed: GPU
+# kernels on a GPU, time inside PyTorch's operators on a CPU. **Wall time** is the whole step, profiler overhead
+# included.
+#
+# What to expect: on a GPU, a small model's step should be **host-bound**. The GPU finishes each small kernel quickly
+# and then waits for the host. There Python, transformers and PyTorch's dispatcher prepare each kernel, then launch
+# it. Busy time is then far below wall time. On a CPU, Python and the operators take turns on the same cores, and busy
+# time is the operators' share.
+# Predict before you run it: on this machine, will the matrix products take most of the step?
+
+# %%
+if recipes:
+    probe = outputs.GreedyLoop(main, batch=1, prompt_tokens=ids.shape[1], new_tokens=4)  # its own static cache
+    token = probe(ids, 1)  # the prompt is in the cache; the next position is ids.shape[1]
+
+    def one_step(at):  # the hand loop's step: one token through the model at position `at`, the next token out
+        with torch.inference_mode():
+            return probe.forward(token, torch.tensor([at], device=lab.device))
+
+    for at in (ids.shape[1], ids.shape[1] + 1):  # two warm-up steps
+        one_step(at)
+    step_view = timing.time_by_op(lambda: one_step(ids.shape[1] + 2), lab.device)
+    lab.table("step_profile", step_view.table.head(8), title=f"One decode step of {lab.p.decode_model}, by "
+              + ("GPU kernel" if lab.on_gpu else "operator (self time)"))
+
+# %% [markdown]
+# On a CPU the rows are PyTorch operators; `aten::mm` is a matrix product. On a GPU they are kernels; cuBLAS names
+# its matrix products with `gemm`, `gemv` or `nvjet`. The cell below adds up those rows. It divides the bytes of the
+# weights by their time: the speed at which the products read the weights. It sets that speed beside the copy's.
+
+# %%
+if recipes:
+    products_ms = step_view.ms_of("aten::mm", "aten::addmm", "gemm", "gemv", "nvjet", "splitK")
+    weight_read = roofline.weight_bytes_per_token(main)  # every weight read once a step
+    streamed = weight_read / (products_ms / 1e3) if products_ms else float("nan")  # bytes/s
+    wall = step_view.wall_ms
+    busy = pd.DataFrame([{"wall ms": wall, "busy ms": step_view.busy_ms, "busy share": step_view.busy_share,
+                          "products ms": products_ms, "products share of wall": products_ms / wall,
+                          "products GB/s": streamed / 1e9, "copy GB/s": bandwidth / 1e9}])
+    lab.table("step_busy", busy, title="One decode step: busy time against wall time")
+    if lab.on_gpu:
+        pace = ("host-bound: the GPU idled while Python, transformers and PyTorch prepared each kernel"
+                if step_view.busy_share < 0.5 else "the GPU's kernels kept it busy: the device sets the pace")
+    else:
+        pace = ("the matrix-vector kernels set the pace, not Python" if products_ms >= 0.5 * wall
+                else "the work around the products sets the pace")
+    print(f"Busy {step_view.busy_share:.0%} of the step; the products took {products_ms / wall:.0%} of "
+          f"it, reading the weights at {streamed / bandwidth:.0%} of a copy's speed: {pace}.")
+
+# %% [markdown]
+# Read the two shares together. A busy share near 1 says the device worked the whole step. A products share near 1
+# says the matrix products were that work. Their speed against the copy's tells how close they came to the memory's
+# limit. On a GPU the same step replayed as a CUDA graph removes the host's part; the compiled recipe above measured
+# that.
 #
 # ### Batching: throughput against latency
 #
@@ -553,39 +669,68 @@ if pad_name is not None:
     lab.check("right_padding_is_warned_about", any("right-padding" in m for m in said))
 
 # %% [markdown]
-# A padded batch also carries an attention mask, and a mask is one of the conditions of notebook 01. PyTorch's CUDA
-# Flash kernel takes no mask at all (its operator, `aten::_scaled_dot_product_flash_attention`, has `is_causal` but no
-# `attn_mask` argument; the CPU one, `_scaled_dot_product_flash_attention_for_cpu`, takes a mask). So on a GPU the
-# source page's Flash-only context fails on a padded batch with `No available kernel`; the cell below tries it on your
-# device. The fix is to allow a backend that takes masks as well: `sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION])`
-# enables both, PyTorch tries them in its own fixed order and runs the first that accepts the call (a list is not a
-# priority order unless `set_priority=True` is passed); or not to pad (batches of equal lengths).
+# A padded batch also carries an attention mask, one of notebook 01's conditions. PyTorch's CUDA Flash operator takes
+# no mask. Its signature in the installed torch, `aten::_scaled_dot_product_flash_attention`, has `is_causal` but no
+# `attn_mask`. The CPU operator, `_scaled_dot_product_flash_attention_for_cpu`, does take a mask. So on a GPU,
+# `sdpa_kernel([SDPBackend.FLASH_ATTENTION])` fails on a padded batch with `No available kernel`.
+#
+# The source page's call is a different one, and it generates a single prompt, unpadded. Its
+# `torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False, enable_mem_efficient=False)` has a fourth
+# switch, `enable_cudnn`, which defaults to `True` (`sdp_kernel` in torch 2.13's `torch/backends/cuda/__init__.py`).
+# Predict: which backends does the page's call leave on? The cell below asks torch, with the deprecated call on purpose.
 
-# %%
+# %% tags=["old-api-on-purpose"]
 import warnings
 
+from torch.backends import cuda
+
+with warnings.catch_warnings(record=True) as said:
+    warnings.simplefilter("always")  # its deprecation warning, printed below
+    with cuda.sdp_kernel(enable_flash=True, enable_math=False, enable_mem_efficient=False):  # the source page's call
+        switches = {SDPBackend.FLASH_ATTENTION: cuda.flash_sdp_enabled(), SDPBackend.MATH: cuda.math_sdp_enabled(),
+                    SDPBackend.EFFICIENT_ATTENTION: cuda.mem_efficient_sdp_enabled(),
+                    SDPBackend.CUDNN_ATTENTION: cuda.cudnn_sdp_enabled()}
+page_backends = [backend for backend, on in switches.items() if on]  # the same list for today's sdpa_kernel
+print(*[f"{w.category.__name__}: {w.message}" for w in said[:1]], sep="\n")
+print(f"The page's call leaves on: {', '.join(b.name for b in page_backends)}")
+lab.check("page_call_leaves_cudnn_on", SDPBackend.CUDNN_ATTENTION in page_backends)
+
+# %% [markdown]
+# So the page's call asks for Flash **or cuDNN**. The cuDNN operator, `aten::_scaled_dot_product_cudnn_attention`,
+# takes a mask: its signature has an `attn_bias` argument. Whether it accepts this mask is decided on the GPU.
+# PyTorch's `can_use_cudnn_attention` (`aten/src/ATen/native/transformers/cuda/sdp_utils.cpp`, not shipped in the
+# wheel) checks the mask's shape, where Flash's check refuses any mask. It also needs 16-bit inputs and a GPU from
+# the A100's generation on. So under the page's call a padded batch may run cuDNN attention instead of failing.
+#
+# The cell below tries both lists on your device and names the backend that ran. The fix for a Flash-only list is to
+# allow a backend that takes masks, such as `sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION])`. PyTorch tries the
+# allowed backends in its own fixed order unless `set_priority=True` is passed. Or do not pad: batch equal lengths.
+
+# %%
 if pad_name is not None:
     model = loaded[pad_name][0]  # in the notebook's dtype: on a GPU, Flash takes only 16-bit inputs
     batch = pad_tokenizer([lab.p.prompt, "Hi"], return_tensors="pt", padding=True).to(lab.device)
 
-    def forward_under(backends):  # the first line of its error ("" when it ran), and why SDPA's kernels refused
+    def forward_under(backends):  # (its error's first line or "", why SDPA's kernels refused, the backend that ran)
         with warnings.catch_warnings(record=True) as caught, sdpa_kernel(backends), torch.inference_mode():
             warnings.simplefilter("always")  # SDPA warns each kernel's reason before it raises
             try:
-                model(**batch)
-                return "", []
+                return "", [], timing.ops_that_ran(lambda: model(**batch), lab.device).backend
             except RuntimeError as err:  # such as "No available kernel"
-                return str(err).strip().splitlines()[0], probes.refusal_reasons([str(w.message) for w in caught])
+                return str(err).strip().splitlines()[0], probes.refusal_reasons([str(w.message) for w in caught]), None
 
 # %%
 if pad_name is not None:
-    error, reasons = forward_under([SDPBackend.FLASH_ATTENTION])
+    error, reasons, ran = forward_under([SDPBackend.FLASH_ATTENTION])
+    page_error, _, page_ran = forward_under(page_backends)
+    print(f"The page's list, {' or '.join(b.name for b in page_backends)}: {page_error or f'{page_ran} ran'}")
     if not error:
-        lab.skip("'No available kernel' with a padded batch", f"the Flash kernel on {lab.device} takes the mask")
+        lab.skip("'No available kernel' with a padded batch", f"the Flash kernel on {lab.device} takes the mask "
+                 f"({ran} ran)")
     else:
         print(f"Flash only, padded batch: {error}\nwhy: {'; '.join(reasons) or '-'}")
-        fix, _ = forward_under([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
-        print(f"fix, sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION]): {fix or 'runs'}")
+        fix, _, fixed = forward_under([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+        print(f"fix, sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION]): {fix or f'{fixed} ran'}")
         lab.check("padded_batch_under_flash_only_fails_with_no_available_kernel", "No available kernel" in error)
         lab.check("allowing_efficient_attention_fixes_it", not fix)
 

@@ -7,23 +7,24 @@
 # ---
 
 # %% [markdown]
-# # 04 · 4-bit and 8-bit weights: bitsandbytes for memory, torchao for speed
+# # 04 · 4-bit and 8-bit weights: what they save in memory and in time, and which kernel runs
 #
-# The source page loads OPT with `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)` and
-# generates under a Flash-only SDPA context. This notebook measures what low-bit weights buy and what they cost, format
-# by format, on your machine:
+# What do 4-bit and 8-bit weights save on your machine, in memory and in time, and what do they cost in quality? The
+# source page loads OPT with `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)`. It
+# generates under `sdp_kernel(enable_flash=True, ...)`, which leaves cuDNN attention on too. This notebook measures
+# each format:
 #
 # 1. **what is stored**: bitsandbytes' FP4, NF4 (with and without double quantization) and LLM.int8, and torchao's
 #    int8 and int4 weight-only formats (float8 on a GPU that has float8 units); the footprint predicted from the
 #    model's own tensors, then counted from what each quantized model really holds;
 # 2. **the config**: what `BitsAndBytesConfig(load_in_4bit=True)` fills in when you say nothing else, and which
-#    attention kernel runs under the source page's Flash-only context;
+#    attention kernel runs under a Flash-only context;
 # 3. **quality**: perplexity on a text shipped with the workbook, and how far each format moved the model's
 #    next-token distributions;
 # 4. **speed**: prefill, and decode at batch 1 and 8 against each format's own bandwidth bound;
-# 5. **quantization for speed**: the batch size where weight-only quantization stops helping (the roofline, then one
-#    layer measured), and the compiled one-token step of notebook 02 with int4 weights;
-# 6. **a summary**: which formats save memory, which save time, on this machine.
+# 5. **quantization for speed**: which kernel each torchao format runs, under the profiler; the batch size where
+#    weight-only quantization stops helping; the compiled one-token step of notebook 02 with int4 weights;
+# 6. **a summary**: which formats saved memory, which saved time, on this machine.
 #
 # Both libraries also run on a CPU (bitsandbytes slowly). A format this machine cannot run is skipped, with the reason.
 
@@ -172,12 +173,46 @@ if "torchao-int4" in loaded:
 # 16-bit: a torchao tensor subclass presents its 16-bit dtype while holding int8 or packed int4 values (and its
 # scales) inside. The "16-bit part" column is what no format shrinks.
 #
+# **04.3 · Code.** What does int8 weight-only store for one row? Quantize a row yourself. `my_int8_row(row)` takes a
+# row of weights and returns `(q, scale)`: `q` a `torch.int8` tensor, `scale` one number, with `q × scale ≈ row`. The
+# format is symmetric: no zero point, levels from -128 to 127. The check runs your function on a fresh random row.
+# `row_exercise.hint()` gives a hint. The cell after it compares your scale with the one torchao stored.
+
+# %%
+row_exercise = lab.exercise("04.3")
+
+
+def my_int8_row(row):
+    return None  # your code: one scale for the row, then q = the rounded levels, as torch.int8
+
+
+answer = None  # once my_int8_row is written: answer = my_int8_row
+row_exercise.check(answer)
+
+# %%
+if "torchao-int8" in loaded:  # the same row in the 16-bit model and in torchao's int8 copy
+    name, stored = next((n, m.weight) for n, m in loaded["torchao-int8"].named_modules()
+                        if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "qdata"))
+    row = model.get_submodule(name).weight[0].float()
+    q, scale = (row_exercise.answer if row_exercise.verdicts[-1] else row_exercise.exercise.solution)(row)
+    off = (q.int() - stored.qdata[0].int()).abs()  # how many levels apart, weight by weight
+    same = float((off == 0).float().mean())
+    print(f"{name}, row 0: your scale {float(scale):.5g}; torchao stored {float(stored.scale.flatten()[0]):.5g}; "
+          f"max|w| / 127.5 = {float(row.abs().max()) / 127.5:.5g}. Your levels equal torchao's at {same:.0%} of the "
+          f"weights and differ by at most {int(off.max())}.")
+    lab.check("int8_row_by_hand_is_within_one_level_of_torchao", int(off.max()) <= 1, f"{int(off.max())} levels")
+else:
+    lab.skip("your int8 row beside torchao's", "torchao-int8 is not among the formats that run here")
+
+# %% [markdown]
 # ## 2. The config: what `BitsAndBytesConfig(load_in_4bit=True)` fills in
 #
 # The source page writes `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)` and passes it
-# to `from_pretrained(..., quantization_config=...)`: today's API. (Its `torch.backends.cuda.sdp_kernel` context is
-# the old name of `torch.nn.attention.sdpa_kernel`; notebook 01 shows both.) What the config leaves out matters more.
-# Ask it:
+# to `from_pretrained(..., quantization_config=...)`: today's API. Its attention context is not. The page's
+# `torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False, enable_mem_efficient=False)` is deprecated. It
+# leaves a fourth switch, `enable_cudnn`, at `True`, so it allows Flash **or cuDNN** attention, not Flash alone. The
+# source is `sdp_kernel` in torch 2.13's `torch/backends/cuda/__init__.py`. Notebook 01 reads the switches; notebook 02
+# runs a padded batch under it. What the config leaves out matters more. Ask it:
 
 # %%
 from transformers import BitsAndBytesConfig
@@ -195,14 +230,17 @@ lab.check("bitsandbytes_4bit_defaults_to_fp4", page_config.bnb_4bit_quant_type =
 # dtype each 4-bit block is dequantized to for its matrix product (float32 when left out); what comes out of a layer,
 # and so what attention and the KV cache see, stays in the `dtype=` the model was loaded in (the H100 run stored in
 # `reference/nvidia-h100/partial-04_quantization.ipynb` loaded NF4 with a float32 compute dtype and still saw bfloat16
-# activations). Notebook 01's rules apply to
-# that dtype. The page's Flash-only context around one forward pass of the FP4 model, the profiler watching:
+# activations). Notebook 01's rules apply to that dtype.
+#
+# Below, today's `sdpa_kernel(SDPBackend.FLASH_ATTENTION)` allows Flash alone. It wraps one forward pass of the FP4
+# model on one unpadded prompt, with the profiler watching. A padded batch would fail there on a GPU, since the CUDA
+# Flash kernel takes no mask (notebook 02 shows it).
 
 # %%
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if "fp4" not in loaded:
-    lab.skip("the Flash-only context on the FP4 model", "fp4 is not among the formats that run here")
+    lab.skip("Flash-only attention on the FP4 model", "fp4 is not among the formats that run here")
 else:
     batch = tokenizer([prompt], return_tensors="pt").to(lab.device)
 
@@ -216,16 +254,7 @@ else:
               f"its output is {flash_only().logits.dtype}.")
         lab.check("fp4_model_runs_flash_attention", seen.backend == "FLASH_ATTENTION")
     except RuntimeError as err:  # Flash refused this input on this device: the reason is the lesson
-        lab.skip("the Flash-only context on the FP4 model", str(err).strip().splitlines()[0])
-
-# %% [markdown]
-# **04.3 · Code.** Write the `BitsAndBytesConfig` for NF4 weights with double quantization and matrix products in
-# bfloat16 (what `from_pretrained(..., quantization_config=my_config)` takes).
-
-# %%
-config_exercise = lab.exercise("04.3")
-my_config = None  # your BitsAndBytesConfig(...)
-config_exercise.check(my_config)
+        lab.skip("Flash-only attention on the FP4 model", str(err).strip().splitlines()[0])
 
 # %% [markdown]
 # ## 3. Quality: perplexity and KL divergence
@@ -278,9 +307,8 @@ else:
     print("FP4 and NF4 did not both run here, so the cost of the default is not measured on this machine.")
 
 # %% [markdown]
-# Measured on an H100 and stored in `reference/nvidia-h100/partial-04_quantization.ipynb` (a partial run with torch
-# 2.11 and transformers 5.17, over the whole shipped text): FP4 moved the distributions 0.438 nats and NF4 0.247,
-# with perplexities 52.4 and 45.3 against 36.5 in 16-bit; LLM.int8 (`int8`) moved them 0.017 nats. Asking for
+# The H100 run stored in `reference/nvidia-h100/partial-04_quantization.ipynb` scored the whole shipped text. Its
+# quality table shows the same order: NF4 moved the distributions less than FP4, and LLM.int8 least of all. Asking for
 # `bnb_4bit_quant_type="nf4"` costs one argument and no memory. Where weights keep more bits, they keep more of the
 # model.
 #
@@ -370,8 +398,8 @@ for name, rate in first["tokens/s"].items():
 # %%
 base, slow = first.loc["16-bit"], 1 / first.loc["16-bit", "fraction of bound"]  # the step against what its bytes need
 pace = ("close to the bound, so reading the weights sets the pace" if slow < 1.5 else
-        "the step is launch-bound (the GPU waits while the CPU launches its many small kernels), so fewer weight "
-        "bytes can shorten only the small part of the step spent reading them" if lab.on_gpu and slow >= 5 else
+        "the step is host-bound (the GPU waits while Python and PyTorch prepare its many small kernels), so fewer "
+        "weight bytes can shorten only the small part of the step spent reading them" if lab.on_gpu and slow >= 5 else
         "most of the step is not reading weights (it is the dispatch of every small op, and generate's own work), "
         "so fewer weight bytes can shorten only a part of it")
 print(f"16-bit at batch {smallest}: a step took {base['step ms']:.3g} ms where reading its bytes at this machine's "
@@ -381,25 +409,104 @@ for name, r in first.drop("16-bit").iterrows():
           f"its bound is {r['bound tokens/s'] / base['bound tokens/s']:.2f}x higher")
 
 # %% [markdown]
-# Read the `x 16-bit` column against the bound: every low-bit format had a higher bound, so a format that is not faster
+# Read the `x 16-bit` column against the bound. Every low-bit format had a higher bound. A format that is not faster
 # lost its gain elsewhere: in turning stored weights back into numbers, or in the part of a step that is not reading
-# weights at all (the line under the tables says how large that part is here). On an H100 (the partial run in
-# `reference/nvidia-h100/`, bitsandbytes 0.50.2), the 4-bit formats decoded at 0.67-0.76x the 16-bit tokens/s at batch 1
-# and LLM.int8 at 0.21x, each under 0.5% of its bound: **on that GPU, bitsandbytes saved memory, not time**; its use
-# there is to make a model fit. Mind what that run could show: a 135M-parameter model on an H100 is set by launching
-# kernels, not by reading weights, so fewer bytes had nothing to win. bitsandbytes' 0.40.0 release added batch-1 4-bit
-# kernels whose release notes report speed-ups over 16-bit on large models
-# (https://github.com/bitsandbytes-foundation/bitsandbytes/releases/tag/0.40.0), while users on its GitHub tracker
-# report 4-bit decoding slower than 16-bit on 7B models too (report #611). Whether it saved time here is in the
-# `x 16-bit` column above.
+# weights at all. The line under the tables says how large that part is here.
+#
+# What about a large model on a GPU? This run cannot say, and neither can the stored H100 run. Its model has 135M
+# parameters. Its batch-1 steps stayed far under their bounds in every format it measured
+# (`reference/nvidia-h100/partial-04_quantization.ipynb`, speed table). So reading weights did not set their pace, and
+# fewer bytes had nothing to win there. Notebook 02 profiles such a step.
+#
+# Where reading weights does set the pace, the fused kernel inside `gemm_4bit` matters. It dequantizes each block of
+# weights next to the multiply. On CUDA, bitsandbytes 0.50 runs it for every product of at most 4 rows whose length is
+# a multiple of the block size: batch-1 decode included. From 5 rows on, the per-generation rule named above decides
+# (`_gemm_4bit_use_custom_cuda` in `backends/cuda/ops.py`). Whether that makes 4-bit decode of a large model faster
+# than 16-bit is a GPU measurement this notebook has not made.
 #
 # ## 5. Quantization for speed
 #
-# The formats built for speed keep the activations in 16-bit and use kernels that read the packed weights and
-# dequantize them in registers, next to the multiply: torchao's int4 weight-only runs tinygemm
-# (`_weight_int4pack_mm` on a GPU, `_weight_int4pack_mm_for_cpu` on a CPU), as gpt-fast's int4 does
-# (https://github.com/pytorch-labs/gpt-fast, `quantize.py`). They can
-# only win while reading weights is what limits a step. A step takes at least max(bytes read ÷ bandwidth, FLOPs ÷
+# A weight-only format saves time only with a kernel that reads the packed weights and restores them next to the
+# multiply. Which kernel runs depends on the layout you ask torchao for. labkit asks for a tinygemm layout, as
+# gpt-fast's int4 uses (https://github.com/pytorch-labs/gpt-fast, `quantize.py`). On a GPU that is
+# `Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")`, whose product calls `aten::_weight_int4pack_mm`. On
+# a CPU it is `PrototypeInt4WeightOnlyConfig`, whose product calls `aten::_weight_int4pack_mm_for_cpu`.
+#
+# The default, `Int4WeightOnlyConfig()`, packs `PLAIN` instead. Its product calls `torch.ops.mslk.bf16i4bf16_rowwise`,
+# from the separate mslk package. The source is torchao 0.18's `quantization/quantize_/workflows/int4/int4_tensor.py`.
+# Predict: what does a learner who copies `Int4WeightOnlyConfig()` get on this machine? The cell below tries it on one
+# layer. Then it profiles labkit's int4 layer on one token, as in batch-1 decode.
+
+# %%
+import copy
+
+size = lab.p.layer_size
+layer = torch.nn.Linear(size, size, bias=False, device=lab.device, dtype=lab.dtype)
+one_token = torch.randn(1, size, device=lab.device, dtype=lab.dtype)  # batch-1 decode: one row
+if "torchao-int4" in loaded:  # else the first lines of the notebook say why
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    plain = copy.deepcopy(layer)
+    try:
+        quantize_(plain, Int4WeightOnlyConfig())  # what a learner copies: the default PLAIN packing
+        ran = timing.ops_that_ran(lambda: plain(one_token), lab.device)
+        names = [o for o in ran.ops + ran.kernels if any(w in o for w in ("int4", "mslk", "i4bf16"))]
+        print(f"Int4WeightOnlyConfig() ran: {', '.join(names) or '-'}")
+    except (ImportError, RuntimeError) as err:  # mslk missing, or no kernel for this device
+        print(f"Int4WeightOnlyConfig(): {type(err).__name__}: {err}")
+
+# %%
+if "torchao-int4" in loaded:  # labkit's int4 layer, one token, under the profiler
+    layers = {"16-bit": layer, "torchao-int4": quant.torchao_quantized(layer, "torchao-int4", lab.device)}
+    with torch.inference_mode():
+        layers["torchao-int4"](one_token)  # warm-up
+        int4_view = timing.time_by_op(lambda: layers["torchao-int4"](one_token), lab.device)
+    lab.table("int4_kernel", int4_view.table.head(8), title=f"labkit's int4 layer ({size} x {size}), one token")
+    packed_ms = int4_view.ms_of("int4pack", "tinygemm")  # the CPU op's name, the GPU kernel's name
+    packed_bytes = size * size / 2  # 4 bits a weight; the scales and zero points left out
+    rate = packed_bytes / (packed_ms / 1e3) if packed_ms else float("nan")  # bytes/s
+    print(f"The int4 kernel took {packed_ms / int4_view.busy_ms:.0%} of the layer's busy time. It read the packed "
+          f"weights at {rate / 1e9:.3g} GB/s; a copy reaches {bandwidth['bytes_per_s'] / 1e9:.3g} GB/s.")
+    lab.check("int4_layer_runs_the_tinygemm_kernel", packed_ms > 0, ", ".join(int4_view.table["name"].head(3)))
+
+# %% [markdown]
+# Now int8 weight-only, in eager mode. Section 1 said that torchao 0.18 turns the whole int8 weight into a 16-bit copy
+# on every call, then multiplies by that copy. The profiler should show it: a copy operator beside the product.
+# Predict: at batch 1, which takes longer, the copy or the product?
+
+# %%
+if "torchao-int8" in loaded:
+    int8_layer = quant.torchao_quantized(layer, "torchao-int8", lab.device)
+    with torch.inference_mode():
+        int8_layer(one_token)  # warm-up
+        int8_view = timing.time_by_op(lambda: int8_layer(one_token), lab.device)
+    lab.table("int8_eager", int8_view.table.head(8), title="torchao int8 weight-only, eager, one token")
+    copy_ms = int8_view.ms_of("copy")  # aten::copy_ and aten::_to_copy on a CPU, the copy kernel on a GPU
+    product_ms = int8_view.ms_of("aten::mm", "gemm", "gemv", "nvjet")
+    moved = size * size * (1 + 2 + 2)  # read 1 byte a weight, write a 2-byte copy, read that copy in the product
+    print(f"The 16-bit copy took {copy_ms:.3g} ms and the product {product_ms:.3g} ms. Each call moved "
+          f"{moved / 2**20:.0f} MiB, where the 16-bit layer reads {2 * size * size / 2**20:.0f} MiB.")
+    lab.check("int8_eager_makes_a_16bit_copy_every_call", copy_ms > 0, ", ".join(int8_view.table["name"].head(3)))
+
+# %% [markdown]
+# `torch.compile` can fuse the conversion into the product, so that no 16-bit copy is written. That is a claim about
+# the code the compiler generates; the cell below profiles it where compiling fits the run.
+
+# %%
+if "torchao-int8" in loaded and (lab.on_gpu or not lab.quick):
+    fused = torch.compile(int8_layer)
+    with torch.inference_mode():
+        fused(one_token)  # the first call compiles
+        fused_view = timing.time_by_op(lambda: fused(one_token), lab.device)
+    lab.table("int8_compiled", fused_view.table.head(8), title="torchao int8 weight-only, compiled, one token")
+    print(f"Compiled: {fused_view.wall_ms:.3g} ms a call against {int8_view.wall_ms:.3g} ms eager; a copy operator "
+          f"took {fused_view.ms_of('copy'):.3g} ms. On a CPU the profiler counts ATen operators only, not the "
+          "compiler's own kernels.")
+elif "torchao-int8" in loaded:
+    lab.skip("int8 weight-only, compiled", "compiling costs more time than a quick CPU run has; use quick=False")
+
+# %% [markdown]
+# A step takes at least max(bytes read ÷ bandwidth, FLOPs ÷
 # FLOP/s) (the roofline of notebook 00): each sequence of the batch costs 2 FLOPs per weight (a multiply and an add)
 # whatever the format, while the bytes do not grow with the batch. As the batch grows, the step becomes
 # compute-bound, and from there fewer bytes buy nothing.
@@ -432,10 +539,7 @@ def roofline_speedup(batch):  # per weight, a step takes max(its bytes / bandwid
 
 
 # %%
-if "torchao-int4" in loaded:  # else the first lines of the notebook say why
-    size = lab.p.layer_size
-    layer = torch.nn.Linear(size, size, bias=False, device=lab.device, dtype=lab.dtype)
-    layers = {"16-bit": layer, "torchao-int4": quant.torchao_quantized(layer, "torchao-int4", lab.device)}
+if "torchao-int4" in loaded:  # else the first lines of the notebook say why; `layers` was made above
     inputs = {batch: torch.randn(batch, size, device=lab.device, dtype=lab.dtype) for batch in lab.p.sweep_batches}
 
     def timed(point):  # one format's layer fed `batch` one-token rows (the same rows for both formats)
@@ -551,12 +655,12 @@ lab.figure("summary", plots.quantized_formats(summary, title=f"{model_id}: size,
 show(lab.beside_references(quant.REFERENCE_METRICS), title="This machine and the reference runs")
 
 # %% [markdown]
-# Which formats saved memory and which saved time on this machine is in the table above: every format saves memory
-# (less on a small model, whose embeddings stay 16-bit); time is saved only by a kernel that turns the stored weights
-# back into numbers faster than reading the bytes it saved would take, and only at small batches. bitsandbytes is first
-# the tool to make a model fit (the table's speed column says whether it also saved time here); torchao's weight-only
-# formats, with a compiled step, are the tools to try when batch-1 decode is too slow; float8 also quantizes the
-# activations, so that the product itself runs on a GPU's float8 units.
+# The table above says which formats saved memory and which saved time on this machine. Every format saves memory,
+# less on a small model, whose embeddings stay 16-bit. Time is saved only by a kernel that restores the stored weights
+# faster than reading the saved bytes would take, and only at small batches. Which library's kernels do that depends on
+# the GPU, the model's size and the batch. The speed column measured it for this model here; section 5's profiler
+# showed which kernel each torchao format ran. float8 also quantizes the activations, so that the product itself runs
+# on a GPU's float8 units.
 #
 # ## What you measured
 

@@ -86,19 +86,42 @@ def test_the_revealing_cell_compares_the_prediction_with_the_measurement(capsys)
     assert "you predicted 500 tokens/s; measured 480 tokens/s" in capsys.readouterr().out
 
 
-def test_bitsandbytes_configs_that_are_not_nf4_double_bfloat16_are_told_why():
-    from transformers import BitsAndBytesConfig
+def test_an_int8_row_passes_with_torchaos_scale_and_is_told_why_when_it_is_asymmetric_or_unrounded():
+    def torchao_scale(row):  # torchao 0.18 divides by 127.5, half of int8's 255 steps
+        scale = row.abs().max() / 127.5
+        return torch.round(row / scale).clamp(-128, 127).to(torch.int8), scale
 
-    cases = [(BitsAndBytesConfig(load_in_8bit=True), "load_in_8bit"),
-             (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16), "FP4"),
-             (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
-              "double quantization"),
-             (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32), "compute dtype")]
-    for config, words in cases:
-        verdict = bound("04.3").check(config)
-        assert not verdict and words in verdict.message
+    def asymmetric(row):  # a zero point, which this format does not store
+        scale = (row.max() - row.min()) / 255
+        return torch.round((row - row.min()) / scale - 128).to(torch.int8), scale
+
+    def as_float(row):
+        return row / (row.abs().max() / 127), row.abs().max() / 127
+
+    assert bound("04.3").check(torchao_scale)
+    for function, words in ((asymmetric, "give the row back"), (as_float, "torch.int8")):
+        verdict = bound("04.3").check(function)
+        assert not verdict and words in verdict.message, verdict.message
+
+
+def test_a_kv_cache_loop_that_passes_the_returned_cache_passes_and_one_that_returns_logits_is_told_why():
+    from labkit import compat
+
+    def returned_cache(model, input_ids, new_tokens):  # the cache each output returns, passed to the next step
+        name, tokens, ids, cache = compat.forward_keywords(model)["cache"], [], input_ids, None
+        with torch.inference_mode():
+            for _ in range(new_tokens):
+                out = model(input_ids=ids, use_cache=True, **({name: cache} if cache is not None else {}))
+                ids, cache = out.logits[:, -1:].argmax(-1), compat.output_cache(out)
+                tokens.append(ids)
+        return torch.cat(tokens, dim=1)
+
+    def logits(model, input_ids, new_tokens):
+        return model(input_ids=input_ids).logits
+
+    assert bound("02.4").check(returned_cache)
+    verdict = bound("02.4").check(logits)
+    assert not verdict and "shape" in verdict.message, verdict.message
 
 
 def test_a_converted_layer_with_the_wrong_norm_order_or_activation_is_told_why():
