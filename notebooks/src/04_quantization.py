@@ -20,7 +20,7 @@
 # 2. **the config**: what `BitsAndBytesConfig(load_in_4bit=True)` fills in when you say nothing else, and which
 #    attention kernel runs under a Flash-only context;
 # 3. **quality**: perplexity on a text shipped with the workbook, and how far each format moved the model's
-#    next-token distributions;
+#    next-token distributions; then today's FP8, MXFP4 and NVFP4, written by hand and scored the same way;
 # 4. **speed**: prefill, and decode at batch 1 and 8 against each format's own bandwidth bound;
 # 5. **quantization for speed**: which kernel each torchao format runs, under the profiler; the batch size where
 #    weight-only quantization stops helping; the compiled one-token step of notebook 02 with int4 weights;
@@ -311,7 +311,145 @@ else:
 # quality table shows the same order: NF4 moved the distributions less than FP4, and LLM.int8 least of all. Asking for
 # `bnb_4bit_quant_type="nf4"` costs one argument and no memory. Where weights keep more bits, they keep more of the
 # model.
+
+# %% [markdown]
+# ### Today's formats, computed by hand: FP8, MXFP4 and NVFP4
 #
+# Deployments today mostly use floating-point formats with many small scales, not the integers above.
+#
+# - **FP8** (E4M3: 4 exponent bits, 3 mantissa bits, largest value 448) runs on GPUs of compute capability 8.9 and
+#   newer. Its scale covers a whole tensor, a row, or a block of 128 × 128 weights. Blocks are the layout of
+#   DeepSeek-V3's checkpoints and the default of transformers' `FineGrainedFP8Config`.
+# - **MXFP4**, the Open Compute Project's microscaling format, stores 4-bit floats (E2M1: 0, 0.5, 1, 1.5, 2, 3, 4 and
+#   6, each with a sign). Every 32 values share one power-of-two scale. gpt-oss ships its experts in it.
+# - **NVFP4**, NVIDIA Blackwell's format, stores the same 4-bit floats. Every 16 values share an FP8 scale, and one
+#   FP32 scale per tensor keeps those scales in FP8's range.
+#
+# Their fast kernels need those GPUs (the 4-bit ones compute capability 10.0). The numbers each format keeps can be
+# computed anywhere, so the cells below write each format by hand. They check the 4-bit ones against torchao's
+# reference code, then put every weight of the model's layers through each format and score it as above.
+#
+# **Predict.** MXFP4 and NVFP4 both keep 4-bit values. Which one keeps the weights closer, and why?
+
+# %%
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # every magnitude a 4-bit float (E2M1) holds
+
+
+def to_e2m1(x):
+    """Round to the nearest 4-bit float, a tie to the even code as hardware does; above 6 stays 6."""
+    distance = (x.abs().unsqueeze(-1) - E2M1).abs()
+    code = distance.argmin(-1)  # the nearest magnitude; on a tie, the lower one
+    above = distance.gather(-1, (code + 1).clamp(max=7).unsqueeze(-1)).squeeze(-1)
+    code += (code % 2 == 1) & (code < 7) & (above == distance.min(-1).values)  # that tie goes to the even code
+    return E2M1[code] * x.sign()
+
+# %%
+def mxfp4(w):  # 32 values share a power-of-two scale that puts their largest in [4, 8): 6 = 1.5 × 2², so 2 below
+    blocks = w.reshape(-1, 32)
+    scale = 2.0 ** (torch.floor(torch.log2(blocks.abs().amax(1, keepdim=True).clamp(min=2.0**-126))) - 2)
+    return (to_e2m1(blocks / scale) * scale).reshape(w.shape), scale
+
+
+def nvfp4(w):  # 16 values share an FP8 scale; one FP32 scale per tensor puts the largest FP8 scale at 448
+    blocks = w.reshape(-1, 16)
+    tensor_scale = blocks.abs().amax() / (6 * 448)
+    block_scale = (blocks.abs().amax(1, keepdim=True) / 6 / tensor_scale).clamp(torch.finfo(torch.float8_e4m3fn).tiny)
+    block_scale = block_scale.to(torch.float8_e4m3fn).float()
+    kept = to_e2m1(blocks * ((1 / tensor_scale) / block_scale))  # torchao's order of operations: ties round alike
+    return (kept * (block_scale * tensor_scale)).reshape(w.shape), block_scale
+
+# %%
+def fp8(w, block):  # E4M3 values, one FP32 scale per block[0] × block[1] weights (the edges padded with zeros)
+    rows, cols = w.shape
+    br, bc = min(block[0], rows), min(block[1], cols)
+    padded = torch.nn.functional.pad(w, (0, -cols % bc, 0, -rows % br))
+    tiles = padded.reshape(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
+    scale = tiles.abs().amax((1, 3), keepdim=True).clamp(min=1e-12) / 448  # the largest lands on 448
+    kept = (tiles / scale).to(torch.float8_e4m3fn).float() * scale
+    return kept.reshape(padded.shape)[:rows, :cols], scale
+
+
+# name: (quantize-dequantize, bits per stored value, bits per scale); NVFP4's one FP32 scale per matrix is left out
+TODAY = {"fp8 per tensor": (lambda w: fp8(w, w.shape), 8, 32),
+         "fp8 per row": (lambda w: fp8(w, (1, w.shape[1])), 8, 32),
+         "fp8 per 128x128 block": (lambda w: fp8(w, (128, 128)), 8, 32),
+         "mxfp4": (mxfp4, 4, 8), "nvfp4": (nvfp4, 4, 8)}
+
+# %%
+weight = model.model.layers[0].mlp.up_proj.weight.detach().float().cpu()
+if quant.torchao_problem():
+    lab.skip("4-bit formats checked against torchao", quant.torchao_problem())
+else:  # torchao's reference implementations of both 4-bit formats, run on the same weight
+    from torchao.prototype.mx_formats.mx_tensor import to_dtype, to_mx
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
+
+    scale, data = to_mx(weight, torch.float4_e2m1fn_x2, 32)
+    same_mx = torch.equal(mxfp4(weight)[0], to_dtype(data, scale, torch.float4_e2m1fn_x2, 32, torch.float32))
+    theirs = NVFP4Tensor.to_nvfp4(weight, per_tensor_scale=weight.abs().amax() / (6 * 448)).dequantize(torch.float32)
+    same_nv = torch.equal(nvfp4(weight)[0], theirs)
+    print(f"by hand against torchao, every value of a {tuple(weight.shape)} weight: MXFP4 equal {same_mx}, "
+          f"NVFP4 equal {same_nv}")
+    lab.check("fp4_formats_by_hand_match_torchao", same_mx and same_nv, "MXFP4 and NVFP4 written in the cell")
+
+# %% [markdown]
+# Now every linear layer of the model's blocks, in each format: its stored bits counted from the tensors (values plus
+# scales), how far the weights moved (relative error, ‖W − Q(W)‖ / ‖W‖, over all of them), and what that did to the
+# next-token distributions. The embedding and output layer stay in 16 bits, as bitsandbytes leaves them.
+
+# %%
+import copy
+
+rows = []
+for name, (quantize, value_bits, scale_bits) in TODAY.items():
+    fake, bits, values, moved, norm = copy.deepcopy(model), 0, 0, 0.0, 0.0
+    for layer in [m for m in fake.model.layers.modules() if isinstance(m, torch.nn.Linear)]:
+        w = layer.weight.data.float()
+        kept, scale = quantize(w)
+        bits, values = bits + w.numel() * value_bits + scale.numel() * scale_bits, values + w.numel()
+        moved, norm = moved + float((kept - w).square().sum()), norm + float(w.square().sum())
+        layer.weight.data = kept.to(layer.weight.dtype)
+    scored = quant.score(fake, text_ids, reference=reference)
+    rows.append({"format": name, "bits per weight": bits / values, "weight error": (moved / norm) ** 0.5,
+                 "perplexity": scored["perplexity"], "KL vs 16-bit (nats)": scored["kl"]})
+    del fake
+today = pd.DataFrame(rows)
+lab.table("today_formats", today, title="FP8, MXFP4 and NVFP4, computed by hand, on every linear layer")
+
+# %%
+by = today.set_index("format")
+print(f"NVFP4 moved the weights {by.loc['nvfp4', 'weight error']:.3f} of their size, MXFP4 "
+      f"{by.loc['mxfp4', 'weight error']:.3f}. NVFP4's blocks are half as long and its scales are FP8 numbers, not "
+      f"powers of two; that costs {by.loc['nvfp4', 'bits per weight'] - by.loc['mxfp4', 'bits per weight']:.2f} bits "
+      "more per weight.")
+lab.check("nvfp4_keeps_weights_closer_than_mxfp4", by.loc["nvfp4", "weight error"] < by.loc["mxfp4", "weight error"],
+          "relative weight error")
+lab.check("fp8_keeps_weights_closer_than_fp4", by.filter(like="fp8", axis=0)["weight error"].max()
+          < by.loc[["mxfp4", "nvfp4"], "weight error"].min(), "relative weight error")
+for name, r in quality.set_index("format").reindex(["nf4", "torchao-int4"]).dropna(how="all").iterrows():
+    print(f"{name} (section 3, same text): KL {r['KL vs 16-bit (nats)']:.3f} nats, perplexity {r['perplexity']:.1f}")
+
+# %% [markdown]
+# On a GPU of compute capability 8.9 or newer, transformers loads the model in FP8 with its own kernels
+# (`FineGrainedFP8Config`: 128 × 128 weight blocks, and each activation quantized to FP8 as it arrives). Elsewhere
+# the cell says why it skips.
+
+# %%
+capability = torch.cuda.get_device_capability(lab.device) if lab.on_gpu else None
+if capability is None or capability < (8, 9):
+    where = f"compute capability {capability[0]}.{capability[1]}" if capability else "a CPU"
+    lab.skip("FP8 loaded by transformers", f"FineGrainedFP8Config needs compute capability 8.9 or newer: {where}")
+else:
+    from transformers import FineGrainedFP8Config
+
+    fp8_model, _ = models.load_model(lab.p.model_id, device=lab.device, dtype=lab.dtype,
+                                     quantization_config=FineGrainedFP8Config())
+    scored = quant.score(fp8_model, text_ids, reference=reference)
+    print(f"transformers' FP8, weights and activations: KL {scored['kl']:.3f} nats, perplexity "
+          f"{scored['perplexity']:.1f}; by hand, weights only, 128x128 blocks: KL "
+          f"{by.loc['fp8 per 128x128 block', 'KL vs 16-bit (nats)']:.3f} nats")
+    del fp8_model
+
+# %% [markdown]
 # ## 4. Speed against each format's own limit
 #
 # A decode step reads every weight once, so fewer bytes should mean a faster step: the bound of notebook 02,
