@@ -51,7 +51,8 @@ NOTEBOOKS: tuple[Notebook, ...] = (
              tables=("prefill", "longest_prompt", "decode", "agreement", "kv_cache", "recipes", "batches", "padding")),
     Notebook("03_encoder_fastpath", "fastpath", "encoder", "model_id", "dtype", ({"batch_sizes": [0]}, "batch_sizes"),
              ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]"),
-             tables=("situations", "accelerate", "conversion", "embeddings", "sweep", "speedups", "padding_free"),
+             tables=("situations", "accelerate", "conversion", "embeddings", "sweep", "speedups", "stored_gpu_padding",
+                     "padding_free"),
              metrics=("to_fastpath_max_abs_difference", "embedding_fastpath_speedup",
                       "fastpath_fraction_of_matmul_ceiling", *(f"speedup_fastpath_vs_sdpa_b8_n128_pad{p}"
                                                                for p in (0, 25, 50, 75)),
