@@ -71,8 +71,8 @@ NOTEBOOKS: tuple[Notebook, ...] = (
                       "allreduce_best_busbw_gb_per_s", "allreduce_fraction_of_copy")),
     Notebook("06_serving", "serving", "serving", "model_id", "dtype",
              ({"server_concurrency": [4, 0]}, "server_concurrency[1]=0"),
-             tables=("batching", "curve", "prompt_lookup", "draft", "kv_per_token", "kv_caches", "fits", "server_load",
-                     "bad_input"),
+             tables=("batching", "batching_profile", "curve", "prompt_lookup", "draft", "kv_per_token", "kv_caches",
+                     "fits", "server_load", "bad_input"),
              metrics=("continuous_over_static_tokens_per_s", "speculative_prompt_lookup_repeating_speedup",
                       "speculative_draft_fresh_speedup", "kv_cache_fp8_over_model_cache", "server_c4_tokens_per_s")),
 )

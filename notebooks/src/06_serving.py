@@ -258,13 +258,55 @@ lab.metric("continuous_over_static_tokens_per_s", ratio)
 # batching's tokens/s. The last column is the share of KV positions that hold no real token: padding for static
 # batching, the unfilled end of each request's last page for the paged cache.
 #
-# The two runs differ in more than scheduling. When the attention needs no mask (flash attention), transformers
-# 5.25 turns on CUDA graphs and asynchronous batching for continuous batching (`decide_use_cuda_graphs` and
-# `decide_use_async_batching` in `transformers/generation/continuous_batching/initialization.py`). A CUDA graph
+# The two runs differ in more than scheduling. When the attention needs no mask (flash attention), transformers 5.25
+# turns on CUDA graphs and asynchronous batching for continuous batching, as `decide_use_cuda_graphs` and
+# `decide_use_async_batching` in `transformers/generation/continuous_batching/initialization.py` decide. A CUDA graph
 # replays a whole step's kernels with one launch. Static `generate` gets neither here: it compiles only with a static
-# cache (`_valid_auto_compile_criteria` in `transformers/generation/utils.py`). So on a GPU the ratio mixes
-# better scheduling with fewer kernel launches. The line above the table says what this run used: on a CPU there
-# are no CUDA graphs, so the ratio is scheduling alone.
+# cache, as `_valid_auto_compile_criteria` in `transformers/generation/utils.py` decides. So on a GPU the ratio mixes
+# better scheduling with fewer kernel launches. The line above the table says what this run used: on a CPU there are no
+# CUDA graphs, so the ratio is scheduling alone.
+
+# %% [markdown]
+# **Where the time goes.** `timing.time_by_op` runs a call once under PyTorch's profiler. It gives the wall time, the
+# busy time and each op's time. Busy time is, on a GPU, the time kernels ran; on a CPU, the time inside PyTorch's
+# ATen ops. Both ways run the first batch's requests, cut to a few tokens each, so that the profile takes seconds. A
+# forward pre-hook counts the model's passes; each pass reads every weight once. Those bytes over the time of the
+# matrix products give the bandwidth they reached, beside this machine's copy ceiling. Predict: what share of the wall
+# time is busy, and which op takes most of it?
+
+# %%
+import dataclasses
+
+few = [dataclasses.replace(r, new_tokens=min(r.new_tokens, 4)) for r in workload[:lab.p.static_batch]]
+forwards, views, passes = [], {}, {}
+hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))  # one entry per forward pass
+for mode, run in (("static", static_batching), ("continuous", continuous_batching)):
+    if mode == "continuous" and not lab.on_gpu:  # a GPU's profiler records the kernels of every thread
+        lab.skip("the CPU profile of continuous batching", "transformers runs it in a background thread, and "
+                 "torch.profiler records the CPU ops of the thread that started it only")
+        continue
+    if lab.on_gpu:  # a new batch shape may capture new CUDA graphs: once, before the profile
+        run(few)
+    forwards.clear()
+    views[mode], passes[mode] = timing.time_by_op(lambda run=run: run(few), lab.device), len(forwards)
+hook.remove()
+
+# %%
+matmuls = ("gemm", "gemv", "nvjet") if lab.on_gpu else ("aten::mm", "aten::addmm")  # matrix products' kernels, ops
+ceiling, weights = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"], roofline.weight_bytes_per_token(model)
+lab.table("batching_profile", pd.concat([view.table.head(8).assign(batching=mode) for mode, view in views.items()]),
+          title=f"The top ops of {len(few)} requests of up to 4 tokens, {lab.device_label}")
+for mode, view in views.items():
+    reached = passes[mode] * weights / (view.ms_of(*matmuls) / 1e3 or float("nan"))  # each weight once per pass
+    print(f"{mode}: busy {view.busy_ms:.0f} of {view.wall_ms:.0f} ms ({view.busy_share:.0%}); {view.table['name'][0]} "
+          f"took {view.table['share'][0]:.0%} of the busy time; {passes[mode]} forward passes read the weights at "
+          f"{reached / 1e9:.1f} GB/s in the matrix products, against a copy ceiling of {ceiling / 1e9:.1f} GB/s")
+
+# %% [markdown]
+# What was seen: the lines above put each way's busy share beside its bandwidth. A busy share far below 1 means the
+# host set the pace: Python, the scheduler, launching kernels. Matrix products near the copy ceiling mean the
+# weights' bytes set it. On a GPU, compare the two ways' busy shares: CUDA graphs and asynchronous batching, where
+# they are on, should raise continuous batching's.
 
 # %% [markdown]
 # **06.4 · Code.** A paged cache keeps each request's keys and values in fixed-size pages of a shared pool, in
@@ -285,15 +327,16 @@ answer = None  # once gather_from_pages is written: answer = gather_from_pages
 ex.check(answer)
 
 # %% [markdown]
-# The model's keys for the first request's prompt, from its first layer, written into a pool of shuffled pages, then
-# read back through the block table. Prediction: exactly the contiguous keys, since paging only moves rows around.
+# The model's keys for the workload's longest prompt, from its first layer, written into a pool of shuffled pages,
+# then read back through the block table. Prediction: exactly the contiguous keys, since paging only moves rows around.
 
 # %%
 import torch
 from transformers import DynamicCache
 
 gather = answer if ex.exercise.verdict(answer, ex.given) else ex.exercise.solution  # yours, once it passes
-cache, prompt = DynamicCache(config=model.config), torch.tensor([list(workload[0].prompt_ids)], device=lab.device)
+longest = max(workload, key=lambda r: r.prompt_tokens)
+cache, prompt = DynamicCache(config=model.config), torch.tensor([list(longest.prompt_ids)], device=lab.device)
 with torch.inference_mode():
     model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
 keys = cache.layers[0].keys[0].transpose(0, 1)  # (tokens, key/value heads, head size): the contiguous cache
@@ -596,15 +639,15 @@ for name, value in cache_bytes.items():
 
 # %% [markdown]
 # **A quantized KV cache.** transformers' `QuantizedCache` stores the keys and values in fewer bits. Its docstring calls
-# it "similar to" the KIVI paper (https://arxiv.org/abs/2402.02750) and says where it differs. KIVI quantizes keys per
+# it "similar to" the KIVI paper, https://arxiv.org/abs/2402.02750, and says where it differs. KIVI quantizes keys per
 # channel and values per token. transformers quantizes both the same way, in groups of `q_group_size` (64) numbers that
-# lie next to each other in memory (`QuantizedLayer` in `transformers/cache_utils.py`; optimum-quanto's `group`). With a
-# head size of 64, as in SmolLM2, a group is one token's vector in one head. The `quanto` backend (4-bit,
-# optimum-quanto) keeps the most recent tokens, up to `residual_length` (128), in the model's dtype. The `fp8` backend
-# keeps no such window: every token is stored in float8 with one scale per tensor, fixed by the first tokens it sees. A
-# third backend, `hqq`, is left out: once installed, transformers imports it, and PyTorch's compiler with it, whenever
-# its cache code is imported, which slows every notebook's start. You would write `model.generate(...,
-# cache=QuantizedCache(backend="quanto", config=model.config, nbits=4))`.
+# lie next to each other in memory: see `QuantizedLayer` in `transformers/cache_utils.py` and optimum-quanto's `group`.
+# With a head size of 64, as in SmolLM2, a group is one token's vector in one head. The `quanto` backend stores 4-bit
+# numbers with optimum-quanto. It keeps the most recent tokens, up to `residual_length`, 128 by default, in the model's
+# dtype. The `fp8` backend keeps no such window: every token is stored in float8 with one scale per tensor, fixed by the
+# first tokens it sees. A third backend, `hqq`, is left out: once installed, transformers imports it, and PyTorch's
+# compiler with it, whenever its cache code is imported, which slows every notebook's start. You would write
+# `model.generate(..., cache=QuantizedCache(backend="quanto", config=model.config, nbits=4))`.
 #
 # What does it save? Read `update()` in the same file: at every step each layer dequantizes its whole cache into a
 # new tensor in the model's dtype, and attention reads that copy. So the cache holds fewer bytes, but a step reads the
