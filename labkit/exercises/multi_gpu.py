@@ -1,10 +1,9 @@
 """Exercises of notebook 05 (inference on several GPUs)."""
 
 import math
-from itertools import product
 
 from labkit import footprint, models, roofline
-from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
+from labkit.exercises.core import Exercise, Wrong, predicted
 
 USABLE = footprint.USABLE_FRACTION
 
@@ -49,39 +48,28 @@ def _kv_per_rank(answer, c):
     return predicted(answer, expected, "KiB", {"; or ".join(m): v for v, m in mistakes.items()}, rel=0.02)
 
 
-def my_split(items, rank, world_size):
-    per, extra = divmod(len(items), world_size)
-    start = rank * per + min(rank, extra)
-    return items[start:start + per + (rank < extra)]
+def layout_for_budget(layouts, budget_ms):
+    # a latency budget is per user: keep the layouts whose time per token meets it, then take the most tokens/s
+    meets = {name: m["tokens_per_s"] for name, m in layouts.items() if m["ms_per_token"] <= budget_ms}
+    return max(meets, key=meets.get) if meets else "none"
 
 
-def _split(answer, c):
-    function = function_answer(answer, "my_split(items, rank, world_size)")
-    for size, world in product(range(10), (1, 2, 3, 4)):
-        items = list(range(100, 100 + size))
-        parts = [call(function, items, rank, world) for rank in range(world)]
-        if any(p is None for p in parts):
-            raise NotAttempted("your function returns None: return the list of items for this rank.")
-        given, sizes, case = [x for part in parts for x in part], [len(p) for p in parts], f"{size} items and {world}"
-        if set(items) - set(given):
-            raise Wrong(f"with {case} processes, items {sorted(set(items) - set(given))} go to no process "
-                        "(the remainder of the division must go somewhere)")
-        if len(given) != len(set(given)):
-            raise Wrong(f"with {case} processes, some items go to two processes")
-        if max(sizes) - min(sizes) > 1:
-            raise Wrong(f"with {case} processes the shares are {sizes}: they should differ by at most 1")
-    return "every item goes to exactly one process, and the shares differ by at most one."
-
-
-def _floor_split(items, rank, world_size):
-    """a split by len(items) // world_size that drops the remainder"""
-    per = len(items) // world_size
-    return items[rank * per:(rank + 1) * per]
-
-
-def _everything_to_everyone(items, rank, world_size):
-    """a split that gives every process every item"""
-    return items
+def _budget(answer, c):
+    layouts, budget = c["layouts"], c["budget_ms"]
+    expected, names = layout_for_budget(layouts, budget), (*layouts, "none")
+    if not isinstance(answer, str) or answer not in names:
+        raise Wrong(f"give one of {', '.join(map(repr, names))}")
+    if answer == expected:
+        return (f"{answer!r}: it meets the {budget:.3g} ms per token, and makes the most tokens/s of the layouts "
+                "that do." if expected != "none" else f"no layout gives a token within {budget:.3g} ms.")
+    chosen = layouts.get(answer)
+    if chosen and chosen["ms_per_token"] > budget:
+        raise Wrong(f"{answer!r} makes each user wait {chosen['ms_per_token']:.3g} ms per token, over the budget of "
+                    f"{budget:.3g} ms: tokens/s counts every user together; a latency budget is what one user sees")
+    if chosen:
+        raise Wrong(f"{answer!r} meets the budget, but {expected!r} meets it too and makes more tokens/s")
+    raise Wrong(f"{expected!r} makes each user wait {layouts[expected]['ms_per_token']:.3g} ms per token, within the "
+                "budget")
 
 
 def layout_for(model, machine, fmt, batch, context):
@@ -112,7 +100,8 @@ def _layout(answer, c):
         raise Wrong(f"TP {tp} spans more than one node of {node} GPUs: its two all-reduces per layer would cross the "
                     "network at every token; keep TP inside a node, stages across nodes")
     if kv_heads % tp:
-        raise Wrong(f"TP {tp} does not divide the {kv_heads} key/value heads: each process must hold whole heads")
+        raise Wrong(f"TP {tp} does not divide the {kv_heads} key/value heads: transformers' TP gives each "
+                    "process whole heads")
     if tp * pp > gpus:
         raise Wrong(f"that is {tp * pp} GPUs; the machine has {gpus}")
     if need / (tp * pp) > gpu:
@@ -154,15 +143,18 @@ EXERCISES = [
               "element_bytes": 2},
              ((131072.0, "whole cache"), (262144.0, "query heads"), (32768.0, "AND a value"),
               (65536.0 * 1024, "bytes"))),
-    Exercise("05.3", "The data-parallel split", "code", _split, my_split,
-             ("Each process takes one contiguous block of the prompts, as accelerate's split_between_processes does.",
-              "divmod(len(items), world_size) gives the share and the remainder; the first `remainder` ranks take "
-              "one more."),
-             {}, ((_floor_split, "go to no process"), (_everything_to_everyone, "two processes"),
-                  (returns_none, "returns None"))),
+    Exercise("05.3", "A layout for a latency budget", "predict", _budget, layout_for_budget,
+             ("A latency budget is per user: the time between two tokens of one sequence, not the total tokens/s.",
+              "Keep the layouts whose ms per token is at most the budget; of those, take the one with the most "
+              "tokens/s; 'none' if no layout meets it."),
+             {"layouts": {"one": {"ms_per_token": 40.0, "tokens_per_s": 25.0},
+                          "tp": {"ms_per_token": 25.0, "tokens_per_s": 40.0},
+                          "dp": {"ms_per_token": 42.0, "tokens_per_s": 48.0}}, "budget_ms": 30.0},
+             (("dp", "a latency budget is what one user sees"), ("one", "over the budget"), ("none", "within the"),
+              (2, "give one of"))),
     Exercise("05.4", "TP and PP for a machine", "predict", _layout, layout_for,
-             ("Tensor parallelism stays inside one node and must divide the key/value heads; pipeline stages go "
-              "across nodes.",
+             ("Tensor parallelism stays inside one node and, in transformers, must divide the key/value heads; "
+              "pipeline stages go across nodes.",
               "Compare the GiB the model needs with 90% of one GPU: the GPUs it takes is the TP size times the "
               "stages. If one node's GPUs cannot hold it, TP fills the node and the stages are nodes."),
              {"model": "llama-405b-shape", "machine": "2 nodes x 8 x 80 GB", "fmt": "16-bit", "batch": 1,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 from labkit import roofline
-from labkit.exercises.core import Exercise, predicted
+from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
 
 # --------------------------------------------------------------------------- 06.1 the padding a static batch wastes
 
@@ -67,6 +71,66 @@ def _kv_per_token(answer, c):
     })
 
 
+# --------------------------------------------------------------------------- 06.4 a paged cache's block table
+
+def gather_from_pages(pool, block_table, length):
+    # token t of the sequence lies in page block_table[t // page], at row t % page of that page
+    page = pool.shape[1]
+    positions = torch.arange(length, device=pool.device)
+    pages = torch.as_tensor(block_table, device=pool.device)[positions // page]
+    return pool[pages, positions % page]
+
+
+def _pool_order(pool, block_table, length):
+    """reads the pool's pages in their own order, ignoring the block table"""
+    return pool.flatten(0, 1)[:length]
+
+
+def _swapped(pool, block_table, length):
+    """takes the page from t % page and the row from t // page"""
+    page, t = pool.shape[1], torch.arange(length)
+    return pool[torch.as_tensor(block_table)[t % page % len(block_table)], t // page % page]
+
+
+def _whole_pages(pool, block_table, length):
+    """returns every row of the sequence's pages, the empty end of the last page too"""
+    return pool[torch.as_tensor(block_table)].flatten(0, 1)
+
+
+def paged_case(length, page, generator):
+    """A sequence's contiguous cache (length x 2 heads x 4 numbers) written into a shuffled pool of pages, and its
+    block table: the pool's other rows hold noise, as another request's pages would."""
+    needed = math.ceil(length / page)
+    pool = torch.randn(needed + 3, page, 2, 4, generator=generator)
+    table = torch.randperm(needed + 3, generator=generator)[:needed].tolist()
+    contiguous = torch.randn(length, 2, 4, generator=generator)
+    for t in range(length):
+        pool[table[t // page], t % page] = contiguous[t]
+    return pool, table, contiguous
+
+
+def _gather(answer, c):
+    function, generator = function_answer(answer, "gather_from_pages(pool, block_table, length)"), torch.Generator()
+    generator.manual_seed(0)
+    for length, page in ((5, 4), (16, 4), (37, 16), (1, 16)):
+        pool, table, contiguous = paged_case(length, page, generator)
+        got = call(function, pool.clone(), list(table), length)
+        if got is None:
+            raise NotAttempted("your function returns None: return the sequence's rows, in order.")
+        case = f"with {length} tokens in pages of {page}"
+        if not isinstance(got, torch.Tensor) or got.shape != contiguous.shape:
+            raise Wrong(f"{case}, your function returned shape {getattr(got, 'shape', type(got).__name__)}, not "
+                        f"{tuple(contiguous.shape)}: cut it to the sequence's length (its last page is partly empty)")
+        if not torch.equal(got, contiguous):
+            if torch.equal(got, _pool_order(pool, table, length)):
+                raise Wrong(f"{case}, your function read the pages in the pool's order: look each one up in the "
+                            "block table")
+            first = int((got != contiguous).flatten(1).any(1).nonzero()[0])
+            raise Wrong(f"{case}, token {first} differs from the contiguous cache: token t lies in page "
+                        "block_table[t // page size], at offset t % page size")
+    return "every token came back from its page, in order, equal to the contiguous cache."
+
+
 EXERCISES = [
     Exercise("06.1", "How much does a static batch waste?", "predict", _padding_waste, padding_waste_percent,
              ("A static batch pads every prompt to its longest prompt, and runs until its longest output is done.",
@@ -88,4 +152,10 @@ EXERCISES = [
              {"layers": 32, "heads": 32, "kv_heads": 8, "head_dim": 128, "bytes_per_element": 2},
              ((512.0, "query heads"), (64.0, "key AND a value"), (4.0, "every one of the 32 layers"),
               (131072.0, "looks like bytes"))),
+    Exercise("06.4", "Reading a sequence back from a paged cache", "code", _gather, gather_from_pages,
+             ("The pool's pages are in no particular order; the block table lists the sequence's pages in order.",
+              "Token t lies in page block_table[t // page size], at offset t % page size; index the pool with both "
+              "(`pool[pages, offsets]`) for the first `length` tokens."),
+             {}, ((_pool_order, "block table"), (_swapped, "t // page size"), (_whole_pages, "length"),
+                  (returns_none, "returns None"))),
 ]

@@ -277,10 +277,19 @@ if len(rows) == 2:
 # CPU, its share of the cores' threads), as one GPU is compared with N. The cost model: N equal workers are at most N
 # times as fast as one, and each layout's speed-up is checked against it.
 #
-# Not every layout splits its model over every process count: tensor parallelism needs the attention heads, the
-# key/value heads and the MLP width to divide evenly; expert parallelism the experts (and, with `ep_size` equal to
-# `tp_size`, the key/value heads); a pipeline at least one layer per stage. The first cell below picks, for each count,
-# the layouts that can run and says why it leaves any out; data parallelism always runs.
+# Not every layout splits its model over every process count. In transformers, tensor parallelism needs the attention
+# heads, the key/value heads and the MLP width to divide evenly. That is transformers' rule, not a law of tensor
+# parallelism. Its colwise plan cuts a projection's output rows into nearly equal chunks, one per process, and does not
+# check where the heads end: see `ColwiseParallel.shard_param` in `transformers/distributed/tensor_parallel.py`. When N
+# does not divide the key/value heads, a chunk ends inside a head, and attention cannot split it into whole heads. Only
+# continuous batching checks up front: "Number of key value heads ... must be divisible by tensor parallel size", says
+# `PagedAttentionCache` in `transformers/generation/continuous_batching/cache.py`. vLLM does otherwise. In vLLM 0.15's
+# `LlamaAttention`, https://docs.vllm.ai/en/v0.15.0/api/vllm/model_executor/models/llama/, when N exceeds the key/value
+# heads, each process keeps a copy of one of them. N must then be a multiple of their number.
+#
+# Expert parallelism needs the experts to divide, and the key/value heads too when `ep_size` equals `tp_size`; a
+# pipeline needs at least one layer per stage. The first cell below picks, for each count, the layouts that can run and
+# says why it leaves any out; data parallelism always runs.
 
 # %%
 c = job_model.config  # the job model of TP and DP, loaded in section 1
@@ -324,7 +333,7 @@ if not lab.p.jobs_on_gpus:
 # near-tie can flip); expect a speed-up only where an all-reduce costs less than the work it splits. Here it is
 # measured between this machine's GPUs over NCCL where there are two or more, else between CPU processes; for GPUs in
 # general, transformers' documentation says that tensor parallelism "works best on hardware with fast intra-node links
-# such as NVLink" (https://huggingface.co/docs/transformers/main/en/tensor_parallelism).
+# such as NVLink" (v5.17's page, the newest found: https://huggingface.co/docs/transformers/v5.17.0/tensor_parallelism).
 
 # %%
 tp_runs = {n: run["tp"] for n, run in jobs.items() if "tp" in run}
@@ -370,8 +379,8 @@ else:
 # process's slice of the logits. Whether N processes were faster depends on what one collective costs on this
 # machine's links, measured in section 9.
 #
-# **05.2 · Predict.** Under GQA the KV cache holds the key/value heads only, and tensor parallelism gives each process
-# its share of them (that is why TP must divide the key/value heads). After the job's prompt, how many KiB of KV cache
+# **05.2 · Predict.** Under GQA the KV cache holds the key/value heads only, and transformers' tensor parallelism gives
+# each process an equal share of them. After the job's prompt, how many KiB of KV cache
 # does each tensor-parallel process hold? The model's shape and the job's sizes are printed with the question.
 
 # %%
@@ -439,20 +448,37 @@ lab.figure("scaling", plots.scaling(speed_ups, ylabel="speed-up over 1 process",
 # each process gets a share of the threads, and so does the one process they are compared with (one worker against N
 # equal workers). One process given every core could be faster than that baseline; it is not what is compared here.
 #
-# **05.3 · Code.** Write the data-parallel split: `my_split(items, rank, world_size)` returns the items that process
-# `rank` of `world_size` works on. Every item must go to exactly one process, and the shares may differ by at most
-# one.
+# **05.3 · Predict.** A service promises each user a token at least every `budget_ms` milliseconds. With N processes
+# you can run the model in one process, split it by tensor parallelism (one sequence at a time, every process working
+# on it) or copy it by data parallelism (N sequences at once, one per process). The cell prints the tokens/s each
+# layout measured above and the budget. Which layout meets the budget with the most tokens/s? Answer `"one"`,
+# `"tp"`, `"dp"` or `"none"`. Think first about what a user waits per token under each.
 
 # %%
-ex = lab.exercise("05.3")
-
-
-def my_split(items, rank, world_size):
-    return None  # your code
-
-
-answer = None  # once my_split is written: answer = my_split
+n = max(dp_runs)  # the largest launch
+one, dp_rate = alone["one_process_tokens_per_s"], dp_runs[n]["tokens_per_s"]  # dp_rate: n sequences together
+layouts = {"one": {"ms_per_token": 1e3 / one, "tokens_per_s": one},
+           "dp": {"ms_per_token": 1e3 * n / dp_rate, "tokens_per_s": dp_rate}}  # about 1/n of dp_rate per user
+if n in tp_runs:  # one sequence, split over the n processes
+    layouts["tp"] = {"ms_per_token": 1e3 / tp_runs[n]["tokens_per_s"], "tokens_per_s": tp_runs[n]["tokens_per_s"]}
+budget_ms = float(f"{1.1 * min(m['ms_per_token'] for m in layouts.values()):.3g}")  # within 10% of the quickest
+ex = lab.exercise("05.3", layouts=layouts, budget_ms=budget_ms)
+print(f"budget: a token every {budget_ms} ms for each user; measured tokens/s with {n} processes: "
+      + ", ".join(f"{name} {m['tokens_per_s']:.1f}" for name, m in layouts.items())
+      + f" (dp over {n} sequences at once, the others over one)")
+answer = None  # "one", "tp", "dp" or "none"
 ex.check(answer)
+
+# %% [markdown]
+# The time per token a user sees: one process and TP make one sequence's tokens, so it is 1000 / tokens/s. DP's
+# tokens/s is shared by its N users, so each waits about N times longer per token than its rate suggests.
+
+# %% tags=["reveals-05.3"]
+budget = pd.DataFrame.from_dict(layouts, orient="index").rename_axis("layout").reset_index()
+budget["meets the budget"] = budget["ms_per_token"] <= budget_ms
+lab.table("latency_budget", budget, title=f"A token every {budget_ms} ms per user, {n} processes")
+meeting = budget[budget["meets the budget"]]
+ex.compare(meeting.loc[meeting["tokens_per_s"].idxmax(), "layout"] if len(meeting) else "none")
 
 # %% [markdown]
 # ## 5. Pipeline parallelism: stages in turn, and the bubble
@@ -542,17 +568,16 @@ else:
 # %% [markdown]
 # ## 7. Several machines: TP inside a node, PP across nodes
 #
-# The rule people deploy with: tensor parallelism inside a node, where GPUs talk over NVLink or PCIe, and pipeline
-# (or data) parallelism across nodes, where they talk over the network. TP pays two all-reduces per layer for every
-# token, so it wants the fastest link; PP sends one hidden state per stage per step; DP sends nothing while generating.
-# transformers 4.53's documentation: "Tensor parallelism is very communication intensive, therefore it is reccomended
-# [sic] to use it on a single machine with multiple GPUs [...] For multi-node training, methods as pipeline or data
-# parallelism are more efficient" (https://huggingface.co/docs/transformers/v4.53.3/perf_infer_gpu_multi); vLLM's:
-# "The tensor parallel size should be the number of GPUs in each node, and the pipeline parallel size is the number of
-# nodes" (https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html). Section 9 puts numbers on the difference.
+# The rule people deploy with: tensor parallelism inside a node, where GPUs talk over NVLink or PCIe, and pipeline (or
+# data) parallelism across nodes, where they talk over the network. TP pays two all-reduces per layer for every token,
+# so it wants the fastest link; PP sends one hidden state per stage per step; DP sends nothing while generating.
+# transformers' documentation says TP "works best on hardware with fast intra-node links", as section 3 quoted. vLLM
+# 0.8.3's documentation gives the rule in one line: "The tensor parallel size should be the number of GPUs in each node,
+# and the pipeline parallel size is the number of nodes", at
+# https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html. Section 9 puts numbers on the difference.
 #
 # The planner (written out in the cell after your prediction) applies that rule to a model and a machine: one GPU if it
-# holds the model; else the smallest TP size that divides the key/value heads (each process holds whole heads), stays
+# holds the model; else the smallest TP size that divides the key/value heads (transformers' rule: whole heads), stays
 # inside a node and holds the model; if no TP size inside a node does, TP over the whole node and as few pipeline
 # stages as hold it. The GPUs left over serve more copies (data parallelism).
 #
@@ -684,8 +709,8 @@ else:
 # here; their flags, from their documentation:
 #
 # * **vLLM**: `vllm serve MODEL --tensor-parallel-size 8 --pipeline-parallel-size 2` (TP inside each node, PP across
-#   nodes, https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html); `--data-parallel-size` for copies and
-#   `--enable-expert-parallel` for the experts of a MoE model
+#   nodes, vLLM 0.8.3: https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html); `--data-parallel-size` for
+#   copies and `--enable-expert-parallel` for the experts of a MoE model
 #   (https://docs.vllm.ai/en/latest/serving/data_parallel_deployment/).
 # * **SGLang**: `python -m sglang.launch_server --model-path MODEL --tp 8` (also `--tp-size`), `--dp` for copies,
 #   `--ep-size` for experts (https://docs.sglang.io/advanced_features/server_arguments.html). Its `--tp` counts the

@@ -164,13 +164,14 @@ pages = sum(-(-(r.prompt_tokens + r.new_tokens) // page) + 1 for r in workload) 
 # on a CPU, a step holds at most the longest prompt and a token of every other request (at least 256 tokens)
 step_tokens = None if lab.on_gpu else max(256, max(r.prompt_tokens for r in workload) + len(workload))
 config = ContinuousBatchingConfig(page_size=page, num_blocks=pages, max_batch_tokens=step_tokens)
-no_eos = GenerationConfig(do_sample=False, eos_token_id=-1)
+no_eos, chosen = GenerationConfig(do_sample=False, eos_token_id=-1), {}
 
 # %%
 def continuous_batching(requests):
     with model.continuous_batching_context_manager(generation_config=no_eos,
                                                    continuous_batching_config=config) as manager:
-        start = time.perf_counter()
+        start, chosen["config"], chosen["attention"] = time.perf_counter(), manager.continuous_batching_config, \
+            compat.attn_implementation(model)  # what transformers resolved for this run
         for r in requests:
             manager.add_request(list(r.prompt_ids), request_id=r.id, max_new_tokens=r.new_tokens,
                                 record_timestamps=True)
@@ -239,6 +240,9 @@ wasted = by_mode["KV slots wasted %"]
 same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(static, continuous, strict=True))
 print(f"Continuous batching: {ratio:.2f}x static batching's tokens/s, the same tokens for {same} of {len(workload)} "
       f"requests; KV positions without a real token: padded {wasted['static']:.0f}%, paged {wasted['continuous']:.0f}%")
+used = chosen["config"]  # transformers' choices for the continuous run: its attention, CUDA graphs, async batching
+print(f"The continuous run used attention {chosen['attention']!r}, CUDA graphs (varlen, decode) "
+      f"{used.cuda_graph_booleans}, asynchronous batching {used.use_async_batching}; static batching used neither.")
 lab.check("paged_cache_wastes_fewer_slots_than_padding", wasted["continuous"] < wasted["static"])
 if lab.on_gpu and not lab.quick:  # the full workload on a GPU, where a step costs about the same below the knee
     lab.check("continuous_batching_at_least_twice_static_tokens_per_s", ratio >= 2, f"{ratio:.2f}x")
@@ -254,6 +258,99 @@ lab.metric("continuous_over_static_tokens_per_s", ratio)
 # batching's tokens/s. The last column is the share of KV positions that hold no real token: padding for static
 # batching, the unfilled end of each request's last page for the paged cache.
 #
+# The two runs differ in more than scheduling. When the attention needs no mask (flash attention), transformers 5.25
+# turns on CUDA graphs and asynchronous batching for continuous batching, as `decide_use_cuda_graphs` and
+# `decide_use_async_batching` in `transformers/generation/continuous_batching/initialization.py` decide. A CUDA graph
+# replays a whole step's kernels with one launch. Static `generate` gets neither here: it compiles only with a static
+# cache, as `_valid_auto_compile_criteria` in `transformers/generation/utils.py` decides. So on a GPU the ratio mixes
+# better scheduling with fewer kernel launches. The line above the table says what this run used: on a CPU there are no
+# CUDA graphs, so the ratio is scheduling alone.
+
+# %% [markdown]
+# **Where the time goes.** `timing.time_by_op` runs a call once under PyTorch's profiler. It gives the wall time, the
+# busy time and each op's time. Busy time is, on a GPU, the time kernels ran; on a CPU, the time inside PyTorch's
+# ATen ops. Both ways run the first batch's requests, cut to a few tokens each, so that the profile takes seconds. A
+# forward pre-hook counts the model's passes; each pass reads every weight once. Those bytes over the time of the
+# matrix products give the bandwidth they reached, beside this machine's copy ceiling. Predict: what share of the wall
+# time is busy, and which op takes most of it?
+
+# %%
+import dataclasses
+
+few = [dataclasses.replace(r, new_tokens=min(r.new_tokens, 4)) for r in workload[:lab.p.static_batch]]
+forwards, views, passes = [], {}, {}
+hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))  # one entry per forward pass
+for mode, run in (("static", static_batching), ("continuous", continuous_batching)):
+    if mode == "continuous" and not lab.on_gpu:  # a GPU's profiler records the kernels of every thread
+        lab.skip("the CPU profile of continuous batching", "transformers runs it in a background thread, and "
+                 "torch.profiler records the CPU ops of the thread that started it only")
+        continue
+    if lab.on_gpu:  # a new batch shape may capture new CUDA graphs: once, before the profile
+        run(few)
+    forwards.clear()
+    views[mode], passes[mode] = timing.time_by_op(lambda run=run: run(few), lab.device), len(forwards)
+hook.remove()
+
+# %%
+matmuls = ("gemm", "gemv", "nvjet") if lab.on_gpu else ("aten::mm", "aten::addmm")  # matrix products' kernels, ops
+ceiling, weights = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"], roofline.weight_bytes_per_token(model)
+lab.table("batching_profile", pd.concat([view.table.head(8).assign(batching=mode) for mode, view in views.items()]),
+          title=f"The top ops of {len(few)} requests of up to 4 tokens, {lab.device_label}")
+for mode, view in views.items():
+    reached = passes[mode] * weights / (view.ms_of(*matmuls) / 1e3 or float("nan"))  # each weight once per pass
+    print(f"{mode}: busy {view.busy_ms:.0f} of {view.wall_ms:.0f} ms ({view.busy_share:.0%}); {view.table['name'][0]} "
+          f"took {view.table['share'][0]:.0%} of the busy time; {passes[mode]} forward passes read the weights at "
+          f"{reached / 1e9:.1f} GB/s in the matrix products, against a copy ceiling of {ceiling / 1e9:.1f} GB/s")
+
+# %% [markdown]
+# What was seen: the lines above put each way's busy share beside its bandwidth. A busy share far below 1 means the
+# host set the pace: Python, the scheduler, launching kernels. Matrix products near the copy ceiling mean the
+# weights' bytes set it. On a GPU, compare the two ways' busy shares: CUDA graphs and asynchronous batching, where
+# they are on, should raise continuous batching's.
+
+# %% [markdown]
+# **06.4 · Code.** A paged cache keeps each request's keys and values in fixed-size pages of a shared pool, in
+# whichever pages were free. The request's **block table** lists its pages in order. Write
+# `gather_from_pages(pool, block_table, length)`: `pool` has shape (pages, page size, ...), and the function returns
+# the request's first `length` rows in order, its contiguous cache. Where does token t sit? The checker tries your
+# function on shuffled pools; the cell after it runs it on this model's own keys.
+
+# %%
+ex = lab.exercise("06.4")
+
+
+def gather_from_pages(pool, block_table, length):
+    return None  # your code
+
+
+answer = None  # once gather_from_pages is written: answer = gather_from_pages
+ex.check(answer)
+
+# %% [markdown]
+# The model's keys for the workload's longest prompt, from its first layer, written into a pool of shuffled pages,
+# then read back through the block table. Prediction: exactly the contiguous keys, since paging only moves rows around.
+
+# %%
+import torch
+from transformers import DynamicCache
+
+gather = answer if ex.exercise.verdict(answer, ex.given) else ex.exercise.solution  # yours, once it passes
+longest = max(workload, key=lambda r: r.prompt_tokens)
+cache, prompt = DynamicCache(config=model.config), torch.tensor([list(longest.prompt_ids)], device=lab.device)
+with torch.inference_mode():
+    model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
+keys = cache.layers[0].keys[0].transpose(0, 1)  # (tokens, key/value heads, head size): the contiguous cache
+needed = -(-len(keys) // page)  # whole pages
+pool = torch.randn(needed + 4, page, *keys.shape[1:], dtype=keys.dtype, device=keys.device)  # others' pages: noise
+table = torch.randperm(needed + 4)[:needed].tolist()  # the free pages this request got, in its order
+for t in range(len(keys)):
+    pool[table[t // page], t % page] = keys[t]
+read_back = gather(pool, table, len(keys))
+print(f"{len(keys)} tokens in pages {table} of {len(pool)}; read back equal to the contiguous keys: "
+      f"{torch.equal(read_back, keys)}")
+lab.check("paged_gather_equals_the_contiguous_cache", torch.equal(read_back, keys))
+
+# %% [markdown]
 # ## 2. The throughput-latency curve
 #
 # Decoding one step reads every weight once whatever the batch, so a bigger batch makes more tokens per step at little
@@ -541,18 +638,32 @@ for name, value in cache_bytes.items():
               f"{formula:.0f} vs {value:.0f} bytes")
 
 # %% [markdown]
-# **A quantized KV cache.** transformers' `QuantizedCache` stores the keys and values in fewer bits. Its `quanto`
-# backend (4-bit, optimum-quanto) follows the KIVI paper (https://arxiv.org/abs/2402.02750): the most recent tokens (up
-# to `residual_length`, 128 by default) stay in the model's dtype, older ones are quantized in groups. Its `fp8` backend
-# (plain PyTorch inside transformers) keeps no such window: every token is stored in float8 with one scale per tensor,
-# fixed by the first tokens it sees. A third backend, `hqq`, installs, but once it is there transformers imports it (and
-# PyTorch's compiler with it) every time its cache code is imported, which slows every notebook's start, so the workbook
-# leaves it out. You would write `model.generate(..., cache=QuantizedCache(backend="quanto", config=model.config,
-# nbits=4))`. Below, the shipped text's first `kv_context` tokens are read into each cache, then the next ones are read
-# through it a few at a time: what each cache holds at the end, how long the pass took, the perplexity of the tokens
-# read, and how far the next-token distributions moved from the model's own cache (KL divergence in nats, as in notebook
-# 04). On a CPU the model's own cache is float32, so a quantized cache is compared with 4-byte numbers there, with
-# 2-byte ones on a GPU.
+# **A quantized KV cache.** transformers' `QuantizedCache` stores the keys and values in fewer bits. Its docstring calls
+# it "similar to" the KIVI paper, https://arxiv.org/abs/2402.02750, and says where it differs. KIVI quantizes keys per
+# channel and values per token. transformers quantizes both the same way, in groups of `q_group_size` (64) numbers that
+# lie next to each other in memory: see `QuantizedLayer` in `transformers/cache_utils.py` and optimum-quanto's `group`.
+# With a head size of 64, as in SmolLM2, a group is one token's vector in one head. The `quanto` backend stores 4-bit
+# numbers with optimum-quanto. It keeps the most recent tokens, up to `residual_length`, 128 by default, in the model's
+# dtype. The `fp8` backend keeps no such window: every token is stored in float8 with one scale per tensor, fixed by the
+# first tokens it sees. A third backend, `hqq`, is left out: once installed, transformers imports it, and PyTorch's
+# compiler with it, whenever its cache code is imported, which slows every notebook's start. You would write
+# `model.generate(..., cache=QuantizedCache(backend="quanto", config=model.config, nbits=4))`.
+#
+# What does it save? Read `update()` in the same file: at every step each layer dequantizes its whole cache into a
+# new tensor in the model's dtype, and attention reads that copy. So the cache holds fewer bytes, but a step reads the
+# small cache, writes a full-size copy and reads it again. Storage shrinks; per-step traffic does not. A server
+# whose attention kernel reads the quantized values directly saves both: vLLM's fp8 KV cache does so with its Flash
+# Attention 3 backend, as vLLM 0.25's documentation says
+# (https://docs.vllm.ai/en/v0.25.0/features/quantization/quantized_kvcache/).
+# SGLang's documentation warns that an unfused dequantization can be "extremely slow"
+# (https://docs.sglang.io/advanced_features/quantized_kv_cache.html).
+#
+# Below, the shipped text's first `kv_context` tokens are read into each cache, then the next ones through it a few at
+# a time. The table gives what each cache holds at the end, and the bytes one more token's `update()` hands to
+# attention. It also gives the time of the pass, the perplexity of the tokens read, and how far the next-token
+# distributions moved from the model's own cache (KL divergence in nats, as in notebook 04). Predict before you run
+# it: which caches hold less, and which ones hand attention less? On a CPU the model's own cache is float32, so a
+# quantized cache is compared with 4-byte numbers there, with 2-byte ones on a GPU.
 
 # %%
 import math
@@ -595,6 +706,12 @@ def tensor_bytes(x):  # the memory a tensor holds; a pair of tensors, both
 def held_bytes(cache):  # every tensor each layer of the cache keeps
     return sum(tensor_bytes(value) for layer in cache.layers for value in vars(layer).values())
 
+
+def handed_bytes(cache):  # what one more token's update() returns for attention to read, every layer (it adds a token)
+    token = torch.zeros(1, shape["kv_heads"], 1, shape["head_dim"], dtype=model.dtype, device=lab.device)
+    with torch.inference_mode():
+        return sum(k.nbytes + v.nbytes for k, v in (layer.update(token, token) for layer in cache.layers))
+
 # %%
 if "quanto" in kinds and not serving.quanto_extension_built():
     print("optimum-quanto compiles its extension now, once: this takes minutes the first time")
@@ -612,6 +729,7 @@ for kind in kinds:
     log_q = torch.log_softmax(logits, dim=-1)  # the next-token distribution at every position read, as logarithms
     log_p = caches["dynamic"]["log_q"] if caches else log_q  # the model's own cache's: the reference P
     caches[kind] = {"ms": ms, "held_bytes": held_bytes(cache), "tokens_held": kv_context + len(logits),
+                    "handed_bytes": handed_bytes(cache),  # after held_bytes: it adds a token to the cache
                     "log_q": log_q, "perplexity": math.exp(-log_q.gather(1, targets[:, None]).mean().item()),
                     "kl": outputs.kl_divergence(log_p, log_q)}  # KL(P || Q), mean over positions, in nats
 
@@ -619,7 +737,8 @@ for kind in kinds:
 base, read = caches["dynamic"], text_ids.shape[1] - lab.p.kv_context - 1
 held = pd.DataFrame([{"cache": "DynamicCache (the model's own)" if kind == "dynamic" else f"QuantizedCache({kind})",
                       "tokens held": run["tokens_held"], "MiB held": run["held_bytes"] / 2**20,
-                      "share of the model's cache": run["held_bytes"] / base["held_bytes"], "ms": run["ms"],
+                      "share of the model's cache": run["held_bytes"] / base["held_bytes"],
+                      "MiB handed to attention per step": run["handed_bytes"] / 2**20, "ms": run["ms"],
                       "perplexity": run["perplexity"],
                       "KL from the model's cache (nats)": run["kl"]}
                      for kind, run in caches.items()])
@@ -627,13 +746,19 @@ lab.table("kv_caches", held, title=f"{lab.p.kv_context} tokens read into each ca
 formula = kv_per_token * base["tokens_held"]  # section 1's bytes per token, for every token the cache holds
 lab.check("kv_formula_matches_the_cache_held", base["held_bytes"] == formula, f"{base['held_bytes']} vs {formula}")
 for kind, run in list(caches.items())[1:]:
-    share = run["held_bytes"] / base["held_bytes"]
-    print(f"QuantizedCache({kind}) held {share:.0%} of the model's own cache, its next-token distributions "
+    share, handed = run["held_bytes"] / base["held_bytes"], run["handed_bytes"] / base["handed_bytes"]
+    print(f"QuantizedCache({kind}) held {share:.0%} of the model's own cache but handed attention {handed:.0%} as many "
+          f"bytes per step, and took {run['ms'] / base['ms']:.2f}x its time; its next-token distributions "
           f"{run['kl']:.3g} nats away")
     lab.check(f"quantized_{kind}_cache_holds_less", share < 1)
+    lab.check(f"quantized_{kind}_cache_hands_attention_a_full_size_copy", handed == 1, f"{handed:.2f}x")
     lab.metric(f"kv_cache_{kind}_over_model_cache", share)
 
 # %% [markdown]
+# What was seen: the `MiB held` column shrinks for each quantized cache, while the bytes handed to attention stay
+# those of the model's own cache, as `update()` promised. The `ms` column and the line above say what the extra
+# dequantizing cost in time on this machine.
+#
 # **Feeding notebook 05's calculator.** The bytes per token decide how many users a server can hold at once. On
 # 8 x 80 GB (each GPU filled to notebook 05's usable share), after `llama-70b-shape`'s 16-bit weights, the memory left
 # holds this many sequences of 4,096 tokens with a 16-bit KV cache, and with each quantized cache at the share of a

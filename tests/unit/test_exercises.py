@@ -216,7 +216,7 @@ def test_a_solution_is_the_function_the_checks_use_not_a_copy():
 
 
 def test_an_answer_the_checker_did_not_foresee_is_explained_not_raised():
-    verdict = bound("05.3").check(lambda items, rank, world: 5)
+    verdict = bound("06.4").check(lambda pool, table, length: torch.empty(length, 2, 4, device="meta"))
     assert verdict.status == WRONG and "could not be checked" in verdict.message
 
 
