@@ -11,7 +11,6 @@ torch 2.11-2.13 (``torch/nn/modules/transformer.py``) checks them. The experimen
 from __future__ import annotations
 
 import copy
-import re
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -323,29 +322,6 @@ def timed(call: Callable[[], Any], device: str, repeats: int, warmup: int = 1) -
         return {"status": outcome["status"], "why": outcome["reason"]}
     t = outcome["value"]
     return {"status": "ok", "median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms}
-
-
-SWEEP_METRIC = re.compile(r"sweep_(?P<implementation>fastpath|transformers_sdpa|transformers_eager)"
-                          r"_b(?P<batch>\d+)_n(?P<length>\d+)_pad(?P<padding>\d+)_ms")
-
-
-def stored_sweep(run: dict[str, Any]):
-    """The padding sweep of a stored results file (``labkit.results.reference_runs``) as a DataFrame: implementation,
-    batch, length, padding, median_ms, real tokens/s. A run with the ``sweep`` table gives it; an older run stored
-    only flattened times (``sweep_fastpath_b16_n128_pad25_ms``), whose real tokens are batch x length x (1 - padding).
-    """
-    import pandas as pd  # here: importing labkit needs no pandas
-
-    if "sweep" in run.get("tables", {}):
-        from labkit.results import table
-
-        return table(run, "sweep")[["implementation", "batch", "length", "padding", "median_ms", "real tokens/s"]]
-    rows = [{"implementation": m["implementation"].replace("_", " "), "batch": int(m["batch"]),
-             "length": int(m["length"]), "padding": int(m["padding"]) / 100, "median_ms": ms}
-            for name, ms in run.get("metrics", {}).items() if (m := SWEEP_METRIC.fullmatch(name))]
-    frame = pd.DataFrame(rows, columns=["implementation", "batch", "length", "padding", "median_ms"])
-    frame["real tokens/s"] = frame["batch"] * frame["length"] * (1 - frame["padding"]) / (frame["median_ms"] / 1e3)
-    return frame
 
 
 def measure_way(make_call: Callable[[], Callable[[], torch.Tensor]], device: str,

@@ -622,7 +622,7 @@ if not stored:
     lab.skip("the stored GPU run's sweep", "no reference run of this notebook is stored in reference/")
 else:
     device_name, run = next(iter(stored.items()))
-    gpu = fastpath.stored_sweep(run).sort_values("padding")
+    gpu = results.table(run, "sweep").sort_values("padding")  # every sweep point: its median time, real tokens/s
     gpu, most = gpu[gpu.implementation != "transformers eager"], gpu.padding.max()
     ends = gpu.groupby(["batch", "length", "implementation"])["real tokens/s"].agg(["first", "last"])
     kept = (ends["last"] / ends["first"]).unstack("implementation").reset_index()  # at the most padding over none

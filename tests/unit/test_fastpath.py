@@ -4,7 +4,7 @@ from torch import nn
 
 from labkit import compat, fastpath, models, outputs
 from labkit.errors import BadParameter, ModelNotAvailable
-from labkit.results import reference_runs
+from labkit.results import reference_runs, table
 
 
 @pytest.fixture(scope="module")
@@ -334,23 +334,8 @@ def test_the_varlen_kernel_on_a_cpu_is_a_failed_row_in_one_sentence():
     assert ". " not in measured["why"] and len(measured["why"]) < 200
 
 
-def test_the_stored_sweep_reads_both_kinds_of_results_file():
-    old = {"metrics": {"sweep_fastpath_b16_n128_pad0_ms": 2.0, "sweep_fastpath_b16_n128_pad75_ms": 1.0,
-                       "sweep_transformers_sdpa_b16_n128_pad75_ms": 4.0, "speedup_fastpath_vs_sdpa_b16_n128_pad0": 1.0}}
-    frame = fastpath.stored_sweep(old).set_index(["implementation", "padding"])
-    assert len(frame) == 3  # the speed-up is not a sweep time
-    assert frame.loc[("fastpath", 0.0), "real tokens/s"] == 16 * 128 / 2e-3
-    assert frame.loc[("transformers sdpa", 0.75), "real tokens/s"] == 16 * 128 * 0.25 / 4e-3
-    new = {"tables": {"sweep": {"columns": ["implementation", "batch", "length", "padding", "median_ms",
-                                            "real tokens/s", "noisy"],
-                                "data": [["fastpath", 8, 128, 0.5, 3.0, 170.0, False]]}}}
-    assert fastpath.stored_sweep(new).to_dict("records") == [
-        {"implementation": "fastpath", "batch": 8, "length": 128, "padding": 0.5, "median_ms": 3.0,
-         "real tokens/s": 170.0}]
-
-
 def test_the_stored_h100_run_has_a_sweep_to_read():
     runs = reference_runs("03_encoder_fastpath")
-    frame = fastpath.stored_sweep(runs["nvidia-h100"])
+    frame = table(runs["nvidia-h100"], "sweep")
     assert set(frame["implementation"]) == set(fastpath.IMPLEMENTATIONS)
     assert len(frame) == 3 * 3 * 3 * 4  # implementations x batches x lengths x padding fractions
