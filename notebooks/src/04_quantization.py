@@ -337,11 +337,12 @@ E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # every magnitude
 
 def to_e2m1(x):
     """Round to the nearest 4-bit float, a tie to the even code as hardware does; above 6 stays 6."""
-    distance = (x.abs().unsqueeze(-1) - E2M1).abs()
+    grid = E2M1.to(x.device)
+    distance = (x.abs().unsqueeze(-1) - grid).abs()
     code = distance.argmin(-1)  # the nearest magnitude; on a tie, the lower one
     above = distance.gather(-1, (code + 1).clamp(max=7).unsqueeze(-1)).squeeze(-1)
     code += (code % 2 == 1) & (code < 7) & (above == distance.min(-1).values)  # that tie goes to the even code
-    return E2M1[code] * x.sign()
+    return grid[code] * x.sign()
 
 # %%
 def mxfp4(w):  # 32 values share a power-of-two scale that puts their largest in [4, 8): 6 = 1.5 × 2², so 2 below
@@ -376,7 +377,10 @@ TODAY = {"fp8 per tensor": (lambda w: fp8(w, w.shape), 8, 32),
          "mxfp4": (mxfp4, 4, 8), "nvfp4": (nvfp4, 4, 8)}
 
 # %%
-weight = model.model.layers[0].mlp.up_proj.weight.detach().float().cpu()
+# the weights every format can take: each linear layer's but the output layer's, rows a whole number of 32-blocks
+linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features % 32 == 0
+           and m is not model.get_output_embeddings()]
+weight = model.get_submodule(linears[0]).weight.detach().float().cpu()
 if quant.torchao_problem():
     lab.skip("4-bit formats checked against torchao", quant.torchao_problem())
 else:  # torchao's reference implementations of both 4-bit formats, run on the same weight
@@ -392,17 +396,19 @@ else:  # torchao's reference implementations of both 4-bit formats, run on the s
     lab.check("fp4_formats_by_hand_match_torchao", same_mx and same_nv, "MXFP4 and NVFP4 written in the cell")
 
 # %% [markdown]
-# Now every linear layer of the model's blocks, in each format: its stored bits counted from the tensors (values plus
-# scales), how far the weights moved (relative error, ‖W − Q(W)‖ / ‖W‖, over all of them), and what that did to the
-# next-token distributions. The embedding and output layer stay in 16 bits, as bitsandbytes leaves them.
+# Now every linear layer of the model's blocks whose rows split into blocks of 32, in each format: its stored bits
+# counted from the tensors (values plus scales), how far the weights moved (relative error, ‖W − Q(W)‖ / ‖W‖, over all
+# of them), and what that did to the next-token distributions. The embedding and output layer stay in 16 bits, as
+# bitsandbytes leaves them.
 
 # %%
 import copy
+import importlib.util
 
 rows = []
 for name, (quantize, value_bits, scale_bits) in TODAY.items():
     fake, bits, values, moved, norm = copy.deepcopy(model), 0, 0, 0.0, 0.0
-    for layer in [m for m in fake.model.layers.modules() if isinstance(m, torch.nn.Linear)]:
+    for layer in map(fake.get_submodule, linears):
         w = layer.weight.data.float()
         kept, scale = quantize(w)
         bits, values = bits + w.numel() * value_bits + scale.numel() * scale_bits, values + w.numel()
@@ -430,23 +436,30 @@ for name, r in quality.set_index("format").reindex(["nf4", "torchao-int4"]).drop
 
 # %% [markdown]
 # On a GPU of compute capability 8.9 or newer, transformers loads the model in FP8 with its own kernels
-# (`FineGrainedFP8Config`: 128 × 128 weight blocks, and each activation quantized to FP8 as it arrives). Elsewhere
-# the cell says why it skips.
+# (`FineGrainedFP8Config`: 128 × 128 weight blocks, and each activation quantized to FP8 as it arrives). transformers
+# 5.25 fetches that kernel from the Hub with the `kernels` package (`integrations/finegrained_fp8.py`), so it needs
+# that package and, once, the internet. Elsewhere the cell says why it skips.
 
 # %%
 capability = torch.cuda.get_device_capability(lab.device) if lab.on_gpu else None
 if capability is None or capability < (8, 9):
     where = f"compute capability {capability[0]}.{capability[1]}" if capability else "a CPU"
     lab.skip("FP8 loaded by transformers", f"FineGrainedFP8Config needs compute capability 8.9 or newer: {where}")
+elif importlib.util.find_spec("kernels") is None:  # transformers 5.25 fetches its FP8 kernel through it
+    lab.skip("FP8 loaded by transformers", "its kernel comes from the Hub through the `kernels` package (pip install "
+             "kernels, online once); it is not installed")
 else:
     from transformers import FineGrainedFP8Config
 
     fp8_model, _ = models.load_model(lab.p.model_id, device=lab.device, dtype=lab.dtype,
                                      quantization_config=FineGrainedFP8Config())
-    scored = quant.score(fp8_model, text_ids, reference=reference)
-    print(f"transformers' FP8, weights and activations: KL {scored['kl']:.3f} nats, perplexity "
-          f"{scored['perplexity']:.1f}; by hand, weights only, 128x128 blocks: KL "
-          f"{by.loc['fp8 per 128x128 block', 'KL vs 16-bit (nats)']:.3f} nats")
+    try:  # the kernel is fetched at the first product: offline and not cached, transformers raises ImportError
+        scored = quant.score(fp8_model, text_ids, reference=reference)
+        print(f"transformers' FP8, weights and activations: KL {scored['kl']:.3f} nats, perplexity "
+              f"{scored['perplexity']:.1f}; by hand, weights only, 128x128 blocks: KL "
+              f"{by.loc['fp8 per 128x128 block', 'KL vs 16-bit (nats)']:.3f} nats")
+    except ImportError as error:
+        lab.skip("FP8 loaded by transformers", str(error).splitlines()[0])
     del fp8_model
 
 # %% [markdown]
@@ -577,6 +590,7 @@ for name, r in first.drop("16-bit").iterrows():
 
 # %%
 import copy
+import importlib.util
 
 size = lab.p.layer_size
 layer = torch.nn.Linear(size, size, bias=False, device=lab.device, dtype=lab.dtype)
