@@ -446,8 +446,8 @@ if capability is None or capability < (8, 9):
     where = f"compute capability {capability[0]}.{capability[1]}" if capability else "a CPU"
     lab.skip("FP8 loaded by transformers", f"FineGrainedFP8Config needs compute capability 8.9 or newer: {where}")
 elif importlib.util.find_spec("kernels") is None:  # transformers 5.25 fetches its FP8 kernel through it
-    lab.skip("FP8 loaded by transformers", "its kernel comes from the Hub through the `kernels` package (pip install "
-             "kernels, online once); it is not installed")
+    lab.skip("FP8 loaded by transformers", "its kernel comes from the Hub through the `kernels` package, which is "
+             "not installed here")
 else:
     from transformers import FineGrainedFP8Config
 
