@@ -336,13 +336,15 @@ E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # every magnitude
 
 
 def to_e2m1(x):
-    """Round to the nearest 4-bit float, a tie to the even code as hardware does; above 6 stays 6."""
-    grid = E2M1.to(x.device)
-    distance = (x.abs().unsqueeze(-1) - grid).abs()
-    code = distance.argmin(-1)  # the nearest magnitude; on a tie, the lower one
-    above = distance.gather(-1, (code + 1).clamp(max=7).unsqueeze(-1)).squeeze(-1)
-    code += (code % 2 == 1) & (code < 7) & (above == distance.min(-1).values)  # that tie goes to the even code
-    return grid[code] * x.sign()
+    """Round to the nearest 4-bit float (E2M1), a tie to the even code as hardware does; above 6 stays 6."""
+    a = x.abs().clamp(max=6)
+    # one mantissa bit: from 2^e to 2^(e+1) the step is 2^(e-1); below 1 (0 and 0.5, subnormal) the step is 0.5
+    step = 2.0 ** (torch.floor(torch.log2(a.clamp(min=1))) - 1)
+    return torch.round(a / step) * step * x.sign()  # torch.round sends a tie to the even multiple of the step
+
+
+assert torch.equal(to_e2m1(E2M1), E2M1)  # each 4-bit float rounds to itself
+print("0.25, 0.75, 2.5, 5 and 7 round to", to_e2m1(torch.tensor([0.25, 0.75, 2.5, 5.0, 7.0])).tolist())
 
 # %%
 def mxfp4(w):  # 32 values share a power-of-two scale that puts their largest in [4, 8): 6 = 1.5 × 2², so 2 below
