@@ -73,7 +73,8 @@ def test_notebook_completes_or_stops_clearly(condition, number, tmp_path, monkey
                     f"no skip reason mentions {mention!r}: {data['skipped']}"
             outcome = "completed"
     finally:
-        record_property("fault_outcome", (condition.name, number, outcome))
+        for name in (condition.name, *condition.stands_for):
+            record_property("fault_outcome", (name, number, outcome))
 
 
 @pytest.mark.faults
