@@ -9,21 +9,20 @@
 # %% [markdown]
 # # 03 · The encoder fastpath: skipping padding, then and now
 #
-# The source page says BetterTransformer sent encoder layers to an equivalent of `torch.nn.TransformerEncoderLayer`'s
-# *fastpath*, which skips padding with nested tensors. The converter is gone from today's libraries, and transformers'
-# BERT uses SDPA but computes every padded position. This notebook shows, on your machine:
+# The source page says BetterTransformer sent encoder layers to `torch.nn.TransformerEncoderLayer`'s *fastpath*. That
+# path skips padding with nested tensors. The converter is gone from today's libraries. transformers' BERT uses SDPA,
+# but it computes every padded position. This notebook shows, on your machine:
 #
-# 1. **the fastpath itself**: its conditions as PyTorch checks them, how to *prove* it ran (profiler op names, exact
-#    zeros at padded positions), the situations that silently turn part of it off, and what accelerate's dispatch does
-#    to it;
-# 2. **`labkit.fastpath.to_fastpath(model)`**: BetterTransformer's encoder conversion rebuilt (you convert one layer
-#    yourself first), checked against the transformers model on padded batches;
-# 3. **real use**: sentence embeddings with the embedded MiniLM, identical similarities, and the speed of each;
-# 4. **the sweep**: padding fraction × batch × length, transformers eager and sdpa against the fastpath, in real
-#    (non-padding) tokens per second, with the points that contradict their own cost model measured again, and the
-#    fastpath's real work against the machine's matmul ceiling;
-# 5. **skipping padding today**: jagged nested tensors, then packed sequences in transformers, PyTorch's `varlen_attn`
-#    and FlexAttention document masks.
+# 1. **The fastpath itself.** Its conditions as PyTorch checks them, and how to *prove* it ran: profiler op names and
+#    exact zeros at padded positions. Then the situations that silently turn part of it off, and accelerate's hooks.
+# 2. **`labkit.fastpath.to_fastpath(model)`**, BetterTransformer's encoder conversion rebuilt. You convert one layer
+#    yourself first. It is checked against the transformers model on padded batches.
+# 3. **Real use**: sentence embeddings with the embedded MiniLM. The similarities must be identical; each is timed.
+# 4. **The sweep**: padding fraction × batch × length. transformers eager and sdpa against the fastpath, counted in
+#    real tokens per second, that is without padding. Points that contradict their own cost model are measured again.
+#    The fastpath's real work is set against the machine's matmul ceiling.
+# 5. **Skipping padding today**: jagged nested tensors, packed sequences in transformers, PyTorch's `varlen_attn` and
+#    FlexAttention document masks.
 #
 # Nothing here downloads anything.
 
@@ -83,12 +82,12 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # * for the fused layer: no forward hooks or pre-hooks registered on the layer or inside it (`register_forward_hook`,
 #   `register_forward_pre_hook`).
 #
-# PyTorch checks them at each call, silently: when one fails it takes the slower path and says nothing (only what is
-# decided when the encoder is built gives a warning, once). `labkit.fastpath.why_not_fastpath` (packing) and
-# `why_not_fused` (the layers) name the condition that failed; the profiler proves what ran.
+# PyTorch checks them at each call, silently. When one fails, it takes the slower path and says nothing. Only what is
+# decided when the encoder is built warns, once. `labkit.fastpath.why_not_fastpath` names the packing condition that
+# failed, and `why_not_fused` the layer's. The profiler proves what ran.
 #
-# First, the fastpath's own case: a two-layer encoder and four sequences of 48, 30, 17 and 5 tokens, padded on the
-# right to 48.
+# First, the fastpath's own case: a two-layer encoder and four sequences of 48, 30, 17 and 5 tokens. They are padded
+# on the right to 48.
 
 # %%
 torch.manual_seed(0)
@@ -103,15 +102,18 @@ print(f"output {tuple(out.shape)}; exact zeros at all {int(padding.sum())} padde
       f"{bool((out[padding] == 0).all())}")
 
 # %% [markdown]
-# The zeros are the nested tensor's signature: the padded positions were never computed, only filled in when the
-# result was turned back into a padded tensor. (The first time a batch is packed, PyTorch prints a warning that its
-# nested-tensor API is a prototype; section 5 comes back to it.)
+# The zeros are the nested tensor's signature. The padded positions were never computed. They were filled in when the
+# result was turned back into a padded tensor. The first time a batch is packed, PyTorch warns that its nested-tensor
+# API is a prototype; section 5 comes back to it.
 #
-# Now the same case again and nine situations, each one condition away from it: training mode, gradients tracked
-# (with the weights requiring grad, then frozen), padding on the left, no padding mask, a forward hook on the first
-# layer (as a tool that captures activations registers one), an encoder built with `norm_first=True`, one built with
-# `bias=False`, and the encoder under `torch.compile` (with `backend="eager"`: dynamo traces the forward and decides
-# the path, and no kernels are generated).
+# Now the same case again, and nine situations, each one condition away from it:
+# - training mode;
+# - gradients tracked, with the weights requiring grad, then with them frozen;
+# - padding on the left, then no padding mask;
+# - a forward hook on the first layer, as a tool that captures activations registers one;
+# - an encoder built with `norm_first=True`, and one built with `bias=False`;
+# - the encoder under `torch.compile` with `backend="eager"`: dynamo traces the forward and decides the path, and no
+#   kernels are generated.
 #
 # **03.1 · Predict.** In which of these situations does the encoder still pack the batch and skip the padding? Give a
 # set of the situation names printed below.
@@ -165,8 +167,8 @@ answer = None  # a set of situation names, e.g. {"training mode", "left padding"
 ex.check(answer)
 
 # %% [markdown]
-# Each situation runs once in its mode (the compiled one traces its graph first), then once more under the profiler
-# (`fastpath.what_ran` reads two op names from it: the packing and the fused layer). Beside what the profiler saw,
+# Each situation runs once in its mode; the compiled one traces its graph then. It runs once more under the profiler,
+# where `fastpath.what_ran` looks for two op names: the packing and the fused layer. Beside what the profiler saw is
 # labkit's reason for each part that did not run:
 
 # %% tags=["reveals-03.1"]
@@ -212,12 +214,12 @@ print(f"{by['padding skipped'].sum()} of {len(by)} situations packed the batch; 
 # Only the two encoders built with `norm_first=True` or `bias=False` warned, when they were built; every other
 # situation changed the path without a word.
 #
-# **accelerate and the hooks.** A model loaded with `device_map=` (one layer per GPU, say) is dispatched by
-# accelerate, which puts a hook on each layer to move its inputs to the layer's device. A common claim is that these
-# hooks turn the fastpath off. accelerate 1.15 attaches them by replacing the module's `forward`
-# (`add_hook_to_module`), not with `register_forward_hook`, so the hook condition above never sees them. Below, the
-# encoder is dispatched the way a `device_map` load dispatches it (a hook on each layer; `force_hooks=True` attaches
-# them even though every layer is on one device here), and once more with its last layer offloaded to disk.
+# **accelerate and the hooks.** A model loaded with `device_map=` is dispatched by accelerate. It puts a hook on each
+# layer that moves the layer's inputs to its device. A common claim is that these hooks turn the fastpath off.
+# accelerate 1.15 attaches them by replacing the module's `forward` in `add_hook_to_module`. It does not call
+# `register_forward_hook`, so the hook condition above never sees them. Below, the encoder is dispatched as a
+# `device_map` load does it: a hook on each layer. `force_hooks=True` attaches them although every layer is on one
+# device here. Then once more, with its last layer offloaded to disk.
 
 # %%
 import tempfile
@@ -253,22 +255,24 @@ lab.check("accelerate_dispatch_keeps_the_fastpath",
           str(dispatched_only.to_dict()))
 
 # %% [markdown]
-# With accelerate's hooks the encoder still packs and fuses, and there is no torch hook to count. What this notebook
-# does not show is a model split over two GPUs (the packed batch then moves between devices at a layer boundary): that
-# stays untested here. Offloading is a different matter: an offloaded layer's weights stay on the `meta` device (a
-# device that holds no data) until each submodule's own `forward` runs, and `MultiheadAttention` reads its `out_proj`
-# weights without calling `out_proj`, so the call fails with the error in the table instead of falling back.
+# With accelerate's hooks the encoder still packs and fuses, and there is no torch hook to count. A model split over
+# two GPUs is not shown here: the packed batch would move between devices at a layer boundary, and that stays
+# untested. Offloading is different. An offloaded layer's weights stay on the `meta` device, which holds no data,
+# until each submodule's own `forward` runs. `MultiheadAttention` reads its `out_proj` weights without calling
+# `out_proj`. So the call fails with the error in the table instead of falling back.
 #
 # ## 2. BetterTransformer's encoder conversion, rebuilt
 #
-# A BERT layer is self-attention (query, key and value projections, an output projection, a residual sum and a
-# LayerNorm) followed by a feed-forward block (a GELU between two linear layers, a residual sum and a LayerNorm),
-# with each LayerNorm *after* its residual sum ("post-norm"). `nn.TransformerEncoderLayer` computes the same thing, so
+# A BERT layer is self-attention followed by a feed-forward block:
+# - self-attention: query, key and value projections, an output projection, a residual sum and a LayerNorm;
+# - feed-forward: a GELU between two linear layers, a residual sum and a LayerNorm.
+#
+# Each LayerNorm comes *after* its residual sum: "post-norm". `nn.TransformerEncoderLayer` computes the same thing. So
 # converting a model means building one such layer per BERT layer and copying the weights in. Try it yourself first.
 #
-# **03.2 · Code.** Write `my_convert_layer(bert_layer, config)`: it returns an `nn.TransformerEncoderLayer` that
-# computes what the BERT layer computes (the config gives the sizes). The check builds a small random BERT layer,
-# converts it with your function and compares the two outputs; `ex.hint()` gives a hint.
+# **03.2 · Code.** Write `my_convert_layer(bert_layer, config)`. It returns an `nn.TransformerEncoderLayer` that
+# computes what the BERT layer computes; the config gives the sizes. The check builds a small random BERT layer,
+# converts it with your function and compares the two outputs. `ex.hint()` gives a hint.
 
 # %%
 ex = lab.exercise("03.2")
@@ -282,14 +286,16 @@ answer = None  # once my_convert_layer is written: answer = my_convert_layer
 ex.check(answer)
 
 # %% [markdown]
-# `labkit.fastpath.to_fastpath(model)` does this for every layer (`fastpath.convert_layer`, which `ex.solution()`
-# shows) and reuses the model's embeddings as they are. Query, key and value are stacked, in that order, into the
-# layer's one input projection; BERT's post-norm order is the layer's `norm_first=False`. The converted model is
-# compared with the transformers model in eager mode on a padded batch, at the real (non-padded) positions; what to
-# expect: the same numbers up to rounding, and the profiler showing the packing and the fused layers only on the
-# converted side. The original BetterTransformer conversion still runs in the legacy notebook
-# [legacy/bettertransformer.ipynb](legacy/bettertransformer.ipynb) (transformers 4.48 and optimum 1.27, in a kernel of
-# its own), which times it beside this converter on the same batches; `make compare-legacy` puts both in one report.
+# `labkit.fastpath.to_fastpath(model)` does this for every layer with `fastpath.convert_layer`, which `ex.solution()`
+# shows. It reuses the model's embeddings as they are. Query, key and value are stacked, in that order, into the
+# layer's one input projection. BERT's post-norm order is the layer's `norm_first=False`.
+#
+# The converted model is compared with the transformers model in eager mode on a padded batch, at the real positions.
+# What to expect: the same numbers up to rounding. The profiler should show the packing and the fused layers only on
+# the converted side. The original BetterTransformer conversion still runs in the legacy notebook
+# [legacy/bettertransformer.ipynb](legacy/bettertransformer.ipynb), with transformers 4.48 and optimum 1.27 in a kernel
+# of its own. It times that conversion beside this converter on the same batches; `make compare-legacy` puts both in
+# one report.
 
 # %%
 if lab.p.model_problem:
@@ -341,10 +347,10 @@ else:
 # %% [markdown]
 # ## 3. Real use: sentence embeddings
 #
-# The embedded MiniLM is a sentence encoder: the mean of its token vectors is an embedding, and the cosine similarity
-# of two embeddings says how close two sentences are. Sentences of very different lengths make a batch with much
-# padding (its share is printed below), which is where skipping it should pay. The similarities must be the same from
-# both models.
+# The embedded MiniLM is a sentence encoder. The mean of its token vectors is an embedding. The cosine similarity of
+# two embeddings says how close two sentences are. Sentences of very different lengths make a batch with much
+# padding, and its share is printed below. That is where skipping padding should pay. Both models must give the same
+# similarities.
 
 # %%
 sentences = [
@@ -401,29 +407,33 @@ if not lab.p.model_problem:
 # %% [markdown]
 # ## 4. The sweep: when does skipping padding pay?
 #
-# For each padding fraction × batch × length: transformers sdpa and the fastpath (and transformers eager, at full
-# sizes) on the same batch, median time (with p10-p90, the 10th and 90th percentiles of the repeats) and **real
-# tokens per second** (padding does not count: it is work nobody asked for). Two facts to reason from. With no padding
-# the fastpath has nothing to skip and pays for packing the batch. A padded model computes every position, whatever
-# the padding. Predict before you run it: as padding grows, does each implementation's real tokens/s rise, stay flat
-# or fall? If time followed the tokens computed, the fastpath's would stay flat and the padded model's would fall.
+# For each padding fraction × batch × length, transformers sdpa and the fastpath run on the same batch; transformers
+# eager joins them at full sizes. Each gets a median time, with p10-p90 (the 10th and 90th percentiles of the
+# repeats), and **real tokens per second**. Padding does not count: it is work nobody asked for.
+#
+# Two facts to reason from. With no padding, the fastpath has nothing to skip and pays for packing the batch. A padded
+# model computes every position, whatever the padding. Predict before you run it: as padding grows, does each
+# implementation's real tokens/s rise, stay flat or fall? If time followed the tokens computed, the fastpath's would
+# stay flat and the padded model's would fall.
 #
 # Before the sweep, one more measurement: the fastpath on a single sequence of 8 tokens. That call does almost no
-# work, so its time is the **floor**: the cost of issuing the model's kernels, which no amount of skipped padding can
-# remove. Where a batch takes not much more than the floor (on a fast GPU, small batches do), padding barely changes
-# the time, for any implementation.
+# work, so its time is the **floor**: the cost of launching the model's kernels. No amount of skipped padding removes
+# it. Where a batch takes little more than the floor, padding barely changes the time, for any implementation. On a
+# fast GPU, small batches do.
 #
-# Each series (one implementation at one batch and length) has a cost model: the fastpath's time must not rise as the
-# padding grows, since its work (the real tokens) shrinks; a padded model's time must stay flat, since it computes
-# every position (its point without padding aside: transformers then passes no mask, and SDPA may pick another
-# kernel). Two points contradict the model when their p10-p90 ranges do not overlap the way it allows (say, a
-# padded model clearly faster at 75% padding than at 25%). Such points are measured once more, and those that still
-# contradict it are marked **noisy** in the speed-up table and the figure: shown, but not read.
+# Each series, one implementation at one batch and length, has a cost model:
+# - the fastpath's time must not rise as the padding grows, since its work, the real tokens, shrinks;
+# - a padded model's time must stay flat, since it computes every position. Its point without padding is the
+#   exception: transformers then passes no mask, and SDPA may pick another kernel.
 #
-# **03.3 · Predict.** With the largest padding fraction of this run (printed below), what speed-up would skipping
-# padding give over a model that computes on every position, if the time were proportional to the tokens computed?
-# (That is true of the linear layers, which dominate at these lengths; attention's work grows with the square of each
-# sequence's length, so it does not follow the tokens, and the measured speed-up can land on either side.)
+# Two points contradict the model when their p10-p90 ranges do not overlap the way it allows. An example: a padded
+# model clearly faster at 75% padding than at 25%. Such points are measured once more. Those that still contradict it
+# are marked **noisy** in the speed-up table and the figure: shown, but not read.
+#
+# **03.3 · Predict.** Take the largest padding fraction of this run, printed below. If time were proportional to the
+# tokens computed, what speed-up would skipping padding give over a model that computes every position? That holds
+# for the linear layers, which dominate at these lengths. Attention's work grows with the square of each sequence's
+# length, so the measured speed-up can land on either side.
 
 # %%
 ex = lab.exercise("03.3", padding_fraction=max(lab.p.padding_fractions))
@@ -563,17 +573,18 @@ if sweep is not None:
                   f"batch {best.batch}, length {best.length}: x{last.p10_ms / first.p10_ms:.2f}", timing=True)
 
 # %% [markdown]
-# The figure and the printed lines answer the question for your machine: how many real tokens per second each
-# implementation delivers as padding grows, how close the fastpath comes to the ideal, and whether it is faster or
-# slower when there is nothing to skip. Where a batch takes close to the floor, the lines barely move with padding:
-# the work is done faster than the kernels can be issued (on a GPU, the CPU launches them). A point marked noisy
-# contradicted its cost model twice; nothing above is concluded from it.
+# The figure and the printed lines answer the question for your machine. They show how many real tokens per second
+# each implementation delivers as padding grows, and how close the fastpath comes to the ideal. They also show
+# whether it is faster or slower when there is nothing to skip. Where a batch takes close to the floor, the lines
+# barely move with padding: the work is done faster than the kernels can be launched. On a GPU, the CPU launches them. A
+# point marked noisy contradicted its cost model twice; nothing above is concluded from it.
 #
-# How close does that come to the machine's limit? At the sweep's headline point (its largest batch and length, at the
-# most padding), the real tokens' work is counted as FLOPs: 2 per weight per token in the linear layers, and attention
-# over each sequence's own tokens. Divided by each implementation's time, it is put against the matmul ceiling
-# measured now. What to expect: below the ceiling, since a layer is more than its matrix products (softmax,
-# LayerNorm, GELU, and packing the batch), and lower for transformers sdpa, whose time also pays for the padding.
+# How close does that come to the machine's limit? Take the sweep's headline point: its largest batch and length, at
+# the most padding. The real tokens' work is counted as FLOPs: 2 per weight per token in the linear layers, plus
+# attention over each sequence's own tokens. Divided by each implementation's time, it is set against the matmul
+# ceiling measured now. What to expect: below the ceiling, since a layer is more than its matrix products. Softmax,
+# LayerNorm, GELU and packing the batch cost time too. Transformers sdpa should be lower still: its time also pays for
+# the padding.
 
 # %%
 if sweep is not None:
@@ -595,9 +606,9 @@ if sweep is not None:
     lab.metric("fastpath_fraction_of_matmul_ceiling", point.loc["fastpath", "fraction of ceiling"])
 
 # %% [markdown]
-# Your numbers beside the reference runs stored in `reference/<device>/`, when there are any, at this run's largest
-# batch × length and at a full GPU run's (batch 128 × length 512, the reference runs' sizes): a GPU run uses larger
-# sizes than a CPU one, so a row is empty where a run did not measure that size.
+# Your numbers beside the reference runs stored in `reference/<device>/`, when there are any. Two sizes are shown:
+# this run's largest batch × length, and a full GPU run's, batch 128 × length 512. A GPU run uses larger sizes than a
+# CPU one, so a row is empty where a run did not measure that size.
 
 # %%
 shown = {"sentence embeddings: the fastpath's speed-up over transformers sdpa": "embedding_fastpath_speedup"}
@@ -613,8 +624,8 @@ show(lab.beside_references(shown), title="This machine and the reference runs")
 
 # %% [markdown]
 # **The stored GPU run.** The same question on an H100, read from the run stored in `reference/`. Predict first: on a
-# GPU, does the fastpath's real tokens/s hold up as padding grows? The cell compares, in each panel (batch x length),
-# the real tokens/s at the most padding with that at none: the share of its rate each implementation kept.
+# GPU, does the fastpath's real tokens/s hold up as padding grows? The cell takes each panel, one batch × length. It
+# divides the real tokens/s at the most padding by that at none: the share of its rate each implementation kept.
 
 # %%
 stored = results.reference_runs("03_encoder_fastpath")
@@ -638,18 +649,19 @@ else:
           f"of its time without padding, its real tokens to {1 - most:.2f}.")
 
 # %% [markdown]
-# What it means: where the fastpath's real tokens/s fell, its time did not fall in step with the real tokens, as the
-# time ratios above show. Part of each forward pass is a fixed cost, the floor of this section, and skipping padding
-# cannot remove it. Where it kept more of its rate than transformers sdpa, its gain is relative: the padded model lost
-# more. "The fastpath gains as padding grows" is true against a padded model, not in real tokens per second.
+# What it means: where the fastpath's real tokens/s fell, its time did not fall in step with the real tokens. The
+# time ratios above show it. Part of each forward pass is a fixed cost, the floor of this section, and skipping
+# padding cannot remove it. Where the fastpath kept more of its rate than transformers sdpa, its gain is relative: the
+# padded model lost more. "The fastpath gains as padding grows" is true against a padded model, not in real tokens
+# per second.
 #
 # ## 5. Skipping padding today
 #
-# **Nested tensors.** torch 2.13 still calls its whole nested-tensor API a prototype: that is the warning it printed
-# in section 1 the first time it packed a batch, and it recommends the *jagged* layout (`layout=torch.jagged`), the
-# one under active development, which works with `torch.compile`. `F.scaled_dot_product_attention` accepts jagged
-# nested tensors directly: attention over sequences of different lengths with no padding and no mask. Checked against
-# SDPA run on each sequence alone:
+# **Nested tensors.** torch 2.13 still calls its whole nested-tensor API a prototype. That is the warning printed in
+# section 1 the first time a batch was packed. It recommends the *jagged* layout, `layout=torch.jagged`: the one under
+# active development, and it works with `torch.compile`. `F.scaled_dot_product_attention` takes jagged nested tensors
+# directly: attention over sequences of different lengths, with no padding and no mask. Checked against SDPA run on
+# each sequence alone:
 
 # %%
 lengths_demo = [5, 17, 32]
@@ -666,31 +678,31 @@ except (RuntimeError, NotImplementedError, TypeError) as err:
              f"{str(err).strip().splitlines()[0][:160]}")
 
 # %% [markdown]
-# **Packed sequences.** Training and serving stacks today often keep no padding at all: the real tokens of a batch go
+# **Packed sequences.** Training and serving stacks today often keep no padding at all. The real tokens of a batch go
 # into one row, and attention is told where each sequence ends. transformers builds such a row with
-# `DataCollatorWithFlattening`: `position_ids` restart at 0 for each sequence, and with `return_flash_attn_kwargs=True`
-# it also returns the boundaries `cu_seq_lens_q`/`cu_seq_lens_k` (cumulative lengths). Three ways keep the sequences
-# apart inside attention:
+# `DataCollatorWithFlattening`. Its `position_ids` restart at 0 for each sequence. With
+# `return_flash_attn_kwargs=True` it also returns the boundaries, the cumulative lengths `cu_seq_lens_q` and
+# `cu_seq_lens_k`. Three ways keep the sequences apart inside attention:
 #
-# * **a block-diagonal mask** for SDPA, True where two tokens belong to the same sequence. Given no attention mask,
-#   transformers builds it itself from `position_ids` that restart at 0: for causal (decoder) models, and since
-#   transformers 5.25 for bidirectional encoders such as BERT too (`create_bidirectional_mask` in `masking_utils.py`;
-#   before 5.25 an encoder's mask ignored packing and you passed the mask yourself). The row's `position_ids` are then
-#   all that keeps the sequences apart. The mask has T × T entries for T packed tokens, so it only suits modest rows.
+# * **A block-diagonal mask** for SDPA, True where two tokens belong to the same sequence. Given no attention mask,
+#   transformers builds it from `position_ids` that restart at 0. It does so for causal models, and since transformers
+#   5.25 for bidirectional encoders such as BERT too: `create_bidirectional_mask` in `masking_utils.py`. Before 5.25
+#   an encoder's mask ignored packing, and you passed the mask yourself. The row's `position_ids` are then all that
+#   keeps the sequences apart. The mask has T × T entries for T packed tokens, so it only suits modest rows.
 # * **`torch.nn.attention.varlen.varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k)`**, PyTorch's FlashAttention
-#   kernel for packed sequences (a GPU kernel: on a CPU the call fails, and its row in the table below and a "Skipped:"
-#   line under it say why), plugged into transformers with `AttentionInterface.register` (labkit's
-#   `fastpath.varlen_attention` is that function). With `attn_implementation="flash_attention_2"` (the flash-attn
-#   package), transformers reads the boundaries from `position_ids` itself.
-# * **FlexAttention with a document mask**: `create_block_mask` with the rule "same sequence" (`document_mask` below)
-#   tells the compiled kernel which 128 × 128 blocks of the score matrix hold two different sequences, and it skips
-#   them. Its kernel is compiled for each shape on its first call (the "first call s" column below), so it is measured
+#   kernel for packed sequences. It is a GPU kernel: on a CPU the call fails, and its row in the table below says why.
+#   It plugs into transformers with `AttentionInterface.register`; labkit's `fastpath.varlen_attention` is that
+#   function. With `attn_implementation="flash_attention_2"` and the flash-attn package, transformers reads the
+#   boundaries from `position_ids` itself.
+# * **FlexAttention with a document mask.** `create_block_mask` with the rule "same sequence", `document_mask` below,
+#   tells the compiled kernel which 128 × 128 blocks of the score matrix hold two different sequences. The kernel
+#   skips them. It is compiled for each shape on its first call, shown in the "first call s" column. So it is measured
 #   at the most padding only.
 #
-# First the packing itself, written out below: `pack` puts a padded batch's real tokens in one row with
-# `DataCollatorWithFlattening`, and `sequence_ids` turns the boundaries into each token's sequence number, from which
-# both masks follow. Then a small packed example, with the mask that the installed transformers builds for the sweep's
-# model from the row's `position_ids` alone (no attention mask given):
+# First the packing itself, written out below. `pack` puts a padded batch's real tokens in one row with
+# `DataCollatorWithFlattening`. `sequence_ids` turns the boundaries into each token's sequence number, and both masks
+# follow from it. Then a small packed example, with the mask the installed transformers builds for the sweep's model
+# from the row's `position_ids` alone, with no attention mask given:
 
 # %%
 from torch.nn.attention.flex_attention import create_block_mask
@@ -742,11 +754,11 @@ if not lab.p.sweep_problem:
               f"transformers {transformers.__version__}")
 
 # %% [markdown]
-# Now the sweep's model on its largest batch and length, at the least and the most padding of this run: the padded
-# batch through transformers sdpa, then the same sequences packed, each way checked against the padded batch's output
-# at the real tokens. What to expect: without padding, a packed row only adds work (the block-diagonal mask makes
-# attention cover the whole row); with much padding, every linear layer now computes only real tokens. A way that
-# cannot run on this machine says why in one line.
+# Now the sweep's model on its largest batch and length, at the least and the most padding of this run. The padded
+# batch goes through transformers sdpa. Then the same sequences are packed, and each way is checked against the padded
+# batch's output at the real tokens. What to expect: without padding, a packed row only adds work, because the
+# block-diagonal mask makes attention cover the whole row. With much padding, every linear layer now computes only
+# real tokens. A way that cannot run on this machine says why in one line.
 
 # %%
 def way_call(way, padded, packed):  # one way's call: the real tokens' hidden states, in packed order
@@ -848,11 +860,11 @@ if not lab.p.sweep_problem:
                       f"{positions:.2e} with position_ids and no mask, {worst:.2e} with a mask")
 
 # %% [markdown]
-# The "speed-up over padded" column is the answer for this machine, on the same sequences; "tokens computed" is the
+# The "speed-up over padded" column is the answer for this machine, on the same sequences. "Tokens computed" is the
 # work each way's linear layers did. The two lines under the table are the trap. A packed row without `position_ids`
-# gives the encoder no way to see where sequences end (and numbers its positions straight through), and its output is
-# wrong without any error. With the restarting `position_ids` and no mask, the output matches the padded batch where
-# transformers builds the mask from them (5.25 and newer), and is wrong in the same silent way before.
+# gives the encoder no way to see where sequences end; it numbers the positions straight through. Its output is wrong
+# without any error. With the restarting `position_ids` and no mask, the output matches the padded batch where
+# transformers builds the mask from them, from 5.25 on. Before that it is wrong in the same silent way.
 
 # %% [markdown]
 # ## What you measured
