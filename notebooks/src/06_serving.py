@@ -9,22 +9,22 @@
 # %% [markdown]
 # # 06 · From generate() to a server: continuous batching, paged KV cache, speculative decoding, a server under load
 #
-# The earlier notebooks made one model answer one batch quickly. A service answers many users whose requests arrive
-# at different times and want outputs of different lengths; there the question becomes how many tokens per second the
-# machine makes for everyone, and how long each user waits. On your machine, this notebook measures:
+# The earlier notebooks made one model answer one batch quickly. A service answers many users. Their requests arrive
+# at different times and want outputs of different lengths. The questions become: how many tokens per second does the
+# machine make for everyone, and how long does each user wait? On your machine, this notebook measures:
 #
-# 1. **static against continuous batching** on a mixed workload shipped with labkit: padded batches through
-#    `generate` against transformers' continuous batching with a **paged KV cache** (tokens/s, time to first token,
-#    per-token latency, and the KV memory each holds);
-# 2. **the throughput-latency curve**: tokens/s against per-token latency as the batch grows, with the bandwidth and
-#    compute bounds of notebook 02's roofline and the knee where they meet;
-# 3. **speculative decoding**: prompt lookup and a draft model, their acceptance rate and speed-up, the same tokens;
-# 4. **the KV cache's size** per token (MHA, GQA, MQA) and a **quantized KV cache** against the model's own;
-# 5. **a real server**, `transformers serve --continuous-batching`, started and stopped from here, under a bounded
-#    load of concurrent clients, and what it answers to bad input;
-# 6. where to go next: vLLM and SGLang.
+# 1. **Static against continuous batching** on a mixed workload shipped with labkit. Padded batches through
+#    `generate` against transformers' continuous batching with a **paged KV cache**: tokens/s, time to first token,
+#    per-token latency, and the KV memory each holds.
+# 2. **The throughput-latency curve**: tokens/s against per-token latency as the batch grows. Beside it, the bandwidth
+#    and compute bounds of notebook 02's roofline and the knee where they meet.
+# 3. **Speculative decoding**: prompt lookup and a draft model, their acceptance rate and speed-up, the same tokens.
+# 4. **The KV cache's size** per token for MHA, GQA and MQA, and a **quantized KV cache** against the model's own.
+# 5. **A real server**, `transformers serve --continuous-batching`, started and stopped from here. It runs under a
+#    bounded load of concurrent clients, and is sent bad input.
+# 6. Where to go next: vLLM and SGLang.
 #
-# Nothing here downloads anything; the server listens on this machine's loopback address only.
+# Nothing here downloads anything. The server listens on this machine's loopback address only.
 
 # %% tags=["parameters"]
 # Parameters (papermill overrides this cell). A size of 0 or an empty list means: sized for this device.
@@ -60,24 +60,27 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # %% [markdown]
 # ## 1. Static batching against continuous batching
 #
-# The workload is a list of requests with mixed prompt and output lengths, written once with a fixed seed and shipped
-# in `labkit/data/serving_workload.txt` (on a CPU its lengths are divided, to stay quick). All of them are waiting when
-# the run starts, as in a busy service.
+# The workload is a list of requests with mixed prompt and output lengths. It was written once with a fixed seed and
+# ships in `labkit/data/serving_workload.txt`. On a CPU its lengths are divided, to stay quick. All requests are
+# waiting when the run starts, as in a busy service.
 #
-# * **Static batching** takes the requests a batch at a time. Every prompt is padded to the batch's longest prompt
-#   (on the left, as notebook 02 showed for decoders), and the batch runs until its longest output is done: a request
+# * **Static batching** takes the requests a batch at a time. Every prompt is padded on the left to the batch's
+#   longest prompt, as notebook 02 showed for decoders. The batch runs until its longest output is done. A request
 #   that wants a few tokens waits for one that wants many, and the next batch waits for this one.
-# * **Continuous batching** (first described for the Orca server: Yu et al., OSDI 2022,
-#   https://www.usenix.org/conference/osdi22/presentation/yu) decides at *every step* which requests run: a
-#   finished request leaves at once and a waiting one takes its place. Its KV cache is **paged** (the idea of vLLM's
-#   PagedAttention): keys and values live in fixed-size pages of a shared pool, and each request holds only the pages
-#   its own tokens fill, found through a small table, so nothing is padded.
+# * **Continuous batching** decides at *every step* which requests run. A finished request leaves at once, and a
+#   waiting one takes its place. It was first described for the Orca server: Yu et al., OSDI 2022,
+#   https://www.usenix.org/conference/osdi22/presentation/yu. Its KV cache is **paged**, the idea of vLLM's
+#   PagedAttention. Keys and values live in fixed-size pages of a shared pool. Each request holds only the pages its
+#   own tokens fill, found through a small table, so nothing is padded.
 #
-# What is measured per request: the **time to first token** (TTFT, from the start of the run), the **per-token
-# latency** (the time between its tokens once it runs) and its **end-to-end latency** (until it is answered). Each is
-# shown as its p50 (the median request) and p99 (the 99th percentile, the unluckiest requests; with under a hundred
-# requests, as on a CPU, p99 falls between the two slowest, so it is in effect the slowest request). The model, and
-# the workload cut from the shipped text with its tokenizer:
+# Three times are measured per request:
+# - the **time to first token**, TTFT, from the start of the run;
+# - the **per-token latency**, the time between its tokens once it runs;
+# - the **end-to-end latency**, until it is answered.
+#
+# Each is shown as its p50, the median request, and its p99, the unluckiest requests. With under a hundred requests,
+# as on a CPU, p99 falls between the two slowest: in effect the slowest request. The model, and the workload cut from
+# the shipped text with its tokenizer:
 
 # %%
 model, tokenizer = models.load_model(lab.p.model_id, device=lab.device, dtype=lab.dtype)
@@ -98,10 +101,10 @@ answer = None  # your prediction, in % of the first batch's positions
 ex.check(answer)
 
 # %% [markdown]
-# Static batching with `generate`: greedy decoding, each batch forced to run exactly its longest output
-# (`min_new_tokens`), so that both ways make the same number of tokens. `outputs.StepClock` is a stopping criterion
-# that never stops: `generate` calls it after every step, so it notes when each step's tokens were ready; a request's
-# tokens are the first of its row's, and it is answered when its whole batch is done.
+# Static batching with `generate`: greedy decoding, each batch forced by `min_new_tokens` to run exactly its longest
+# output. So both ways make the same number of tokens. `outputs.StepClock` is a stopping criterion that never stops.
+# `generate` calls it after every step, so it notes when each step's tokens were ready. A request's tokens are the
+# first of its row's, and it is answered when its whole batch is done.
 
 # %%
 tokenizer.padding_side = "left"  # decoders continue from each row's last real token (notebook 02)
@@ -125,8 +128,8 @@ def static_batching(requests):
     return rows
 
 # %% [markdown]
-# A short run on two requests warms everything up first; then the whole workload is timed (the median of
-# `repeats` runs, by the workbook's timing rule: a whole workload is too long to repeat only to warm up).
+# A short run on two requests warms everything up first. Then the whole workload is timed: the median of `repeats`
+# runs. A whole workload is too long to repeat only to warm up.
 
 # %%
 def median_run(run):  # `repeats` runs of the whole workload, ordered by the time their last request was answered
@@ -150,13 +153,14 @@ print(f"first batch: {len(first)} rows padded to {first['padded_width'][0]} prom
 ex.compare(100 * waste["first batch"], "%")
 
 # %% [markdown]
-# Continuous batching with the same model: `continuous_batching_context_manager` starts transformers' scheduler in a
-# background thread, and the model's attention reads and writes the paged cache while it runs (on a GPU where flash
-# attention is installed, transformers switches the model to it for the run). Each request is added with its
-# own `max_new_tokens`; `eos_token_id=-1` switches the end-of-text token off, so that every request makes exactly its
-# tokens, as in the static batches. `ContinuousBatchingConfig` gets the page size and how many pages to keep, enough
-# for this workload (left to itself it sizes the pool from the device's free memory: on a CPU, most of the RAM); on a
-# CPU it also gets the most tokens one step may hold.
+# Continuous batching with the same model. `continuous_batching_context_manager` starts transformers' scheduler in a
+# background thread. The model's attention reads and writes the paged cache while it runs. On a GPU where flash
+# attention is installed, transformers switches the model to it for the run.
+#
+# Each request is added with its own `max_new_tokens`. `eos_token_id=-1` switches the end-of-text token off, so every
+# request makes exactly its tokens, as in the static batches. `ContinuousBatchingConfig` gets the page size and enough
+# pages for this workload. Left to itself, it sizes the pool from the device's free memory: on a CPU, most of the RAM.
+# On a CPU it also gets the most tokens one step may hold.
 
 # %%
 page = lab.p.page_size
@@ -193,10 +197,10 @@ continuous_batching(workload[:2])  # warm-up
 continuous = median_run(continuous_batching)
 
 # %% [markdown]
-# Both runs side by side. Tokens/s is every token a request asked for over the time until the last answer. The KV
-# memory of static batching is each batch's padded cache (the largest batch is its peak); that of continuous
-# batching is, at every moment a request started or a token was made, the pages its running requests needed (the cell
-# replays the timestamps). Both use the one formula for the bytes a token adds to the cache (section 4):
+# Both runs side by side. Tokens/s is every token a request asked for, over the time until the last answer. The KV
+# memory of static batching is each batch's padded cache; the largest batch is its peak. For continuous batching, the
+# cell replays the timestamps. At every moment a request started or a token was made, it counts the pages the running
+# requests needed. Both use the one formula for the bytes a token adds to the cache, from section 4:
 # `2 (K and V) x layers x key/value heads x head size x bytes per number`.
 
 # %%
@@ -249,14 +253,16 @@ if lab.on_gpu and not lab.quick:  # the full workload on a GPU, where a step cos
 lab.metric("continuous_over_static_tokens_per_s", ratio)
 
 # %% [markdown]
-# Read the table row by row. Under static batching, a request of the second batch has its first token only after the
-# whole first batch is done, which shows in the TTFT p99; continuous batching starts every waiting request as soon as
-# there is room. Tokens/s counts only the tokens requests asked for: the steps a static batch runs past a short
-# request's end produce nothing anyone wanted. On a CPU a step's cost grows with the tokens in it (section 2's curve
-# shows how fast here), so expect a smaller gain than on a GPU, where below section 2's knee a step costs about the same
-# whatever the batch; on a GPU, with the full workload, the notebook records the ratio and expects at least twice static
-# batching's tokens/s. The last column is the share of KV positions that hold no real token: padding for static
-# batching, the unfilled end of each request's last page for the paged cache.
+# Read the table row by row. Under static batching, a request of the second batch gets its first token only after
+# the whole first batch is done. That shows in the TTFT p99. Continuous batching starts every waiting request as soon
+# as there is room. Tokens/s counts only the tokens requests asked for. The steps a static batch runs past a short
+# request's end produce nothing anyone wanted.
+#
+# On a CPU a step's cost grows with the tokens in it; section 2's curve shows how fast here. So expect a smaller gain
+# than on a GPU. There, below section 2's knee, a step costs about the same whatever the batch. On a GPU with the full
+# workload, the notebook records the ratio and expects at least twice static batching's tokens/s. The last column is
+# the share of KV positions that hold no real token. For static batching that is padding. For the paged cache it is
+# the unfilled end of each request's last page.
 #
 # The two runs differ in more than scheduling. When the attention needs no mask (flash attention), transformers 5.25
 # turns on CUDA graphs and asynchronous batching for continuous batching, as `decide_use_cuda_graphs` and
@@ -353,17 +359,17 @@ lab.check("paged_gather_equals_the_contiguous_cache", torch.equal(read_back, key
 # %% [markdown]
 # ## 2. The throughput-latency curve
 #
-# Decoding one step reads every weight once whatever the batch, so a bigger batch makes more tokens per step at little
-# extra cost, until the arithmetic, which does grow with the batch, becomes the bottleneck. Notebook 02's roofline
-# gives both bounds:
+# Decoding one step reads every weight once, whatever the batch. So a bigger batch makes more tokens per step at
+# little extra cost. That holds until the arithmetic, which does grow with the batch, becomes the bottleneck. Notebook
+# 02's roofline gives both bounds:
 #
 # * **bandwidth bound**: `batch x bandwidth / (weight bytes + KV cache bytes)` tokens/s; it grows with the batch;
 # * **compute bound**: `FLOP/s ceiling / FLOPs per token` (about 2 per weight), the same at every batch.
 #
-# They meet at the **knee**: about `ridge point x bytes per weight / 2` (the ridge point is notebook 00's FLOP/s
-# ceiling over its bytes/s). Below the knee, raising the batch buys tokens/s almost for free; above it, every step gets
+# They meet at the **knee**: about `ridge point x bytes per weight / 2`. The ridge point is notebook 00's FLOP/s
+# ceiling over its bytes/s. Below the knee, raising the batch buys tokens/s almost for free. Above it, every step gets
 # longer and each user waits longer per token. Prediction: tokens/s grows with the batch while the per-token latency
-# grows slowly, then the latency climbs.
+# grows slowly; then the latency climbs.
 
 # %%
 def decode_point(batch):  # greedy decoding of `batch` random prompts, timed (notebook 02's measurement)
@@ -404,26 +410,27 @@ lab.check("every_point_under_its_roofline_bound", closest < 1.05, f"highest frac
 
 # %% [markdown]
 # A point marked `noisy` in the table kept contradicting its cost model after one re-measurement: draw no conclusion
-# from it. Where your batches stay below the knee, tokens/s should climb nearly in step with the batch; the fraction of
-# the bound says how close each point came to the roofline. Continuous batching is how a server stays near the knee:
-# it keeps the batch full even though requests come and go.
+# from it. Where your batches stay below the knee, tokens/s should climb nearly in step with the batch. The fraction
+# of the bound says how close each point came to the roofline. Continuous batching is how a server stays near the
+# knee: it keeps the batch full while requests come and go.
 #
 # ## 3. Speculative decoding
 #
 # A step of the large model reads all its weights to make one token. **Speculative decoding** lets something cheap
-# propose the next `k` tokens, then runs the large model **once** over all of them: it checks every proposal in that
-# one forward pass, keeps the proposals up to the first it disagrees with, and adds one token of its own. With greedy
-# decoding the tokens are greedy's (up to rounding: a forward over several tokens may round differently from one over
-# a single token, which can flip a rare near-tie in 16-bit); only the number of large-model steps changes. The share
-# of proposed tokens that were kept is the **acceptance rate**.
+# propose the next `k` tokens. Then the large model runs **once** over all of them. It checks every proposal in that
+# one forward pass, keeps the proposals up to the first it disagrees with, and adds one token of its own.
 #
-# * **Prompt lookup** (`prompt_lookup_num_tokens=`) proposes by finding the last few tokens earlier in the text and
-#   copying what followed them there. No second model; it pays off when the output repeats the input (quoting,
-#   editing code, summarising with the source's words).
-# * **A draft model** (`assistant_model=`) proposes with a small model that shares the tokenizer.
+# With greedy decoding the tokens are greedy's; only the number of large-model steps changes. Rounding is the one
+# exception: a forward over several tokens may round differently from one over a single token. In 16-bit, that can
+# flip a rare near-tie. The share of proposed tokens that were kept is the **acceptance rate**.
 #
-# Prediction: on a prompt that starts quoting a passage again, prompt lookup proposes the right tokens and the large
-# model needs a few steps instead of one per token; on a story it writes fresh, it rarely finds anything to copy.
+# * **Prompt lookup**, `prompt_lookup_num_tokens=`, finds the last few tokens earlier in the text and proposes what
+#   followed them there. It needs no second model. It pays off when the output repeats the input: quoting, editing
+#   code, summarising with the source's words.
+# * **A draft model**, `assistant_model=`, proposes with a small model that shares the tokenizer.
+#
+# Prediction: on a prompt that starts quoting a passage again, prompt lookup proposes the right tokens. The large
+# model then needs a few steps instead of one per token. On a story it writes fresh, it rarely finds anything to copy.
 # The prompts: a passage of the shipped text, then the start of a copy of it; and the opening of a story.
 
 # %%
@@ -435,8 +442,8 @@ prompts = {label: tokenizer(text, return_tensors="pt").to(lab.device) for label,
 
 # %% [markdown]
 # Counting is a forward pre-hook on the model: it notes how many tokens each forward pass is given. The first pass
-# carries the prompt (and, with speculation, the first proposals); each later one carries the last token and the
-# proposals it checks. Each pass yields the proposals it accepts plus one token of its own, so the accepted proposals
+# carries the prompt, and with speculation the first proposals. Each later pass carries the last token and the
+# proposals it checks. Each pass yields the proposals it accepts plus one token of its own. So the accepted proposals
 # are the new tokens less the passes.
 
 # %%
@@ -481,11 +488,13 @@ lab.metric("speculative_prompt_lookup_repeating_speedup", speedup)
 
 # %% [markdown]
 # **A draft model.** The draft must share the model's tokenizer and be much cheaper. Of the embedded models that
-# generate text, only `smollm2-135m` has real weights, and it is the smallest of its family, so there is no meaningful
+# generate text, only `smollm2-135m` has real weights. It is the smallest of its family, so there is no meaningful
 # draft for it on this machine. The default draft is `tiny-llama`: random weights, the same tokenizer. It shows what a
-# useless draft costs. (With a Hub cache, serve a larger SmolLM2 with `smollm2-135m`'s weights as its draft.) The draft
-# proposes exactly `proposals` tokens at every step. First, what a step costs, in steps of plain greedy decoding:
-# verifying costs more than a plain step (more tokens in one forward), and each proposal costs one draft step.
+# useless draft costs. With a Hub cache, serve a larger SmolLM2 with `smollm2-135m` as its draft.
+#
+# The draft proposes exactly `proposals` tokens at every step. First, what a step costs, counted in steps of plain
+# greedy decoding. Verifying costs more than a plain step, since one forward carries more tokens. Each proposal costs
+# one draft step.
 
 # %%
 draft, proposals, draft_problem = None, 4, models.check_model(lab.p.draft_model_id)
@@ -568,10 +577,10 @@ if draft is not None:
     lab.metric("speculative_draft_fresh_speedup", greedy["ms"] / assisted["ms"])
 
 # %% [markdown]
-# The prediction adds up the parts; the run also pays for work the sum leaves out (the draft's own generate loop, the
-# bookkeeping of candidates), so its break-even can differ, and on a busy machine both are noisy. A random draft's
-# proposals are essentially never right, so each of its steps costs more than a greedy step and yields one token: it
-# can only slow decoding down. A real draft pays when its acceptance rate sits well above the break-even; prompt
+# The prediction adds up the parts. The run also pays for work the sum leaves out: the draft's own generate loop and
+# the bookkeeping of candidates. So its break-even can differ, and on a busy machine both are noisy. A random draft's
+# proposals are essentially never right. Each of its steps costs more than a greedy step and yields one token, so it
+# can only slow decoding down. A real draft pays when its acceptance rate sits well above the break-even. Prompt
 # lookup's draft costs almost nothing, which is why it pays even at a modest rate.
 #
 # ## 4. The KV cache: its size per token, and quantized
@@ -759,11 +768,11 @@ for kind, run in list(caches.items())[1:]:
 # those of the model's own cache, as `update()` promised. The `ms` column and the line above say what the extra
 # dequantizing cost in time on this machine.
 #
-# **Feeding notebook 05's calculator.** The bytes per token decide how many users a server can hold at once. On
-# 8 x 80 GB (each GPU filled to notebook 05's usable share), after `llama-70b-shape`'s 16-bit weights, the memory left
-# holds this many sequences of 4,096 tokens with a 16-bit KV cache, and with each quantized cache at the share of a
-# 16-bit cache it held above (quanto's residual window was in this machine's dtype, so on a CPU its share is a little
-# high):
+# **Feeding notebook 05's calculator.** The bytes per token decide how many users a server can hold at once. Take
+# 8 x 80 GB, each GPU filled to notebook 05's usable share, and `llama-70b-shape`'s 16-bit weights. The memory left
+# holds this many sequences of 4,096 tokens with a 16-bit KV cache. Beside it, each quantized cache at the share of a
+# 16-bit cache it held above. quanto's residual window was in this machine's dtype, so on a CPU its share is a little
+# high:
 
 # %%
 sixteen_bit = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2  # this model's cache, 2 bytes a number
@@ -782,16 +791,17 @@ lab.table("fits", fits, title="llama-70b-shape on 8 x 80 GB (notebook 05's calcu
 # %% [markdown]
 # ## 5. A real server under load
 #
-# `transformers serve` is an OpenAI-compatible HTTP server (the `serving` extra of transformers: FastAPI, uvicorn and
-# the openai package); `--continuous-batching` runs the scheduler of section 1 behind it. labkit starts it in a
-# subprocess on a free loopback port and waits until its `/health` answers. The command and the log file are printed:
-# open the log to see what the server did. Nothing may outlive this notebook: the server runs in a process group of
-# its own behind a small watchdog, `server.stop()` ends the group, the same is registered to run when the kernel
-# exits, and if the kernel is killed outright the watchdog notices at once (on Linux the kernel's death is signalled
-# to it) and stops the server.
+# `transformers serve` is an OpenAI-compatible HTTP server. It comes with the `serving` extra of transformers:
+# FastAPI, uvicorn and the openai package. `--continuous-batching` runs the scheduler of section 1 behind it. labkit
+# starts it in a subprocess on a free loopback port and waits until its `/health` answers. The command and the log
+# file are printed: open the log to see what the server did.
 #
-# The server's paged KV cache is sized as section 1's was, for the requests it will be sent: pages of 256 tokens (its
-# default page size) for the longest request, a page to spare, for each concurrent client.
+# Nothing may outlive this notebook. The server runs in a process group of its own, behind a small watchdog.
+# `server.stop()` ends the group, and the same runs when the kernel exits. If the kernel is killed outright, the
+# watchdog notices at once and stops the server. On Linux the kernel's death is signalled to it.
+#
+# The server's paged KV cache is sized as section 1's was, for the requests it will be sent. Each concurrent client
+# gets pages of 256 tokens, the server's default page size, for the longest request, and a page to spare.
 
 # %%
 server_workload = [workload[i % len(workload)] for i in range(lab.p.server_requests)]  # repeated if need be
@@ -822,11 +832,11 @@ else:
           f"(watchdog pid {server.watchdog_pid}, server pid {server.server_pid()})")
 
 # %% [markdown]
-# A client is a few lines with the `openai` package's asynchronous client: one streaming completion per request,
-# noting when the first piece of text arrives (TTFT) and when the answer ends. `temperature=0` asks for greedy
-# decoding; `stream_options={"include_usage": True}` asks for a last chunk that says how many tokens were made (without
-# it a stream carries no count); `max_retries=0` and `timeout` keep a failing request from being retried or waited on
-# forever.
+# A client is a few lines with the `openai` package's asynchronous client. It sends one streaming completion per
+# request. It notes when the first piece of text arrives, the TTFT, and when the answer ends. `temperature=0` asks for
+# greedy decoding. `stream_options={"include_usage": True}` asks for a last chunk that says how many tokens were made;
+# without it a stream carries no count. `max_retries=0` and `timeout` keep a failing request from being retried or
+# waited on forever.
 
 # %%
 if server:
@@ -850,12 +860,14 @@ if server:
         return {"ttft_s": (first or end) - start, "latency_s": end - start, "tokens": tokens}
 
 # %% [markdown]
-# The load: at each level, `N` clients share a fixed list of requests, each client sending its next request when its
-# last one is answered (never more than `N` in flight), with a time limit per request and per level. One request first
-# warms the server up (its first request builds the paged cache). Prediction: requests/s and tokens/s rise with the
-# clients while the server's batches fill, and each request's TTFT and latency rise as it shares each step with more.
-# (The cell `await`s at its top level, which Jupyter allows because it runs each cell in an event loop; in a script
-# you would wrap the same code in a function and call `asyncio.run(...)`.)
+# The load: at each level, `N` clients share a fixed list of requests. Each client sends its next request when its
+# last one is answered, so never more than `N` are in flight. There is a time limit per request and per level. One
+# request first warms the server up: its first request builds the paged cache. Prediction: requests/s and tokens/s
+# rise with the clients while the server's batches fill. Each request's TTFT and latency rise as it shares each step
+# with more.
+#
+# The cell uses `await` at its top level. Jupyter allows it because it runs each cell in an event loop. In a script
+# you would wrap the same code in a function and call `asyncio.run(...)`.
 
 # %%
 import asyncio
@@ -905,13 +917,15 @@ if server:
 
 # %% [markdown]
 # **Bad input.** A request for a model the server does not serve, and prompts too long. A server has two limits on a
-# prompt's length. At the door: since transformers 5.25, `transformers serve` refuses a prompt that leaves no room for
-# an answer within `--max-model-len` tokens (without the flag, the model's context), before any work. Inside: its KV
-# cache holds `--cb-num-blocks` pages of 256 tokens, and a prompt longer than that can never be placed. Here the door
-# is set on purpose at twice what the cache holds (within the model's context), the server's command above shows
-# it, so that one prompt is longer than the door and one passes the door but not the cache. (Before 5.25 there is no
-# door, and only the second one is sent.) What the server answers is its own: each status code and message, `/health`
-# after each, and the last error line of its log. Predict each status before you run the cell.
+# prompt's length:
+# - At the door. Since transformers 5.25, `transformers serve` refuses a prompt that leaves no room for an answer
+#   within `--max-model-len` tokens, before any work. Without the flag, the limit is the model's context.
+# - Inside. Its KV cache holds `--cb-num-blocks` pages of 256 tokens, and a longer prompt can never be placed.
+#
+# Here the door is set on purpose at twice what the cache holds, within the model's context; the server's command
+# above shows it. So one prompt is longer than the door, and one passes the door but not the cache. Before 5.25 there
+# is no door, and only the second one is sent. What the server answers is its own: each status code and message,
+# `/health` after each, and the last error line of its log. Predict each status before you run the cell.
 
 # %%
 def prompt_of(tokens):  # the shipped text, repeated and cut to `tokens` tokens
@@ -962,14 +976,15 @@ if server:
         lab.check("a_prompt_past_max_model_len_is_refused_at_the_door", refused, str(answers[1]))
 
 # %% [markdown]
-# The unknown model should get a 4xx. The prompt longer than the door gets a 400 that names both lengths, and `/health`
-# still answers 200: nothing reached the model. The prompt that passed the door reaches the continuous batching
-# scheduler, which can never place it in the cache: if the table shows a 5xx for it and `/health` answers 503 afterwards
-# (or does not answer at all), the scheduler's worker has stopped (the last error of its log, printed above, says why)
-# and the server fails every request until restarted. The lesson for your own service: the door's limit must not admit
-# what the cache cannot hold (`--max-model-len` at most the cache's tokens; vLLM refuses to start when its
-# `--max-model-len` is more than its KV cache can store, https://github.com/vllm-project/vllm/pull/2163), and watch
-# `/health`.
+# The unknown model should get a 4xx. The prompt longer than the door gets a 400 that names both lengths, and
+# `/health` still answers 200: nothing reached the model. The prompt that passed the door reaches the continuous
+# batching scheduler, which can never place it in the cache. The table may show a 5xx for it, and `/health` a 503
+# afterwards, or no answer at all. Then the scheduler's worker has stopped, and the server fails every request until
+# restarted. The last error of its log, printed above, says why.
+#
+# The lesson for your own service: watch `/health`, and never let the door admit what the cache cannot hold. Keep
+# `--max-model-len` at most the cache's tokens. vLLM refuses to start when its `--max-model-len` is more than its KV
+# cache can store: https://github.com/vllm-project/vllm/pull/2163.
 #
 # Stopping the server, and checking that nothing is left:
 
@@ -987,21 +1002,21 @@ if server:
 # ## 6. Where to go next
 #
 # `transformers serve` is the shortest path from a transformers model to an OpenAI-compatible endpoint, with the same
-# continuous batching as section 1. It runs one process (`--device auto`, its default, places the layers over every
-# GPU as `device_map="auto"` does, notebook 05's section 2; it has no tensor-parallel flag), and `--quantization
-# bnb-4bit` loads NF4 weights with double quantization. Its continuous batching can also share KV pages between
-# requests that start with the same tokens (**prefix caching**: `ContinuousBatchingConfig(allow_block_sharing=True)`,
-# the default in 5.25). The dedicated servers add what a busy service needs; check each one's documentation for the
+# continuous batching as section 1. It runs one process. `--device auto`, its default, places the layers over every
+# GPU as `device_map="auto"` does in notebook 05's section 2; it has no tensor-parallel flag. `--quantization
+# bnb-4bit` loads NF4 weights with double quantization. Its continuous batching can share KV pages between requests
+# that start with the same tokens: **prefix caching**, `ContinuousBatchingConfig(allow_block_sharing=True)`, the
+# default in 5.25. The dedicated servers add what a busy service needs. Check each one's documentation for the
 # version you install:
 #
-# * **vLLM** (`vllm serve <model>`): PagedAttention and continuous batching, **prefix caching** (requests that start
-#   with the same tokens, such as a shared system prompt, reuse its KV pages) and **chunked prefill** (a long prompt
-#   is split so that it does not stall everyone's decoding), both on by default in recent releases,
-#   speculative decoding, an fp8 KV cache (`--kv-cache-dtype fp8`), and several GPUs: `--tensor-parallel-size 4`,
-#   `--pipeline-parallel-size 2`, `--data-parallel-size 2` (notebook 05's three ways).
-# * **SGLang** (`python -m sglang.launch_server --model-path <model>`): RadixAttention, a prefix cache kept as a tree
-#   of token sequences and on by default, chunked prefill (`--chunked-prefill-size`), and `--tp 4` / `--dp 2` for
-#   tensor and data parallelism.
+# * **vLLM**, `vllm serve <model>`: PagedAttention and continuous batching. **Prefix caching**: requests that start
+#   with the same tokens, such as a shared system prompt, reuse its KV pages. **Chunked prefill**: a long prompt is
+#   split so that it does not stall everyone's decoding. Both are on by default in recent releases. Also speculative
+#   decoding, an fp8 KV cache with `--kv-cache-dtype fp8`, and several GPUs: `--tensor-parallel-size 4`,
+#   `--pipeline-parallel-size 2` and `--data-parallel-size 2`, notebook 05's three ways.
+# * **SGLang**, `python -m sglang.launch_server --model-path <model>`: RadixAttention, a prefix cache kept as a tree
+#   of token sequences and on by default. Chunked prefill with `--chunked-prefill-size`, and `--tp 4` and `--dp 2`
+#   for tensor and data parallelism.
 #
 # Both speak the same OpenAI API, so section 5's client and load work against them unchanged: point `base_url` at
 # them and compare.
