@@ -281,10 +281,54 @@ def _cmd_progress(args: argparse.Namespace) -> int:
     from labkit import exercises
     from labkit.widgets import text_table
 
+    if args.class_folder:
+        return _class_progress(Path(args.class_folder), Path(args.page) if args.page else None)
+    if args.page:
+        raise BadParameter("--page draws a class's progress: give --class FOLDER too.")
     rows = exercises.progress()
     done = sum(bool(r["done"]) for r in rows)
     print(text_table([{**r, "done": r["done"] or "-"} for r in rows], ["exercise", "title", "kind", "done"]))
     print(f"{done} of {len(rows)} exercises done (kept in {exercises.progress_path()}, on this machine only)")
+    return 0
+
+
+def _class_progress(folder: Path, page: Path | None) -> int:
+    """The teacher's view: each learner's exercises done, then each exercise's learners; a web page of the grid."""
+    import html
+
+    from labkit import exercises
+    from labkit.widgets import text_table
+
+    if not folder.is_dir():
+        raise BadParameter(f"--class {folder} is not a folder; give the folder that holds one folder per learner "
+                           "(/home on a machine with an account per learner).")
+    rows, problems = exercises.class_progress(folder)
+    ids = list(exercises.EXERCISES)
+    for line in problems:
+        print(f"not counted: {line}")
+    if not rows:
+        places = " or ".join(f"<learner>/{place}" for place in exercises.CLASS_PLACES)
+        print(f"no learner's progress under {folder} (looked for {places})")
+        return 0
+    print(text_table([{"learner": r["learner"], "done": f"{sum(bool(r[e]) for e in ids)} of {len(ids)}",
+                       "latest": max((r[e] for e in ids), default="") or "-",
+                       "next": next((e for e in ids if not r[e]), "all done")} for r in rows],
+                     ["learner", "done", "latest", "next"]))
+    done_by = {e: sum(bool(r[e]) for r in rows) for e in ids}
+    print(text_table([{"exercise": e, "learners done": f"{done_by[e]} of {len(rows)}",
+                       "title": exercises.EXERCISES[e].title} for e in ids], ["exercise", "learners done", "title"]))
+    if page is not None:
+        head = "".join(f"<th title='{html.escape(exercises.EXERCISES[e].title)}'>{e}</th>" for e in ids)
+        body = "".join("<tr><th>" + html.escape(r["learner"]) + "</th>" + "".join(
+            f"<td title='{html.escape(r[e])}'>&#10003;</td>" if r[e] else "<td></td>" for e in ids) + "</tr>"
+            for r in rows)
+        total = "<tr><th>done</th>" + "".join(f"<td>{done_by[e]}/{len(rows)}</td>" for e in ids) + "</tr>"
+        page.write_text(f"<!doctype html><meta charset='utf-8'><title>Class progress</title><style>table{{border-"
+                        "collapse:collapse}}td,th{padding:2px 8px;border:1px solid #ccc;text-align:center}</style>"
+                        f"<h1>Class progress</h1><p>{len(rows)} learners in {html.escape(str(folder))}, read "
+                        f"{time.strftime('%Y-%m-%d %H:%M')}; a tick's tooltip says when.</p>"
+                        f"<table><tr><th>learner</th>{head}</tr>{body}{total}</table>")
+        print(f"page: {page}")
     return 0
 
 
@@ -344,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="progress bars (the default in a terminal), or plain lines only")
     run.add_argument("--solutions", action="store_true",
                      help="fill every exercise with its solution (a teacher's run before class; nothing is recorded)")
-    command("progress", _cmd_progress, "which exercises you have answered correctly on this machine")
+    mine = command("progress", _cmd_progress, "which exercises you have answered correctly on this machine")
+    mine.add_argument("--class", dest="class_folder", metavar="FOLDER",
+                      help="a teacher's view of a class. FOLDER holds one folder per learner: the learner's home "
+                           "(/home, on a machine with an account per learner), or the folder their $LABKIT_PROGRESS "
+                           "file is in")
+    mine.add_argument("--page", metavar="FILE.html", help="with --class: also write the grid as a web page")
     write = command("report", _cmd_report, "(re)write report.html for a run folder")
     write.add_argument("run", help="a run folder from labkit run")
     write.add_argument("--reference", help="the folder of reference runs (default: the repository's reference/)")

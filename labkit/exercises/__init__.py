@@ -125,13 +125,41 @@ def progress_path() -> Path:
     return base / "labkit" / "progress.json"
 
 
+def _done_in(data: Any) -> dict[str, str]:
+    """The exercises a progress file's content records as done: {exercise id: when}."""
+    return {k: v for k, v in data.get("done", {}).items() if isinstance(k, str) and isinstance(v, str)} \
+        if isinstance(data, dict) and isinstance(data.get("done"), dict) else {}
+
+
 def _load() -> dict[str, str]:
     try:
-        data = json.loads(progress_path().read_text())
+        return _done_in(json.loads(progress_path().read_text()))
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in data.get("done", {}).items() if isinstance(k, str) and isinstance(v, str)} \
-        if isinstance(data, dict) else {}
+
+
+# Where a learner's progress file lies inside that learner's folder of a class: a folder their $LABKIT_PROGRESS
+# points into, or their home folder (the default place, on a shared machine with an account per learner).
+CLASS_PLACES = ("progress.json", ".local/share/labkit/progress.json")
+
+
+def class_progress(folder: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """A class's progress: one row per learner (a subfolder of ``folder`` holding a progress file at one of
+    :data:`CLASS_PLACES`) with ``learner`` and, per exercise id, when it was first done ('' if not); and one line
+    per subfolder without a readable file."""
+    rows, problems = [], []
+    for learner in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        found = next((learner / place for place in CLASS_PLACES if (learner / place).is_file()), None)
+        if found is None:
+            problems.append(f"{learner.name}: no progress file yet")
+            continue
+        try:
+            done = _done_in(json.loads(found.read_text()))
+        except (OSError, ValueError) as err:
+            problems.append(f"{learner.name}: {found} could not be read ({type(err).__name__}: {err})")
+            continue
+        rows.append({"learner": learner.name, **{e: done.get(e, "") for e in __getattr__("EXERCISES")}})
+    return rows, problems
 
 
 def progress() -> list[dict[str, str]]:

@@ -263,3 +263,39 @@ def test_what_you_measured_goes_from_each_results_file_into_the_summary_and_the_
     page = (tmp_path / "out" / "report.html").read_text()
     assert "<li>Matrix products ran at 1.5 GFLOP/s here.</li><li>Copies moved 2.5 GB/s.</li>" in page
     assert page.count("What you measured") == 1  # not for the notebook that said nothing
+
+
+def test_a_teacher_sees_the_class_progress_and_a_page_of_it(tmp_path, capsys):
+    from labkit import exercises
+
+    first, second = list(exercises.EXERCISES)[:2]
+    learners = tmp_path / "class"
+    # a folder their $LABKIT_PROGRESS points into, a home folder, a broken file, a learner who has not started
+    (learners / "ana").mkdir(parents=True)
+    (learners / "ana" / "progress.json").write_text(json.dumps(
+        {"done": {first: "2026-12-06 10:00", second: "2026-12-06 10:20"}}))
+    home = learners / "ben" / ".local" / "share" / "labkit"
+    home.mkdir(parents=True)
+    (home / "progress.json").write_text(json.dumps({"done": {second: "2026-12-06 11:00"}}))
+    (learners / "cy").mkdir()
+    (learners / "cy" / "progress.json").write_text("{not json")
+    (learners / "dan").mkdir()
+    page = tmp_path / "class.html"
+    assert cli.main(["progress", "--class", str(learners), "--page", str(page)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("not counted: cy: ") and "could not be read" in lines[0]
+    assert lines[1] == "not counted: dan: no progress file yet"
+    rows = {line.split()[0]: line.split() for line in lines if line.strip()}
+    total = len(exercises.EXERCISES)
+    assert rows["ana"][:6] == ["ana", "2", "of", str(total), "2026-12-06", "10:20"]
+    assert rows["ben"][:4] == ["ben", "1", "of", str(total)] and rows["ben"][-1] == first  # the next one for ben
+    assert rows[first][1:4] == ["1", "of", "2"] and rows[second][1:4] == ["2", "of", "2"]
+    shown = page.read_text()
+    assert "2 learners" in shown and shown.count("&#10003;") == 3 and "<th>ana</th>" in shown
+
+
+def test_a_class_folder_that_is_not_there_is_one_sentence(tmp_path, capsys):
+    assert cli.main(["progress", "--class", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert cli.main(["progress", "--page", str(tmp_path / "x.html")]) == 2
+    assert "give --class FOLDER too" in capsys.readouterr().err
