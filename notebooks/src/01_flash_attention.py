@@ -9,14 +9,16 @@
 # %% [markdown]
 # # 01 · Flash Attention and the SDPA backends, measured against the machine's limit
 #
-# `torch.nn.functional.scaled_dot_product_attention` (SDPA) computes `softmax(Q Kᵀ / √d) V`, the heart of every
-# transformer. PyTorch has several implementations of it, called **backends**. This notebook shows, on your machine:
+# Which attention kernel runs on your machine, and how close does it come to the machine's limit? The function is
+# `torch.nn.functional.scaled_dot_product_attention`, SDPA for short. It computes `softmax(Q Kᵀ / √d) V`, the heart of
+# every transformer. PyTorch has several implementations of it, called **backends**. This notebook shows, on your
+# machine:
 #
-# 1. **the picture**: attention written by hand (you write it first), the score matrix the MATH backend builds and
-#    the fused backends (Flash Attention, memory-efficient, cuDNN) never do; you predict its memory, then measure it;
-#    then you write the fused idea yourself, tiled attention with an online softmax, and measure its memory;
-# 2. **how to force a backend** with `torch.nn.attention.sdpa_kernel`, and how to *prove* which one ran (the profiler),
-#    including what a *list* of backends means, and in one short passage the source page's old
+# 1. **the picture**: attention written by hand, by you first. The MATH backend builds the score matrix; the fused
+#    backends, Flash Attention, memory-efficient and cuDNN, never do. You predict its memory, then measure it. Then you
+#    write the fused idea yourself, tiled attention with an online softmax, and measure its memory;
+# 2. **how to force a backend** with `torch.nn.attention.sdpa_kernel`, and how the profiler *proves* which one ran.
+#    Also what a *list* of backends means, and in one short passage the source page's old
 #    `torch.backends.cuda.sdp_kernel(...)`;
 # 3. **eligibility**: which inputs each backend refuses, with PyTorch's own reason, and the source page's
 #    `No available kernel.  Aborting execution.` with its fix;
@@ -25,11 +27,11 @@
 # 5. **correctness** of every backend against a float64 reference;
 # 6. **the sweep**: time, TFLOP/s, fraction of the measured matmul ceiling and memory, as the sequence grows, on a
 #    live board, then as figures;
-# 7. **the fastest backend for your shape**, measured, against PyTorch's own choice, and where the time went (the
-#    profiler: busy time against wall time, and the top ops or kernels);
-# 8. **attention today**: which FlashAttention PyTorch runs, when Flash is not the fastest, FlexAttention measured
-#    against SDPA for a causal and a document (packed sequences) mask, variable-length attention, and the
-#    `attn_implementation` values transformers 5 accepts.
+# 7. **the fastest backend for your shape**, measured, against PyTorch's own choice. The profiler shows where the
+#    time went: busy time against wall time, and the top ops or kernels;
+# 8. **attention today**: which FlashAttention PyTorch runs, and when Flash is not the fastest. FlexAttention is
+#    measured against SDPA for a causal mask and a document mask over packed sequences. Then variable-length
+#    attention, and the `attn_implementation` values transformers 5 accepts.
 #
 # On a CPU only the MATH and FLASH_ATTENTION backends exist; the notebook says so where it matters and still runs to
 # the end. Nothing here downloads anything.
@@ -69,14 +71,15 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 # %% [markdown]
 # ## 1. SDPA in one picture
 #
-# Attention takes a query vector per position (`q`), a key and a value vector per position (`k`, `v`), all of shape
-# `(batch, heads, N, d)` with `N` positions and head size `d`. Each query is compared with every key (a dot product,
-# divided by `√d`), a softmax over the keys turns those scores into weights that sum to 1, and the output is the
-# weighted sum of the values.
+# Attention takes a query vector `q`, a key `k` and a value `v` per position. All three have the shape
+# `(batch, heads, N, d)`, with `N` positions and head size `d`. Each query is compared with every key: a dot product,
+# divided by `√d`. A softmax over the keys turns those scores into weights that sum to 1. The output is the weighted
+# sum of the values.
 #
 # **01.1 · Code.** Write it yourself: `my_attention(q, k, v)` returns `softmax(q kᵀ / √d) v`. Then set
-# `answer = my_attention` and run the cell: the check calls your function on fresh random inputs and compares it
-# with `F.scaled_dot_product_attention`. `ex.hint()` gives a hint (again for the next one), `ex.solution()` shows one.
+# `answer = my_attention` and run the cell. The check calls your function on fresh random inputs and compares it
+# with `F.scaled_dot_product_attention`. `ex.hint()` gives a hint, and the next call the next one; `ex.solution()`
+# shows one answer.
 
 # %%
 ex = lab.exercise("01.1")
@@ -91,9 +94,9 @@ ex.check(answer)
 
 # %% [markdown]
 # One way to write it, checked against SDPA. The first line builds `scores`, a `(batch, heads, N, N)` tensor: every
-# query against every key. This is what the **MATH** backend does. (A causal mask, used from section 2 on, sets the
-# scores of the keys after each query to -inf, so that the softmax gives them no weight.) The error of one output
-# against another is the relative (Frobenius) error, `‖output − reference‖ / ‖reference‖`, computed in float64.
+# query against every key. This is what the **MATH** backend does. A causal mask, used from section 2 on, sets the
+# scores of the keys after each query to -inf, so that the softmax gives them no weight. The error of one output
+# against another is the relative Frobenius error, `‖output − reference‖ / ‖reference‖`, computed in float64.
 
 # %%
 def attention_by_hand(q, k, v, causal=False):
@@ -114,14 +117,14 @@ print(f"SDPA vs attention by hand: relative error {error:.2e} (tolerance for {la
 lab.check("sdpa_equals_attention_by_hand", error <= tolerance)
 
 # %% [markdown]
-# The **fused** backends compute the same result without ever holding `scores`: Flash Attention walks over the keys in
-# tiles, keeps a running maximum and sum per query row (an *online softmax*) and writes only the output, which is
-# `(batch, heads, N, d)`. So the MATH backend's extra memory should grow like N² (doubling N multiplies it by about
-# 4), a fused backend's only like N (it grows like its output).
+# The **fused** backends compute the same result without ever holding `scores`. Flash Attention walks over the keys in
+# tiles. It keeps a running maximum and sum per query row, an *online softmax*, and writes only the output of shape
+# `(batch, heads, N, d)`. So the MATH backend's extra memory should grow like N²: doubling N multiplies it by about 4.
+# A fused backend's should grow only like N, as its output does.
 #
-# **01.2 · Predict.** How many MiB does one score matrix take for the sizes printed below (one forward call, every head
-# of every sequence, in this notebook's dtype)? The cell after it measures the MATH backend's peak extra memory, which
-# holds at least one such matrix. (`seq` is the longest length of the sweep at which the MATH backend is tried.)
+# **01.2 · Predict.** How many MiB does one score matrix take for the sizes printed below? Count one forward call,
+# every head of every sequence, in this notebook's dtype. The cell after it measures the MATH backend's peak extra
+# memory, which holds at least one such matrix. `seq` is the longest length of the sweep at which MATH is tried.
 
 # %%
 ex = lab.exercise("01.2", batch=lab.p.batch, heads=lab.p.heads, seq=lab.p.math_seq, dtype=lab.dtype_name)
@@ -131,10 +134,10 @@ ex.check(answer)
 
 # %% [markdown]
 # Now the measurement: each backend that runs here, at each length of the sweep, head size 64, no mask. *Peak MiB* is
-# the memory one call allocates above what its inputs already hold (on a GPU from the CUDA allocator's statistics, on
-# a CPU from the profiler's allocation records). Every time in this notebook follows the workbook's one timing rule
-# (`labkit.timing.measure`): warm-up calls, then enough repeats to fill a minimum measured time, and the median, with
-# the 10th and 90th percentiles of the repeats (p10, p90) as its spread where a table shows them.
+# the memory one call allocates above what its inputs already hold. On a GPU it comes from the CUDA allocator's
+# statistics, on a CPU from the profiler's allocation records. Every time in this notebook follows the workbook's one
+# timing rule, `labkit.timing.measure`: warm-up calls, then enough repeats to fill a minimum measured time. It keeps
+# the median, and the 10th and 90th percentiles of the repeats, p10 and p90, as its spread.
 #
 # The loop below is this notebook's measurement, used again in sections 6 and 7: for each backend, head size and mask,
 # a series of growing lengths, each call forced to that one backend. `attention.time_call` times one call and does the
@@ -216,9 +219,9 @@ else:
     lab.skip("fused-backend memory", f"no fused backend ran for {lab.dtype_name} at N={measured['n'].max()}")
 
 # %% [markdown]
-# What you saw: the MATH backend's extra memory grows close to N², and the line above says how many score matrices it
-# holds at its peak (the scores and their softmax at least; more when 16-bit inputs are computed in float32). A fused
-# backend's grows roughly like N and, once N is well above the head size, stays far below one score matrix. At long
+# What you saw: the MATH backend's extra memory grows close to N². The line above says how many score matrices it
+# holds at its peak: the scores and their softmax at least, more when 16-bit inputs are computed in float32. A fused
+# backend's grows roughly like N. Once N is well above the head size, it stays far below one score matrix. At long
 # sequences that difference decides whether a model fits at all.
 #
 # **01.3 · Code.** Now write the fused idea yourself. `tiled_attention(q, k, v, block)` walks over the keys in blocks of
@@ -265,8 +268,8 @@ with sdpa_kernel(SDPBackend.MATH):  # only the MATH backend may run
 print(f"sdpa_kernel(SDPBackend.MATH): the profiler saw {forced.backend} ({forced.evidence})")
 
 # %% [markdown]
-# **01.4 · Predict.** With no `sdpa_kernel` around it, which backend does PyTorch run for `causal_call()` here (a
-# causal call on `(1, 8, 256, 64)` inputs in this notebook's dtype)? Answer with a name such as `"MATH"`; the check
+# **01.4 · Predict.** With no `sdpa_kernel` around it, which backend does PyTorch run for `causal_call()` here? It is
+# a causal call on `(1, 8, 256, 64)` inputs in this notebook's dtype. Answer with a name such as `"MATH"`. The check
 # runs the call under the profiler, and the next table shows it beside every other request.
 
 # %%
@@ -394,9 +397,9 @@ lab.check("refusals_carry_torchs_own_reason", not own.str.startswith("no reason 
 # %% [markdown]
 # ### "No available kernel.  Aborting execution." and its fix
 #
-# The source page meets this error and suggests installing a PyTorch nightly. The cause is usually the input (and, on
-# a GPU, the GPU's generation): every backend you allowed refused it. A different build helps only when yours lacks the
-# kernel altogether (`torch.backends.cuda.is_flash_attention_available()` says so). A common way to get there is
+# The source page meets this error and suggests installing a PyTorch nightly. The cause is usually the input, and on
+# a GPU the GPU's generation: every backend you allowed refused it. A different build helps only when yours lacks the
+# kernel altogether; `torch.backends.cuda.is_flash_attention_available()` says so. A common way to get there is
 # passing 3-D tensors `(batch, N, d)`, for example from an older model or a hand-written layer. Forcing Flash
 # Attention on them:
 
@@ -426,21 +429,24 @@ else:
     lab.skip("'No available kernel' with 3-D inputs", f"Flash Attention does not run for {lab.dtype_name} here at all")
 
 # %% [markdown]
-# The fixes, in order of preference: give the backend an input it accepts (4-D tensors; float16/bfloat16 on a GPU;
-# `dropout_p=0.0`; a head size it supports), or allow a fallback with a list, `sdpa_kernel([SDPBackend.FLASH_ATTENTION,
+# The fixes, in order of preference. Give the backend an input it accepts: 4-D tensors, float16 or bfloat16 on a GPU,
+# `dropout_p=0.0`, a head size it supports. Or allow a fallback with a list, `sdpa_kernel([SDPBackend.FLASH_ATTENTION,
 # SDPBackend.MATH])`. A nightly build changes nothing when the input is the problem.
 #
 # About dropout: `dropout_p` is an argument of the call, and `F.scaled_dot_product_attention` has no training or eval
-# mode. `model.eval()` does not change what your own code passes; transformers' attention layers pass `0.0`
-# themselves when the module is not training (Llama's reads `dropout=0.0 if not self.training else
-# self.attention_dropout`), which is why `eval()` matters for a transformers model and not for a bare SDPA call.
+# mode. `model.eval()` does not change what your own code passes. transformers' attention layers pass `0.0`
+# themselves when the module is not training; Llama's reads `dropout=0.0 if not self.training else
+# self.attention_dropout`. That is why `eval()` matters for a transformers model and not for a bare SDPA call.
 #
 # ## 4. transformers models: `attn_implementation`
 #
-# Models in transformers choose their attention code with `attn_implementation=` at load time: `"eager"` (attention
-# written out, like `attention_by_hand`), `"sdpa"` (the default: calls `F.scaled_dot_product_attention`, so everything
-# above applies) and `"flash_attention_2"` (the separate flash-attn package); section 8 lists the others.
-# `model.set_attn_implementation(...)` switches a loaded model. The greedy tokens must not depend on the choice.
+# Models in transformers choose their attention code with `attn_implementation=` at load time:
+# - `"eager"`: attention written out, like `attention_by_hand`;
+# - `"sdpa"`, the default: it calls `F.scaled_dot_product_attention`, so everything above applies;
+# - `"flash_attention_2"`: the separate flash-attn package.
+#
+# Section 8 lists the others. `model.set_attn_implementation(...)` switches a loaded model. The greedy tokens must not
+# depend on the choice.
 
 # %%
 if lab.p.model_problem:
@@ -456,9 +462,9 @@ else:
     first_step = {"float32": outputs.next_token_candidates(model, tokenizer, prompt)}
 
 # %% [markdown]
-# Which kernel runs *inside* the model? The profiler again, on one forward pass over a batch of two prompts, once with
-# prompts of equal length and once padded (a padded batch makes transformers pass an attention mask, and a mask is one
-# of the conditions of section 3).
+# Which kernel runs *inside* the model? The profiler again, on one forward pass over a batch of two prompts. Once the
+# prompts have equal length, once they are padded. A padded batch makes transformers pass an attention mask, and a
+# mask is one of the conditions of section 3.
 
 # %%
 if not lab.p.model_problem:
@@ -482,10 +488,10 @@ if not lab.p.model_problem:
 # %% [markdown]
 # In 16-bit the two implementations add and round in a different order, and the logits themselves are rounded:
 # bfloat16 keeps 8 significant bits, so near a logit of 16 its steps are 0.125 apart and two candidates that differ by
-# less can become a tie. The next cell measures how many greedy tokens agree in 16-bit (in float32, above, they all
-# must) and shows the first step's top candidates in each precision. flash_attention_2 (16-bit only) joins when the
-# flash-attn package is importable and a GPU is present. Agreement in 16-bit is reported, not asserted: a tie can break
-# either way, and neither answer is wrong.
+# less can become a tie. The next cell measures how many greedy tokens agree in 16-bit; in float32, above, they all
+# must. It shows the first step's top candidates in each precision. flash_attention_2, which is 16-bit only, joins
+# when the flash-attn package is importable and a GPU is present. Agreement in 16-bit is reported, not asserted: a tie
+# can break either way, and neither answer is wrong.
 
 # %%
 if not lab.p.model_problem:
@@ -524,9 +530,9 @@ if not lab.p.model_problem:
 # %% [markdown]
 # ## 5. Correctness against float64
 #
-# Every backend, every dtype, fresh random inputs (causal), compared with attention computed in float64. The error is
-# the relative (Frobenius) error; the tolerance is a few rounding steps of each format, accumulated over a softmax
-# (float16 keeps 11 significant bits, bfloat16 only 8, so its tolerance is wider).
+# Every backend, every dtype, fresh random causal inputs, compared with attention computed in float64. The error is
+# the relative Frobenius error. The tolerance is a few rounding steps of each format, accumulated over a softmax.
+# float16 keeps 11 significant bits and bfloat16 only 8, so bfloat16's tolerance is wider.
 
 # %%
 dtypes = []
@@ -558,17 +564,21 @@ lab.check("every_backend_within_tolerance", len(compared) and compared["within t
 # %% [markdown]
 # ## 6. The sweep: time, TFLOP/s and memory against the machine's limit
 #
-# Every backend that runs here (section 3 showed the others refuse) × head size × (causal or not) × sequence
-# length, measured by section 1's `measure_points`. For each point: the median time (CUDA events on a GPU), the
-# achieved TFLOP/s (forward FLOPs `4·B·H·N²·d`, halved when causal because half the scores are masked, divided by the
-# time), that rate as a **fraction of the matmul ceiling** measured on this machine (`with_rate` below: the formula),
-# and the peak extra memory. An out-of-memory is recorded as a row, and longer sequences of that series are skipped.
+# Every backend that runs here × head size × causal or not × sequence length, measured by section 1's
+# `measure_points`. Section 3 showed why the others refuse. For each point:
+# - the median time, taken with CUDA events on a GPU;
+# - the achieved TFLOP/s: forward FLOPs `4·B·H·N²·d` over the time, halved when causal because half the scores are
+#   masked;
+# - that rate as a **fraction of the matmul ceiling** measured on this machine; `with_rate` below has the formula;
+# - the peak extra memory.
+#
+# An out-of-memory is recorded as a row, and longer sequences of that series are skipped.
 # The MATH backend is not even tried at a length where its float32 scores and their softmax would take more than a
 # quarter of the free memory; the table says so.
 #
-# A series whose time *falls* while its work grows contradicts its own cost model: those points are measured again
-# once, and the ones still against the trend are marked **noisy** (in the table, and with a cross in the figures) and
-# left out of every conclusion below (`attention.mark_noisy` in `measure_points`). On a shared machine, a neighbour's
+# A series whose time *falls* while its work grows contradicts its own cost model. Those points are measured again
+# once, by `attention.mark_noisy` in `measure_points`. The ones still against the trend are marked **noisy**, in the
+# table and with a cross in the figures, and left out of every conclusion below. On a shared machine, a neighbour's
 # burst of work is the usual cause.
 #
 # What to expect. The work grows like N², and so does a fused backend's memory traffic: Flash Attention reads every
