@@ -9,7 +9,8 @@
 # %% [markdown]
 # # 03 · The encoder fastpath: skipping padding, then and now
 #
-# The source page says BetterTransformer sent encoder layers to `torch.nn.TransformerEncoderLayer`'s *fastpath*. That
+# When does skipping padding pay for an encoder, and how do today's libraries skip it? The source page says
+# BetterTransformer sent encoder layers to `torch.nn.TransformerEncoderLayer`'s *fastpath*. That
 # path skips padding with nested tensors. The converter is gone from today's libraries. transformers' BERT uses SDPA,
 # but it computes every padded position. This notebook shows, on your machine:
 #
