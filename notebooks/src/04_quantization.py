@@ -62,29 +62,29 @@ show(lab.environment_rows(), ["item", "value"], title="Environment")
 #
 # Both libraries quantize the **weight matrices of the linear layers** and nothing else:
 #
-# * **FP4** and **NF4** (bitsandbytes) store 4 bits per weight, in blocks of 64 weights that share one float32 scale
-#   (its *absmax*), plus a 16-entry table of the format's levels. NF4's 16 levels follow a normal distribution, which
-#   matches trained weights better than FP4's floating-point levels. **Double quantization** stores the scales
+# * bitsandbytes' **FP4** and **NF4** store 4 bits per weight, in blocks of 64 weights. Each block shares one float32
+#   scale, its *absmax*, and a 16-entry table holds the format's levels. NF4's 16 levels follow a normal distribution,
+#   which matches trained weights better than FP4's floating-point levels. **Double quantization** stores the scales
 #   themselves in 8 bits.
-# * **LLM.int8** (bitsandbytes) stores 8 bits per weight with one float32 scale per row; at run time it multiplies the
-#   few large "outlier" input features in 16-bit (and it casts bfloat16 inputs to float16 for its own quantization).
-# * **int8 weight-only** (torchao) stores 8 bits per weight with one scale per row (symmetric: the zero point it also
-#   stores per row is always 0); **int4 weight-only** stores 4 bits per weight with a scale and a zero point per group
-#   of 64 weights along a row (torchao's default group is 128; 64 here because SmolLM2's rows of 576 weights are not a
-#   multiple of 128). Both keep the activations in 16-bit. Without `torch.compile`, torchao 0.18's int8 weight-only
-#   turns the whole int8 weight into a 16-bit copy on every call and multiplies by that
-#   (`torch.mm(x, qdata.t().to(dtype))` in its `int8_tensor.py`), so it reads more bytes than the 16-bit model, not
-#   fewer; only compiled does the conversion fuse into the product. **float8** (torchao, on a
-#   GPU with float8 units) stores the weights in 8-bit floating point and also turns the activations into float8, so
-#   that the matrix product itself runs on the float8 units.
-# * What stays 16-bit: the **embeddings**, the **output layer** (`lm_head`: transformers keeps it in 16-bit whether
-#   or not it is tied to the embeddings, and the torchao copies below get the same rule), the **norms**, the
-#   **biases**, and everything computed at run time (activations, the **KV cache**).
+# * bitsandbytes' **LLM.int8** stores 8 bits per weight with one float32 scale per row. At run time it multiplies the
+#   few large "outlier" input features in 16-bit. It casts bfloat16 inputs to float16 for its own quantization.
+# * torchao's **int8 weight-only** stores 8 bits per weight with one scale per row. It is symmetric: the zero point it
+#   also stores per row is always 0. torchao's **int4 weight-only** stores 4 bits per weight, with a scale and a zero
+#   point per group of 64 weights along a row. torchao's default group is 128; SmolLM2's rows of 576 weights are not a
+#   multiple of 128, hence 64. Both keep the activations in 16-bit.
+# * Without `torch.compile`, torchao 0.18's int8 weight-only turns the whole int8 weight into a 16-bit copy on every
+#   call, and multiplies by that: `torch.mm(x, qdata.t().to(dtype))` in its `int8_tensor.py`. So it reads more bytes
+#   than the 16-bit model, not fewer. Only compiled does the conversion fuse into the product.
+# * torchao's **float8** needs a GPU with float8 units. It stores the weights in 8-bit floating point and turns the
+#   activations into float8 too, so that the matrix product itself runs on the float8 units.
+# * What stays 16-bit: the **embeddings**, the **norms**, the **biases**, and everything computed at run time, such as
+#   the activations and the **KV cache**. The **output layer**, `lm_head`, too: transformers keeps it in 16-bit
+#   whether or not it is tied to the embeddings, and the torchao copies below get the same rule.
 #
 # So a model shrinks by less than 4x, and the smaller the model, the larger the share of its embeddings. **The
 # prediction**: `footprint.predict_footprint` walks the 16-bit model's own tensors and prices each linear weight in each
-# format (the bytes above: weights, then scales); it does the same for a 1B-parameter Llama built on the meta device
-# (its shapes only, no memory used).
+# format, weights then scales. It does the same for a 1B-parameter Llama built on the meta device, which holds shapes
+# and no memory.
 
 # %%
 model, tokenizer = models.load_model(model_id, device=lab.device, dtype=lab.dtype, attn_implementation="sdpa")
@@ -166,12 +166,12 @@ if "torchao-int4" in loaded:
     int4_layer.compare(quant.layer_footprint_mib("torchao-int4", 4096, 4096, device=lab.device, group_size=128), "MiB")
 
 # %% [markdown]
-# What to look for: the counted totals should match the predictions (a "Not seen on this machine" line says so when
-# they do not), and `get_memory_footprint()` is right only for plain
-# tensors. It multiplies each parameter's element count by the size of the dtype the parameter *presents*, so it
-# misses bitsandbytes' scales (kept beside the parameter, in its `quant_state`) and counts every torchao weight as
-# 16-bit: a torchao tensor subclass presents its 16-bit dtype while holding int8 or packed int4 values (and its
-# scales) inside. The "16-bit part" column is what no format shrinks.
+# What to look for: the counted totals should match the predictions; a "Not seen on this machine" line says so when
+# they do not. `get_memory_footprint()` is right only for plain tensors. It multiplies each parameter's element count
+# by the size of the dtype the parameter *presents*. So it misses bitsandbytes' scales, kept beside the parameter in
+# its `quant_state`. And it counts every torchao weight as 16-bit: a torchao tensor subclass presents its 16-bit dtype
+# while holding int8 or packed int4 values and their scales inside. The "16-bit part" column is what no format
+# shrinks.
 #
 # **04.3 · Code.** What does int8 weight-only store for one row? Quantize a row yourself. `my_int8_row(row)` takes a
 # row of weights and returns `(q, scale)`: `q` a `torch.int8` tensor, `scale` one number, with `q × scale ≈ row`. The
