@@ -93,6 +93,23 @@ def _ideal_speedup(answer, c):
     }, rel=0.02)
 
 
+# --------------------------------------------------------------------------- 03.4 a measured time, explained
+
+def time_with_a_floor(floor_ms, no_padding_ms, padding_fraction):
+    # a fixed part, the floor, that no skipped padding removes, plus a part that follows the real tokens: (1 - p) of
+    # what it was without padding
+    return floor_ms + (no_padding_ms - floor_ms) * (1 - padding_fraction)
+
+
+def _time_with_a_floor(answer, c):
+    floor, t0, p = c["floor_ms"], c["no_padding_ms"], c["padding_fraction"]
+    return predicted(answer, time_with_a_floor(floor, t0, p), "ms", {
+        "the floor does not shrink with the tokens: only the part above it does": t0 * (1 - p),
+        "the fastpath skips the padding, so the part above the floor shrinks to (1 - p) of itself": t0,
+        "that is the floor alone: the real tokens still cost (1 - p) of the part above it": floor,
+    }, rel=0.02)
+
+
 EXERCISES = [
     Exercise("03.1", "Which calls skip the padding?", "predict", _fastpath_cases, cases_that_skip_padding,
              ("The encoder decides whether to pack the batch before any layer runs: the mode, gradient tracking, the "
@@ -118,4 +135,11 @@ EXERCISES = [
               "With a fraction p of padding the fastpath computes (1 - p) of the positions, so its time is (1 - p) "
               "of the padded model's; the speed-up is the padded time over the fastpath's."),
              {"padding_fraction": 0.75}, ((0.25, "inverse"), (1.75, "1 / (1 - p)"), (3.0, "share"))),
+    Exercise("03.4", "Explain a measured time with a fixed cost", "predict", _time_with_a_floor, time_with_a_floor,
+             ("Split the fastpath's time without padding into the floor, which every call pays, and the rest, which "
+              "the real tokens cost.",
+              "With a fraction p of padding only (1 - p) of the tokens are real: the time is floor + (no-padding time "
+              "- floor) x (1 - p)."),
+             {"floor_ms": 2.0, "no_padding_ms": 10.0, "padding_fraction": 0.75},
+             ((2.5, "does not shrink"), (10.0, "shrinks to"), (2.0, "floor alone"))),
 ]

@@ -574,6 +574,31 @@ if sweep is not None:
                   f"batch {best.batch}, length {best.length}: x{last.p10_ms / first.p10_ms:.2f}", timing=True)
 
 # %% [markdown]
+# **03.4 · Explain a measured number.** The fastpath's time at the most padding is in the table above; explain it
+# with a two-part cost model. Every call pays the floor. The rest follows the real tokens, and at a padding fraction
+# `p` only `1 - p` of them are real. From the floor and the fastpath's time without padding, printed below for the
+# headline batch and length, what time does the model give at the most padding? The cell after it puts the measured
+# time beside yours.
+
+# %%
+if sweep is not None and first.padding == 0:
+    print(f"batch {best.batch}, length {best.length}: the floor {floor_ms:.3f} ms; the fastpath without padding "
+          f"{first.p10_ms:.3f} ms; the most padding {last.padding:.0%} (fastest 10% of calls)")
+    floor_model = lab.exercise("03.4", floor_ms=floor_ms, no_padding_ms=first.p10_ms, padding_fraction=last.padding)
+    answer = None  # your explanation: the time at the most padding, in ms
+    floor_model.check(answer)
+elif sweep is not None:
+    lab.skip("03.4", f"the sweep has no point without padding at batch {best.batch}, length {best.length}")
+
+# %% tags=["reveals-03.4"]
+if sweep is not None and first.padding == 0:
+    modelled = floor_ms + (first.p10_ms - floor_ms) * (1 - last.padding)  # the two-part cost model
+    floor_model.compare(last.p10_ms, "ms measured (fastest 10% of calls)")
+    print(f"The model gives {modelled:.3f} ms; time proportional to the tokens alone would give "
+          f"{first.p10_ms * (1 - last.padding):.3f} ms. Measured: {last.p10_ms:.3f} ms"
+          f"{' (noisy: not to be read)' if last.noisy else ''}.")
+
+# %% [markdown]
 # The figure and the printed lines answer the question for your machine. They show how many real tokens per second
 # each implementation delivers as padding grows, and how close the fastpath comes to the ideal. They also show
 # whether it is faster or slower when there is nothing to skip. Where a batch takes close to the floor, the lines
