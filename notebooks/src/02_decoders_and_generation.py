@@ -746,7 +746,6 @@ if recipes:
     lab.table("decode_attention", attention, title=f"Decode attention, one layer, batch 1, {lab.dtype_name}")
     crossover = weight_bytes(main) / per_token  # the context where a step reads as many cache bytes as weight bytes
     clean = attention[~attention["noisy"]]
-    worst = clean.loc[clean["time / read"].idxmax()] if not clean.empty else None
     lab.check("decode_attention_stays_above_its_read_time", (clean["time / read"] > 0.95).all(),
               f"lowest {clean['time / read'].min():.2f}", timing=True)
     print(f"The cache outweighs the weights from {crossover:,.0f} tokens on; the matrix products of a step took "
@@ -762,9 +761,9 @@ if recipes:
 if recipes:
     view = timing.time_by_op(lambda: attend(contexts[-1]), lab.device)
     top = view.table.iloc[0]
-    last = attention.iloc[-1]
+    far = attention.iloc[-1]
     print(f"At {contexts[-1]:,} tokens: busy {view.busy_share:.0%} of the call; {top['name']} took {top['share']:.0%} "
-          f"of that, reading the cache at {last['attention GB/s']:.3g} GB/s against a copy's {bandwidth / 1e9:.3g}.")
+          f"of that, reading the cache at {far['attention GB/s']:.3g} GB/s against a copy's {bandwidth / 1e9:.3g}.")
     units = at["kv_heads"]  # batch 1: the kernel's independent pieces of work are the key/value heads (one query)
     print(f"One query per head gives the kernel {units} independent pieces of work at batch 1, whatever the context.")
 
@@ -791,12 +790,12 @@ def split_kv_attention(q, k, v, splits):  # Flash-Decoding's three steps, one ch
 
 
 if recipes:
-    n, splits = contexts[1], 8
-    q64, k64, v64 = query.double(), keys[:, :, :n].double(), values[:, :, :n].double()  # float64: no rounding
+    length, splits = contexts[1], 8  # (n, the step count of the recipes, is used again below)
+    q64, k64, v64 = query.double(), keys[:, :, :length].double(), values[:, :, :length].double()  # float64
     gap = float((split_kv_attention(q64, k64, v64, splits) -
                  torch.nn.functional.scaled_dot_product_attention(q64, k64, v64)).abs().max())
     lab.check("split_kv_equals_one_attention_call", gap < 1e-9, f"largest difference {gap:.1e}")
-    print(f"{splits} chunks of {n // splits} tokens, merged: largest difference from one call {gap:.1e}; "
+    print(f"{splits} chunks of {length // splits} tokens, merged: largest difference from one call {gap:.1e}; "
           f"{units * splits} pieces of work instead of {units}")
 
 # %% [markdown]
@@ -1030,7 +1029,7 @@ measured.append(f"The KV formula {'matched' if cache_total == formula_total else
                 f"cache ({cache_total} B measured); at 128k tokens {most['model']}'s cache is "
                 f"{most['KV / weights at 128k']:.2f}x its weights, the most of four.")
 if recipes:
-    measured.append(f"Decode attention over {contexts[-1]:,} cached tokens took {last['time / read']:.1f}x the time to "
+    measured.append(f"Decode attention over {contexts[-1]:,} cached tokens took {far['time / read']:.1f}x the time to "
                     f"read them at the copy's speed; the cache outweighs {lab.p.decode_model}'s weights from "
                     f"{crossover:,.0f} tokens on.")
 

@@ -142,7 +142,7 @@ ex.compare(math.ceil(first["total"] / (24 * GIB * footprint.USABLE_FRACTION)), "
 # %%
 from transformers import DeepseekV3Config, Gemma3TextConfig, LlamaConfig, MistralConfig
 
-layouts = {  # the published shapes; whatever is not set is transformers' default (notebook 02 says where from)
+published = {  # the published shapes; whatever is not set is transformers' default (notebook 02 says where from)
     "Llama-3-8B, GQA": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
     "Mistral-7B, sliding 4096": MistralConfig(),
@@ -152,7 +152,7 @@ layouts = {  # the published shapes; whatever is not set is transformers' defaul
     "DeepSeek-V3, MLA": DeepseekV3Config(),
 }
 rows = []
-for name, config in layouts.items():
+for name, config in published.items():
     with torch.device("meta"):  # the shapes only
         shape = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     need = footprint.memory_needed(shape, batch=lab.p.batch, context=lab.p.context)  # KV: roofline.kv_cache_bytes
