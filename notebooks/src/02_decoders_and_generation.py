@@ -389,8 +389,8 @@ if main is not None:
 # The shapes below are the published ones, each set in the cell. Llama-3-8B: the Llama 3 paper, arXiv 2407.21783,
 # table 3. Mistral-7B: the Mistral 7B paper, arXiv 2310.06825, table 1; `MistralConfig()`'s defaults are that table.
 # DeepSeek-V3: its report, arXiv 2412.19437, section 4.2; `DeepseekV3Config()`'s defaults are those shapes. Gemma-3-27B:
-# the 5:1 pattern and window from the Gemma 3 report, arXiv 2503.19786, section 2; the layer and head sizes from
-# the `config.json` of `google/gemma-3-27b-pt` on the Hugging Face Hub.
+# the 5:1 pattern and the window come from the Gemma 3 report, arXiv 2503.19786, section 2. Its layer and head sizes
+# come from the `config.json` of `google/gemma-3-27b-pt` on the Hugging Face Hub.
 #
 # `roofline.kv_cache_bytes` is the one KV formula of this workbook. It counts the tokens each layer holds and the
 # numbers each token adds there. Predict: at 128k tokens, which of the four needs the most cache beside its weights?

@@ -135,21 +135,19 @@ ex.compare(math.ceil(first["total"] / (24 * GIB * footprint.USABLE_FRACTION)), "
 # multi-head latent attention (MLA) caches one compressed latent and one small rotary key per token and layer. Sliding
 # window layers keep only the last `window` tokens. `roofline.kv_cache_bytes` counts all of them, and notebook 02
 # measures it against real caches. Below, four published shapes at this notebook's batch and context, on the machines
-# you listed. The sources of the shapes: Llama 3 paper, arXiv 2407.21783, table 3; Mistral 7B paper, arXiv 2310.06825,
-# table 1; DeepSeek-V3 report, arXiv 2412.19437, section 4.2; Gemma 3 report, arXiv 2503.19786, section 2, with the
-# layer sizes of `google/gemma-3-27b-pt`'s `config.json`. Predict first: which one's cache changes its GPU count most?
+# you listed. Notebook 02 cites the source of each shape. Predict first: which one's cache changes its GPU count most?
 
 # %%
 from transformers import DeepseekV3Config, Gemma3TextConfig, LlamaConfig, MistralConfig
 
-published = {  # the published shapes; whatever is not set is transformers' default (notebook 02 says where from)
-    "Llama-3-8B, GQA": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+published = {  # the published shapes; whatever is not set is transformers' default
+    "Llama-3-8B, GQA": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,  # 2407.21783
                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "Mistral-7B, sliding 4096": MistralConfig(),
-    "Gemma-3-27B, 5 sliding : 1 global": Gemma3TextConfig(hidden_size=5376, intermediate_size=21504,
+    "Mistral-7B, sliding 4096": MistralConfig(),  # its defaults: arXiv 2310.06825, table 1
+    "Gemma-3-27B, 5 sliding : 1 global": Gemma3TextConfig(hidden_size=5376, intermediate_size=21504,  # 2503.19786
                                                           num_hidden_layers=62, num_attention_heads=32,
                                                           num_key_value_heads=16, head_dim=128, sliding_window=1024),
-    "DeepSeek-V3, MLA": DeepseekV3Config(),
+    "DeepSeek-V3, MLA": DeepseekV3Config(),  # its defaults: arXiv 2412.19437, section 4.2
 }
 rows = []
 for name, config in published.items():
