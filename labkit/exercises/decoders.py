@@ -43,6 +43,29 @@ def _kv_cache(answer, c):
     })
 
 
+def sliding_cache_kib(layers, sliding_layers, window, kv_heads, head_dim, prompt_tokens, new_tokens,
+                      bytes_per_element):
+    # the model has seen every token but the last one generated; a global layer keeps them all, a sliding layer
+    # the last window - 1 (transformers' sliding cache); each token is a key and a value per key/value head
+    seen = prompt_tokens + new_tokens - 1
+    held = (layers - sliding_layers) * seen + sliding_layers * min(seen, window - 1)
+    return held * 2 * kv_heads * head_dim * bytes_per_element / 1024
+
+
+def _sliding_cache(answer, c):
+    expected = sliding_cache_kib(**c)
+    one_token = 2 * c["kv_heads"] * c["head_dim"] * c["bytes_per_element"] / 1024  # KiB per token and layer
+    seen = c["prompt_tokens"] + c["new_tokens"] - 1
+    return predicted(answer, expected, "KiB", {
+        "that keeps every token in every layer: the sliding layers stop at their window":
+            one_token * c["layers"] * seen,
+        "that treats every layer as sliding: the global layer keeps every token":
+            one_token * c["layers"] * min(seen, c["window"] - 1),
+        "the cache holds keys AND values: twice that": expected / 2,
+        "that looks like bytes: the question asks for KiB (divide by 1024)": expected * 1024,
+    })
+
+
 def padding_side():
     # tokenizer.padding_side = "left" before tokenizing a batch of prompts: every prompt ends at the last position
     return "left"
@@ -169,4 +192,12 @@ EXERCISES = [
               "logits. The cache is passed as cache= (transformers 5.24 and newer; past_key_values= before)."),
              {}, ((_recomputes_everything, "feed only the newest token"), (_forgets_the_cache, "AND the cache"),
                   (_with_the_prompt, "not the prompt"))),
+    Exercise("02.5", "The cache of a sliding/global mix", "predict", _sliding_cache, sliding_cache_kib,
+             ("A global layer keeps every token it has seen; a sliding layer keeps only the last window - 1 of them.",
+              "tokens held = global layers x tokens seen + sliding layers x min(tokens seen, window - 1); then x 2 "
+              "(K and V) x key/value heads x head size x bytes, / 1024. Tokens seen: prompt + new tokens - 1."),
+             {"layers": 6, "sliding_layers": 5, "window": 32, "kv_heads": 2, "head_dim": 16, "prompt_tokens": 20,
+              "new_tokens": 60, "bytes_per_element": 4},
+             ((79 * 6 * 0.25, "every token in every layer"), (31 * 6 * 0.25, "every layer as sliding"),
+              (58.5 / 2, "keys AND values"))),
 ]

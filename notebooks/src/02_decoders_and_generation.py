@@ -19,9 +19,10 @@
 #    source page's OPT architecture: prefill latency and memory as the prompt grows, decode speed, identical tokens;
 # 3. **why decode barely speeds up**: each decode step reads every weight once, so a step cannot take less than
 #    *bytes read ÷ memory bandwidth*; every decode run is put beside that bound;
-# 4. **closing the gap**: a static KV cache, a hand-written decode loop and a compiled step; one step under the
-#    profiler; larger batches (throughput against latency); the padding pitfalls of decoders, and which attention
-#    backends take a padded batch's mask;
+# 4. **closing the gap**: a static KV cache, and the caches of today's layouts (MLA, sliding windows); a hand-written
+#    decode loop and a compiled step; one step under the profiler; decode attention at long context against the time
+#    to read its cache; larger batches (throughput against latency); the padding pitfalls of decoders, and which
+#    attention backends take a padded batch's mask;
 # 5. **one figure**: every decode run as a fraction of the bandwidth bound.
 #
 # Nothing here downloads anything.
@@ -375,6 +376,115 @@ if main is not None:
     lab.check("kv_cache_size_is_the_formula", cache_bytes == formula, f"measured {cache_bytes} B, formula {formula} B")
 
 # %% [markdown]
+# ### Today's KV layouts
+#
+# GQA is one way to shrink the cache. Models released since use two more:
+#
+# * **Multi-head latent attention (MLA)**, in DeepSeek-V2 and V3. Each layer caches one compressed latent per token
+#   and one small rotary key, shared by every head. Per the DeepSeek-V2 paper, arXiv 2405.04434, table 1, that is
+#   `kv_lora_rank + qk_rope_head_dim` numbers per token and layer.
+# * **Sliding-window layers**, in Mistral, Gemma 2 and 3, gpt-oss. Such a layer attends to the last `window` tokens
+#   only, so it caches no more. Gemma 3 puts five sliding layers, window 1024, before each global layer.
+#
+# The shapes below are the published ones, each set in the cell. Llama-3-8B: the Llama 3 paper, arXiv 2407.21783,
+# table 3. Mistral-7B: the Mistral 7B paper, arXiv 2310.06825, table 1; `MistralConfig()`'s defaults are that table.
+# DeepSeek-V3: its report, arXiv 2412.19437, section 4.2; `DeepseekV3Config()`'s defaults are those shapes. Gemma-3-27B:
+# the 5:1 pattern and the window come from the Gemma 3 report, arXiv 2503.19786, section 2. Its layer and head sizes
+# come from the `config.json` of `google/gemma-3-27b-pt` on the Hugging Face Hub.
+#
+# `roofline.kv_cache_bytes` is the one KV formula of this workbook. It counts the tokens each layer holds and the
+# numbers each token adds there. Predict: at 128k tokens, which of the four needs the most cache beside its weights?
+
+# %%
+from transformers import AutoModelForCausalLM, DeepseekV3Config, Gemma3TextConfig, LlamaConfig, MistralConfig
+
+from labkit import footprint
+
+layouts = {  # the published shapes; whatever is not set is transformers' default
+    "Llama-3-8B, GQA": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "Mistral-7B, sliding 4096": MistralConfig(),
+    "Gemma-3-27B, 5 sliding : 1 global": Gemma3TextConfig(hidden_size=5376, intermediate_size=21504,
+                                                          num_hidden_layers=62, num_attention_heads=32,
+                                                          num_key_value_heads=16, head_dim=128, sliding_window=1024),
+    "DeepSeek-V3, MLA": DeepseekV3Config(),
+}
+weights_of = {}
+for name, config in layouts.items():
+    with torch.device("meta"):  # the shapes only: no memory used, nothing downloaded
+        weights_of[name] = roofline.parameter_bytes(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16))
+
+# %%
+GIB, long = 2**30, 131072  # 128k tokens, one sequence, in bfloat16
+rows = []
+for name, config in layouts.items():
+    kv = {n: roofline.kv_cache_bytes(config, batch=1, context=n, dtype=torch.bfloat16) for n in (1, 32768, long)}
+    need = weights_of[name] + kv[long]
+    rows.append({"model": name, "weights GiB": weights_of[name] / GIB, "KV KiB, first token": kv[1] / 1024,
+                 "KV GiB at 32k": kv[32768] / GIB, "KV GiB at 128k": kv[long] / GIB,
+                 "KV / weights at 128k": kv[long] / weights_of[name],
+                 "80 GB GPUs for both": footprint.devices_needed(need, 80 * GIB)})
+kv_layouts = pd.DataFrame(rows)
+lab.table("kv_layouts", kv_layouts, title="KV cache of today's layouts, bfloat16, batch 1 (the formula)")
+most = kv_layouts.loc[kv_layouts["KV / weights at 128k"].idxmax()]
+print(f"At 128k tokens {most['model']} needs {most['KV / weights at 128k']:.2f}x its weights for the cache")
+
+# %% [markdown]
+# The table answers the prediction. The first-token column is the per-token cost before any window fills. Llama's GQA
+# cache grows with every token, to about its weights' size at 128k. Mistral's stops at its window: past 4096 tokens it
+# stays flat. Gemma keeps only its global layers growing, one layer in six. MLA keeps 576 numbers per token and layer
+# for DeepSeek-V3's 128 heads. That model's weights are what need many GPUs, not its cache. The GPU column uses the
+# planning margin of notebook 05: each GPU filled to 90%.
+
+# %% [markdown]
+# Is the formula what transformers really keeps? A small model shows it: Gemma 3's layout, shrunk. It has 6 layers, 5
+# sliding with a window of 32 tokens and 1 global, and random weights. It generates well past the window, then its
+# cache is measured tensor by tensor.
+#
+# **02.5 · Predict.** After the prompt and the new tokens printed below, how many KiB does this model's cache hold?
+# The model is in float32. A sliding layer in transformers keeps the last `window - 1` tokens: with the token being
+# processed they make the window. The last generated token has not been through the model yet.
+
+# %%
+from transformers import Gemma3ForCausalLM
+
+small = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
+                         max_position_embeddings=256)  # layer_types: 5 sliding, then 1 full (Gemma 3's pattern)
+torch.manual_seed(0)
+gemma_like = Gemma3ForCausalLM(small).eval()
+small_prompt, small_new = 20, 60
+ex = lab.exercise("02.5", layers=small.num_hidden_layers, sliding_layers=small.layer_types.count("sliding_attention"),
+                  window=small.sliding_window, kv_heads=small.num_key_value_heads, head_dim=small.head_dim,
+                  prompt_tokens=small_prompt, new_tokens=small_new, bytes_per_element=gemma_like.dtype.itemsize)
+print(ex)
+answer = None  # your prediction, in KiB
+ex.check(answer)
+
+# %% tags=["reveals-02.5"]
+prompt_ids = torch.randint(0, small.vocab_size, (1, small_prompt))
+out = outputs.generate_exactly(gemma_like, prompt_ids, small_new, return_dict_in_generate=True)
+held = compat.output_cache(out).layers
+seen_tokens = out.sequences.shape[1] - 1  # every token but the last generated one went through the model
+sliding_cache = pd.DataFrame({"layer": range(len(held)), "type": small.layer_types,
+                              "tokens held": [layer.keys.shape[-2] for layer in held],
+                              "formula tokens": roofline.kv_tokens_held(small, seen_tokens),
+                              "bytes": [layer.keys.nbytes + layer.values.nbytes for layer in held]})
+lab.table("sliding_cache", sliding_cache, title=f"A Gemma-3-like cache after {seen_tokens} tokens, measured")
+cache_total = int(sliding_cache["bytes"].sum())
+formula_total = roofline.kv_cache_bytes(small, batch=1, context=seen_tokens, dtype=torch.float32)
+ex.compare(cache_total / 1024, "KiB")
+lab.check("sliding_window_cache_is_the_formula", cache_total == formula_total and
+          (sliding_cache["tokens held"] == sliding_cache["formula tokens"]).all(),
+          f"measured {cache_total} B, formula {formula_total} B")
+print(f"Every layer full would hold {seen_tokens} tokens each: "
+      f"{seen_tokens * len(held) / sliding_cache['tokens held'].sum():.1f}x this cache")
+
+# %% [markdown]
+# The sliding layers stopped at 31 tokens; the global layer kept all of them. The formula gave the measured bytes
+# exactly. At this short context the window saves a few times; at 128k, for Gemma-3-27B, the table above shows how much.
+
+# %% [markdown]
 # Now the recipes. What to expect: every recipe does the same matrix-vector products, so a recipe can only remove
 # what a step spends around them (the bookkeeping of a growing cache, `generate`'s own work per step, and on a GPU
 # the launching of each kernel). Where those products take most of a step, no recipe can help much.
@@ -587,6 +697,111 @@ if recipes:
 # says the matrix products were that work. Their speed against the copy's tells how close they came to the memory's
 # limit. On a GPU the same step replayed as a CUDA graph removes the host's part; the compiled recipe above measured
 # that.
+
+# %% [markdown]
+# ### Decode attention at long context
+#
+# A decode step reads every weight once, and also the whole KV cache: one query attends to every cached token. At
+# short contexts the weights dominate; past some length the cache does. Where, for the decode model? The bytes say
+# it: the weights against the cache's bytes per token, in every layer.
+#
+# The measurement: one layer's attention at decode shapes, batch 1, one query per head against `N` cached tokens,
+# through `scaled_dot_product_attention`. Under GQA the query heads that share a key/value head are that head's
+# query rows, so the call has one key/value head per row group. Its bound is the time to read that layer's keys and
+# values once at the copy's speed. Every length uses the first `N` tokens of one cache, built before any timing.
+# Predict: will the time track the bytes, at about the copy's speed?
+
+# %%
+if recipes:
+    at = roofline.kv_shape(main.config)
+    group, per_token = at["heads"] // at["kv_heads"], roofline.kv_cache_bytes(main.config, batch=1, context=1,
+                                                                             dtype=main.dtype)
+    contexts = [2**k for k in range(10, 17 if lab.quick else 19 if not lab.on_gpu else 21, 2)]
+    query = torch.randn(1, at["kv_heads"], group, at["head_dim"], device=lab.device, dtype=main.dtype)
+    keys, values = (torch.randn(1, at["kv_heads"], contexts[-1], at["head_dim"], device=lab.device, dtype=main.dtype)
+                    for _ in range(2))
+
+    def attend(n):  # one layer, one new token: every query row against the first n cached tokens
+        return torch.nn.functional.scaled_dot_product_attention(query, keys[:, :, :n], values[:, :, :n])
+
+    def attention_point(n, repeats=5):
+        took = timing.measure(lambda: attend(n), device=lab.device, warmup=2, repeats=repeats)
+        return {"context": n, "median ms": took.median_ms, "p10 ms": took.p10_ms, "p90 ms": took.p90_ms}
+
+    points = timing.recheck_trend([attention_point(n) for n in contexts], work="context", time="median ms",
+                                  low="p10 ms", high="p90 ms", remeasure=lambda p: attention_point(p["context"], 9))
+    print(f"{lab.p.decode_model}: {at['layers']} layers, {at['heads']} query heads in {at['kv_heads']} groups, "
+          f"{per_token / 1024:.0f} KiB of cache per token; the weights are {weight_bytes(main) / 2**20:.0f} MiB")
+
+# %%
+if recipes:
+    attention = pd.DataFrame(points)
+    layer_bytes = attention["context"] * per_token / at["layers"]  # one layer's keys and values
+    attention["layer KV MiB"] = layer_bytes / 2**20
+    attention["read ms"] = layer_bytes / bandwidth * 1e3  # the bound: every byte once, at the copy's speed
+    attention["time / read"] = attention["median ms"] / attention["read ms"]
+    attention["attention GB/s"] = layer_bytes / attention["median ms"] / 1e6
+    attention["all layers ms"] = attention["median ms"] * at["layers"]
+    attention["KV / weights, a step"] = attention["context"] * per_token / weight_bytes(main)
+    lab.table("decode_attention", attention, title=f"Decode attention, one layer, batch 1, {lab.dtype_name}")
+    crossover = weight_bytes(main) / per_token  # the context where a step reads as many cache bytes as weight bytes
+    clean = attention[~attention["noisy"]]
+    lab.check("decode_attention_stays_above_its_read_time", (clean["time / read"] > 0.95).all(),
+              f"lowest {clean['time / read'].min():.2f}", timing=True)
+    print(f"The cache outweighs the weights from {crossover:,.0f} tokens on; the matrix products of a step took "
+          f"{alone.median_ms:.3g} ms, attention over every layer {attention['all layers ms'].iloc[-1]:.3g} ms at "
+          f"{attention['context'].iloc[-1]:,} tokens.")
+
+# %% [markdown]
+# The `time / read` column is the ratio to read. Near 1, attention streamed the cache at the copy's speed. Far above
+# 1, something else set its pace. The profiler says what, at the longest context: the share of the call inside
+# PyTorch's operators, and which operator took it.
+
+# %%
+if recipes:
+    view = timing.time_by_op(lambda: attend(contexts[-1]), lab.device)
+    top = view.table.iloc[0]
+    far = attention.iloc[-1]
+    print(f"At {contexts[-1]:,} tokens: busy {view.busy_share:.0%} of the call; {top['name']} took {top['share']:.0%} "
+          f"of that, reading the cache at {far['attention GB/s']:.3g} GB/s against a copy's {bandwidth / 1e9:.3g}.")
+    units = at["kv_heads"]  # batch 1: the kernel's independent pieces of work are the key/value heads (one query)
+    print(f"One query per head gives the kernel {units} independent pieces of work at batch 1, whatever the context.")
+
+# %% [markdown]
+# Read the two lines together. When the attention operator takes nearly all of the call, the gap to the copy is the
+# kernel's own pace, not Python's. The blog cited below explains the GPU side. FlashAttention splits its work by
+# batch, heads and blocks of queries. At decode there is one query, so batch 1 leaves only the heads to split: a few
+# pieces, however long the cache. Most of a GPU's multiprocessors then sit idle.
+#
+# **Split-KV**, or Flash-Decoding, fixes that. Its authors describe three steps: split the keys and values into
+# chunks, attend to each chunk in parallel, keeping each row's log-sum-exp, then combine the chunks with those
+# log-sum-exps. The source is "Flash-Decoding for long-context inference", by Dao, Haziza, Massa and Sizov, PyTorch
+# blog, October 2023. The cell below writes the three steps and checks that they give the same output as one call.
+
+# %%
+def split_kv_attention(q, k, v, splits):  # Flash-Decoding's three steps, one chunk of the cache at a time
+    parts, sums = [], []
+    for k_chunk, v_chunk in zip(k.chunk(splits, dim=2), v.chunk(splits, dim=2), strict=True):
+        scores = q @ k_chunk.transpose(-1, -2) / q.shape[-1] ** 0.5
+        sums.append(torch.logsumexp(scores, dim=-1, keepdim=True))  # each row's log-sum-exp over this chunk
+        parts.append(torch.softmax(scores, dim=-1) @ v_chunk)  # the chunk's attention, as if it were all
+    share = torch.softmax(torch.stack(sums), dim=0)  # each chunk's part of the whole softmax's denominator
+    return (share * torch.stack(parts)).sum(dim=0)
+
+
+if recipes:
+    length, splits = contexts[1], 8  # (n, the step count of the recipes, is used again below)
+    q64, k64, v64 = query.double(), keys[:, :, :length].double(), values[:, :, :length].double()  # float64
+    gap = float((split_kv_attention(q64, k64, v64, splits) -
+                 torch.nn.functional.scaled_dot_product_attention(q64, k64, v64)).abs().max())
+    lab.check("split_kv_equals_one_attention_call", gap < 1e-9, f"largest difference {gap:.1e}")
+    print(f"{splits} chunks of {length // splits} tokens, merged: largest difference from one call {gap:.1e}; "
+          f"{units * splits} pieces of work instead of {units}")
+
+# %% [markdown]
+# The chunks do not depend on each other, so each can run on its own multiprocessor; only the short merge waits for
+# all of them. The blog measured its speed-up on GPUs; this notebook checks the arithmetic. The table above holds the
+# rest: past the crossover printed under it, the cache, not the weights, sets a step's bytes.
 #
 # ### Batching: throughput against latency
 #
@@ -808,6 +1023,15 @@ if not agree.empty:
 if not sweep.empty and sweep["noisy"].any():
     measured.append(f"{sweep['noisy'].sum()} prefill times stayed against the trend after a second measurement "
                     "(marked noisy): nothing is concluded from them.")
+
+# %%
+measured.append(f"The KV formula {'matched' if cache_total == formula_total else 'did not match'} a Gemma-3-like "
+                f"cache ({cache_total} B measured); at 128k tokens {most['model']}'s cache is "
+                f"{most['KV / weights at 128k']:.2f}x its weights, the most of four.")
+if recipes:
+    measured.append(f"Decode attention over {contexts[-1]:,} cached tokens took {far['time / read']:.1f}x the time to "
+                    f"read them at the copy's speed; the cache outweighs {lab.p.decode_model}'s weights from "
+                    f"{crossover:,.0f} tokens on.")
 
 # %%
 if not sweep.empty and not decode.empty:

@@ -78,6 +78,7 @@ print(f"NCCL: {nccl['version'] or 'no'} ({nccl['reason'] or 'ready'}); gloo: {'y
 # * the **KV cache**: 2 (keys and values) x layers x key/value heads x head size x batch x context x 2 bytes. Many
 #   recent models (Llama 3 among them) use *grouped-query attention* (GQA): several query heads share one key/value
 #   head, so the cache holds fewer heads than attention uses (llama-70b-shape: 64 query heads, 8 key/value heads).
+#   `roofline.kv_cache_bytes` computes it, for GQA and for the newer layouts shown below.
 #
 # A plan fills each device to 90% at most, a margin we leave for the CUDA context, the activations and the allocator.
 # First what the model needs:
@@ -92,19 +93,14 @@ print(f"{lab.p.plan_model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2
       f"{model.config.num_hidden_layers} layers; batch {lab.p.batch} x context {lab.p.context} tokens")
 
 
-def kv_cache_bytes(config, batch, tokens, element_bytes=2):
-    """Keys and values, in every layer, for every key/value head, of every token of every sequence."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * batch * tokens * element_bytes
-
-
 # %%
 need = pd.DataFrame([{"format": fmt, "weights": sum(footprint.predict_footprint(model, fmt).values()),  # notebook 04's
-                      "KV cache": kv_cache_bytes(model.config, lab.p.batch, lab.p.context)} for fmt in lab.p.formats])
+                      "KV cache": roofline.kv_cache_bytes(model.config, batch=lab.p.batch, context=lab.p.context)}
+                     for fmt in lab.p.formats])  # the workbook's one KV formula: GQA, MLA, sliding windows
 need["total"] = need["weights"] + need["KV cache"]
 gib = need.set_index("format").div(GIB).add_suffix(" GiB").reset_index()
 lab.table("memory_needed", gib, title=f"{lab.p.plan_model}: memory needed")
-per_token = kv_cache_bytes(model.config, 1, 1)  # under GQA: the key/value heads only
+per_token = roofline.kv_cache_bytes(model.config, batch=1, context=1)  # under GQA: the key/value heads only
 every_head = per_token * model.config.num_attention_heads // model.config.num_key_value_heads
 print(f"KV cache per token: {per_token / 1024:.0f} KiB; {every_head / 1024:.0f} KiB if each of the "
       f"{model.config.num_attention_heads} query heads kept its own keys and values")
@@ -135,6 +131,45 @@ lab.table("gpus_needed", fits, title=f"{lab.p.plan_model}: GPUs needed on each m
 ex.compare(math.ceil(first["total"] / (24 * GIB * footprint.USABLE_FRACTION)), "GPUs")
 
 # %% [markdown]
+# **Today's layouts.** The formula above is plain GQA. Two newer layouts change the cache by large factors. DeepSeek's
+# multi-head latent attention (MLA) caches one compressed latent and one small rotary key per token and layer. Sliding
+# window layers keep only the last `window` tokens. `roofline.kv_cache_bytes` counts all of them, and notebook 02
+# measures it against real caches. Below, four published shapes at this notebook's batch and context, on the machines
+# you listed. Notebook 02 cites the source of each shape. Predict first: which one's cache changes its GPU count most?
+
+# %%
+from transformers import DeepseekV3Config, Gemma3TextConfig, LlamaConfig, MistralConfig
+
+published = {  # the published shapes; whatever is not set is transformers' default
+    "Llama-3-8B, GQA": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,  # 2407.21783
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "Mistral-7B, sliding 4096": MistralConfig(),  # its defaults: arXiv 2310.06825, table 1
+    "Gemma-3-27B, 5 sliding : 1 global": Gemma3TextConfig(hidden_size=5376, intermediate_size=21504,  # 2503.19786
+                                                          num_hidden_layers=62, num_attention_heads=32,
+                                                          num_key_value_heads=16, head_dim=128, sliding_window=1024),
+    "DeepSeek-V3, MLA": DeepseekV3Config(),  # its defaults: arXiv 2412.19437, section 4.2
+}
+rows = []
+for name, config in published.items():
+    with torch.device("meta"):  # the shapes only
+        shape = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    need = footprint.memory_needed(shape, batch=lab.p.batch, context=lab.p.context)  # KV: roofline.kv_cache_bytes
+    rows.append({"model": name, "weights GiB": need["weights"] / GIB, "KV cache GiB": need["kv_cache"] / GIB,
+                 **{f"{text}: GPUs": footprint.devices_needed(need["total"], min(d["bytes"] for d in m["devices"]))
+                    for text, m in machines.items()}})
+
+# %%
+today = pd.DataFrame(rows)
+lab.table("today_layouts", today, title=f"Today's layouts, 16-bit, batch {lab.p.batch} x {lab.p.context} tokens")
+heavy = today.loc[(today["KV cache GiB"] / today["weights GiB"]).idxmax()]
+print(f"At batch {lab.p.batch} x {lab.p.context} tokens, {heavy['model']} has the largest cache beside its weights: "
+      f"{heavy['KV cache GiB']:.3g} GiB against {heavy['weights GiB']:.3g} GiB")
+
+# %% [markdown]
+# The line above names the layout whose cache weighs most here. Try `context = 131072` in the parameters cell. The
+# rows whose GPU count then grows are the layouts whose cache grows with every token, in every layer.
+
+# %% [markdown]
 # Is the calculator right? The model the jobs below run is loaded for real: its weights are counted by
 # `get_memory_footprint()` and its KV cache is measured after a forward pass over a prompt.
 
@@ -144,7 +179,7 @@ prompt = torch.randint(0, job_model.config.vocab_size, (2, 64), device=lab.devic
 with torch.inference_mode():
     output = job_model(input_ids=prompt, use_cache=True)
 predicted = {"weights": sum(footprint.predict_footprint(job_model, "16-bit").values()),  # in the model's own dtype
-             "KV cache": kv_cache_bytes(job_model.config, 2, 64, element_bytes=lab.dtype.itemsize)}
+             "KV cache": roofline.kv_cache_bytes(job_model.config, batch=2, context=64, dtype=lab.dtype)}
 measured = {"weights": job_model.get_memory_footprint(), "KV cache": footprint.cache_bytes(output)}
 calculator = pd.DataFrame({"what": ["weights", "KV cache, 2 x 64 tokens"],
                            "predicted MiB": [v / 2**20 for v in predicted.values()],

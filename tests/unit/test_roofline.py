@@ -205,3 +205,17 @@ def test_a_sliding_window_cuts_the_cache_eightfold_at_32k_as_mistral_7b_reports(
     assert ratio == pytest.approx(8, rel=1e-3)
     assert roofline.kv_cache_bytes(sliding, batch=1, context=4000) == roofline.kv_cache_bytes(full, batch=1,
                                                                                                context=4000)
+
+
+@pytest.mark.parametrize("new_tokens", [4, 60], ids=["inside the window", "past the window"])
+def test_exercise_02_5_predicts_what_the_kv_formula_counts(new_tokens):
+    """Notebook 02's exercise 02.5 (a Gemma-3-like 5 sliding : 1 global mix) is the one KV formula, by hand."""
+    from transformers import Gemma3TextConfig
+
+    from labkit.exercises.decoders import sliding_cache_kib
+
+    config = Gemma3TextConfig(**TINY, num_hidden_layers=6, head_dim=16, sliding_window=32)
+    assert config.layer_types.count("sliding_attention") == 5
+    predicted = sliding_cache_kib(layers=6, sliding_layers=5, window=32, kv_heads=2, head_dim=16, prompt_tokens=20,
+                                  new_tokens=new_tokens, bytes_per_element=4)
+    assert predicted * 1024 == roofline.kv_cache_bytes(config, batch=1, context=20 + new_tokens - 1, dtype="float32")
