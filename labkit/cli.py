@@ -294,10 +294,8 @@ def _cmd_progress(args: argparse.Namespace) -> int:
 
 def _class_progress(folder: Path, page: Path | None) -> int:
     """The teacher's view: each learner's exercises done, then each exercise's learners; a web page of the grid."""
-    import html
-
     from labkit import exercises
-    from labkit.widgets import text_table
+    from labkit.widgets import html_table, text_table
 
     if not folder.is_dir():
         raise BadParameter(f"--class {folder} is not a folder; give the folder that holds one folder per learner "
@@ -318,16 +316,11 @@ def _class_progress(folder: Path, page: Path | None) -> int:
     print(text_table([{"exercise": e, "learners done": f"{done_by[e]} of {len(rows)}",
                        "title": exercises.EXERCISES[e].title} for e in ids], ["exercise", "learners done", "title"]))
     if page is not None:
-        head = "".join(f"<th title='{html.escape(exercises.EXERCISES[e].title)}'>{e}</th>" for e in ids)
-        body = "".join("<tr><th>" + html.escape(r["learner"]) + "</th>" + "".join(
-            f"<td title='{html.escape(r[e])}'>&#10003;</td>" if r[e] else "<td></td>" for e in ids) + "</tr>"
-            for r in rows)
-        total = "<tr><th>done</th>" + "".join(f"<td>{done_by[e]}/{len(rows)}</td>" for e in ids) + "</tr>"
-        page.write_text(f"<!doctype html><meta charset='utf-8'><title>Class progress</title><style>table{{border-"
-                        "collapse:collapse}}td,th{padding:2px 8px;border:1px solid #ccc;text-align:center}</style>"
-                        f"<h1>Class progress</h1><p>{len(rows)} learners in {html.escape(str(folder))}, read "
-                        f"{time.strftime('%Y-%m-%d %H:%M')}; a tick's tooltip says when.</p>"
-                        f"<table><tr><th>learner</th>{head}</tr>{body}{total}</table>")
+        grid = [{"learner": r["learner"], **{e: "✓" if r[e] else "" for e in ids}} for r in rows]
+        grid.append({"learner": "learners done", **{e: f"{done_by[e]}/{len(rows)}" for e in ids}})
+        title = f"{len(rows)} learners in {folder}, read {time.strftime('%Y-%m-%d %H:%M')}"
+        page.write_text("<!doctype html><meta charset='utf-8'><title>Class progress</title><h1>Class progress</h1>"
+                        + html_table(grid, ["learner", *ids], title=title))
         print(f"page: {page}")
     return 0
 
