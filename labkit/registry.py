@@ -76,6 +76,10 @@ NOTEBOOKS: tuple[Notebook, ...] = (
                      "fits", "server_load", "bad_input"),
              metrics=("continuous_over_static_tokens_per_s", "speculative_prompt_lookup_repeating_speedup",
                       "speculative_draft_fresh_speedup", "kv_cache_fp8_over_model_cache", "server_c4_tokens_per_s")),
+    Notebook("07_serving_internals", "serving_internals", "serving_internals", "model_id", "dtype",
+             ({"requests": -1}, "requests=-1"), ({"token_budgets": 512}, "token_budgets=512"),
+             tables=("prefix_caching", "token_budget", "paged_block_table"),
+             metrics=("prefix_caching_ttft_p50_speedup",)),
 )
 
 BY_STEM: dict[str, Notebook] = {n.stem: n for n in NOTEBOOKS}
