@@ -404,7 +404,7 @@ if lab.on_gpu:  # one new token per request, packed: (requests, heads, dim)
 # ## What you measured
 
 # %%
-lab.finish([
+measured = [
     f"Prefix caching: block sharing computed {on['prompt tokens computed']} of {on['prompt tokens sent']} prompt "
     f"tokens of a burst of {lab.p.requests} requests ({off['prompt tokens computed']} without), held at most "
     f"{on['peak KV blocks held']} KV blocks against {off['peak KV blocks held']}, and gave the first token "
@@ -414,4 +414,5 @@ lab.finish([
     f"running requests' inter-token latency p99 from {small['ITL p99 ms']:.1f} to {large['ITL p99 ms']:.1f} ms.",
     f"A paged block table by hand: the gather gave back every request's keys and values exactly; gathering, then "
     f"attending, took {longest['ratio']:.1f}x the contiguous attention for {longest['tokens']} tokens.",
-])
+]
+lab.finish(measured)
