@@ -10,16 +10,16 @@
 # # 07 · What a server tunes, measured: prefix caching, the token budget, a paged block table by hand
 #
 # Notebook 06 showed that continuous batching with a paged KV cache beats static batches. This notebook opens the
-# engine and turns the knobs its operator turns. It uses transformers' own continuous batching (5.25, the same engine
-# as `transformers serve`) on a small random-weight model: the tokens do not matter here, only what the engine
-# computes and holds. On your machine, this notebook measures:
+# engine and turns the knobs its operator turns. It uses transformers 5.25's own continuous batching, the engine of
+# `transformers serve`, on a small random-weight model. The tokens do not matter here, only what the engine computes
+# and holds. On your machine, this notebook measures:
 #
 # 1. **prefix caching**: requests that share a long system prompt, served with and without block sharing: time to
 #    first token, the prompt tokens the model computed, the KV pages held;
 # 2. **the token budget**: the most tokens one step may hold, swept: time to first token of new requests against the
 #    time between tokens of running ones;
-# 3. **a paged block table by hand**: pages in a pool, a table per request, the gather that rebuilds a request's keys
-#    and values, checked equal to the contiguous cache and timed against it.
+# 3. **a paged block table by hand**: pages in a pool and a table per request. A gather rebuilds a request's keys and
+#    values; it is checked equal to the contiguous cache and timed against it.
 #
 # Nothing here downloads anything.
 
@@ -162,9 +162,9 @@ lab.metric("prefix_caching_ttft_p50_speedup", faster)
 # burst's prefills queue over several steps; the p99 shows the last one. With sharing, every remaining prefill fits
 # in one step.
 #
-# One behaviour of 5.25 to know: a page is hashed only after the forward pass, and only while its request is still
-# running (`mark_complete_blocks` in `continuous_batching/cache.py` returns early for a finished request). So a
-# request that stops at its first token, `max_new_tokens=1`, leaves nothing to share. The earlier request above asks
+# One behaviour of 5.25 to know: a page is hashed only after the forward pass, and only while its request runs.
+# `mark_complete_blocks` in `continuous_batching/cache.py` returns early for a finished request. So a request that
+# stops at its first token, `max_new_tokens=1`, leaves nothing to share. The earlier request above asks
 # for 2 tokens for that reason.
 
 # %% [markdown]
@@ -281,9 +281,9 @@ if lab.on_gpu:  # the same workload with the middle budget: graphs off and on, o
 #
 # The engine's cache is a pool of pages, and each request owns a **block table**: the list of its pages, in order.
 # Exercise 06.4 practised reading one request back from its pages. Here is the whole bookkeeping: several requests
-# of different lengths, pages handed out from a free list in no order, the model's own keys and values written
-# through each table. Then attention for one new token of each request, over its pages, against the same attention
-# over its contiguous cache.
+# of different lengths, and pages handed out from a free list in no order. The model's own keys and values are
+# written through each table. Then attention for one new token of each request, over its pages, against the same
+# attention over its contiguous cache.
 #
 # **07.3 · Code.** First, the write. Write `write_to_pages(pool, block_table, rows)`: `pool` has shape (pages, page
 # size, ...), and row t of the request goes to its place in the pages its table lists. Other requests' pages must
