@@ -19,13 +19,13 @@ from labkit.errors import BadParameter, ModelNotAvailable, check_sizes
 
 # Sizes where a parameter was left at 0 or empty
 SIZES = {
-    "gpu": {"shared_prompt_tokens": 4000, "requests": 32, "token_budgets": [512, 2048, 8192, 32768],
+    "gpu": {"shared_prompt_tokens": 4000, "requests": 32, "token_budgets": [512, 4096, 32768],
             "page_size": 64, "question_tokens": 16, "new_tokens": 16, "chat_tokens": 64, "arrival_tokens": 4000,
             "cache_tokens": 8192},
-    "quick": {"shared_prompt_tokens": 1000, "requests": 6, "token_budgets": [64, 256, 1024, 4096],
+    "quick": {"shared_prompt_tokens": 1000, "requests": 6, "token_budgets": [16, 256, 4096],
               "page_size": 16, "question_tokens": 8, "new_tokens": 4, "chat_tokens": 48, "arrival_tokens": 400,
               "cache_tokens": 512},
-    "cpu": {"shared_prompt_tokens": 2000, "requests": 8, "token_budgets": [64, 256, 1024, 4096],
+    "cpu": {"shared_prompt_tokens": 2000, "requests": 8, "token_budgets": [16, 256, 4096],
             "page_size": 16, "question_tokens": 8, "new_tokens": 8, "chat_tokens": 64, "arrival_tokens": 1000,
             "cache_tokens": 1024},
 }

@@ -358,9 +358,12 @@ print(f"For {longest['tokens']} tokens, gathering then attending took {longest['
 
 # %% [markdown]
 # What was seen: the gather is exact, and it is not free. Copying a request's keys and values into a contiguous
-# buffer before attending costs a pass over them, besides the attention's own pass. This is why engines do not
-# gather. Their attention kernels read the pages in place, through the block table. transformers' continuous
-# batching passes its table to flash attention's paged kernel on a GPU. PyTorch 2.13's `varlen_attn` takes one as
+# buffer costs a pass over them, besides the attention's own pass. Compare the extra time with the copy's time at the
+# ceiling, printed above. Far above it, the indexing ops' fixed cost dominates at this size, not the bytes.
+#
+# Engines avoid the copy with attention kernels that read the pages in place, through the block table.
+# transformers' continuous batching has a decode path through `flash_attn_with_kvcache` with its block table
+# (`max_blocks_per_request` in `ContinuousBatchingConfig`'s docstring). PyTorch 2.13's `varlen_attn` takes one as
 # `block_table`, with the pool as keys and values (`torch/nn/attention/varlen.py`). The GPU branch below runs it on
 # the same pool, against the gather.
 
