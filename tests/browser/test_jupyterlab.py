@@ -262,7 +262,8 @@ def test_notebook_runs_in_jupyterlab_and_its_widgets_work(lab, notebook):
             f"{stem}: the length picker did not change what the next cell measured: {text[:300]}"
         lab.shot(cell, "01_picker")
 
-    if stem in ("02_decoders_and_generation", "03_encoder_fastpath", "04_quantization", "05_multi_gpu", "06_serving"):
+    if stem in ("02_decoders_and_generation", "03_encoder_fastpath", "04_quantization", "05_multi_gpu", "06_serving",
+                "07_serving_internals"):
         assert figures.count() >= 1, f"{stem}: its figures did not appear as images"
         assert page.evaluate("els => els.every(e => e.complete && e.naturalWidth > 0)",
                              figures.element_handles()), f"{stem}: a figure did not load"

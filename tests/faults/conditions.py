@@ -149,7 +149,7 @@ CONDITIONS = [
     # A fresh machine without the model packages: nothing converted in the cache either (the lent GPU run found this).
     # (01's row runs in the out-of-memory condition above.)
     Condition("embedded models not installed",
-              {**dict.fromkeys(ALL, "completed"), "04": "stopped", "05": "stopped", "06": "stopped"},
+              {**dict.fromkeys(ALL, "completed"), **dict.fromkeys(("04", "05", "06", "07"), "stopped")},
               tuple(nb for nb in ALL if nb != "01"), startup=MODELS_BLOCKED,
               env=lambda tmp: {"LABKIT_CACHE": str(tmp / "fresh-cache")},
               stop_says=lambda nb: "is not installed",

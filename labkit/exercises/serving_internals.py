@@ -1,0 +1,132 @@
+"""Exercises of notebook 07 (what a server tunes)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
+
+# --------------------------------------------------------------------------- 07.1 the prompt tokens block sharing saves
+
+def prompt_tokens_with_sharing(shared_tokens, own_tokens, page_size, requests):
+    # the shared prompt's full pages are found by hash; the rest of its last page and the request's own tokens are
+    # computed (transformers 5.25: match_prefix_blocks matches whole pages only)
+    shared_pages = shared_tokens // page_size
+    return requests * (shared_tokens + own_tokens - shared_pages * page_size)
+
+
+def _prompt_tokens(answer, c):
+    shared, own, page, n = c["shared_tokens"], c["own_tokens"], c["page_size"], c["requests"]
+    expected = prompt_tokens_with_sharing(shared, own, page, n)
+    return predicted(answer, expected, "tokens", {
+        f"that counts only the questions: the shared prompt's last page is not full ({shared} = "
+        f"{shared // page} x {page} + {shared % page}), and only full pages are shared": n * own,
+        "that is what the burst computes without sharing: the shared prompt's full pages are in the cache already":
+            n * (shared + own),
+        f"that is one request's share: the burst has {n} requests": expected / n,
+        "that counts the shared prompt once more, but an earlier request computed it before the burst":
+            expected + shared,
+    })
+
+
+# --------------------------------------------------------------------------- 07.2 the KV blocks a shared prefix holds
+
+def blocks_held_with_sharing(shared_tokens, own_tokens, new_tokens, page_size, requests):
+    # the shared prompt's full pages once; each request's own pages for the rest of its tokens. At the last step a
+    # request has cached its prompt and every new token but the last (sampled, never fed back)
+    shared_pages = shared_tokens // page_size
+    own_pages = math.ceil((shared_tokens + own_tokens + new_tokens - 1) / page_size) - shared_pages
+    return shared_pages + requests * own_pages
+
+
+def _blocks_held(answer, c):
+    shared, own, new, page, n = (c[k] for k in ("shared_tokens", "own_tokens", "new_tokens", "page_size", "requests"))
+    expected = blocks_held_with_sharing(shared, own, new, page, n)
+    every = math.ceil((shared + own + new - 1) / page)  # one request's pages, all its own
+    return predicted(answer, expected, "blocks", {
+        f"that is the burst without sharing: each request would hold all its {every} pages": n * every,
+        "that leaves out the shared pages: they stay in the cache, held once": expected - shared // page,
+        f"that is one request's pages: the burst has {n} requests": every,
+    }, rel=0.02)
+
+
+# --------------------------------------------------------------------------- 07.3 writing a request into its pages
+
+def write_to_pages(pool, block_table, rows):
+    # row t of the request goes to page block_table[t // page], at offset t % page; the rest of the pool is untouched
+    page = pool.shape[1]
+    positions = torch.arange(len(rows), device=pool.device)
+    pages = torch.as_tensor(block_table, device=pool.device)[positions // page]
+    pool[pages, positions % page] = rows
+    return pool
+
+
+def _in_pool_order(pool, block_table, rows):
+    """writes the rows into the pool's first pages, ignoring the block table"""
+    pool.flatten(0, 1)[:len(rows)] = rows
+    return pool
+
+
+def _one_page_per_row(pool, block_table, rows):
+    """writes row t to page block_table[t], not block_table[t // page]"""
+    for t in range(min(len(rows), len(block_table))):
+        pool[block_table[t], 0] = rows[t]
+    return pool
+
+
+def _new_pool(pool, block_table, rows):
+    """builds a new pool holding only this request, zeros elsewhere"""
+    fresh = torch.zeros_like(pool)
+    return write_to_pages(fresh, block_table, rows)
+
+
+def _write(answer, c):
+    function, generator = function_answer(answer, "write_to_pages(pool, block_table, rows)"), torch.Generator()
+    generator.manual_seed(1)
+    for length, page in ((5, 4), (16, 4), (37, 16), (1, 16)):
+        needed = math.ceil(length / page)
+        pool = torch.randn(needed + 3, page, 2, 4, generator=generator)  # other requests' pages: noise
+        table = torch.randperm(needed + 3, generator=generator)[:needed].tolist()
+        rows = torch.randn(length, 2, 4, generator=generator)
+        expected = write_to_pages(pool.clone(), table, rows)
+        got = call(function, pool.clone(), list(table), rows)
+        if got is None:
+            raise NotAttempted("your function returns None: write the rows into the pool, then return the pool.")
+        case = f"with {length} tokens in pages of {page}"
+        if not isinstance(got, torch.Tensor) or got.shape != pool.shape:
+            raise Wrong(f"{case}, your function returned {getattr(got, 'shape', type(got).__name__)}, not the pool "
+                        f"of shape {tuple(pool.shape)}")
+        if not torch.equal(got, expected):
+            if torch.equal(got, _in_pool_order(pool.clone(), table, rows)):
+                raise Wrong(f"{case}, the rows went into the pool's first pages: look each page up in the block table")
+            if torch.equal(got, _new_pool(pool, table, rows)):
+                raise Wrong(f"{case}, the other requests' pages were wiped: write into the pool you were given")
+            raise Wrong(f"{case}, the pool differs from the one expected: row t goes to page "
+                        "block_table[t // page size], at offset t % page size, and nothing else changes")
+    return "every row went to its page and offset, and the other requests' pages were left as they were."
+
+
+EXERCISES = [
+    Exercise("07.1", "The prompt tokens a burst computes with block sharing", "predict", _prompt_tokens,
+             prompt_tokens_with_sharing,
+             ("Only full pages of the shared prompt can be shared; the cache found them by their tokens' hash.",
+              "per request: shared + own - page size x (shared // page size); then times the requests."),
+             {"shared_tokens": 250, "own_tokens": 8, "page_size": 16, "requests": 6},
+             ((48, "only the questions"), (1548, "without sharing"), (18, "one request"),
+              (358, "shared prompt once more"))),
+    Exercise("07.2", "The KV blocks a burst holds with a shared prefix", "predict", _blocks_held,
+             blocks_held_with_sharing,
+             ("The shared prompt's full pages are held once, however many requests point at them.",
+              "shared pages = shared // page size; each request: ceil((shared + own + new - 1) / page size) pages, "
+              "minus the shared ones; the last new token is sampled, never cached."),
+             {"shared_tokens": 250, "own_tokens": 8, "new_tokens": 4, "page_size": 16, "requests": 6},
+             ((102, "without sharing"), (12, "leaves out the shared pages"), (17, "one request's pages"))),
+    Exercise("07.3", "Writing a request's keys into its pages", "code", _write, write_to_pages,
+             ("The block table lists the request's pages in order; the pool's pages are in no order.",
+              "Row t goes to page block_table[t // page size], at offset t % page size: "
+              "`pool[pages, offsets] = rows`, then return the pool."),
+             {}, ((_in_pool_order, "first pages"), (_new_pool, "wiped"), (_one_page_per_row, "differs"),
+                  (returns_none, "returns None"))),
+]
