@@ -9,7 +9,8 @@
 # %% [markdown]
 # # 05 · Inference on several GPUs (and several machines)
 #
-# A model is spread over devices for one of two reasons: it does not fit on one, or one is not fast enough. The
+# When does a model need more than one GPU, and what does each way of splitting it buy? A model is spread over devices
+# for one of two reasons: it does not fit on one, or one is not fast enough. The
 # layouts people deploy buy different things. This notebook measures each one on your machine:
 #
 # 1. **do I need more than one GPU?** The memory of the weights (per dtype and 4/8-bit format) plus the KV cache
