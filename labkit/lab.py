@@ -106,6 +106,14 @@ def start(notebook: str, params: dict[str, Any]) -> Lab:
         quick = not device.startswith("cuda")
     elif not isinstance(quick, bool):
         raise BadParameter(f"quick={quick!r}: use 'auto' (small sizes without a GPU), True or False.")
+    from labkit import models  # transformers: imported once a notebook opens, not by `import labkit.lab`
+
+    entry = registry.BY_STEM.get(notebook) or registry.BY_NUMBER.get(notebook)  # None: a test's stand-in
+    for parameter, task in entry.model_tasks if entry else ():  # a model that cannot serve it stops here, at once
+        given = params.get(parameter)
+        named = {f"{parameter}[{i}]": n for i, n in enumerate(given)} if isinstance(given, list) else {parameter: given}
+        for label, name in named.items():
+            models.check_choice(entry.number, label, name, task, device=device, quick=quick)
     typed = module.Parameters
     p = typed(**{f.name: params[f.name] for f in dataclasses.fields(typed) if f.init and f.name in params})
     line = p.resolve(device=device, quick=quick)

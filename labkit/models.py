@@ -280,8 +280,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
     folder = random_folder(name, seed, torch_dtype) if random else resolve_folder(name)
     task = spec.task if spec else "auto"
     if task == "auto":
-        architectures = AutoConfig.from_pretrained(str(folder)).architectures or []
-        task = "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else "encoder"
+        task = _architectures_task(AutoConfig.from_pretrained(str(folder)).architectures or []) or "encoder"
     extra = _given(quantization_config=quantization_config, device_map=device_map or {"": device},
                    max_memory=max_memory) if placed else {}
     with quiet_transformers():
@@ -363,6 +362,73 @@ def check_model(name: str) -> str | None:
         return _not_installed(EMBEDDED[name]) or None
     resolve_folder(name)
     return None
+
+
+TASK_WORDS = {"causal-lm": "a causal language model", "encoder": "an encoder",
+              "paged-causal-lm": "a causal language model that transformers' continuous batching runs"}
+# model types whose causal LM transformers' continuous batching cannot run, and why (read in the installed source)
+NO_PAGED_CACHE = {"opt": "OPTModel.forward asks its cache for get_seq_length, which the paged cache lacks "
+                         "(transformers/models/opt/modeling_opt.py)"}
+
+
+def _architectures_task(architectures: list[str]) -> str | None:
+    """The task of a model saved with these ``architectures`` (config.json), or None when there are none."""
+    if not architectures:
+        return None
+    return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else "encoder"
+
+
+def _described(name: str) -> tuple[str | None, str]:
+    """(task, model type) of a model name, read without loading weights: the embedded table, a shape of
+    :data:`SHAPES`, or a folder's (or a cached Hub id's) config.json. The task is None when it cannot be told here (no
+    such model: :func:`check_model` says so, or a config that names no architecture)."""
+    if name in EMBEDDED:
+        shipped = {"smollm2-135m": "llama", "minilm-l6": "bert"}  # the architectures of the two shipped models
+        return EMBEDDED[name].task, RANDOM_CONFIGS[name][0].model_type if name in RANDOM_CONFIGS else shipped[name]
+    if name in SHAPES:
+        return "causal-lm", "llama"
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir():
+            config = json.loads((path / "config.json").read_text())
+        else:
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
+    except (OSError, ValueError):
+        return None, ""
+    return _architectures_task(config.get("architectures") or []), config.get("model_type", "")
+
+
+def task_of(name: str) -> str | None:
+    """"causal-lm" or "encoder" for a model name, without loading weights; None when it cannot be told here."""
+    return _described(name)[0]
+
+
+def _choices(task: str) -> str:
+    return ", ".join(s.name for s in EMBEDDED.values()
+                     if s.task == task.removeprefix("paged-") and s.name != "random-llama-1b"
+                     and not (task.startswith("paged-") and s.name in RANDOM_CONFIGS
+                              and RANDOM_CONFIGS[s.name][0].model_type in NO_PAGED_CACHE))
+
+
+def check_choice(notebook: str, parameter: str, name: Any, task: str, *, device: str, quick: bool) -> None:
+    """Stop a notebook at its opening with one sentence when the model ``name`` given to ``parameter`` cannot serve
+    it, naming what to use instead: a model of the wrong task (an encoder where a causal LM generates), an
+    architecture that transformers' continuous batching cannot run (``task="paged-causal-lm"``), or random-llama-1b
+    on a CPU in quick sizes (1.07 billion parameters: minutes to build and to run there). Other names pass: a name
+    that is no model at all is the notebook parameters' :func:`check_model` to refuse."""
+    if not isinstance(name, str) or name in ("", "auto"):
+        return
+    found, model_type = _described(name)
+    if found is not None and found != task.removeprefix("paged-"):
+        raise BadParameter(f"{parameter}={name!r} is {TASK_WORDS[found]}, and notebook {notebook} needs "
+                           f"{TASK_WORDS[task]}: use one of {_choices(task)}, or a folder of one.")
+    if task.startswith("paged-") and model_type in NO_PAGED_CACHE:
+        raise BadParameter(f"{parameter}={name!r} is a model that transformers' continuous batching cannot run: "
+                           f"{NO_PAGED_CACHE[model_type]}; use one of {_choices(task)}.")
+    if name == "random-llama-1b" and quick and not device.startswith("cuda"):
+        raise BadParameter(f"{parameter}={name!r} has 1.07 billion parameters, too many for quick sizes on a CPU: "
+                           "use tiny-llama or smollm2-135m, or quick=False to wait minutes for it.")
 
 
 @dataclass

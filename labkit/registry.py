@@ -27,6 +27,10 @@ class Notebook:
     # the headline metrics a quick run on a CPU records (the notebook tests assert each): the few named numbers that
     # `labkit compare`, the report and the reference runs read; everything else is a table
     metrics: tuple[str, ...] = ()
+    # each parameter that names a model, and the task its model must have ("causal-lm" or "encoder"): labkit.start
+    # refuses a model of the other task in one sentence (models.check_choice), before any work; "paged-causal-lm": one
+    # that transformers' continuous batching runs
+    model_tasks: tuple[tuple[str, str], ...] = (("model_id", "causal-lm"),)
 
     @property
     def number(self) -> str:
@@ -48,10 +52,12 @@ NOTEBOOKS: tuple[Notebook, ...] = (
                       "masked_document_sdpa_ms", "masked_document_flex_eager_ms")),
     Notebook("02_decoders_and_generation", "generation", "decoders", "model_ids", "dtype",
              ({"new_tokens": 1}, "new_tokens=1"),
+             model_tasks=(("model_ids", "causal-lm"), ("decode_model", "causal-lm")),
              tables=("prefill", "longest_prompt", "decode", "agreement", "kv_cache", "kv_layouts", "sliding_cache",
                      "recipes", "cache_loop", "step_profile", "step_busy", "decode_attention", "batches", "padding")),
     Notebook("03_encoder_fastpath", "fastpath", "encoder", "model_id", "dtype", ({"batch_sizes": [0]}, "batch_sizes"),
              ({"padding_fractions": [0.5, 1.5]}, "padding_fractions=[0.5, 1.5]"),
+             model_tasks=(("model_id", "encoder"), ("sweep_model", "encoder")),
              tables=("situations", "accelerate", "conversion", "embeddings", "sweep", "speedups", "stored_gpu_padding",
                      "padding_free"),
              metrics=("to_fastpath_max_abs_difference", "embedding_fastpath_speedup",
@@ -65,6 +71,7 @@ NOTEBOOKS: tuple[Notebook, ...] = (
                      "int8_eager", "int4_sweep", "break_even", "summary")),
     Notebook("05_multi_gpu", "parallel", "multi_gpu", "model_id", None, ({"context": 0}, "context=0"),
              ({"plan_devices": ["2 x 24 GB", "two big GPUs"]}, "devices='two big GPUs'"),
+             model_tasks=(("model_id", "causal-lm"), ("plan_model", "causal-lm")),
              tables=("memory_needed", "gpus_needed", "today_layouts", "calculator", "device_maps", "tensor_parallel",
                      "kv_per_rank", "data_parallel", "latency_budget", "pipeline_stages", "pipeline_steps",
                      "expert_parallel", "layouts", "tp_pp", "allreduce", "tp_communication", "tp_links"),
@@ -72,12 +79,14 @@ NOTEBOOKS: tuple[Notebook, ...] = (
                       "allreduce_best_busbw_gb_per_s", "allreduce_fraction_of_copy")),
     Notebook("06_serving", "serving", "serving", "model_id", "dtype",
              ({"server_concurrency": [4, 0]}, "server_concurrency[1]=0"),
+             model_tasks=(("model_id", "paged-causal-lm"), ("draft_model_id", "causal-lm")),
              tables=("batching", "batching_profile", "curve", "prompt_lookup", "draft", "kv_per_token", "kv_caches",
                      "fits", "server_load", "bad_input"),
              metrics=("continuous_over_static_tokens_per_s", "speculative_prompt_lookup_repeating_speedup",
                       "speculative_draft_fresh_speedup", "kv_cache_fp8_over_model_cache", "server_c4_tokens_per_s")),
     Notebook("07_serving_internals", "serving_internals", "serving_internals", "model_id", "dtype",
              ({"requests": -1}, "requests=-1"), ({"token_budgets": 512}, "token_budgets=512"),
+             model_tasks=(("model_id", "paged-causal-lm"),),
              tables=("prefix_caching", "token_budget", "paged_block_table"),
              metrics=("prefix_caching_ttft_p50_speedup",)),
 )

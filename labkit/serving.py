@@ -193,13 +193,13 @@ def serving_problem() -> str | None:
     return None
 
 
-def model_folder(model_id: str) -> str:
+def model_folder(model_id: str, dtype: Any = "float32") -> str:
     """What ``transformers serve`` is given to load: the embedded model's converted folder, a local folder, or a Hub
-    id in the cache. A random-init model has no folder of weights to serve."""
+    id in the cache. A random-init model (tiny-llama, ...) is saved once in labkit's cache, seed 0 as
+    ``models.load_model`` builds it, in ``dtype``, with its tokenizer: the server loads that folder."""
     spec = models.EMBEDDED.get(model_id)
     if spec is not None and spec.kind == "random":
-        raise BadParameter(f"{model_id} is built from a config with random weights; the server needs a folder of "
-                           "weights (smollm2-135m, a local folder, or a Hub id in the cache).")
+        return str(models.random_folder(model_id, 0, probes.resolve_dtype(dtype)))
     if model_id == "smollm2-135m":
         return str(models.smollm2_folder())
     return model_id

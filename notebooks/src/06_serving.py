@@ -482,7 +482,12 @@ speedup = repeating["speed-up vs greedy"]
 print(f"Prompt lookup accepted {repeating.acceptance_rate:.0%} of its proposals on the repeating prompt "
       f"({speedup:.2f}x greedy's speed), {fresh.acceptance_rate:.0%} on the fresh one.")
 lab.check("prompt_lookup_gives_the_greedy_tokens", looked["same tokens as greedy"].all())
-lab.check("a_repeating_prompt_accepts_more_proposals", repeating.acceptance_rate > fresh.acceptance_rate)
+said = tokenizer.decode(plain["repeating"]["token_ids"], skip_special_tokens=True).split()[:3]
+if said and " ".join(said) in passage:  # greedy decoding itself goes on copying the passage: what lookup can propose
+    lab.check("a_repeating_prompt_accepts_more_proposals", repeating.acceptance_rate > fresh.acceptance_rate)
+else:
+    lab.skip("a repeating prompt accepts more proposals", f"{lab.p.model_id} does not copy the passage (it wrote "
+             f"{' '.join(said)!r}; random weights?), so prompt lookup has nothing right to propose")
 lab.check("prompt_lookup_speeds_up_a_repeating_prompt", speedup > 1, timing=True)
 lab.metric("speculative_prompt_lookup_repeating_speedup", speedup)
 
@@ -572,7 +577,8 @@ if draft is not None:
 if draft is not None:
     lab.check("a_verification_step_costs_at_least_a_greedy_step", not noisy, f"{step:.2f} greedy steps", timing=True)
     lab.check("assisted_decoding_gives_the_greedy_tokens", assisted["token_ids"] == greedy["token_ids"])
-    if models.EMBEDDED.get(lab.p.draft_model_id) and models.EMBEDDED[lab.p.draft_model_id].kind == "random":
+    random_draft = models.EMBEDDED.get(lab.p.draft_model_id) and models.EMBEDDED[lab.p.draft_model_id].kind == "random"
+    if random_draft and lab.p.draft_model_id != lab.p.model_id:  # a draft equal to the model is always accepted
         lab.check("a_random_draft_is_almost_never_accepted", assisted["acceptance_rate"] < 0.2)
     lab.metric("speculative_draft_fresh_speedup", greedy["ms"] / assisted["ms"])
 
@@ -712,8 +718,9 @@ def tensor_bytes(x):  # the memory a tensor holds; a pair of tensors, both
     return x.untyped_storage().nbytes()
 
 
-def held_bytes(cache):  # every tensor each layer of the cache keeps
-    return sum(tensor_bytes(value) for layer in cache.layers for value in vars(layer).values())
+def held_bytes(cache):  # every tensor each layer of the cache keeps, but 0-dim counters (a sliding window's size)
+    return sum(tensor_bytes(value) for layer in cache.layers for value in vars(layer).values()
+               if not (isinstance(value, torch.Tensor) and value.dim() == 0))
 
 
 def handed_bytes(cache):  # what one more token's update() returns for attention to read, every layer (it adds a token)
@@ -823,7 +830,7 @@ if problem:
     lab.skip("the server (section 5)", problem)
 else:
     # on a CPU, the most tokens per batch kept above the cache's, so that a prompt that cannot fit is refused at once
-    server = serving.Server(serving.model_folder(lab.p.model_id), device=lab.device, dtype=lab.dtype_name,
+    server = serving.Server(serving.model_folder(lab.p.model_id, lab.dtype), device=lab.device, dtype=lab.dtype_name,
                             kv_pages=server_pages, max_model_len=door,
                             max_batch_tokens=None if lab.on_gpu else capacity + server_page)
     print(f"$ {server.command_line}\nlog: {server.log_path}")

@@ -191,3 +191,38 @@ def test_no_folder_is_built_inside_a_distributed_job(tmp_path, monkeypatch):
         models.saved_folder(tmp_path / "m", _tiny, tokenizer=False)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     assert models.complete(models.saved_folder(tmp_path / "m", _tiny, tokenizer=False))
+
+
+# --------------------------------------------------------------------------- a model chosen for a notebook (issue 33)
+
+def test_the_task_of_a_model_is_read_without_its_weights(tmp_path):
+    assert [models.task_of(n) for n in ("smollm2-135m", "tiny-opt", "minilm-l6", "llama-8b-shape")] == \
+        ["causal-lm", "causal-lm", "encoder", "causal-lm"]
+    (tmp_path / "config.json").write_text('{"model_type": "roberta", "architectures": ["RobertaModel"]}')
+    assert models.task_of(str(tmp_path)) == "encoder"
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    assert models.task_of(str(tmp_path)) == "causal-lm"
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')  # no architecture named: not told, not refused
+    assert models.task_of(str(tmp_path)) is None
+    assert models.task_of(str(tmp_path / "missing")) is None and models.task_of("no-such/model-here") is None
+
+
+@pytest.mark.parametrize(("name", "task", "named"), [
+    ("minilm-l6", "causal-lm", "is an encoder, and notebook 00 needs a causal language model: use one of smollm2-135m"),
+    ("tiny-llama", "encoder", "is a causal language model, and notebook 00 needs an encoder: use one of minilm-l6"),
+    ("tiny-opt", "paged-causal-lm", "continuous batching cannot run"),
+    ("random-llama-1b", "causal-lm", "too many for quick sizes on a CPU"),
+])
+def test_a_model_that_cannot_serve_a_notebook_is_refused_in_one_sentence(name, task, named):
+    with pytest.raises(BadParameter) as caught:
+        models.check_choice("00", "model_id", name, task, device="cpu", quick=True)
+    assert named in str(caught.value) and "\n" not in str(caught.value)
+    assert f"model_id={name!r}" in str(caught.value)
+
+
+def test_a_fitting_model_passes_and_the_1b_model_runs_without_quick_sizes():
+    for name, task in [("tiny-llama", "paged-causal-lm"), ("tiny-opt", "causal-lm"), ("tiny-bert", "encoder"),
+                       ("auto", "causal-lm"), ("", "causal-lm"), ("no-such-model", "causal-lm")]:
+        models.check_choice("00", "model_id", name, task, device="cpu", quick=True)  # no error
+    models.check_choice("00", "model_id", "random-llama-1b", "causal-lm", device="cpu", quick=False)
+    models.check_choice("00", "model_id", "random-llama-1b", "causal-lm", device="cuda:0", quick=True)

@@ -9,11 +9,13 @@ import sys
 import textwrap
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import first_run_cache
 
-from labkit import exercises, serving
+from labkit import exercises, models, serving
 from labkit.errors import BadParameter
 
 # --------------------------------------------------------------------------- the workload
@@ -95,9 +97,12 @@ def test_quanto_is_left_out_with_its_reason(monkeypatch):
     assert serving.quanto_problem(quick=False) == "optimum-quanto is not installed (pip install optimum-quanto)"
 
 
-def test_a_random_init_model_has_no_folder_to_serve():
-    with pytest.raises(BadParameter, match="random weights"):
-        serving.model_folder("tiny-llama")
+def test_a_random_init_model_is_served_from_a_folder_saved_once(tmp_path, monkeypatch):
+    # issue 33: 06 with model_id="tiny-llama" stopped at its server cell; the random model is now saved to serve
+    monkeypatch.setenv("LABKIT_CACHE", str(first_run_cache(tmp_path)))  # the converted SmolLM2: its tokenizer
+    folder = Path(serving.model_folder("tiny-llama"))
+    assert models.complete(folder) and folder.parent == tmp_path / "models"
+    assert serving.model_folder("tiny-llama") == str(folder), "saved once, then found"
 
 
 # --------------------------------------------------------------------------- the server's processes
