@@ -86,6 +86,11 @@ class Parameters:
         if problem:  # every section measures this model: without it there is nothing to do
             raise ModelNotAvailable(problem)
         self.skipped, dropped = unavailable_formats(wanted, device, self.dtype)
+        bnb = [f for f in wanted if footprint.library(f) == "bitsandbytes" and f not in dropped]
+        narrow = bnb_cpu_packing_problem(self.model_id, device) if bnb else ""
+        if narrow:
+            self.skipped[f"the bitsandbytes formats ({', '.join(bnb)})"] = narrow
+            dropped |= set(bnb)
         self.formats = [f for f in wanted if f not in dropped]
         self.bnb_formats = [f for f in self.formats if footprint.library(f) == "bitsandbytes"]
         self.torchao_formats = [f for f in self.formats if footprint.library(f) == "torchao"]
@@ -105,6 +110,24 @@ class Parameters:
         self.speed_model_id = "random-llama-1b" if on_gpu else self.model_id
         versions = ", ".join(f"{p} {probes.package_version(p) or 'missing'}" for p in ("bitsandbytes", "torchao"))
         return f"{versions}; formats: {', '.join(self.formats)}."
+
+
+def bnb_cpu_packing_problem(model_id: str, device: str) -> str:
+    """Why bitsandbytes' 4-bit layers would fail on this CPU with this model ('' when they would not). On a CPU with
+    AVX512-BF16, bitsandbytes 0.50 repacks each 4-bit weight at its first forward pass in blocks of 32 output
+    features and asserts that they divide (``_convert_weight_packed_for_cpu`` in its ``functional.py``, called from
+    ``Linear4bit.forward``): a tiny model's 16-wide key/value projection fails there. Real models' layers divide."""
+    if device != "cpu" or importlib.util.find_spec("bitsandbytes") is None:
+        return ""
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        return ""
+    empty = models.empty_model(model_id)  # its shapes, on the meta device
+    narrow = sorted({m.out_features for m in empty.modules() if isinstance(m, torch.nn.Linear)
+                     and m is not empty.get_output_embeddings() and m.out_features % 32})
+    return (f"bitsandbytes' 4-bit kernel for this CPU (AVX512-BF16) needs each layer's outputs in multiples of 32, "
+            f"and {model_id} has layers of {', '.join(map(str, narrow))}") if narrow else ""
 
 
 def torchao_problem() -> str:

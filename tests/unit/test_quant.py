@@ -269,3 +269,21 @@ def test_a_step_reads_everything_but_the_untied_input_embeddings_rows_it_does_no
     row_bytes = 64 * 4  # one float32 row of the input embeddings per token
     assert quant.step_bytes(untied) == sum(footprint.count_footprint(untied).values()) - 50 * 64 * 4 + row_bytes
     assert quant.step_bytes(tied) == sum(footprint.count_footprint(tied).values())  # the output layer reads all of it
+
+
+def test_a_layer_narrower_than_bitsandbytes_cpu_blocks_skips_its_formats_with_the_reason(tmp_path, monkeypatch):
+    """On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights in blocks of 32 output features and asserts
+    they divide: a learner's tiny folder with a 16-wide key/value projection died at 04's first 4-bit forward."""
+    import bitsandbytes.functional
+    from transformers import MistralConfig
+
+    folder = tmp_path / "narrow"
+    MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=16, vocab_size=256).save_pretrained(folder)
+    for cpu_kernel, expected in ((True, "layers of 16"), (False, "")):
+        monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda cpu_kernel=cpu_kernel: cpu_kernel)
+        problem = quant.bnb_cpu_packing_problem(str(folder), "cpu")
+        assert (expected in problem) if expected else problem == ""
+    monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda: True)
+    assert quant.bnb_cpu_packing_problem("smollm2-135m", "cpu") == ""  # 576, 192, 1536: multiples of 32
+    assert quant.bnb_cpu_packing_problem(str(folder), "cuda:0") == ""
