@@ -643,9 +643,8 @@ for name, config in configs.items():
     dims = roofline.kv_shape(config)
     per_token = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * 2  # K and V, every layer, 2 bytes a number
     kind = "MHA" if dims["kv_heads"] == dims["heads"] else "MQA" if dims["kv_heads"] == 1 else "GQA"
-    held = roofline.kv_cache_bytes(config, batch=1, context=4096, dtype=torch.float16)  # a sliding layer keeps less
-    rows.append({"model": name, "attention": kind, **dims, "KV KiB per token": per_token / 2**10,
-                 "GiB at 4096 tokens": held / 2**30})
+    rows.append({"model": name, "attention": kind, **dims, "KV KiB per token": per_token / 2**10,  # a sliding layer
+                 "GiB at 4096 tokens": roofline.kv_cache_bytes(config, batch=1, context=4096) / 2**30})  # keeps less
 kv_sizes = pd.DataFrame(rows)
 lab.table("kv_per_token", kv_sizes, title="KV cache per token, 16-bit")
 for name, value in cache_bytes.items():
