@@ -10,29 +10,29 @@
 # # 05 · Inference on several GPUs (and several machines)
 #
 # When does a model need more than one GPU, and what does each way of splitting it buy? A model is spread over devices
-# for one of two reasons: it does not fit on one, or one is not fast enough. The
-# layouts people deploy buy different things. This notebook measures each one on your machine:
+# for one of two reasons: it does not fit on one, or one is not fast enough. The layouts people deploy buy different
+# things. This notebook measures each one on your machine:
 #
-# 1. **do I need more than one GPU?** The memory of the weights (per dtype and 4/8-bit format) plus the KV cache
-#    (per batch and context), checked against a real model, compared with the GPUs present or with machines you type
-#    in ("2 x 24 GB", "2 nodes x 8 x 80 GB"); and where `device_map="auto"` would put every layer, planned without
-#    any GPU;
-# 2. **placement with `device_map`**: consecutive layers on consecutive GPUs, one GPU working at a time (measured
-#    where there are GPUs);
-# 3. **tensor parallelism** (TP): every layer's matrices split across processes with transformers'
-#    `DistributedConfig(tp_size=N)`, launched with `torchrun`; in float32 the tokens must equal one process's;
-# 4. **data parallelism** (DP): one whole copy of the model per process, the prompts shared out;
-# 5. **pipeline parallelism** (PP, `pp_size`): consecutive layers on consecutive processes, and the *bubble*;
-# 6. **expert parallelism** (EP, `ep_size`): the experts of a mixture-of-experts model shared out;
-# 7. **several machines**: the layout a planner proposes (TP inside a node, PP across nodes), rehearsed as two
+# 1. **do I need more than one GPU?** The memory of the weights, per dtype and 4/8-bit format, plus the KV cache, per
+#    batch and context. It is checked against a real model and compared with the GPUs present, or with machines you
+#    type in, such as "2 x 24 GB" or "2 nodes x 8 x 80 GB". Then where `device_map="auto"` would put every layer,
+#    planned without any GPU;
+# 2. **placement with `device_map`**: consecutive layers on consecutive GPUs, one GPU working at a time; measured
+#    where there are GPUs;
+# 3. **tensor parallelism**, TP: every layer's matrices split across processes with transformers'
+#    `DistributedConfig(tp_size=N)`, launched with `torchrun`. In float32 the tokens must equal one process's;
+# 4. **data parallelism**, DP: one whole copy of the model per process, the prompts shared out;
+# 5. **pipeline parallelism**, PP with `pp_size`: consecutive layers on consecutive processes, and the *bubble*;
+# 6. **expert parallelism**, EP with `ep_size`: the experts of a mixture-of-experts model shared out;
+# 7. **several machines**: the layout a planner proposes, TP inside a node and PP across nodes, rehearsed as two
 #    "nodes" on this machine;
 # 8. combining them, and the serving engines that do all this for you;
 # 9. **the communication** every split pays: an all-reduce benchmark, reported as nccl-tests reports it, and what
 #    TP's traffic would cost over NVLink or over a network.
 #
-# The same scripts are written for one CPU machine (processes talking over gloo), several GPUs (NCCL) and several
-# machines (a torchrun rendezvous). Where this machine has fewer GPUs than a measurement needs, that cell says so in
-# one line.
+# The same scripts are written for one CPU machine, where processes talk over gloo; for several GPUs, over NCCL; and
+# for several machines, through a torchrun rendezvous. Where this machine has fewer GPUs than a measurement needs,
+# that cell says so in one line.
 
 # %% tags=["parameters"]
 # Parameters (papermill overrides this cell). A size of 0 or an empty list means: sized for this machine.
@@ -71,17 +71,17 @@ print(f"NCCL: {nccl['version'] or 'no'} ({nccl['reason'] or 'ready'}); gloo: {'y
 # %% [markdown]
 # ## 1. Do I need more than one GPU?
 #
-# Serving a model needs room for two things, counted below; the activations of a forward pass are not counted, the
-# planning margin is there for them:
+# Serving a model needs room for two things, counted below. The activations of a forward pass are not counted: the
+# planning margin is there for them.
 #
-# * the **weights**: parameters x bytes per parameter, 2 in 16-bit; in 4-bit formats about half a byte for the
-#   linear layers plus their scales, while embeddings and norms stay 16-bit (notebook 04);
-# * the **KV cache**: 2 (keys and values) x layers x key/value heads x head size x batch x context x 2 bytes. Many
-#   recent models (Llama 3 among them) use *grouped-query attention* (GQA): several query heads share one key/value
-#   head, so the cache holds fewer heads than attention uses (llama-70b-shape: 64 query heads, 8 key/value heads).
-#   `roofline.kv_cache_bytes` computes it, for GQA and for the newer layouts shown below.
+# * The **weights**: parameters x bytes per parameter, 2 in 16-bit. In 4-bit formats, about half a byte for the
+#   linear layers plus their scales, while embeddings and norms stay 16-bit, as notebook 04 showed.
+# * The **KV cache**: 2 for keys and values x layers x key/value heads x head size x batch x context x 2 bytes. Many
+#   recent models, Llama 3 among them, use *grouped-query attention*, GQA: several query heads share one key/value
+#   head. So the cache holds fewer heads than attention uses; llama-70b-shape has 64 query heads and 8 key/value
+#   heads. `roofline.kv_cache_bytes` computes it, for GQA and for the newer layouts shown below.
 #
-# A plan fills each device to 90% at most, a margin we leave for the CUDA context, the activations and the allocator.
+# A plan fills each device to 90% at most. The margin is for the CUDA context, the activations and the allocator.
 # First what the model needs:
 
 # %%
@@ -117,9 +117,9 @@ answer = None  # a whole number of GPUs
 ex.check(answer)
 
 # %% [markdown]
-# The machines you listed (and this machine's GPUs, if any): how many of their GPUs the model needs, and whether they
-# have that many. GB here are GiB (2**30 bytes). A GPU sold as 80 GB shows a little less to programs (the H100 in
-# `reference/nvidia-h100/` showed 79.2 GiB to torch); the 10% margin covers that.
+# The machines you listed, and this machine's GPUs if any: how many of their GPUs the model needs, and whether they
+# have that many. GB here are GiB, 2**30 bytes. A GPU sold as 80 GB shows a little less to programs: the H100 in
+# `reference/nvidia-h100/` showed 79.2 GiB to torch. The 10% margin covers that.
 
 # %% tags=["reveals-05.1"]
 machines = {**lab.p.machines, **({"GPUs here": {"devices": lab.p.gpus}} if lab.p.gpus else {})}
@@ -191,11 +191,11 @@ lab.check("calculator_kv_cache_exact", predicted["KV cache"] == measured["KV cac
 
 # %% [markdown]
 # **Where would the layers go?** `from_pretrained(..., device_map="auto")` first shares the model out evenly between
-# the GPUs (`"sequential"` would fill GPU 0 first), then gives each GPU whole decoder layers in order; what is left
-# over goes to the CPU (offloaded: fetched to a GPU at every step) and then to disk. accelerate plans this from the
-# shapes alone, so no GPU is needed: below, each machine you listed, for each format. Each bar is the model from its
-# embeddings (left) to its output layer (right), each block as wide as accelerate counts its bytes in that format (a
-# 4-bit weight as half a byte: its scales, a few percent more, are left to the planning margin).
+# the GPUs; `"sequential"` would fill GPU 0 first. Then it gives each GPU whole decoder layers in order. What is left
+# over goes to the CPU, offloaded and fetched to a GPU at every step, and then to disk. accelerate plans this from the
+# shapes alone, so no GPU is needed. Below, each machine you listed, for each format. Each bar is the model, from its
+# embeddings on the left to its output layer on the right. Each block is as wide as accelerate counts its bytes in
+# that format. A 4-bit weight counts as half a byte; its scales, a few percent more, are left to the planning margin.
 
 # %%
 placed, rows = {}, []
@@ -223,14 +223,15 @@ lab.table("device_maps", pd.DataFrame(rows), title="Blocks per device")
 # model = AutoModelForCausalLM.from_pretrained(name, device_map="auto", max_memory={0: "20GiB", 1: "20GiB"})
 # ```
 #
-# Each GPU holds some consecutive layers and a token passes through them in turn: GPU 1 waits while GPU 0 works. The
-# model fits where it did not, but one token still reads every weight once, through one GPU at a time, so **expect
-# about the speed of one GPU**, not more. That is an expectation from how the placement runs (accelerate's guide:
-# "Loading parts of a model onto each GPU and processing a single input at one time",
-# https://huggingface.co/docs/accelerate/main/en/usage_guides/distributed_inference): measured below where there are
-# GPUs, and between CPU processes in section 5. With two GPUs: the model split over both against the model on one;
-# with one GPU: half of a 1B model offloaded to the CPU against none; with no GPU, nothing (a `device_map` places
-# layers on GPUs).
+# Each GPU holds some consecutive layers, and a token passes through them in turn: GPU 1 waits while GPU 0 works. The
+# model fits where it did not. But one token still reads every weight once, through one GPU at a time. So **expect
+# about the speed of one GPU**, not more. accelerate's guide describes the placement this way: "Loading parts of a
+# model onto each GPU and processing a single input at one time",
+# https://huggingface.co/docs/accelerate/main/en/usage_guides/distributed_inference. It is measured below where there
+# are GPUs, and between CPU processes in section 5:
+# - with two GPUs, the model split over both against the model on one;
+# - with one GPU, half of a 1B model offloaded to the CPU against none;
+# - with no GPU, nothing: a `device_map` places layers on GPUs.
 
 # %%
 from accelerate.utils import compute_module_sizes  # the bytes of each module, as accelerate counts them
@@ -294,13 +295,15 @@ if len(rows) == 2:
         lab.metric(f"pipeline_{key}_tokens_per_s", tokens_per_s)
 
 # %% [markdown]
-# The bound of each row is the physical limit of its slowest path: for weights in GPU memory, the GPU's memory
-# bandwidth over the weight bytes read per token; for offloaded weights, the measured host-to-GPU copy bandwidth over
-# the offloaded bytes, which must cross at every step. What was seen, where the cell ran: with two GPUs, the line under
-# the table gives the split model's tokens/s as a multiple of one GPU's, and near 1 (a little under, for the hop
-# between the GPUs) is the "speed of one GPU" expected above; with one GPU, the offloaded row is the slower one, and a
-# fraction of its copy bound near 1 says that copying the offloaded weights is what sets its pace. Without a GPU the
-# cell says it skipped, and section 5 shows the same effect between CPU processes.
+# The bound of each row is the physical limit of its slowest path. For weights in GPU memory, it is the GPU's memory
+# bandwidth over the weight bytes read per token. For offloaded weights, it is the measured host-to-GPU copy bandwidth
+# over the offloaded bytes, which must cross at every step. What was seen, where the cell ran:
+# - with two GPUs, the line under the table gives the split model's tokens/s as a multiple of one GPU's. Near 1 is
+#   the "speed of one GPU" expected above, a little under for the hop between the GPUs;
+# - with one GPU, the offloaded row is the slower one. A fraction of its copy bound near 1 says that copying the
+#   offloaded weights sets its pace.
+#
+# Without a GPU the cell says it skipped, and section 5 shows the same effect between CPU processes.
 #
 # ## 3. The layouts as torchrun jobs
 #
@@ -356,20 +359,23 @@ if not lab.p.jobs_on_gpus:
 # %% [markdown]
 # ### Tensor parallelism: every layer split across processes
 #
-# transformers' tensor-parallel plan (`DistributedConfig(tp_size=N)` in `from_pretrained`) splits each attention block
+# transformers' tensor-parallel plan, `DistributedConfig(tp_size=N)` in `from_pretrained`, splits each attention block
 # by heads and each MLP by its width. Write a linear layer as y = x W, with W's rows for the inputs and its columns
-# for the outputs (PyTorch stores W transposed). The query, key, value, gate and up projections are split
-# **colwise**: each process holds some columns of W, so it computes its own slice of the output features (its own
-# heads) and nothing needs exchanging. The output and down projections are split **rowwise**: each process holds the
-# rows of W that match the slice of input it already has, so each computes a partial sum of the full output, and an
-# **all-reduce** adds the partial sums up. That happens after the attention block and after the MLP of every layer,
-# for every token. So each process holds about 1/N of the weights and reads 1/N per token (faster), and pays for
-# collectives at every layer of every token (slower): the script counts them with the profiler during one forward
-# pass. Expect identical greedy tokens in float32 (in 16-bit the partial sums are added in another order, so a
-# near-tie can flip); expect a speed-up only where an all-reduce costs less than the work it splits. Here it is
-# measured between this machine's GPUs over NCCL where there are two or more, else between CPU processes; for GPUs in
-# general, transformers' documentation says that tensor parallelism "works best on hardware with fast intra-node links
-# such as NVLink" (v5.17's page, the newest found: https://huggingface.co/docs/transformers/v5.17.0/tensor_parallelism).
+# for the outputs; PyTorch stores W transposed.
+# - The query, key, value, gate and up projections are split **colwise**. Each process holds some columns of W. So it
+#   computes its own slice of the output features, its own heads, and nothing needs exchanging.
+# - The output and down projections are split **rowwise**. Each process holds the rows of W that match the slice of
+#   input it already has. So each computes a partial sum of the full output, and an **all-reduce** adds them up.
+#
+# That all-reduce happens after the attention block and after the MLP of every layer, for every token. So each process
+# holds about 1/N of the weights and reads 1/N per token, which is faster. And it pays for collectives at every layer
+# of every token, which is slower. The script counts them with the profiler during one forward pass.
+#
+# Expect identical greedy tokens in float32. In 16-bit the partial sums are added in another order, so a near-tie can
+# flip. Expect a speed-up only where an all-reduce costs less than the work it splits. Here it is measured between this
+# machine's GPUs over NCCL where there are two or more, else between CPU processes. For GPUs in general, transformers'
+# documentation says that tensor parallelism "works best on hardware with fast intra-node links such as NVLink". That
+# is v5.17's page, the newest found: https://huggingface.co/docs/transformers/v5.17.0/tensor_parallelism.
 
 # %%
 tp_runs = {n: run["tp"] for n, run in jobs.items() if "tp" in run}
@@ -408,12 +414,14 @@ else:
     lab.skip("tensor parallelism", "no launch could split the model's heads evenly")
 
 # %% [markdown]
-# What was seen: each process holds about 1/N of the bytes (the `share of 1 process` column); the table says how many
-# greedy tokens match one process's (asserted in float32, where the sum of the shares rounds the same), and the
-# `collectives per forward` column what one forward pass called: two all-reduces per layer, one more for the
-# embedding (its vocabulary is split across the processes and their partial lookups summed), and an all-gather of each
-# process's slice of the logits. Whether N processes were faster depends on what one collective costs on this
-# machine's links, measured in section 9.
+# What was seen: each process holds about 1/N of the bytes, in the `share of 1 process` column. The table says how many
+# greedy tokens match one process's; in float32, where the sum of the shares rounds the same, it is asserted. The
+# `collectives per forward` column says what one forward pass called:
+# - two all-reduces per layer;
+# - one more for the embedding: its vocabulary is split across the processes, and their partial lookups are summed;
+# - an all-gather of each process's slice of the logits.
+#
+# Whether N processes were faster depends on what one collective costs on this machine's links, measured in section 9.
 #
 # **05.2 · Predict.** Under GQA the KV cache holds the key/value heads only, and transformers' tensor parallelism gives
 # each process an equal share of them. After the job's prompt, how many KiB of KV cache
@@ -448,10 +456,10 @@ if tp_n is not None:
 # %% [markdown]
 # ## 4. Data parallelism: one whole model per process, the prompts shared out
 #
-# Each process loads the whole model and takes a consecutive share of the prompts
-# (`accelerate.PartialState().split_between_processes`); rank 0 gathers the results in prompt order. Nothing is
-# exchanged while generating, so throughput should grow with the processes as long as each has its own device (or
-# cores): the price is a full copy of the weights per process.
+# Each process loads the whole model and takes a consecutive share of the prompts, with
+# `accelerate.PartialState().split_between_processes`. Rank 0 gathers the results in prompt order. Nothing is
+# exchanged while generating, so throughput should grow with the processes as long as each has its own device or
+# cores. The price is a full copy of the weights per process.
 
 # %%
 dp_runs = {n: run["dp"] for n, run in jobs.items()}  # every launch runs it
@@ -519,18 +527,21 @@ ex.compare(meeting.loc[meeting["tokens_per_s"].idxmax(), "layout"] if len(meetin
 # %% [markdown]
 # ## 5. Pipeline parallelism: stages in turn, and the bubble
 #
-# `DistributedConfig(pp_size=N)` gives each process consecutive layers (transformers 5.25 splits them by count); the
-# embeddings go to the first stage, the final norm and the output layer to the last. In a decode step stage 0 runs its
-# layers and sends the hidden states to stage 1, which runs its layers, computes the logits and broadcasts them to
-# every stage (so that `generate()` works unchanged). While one stage computes, the others wait: that idle time is the
-# *bubble*. With one sequence, or several decoded together as one batch, they all sit in the same stage at the same
-# time, so expect a step to take about as long as in one process (plus the transfers), and each stage to be busy
-# about 1/N of the time that one process is. Pipelines fill the bubble by keeping several micro-batches in flight, one
-# per stage: with m micro-batches over p stages the idle share falls to (p - 1) / (m + p - 1) (GPipe,
-# https://arxiv.org/abs/1811.06965). transformers 5.25 runs the plain schedule only (its source leaves the others as a
-# TODO, `transformers/distributed/pipeline_parallel.py`). The job runs `layers-llama`, a random model shaped so that
-# its layers, not Python, take most of a step on a CPU (4 layers of width 512, a 512-token vocabulary), with 1
-# sequence and with several.
+# `DistributedConfig(pp_size=N)` gives each process consecutive layers; transformers 5.25 splits them by count. The
+# embeddings go to the first stage, the final norm and the output layer to the last. In a decode step, stage 0 runs
+# its layers and sends the hidden states to stage 1. Stage 1 runs its layers, computes the logits and broadcasts them
+# to every stage, so that `generate()` works unchanged. While one stage computes, the others wait: that idle time is
+# the *bubble*.
+#
+# With one sequence, or several decoded together as one batch, all sit in the same stage at the same time. So expect
+# a step to take about as long as in one process, plus the transfers. Expect each stage to be busy about 1/N of the
+# time that one process is. Pipelines fill the bubble by keeping several micro-batches in flight, one per stage. With
+# m micro-batches over p stages, the idle share falls to (p - 1) / (m + p - 1): GPipe,
+# https://arxiv.org/abs/1811.06965. transformers 5.25 runs the plain schedule only; its source leaves the others as a
+# TODO in `transformers/distributed/pipeline_parallel.py`.
+#
+# The job runs `layers-llama`, a random model shaped so that its layers, not Python, take most of a step on a CPU: 4
+# layers of width 512 and a 512-token vocabulary. It runs with 1 sequence and with several.
 
 # %%
 pp_runs = {n: run for n, run in jobs.items() if "pp" in run}
@@ -564,23 +575,24 @@ if pp_runs:
           f"16 micro-batches in flight would leave each stage idle {idle[4]:.0%} or {idle[16]:.0%} of the time.")
 
 # %% [markdown]
-# What was seen: each of the N stages holds about 1/N of the bytes (the `share of 1 process` column: the capacity a
-# pipeline buys), and the step table says whether its greedy tokens equal one process's. The step time of the pipeline
-# is compared with one process's, and the busy share of each stage with that of one process running all the layers:
-# the difference is the bubble, plus the time of the transfers. The line under the tables puts the busy share beside
-# the 1/N expected, and gives the bubble GPipe's formula predicts for a schedule with several micro-batches in flight.
+# What was seen: each of the N stages holds about 1/N of the bytes, in the `share of 1 process` column: the capacity a
+# pipeline buys. The step table says whether its greedy tokens equal one process's. The pipeline's step time is
+# compared with one process's. Each stage's busy share is compared with that of one process running all the layers.
+# The difference is the bubble, plus the time of the transfers. The line under the tables puts the busy share beside
+# the 1/N expected. It also gives the bubble GPipe's formula predicts for several micro-batches in flight.
 #
 # ## 6. Expert parallelism: a mixture of experts, shared out
 #
-# A mixture-of-experts (MoE) layer replaces the MLP with several MLPs, the *experts*, and a small *router* that picks a
+# A mixture-of-experts layer, MoE, replaces the MLP with several MLPs, the *experts*, and a small *router* that picks a
 # few of them for each token. The job runs `tiny-moe`, a random Qwen3-MoE model built from a config: 4 experts per
-# layer, 2 per token. `DistributedConfig(tp_size=N, ep_size=N)` gives each process 1/N of the experts (transformers
+# layer, 2 per token. `DistributedConfig(tp_size=N, ep_size=N)` gives each process 1/N of the experts. transformers
 # 5.25 requires `ep_size` to be a multiple of `tp_size` and to divide `tp_size x fsdp_size`, so attention is split by
-# TP as well). The experts get their tokens in one of two ways (`ep_implementation`): `"all_reduce"`, every process
-# runs its own experts on the whole batch and an all-reduce sums the outputs (the job asks for `"auto"`, which picks
-# `"all_reduce"` at inference when the processes hold the same batch, as here), or `"all_to_all"`, each token travels
-# to the process that holds its expert and back. Expect the same tokens as one process either way, and the profiler to
-# show which collective each one called.
+# TP as well. The experts get their tokens in one of two ways, chosen by `ep_implementation`:
+# - `"all_reduce"`: every process runs its own experts on the whole batch, and an all-reduce sums the outputs. The job
+#   asks for `"auto"`, which picks `"all_reduce"` at inference when the processes hold the same batch, as here;
+# - `"all_to_all"`: each token travels to the process that holds its expert, and back.
+#
+# Expect the same tokens as one process either way, and the profiler to show which collective each one called.
 
 # %%
 ep_runs = {n: run for n, run in jobs.items() if "ep" in run}
