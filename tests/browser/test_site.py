@@ -87,7 +87,7 @@ def check_machines(site: Path, run: Path) -> None:
     text = (site / "00_setup_and_probes.html").read_text()
     assert "The outputs on this page come from one run of this notebook on" in text and machine in text
     assert "quick sizes" in text
-    for page in sorted(site.glob("0[1-6]_*.html")):  # not in this run: shown without outputs, and saying so
+    for page in sorted(site.glob("0[1-9]_*.html")):  # not in this run: shown without outputs, and saying so
         assert "did not include this notebook" in page.read_text(), page.name
     flash = (site / "01_flash_attention.html").read_text()
     for device, run_01 in results.reference_runs("01_flash_attention").items():  # read from reference/
