@@ -86,11 +86,11 @@ class Parameters:
         if problem:  # every section measures this model: without it there is nothing to do
             raise ModelNotAvailable(problem)
         self.skipped, dropped = unavailable_formats(wanted, device, self.dtype)
-        bnb = [f for f in wanted if footprint.library(f) == "bitsandbytes" and f not in dropped]
-        narrow = bnb_cpu_packing_problem(self.model_id, device) if bnb else ""
-        if narrow:
-            self.skipped[f"the bitsandbytes formats ({', '.join(bnb)})"] = narrow
-            dropped |= set(bnb)
+        four_bit = [f for f in wanted if (FORMATS.get(f) or {}).get("load_in_4bit") and f not in dropped]
+        narrow = bnb_cpu_packing_problem(self.model_id, device) if four_bit else ""
+        if narrow:  # LLM.int8 has no such kernel and still runs
+            self.skipped[f"the bitsandbytes 4-bit formats ({', '.join(four_bit)})"] = narrow
+            dropped |= set(four_bit)
         self.formats = [f for f in wanted if f not in dropped]
         self.bnb_formats = [f for f in self.formats if footprint.library(f) == "bitsandbytes"]
         self.torchao_formats = [f for f in self.formats if footprint.library(f) == "torchao"]

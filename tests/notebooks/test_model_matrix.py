@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # (grouped-query and multi-query attention, GPT-2's fused attention, a RoBERTa encoder). Run end to end by hand
 # before the fixes (issue 33), mqa-mistral failed 02's and 06's KV-cache checks: its layers keep a sliding window
 # (02 and 06 now account for it). 04 with it failed on a CPU with AVX512-BF16: one key/value head of 16 outputs, and
-# bitsandbytes' CPU 4-bit kernel needs multiples of 32; 04 now skips bitsandbytes there with the reason
+# bitsandbytes' CPU 4-bit kernel needs multiples of 32; 04 now skips the 4-bit formats there with the reason
 # (quant.bnb_cpu_packing_problem, tests/unit/test_quant.py).
 FOLDERS = {
     "gqa-llama": (LlamaConfig, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
