@@ -58,7 +58,7 @@ import pandas as pd
 import torch
 
 import labkit
-from labkit import compat, footprint, launcher, models, outputs, parallel, plots, probes, roofline, timing
+from labkit import compat, footprint, launcher, models, outputs, parallel, plots, probes, results, roofline, timing
 from labkit.widgets import show
 
 lab = labkit.start("05_multi_gpu", globals())
@@ -118,8 +118,8 @@ ex.check(answer)
 
 # %% [markdown]
 # The machines you listed, and this machine's GPUs if any: how many of their GPUs the model needs, and whether they
-# have that many. GB here are GiB, 2**30 bytes. A GPU sold as 80 GB shows a little less to programs: the H100 in
-# `reference/nvidia-h100/` showed 79.2 GiB to torch. The 10% margin covers that.
+# have that many. GB here are GiB, 2**30 bytes. A GPU sold as 80 GB shows a little less to programs. The cell's last
+# line reads what the GPUs of the runs stored in `reference/` showed to torch, beside the planning margin.
 
 # %% tags=["reveals-05.1"]
 machines = {**lab.p.machines, **({"GPUs here": {"devices": lab.p.gpus}} if lab.p.gpus else {})}
@@ -130,6 +130,10 @@ for text, machine in machines.items():
                   + ("enough" if total <= sum(usable) else "too few") for total in need["total"]]
 lab.table("gpus_needed", fits, title=f"{lab.p.plan_model}: GPUs needed on each machine")
 ex.compare(math.ceil(first["total"] / (24 * GIB * footprint.USABLE_FRACTION)), "GPUs")
+for device, run in results.reference_runs("00_setup_and_probes").items():  # a stored run's GPUs, as torch saw them
+    for gpu in run["env"]["devices"].get("cuda", []):
+        print(f"reference/{device}: {gpu['name']} showed {gpu['memory_bytes'] / GIB:.1f} GiB to torch; "
+              f"the plan uses {footprint.USABLE_FRACTION:.0%} of what a GPU is sold as")
 
 # %% [markdown]
 # **Today's layouts.** The formula above is plain GQA. Two newer layouts change the cache by large factors. DeepSeek's
