@@ -146,19 +146,27 @@ def time_call(call: Callable[[], Any], device: str, backend: str | None = None, 
     return row
 
 
+# Attention's work grows as N**2 at a fixed head size, so a time growing faster than this between two lengths goes
+# against the cost model. The 0.5 above 2 is room for the scores leaving a cache level (our choice, not measured).
+STEEPEST = 2.5
+
+
 def mark_noisy(series: list[dict[str, Any]], remeasure: Callable[[dict[str, Any]], dict[str, Any]], *,
                work: str = "n") -> list[dict[str, Any]]:
     """The timing rule's last step for one series (rows of :func:`time_call` whose ``work`` grows): points whose time
-    fell while the work grew are measured again once (``remeasure(row)`` returns a fresh :func:`time_call` row), and
-    those still against the trend get ``noisy=True`` (:func:`labkit.timing.recheck_trend`); every row gets ``noisy``.
-    Returns ``series``, updated in place; a notebook draws no conclusion from a noisy point."""
+    fell while the work grew, or grew faster than N**STEEPEST, are measured again once (``remeasure(row)`` returns a
+    fresh :func:`time_call` row), and those still against the trend get ``noisy=True``
+    (:func:`labkit.timing.recheck_trend`); every row gets ``noisy``. Returns ``series``, updated in place; a notebook
+    draws no conclusion from a noisy point."""
     timed = [i for i, r in enumerate(series) if r["status"] == "ok"]
     checked = recheck_trend([series[i] for i in timed], work=work, time="ms", low="p10 ms", high="p90 ms",
+                            max_exponent=STEEPEST,
                             remeasure=lambda r: {k: v for k, v in remeasure(r).items() if k in MEASURED[:3] and v})
     for i, row in zip(timed, checked, strict=True):
         if row.pop("remeasured", False):
-            row["why"] = ("less time than a point with less work, also when re-measured: not used" if row["noisy"]
-                          else "re-measured once (its time had fallen as the work grew)")
+            row["why"] = (f"against the cost model (time fell as N grew, or grew faster than N^{STEEPEST}), also when "
+                          "re-measured: not used" if row["noisy"]
+                          else "re-measured once (it went against the cost model)")
         series[i] = row
     for row in series:
         row.setdefault("noisy", False)

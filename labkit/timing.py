@@ -6,7 +6,8 @@ The rule:
    (as ``torch.utils.benchmark.Timer.blocked_autorange`` fills its ``min_run_time``), so a fast call is not judged
    on a handful of samples;
 3. the **median** is the result, with **p10 and p90** (the 10th and 90th percentiles) shown as its spread;
-4. a series whose trend contradicts its own cost model (time falling while the work grows) is **re-measured once**
+4. a series whose trend contradicts its own cost model (time falling while the work grows, or growing faster than
+   the work's power allows) is **re-measured once**
    at the offending points and, if still inconsistent, those points are marked ``noisy`` instead of being explained
    (:func:`recheck_trend`).
 
@@ -148,27 +149,35 @@ def attempt(call: Callable[[], Any], device: str = "cpu") -> dict[str, Any]:
 # --------------------------------------------------------------------------- trends that contradict the cost model
 
 def against_the_trend(points: Sequence[dict[str, Any]], *, work: str, time: str = "median_ms",
-                      low: str = "p10_ms", high: str = "p90_ms") -> list[int]:
-    """Indices of points whose time fell although their work grew: this point's ``high`` (p90) is below the
-    ``low`` (p10) of a point with less work. ``points`` are one series (same implementation); the order does not
-    matter. Points without a time are ignored."""
+                      low: str = "p10_ms", high: str = "p90_ms", max_exponent: float | None = None) -> list[int]:
+    """Indices of points against the cost model: a point's time fell although its work grew (this point's ``high``,
+    p90, is below the ``low``, p10, of a point with less work), or, given ``max_exponent``, its time grew faster than
+    work**max_exponent (its ``low`` above the smaller point's ``high`` times the work ratio to that power).
+    ``points`` are one series (same implementation); the order does not matter. Points without a time are ignored."""
     timed = [i for i, p in enumerate(points) if p.get(time) is not None and p.get(work) is not None]
     suspects = set()
     for i, j in itertools.product(timed, timed):
-        if points[j][work] < points[i][work] and \
-                (points[i].get(high) or points[i][time]) < (points[j].get(low) or points[j][time]):
-            suspects.update((i, j))
+        if points[j][work] < points[i][work]:
+            fastest_i, slowest_i = points[i].get(low) or points[i][time], points[i].get(high) or points[i][time]
+            fastest_j, slowest_j = points[j].get(low) or points[j][time], points[j].get(high) or points[j][time]
+            fell = slowest_i < fastest_j
+            too_steep = max_exponent is not None and points[j][work] > 0 and \
+                fastest_i > slowest_j * (points[i][work] / points[j][work]) ** max_exponent
+            if fell or too_steep:
+                suspects.update((i, j))
     return sorted(suspects)
 
 
 def recheck_trend(points: list[dict[str, Any]], *, work: str, remeasure: Callable[[dict[str, Any]], dict[str, Any]],
-                  time: str = "median_ms", low: str = "p10_ms", high: str = "p90_ms") -> list[dict[str, Any]]:
+                  time: str = "median_ms", low: str = "p10_ms", high: str = "p90_ms",
+                  max_exponent: float | None = None) -> list[dict[str, Any]]:
     """The timing rule's step 4 for one series: points :func:`against_the_trend` are measured again once
     (``remeasure(point)`` returns the new timing keys); those still against it get ``noisy=True``, the others
     ``noisy=False``. Returns the (updated) points; a notebook draws no conclusion from a noisy point."""
-    for i in against_the_trend(points, work=work, time=time, low=low, high=high):
+    rule = dict(work=work, time=time, low=low, high=high, max_exponent=max_exponent)
+    for i in against_the_trend(points, **rule):
         points[i] = {**points[i], **remeasure(points[i]), "remeasured": True}
-    still = set(against_the_trend(points, work=work, time=time, low=low, high=high))
+    still = set(against_the_trend(points, **rule))
     for i, point in enumerate(points):
         point["noisy"] = i in still
     return points

@@ -576,10 +576,11 @@ lab.check("every_backend_within_tolerance", len(compared) and compared["within t
 # The MATH backend is not even tried at a length where its float32 scores and their softmax would take more than a
 # quarter of the free memory; the table says so.
 #
-# A series whose time *falls* while its work grows contradicts its own cost model. Those points are measured again
-# once, by `attention.mark_noisy` in `measure_points`. The ones still against the trend are marked **noisy**, in the
-# table and with a cross in the figures, and left out of every conclusion below. On a shared machine, a neighbour's
-# burst of work is the usual cause.
+# A series whose time *falls* while its work grows contradicts its own cost model. So does one whose time grows
+# much faster than the N² work: `attention.STEEPEST` allows N^2.5, room for the scores leaving a cache. Those points
+# are measured again once, by `attention.mark_noisy` in `measure_points`. The ones still against the trend are
+# marked **noisy**, in the table and with a cross in the figures, and left out of every conclusion below. On a shared
+# machine, a neighbour's burst of work is the usual cause.
 #
 # What to expect. The work grows like N², and so does a fused backend's memory traffic: Flash Attention reads every
 # key and value once per block of queries. The FlashAttention paper puts its traffic at Θ(N²·d²/M) bytes, with M the

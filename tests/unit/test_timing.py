@@ -89,6 +89,16 @@ def test_a_time_that_falls_as_the_work_grows_is_against_the_trend():
     assert timing.against_the_trend(falling, work="work") == [0, 1, 2]
 
 
+def test_a_time_growing_faster_than_its_cost_model_allows_is_against_the_trend():
+    quadratic = [point(512, 1.0), point(1024, 4.1), point(2048, 16.5)]  # N^2 work, N^2 time
+    assert timing.against_the_trend(quadratic, work="work", max_exponent=2.5) == []
+    loaded = [point(512, 1.0), point(1024, 4.0), point(2048, 96.0)]  # N^4.6 between the last two: a neighbour's load
+    assert timing.against_the_trend(loaded, work="work", max_exponent=2.5) == [0, 1, 2]
+    assert timing.against_the_trend(loaded, work="work") == []  # without a cost model, only falling time counts
+    steep_within_spread = [point(1, 1.0, 0.5), point(2, 8.0, 0.5)]  # 2^3, but the spreads overlap 2^2.5's allowance
+    assert timing.against_the_trend(steep_within_spread, work="work", max_exponent=2.5) == []
+
+
 def test_recheck_remeasures_once_and_marks_what_stays_inconsistent():
     calls = []
 
