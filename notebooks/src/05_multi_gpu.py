@@ -769,7 +769,7 @@ else:
 # * **vLLM**: `vllm serve MODEL --tensor-parallel-size 8 --pipeline-parallel-size 2` (TP inside each node, PP across
 #   nodes, vLLM 0.8.3: https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html); `--data-parallel-size` for
 #   copies and `--enable-expert-parallel` for the experts of a MoE model
-#   (https://docs.vllm.ai/en/latest/serving/data_parallel_deployment/).
+#   (vLLM 0.12.0: https://docs.vllm.ai/en/v0.12.0/serving/data_parallel_deployment/).
 # * **SGLang**: `python -m sglang.launch_server --model-path MODEL --tp 8` (also `--tp-size`), `--dp` for copies,
 #   `--ep-size` for experts (https://docs.sglang.io/advanced_features/server_arguments.html). Its `--tp` counts the
 #   GPUs of all nodes: `--tp 16 --nnodes 2 --node-rank 0 --dist-init-addr HOST:PORT` splits every layer over both
