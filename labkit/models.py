@@ -493,5 +493,6 @@ def model_config(name: str):
 def empty_model(name: str):
     """A causal LM with the architecture of ``name`` on the meta device: its shapes, without memory (kept for reuse:
     read it, do not change it)."""
+    config = model_config(name)  # outside the meta device: it may convert a checkpoint first (SmolLM2's GGUF)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config(name), dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

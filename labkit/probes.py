@@ -133,9 +133,18 @@ def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
     return getattr(torch, name)
 
 
+BF16_CAPABILITY = (8, 0)  # bfloat16 matrix units: Ampere (8.0) and newer; a T4 (7.5) emulates it, slowly
+
+
 def native_bf16(device: str) -> bool:
     """bfloat16 arithmetic in hardware: compute capability 8.0 (Ampere) or newer, for this very device."""
-    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
+    return torch.cuda.get_device_capability(torch.device(device)) >= BF16_CAPABILITY
+
+
+def tiny_matmul(device: str, dtype) -> None:
+    """One 8 x 8 matrix product in ``dtype`` on ``device``: raises what torch raises where it cannot run."""
+    a = torch.ones(8, 8, device=device).to(dtype)
+    (a @ a).float().sum().item()
 
 
 def check_dtype(device: str, dtype) -> None:
@@ -145,8 +154,7 @@ def check_dtype(device: str, dtype) -> None:
         raise BadParameter(f"dtype bfloat16 is not native on {device} (compute capability {capability}, bf16 needs "
                            "8.0+); use dtype='float16' or 'auto'.")
     try:
-        a = torch.ones(8, 8, device=device).to(dtype)
-        (a @ a).float().sum().item()
+        tiny_matmul(device, dtype)
     except (RuntimeError, TypeError, NotImplementedError) as err:
         raise BadParameter(f"dtype {str(dtype).removeprefix('torch.')} cannot run a matrix product on {device} "
                            f"({first_line(err)}); use dtype='auto'.") from None

@@ -34,6 +34,7 @@ FORMATS: dict[str, dict[str, Any] | None] = {
     "int8": {"load_in_8bit": True},
 }
 FP8_CAPABILITY = (8, 9)  # float8 matrix units: Ada and Hopper (8.9, 9.0) and newer
+INT4_CAPABILITY = (8, 0)  # torchao's tinygemm int4 layout, in bfloat16: Ampere and newer
 
 
 # --------------------------------------------------------------------------- the plan
@@ -142,6 +143,16 @@ def torchao_problem() -> str:
     return ""
 
 
+def fp8_problem(device: str) -> str:
+    """Why float8 matrix products cannot run on ``device`` ('' when they can): they need compute capability 8.9."""
+    capability = torch.cuda.get_device_capability(torch.device(device)) if device.startswith("cuda") else None
+    if capability is not None and capability >= FP8_CAPABILITY:
+        return ""
+    where = f"compute capability {capability[0]}.{capability[1]}" if capability else "a CPU"
+    return (f"float8 matrix products need a GPU with float8 matrix units (compute capability 8.9 or newer, such as "
+            f"an L4, RTX 4090 or H100); this run is on {where}")
+
+
 def unavailable_formats(formats: list[str], device: str, dtype) -> tuple[dict[str, str], set[str]]:
     """The formats of ``formats`` this machine cannot run: ({what is skipped: why}, the format names)."""
     skipped: dict[str, str] = {}
@@ -159,14 +170,12 @@ def unavailable_formats(formats: list[str], device: str, dtype) -> tuple[dict[st
         skipped[f"the torchao formats ({', '.join(ao)}), quantization for speed"] = why
         return skipped, dropped | set(ao)
     capability = torch.cuda.get_device_capability(torch.device(device)) if device.startswith("cuda") else None
-    if "torchao-int4" in ao and capability is not None and (capability < (8, 0) or dtype != torch.bfloat16):
+    if "torchao-int4" in ao and capability is not None and (capability < INT4_CAPABILITY or dtype != torch.bfloat16):
         skipped["torchao-int4"] = (f"torchao's int4 GPU layout (tinygemm) needs compute capability 8.0 and bfloat16; "
                                    f"this is {capability[0]}.{capability[1]} in {str(dtype).removeprefix('torch.')}")
         dropped.add("torchao-int4")
-    if "torchao-float8" in ao and (capability is None or capability < FP8_CAPABILITY):
-        where = f"compute capability {capability[0]}.{capability[1]}" if capability else "a CPU"
-        skipped["torchao-float8"] = ("float8 weights and activations need a GPU with float8 matrix units (compute "
-                                     f"capability 8.9 or newer, such as an H100); this run is on {where}")
+    if "torchao-float8" in ao and fp8_problem(device):
+        skipped["torchao-float8"] = fp8_problem(device)
         dropped.add("torchao-float8")
     return skipped, dropped
 

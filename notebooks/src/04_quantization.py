@@ -447,10 +447,8 @@ for name, r in quality.set_index("format").reindex(["nf4", "torchao-int4"]).drop
 # that package and, once, the internet. Elsewhere the cell says why it skips.
 
 # %%
-capability = torch.cuda.get_device_capability(lab.device) if lab.on_gpu else None
-if capability is None or capability < (8, 9):
-    where = f"compute capability {capability[0]}.{capability[1]}" if capability else "a CPU"
-    lab.skip("FP8 loaded by transformers", f"FineGrainedFP8Config needs compute capability 8.9 or newer: {where}")
+if quant.fp8_problem(lab.device):  # compute capability 8.9 or newer
+    lab.skip("FP8 loaded by transformers", quant.fp8_problem(lab.device))
 elif importlib.util.find_spec("kernels") is None:  # transformers 5.25 fetches its FP8 kernel through it
     lab.skip("FP8 loaded by transformers", "its kernel comes from the Hub through the `kernels` package, which is "
              "not installed here")
