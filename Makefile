@@ -24,7 +24,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 # uv and torch (pip's configuration can point at a local torch build, which uv does not read).
 uv_install = $(1)/bin/uv pip install --quiet --python $(1)/bin/python --overrides $(KEEP_TORCH)
 
-.PHONY: install lock notebooks run test test-nbval test-faults test-oldest test-latest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots site
+.PHONY: install lock notebooks run test test-nbval test-faults test-oldest test-latest test-unit test-notebooks lab probe clean browser legacy legacy-or-skip compare-legacy test-browser screenshots site test-first-cell
 
 install: $(STAMP)
 
@@ -113,7 +113,7 @@ compare-legacy: $(LEGACY_STAMP)
 # leaves it out: its browser test runs the same stored notebooks in JupyterLab).
 test: $(STAMP) browser legacy-or-skip
 	$(VENV)/bin/ruff check labkit tests tools notebooks/src
-	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 -m "not faults and not jupyterlab" tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 -m "not faults and not jupyterlab and not install" tests
 
 # The stored notebooks, unanswered and with their default parameters (quick sizes without a GPU), through nbval.
 # nbval's kernels start with the deprecation canary and the network block too (tests/kernel_guard.py); the legacy
@@ -137,6 +137,15 @@ screenshots: $(STAMP) browser
 # packages are hidden in the browser test instead (tests/faults/conditions.py, ELSEWHERE).
 test-faults: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 -m faults tests/faults
+
+# A notebook's first cell where torch is installed and labkit is not (Colab, Kaggle, a fresh kernel): a venv with the
+# main venv's torch alone runs it, and it installs the workbook from the registries (tests/install).
+VENV_FIRST_CELL := .venv-first-cell
+test-first-cell: $(STAMP)
+	rm -rf $(VENV_FIRST_CELL)
+	$(PYTHON) -m venv $(VENV_FIRST_CELL)
+	$(VENV_FIRST_CELL)/bin/python -m pip install --quiet -c $(VENV)/torch-constraint.txt torch $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	LABKIT_FIRST_CELL_PYTHON=$(CURDIR)/$(VENV_FIRST_CELL)/bin/python $(PY) -m pytest -m install -p no:cacheprovider tests/install
 
 # The oldest torch and transformers pyproject.toml admits (requirements/oldest.txt), in their own venv and cache.
 OLDEST_TORCH ?= torch==2.11.0

@@ -2,9 +2,9 @@
 
     python tools/cell_lines.py [notebooks/src/NN_name.py ...]
 
-Every non-blank, non-comment line of a code cell (the parameters cell left out) belongs to one statement; a
-statement's lines count in one kind, decided by the statement's own text (a compound statement by its header line,
-its body statement by statement):
+Every non-blank, non-comment line of a code cell (the parameters and install-if-missing cells left out) belongs to
+one statement; a statement's lines count in one kind, decided by the statement's own text (a compound statement by its
+header line, its body statement by statement):
 
 - display: a statement that starts with ``show(``, ``print(``, ``display(`` or draws (``plots.``, ``plt.``, ``ax.``,
   ``fig``), and ``lab.figure``;
@@ -92,7 +92,7 @@ def cells(path: Path) -> list[str]:
     parts = re.split(r"^# %%.*$", text, flags=re.M)
     headers = re.findall(r"^# %%.*$", text, flags=re.M)
     return [body for header, body in zip(headers, parts[1:], strict=True)
-            if "[markdown]" not in header and "parameters" not in header]
+            if "[markdown]" not in header and "parameters" not in header and "install-if-missing" not in header]
 
 
 def count(path: Path) -> Counter:

@@ -40,6 +40,13 @@ quick = "auto"                                   # small sizes: "auto" means on 
 solutions = False                                # fill every exercise with its solution (a teacher's run)
 results_path = ""                                # where to write the results JSON (empty: do not write)
 
+# %% tags=["install-if-missing"]
+import importlib.util
+import runpy
+
+if importlib.util.find_spec("labkit") is None:  # Colab, Kaggle or a fresh kernel: the workbook installs itself, once
+    runpy.run_path("../tools/install_workbook.py", run_name="__main__")
+
 # %%
 import pandas as pd
 import torch

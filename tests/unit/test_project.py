@@ -130,3 +130,18 @@ def test_nothing_runs_downloaded_code_and_no_notebook_installs_packages():
                 assert "trust_remote_code" not in source, f"{path.name}: trust_remote_code in a cell"
                 assert not re.search(r"^\s*[!%]\s*(pip|conda|apt|mamba)\b", source, re.M), f"{path.name}: installs packages"
                 assert not re.search(r"-m\s+pip\b|\bpip\s+install\b", source), f"{path.name}: installs packages"
+                assert "install_workbook" not in source or "install-if-missing" in cell["metadata"].get("tags", [])
+
+
+def test_each_notebook_installs_the_workbook_only_where_labkit_is_missing():
+    """Colab, Kaggle or a fresh kernel: the cell after the parameters installs the workbook (tools/install_workbook.py,
+    tested in tests/install), and only when labkit cannot be imported; everywhere else it does nothing."""
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        tags = [c["metadata"].get("tags", []) for c in code]
+        assert "parameters" in tags[0] and "install-if-missing" in tags[1], path.name
+        assert sum("install-if-missing" in t for t in tags) == 1, path.name
+        source = "".join(code[1]["source"])
+        assert 'if importlib.util.find_spec("labkit") is None:' in source, path.name
+        assert 'runpy.run_path("../tools/install_workbook.py", run_name="__main__")' in source, path.name
+        assert "import labkit" in "".join(code[2]["source"]), f"{path.name}: the opening cell comes right after it"
