@@ -32,6 +32,9 @@ shared_prompt_tokens = 0       # section 1: the system prompt every request star
 requests = 0                   # section 1: requests in the burst; section 2: conversations running
 token_budgets = []             # section 2: the most tokens one step may hold (max_batch_tokens), swept
 page_size = 0                  # tokens per page of the paged KV cache
+spec_model_id = "smollm2-135m"  # section 4: the model that drafts for itself with its first layers
+exit_layers = []               # section 4: the layers after which the draft exits
+handoff_tokens = []            # section 5: the prompt lengths whose KV cache one process sends the other
 quick = "auto"                 # small sizes: "auto" means on a machine without a GPU; True or False to force
 solutions = False              # fill every exercise with its solution (a teacher's run)
 results_path = ""              # where to write the results JSON (empty: do not write)
@@ -42,7 +45,7 @@ import torch
 from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig
 
 import labkit
-from labkit import models, roofline, serving_internals, timing
+from labkit import compat, exercises, models, roofline, serving_internals, timing
 from labkit.widgets import show
 
 lab = labkit.start("07_serving_internals", globals())
@@ -398,6 +401,131 @@ if lab.on_gpu:  # one new token per request, packed: (requests, heads, dim)
     lab.check("varlen_attn_over_pages_matches_the_gather", error < 2e-2, f"{error:.2e}")
 
 # %% [markdown]
+# ## 4. A draft from the model itself: early exit
+#
+# Notebook 06 drafted with a separate small model, and its random draft was never right. A model can draft for
+# itself: run only its first `k` layers, then its final norm and LM head, and propose that token. Then the whole
+# model checks the proposals in one forward pass, as in 06. This is **early-exit self-speculation**.
+#
+# transformers 5.25 does it with `generate(..., assistant_early_exit=k)`. `EarlyExitCandidateGenerator` in
+# `generation/candidate_generator.py` lowers the base model's `config.num_hidden_layers` to `k` while it drafts.
+# A Llama runs `self.layers[: self.config.num_hidden_layers]`, so the draft is the first `k` layers. The draft keeps
+# a cache of its own: the generator copies the model's arguments without `cache`. So checking recomputes the first
+# `k` layers too.
+#
+# The model is `spec_model_id`, by default SmolLM2-135M with its real weights. It was trained to predict only from
+# its last layer. The draft proposes `proposals` tokens at every step; the counting is 06's, with one more column.
+# A forward hook notes each forward pass and the layers it ran. Passes with fewer layers are the draft's. The others
+# are the model's own, and each yields the proposals it accepts plus one token of its own.
+#
+# Predict before the table: which exit layer pays best? A shallow exit drafts cheaply but is rarely right. A deep
+# exit agrees more often, but each proposal costs nearly a whole step.
+
+# %%
+spec_model, spec_tokenizer = models.load_model(lab.p.spec_model_id, device=lab.device, dtype=lab.dtype)
+layers = spec_model.config.num_hidden_layers
+exits = serving_internals.exit_layers(lab.p.exit_layers, layers)  # left empty: 1/6, 1/2 and 5/6 of the depth
+spec_model.generation_config.num_assistant_tokens = lab.p.proposals  # the draft proposes this many at every step
+spec_model.generation_config.num_assistant_tokens_schedule = "constant"
+spec_model.generation_config.assistant_confidence_threshold = 0.0  # and never stops proposing early
+story = spec_tokenizer("Once upon a time, in a small village by the sea, there lived", return_tensors="pt")
+story, n = story.to(lab.device), lab.p.spec_new_tokens
+print(f"{lab.p.spec_model_id}: {layers} layers; drafts exit after layers {exits}; {n} new tokens a run")
+
+# %%
+def self_speculate(exit_layer=None):  # greedy generate, timed once; every forward pass noted
+    kept, prompt, log = {}, story["input_ids"].shape[1], serving_internals.ForwardLog(spec_model)
+    knobs = {"assistant_early_exit": exit_layer} if exit_layer else {}
+
+    def call():
+        log.rows.clear()
+        kept["ids"] = spec_model.generate(**story, max_new_tokens=n, do_sample=False, **knobs)[0, prompt:].tolist()
+    with compat.quiet_logger("transformers"):  # assisted generation logs a notice about its own arguments
+        ms = timing.measure(call, device=lab.device, warmup=0, repeats=1, min_time_s=0).median_ms
+    forwards = log.remove()
+    own, draft = forwards[forwards["layers"] == layers], forwards[forwards["layers"] < layers]
+    proposed = own["tokens"].iloc[0] - prompt + (own["tokens"].iloc[1:] - 1).sum()  # past the token each starts at
+    return {"exit layer": exit_layer or layers, "ids": kept["ids"], "ms": ms, "tokens/s": 1e3 * len(kept["ids"]) / ms,
+            "model forwards": len(own), "draft forwards": len(draft), "draft ms": draft["ms"].sum(),
+            "proposed": proposed, "accepted": len(kept["ids"]) - len(own)}
+
+# %% [markdown]
+# Plain greedy decoding first, after a short untimed run that warms the model up. Then one run per exit layer, each
+# timed once, from the same prompt.
+
+# %%
+spec_model.generate(**story, max_new_tokens=2, do_sample=False)  # warm-up, untimed
+greedy = self_speculate()
+runs = [self_speculate(k) for k in exits]
+
+# %% [markdown]
+# The break-even acceptance uses 06's formula, exercise 06.2's `break_even_acceptance`. A step of speculation costs
+# `verify_cost + proposals x draft_cost` greedy steps and yields `1 + rate x proposals` tokens. Both costs come from
+# the run itself. `draft_cost` is the draft's mean forward pass. `verify_cost` is the rest of the run's time per check:
+# the model's own forward pass, and the draft's `generate` loop around its forwards.
+
+# %%
+break_even = exercises.get("06.2").solution  # (verify_cost + proposals x draft_cost - 1) / proposals
+step = greedy["ms"] / len(greedy["ids"])  # one step of plain greedy decoding, ms
+rows = []
+for run in runs:
+    per_check = run["proposed"] / run["model forwards"]  # proposals the model checks in each of its forwards
+    draft_cost = run["draft ms"] / run["draft forwards"] / step  # one proposal, in greedy steps
+    verify_cost = (run["ms"] - run["draft ms"]) / run["model forwards"] / step  # a check and the loop around it
+    rows.append({**{k: v for k, v in run.items() if k != "ids"}, "acceptance rate": run["accepted"] / run["proposed"],
+                 "draft cost": draft_cost, "verify cost": verify_cost,
+                 "break-even rate": break_even(per_check, verify_cost, draft_cost),
+                 "speed-up vs greedy": greedy["ms"] / run["ms"], "same tokens as greedy": run["ids"] == greedy["ids"]})
+spec = pd.DataFrame(rows)
+lab.table("self_speculation", spec, title=f"Early-exit self-speculation, {lab.p.spec_model_id}, batch 1, greedy; "
+          f"plain greedy {greedy['tokens/s']:.1f} tokens/s")
+
+# %%
+best = spec.loc[spec["speed-up vs greedy"].idxmax()]
+print(f"Plain greedy: {greedy['tokens/s']:.1f} tokens/s. Best exit: layer {best['exit layer']}, accepted "
+      f"{best['acceptance rate']:.0%} of its proposals where it needed {best['break-even rate']:.0%} to break even: "
+      f"{best['speed-up vs greedy']:.2f}x greedy's speed.")
+shallow, deep = spec.iloc[0], spec.iloc[-1]
+print(f"Layer {shallow['exit layer']}: {shallow['acceptance rate']:.0%} accepted; layer {deep['exit layer']}: "
+      f"{deep['acceptance rate']:.0%}.")
+lab.check("self_speculation_gives_the_greedy_tokens", spec["same tokens as greedy"].all())
+lab.check("a_deeper_exit_is_accepted_more_often", deep["acceptance rate"] > shallow["acceptance rate"],
+          f"{shallow['acceptance rate']:.2f} at layer {shallow['exit layer']}, {deep['acceptance rate']:.2f} at "
+          f"{deep['exit layer']}")
+lab.metric("self_speculation_best_speedup", best["speed-up vs greedy"])
+
+# %% [markdown]
+# What was seen: the tokens are greedy's at every exit layer, since the model's own forward pass decides each one.
+# Deeper exits agree more often, but this model's middle layers were never trained to predict a token. A speed-up
+# above 1 needs the rate above the break-even, and an untrained exit falls short of it. A break-even above 100%
+# means that exit cannot pay at any rate. Look at the verify cost too: each check also pays for the draft's own
+# `generate` loop, a fixed cost per step that is large on a CPU.
+#
+# **Against batch size.** A draft pays at batch 1 because a decode step reads every weight to compute one token per
+# request. A larger batch uses the same read for more tokens, so the spare compute that verification uses shrinks.
+# Does transformers 5.25's speculation take a batch at all? The next cell tries a batch of two.
+
+# %%
+pair = spec_tokenizer(["Once upon a time", "The capital of France is"], return_tensors="pt", padding=True)
+try:
+    with compat.quiet_logger("transformers"):
+        spec_model.generate(**pair.to(lab.device), max_new_tokens=2, do_sample=False, assistant_early_exit=exits[0])
+    lab.skip("self-speculation against batch size", "this transformers took a batch of two; this notebook does not "
+             "measure batches yet")
+except ValueError as error:  # _assisted_decoding in generation/utils.py
+    lab.skip("self-speculation against batch size", f"transformers' generate refuses a batch of two: {error}")
+
+# %% [markdown]
+# **Drafts trained to agree.** What servers use today trains the draft to predict what the model would say.
+# LayerSkip trains early exits with an exit loss and layer dropout; its paper reports up to 2.16x on CNN/DM
+# summarization (Elhoushi et al., 2024, arXiv:2404.16710, abstract). EAGLE-3 trains a small head on the model's
+# features from several layers; its paper reports speed-ups up to 6.5x (Li et al., 2025, arXiv:2503.01840,
+# abstract). DeepSeek-V3 trains a multi-token prediction module with the model. Its report says the second token
+# is accepted 85% to 90% of the time, for 1.8x the tokens per second (arXiv:2412.19437, section 5.4.3). transformers
+# 5.25 runs one such trained draft, Gemma 4's assistant, through `SinglePositionMultiTokenCandidateGenerator`. The
+# measurement above shows why training matters: the draft is cheap only if it is also right.
+
+# %% [markdown]
 # ## What you measured
 
 # %%
@@ -411,5 +539,9 @@ measured = [
     f"running requests' inter-token latency p99 from {small['ITL p99 ms']:.1f} to {large['ITL p99 ms']:.1f} ms.",
     f"A paged block table by hand: the gather gave back every request's keys and values exactly; gathering, then "
     f"attending, took {longest['ratio']:.1f}x the contiguous attention for {longest['tokens']} tokens.",
+    f"Early-exit self-speculation on {lab.p.spec_model_id} gave greedy's tokens at exit layers {exits}; it accepted "
+    + ", ".join(f"{r:.0%}" for r in spec["acceptance rate"]) + " of its proposals, where break-even needed "
+    + ", ".join(f"{r:.0%}" for r in spec["break-even rate"]) + f"; the best ran at {best['speed-up vs greedy']:.2f}x "
+    f"greedy's {greedy['tokens/s']:.1f} tokens/s.",
 ]
 lab.finish(measured)

@@ -130,3 +130,57 @@ def test_07_3_writing_then_gathering_gives_the_rows_back_and_leaves_other_pages_
     untouched = [p for p in range(len(pool)) if p not in table]
     assert torch.equal(pool[untouched], before[untouched])
     assert torch.equal(pool[5, 2:], before[5, 2:]), "the last page's unused rows are left alone"
+
+
+# --------------------------------------------------------------------------- section 4: early exit
+
+@pytest.mark.parametrize("given, layers, chosen", [([], 30, [5, 15, 25]), ([], 2, [1]), ([3, 9], 12, [3, 9])])
+def test_exit_layers_are_sized_by_depth_or_taken_as_given(given, layers, chosen):
+    assert serving_internals.exit_layers(given, layers) == chosen
+
+
+def test_an_exit_layer_that_runs_the_whole_model_stops_with_one_sentence():
+    with pytest.raises(BadParameter, match=r"exit_layers=\[4, 30\]: the model has 30 layers.*\[30\]"):
+        serving_internals.exit_layers([4, 30], 30)
+
+
+@pytest.mark.parametrize("given, says", [({"exit_layers": 4}, "exit_layers=4"), ({"exit_layers": [0]}, "exit_layers"),
+                                         ({"handoff_tokens": [64, -1]}, r"handoff_tokens\[1\]=-1")])
+def test_section_4_and_5_sizes_are_checked_at_the_opening(given, says):
+    with pytest.raises(BadParameter, match=says):
+        serving_internals.Parameters(**given).resolve(device="cpu", quick=True)
+
+
+class Layered(torch.nn.Module):
+    """Runs ``config.num_hidden_layers`` of its layers, as a Llama does; the early-exit draft lowers that number."""
+
+    def __init__(self):
+        super().__init__()
+        self.config, self.device = SimpleNamespace(num_hidden_layers=4), torch.device("cpu")
+
+    def forward(self, input_ids):
+        return input_ids
+
+
+def test_the_forward_log_tells_the_draft_s_passes_from_the_model_s_by_their_layers():
+    model = Layered()
+    log = serving_internals.ForwardLog(model)
+    model(input_ids=torch.zeros(1, 9))  # the model's own pass over a prompt and its proposals
+    model.config.num_hidden_layers = 2  # what EarlyExitCandidateGenerator.get_candidates does while it drafts
+    model(input_ids=torch.zeros(1, 1))
+    model.config.num_hidden_layers = 4
+    forwards = log.remove()
+    model(input_ids=torch.zeros(1, 1))  # removed: not noted
+    assert forwards[["tokens", "layers"]].to_dict("records") == [{"tokens": 9, "layers": 4}, {"tokens": 1, "layers": 2}]
+    assert (forwards["ms"] >= 0).all()
+
+
+def test_the_early_exit_draft_runs_the_first_layers_of_the_installed_llama():
+    """The source behind ForwardLog's layer count: transformers' draft lowers num_hidden_layers on the base model."""
+    import inspect
+
+    from transformers.generation.candidate_generator import EarlyExitCandidateGenerator
+    from transformers.models.llama.modeling_llama import LlamaModel
+    assert "base_model.config.num_hidden_layers = self.assistant_early_exit" in inspect.getsource(
+        EarlyExitCandidateGenerator.get_candidates)
+    assert "self.layers[: self.config.num_hidden_layers]" in inspect.getsource(LlamaModel.forward)
