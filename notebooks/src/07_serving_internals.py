@@ -7,7 +7,7 @@
 # ---
 
 # %% [markdown]
-# # 07 · What a server tunes, measured: prefix caching, the token budget, a paged block table by hand
+# # 07 · What a server tunes, measured: prefix caching, token budget, paged blocks, self-drafts, disaggregated prefill
 #
 # Notebook 06 showed that continuous batching with a paged KV cache beats static batches. This notebook opens the
 # engine and turns the knobs its operator turns. It uses transformers 5.25's own continuous batching, the engine of
@@ -19,7 +19,11 @@
 # 2. **the token budget**: the most tokens one step may hold, swept: time to first token of new requests against the
 #    time between tokens of running ones;
 # 3. **a paged block table by hand**: pages in a pool and a table per request. A gather rebuilds a request's keys and
-#    values; it is checked equal to the contiguous cache and timed against it.
+#    values; it is checked equal to the contiguous cache and timed against it;
+# 4. **a draft from the model itself**: SmolLM2's first layers propose tokens and the whole model checks them. The
+#    acceptance rate and the speed-up at three exit layers, beside the acceptance that breaks even;
+# 5. **disaggregated prefill, rehearsed**: one process prefills and sends the KV cache, another decodes from it. The
+#    bytes moved against the prefill they save.
 #
 # Nothing here downloads anything.
 
@@ -45,7 +49,7 @@ import torch
 from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig
 
 import labkit
-from labkit import compat, exercises, models, roofline, serving_internals, timing
+from labkit import compat, exercises, launcher, models, results, roofline, serving_internals, timing
 from labkit.widgets import show
 
 lab = labkit.start("07_serving_internals", globals())
@@ -450,6 +454,20 @@ def self_speculate(exit_layer=None):  # greedy generate, timed once; every forwa
             "proposed": proposed, "accepted": len(kept["ids"]) - len(own)}
 
 # %% [markdown]
+# **07.4 · Predict.** Suppose a step's time is the weight bytes it reads, as for decode at batch 1. A proposal from
+# the exit after layer `k` reads `k` layers and the LM head. A check reads the whole model once: one greedy step. With
+# 06.2's formula, what acceptance rate must the middle exit reach to break even? The cell prints the sizes.
+
+# %%
+layer_mib = roofline.parameter_bytes(spec_model.base_model.layers[0]) / 2**20  # one decoder layer's weights
+head_mib = roofline.parameter_bytes(spec_model.get_output_embeddings()) / 2**20  # every proposal ends with it
+print(f"{layers} layers of {layer_mib:.1f} MiB, an LM head of {head_mib:.1f} MiB")
+ex = lab.exercise("07.4", exit_layer=exits[len(exits) // 2], layers=layers, layer_mib=round(layer_mib, 2),
+                  head_mib=round(head_mib, 2))
+answer = None  # your prediction: an acceptance rate between 0 and 1
+ex.check(answer)
+
+# %% [markdown]
 # Plain greedy decoding first, after a short untimed run that warms the model up. Then one run per exit layer, each
 # timed once, from the same prompt.
 
@@ -464,7 +482,7 @@ runs = [self_speculate(k) for k in exits]
 # the run itself. `draft_cost` is the draft's mean forward pass. `verify_cost` is the rest of the run's time per check:
 # the model's own forward pass, and the draft's `generate` loop around its forwards.
 
-# %%
+# %% tags=["reveals-07.4"]
 break_even = exercises.get("06.2").solution  # (verify_cost + proposals x draft_cost - 1) / proposals
 step = greedy["ms"] / len(greedy["ids"])  # one step of plain greedy decoding, ms
 rows = []
@@ -475,10 +493,12 @@ for run in runs:
     rows.append({**{k: v for k, v in run.items() if k != "ids"}, "acceptance rate": run["accepted"] / run["proposed"],
                  "draft cost": draft_cost, "verify cost": verify_cost,
                  "break-even rate": break_even(per_check, verify_cost, draft_cost),
+                 "break-even by weight bytes": ex.exercise.solution(run["exit layer"], layers, layer_mib, head_mib),
                  "speed-up vs greedy": greedy["ms"] / run["ms"], "same tokens as greedy": run["ids"] == greedy["ids"]})
 spec = pd.DataFrame(rows)
 lab.table("self_speculation", spec, title=f"Early-exit self-speculation, {lab.p.spec_model_id}, batch 1, greedy; "
           f"plain greedy {greedy['tokens/s']:.1f} tokens/s")
+ex.compare(spec.set_index("exit layer").loc[ex.given["exit_layer"], "break-even rate"])
 
 # %%
 best = spec.loc[spec["speed-up vs greedy"].idxmax()]
@@ -499,7 +519,8 @@ lab.metric("self_speculation_best_speedup", best["speed-up vs greedy"])
 # Deeper exits agree more often, but this model's middle layers were never trained to predict a token. A speed-up
 # above 1 needs the rate above the break-even, and an untrained exit falls short of it. A break-even above 100%
 # means that exit cannot pay at any rate. Look at the verify cost too: each check also pays for the draft's own
-# `generate` loop, a fixed cost per step that is large on a CPU.
+# `generate` loop, a fixed cost per step that is large on a CPU. The break-even by weight bytes is 07.4's model. It
+# leaves out that loop, and the cost of checking several tokens in one pass.
 #
 # **Against batch size.** A draft pays at batch 1 because a decode step reads every weight to compute one token per
 # request. A larger batch uses the same read for more tokens, so the spare compute that verification uses shrinks.
@@ -526,6 +547,80 @@ except ValueError as error:  # _assisted_decoding in generation/utils.py
 # measurement above shows why training matters: the draft is cheap only if it is also right.
 
 # %% [markdown]
+# ## 5. Disaggregated prefill, rehearsed
+#
+# Prefill is one long forward pass over the prompt; decode is many short ones, each reading all the weights. Section 2
+# showed how they get in each other's way in one engine. Large deployments run them on different machines: a prefill
+# server computes the prompt's KV cache and sends it, and a decode server generates from it. vLLM's documentation
+# gives the reasons: time to first token and inter-token latency are tuned separately, and prefills stop
+# interrupting decodes. The same page notes that it does not improve throughput ("Disaggregated Prefilling", vLLM
+# docs). vLLM moves the cache through KV connectors, SGLang's PD disaggregation through Mooncake or NIXL, and NVIDIA
+# Dynamo through NIXL (each project's documentation).
+#
+# Here is the same handoff between two processes on this machine, over gloo. `notebooks/scripts/kv_handoff.py`: rank
+# 0 prefills a prompt of the served model and sends the first token and every layer's keys and values. Rank 1
+# receives them into a `DynamicCache` and decodes greedily, never running the prompt. Rank 0 also decodes the whole
+# prompt alone with `generate`, for the check. The decode server's tokens must equal those.
+#
+# What it costs: the cache's bytes over the link, against the prefill the decode server did not compute. Predict
+# first: which grows faster with the prompt, the prefill's time or the transfer's?
+
+# %%
+folder = serving_internals.model_folder(lab.p.model_id)  # the same weights as `model`, saved for the processes
+job = launcher.launch(launcher.scripts_dir() / "kv_handoff.py", 2, {
+    "model_folder": folder, "prompt_tokens": lab.p.handoff_tokens, "new_tokens": lab.p.handoff_new_tokens,
+    "repeats": 3}, gpus=False)  # two CPU processes, gloo between them
+handoff = pd.DataFrame(job["rows"])
+kv_token = roofline.kv_bytes_per_token(**{k: shape[k] for k in ("layers", "kv_heads", "head_dim")}, element_bytes=4)
+handoff["bytes by formula"] = handoff["prompt_tokens"] * kv_token + 8  # the cache in float32, and the first token
+handoff["same tokens as one process"] = [a == b for a, b in zip(handoff["decoded"], handoff["one_process"],
+                                                                strict=True)]
+handoff["link GB/s"] = handoff["bytes_sent"] / handoff["transfer_ms"] / 1e6
+handoff["transfer / prefill"] = handoff["transfer_ms"] / handoff["prefill_ms"]
+
+# %% [markdown]
+# Notebook 05 measures links between GPUs. Where a stored reference run of 05 in `reference/` holds one, the table
+# adds the time of the same bytes over that link.
+
+# %%
+for device, run in results.reference_runs("05_multi_gpu").items():  # notebook 05's measured links, stored
+    if "allreduce_best_busbw_gb_per_s" in run.get("metrics", {}):
+        link = 1e9 * run["metrics"]["allreduce_best_busbw_gb_per_s"]
+        handoff[f"ms over {device}'s all-reduce"] = 1e3 * handoff["bytes_sent"] / link
+if not any(c.startswith("ms over") for c in handoff.columns):
+    lab.skip("moving the cache over a GPU link", "no stored reference run of notebook 05 holds its link speeds yet")
+lab.table("kv_handoff", handoff.drop(columns=["decoded", "one_process"]),
+          title=f"{lab.p.model_id}'s KV cache handed from a prefill process to a decode process, {job['threads']} "
+          f"thread each; {job['launch_s']:.1f} s to start the job and run it")
+lab.check("the_decode_process_gives_one_process_s_tokens", handoff["same tokens as one process"].all())
+lab.check("the_bytes_moved_are_the_kv_cache_s_size", (handoff["bytes_sent"] == handoff["bytes by formula"]).all())
+
+# %% [markdown]
+# Where does moving start to pay? Each prompt length was measured both ways, the prefill's time and the transfer's.
+# The crossover lies below the shortest length from which moving wins at every longer one.
+
+# %%
+wins = handoff["transfer_ms"] < handoff["prefill_ms"]  # moving beat recomputing at this length
+losing = handoff.loc[~wins, "prompt_tokens"]
+after = handoff.loc[handoff["prompt_tokens"] > (losing.max() if len(losing) else 0), "prompt_tokens"]
+crossover = (f"from {after.min()} tokens" + (f", and not at {losing.max()}" if len(losing) else ", the shortest "
+             "length measured") if len(after) else "at no length measured")
+biggest = handoff.iloc[-1]
+print(f"For {biggest['prompt_tokens']} prompt tokens the decode process received {biggest['bytes_sent'] / 2**10:.0f} "
+      f"KiB in {biggest['transfer_ms']:.2f} ms ({biggest['link GB/s']:.2f} GB/s); prefilling them took "
+      f"{biggest['prefill_ms']:.1f} ms. On this link, moving the cache beat recomputing it {crossover}.")
+lab.check("moving_the_longest_prompt_s_cache_beats_recomputing_it", bool(wins.iloc[-1]),
+          f"{biggest['transfer_ms']:.2f} ms against {biggest['prefill_ms']:.1f} ms", timing=True)
+lab.metric("kv_handoff_transfer_over_prefill_longest", biggest["transfer / prefill"])
+
+# %% [markdown]
+# What was seen: the decode process gave one process's tokens from a cache it never computed. The bytes moved are the
+# formula's, the same bytes for every prompt token. Prefilling costs compute for every token too. A deployment weighs
+# the same two numbers: its prefill time on its GPUs, and its cache's bytes over its network. NVIDIA Dynamo's router
+# decides per request whether to prefill remotely, from the prompt's length and the prefill queue (its "Architecture
+# Flow" page). For short prompts the fixed costs decide: a call into the model, a message per tensor.
+
+# %% [markdown]
 # ## What you measured
 
 # %%
@@ -543,5 +638,8 @@ measured = [
     + ", ".join(f"{r:.0%}" for r in spec["acceptance rate"]) + " of its proposals, where break-even needed "
     + ", ".join(f"{r:.0%}" for r in spec["break-even rate"]) + f"; the best ran at {best['speed-up vs greedy']:.2f}x "
     f"greedy's {greedy['tokens/s']:.1f} tokens/s.",
+    f"Disaggregated prefill, rehearsed: a decode process gave one process's tokens from a KV cache of "
+    f"{biggest['bytes_sent'] / 2**10:.0f} KiB sent over gloo in {biggest['transfer_ms']:.2f} ms, where prefilling "
+    f"the {biggest['prompt_tokens']} tokens took {biggest['prefill_ms']:.1f} ms; moving beat recomputing {crossover}.",
 ]
 lab.finish(measured)

@@ -184,3 +184,57 @@ def test_the_early_exit_draft_runs_the_first_layers_of_the_installed_llama():
     assert "base_model.config.num_hidden_layers = self.assistant_early_exit" in inspect.getsource(
         EarlyExitCandidateGenerator.get_candidates)
     assert "self.layers[: self.config.num_hidden_layers]" in inspect.getsource(LlamaModel.forward)
+
+
+# --------------------------------------------------------------------------- section 5: the handoff's script
+
+def handoff_script():
+    """notebooks/scripts/kv_handoff.py as a module (its main() does not run)."""
+    import importlib.util
+
+    from labkit import launcher
+    spec = importlib.util.spec_from_file_location("kv_handoff", launcher.scripts_dir() / "kv_handoff.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def small_llama():
+    """A 2-layer Llama with grouped-query attention (4 heads, 2 key/value heads), random weights, vocabulary 1000."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_decoding_from_the_prefill_s_cache_gives_generate_s_greedy_tokens(small_llama):
+    handoff = handoff_script()
+    ids = handoff.prompt_ids(40, small_llama.config.vocab_size)
+    assert torch.equal(ids, handoff.prompt_ids(40, small_llama.config.vocab_size)), "the same prompt in every process"
+    first, cache = handoff.prefill(small_llama, ids)
+    alone = small_llama.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, 40:].tolist()
+    assert handoff.decode(small_llama, first, cache, 6) == alone
+
+
+def test_a_cache_rebuilt_from_its_tensors_decodes_as_the_original(small_llama):
+    """What rank 1 does with what it receives: a new DynamicCache, layer by layer, from the keys and values alone."""
+    from transformers import DynamicCache
+    handoff = handoff_script()
+    ids = handoff.prompt_ids(33, small_llama.config.vocab_size)
+    first, cache = handoff.prefill(small_llama, ids)
+    assert tuple(cache.layers[0].keys.shape) == (1, 2, 33, 16)  # the shape receive_cache allocates
+    rebuilt = DynamicCache(config=small_llama.config)
+    for i, layer in enumerate(cache.layers):
+        rebuilt.update(layer.keys.clone(), layer.values.clone(), i)
+    assert handoff.decode(small_llama, first, rebuilt, 5) == handoff.decode(small_llama, first, cache, 5)
+
+
+def test_the_handoff_loads_a_random_model_from_load_model_s_folder_and_any_other_from_its_own(monkeypatch):
+    from labkit import models
+    calls = []
+    monkeypatch.setattr(models, "random_folder", lambda name, seed, dtype: calls.append((name, seed, dtype)) or "saved")
+    monkeypatch.setattr(models, "resolve_folder", lambda name: f"folder of {name}")
+    assert serving_internals.model_folder("tiny-llama") == "saved" and calls == [("tiny-llama", 0, torch.float32)]
+    assert serving_internals.model_folder("smollm2-135m") == "folder of smollm2-135m"
