@@ -87,7 +87,8 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("07_serving_internals", "serving_internals", "serving_internals", "model_id", "dtype",
              ({"requests": -1}, "requests=-1"), ({"token_budgets": 512}, "token_budgets=512"),
              model_tasks=(("model_id", "paged-causal-lm"),),
-             tables=("prefix_caching", "token_budget", "paged_block_table"),
+             tables=("prefix_caching", "token_budget", "paged_block_table", "self_speculation",
+                     "kv_handoff"),
              metrics=("prefix_caching_ttft_p50_speedup",)),
 )
 

@@ -6,28 +6,38 @@ parameters (:class:`Parameters`) and two mechanical pieces:
 
 - :class:`StepLog`, a forward pre-hook that notes, for every forward pass of transformers' continuous batching, the
   query tokens it computed and the KV cache blocks held at that moment;
-- :func:`collect`, which reads a continuous batching manager's outputs until the given requests have finished.
+- :func:`collect`, which reads a continuous batching manager's outputs until the given requests have finished;
+- :class:`ForwardLog`, forward hooks that note every forward pass of a model: its tokens, the decoder layers it ran
+  (fewer while transformers' early-exit draft proposes) and its time;
+- :func:`exit_layers`, the exit layers of section 4 for a model of a given depth.
+
+Section 5's two processes run ``notebooks/scripts/kv_handoff.py``, started by :func:`labkit.launcher.launch`.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from labkit import models, probes
+from labkit import models, probes, timing
 from labkit.errors import BadParameter, ModelNotAvailable, check_sizes
 
 # Sizes where a parameter was left at 0 or empty
 SIZES = {
     "gpu": {"shared_prompt_tokens": 4000, "requests": 32, "token_budgets": [512, 4096, 32768],
             "page_size": 64, "question_tokens": 16, "new_tokens": 16, "chat_tokens": 64, "arrival_tokens": 4000,
-            "cache_tokens": 8192},
+            "cache_tokens": 8192, "spec_new_tokens": 64, "proposals": 4, "handoff_tokens": [64, 256, 500],
+            "handoff_new_tokens": 16},
     "quick": {"shared_prompt_tokens": 1000, "requests": 6, "token_budgets": [16, 256, 4096],
               "page_size": 16, "question_tokens": 8, "new_tokens": 4, "chat_tokens": 48, "arrival_tokens": 400,
-              "cache_tokens": 512},
+              "cache_tokens": 512, "spec_new_tokens": 10, "proposals": 3, "handoff_tokens": [64, 256, 500],
+              "handoff_new_tokens": 8},
     "cpu": {"shared_prompt_tokens": 2000, "requests": 8, "token_budgets": [16, 256, 4096],
             "page_size": 16, "question_tokens": 8, "new_tokens": 8, "chat_tokens": 64, "arrival_tokens": 1000,
-            "cache_tokens": 1024},
+            "cache_tokens": 1024, "spec_new_tokens": 32, "proposals": 4, "handoff_tokens": [64, 256, 500],
+            "handoff_new_tokens": 16},
 }
 
 
@@ -42,11 +52,17 @@ class Parameters:
     requests: int = 0
     token_budgets: list = field(default_factory=list)
     page_size: int = 0
+    spec_model_id: str = "smollm2-135m"
+    exit_layers: list = field(default_factory=list)
+    handoff_tokens: list = field(default_factory=list)
     question_tokens: int = field(init=False, default=0)  # section 1: each request's own tokens after the shared ones
     new_tokens: int = field(init=False, default=0)  # section 1: tokens each request generates
     chat_tokens: int = field(init=False, default=0)  # section 2: tokens each running conversation generates
     arrival_tokens: int = field(init=False, default=0)  # section 2: the prompt of each request that arrives
     cache_tokens: int = field(init=False, default=0)  # section 3: the longest request's tokens in the paged pool
+    spec_new_tokens: int = field(init=False, default=0)  # section 4: tokens each self-speculative run generates
+    proposals: int = field(init=False, default=0)  # section 4: tokens the draft proposes at every step
+    handoff_new_tokens: int = field(init=False, default=0)  # section 5: tokens decoded from the moved cache
 
     def resolve(self, *, device: str, quick: bool) -> str:
         self.dtype = probes.resolve_dtype(self.dtype, device)
@@ -56,15 +72,22 @@ class Parameters:
         if isinstance(self.token_budgets, (str, int)):
             raise BadParameter(f"token_budgets={self.token_budgets!r}: give a list of whole numbers, e.g. [32, 512].")
         check_sizes(1, **{f"token_budgets[{i}]": v for i, v in enumerate(self.token_budgets)})
+        for name in ("exit_layers", "handoff_tokens"):
+            given = getattr(self, name)
+            if isinstance(given, (str, int)):
+                raise BadParameter(f"{name}={given!r}: give a list of whole numbers, e.g. [4, 16].")
+            check_sizes(1, **{f"{name}[{i}]": v for i, v in enumerate(given)})
         if self.page_size and self.page_size < 4:  # ContinuousBatchingConfig: "Must be at least 4"
             raise BadParameter(f"page_size={self.page_size}: transformers' paged cache needs at least 4 tokens a page.")
-        problem = models.check_model(self.model_id)  # a misspelt name stops here with one sentence
-        if problem:
-            raise ModelNotAvailable(f"notebook 07 serves {self.model_id}, and {problem}")
+        for name in (self.model_id, self.spec_model_id):  # a misspelt name stops here with one sentence
+            problem = models.check_model(name)
+            if problem:
+                raise ModelNotAvailable(f"notebook 07 runs {name}, and {problem}")
         sizes = SIZES["gpu" if device.startswith("cuda") and not quick else "quick" if quick else "cpu"]
         for name, size in sizes.items():
             chosen = getattr(self, name) or size
             setattr(self, name, sorted(set(chosen)) if isinstance(chosen, list) else chosen)
+        self.exit_layers = sorted(set(self.exit_layers))
         if min(self.token_budgets) <= self.requests:  # a step must hold a token of every conversation, and more
             raise BadParameter(f"token_budgets={self.token_budgets}: each budget must be more than requests="
                                f"{self.requests}, the tokens of one decode step of every running request.")
@@ -112,3 +135,60 @@ def collect(manager, request_ids, *, started_only: bool = False) -> dict[str, An
         if done >= wanted:
             return last
     raise RuntimeError("the continuous batching thread stopped before every request had finished")
+
+
+# --------------------------------------------------------------------------- section 4: a draft from the model itself
+
+def exit_layers(given: list[int], layers: int) -> list[int]:
+    """The exit layers of section 4 for a model of ``layers`` decoder layers: ``given``, each checked to leave at
+    least one layer for the model's own step; left empty, a sixth, a half and five sixths of the way down."""
+    chosen = given or sorted({max(1, round(layers * f)) for f in (1 / 6, 1 / 2, 5 / 6)} - {layers})
+    too_deep = [k for k in chosen if k >= layers]
+    if too_deep:
+        raise BadParameter(f"exit_layers={given}: the model has {layers} layers, so a draft must exit before layer "
+                           f"{layers}; {too_deep} would run the whole model.")
+    return chosen
+
+
+class ForwardLog:
+    """Notes every forward pass of ``model`` until :meth:`remove`: the tokens it was given, the decoder layers it ran
+    and its time in ms.
+
+    The layers are the config's ``num_hidden_layers`` at that moment. transformers 5.25's early-exit draft lowers it
+    on the base model while it proposes (``EarlyExitCandidateGenerator.get_candidates``,
+    ``generation/candidate_generator.py``), and a Llama runs ``self.layers[: self.config.num_hidden_layers]``
+    (``models/llama/modeling_llama.py``). The base model shares the ``config`` object of the model with the LM head.
+    """
+
+    def __init__(self, model):
+        self.model, self.rows, self._start = model, [], 0.0
+        self.handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                        model.register_forward_hook(self._after, with_kwargs=True)]
+
+    def _before(self, module, args, kwargs) -> None:
+        timing.synchronize(str(module.device))
+        self.rows.append({"tokens": kwargs["input_ids"].shape[-1], "layers": module.config.num_hidden_layers})
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, kwargs, output) -> None:
+        timing.synchronize(str(module.device))
+        self.rows[-1]["ms"] = 1e3 * (time.perf_counter() - self._start)
+
+    def remove(self):
+        """Stop noting; the forward passes noted, as a pandas DataFrame."""
+        import pandas as pd
+
+        for handle in self.handles:
+            handle.remove()
+        return pd.DataFrame(self.rows, columns=["tokens", "layers", "ms"])
+
+
+# --------------------------------------------------------------------------- section 5: disaggregated prefill
+
+def model_folder(name: str, dtype: Any = "float32") -> Path | str:
+    """Where section 5's processes load ``name`` from, saved before they start: a random-init model saved once with
+    :func:`labkit.models.load_model`'s seed (the same weights as the notebook's), or the model's own folder."""
+    spec = models.EMBEDDED.get(name)
+    if spec is not None and spec.kind == "random":
+        return models.random_folder(name, 0, probes.resolve_dtype(dtype))
+    return models.resolve_folder(name)

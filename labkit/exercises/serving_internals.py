@@ -108,6 +108,27 @@ def _write(answer, c):
     return "every row went to its page and offset, and the other requests' pages were left as they were."
 
 
+# --------------------------------------------------------------------------- 07.4 what an early exit must get right
+
+def exit_break_even(exit_layer, layers, layer_mib, head_mib):
+    # if a step's time is the weight bytes it reads: a proposal reads the first exit_layer layers and the LM head, a
+    # check reads the whole model once. 06.2's formula with a check of one step leaves the draft's cost:
+    # (1 + proposals x draft_cost - 1) / proposals = draft_cost
+    return (exit_layer * layer_mib + head_mib) / (layers * layer_mib + head_mib)
+
+
+def _exit_break_even(answer, c):
+    k, n, layer, head = c["exit_layer"], c["layers"], c["layer_mib"], c["head_mib"]
+    expected = exit_break_even(k, n, layer, head)
+    return predicted(answer, expected, "of the proposals", {
+        f"that leaves out the LM head: every proposal ends with it, and it is {head / layer:.0f} layers' worth of "
+        "bytes": k / n,
+        "that counts only the LM head: the proposal also runs the first layers": head / (n * layer + head),
+        "that is the share of the bytes the draft skips, not the share it reads": 1 - expected,
+        "that looks like a percentage: give the rate as a fraction of the proposals (0 to 1)": expected * 100,
+    })
+
+
 EXERCISES = [
     Exercise("07.1", "The prompt tokens a burst computes with block sharing", "predict", _prompt_tokens,
              prompt_tokens_with_sharing,
@@ -129,4 +150,11 @@ EXERCISES = [
               "`pool[pages, offsets] = rows`, then return the pool."),
              {}, ((_in_pool_order, "first pages"), (_new_pool, "wiped"), (_one_page_per_row, "differs"),
                   (returns_none, "returns None"))),
+    Exercise("07.4", "The acceptance an early exit needs to break even", "predict", _exit_break_even, exit_break_even,
+             ("Decode at batch 1 reads every weight once per step: count a proposal's bytes against a step's.",
+              "draft_cost = (exit layer x layer MiB + head MiB) / (layers x layer MiB + head MiB); with a check of "
+              "one step, 06.2's break-even (1 + proposals x draft_cost - 1) / proposals is draft_cost itself."),
+             {"exit_layer": 15, "layers": 30, "layer_mib": 13.5, "head_mib": 108.0},
+             ((0.5, "leaves out the LM head"), (0.2105, "counts only the LM head"), (0.3947, "skips"),
+              (60.53, "percentage"))),
 ]

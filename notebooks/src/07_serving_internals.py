@@ -7,7 +7,7 @@
 # ---
 
 # %% [markdown]
-# # 07 · What a server tunes, measured: prefix caching, the token budget, a paged block table by hand
+# # 07 · What a server tunes, measured: prefix caching, token budget, paged blocks, self-drafts, disaggregated prefill
 #
 # Notebook 06 showed that continuous batching with a paged KV cache beats static batches. This notebook opens the
 # engine and turns the knobs its operator turns. It uses transformers 5.25's own continuous batching, the engine of
@@ -19,7 +19,11 @@
 # 2. **the token budget**: the most tokens one step may hold, swept: time to first token of new requests against the
 #    time between tokens of running ones;
 # 3. **a paged block table by hand**: pages in a pool and a table per request. A gather rebuilds a request's keys and
-#    values; it is checked equal to the contiguous cache and timed against it.
+#    values; it is checked equal to the contiguous cache and timed against it;
+# 4. **a draft from the model itself**: SmolLM2's first layers propose tokens and the whole model checks them. The
+#    acceptance rate and the speed-up at three exit layers, beside the acceptance that breaks even;
+# 5. **disaggregated prefill, rehearsed**: one process prefills and sends the KV cache, another decodes from it. The
+#    bytes moved against the prefill they save.
 #
 # Nothing here downloads anything.
 
@@ -32,6 +36,9 @@ shared_prompt_tokens = 0       # section 1: the system prompt every request star
 requests = 0                   # section 1: requests in the burst; section 2: conversations running
 token_budgets = []             # section 2: the most tokens one step may hold (max_batch_tokens), swept
 page_size = 0                  # tokens per page of the paged KV cache
+spec_model_id = "smollm2-135m"  # section 4: the model that drafts for itself with its first layers
+exit_layers = []               # section 4: the layers after which the draft exits
+handoff_tokens = []            # section 5: the prompt lengths whose KV cache one process sends the other
 quick = "auto"                 # small sizes: "auto" means on a machine without a GPU; True or False to force
 solutions = False              # fill every exercise with its solution (a teacher's run)
 results_path = ""              # where to write the results JSON (empty: do not write)
@@ -49,7 +56,7 @@ import torch
 from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig
 
 import labkit
-from labkit import models, roofline, serving_internals, timing
+from labkit import compat, exercises, launcher, models, results, roofline, serving_internals, timing
 from labkit.widgets import show
 
 lab = labkit.start("07_serving_internals", globals())
@@ -405,6 +412,222 @@ if lab.on_gpu:  # one new token per request, packed: (requests, heads, dim)
     lab.check("varlen_attn_over_pages_matches_the_gather", error < 2e-2, f"{error:.2e}")
 
 # %% [markdown]
+# ## 4. A draft from the model itself: early exit
+#
+# Notebook 06 drafted with a separate small model, and its random draft was never right. A model can draft for
+# itself: run only its first `k` layers, then its final norm and LM head, and propose that token. Then the whole
+# model checks the proposals in one forward pass, as in 06. This is **early-exit self-speculation**.
+#
+# transformers 5.25 does it with `generate(..., assistant_early_exit=k)`. `EarlyExitCandidateGenerator` in
+# `generation/candidate_generator.py` lowers the base model's `config.num_hidden_layers` to `k` while it drafts.
+# A Llama runs `self.layers[: self.config.num_hidden_layers]`, so the draft is the first `k` layers. The draft keeps
+# a cache of its own: the generator copies the model's arguments without `cache`. So checking recomputes the first
+# `k` layers too.
+#
+# The model is `spec_model_id`, by default SmolLM2-135M with its real weights. It was trained to predict only from
+# its last layer. The draft proposes `proposals` tokens at every step; the counting is 06's, with one more column.
+# A forward hook notes each forward pass and the layers it ran. Passes with fewer layers are the draft's. The others
+# are the model's own, and each yields the proposals it accepts plus one token of its own.
+#
+# Predict before the table: which exit layer pays best? A shallow exit drafts cheaply but is rarely right. A deep
+# exit agrees more often, but each proposal costs nearly a whole step.
+
+# %%
+spec_model, spec_tokenizer = models.load_model(lab.p.spec_model_id, device=lab.device, dtype=lab.dtype)
+layers = spec_model.config.num_hidden_layers
+exits = serving_internals.exit_layers(lab.p.exit_layers, layers)  # left empty: 1/6, 1/2 and 5/6 of the depth
+spec_model.generation_config.num_assistant_tokens = lab.p.proposals  # the draft proposes this many at every step
+spec_model.generation_config.num_assistant_tokens_schedule = "constant"
+spec_model.generation_config.assistant_confidence_threshold = 0.0  # and never stops proposing early
+story = spec_tokenizer("Once upon a time, in a small village by the sea, there lived", return_tensors="pt")
+story, n = story.to(lab.device), lab.p.spec_new_tokens
+print(f"{lab.p.spec_model_id}: {layers} layers; drafts exit after layers {exits}; {n} new tokens a run")
+
+# %%
+def self_speculate(exit_layer=None):  # greedy generate, timed once; every forward pass noted
+    kept, prompt, log = {}, story["input_ids"].shape[1], serving_internals.ForwardLog(spec_model)
+    knobs = {"assistant_early_exit": exit_layer} if exit_layer else {}
+
+    def call():
+        log.rows.clear()
+        kept["ids"] = spec_model.generate(**story, max_new_tokens=n, do_sample=False, **knobs)[0, prompt:].tolist()
+    with compat.quiet_logger("transformers"):  # assisted generation logs a notice about its own arguments
+        ms = timing.measure(call, device=lab.device, warmup=0, repeats=1, min_time_s=0).median_ms
+    forwards = log.remove()
+    own, draft = forwards[forwards["layers"] == layers], forwards[forwards["layers"] < layers]
+    proposed = own["tokens"].iloc[0] - prompt + (own["tokens"].iloc[1:] - 1).sum()  # past the token each starts at
+    return {"exit layer": exit_layer or layers, "ids": kept["ids"], "ms": ms, "tokens/s": 1e3 * len(kept["ids"]) / ms,
+            "model forwards": len(own), "draft forwards": len(draft), "draft ms": draft["ms"].sum(),
+            "proposed": proposed, "accepted": len(kept["ids"]) - len(own)}
+
+# %% [markdown]
+# **07.4 · Predict.** Suppose a step's time is the weight bytes it reads, as for decode at batch 1. A proposal from
+# the exit after layer `k` reads `k` layers and the LM head. A check reads the whole model once: one greedy step. With
+# 06.2's formula, what acceptance rate must the middle exit reach to break even? The cell prints the sizes.
+
+# %%
+layer_mib = roofline.parameter_bytes(spec_model.base_model.layers[0]) / 2**20  # one decoder layer's weights
+head_mib = roofline.parameter_bytes(spec_model.get_output_embeddings()) / 2**20  # every proposal ends with it
+print(f"{layers} layers of {layer_mib:.1f} MiB, an LM head of {head_mib:.1f} MiB")
+ex = lab.exercise("07.4", exit_layer=exits[len(exits) // 2], layers=layers, layer_mib=round(layer_mib, 2),
+                  head_mib=round(head_mib, 2))
+answer = None  # your prediction: an acceptance rate between 0 and 1
+ex.check(answer)
+
+# %% [markdown]
+# Plain greedy decoding first, after a short untimed run that warms the model up. Then one run per exit layer, each
+# timed once, from the same prompt.
+
+# %%
+spec_model.generate(**story, max_new_tokens=2, do_sample=False)  # warm-up, untimed
+greedy = self_speculate()
+runs = [self_speculate(k) for k in exits]
+
+# %% [markdown]
+# The break-even acceptance uses 06's formula, exercise 06.2's `break_even_acceptance`. A step of speculation costs
+# `verify_cost + proposals x draft_cost` greedy steps and yields `1 + rate x proposals` tokens. Both costs come from
+# the run itself. `draft_cost` is the draft's mean forward pass. `verify_cost` is the rest of the run's time per check:
+# the model's own forward pass, and the draft's `generate` loop around its forwards.
+
+# %% tags=["reveals-07.4"]
+break_even = exercises.get("06.2").solution  # (verify_cost + proposals x draft_cost - 1) / proposals
+step = greedy["ms"] / len(greedy["ids"])  # one step of plain greedy decoding, ms
+rows = []
+for run in runs:
+    per_check = run["proposed"] / run["model forwards"]  # proposals the model checks in each of its forwards
+    draft_cost = run["draft ms"] / run["draft forwards"] / step  # one proposal, in greedy steps
+    verify_cost = (run["ms"] - run["draft ms"]) / run["model forwards"] / step  # a check and the loop around it
+    rows.append({**{k: v for k, v in run.items() if k != "ids"}, "acceptance rate": run["accepted"] / run["proposed"],
+                 "draft cost": draft_cost, "verify cost": verify_cost,
+                 "break-even rate": break_even(per_check, verify_cost, draft_cost),
+                 "break-even by weight bytes": ex.exercise.solution(run["exit layer"], layers, layer_mib, head_mib),
+                 "speed-up vs greedy": greedy["ms"] / run["ms"], "same tokens as greedy": run["ids"] == greedy["ids"]})
+spec = pd.DataFrame(rows)
+lab.table("self_speculation", spec, title=f"Early-exit self-speculation, {lab.p.spec_model_id}, batch 1, greedy; "
+          f"plain greedy {greedy['tokens/s']:.1f} tokens/s")
+ex.compare(spec.set_index("exit layer").loc[ex.given["exit_layer"], "break-even rate"])
+
+# %%
+best = spec.loc[spec["speed-up vs greedy"].idxmax()]
+print(f"Plain greedy: {greedy['tokens/s']:.1f} tokens/s. Best exit: layer {best['exit layer']}, accepted "
+      f"{best['acceptance rate']:.0%} of its proposals where it needed {best['break-even rate']:.0%} to break even: "
+      f"{best['speed-up vs greedy']:.2f}x greedy's speed.")
+shallow, deep = spec.iloc[0], spec.iloc[-1]
+print(f"Layer {shallow['exit layer']}: {shallow['acceptance rate']:.0%} accepted; layer {deep['exit layer']}: "
+      f"{deep['acceptance rate']:.0%}.")
+lab.check("self_speculation_gives_the_greedy_tokens", spec["same tokens as greedy"].all())
+lab.check("a_deeper_exit_is_accepted_more_often", deep["acceptance rate"] > shallow["acceptance rate"],
+          f"{shallow['acceptance rate']:.2f} at layer {shallow['exit layer']}, {deep['acceptance rate']:.2f} at "
+          f"{deep['exit layer']}")
+lab.metric("self_speculation_best_speedup", best["speed-up vs greedy"])
+
+# %% [markdown]
+# What was seen: the tokens are greedy's at every exit layer, since the model's own forward pass decides each one.
+# Deeper exits agree more often, but this model's middle layers were never trained to predict a token. A speed-up
+# above 1 needs the rate above the break-even, and an untrained exit falls short of it. A break-even above 100%
+# means that exit cannot pay at any rate. Look at the verify cost too: each check also pays for the draft's own
+# `generate` loop, a fixed cost per step that is large on a CPU. The break-even by weight bytes is 07.4's model. It
+# leaves out that loop, and the cost of checking several tokens in one pass.
+#
+# **Against batch size.** A draft pays at batch 1 because a decode step reads every weight to compute one token per
+# request. A larger batch uses the same read for more tokens, so the spare compute that verification uses shrinks.
+# Does transformers 5.25's speculation take a batch at all? The next cell tries a batch of two.
+
+# %%
+pair = spec_tokenizer(["Once upon a time", "The capital of France is"], return_tensors="pt", padding=True)
+try:
+    with compat.quiet_logger("transformers"):
+        spec_model.generate(**pair.to(lab.device), max_new_tokens=2, do_sample=False, assistant_early_exit=exits[0])
+    lab.skip("self-speculation against batch size", "this transformers took a batch of two; this notebook does not "
+             "measure batches yet")
+except ValueError as error:  # _assisted_decoding in generation/utils.py
+    lab.skip("self-speculation against batch size", f"transformers' generate refuses a batch of two: {error}")
+
+# %% [markdown]
+# **Drafts trained to agree.** What servers use today trains the draft to predict what the model would say.
+# LayerSkip trains early exits with an exit loss and layer dropout; its paper reports up to 2.16x on CNN/DM
+# summarization (Elhoushi et al., 2024, arXiv:2404.16710, abstract). EAGLE-3 trains a small head on the model's
+# features from several layers; its paper reports speed-ups up to 6.5x (Li et al., 2025, arXiv:2503.01840,
+# abstract). DeepSeek-V3 trains a multi-token prediction module with the model. Its report says the second token
+# is accepted 85% to 90% of the time, for 1.8x the tokens per second (arXiv:2412.19437, section 5.4.3). transformers
+# 5.25 runs one such trained draft, Gemma 4's assistant, through `SinglePositionMultiTokenCandidateGenerator`. The
+# measurement above shows why training matters: the draft is cheap only if it is also right.
+
+# %% [markdown]
+# ## 5. Disaggregated prefill, rehearsed
+#
+# Prefill is one long forward pass over the prompt; decode is many short ones, each reading all the weights. Section 2
+# showed how they get in each other's way in one engine. Large deployments run them on different machines: a prefill
+# server computes the prompt's KV cache and sends it, and a decode server generates from it. vLLM's documentation
+# gives the reasons: time to first token and inter-token latency are tuned separately, and prefills stop
+# interrupting decodes. The same page notes that it does not improve throughput ("Disaggregated Prefilling", vLLM
+# docs). vLLM moves the cache through KV connectors, SGLang's PD disaggregation through Mooncake or NIXL, and NVIDIA
+# Dynamo through NIXL (each project's documentation).
+#
+# Here is the same handoff between two processes on this machine, over gloo. `notebooks/scripts/kv_handoff.py`: rank
+# 0 prefills a prompt of the served model and sends the first token and every layer's keys and values. Rank 1
+# receives them into a `DynamicCache` and decodes greedily, never running the prompt. Rank 0 also decodes the whole
+# prompt alone with `generate`, for the check. The decode server's tokens must equal those.
+#
+# What it costs: the cache's bytes over the link, against the prefill the decode server did not compute. Predict
+# first: which grows faster with the prompt, the prefill's time or the transfer's?
+
+# %%
+folder = serving_internals.model_folder(lab.p.model_id)  # the same weights as `model`, saved for the processes
+job = launcher.launch(launcher.scripts_dir() / "kv_handoff.py", 2, {
+    "model_folder": folder, "prompt_tokens": lab.p.handoff_tokens, "new_tokens": lab.p.handoff_new_tokens,
+    "repeats": 3}, gpus=False)  # two CPU processes, gloo between them
+handoff = pd.DataFrame(job["rows"])
+kv_token = roofline.kv_bytes_per_token(**{k: shape[k] for k in ("layers", "kv_heads", "head_dim")}, element_bytes=4)
+handoff["bytes by formula"] = handoff["prompt_tokens"] * kv_token + 8  # the cache in float32, and the first token
+handoff["same tokens as one process"] = [a == b for a, b in zip(handoff["decoded"], handoff["one_process"],
+                                                                strict=True)]
+handoff["link GB/s"] = handoff["bytes_sent"] / handoff["transfer_ms"] / 1e6
+handoff["transfer / prefill"] = handoff["transfer_ms"] / handoff["prefill_ms"]
+
+# %% [markdown]
+# Notebook 05 measures links between GPUs. Where a stored reference run of 05 in `reference/` holds one, the table
+# adds the time of the same bytes over that link.
+
+# %%
+for device, run in results.reference_runs("05_multi_gpu").items():  # notebook 05's measured links, stored
+    if "allreduce_best_busbw_gb_per_s" in run.get("metrics", {}):
+        link = 1e9 * run["metrics"]["allreduce_best_busbw_gb_per_s"]
+        handoff[f"ms over {device}'s all-reduce"] = 1e3 * handoff["bytes_sent"] / link
+if not any(c.startswith("ms over") for c in handoff.columns):
+    lab.skip("moving the cache over a GPU link", "no stored reference run of notebook 05 holds its link speeds yet")
+lab.table("kv_handoff", handoff.drop(columns=["decoded", "one_process"]),
+          title=f"{lab.p.model_id}'s KV cache handed from a prefill process to a decode process, {job['threads']} "
+          f"thread each; {job['launch_s']:.1f} s to start the job and run it")
+lab.check("the_decode_process_gives_one_process_s_tokens", handoff["same tokens as one process"].all())
+lab.check("the_bytes_moved_are_the_kv_cache_s_size", (handoff["bytes_sent"] == handoff["bytes by formula"]).all())
+
+# %% [markdown]
+# Where does moving start to pay? Each prompt length was measured both ways, the prefill's time and the transfer's.
+# The crossover lies below the shortest length from which moving wins at every longer one.
+
+# %%
+wins = handoff["transfer_ms"] < handoff["prefill_ms"]  # moving beat recomputing at this length
+losing = handoff.loc[~wins, "prompt_tokens"]
+after = handoff.loc[handoff["prompt_tokens"] > (losing.max() if len(losing) else 0), "prompt_tokens"]
+crossover = (f"from {after.min()} tokens" + (f", and not at {losing.max()}" if len(losing) else ", the shortest "
+             "length measured") if len(after) else "at no length measured")
+biggest = handoff.iloc[-1]
+print(f"For {biggest['prompt_tokens']} prompt tokens the decode process received {biggest['bytes_sent'] / 2**10:.0f} "
+      f"KiB in {biggest['transfer_ms']:.2f} ms ({biggest['link GB/s']:.2f} GB/s); prefilling them took "
+      f"{biggest['prefill_ms']:.1f} ms. On this link, moving the cache beat recomputing it {crossover}.")
+lab.check("moving_the_longest_prompt_s_cache_beats_recomputing_it", bool(wins.iloc[-1]),
+          f"{biggest['transfer_ms']:.2f} ms against {biggest['prefill_ms']:.1f} ms", timing=True)
+lab.metric("kv_handoff_transfer_over_prefill_longest", biggest["transfer / prefill"])
+
+# %% [markdown]
+# What was seen: the decode process gave one process's tokens from a cache it never computed. The bytes moved are the
+# formula's, the same bytes for every prompt token. Prefilling costs compute for every token too. A deployment weighs
+# the same two numbers: its prefill time on its GPUs, and its cache's bytes over its network. NVIDIA Dynamo's router
+# decides per request whether to prefill remotely, from the prompt's length and the prefill queue (its "Architecture
+# Flow" page). For short prompts the fixed costs decide: a call into the model, a message per tensor.
+
+# %% [markdown]
 # ## What you measured
 
 # %%
@@ -418,5 +641,12 @@ measured = [
     f"running requests' inter-token latency p99 from {small['ITL p99 ms']:.1f} to {large['ITL p99 ms']:.1f} ms.",
     f"A paged block table by hand: the gather gave back every request's keys and values exactly; gathering, then "
     f"attending, took {longest['ratio']:.1f}x the contiguous attention for {longest['tokens']} tokens.",
+    f"Early-exit self-speculation on {lab.p.spec_model_id} gave greedy's tokens at exit layers {exits}; it accepted "
+    + ", ".join(f"{r:.0%}" for r in spec["acceptance rate"]) + " of its proposals, where break-even needed "
+    + ", ".join(f"{r:.0%}" for r in spec["break-even rate"]) + f"; the best ran at {best['speed-up vs greedy']:.2f}x "
+    f"greedy's {greedy['tokens/s']:.1f} tokens/s.",
+    f"Disaggregated prefill, rehearsed: a decode process gave one process's tokens from a KV cache of "
+    f"{biggest['bytes_sent'] / 2**10:.0f} KiB sent over gloo in {biggest['transfer_ms']:.2f} ms, where prefilling "
+    f"the {biggest['prompt_tokens']} tokens took {biggest['prefill_ms']:.1f} ms; moving beat recomputing {crossover}.",
 ]
 lab.finish(measured)

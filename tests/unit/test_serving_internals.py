@@ -130,3 +130,111 @@ def test_07_3_writing_then_gathering_gives_the_rows_back_and_leaves_other_pages_
     untouched = [p for p in range(len(pool)) if p not in table]
     assert torch.equal(pool[untouched], before[untouched])
     assert torch.equal(pool[5, 2:], before[5, 2:]), "the last page's unused rows are left alone"
+
+
+# --------------------------------------------------------------------------- section 4: early exit
+
+@pytest.mark.parametrize("given, layers, chosen", [([], 30, [5, 15, 25]), ([], 2, [1]), ([3, 9], 12, [3, 9])])
+def test_exit_layers_are_sized_by_depth_or_taken_as_given(given, layers, chosen):
+    assert serving_internals.exit_layers(given, layers) == chosen
+
+
+def test_an_exit_layer_that_runs_the_whole_model_stops_with_one_sentence():
+    with pytest.raises(BadParameter, match=r"exit_layers=\[4, 30\]: the model has 30 layers.*\[30\]"):
+        serving_internals.exit_layers([4, 30], 30)
+
+
+@pytest.mark.parametrize("given, says", [({"exit_layers": 4}, "exit_layers=4"), ({"exit_layers": [0]}, "exit_layers"),
+                                         ({"handoff_tokens": [64, -1]}, r"handoff_tokens\[1\]=-1")])
+def test_section_4_and_5_sizes_are_checked_at_the_opening(given, says):
+    with pytest.raises(BadParameter, match=says):
+        serving_internals.Parameters(**given).resolve(device="cpu", quick=True)
+
+
+class Layered(torch.nn.Module):
+    """Runs ``config.num_hidden_layers`` of its layers, as a Llama does; the early-exit draft lowers that number."""
+
+    def __init__(self):
+        super().__init__()
+        self.config, self.device = SimpleNamespace(num_hidden_layers=4), torch.device("cpu")
+
+    def forward(self, input_ids):
+        return input_ids
+
+
+def test_the_forward_log_tells_the_draft_s_passes_from_the_model_s_by_their_layers():
+    model = Layered()
+    log = serving_internals.ForwardLog(model)
+    model(input_ids=torch.zeros(1, 9))  # the model's own pass over a prompt and its proposals
+    model.config.num_hidden_layers = 2  # what EarlyExitCandidateGenerator.get_candidates does while it drafts
+    model(input_ids=torch.zeros(1, 1))
+    model.config.num_hidden_layers = 4
+    forwards = log.remove()
+    model(input_ids=torch.zeros(1, 1))  # removed: not noted
+    assert forwards[["tokens", "layers"]].to_dict("records") == [{"tokens": 9, "layers": 4}, {"tokens": 1, "layers": 2}]
+    assert (forwards["ms"] >= 0).all()
+
+
+def test_the_early_exit_draft_runs_the_first_layers_of_the_installed_llama():
+    """The source behind ForwardLog's layer count: transformers' draft lowers num_hidden_layers on the base model."""
+    import inspect
+
+    from transformers.generation.candidate_generator import EarlyExitCandidateGenerator
+    from transformers.models.llama.modeling_llama import LlamaModel
+    assert "base_model.config.num_hidden_layers = self.assistant_early_exit" in inspect.getsource(
+        EarlyExitCandidateGenerator.get_candidates)
+    assert "self.layers[: self.config.num_hidden_layers]" in inspect.getsource(LlamaModel.forward)
+
+
+# --------------------------------------------------------------------------- section 5: the handoff's script
+
+def handoff_script():
+    """notebooks/scripts/kv_handoff.py as a module (its main() does not run)."""
+    import importlib.util
+
+    from labkit import launcher
+    spec = importlib.util.spec_from_file_location("kv_handoff", launcher.scripts_dir() / "kv_handoff.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def small_llama():
+    """A 2-layer Llama with grouped-query attention (4 heads, 2 key/value heads), random weights, vocabulary 1000."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_decoding_from_the_prefill_s_cache_gives_generate_s_greedy_tokens(small_llama):
+    handoff = handoff_script()
+    ids = handoff.prompt_ids(40, small_llama.config.vocab_size)
+    assert torch.equal(ids, handoff.prompt_ids(40, small_llama.config.vocab_size)), "the same prompt in every process"
+    first, cache = handoff.prefill(small_llama, ids)
+    alone = small_llama.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, 40:].tolist()
+    assert handoff.decode(small_llama, first, cache, 6) == alone
+
+
+def test_a_cache_rebuilt_from_its_tensors_decodes_as_the_original(small_llama):
+    """What rank 1 does with what it receives: a new DynamicCache, layer by layer, from the keys and values alone."""
+    from transformers import DynamicCache
+    handoff = handoff_script()
+    ids = handoff.prompt_ids(33, small_llama.config.vocab_size)
+    first, cache = handoff.prefill(small_llama, ids)
+    assert tuple(cache.layers[0].keys.shape) == (1, 2, 33, 16)  # the shape receive_cache allocates
+    rebuilt = DynamicCache(config=small_llama.config)
+    for i, layer in enumerate(cache.layers):
+        rebuilt.update(layer.keys.clone(), layer.values.clone(), i)
+    assert handoff.decode(small_llama, first, rebuilt, 5) == handoff.decode(small_llama, first, cache, 5)
+
+
+def test_the_handoff_loads_a_random_model_from_load_model_s_folder_and_any_other_from_its_own(monkeypatch):
+    from labkit import models
+    calls = []
+    monkeypatch.setattr(models, "random_folder", lambda name, seed, dtype: calls.append((name, seed, dtype)) or "saved")
+    monkeypatch.setattr(models, "resolve_folder", lambda name: f"folder of {name}")
+    assert serving_internals.model_folder("tiny-llama") == "saved" and calls == [("tiny-llama", 0, torch.float32)]
+    assert serving_internals.model_folder("smollm2-135m") == "folder of smollm2-135m"
