@@ -1,11 +1,12 @@
-"""Notebook 03's topic: the encoder fastpath of ``torch.nn.TransformerEncoder``, a converter that puts BERT-family
-encoders on it, and what is too long for a cell in today's ways to skip padding.
+"""Notebook 03's topic: what is too long for a cell in skipping an encoder's padding, today and before.
 
-In eval mode, without gradient tracking and with a key padding mask, ``nn.TransformerEncoder`` packs the batch into a
-nested tensor (padding dropped) and runs each layer as one fused op, ``aten::_transformer_encoder_layer_fwd``. This
-is what optimum's BetterTransformer did for encoders; :func:`to_fastpath` rebuilds it for today's stack.
-:func:`why_not_fastpath` and :func:`why_not_fused` name the condition that turns each shortcut off, in the order
-torch 2.11-2.13 (``torch/nn/modules/transformer.py``) checks them. The experiments are in the notebook's cells.
+Today a batch's real tokens are packed into one row and attention is told where each sequence ends; the notebook's
+cells do it. :func:`varlen_attention` plugs PyTorch's varlen kernel into transformers, :func:`measure_way` times one
+way beside its output. Before, in eval mode, without gradient tracking and with a key padding mask,
+``nn.TransformerEncoder`` packed the batch into a nested tensor (padding dropped) and ran each layer as one fused op,
+``aten::_transformer_encoder_layer_fwd``: what optimum's BetterTransformer did for encoders. :func:`to_fastpath`
+rebuilds it for today's stack. :func:`why_not_fastpath` and :func:`why_not_fused` name the condition that turns each
+shortcut off, in the order torch 2.11-2.13 (``torch/nn/modules/transformer.py``) checks them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 ACTIVATIONS = ("gelu", "relu")
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}  # relative error, and similarities
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "xpu")  # the fastpath's own list (plus a privateuse1 backend)
-# the sweep's implementations (labkit.report reads "transformers sdpa" and "fastpath" from the sweep table)
+# the sweep's padded implementations and the fastpath (labkit.report reads "transformers sdpa" and "fastpath" from
+# the sweep table); the notebook adds its packed row beside them, which the stored reference runs predate
 IMPLEMENTATIONS = ("transformers eager", "transformers sdpa", "fastpath")
 QUICK_IMPLEMENTATIONS = IMPLEMENTATIONS[1:]  # a quick run compares the two that matter
 # the sizes of a full run on a GPU (the reference runs' sizes)

@@ -1,4 +1,4 @@
-"""Exercises of notebook 03 (the encoder fastpath)."""
+"""Exercises of notebook 03 (encoders without padding: packed rows today, the fastpath before)."""
 
 from __future__ import annotations
 
@@ -11,29 +11,75 @@ from transformers.models.bert.modeling_bert import BertLayer
 from labkit import compat, fastpath
 from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
 
-# --------------------------------------------------------------------------- 03.1 which calls skip the padding
+# --------------------------------------------------------------------------- 03.1 a batch's packing boundaries
 
-def cases_that_skip_padding(reasons):
-    # reasons: situation -> (why the padding is not skipped, why a layer is not fused), "" where nothing stops it
-    return {case for case, (why_padding, _) in reasons.items() if not why_padding}
+def packed_boundaries(attention_mask):
+    # each sequence's real tokens; cu_seqlens: where each one starts in the packed row, from 0, then the row's end;
+    # document ids: the sequence each packed token belongs to
+    lengths = attention_mask.sum(dim=1)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    document_ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    return cu_seqlens, document_ids
 
 
-def _fastpath_cases(answer, c):
-    if isinstance(answer, str) or not hasattr(answer, "__iter__"):
-        raise Wrong("give a list or set of situation names")
-    reasons = c["reasons"]
-    chosen, expected = {str(a) for a in answer}, cases_that_skip_padding(reasons)
-    if chosen - set(reasons):
-        raise Wrong(f"{sorted(chosen - set(reasons))} are not among the situations: {sorted(reasons)}")
-    wrong = sorted(chosen - expected) + sorted(expected - chosen)  # a situation answered wrong, the chosen first
-    if wrong:
-        why_padding, why_unfused = reasons[wrong[0]]
-        if why_padding:
-            raise Wrong(f"{wrong[0]!r} does not skip the padding: {why_padding}")
-        raise Wrong(f"{wrong[0]!r} does skip the padding too" + (f": {why_unfused} turns off the fused layer only; "
-                                                                 "the encoder packed the batch before any layer ran"
-                                                                 if why_unfused else ""))
-    return f"only {sorted(expected)} skip the padding."
+def _boundaries(answer, c):
+    with torch.random.fork_rng():  # a fresh right-padded mask each time; the learner's random state is left alone
+        torch.manual_seed(time.time_ns() % 2**31)
+        lengths = torch.randint(1, 9, (5,))
+        lengths[torch.randint(0, 5, ())] = 8  # one sequence fills the batch's length, as a tokenizer pads
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+    got = call(function_answer(answer, "my_boundaries(attention_mask)"), mask)
+    if got is None:
+        raise NotAttempted("your function returns None: return (cu_seqlens, document_ids).")
+    if not isinstance(got, tuple) or len(got) != 2:
+        raise Wrong("return a pair: (cu_seqlens, document_ids)")
+    cu, ids = (torch.as_tensor(x) for x in got)
+    expected_cu, expected_ids = packed_boundaries(mask)
+    total = int(lengths.sum())
+    if len(cu) == len(lengths) and torch.equal(cu.long(), lengths.cumsum(0)):
+        raise Wrong("cu_seqlens starts at 0: N sequences have N + 1 boundaries, the first 0 and the last the row's "
+                    "length")
+    if len(cu) == len(lengths) and torch.equal(cu.long(), lengths):
+        raise Wrong("those are the lengths; cu_seqlens is their running total, from 0")
+    if torch.equal(cu.long(), torch.arange(len(lengths) + 1) * mask.shape[1]):
+        raise Wrong("cu_seqlens counts the padded positions too: count each sequence's real tokens only")
+    if not torch.equal(cu.long(), expected_cu.long()):
+        raise Wrong(f"cu_seqlens {cu.tolist()} is not the running total from 0 of the real tokens "
+                    f"{lengths.tolist()}")
+    if cu.dtype != torch.int32:
+        raise Wrong(f"cu_seqlens is {cu.dtype}: the varlen kernels take int32")
+    if len(ids) == mask.numel():
+        raise Wrong("document_ids has one entry per padded position: the packed row holds the real tokens only")
+    if len(ids) == total and torch.equal(ids.long(), torch.cat([torch.arange(int(n)) for n in lengths])):
+        raise Wrong("those are the position ids, restarting at 0 in each sequence: the document id is the "
+                    "sequence's number")
+    if not torch.equal(ids.long(), expected_ids.long()):
+        raise Wrong(f"document_ids should hold {total} entries: each packed token's sequence number, 0 first")
+    return f"cu_seqlens {expected_cu.tolist()} and document ids for the real tokens {lengths.tolist()}."
+
+
+def _lengths_not_cumulative(attention_mask):
+    """a function returning the lengths as cu_seqlens"""
+    lengths = attention_mask.sum(1)
+    return lengths, torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+
+
+def _no_leading_zero(attention_mask):
+    """a function returning the running total without its leading 0"""
+    lengths = attention_mask.sum(1)
+    return lengths.cumsum(0).int(), torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+
+
+def _padded_positions(attention_mask):
+    """a function counting the padded positions"""
+    batch, length = attention_mask.shape
+    return (torch.arange(batch + 1) * length).int(), torch.arange(batch).repeat_interleave(length)
+
+
+def _position_ids(attention_mask):
+    """a function returning the position ids as document ids"""
+    cu, _ = packed_boundaries(attention_mask)
+    return cu, torch.cat([torch.arange(int(n)) for n in attention_mask.sum(1)])
 
 
 # --------------------------------------------------------------------------- 03.2 one encoder layer converted
@@ -111,18 +157,15 @@ def _time_with_a_floor(answer, c):
 
 
 EXERCISES = [
-    Exercise("03.1", "Which calls skip the padding?", "predict", _fastpath_cases, cases_that_skip_padding,
-             ("The encoder decides whether to pack the batch before any layer runs: the mode, gradient tracking, the "
-              "mask and how the encoder was built count; what happens inside a layer does not.",
-              "Eval mode; no gradient tracking of a weight (torch.no_grad(), torch.inference_mode() or frozen weights "
-              "all do); a key padding mask with the padding on the right; layers the nested path accepts (post-norm, "
-              "with biases); and no torch.compile. A hook on a layer stops that layer's fused op, not the packing."),
-             {"reasons": {"eval, torch.no_grad(), right padding": ("", ""), "left padding": ("not on the right", ""),
-                          "training mode": ("the model is in training mode", "layers 0, 1: training mode"),
-                          "a forward hook on layer 0": ("",
-                                                        "layer 0: a forward hook or pre-hook is registered on it")}},
-             ((["training mode"], "training mode"), (["eval, torch.no_grad(), right padding"], "fused layer only"),
-              ([], "does skip"), ("left padding", "list or set"))),
+    Exercise("03.1", "A batch's packing boundaries", "code", _boundaries, packed_boundaries,
+             ("A packed row holds each sequence's real tokens one after another. The attention mask says how many "
+              "each sequence has: count its ones.",
+              "cu_seqlens is the running total of the lengths with a 0 in front: N sequences give N + 1 int32 "
+              "boundaries. document_ids repeats each sequence's number as many times as it has real tokens "
+              "(torch.repeat_interleave)."),
+             {}, ((returns_none, "returns None"), (_lengths_not_cumulative, "running total"),
+                  (_no_leading_zero, "starts at 0"), (_padded_positions, "padded positions too"),
+                  (_position_ids, "position ids"))),
     Exercise("03.2", "Convert one more encoder layer", "code", _convert_layer, fastpath.convert_layer,
              ("Build nn.TransformerEncoderLayer with BERT's sizes (batch_first=True, dropout=0, GELU, post-norm), then "
               "copy the weights in.",

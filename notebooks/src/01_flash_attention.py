@@ -18,8 +18,7 @@
 #    backends, Flash Attention, memory-efficient and cuDNN, never do. You predict its memory, then measure it. Then you
 #    write the fused idea yourself, tiled attention with an online softmax, and measure its memory;
 # 2. **how to force a backend** with `torch.nn.attention.sdpa_kernel`, and how the profiler *proves* which one ran.
-#    Also what a *list* of backends means, and in one short passage the source page's old
-#    `torch.backends.cuda.sdp_kernel(...)`;
+#    Also what a *list* of backends means, and what replaced the source page's `sdp_kernel(...)`;
 # 3. **eligibility**: which inputs each backend refuses, with PyTorch's own reason, and the source page's
 #    `No available kernel.  Aborting execution.` with its fix;
 # 4. **transformers models**: `attn_implementation="eager" | "sdpa" | "flash_attention_2"` and
@@ -285,22 +284,20 @@ answer = None  # a backend's name
 ex.check(answer)
 
 # %% [markdown]
-# The same call with no `sdpa_kernel`, under each single backend, and under one list in both orders. The last two rows
-# add `set_priority=True`, which asks PyTorch to try the list in its own order. What to expect: a single backend runs
-# or is refused (section 3 says why). Without `set_priority`, both orders of a list run the same backend.
+# The same call with no `sdpa_kernel`, under each single backend, and under one list in both orders. What to expect:
+# a single backend runs or is refused (section 3 says why). Both orders of a list run the same backend.
 
 # %% tags=["reveals-01.4"]
 import contextlib
 import warnings
 
-requests = [("no sdpa_kernel: PyTorch chooses", [], False)]  # (what is asked, the backends allowed, set_priority)
-requests += [(f"sdpa_kernel(SDPBackend.{b})", [b], False) for b in probes.BACKENDS]
-requests += [(f"sdpa_kernel([{', '.join(order)}]{', set_priority=True' * priority})", order, priority)
-             for priority in (False, True) for order in (["MATH", "FLASH_ATTENTION"], ["FLASH_ATTENTION", "MATH"])]
+requests = [("no sdpa_kernel: PyTorch chooses", [])]  # (what is asked, the backends allowed)
+requests += [(f"sdpa_kernel(SDPBackend.{b})", [b]) for b in probes.BACKENDS]
+requests += [(f"sdpa_kernel([{', '.join(order)}])", order) for order in (["MATH", "FLASH_ATTENTION"],
+                                                                         ["FLASH_ATTENTION", "MATH"])]
 proofs = []
-for asked, allowed, priority in requests:
-    only = (sdpa_kernel([getattr(SDPBackend, b) for b in allowed], set_priority=priority) if allowed
-            else contextlib.nullcontext())
+for asked, allowed in requests:
+    only = sdpa_kernel([getattr(SDPBackend, b) for b in allowed]) if allowed else contextlib.nullcontext()
     try:
         with only, warnings.catch_warnings(action="ignore"):  # refused: section 3 says why
             seen = timing.ops_that_ran(causal_call, lab.device)
@@ -312,30 +309,25 @@ lab.table("what_ran", proofs, title=f"What ran, {lab.dtype_name}, causal, (1, 8,
 ex.compare(proofs["ran (profiler)"][0])  # the first row: no sdpa_kernel, PyTorch chose
 
 # %% [markdown]
-# Reading the table: a forced backend must be the one the profiler saw, and the two orders of one list, without
-# `set_priority`, must run the same backend.
+# Reading the table: a forced backend must be the one the profiler saw, and the two orders of one list must run the
+# same backend. A list only allows its backends; PyTorch tries them in its own order. `set_priority=True` makes the
+# list's order the priority, as `sdpa_kernel`'s docstring in `torch/nn/attention/__init__.py` says.
 
 # %%
 ran = dict(zip(proofs["asked for"], proofs["ran (profiler)"], strict=True))
-forced = [(asked, allowed[0]) for asked, allowed, _ in requests if len(allowed) == 1 and pd.notna(ran[asked])]
+forced = [(asked, allowed[0]) for asked, allowed in requests if len(allowed) == 1 and pd.notna(ran[asked])]
 lab.check("a_forced_backend_is_the_one_that_ran", forced and all(ran[a] == b for a, b in forced), str(forced))
 plain, reverse = ran["sdpa_kernel([MATH, FLASH_ATTENTION])"], ran["sdpa_kernel([FLASH_ATTENTION, MATH])"]
 lab.check("a_list_runs_in_pytorchs_order_without_set_priority", plain == reverse, f"{plain} vs {reverse}")
-ordered = ran["sdpa_kernel([MATH, FLASH_ATTENTION], set_priority=True)"]
 said = "made no difference" if plain == reverse else "changed which backend ran"
-said_priority = "became the order tried" if ordered == "MATH" else "changed nothing" + (
-    "" if lab.on_gpu else " (on a CPU, PyTorch tries FLASH_ATTENTION, then MATH, whatever the priority says)")
-print(f"Without set_priority the order of the list {said}: [MATH, FLASH_ATTENTION] ran {plain}, [FLASH_ATTENTION, "
-      f"MATH] ran {reverse}. With set_priority=True, [MATH, FLASH_ATTENTION] ran {ordered}: the order {said_priority}.")
+print(f"The order of the list {said}: [MATH, FLASH_ATTENTION] ran {plain}, [FLASH_ATTENTION, MATH] ran {reverse}.")
 
 # %% [markdown]
-# ### The old API: `torch.backends.cuda.sdp_kernel(...)`
-#
-# The source page forces Flash with `torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False,
-# enable_mem_efficient=False)`. It is deprecated. It also has a fourth switch, `enable_cudnn`, which defaults to `True`
-# (`torch/backends/cuda/__init__.py`). So the page's call leaves cuDNN on: where cuDNN comes first, cuDNN runs, not
-# Flash. The cells below run the old call once, on purpose: its warning, the four global switches inside it, and what
-# the profiler saw.
+# **What replaced `sdp_kernel`.** The source page forces Flash with the deprecated
+# `torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False, enable_mem_efficient=False)`. Its fourth
+# switch, `enable_cudnn`, defaults to `True` in `torch/backends/cuda/__init__.py`, so cuDNN stays on. Today's
+# `sdpa_kernel(SDPBackend.FLASH_ATTENTION)` allows Flash alone. The old call runs once below, on purpose: its warning,
+# its four switches, and what the profiler saw.
 
 # %%
 def enabled_backends():  # the four global on/off switches of SDPA's backends, which the old API sets
@@ -365,10 +357,6 @@ else:
 print("Switches after the context manager:", enabled_backends())
 
 # %% [markdown]
-# Today's equivalent is `sdpa_kernel(SDPBackend.FLASH_ATTENTION)`. To mean "Flash, else cuDNN", pass both with
-# `set_priority=True`: `sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION], set_priority=True)`.
-# Without it the list only allows both, and PyTorch's own order decides.
-#
 # ## 3. Eligibility: which inputs each backend refuses, and why
 #
 # Each fused backend has conditions: dtypes (on a GPU, Flash Attention takes only float16/bfloat16), 4-D inputs

@@ -339,3 +339,21 @@ def test_the_stored_h100_run_has_a_sweep_to_read():
     frame = table(runs["nvidia-h100"], "sweep")
     assert set(frame["implementation"]) == set(fastpath.IMPLEMENTATIONS)
     assert len(frame) == 3 * 3 * 3 * 4  # implementations x batches x lengths x padding fractions
+
+
+def test_the_boundaries_03_1_asks_for_are_what_transformers_collator_returns(tiny_bert):
+    """03.1's solution (cu_seqlens, document ids) against DataCollatorWithFlattening, which the notebook packs with."""
+    from transformers import DataCollatorWithFlattening
+
+    from labkit.exercises.encoder import packed_boundaries
+
+    _, tokenizer = tiny_bert
+    batch = fastpath.padded_batch(tokenizer, batch=5, length=16, padding_fraction=0.5, seed=3)
+    pairs = zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(
+        [{"input_ids": ids[m.bool()].tolist()} for ids, m in pairs])
+    cu, ids = packed_boundaries(batch["attention_mask"])
+    assert cu.dtype == torch.int32 and torch.equal(cu, packed["cu_seq_lens_q"].int())
+    restarts = (packed["position_ids"][0] == 0).long().cumsum(0) - 1  # a new document where the positions restart
+    assert torch.equal(ids, restarts) and len(ids) == packed["input_ids"].shape[1]
+
