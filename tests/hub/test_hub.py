@@ -159,6 +159,22 @@ def hub():
         shutil.rmtree(base, ignore_errors=True)
 
 
+def listening_on(port: int) -> set[str]:
+    """The addresses a socket listens on at ``port``, from the kernel's own tables (/proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, at = local.partition(":")
+            if state == "0A" and int(at, 16) == port:  # 0A: LISTEN
+                packed = bytes.fromhex(address)
+                words = b"".join(packed[i:i + 4][::-1] for i in range(0, len(packed), 4))  # little-endian words
+                found.add(socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, words))
+    return found
+
+
 def sign_in(hub, name: str, password: str) -> requests.Response:
     """A learner signs in with a password through the hub's REST API: a token of their own comes back."""
     return requests.post(f"{hub['url']}/hub/api/users/{name}/tokens", timeout=60,
@@ -252,6 +268,10 @@ def test_an_open_authenticator_is_refused_on_a_public_address(tmp_path):
 def test_a_class_of_three(hub):
     passwords = hub["passwords"]
     first, second, third = LEARNERS
+    port = int(hub["url"].rsplit(":", 1)[1])
+    # the proxy, the hub's API and the proxy's API listen on loopback only, as nothing asked for another address
+    for at in (port, port + 1, port + 2):
+        assert listening_on(at) and all(classroom.is_loopback(a) for a in listening_on(at)), (at, listening_on(at))
 
     # a wrong password is refused, and a right one gives the learner a token
     assert sign_in(hub, first, passwords[first] + "x").status_code == 403
