@@ -44,7 +44,9 @@ c.JupyterHub.spawner_class = "localprocess"
 c.Spawner.cmd = [str(singleuser)]
 c.Spawner.notebook_dir = "~/workbook"
 c.Spawner.default_url = "/lab"
-c.Spawner.env_keep = ["LANG", "LC_ALL", "PATH", "JUPYTERHUB_SINGLEUSER_APP", *classroom.KEPT]
+c.Spawner.env_keep = ["LANG", "LC_ALL", "JUPYTERHUB_SINGLEUSER_APP", *classroom.KEPT]
+# the venv first, so that a learner's terminal finds `labkit progress`; not root's PATH, which may name its own folders
+c.Spawner.environment = {"PATH": f"{s['venv'] / 'bin'}:/usr/local/bin:/usr/bin:/bin"}
 c.Spawner.start_timeout = c.Spawner.http_timeout = 120  # a kernel machine busy with a class starts servers slowly
 gpus = classroom.gpu_count(s["gpus"])
 try:  # a bad LABKIT_HUB_GPU_SHARE stops the hub here, with one sentence

@@ -312,11 +312,11 @@ def test_a_class_of_three(hub):
         cells = notebook_cells(hub, name, tokens[name], results)
         cells.append(f"from labkit import exercises\nexercise = exercises.get({EXERCISE!r})\n"
                      "assert exercises.Bound(exercise, dict(exercise.example_context)).check('left')")
-        cells.append("import json, os, pwd, sys\ntry:\n"
+        cells.append("import json, os, pwd, shutil, sys\ntry:\n"
                      f"    os.listdir({pwd.getpwnam(neighbour).pw_dir!r}); neighbour = 'read'\n"
                      "except PermissionError:\n    neighbour = 'refused'\n"
                      "print(json.dumps({'user': pwd.getpwuid(os.getuid()).pw_name, 'python': sys.prefix, "
-                     "'neighbour': neighbour, 'share': {k: os.environ[k] for k in "
+                     "'neighbour': neighbour, 'labkit': shutil.which('labkit'), 'share': {k: os.environ[k] for k in "
                      "('CUDA_VISIBLE_DEVICES', 'LABKIT_GPU_SHARE') if k in os.environ}}))")
         kernel = await asyncio.to_thread(
             requests.post, f"{hub['url']}/user/{name}/api/kernels", json={"name": "python3"}, timeout=120,
@@ -337,6 +337,7 @@ def test_a_class_of_three(hub):
         seen = json.loads(cells[-1]["text"])
         assert seen["user"] == name and Path(seen["python"]) == VENV, seen  # the learner's account, the venv's kernel
         assert seen["neighbour"] == "refused", f"{name} could list another learner's home"
+        assert seen["labkit"] == str(VENV / "bin" / "labkit"), seen  # `labkit progress` in a learner's terminal
         assert seen["share"] == classroom.gpu_share_env(name, everyone, 2, "auto"), seen
         data = json.loads(Path(timing["results"]).read_text())
         assert data["checks"] and all(data["checks"].values()), f"{name}'s notebook 00 checks: {data['checks']}"
