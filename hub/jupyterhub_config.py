@@ -21,8 +21,7 @@ c.JupyterHub.hub_port = s["hub_port"]
 c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{s['proxy_api_port']}"
 c.ConfigurableHTTPProxy.command = [str(classroom.REPO / "hub" / "node_modules" / ".bin" / "configurable-http-proxy")]
 
-# The hub's state: its database and cookie secret, readable by root only.
-s["state"].mkdir(mode=0o700, parents=True, exist_ok=True)
+# The hub's state: its database and cookie secret, readable by root only (the folder is made after the check below).
 c.JupyterHub.db_url = f"sqlite:///{s['state'] / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(s["state"] / "jupyterhub_cookie_secret")
 c.ConfigurableHTTPProxy.pid_file = str(s["state"] / "proxy.pid")
@@ -85,3 +84,4 @@ else:
 why = classroom.refusal(host, command_line.get("authenticator_class", c.JupyterHub.authenticator_class))
 if why:
     sys.exit(why)
+s["state"].mkdir(mode=0o700, parents=True, exist_ok=True)
