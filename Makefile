@@ -71,6 +71,28 @@ site: $(STAMP)
 	@test -n "$(RUN)" || { echo "make site: no run folder under runs/: make run first, or make site RUN=<folder>"; exit 1; }
 	$(PY) tools/site.py $(RUN)
 
+# A class on one machine (hub/; notebooks/WORKSHOP.md, "Running a class with the hub"): JupyterHub and pamela from the
+# lock into the workbook's venv, and the proxy from npm into hub/node_modules at hub/package-lock.json's versions.
+# Every learner's account runs the venv's Python: a venv made from a Python under a private folder (/root/.pyenv) is
+# refused here, with the command that builds one from the system's Python.
+.PHONY: hub test-hub
+HUB_PROXY := hub/node_modules/.bin/configurable-http-proxy
+hub: $(STAMP) $(HUB_PROXY)
+	$(call uv_install,$(VENV)) -c $(LOCK) -e ".[$(EXTRAS),hub]"
+	@if [ "$$(id -u)" = 0 ] && command -v runuser >/dev/null && \
+	  ! runuser -u nobody -- $(abspath $(PY)) -c "import labkit, jupyterhub" 2>/dev/null; then \
+	  echo "make hub: another account cannot run $(PY) with labkit (it lives under a private folder, or the repository does), so no learner's server would start; build the venv from the system's Python: rm -rf $(VENV) && make hub PYTHON=/usr/bin/python3"; exit 1; fi
+
+$(HUB_PROXY): hub/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "make hub: npm is missing; the hub's proxy (configurable-http-proxy) comes from npm, with Node.js 20 or newer"; exit 1; }
+	cd hub && npm ci --no-audit --no-fund
+	touch $@
+
+# The hub on loopback with three learner accounts (tests/hub/test_hub.py): as root, with useradd; about 3 minutes on
+# 2 cores. Outside this target the test skips.
+test-hub: hub
+	LABKIT_TEST_HUB=1 $(TEST_ENV) $(PY) -m pytest -p no:cacheprovider --durations=5 tests/hub
+
 # Debian's Chromium for the browser tests (Playwright drives it; browser downloads do not work offline).
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \

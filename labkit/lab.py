@@ -13,7 +13,11 @@ own tables, and the results file is written.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Any
+
+import torch
 
 from labkit import exercises, probes, registry, widgets
 from labkit.errors import BadParameter
@@ -95,12 +99,43 @@ class Lab(Results):
         self.write()
 
 
+GPU_SHARE = "LABKIT_GPU_SHARE"  # set per learner by the class hub (hub/classroom.py, gpu_share_env)
+
+
+@functools.cache
+def gpu_share() -> float | None:
+    """The share of a GPU's memory this process may allocate: $LABKIT_GPU_SHARE, read once; None when unset."""
+    text = os.environ.get(GPU_SHARE, "").strip()
+    if not text:
+        return None
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise BadParameter(f"{GPU_SHARE}={text!r}: give a share of the GPU's memory above 0 and at most 1, "
+                           "such as 0.25.")
+    return share
+
+
+def apply_gpu_share(device: str) -> str:
+    """Cap what this process allocates on ``device`` at its share: torch's caching allocator then raises
+    OutOfMemoryError past it (torch/cuda/memory.py, set_per_process_memory_fraction). The opening line's words."""
+    share = gpu_share()
+    if share is None or not device.startswith("cuda"):
+        return ""
+    torch.cuda.set_per_process_memory_fraction(share, torch.device(device))
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return f" This kernel may allocate {share:.0%} of the GPU's memory, {share * total / 2**30:.1f} GiB ({GPU_SHARE})."
+
+
 def start(notebook: str, params: dict[str, Any]) -> Lab:
     """Open ``notebook``: resolve and check the parameters in ``params`` (the notebook's ``globals()``), plan and
     load what it needs, open the results record, and say in one line where it runs."""
     widgets.short_errors()  # a bad parameter stops the notebook with one sentence, not a traceback
     module = topic(notebook)
     device = probes.resolve_device(params.get("device", "auto"))
+    shared = apply_gpu_share(device)  # before anything is allocated on the GPU
     quick = params.get("quick", "auto")  # "auto": small sizes on a machine without a GPU (as `labkit run` picks)
     if quick == "auto":
         quick = not device.startswith("cuda")
@@ -121,5 +156,5 @@ def start(notebook: str, params: dict[str, Any]) -> Lab:
               quick=quick, solutions=bool(params.get("solutions", False)), p=p)
     dtype_words = f" in {lab.dtype_name}" if lab.dtype is not None else ""
     print(f"Working on {device} ({lab.device_label}){dtype_words}{', quick sizes' if quick else ''}."
-          + (f" {line}" if line else ""))
+          + (f" {line}" if line else "") + shared)
     return lab
