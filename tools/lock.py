@@ -41,7 +41,8 @@ NOT_LOCKED = re.compile(r"^(torch|labkit|triton|nvidia-.*|cuda-.*)$")
 
 # What each lock resolves: the torch it is resolved with (not written) and the requirements.
 LOCKS = {
-    "main": {"torch": "2.13.0", "requirements": ["-e", f"{ROOT}[{EXTRAS}]", "uv"],
+    # the main lock also pins the class hub's packages (make hub installs them from it; make install does not)
+    "main": {"torch": "2.13.0", "requirements": ["-e", f"{ROOT}[{EXTRAS},hub]", "uv"],
              "about": "make, environment.yml, binder/environment.yml, reference/device/pack.sh"},
     "oldest": {"torch": "2.11.0",
                "requirements": ["-e", f"{ROOT}[{EXTRAS}]", "transformers==5.17.0", "accelerate==1.15.0", "uv"],
