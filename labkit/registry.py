@@ -85,10 +85,11 @@ NOTEBOOKS: tuple[Notebook, ...] = (
                       "speculative_draft_fresh_speedup", "kv_cache_fp8_over_model_cache", "server_c4_tokens_per_s")),
     Notebook("07_serving_internals", "serving_internals", "serving_internals", "model_id", "dtype",
              ({"requests": -1}, "requests=-1"), ({"token_budgets": 512}, "token_budgets=512"),
-             model_tasks=(("model_id", "paged-causal-lm"),),
+             model_tasks=(("model_id", "paged-causal-lm"), ("spec_model_id", "causal-lm")),
              tables=("prefix_caching", "token_budget", "paged_block_table", "self_speculation",
                      "kv_handoff"),
-             metrics=("prefix_caching_ttft_p50_speedup",)),
+             metrics=("prefix_caching_ttft_p50_speedup", "self_speculation_best_speedup",
+                      "kv_handoff_transfer_over_prefill_longest")),
 )
 
 BY_STEM: dict[str, Notebook] = {n.stem: n for n in NOTEBOOKS}
