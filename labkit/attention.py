@@ -109,7 +109,7 @@ def math_too_big(device: str, batch: int, heads: int, seq: int) -> str:
     """Why the math backend is not even tried at this size ('' when it is): its float32 scores would not fit."""
     needed = 2 * score_matrix_bytes(batch, heads, seq, seq, "float32")  # scores and their softmax
     on_gpu = str(device).startswith("cuda")  # what can be allocated: the driver's answer, or the system's
-    free = torch.cuda.mem_get_info(torch.device(device))[0] if on_gpu else psutil.virtual_memory().available
+    free = probes.gpu_memory_allowed(device) if on_gpu else psutil.virtual_memory().available  # the hub's share too
     if needed > free / 4:
         return (f"the math backend would materialise {needed / 2**30:.1f} GiB of scores, more than a quarter of "
                 f"the {free / 2**30:.1f} GiB free")

@@ -13,8 +13,6 @@ own tables, and the results file is written.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from typing import Any
 
 import torch
@@ -99,23 +97,7 @@ class Lab(Results):
         self.write()
 
 
-GPU_SHARE = "LABKIT_GPU_SHARE"  # set per learner by the class hub (hub/classroom.py, gpu_share_env)
-
-
-@functools.cache
-def gpu_share() -> float | None:
-    """The share of a GPU's memory this process may allocate: $LABKIT_GPU_SHARE, read once; None when unset."""
-    text = os.environ.get(GPU_SHARE, "").strip()
-    if not text:
-        return None
-    try:
-        share = float(text)
-    except ValueError:
-        share = -1.0
-    if not 0 < share <= 1:
-        raise BadParameter(f"{GPU_SHARE}={text!r}: give a share of the GPU's memory above 0 and at most 1, "
-                           "such as 0.25.")
-    return share
+GPU_SHARE, gpu_share = probes.GPU_SHARE, probes.gpu_share  # the class hub's share, read once
 
 
 def apply_gpu_share(device: str) -> str:

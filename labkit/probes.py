@@ -7,6 +7,7 @@ Every answer comes from running a tiny call, not from a capability table: the
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -131,6 +132,33 @@ def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
             f"dtype={dtype!r} is not a dtype for model weights here; use one of 'auto', 'float32', 'float16', "
             "'bfloat16' (8-bit and 4-bit weights come from bitsandbytes, notebook 04).")
     return getattr(torch, name)
+
+
+GPU_SHARE = "LABKIT_GPU_SHARE"  # set per learner by the class hub (hub/classroom.py, gpu_share_env)
+
+
+@functools.cache
+def gpu_share() -> float | None:
+    """The share of a GPU's memory this process may allocate: $LABKIT_GPU_SHARE, read once; None when unset
+    (``labkit.lab.apply_gpu_share`` caps torch's allocator at it)."""
+    text = os.environ.get(GPU_SHARE, "").strip()
+    if not text:
+        return None
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise BadParameter(f"{GPU_SHARE}={text!r}: give a share of the GPU's memory above 0 and at most 1, "
+                           "such as 0.25.")
+    return share
+
+
+def gpu_memory_allowed(device: str) -> int:
+    """Bytes this process may still allocate on ``device``: the driver's free memory, within the class hub's share."""
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    share = gpu_share()
+    return free if share is None else min(free, int(share * total))
 
 
 BF16_CAPABILITY = (8, 0)  # bfloat16 matrix units: Ampere (8.0) and newer; a T4 (7.5) emulates it, slowly

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit import lab
+from labkit import lab, probes
 from labkit.errors import BadParameter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "hub"))
@@ -141,19 +141,19 @@ def share(monkeypatch):
     """Set $LABKIT_GPU_SHARE for one test (lab.gpu_share reads it once per process, so its cache is cleared)."""
     def set_to(value):
         monkeypatch.setenv("LABKIT_GPU_SHARE", value)
-        lab.gpu_share.cache_clear()
+        probes.gpu_share.cache_clear()
     yield set_to
-    lab.gpu_share.cache_clear()
+    probes.gpu_share.cache_clear()
 
 
 def test_the_share_is_read_once(share, monkeypatch):
     monkeypatch.delenv("LABKIT_GPU_SHARE", raising=False)
-    lab.gpu_share.cache_clear()
-    assert lab.gpu_share() is None
+    probes.gpu_share.cache_clear()
+    assert probes.gpu_share() is None
     share("0.25")
-    assert lab.gpu_share() == 0.25
+    assert probes.gpu_share() == 0.25
     monkeypatch.setenv("LABKIT_GPU_SHARE", "0.5")
-    assert lab.gpu_share() == 0.25, "read once: a kernel keeps the share it started with"
+    assert probes.gpu_share() == 0.25, "read once: a kernel keeps the share it started with"
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "a quarter"])

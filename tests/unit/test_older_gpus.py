@@ -118,3 +118,17 @@ def test_the_decoding_notebooks_gpu_sizes_fit_in_16_and_24_gb(gpu):
     need["04"] = sum(footprint.memory_needed(speed, fmt=f)["weights"] for f in p4.formats)
     too_big = {n: f"{b / GIB:.1f} GiB" for n, b in need.items() if b > usable}
     assert not too_big, f"on {gpu.label} ({usable / GIB:.1f} GiB usable): {too_big}"
+
+
+def test_a_learners_share_of_the_gpu_shrinks_what_01_tries(gpu, monkeypatch):
+    """The class hub's share (LABKIT_GPU_SHARE): torch's allocator is capped at it, and 01's memory guard reads it."""
+    whole = opened("01_flash_attention").p.math_seq
+    capped = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda share, device=None: capped.append(share))
+    monkeypatch.setenv(probes.GPU_SHARE, "0.1")
+    probes.gpu_share.cache_clear()
+    try:
+        shared = opened("01_flash_attention").p.math_seq
+    finally:
+        probes.gpu_share.cache_clear()
+    assert capped == [0.1] and shared < whole
