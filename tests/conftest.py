@@ -45,12 +45,19 @@ def assert_refused(parameters_type, bad: dict, named: str) -> None:
     assert named in str(caught.value) and "\n" not in str(caught.value)
 
 
+# A notebook's first cells, counted as a kernel runs them: the parameters, papermill's injected parameters, the
+# install-if-missing cell (it does nothing where labkit is installed) and the opening, where a bad parameter stops.
+OPENING_EXEC_COUNT = 4
+
+
 def notebook_opening(notebook) -> tuple[dict, int]:
     """The defaults of a notebook's parameters cell, and the place of its ``labkit.start`` cell among its code
-    cells (papermill puts the injected parameters right after the parameters cell)."""
+    cells, the install-if-missing cell left out (papermill puts the injected parameters right after the parameters
+    cell)."""
     import nbformat
 
-    cells = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
+    cells = [c for c in nbformat.read(notebook, as_version=4).cells
+             if c.cell_type == "code" and "install-if-missing" not in c.metadata.get("tags", [])]
     defaults: dict = {}
     exec(next(c.source for c in cells if "parameters" in c.metadata.get("tags", [])), defaults)
     return defaults, next(i for i, c in enumerate(cells) if "labkit.start(" in c.source)

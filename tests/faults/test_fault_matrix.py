@@ -14,7 +14,7 @@ import kernel_guard
 import papermill
 import pytest
 from conditions import CONDITIONS
-from conftest import notebook_opening
+from conftest import OPENING_EXEC_COUNT, notebook_opening
 
 import labkit
 from labkit.errors import BadParameter, ModelNotAvailable
@@ -57,7 +57,7 @@ def test_notebook_completes_or_stops_clearly(condition, number, tmp_path, monkey
         except papermill.PapermillExecutionError as error:
             assert condition.expected(number) == "stopped", f"{error.ename}: {error.evalue}"
             assert error.ename in ("BadParameter", "ModelNotAvailable"), f"{error.ename}: {error.evalue}"
-            assert error.exec_count <= 3, f"stopped in cell {error.exec_count}, not in the first cells"
+            assert error.exec_count <= OPENING_EXEC_COUNT, f"stopped in cell {error.exec_count}, not in the first cells"
             assert len(error.traceback) == 1, "one sentence, not a traceback"
             assert condition.stop_says(number) in error.evalue, error.evalue
             outcome = "stopped"

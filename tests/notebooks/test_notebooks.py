@@ -10,7 +10,7 @@ from pathlib import Path
 
 import papermill
 import pytest
-from conftest import first_run_cache, notebook_opening
+from conftest import OPENING_EXEC_COUNT, first_run_cache, notebook_opening
 
 import labkit
 from labkit import registry
@@ -78,7 +78,7 @@ def test_a_bad_parameter_stops_the_notebook_early_in_one_sentence(tmp_path, monk
                                    progress_bar=False)
     error = caught.value
     assert error.ename == "BadParameter" and named in error.evalue
-    assert error.exec_count <= 3, "bad parameters must be caught in the first cells"
+    assert error.exec_count <= OPENING_EXEC_COUNT, "bad parameters must be caught in the first cells"
     assert len(error.traceback) == 1, "one sentence, not a traceback"
 
 
