@@ -30,6 +30,15 @@ def profiler_allocations(prof) -> list[tuple[int, int]] | None:
 # torch 2.11-2.13: nn.TransformerEncoder takes its nested-tensor fastpath only when the padding is on the right (every
 # sequence's tokens first, ``mask`` True at padding), which it tests with this private op;
 # labkit.fastpath.why_not_fastpath asks the same question the same way.
+# torch 2.11-2.13: the CPU profiler records only the ops of the thread that started it, unless the private
+# ``_ExperimentalConfig(profile_all_threads=True)`` is passed (checked on 2.13: a worker thread's aten::mm is recorded
+# with it and missing without it). transformers' continuous batching runs its steps in a background thread.
+def all_threads_profiler_config():
+    from torch._C._profiler import _ExperimentalConfig
+
+    return _ExperimentalConfig(profile_all_threads=True)
+
+
 def padding_is_right_aligned(src, src_key_padding_mask) -> bool:
     import torch
 

@@ -278,16 +278,18 @@ class OpTimes:
         return float(self.table.loc[hit, "ms"].sum())
 
 
-def time_by_op(fn: Callable[[], Any], device: str = "cpu") -> OpTimes:
+def time_by_op(fn: Callable[[], Any], device: str = "cpu", *, all_threads: bool = False) -> OpTimes:
     """Run ``fn`` once under ``torch.profiler``: its wall time, the device's busy time and the time of each op.
 
     On CUDA the rows are GPU kernels and their device time; on a CPU they are ATen ops and their self CPU time (the
-    time inside the op minus the ops it called). Warm ``fn`` up before: a first call's one-off costs would show.
+    time inside the op minus the ops it called), of the calling thread only unless ``all_threads`` (for work that
+    ``fn`` hands to a thread of its own). Warm ``fn`` up before: a first call's one-off costs would show.
     """
     import pandas as pd
 
     on_cuda = str(device).startswith("cuda")
-    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])])
+    every_thread = {"experimental_config": compat.all_threads_profiler_config()} if all_threads and not on_cuda else {}
+    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])], **every_thread)
     with _quiet_native_stderr():
         prof.start()
     try:

@@ -128,3 +128,17 @@ def test_time_by_op_finds_the_matrix_product_and_splits_busy_time_by_op():
 def test_time_by_op_sees_host_time_outside_the_ops():
     seen = timing.time_by_op(lambda: (time.sleep(0.02), torch.ones(4) + 1))
     assert seen.wall_ms >= 20 and seen.busy_share < 0.5  # the sleep is wall time with no op running
+
+
+def test_time_by_op_records_a_worker_threads_ops_only_when_asked():
+    import threading
+
+    weight = torch.randn(128, 128)
+
+    def in_a_thread():
+        worker = threading.Thread(target=lambda: [weight @ weight for _ in range(10)])
+        worker.start()
+        worker.join()
+
+    assert "aten::mm" not in set(timing.time_by_op(in_a_thread).table["name"])
+    assert "aten::mm" in set(timing.time_by_op(in_a_thread, all_threads=True).table["name"])
