@@ -3,9 +3,11 @@ together.
 
     torchrun --standalone --nproc-per-node 4 scripts/tp_pp_keyerror.py
 
-Every rank stops with ``KeyError: 'model.layers.N.self_attn.q_proj.weight'``, N a layer that another pipeline stage
-holds: the tensor-parallel plan is expanded over every layer before the pipeline replaces the layers of the other
-stages with placeholders, and applying the plan then looks their weights up. (labkit.compat.tp_plan_skips_other_stages
+Every rank stops with a ``KeyError`` for a weight that another pipeline stage holds: the first stage's ranks with
+``'model.layers.N.self_attn.q_proj.weight'``, N a layer of the second stage; the second stage's ranks with that or
+with ``'model.embed_tokens.weight'``, which the first stage holds (seen in a CI run: rank 3 failed first with it). The
+tensor-parallel plan is expanded over every layer before the pipeline replaces the other stages' modules with
+placeholders, and applying the plan then looks their weights up. (labkit.compat.tp_plan_skips_other_stages
 is the workaround notebook 05 uses.)
 """
 
