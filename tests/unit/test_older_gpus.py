@@ -4,8 +4,8 @@ RTX 3090 or A10 (8.6) and an RTX 4090 or L4 (8.9), simulated here without a GPU.
 What is simulated is the device's description, as torch would give it (capability, name, memory). The three probes
 that run a tiny call on the device answer as follows:
 - the 8 x 8 matrix product in the chosen dtype runs;
-- bitsandbytes' 4-bit product runs: bitsandbytes 0.50 serves every CUDA GPU, and its int8 matrix units are counted
-  from 7.5 (`CUDASpecs.has_imma` in bitsandbytes/cuda_specs.py);
+- bitsandbytes' 4-bit product runs (assumed, not checked on such a GPU; bitsandbytes 0.50 counts its int8 matrix
+  units from 7.5, `CUDASpecs.has_imma` in bitsandbytes/cuda_specs.py);
 - of SDPA's backends only MATH runs. torch 2.13 keeps its per-capability rules in C++ (sdp_utils.cpp) where labkit
   cannot read them, so notebook 01 finds out by running each backend once. MATH alone is the most limited answer a
   GPU can give, and each notebook must still open.
