@@ -53,7 +53,7 @@ SIZES = {
             "server_requests": 64},
     "quick": {"requests": 8, "length_scale": 16, "static_batch": 4, "page_size": 16, "repeats": 1,
               "batch_sizes": [1, 2, 4, 8], "curve_prompt": 8, "curve_new_tokens": 4, "spec_new_tokens": 16,
-              "quote_words": 60, "kv_context": 128, "kv_read": 32, "server_concurrency": [1, 4], "server_requests": 8},
+              "quote_words": 60, "kv_context": 128, "kv_read": 32, "server_concurrency": [1, 4], "server_requests": 4},
     "cpu": {"requests": 32, "length_scale": 4, "static_batch": 8, "page_size": 16, "repeats": 1,
             "batch_sizes": [1, 2, 4, 8, 16, 32], "curve_prompt": 32, "curve_new_tokens": 16, "spec_new_tokens": 64,
             "quote_words": 120, "kv_context": 1024, "kv_read": 64, "server_concurrency": [1, 2, 4, 8],

@@ -4,7 +4,8 @@
 
 It runs on whatever torchrun set up: NCCL between GPUs, gloo between CPU processes. Tensor parallelism pays one
 all-reduce per attention block and one per MLP block of every layer, for every generated token; this measures
-what one costs at each message size.
+what one costs at each message size. Notebook 05 runs ``time_all_reduce`` inside its largest layouts launch
+(``layouts.py --allreduce-max-mib``), which saves starting the processes a second time.
 """
 
 import argparse
@@ -54,6 +55,14 @@ def time_all_reduce(sizes_bytes: list[int], *, device: str, warmup: int = 3, rep
     return rows
 
 
+def message_sizes(min_bytes: int, max_mib: int) -> list[int]:
+    """From ``min_bytes`` up to ``max_mib`` MiB, each 4 times the last."""
+    sizes = [min_bytes]
+    while sizes[-1] * 4 <= max_mib * 2**20:
+        sizes.append(sizes[-1] * 4)
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-bytes", type=int, default=256, help="smallest message (bytes)")
@@ -65,12 +74,7 @@ def main() -> None:
     device = parallel.local_device()
     on_gpu = device.startswith("cuda")
     dist.init_process_group("nccl" if on_gpu else "gloo", device_id=torch.device(device) if on_gpu else None)
-    sizes = []
-    size = args.min_bytes
-    while size <= args.max_mib * 2**20:
-        sizes.append(size)
-        size *= 4
-    rows = time_all_reduce(sizes, device=device, repeats=args.repeats)
+    rows = time_all_reduce(message_sizes(args.min_bytes, args.max_mib), device=device, repeats=args.repeats)
     if dist.get_rank() == 0:  # the launcher reads this file once every process has ended
         Path(args.out).write_text(json.dumps({"script": "allreduce_bench", "world_size": dist.get_world_size(),
                                               "backend": dist.get_backend(), "device": device,

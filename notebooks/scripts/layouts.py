@@ -13,8 +13,10 @@ The layouts (transformers' ``DistributedConfig`` splits the model while ``from_p
   dp     data parallelism: a whole copy per process, the prompts shared out (accelerate's split_between_processes);
   tp_pp  TP inside each node and PP across the nodes: DistributedConfig(tp_size=per node, pp_size=nodes).
 Several layouts can run in one launch: starting the processes (importing torch and transformers) costs seconds, more
-than these small jobs. Each layout is compared with its model whole in one process: rank 0 runs it alone, with the
-threads one process would have, while the others wait. Rank 0 writes one JSON object to --out.
+than these small jobs. For the same reason ``--allreduce-max-mib`` also times all-reduce after the layouts, with
+``allreduce_bench.py``'s ``time_all_reduce`` (notebook 05's section 9). Each layout is compared with its model whole
+in one process: rank 0 runs it alone, with the threads one process would have, while the others wait. Rank 0 writes
+one JSON object to --out.
 """
 
 import argparse
@@ -263,6 +265,7 @@ def main() -> None:
     parser.add_argument("--batch-in-flight", type=int, default=4, help="pp: sequences decoded together")
     parser.add_argument("--prompts", type=int, default=4, help="dp: prompts shared out")
     parser.add_argument("--one-process-threads", type=int, default=0, help="0: as many as each process has")
+    parser.add_argument("--allreduce-max-mib", type=int, default=0, help="also time all-reduce up to this size")
     parser.add_argument("--out", required=True, help="the JSON file rank 0 writes")
     job = parser.parse_args()
 
@@ -281,6 +284,11 @@ def main() -> None:
     for name in job.layouts:
         start = time.perf_counter()
         results[name] = {**RUN[name](job), "seconds_in_job": time.perf_counter() - start}
+    if job.allreduce_max_mib:  # the benchmark's own rule: messages from 256 bytes, 4 times larger each
+        from allreduce_bench import message_sizes, time_all_reduce  # a script beside this one
+
+        results["allreduce"] = {"rows": time_all_reduce(message_sizes(256, job.allreduce_max_mib), device=job.device,
+                                                        repeats=20)}
     if job.rank == 0:  # the launcher reads this file once every process has ended
         Path(job.out).write_text(json.dumps({
             "script": "layouts", "world_size": job.world, "nodes": job.world // job.local_world,

@@ -418,19 +418,19 @@ else:  # torchao's reference implementations of both 4-bit formats, run on the s
 import copy
 import importlib.util
 
-rows = []
+rows, fake = [], copy.deepcopy(model)  # one copy: each format overwrites its layers from the 16-bit model's weights
 for name, (quantize, value_bits, scale_bits) in TODAY.items():
-    fake, bits, values, moved, norm = copy.deepcopy(model), 0, 0, 0.0, 0.0
-    for layer in map(fake.get_submodule, linears):
-        w = layer.weight.data.float()
+    bits, values, moved, norm = 0, 0, 0.0, 0.0
+    for layer in linears:
+        w = model.get_submodule(layer).weight.data.float()
         kept, scale = quantize(w)
         bits, values = bits + w.numel() * value_bits + scale.numel() * scale_bits, values + w.numel()
         moved, norm = moved + float((kept - w).square().sum()), norm + float(w.square().sum())
-        layer.weight.data = kept.to(layer.weight.dtype)
+        fake.get_submodule(layer).weight.data = kept.to(model.dtype)
     scored = quant.score(fake, text_ids, reference=reference)
     rows.append({"format": name, "bits per weight": bits / values, "weight error": (moved / norm) ** 0.5,
                  "perplexity": scored["perplexity"], "KL vs 16-bit (nats)": scored["kl"]})
-    del fake
+del fake
 today = pd.DataFrame(rows)
 lab.table("today_formats", today, title="FP8, MXFP4 and NVFP4, computed by hand, on every linear layer")
 

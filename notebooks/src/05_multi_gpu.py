@@ -318,14 +318,14 @@ if len(rows) == 2:
 #
 # ## 3. The layouts as torchrun jobs
 #
-# A Jupyter kernel cannot host the processes, so a script runs them under `torchrun` (`scripts/layouts.py`); each
-# launch prints the command to type in a terminal for the same job. Starting the processes costs seconds (each imports
-# torch and transformers), more than these small jobs take, so one launch runs the four one-machine layouts one after
-# another in the same processes: tensor, pipeline and expert parallelism, and data parallelism; sections 3 to 6 read
-# its results (`--layouts tp` runs one alone). Each layout is compared with its model whole in one process: rank 0
-# runs it alone while the others wait, with the same share of the machine as each of the N processes (one GPU; on a
-# CPU, its share of the cores' threads), as one GPU is compared with N. The cost model: N equal workers are at most N
-# times as fast as one, and each layout's speed-up is checked against it.
+# A Jupyter kernel cannot host the processes, so a script runs them under `torchrun` (`scripts/layouts.py`); each launch
+# prints the command to type in a terminal for the same job. Starting the processes costs seconds (each imports torch
+# and transformers), more than these small jobs take, so one launch runs the four one-machine layouts one after another
+# in the same processes: tensor, pipeline and expert parallelism, and data parallelism; sections 3 to 6 read its results
+# (`--layouts tp` runs one alone). The largest launch then times all-reduce too, for section 9. Each layout is compared
+# with its model whole in one process: rank 0 runs it alone while the others wait, with the same share of the machine as
+# each of the N processes (one GPU; on a CPU, its share of the cores' threads), as one GPU is compared with N. The cost
+# model: N equal workers are at most N times as fast as one, and each layout's speed-up is checked against it.
 #
 # Not every layout splits its model over every process count. In transformers, tensor parallelism needs the attention
 # heads, the key/value heads and the MLP width to divide evenly. That is transformers' rule, not a law of tensor
@@ -362,7 +362,8 @@ print("layouts per launch:", runs)
 # %%
 jobs = {n: launcher.launch(lab.p.scripts / "layouts.py", n, {
     "layouts": layouts, "model": lab.p.model_id, "dtype": lab.p.job_dtype, "new_tokens": lab.p.new_tokens,
-    "repeats": lab.p.repeats, "prompts": lab.p.dp_prompts, "one_process_threads": launcher.threads_per_process(n)},
+    "repeats": lab.p.repeats, "prompts": lab.p.dp_prompts, "one_process_threads": launcher.threads_per_process(n),
+    "allreduce_max_mib": lab.p.allreduce_max_mib if n == max(runs) else 0},  # section 9's benchmark, in one launch
     gpus=lab.p.jobs_on_gpus) for n, layouts in runs.items()}
 if not lab.p.jobs_on_gpus:
     lab.skip("the layouts over NCCL", f"GPUs here: {len(lab.p.gpus)}, 2 needed: they ran on CPU processes over gloo")
@@ -799,6 +800,10 @@ else:
 # measured copy of the message: between CPU processes the memory copy rate (no all-reduce can beat one copy of its
 # data, so it is a true limit); between two GPUs one GPU 0 to GPU 1 copy, a reference rather than a hard limit.
 #
+# The benchmark is `time_all_reduce` in `scripts/allreduce_bench.py`. It already ran, inside the largest launch of
+# section 3, after its layouts: starting the processes again would cost more than the benchmark itself. The script
+# also runs on its own under torchrun (its first lines say how).
+#
 # **05.5 · Predict.** Suppose an all-reduce of 256 MiB over 8 ranks takes 2 ms. What bus bandwidth, in GB/s, does
 # nccl-tests report for it?
 
@@ -808,13 +813,12 @@ answer = None  # your prediction, in GB/s
 ex.check(answer)
 
 # %% tags=["reveals-05.5"]
-bench = launcher.launch(lab.p.scripts / "allreduce_bench.py", max(lab.p.processes),
-                        {"max_mib": lab.p.allreduce_max_mib}, gpus=lab.p.jobs_on_gpus)
-ranks = bench["world_size"]
+job = jobs[max(jobs)]  # the largest launch ran allreduce_bench.py's time_all_reduce after its layouts
+bench, ranks = job["allreduce"], job["world_size"]
 allreduce = pd.DataFrame(bench["rows"])[["bytes", "median_us"]].rename(columns={"median_us": "µs"})
 allreduce["algbw GB/s"] = allreduce["bytes"] / (allreduce["µs"] / 1e6) / 1e9  # the message over the time
 allreduce["busbw GB/s"] = allreduce["algbw GB/s"] * 2 * (ranks - 1) / ranks  # what each link of a ring carries
-title = f"all_reduce, {ranks} processes over {bench['backend']} on {bench['device_label']}"
+title = f"all_reduce, {ranks} processes over {job['backend']} on {job['device_label']}"
 lab.table("allreduce", allreduce, title=title)
 size, seconds, n = ex.given["message_bytes"], ex.given["seconds"], ex.given["ranks"]
 busbw = size / seconds * 2 * (n - 1) / n  # the busbw column's formula on the question's numbers

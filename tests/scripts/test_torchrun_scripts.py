@@ -19,7 +19,7 @@ def layouts(tmp_path_factory):
     """The job as a terminal launches it on a first run after `make install`: labkit's cache holds only SmolLM2, so its
     ranks save the model folders (tiny-llama, the layout models) before the process group starts."""
     args = {"layouts": ["tp", "pp", "ep", "dp"], "model": "tiny-llama", "dtype": "float32", "new_tokens": 4,
-            "repeats": 1, "prompts": 5, "batch_in_flight": 3}
+            "repeats": 1, "prompts": 5, "batch_in_flight": 3, "allreduce_max_mib": 1}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LABKIT_CACHE", str(first_run_cache(tmp_path_factory.mktemp("first-run") / "labkit")))
         run = launcher.launch(SCRIPTS / "layouts.py", 2, args, gpus=False, echo=False)
@@ -107,6 +107,13 @@ def test_all_reduce_benchmark_reports_nccl_tests_bandwidths():
         seconds = row["median_us"] / 1e6
         assert row["algbw_bytes_per_s"] == pytest.approx(row["bytes"] / seconds)
         assert row["busbw_bytes_per_s"] == pytest.approx(row["algbw_bytes_per_s"])  # 2(n-1)/n = 1 for two ranks
+
+
+def test_the_layouts_launch_also_times_all_reduce_as_the_benchmark_does(layouts):
+    """Notebook 05 reads section 9's table from its largest layouts launch (one start of the processes fewer)."""
+    rows = layouts["allreduce"]["rows"]
+    assert [r["bytes"] for r in rows] == [256 * 4**i for i in range(7)]  # 256 bytes to 1 MiB, as allreduce_bench.py
+    assert all(r["median_us"] > 0 and r["busbw_bytes_per_s"] == pytest.approx(r["algbw_bytes_per_s"]) for r in rows)
 
 
 def test_a_failing_job_reports_its_last_lines(tmp_path):
