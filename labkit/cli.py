@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -146,13 +144,11 @@ def _stop_tree(process) -> None:
     """Stop papermill, its kernel and whatever the kernel started (each may sit in its own session)."""
     import psutil
 
-    try:
-        tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
-    except psutil.NoSuchProcess:  # papermill already gone
-        tree = []
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):  # papermill may be gone already
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    process.kill()
     process.wait()
 
 
