@@ -12,7 +12,7 @@ import inspect
 import logging
 from typing import Any
 
-# torch is imported inside the two shims that need it: `import labkit` (and with it this module) stays free of torch,
+# torch is imported inside the shims that need it: `import labkit` (and with it this module) stays free of torch,
 # so that the `labkit` command answers --help at once.
 
 
@@ -27,9 +27,6 @@ def profiler_allocations(prof) -> list[tuple[int, int]] | None:
         return None
 
 
-# torch 2.11-2.13: nn.TransformerEncoder takes its nested-tensor fastpath only when the padding is on the right (every
-# sequence's tokens first, ``mask`` True at padding), which it tests with this private op;
-# labkit.fastpath.why_not_fastpath asks the same question the same way.
 # torch 2.11-2.13: the CPU profiler records only the ops of the thread that started it, unless the private
 # ``_ExperimentalConfig(profile_all_threads=True)`` is passed (checked on 2.13: a worker thread's aten::mm is recorded
 # with it and missing without it). transformers' continuous batching runs its steps in a background thread.
@@ -39,6 +36,9 @@ def all_threads_profiler_config():
     return _ExperimentalConfig(profile_all_threads=True)
 
 
+# torch 2.11-2.13: nn.TransformerEncoder takes its nested-tensor fastpath only when the padding is on the right (every
+# sequence's tokens first, ``mask`` True at padding), which it tests with this private op;
+# labkit.fastpath.why_not_fastpath asks the same question the same way.
 def padding_is_right_aligned(src, src_key_padding_mask) -> bool:
     import torch
 
@@ -155,11 +155,6 @@ def has_forward_hooks(module) -> bool:
 # torch 2.11-2.13: the module a torch.compile wrapper (OptimizedModule) holds, in a private attribute (None: plain).
 def compiled_original(module):
     return getattr(module, "_orig_mod", None)
-
-
-# accelerate 1.15: add_hook_to_module replaces ``forward`` and keeps its hook in a private attribute (no torch hook).
-def accelerate_hooks(module) -> int:  # how many modules carry one (device_map dispatch, offloading)
-    return sum(hasattr(m, "_hf_hook") for m in module.modules())
 
 
 # torchao 0.18 on a machine without its CUDA libraries: transformers imports torchao in every from_pretrained once it

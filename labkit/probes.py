@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labkit import compat
-from labkit.errors import BadParameter
+from labkit.errors import BadParameter, first_line
 from labkit.paths import cache_dir, write_atomically
 
 BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
@@ -186,11 +186,6 @@ def check_dtype(device: str, dtype) -> None:
     except (RuntimeError, TypeError, NotImplementedError) as err:
         raise BadParameter(f"dtype {str(dtype).removeprefix('torch.')} cannot run a matrix product on {device} "
                            f"({first_line(err)}); use dtype='auto'.") from None
-
-
-def first_line(err: BaseException | str) -> str:
-    """An exception's (or an error text's) first line, or its type's name when it says nothing."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 # --------------------------------------------------------------------------- SDPA backends

@@ -93,10 +93,9 @@ def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
     stored = json.loads(path.read_text()) if path.exists() else {}
     key = ceilings["device_label"]
     previous = stored.get(key, {})
-    old_matmul = previous.get("matmul_flops_per_s", {})
-    matmul = dict(old_matmul)
+    matmul = dict(previous.get("matmul_flops_per_s", {}))
     for dtype, rate in ceilings["matmul_flops_per_s"].items():
-        matmul[dtype] = max(rate, old_matmul.get(dtype, 0.0))
+        matmul[dtype] = max(rate, matmul.get(dtype, 0.0))
     if previous and ceilings.get("quick") and not previous.get("quick"):
         merged = {**previous, "matmul_flops_per_s": matmul}
     else:
@@ -111,9 +110,7 @@ def save_ceilings(ceilings: dict[str, Any], path: Path | None = None) -> Path:
 def load_ceilings(device: str, path: Path | None = None) -> dict[str, Any] | None:
     """The ceilings saved for ``device`` by notebook 00, or None when they were never measured here."""
     path = Path(path or cache_dir() / "ceilings.json")  # kept between notebooks
-    if not path.exists():
-        return None
-    return json.loads(path.read_text()).get(device_label(device))
+    return json.loads(path.read_text()).get(device_label(device)) if path.exists() else None
 
 
 def compute_ceiling(device: str, dtype, *, quick: bool = False, path: Path | None = None) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from labkit import compat
-from labkit.errors import BadParameter
+from labkit.errors import BadParameter, first_line
 
 
 @dataclass
@@ -134,11 +134,10 @@ def attempt(call: Callable[[], Any], device: str = "cpu") -> dict[str, Any]:
     try:
         return {"status": "ok", "value": call()}
     except Exception as err:  # only out-of-memory and runtime (kernel) errors are turned into rows
-        first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         if is_out_of_memory(err):
-            return {"status": "oom", "reason": first_line}
+            return {"status": "oom", "reason": first_line(err)[:200]}
         if isinstance(err, RuntimeError):
-            return {"status": "failed", "reason": f"{type(err).__name__}: {first_line}"}
+            return {"status": "failed", "reason": f"{type(err).__name__}: {first_line(err)[:200]}"}
         raise
     finally:
         gc.collect()
@@ -212,6 +211,21 @@ def _quiet_native_stderr():
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _profiled(device: str, **options):
+    """``torch.profiler`` around the block (and GPU kernels on CUDA, waited for), its start and stop logs silenced."""
+    on_cuda = str(device).startswith("cuda")
+    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])], **options)
+    with _quiet_native_stderr():
+        prof.start()
+    try:
+        yield prof
+        synchronize(device)
+    finally:
+        with _quiet_native_stderr():
+            prof.stop()
+
+
 @dataclass
 class Profiled:
     """What the profiler saw during one call: ATen op names, GPU kernel names, and the backend they prove."""
@@ -241,16 +255,8 @@ def backend_from_ops(ops: Iterable[str]) -> str | None:
 def ops_that_ran(fn: Callable[[], Any], device: str = "cpu") -> Profiled:
     """Run ``fn`` once under ``torch.profiler`` and return the op names (and GPU kernel names) it recorded."""
     on_cuda = str(device).startswith("cuda")
-    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])])
-    with _quiet_native_stderr():
-        prof.start()
-    try:
+    with _profiled(device) as prof:
         fn()
-        if on_cuda:
-            torch.cuda.synchronize(torch.device(device))
-    finally:
-        with _quiet_native_stderr():
-            prof.stop()
     ops, kernels = [], []
     for event in prof.events():
         is_gpu = on_cuda and getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
@@ -289,18 +295,12 @@ def time_by_op(fn: Callable[[], Any], device: str = "cpu", *, all_threads: bool 
 
     on_cuda = str(device).startswith("cuda")
     every_thread = {"experimental_config": compat.all_threads_profiler_config()} if all_threads and not on_cuda else {}
-    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])], **every_thread)
-    with _quiet_native_stderr():
-        prof.start()
-    try:
-        synchronize(device)
+    synchronize(device)
+    with _profiled(device, **every_thread) as prof:
         start = time.perf_counter()
         fn()
         synchronize(device)
         wall_ms = (time.perf_counter() - start) * 1e3
-    finally:
-        with _quiet_native_stderr():
-            prof.stop()
     rows = []
     for event in prof.key_averages():
         if on_cuda:
@@ -328,13 +328,9 @@ def peak_extra_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
         fn()
         torch.cuda.synchronize(dev)
         return int(torch.cuda.max_memory_allocated(dev) - before)
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_native_stderr():  # the whole call: the CPU allocator logs about blocks made before profiling
-        prof.start()
-        try:
-            fn()
-        finally:
-            prof.stop()
+    # the whole call silenced: the CPU allocator logs about blocks made before profiling
+    with _quiet_native_stderr(), _profiled("cpu", profile_memory=True) as prof:
+        fn()
     allocations = compat.profiler_allocations(prof)
     if allocations is None:
         return None
