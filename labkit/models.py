@@ -312,6 +312,12 @@ def hub_reachable(host: str = "huggingface.co", timeout_s: float = 2.0) -> bool:
         return False
 
 
+def folder_for_processes(name: str, dtype: Any = "float32") -> Path | str:
+    """What another process (a server, a torchrun job) loads ``name`` from: a random-init model saved once in the
+    cache, seed 0 as :func:`load_model` builds it, in ``dtype``, with its tokenizer; else :func:`resolve_folder`."""
+    return random_folder(name, 0, probes.resolve_dtype(dtype)) if name in RANDOM else resolve_folder(name)
+
+
 def resolve_folder(name: str) -> Path | str:
     """Embedded name -> its folder; local path -> the path (checked); hub id -> the id if it can be had."""
     if not isinstance(name, str) or not name.strip():

@@ -168,9 +168,7 @@ def model_folder(name: str, dtype: Any = "float32") -> Path:
     folder. The launching process calls it before any job starts (``Parameters.resolve``): the jobs only read it."""
     dtype = probes.resolve_dtype(dtype)
     if name not in LAYOUT_MODELS:
-        spec = models.EMBEDDED.get(name)
-        return models.random_folder(name, 0, dtype) if spec is not None and spec.kind == "random" \
-            else Path(models.resolve_folder(name))
+        return Path(models.folder_for_processes(name, dtype))
 
     def build(work: Path) -> None:
         with models.quiet_transformers():

@@ -193,18 +193,6 @@ def serving_problem() -> str | None:
     return None
 
 
-def model_folder(model_id: str, dtype: Any = "float32") -> str:
-    """What ``transformers serve`` is given to load: the embedded model's converted folder, a local folder, or a Hub
-    id in the cache. A random-init model (tiny-llama, ...) is saved once in labkit's cache, seed 0 as
-    ``models.load_model`` builds it, in ``dtype``, with its tokenizer: the server loads that folder."""
-    spec = models.EMBEDDED.get(model_id)
-    if spec is not None and spec.kind == "random":
-        return str(models.random_folder(model_id, 0, probes.resolve_dtype(dtype)))
-    if model_id == "smollm2-135m":
-        return str(models.smollm2_folder())
-    return model_id
-
-
 # The watchdog between the notebook's kernel and the server: it starts the server as its child in its own process
 # group and stops it when the kernel goes away, even when the kernel is killed (it never runs its atexit handlers).
 # On Linux the kernel's death signals the watchdog at once (prctl PR_SET_PDEATHSIG) and the watchdog's own death
@@ -274,10 +262,10 @@ class Server:
     server within a fraction of a second: nothing outlives the notebook.
     """
 
-    def __init__(self, model: str, *, device: str = "cpu", dtype: str = "float32", port: int | None = None,
-                 kv_pages: int | None = None, max_batch_tokens: int | None = None, max_model_len: int | None = None,
-                 log_path: str | os.PathLike | None = None):
-        self.model, self.port, self.max_model_len = model, port or launcher.free_port(), max_model_len
+    def __init__(self, model: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32",
+                 port: int | None = None, kv_pages: int | None = None, max_batch_tokens: int | None = None,
+                 max_model_len: int | None = None, log_path: str | os.PathLike | None = None):
+        self.model, self.port, self.max_model_len = str(model), port or launcher.free_port(), max_model_len
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path else cache_dir() / "serving" / f"transformers-serve-{self.port}.log"
         flags = ["--host", "127.0.0.1", "--port", str(self.port), "--device", device, "--dtype", dtype,
@@ -285,8 +273,8 @@ class Server:
         flags += ["--max-model-len", str(max_model_len)] if max_model_len else []  # transformers 5.25 and newer
         flags += ["--cb-num-blocks", str(kv_pages)] if kv_pages else []
         flags += ["--cb-max-batch-tokens", str(max_batch_tokens)] if max_batch_tokens else []
-        self.command = [*_transformers_command(), "serve", model, *flags]
-        self.command_line = "transformers " + shlex.join(["serve", model, *flags])  # what a learner types for it
+        self.command = [*_transformers_command(), "serve", self.model, *flags]
+        self.command_line = "transformers " + shlex.join(["serve", self.model, *flags])  # what a learner types for it
         self.process: subprocess.Popen | None = None
         self.started_s: float | None = None
 

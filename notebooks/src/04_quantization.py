@@ -295,8 +295,7 @@ quality = pd.DataFrame(rows)
 quality.insert(1, "perplexity", quality["mean NLL"].map(math.exp))  # exp(mean negative log-likelihood)
 quality.insert(2, "change", quality["perplexity"] / quality["perplexity"][0] - 1)
 lab.table("quality", quality, title=f"Quality on {reference['tokens']} tokens of the shipped text")
-spec = models.EMBEDDED.get(model_id)
-if spec is not None and spec.kind == "random":  # nothing learned: a perplexity near the vocabulary's size
+if model_id in models.RANDOM:  # nothing learned: a perplexity near the vocabulary's size
     print(f"{model_id} has random weights: perplexity {quality['perplexity'][0]:,.0f} against a vocabulary of "
           f"{len(tokenizer):,}. These rows compare formats on noise; smollm2-135m has real weights.")
 lab.check("perplexities_finite", quality["perplexity"].map(math.isfinite).all())

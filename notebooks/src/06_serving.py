@@ -582,8 +582,7 @@ if draft is not None:
 if draft is not None:
     lab.check("a_verification_step_costs_at_least_a_greedy_step", not noisy, f"{step:.2f} greedy steps", timing=True)
     lab.check("assisted_decoding_gives_the_greedy_tokens", assisted["token_ids"] == greedy["token_ids"])
-    random_draft = models.EMBEDDED.get(lab.p.draft_model_id) and models.EMBEDDED[lab.p.draft_model_id].kind == "random"
-    if random_draft and lab.p.draft_model_id != lab.p.model_id:  # a draft equal to the model is always accepted
+    if lab.p.draft_model_id in models.RANDOM and lab.p.draft_model_id != lab.p.model_id:  # an equal draft: all accepted
         lab.check("a_random_draft_is_almost_never_accepted", assisted["acceptance_rate"] < 0.2)
     lab.metric("speculative_draft_fresh_speedup", greedy["ms"] / assisted["ms"])
 
@@ -835,8 +834,8 @@ if problem:
     lab.skip("the server (section 5)", problem)
 else:
     # on a CPU, the most tokens per batch kept above the cache's, so that a prompt that cannot fit is refused at once
-    server = serving.Server(serving.model_folder(lab.p.model_id, lab.dtype), device=lab.device, dtype=lab.dtype_name,
-                            kv_pages=server_pages, max_model_len=door,
+    folder = models.folder_for_processes(lab.p.model_id, lab.dtype)  # a random-init model is saved for the server
+    server = serving.Server(folder, device=lab.device, dtype=lab.dtype_name, kv_pages=server_pages, max_model_len=door,
                             max_batch_tokens=None if lab.on_gpu else capacity + server_page)
     print(f"$ {server.command_line}\nlog: {server.log_path}")
     server.start()

@@ -151,10 +151,8 @@ def test_a_served_model_runs_continuous_batching(model, folders):
         manager.add_request([1, 2, 3, 4, 5, 6], request_id="r0", max_new_tokens=3)
         result = next(r for r in manager if r.is_finished())
     assert not result.error and len(result.generated_tokens) == 3
-    if model in models.EMBEDDED and models.EMBEDDED[model].kind == "random":
-        from labkit import serving
-
-        assert models.complete(Path(serving.model_folder(model)))
+    if model in models.RANDOM:
+        assert models.complete(Path(models.folder_for_processes(model)))
 
 
 @pytest.mark.parametrize("model", ENCODERS)

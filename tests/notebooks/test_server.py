@@ -22,7 +22,7 @@ from openai import AsyncOpenAI
 from labkit import models, serving
 
 tokenizer = models.load_tokenizer("smollm2-135m")
-server = serving.Server(serving.model_folder("smollm2-135m"), device="cpu", dtype="float32", kv_pages=8,
+server = serving.Server(models.folder_for_processes("smollm2-135m"), device="cpu", dtype="float32", kv_pages=8,
                         max_batch_tokens=2304).start()
 print("PIDS", server.watchdog_pid, server.server_pid(), server.port, flush=True)
 client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=600, max_retries=0)

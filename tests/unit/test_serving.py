@@ -100,9 +100,9 @@ def test_quanto_is_left_out_with_its_reason(monkeypatch):
 def test_a_random_init_model_is_served_from_a_folder_saved_once(tmp_path, monkeypatch):
     # issue 33: 06 with model_id="tiny-llama" stopped at its server cell; the random model is now saved to serve
     monkeypatch.setenv("LABKIT_CACHE", str(first_run_cache(tmp_path)))  # the converted SmolLM2: its tokenizer
-    folder = Path(serving.model_folder("tiny-llama"))
+    folder = Path(models.folder_for_processes("tiny-llama"))
     assert models.complete(folder) and folder.parent == tmp_path / "models"
-    assert serving.model_folder("tiny-llama") == str(folder), "saved once, then found"
+    assert models.folder_for_processes("tiny-llama") == folder, "saved once, then found"
 
 
 # --------------------------------------------------------------------------- the server's processes
