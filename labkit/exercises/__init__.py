@@ -176,7 +176,8 @@ def mistakes_markdown() -> str:
         for answer, _ in e.typical_mistakes:
             with contextlib.redirect_stdout(io.StringIO()):
                 verdict = e.verdict(answer, e.example_context)
-            shown = (answer.__doc__ or "a function") if callable(answer) else repr(answer)
+            shown = (answer.__doc__ or "a function") if callable(answer) else _shown(answer) \
+                if isinstance(answer, float) else repr(answer)
             message = verdict.message.removesuffix(" (.hint() gives a hint)")
             lines.append(f"- **{e.id}** {e.title}, answer {shown}: {message}")
     return "\n".join(lines)

@@ -2,9 +2,11 @@
 
 A **predict** exercise asks for a number or a name before the cell that measures it; a **code** exercise asks for a
 few lines (a function, a config). ``check`` tests behaviour, never the text of an answer: a function is called on
-fresh random inputs; a number is compared with the exact count or with this machine's measurement. A wrong answer
-gets the message of the mistake it looks like. The solution is a real function in the notebook's exercise module;
-``solution()`` shows its source (``inspect.getsource``), so what a learner reads is what the checks run.
+fresh random inputs and compared with the solution's output; a number is compared with the exact count or with this
+machine's measurement. A wrong answer gets the message of the mistake it looks like: each exercise keeps a table of
+typical mistakes (a wrong number, or a wrong function), which its tests and WORKSHOP.md read too. The solution is a
+real function in the notebook's exercise module; ``solution()`` shows its source (``inspect.getsource``), so what a
+learner reads is what the checks run.
 """
 
 from __future__ import annotations
@@ -77,10 +79,7 @@ class Exercise:
 
     def solved(self, **context: Any) -> Any:
         """The answer the solution gives for ``context`` (what a workshop run fills in)."""
-        if self.answer_is_function:
-            return self.solution
-        wanted = inspect.signature(self.solution).parameters
-        return self.solution(**{k: v for k, v in context.items() if k in wanted})
+        return self.solution if self.answer_is_function else given_to(self.solution, context)
 
     def solution_code(self) -> str:
         """The solution's source, the imports it needs, and the line that turns it into this exercise's answer."""
@@ -91,6 +90,12 @@ class Exercise:
         wanted = list(inspect.signature(self.solution).parameters)
         arguments = ", ".join(f"{k}=ex.given[{k!r}]" for k in wanted)
         return f"{source}\n\nanswer = {name}({arguments})"
+
+
+def given_to(function: Callable, context: dict[str, Any], *first: Any) -> Any:
+    """``function(*first, ...)`` with the entries of ``context`` that it names as parameters."""
+    wanted = inspect.signature(function).parameters
+    return function(*first, **{k: v for k, v in context.items() if k in wanted})
 
 
 def _imports(function: Callable) -> str:
@@ -113,37 +118,114 @@ def _imports(function: Callable) -> str:
     return "".join(f"{line}\n" for line in dict.fromkeys(lines)) + ("\n" if lines else "")
 
 
-# --------------------------------------------------------------------------- helpers for checkers
+# --------------------------------------------------------------------------- predict: a number and its mistakes
 
 def predicted(answer: Any, expected: float, unit: str, mistakes: dict[str, float], rel: float = 0.10) -> str:
-    """A predicted number against the true one; ``mistakes`` maps a message to the value that mistake gives."""
+    """A predicted number against the true one; ``mistakes`` maps a message to the value that mistake gives (0 where
+    it does not apply). Two mistakes that give the same number are both named."""
     if isinstance(answer, bool) or not isinstance(answer, (int, float)):
         raise Wrong(f"give a number, not {type(answer).__name__} {answer!r}")
     if not math.isfinite(answer):
         raise Wrong(f"{answer} is not a finite number")
     if math.isclose(answer, expected, rel_tol=rel):
         return f"{answer:.4g} {unit}, and the exact value is {expected:.4g} {unit}."
-    for message, wrong in mistakes.items():
-        if wrong and math.isclose(answer, wrong, rel_tol=min(rel, 0.05)):
-            raise Wrong(message)
+    matched = [message for message, wrong in mistakes.items()
+               if wrong and math.isclose(answer, wrong, rel_tol=min(rel, 0.05))]
+    if matched:
+        raise Wrong("; or ".join(matched))
     raise Wrong(f"{answer:.4g} {unit} is {answer / expected:.3g}x the right value" if expected
                 else f"{answer:.4g} is not it")
 
 
-def function_answer(answer: Any, what: str) -> Callable:
-    if not callable(answer):
-        raise Wrong(f"give {what} (a function), not {type(answer).__name__}")
-    return answer
+def predict(id: str, title: str, solution: Callable[..., float], unit: str, mistakes: Callable[..., dict],
+            hints: tuple[str, ...], example: dict[str, Any], *, rel: float = 0.10, also: tuple = ()) -> Exercise:
+    """A predict exercise whose answer is a number: right within ``rel`` of ``solution(**context)``.
+    ``mistakes(expected, **context)`` is the table of typical mistakes, {message: the number it gives}; on the
+    example context, its numbers (and ``also``) are the typical mistakes the tests try."""
+    def checker(answer: Any, context: dict[str, Any]) -> str:
+        expected = given_to(solution, context)
+        return predicted(answer, expected, unit, given_to(mistakes, context, expected), rel)
+
+    table = given_to(mistakes, example, given_to(solution, example))
+    typical = tuple((wrong, message) for message, wrong in table.items() if wrong)
+    return Exercise(id, title, "predict", checker, solution, hints, example, typical + also)
 
 
-def call(function: Callable, *args: Any) -> Any:
+# --------------------------------------------------------------------------- code: a function and its mistakes
+
+def call(function: Any, *args: Any, what: str = "a function", none: str = "") -> Any:
+    """The learner's ``function`` (``what`` the question asks for) called on ``args``. Not a function, an error, or
+    a placeholder that still raises NotImplementedError or returns None (``none`` says what to return instead) is an
+    answer to explain, never a crash."""
+    if not callable(function):
+        raise Wrong(f"give {what} (a function), not {type(function).__name__}")
     try:
-        return function(*args)
+        out = function(*args)
     except NotImplementedError:
         raise NotAttempted(
             "your function still raises NotImplementedError: write its body, then check again.") from None
     except Exception as error:  # the learner's code: any error is an answer to explain, not a crash
         raise Wrong(f"your function raised {type(error).__name__}: {error}") from None
+    if out is None:
+        raise NotAttempted(f"your function returns None: {none or 'return what the question asks for.'}")
+    return out
+
+
+def same(got: Any, expected: Any) -> bool:
+    """Whether an output equals the solution's: tensors of the same shape and values (float64 rounding allowed; inf
+    and nan where the solution has them), pairs item by item, anything else by ``==``."""
+    import torch
+
+    if isinstance(expected, (tuple, list)):
+        return isinstance(got, (tuple, list)) and len(got) == len(expected) and all(map(same, got, expected))
+    if isinstance(expected, torch.Tensor):
+        return (isinstance(got, torch.Tensor) and got.shape == expected.shape
+                and torch.allclose(got.double(), expected.double(), atol=1e-6, equal_nan=True))
+    return bool(got == expected)
+
+
+def difference(got: Any, expected: Any) -> str:
+    """How an output differs from the solution's, in words: its type, its shape, or its values."""
+    import torch
+
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            return f"return {len(expected)} things, as a tuple, not {type(got).__name__}"
+        i = next(i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if not same(g, e))
+        return f"item {i + 1} of the {len(expected)} returned: {difference(got[i], expected[i])}"
+    if not isinstance(expected, torch.Tensor):
+        return f"your function returned {got!r}, not {expected!r}"
+    if not isinstance(got, torch.Tensor):
+        return f"return a tensor, not {type(got).__name__}"
+    if got.shape != expected.shape:
+        return f"the output has shape {tuple(got.shape)}; it must be {tuple(expected.shape)}"
+    if torch.isfinite(expected).all() and not torch.isfinite(got).all():
+        return "the output holds inf or nan"
+    return f"the output differs from the right one by up to {float((got.double() - expected).abs().max()):.3g}"
+
+
+def behaves_like(answer: Any, what: str, solution: Callable, cases: list[tuple[str, tuple]],
+                 mistakes: tuple[tuple[Callable, str], ...] = (), *, none: str = "", otherwise: str = "") -> list:
+    """Call the learner's function ``answer`` and ``solution`` on each case (a few words saying what it holds, and
+    the arguments; each call gets its own copy of tensors): the answer must give what the solution gives. When it
+    does not, the first of ``mistakes`` (a wrong function, the message that explains it) that gives the same output
+    names the mistake; else ``otherwise`` does, when the output has the right shape. Returns the answer's
+    outputs."""
+    import torch
+
+    def fresh(args: tuple) -> tuple:
+        return tuple(a.clone() if isinstance(a, torch.Tensor) else list(a) if isinstance(a, list) else a for a in args)
+
+    outputs = []
+    for label, args in cases:
+        got = call(answer, *fresh(args), what=what, none=none)
+        expected = solution(*fresh(args))
+        if not same(got, expected):
+            found = next((message for wrong, message in mistakes if same(got, wrong(*fresh(args)))), None)
+            shaped = getattr(got, "shape", None) == getattr(expected, "shape", False)
+            raise Wrong(f"{label}, {found or (otherwise if otherwise and shaped else difference(got, expected))}")
+        outputs.append(got)
+    return outputs
 
 
 def returns_none(*args):
