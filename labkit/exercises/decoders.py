@@ -7,7 +7,7 @@ import time
 import torch
 
 from labkit import compat, roofline
-from labkit.exercises.core import Exercise, Wrong, behaves_like, predict
+from labkit.exercises import Exercise, Wrong, behaves_like, predict
 
 
 def decode_bound_tokens_per_s(parameters, bytes_per_parameter, bandwidth_gb_per_s):

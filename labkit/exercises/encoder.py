@@ -9,7 +9,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
 from labkit import compat, fastpath
-from labkit.exercises.core import Exercise, Wrong, behaves_like, call, predict, returns_none
+from labkit.exercises import Exercise, Wrong, behaves_like, call, predict, returns_none
 
 # --------------------------------------------------------------------------- 03.1 a batch's packing boundaries
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labkit import attention, roofline, timing
-from labkit.exercises.core import Exercise, Wrong, behaves_like, predict, returns_none
+from labkit.exercises import Exercise, Wrong, behaves_like, predict, returns_none
 from labkit.probes import BACKENDS
 
 

@@ -3,7 +3,7 @@
 import math
 
 from labkit import footprint, models, roofline
-from labkit.exercises.core import Exercise, Wrong, predict
+from labkit.exercises import Exercise, Wrong, predict
 
 USABLE = footprint.USABLE_FRACTION
 

@@ -8,7 +8,7 @@ import time
 import torch
 
 from labkit import footprint
-from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, predict
+from labkit.exercises import Exercise, NotAttempted, Wrong, call, predict
 
 
 def nf4_mib(rows, cols, blocksize):

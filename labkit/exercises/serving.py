@@ -7,7 +7,7 @@ import math
 import torch
 
 from labkit import roofline
-from labkit.exercises.core import Exercise, behaves_like, predict, returns_none
+from labkit.exercises import Exercise, behaves_like, predict, returns_none
 
 # --------------------------------------------------------------------------- 06.1 the padding a static batch wastes
 

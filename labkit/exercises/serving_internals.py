@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from labkit.exercises.core import Exercise, behaves_like, predict, returns_none
+from labkit.exercises import Exercise, behaves_like, predict, returns_none
 from labkit.exercises.serving import paged_cases
 
 # --------------------------------------------------------------------------- 07.1 the prompt tokens block sharing saves
