@@ -87,7 +87,7 @@ def my_decode(model, input_ids, new_tokens):
 
 
 def without_cache(model, input_ids, new_tokens):
-    """Greedy decoding with use_cache=False: every step runs the whole sequence so far through the model."""
+    """greedy decoding with use_cache=False: right tokens, but every step runs the whole sequence so far"""
     ids = input_ids
     with torch.inference_mode():
         for _ in range(new_tokens):
@@ -133,11 +133,6 @@ def _decode_loop(answer, c):
     return f"the same tokens as use_cache=False, with {len(seen) - 1} one-token steps after the prompt."
 
 
-def _recomputes_everything(model, input_ids, new_tokens):
-    """right tokens, no cache: the whole sequence every step"""
-    return without_cache(model, input_ids, new_tokens)
-
-
 def _forgets_the_cache(model, input_ids, new_tokens):
     """one token a step, but no cache passed: the model sees only that token"""
     with torch.inference_mode():
@@ -174,7 +169,7 @@ EXERCISES = [
              ("Run the prompt once with use_cache=True and a cache object; the model fills the cache in place.",
               "Then loop: give the model only the newest token and the same cache, take the argmax of the last "
               "logits. The cache is passed as cache= (transformers 5.24 and newer; past_key_values= before)."),
-             {}, (*DECODE_MISTAKES, (_recomputes_everything, "feed only the newest token"),
+             {}, (*DECODE_MISTAKES, (without_cache, "feed only the newest token"),
                   (_forgets_the_cache, "AND the cache"))),
     predict("02.5", "The cache of a sliding/global mix", sliding_cache_kib, "KiB", _sliding_cache_mistakes,
             ("A global layer keeps every token it has seen; a sliding layer keeps only the last window - 1 of them.",
