@@ -219,20 +219,17 @@ def attn_implementation_rows() -> list[dict[str, Any]]:
 
     rows = [{**r, "kernels fallback": FLASH_ATTN_KERNEL_FALLBACK.get(r["attn_implementation"], "")}
             for r in probes.attn_implementations()]
-    hub_id = FLASH_ATTN_KERNEL_FALLBACK.get("flash_attention_2", "kernels-community/flash-attn2")
-    if importlib.util.find_spec("kernels") is not None:
-        rows.append({"attn_implementation": hub_id, "ok": None, "kernels fallback": "",
-                     "reason": "the kernels package is installed: transformers would download this kernel from the "
-                               "Hub, so it is not tried here"})
-        return rows
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=32)
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            compat.build_model_class(LlamaForCausalLM, config, hub_id)
-        ok, reason = True, ""
-    except Exception as err:  # the error a learner would meet is the answer
-        ok, reason = False, f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
-    rows.append({"attn_implementation": hub_id, "ok": ok, "reason": reason, "kernels fallback": ""})
-    return rows
+    hub = {"attn_implementation": FLASH_ATTN_KERNEL_FALLBACK.get("flash_attention_2", "kernels-community/flash-attn2"),
+           "ok": None, "kernels fallback": "", "reason": "the kernels package is installed: transformers would "
+                                                         "download this kernel from the Hub, so it is not tried here"}
+    if importlib.util.find_spec("kernels") is None:
+        config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=32)
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                compat.build_model_class(LlamaForCausalLM, config, hub["attn_implementation"])
+            hub.update(ok=True, reason="")
+        except Exception as err:  # the error a learner would meet is the answer
+            hub.update(ok=False, reason=f"{type(err).__name__}: {probes.first_line(err)}")
+    return [*rows, hub]

@@ -1,17 +1,10 @@
 """Notebook 07's topic: what a serving engine's operator tunes, the bookkeeping too long for a cell.
 
 The notebook writes its experiments in its cells: the shared-prefix burst served with and without block sharing, the
-token budget swept, the paged block table and its gather, and every conclusion. This module holds its typed
-parameters (:class:`Parameters`) and two mechanical pieces:
-
-- :class:`StepLog`, a forward pre-hook that notes, for every forward pass of transformers' continuous batching, the
-  query tokens it computed and the KV cache blocks held at that moment;
-- :func:`collect`, which reads a continuous batching manager's outputs until the given requests have finished;
-- :class:`ForwardLog`, forward hooks that note every forward pass of a model: its tokens, the decoder layers it ran
-  (fewer while transformers' early-exit draft proposes) and its time;
-- :func:`exit_layers`, the exit layers of section 4 for a model of a given depth.
-
-Section 5's two processes run ``notebooks/scripts/kv_handoff.py``, started by :func:`labkit.launcher.launch`.
+token budget swept, the paged block table and its gather, the early-exit draft, and every conclusion. This module
+holds its typed parameters and what notes or reads the engine's work: hooks on the forward passes (:class:`StepLog`,
+:class:`ForwardLog`) and a reader of its outputs (:func:`collect`). Section 5's two processes run
+``notebooks/scripts/kv_handoff.py``, started by :func:`labkit.launcher.launch`.
 """
 
 from __future__ import annotations
@@ -69,10 +62,7 @@ class Parameters:
         probes.check_dtype(device, self.dtype)
         check_sizes(0, shared_prompt_tokens=self.shared_prompt_tokens, requests=self.requests,
                     page_size=self.page_size)
-        if isinstance(self.token_budgets, (str, int)):
-            raise BadParameter(f"token_budgets={self.token_budgets!r}: give a list of whole numbers, e.g. [32, 512].")
-        check_sizes(1, **{f"token_budgets[{i}]": v for i, v in enumerate(self.token_budgets)})
-        for name in ("exit_layers", "handoff_tokens"):
+        for name in ("token_budgets", "exit_layers", "handoff_tokens"):
             given = getattr(self, name)
             if isinstance(given, (str, int)):
                 raise BadParameter(f"{name}={given!r}: give a list of whole numbers, e.g. [4, 16].")

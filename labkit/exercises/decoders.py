@@ -7,7 +7,7 @@ import time
 import torch
 
 from labkit import compat, roofline
-from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted
+from labkit.exercises import Exercise, Wrong, behaves_like, predict
 
 
 def decode_bound_tokens_per_s(parameters, bytes_per_parameter, bandwidth_gb_per_s):
@@ -15,13 +15,10 @@ def decode_bound_tokens_per_s(parameters, bytes_per_parameter, bandwidth_gb_per_
     return roofline.decode_bound_tokens_per_s(bandwidth_gb_per_s * 1e9, int(parameters * bytes_per_parameter))
 
 
-def _decode_bound(answer, c):
-    expected = decode_bound_tokens_per_s(c["parameters"], c["bytes_per_parameter"], c["bandwidth_gb_per_s"])
-    return predicted(answer, expected, "tokens/s", {
-        f"that counts one byte per parameter: each weight takes {c['bytes_per_parameter']} bytes here":
-            expected * c["bytes_per_parameter"],
-        "that counts bits, not bytes, per parameter": expected / 8,
-    })
+def _decode_bound_mistakes(expected, bytes_per_parameter):
+    return {f"that counts one byte per parameter: each weight takes {bytes_per_parameter} bytes here":
+                expected * bytes_per_parameter,
+            "that counts bits, not bytes, per parameter": expected / 8}
 
 
 def kv_cache_mib(layers, kv_heads, head_dim, context, batch, bytes_per_element):
@@ -31,16 +28,12 @@ def kv_cache_mib(layers, kv_heads, head_dim, context, batch, bytes_per_element):
     return per_token * context * batch / 2**20
 
 
-def _kv_cache(answer, c):
-    layers, heads, kv_heads = c["layers"], c["heads"], c["kv_heads"]
-    expected = kv_cache_mib(layers, kv_heads, c["head_dim"], c["context"], c["batch"], c["bytes_per_element"])
-    return predicted(answer, expected, "MiB", {
-        "the cache holds keys AND values: twice that": expected / 2,
-        f"this model shares key/value heads (grouped-query attention): {kv_heads} of them, not the {heads} query "
-        "heads": expected * heads / kv_heads if heads != kv_heads else 0,
-        f"every one of the {layers} layers keeps its own cache": expected / layers,
-        "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20,
-    })
+def _kv_cache_mistakes(expected, layers, heads, kv_heads):
+    return {"the cache holds keys AND values: twice that": expected / 2,
+            f"this model shares key/value heads (grouped-query attention): {kv_heads} of them, not the {heads} query "
+            "heads": expected * heads / kv_heads if heads != kv_heads else 0,
+            f"every one of the {layers} layers keeps its own cache": expected / layers,
+            "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20}
 
 
 def sliding_cache_kib(layers, sliding_layers, window, kv_heads, head_dim, prompt_tokens, new_tokens,
@@ -52,18 +45,15 @@ def sliding_cache_kib(layers, sliding_layers, window, kv_heads, head_dim, prompt
     return held * 2 * kv_heads * head_dim * bytes_per_element / 1024
 
 
-def _sliding_cache(answer, c):
-    expected = sliding_cache_kib(**c)
-    one_token = 2 * c["kv_heads"] * c["head_dim"] * c["bytes_per_element"] / 1024  # KiB per token and layer
-    seen = c["prompt_tokens"] + c["new_tokens"] - 1
-    return predicted(answer, expected, "KiB", {
-        "that keeps every token in every layer: the sliding layers stop at their window":
-            one_token * c["layers"] * seen,
-        "that treats every layer as sliding: the global layer keeps every token":
-            one_token * c["layers"] * min(seen, c["window"] - 1),
-        "the cache holds keys AND values: twice that": expected / 2,
-        "that looks like bytes: the question asks for KiB (divide by 1024)": expected * 1024,
-    })
+def _sliding_cache_mistakes(expected, layers, window, kv_heads, head_dim, prompt_tokens, new_tokens,
+                            bytes_per_element):
+    one_token = 2 * kv_heads * head_dim * bytes_per_element / 1024  # KiB per token and layer
+    seen = prompt_tokens + new_tokens - 1
+    return {"that keeps every token in every layer: the sliding layers stop at their window": one_token * layers * seen,
+            "that treats every layer as sliding: the global layer keeps every token":
+                one_token * layers * min(seen, window - 1),
+            "the cache holds keys AND values: twice that": expected / 2,
+            "that looks like bytes: the question asks for KiB (divide by 1024)": expected * 1024}
 
 
 def padding_side():
@@ -97,7 +87,7 @@ def my_decode(model, input_ids, new_tokens):
 
 
 def without_cache(model, input_ids, new_tokens):
-    """Greedy decoding with use_cache=False: every step runs the whole sequence so far through the model."""
+    """greedy decoding with use_cache=False: right tokens, but every step runs the whole sequence so far"""
     ids = input_ids
     with torch.inference_mode():
         for _ in range(new_tokens):
@@ -118,11 +108,10 @@ def _tiny_decoder():
 
 
 def _decode_loop(answer, c):
-    function = function_answer(answer, "my_decode(model, input_ids, new_tokens)")
     model, new = _tiny_decoder(), 6
     fresh = torch.Generator().manual_seed(time.time_ns() % 2**31)  # a new prompt each time: decode, not memorise
     ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=fresh)
-    seen = []  # how many tokens each forward pass was given
+    expected, seen = without_cache(model, ids, new), []  # seen: how many tokens each forward pass was given
 
     def count(module, args, kwargs):
         given = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
@@ -130,30 +119,18 @@ def _decode_loop(answer, c):
 
     hook = model.register_forward_pre_hook(count, with_kwargs=True)
     try:
-        out = call(function, model, ids, new)
+        behaves_like(answer, "my_decode(model, input_ids, new_tokens)", lambda *_: expected,
+                     [("on a random 2-layer Llama", (model, ids, new))], DECODE_MISTAKES,
+                     none="return the new token ids, shape (batch, new_tokens).",
+                     otherwise="your tokens differ from a loop with use_cache=False. After the prompt, give the "
+                               "model the newest token AND the cache that holds the keys and values of all the tokens "
+                               "before it")
     finally:
         hook.remove()
-    if out is None:
-        raise NotAttempted("your function returns None: return the new token ids, shape (batch, new_tokens).")
-    if not isinstance(out, torch.Tensor):
-        raise Wrong(f"return a tensor of token ids, not {type(out).__name__}")
-    expected = without_cache(model, ids, new)
-    if tuple(out.shape) == (2, 5 + new) and torch.equal(out[:, 5:], expected):
-        raise Wrong("return only the new tokens, shape (batch, new_tokens), not the prompt with them")
-    if tuple(out.shape) != (2, new):
-        raise Wrong(f"the output has shape {tuple(out.shape)}; it must be (batch, new_tokens) = (2, {new})")
-    if not torch.equal(out, expected):
-        raise Wrong("your tokens differ from a loop with use_cache=False. After the prompt, give the model the "
-                    "newest token AND the cache that holds the keys and values of all the tokens before it")
     if any(n > 1 for n in seen[1:]):
         raise Wrong(f"the tokens are right, but later steps ran up to {max(seen[1:])} tokens through the model: "
                     "feed only the newest token; the cache holds the rest")
     return f"the same tokens as use_cache=False, with {len(seen) - 1} one-token steps after the prompt."
-
-
-def _recomputes_everything(model, input_ids, new_tokens):
-    """right tokens, no cache: the whole sequence every step"""
-    return without_cache(model, input_ids, new_tokens)
 
 
 def _forgets_the_cache(model, input_ids, new_tokens):
@@ -170,18 +147,20 @@ def _with_the_prompt(model, input_ids, new_tokens):
     return torch.cat([input_ids, my_decode(model, input_ids, new_tokens)], dim=1)
 
 
+DECODE_MISTAKES = (
+    (_with_the_prompt, "return only the new tokens, shape (batch, new_tokens), not the prompt with them"),)
+
+
 EXERCISES = [
-    Exercise("02.1", "The decode bound", "predict", _decode_bound, decode_bound_tokens_per_s,
-             ("At batch 1 every decode step reads every weight once.",
-              "tokens/s <= bytes per second / bytes read per step; bytes per step = parameters x bytes per parameter."),
-             {"parameters": 1.0e9, "bytes_per_parameter": 2, "bandwidth_gb_per_s": 1000.0},
-             ((1000.0, "one byte"), (62.5, "bits"))),
-    Exercise("02.2", "The KV cache, predicted", "predict", _kv_cache, kv_cache_mib,
-             ("Every layer keeps a key and a value vector for every token of every sequence.",
-              "2 (K and V) x layers x key/value heads x head size x tokens x batch x bytes per element; then / 2**20."),
-             {"layers": 16, "heads": 32, "kv_heads": 8, "head_dim": 64, "context": 4096, "batch": 1,
-              "bytes_per_element": 2},
-             ((64.0, "keys AND values"), (512.0, "shares key/value"), (8.0, "every one of the 16 layers"))),
+    predict("02.1", "The decode bound", decode_bound_tokens_per_s, "tokens/s", _decode_bound_mistakes,
+            ("At batch 1 every decode step reads every weight once.",
+             "tokens/s <= bytes per second / bytes read per step; bytes per step = parameters x bytes per parameter."),
+            {"parameters": 1.0e9, "bytes_per_parameter": 2, "bandwidth_gb_per_s": 1000.0}),
+    predict("02.2", "The KV cache, predicted", kv_cache_mib, "MiB", _kv_cache_mistakes,
+            ("Every layer keeps a key and a value vector for every token of every sequence.",
+             "2 (K and V) x layers x key/value heads x head size x tokens x batch x bytes per element; then / 2**20."),
+            {"layers": 16, "heads": 32, "kv_heads": 8, "head_dim": 64, "context": 4096, "batch": 1,
+             "bytes_per_element": 2}),
     Exercise("02.3", "Which side to pad for batched generation?", "predict", _padding_side, padding_side,
              ("A decoder continues from the last position of each row.",
               "Where must each prompt's last real token sit so that the next token follows it?"),
@@ -190,14 +169,12 @@ EXERCISES = [
              ("Run the prompt once with use_cache=True and a cache object; the model fills the cache in place.",
               "Then loop: give the model only the newest token and the same cache, take the argmax of the last "
               "logits. The cache is passed as cache= (transformers 5.24 and newer; past_key_values= before)."),
-             {}, ((_recomputes_everything, "feed only the newest token"), (_forgets_the_cache, "AND the cache"),
-                  (_with_the_prompt, "not the prompt"))),
-    Exercise("02.5", "The cache of a sliding/global mix", "predict", _sliding_cache, sliding_cache_kib,
-             ("A global layer keeps every token it has seen; a sliding layer keeps only the last window - 1 of them.",
-              "tokens held = global layers x tokens seen + sliding layers x min(tokens seen, window - 1); then x 2 "
-              "(K and V) x key/value heads x head size x bytes, / 1024. Tokens seen: prompt + new tokens - 1."),
-             {"layers": 6, "sliding_layers": 5, "window": 32, "kv_heads": 2, "head_dim": 16, "prompt_tokens": 20,
-              "new_tokens": 60, "bytes_per_element": 4},
-             ((79 * 6 * 0.25, "every token in every layer"), (31 * 6 * 0.25, "every layer as sliding"),
-              (58.5 / 2, "keys AND values"))),
+             {}, (*DECODE_MISTAKES, (without_cache, "feed only the newest token"),
+                  (_forgets_the_cache, "AND the cache"))),
+    predict("02.5", "The cache of a sliding/global mix", sliding_cache_kib, "KiB", _sliding_cache_mistakes,
+            ("A global layer keeps every token it has seen; a sliding layer keeps only the last window - 1 of them.",
+             "tokens held = global layers x tokens seen + sliding layers x min(tokens seen, window - 1); then x 2 "
+             "(K and V) x key/value heads x head size x bytes, / 1024. Tokens seen: prompt + new tokens - 1."),
+            {"layers": 6, "sliding_layers": 5, "window": 32, "kv_heads": 2, "head_dim": 16, "prompt_tokens": 20,
+             "new_tokens": 60, "bytes_per_element": 4}),
 ]

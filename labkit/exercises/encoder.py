@@ -9,7 +9,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
 from labkit import compat, fastpath
-from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
+from labkit.exercises import Exercise, Wrong, behaves_like, call, predict, returns_none
 
 # --------------------------------------------------------------------------- 03.1 a batch's packing boundaries
 
@@ -28,34 +28,12 @@ def _boundaries(answer, c):
         lengths = torch.randint(1, 9, (5,))
         lengths[torch.randint(0, 5, ())] = 8  # one sequence fills the batch's length, as a tokenizer pads
     mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
-    got = call(function_answer(answer, "my_boundaries(attention_mask)"), mask)
-    if got is None:
-        raise NotAttempted("your function returns None: return (cu_seqlens, document_ids).")
-    if not isinstance(got, tuple) or len(got) != 2:
-        raise Wrong("return a pair: (cu_seqlens, document_ids)")
-    cu, ids = (torch.as_tensor(x) for x in got)
-    expected_cu, expected_ids = packed_boundaries(mask)
-    total = int(lengths.sum())
-    if len(cu) == len(lengths) and torch.equal(cu.long(), lengths.cumsum(0)):
-        raise Wrong("cu_seqlens starts at 0: N sequences have N + 1 boundaries, the first 0 and the last the row's "
-                    "length")
-    if len(cu) == len(lengths) and torch.equal(cu.long(), lengths):
-        raise Wrong("those are the lengths; cu_seqlens is their running total, from 0")
-    if torch.equal(cu.long(), torch.arange(len(lengths) + 1) * mask.shape[1]):
-        raise Wrong("cu_seqlens counts the padded positions too: count each sequence's real tokens only")
-    if not torch.equal(cu.long(), expected_cu.long()):
-        raise Wrong(f"cu_seqlens {cu.tolist()} is not the running total from 0 of the real tokens "
-                    f"{lengths.tolist()}")
+    (cu, _), = behaves_like(answer, "my_boundaries(attention_mask)", packed_boundaries,
+                            [("on a fresh mask of 5 sequences padded to 8", (mask,))], BOUNDARY_MISTAKES,
+                            none="return (cu_seqlens, document_ids).")
     if cu.dtype != torch.int32:
         raise Wrong(f"cu_seqlens is {cu.dtype}: the varlen kernels take int32")
-    if len(ids) == mask.numel():
-        raise Wrong("document_ids has one entry per padded position: the packed row holds the real tokens only")
-    if len(ids) == total and torch.equal(ids.long(), torch.cat([torch.arange(int(n)) for n in lengths])):
-        raise Wrong("those are the position ids, restarting at 0 in each sequence: the document id is the "
-                    "sequence's number")
-    if not torch.equal(ids.long(), expected_ids.long()):
-        raise Wrong(f"document_ids should hold {total} entries: each packed token's sequence number, 0 first")
-    return f"cu_seqlens {expected_cu.tolist()} and document ids for the real tokens {lengths.tolist()}."
+    return f"cu_seqlens {cu.tolist()} and document ids for the real tokens {lengths.tolist()}."
 
 
 def _lengths_not_cumulative(attention_mask):
@@ -82,6 +60,16 @@ def _position_ids(attention_mask):
     return cu, torch.cat([torch.arange(int(n)) for n in attention_mask.sum(1)])
 
 
+BOUNDARY_MISTAKES = (
+    (_lengths_not_cumulative, "those are the lengths; cu_seqlens is their running total, from 0"),
+    (_no_leading_zero, "cu_seqlens starts at 0: N sequences have N + 1 boundaries, the first 0 and the last the "
+                       "row's length"),
+    (_padded_positions, "cu_seqlens and document_ids count the padded positions too: count each sequence's real "
+                        "tokens only; the packed row holds the real tokens only"),
+    (_position_ids, "those document ids are the position ids, restarting at 0 in each sequence: the document id is "
+                    "the sequence's number"))
+
+
 # --------------------------------------------------------------------------- 03.2 one encoder layer converted
 
 def _convert_layer(answer, c):
@@ -95,9 +83,8 @@ def _convert_layer(answer, c):
                 norm.weight.normal_(1.0, 0.2)
                 norm.bias.normal_(0.0, 0.2)
         x = torch.randn(2, 7, 32)
-    layer = call(function_answer(answer, "my_convert_layer(bert_layer, config)"), bert_layer, config)
-    if layer is None:
-        raise NotAttempted("your function returns None: build the nn.TransformerEncoderLayer and return it.")
+    layer = call(answer, bert_layer, config, what="my_convert_layer(bert_layer, config)",
+                 none="build the nn.TransformerEncoderLayer and return it.")
     if not isinstance(layer, torch.nn.TransformerEncoderLayer):
         raise Wrong(f"return an nn.TransformerEncoderLayer, not {type(layer).__name__}")
     if not layer.self_attn.batch_first:
@@ -130,13 +117,11 @@ def ideal_speedup(padding_fraction):
     return 1 / (1 - padding_fraction)
 
 
-def _ideal_speedup(answer, c):
-    p = c["padding_fraction"]
-    return predicted(answer, ideal_speedup(p), "x", {
-        "that is the fraction of the work left, a time ratio: the speed-up is its inverse": 1 - p,
-        "the fastpath computes only the real tokens, (1 - p) of the positions: the speed-up is 1 / (1 - p)": 1 + p,
-        "that is the padding's share relative to the real tokens, not the speed-up": p / (1 - p),
-    }, rel=0.02)
+def _ideal_speedup_mistakes(expected, padding_fraction):
+    p = padding_fraction
+    return {"that is the fraction of the work left, a time ratio: the speed-up is its inverse": 1 - p,
+            "the fastpath computes only the real tokens, (1 - p) of the positions: the speed-up is 1 / (1 - p)": 1 + p,
+            "that is the padding's share relative to the real tokens, not the speed-up": p / (1 - p)}
 
 
 # --------------------------------------------------------------------------- 03.4 a measured time, explained
@@ -147,13 +132,11 @@ def time_with_a_floor(floor_ms, no_padding_ms, padding_fraction):
     return floor_ms + (no_padding_ms - floor_ms) * (1 - padding_fraction)
 
 
-def _time_with_a_floor(answer, c):
-    floor, t0, p = c["floor_ms"], c["no_padding_ms"], c["padding_fraction"]
-    return predicted(answer, time_with_a_floor(floor, t0, p), "ms", {
-        "the floor does not shrink with the tokens: only the part above it does": t0 * (1 - p),
-        "the fastpath skips the padding, so the part above the floor shrinks to (1 - p) of itself": t0,
-        "that is the floor alone: the real tokens still cost (1 - p) of the part above it": floor,
-    }, rel=0.02)
+def _time_with_a_floor_mistakes(expected, floor_ms, no_padding_ms, padding_fraction):
+    return {"the floor does not shrink with the tokens: only the part above it does":
+                no_padding_ms * (1 - padding_fraction),
+            "the fastpath skips the padding, so the part above the floor shrinks to (1 - p) of itself": no_padding_ms,
+            "that is the floor alone: the real tokens still cost (1 - p) of the part above it": floor_ms}
 
 
 EXERCISES = [
@@ -163,26 +146,23 @@ EXERCISES = [
               "cu_seqlens is the running total of the lengths with a 0 in front: N sequences give N + 1 int32 "
               "boundaries. document_ids repeats each sequence's number as many times as it has real tokens "
               "(torch.repeat_interleave)."),
-             {}, ((returns_none, "returns None"), (_lengths_not_cumulative, "running total"),
-                  (_no_leading_zero, "starts at 0"), (_padded_positions, "padded positions too"),
-                  (_position_ids, "position ids"))),
+             {}, (*BOUNDARY_MISTAKES, (returns_none, "returns None"))),
     Exercise("03.2", "Convert one more encoder layer", "code", _convert_layer, fastpath.convert_layer,
              ("Build nn.TransformerEncoderLayer with BERT's sizes (batch_first=True, dropout=0, GELU, post-norm), then "
               "copy the weights in.",
               "The layer's in_proj_weight stacks query, key and value: torch.cat([q.weight, k.weight, v.weight]); "
               "norm1 is the attention output's LayerNorm, norm2 the feed-forward's."),
              {}, ((returns_none, "returns None"), (_the_bert_layer_itself, "TransformerEncoderLayer"))),
-    Exercise("03.3", "The ideal speed-up, if time follows the tokens", "predict", _ideal_speedup, ideal_speedup,
-             ("The padded model computes on every position; the fastpath only on the real tokens. Suppose the time "
-              "is proportional to the tokens computed.",
-              "With a fraction p of padding the fastpath computes (1 - p) of the positions, so its time is (1 - p) "
-              "of the padded model's; the speed-up is the padded time over the fastpath's."),
-             {"padding_fraction": 0.75}, ((0.25, "inverse"), (1.75, "1 / (1 - p)"), (3.0, "share"))),
-    Exercise("03.4", "Explain a measured time with a fixed cost", "predict", _time_with_a_floor, time_with_a_floor,
-             ("Split the fastpath's time without padding into the floor, which every call pays, and the rest, which "
-              "the real tokens cost.",
-              "With a fraction p of padding only (1 - p) of the tokens are real: the time is floor + (no-padding time "
-              "- floor) x (1 - p)."),
-             {"floor_ms": 2.0, "no_padding_ms": 10.0, "padding_fraction": 0.75},
-             ((2.5, "does not shrink"), (10.0, "shrinks to"), (2.0, "floor alone"))),
+    predict("03.3", "The ideal speed-up, if time follows the tokens", ideal_speedup, "x", _ideal_speedup_mistakes,
+            ("The padded model computes on every position; the fastpath only on the real tokens. Suppose the time "
+             "is proportional to the tokens computed.",
+             "With a fraction p of padding the fastpath computes (1 - p) of the positions, so its time is (1 - p) "
+             "of the padded model's; the speed-up is the padded time over the fastpath's."),
+            {"padding_fraction": 0.75}, rel=0.02),
+    predict("03.4", "Explain a measured time with a fixed cost", time_with_a_floor, "ms", _time_with_a_floor_mistakes,
+            ("Split the fastpath's time without padding into the floor, which every call pays, and the rest, which "
+             "the real tokens cost.",
+             "With a fraction p of padding only (1 - p) of the tokens are real: the time is floor + (no-padding time "
+             "- floor) x (1 - p)."),
+            {"floor_ms": 2.0, "no_padding_ms": 10.0, "padding_fraction": 0.75}, rel=0.02),
 ]

@@ -9,8 +9,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labkit import attention, roofline, timing
-from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
+from labkit.exercises import Exercise, Wrong, behaves_like, predict, returns_none
 from labkit.probes import BACKENDS
+
+
+def _fresh_qkv(n: int) -> tuple:
+    """New random (q, k, v) in float64 at each check, (2, 3, n, 16): the answer must compute, not memorise."""
+    fresh = torch.Generator().manual_seed(time.time_ns() % 2**31)
+    return tuple(torch.randn(2, 3, n, 16, dtype=torch.float64, generator=fresh) for _ in range(3))
 
 
 def my_attention(q, k, v):
@@ -18,39 +24,32 @@ def my_attention(q, k, v):
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _attention_by_hand(answer, c):
-    function = function_answer(answer, "my_attention(q, k, v)")
-    fresh = torch.Generator().manual_seed(time.time_ns() % 2**31)  # new inputs each time: compute, not memorise
-    q, k, v = (torch.randn(2, 3, 17, 16, dtype=torch.float64, generator=fresh) for _ in range(3))
-    out = call(function, q, k, v)
-    if out is None:
-        raise NotAttempted("your function returns None: compute the attention output and return it.")
-    if not isinstance(out, torch.Tensor):
-        raise Wrong(f"return a tensor, not {type(out).__name__}")
-    expected = F.scaled_dot_product_attention(q, k, v)
-    if out.shape != expected.shape:
-        raise Wrong(f"the output has shape {tuple(out.shape)}; it must be {tuple(expected.shape)}, "
-                    "one vector per query")
-    out = out.to(torch.float64)
-    if torch.allclose(out, expected, atol=1e-6):
-        return "it matches scaled_dot_product_attention on fresh random inputs."
-    if torch.allclose(out, _unscaled_attention(q, k, v), atol=1e-6):
-        raise Wrong("the scores need dividing by sqrt(d), the head size, before the softmax")
-    wrong_axis = torch.softmax(q @ k.transpose(-2, -1) / 16 ** 0.5, dim=-2) @ v
-    if torch.allclose(out, wrong_axis, atol=1e-6):
-        raise Wrong("the softmax runs over the wrong axis: each query's weights over the keys (the last axis) "
-                    "must sum to 1")
-    raise Wrong(f"the output differs from scaled_dot_product_attention by {float((out - expected).abs().max()):.3g}")
-
-
 def _unscaled_attention(q, k, v):
     """attention without the 1/sqrt(d) scale"""
     return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
 
 
+def _softmax_over_queries(q, k, v):
+    """attention whose softmax runs over the queries"""
+    return torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-2) @ v
+
+
 def _one_column(q, k, v):
     """a function returning a tensor of the wrong shape"""
     return q[..., :1]
+
+
+ATTENTION_MISTAKES = (
+    (_unscaled_attention, "the scores need dividing by sqrt(d), the head size, before the softmax"),
+    (_softmax_over_queries, "the softmax runs over the wrong axis: each query's weights over the keys (the last "
+                            "axis) must sum to 1"))
+
+
+def _attention_by_hand(answer, c):
+    behaves_like(answer, "my_attention(q, k, v)", F.scaled_dot_product_attention,
+                 [("on fresh random inputs", _fresh_qkv(17))], ATTENTION_MISTAKES,
+                 none="compute the attention output and return it.")
+    return "it matches scaled_dot_product_attention on fresh random inputs."
 
 
 def tiled_attention(q, k, v, block):
@@ -68,54 +67,6 @@ def tiled_attention(q, k, v, block):
         out = out * rescale + p @ v[..., start:start + block, :]
         m = m_new
     return out / l
-
-
-def _tiled(answer, c):
-    function = function_answer(answer, "tiled_attention(q, k, v, block)")
-    fresh = torch.Generator().manual_seed(time.time_ns() % 2**31)
-    q, k, v = (torch.randn(2, 3, 50, 16, dtype=torch.float64, generator=fresh) for _ in range(3))  # 50 = 3 x 16 + 2
-    out = call(function, q, k, v, 16)
-    if out is None:
-        raise NotAttempted("your function returns None: walk over the key blocks, then return the output.")
-    if not isinstance(out, torch.Tensor) or out.shape != q.shape:
-        raise Wrong(f"return a tensor shaped like q, {tuple(q.shape)}: one output vector per query")
-    out = out.to(torch.float64)
-    if not torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-6):
-        raise Wrong(_which_tiling_mistake(out, q, k, v, 16))
-    big = call(function, 300 * q, k, v, 16)  # scores past 709: exp() of them overflows float64
-    if not torch.isfinite(big).all():
-        raise Wrong("with large scores the output holds inf or nan: subtract the running maximum before exp()")
-    if not torch.allclose(big.to(torch.float64), F.scaled_dot_product_attention(300 * q, k, v), atol=1e-6):
-        raise Wrong("with large scores the output differs from SDPA: subtract the running maximum before exp()")
-    return "it matches SDPA, with a short last block and with large scores. " + _tiled_memory(function, c["device"])
-
-
-def _which_tiling_mistake(out, q, k, v, block):
-    sdpa = F.scaled_dot_product_attention(q, k, v)
-    kept = k.shape[-2] // block * block
-    if torch.allclose(out, F.scaled_dot_product_attention(q, k[..., :kept, :], v[..., :kept, :]), atol=1e-6):
-        return f"the last {k.shape[-2] - kept} keys were left out: the last block may be shorter than the others"
-    if torch.allclose(out, _no_rescale(q, k, v, block), atol=1e-6):
-        return ("when the running maximum grows, rescale the running sum and output by exp(old max - new max) "
-                "before adding the new block")
-    return f"the output differs from scaled_dot_product_attention by {float((out - sdpa).abs().max()):.3g}"
-
-
-def _tiled_memory(function, device):
-    """Peak extra memory of the answer and of the MATH backend, where the N x N scores dominate."""
-    b, h, n, d = 1, 2, 2048, 16
-    q, k, v = torch.randn(3, b, h, n, d, device=device)
-    one_matrix = attention.score_matrix_bytes(b, h, n, n, "float32")
-    tiled = timing.peak_extra_memory(lambda: function(q, k, v, 64), device)
-    with sdpa_kernel(SDPBackend.MATH):
-        math_peak = timing.peak_extra_memory(lambda: F.scaled_dot_product_attention(q, k, v), device)
-    if tiled is None or math_peak is None:
-        return "(peak memory cannot be measured here)"
-    if tiled >= one_matrix:
-        raise Wrong(f"at N={n} your function's peak extra memory is {tiled / 2**20:.1f} MiB, at least one whole "
-                    f"N x N score matrix ({one_matrix / 2**20:.0f} MiB): compute the scores one key block at a time")
-    return (f"At N={n}, blocks of 64 keys, its peak extra memory was {tiled / 2**20:.1f} MiB; the MATH backend's "
-            f"{math_peak / 2**20:.1f} MiB; one score matrix is {one_matrix / 2**20:.0f} MiB.")
 
 
 def _no_rescale(q, k, v, block):
@@ -150,22 +101,52 @@ def _whole_matrix(q, k, v, block):
     return torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1) @ v
 
 
+TILING_MISTAKES = (
+    (_drops_last_block, "the last keys were left out: the last block may be shorter than the others"),
+    (_no_rescale, "when the running maximum grows, rescale the running sum and output by exp(old max - new max) "
+                  "before adding the new block"),
+    (_no_maximum, "the output holds inf or nan: subtract the running maximum before exp()"))
+
+
+def _tiled(answer, c):
+    q, k, v = _fresh_qkv(50)  # 50 = 3 x 16 + 2: a last block shorter than the others
+    behaves_like(answer, "tiled_attention(q, k, v, block)", lambda q, k, v, block: F.scaled_dot_product_attention(
+        q, k, v), [("with 50 keys in blocks of 16", (q, k, v, 16)),
+                   ("with large scores (exp() of them overflows)", (300 * q, k, v, 16))], TILING_MISTAKES,
+                 none="walk over the key blocks, then return the output.")
+    return "it matches SDPA, with a short last block and with large scores. " + _tiled_memory(answer, c["device"])
+
+
+def _tiled_memory(function, device):
+    """Peak extra memory of the answer and of the MATH backend, where the N x N scores dominate."""
+    b, h, n, d = 1, 2, 2048, 16
+    q, k, v = torch.randn(3, b, h, n, d, device=device)
+    one_matrix = attention.score_matrix_bytes(b, h, n, n, "float32")
+    tiled = timing.peak_extra_memory(lambda: function(q, k, v, 64), device)
+    with sdpa_kernel(SDPBackend.MATH):
+        math_peak = timing.peak_extra_memory(lambda: F.scaled_dot_product_attention(q, k, v), device)
+    if tiled is None or math_peak is None:
+        return "(peak memory cannot be measured here)"
+    if tiled >= one_matrix:
+        raise Wrong(f"at N={n} your function's peak extra memory is {tiled / 2**20:.1f} MiB, at least one whole "
+                    f"N x N score matrix ({one_matrix / 2**20:.0f} MiB): compute the scores one key block at a time")
+    return (f"At N={n}, blocks of 64 keys, its peak extra memory was {tiled / 2**20:.1f} MiB; the MATH backend's "
+            f"{math_peak / 2**20:.1f} MiB; one score matrix is {one_matrix / 2**20:.0f} MiB.")
+
+
 def score_matrix_mib(batch, heads, seq, dtype):
     # one score per (query, key) pair, for every head of every sequence: batch x heads x N x N elements
-    return attention.score_matrix_bytes(batch, heads, seq, seq, dtype) / 2**20
+    return batch * heads * seq * seq * roofline.element_size(dtype) / 2**20
 
 
-def _score_matrix(answer, c):
-    b, h, n, dtype = c["batch"], c["heads"], c["seq"], c["dtype"]
-    mib = score_matrix_mib(b, h, n, dtype)
+def _score_matrix_mistakes(mib, batch, heads, seq, dtype):
     size = roofline.element_size(dtype)
-    return predicted(answer, mib, "MiB", {
-        "that looks like bytes: the question asks for MiB (divide by 2**20)": mib * 2**20,
-        f"that is one head's matrix: each of the {h} heads holds its own": mib / h if h > 1 else 0,
-        f"that is one sequence's: each of the {b} sequences in the batch holds its own": mib / b if b > 1 else 0,
-        "a score for every query and every key: N x N per head, not N": mib / n,
-        f"{str(dtype).removeprefix('torch.')} takes {size} bytes per element": mib * (4 if size == 2 else 2) / size,
-    })
+    return {"that looks like bytes: the question asks for MiB (divide by 2**20)": mib * 2**20,
+            f"that is one head's matrix: each of the {heads} heads holds its own": mib / heads if heads > 1 else 0,
+            f"that is one sequence's: each of the {batch} sequences in the batch holds its own":
+                mib / batch if batch > 1 else 0,
+            "a score for every query and every key: N x N per head, not N": mib / seq,
+            f"{str(dtype).removeprefix('torch.')} takes {size} bytes per element": mib * (4 if size == 2 else 2) / size}
 
 
 def backend_pytorch_picks(device, dtype):
@@ -176,11 +157,9 @@ def backend_pytorch_picks(device, dtype):
 
 
 def _pick_backend(answer, c):
-    if not isinstance(answer, str) or not answer.strip():
-        raise Wrong(f"give a backend's name, one of {', '.join(BACKENDS)}")
-    name = answer.strip().upper().removeprefix("SDPBACKEND.")
+    name = answer.strip().upper().removeprefix("SDPBACKEND.") if isinstance(answer, str) else ""
     if name not in BACKENDS:
-        raise Wrong(f"{answer!r} is not a backend; use one of {', '.join(BACKENDS)}")
+        raise Wrong(f"{answer!r} is not a backend's name; use one of {', '.join(BACKENDS)}")
     ran = backend_pytorch_picks(c["device"], c["dtype"])
     if name != ran:
         raise Wrong(f"the profiler saw {ran} run here, not {name}: PyTorch tries the fused backends in its own order "
@@ -192,30 +171,24 @@ EXERCISES = [
     Exercise("01.1", "Attention by hand", "code", _attention_by_hand, my_attention,
              ("Three steps: scores from queries and keys, a softmax, then a weighted sum of the values.",
               "scores = q @ k.transpose(-2, -1), scaled by 1 / sqrt(head size); softmax over the last axis; then @ v."),
-             {},
-             ((_unscaled_attention, "sqrt(d)"), (_one_column, "shape"), (returns_none, "returns None"),
-              (3, "a function"))),
-    Exercise("01.2", "The score matrix, predicted", "predict", _score_matrix, score_matrix_mib,
-             ("The math backend holds one score per (query, key) pair, for every head of every sequence.",
-              "Count batch x heads x N x N elements, times the bytes of one element in this dtype, then divide by "
-              "2**20."),
-             {"batch": 4, "heads": 16, "seq": 4096, "dtype": "float32"},
-             ((4096.0 * 2**20, "bytes"), (256.0, "one head"), (1024.0, "one sequence"), (1.0, "N x N"),
-              (2048.0, "bytes per element"))),
+             {}, (*ATTENTION_MISTAKES, (_one_column, "shape"), (returns_none, "returns None"), (3, "a function"))),
+    predict("01.2", "The score matrix, predicted", score_matrix_mib, "MiB", _score_matrix_mistakes,
+            ("The math backend holds one score per (query, key) pair, for every head of every sequence.",
+             "Count batch x heads x N x N elements, times the bytes of one element in this dtype, then divide by "
+             "2**20."),
+            {"batch": 4, "heads": 16, "seq": 4096, "dtype": "float32"}),
     Exercise("01.3", "Tiled attention with an online softmax", "code", _tiled, tiled_attention,
              ("Loop over the keys in blocks of `block`. Per query keep three things: the largest score so far (m), "
               "the sum of exp(score - m) so far (l), and the sum of exp(score - m) times the values so far (out).",
               "Per block: scores = q @ k_blockᵀ / sqrt(d); m_new = max(m, the block's row maximum); p = exp(scores - "
               "m_new); l = l · exp(m - m_new) + p.sum(-1); out = out · exp(m - m_new) + p @ v_block; m = m_new. "
               "Return out / l."),
-             {"device": "cpu"},
-             ((_no_rescale, "rescale"), (_no_maximum, "running maximum"), (_drops_last_block, "last block"),
-              (_whole_matrix, "whole"), (returns_none, "returns None"), (3, "a function"))),
+             {"device": "cpu"}, (*TILING_MISTAKES, (_whole_matrix, "whole"), (returns_none, "returns None"),
+                                 (3, "a function"))),
     Exercise("01.4", "Which backend does PyTorch pick?", "predict", _pick_backend, backend_pytorch_picks,
              ("The fused backends come first when the inputs allow them: 4-D, no mask, a supported dtype and head "
               "size.",
               "Each backend has conditions (dtype, head size, masks); PyTorch runs the first in its own order whose "
               "conditions these inputs meet."),
-             {"device": "cpu", "dtype": "float32"},
-             (("NOT_A_BACKEND", "not a backend"), (7, "backend's name"))),
+             {"device": "cpu", "dtype": "float32"}, (("NOT_A_BACKEND", "not a backend"), (7, "backend's name"))),
 ]

@@ -8,7 +8,7 @@ import time
 import torch
 
 from labkit import footprint
-from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted
+from labkit.exercises import Exercise, NotAttempted, Wrong, call, predict
 
 
 def nf4_mib(rows, cols, blocksize):
@@ -16,17 +16,12 @@ def nf4_mib(rows, cols, blocksize):
     return sum(footprint.four_bit_parts(rows * cols, blocksize=blocksize)) / 2**20
 
 
-def _nf4_footprint(answer, c):
-    rows, cols, block = c["rows"], c["cols"], c["blocksize"]
-    expected = nf4_mib(rows, cols, block)
-    weights = rows * cols / 2
-    scales = rows * cols / block * 4
-    return predicted(answer, expected, "MiB", {
-        f"the scales count too: one float32 absmax per block of {block} weights": weights / 2**20,
-        "4 bits is half a byte per weight, not a byte": (rows * cols + scales) / 2**20,
-        "that is the 16-bit size: 2 bytes per weight": rows * cols * 2 / 2**20,
-        "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20,
-    }, rel=0.03)
+def _nf4_mistakes(expected, rows, cols, blocksize):
+    weights, scales = rows * cols / 2, rows * cols / blocksize * 4
+    return {f"the scales count too: one float32 absmax per block of {blocksize} weights": weights / 2**20,
+            "4 bits is half a byte per weight, not a byte": (rows * cols + scales) / 2**20,
+            "that is the 16-bit size: 2 bytes per weight": rows * cols * 2 / 2**20,
+            "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20}
 
 
 def int4_mib(rows, cols, group_size):
@@ -34,20 +29,16 @@ def int4_mib(rows, cols, group_size):
     return sum(footprint.int4_weight_only_parts(rows, cols, group_size=group_size)) / 2**20
 
 
-def _int4_footprint(answer, c):
-    rows, cols, group = c["rows"], c["cols"], c["group_size"]
-    expected = int4_mib(rows, cols, group)
-    weights, groups = rows * cols / 2, rows * cols / group
-    return predicted(answer, expected, "MiB", {
-        f"the groups count too: each group of {group} weights keeps a scale and a zero point": weights / 2**20,
-        "torchao's int4 keeps a zero point beside each scale (the levels are 0..15, shifted)":
-            (weights + 2 * groups) / 2**20,
-        f"the scale and the zero point are bfloat16, 2 bytes each, per group of {group}":
-            (weights + 8 * groups) / 2**20,
-        "4 bits is half a byte per weight, not a byte": (2 * weights + 4 * groups) / 2**20,
-        "that is the 16-bit size: 2 bytes per weight": rows * cols * 2 / 2**20,
-        "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20,
-    }, rel=0.02)
+def _int4_mistakes(expected, rows, cols, group_size):
+    weights, groups = rows * cols / 2, rows * cols / group_size
+    return {f"the groups count too: each group of {group_size} weights keeps a scale and a zero point": weights / 2**20,
+            "torchao's int4 keeps a zero point beside each scale (the levels are 0..15, shifted)":
+                (weights + 2 * groups) / 2**20,
+            f"the scale and the zero point are bfloat16, 2 bytes each, per group of {group_size}":
+                (weights + 8 * groups) / 2**20,
+            "4 bits is half a byte per weight, not a byte": (2 * weights + 4 * groups) / 2**20,
+            "that is the 16-bit size: 2 bytes per weight": rows * cols * 2 / 2**20,
+            "that looks like bytes: the question asks for MiB (divide by 2**20)": expected * 2**20}
 
 
 def my_int8_row(row):
@@ -58,13 +49,10 @@ def my_int8_row(row):
 
 
 def _int8_row(answer, c):
-    function = function_answer(answer, "my_int8_row(row)")
     fresh = torch.Generator().manual_seed(time.time_ns() % 2**31)  # a new row each time: compute, not memorise
     row = torch.randn(256, generator=fresh)
     row[int(torch.randint(256, (1,), generator=fresh))] = -4 * float(row.abs().max())  # the largest is negative
-    out = call(function, row.clone())
-    if out is None:
-        raise NotAttempted("your function returns None: return (q, scale).")
+    out = call(answer, row.clone(), what="my_int8_row(row)", none="return (q, scale).")
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise Wrong("return two things: q (an int8 tensor) and scale (one number)")
     q, scale = out
@@ -134,29 +122,23 @@ def break_even(flops_per_s, bytes_per_s):
     return flops_per_s * 2 / (2 * bytes_per_s)
 
 
-def _break_even(answer, c):
-    flops, bandwidth = c["flops_per_s"], c["bytes_per_s"]
-    expected = break_even(flops, bandwidth)
-    return predicted(answer, expected, "sequences", {
-        "that is where the int4 step itself turns compute-bound (4x fewer bytes): its advantage starts shrinking "
-        "there, and is gone only once the 16-bit step is compute-bound too": expected / 4,
-        "each weight costs 2 FLOPs per sequence (a multiply and an add), not 1": 2 * expected,
-        "a 16-bit weight is 2 bytes": expected / 2,
-        "at batch 1 a step reads every weight for a single token: as memory-bound as decoding gets": 1.0,
-    }, rel=0.1)
+def _break_even_mistakes(expected):
+    return {"that is where the int4 step itself turns compute-bound (4x fewer bytes): its advantage starts shrinking "
+            "there, and is gone only once the 16-bit step is compute-bound too": expected / 4,
+            "each weight costs 2 FLOPs per sequence (a multiply and an add), not 1": 2 * expected,
+            "a 16-bit weight is 2 bytes": expected / 2,
+            "at batch 1 a step reads every weight for a single token: as memory-bound as decoding gets": 1.0}
 
 
 EXERCISES = [
-    Exercise("04.1", "NF4's footprint, predicted", "predict", _nf4_footprint, nf4_mib,
-             ("Each weight takes 4 bits; each block of weights also stores one scale.",
-              "rows x cols / 2 bytes of weights, plus rows x cols / blocksize float32 scales (4 bytes each)."),
-             {"rows": 4096, "cols": 4096, "blocksize": 64},
-             ((8.0, "scales count"), (17.0, "half a byte"), (32.0, "16-bit size"))),
-    Exercise("04.2", "int4 weight-only with group-wise scales, predicted", "predict", _int4_footprint, int4_mib,
-             ("Each weight takes 4 bits; each group of weights along a row also keeps a scale and a zero point.",
-              "rows x cols / 2 bytes of weights, plus rows x cols / group_size groups of 2 + 2 bytes (bfloat16)."),
-             {"rows": 4096, "cols": 4096, "group_size": 128},
-             ((8.0, "groups count"), (8.25, "zero point"), (9.0, "2 bytes each"), (16.5, "half a byte"))),
+    predict("04.1", "NF4's footprint, predicted", nf4_mib, "MiB", _nf4_mistakes,
+            ("Each weight takes 4 bits; each block of weights also stores one scale.",
+             "rows x cols / 2 bytes of weights, plus rows x cols / blocksize float32 scales (4 bytes each)."),
+            {"rows": 4096, "cols": 4096, "blocksize": 64}, rel=0.03),
+    predict("04.2", "int4 weight-only with group-wise scales, predicted", int4_mib, "MiB", _int4_mistakes,
+            ("Each weight takes 4 bits; each group of weights along a row also keeps a scale and a zero point.",
+             "rows x cols / 2 bytes of weights, plus rows x cols / group_size groups of 2 + 2 bytes (bfloat16)."),
+            {"rows": 4096, "cols": 4096, "group_size": 128}, rel=0.02),
     Exercise("04.3", "One row in int8, by hand", "code", _int8_row, my_int8_row,
              ("Symmetric int8: q = round(w / scale), with one scale for the whole row and no zero point.",
               "Pick the scale so that the largest magnitude, row.abs().max(), lands on the top level, 127; then "
@@ -168,12 +150,11 @@ EXERCISES = [
               "More bits per weight keep more of each weight: compare the 8-bit formats with the 4-bit ones."),
              {"kl": {"fp4": 0.44, "nf4": 0.25, "nf4-double": 0.25, "int8": 0.017}},
              (("nf4", "stayed closest"), ("q4", "not a format"))),
-    Exercise("04.5", "Where int4 weight-only stops helping, predicted", "predict", _break_even, break_even,
-             ("A decode step takes max(bytes read / bandwidth, FLOPs / FLOP/s). Fewer weight bytes help only while "
-              "the first term is the larger one.",
-              "With 16-bit weights a batch of b sequences does 2 x b FLOPs per 2 bytes of weight: the step turns "
-              "compute-bound when b = FLOP/s / (bytes/s)."),
-             # the ceilings measured on an H100 in reference/nvidia-h100 (notebook 00)
-             {"flops_per_s": 7.777e14, "bytes_per_s": 2.984e12},
-             ((65.0, "starts shrinking"), (521.0, "2 FLOPs"), (1.0, "memory-bound"))),
+    predict("04.5", "Where int4 weight-only stops helping, predicted", break_even, "sequences", _break_even_mistakes,
+            ("A decode step takes max(bytes read / bandwidth, FLOPs / FLOP/s). Fewer weight bytes help only while "
+             "the first term is the larger one.",
+             "With 16-bit weights a batch of b sequences does 2 x b FLOPs per 2 bytes of weight: the step turns "
+             "compute-bound when b = FLOP/s / (bytes/s)."),
+            # the ceilings measured on an H100 in reference/nvidia-h100 (notebook 00)
+            {"flops_per_s": 7.777e14, "bytes_per_s": 2.984e12}),
 ]

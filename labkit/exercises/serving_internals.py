@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from labkit.exercises.core import Exercise, NotAttempted, Wrong, call, function_answer, predicted, returns_none
+from labkit.exercises import Exercise, behaves_like, predict, returns_none
+from labkit.exercises.serving import paged_cases
 
 # --------------------------------------------------------------------------- 07.1 the prompt tokens block sharing saves
 
@@ -17,18 +18,15 @@ def prompt_tokens_with_sharing(shared_tokens, own_tokens, page_size, requests):
     return requests * (shared_tokens + own_tokens - shared_pages * page_size)
 
 
-def _prompt_tokens(answer, c):
-    shared, own, page, n = c["shared_tokens"], c["own_tokens"], c["page_size"], c["requests"]
-    expected = prompt_tokens_with_sharing(shared, own, page, n)
-    return predicted(answer, expected, "tokens", {
-        f"that counts only the questions: the shared prompt's last page is not full ({shared} = "
-        f"{shared // page} x {page} + {shared % page}), and only full pages are shared": n * own,
-        "that is what the burst computes without sharing: the shared prompt's full pages are in the cache already":
-            n * (shared + own),
-        f"that is one request's share: the burst has {n} requests": expected / n,
-        "that counts the shared prompt once more, but an earlier request computed it before the burst":
-            expected + shared,
-    })
+def _prompt_tokens_mistakes(expected, shared_tokens, own_tokens, page_size, requests):
+    shared, page, n = shared_tokens, page_size, requests
+    return {f"that counts only the questions: the shared prompt's last page is not full ({shared} = "
+            f"{shared // page} x {page} + {shared % page}), and only full pages are shared": n * own_tokens,
+            "that is what the burst computes without sharing: the shared prompt's full pages are in the cache "
+            "already": n * (shared + own_tokens),
+            f"that is one request's share: the burst has {n} requests": expected / n,
+            "that counts the shared prompt once more, but an earlier request computed it before the burst":
+                expected + shared}
 
 
 # --------------------------------------------------------------------------- 07.2 the KV blocks a shared prefix holds
@@ -41,15 +39,12 @@ def blocks_held_with_sharing(shared_tokens, own_tokens, new_tokens, page_size, r
     return shared_pages + requests * own_pages
 
 
-def _blocks_held(answer, c):
-    shared, own, new, page, n = (c[k] for k in ("shared_tokens", "own_tokens", "new_tokens", "page_size", "requests"))
-    expected = blocks_held_with_sharing(shared, own, new, page, n)
-    every = math.ceil((shared + own + new - 1) / page)  # one request's pages, all its own
-    return predicted(answer, expected, "blocks", {
-        f"that is the burst without sharing: each request would hold all its {every} pages": n * every,
-        "that leaves out the shared pages: they stay in the cache, held once": expected - shared // page,
-        f"that is one request's pages: the burst has {n} requests": every,
-    }, rel=0.02)
+def _blocks_held_mistakes(expected, shared_tokens, own_tokens, new_tokens, page_size, requests):
+    every = math.ceil((shared_tokens + own_tokens + new_tokens - 1) / page_size)  # one request's pages, all its own
+    return {f"that is the burst without sharing: each request would hold all its {every} pages": requests * every,
+            "that leaves out the shared pages: they stay in the cache, held once":
+                expected - shared_tokens // page_size,
+            f"that is one request's pages: the burst has {requests} requests": every}
 
 
 # --------------------------------------------------------------------------- 07.3 writing a request into its pages
@@ -82,29 +77,15 @@ def _new_pool(pool, block_table, rows):
     return write_to_pages(fresh, block_table, rows)
 
 
+WRITE_MISTAKES = ((_in_pool_order, "the rows went into the pool's first pages: look each page up in the block table"),
+                  (_new_pool, "the other requests' pages were wiped: write into the pool you were given"))
+
+
 def _write(answer, c):
-    function, generator = function_answer(answer, "write_to_pages(pool, block_table, rows)"), torch.Generator()
-    generator.manual_seed(1)
-    for length, page in ((5, 4), (16, 4), (37, 16), (1, 16)):
-        needed = math.ceil(length / page)
-        pool = torch.randn(needed + 3, page, 2, 4, generator=generator)  # other requests' pages: noise
-        table = torch.randperm(needed + 3, generator=generator)[:needed].tolist()
-        rows = torch.randn(length, 2, 4, generator=generator)
-        expected = write_to_pages(pool.clone(), table, rows)
-        got = call(function, pool.clone(), list(table), rows)
-        if got is None:
-            raise NotAttempted("your function returns None: write the rows into the pool, then return the pool.")
-        case = f"with {length} tokens in pages of {page}"
-        if not isinstance(got, torch.Tensor) or got.shape != pool.shape:
-            raise Wrong(f"{case}, your function returned {getattr(got, 'shape', type(got).__name__)}, not the pool "
-                        f"of shape {tuple(pool.shape)}")
-        if not torch.equal(got, expected):
-            if torch.equal(got, _in_pool_order(pool.clone(), table, rows)):
-                raise Wrong(f"{case}, the rows went into the pool's first pages: look each page up in the block table")
-            if torch.equal(got, _new_pool(pool, table, rows)):
-                raise Wrong(f"{case}, the other requests' pages were wiped: write into the pool you were given")
-            raise Wrong(f"{case}, the pool differs from the one expected: row t goes to page "
-                        "block_table[t // page size], at offset t % page size, and nothing else changes")
+    behaves_like(answer, "write_to_pages(pool, block_table, rows)", write_to_pages, paged_cases(1, written=False),
+                 WRITE_MISTAKES, none="write the rows into the pool, then return the pool.",
+                 otherwise="the pool differs from the one expected: row t goes to page block_table[t // page size], "
+                           "at offset t % page size, and nothing else changes")
     return "every row went to its page and offset, and the other requests' pages were left as they were."
 
 
@@ -117,44 +98,36 @@ def exit_break_even(exit_layer, layers, layer_mib, head_mib):
     return (exit_layer * layer_mib + head_mib) / (layers * layer_mib + head_mib)
 
 
-def _exit_break_even(answer, c):
-    k, n, layer, head = c["exit_layer"], c["layers"], c["layer_mib"], c["head_mib"]
-    expected = exit_break_even(k, n, layer, head)
-    return predicted(answer, expected, "of the proposals", {
-        f"that leaves out the LM head: every proposal ends with it, and it is {head / layer:.0f} layers' worth of "
-        "bytes": k / n,
-        "that counts only the LM head: the proposal also runs the first layers": head / (n * layer + head),
-        "that is the share of the bytes the draft skips, not the share it reads": 1 - expected,
-        "that looks like a percentage: give the rate as a fraction of the proposals (0 to 1)": expected * 100,
-    })
+def _exit_break_even_mistakes(expected, exit_layer, layers, layer_mib, head_mib):
+    return {f"that leaves out the LM head: every proposal ends with it, and it is {head_mib / layer_mib:.0f} layers' "
+            "worth of bytes": exit_layer / layers,
+            "that counts only the LM head: the proposal also runs the first layers":
+                head_mib / (layers * layer_mib + head_mib),
+            "that is the share of the bytes the draft skips, not the share it reads": 1 - expected,
+            "that looks like a percentage: give the rate as a fraction of the proposals (0 to 1)": expected * 100}
 
 
 EXERCISES = [
-    Exercise("07.1", "The prompt tokens a burst computes with block sharing", "predict", _prompt_tokens,
-             prompt_tokens_with_sharing,
-             ("Only full pages of the shared prompt can be shared; the cache found them by their tokens' hash.",
-              "per request: shared + own - page size x (shared // page size); then times the requests."),
-             {"shared_tokens": 250, "own_tokens": 8, "page_size": 16, "requests": 6},
-             ((48, "only the questions"), (1548, "without sharing"), (18, "one request"),
-              (358, "shared prompt once more"))),
-    Exercise("07.2", "The KV blocks a burst holds with a shared prefix", "predict", _blocks_held,
-             blocks_held_with_sharing,
-             ("The shared prompt's full pages are held once, however many requests point at them.",
-              "shared pages = shared // page size; each request: ceil((shared + own + new - 1) / page size) pages, "
-              "minus the shared ones; the last new token is sampled, never cached."),
-             {"shared_tokens": 250, "own_tokens": 8, "new_tokens": 4, "page_size": 16, "requests": 6},
-             ((102, "without sharing"), (12, "leaves out the shared pages"), (17, "one request's pages"))),
+    predict("07.1", "The prompt tokens a burst computes with block sharing", prompt_tokens_with_sharing, "tokens",
+            _prompt_tokens_mistakes,
+            ("Only full pages of the shared prompt can be shared; the cache found them by their tokens' hash.",
+             "per request: shared + own - page size x (shared // page size); then times the requests."),
+            {"shared_tokens": 250, "own_tokens": 8, "page_size": 16, "requests": 6}),
+    predict("07.2", "The KV blocks a burst holds with a shared prefix", blocks_held_with_sharing, "blocks",
+            _blocks_held_mistakes,
+            ("The shared prompt's full pages are held once, however many requests point at them.",
+             "shared pages = shared // page size; each request: ceil((shared + own + new - 1) / page size) pages, "
+             "minus the shared ones; the last new token is sampled, never cached."),
+            {"shared_tokens": 250, "own_tokens": 8, "new_tokens": 4, "page_size": 16, "requests": 6}, rel=0.02),
     Exercise("07.3", "Writing a request's keys into its pages", "code", _write, write_to_pages,
              ("The block table lists the request's pages in order; the pool's pages are in no order.",
               "Row t goes to page block_table[t // page size], at offset t % page size: "
               "`pool[pages, offsets] = rows`, then return the pool."),
-             {}, ((_in_pool_order, "first pages"), (_new_pool, "wiped"), (_one_page_per_row, "differs"),
-                  (returns_none, "returns None"))),
-    Exercise("07.4", "The acceptance an early exit needs to break even", "predict", _exit_break_even, exit_break_even,
-             ("Decode at batch 1 reads every weight once per step: count a proposal's bytes against a step's.",
-              "draft_cost = (exit layer x layer MiB + head MiB) / (layers x layer MiB + head MiB); with a check of "
-              "one step, 06.2's break-even (1 + proposals x draft_cost - 1) / proposals is draft_cost itself."),
-             {"exit_layer": 15, "layers": 30, "layer_mib": 13.5, "head_mib": 108.0},
-             ((0.5, "leaves out the LM head"), (0.2105, "counts only the LM head"), (0.3947, "skips"),
-              (60.53, "percentage"))),
+             {}, (*WRITE_MISTAKES, (_one_page_per_row, "differs"), (returns_none, "returns None"))),
+    predict("07.4", "The acceptance an early exit needs to break even", exit_break_even, "of the proposals",
+            _exit_break_even_mistakes,
+            ("Decode at batch 1 reads every weight once per step: count a proposal's bytes against a step's.",
+             "draft_cost = (exit layer x layer MiB + head MiB) / (layers x layer MiB + head MiB); with a check of "
+             "one step, 06.2's break-even (1 + proposals x draft_cost - 1) / proposals is draft_cost itself."),
+            {"exit_layer": 15, "layers": 30, "layer_mib": 13.5, "head_mib": 108.0}),
 ]

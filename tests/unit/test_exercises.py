@@ -7,7 +7,7 @@ import torch
 
 from labkit import exercises, registry
 from labkit.errors import BadParameter
-from labkit.exercises.core import CORRECT, NOT_ATTEMPTED, WRONG
+from labkit.exercises import CORRECT, NOT_ATTEMPTED, WRONG
 
 ALL = list(exercises.EXERCISES.values())
 

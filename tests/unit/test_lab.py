@@ -7,7 +7,7 @@ import torch
 
 from labkit import exercises, lab, paths
 from labkit.errors import BadParameter
-from labkit.exercises.core import Exercise, predicted
+from labkit.exercises import Exercise, predicted
 from labkit.results import Results, read_results
 
 
