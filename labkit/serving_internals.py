@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from labkit import models, probes, timing
@@ -171,14 +170,3 @@ class ForwardLog:
         for handle in self.handles:
             handle.remove()
         return pd.DataFrame(self.rows, columns=["tokens", "layers", "ms"])
-
-
-# --------------------------------------------------------------------------- section 5: disaggregated prefill
-
-def model_folder(name: str, dtype: Any = "float32") -> Path | str:
-    """Where section 5's processes load ``name`` from, saved before they start: a random-init model saved once with
-    :func:`labkit.models.load_model`'s seed (the same weights as the notebook's), or the model's own folder."""
-    spec = models.EMBEDDED.get(name)
-    if spec is not None and spec.kind == "random":
-        return models.random_folder(name, 0, probes.resolve_dtype(dtype))
-    return models.resolve_folder(name)

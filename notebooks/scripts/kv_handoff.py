@@ -73,7 +73,7 @@ def decode(model, first: int, cache: DynamicCache, new_tokens: int) -> list[int]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-folder", required=True, help="a saved model (labkit.serving_internals.model_folder)")
+    parser.add_argument("--model-folder", required=True, help="a saved model (labkit.models.folder_for_processes)")
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills and transfers per prompt length")

@@ -573,7 +573,7 @@ except ValueError as error:  # _assisted_decoding in generation/utils.py
 # first: which grows faster with the prompt, the prefill's time or the transfer's?
 
 # %%
-folder = serving_internals.model_folder(lab.p.model_id)  # the same weights as `model`, saved for the processes
+folder = models.folder_for_processes(lab.p.model_id)  # the same weights as `model`, saved for the processes
 job = launcher.launch(launcher.scripts_dir() / "kv_handoff.py", 2, {
     "model_folder": folder, "prompt_tokens": lab.p.handoff_tokens, "new_tokens": lab.p.handoff_new_tokens,
     "repeats": 3}, gpus=False)  # two CPU processes, gloo between them

@@ -129,7 +129,7 @@ def test_the_parameters_are_sized_for_a_quick_cpu_run_and_say_what_they_leave_ou
     assert found.formats[0] == "16-bit" and "torchao-float8" not in found.formats
     assert "torchao-float8" in found.skipped
     assert found.dtype == torch.bfloat16 and found.bnb_formats == ["nf4"]
-    assert found.eval_tokens == 128 and found.new_tokens == 8 and found.batch_sizes == [1, 8]
+    assert found.eval_tokens == 64 and found.new_tokens == 6 and found.batch_sizes == [1, 8]
     assert "quick sizes on a CPU" in found.compile_problem
     assert plan(quick=False).compile_problem == "" and plan(quick=False, eval_tokens=7).eval_tokens == 7
     assert quant.Parameters().formats == list(footprint.ALL_FORMATS)  # the parameters cell's defaults

@@ -236,5 +236,5 @@ def test_the_handoff_loads_a_random_model_from_load_model_s_folder_and_any_other
     calls = []
     monkeypatch.setattr(models, "random_folder", lambda name, seed, dtype: calls.append((name, seed, dtype)) or "saved")
     monkeypatch.setattr(models, "resolve_folder", lambda name: f"folder of {name}")
-    assert serving_internals.model_folder("tiny-llama") == "saved" and calls == [("tiny-llama", 0, torch.float32)]
-    assert serving_internals.model_folder("smollm2-135m") == "folder of smollm2-135m"
+    assert models.folder_for_processes("tiny-llama") == "saved" and calls == [("tiny-llama", 0, torch.float32)]
+    assert models.folder_for_processes("smollm2-135m") == "folder of smollm2-135m"
