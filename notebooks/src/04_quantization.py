@@ -558,13 +558,17 @@ for name, rate in first["tokens/s"].items():
 
 # %%
 base, slow = first.loc["16-bit"], 1 / first.loc["16-bit", "fraction of bound"]  # the step against what its bytes need
-pace = ("close to the bound, so reading the weights sets the pace" if slow < 1.5 else
-        "the step is host-bound (the GPU waits while Python and PyTorch prepare its many small kernels), so fewer "
-        "weight bytes can shorten only the small part of the step spent reading them" if lab.on_gpu and slow >= 5 else
-        "most of the step is not reading weights (it is the dispatch of every small op, and generate's own work), "
-        "so fewer weight bytes can shorten only a part of it")
+read_ms = base["step ms"] / slow  # the step's weight and cache bytes at this machine's measured bandwidth
 print(f"16-bit at batch {smallest}: a step took {base['step ms']:.3g} ms where reading its bytes at this machine's "
-      f"bandwidth needs {base['step ms'] / slow:.3g} ms ({slow:.1f}x): {pace}.")
+      f"bandwidth needs {read_ms:.3g} ms ({slow:.1f}x).")
+with torch.inference_mode():  # where that time goes: one token through the 16-bit model, as a batch-1 step runs it
+    view = timing.time_by_op(lambda: model(input_ids=prompt_ids[:, -1:]), lab.device)
+products = view.ms_of(*(("gemm", "gemv", "nvjet") if lab.on_gpu else ("aten::mm", "aten::addmm")))
+print(f"One token's forward under the profiler (which adds time of its own): {view.wall_ms:.3g} ms. Matrix "
+      f"products {products:.3g} ms ({products / read_ms:.1f}x the time to read the bytes), other ops "
+      f"{view.busy_ms - products:.3g} ms, and {view.wall_ms - view.busy_ms:.3g} ms with no op running (the host's "
+      f"Python and dispatch between ops). Fewer weight bytes can shorten at most the matrix products: "
+      f"{products / view.wall_ms:.0%} of this forward.")
 for name, r in first.drop("16-bit").iterrows():
     print(f"{name}: {r['x 16-bit']:.2f}x the 16-bit tokens/s at batch {smallest}; "
           f"its bound is {r['bound tokens/s'] / base['bound tokens/s']:.2f}x higher")
@@ -572,7 +576,7 @@ for name, r in first.drop("16-bit").iterrows():
 # %% [markdown]
 # Read the `x 16-bit` column against the bound. Every low-bit format had a higher bound. A format that is not faster
 # lost its gain elsewhere: in turning stored weights back into numbers, or in the part of a step that is not reading
-# weights at all. The line under the tables says how large that part is here.
+# weights at all. The profiled forward above says how large each part is here.
 #
 # What about a large model on a GPU? This run cannot say, and neither can the stored H100 run. Its model has 135M
 # parameters. Its batch-1 steps stayed far under their bounds in every format it measured
