@@ -563,7 +563,7 @@ print(f"16-bit at batch {smallest}: a step took {base['step ms']:.3g} ms where r
       f"bandwidth needs {read_ms:.3g} ms ({slow:.1f}x).")
 with torch.inference_mode():  # where that time goes: one token through the 16-bit model, as a batch-1 step runs it
     view = timing.time_by_op(lambda: model(input_ids=prompt_ids[:, -1:]), lab.device)
-products = view.ms_of(*(("gemm", "gemv", "nvjet") if lab.on_gpu else ("aten::mm", "aten::addmm")))
+products = view.ms_of(*timing.MATRIX_PRODUCTS)
 print(f"One token's forward under the profiler (which adds time of its own): {view.wall_ms:.3g} ms. Matrix "
       f"products {products:.3g} ms ({products / read_ms:.1f}x the time to read the bytes), other ops "
       f"{view.busy_ms - products:.3g} ms, and {view.wall_ms - view.busy_ms:.3g} ms with no op running (the host's "
@@ -648,7 +648,7 @@ if "torchao-int8" in loaded:
         int8_view = timing.time_by_op(lambda: int8_layer(one_token), lab.device)
     lab.table("int8_eager", int8_view.table.head(8), title="torchao int8 weight-only, eager, one token")
     copy_ms = int8_view.ms_of("copy")  # aten::copy_ and aten::_to_copy on a CPU, the copy kernel on a GPU
-    product_ms = int8_view.ms_of("aten::mm", "gemm", "gemv", "nvjet")
+    product_ms = int8_view.ms_of(*timing.MATRIX_PRODUCTS)
     moved = size * size * (1 + 2 + 2)  # read 1 byte a weight, write a 2-byte copy, read that copy in the product
     print(f"The 16-bit copy took {copy_ms:.3g} ms and the product {product_ms:.3g} ms. Each call moved "
           f"{moved / 2**20:.0f} MiB, where the 16-bit layer reads {2 * size * size / 2**20:.0f} MiB.")

@@ -303,12 +303,12 @@ for mode, run in (("static", static_batching), ("continuous", continuous_batchin
 hook.remove()
 
 # %%
-matmuls = ("gemm", "gemv", "nvjet") if lab.on_gpu else ("aten::mm", "aten::addmm")  # matrix products' kernels, ops
 ceiling, weights = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"], roofline.weight_bytes_per_token(model)
 lab.table("batching_profile", pd.concat([view.table.head(8).assign(batching=mode) for mode, view in views.items()]),
           title=f"The top ops of {len(few)} requests of up to 4 tokens, {lab.device_label}")
 for mode, view in views.items():
-    reached = passes[mode] * weights / (view.ms_of(*matmuls) / 1e3 or float("nan"))  # each weight once per pass
+    products_s = view.ms_of(*timing.MATRIX_PRODUCTS) / 1e3 or float("nan")  # matrix products: ATen ops or kernels
+    reached = passes[mode] * weights / products_s  # each weight read once per forward pass
     print(f"{mode}: busy {view.busy_ms:.0f} of {view.wall_ms:.0f} ms ({view.busy_share:.0%}); {view.table['name'][0]} "
           f"took {view.table['share'][0]:.0%} of the busy time; {passes[mode]} forward passes read the weights at "
           f"{reached / 1e9:.1f} GB/s in the matrix products, against a copy ceiling of {ceiling / 1e9:.1f} GB/s")

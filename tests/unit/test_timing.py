@@ -125,6 +125,14 @@ def test_time_by_op_finds_the_matrix_product_and_splits_busy_time_by_op():
     assert 0 < seen.busy_ms <= seen.wall_ms and 0 < seen.busy_share <= 1
 
 
+def test_matrix_products_count_a_linear_layer_and_not_the_ops_around_it():
+    layer, x = torch.nn.Linear(256, 256), torch.randn(64, 256)  # a bias: aten::addmm on a CPU
+    seen = timing.time_by_op(lambda: [torch.relu(layer(x)) @ layer.weight for _ in range(10)])
+    products = seen.ms_of(*timing.MATRIX_PRODUCTS)
+    assert products == seen.ms_of("aten::addmm") + seen.ms_of("aten::mm") > 0
+    assert products < seen.busy_ms  # relu and the rest are not counted
+
+
 def test_time_by_op_sees_host_time_outside_the_ops():
     seen = timing.time_by_op(lambda: (time.sleep(0.02), torch.ones(4) + 1))
     assert seen.wall_ms >= 20 and seen.busy_share < 0.5  # the sleep is wall time with no op running
