@@ -684,6 +684,15 @@ elif "torchao-int8" in loaded:
 ceiling = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)
 print(f"This machine: {ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s in {lab.dtype_name} ({ceiling['source']}); "
       f"{bandwidth['bytes_per_s'] / 1e9:.1f} GB/s.")
+if not lab.on_gpu and lab.dtype != torch.float32:  # not every CPU has 16-bit arithmetic: the same product in float32
+    n = roofline.default_sizes(lab.device, lab.quick)["matmul_size"]
+    square = torch.randn(n, n)
+    wide = 2 * n**3 / (min(timing.measure(lambda: square @ square, device=lab.device, repeats=5).times_ms) / 1e3)
+    ratio = wide / ceiling["flops_per_s"]
+    print(f"In float32 the same matmul ran at {wide / 1e12:.3g} TFLOP/s, {ratio:.3g}x the {lab.dtype_name} rate (torch "
+          f"names this CPU's vector instructions {torch.backends.cpu.get_cpu_capability()})." + (
+              f" So the roofline below, built on the {lab.dtype_name} ceiling, turns compute-bound at a batch "
+              f"{ratio:.3g}x smaller than float32's would." if ratio > 2 else ""))
 crossover = lab.exercise("04.5", flops_per_s=ceiling["flops_per_s"], bytes_per_s=bandwidth["bytes_per_s"])
 answer = None  # your prediction: a batch size
 crossover.check(answer)

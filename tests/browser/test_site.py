@@ -44,6 +44,7 @@ class Links(HTMLParser):
             self.hrefs.append(attrs["href"])
 
 
+@functools.lru_cache(maxsize=None)  # a page is read once, however many links point into it
 def parsed(page: Path) -> Links:
     links = Links()
     links.feed(page.read_text())
