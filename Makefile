@@ -135,7 +135,7 @@ compare-legacy: $(LEGACY_STAMP)
 # leaves it out: its browser test runs the same stored notebooks in JupyterLab).
 test: $(STAMP) browser legacy-or-skip
 	$(VENV)/bin/ruff check labkit tests tools notebooks/src
-	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 -m "not faults and not jupyterlab and not install" tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist worksteal --durations=15 -m "not faults and not jupyterlab and not install" tests
 
 # The stored notebooks, unanswered and with their default parameters (quick sizes without a GPU), through nbval.
 # nbval's kernels start with the deprecation canary and the network block too (tests/kernel_guard.py); the legacy

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import kernel_guard
 import pytest
@@ -15,7 +16,6 @@ def first_run_cache(folder):
     """``folder`` as labkit's cache on a new machine after `make install`: only what `labkit prepare` makes (the
     converted SmolLM2, hard-linked from this session's cache, which it converts first if need be)."""
     import shutil
-    from pathlib import Path
 
     from labkit import models
 
@@ -121,7 +121,6 @@ def pytest_terminal_summary(terminalreporter):
     if not OUTCOMES:
         return
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent / "faults"))
     from conditions import ALL, CONDITIONS
@@ -136,3 +135,33 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line("completed: ran to the end, the affected cells skipped with a reason; stopped: one "
                                 "sentence in the first cells; FAILED: neither (see above); -: not run here (the notebook "
                                 "does not use what is missing, or the test was deselected or skipped)")
+
+
+# --------------------------------------------------------------------------- the order of a run
+# make test runs on two workers with --dist worksteal: each worker starts with half of the tests, and an idle one takes
+# the second half of what is still queued for the other. With the collection order and --dist load, one worker ran
+# the five largest notebooks one after another while the other sat idle for minutes (on 2 cores, without the legacy
+# venv: 709 s, and 511 s in this order with worksteal).
+# So the long tests go first, the longest first. The modules with a module-scoped fixture that starts processes
+# (test_cli's `labkit run` over seven notebooks, the first torchrun launch) go before them: the head of a queue is
+# never taken, so each fixture runs once. A module stays in one piece. Only the order depends on these lists.
+LONG_MODULES = ["tests/unit/test_cli.py", "tests/scripts/test_torchrun_scripts.py", "tests/notebooks/test_notebooks.py",
+                "tests/browser/test_site.py", "tests/notebooks/test_legacy.py", "tests/notebooks/test_server.py"]
+LONG_NOTEBOOKS = ["04", "06", "05", "02", "07", "01", "03", "00"]  # make test's notebook runs, the longest first
+
+
+def pytest_collection_modifyitems(items):
+    def module_of(item):
+        return item.nodeid.split("::")[0]
+
+    def notebook_rank(item):
+        if module_of(item) != "tests/notebooks/test_notebooks.py" or not hasattr(item, "callspec"):
+            return len(LONG_NOTEBOOKS)
+        name = Path(str(item.callspec.params.get("notebook", ""))).name[:2]
+        return LONG_NOTEBOOKS.index(name) if name in LONG_NOTEBOOKS else len(LONG_NOTEBOOKS)
+
+    first_seen = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(module_of(item), i)
+    rank = {module: LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES) for module in first_seen}
+    items.sort(key=lambda item: (rank[module_of(item)], first_seen[module_of(item)], notebook_rank(item)))
