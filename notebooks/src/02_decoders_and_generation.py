@@ -45,9 +45,13 @@ results_path = ""                         # where to write the results JSON (emp
 
 # %% tags=["install-if-missing"]
 import importlib.util
+import os
 import runpy
 
 if importlib.util.find_spec("labkit") is None:  # Colab, Kaggle or a fresh kernel: the workbook installs itself, once
+    if not os.path.exists("../tools/install_workbook.py"):  # this notebook alone, not opened from a clone
+        raise RuntimeError("labkit is missing, and this notebook is not in the notebooks/ folder of a clone of the "
+                           "workbook, which would install it: clone the workbook and open this notebook from there.")
     runpy.run_path("../tools/install_workbook.py", run_name="__main__")
 
 # %%

@@ -5,6 +5,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,3 +146,18 @@ def test_each_notebook_installs_the_workbook_only_where_labkit_is_missing():
         assert 'if importlib.util.find_spec("labkit") is None:' in source, path.name
         assert 'runpy.run_path("../tools/install_workbook.py", run_name="__main__")' in source, path.name
         assert "import labkit" in "".join(code[2]["source"]), f"{path.name}: the opening cell comes right after it"
+
+
+def test_the_install_cell_of_a_notebook_opened_alone_says_to_clone_the_workbook(tmp_path, monkeypatch):
+    """A notebook uploaded alone (Colab's "open from GitHub"): no labkit, no tools/ beside it. The cell stops with one
+    sentence that says what to do, not with the FileNotFoundError of runpy."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "labkit" else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        cell = next(c for c in cells if "install-if-missing" in c["metadata"].get("tags", []))
+        with pytest.raises(RuntimeError, match="clone the workbook and open this notebook from there"):
+            exec("".join(cell["source"]), {})
