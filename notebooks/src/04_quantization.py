@@ -693,10 +693,10 @@ if not lab.on_gpu and lab.dtype != torch.float32:  # not every CPU has 16-bit ar
     square = torch.randn(n, n)
     wide = 2 * n**3 / (min(timing.measure(lambda: square @ square, device=lab.device, repeats=5).times_ms) / 1e3)
     ratio = wide / ceiling["flops_per_s"]
+    gap = (f" So the roofline below, built on the {lab.dtype_name} ceiling, turns compute-bound at a batch "
+           f"{ratio:.3g}x smaller than float32's would.") if ratio > 2 else ""
     print(f"In float32 the same matmul ran at {wide / 1e12:.3g} TFLOP/s, {ratio:.3g}x the {lab.dtype_name} rate (torch "
-          f"names this CPU's vector instructions {torch.backends.cpu.get_cpu_capability()})." + (
-              f" So the roofline below, built on the {lab.dtype_name} ceiling, turns compute-bound at a batch "
-              f"{ratio:.3g}x smaller than float32's would." if ratio > 2 else ""))
+          f"names this CPU's vector instructions {torch.backends.cpu.get_cpu_capability()}).{gap}")
 crossover = lab.exercise("04.5", flops_per_s=ceiling["flops_per_s"], bytes_per_s=bandwidth["bytes_per_s"])
 answer = None  # your prediction: a batch size
 crossover.check(answer)
