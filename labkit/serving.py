@@ -197,7 +197,9 @@ def serving_problem() -> str | None:
 # group and stops it when the kernel goes away, even when the kernel is killed (it never runs its atexit handlers).
 # On Linux the kernel's death signals the watchdog at once (prctl PR_SET_PDEATHSIG) and the watchdog's own death
 # kills the server; everywhere, the watchdog also notices within WATCH_PERIOD_S that its parent changed. It imports
-# nothing but the standard library, so it starts in milliseconds.
+# nothing but the standard library, so it starts in milliseconds. Its signal handler only notes the signal: one that
+# stopped the server itself could interrupt `child.poll()` while it held Popen's waitpid lock, and then its own
+# `child.wait()` waited forever for that lock, leaving the watchdog running and the killed server unreaped.
 WATCH_PERIOD_S = 0.2
 WATCHDOG = r"""
 import ctypes, os, signal, subprocess, sys, time
@@ -213,20 +215,18 @@ if os.getppid() != parent:
 with open(log, "ab", buffering=0) as out:
     child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              preexec_fn=(lambda: die_with_parent(signal.SIGKILL)) if linux else None)
-def stop(*_):
-    if child.poll() is None:
+stopping = []
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # noted only: the loop stops the server
+    signal.signal(sig, lambda *_: stopping.append(True))
+while child.poll() is None:
+    if stopping or os.getppid() != parent:
         child.terminate()
         try:
             child.wait(timeout=3)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-    os._exit(0)
-for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(sig, stop)
-while child.poll() is None:
-    if os.getppid() != parent:
-        stop()
+        os._exit(0)
     time.sleep(PERIOD)
 sys.exit(child.returncode)
 """.replace("PERIOD", str(WATCH_PERIOD_S))

@@ -10,6 +10,7 @@ import queue
 import signal
 import time
 
+import psutil
 import pytest
 
 from labkit import models, serving
@@ -52,6 +53,16 @@ def _outputs(client, deadline: float):
             raise AssertionError(f"the kernel failed: {content['ename']}: {content['evalue']}")
 
 
+def _described(pid: int) -> dict:
+    """What a process left behind is: its state, parent, command line and threads' states, for the failure message."""
+    try:
+        process = psutil.Process(pid)
+        return {"pid": pid, **process.as_dict(attrs=["status", "ppid", "cmdline", "num_threads"]),
+                "children": [(c.pid, c.status(), c.cmdline()[:3]) for c in process.children(recursive=True)]}
+    except psutil.Error as err:
+        return {"pid": pid, "error": repr(err)}
+
+
 def _gone(pids, port) -> bool:
     return not any(serving.pid_running(pid) for pid in pids) and not serving.port_open(port)
 
@@ -86,7 +97,7 @@ def test_a_killed_kernel_leaves_no_server_behind(monkeypatch, guarded_kernels):
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not _gone(pids, port):
             time.sleep(0.2)
-        left = [pid for pid in pids if serving.pid_running(pid)]
+        left = [_described(pid) for pid in pids if serving.pid_running(pid)]
         assert _gone(pids, port), f"still running after the kernel died: {left}, port {port} open: " \
                                   f"{serving.port_open(port)}"
     finally:

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import first_run_cache
@@ -166,3 +167,45 @@ def test_the_watchdog_stops_the_server_when_its_parent_is_killed(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_the_watchdog_stops_the_server_when_the_signal_lands_inside_poll(tmp_path):
+    """The worst moment for the kernel's death: its SIGTERM reaches the watchdog while `child.poll()` holds Popen's
+    waitpid lock. A handler that stopped the server itself then waited forever for that lock (the killed server was
+    left unreaped, the watchdog running); the handler only notes the signal now. The race is made certain here: the
+    first poll takes the lock and sends the signal, as a preempted poll would receive it."""
+    probe = subprocess.Popen(["true"])
+    probe.wait()
+    if not hasattr(probe, "_waitpid_lock"):
+        pytest.skip("this Python's Popen has no waitpid lock to hold")
+    marker = f"time.sleep(120)  # {tmp_path}"  # the server's stand-in, found by its command line
+    racing = textwrap.dedent(f"""
+        import os, signal, subprocess, sys
+        real_poll = subprocess.Popen.poll
+
+        def poll(self):
+            if not getattr(poll, "raced", False):
+                poll.raced = True
+                self._waitpid_lock.acquire()
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)  # handled here, while the lock is held
+                    sum(range(1000))
+                finally:
+                    self._waitpid_lock.release()
+            return real_poll(self)
+
+        subprocess.Popen.poll = poll
+        sys.argv = ["-c", str(os.getppid()), {str(tmp_path / "log")!r}, "0", sys.executable, "-c",
+                    {"import time; " + marker!r}]
+        exec(WATCHDOG)
+    """).replace("WATCHDOG)", repr(serving.WATCHDOG) + ")")  # the watchdog's own code, without importing labkit
+    watchdog = subprocess.Popen([sys.executable, "-c", racing])
+    try:
+        assert watchdog.wait(timeout=15) == 0  # it stopped its child and exited, within its 3 s grace
+    finally:
+        if watchdog.poll() is None:
+            watchdog.kill()
+            watchdog.wait()
+    left = [p for p in psutil.process_iter(["cmdline", "status"])
+            if marker in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert not left, f"the watchdog's child outlived it: {left}"
