@@ -689,9 +689,8 @@ ceiling = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)
 print(f"This machine: {ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s in {lab.dtype_name} ({ceiling['source']}); "
       f"{bandwidth['bytes_per_s'] / 1e9:.1f} GB/s.")
 if not lab.on_gpu and lab.dtype != torch.float32:  # not every CPU has 16-bit arithmetic: the same product in float32
-    n = roofline.default_sizes(lab.device, lab.quick)["matmul_size"]
-    square = torch.randn(n, n)
-    wide = 2 * n**3 / (min(timing.measure(lambda: square @ square, device=lab.device, repeats=5).times_ms) / 1e3)
+    n = roofline.default_sizes(lab.device, lab.quick)["matmul_size"]  # the size the ceiling above was measured at
+    wide = roofline.measure_matmul_ceiling(lab.device, torch.float32, n)["flops_per_s"]  # 2 n^3 FLOPs, best repeat
     ratio = wide / ceiling["flops_per_s"]
     gap = (f" So the roofline below, built on the {lab.dtype_name} ceiling, turns compute-bound at a batch "
            f"{ratio:.3g}x smaller than float32's would.") if ratio > 2 else ""
