@@ -174,8 +174,10 @@ def unavailable_formats(formats: list[str], device: str, dtype) -> tuple[dict[st
         skipped["torchao-int4"] = (f"torchao's int4 GPU layout (tinygemm) needs compute capability 8.0 and bfloat16; "
                                    f"this is {capability[0]}.{capability[1]} in {str(dtype).removeprefix('torch.')}")
         dropped.add("torchao-int4")
-    if "torchao-float8" in ao and fp8_problem(device):
-        skipped["torchao-float8"] = fp8_problem(device)
+    if "torchao-float8" in ao and (fp8_problem(device) or dtype != torch.bfloat16):
+        skipped["torchao-float8"] = fp8_problem(device) or (  # torchao 0.18 asserts it (quant_api.py)
+            f"torchao's per-row float8 takes bfloat16 weights only; this is {capability[0]}.{capability[1]} in "
+            f"{str(dtype).removeprefix('torch.')}")
         dropped.add("torchao-float8")
     return skipped, dropped
 

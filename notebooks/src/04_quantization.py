@@ -333,15 +333,18 @@ else:
 #
 # - **FP8** (E4M3: 4 exponent bits, 3 mantissa bits, largest value 448) runs on GPUs of compute capability 8.9 and
 #   newer. Its scale covers a whole tensor, a row, or a block of 128 × 128 weights. Blocks are the layout of
-#   DeepSeek-V3's checkpoints and the default of transformers' `FineGrainedFP8Config`.
+#   DeepSeek-V3's checkpoints and the default of transformers' `FineGrainedFP8Config`. transformers quantizes a weight
+#   only where the block divides both of its sides, and leaves the others in 16 bits: a model whose layers are, say,
+#   576 wide (4.5 × 128) needs a smaller block. The cells below use the largest block up to 128 that divides them all.
 # - **MXFP4**, the Open Compute Project's microscaling format, stores 4-bit floats (E2M1: 0, 0.5, 1, 1.5, 2, 3, 4 and
 #   6, each with a sign). Every 32 values share one power-of-two scale. gpt-oss ships its experts in it.
 # - **NVFP4**, NVIDIA Blackwell's format, stores the same 4-bit floats. Every 16 values share an FP8 scale, and one
 #   FP32 scale per tensor keeps those scales in FP8's range.
 #
-# Their fast kernels need those GPUs (the 4-bit ones compute capability 10.0). The numbers each format keeps can be
-# computed anywhere, so the cells below write each format by hand. They check the 4-bit ones against torchao's
-# reference code, then put every weight of the model's layers through each format and score it as above.
+# Products of FP4 values need compute capability 10.0 (Blackwell); transformers 5.25 also runs MXFP4 checkpoints
+# (gpt-oss's) from 7.5 with its Triton kernels. The numbers each format keeps can be computed anywhere, so the cells
+# below write each format by hand. They check the 4-bit ones against torchao's reference code, then put every weight
+# of the model's layers through each format and score it as above.
 #
 # **Predict.** MXFP4 and NVFP4 both keep 4-bit values. Which one keeps the weights closer, and why?
 
@@ -376,26 +379,24 @@ def nvfp4(w):  # 16 values share an FP8 scale; one FP32 scale per tensor puts th
     return (kept * (block_scale * tensor_scale)).reshape(w.shape), block_scale
 
 # %%
-def fp8(w, block):  # E4M3 values, one FP32 scale per block[0] × block[1] weights (the edges padded with zeros)
-    rows, cols = w.shape
-    br, bc = min(block[0], rows), min(block[1], cols)
-    padded = torch.nn.functional.pad(w, (0, -cols % bc, 0, -rows % br))
-    tiles = padded.reshape(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
+def fp8(w, block):  # E4M3 values, one FP32 scale per block[0] × block[1] weights (the block divides w's sides)
+    tiles = w.reshape(w.shape[0] // block[0], block[0], w.shape[1] // block[1], block[1])
     scale = tiles.abs().amax((1, 3), keepdim=True).clamp(min=1e-12) / 448  # the largest lands on 448
-    kept = (tiles / scale).to(torch.float8_e4m3fn).float() * scale
-    return kept.reshape(padded.shape)[:rows, :cols], scale
+    return ((tiles / scale).to(torch.float8_e4m3fn).float() * scale).reshape(w.shape), scale
 
 
-# name: (quantize-dequantize, bits per stored value, bits per scale); NVFP4's one FP32 scale per matrix is left out
-TODAY = {"fp8 per tensor": (lambda w: fp8(w, w.shape), 8, 32),
-         "fp8 per row": (lambda w: fp8(w, (1, w.shape[1])), 8, 32),
-         "fp8 per 128x128 block": (lambda w: fp8(w, (128, 128)), 8, 32),
-         "mxfp4": (mxfp4, 4, 8), "nvfp4": (nvfp4, 4, 8)}
-
-# %%
 # the weights every format can take: each linear layer's but the output layer's, rows a whole number of 32-blocks
 linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features % 32 == 0
            and m is not model.get_output_embeddings()]
+sides = sorted({side for n in linears for side in model.get_submodule(n).weight.shape})
+block = math.gcd(128, *sides)  # the largest power of two up to 128 that divides every side
+# name: (quantize-dequantize, bits per stored value, bits per scale); NVFP4's one FP32 scale per matrix is left out
+TODAY = {"fp8 per tensor": (lambda w: fp8(w, w.shape), 8, 32),
+         "fp8 per row": (lambda w: fp8(w, (1, w.shape[1])), 8, 32),
+         f"fp8 per {block}x{block} block": (lambda w: fp8(w, (block, block)), 8, 32),
+         "mxfp4": (mxfp4, 4, 8), "nvfp4": (nvfp4, 4, 8)}
+
+# %%
 weight = model.get_submodule(linears[0]).weight.detach().float().cpu()
 if quant.torchao_problem():
     lab.skip("4-bit formats checked against torchao", quant.torchao_problem())
@@ -435,7 +436,7 @@ for name, (quantize, value_bits, scale_bits) in TODAY.items():
                  "perplexity": scored["perplexity"], "KL vs 16-bit (nats)": scored["kl"]})
 del fake
 today = pd.DataFrame(rows)
-lab.table("today_formats", today, title="FP8, MXFP4 and NVFP4, computed by hand, on every linear layer")
+lab.table("today_formats", today, title=f"By hand, every linear layer (sides {sides}); FP8 blocks {block} x {block}")
 
 # %%
 by = today.set_index("format")
@@ -452,7 +453,8 @@ for name, r in quality.set_index("format").reindex(["nf4", "torchao-int4"]).drop
 
 # %% [markdown]
 # On a GPU of compute capability 8.9 or newer, transformers loads the model in FP8 with its own kernels
-# (`FineGrainedFP8Config`: 128 × 128 weight blocks, and each activation quantized to FP8 as it arrives). transformers
+# (`FineGrainedFP8Config`, with the blocks above; each activation is quantized to FP8 as it arrives). The cell counts
+# the weights it stored in FP8 before it scores them. transformers
 # 5.25 fetches that kernel from the Hub with the `kernels` package (`integrations/finegrained_fp8.py`), so it needs
 # that package and, once, the internet. Elsewhere the cell says why it skips.
 
@@ -466,12 +468,14 @@ else:
     from transformers import FineGrainedFP8Config
 
     fp8_model, _ = models.load_model(lab.p.model_id, device=lab.device, dtype=lab.dtype,
-                                     quantization_config=FineGrainedFP8Config())
+                                     quantization_config=FineGrainedFP8Config(weight_block_size=(block, block)))
+    in_fp8 = [fp8_model.get_submodule(n).weight.dtype for n in linears].count(torch.float8_e4m3fn)
+    lab.check("fp8_loaded_every_linear_weight_in_fp8", in_fp8 == len(linears))
     try:  # the kernel is fetched at the first product: offline and not cached, transformers raises ImportError
         scored = quant.score(fp8_model, text_ids, reference=reference)
-        print(f"transformers' FP8, weights and activations: KL {scored['kl']:.3f} nats, perplexity "
-              f"{scored['perplexity']:.1f}; by hand, weights only, 128x128 blocks: KL "
-              f"{by.loc['fp8 per 128x128 block', 'KL vs 16-bit (nats)']:.3f} nats")
+        print(f"transformers' FP8 ({in_fp8} of {len(linears)} linear weights stored in FP8), weights and activations: "
+              f"KL {scored['kl']:.3f} nats, perplexity {scored['perplexity']:.1f}; by hand, weights only, "
+              f"{block}x{block} blocks: KL {by.loc[f'fp8 per {block}x{block} block', 'KL vs 16-bit (nats)']:.3f} nats")
     except ImportError as error:
         lab.skip("FP8 loaded by transformers", str(error).splitlines()[0])
     del fp8_model
