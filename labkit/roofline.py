@@ -185,13 +185,16 @@ def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, element_byt
 
 
 def kv_tokens_held(config, context: int) -> list[int]:
-    """How many tokens each layer's cache holds after ``context`` tokens, as transformers' cache keeps them.
+    """How many tokens each layer's cache holds after ``context`` tokens, as transformers' cache shows them (the
+    length of the keys each layer attends to).
 
     A full-attention layer keeps every token. A sliding-window layer (Mistral, Gemma 2 and 3, gpt-oss; and a
     chunked-attention layer, whose chunk transformers caches the same way) keeps the last ``window - 1`` (with the
     token being processed they make the window). A layer that reuses another's cache, or has no attention, keeps none.
     The layer types are ``config.layer_types``, or, as transformers infers them, sliding wherever
-    ``config.sliding_window`` is set.
+    ``config.sliding_window`` is set. The memory behind a sliding layer can be larger: transformers 5.25 keeps a
+    slice of the keys it concatenated (``DynamicSlidingWindowLayer.update``), so after a prompt longer than the
+    window the tensor holds the whole prompt until the next token, and while decoding it holds ``window`` tokens.
     """
     window = getattr(config, "sliding_window", None)
     chunk = getattr(config, "attention_chunk_size", None)

@@ -440,7 +440,7 @@ for name, config in layouts.items():
     rows.append({"model": name, "weights GiB": weights_of[name] / GIB, "KV KiB, first token": kv[1] / 1024,
                  "KV GiB at 32k": kv[32768] / GIB, "KV GiB at 128k": kv[long] / GIB,
                  "KV / weights at 128k": kv[long] / weights_of[name],
-                 "80 GB GPUs for both": footprint.devices_needed(need, 80 * GIB)})
+                 "80 GiB GPUs for both": footprint.devices_needed(need, 80 * GIB)})
 kv_layouts = pd.DataFrame(rows)
 lab.table("kv_layouts", kv_layouts, title="KV cache of today's layouts, bfloat16, batch 1 (the formula)")
 most = kv_layouts.loc[kv_layouts["KV / weights at 128k"].idxmax()]
@@ -486,7 +486,9 @@ seen_tokens = out.sequences.shape[1] - 1  # every token but the last generated o
 sliding_cache = pd.DataFrame({"layer": range(len(held)), "type": small.layer_types,
                               "tokens held": [layer.keys.shape[-2] for layer in held],
                               "formula tokens": roofline.kv_tokens_held(small, seen_tokens),
-                              "bytes": [layer.keys.nbytes + layer.values.nbytes for layer in held]})
+                              "bytes": [layer.keys.nbytes + layer.values.nbytes for layer in held],
+                              "bytes allocated": [layer.keys.untyped_storage().nbytes()
+                                                  + layer.values.untyped_storage().nbytes() for layer in held]})
 lab.table("sliding_cache", sliding_cache, title=f"A Gemma-3-like cache after {seen_tokens} tokens, measured")
 cache_total = int(sliding_cache["bytes"].sum())
 formula_total = roofline.kv_cache_bytes(small, batch=1, context=seen_tokens, dtype=torch.float32)
@@ -498,8 +500,26 @@ print(f"Every layer full would hold {seen_tokens} tokens each: "
       f"{seen_tokens * len(held) / sliding_cache['tokens held'].sum():.1f}x this cache")
 
 # %% [markdown]
-# The sliding layers stopped at 31 tokens; the global layer kept all of them. The formula gave the measured bytes
-# exactly. At this short context the window saves a few times; at 128k, for Gemma-3-27B, the table above shows how much.
+# The sliding layers stopped at 31 tokens; the global layer kept all of them. The formula gave the bytes of the keys
+# and values each layer attends to exactly, and the line above says how many times smaller the window made this cache;
+# at 128k, for Gemma-3-27B, the table above shows how much.
+#
+# The `bytes allocated` column counts the memory behind those tensors, and a sliding layer's is larger. transformers
+# 5.25 (`DynamicSlidingWindowLayer.update` in `cache_utils.py`) concatenates the new keys to the kept ones and keeps a
+# slice of the result: the slice is what attention reads next, the whole concatenation is what stays allocated. While
+# decoding, that is `window` tokens, one more than the slice. After a long prompt it is the whole prompt, in every
+# sliding layer, until the next token arrives. The cell below sends this model a prompt four windows long and looks.
+
+# %%
+long_prompt = torch.randint(0, small.vocab_size, (1, 4 * small.sliding_window))
+with torch.inference_mode():
+    first = compat.output_cache(gemma_like(long_prompt, use_cache=True)).layers[0]  # a sliding layer
+allocated = first.keys.untyped_storage().nbytes() // (first.keys.nbytes // first.keys.shape[-2])
+print(f"Prompt {long_prompt.shape[1]} tokens: sliding layer 0 attends to {first.keys.shape[-2]}, holds {allocated}")
+
+# %% [markdown]
+# A memory plan from the formula is right for a long decode, within a token per sliding layer. Right after a long
+# prompt, every sliding layer briefly holds the whole prompt, as a full-attention layer would: plan the peak for that.
 
 # %% [markdown]
 # Now the recipes. What to expect: every recipe does the same matrix-vector products, so a recipe can only remove
@@ -738,8 +758,9 @@ if recipes:
     keys, values = (torch.randn(1, at["kv_heads"], contexts[-1], at["head_dim"], device=lab.device, dtype=main.dtype)
                     for _ in range(2))
 
-    def attend(n):  # one layer, one new token: every query row against the first n cached tokens
-        return torch.nn.functional.scaled_dot_product_attention(query, keys[:, :, :n], values[:, :, :n])
+    def attend(n, heads=at["kv_heads"]):  # one layer, one new token: every query row against the first n cached tokens
+        return torch.nn.functional.scaled_dot_product_attention(query[:, :heads], keys[:, :heads, :n],
+                                                                values[:, :heads, :n])
 
     def attention_point(n, repeats=5):
         took = timing.measure(lambda: attend(n), device=lab.device, warmup=2, repeats=repeats)
@@ -772,28 +793,37 @@ if recipes:
 # %% [markdown]
 # The `time / read` column is the ratio to read. Near 1, attention streamed the cache at the copy's speed. Far above
 # 1, something else set its pace. The profiler says what, at the longest context: the share of the call inside
-# PyTorch's operators, and which operator took it.
+# PyTorch's operators, and which operator took it. Then the same call over one key/value head alone, a part of the
+# cache that no kernel can hand to more than one worker unless it splits the cache itself.
 
 # %%
 if recipes:
     view = timing.time_by_op(lambda: attend(contexts[-1]), lab.device)
-    top = view.table.iloc[0]
-    far = attention.iloc[-1]
-    print(f"At {contexts[-1]:,} tokens: busy {view.busy_share:.0%} of the call; {top['name']} took {top['share']:.0%} "
-          f"of that, reading the cache at {far['attention GB/s']:.3g} GB/s against a copy's {bandwidth / 1e9:.3g}.")
-    units = at["kv_heads"]  # batch 1: the kernel's independent pieces of work are the key/value heads (one query)
-    print(f"One query per head gives the kernel {units} independent pieces of work at batch 1, whatever the context.")
+    top, far, units = view.table.iloc[0], attention.iloc[-1], at["kv_heads"]
+    print(f"At {contexts[-1]:,} tokens{' (noisy)' if far['noisy'] else ''}: busy {view.busy_share:.0%} of the call; "
+          f"{top['name']} {top['share']:.0%} of it; {far['attention GB/s']:.3g} GB/s, a copy {bandwidth / 1e9:.3g}")
+    one_head = timing.measure(lambda: attend(contexts[-1], heads=1), device=lab.device, warmup=2, repeats=5).median_ms
+    head_gbps = far["layer KV MiB"] * 2**20 / units / one_head / 1e6  # one head's keys and values, read alone
+    rounds = -(-units // torch.get_num_threads())  # on a CPU: whole heads, shared out over the threads
+    print(f"One key/value head alone: {head_gbps:.3g} GB/s; all {units}: {far['median ms'] / one_head:.1f}x its time. "
+          f"A CPU's {torch.get_num_threads()} threads take {rounds} round(s): {units / rounds * head_gbps:.3g} GB/s.")
 
 # %% [markdown]
-# Read the two lines together. When the attention operator takes nearly all of the call, the gap to the copy is the
-# kernel's own pace, not Python's. The blog cited below explains the GPU side. FlashAttention splits its work by
-# batch, heads and blocks of queries. At decode there is one query, so batch 1 leaves only the heads to split: a few
-# pieces, however long the cache. Most of a GPU's multiprocessors then sit idle.
+# Read the lines together. When the attention operator takes nearly all of the call, the gap to the copy is the
+# kernel's own pace, not Python's. FlashAttention splits its work by batch, heads and blocks of queries. At decode
+# there is one query per head, so batch 1 leaves only the heads to split: a few pieces, however long the cache. On a
+# CPU, PyTorch's kernel (`cpu_flash_attention` in ATen) gives each thread whole heads and reads each head's cache from
+# start to end. The last line above counts the rounds that makes, one head's time each, and the speed they give; on a
+# CPU it should be near the measured speed of the line before. On a GPU, a few pieces would leave most of its
+# multiprocessors idle.
 #
 # **Split-KV**, or Flash-Decoding, fixes that. Its authors describe three steps: split the keys and values into
 # chunks, attend to each chunk in parallel, keeping each row's log-sum-exp, then combine the chunks with those
 # log-sum-exps. The source is "Flash-Decoding for long-context inference", by Dao, Haziza, Massa and Sizov, PyTorch
-# blog, October 2023. The cell below writes the three steps and checks that they give the same output as one call.
+# blog, October 2023. PyTorch's own FlashAttention for CUDA does it unasked: when batch × heads × query blocks cannot
+# fill the multiprocessors, it picks a number of splits (`num_splits_heuristic` in ATen's `flash_api.cpp`). On a GPU,
+# a kernel named `...splitkv...` in the profiler's line above is that. The cell below writes the three steps and
+# checks that they give the same output as one call.
 
 # %%
 def split_kv_attention(q, k, v, splits):  # Flash-Decoding's three steps, one chunk of the cache at a time
@@ -842,11 +872,11 @@ if recipes:
     batches["fraction of bound"] = batches["tokens per s"] / batches["bound tokens per s"]
     flops = roofline.compute_ceiling(lab.device, lab.dtype, quick=lab.quick)["flops_per_s"]
     # FLOPs a token: 2 a weight (a multiply and an add), and attention's Q.K and P.V over the cache in every layer
-    per_token = 2 * parameters + 4 * main.config.num_hidden_layers * middle * main.config.hidden_size
-    batches["compute bound tokens per s"] = flops / per_token  # every token costs the same: the same at every batch
+    flops_per_token = 2 * parameters + 4 * main.config.num_hidden_layers * middle * main.config.hidden_size
+    batches["compute bound tokens per s"] = flops / flops_per_token  # the same at every batch: every token costs alike
     lower = batches["compute bound tokens per s"] < batches["bound tokens per s"]
     batches["the lower bound"] = lower.map({True: "compute", False: "bandwidth"})
-    knee = flops / per_token * weight_bytes(main) / bandwidth  # the batch where the two meet (the cache left out)
+    knee = flops / flops_per_token * weight_bytes(main) / bandwidth  # the batch where the two meet (the cache left out)
     lab.table("batches", batches, title=f"Decode batch sweep, {lab.p.decode_model}, dynamic cache")
     print(f"The compute bound is the lower one from about batch {knee:.0f} on this machine.")
     if len(batches) >= 2:
@@ -1047,8 +1077,8 @@ measured.append(f"The KV formula {'matched' if cache_total == formula_total else
                 f"{most['KV / weights at 128k']:.2f}x its weights, the most of four.")
 if recipes:
     measured.append(f"Decode attention over {contexts[-1]:,} cached tokens took {far['time / read']:.1f}x the time to "
-                    f"read them at the copy's speed; the cache outweighs {lab.p.decode_model}'s weights from "
-                    f"{crossover:,.0f} tokens on.")
+                    f"read them at the copy's speed{' (a noisy point)' if far['noisy'] else ''}; the cache outweighs "
+                    f"{lab.p.decode_model}'s weights from {crossover:,.0f} tokens on.")
 
 # %%
 if not sweep.empty and not decode.empty:

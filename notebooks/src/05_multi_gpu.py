@@ -149,8 +149,9 @@ for device, run in results.reference_runs("00_setup_and_probes").items():  # a s
 # %% [markdown]
 # **Today's layouts.** The formula above is plain GQA. Two newer layouts change the cache by large factors. DeepSeek's
 # multi-head latent attention (MLA) caches one compressed latent and one small rotary key per token and layer. Sliding
-# window layers keep only the last `window` tokens. `roofline.kv_cache_bytes` counts all of them, and notebook 02
-# measures it against real caches. Below, four published shapes at this notebook's batch and context, on the machines
+# window layers keep only the last `window` tokens while decoding (right after a long prompt, transformers still holds
+# the whole prompt behind them: notebook 02 measures it). `roofline.kv_cache_bytes` counts all of them, and notebook
+# 02 measures it against real caches. Below, four published shapes at this notebook's batch and context, on the machines
 # you listed. Notebook 02 cites the source of each shape. Predict first: which one's cache changes its GPU count most?
 
 # %%

@@ -190,8 +190,9 @@ def test_mla_caches_one_latent_and_one_rotary_key_per_layer_as_published():
     config = DeepseekV3Config()
     assert (config.kv_lora_rank, config.qk_rope_head_dim, config.num_hidden_layers) == (512, 64, 61)
     assert roofline.kv_cache_bytes(config, batch=1, context=1, dtype=torch.bfloat16) == 61 * (512 + 64) * 2
-    as_mha = 2 * config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim) * 61 * 2
-    assert as_mha / (61 * 576 * 2) > 50  # the heads' full keys and values would be ~57x larger
+    # the heads' full keys (128 + 64 per head) and values (128 per head) would be 71x larger
+    as_mha = config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * 61 * 2
+    assert round(as_mha / (61 * 576 * 2)) == 71
 
 
 def test_a_sliding_window_cuts_the_cache_eightfold_at_32k_as_mistral_7b_reports():
