@@ -194,7 +194,7 @@ def timed_with_first_call(call: Callable[[], Any], device: str, *, warmup: int =
                           repeats: int = 5) -> tuple[Any, dict[str, Any]]:
     """Run ``call`` once (its output, its wall time, compilation included, and the first line of each warning it
     raised), then time it by the workbook's rule (:func:`labkit.timing.measure`) with its warnings silenced
-    (uncompiled FlexAttention warns on every call that it is not compiled)."""
+    (uncompiled FlexAttention warns once per process that it is not compiled)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()

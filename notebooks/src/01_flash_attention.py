@@ -683,7 +683,9 @@ for backend, s in causal_d.groupby("backend", sort=False):
 # One shape: the longest causal length the sweep measured, the largest head size. Every backend that runs here is
 # timed, and so is PyTorch's own choice, with the name of what it ran. Expect the winner to depend on the machine.
 # Each backend's kernels were written for some hardware generations and not others; section 8 shows what that costs on
-# an H100. PyTorch's default order is fixed per release, not measured on your GPU.
+# an H100. PyTorch's default order comes with the release and, on recent ones, with the GPU generation and the cuDNN
+# version (`check_prefer_cudnn_attention` in ATen's `sdp_utils.cpp` can put cuDNN first); it is not measured on your
+# GPU.
 
 # %%
 best_n = int(causal_d["n"].max()) if len(causal_d) else lab.p.seq_lengths[0]
@@ -743,7 +745,8 @@ else:
 # Why is one backend faster than another? `timing.time_by_op` runs one call under `torch.profiler`. It returns the
 # call's wall time, the time the device was busy, and the ops that took it. On a GPU the rows are kernels and busy time
 # is kernel time; on a CPU the rows are ATen ops and their own time. Busy close to wall means the kernels set the pace,
-# not the Python around them. Each backend is profiled at one length, the longest at which MATH ran.
+# not the Python around them. MATH, FLASH_ATTENTION and CUDNN_ATTENTION, where they ran, are profiled at one length,
+# the longest at which MATH ran.
 #
 # What to expect from MATH: its two matrix products are the arithmetic. Everything else passes over memory with
 # little arithmetic: the scaling, the causal mask, the softmax. The softmax reads the N × N scores once and writes them
@@ -774,7 +777,8 @@ math_view = views.get("MATH")
 softmax_ms = math_view.ms_of("softmax", "SoftMax") if math_view else 0.0
 if softmax_ms:
     rate = 2 * scores_bytes / (softmax_ms / 1e3)  # read once, written once
-    print(f"MATH: {math_view.ms_of('bmm', 'gemm') / math_view.busy_ms:.0%} of its busy time in matrix products. Its "
+    products = math_view.ms_of("bmm", *timing.MATRIX_PRODUCTS)  # ATen's bmm on a CPU, cuBLAS kernels on a GPU
+    print(f"MATH: {products / math_view.busy_ms:.0%} of its busy time in matrix products. Its "
           f"softmax moved {2 * scores_bytes / 2**20:.0f} MiB in {softmax_ms:.3g} ms: {rate / 1e9:.3g} GB/s, against "
           f"{copy / 1e9:.3g} GB/s for a large copy.")
 order, least = sorted(views, key=lambda b: views[b].busy_ms), min(v.busy_share for v in views.values())
@@ -796,11 +800,14 @@ length_picker = widgets.picker(lab.p.seq_lengths, value=lab.p.seq_lengths[0], de
 # %%
 picked_backend, picked_n = backend_picker.value, length_picker.value
 point = with_rate(measure_points([picked_backend], [headline_d], [True], [picked_n])[0])
-q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, picked_n, headline_d, device=lab.device, dtype=lab.dtype)
-with sdpa_kernel(getattr(SDPBackend, picked_backend)):
-    proof = timing.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), lab.device)
-show([point], columns, title=f"Your pick; the profiler saw {proof.backend}")
-lab.check("the_picked_backend_ran", proof.backend == picked_backend)
+if point["status"] != "ok":  # MATH too big for this device's memory at this length, or refused: nothing to profile
+    lab.skip(f"your pick, {picked_backend} at N = {picked_n}", point["why"] or point["status"])
+else:
+    q, k, v = torch.randn(3, lab.p.batch, lab.p.heads, picked_n, headline_d, device=lab.device, dtype=lab.dtype)
+    with sdpa_kernel(getattr(SDPBackend, picked_backend)):
+        proof = timing.ops_that_ran(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), lab.device)
+    show([point], columns, title=f"Your pick; the profiler saw {proof.backend}")
+    lab.check("the_picked_backend_ran", proof.backend == picked_backend)
 
 # %% [markdown]
 # ## Your numbers beside the reference runs
@@ -990,11 +997,11 @@ def soft_cap(score, b, h, q_idx, kv_idx):  # a score_mod
 
 q_s, k_s, v_s = torch.randn(3, 1, 2, 128, 64, device=lab.device, dtype=lab.dtype)
 q_s = 4 * q_s  # larger scores, so that the cap bites
-with warnings.catch_warnings(action="ignore"):  # uncompiled: small, run once (the warning was shown above)
+with warnings.catch_warnings(action="ignore"):  # uncompiled: small, run once (PyTorch warns so once a process)
     capped = flex_attention(q_s, k_s, v_s, score_mod=soft_cap)
 by_hand = torch.softmax(soft_cap(q_s @ k_s.transpose(-2, -1) / 64**0.5, 0, 0, 0, 0), dim=-1) @ v_s
-plain = F.scaled_dot_product_attention(q_s, k_s, v_s)
-error, changed = relative_error(capped, by_hand), relative_error(plain, by_hand)
+uncapped = F.scaled_dot_product_attention(q_s, k_s, v_s)
+error, changed = relative_error(capped, by_hand), relative_error(uncapped, by_hand)
 print(f"soft-capped FlexAttention against attention by hand: {error:.1e}; plain SDPA differs by {changed:.2f}")
 lab.check("flex_score_mod_matches_attention_by_hand", error <= attention.TOLERANCES[lab.dtype_name], f"{error:.1e}")
 
