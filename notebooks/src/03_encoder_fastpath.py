@@ -211,14 +211,16 @@ if not lab.p.sweep_problem:
           f"{work['packed mask / padded scores'].iloc[-1]:.2f}x.")
 
 # %% [markdown]
-# Each way is one call that returns the real tokens' hidden states, in packed order. On a GPU in 16-bit the packed row
-# runs `varlen_attn` instead of a mask, as section 3 explains. A T × T mask of GPU sizes would not fit.
+# Each way is one call that returns the real tokens' hidden states, in packed order. On a GPU of compute capability
+# 8.0 or newer, in 16-bit, the packed row runs `varlen_attn` instead of a mask, as section 3 explains: a T × T mask
+# would make attention compute all T² scores, where `varlen_attn` computes only each sequence's own.
 
 # %%
 from transformers import AttentionInterface
 
 AttentionInterface.register("labkit_varlen", fastpath.varlen_attention)  # PyTorch's varlen kernel, for transformers
-packed_attention = "labkit_varlen" if lab.on_gpu and lab.dtype != torch.float32 else "sdpa"
+flash_gpu = lab.on_gpu and torch.cuda.get_device_capability(lab.device) >= (8, 0)  # varlen_attn is FlashAttention's
+packed_attention = "labkit_varlen" if flash_gpu and lab.dtype != torch.float32 else "sdpa"
 PACKED = "packed row"  # the same sequences, their real tokens in one row, kept apart inside attention
 
 
@@ -348,8 +350,9 @@ if sweep is not None:
     ops = ops.sort_values("transformers sdpa", ascending=False).head(8).reset_index()
     ops["padded / packed"] = ops["transformers sdpa"] / ops[PACKED]  # the tokens ratio, where an op follows tokens
     lab.table("time_by_op", ops, title=f"ms per op, batch {b} x length {n}, {most:.0%} padding, one call each")
+    products = ("aten::bmm", *timing.MATRIX_PRODUCTS)  # ATen's ops on a CPU, cuBLAS kernels on a GPU
     for way, view in views.items():
-        share = view.ms_of("mm", "gemm") / view.busy_ms if view.busy_ms else 0.0
+        share = view.ms_of(*products) / view.busy_ms if view.busy_ms else 0.0
         print(f"{way}: {view.wall_ms:.1f} ms wall, {view.busy_ms:.1f} ms inside ops ({view.busy_share:.0%}), "
               f"matrix products {share:.0%} of it")
 
@@ -385,7 +388,8 @@ if sweep is not None:
 #
 # **`varlen_attn`.** `torch.nn.attention.varlen.varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k)` is PyTorch's
 # kernel for packed rows. It reads 03.1's `cu_seqlens` and needs no mask. In torch 2.13 it calls FlashAttention's
-# forward, or cuDNN's: both are GPU kernels (`torch/nn/attention/varlen.py`). It plugs into transformers through
+# forward, a GPU kernel for compute capability 8.0 and newer (`torch/nn/attention/varlen.py`: its cuDNN path is
+# switched off). It plugs into transformers through
 # `AttentionInterface.register`, and `fastpath.varlen_attention` is that function. One call on the headline row:
 
 # %%
@@ -409,8 +413,9 @@ if sweep is not None:
         lab.check("varlen_attn_matches_the_padded_batch", error <= lab.p.tolerance, f"{error:.1e}")
 
 # %% [markdown]
-# **FlexAttention with a document mask.** `create_block_mask` evaluates the rule "same document" once per tile of
-# 128 × 128 scores. A compiled `flex_attention` then skips every tile in which no pair shares a document. A dense
+# **FlexAttention with a document mask.** `create_block_mask` evaluates the rule "same document" for every pair of
+# positions, once, and keeps for each tile of 128 × 128 scores whether any pair in it shares a document. A compiled
+# `flex_attention` then skips every tile in which none does. A dense
 # mask computes them all. What to expect: long sequences in a long row leave most tiles empty. Short sequences in a
 # short row straddle tile edges, and few tiles can be skipped.
 
@@ -426,9 +431,10 @@ if sweep is not None:
     tiles = []
     for p in lab.p.padding_fractions:  # the headline batch and length
         ids = sequence_ids(pack(batches[b, n, p])["cu_seq_lens_q"])
-        sparsity = document_mask(ids).sparsity()  # the percentage of tiles skipped
+        mask, total = document_mask(ids), ((len(ids) + 127) // 128) ** 2
+        kept = int(mask.kv_num_blocks.sum()) + int(mask.full_kv_num_blocks.sum())  # partial tiles, and full ones
         tiles.append({"padding": round(batches[b, n, p]["padding_fraction"], 3), "packed tokens": len(ids),
-                      "tiles": ((len(ids) + 127) // 128) ** 2, "tiles skipped": sparsity / 100})
+                      "tiles": total, "tiles skipped": 1 - kept / total})
     lab.table("flex_tiles", pd.DataFrame(tiles), title=f"FlexAttention's document mask, batch {b} x length {n}: the "
               "share of 128 x 128 tiles it skips")
 
@@ -498,17 +504,19 @@ if sweep is not None and most > 0:
 # %% [markdown]
 # ## 4. What packing replaced: the encoder fastpath and BetterTransformer
 #
-# Before packed rows, encoders skipped padding another way. optimum's BetterTransformer swapped each BERT layer for
-# PyTorch's `nn.TransformerEncoderLayer`; transformers 5.25 has no such converter. In inference,
+# Before packed rows, encoders skipped padding another way. optimum's BetterTransformer swapped each BERT layer for a
+# module of its own that calls the ops of PyTorch's `nn.TransformerEncoderLayer` fastpath; transformers 5.25 has no
+# such converter. In inference,
 # `nn.TransformerEncoder` has two shortcuts, decided separately:
 #
 # * **packing**: it turns the padded batch into a *nested tensor* (`aten::_nested_tensor_from_mask`). No padded
 #   position is computed, and the output holds exact zeros there.
 # * **the fused layer**: each layer runs as one op, `aten::_transformer_encoder_layer_fwd`.
 #
-# PyTorch checks their conditions at every call and falls back silently (`torch/nn/modules/transformer.py`). The main
-# ones: eval mode, no gradient tracked, and a key padding mask with the padding on the right. The layers must be
-# post-norm, with biases, and not under `torch.compile`. Frozen weights count as no gradient tracked. A forward hook
+# PyTorch checks their conditions at every call and falls back silently (`torch/nn/modules/transformer.py`). Both
+# need eval mode and no gradient tracked; frozen weights count as no gradient tracked. The packing also needs a key
+# padding mask with the padding on the right, post-norm layers with biases, and no `torch.compile`. The fused layer
+# takes pre-norm layers and no mask too. A forward hook
 # stops the fused layer of its layer only. accelerate's dispatch hooks do not count: `add_hook_to_module` replaces
 # `forward` instead of registering a hook (accelerate's `hooks.py`). `fastpath.why_not_fastpath` names the condition
 # that failed, and its unit tests cover each one.
@@ -556,10 +564,9 @@ hook = seen.loc["a forward hook on layer 0"]
 lab.check("a_hook_turns_off_the_fused_layer_only", hook["padding skipped"] and hook["fused layers"] < layers)
 
 # %% [markdown]
-# The zeros are the nested tensor's signature: the padded positions were never computed. The first packed batch makes
-# PyTorch warn that its nested-tensor API is a prototype. Training mode and left padding stop both shortcuts, without a
-# word. The hook stops one layer's fused op while the batch stays packed, since the encoder packs before any layer
-# runs.
+# The zeros are the nested tensor's signature: the padded positions were never computed. Training mode stops both
+# shortcuts, without a word. Left padding stops the packing only: each layer still runs fused, over the padded batch.
+# The hook stops one layer's fused op while the batch stays packed, since the encoder packs before any layer runs.
 #
 # **BetterTransformer's conversion, rebuilt.** A BERT layer is self-attention, then a feed-forward block. Each ends
 # in a residual sum, then a LayerNorm: "post-norm". `nn.TransformerEncoderLayer` computes the same thing. So
@@ -744,15 +751,18 @@ else:
               f"{device_name}")
     falls, ahead = int((kept["fastpath"] < 1).sum()), int((kept["fastpath"] > kept["transformers sdpa"]).sum())
     time_kept = (1 - most_stored) / kept.fastpath  # its time at the most padding over its time without
+    made_with = ", ".join(f"{k} {run['env']['versions'].get(k)}" for k in ("torch", "transformers"))
+    print(f"The stored run used {made_with}; its points were never re-measured against the cost model.")
     print(f"In the stored {device_name} run the fastpath's real tokens/s fell from no padding to {most_stored:.0%} in "
           f"{falls} of {len(kept)} panels; it kept more than sdpa in {ahead}. Its time went to {time_kept.min():.2f}-"
           f"{time_kept.max():.2f} of its time without padding, its real tokens to {1 - most_stored:.2f}.")
 
 # %% [markdown]
-# Where the fastpath's real tokens/s fell, its time did not fall in step with the real tokens. Part of each forward
-# pass is a fixed cost, the floor, and skipping padding cannot remove it. Where it kept more of its rate than
-# transformers sdpa, the gain is relative: the padded model lost more. "The fastpath gains as padding grows" holds
-# against a padded model, not in real tokens per second.
+# Those counts are one run's, older than this notebook's timing rule: a point that contradicted the cost model was not
+# measured again, so read the counts, not a single panel. Where the fastpath's real tokens/s fell, its time did not
+# fall in step with the real tokens. Part of each forward pass is a fixed cost, the floor, and skipping padding cannot
+# remove it. Where it kept more of its rate than transformers sdpa, the gain is relative: the padded model lost more.
+# "The fastpath gains as padding grows" holds against a padded model, not in real tokens per second.
 #
 # Your numbers beside the reference runs stored in `reference/<device>/`, when there are any. A full GPU run uses
 # larger sizes than a CPU one. A row is empty where a run did not measure that size.
@@ -783,7 +793,7 @@ if sweep is not None:
     padded_view = views["transformers sdpa"]
     measured.append(f"The packed row matched the padded batch at the real tokens to a relative error of "
                     f"{packed_worst:.1e}; matrix products took "
-                    f"{padded_view.ms_of('mm', 'gemm') / padded_view.busy_ms:.0%} of the padded batch's op time.")
+                    f"{padded_view.ms_of(*products) / padded_view.busy_ms:.0%} of the padded batch's op time.")
     measured.append(f"Without position_ids a packed row mixed its sequences: relative error {nothing:.1e}."
                     if most > 0 else "The sweep had no padding, so the packing trap was not run.")
     measured.append(f"At the same point the fastpath ran {point.loc['fastpath', 'median_ms']:.1f} ms against the "

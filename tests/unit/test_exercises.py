@@ -146,9 +146,16 @@ def test_a_converted_layer_with_the_wrong_norm_order_or_activation_is_told_why()
         converted.norm1, converted.norm2 = converted.norm2, converted.norm1
         return converted
 
+    def default_eps(layer, config):  # PyTorch's 1e-5, not BERT's 1e-12: the outputs differ by about 1e-5
+        converted = convert_layer(layer, config)
+        converted.norm1.eps = converted.norm2.eps = 1e-5
+        return converted
+
     assert "norm_first=False" in bound("03.2").check(pre_norm).message
     assert "GELU" in bound("03.2").check(relu).message
     assert "LayerNorm" in bound("03.2").check(swapped_norms).message
+    assert "layer_norm_eps" in bound("03.2").check(default_eps).message
+    assert bound("03.2").check(convert_layer)
 
 
 def test_attention_with_the_softmax_over_the_wrong_axis_is_told_why():
