@@ -333,14 +333,15 @@ if len(rows) == 2:
 # model: N equal workers are at most N times as fast as one, and each layout's speed-up is checked against it.
 #
 # Not every layout splits its model over every process count. In transformers, tensor parallelism needs the attention
-# heads, the key/value heads and the MLP width to divide evenly. That is transformers' rule, not a law of tensor
-# parallelism. Its colwise plan cuts a projection's output rows into nearly equal chunks, one per process, and does not
-# check where the heads end: see `ColwiseParallel.shard_param` in `transformers/distributed/tensor_parallel.py`. When N
-# does not divide the key/value heads, a chunk ends inside a head, and attention cannot split it into whole heads. Only
-# continuous batching checks up front: "Number of key value heads ... must be divisible by tensor parallel size", says
+# heads and the key/value heads to divide evenly; the MLP's width need not (the last process holds a shorter slice,
+# says `ColwiseParallel`'s docstring). That is transformers' rule, not a law of tensor parallelism. Its colwise plan
+# cuts a projection's output rows into nearly equal chunks, one per process, and does not check where the heads end:
+# see `ColwiseParallel.shard_param` in `transformers/distributed/tensor_parallel.py`. When N does not divide the
+# key/value heads, a chunk ends inside a head, and attention cannot split it into whole heads. Only continuous
+# batching checks up front: "Number of key value heads ... must be divisible by tensor parallel size", says
 # `PagedAttentionCache` in `transformers/generation/continuous_batching/cache.py`. vLLM does otherwise. In vLLM 0.15's
-# `LlamaAttention`, https://docs.vllm.ai/en/v0.15.0/api/vllm/model_executor/models/llama/, when N exceeds the key/value
-# heads, each process keeps a copy of one of them. N must then be a multiple of their number.
+# `LlamaAttention`, https://docs.vllm.ai/en/v0.15.0/api/vllm/model_executor/models/llama/, when N exceeds the
+# key/value heads, each process keeps a copy of one of them. N must then be a multiple of their number.
 #
 # Expert parallelism needs the experts to divide, and the key/value heads too when `ep_size` equals `tp_size`; a
 # pipeline needs at least one layer per stage. The first cell below picks, for each count, the layouts that can run and
@@ -349,8 +350,7 @@ if len(rows) == 2:
 # %%
 c = job_model.config  # the job model of TP and DP, loaded in section 1
 moe, deep = parallel.layout_config("tiny-moe"), parallel.layout_config("layers-llama")  # those of EP and PP
-split = {"tp": {"attention heads": c.num_attention_heads, "key/value heads": c.num_key_value_heads,
-                "MLP width": c.intermediate_size},  # TP splits the heads and the MLP's width
+split = {"tp": {"attention heads": c.num_attention_heads, "key/value heads": c.num_key_value_heads},  # whole heads
          "ep": {"experts": moe.num_experts, "key/value heads": moe.num_key_value_heads}}  # EP: with ep_size = tp_size
 runs = {}  # process count -> the layouts whose model splits over that many processes
 for n in lab.p.processes:
@@ -388,11 +388,12 @@ if not lab.p.jobs_on_gpus:
 # holds about 1/N of the weights and reads 1/N per token, which is faster. And it pays for collectives at every layer
 # of every token, which is slower. The script counts them with the profiler during one forward pass.
 #
-# Expect identical greedy tokens in float32. In 16-bit the partial sums are added in another order, so a near-tie can
-# flip. Expect a speed-up only where an all-reduce costs less than the work it splits. Here it is measured between this
-# machine's GPUs over NCCL where there are two or more, else between CPU processes. For GPUs in general, transformers'
-# documentation says that tensor parallelism "works best on hardware with fast intra-node links such as NVLink". That
-# is v5.17's page, the newest found: https://huggingface.co/docs/transformers/v5.17.0/tensor_parallelism.
+# Expect identical greedy tokens in float32. The partial sums are added in another order, so the logits differ in
+# their last bits; in 16-bit those bits are coarse enough that a near-tie can flip. Expect a speed-up only where an
+# all-reduce costs less than the work it splits. Here it is measured between this machine's GPUs over NCCL where there
+# are two or more, else between CPU processes. For GPUs in general, transformers' documentation says that tensor
+# parallelism "works best on hardware with fast intra-node links such as NVLink". That is v5.17's page, the newest
+# found: https://huggingface.co/docs/transformers/v5.17.0/tensor_parallelism.
 
 # %%
 tp_runs = {n: run["tp"] for n, run in jobs.items() if "tp" in run}
@@ -432,7 +433,8 @@ else:
 
 # %% [markdown]
 # What was seen: each process holds about 1/N of the bytes, in the `share of 1 process` column. The table says how many
-# greedy tokens match one process's; in float32, where the sum of the shares rounds the same, it is asserted. The
+# greedy tokens match one process's; in float32, whose rounding differences are tiny, it is asserted (a near-tie
+# between the top two logits could still flip a token). The
 # `collectives per forward` column says what one forward pass called:
 # - two all-reduces per layer;
 # - one more for the embedding: its vocabulary is split across the processes, and their partial lookups are summed;
@@ -517,7 +519,9 @@ lab.figure("scaling", plots.scaling(speed_ups, ylabel="speed-up over 1 process",
 
 # %%
 n = max(dp_runs)  # the largest launch
-one, dp_rate = alone["one_process_tokens_per_s"], dp_runs[n]["tokens_per_s"]  # dp_rate: n sequences together
+# one process, timed as TP is where TP ran (its decode steps), else as DP is (whole generate calls, prefill included)
+one = (tp_runs[n] if n in tp_runs else alone)["one_process_tokens_per_s"]
+dp_rate = dp_runs[n]["tokens_per_s"]  # n sequences together
 layouts = {"one": {"ms_per_token": 1e3 / one, "tokens_per_s": one},
            "dp": {"ms_per_token": 1e3 * n / dp_rate, "tokens_per_s": dp_rate}}  # about 1/n of dp_rate per user
 if n in tp_runs:  # one sequence, split over the n processes
