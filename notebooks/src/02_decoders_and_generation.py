@@ -805,16 +805,17 @@ if recipes:
     one_head = timing.measure(lambda: attend(contexts[-1], heads=1), device=lab.device, warmup=2, repeats=5).median_ms
     head_gbps = far["layer KV MiB"] * 2**20 / units / one_head / 1e6  # one head's keys and values, read alone
     rounds = -(-units // torch.get_num_threads())  # on a CPU: whole heads, shared out over the threads
-    print(f"One key/value head alone: {head_gbps:.3g} GB/s; all {units}: {far['median ms'] / one_head:.1f}x its time. "
-          f"A CPU's {torch.get_num_threads()} threads take {rounds} round(s): {units / rounds * head_gbps:.3g} GB/s.")
+    on_cpu = f" {torch.get_num_threads()} threads: {rounds} rounds of one head, {units / rounds * head_gbps:.3g} GB/s."
+    print(f"One key/value head alone: {head_gbps:.3g} GB/s; all {units}: {far['median ms'] / one_head:.1f}x its time."
+          f"{'' if lab.on_gpu else on_cpu}")
 
 # %% [markdown]
 # Read the lines together. When the attention operator takes nearly all of the call, the gap to the copy is the
 # kernel's own pace, not Python's. FlashAttention splits its work by batch, heads and blocks of queries. At decode
 # there is one query per head, so batch 1 leaves only the heads to split: a few pieces, however long the cache. On a
 # CPU, PyTorch's kernel (`cpu_flash_attention` in ATen) gives each thread whole heads and reads each head's cache from
-# start to end. The last line above counts the rounds that makes, one head's time each, and the speed they give; on a
-# CPU it should be near the measured speed of the line before. On a GPU, a few pieces would leave most of its
+# start to end. On a CPU the last line above counts the rounds that makes, one head's time each, and the speed they
+# give: it should be near the measured speed of the line before. On a GPU, a few pieces would leave most of its
 # multiprocessors idle.
 #
 # **Split-KV**, or Flash-Decoding, fixes that. Its authors describe three steps: split the keys and values into
