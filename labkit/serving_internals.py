@@ -26,7 +26,7 @@ SIZES = {
               "page_size": 16, "question_tokens": 8, "new_tokens": 4, "chat_tokens": 48, "arrival_tokens": 400,
               "cache_tokens": 512, "spec_new_tokens": 10, "proposals": 3, "handoff_tokens": [64, 256, 500],
               "handoff_new_tokens": 8},
-    "cpu": {"shared_prompt_tokens": 2000, "requests": 8, "token_budgets": [16, 256, 4096],
+    "cpu": {"shared_prompt_tokens": 2008, "requests": 8, "token_budgets": [16, 256, 4096],
             "page_size": 16, "question_tokens": 8, "new_tokens": 8, "chat_tokens": 64, "arrival_tokens": 1000,
             "cache_tokens": 1024, "spec_new_tokens": 32, "proposals": 4, "handoff_tokens": [64, 256, 500],
             "handoff_new_tokens": 16},

@@ -877,7 +877,8 @@ if server:
 # %% [markdown]
 # The load: at each level, `N` clients share a fixed list of requests. Each client sends its next request when its
 # last one is answered, so never more than `N` are in flight. There is a time limit per request and per level. One
-# request first warms the server up: its first request builds the paged cache. Prediction: requests/s and tokens/s
+# request first warms the server up, so that a first request's one-off costs stay out of the first level (the paged
+# cache itself was built and warmed before the server first answered `/health`). Prediction: requests/s and tokens/s
 # rise with the clients while the server's batches fill. Each request's TTFT and latency rise as it shares each step
 # with more.
 #
@@ -1017,12 +1018,13 @@ if server:
 # ## 6. Where to go next
 #
 # `transformers serve` is the shortest path from a transformers model to an OpenAI-compatible endpoint, with the same
-# continuous batching as section 1. It runs one process. `--device auto`, its default, places the layers over every
-# GPU as `device_map="auto"` does in notebook 05's section 2; it has no tensor-parallel flag. `--quantization
-# bnb-4bit` loads NF4 weights with double quantization. Its continuous batching can share KV pages between requests
-# that start with the same tokens: **prefix caching**, `ContinuousBatchingConfig(allow_block_sharing=True)`, the
-# default in 5.25. The dedicated servers add what a busy service needs. Check each one's documentation for the
-# version you install:
+# continuous batching as section 1. It answers HTTP in one process and runs the model in another that it spawns
+# (`EngineClient.start_process` in `transformers/cli/serving/model_manager.py`). `--device auto`, its default, places
+# the layers over every GPU as `device_map="auto"` does in notebook 05's section 2; it has no tensor-parallel flag.
+# `--quantization bnb-4bit` loads NF4 weights with double quantization. Its continuous batching can share KV pages
+# between requests that start with the same tokens: **prefix caching**,
+# `ContinuousBatchingConfig(allow_block_sharing=True)`, the default in 5.25. The dedicated servers add what a busy
+# service needs. Check each one's documentation for the version you install:
 #
 # * **vLLM**, `vllm serve <model>`: PagedAttention and continuous batching. **Prefix caching**: requests that start
 #   with the same tokens, such as a shared system prompt, reuse its KV pages. **Chunked prefill**: a long prompt is

@@ -115,16 +115,17 @@ answer = None  # your prediction: KV blocks held at the peak, with block sharing
 ex_blocks.check(answer)
 
 # %% [markdown]
-# One function serves the burst. `serving_internals.StepLog` is a forward pre-hook: before each forward pass of
-# the engine, it notes how many query tokens the pass computes and how many KV blocks the cache holds. A block is
-# one page of every layer. `serving_internals.collect` reads the engine's outputs until the given requests are done.
-# Time to first token is counted from when a request was added.
+# One function serves the burst. `serving_internals.StepLog` is a forward pre-hook: before each forward pass of the
+# engine, it notes how many query tokens the pass computes and how many KV blocks the cache holds. On a GPU the burst
+# runs with CUDA graphs and asynchronous batching off: a replayed graph runs no Python hook, and pads its inputs. A
+# block is one page of every layer. `serving_internals.collect` reads the engine's outputs until the given requests
+# are done. Time to first token is counted from when a request was added.
 
 # %%
 def serve_burst(share):
     blocks = (len(system) // page + 4) * (lab.p.requests + 2)  # room for every request without sharing
     config = ContinuousBatchingConfig(page_size=page, num_blocks=blocks, max_batch_tokens=2 * len(system),
-                                      allow_block_sharing=share)
+                                      allow_block_sharing=share, use_cuda_graph=False, use_async_batching=False)
     with model.continuous_batching_context_manager(generation_config=no_eos,
                                                    continuous_batching_config=config) as manager:
         first = manager.add_request(system, max_new_tokens=2)  # the earlier user's request
@@ -363,10 +364,10 @@ lab.check("paged_gather_equals_the_contiguous_cache_exactly", paged_table["gathe
 # %%
 longest = paged_table.iloc[0]
 copied = 2 * longest["tokens"] * shape["kv_heads"] * shape["head_dim"] * model.dtype.itemsize  # K and V, once
-bandwidth = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"]
+bandwidth = roofline.bandwidth_ceiling(lab.device)["bytes_per_s"]  # a copy's bytes read plus bytes written, per s
 print(f"For {longest['tokens']} tokens, gathering then attending took {longest['ratio']:.1f}x the contiguous "
-      f"attention. The gather copies {copied / 2**10:.0f} KiB, {1e3 * copied / bandwidth:.3f} ms at this machine's "
-      f"copy ceiling of {bandwidth / 1e9:.1f} GB/s.")
+      f"attention. The gather copies {copied / 2**10:.0f} KiB, read once and written once: "
+      f"{1e3 * 2 * copied / bandwidth:.3f} ms at this machine's copy ceiling of {bandwidth / 1e9:.1f} GB/s.")
 
 # %% [markdown]
 # What was seen: the gather is exact, and it is not free. Copying a request's keys and values into a contiguous
