@@ -758,9 +758,8 @@ if recipes:
     keys, values = (torch.randn(1, at["kv_heads"], contexts[-1], at["head_dim"], device=lab.device, dtype=main.dtype)
                     for _ in range(2))
 
-    def attend(n, heads=at["kv_heads"]):  # one layer, one new token: every query row against the first n cached tokens
-        return torch.nn.functional.scaled_dot_product_attention(query[:, :heads], keys[:, :heads, :n],
-                                                                values[:, :heads, :n])
+    def attend(n, h=at["kv_heads"]):  # one layer, one new token: the first h heads' queries against n cached tokens
+        return torch.nn.functional.scaled_dot_product_attention(query[:, :h], keys[:, :h, :n], values[:, :h, :n])
 
     def attention_point(n, repeats=5):
         took = timing.measure(lambda: attend(n), device=lab.device, warmup=2, repeats=repeats)
@@ -802,7 +801,7 @@ if recipes:
     top, far, units = view.table.iloc[0], attention.iloc[-1], at["kv_heads"]
     print(f"At {contexts[-1]:,} tokens{' (noisy)' if far['noisy'] else ''}: busy {view.busy_share:.0%} of the call; "
           f"{top['name']} {top['share']:.0%} of it; {far['attention GB/s']:.3g} GB/s, a copy {bandwidth / 1e9:.3g}")
-    one_head = timing.measure(lambda: attend(contexts[-1], heads=1), device=lab.device, warmup=2, repeats=5).median_ms
+    one_head = timing.measure(lambda: attend(contexts[-1], h=1), device=lab.device, warmup=2, repeats=5).median_ms
     head_gbps = far["layer KV MiB"] * 2**20 / units / one_head / 1e6  # one head's keys and values, read alone
     rounds = -(-units // torch.get_num_threads())  # on a CPU: whole heads, shared out over the threads
     on_cpu = f" {torch.get_num_threads()} threads: {rounds} rounds of one head, {units / rounds * head_gbps:.3g} GB/s."
