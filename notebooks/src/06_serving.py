@@ -490,7 +490,8 @@ repeating, fresh = looked.set_index("prompt").loc["repeating"], looked.set_index
 speedup = repeating["speed-up vs greedy"]
 print(f"Prompt lookup accepted {repeating.acceptance_rate:.0%} of its proposals on the repeating prompt "
       f"({speedup:.2f}x greedy's speed), {fresh.acceptance_rate:.0%} on the fresh one.")
-lab.check("prompt_lookup_gives_the_greedy_tokens", looked["same tokens as greedy"].all())
+if lab.dtype == torch.float32:  # in 16-bit a near-tie may round the other way: the table shows it, unchecked
+    lab.check("prompt_lookup_gives_the_greedy_tokens", looked["same tokens as greedy"].all())
 said = tokenizer.decode(plain["repeating"]["token_ids"], skip_special_tokens=True).split()[:3]
 if said and " ".join(said) in passage:  # greedy decoding itself goes on copying the passage: what lookup can propose
     lab.check("a_repeating_prompt_accepts_more_proposals", repeating.acceptance_rate > fresh.acceptance_rate)
@@ -585,7 +586,8 @@ if draft is not None:
 # %%
 if draft is not None:
     lab.check("a_verification_step_costs_at_least_a_greedy_step", not noisy, f"{step:.2f} greedy steps", timing=True)
-    lab.check("assisted_decoding_gives_the_greedy_tokens", assisted["token_ids"] == greedy["token_ids"])
+    if lab.dtype == torch.float32:  # in 16-bit a near-tie may round the other way
+        lab.check("assisted_decoding_gives_the_greedy_tokens", assisted["token_ids"] == greedy["token_ids"])
     if lab.p.draft_model_id in models.RANDOM and lab.p.draft_model_id != lab.p.model_id:  # an equal draft: all accepted
         lab.check("a_random_draft_is_almost_never_accepted", assisted["acceptance_rate"] < 0.2)
     lab.metric("speculative_draft_fresh_speedup", greedy["ms"] / assisted["ms"])
