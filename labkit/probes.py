@@ -200,6 +200,9 @@ def refusal_reasons(messages: list[str]) -> list[str]:
     return list(dict.fromkeys(r for r in reasons if r and not _NOT_USED_HEADER.match(r)))
 
 
+NO_REASON = "no reason given by torch"  # how explain_refusal begins when torch said nothing it could use
+
+
 def explain_refusal(error: str, caught: list, backends: list[str], device: str) -> str:
     """One line saying why an SDPA call restricted to ``backends`` refused: torch's own warnings (``caught``, as
     ``warnings.catch_warnings(record=True)`` gives them) when it gave any, else what its error means."""
@@ -208,7 +211,7 @@ def explain_refusal(error: str, caught: list, backends: list[str], device: str) 
         return "; ".join(reasons)
     if "No viable backend" in error:
         return f"PyTorch has no {'/'.join(backends)} kernel for {device.split(':')[0]} devices"
-    return f"no reason given by torch; its error: {first_line(error) if error.strip() else 'none'}"
+    return f"{NO_REASON}; its error: {first_line(error) if error.strip() else 'none'}"
 
 
 def try_sdpa(device: str = "cpu", dtype: Any = "float32", input_kind: str = "plain", backends: Any = "MATH", *,

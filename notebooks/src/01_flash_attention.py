@@ -391,7 +391,7 @@ why_not = pd.concat([refused[~(one_reason & every_case)],
                      refused[one_reason & every_case].drop_duplicates("backend").assign(case="every case")])
 lab.table("why_not", why_not[["backend", "case", "why not (PyTorch's words)"]], title="Why not")
 own = refused.loc[refused["backend"].isin(lab.p.runnable), "why not (PyTorch's words)"]  # backends that exist here
-lab.check("refusals_carry_torchs_own_reason", not own.str.startswith("no reason given").any(), f"{len(own)} refusals")
+lab.check("refusals_carry_torchs_own_reason", not own.str.startswith(probes.NO_REASON).any(), f"{len(own)} refusals")
 
 # %% [markdown]
 # ### "No available kernel.  Aborting execution." and its fix

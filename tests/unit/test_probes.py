@@ -237,3 +237,12 @@ def test_import_labkit_is_light():
     code = "import sys, labkit; print(any(m in sys.modules for m in ('torch', 'transformers', 'ipywidgets', 'matplotlib')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_refusal_without_a_reason_from_torch_says_so_and_00s_checks_can_tell():
+    """00's and 01's checks that every refusal carries a reason test for probes.NO_REASON: explain_refusal never
+    returns an empty string, so testing for one could not fail."""
+    silent = probes.explain_refusal("No available kernel.  Aborting execution.", [], ["FLASH_ATTENTION"], "cuda:0")
+    assert silent.startswith(probes.NO_REASON) and "No available kernel" in silent
+    viable = probes.explain_refusal("No viable backend for scaled_dot_product_attention", [], ["CUDNN_ATTENTION"], "cpu")
+    assert not viable.startswith(probes.NO_REASON) and "CUDNN_ATTENTION" in viable

