@@ -848,8 +848,8 @@ for device, reference in attention.reference_sweep(headline_d).items():
 # torch 2.13 can swap in newer ones. `torch.nn.attention.list_flash_attention_impls()` names them (FA3, FA4);
 # `activate_flash_attention_impl("FA3")` plugs one in; `current_flash_attention_impl()` says which is active (None:
 # the built-in one). Each needs its own package and a recent GPU, checked in `torch/nn/attention/_fa3.py` and
-# `_fa4.py`. FA3 imports `flash_attn_interface` and requires compute capability 9.0, Hopper. FA4 imports
-# `flash_attn.cute.interface` and takes 9.0 or 10.0, Hopper or Blackwell.
+# `_fa4.py`. FA3 imports `flash_attn_interface` and requires a compute capability 9.x, Hopper. FA4 imports
+# `flash_attn.cute.interface` and takes 9.x or 10.x, Hopper or datacenter Blackwell (both check the major version).
 #
 # On a CPU, FLASH_ATTENTION is a different kernel: PyTorch's own CPU version of the same tiling idea
 # (`aten::_scaled_dot_product_flash_attention_for_cpu` in section 2's table). The cell tries to activate each
