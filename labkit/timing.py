@@ -264,8 +264,9 @@ def ops_that_ran(fn: Callable[[], Any], device: str = "cpu") -> Profiled:
     return Profiled(ops=list(dict.fromkeys(ops)), kernels=list(dict.fromkeys(kernels)), counts=dict(Counter(ops)))
 
 
-# the names of matrix products in a profile: ATen ops on a CPU, cuBLAS kernels (gemm, gemv, nvjet, splitK) on a GPU
-MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "gemm", "gemv", "nvjet", "splitK")
+# the names of matrix products in a profile: ATen ops on a CPU (a batched one too: MATH attention's two products),
+# cuBLAS kernels (gemm, gemv, nvjet, splitK) on a GPU
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "gemm", "gemv", "nvjet", "splitK")
 
 
 @dataclass

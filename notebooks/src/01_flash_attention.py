@@ -777,7 +777,7 @@ math_view = views.get("MATH")
 softmax_ms = math_view.ms_of("softmax", "SoftMax") if math_view else 0.0
 if softmax_ms:
     rate = 2 * scores_bytes / (softmax_ms / 1e3)  # read once, written once
-    products = math_view.ms_of("bmm", *timing.MATRIX_PRODUCTS)  # ATen's bmm on a CPU, cuBLAS kernels on a GPU
+    products = math_view.ms_of(*timing.MATRIX_PRODUCTS)  # ATen's bmm on a CPU, cuBLAS kernels on a GPU
     print(f"MATH: {products / math_view.busy_ms:.0%} of its busy time in matrix products. Its "
           f"softmax moved {2 * scores_bytes / 2**20:.0f} MiB in {softmax_ms:.3g} ms: {rate / 1e9:.3g} GB/s, against "
           f"{copy / 1e9:.3g} GB/s for a large copy.")

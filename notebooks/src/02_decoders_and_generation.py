@@ -712,7 +712,7 @@ if recipes:
 
 # %%
 if recipes:
-    products_ms = step_view.ms_of(*timing.MATRIX_PRODUCTS)  # aten::mm and addmm on a CPU; gemm, gemv, nvjet on a GPU
+    products_ms = step_view.ms_of(*timing.MATRIX_PRODUCTS)  # aten::mm, addmm, bmm on a CPU; gemm, gemv, nvjet on a GPU
     weight_read = roofline.weight_bytes_per_token(main)  # every weight read once a step
     streamed = weight_read / (products_ms / 1e3) if products_ms else float("nan")  # bytes/s
     wall = step_view.wall_ms

@@ -131,6 +131,8 @@ def test_matrix_products_count_a_linear_layer_and_not_the_ops_around_it():
     products = seen.ms_of(*timing.MATRIX_PRODUCTS)
     assert products == seen.ms_of("aten::addmm") + seen.ms_of("aten::mm") > 0
     assert products < seen.busy_ms  # relu and the rest are not counted
+    batched = timing.time_by_op(lambda: torch.randn(4, 64, 32) @ torch.randn(4, 32, 64))  # MATH attention's products
+    assert batched.ms_of(*timing.MATRIX_PRODUCTS) == batched.ms_of("aten::bmm") > 0
 
 
 def test_time_by_op_sees_host_time_outside_the_ops():
